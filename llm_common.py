@@ -203,34 +203,43 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-@contextlib.contextmanager
-def swapped_weights(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> Iterator[torch.nn.Module]:
-    """Temporarily copy ``tensors`` into the model's parameters/buffers, in place.
-
-    Only the named tensors are backed up (one spare copy, on CPU), and they are
-    restored bit for bit on exit, also after an exception.
-    """
+def named_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers by name, tied aliases included (lm_head.weight and the embedding)."""
     state = dict(model.named_parameters(remove_duplicate=False))
     state.update(dict(model.named_buffers(remove_duplicate=False)))
-    unknown = [n for n in tensors if n not in state]
+    return state
+
+
+@contextlib.contextmanager
+def restored_on_exit(model: torch.nn.Module, names) -> Iterator[torch.nn.Module]:
+    """Back up the named tensors (one spare copy, on CPU) and restore them bit for bit on
+    exit, also after an exception. Whatever the body does to them in place is undone."""
+    state = named_tensors(model)
+    unknown = [n for n in names if n not in state]
     if unknown:
         raise UserError(f"checkpoint names {len(unknown)} tensors the model lacks, e.g. {unknown[0]!r}")
-    backup: dict[str, torch.Tensor] = {}
+    backup = {n: state[n].detach().to("cpu", copy=True) for n in dict.fromkeys(names)}
     try:
-        with torch.no_grad():
-            for name, value in tensors.items():
-                target = state[name]
-                if value.shape != target.shape:
-                    raise UserError(f"checkpoint tensor {name!r} has shape {tuple(value.shape)}, "
-                                    f"model has {tuple(target.shape)}")
-                if name not in backup:
-                    backup[name] = target.detach().to("cpu", copy=True)
-                target.copy_(value.to(target.device, target.dtype))
         yield model
     finally:
         with torch.no_grad():
             for name, value in backup.items():
                 state[name].copy_(value.to(state[name].device))
+
+
+@contextlib.contextmanager
+def swapped_weights(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> Iterator[torch.nn.Module]:
+    """Temporarily copy ``tensors`` into the model's parameters/buffers, in place;
+    the originals are restored bit for bit on exit (see ``restored_on_exit``)."""
+    state = named_tensors(model)
+    with restored_on_exit(model, list(tensors)):
+        with torch.no_grad():
+            for name, value in tensors.items():
+                if value.shape != state[name].shape:
+                    raise UserError(f"checkpoint tensor {name!r} has shape {tuple(value.shape)}, "
+                                    f"model has {tuple(state[name].shape)}")
+                state[name].copy_(value.to(state[name].device, state[name].dtype))
+        yield model
 
 
 # --------------------------------------------------------------------------- model loading
@@ -359,6 +368,43 @@ def use_cache(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
         yield
     finally:
         model.config.use_cache = old
+
+
+# --------------------------------------------------------------------------- architecture map
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The list of decoder blocks, whatever the architecture calls it.
+
+    Llama, Mistral, Qwen2, Gemma, Phi-3: ``model.model.layers``; GPT-2: ``transformer.h``;
+    OPT: ``model.decoder.layers``.
+    """
+    for path in ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers", "transformer.blocks"):
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, torch.nn.ModuleList):
+            return obj
+    raise UserError(f"unsupported architecture {type(model).__name__}: no decoder layer list found "
+                    "(looked for model.layers, transformer.h, model.decoder.layers)")
+
+
+def is_linear(module: torch.nn.Module) -> bool:
+    """nn.Linear, or GPT-2's Conv1D (a linear layer whose weight is stored [in, out])."""
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def weight_view(module: torch.nn.Module) -> torch.Tensor:
+    """The weight as [out_features, in_features]; a view, so in-place edits reach the module."""
+    w = module.weight
+    return w.t() if type(module).__name__ == "Conv1D" else w
+
+
+def block_linears(layer: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Linear sub-modules of one decoder block, by name relative to the block."""
+    return {n: m for n, m in layer.named_modules() if n and is_linear(m)}
 
 
 # --------------------------------------------------------------------------- corpora
@@ -507,3 +553,27 @@ def setup_logging(level: str = "INFO") -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Save a matplotlib figure atomically as PNG and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return path
+
+
+def new_figure(*args, **kwargs):
+    """plt.subplots on the headless Agg backend (plots never need a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)

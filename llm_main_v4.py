@@ -67,6 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", action="append", default=None,
                    help=f"sample prompt (repeatable); default: {C.SAMPLE_PROMPT!r}")
     g.add_argument("--max-new-tokens", type=int, default=48)
+    g = p.add_argument_group("fine-tuning (step finetune)")
+    g.add_argument("--finetune", default="auto",
+                   help="full|lora|none|auto (auto: full below 1.5B parameters, else LoRA)")
+    g.add_argument("--ft-steps", type=int, default=None, help="optimizer steps (default 24 CPU, 500 GPU)")
+    g.add_argument("--ft-batch-size", type=int, default=None, help="windows per step (default 4 CPU, 8 GPU)")
+    g.add_argument("--ft-seq-len", type=int, default=None, help="tokens per window (default 128 CPU, 1024 GPU)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-5 full, 2e-4 LoRA)")
+    g.add_argument("--lora-r", type=int, default=16)
+    g.add_argument("--max-shard-size", default="2GB", help="safetensors shard size of the saved model")
+    g = p.add_argument_group("pruning (step prune)")
+    g.add_argument("--prune-method", default="wanda", help="magnitude|wanda|sparsegpt|taylor")
+    g.add_argument("--sparsity", type=float, default=0.5, help="fraction removed, in [0, 1)")
+    g.add_argument("--sparsity-pattern", default="unstructured", help="unstructured, or N:M such as 2:4, 4:8")
+    g.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 8 CPU, 128 GPU)")
+    g.add_argument("--calib-seq-len", type=int, default=None, help="tokens per window (default 512 CPU, 2048 GPU)")
+    g.add_argument("--protect-super-weights", default=None,
+                   help="comma list of module:row:col kept out of the mask, e.g. model.layers.2.mlp.down_proj:12:340")
     return p
 
 
@@ -80,6 +97,18 @@ def _parse_max_memory(text: Optional[str]) -> Optional[dict]:
             raise C.UserError(f"--max-memory item {item!r} is not DEVICE=SIZE")
         out[int(key) if key.strip().isdigit() else key.strip()] = val.strip()
     return out
+
+
+def _parse_protect(text: Optional[str]) -> tuple:
+    if not text:
+        return ()
+    out = []
+    for item in text.split(","):
+        parts = item.strip().rsplit(":", 2)
+        if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+            raise C.UserError(f"--protect-super-weights item {item!r} is not module:row:col")
+        out.append((parts[0], int(parts[1]), int(parts[2])))
+    return tuple(out)
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -114,6 +143,26 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.max_new_tokens < 0:
         raise C.UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     args.max_memory = _parse_max_memory(args.max_memory)
+    args.ft_steps = args.ft_steps if args.ft_steps is not None else (500 if on_gpu else 24)
+    args.ft_batch_size = args.ft_batch_size if args.ft_batch_size is not None else (8 if on_gpu else 4)
+    args.ft_seq_len = args.ft_seq_len if args.ft_seq_len is not None else (1024 if on_gpu else 128)
+    if args.finetune not in ("auto", "full", "lora", "none"):
+        raise C.UserError(f"--finetune must be auto, full, lora or none, not {args.finetune!r}")
+    if args.lr is not None and args.lr <= 0:
+        raise C.UserError(f"--lr must be > 0, got {args.lr}")
+    for flag in ("ft_steps", "ft_batch_size", "lora_r"):
+        if getattr(args, flag) < 1:
+            raise C.UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    args.calib_samples = args.calib_samples if args.calib_samples is not None else (128 if on_gpu else 8)
+    args.calib_seq_len = args.calib_seq_len if args.calib_seq_len is not None else (2048 if on_gpu else 512)
+    if args.calib_samples < 1 or args.calib_seq_len < 2:
+        raise C.UserError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
+    from llm_prune_model import PruneConfig, validate as validate_prune
+
+    args.protect = _parse_protect(args.protect_super_weights)
+    validate_prune(PruneConfig(method=args.prune_method, sparsity=args.sparsity, pattern=args.sparsity_pattern))
+    if args.ft_seq_len < 2:
+        raise C.UserError(f"--ft-seq-len must be >= 2, got {args.ft_seq_len}")
     args.prompt = args.prompt or [C.SAMPLE_PROMPT]
     for spec in (args.dataset, args.train_dataset):
         if spec not in ("wikitext2", "embedded") and not Path(spec).expanduser().exists():
@@ -195,7 +244,51 @@ def step_eval(run: Run) -> None:
         run.save()
 
 
-STEP_FUNCS: dict[str, Callable[[Run], None]] = {"eval": step_eval}
+def step_finetune(run: Run) -> None:
+    """Load the finished fine-tune in <output-dir>/finetuned, or train and save it."""
+    from llm_finetune import FinetuneConfig, load_or_train_model, plot_training_curve
+
+    a = run.args
+    mode = a.finetune
+    if mode == "auto":
+        mode = "full" if run.results["parameters"] < 1.5e9 else "lora"
+    cfg = FinetuneConfig(output_dir=str(run.out / "finetuned"), mode=mode, steps=a.ft_steps,
+                         batch_size=a.ft_batch_size, seq_len=a.ft_seq_len,
+                         lr=a.lr or (2e-4 if mode == "lora" else 5e-5), lora_r=a.lora_r,
+                         max_shard_size=a.max_shard_size, seed=a.seed, base_model=run.model_label,
+                         data=run.corpus("train").source)
+    run.model, res = load_or_train_model(run.model, run.tokenizer, run.ids("train"), cfg)
+    if mode != "none":
+        run.variants = {"fine-tuned": None}
+        run.results["finetune"] = {k: v for k, v in dataclasses.asdict(res).items() if k != "manifest"}
+        plot = plot_training_curve(run.results["finetune"], run.out / "plots" / "finetune_loss.png")
+        run.results.setdefault("plots", {})["finetune"] = str(plot.relative_to(run.out))
+
+
+def step_prune(run: Run) -> None:
+    """Prune a copy of the current weights, save them as a tensors-only checkpoint, restore."""
+    from llm_prune_model import PruneConfig, plot_sparsity_per_layer, prune_model, pruned_tensors
+
+    a = run.args
+    cfg = PruneConfig(method=a.prune_method, sparsity=a.sparsity, pattern=a.sparsity_pattern, protect=a.protect)
+    windows = C.sample_windows(run.ids("train"), a.calib_samples, a.calib_seq_len, seed=a.seed)
+    names = [n + ".weight" for n, m in run.model.named_modules()
+             if C.is_linear(m) and any(m is x for layer in C.decoder_layers(run.model) for x in layer.modules())]
+    with C.restored_on_exit(run.model, names):  # the live model stays unpruned for later steps
+        res = prune_model(run.model, run.tokenizer, windows, cfg)
+        path = run.out / "checkpoints" / "pruned.safetensors"
+        C.save_tensors(path, pruned_tensors(run.model, res), metadata={"method": a.prune_method})
+    run.variants["pruned"] = path
+    d = dataclasses.asdict(res)
+    d.pop("pruned_names")
+    d["checkpoint"] = str(path.relative_to(run.out))
+    d["calibration"] = {"windows": a.calib_samples, "seq_len": a.calib_seq_len, "source": run.corpus("train").source}
+    run.results["prune"] = d
+    plot = plot_sparsity_per_layer(C.to_strict_json(d), run.out / "plots" / "prune_sparsity_per_layer.png")
+    run.results.setdefault("plots", {})["prune"] = str(plot.relative_to(run.out))
+
+
+STEP_FUNCS: dict[str, Callable[[Run], None]] = {"finetune": step_finetune, "prune": step_prune, "eval": step_eval}
 
 
 # --------------------------------------------------------------------------- report
@@ -226,6 +319,19 @@ def write_report(results: dict, out: Path) -> Path:
     for name, ev in results.get("evaluation", {}).items():
         lines.append(f"| {name} | {_fmt(ev['perplexity'])} | {_fmt(ev['nll'])} | {_fmt(ev['bits_per_byte'])} | "
                      f"{ev['tokens_scored']} | {_fmt(ev.get('kl'))} | {_fmt(ev.get('top1_agreement'))} |")
+    ft = results.get("finetune")
+    if ft and ft.get("heldout_loss_before") is not None:
+        lines += ["", "## Fine-tuning", "",
+                  f"{ft['mode']} fine-tune, {ft['steps']} steps ({'loaded from disk' if ft['loaded_existing'] else 'trained'}"
+                  f"): held-out perplexity {_fmt(ft['heldout_ppl_before'])} -> {_fmt(ft['heldout_ppl_after'])}.",
+                  "", "![fine-tuning curve](plots/finetune_loss.png)"]
+    pr = results.get("prune")
+    if pr:
+        lines += ["", "## Pruning", "",
+                  f"{pr['method']} {pr['pattern']}: achieved sparsity {_fmt(pr['overall_sparsity'])} "
+                  f"(target {_fmt(pr['target_sparsity'])}) in {_fmt(pr['seconds'])} s, calibrated on "
+                  f"{pr['calibration']['windows']} windows of {pr['calibration']['seq_len']} tokens.",
+                  "", "![sparsity per layer](plots/prune_sparsity_per_layer.png)"]
     lines += ["", "## Sample generations", ""]
     for name, ev in results.get("evaluation", {}).items():
         for prompt, answer in ev.get("generations", {}).items():

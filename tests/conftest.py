@@ -47,7 +47,8 @@ def tiny_gpt2(seed: int = 0, layers: int = 2, hidden: int = 32, vocab: int = VOC
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=512)
+    cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=512,
+                     bos_token_id=vocab - 1, eos_token_id=vocab - 1)
     return GPT2LMHeadModel(cfg).eval()
 
 

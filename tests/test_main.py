@@ -54,6 +54,15 @@ BAD = [
     (["--model", "/no/such/model"], "model not found"),
     (["--model", "/no/such/model.gguf"], "model not found"),
     (["--max-memory", "0:10GiB"], "--max-memory"),
+    (["--sparsity", "1.0"], "--sparsity"),
+    (["--sparsity", "-0.2"], "--sparsity"),
+    (["--prune-method", "random"], "--prune-method"),
+    (["--sparsity-pattern", "3:2"], "N < M"),
+    (["--lr", "0"], "--lr"),
+    (["--finetune", "qlora"], "--finetune"),
+    (["--ft-steps", "0"], "--ft-steps"),
+    (["--calib-samples", "0"], "--calib-samples"),
+    (["--protect-super-weights", "layer:1"], "module:row:col"),
 ]
 
 
@@ -100,3 +109,28 @@ def test_read_only_output_dir_fails_before_loading(tmp_path, capsys):
         assert rc == 2 and err.startswith("error: --output-dir")  # checked before the model
     finally:
         os.chmod(ro, 0o700)
+
+
+def test_full_pipeline_on_tiny_model(tiny_dir, corpus_file, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--model", str(tiny_dir), "--steps", "finetune,prune,eval", "--dataset", str(corpus_file),
+            "--train-dataset", str(corpus_file), "--seq-len", "32", "--eval-tokens", "256", "--max-new-tokens", "3",
+            "--ft-steps", "3", "--ft-seq-len", "32", "--ft-batch-size", "2", "--lr", "1e-3",
+            "--calib-samples", "4", "--calib-seq-len", "32", "--kl", "--output-dir", str(out)]
+    assert llm_main_v4.main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["perplexity"]) == {"fine-tuned", "pruned"}
+    assert res["prune"]["overall_sparsity"] == pytest.approx(0.5, abs=0.02)
+    assert res["evaluation"]["pruned"]["kl"] > 0 and res["evaluation"]["fine-tuned"]["kl"] is None
+    assert res["finetune"]["heldout_loss_after"] < res["finetune"]["heldout_loss_before"]
+    assert (out / "finetuned" / "manifest.json").is_file()
+    assert (out / "plots" / "finetune_loss.png").is_file() and (out / "plots" / "prune_sparsity_per_layer.png").is_file()
+    # The live model is restored after pruning: the fine-tuned variant is dense.
+    import llm_common as C
+    pruned = C.load_tensors(out / "checkpoints" / "pruned.safetensors")
+    assert all(float((t == 0).float().mean()) >= 0.45 for t in pruned.values())
+    # A second run loads the finished fine-tune instead of training again.
+    assert llm_main_v4.main(argv) == 0
+    res2 = json.loads((out / "results.json").read_text())
+    assert res2["finetune"]["loaded_existing"] is True
+    assert res2["perplexity"] == res["perplexity"]

@@ -1,0 +1,314 @@
+"""Step 1: load a fine-tuned causal LM, or fine-tune the base model when none exists.
+
+    model, result = load_or_train_model(model, tokenizer, train_ids, FinetuneConfig(...))
+
+Training is a plain causal-LM loop driven by ``accelerate`` (mixed precision, DDP under
+``accelerate launch``). Batches are drawn from a generator seeded by (seed, step), and
+the learning rate is a pure function of the step, so a run resumed from a checkpoint
+sees exactly the batches and rates an uninterrupted run would, and ends with the same
+weights. Resume checkpoints hold tensors and plain numbers only (``weights_only=True``).
+
+The finished model is saved with ``save_pretrained`` (sharded safetensors, tokenizer,
+``manifest.json``) into a temporary directory that is renamed into place at the end:
+a directory with a manifest is finished, anything else is not.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+import llm_common as C
+from llm_evaluate_models import EvalConfig, evaluate_model
+
+log = logging.getLogger("llm.finetune")
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class FinetuneConfig:
+    output_dir: str = "data/finetuned"  # the finished model; "<output_dir>.resume.pt" while training
+    mode: str = "full"                  # full | lora | none
+    steps: int = 24                     # optimizer steps
+    batch_size: int = 4                 # windows per step
+    seq_len: int = 128                  # tokens per window
+    lr: float = 5e-5                    # peak learning rate (linear warm-up, cosine decay)
+    warmup_steps: int = 2
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    holdout_fraction: float = 0.1       # tail of the training text held out for before/after loss
+    holdout_windows: int = 8            # held-out windows of seq_len evaluated before and after
+    save_every: int = 10                # resume checkpoint period, in steps (0: never)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    gradient_checkpointing: Optional[bool] = None  # None: on for CUDA
+    max_shard_size: str = "2GB"
+    seed: int = 0
+    base_model: str = ""                # label recorded in the manifest
+    data: str = ""                      # description of the training text, for the manifest
+
+
+@dataclass
+class FinetuneResult:
+    model_dir: str
+    loaded_existing: bool               # True: a finished fine-tune was found and loaded
+    mode: str
+    steps: int = 0
+    resumed_from_step: int = 0
+    heldout_loss_before: Optional[float] = None  # mean nll per token, nats
+    heldout_loss_after: Optional[float] = None
+    heldout_ppl_before: Optional[float] = None
+    heldout_ppl_after: Optional[float] = None
+    train_losses: list = field(default_factory=list)  # per step
+    seconds: float = 0.0
+    manifest: dict = field(default_factory=dict)
+
+
+def validate(cfg: FinetuneConfig) -> None:
+    if cfg.mode not in ("full", "lora", "none"):
+        raise C.UserError(f"--finetune must be full, lora or none, not {cfg.mode!r}")
+    if cfg.lr <= 0:
+        raise C.UserError(f"--lr must be > 0, got {cfg.lr}")
+    for name in ("steps", "batch_size", "seq_len"):
+        if getattr(cfg, name) < 1 + (name == "seq_len"):
+            raise C.UserError(f"--ft-{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if not 0 < cfg.holdout_fraction < 1:
+        raise C.UserError(f"holdout fraction must be in (0, 1), got {cfg.holdout_fraction}")
+
+
+def is_finished(path: Path) -> bool:
+    return (path / MANIFEST).is_file() and (path / "config.json").is_file()
+
+
+def lr_at(step: int, cfg: FinetuneConfig) -> float:
+    """Linear warm-up then cosine decay to 10% of the peak; a pure function of the step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def split_holdout(ids: torch.Tensor, cfg: FinetuneConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train ids, held-out ids): the held-out part is the contiguous tail of the text."""
+    n_hold = max(int(ids.numel() * cfg.holdout_fraction), cfg.seq_len)
+    train, hold = ids[:-n_hold], ids[-n_hold:]
+    if train.numel() < cfg.seq_len + 1:
+        raise C.UserError(f"training text has {ids.numel()} tokens: too short for a held-out part "
+                          f"and one batch of windows of {cfg.seq_len} tokens")
+    return train, hold
+
+
+def _batch(train: torch.Tensor, step: int, cfg: FinetuneConfig) -> torch.Tensor:
+    """Windows for ``step``: [batch_size, seq_len]. Depends only on (seed, step)."""
+    return C.sample_windows(train, cfg.batch_size, cfg.seq_len, seed=cfg.seed * 1_000_003 + step)
+
+
+def _heldout(model, tokenizer, hold: torch.Tensor, cfg: FinetuneConfig) -> tuple[float, float]:
+    n = min(hold.numel(), cfg.holdout_windows * cfg.seq_len)
+    was_training = model.training
+    model.eval()
+    try:
+        r = evaluate_model(model, tokenizer, hold[:n], EvalConfig(seq_len=cfg.seq_len, max_new_tokens=0,
+                                                                  progress=False))
+    finally:
+        model.train(was_training)
+    return r.nll, r.perplexity
+
+
+def _resume_path(cfg: FinetuneConfig) -> Path:
+    out = Path(cfg.output_dir)
+    return out.with_name(out.name + ".resume.pt")
+
+
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    return {k: p.detach().cpu().clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_resume(model, optimizer, step: int, losses: list, cfg: FinetuneConfig) -> None:
+    """Tensors and numbers only, written atomically; loaded with weights_only=True."""
+    state = {"step": step, "losses": list(losses), "model": _trainable_state(model),
+             "optimizer": optimizer.state_dict()}
+    with C.atomic_path(_resume_path(cfg)) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_resume(model, optimizer, cfg: FinetuneConfig) -> tuple[int, list]:
+    path = _resume_path(cfg)
+    if not path.is_file():
+        return 0, []
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or hostile: start over rather than crash
+        log.warning("ignoring unreadable resume checkpoint %s (%s)", path, type(e).__name__)
+        return 0, []
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in state["model"].items():
+            params[k].copy_(v.to(params[k].device))
+    optimizer.load_state_dict(state["optimizer"])
+    log.info("resuming fine-tuning from step %d (%s)", state["step"], path)
+    return int(state["step"]), list(state["losses"])
+
+
+def _wrap_lora(model, cfg: FinetuneConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
+                      task_type="CAUSAL_LM")
+    torch.manual_seed(cfg.seed)  # LoRA's A matrices are random: seed them so resume is exact
+    return get_peft_model(model, lcfg)
+
+
+def train(model, tokenizer, train_ids: torch.Tensor, hold_ids: torch.Tensor, cfg: FinetuneConfig,
+          on_step: Optional[Callable[[int], None]] = None):
+    """Fine-tune ``model`` in place (full) or through merged LoRA adapters.
+
+    Returns (model, losses, resumed_from_step). ``on_step(step)`` is called after each
+    optimizer step (tests use it to simulate a kill).
+    """
+    from accelerate import Accelerator
+
+    on_cuda = C.is_cuda_model(model)
+    accel = Accelerator(mixed_precision="bf16" if on_cuda else "no", cpu=not on_cuda)
+    if cfg.mode == "lora":
+        model = _wrap_lora(model, cfg)
+    if cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else on_cuda:
+        model.gradient_checkpointing_enable()
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start, losses = _load_resume(model, optimizer, cfg)
+    if getattr(model, "hf_device_map", None) is None:
+        model, optimizer = accel.prepare(model, optimizer)
+    else:
+        optimizer = accel.prepare(optimizer)
+    model.train()
+    dev = C.input_device(accel.unwrap_model(model))
+    bar = tqdm(range(start, cfg.steps), desc="fine-tune", unit="step", initial=start, total=cfg.steps,
+               disable=not accel.is_local_main_process)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        batch = _batch(train_ids, step, cfg)
+        # Under DDP each rank takes a disjoint slice of the global batch.
+        batch = batch[accel.process_index::accel.num_processes].to(dev)
+        with accel.autocast():
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        accel.backward(loss)
+        if cfg.grad_clip > 0:
+            accel.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(accel.gather(loss.detach()[None]).mean()))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps \
+                and accel.is_main_process:
+            _save_resume(accel.unwrap_model(model), optimizer, step + 1, losses, cfg)
+        if on_step is not None:
+            on_step(step + 1)
+    model = accel.unwrap_model(model)
+    if cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else on_cuda:
+        model.gradient_checkpointing_disable()
+    if cfg.mode == "lora":
+        model = model.merge_and_unload()  # later steps see a plain model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    return model, losses, start
+
+
+def _save_finished(model, tokenizer, cfg: FinetuneConfig, manifest: dict) -> None:
+    with C.atomic_path(cfg.output_dir) as tmp:
+        model.save_pretrained(tmp, max_shard_size=cfg.max_shard_size)
+        tokenizer.save_pretrained(tmp)
+        C.write_json(tmp / MANIFEST, manifest)
+    _resume_path(cfg).unlink(missing_ok=True)
+
+
+def load_finished(path: Path, like_model):
+    """Load a finished fine-tune onto the same devices and dtype as ``like_model``."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = next(like_model.parameters()).dtype
+    kw = {"device_map": like_model.hf_device_map} if getattr(like_model, "hf_device_map", None) else {}
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kw)
+    if not kw:
+        model.to(C.input_device(like_model))
+    model.eval()
+    model.config.use_cache = False
+    return model
+
+
+def load_or_train_model(model, tokenizer, train_ids: torch.Tensor, config: FinetuneConfig = FinetuneConfig(),
+                        on_step: Optional[Callable[[int], None]] = None):
+    """Return (fine-tuned model, FinetuneResult).
+
+    If ``config.output_dir`` holds a finished fine-tune it is loaded and nothing is
+    trained. Otherwise ``model`` is fine-tuned on ``train_ids`` ([n_tokens], the
+    tokenized training text; its tail is held out) and saved. ``model`` is changed
+    in place in ``full`` mode.
+    """
+    validate(config)
+    out = Path(config.output_dir)
+    t0 = time.perf_counter()
+    if config.mode == "none":
+        return model, FinetuneResult(model_dir="", loaded_existing=False, mode="none")
+    train_part, hold = split_holdout(train_ids, config)
+    if out.exists() and not is_finished(out):
+        raise C.UserError(f"{out} exists but is not a finished fine-tuned model (no {MANIFEST}); "
+                          "move it away or choose another --output-dir")
+    if is_finished(out):
+        log.info("loading the finished fine-tune in %s (not retraining)", out)
+        manifest = json.loads((out / MANIFEST).read_text())
+        model = load_finished(out, model)
+        return model, FinetuneResult(model_dir=str(out), loaded_existing=True, mode=manifest.get("mode", "?"),
+                                     steps=manifest.get("steps", 0),
+                                     heldout_loss_before=manifest.get("heldout_loss_before"),
+                                     heldout_loss_after=manifest.get("heldout_loss_after"),
+                                     heldout_ppl_before=manifest.get("heldout_ppl_before"),
+                                     heldout_ppl_after=manifest.get("heldout_ppl_after"),
+                                     train_losses=manifest.get("train_losses", []),
+                                     seconds=time.perf_counter() - t0, manifest=manifest)
+    C.seed_everything(config.seed)
+    loss0, ppl0 = _heldout(model, tokenizer, hold, config)
+    log.info("held-out loss before fine-tuning: %.4f (perplexity %.3f)", loss0, ppl0)
+    model, losses, resumed = train(model, tokenizer, train_part, hold, config, on_step=on_step)
+    loss1, ppl1 = _heldout(model, tokenizer, hold, config)
+    log.info("held-out loss after fine-tuning: %.4f (perplexity %.3f)", loss1, ppl1)
+    manifest = {"base_model": config.base_model, "data": config.data, "seed": config.seed, "mode": config.mode,
+                "steps": config.steps, "batch_size": config.batch_size, "seq_len": config.seq_len, "lr": config.lr,
+                "train_tokens": int(train_part.numel()), "heldout_tokens": int(hold.numel()),
+                "heldout_loss_before": loss0, "heldout_loss_after": loss1,
+                "heldout_ppl_before": ppl0, "heldout_ppl_after": ppl1,
+                "final_train_loss": losses[-1] if losses else None, "train_losses": losses}
+    _save_finished(model, tokenizer, config, manifest)
+    res = FinetuneResult(model_dir=str(out), loaded_existing=False, mode=config.mode, steps=config.steps,
+                         resumed_from_step=resumed, heldout_loss_before=loss0, heldout_loss_after=loss1,
+                         heldout_ppl_before=ppl0, heldout_ppl_after=ppl1, train_losses=losses,
+                         seconds=time.perf_counter() - t0, manifest=manifest)
+    return model, res
+
+
+def plot_training_curve(result: dict, path) -> Path:
+    """Training loss per step, with the held-out loss before/after, from a saved result dict."""
+    fig, ax = C.new_figure(figsize=(6, 3.5))
+    losses = result.get("train_losses") or []
+    ax.plot(range(1, len(losses) + 1), losses, label="train loss (batch)")
+    for key, style in (("heldout_loss_before", "--"), ("heldout_loss_after", "-.")):
+        v = result.get(key)
+        if isinstance(v, (int, float)):
+            ax.axhline(v, ls=style, color="gray", label=key.replace("_", " "))
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(f"fine-tuning ({result.get('mode', '?')})")
+    ax.legend()
+    return C.save_figure(fig, path)

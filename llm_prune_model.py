@@ -1,0 +1,405 @@
+"""Step 2: sensitivity-based pruning of the linear layers inside the decoder blocks.
+
+Methods:
+    magnitude  |W|, one threshold per matrix (the baseline).
+    wanda      |W_ij| * ||X_j||_2, compared within each output row (Sun et al. 2023).
+    sparsegpt  OBS with H = 2 X X^T / n, 1% dampening, upper Cholesky of H^-1, blocks of
+               128 columns with lazy updates, mask chosen per block (Frantar & Alistarh 2023).
+    taylor     first-order |w * dL/dw| summed over calibration windows, compared per row;
+               ``taylor_score="fisher"`` uses the diagonal Fisher w^2 * E[g^2] instead.
+Patterns: unstructured, or N:M (e.g. "2:4": in every group of 4 consecutive input
+weights of a row, 2 are pruned).
+
+magnitude, wanda and sparsegpt run layer by layer (as in the SparseGPT/Wanda code): the
+calibration windows' inputs to block 0 are captured, each block is pruned from its own
+inputs, and its pruned outputs become the next block's inputs. Peak memory is the model
+plus one block's activations for the calibration set. taylor needs gradients of the full
+model, so it costs one backward pass per window and gradient memory for the pruned linears.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+import llm_common as C
+
+log = logging.getLogger("llm.prune")
+
+METHODS = ("magnitude", "wanda", "sparsegpt", "taylor")
+
+
+@dataclass
+class PruneConfig:
+    method: str = "wanda"
+    sparsity: float = 0.5          # fraction of weights removed; N:M patterns fix it at 1 - N/M
+    pattern: str = "unstructured"  # or "N:M", e.g. "2:4", "4:8"
+    blocksize: int = 128           # sparsegpt column block
+    percdamp: float = 0.01         # sparsegpt dampening, fraction of mean diag(H)
+    taylor_score: str = "taylor"   # taylor | fisher
+    protect: tuple = ()            # ((linear name, row, col), ...): never pruned
+    progress: bool = True
+
+
+@dataclass
+class PruneResult:
+    method: str
+    pattern: str
+    target_sparsity: float
+    overall_sparsity: float                       # over all pruned matrices
+    per_layer: dict = field(default_factory=dict)  # block index -> sparsity over its linears
+    per_matrix: dict = field(default_factory=dict)  # linear name -> sparsity
+    pruned_names: list = field(default_factory=list)  # parameter names of pruned weights
+    seconds: float = 0.0
+    peak_memory_mb: float = 0.0
+
+
+def parse_pattern(pattern: str) -> Optional[tuple[int, int]]:
+    """None for unstructured, else (n_kept, m)."""
+    if pattern == "unstructured":
+        return None
+    try:
+        n, m = (int(x) for x in pattern.split(":"))
+    except ValueError:
+        raise C.UserError(f"--sparsity-pattern must be 'unstructured' or N:M like 2:4, got {pattern!r}")
+    if not 0 < n < m:
+        raise C.UserError(f"--sparsity-pattern {pattern}: need 0 < N < M")
+    return n, m
+
+
+def validate(cfg: PruneConfig) -> None:
+    if cfg.method not in METHODS:
+        raise C.UserError(f"--prune-method must be one of {', '.join(METHODS)}, not {cfg.method!r}")
+    if not 0 <= cfg.sparsity < 1:
+        raise C.UserError(f"--sparsity must be in [0, 1), got {cfg.sparsity}")
+    if cfg.taylor_score not in ("taylor", "fisher"):
+        raise C.UserError(f"taylor score must be taylor or fisher, not {cfg.taylor_score!r}")
+    parse_pattern(cfg.pattern)
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def mask_from_scores(scores: torch.Tensor, sparsity: float, pattern: str, per_row: bool) -> torch.Tensor:
+    """Boolean prune mask (True = remove) from scores [out, in]; low score = pruned first.
+
+    Exact counts: unstructured per row removes int(in * sparsity) weights from every row
+    (per matrix: int(numel * sparsity)); N:M removes M - N weights from every group of M
+    consecutive columns. Scores of +inf (protected weights) are never pruned unless a row
+    has nothing else left.
+    """
+    nm = parse_pattern(pattern)
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if nm is not None:
+        n, m = nm
+        rows, cols = scores.shape
+        if cols % m:
+            raise C.UserError(f"N:M pattern {pattern} needs the input size ({cols}) to be a multiple of {m}")
+        groups = scores.reshape(rows, cols // m, m)
+        idx = torch.topk(groups, m - n, dim=-1, largest=False).indices
+        return mask.reshape(rows, cols // m, m).scatter_(-1, idx, True).reshape(rows, cols)
+    if per_row:
+        k = int(scores.shape[1] * sparsity)
+        if k:
+            mask.scatter_(1, torch.topk(scores, k, dim=1, largest=False).indices, True)
+        return mask
+    k = int(scores.numel() * sparsity)
+    if k:
+        mask.view(-1)[torch.topk(scores.flatten(), k, largest=False).indices] = True
+    return mask
+
+
+def _protect(scores: torch.Tensor, coords: Iterable[tuple[int, int]]) -> torch.Tensor:
+    for r, c in coords:
+        scores[r, c] = float("inf")
+    return scores
+
+
+# --------------------------------------------------------------------------- sparsegpt
+
+
+@torch.no_grad()
+def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, pattern: str = "unstructured",
+                    blocksize: int = 128, percdamp: float = 0.01,
+                    protect: Iterable[tuple[int, int]] = ()) -> torch.Tensor:
+    """OBS pruning of one weight matrix, in place.
+
+    Args:
+        W: [out, in] weight (any float dtype); overwritten with the pruned, updated weight.
+        H: [in, in] layer Hessian 2 X X^T / n_tokens accumulated in float32.
+    Returns the prune mask [out, in] (True = removed).
+    """
+    nm = parse_pattern(pattern)
+    Wf = W.float().clone()
+    H = H.clone()
+    cols = Wf.shape[1]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    Wf[:, dead] = 0
+    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(cols, device=H.device)
+    # Upper Cholesky factor of H^-1: row i holds the OBS update for eliminating column i
+    # given that columns < i are already fixed.
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    protected = torch.zeros_like(Wf, dtype=torch.bool)
+    for r, c in protect:
+        protected[r, c] = True
+    full_mask = torch.zeros_like(Wf, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = Wf[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d = torch.diag(Hinv1)
+        if nm is None:
+            # Mask for the whole block at once, exact count: the lowest OBS errors w^2 / d^2.
+            score = W1 ** 2 / d[None, :] ** 2
+            score[protected[:, i1:i2]] = float("inf")
+            mask1 = mask_from_scores(score, sparsity, "unstructured", per_row=False)
+        else:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if nm is not None and i % nm[1] == 0:
+                # N:M mask chosen from the weights as updated so far (the OBS order).
+                score = W1[:, i:i + nm[1]] ** 2 / d[i:i + nm[1]][None, :] ** 2
+                score[protected[:, i1 + i:i1 + i + nm[1]]] = float("inf")
+                mask1[:, i:i + nm[1]] = mask_from_scores(score, 0.0, pattern, per_row=True)
+            w = W1[:, i]
+            q = w.clone()
+            q[mask1[:, i]] = 0
+            Q1[:, i] = q
+            err = (w - q) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        Wf[:, i1:i2] = Q1
+        full_mask[:, i1:i2] = mask1
+        Wf[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the later columns
+    W.copy_(Wf.to(W.dtype))
+    return full_mask
+
+
+# --------------------------------------------------------------------------- layer-wise driver
+
+
+class _Stop(Exception):
+    pass
+
+
+def capture_block_inputs(model, windows: torch.Tensor):
+    """Run windows [n, seq_len] up to decoder block 0 and return (inputs, kwargs).
+
+    ``inputs`` is a list of [1, seq_len, hidden] hidden states; ``kwargs`` holds what the
+    model passes to every block (rotary ``position_embeddings``, attention mask,
+    position ids), captured rather than rebuilt so that each architecture gets exactly
+    what its own forward computes.
+    """
+    layers = C.decoder_layers(model)
+    inputs, kwargs = [], {}
+
+    def hook(module, args, kw):
+        hidden = args[0] if args else kw.pop("hidden_states")
+        inputs.append(hidden.detach())
+        if not kwargs:
+            kwargs.update({k: v for k, v in kw.items() if k not in ("hidden_states",)})
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    dev = C.input_device(model)
+    try:
+        with torch.no_grad(), C.use_cache(model, False):
+            for w in windows:
+                try:
+                    model(input_ids=w[None].to(dev), use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    kwargs.pop("past_key_values", None)
+    kwargs.pop("past_key_value", None)
+    kwargs["use_cache"] = False
+    return inputs, kwargs
+
+
+def _block_out(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _linear_inputs_stats(layer, inputs, kwargs, method, linears):
+    """One pass of the block over all windows with hooks that accumulate, per linear,
+    sum of squared input norms per channel (wanda, [in]) or H = 2 X X^T / n (sparsegpt)."""
+    stats, counts, handles = {}, {}, []
+
+    def make_hook(name):
+        def hook(mod, args, out):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [tokens, in]
+            n = x.shape[0]
+            if method == "wanda":
+                s = x.pow(2).sum(0)
+            else:
+                s = 2 * x.t() @ x
+            stats[name] = stats[name] + s if name in stats else s
+            counts[name] = counts.get(name, 0) + n
+        return hook
+
+    for name, mod in linears.items():
+        handles.append(mod.register_forward_hook(make_hook(name)))
+    try:
+        with torch.no_grad():
+            for h in inputs:
+                layer(h, **kwargs)
+    finally:
+        for hd in handles:
+            hd.remove()
+    return {k: v / counts[k] if method == "sparsegpt" else v for k, v in stats.items()}
+
+
+def _taylor_scores(model, windows, names: dict[str, torch.nn.Module], score: str, progress: bool):
+    """Per-weight saliency from gradients of the LM loss on the calibration windows."""
+    params = {n: C.weight_view(m) for n, m in names.items()}
+    mods = list(names.values())
+    old = {id(m): m.weight.requires_grad for m in mods}
+    acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in mods:
+        m.weight.requires_grad_(True)
+    dev = C.input_device(model)
+    try:
+        for w in tqdm(windows, desc="taylor gradients", disable=not progress):
+            w = w[None].to(dev)
+            loss = model(input_ids=w, labels=w, use_cache=False).loss
+            loss.backward()
+            for n, m in names.items():
+                g = m.weight.grad.t() if type(m).__name__ == "Conv1D" else m.weight.grad  # as [out, in]
+                acc[n] += g.float().pow(2) if score == "fisher" else g.float()
+                m.weight.grad = None
+    finally:
+        for m in mods:
+            m.weight.requires_grad_(old[id(m)])
+            m.weight.grad = None
+    n = len(windows)
+    out = {}
+    for name, p in params.items():
+        w = p.detach().float()
+        out[name] = (w.pow(2) * acc[name] / n) if score == "fisher" else (w * acc[name] / n).abs()
+    return out
+
+
+def prune_model(model, tokenizer, calib_windows: torch.Tensor, config: PruneConfig = PruneConfig()) -> PruneResult:
+    """Prune the decoder-block linear layers of ``model`` in place.
+
+    Args:
+        calib_windows: LongTensor [n_windows, seq_len] of calibration token ids
+            (unused by ``magnitude``).
+        config.protect: (linear module name, row, col) coordinates that stay unpruned;
+            module names are as in ``model.named_modules()``.
+    Returns a PruneResult with the achieved sparsity per block and per matrix.
+    """
+    validate(config)
+    t0 = time.perf_counter()
+    dev0 = C.input_device(model)
+    if dev0.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev0)
+    layers = C.decoder_layers(model)
+    names_of = {m: n for n, m in model.named_modules()}
+    protect: dict[str, list] = {}
+    for name, r, c in config.protect:
+        protect.setdefault(name, []).append((int(r), int(c)))
+    per_row = config.method in ("wanda", "taylor")
+    nm = parse_pattern(config.pattern)
+    result = PruneResult(config.method, config.pattern, config.sparsity if nm is None else 1 - nm[0] / nm[1], 0.0)
+
+    def apply(mod, mask: torch.Tensor) -> None:
+        with torch.no_grad():
+            C.weight_view(mod)[mask.to(mod.weight.device)] = 0
+
+    total_zero = total = 0
+
+    def record(block_idx, linears):
+        nonlocal total_zero, total
+        z = n = 0
+        for rel, mod in linears.items():
+            W = C.weight_view(mod)
+            nz = int((W == 0).sum())
+            full = names_of[mod]
+            result.per_matrix[full] = nz / W.numel()
+            result.pruned_names.append(full + ".weight")
+            z, n = z + nz, n + W.numel()
+        result.per_layer[block_idx] = z / n if n else 0.0
+        total_zero, total = total_zero + z, total + n
+
+    if config.method in ("magnitude", "taylor"):
+        all_linears = {names_of[m]: m for layer in layers for m in C.block_linears(layer).values()}
+        scores = (_taylor_scores(model, calib_windows, all_linears, config.taylor_score, config.progress)
+                  if config.method == "taylor" else None)
+        for i, layer in enumerate(tqdm(layers, desc=f"{config.method} prune", disable=not config.progress)):
+            linears = C.block_linears(layer)
+            for rel, mod in linears.items():
+                full = names_of[mod]
+                s = scores[full] if scores is not None else C.weight_view(mod).detach().abs().float()
+                s = _protect(s.clone(), protect.get(full, ()))
+                apply(mod, mask_from_scores(s, config.sparsity, config.pattern, per_row=per_row))
+            record(i, linears)
+    else:
+        inputs, kwargs = capture_block_inputs(model, calib_windows)
+        for i, layer in enumerate(tqdm(layers, desc=f"{config.method} prune", disable=not config.progress)):
+            linears = C.block_linears(layer)
+            stats = _linear_inputs_stats(layer, inputs, kwargs, config.method, linears)
+            for rel, mod in linears.items():
+                full = names_of[mod]
+                W = C.weight_view(mod)
+                if config.method == "wanda":
+                    s = W.detach().abs().float() * stats[rel].sqrt().to(W.device)[None, :]
+                    s = _protect(s, protect.get(full, ()))
+                    apply(mod, mask_from_scores(s, config.sparsity, config.pattern, per_row=True))
+                else:
+                    sparsegpt_prune(W, stats[rel].to(W.device), config.sparsity, config.pattern,
+                                    config.blocksize, config.percdamp, protect.get(full, ()))
+            del stats
+            with torch.no_grad():  # the pruned block's outputs feed the next block
+                inputs = [_block_out(layer(h, **kwargs)).detach() for h in inputs]
+            record(i, linears)
+    result.overall_sparsity = total_zero / max(total, 1)
+    result.seconds = time.perf_counter() - t0
+    result.peak_memory_mb = C.peak_memory_mb(dev0)
+    log.info("%s %s: sparsity %.4f over %d matrices in %.1f s", config.method, config.pattern,
+             result.overall_sparsity, len(result.per_matrix), result.seconds)
+    return result
+
+
+def pruned_tensors(model, result: PruneResult) -> dict[str, torch.Tensor]:
+    """The pruned weights by parameter name, for a tensors-only checkpoint."""
+    params = dict(model.named_parameters())
+    return {n: params[n].detach() for n in result.pruned_names}
+
+
+def plot_sparsity_per_layer(result: dict, path):
+    fig, ax = C.new_figure(figsize=(6, 3))
+    layers = sorted(result["per_layer"], key=int)
+    ax.bar([int(k) for k in layers], [result["per_layer"][k] for k in layers])
+    ax.axhline(result["target_sparsity"], color="red", ls="--", label="target")
+    ax.set_xlabel("decoder block")
+    ax.set_ylabel("sparsity")
+    ax.set_title(f"{result['method']} {result['pattern']}")
+    ax.legend()
+    return C.save_figure(fig, path)
+
+
+def plot_perplexity_vs_sparsity(sweep: dict, path, dense: Optional[float] = None):
+    """``sweep``: {method: {sparsity: perplexity}} from saved results."""
+    fig, ax = C.new_figure(figsize=(6, 4))
+    for method, pts in sweep.items():
+        xs = sorted(pts, key=float)
+        ys = [pts[x] if isinstance(pts[x], (int, float)) else float("nan") for x in xs]
+        ax.plot([float(x) for x in xs], ys, marker="o", label=method)
+    if dense:
+        ax.axhline(dense, color="gray", ls=":", label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("sparsity")
+    ax.set_ylabel("perplexity")
+    ax.legend()
+    return C.save_figure(fig, path)

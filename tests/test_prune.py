@@ -1,0 +1,145 @@
+"""prune_model: exact sparsity, N:M structure, the published error ordering, protection."""
+import copy
+
+import pytest
+import torch
+
+import llm_common as C
+from llm_prune_model import PruneConfig, mask_from_scores, prune_model, sparsegpt_prune
+
+
+def _calib(n=4, seq=24, vocab=257, seed=0):
+    return torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _outlier_llama(seed=0):
+    """Tiny Llama whose embeddings have a few massive channels, as real LLMs do."""
+    from conftest import tiny_llama
+
+    m = tiny_llama(seed=seed, hidden=64)
+    with torch.no_grad():
+        m.model.embed_tokens.weight[:, :4] *= 20
+        for layer in m.model.layers:
+            layer.input_layernorm.weight.uniform_(0.2, 3.0)
+    return m
+
+
+def _linears(model):
+    return {n: m for n, m in model.named_modules() if C.is_linear(m) and "lm_head" not in n}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "taylor"])
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
+def test_exact_sparsity(arch, method, pattern):
+    from conftest import tiny_gpt2, tiny_llama
+
+    model = tiny_llama() if arch == "llama" else tiny_gpt2()
+    head_before = model.get_output_embeddings().weight.clone()
+    res = prune_model(model, None, _calib(), PruneConfig(method=method, sparsity=0.3, pattern=pattern,
+                                                         progress=False))
+    for name, mod in _linears(model).items():
+        W = C.weight_view(mod)
+        zero = W == 0
+        if pattern != "unstructured":
+            n, m = map(int, pattern.split(":"))
+            groups = zero.reshape(W.shape[0], -1, m).sum(-1)
+            assert (groups == m - n).all(), name
+        elif method in ("wanda", "taylor"):
+            assert (zero.sum(1) == int(W.shape[1] * 0.3)).all(), name  # exact per row
+        elif method == "magnitude":
+            assert int(zero.sum()) == int(W.numel() * 0.3), name  # exact per matrix
+        else:  # sparsegpt: exact per block of 128 columns
+            for i in range(0, W.shape[1], 128):
+                blk = zero[:, i:i + 128]
+                assert int(blk.sum()) == int(blk.numel() * 0.3), name
+    expected = 0.3 if pattern == "unstructured" else 1 - int(pattern[0]) / int(pattern[2])
+    assert res.overall_sparsity == pytest.approx(expected, abs=0.02)  # int() per row of 32-64
+    assert len(res.per_layer) == 2
+    assert torch.equal(model.get_output_embeddings().weight, head_before)  # lm_head left alone
+
+
+def _layer0_inputs(model, windows):
+    """Dense inputs X [tokens, in] of every linear in block 0."""
+    xs, hs = {}, []
+    for name, mod in C.block_linears(model.model.layers[0]).items():
+        hs.append(mod.register_forward_hook(
+            lambda m, a, o, name=name: xs.setdefault(name, []).append(a[0].reshape(-1, a[0].shape[-1]))))
+    with torch.no_grad():
+        for w in windows:
+            model(input_ids=w[None])
+    for h in hs:
+        h.remove()
+    return {k: torch.cat(v) for k, v in xs.items()}
+
+
+def test_reconstruction_error_ordering_sparsegpt_wanda_magnitude():
+    dense = _outlier_llama()
+    windows = _calib(n=8, seq=32)
+    X = _layer0_inputs(dense, windows)
+    errs = {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        m = copy.deepcopy(dense)
+        prune_model(m, None, windows, PruneConfig(method=method, sparsity=0.5, progress=False))
+        errs[method] = sum(
+            torch.linalg.norm(X[n] @ (C.weight_view(dense.model.layers[0].get_submodule(n))
+                                      - C.weight_view(m.model.layers[0].get_submodule(n))).t()).item()
+            for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"))
+    assert errs["sparsegpt"] < errs["wanda"] < errs["magnitude"], errs
+
+
+def test_wanda_mask_matches_hand_computation():
+    dense = _outlier_llama()
+    windows = _calib(n=3, seq=16)
+    X = _layer0_inputs(dense, windows)
+    W = dense.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    score = W.abs() * X["self_attn.q_proj"].norm(dim=0)[None, :]
+    k = int(W.shape[1] * 0.5)
+    expect = torch.zeros_like(W, dtype=torch.bool)
+    for r in range(W.shape[0]):
+        expect[r, score[r].argsort()[:k]] = True
+    m = copy.deepcopy(dense)
+    prune_model(m, None, windows, PruneConfig(method="wanda", sparsity=0.5, progress=False))
+    assert torch.equal(m.model.layers[0].self_attn.q_proj.weight == 0, expect)
+
+
+def test_sparsegpt_at_zero_sparsity_changes_nothing():
+    torch.manual_seed(0)
+    W = torch.randn(16, 32)
+    X = torch.randn(200, 32)
+    W2 = W.clone()
+    sparsegpt_prune(W2, 2 * X.t() @ X / 200, 0.0)
+    assert torch.allclose(W, W2, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "taylor"])
+def test_protected_coordinates_survive(method):
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    name = "model.layers.1.mlp.down_proj"
+    W = model.get_submodule(name).weight.detach()
+    # Protect the smallest-magnitude weights of two rows: the first to go otherwise.
+    coords = [(r, int(W[r].abs().argmin())) for r in (0, 5)]
+    prune_model(model, None, _calib(), PruneConfig(method=method, sparsity=0.6, progress=False,
+                                                   protect=tuple((name, r, c) for r, c in coords)))
+    for r, c in coords:
+        assert model.get_submodule(name).weight[r, c] != 0
+
+
+def test_mask_from_scores_keeps_high_scores():
+    s = torch.tensor([[4.0, 1.0, 3.0, 2.0], [0.1, 0.4, 0.3, 0.2]])
+    assert mask_from_scores(s, 0.5, "unstructured", per_row=True).tolist() == [[False, True, False, True],
+                                                                             [True, False, False, True]]
+    assert mask_from_scores(s, 0.5, "unstructured", per_row=False).tolist() == [[False, False, False, False],
+                                                                              [True, True, True, True]]
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(sparsity=1.0), "--sparsity"), (dict(sparsity=-0.1), "--sparsity"),
+                                    (dict(method="obc"), "--prune-method"), (dict(pattern="4:2"), "N < M"),
+                                    (dict(pattern="dense"), "N:M")])
+def test_bad_prune_config(kw, msg):
+    from conftest import tiny_llama
+
+    with pytest.raises(C.UserError, match=msg):
+        prune_model(tiny_llama(), None, _calib(), PruneConfig(progress=False, **kw))
