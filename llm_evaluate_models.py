@@ -112,17 +112,11 @@ def _generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> 
     return out
 
 
-def evaluate_model(model, tokenizer, input_ids: torch.Tensor, config: EvalConfig = EvalConfig(),
-                   reference=None) -> EvalResult:
-    """Perplexity, bits per byte and (against ``reference``) KL and top-1 agreement.
+def _batches(plan: list, batch_size: int) -> list:
+    return [plan[i:i + batch_size] for i in range(0, len(plan), batch_size)]
 
-    Args:
-        model: a causal LM (any device placement, ``device_map="auto"`` included).
-        tokenizer: its tokenizer, used for byte counts and generation.
-        input_ids: 1-D LongTensor [n_tokens] of the tokenized evaluation text.
-        reference: optional model with the same vocabulary; compared window by
-            window, so no logits are stored beyond one batch.
-    """
+
+def _prepare(input_ids: torch.Tensor, config: EvalConfig):
     if input_ids.dim() != 1:
         raise ValueError("input_ids must be 1-D [n_tokens]")
     if config.eval_tokens is not None:
@@ -131,11 +125,43 @@ def evaluate_model(model, tokenizer, input_ids: torch.Tensor, config: EvalConfig
         input_ids = input_ids[: config.eval_tokens]
     if config.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {config.batch_size}")
+    stride = config.seq_len if config.stride is None else config.stride
+    return input_ids, window_plan(input_ids.numel(), config.seq_len, stride), stride
+
+
+def reference_logprobs(model, input_ids: torch.Tensor, config: EvalConfig = EvalConfig()) -> list:
+    """The model's float32 log-probabilities at the scored positions, one CPU tensor
+    [B, T, vocab] per evaluation batch: pass the list as ``reference`` to compare many
+    perturbed versions of one model against it without a second copy of the model.
+    Memory: 4 bytes x vocab per evaluated token."""
+    input_ids, plan, _ = _prepare(input_ids, config)
+    out = []
+    with torch.inference_mode():
+        for chunk in _batches(plan, config.batch_size):
+            windows = torch.stack([input_ids[s:s + config.seq_len] for s, _ in chunk])
+            keep = config.seq_len - min(f for _, f in chunk) + 1
+            logits = _window_logits(model, windows.to(input_device(model)), keep)[:, :-1].float()
+            out.append(F.log_softmax(logits, dim=-1).cpu())
+    return out
+
+
+def evaluate_model(model, tokenizer, input_ids: torch.Tensor, config: EvalConfig = EvalConfig(),
+                   reference=None) -> EvalResult:
+    """Perplexity, bits per byte and (against ``reference``) KL and top-1 agreement.
+
+    Args:
+        model: a causal LM (any device placement, ``device_map="auto"`` included).
+        tokenizer: its tokenizer, used for byte counts and generation.
+        input_ids: 1-D LongTensor [n_tokens] of the tokenized evaluation text.
+        reference: optional model with the same vocabulary, compared window by window
+            (no logits are stored beyond one batch), or the list returned by
+            ``reference_logprobs`` for the same ids and config.
+    """
+    input_ids, plan, stride = _prepare(input_ids, config)
     seq_len = config.seq_len
-    stride = seq_len if config.stride is None else config.stride
-    plan = window_plan(input_ids.numel(), seq_len, stride)
     dev = input_device(model)
-    ref_dev = input_device(reference) if reference is not None else None
+    ref_is_model = reference is not None and not isinstance(reference, list)
+    ref_dev = input_device(reference) if ref_is_model else None
 
     nll_sum = torch.zeros((), dtype=torch.float64)
     kl_sum = torch.zeros((), dtype=torch.float64)
@@ -143,10 +169,10 @@ def evaluate_model(model, tokenizer, input_ids: torch.Tensor, config: EvalConfig
     n_scored = 0
     n_bytes = 0
     t0 = time.perf_counter()
-    batches = [plan[i:i + config.batch_size] for i in range(0, len(plan), config.batch_size)]
+    batches = _batches(plan, config.batch_size)
     bar = tqdm(batches, desc="eval windows", unit="batch", disable=not config.progress or len(batches) < 2)
     with torch.inference_mode():
-        for chunk in bar:
+        for b_idx, chunk in enumerate(bar):
             windows = torch.stack([input_ids[s:s + seq_len] for s, _ in chunk])
             # Scored target positions are [first, seq_len); logits at p-1 predict p.
             first = min(f for _, f in chunk)
@@ -165,13 +191,16 @@ def evaluate_model(model, tokenizer, input_ids: torch.Tensor, config: EvalConfig
             for (s, f) in chunk:
                 n_bytes += len(tokenizer.decode(input_ids[s + f:s + seq_len]).encode("utf-8"))
             if reference is not None:
-                ref_logits = _window_logits(reference, windows.to(ref_dev), keep)[:, :-1].float()
-                ref_logp = F.log_softmax(ref_logits.to(logits.device), dim=-1)
+                if ref_is_model:
+                    ref_logits = _window_logits(reference, windows.to(ref_dev), keep)[:, :-1].float()
+                    ref_logp = F.log_softmax(ref_logits.to(logits.device), dim=-1)
+                else:
+                    ref_logp = reference[b_idx].to(logits.device)
                 logp = F.log_softmax(logits, dim=-1)
                 kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
                 kl_sum += kl[mask].double().sum().cpu()
                 agree += int((ref_logp.argmax(-1) == logp.argmax(-1))[mask].sum())
-                del ref_logits, ref_logp, logp
+                del ref_logp, logp
             del logits
     seconds = time.perf_counter() - t0
     mean_nll = float(nll_sum) / n_scored

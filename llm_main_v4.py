@@ -84,6 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calib-seq-len", type=int, default=None, help="tokens per window (default 512 CPU, 2048 GPU)")
     g.add_argument("--protect-super-weights", default=None,
                    help="comma list of module:row:col kept out of the mask, e.g. model.layers.2.mlp.down_proj:12:340")
+    g = p.add_argument_group("weight noise (step noise)")
+    g.add_argument("--noise-mode", default="absolute", help="absolute|relative|multiplicative|bitflip")
+    g.add_argument("--epsilon", type=float, default=0.05, help="noise scale (bit-error rate for bitflip)")
+    g.add_argument("--noise-group", default="all",
+                   help="all|linears|layer:N|module:NAME|embeddings|norms")
+    g.add_argument("--sweep-mode", default="relative", help="noise mode of the eps sweep")
+    g.add_argument("--sweep-eps", default="0.01,0.02,0.05,0.1,0.2,0.5", help="comma list of eps for the sweep")
+    g.add_argument("--sweep-seeds", type=int, default=3, help="seeds per eps")
+    g.add_argument("--sweep-tokens", type=int, default=None,
+                   help="evaluation tokens per sweep point (default 512 CPU, 16384 GPU)")
+    g.add_argument("--protect-fraction", type=float, default=0.005,
+                   help="top fraction of weights by Fisher saliency kept clean in the protected sweep")
+    g.add_argument("--noise-map", default="auto", help="on|off|auto: layer x module sensitivity heatmap "
+                                                      "(auto: on; costs layers x 7 evaluations)")
     return p
 
 
@@ -161,6 +175,24 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
 
     args.protect = _parse_protect(args.protect_super_weights)
     validate_prune(PruneConfig(method=args.prune_method, sparsity=args.sparsity, pattern=args.sparsity_pattern))
+    from llm_robustness_test import NoiseConfig, validate as validate_noise
+
+    validate_noise(NoiseConfig(mode=args.noise_mode, epsilon=args.epsilon, group=args.noise_group))
+    try:
+        args.sweep_eps = [float(x) for x in args.sweep_eps.split(",") if x.strip()]
+    except ValueError:
+        raise C.UserError(f"--sweep-eps must be a comma list of numbers, got {args.sweep_eps!r}")
+    for e in args.sweep_eps:
+        validate_noise(NoiseConfig(mode=args.sweep_mode, epsilon=e))
+    if args.sweep_seeds < 1:
+        raise C.UserError(f"--sweep-seeds must be >= 1, got {args.sweep_seeds}")
+    args.sweep_tokens = args.sweep_tokens if args.sweep_tokens is not None else (16384 if on_gpu else 512)
+    if args.sweep_tokens < 2:
+        raise C.UserError(f"--sweep-tokens must be >= 2, got {args.sweep_tokens}")
+    if not 0 <= args.protect_fraction < 1:
+        raise C.UserError(f"--protect-fraction must be in [0, 1), got {args.protect_fraction}")
+    if args.noise_map not in ("on", "off", "auto"):
+        raise C.UserError(f"--noise-map must be on, off or auto, not {args.noise_map!r}")
     if args.ft_seq_len < 2:
         raise C.UserError(f"--ft-seq-len must be >= 2, got {args.ft_seq_len}")
     args.prompt = args.prompt or [C.SAMPLE_PROMPT]
@@ -288,7 +320,63 @@ def step_prune(run: Run) -> None:
     run.results.setdefault("plots", {})["prune"] = str(plot.relative_to(run.out))
 
 
-STEP_FUNCS: dict[str, Callable[[Run], None]] = {"finetune": step_finetune, "prune": step_prune, "eval": step_eval}
+def step_noise(run: Run) -> None:
+    """The noisy variant (saved, tensors only), the eps sweep with and without protection
+    of the most salient weights, and the layer x module sensitivity map."""
+    import llm_robustness_test as R
+    from llm_evaluate_models import EvalConfig
+    from llm_prune_model import saliency_scores
+
+    a = run.args
+    model = run.model
+    cfg = R.NoiseConfig(mode=a.noise_mode, epsilon=a.epsilon, group=a.noise_group, seed=a.seed)
+    params = R.select_params(model, cfg.group)
+    with C.restored_on_exit(model, list(params)):
+        res = R.apply_robustness_test(model, run.tokenizer, cfg)
+        path = run.out / "checkpoints" / "noisy.safetensors"
+        C.save_tensors(path, {n: params[n].detach() for n in res.tensors}, metadata={"mode": a.noise_mode})
+    run.variants["noisy"] = path
+    out = {"variant": {k: v for k, v in dataclasses.asdict(res).items() if k != "tensors"},
+           "checkpoint": str(path.relative_to(run.out))}
+    out["variant"]["n_tensors"] = len(res.tensors)
+
+    # Protection for the targeted sweep: top Fisher saliency plus any given super weights.
+    seq = min(a.seq_len, a.sweep_tokens)
+    ecfg = EvalConfig(seq_len=seq, eval_tokens=a.sweep_tokens, batch_size=a.batch_size)
+    layers = C.decoder_layers(model)
+    names_of = {m: n for n, m in model.named_modules()}
+    lin = {names_of[m]: m for layer in layers for m in C.block_linears(layer).values()}
+    protect = None
+    if a.protect_fraction > 0 or a.protect:
+        windows = C.sample_windows(run.ids("train"), min(a.calib_samples, 8), min(a.calib_seq_len, 512),
+                                   seed=a.seed)
+        scores = {n + ".weight": s for n, s in saliency_scores(model, windows, lin, "fisher").items()}
+        # Conv1D stores weights [in, out]: protect in the parameter's own layout.
+        scores = {n: (s.t() if type(lin[n[:-7]]).__name__ == "Conv1D" else s) for n, s in scores.items()}
+        coords = [(m + ".weight", r, c) for m, r, c in a.protect]
+        protect = R.protect_top_fraction(scores, a.protect_fraction, coords)
+    sweep = R.noise_sweep(model, run.tokenizer, run.ids("eval"), a.sweep_eps, list(range(a.sweep_seeds)),
+                          mode=a.sweep_mode, group="linears", eval_config=ecfg, protect=protect)
+    out["sweep"] = dataclasses.asdict(sweep)
+    out["sweep"]["protect_fraction"] = a.protect_fraction
+    run.results["noise"] = out
+    run.save()
+    plots = run.results.setdefault("plots", {})
+    plots["noise_sweep"] = str(R.plot_sweep(C.to_strict_json(out["sweep"]),
+                                            run.out / "plots" / "noise_sweep.png").relative_to(run.out))
+    if a.noise_map != "off":
+        map_cfg = EvalConfig(seq_len=min(seq, 256), eval_tokens=min(a.sweep_tokens, 256) if not C.is_cuda_model(
+            model) else a.sweep_tokens, batch_size=a.batch_size)
+        smap = R.sensitivity_map(model, run.tokenizer, run.ids("eval"), epsilon=0.1, seed=a.seed,
+                                 eval_config=map_cfg)
+        out["map"] = smap
+        out["top_cells"] = R.top_cells(smap, 5)
+        plots["noise_map"] = str(R.plot_sensitivity_map(C.to_strict_json(smap),
+                                                        run.out / "plots" / "noise_map.png").relative_to(run.out))
+
+
+STEP_FUNCS: dict[str, Callable[[Run], None]] = {"finetune": step_finetune, "prune": step_prune,
+                                                "noise": step_noise, "eval": step_eval}
 
 
 # --------------------------------------------------------------------------- report
@@ -332,6 +420,27 @@ def write_report(results: dict, out: Path) -> Path:
                   f"(target {_fmt(pr['target_sparsity'])}) in {_fmt(pr['seconds'])} s, calibrated on "
                   f"{pr['calibration']['windows']} windows of {pr['calibration']['seq_len']} tokens.",
                   "", "![sparsity per layer](plots/prune_sparsity_per_layer.png)"]
+    nz = results.get("noise")
+    if nz:
+        v, sw = nz["variant"], nz["sweep"]
+        lines += ["", "## Weight noise", "",
+                  f"Noisy variant: {v['mode']} noise, eps={v['epsilon']}, group {v['group']} "
+                  f"({v['n_weights']} weights). Saturation (uniform guesser) = {_fmt(sw['saturation'])}.", "",
+                  f"Sweep ({sw['mode']} noise on decoder linears, {len(sw['points'])} points): perplexity doubles at "
+                  f"eps = {_fmt(sw['doubling_eps'].get('unprotected'))} without protection, "
+                  f"{_fmt(sw['doubling_eps'].get('protected'))} with the top {_fmt(sw.get('protect_fraction'))} "
+                  "of weights by Fisher saliency kept clean.", "",
+                  "| eps | ppl (mean) | ppl protected | KL | top-1 |", "|---|---|---|---|---|"]
+        up = sw["summary"]["unprotected"]
+        pr_ = sw["summary"].get("protected", {}).get("perplexity", {})
+        for e in sorted(up["perplexity"], key=float):
+            lines.append(f"| {e} | {_fmt(up['perplexity'][e]['mean'])} | {_fmt(pr_.get(e, {}).get('mean'))} | "
+                         f"{_fmt(up['kl'][e]['mean'])} | {_fmt(up['top1'][e]['mean'])} |")
+        lines += ["", "![noise sweep](plots/noise_sweep.png)"]
+        if nz.get("top_cells"):
+            lines += ["", "Most noise-sensitive cells: " + ", ".join(
+                f"layer {c['layer']} {c['module']} (+{_fmt(c['delta_nll'])} nats)" for c in nz["top_cells"]),
+                "", "![noise map](plots/noise_map.png)"]
     lines += ["", "## Sample generations", ""]
     for name, ev in results.get("evaluation", {}).items():
         for prompt, answer in ev.get("generations", {}).items():

@@ -257,8 +257,13 @@ def _linear_inputs_stats(layer, inputs, kwargs, method, linears):
     return {k: v / counts[k] if method == "sparsegpt" else v for k, v in stats.items()}
 
 
-def _taylor_scores(model, windows, names: dict[str, torch.nn.Module], score: str, progress: bool):
-    """Per-weight saliency from gradients of the LM loss on the calibration windows."""
+def saliency_scores(model, windows, names: dict[str, torch.nn.Module], score: str = "fisher", progress: bool = True):
+    """Per-weight saliency [out, in] from gradients of the LM loss on calibration windows.
+
+    ``names`` maps linear-module names to modules; ``windows`` is [n, seq_len] token ids.
+    "taylor": |w * mean(g)|; "fisher": w^2 * mean(g^2) (diagonal-Fisher OBD saliency).
+    Only these weights get gradients; everything is restored afterwards.
+    """
     params = {n: C.weight_view(m) for n, m in names.items()}
     mods = list(names.values())
     old = {id(m): m.weight.requires_grad for m in mods}
@@ -334,7 +339,7 @@ def prune_model(model, tokenizer, calib_windows: torch.Tensor, config: PruneConf
 
     if config.method in ("magnitude", "taylor"):
         all_linears = {names_of[m]: m for layer in layers for m in C.block_linears(layer).values()}
-        scores = (_taylor_scores(model, calib_windows, all_linears, config.taylor_score, config.progress)
+        scores = (saliency_scores(model, calib_windows, all_linears, config.taylor_score, config.progress)
                   if config.method == "taylor" else None)
         for i, layer in enumerate(tqdm(layers, desc=f"{config.method} prune", disable=not config.progress)):
             linears = C.block_linears(layer)

@@ -62,6 +62,10 @@ BAD = [
     (["--finetune", "qlora"], "--finetune"),
     (["--ft-steps", "0"], "--ft-steps"),
     (["--calib-samples", "0"], "--calib-samples"),
+    (["--epsilon", "-0.05"], "--epsilon"),
+    (["--noise-mode", "uniform"], "--noise-mode"),
+    (["--sweep-eps", "0.1,x"], "--sweep-eps"),
+    (["--protect-fraction", "1.5"], "--protect-fraction"),
     (["--protect-super-weights", "layer:1"], "module:row:col"),
 ]
 
@@ -113,13 +117,18 @@ def test_read_only_output_dir_fails_before_loading(tmp_path, capsys):
 
 def test_full_pipeline_on_tiny_model(tiny_dir, corpus_file, tmp_path):
     out = tmp_path / "out"
-    argv = ["--model", str(tiny_dir), "--steps", "finetune,prune,eval", "--dataset", str(corpus_file),
+    argv = ["--model", str(tiny_dir), "--steps", "finetune,prune,noise,eval", "--dataset", str(corpus_file),
             "--train-dataset", str(corpus_file), "--seq-len", "32", "--eval-tokens", "256", "--max-new-tokens", "3",
             "--ft-steps", "3", "--ft-seq-len", "32", "--ft-batch-size", "2", "--lr", "1e-3",
-            "--calib-samples", "4", "--calib-seq-len", "32", "--kl", "--output-dir", str(out)]
+            "--calib-samples", "4", "--calib-seq-len", "32", "--kl", "--output-dir", str(out),
+            "--sweep-eps", "0.1,1", "--sweep-seeds", "2", "--sweep-tokens", "64", "--protect-fraction", "0.05"]
     assert llm_main_v4.main(argv) == 0
     res = json.loads((out / "results.json").read_text())
-    assert set(res["perplexity"]) == {"fine-tuned", "pruned"}
+    assert set(res["perplexity"]) == {"fine-tuned", "pruned", "noisy"}
+    assert res["perplexity"]["noisy"] > res["perplexity"]["fine-tuned"]
+    sweep = res["noise"]["sweep"]
+    assert set(sweep["summary"]) == {"unprotected", "protected"} and len(sweep["points"]) == 8
+    assert len(res["noise"]["top_cells"]) == 5 and (out / "plots" / "noise_map.png").is_file()
     assert res["prune"]["overall_sparsity"] == pytest.approx(0.5, abs=0.02)
     assert res["evaluation"]["pruned"]["kl"] > 0 and res["evaluation"]["fine-tuned"]["kl"] is None
     assert res["finetune"]["heldout_loss_after"] < res["finetune"]["heldout_loss_before"]

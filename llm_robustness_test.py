@@ -1,0 +1,373 @@
+"""Step 3: weight-noise robustness, as a measured curve rather than one saturated number.
+
+Noise modes (``NoiseConfig.mode``), with xi ~ N(0, 1) drawn per weight:
+    absolute        W + eps * xi                  (the historical setting, eps = 0.05)
+    relative        W + eps * std(W) * xi          (std per tensor)
+    multiplicative  W * (1 + eps * xi)
+    bitflip         each bit of the 16-bit (bf16 or fp16) view flips with probability eps;
+                    fp32 weights flip bits of their top 16 bits, which *are* the bf16 view,
+                    so only the flipped bits change.
+Parameter groups: all, linears (decoder-block linears), layer:N, module:NAME (q_proj,
+k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, ...), embeddings, norms. Tied
+tensors (SmolLM2's embedding and lm_head) are perturbed once.
+
+``noisy_weights`` is the context manager that perturbs in place and restores bit for bit
+(one spare CPU copy of the perturbed tensors, nothing more). ``apply_robustness_test``
+perturbs and leaves the model noisy, for the pipeline. ``noise_sweep`` measures
+perplexity, NLL, KL and top-1 agreement over an eps grid and several seeds, optionally with
+the most sensitive weights protected; ``sensitivity_map`` perturbs one (layer, module
+type) cell at a time.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+import llm_common as C
+from llm_evaluate_models import EvalConfig, evaluate_model, reference_logprobs
+
+log = logging.getLogger("llm.noise")
+
+MODES = ("absolute", "relative", "multiplicative", "bitflip")
+
+
+@dataclass
+class NoiseConfig:
+    mode: str = "absolute"
+    epsilon: float = 0.05          # noise scale; for bitflip, the bit-error rate
+    group: str = "all"
+    seed: int = 0
+    bitflip_format: str = "bfloat16"  # 16-bit view for fp32 weights: bfloat16 (top half of fp32)
+
+
+@dataclass
+class NoiseResult:
+    mode: str
+    epsilon: float
+    group: str
+    seed: int
+    tensors: list = field(default_factory=list)   # parameter names perturbed (tied ones once)
+    n_weights: int = 0                             # weights eligible for noise
+    n_protected: int = 0                           # of which kept clean
+    bitflips: dict = field(default_factory=dict)   # {"sign": k, "exponent": k, "mantissa": k}
+
+
+def validate(cfg: NoiseConfig) -> None:
+    if cfg.mode not in MODES:
+        raise C.UserError(f"--noise-mode must be one of {', '.join(MODES)}, not {cfg.mode!r}")
+    if not cfg.epsilon >= 0 or math.isinf(cfg.epsilon):
+        raise C.UserError(f"--epsilon must be a finite number >= 0, got {cfg.epsilon}")
+    if cfg.mode == "bitflip" and cfg.epsilon > 1:
+        raise C.UserError(f"a bit-error rate is at most 1, got {cfg.epsilon}")
+
+
+def _module_type(name: str) -> str:
+    return name.rsplit(".", 2)[-2] if name.endswith(".weight") or name.endswith(".bias") else name
+
+
+def select_params(model, group: str) -> dict[str, torch.nn.Parameter]:
+    """Parameters of ``group``, by name; tied parameters appear once (first name)."""
+    params = dict(model.named_parameters())  # remove_duplicate=True: tied tensors once
+    layers = C.decoder_layers(model)
+    layer_prefix = {}
+    for n, m in model.named_modules():
+        for i, layer in enumerate(layers):
+            if m is layer:
+                layer_prefix[i] = n + "."
+    emb = {id(model.get_input_embeddings().weight)}
+    if model.get_output_embeddings() is not None:
+        emb.add(id(model.get_output_embeddings().weight))
+    lin_ids = {id(m.weight) for layer in layers for m in C.block_linears(layer).values()}
+    if group == "all":
+        return params
+    if group == "linears":
+        return {n: p for n, p in params.items() if id(p) in lin_ids}
+    if group == "embeddings":
+        return {n: p for n, p in params.items() if id(p) in emb}
+    if group == "norms":
+        return {n: p for n, p in params.items() if "norm" in n.lower() or ".ln_" in n}
+    if group.startswith("layer:"):
+        try:
+            i = int(group.split(":", 1)[1])
+            prefix = layer_prefix[i]
+        except (ValueError, KeyError):
+            raise C.UserError(f"--noise-group {group}: the model has layers 0..{len(layers) - 1}")
+        return {n: p for n, p in params.items() if n.startswith(prefix)}
+    if group.startswith("module:"):
+        kind = group.split(":", 1)[1]
+        out = {n: p for n, p in params.items() if id(p) in lin_ids and _module_type(n) == kind}
+        if not out:
+            raise C.UserError(f"--noise-group {group}: no decoder linear is called {kind!r}")
+        return out
+    raise C.UserError(f"--noise-group must be all, linears, layer:N, module:NAME, embeddings or norms, not {group!r}")
+
+
+def _generator(seed: int, name: str, device: torch.device) -> torch.Generator:
+    """A generator per (seed, tensor name): results do not depend on iteration order."""
+    s = int.from_bytes(hashlib.sha256(f"{seed}|{name}".encode()).digest()[:8], "little") & (2**63 - 1)
+    return torch.Generator(device=device).manual_seed(s)
+
+
+_BIT_FIELDS = {"bfloat16": (7, 8), "float16": (10, 5)}  # (mantissa bits, exponent bits)
+
+
+def _flip_bits_(p: torch.Tensor, rate: float, gen: torch.Generator, fmt: str,
+                keep: Optional[torch.Tensor], counts: dict) -> None:
+    """Flip each bit of the 16-bit view with probability ``rate``, in place."""
+    if p.dtype == torch.float32:
+        if fmt != "bfloat16":
+            raise C.UserError("fp32 weights can only be bit-flipped in their bfloat16 view")
+        view, shift, mant = p.view(torch.int32), 16, 7
+    elif p.dtype in (torch.bfloat16, torch.float16):
+        view, shift, mant = p.view(torch.int16), 0, _BIT_FIELDS[str(p.dtype).split(".")[1]][0]
+    else:
+        raise C.UserError(f"bit flips need 16- or 32-bit float weights, got {p.dtype}")
+    n_bits = p.numel() * 16
+    import numpy as np
+
+    k = int(np.random.default_rng(gen.initial_seed()).binomial(n_bits, rate)) if rate > 0 else 0
+    if k == 0:
+        return
+    # Positions drawn with replacement then de-duplicated: at realistic rates collisions are rare,
+    # and the recorded counts are those actually flipped.
+    pos = torch.unique(torch.randint(0, n_bits, (k,), generator=gen, device=gen.device)).to(p.device)
+    elem, bit = pos // 16, pos % 16
+    if keep is not None:
+        ok = ~keep.reshape(-1)[elem]
+        elem, bit = elem[ok], bit[ok]
+    flat = view.reshape(-1)
+    one = torch.ones((), dtype=flat.dtype, device=flat.device)
+    masks = torch.bitwise_left_shift(one.expand_as(bit).clone(), (bit + shift).to(flat.dtype))
+    # Several flips may hit one element: combine them with XOR per element.
+    for b in range(16):
+        sel = bit == b
+        if sel.any():
+            e = elem[sel]
+            flat[e] = torch.bitwise_xor(flat[e], masks[sel])
+    counts["sign"] = counts.get("sign", 0) + int((bit == 15).sum())
+    counts["exponent"] = counts.get("exponent", 0) + int(((bit >= mant) & (bit < 15)).sum())
+    counts["mantissa"] = counts.get("mantissa", 0) + int((bit < mant).sum())
+
+
+@torch.no_grad()
+def perturb_(params: Mapping[str, torch.Tensor], cfg: NoiseConfig,
+             protect: Optional[Mapping[str, torch.Tensor]] = None) -> NoiseResult:
+    """Add noise to ``params`` in place. ``protect[name]`` is a bool mask of weights kept clean."""
+    validate(cfg)
+    res = NoiseResult(cfg.mode, cfg.epsilon, cfg.group, cfg.seed, tensors=list(params))
+    protect = protect or {}
+    for name, p in params.items():
+        keep = protect.get(name)
+        if keep is not None:
+            keep = keep.to(p.device)
+            res.n_protected += int(keep.sum())
+        res.n_weights += p.numel()
+        gen = _generator(cfg.seed, name, p.device)
+        if cfg.mode == "bitflip":
+            _flip_bits_(p.data, cfg.epsilon, gen, cfg.bitflip_format, keep, res.bitflips)
+            continue
+        xi = torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32)
+        w = p.data.float()
+        if cfg.mode == "absolute":
+            new = w + cfg.epsilon * xi
+        elif cfg.mode == "relative":
+            new = w + cfg.epsilon * w.std() * xi
+        else:
+            new = w * (1 + cfg.epsilon * xi)
+        if keep is not None:
+            new = torch.where(keep, w, new)
+        p.data.copy_(new.to(p.dtype))
+    return res
+
+
+@contextlib.contextmanager
+def noisy_weights(model, cfg: NoiseConfig, protect: Optional[Mapping[str, torch.Tensor]] = None
+                  ) -> Iterator[NoiseResult]:
+    """Perturb the model in place for the body; restore bit for bit on exit, also on error."""
+    params = select_params(model, cfg.group)
+    with C.restored_on_exit(model, list(params)):
+        yield perturb_(params, cfg, protect)
+
+
+def apply_robustness_test(model, tokenizer=None, config: NoiseConfig = NoiseConfig(),
+                          protect: Optional[Mapping[str, torch.Tensor]] = None) -> NoiseResult:
+    """Perturb ``model`` in place and leave it noisy (the pipeline's noisy variant).
+
+    Use ``noisy_weights`` to get the clean model back afterwards.
+    """
+    return perturb_(select_params(model, config.group), config, protect)
+
+
+# --------------------------------------------------------------------------- protection
+
+
+def protect_top_fraction(scores: Mapping[str, torch.Tensor], fraction: float,
+                         coords: Sequence[tuple[str, int, int]] = ()) -> dict[str, torch.Tensor]:
+    """Bool masks keeping the top ``fraction`` of weights by score (global ranking) plus
+    explicit (parameter name, row, col) coordinates such as super weights."""
+    masks = {n: torch.zeros(s.shape, dtype=torch.bool) for n, s in scores.items()}
+    if fraction > 0 and scores:
+        flat = torch.cat([s.detach().float().flatten().cpu() for s in scores.values()])
+        k = max(1, int(flat.numel() * fraction))
+        thresh = torch.topk(flat, k).values[-1]
+        for n, s in scores.items():
+            masks[n] = s.detach().float().cpu() >= thresh
+    for name, r, c in coords:
+        if name not in masks:
+            continue
+        masks[name][r, c] = True
+    return masks
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+@dataclass
+class SweepResult:
+    mode: str
+    group: str
+    clean: dict                                   # perplexity, nll
+    points: list = field(default_factory=list)    # {eps, seed, perplexity, nll, kl, top1, protected}
+    summary: dict = field(default_factory=dict)   # "protected|unprotected" -> eps -> mean/spread
+    doubling_eps: dict = field(default_factory=dict)  # eps where perplexity doubles, per curve
+    saturation: float = 0.0                       # vocabulary size: a uniform guesser's perplexity
+    seconds: float = 0.0
+    peak_memory_mb: float = 0.0
+
+
+def _summarise(points: list, key: str) -> dict:
+    out = {}
+    for eps in sorted({p["eps"] for p in points}):
+        vals = [p[key] for p in points if p["eps"] == eps]
+        finite = [v for v in vals if math.isfinite(v)]
+        out[str(eps)] = {"mean": statistics.fmean(finite) if finite else float("inf"),
+                         "min": min(vals), "max": max(vals), "n": len(vals)}
+    return out
+
+
+def doubling_epsilon(summary: dict, clean_ppl: float) -> Optional[float]:
+    """Smallest eps where mean perplexity reaches 2x clean, log-interpolated on the grid."""
+    xs = sorted(summary, key=float)
+    prev = (0.0, clean_ppl)
+    for x in xs:
+        y = summary[x]["mean"]
+        if y >= 2 * clean_ppl:
+            x0, y0 = prev
+            if x0 <= 0 or not math.isfinite(y):
+                return float(x)
+            t = (math.log(2 * clean_ppl) - math.log(y0)) / (math.log(y) - math.log(y0))
+            return math.exp(math.log(x0) + t * (math.log(float(x)) - math.log(x0)))
+        prev = (float(x), y)
+    return None
+
+
+def noise_sweep(model, tokenizer, input_ids: torch.Tensor, epsilons: Sequence[float], seeds: Sequence[int],
+                mode: str = "relative", group: str = "linears", eval_config: EvalConfig = EvalConfig(),
+                protect: Optional[Mapping[str, torch.Tensor]] = None, progress: bool = True) -> SweepResult:
+    """Perplexity, NLL, KL and top-1 agreement against the clean model over eps x seeds.
+
+    ``input_ids``: [n_tokens]. The clean model's log-probabilities are computed once and kept
+    on CPU, so only one copy of the model is ever in memory. With ``protect`` the grid is run
+    twice, without and with the protected weights kept clean.
+    """
+    t0 = time.perf_counter()
+    cfg = EvalConfig(**{**eval_config.__dict__, "max_new_tokens": 0, "progress": False})
+    clean = evaluate_model(model, tokenizer, input_ids, cfg)
+    ref = reference_logprobs(model, input_ids, cfg)
+    res = SweepResult(mode, group, {"perplexity": clean.perplexity, "nll": clean.nll},
+                      saturation=float(model.get_output_embeddings().weight.shape[0]))
+    runs = [("unprotected", None)] + ([("protected", protect)] if protect else [])
+    jobs = [(tag, pm, e, s) for tag, pm in runs for e in epsilons for s in seeds]
+    for tag, pm, eps, seed in tqdm(jobs, desc=f"{mode} noise sweep", disable=not progress):
+        with noisy_weights(model, NoiseConfig(mode, eps, group, seed), pm):
+            r = evaluate_model(model, tokenizer, input_ids, cfg, reference=ref)
+        res.points.append({"curve": tag, "eps": eps, "seed": seed, "perplexity": r.perplexity, "nll": r.nll,
+                           "kl": r.kl, "top1": r.top1_agreement})
+    for tag, _ in runs:
+        pts = [p for p in res.points if p["curve"] == tag]
+        res.summary[tag] = {k: _summarise(pts, k) for k in ("perplexity", "nll", "kl", "top1")}
+        res.doubling_eps[tag] = doubling_epsilon(res.summary[tag]["perplexity"], clean.perplexity)
+    res.seconds = time.perf_counter() - t0
+    res.peak_memory_mb = C.peak_memory_mb(C.input_device(model))
+    return res
+
+
+def sensitivity_map(model, tokenizer, input_ids: torch.Tensor, epsilon: float = 0.1, seed: int = 0,
+                    eval_config: EvalConfig = EvalConfig(), progress: bool = True) -> dict:
+    """NLL increase (nats/token) when relative noise hits one (layer, module type) cell.
+
+    Returns {"layers": [...], "modules": [...], "delta_nll": [[...] per layer], "clean_nll": x}.
+    """
+    cfg = EvalConfig(**{**eval_config.__dict__, "max_new_tokens": 0, "progress": False})
+    clean = evaluate_model(model, tokenizer, input_ids, cfg).nll
+    layers = C.decoder_layers(model)
+    kinds = sorted({n.rsplit(".", 1)[-1] for n in C.block_linears(layers[0])})
+    grid = [[float("nan")] * len(kinds) for _ in layers]
+    params = dict(model.named_parameters())
+    names_of = {id(p): n for n, p in params.items()}
+    cells = [(i, j) for i in range(len(layers)) for j in range(len(kinds))]
+    for i, j in tqdm(cells, desc="noise sensitivity map", disable=not progress):
+        mods = [m for n, m in C.block_linears(layers[i]).items() if n.rsplit(".", 1)[-1] == kinds[j]]
+        sel = {names_of[id(m.weight)]: m.weight for m in mods if id(m.weight) in names_of}
+        with C.restored_on_exit(model, list(sel)):
+            perturb_(sel, NoiseConfig("relative", epsilon, f"cell:{i}:{kinds[j]}", seed))
+            grid[i][j] = evaluate_model(model, tokenizer, input_ids, cfg).nll - clean
+    return {"layers": list(range(len(layers))), "modules": kinds, "delta_nll": grid, "clean_nll": clean,
+            "epsilon": epsilon}
+
+
+def top_cells(smap: dict, k: int = 5) -> list:
+    cells = [(smap["delta_nll"][i][j], i, m) for i in smap["layers"] for j, m in enumerate(smap["modules"])]
+    cells.sort(key=lambda t: -t[0] if math.isfinite(t[0]) else -math.inf)
+    return [{"layer": i, "module": m, "delta_nll": d} for d, i, m in cells[:k]]
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plot_sweep(sweep: dict, path):
+    """Perplexity against eps (mean with min-max band), saturation level marked."""
+    fig, ax = C.new_figure(figsize=(6, 4))
+    for tag, summ in sweep["summary"].items():
+        s = summ["perplexity"]
+        xs = sorted(s, key=float)
+        mean = [_num(s[x]["mean"]) for x in xs]
+        ax.plot([float(x) for x in xs], mean, marker="o", label=tag)
+        ax.fill_between([float(x) for x in xs], [_num(s[x]["min"]) for x in xs], [_num(s[x]["max"]) for x in xs],
+                        alpha=0.2)
+    ax.axhline(_num(sweep["clean"]["perplexity"]), color="gray", ls=":", label="clean")
+    ax.axhline(sweep["saturation"], color="red", ls="--", label=f"saturation (vocab {int(sweep['saturation'])})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"epsilon ({sweep['mode']} noise, {sweep['group']})")
+    ax.set_ylabel("perplexity")
+    ax.legend()
+    return C.save_figure(fig, path)
+
+
+def plot_sensitivity_map(smap: dict, path):
+    import numpy as np
+
+    fig, ax = C.new_figure(figsize=(1.0 + 0.8 * len(smap["modules"]), 1.0 + 0.22 * len(smap["layers"])))
+    data = np.array([[_num(v) for v in row] for row in smap["delta_nll"]])
+    im = ax.imshow(data, aspect="auto", cmap="magma")
+    ax.set_xticks(range(len(smap["modules"])), smap["modules"], rotation=45, ha="right")
+    ax.set_ylabel("layer")
+    ax.set_title(f"NLL increase, relative noise eps={smap['epsilon']}")
+    fig.colorbar(im, ax=ax, label="delta NLL (nats/token)")
+    return C.save_figure(fig, path)
+
+
+def _num(x) -> float:
+    if isinstance(x, str):
+        return float(x)
+    return float("nan") if x is None else float(x)
