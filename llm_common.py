@@ -402,6 +402,33 @@ def weight_view(module: torch.nn.Module) -> torch.Tensor:
     return w.t() if type(module).__name__ == "Conv1D" else w
 
 
+def mlp_down_proj(layer: torch.nn.Module) -> torch.nn.Module:
+    """The MLP's output projection of one block: Llama ``mlp.down_proj``, GPT-2
+    ``mlp.c_proj`` (Conv1D), OPT ``fc2``. Super weights live here."""
+    for path in ("mlp.down_proj", "mlp.c_proj", "fc2", "mlp.dense_4h_to_h", "mlp.fc2"):
+        try:
+            return layer.get_submodule(path)
+        except AttributeError:
+            continue
+    raise UserError(f"unsupported block {type(layer).__name__}: no MLP down projection "
+                    "(looked for mlp.down_proj, mlp.c_proj, fc2)")
+
+
+@contextlib.contextmanager
+def attention_implementation(model: torch.nn.Module, impl: str) -> Iterator[None]:
+    """Temporarily switch the attention kernel (e.g. to "eager" for double backward,
+    which flash/efficient SDPA kernels do not support); restored in ``finally``."""
+    old = getattr(model.config, "_attn_implementation", None)
+    if old == impl or not hasattr(model, "set_attn_implementation"):
+        yield
+        return
+    model.set_attn_implementation(impl)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(old)
+
+
 def block_linears(layer: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """Linear sub-modules of one decoder block, by name relative to the block."""
     return {n: m for n, m in layer.named_modules() if n and is_linear(m)}

@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 8 CPU, 128 GPU)")
     g.add_argument("--calib-seq-len", type=int, default=None, help="tokens per window (default 512 CPU, 2048 GPU)")
     g.add_argument("--protect-super-weights", default=None,
-                   help="comma list of module:row:col kept out of the mask, e.g. model.layers.2.mlp.down_proj:12:340")
+                   help="'auto' (detect super weights first) or a comma list of module:row:col, "
+                        "e.g. model.layers.2.mlp.down_proj:12:340; kept out of the pruning mask and the noise")
     g = p.add_argument_group("weight noise (step noise)")
     g.add_argument("--noise-mode", default="absolute", help="absolute|relative|multiplicative|bitflip")
     g.add_argument("--epsilon", type=float, default=0.05, help="noise scale (bit-error rate for bitflip)")
@@ -98,6 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="top fraction of weights by Fisher saliency kept clean in the protected sweep")
     g.add_argument("--noise-map", default="auto", help="on|off|auto: layer x module sensitivity heatmap "
                                                       "(auto: on; costs layers x 7 evaluations)")
+    g = p.add_argument_group("analysis (step analysis)")
+    g.add_argument("--hessian-probes", type=int, default=None, help="max Hutchinson probes (default 6 CPU, 50 GPU)")
+    g.add_argument("--hessian-tol", type=float, default=1e-2, help="relative tolerance that stops Hutchinson")
+    g.add_argument("--power-iters", type=int, default=None, help="power iterations (default 6 CPU, 20 GPU)")
+    g.add_argument("--analysis-windows", type=int, default=None, help="windows in the Hessian loss (1 CPU, 4 GPU)")
+    g.add_argument("--analysis-seq-len", type=int, default=None, help="tokens per window (128 CPU, 512 GPU)")
+    g.add_argument("--per-block", default="auto", help="on|off|auto: Hessian one block at a time (auto: > 3B params)")
+    g.add_argument("--quant-bits", default="4,3", help="comma list of RTN bit widths")
+    g.add_argument("--quant-group", type=int, default=128, help="RTN group size (input columns)")
+    g.add_argument("--super-weight-prompt", default="Apple Inc. is a worldwide tech company.")
     return p
 
 
@@ -116,6 +127,8 @@ def _parse_max_memory(text: Optional[str]) -> Optional[dict]:
 def _parse_protect(text: Optional[str]) -> tuple:
     if not text:
         return ()
+    if text == "auto":
+        return "auto"
     out = []
     for item in text.split(","):
         parts = item.strip().rsplit(":", 2)
@@ -193,6 +206,23 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise C.UserError(f"--protect-fraction must be in [0, 1), got {args.protect_fraction}")
     if args.noise_map not in ("on", "off", "auto"):
         raise C.UserError(f"--noise-map must be on, off or auto, not {args.noise_map!r}")
+    args.hessian_probes = args.hessian_probes if args.hessian_probes is not None else (50 if on_gpu else 6)
+    args.power_iters = args.power_iters if args.power_iters is not None else (20 if on_gpu else 6)
+    args.analysis_windows = args.analysis_windows if args.analysis_windows is not None else (4 if on_gpu else 1)
+    args.analysis_seq_len = args.analysis_seq_len if args.analysis_seq_len is not None else (512 if on_gpu else 128)
+    for flag in ("hessian_probes", "power_iters", "analysis_windows", "quant_group"):
+        if getattr(args, flag) < 1:
+            raise C.UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.analysis_seq_len < 2 or not args.hessian_tol >= 0:
+        raise C.UserError("--analysis-seq-len must be >= 2 and --hessian-tol >= 0")
+    if args.per_block not in ("on", "off", "auto"):
+        raise C.UserError(f"--per-block must be on, off or auto, not {args.per_block!r}")
+    try:
+        args.quant_bits = tuple(int(b) for b in args.quant_bits.split(","))
+    except ValueError:
+        raise C.UserError(f"--quant-bits must be a comma list of integers, got {args.quant_bits!r}")
+    if not all(2 <= b <= 8 for b in args.quant_bits):
+        raise C.UserError(f"--quant-bits must lie in 2..8, got {args.quant_bits}")
     if args.ft_seq_len < 2:
         raise C.UserError(f"--ft-seq-len must be >= 2, got {args.ft_seq_len}")
     args.prompt = args.prompt or [C.SAMPLE_PROMPT]
@@ -297,12 +327,25 @@ def step_finetune(run: Run) -> None:
         run.results.setdefault("plots", {})["finetune"] = str(plot.relative_to(run.out))
 
 
+def protected_coords(run: Run) -> tuple:
+    """--protect-super-weights as (module, row, col) tuples; 'auto' runs the data-free detector once."""
+    if run.args.protect != "auto":
+        return run.args.protect
+    if "super_weights" not in run.results:
+        from llm_integrated_analysis import detect_super_weights
+
+        found, _ = detect_super_weights(run.model, run.tokenizer, run.args.super_weight_prompt)
+        run.results["super_weights"] = [sw.__dict__ for sw in found]
+    return tuple((sw["module"], sw["row"], sw["col"]) for sw in run.results["super_weights"])
+
+
 def step_prune(run: Run) -> None:
     """Prune a copy of the current weights, save them as a tensors-only checkpoint, restore."""
     from llm_prune_model import PruneConfig, plot_sparsity_per_layer, prune_model, pruned_tensors
 
     a = run.args
-    cfg = PruneConfig(method=a.prune_method, sparsity=a.sparsity, pattern=a.sparsity_pattern, protect=a.protect)
+    cfg = PruneConfig(method=a.prune_method, sparsity=a.sparsity, pattern=a.sparsity_pattern,
+                      protect=protected_coords(run))
     windows = C.sample_windows(run.ids("train"), a.calib_samples, a.calib_seq_len, seed=a.seed)
     names = [n + ".weight" for n, m in run.model.named_modules()
              if C.is_linear(m) and any(m is x for layer in C.decoder_layers(run.model) for x in layer.modules())]
@@ -347,13 +390,13 @@ def step_noise(run: Run) -> None:
     names_of = {m: n for n, m in model.named_modules()}
     lin = {names_of[m]: m for layer in layers for m in C.block_linears(layer).values()}
     protect = None
-    if a.protect_fraction > 0 or a.protect:
+    coords = [(m + ".weight", r, c) for m, r, c in protected_coords(run)]
+    if a.protect_fraction > 0 or coords:
         windows = C.sample_windows(run.ids("train"), min(a.calib_samples, 8), min(a.calib_seq_len, 512),
                                    seed=a.seed)
         scores = {n + ".weight": s for n, s in saliency_scores(model, windows, lin, "fisher").items()}
         # Conv1D stores weights [in, out]: protect in the parameter's own layout.
         scores = {n: (s.t() if type(lin[n[:-7]]).__name__ == "Conv1D" else s) for n, s in scores.items()}
-        coords = [(m + ".weight", r, c) for m, r, c in a.protect]
         protect = R.protect_top_fraction(scores, a.protect_fraction, coords)
     sweep = R.noise_sweep(model, run.tokenizer, run.ids("eval"), a.sweep_eps, list(range(a.sweep_seeds)),
                           mode=a.sweep_mode, group="linears", eval_config=ecfg, protect=protect)
@@ -375,7 +418,51 @@ def step_noise(run: Run) -> None:
                                                         run.out / "plots" / "noise_map.png").relative_to(run.out))
 
 
-STEP_FUNCS: dict[str, Callable[[Run], None]] = {"finetune": step_finetune, "prune": step_prune,
+def step_analysis(run: Run) -> None:
+    """Hessian traces, Fisher/OBD saliency, super weights, guided quantization, and the
+    layer-wise comparison with the noise map."""
+    import llm_integrated_analysis as A
+    from llm_evaluate_models import EvalConfig
+
+    a = run.args
+    per_block = a.per_block == "on" or (a.per_block == "auto" and run.results["parameters"] > 3e9)
+    on_gpu = C.is_cuda_model(run.model)
+    ecfg = EvalConfig(seq_len=min(a.seq_len, a.sweep_tokens), eval_tokens=a.sweep_tokens, batch_size=a.batch_size)
+    cfg = A.AnalysisConfig(calib_windows=a.analysis_windows, calib_seq_len=a.analysis_seq_len,
+                           fisher_windows=min(a.calib_samples, 32 if on_gpu else 8), max_probes=a.hessian_probes,
+                           tol=a.hessian_tol, power_iters=a.power_iters, per_block=per_block,
+                           super_weight_prompt=a.super_weight_prompt, quant_bits=a.quant_bits,
+                           quant_group=a.quant_group, eval_config=ecfg, seed=a.seed)
+    res = A.run_integrated_analysis(run.model, run.tokenizer, run.ids("train"), run.ids("eval"), cfg)
+    d = C.to_strict_json(dataclasses.asdict(res))
+    # Layer-wise summaries and rank correlations between the sensitivity measures.
+    n_layers = max(res.module_layer.values()) + 1
+    by_layer = {k: [0.0] * n_layers for k in ("hessian_trace", "fisher_sum")}
+    for k in by_layer:
+        for n, v in getattr(res, k).items():
+            by_layer[k][res.module_layer[n]] += v
+    d["layer_totals"] = by_layer
+    d["top_layers"] = {k: sorted(range(n_layers), key=lambda i: -v[i])[:5] for k, v in by_layer.items()}
+    cells = list(res.modules)
+    corr = {"hessian_vs_fisher": A.spearman([res.hessian_trace[n] for n in cells], [res.fisher_sum[n] for n in cells])}
+    smap = run.results.get("noise", {}).get("map")
+    if smap:
+        noise_cell = {(i, m): smap["delta_nll"][i][j] for i in smap["layers"] for j, m in enumerate(smap["modules"])}
+        nz = [float(noise_cell.get((res.module_layer[n], res.module_type[n]), float("nan"))) for n in cells]
+        corr["hessian_vs_noise"] = A.spearman([res.hessian_trace[n] for n in cells], nz)
+        corr["fisher_vs_noise"] = A.spearman([res.fisher_sum[n] for n in cells], nz)
+    d["rank_correlation"] = corr
+    d["super_weight_layers"] = sorted({sw["layer"] for sw in res.super_weights})
+    run.results["analysis"] = d
+    plots = run.results.setdefault("plots", {})
+    plots["sensitivity_heatmaps"] = str(A.plot_heatmaps(d, run.out / "plots" / "sensitivity_heatmaps.png",
+                                                        smap).relative_to(run.out))
+    plots["activations"] = str(A.plot_activation_profile(d["activation_profile"], run.out / "plots" /
+                                                         "activations.png", d["super_weight_layers"])
+                               .relative_to(run.out))
+
+
+STEP_FUNCS: dict[str, Callable[[Run], None]] = {"analysis": step_analysis, "finetune": step_finetune, "prune": step_prune,
                                                 "noise": step_noise, "eval": step_eval}
 
 
@@ -441,6 +528,24 @@ def write_report(results: dict, out: Path) -> Path:
             lines += ["", "Most noise-sensitive cells: " + ", ".join(
                 f"layer {c['layer']} {c['module']} (+{_fmt(c['delta_nll'])} nats)" for c in nz["top_cells"]),
                 "", "![noise map](plots/noise_map.png)"]
+    an = results.get("analysis")
+    if an:
+        lines += ["", "## Sensitivity analysis", "",
+                  f"Hessian trace over decoder linears {_fmt(an['hessian_total'])} ± {_fmt(an['hessian_total_stderr'])} "
+                  f"({an['hutchinson_probes']} Hutchinson probes); top eigenvalue {_fmt(an['top_eigenvalue'])}.",
+                  f"Top layers by Hessian trace: {an['top_layers']['hessian_trace']}; by Fisher: "
+                  f"{an['top_layers']['fisher_sum']}; super-weight layers: {an['super_weight_layers']}.",
+                  "Rank correlations: " + ", ".join(f"{k} {_fmt(v)}" for k, v in an["rank_correlation"].items()), "",
+                  "| layer | module | row | col | value | |in| | |out| | ppl ratio zeroed |", "|---|---|---|---|---|---|---|---|"]
+        for sw in an["super_weights"]:
+            lines.append(f"| {sw['layer']} | {sw['module']} | {sw['row']} | {sw['col']} | {_fmt(sw['value'])} | "
+                         f"{_fmt(sw['input_abs'])} | {_fmt(sw['output_abs'])} | {_fmt(sw['ppl_ratio'])} |")
+        lines += ["", f"Quantization (RTN; clean perplexity {_fmt(an['clean_perplexity'])}):", "",
+                  "| bits | variant | perplexity | kept weights | extra storage % |", "|---|---|---|---|---|"]
+        for q in an["quantization"]:
+            lines.append(f"| {q['bits']} | {q['variant']} | {_fmt(q['perplexity'])} | {q['kept_weights']} | "
+                         f"{_fmt(q['extra_storage_pct'])} |")
+        lines += ["", "![heatmaps](plots/sensitivity_heatmaps.png)", "", "![activations](plots/activations.png)"]
     lines += ["", "## Sample generations", ""]
     for name, ev in results.get("evaluation", {}).items():
         for prompt, answer in ev.get("generations", {}).items():

@@ -257,40 +257,50 @@ def _linear_inputs_stats(layer, inputs, kwargs, method, linears):
     return {k: v / counts[k] if method == "sparsegpt" else v for k, v in stats.items()}
 
 
-def saliency_scores(model, windows, names: dict[str, torch.nn.Module], score: str = "fisher", progress: bool = True):
-    """Per-weight saliency [out, in] from gradients of the LM loss on calibration windows.
+def gradient_moments(model, windows: torch.Tensor, names: dict[str, torch.nn.Module], progress: bool = True):
+    """Per-window gradients of the mean LM loss for the weights of ``names``.
 
-    ``names`` maps linear-module names to modules; ``windows`` is [n, seq_len] token ids.
-    "taylor": |w * mean(g)|; "fisher": w^2 * mean(g^2) (diagonal-Fisher OBD saliency).
-    Only these weights get gradients; everything is restored afterwards.
+    Returns {name: (mean g, mean g^2)}, each [out, in] in float32, averaged over the
+    windows [n, seq_len]; each window is one sample. Only these weights get gradients,
+    and their ``requires_grad`` flags are restored afterwards.
     """
-    params = {n: C.weight_view(m) for n, m in names.items()}
     mods = list(names.values())
-    old = {id(m): m.weight.requires_grad for m in mods}
-    acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    old = {id(p): p.requires_grad for p in model.parameters()}
+    acc = {n: [torch.zeros(C.weight_view(m).shape, dtype=torch.float32, device=m.weight.device),
+               torch.zeros(C.weight_view(m).shape, dtype=torch.float32, device=m.weight.device)]
+           for n, m in names.items()}
     for p in model.parameters():
         p.requires_grad_(False)
     for m in mods:
         m.weight.requires_grad_(True)
     dev = C.input_device(model)
     try:
-        for w in tqdm(windows, desc="taylor gradients", disable=not progress):
+        for w in tqdm(windows, desc="gradients", disable=not progress or len(windows) < 4):
             w = w[None].to(dev)
-            loss = model(input_ids=w, labels=w, use_cache=False).loss
-            loss.backward()
+            model(input_ids=w, labels=w, use_cache=False).loss.backward()
             for n, m in names.items():
-                g = m.weight.grad.t() if type(m).__name__ == "Conv1D" else m.weight.grad  # as [out, in]
-                acc[n] += g.float().pow(2) if score == "fisher" else g.float()
+                g = (m.weight.grad.t() if type(m).__name__ == "Conv1D" else m.weight.grad).float()  # [out, in]
+                acc[n][0] += g
+                acc[n][1] += g.pow(2)
                 m.weight.grad = None
     finally:
-        for m in mods:
-            m.weight.requires_grad_(old[id(m)])
-            m.weight.grad = None
+        for p in model.parameters():
+            p.requires_grad_(old[id(p)])
+            p.grad = None
     n = len(windows)
+    return {k: (a / n, b / n) for k, (a, b) in acc.items()}
+
+
+def saliency_scores(model, windows, names: dict[str, torch.nn.Module], score: str = "fisher", progress: bool = True):
+    """Per-weight saliency [out, in] from gradients of the LM loss on calibration windows.
+
+    "taylor": |w * mean(g)|; "fisher": w^2 * mean(g^2) (diagonal-Fisher OBD saliency).
+    """
+    moments = gradient_moments(model, windows, names, progress)
     out = {}
-    for name, p in params.items():
-        w = p.detach().float()
-        out[name] = (w.pow(2) * acc[name] / n) if score == "fisher" else (w * acc[name] / n).abs()
+    for name, (g1, g2) in moments.items():
+        w = C.weight_view(names[name]).detach().float()
+        out[name] = w.pow(2) * g2 if score == "fisher" else (w * g1).abs()
     return out
 
 

@@ -66,6 +66,8 @@ BAD = [
     (["--noise-mode", "uniform"], "--noise-mode"),
     (["--sweep-eps", "0.1,x"], "--sweep-eps"),
     (["--protect-fraction", "1.5"], "--protect-fraction"),
+    (["--quant-bits", "4,1"], "--quant-bits"),
+    (["--hessian-probes", "0"], "--hessian-probes"),
     (["--protect-super-weights", "layer:1"], "module:row:col"),
 ]
 
@@ -117,7 +119,9 @@ def test_read_only_output_dir_fails_before_loading(tmp_path, capsys):
 
 def test_full_pipeline_on_tiny_model(tiny_dir, corpus_file, tmp_path):
     out = tmp_path / "out"
-    argv = ["--model", str(tiny_dir), "--steps", "finetune,prune,noise,eval", "--dataset", str(corpus_file),
+    argv = ["--model", str(tiny_dir), "--steps", "finetune,prune,noise,eval,analysis",
+            "--hessian-probes", "2", "--power-iters", "2", "--analysis-seq-len", "16", "--quant-group", "16",
+            "--protect-super-weights", "auto", "--dataset", str(corpus_file),
             "--train-dataset", str(corpus_file), "--seq-len", "32", "--eval-tokens", "256", "--max-new-tokens", "3",
             "--ft-steps", "3", "--ft-seq-len", "32", "--ft-batch-size", "2", "--lr", "1e-3",
             "--calib-samples", "4", "--calib-seq-len", "32", "--kl", "--output-dir", str(out),
@@ -129,6 +133,11 @@ def test_full_pipeline_on_tiny_model(tiny_dir, corpus_file, tmp_path):
     sweep = res["noise"]["sweep"]
     assert set(sweep["summary"]) == {"unprotected", "protected"} and len(sweep["points"]) == 8
     assert len(res["noise"]["top_cells"]) == 5 and (out / "plots" / "noise_map.png").is_file()
+    an = res["analysis"]
+    assert len(an["hessian_trace"]) == 14 and len(an["quantization"]) == 6
+    assert set(an["rank_correlation"]) == {"hessian_vs_fisher", "hessian_vs_noise", "fisher_vs_noise"}
+    assert (out / "plots" / "sensitivity_heatmaps.png").is_file() and "## Sensitivity analysis" in (
+        out / "report.md").read_text()
     assert res["prune"]["overall_sparsity"] == pytest.approx(0.5, abs=0.02)
     assert res["evaluation"]["pruned"]["kl"] > 0 and res["evaluation"]["fine-tuned"]["kl"] is None
     assert res["finetune"]["heldout_loss_after"] < res["finetune"]["heldout_loss_before"]

@@ -1,0 +1,517 @@
+"""Step 6: Hessian sensitivity, super weights, and quantization guided by them.
+
+Hessian (PyHessian-style, on the LM loss over calibration windows):
+    hvp                 Hessian-vector product by double backward (eager attention, since
+                        fused SDPA kernels have no double backward).
+    hutchinson_trace    tr(H) per module from shared Rademacher probes: one HVP gives every
+                        module's trace; stops on relative tolerance; returns mean and
+                        standard error.
+    top_eigenvalue      power iteration, for all analysed weights or one block.
+Fisher and saliency:
+    fisher_diagonal     mean of squared per-window gradients.
+    OBD saliency        0.5 * H_ii * w^2 with H_ii from the Fisher (or Hutchinson's diagonal).
+Super weights (Yu et al. 2024):
+    detect_super_weights  data-free: one forward pass on a short prompt with hooks on every
+                        MLP down projection; the layer whose output spikes gives
+                        row = spiking output channel, col = spiking input channel. Zero it,
+                        repeat. Each candidate is verified by ablation (perplexity ratio).
+Quantization guided by sensitivity:
+    round-to-nearest group quantization (asymmetric, groups along the input dimension),
+    plain, with the super weights kept in full precision, and with the super weights plus
+    the top fraction by saliency kept (dense-and-sparse, as in SqueezeLLM).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+import llm_common as C
+from llm_evaluate_models import EvalConfig, evaluate_model
+from llm_prune_model import gradient_moments
+
+log = logging.getLogger("llm.analysis")
+
+
+# --------------------------------------------------------------------------- Hessian
+
+
+@contextlib.contextmanager
+def grad_only(model, params: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Only ``params`` require grad inside the block; flags restored on exit."""
+    old = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(old[id(p)])
+            p.grad = None
+
+
+def lm_loss_fn(model, windows: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Closure: mean token cross-entropy over windows [n, seq_len] (one forward per window)."""
+    dev = C.input_device(model)
+
+    def loss():
+        total = 0.0
+        for w in windows:
+            w = w[None].to(dev)
+            total = total + model(input_ids=w, labels=w, use_cache=False).loss.float().to(dev)
+        return total / len(windows)
+
+    return loss
+
+
+def hvp(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor], vs: Sequence[torch.Tensor]):
+    """H v for the Hessian of loss_fn() w.r.t. ``params``, by double backward. Returns a list like vs."""
+    loss = loss_fn()
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    dot = sum((g.float() * v.float()).sum() for g, v in zip(grads, vs))
+    return [h.detach() for h in torch.autograd.grad(dot, params)]
+
+
+@dataclass
+class TraceResult:
+    trace: dict            # module name -> mean Hutchinson estimate of tr(H_module)
+    stderr: dict           # module name -> standard error of that mean
+    total: float
+    total_stderr: float
+    probes: int
+    converged: bool
+    diagonal: Optional[dict] = None  # name -> E[v * Hv] (Hutchinson diagonal), [out, in]
+    seconds: float = 0.0
+
+
+def hutchinson_trace(loss_fn, named_params: dict[str, torch.Tensor], max_probes: int = 50, min_probes: int = 3,
+                     tol: float = 1e-2, seed: int = 0, keep_diagonal: bool = False,
+                     progress: bool = True) -> TraceResult:
+    """Hutchinson estimate of tr(H) per named parameter, sharing one probe across all of them.
+
+    Stops when |mean_k - mean_{k-1}| / (|mean_{k-1}| + 1e-6) < tol for the total trace
+    (the PyHessian criterion, with the absolute value), after at least ``min_probes``.
+    """
+    t0 = time.perf_counter()
+    names = list(named_params)
+    params = [named_params[n] for n in names]
+    g = torch.Generator().manual_seed(seed)
+    samples = {n: [] for n in names}
+    diag = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named_params.items()} if keep_diagonal else None
+    prev, converged, k = None, False, 0
+    bar = tqdm(range(max_probes), desc="hutchinson", disable=not progress)
+    for k in bar:
+        vs = [(torch.randint(0, 2, p.shape, generator=g) * 2 - 1).to(p.device, torch.float32) for p in params]
+        hv = hvp(loss_fn, params, vs)
+        for n, v, h in zip(names, vs, hv):
+            samples[n].append(float((v * h.float()).sum()))
+            if diag is not None:
+                diag[n] += v * h.float()
+        total = sum(sum(s) / len(s) for s in samples.values())
+        bar.set_postfix(trace=f"{total:.4g}")
+        if prev is not None and k + 1 >= min_probes and abs(total - prev) / (abs(prev) + 1e-6) < tol:
+            converged = True
+            break
+        prev = total
+    n_probes = k + 1
+    trace = {n: sum(s) / len(s) for n, s in samples.items()}
+    stderr = {n: _stderr(s) for n, s in samples.items()}
+    per_probe_total = [sum(samples[n][i] for n in names) for i in range(n_probes)]
+    if diag is not None:
+        diag = {n: d / n_probes for n, d in diag.items()}
+    return TraceResult(trace, stderr, sum(trace.values()), _stderr(per_probe_total), n_probes, converged, diag,
+                       time.perf_counter() - t0)
+
+
+def _stderr(xs: Sequence[float]) -> float:
+    if len(xs) < 2:
+        return float("inf")
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+
+
+def top_eigenvalue(loss_fn, params: Sequence[torch.Tensor], iters: int = 20, tol: float = 1e-3,
+                   seed: int = 0, progress: bool = True) -> tuple[float, int]:
+    """Largest-magnitude Hessian eigenvalue by power iteration. Returns (eigenvalue, iterations)."""
+    g = torch.Generator().manual_seed(seed)
+    vs = [torch.randn(p.shape, generator=g).to(p.device) for p in params]
+    norm = math.sqrt(sum(float((v * v).sum()) for v in vs))
+    vs = [v / norm for v in vs]
+    eig, i = None, 0
+    for i in tqdm(range(iters), desc="power iteration", disable=not progress):
+        hv = hvp(loss_fn, params, vs)
+        new = sum(float((h * v).sum()) for h, v in zip(hv, vs))
+        norm = math.sqrt(sum(float((h * h).sum()) for h in hv))
+        vs = [h / (norm + 1e-12) for h in hv]
+        if eig is not None and abs(new - eig) / (abs(eig) + 1e-6) < tol:
+            return new, i + 1
+        eig = new
+    return eig, i + 1
+
+
+def fisher_diagonal(model, windows: torch.Tensor, modules: dict[str, torch.nn.Module],
+                    progress: bool = True) -> dict[str, torch.Tensor]:
+    """Diagonal empirical Fisher: mean over windows of the squared per-window gradient, [out, in]."""
+    return {n: g2 for n, (_, g2) in gradient_moments(model, windows, modules, progress).items()}
+
+
+# --------------------------------------------------------------------------- super weights
+
+
+@dataclass
+class SuperWeight:
+    layer: int
+    module: str          # module name of the down projection
+    row: int             # output channel
+    col: int             # input channel
+    value: float
+    input_abs: float     # |activation| at the down projection input channel
+    output_abs: float    # |activation| at the output channel
+    ppl_ratio: Optional[float] = None  # perplexity when zeroed alone / clean perplexity
+
+
+def _down_proj_maxima(model, ids: torch.Tensor):
+    """Per layer: (max |input|, input channel, max |output|, output channel) of the MLP down
+    projection, and per layer the residual stream's (max |h|, channel)."""
+    layers = C.decoder_layers(model)
+    stats, resid, handles = {}, {}, []
+    for i, layer in enumerate(layers):
+        def hook(mod, args, out, i=i):
+            x = args[0].detach().abs().float().reshape(-1, args[0].shape[-1])
+            y = out.detach().abs().float().reshape(-1, out.shape[-1])
+            xm, ym = x.max(0).values, y.max(0).values
+            stats[i] = (float(xm.max()), int(xm.argmax()), float(ym.max()), int(ym.argmax()))
+
+        def rhook(mod, args, out, i=i):
+            h = (out[0] if isinstance(out, (tuple, list)) else out).detach().abs().float()
+            hm = h.reshape(-1, h.shape[-1]).max(0).values
+            resid[i] = (float(hm.max()), int(hm.argmax()))
+
+        handles.append(C.mlp_down_proj(layer).register_forward_hook(hook))
+        handles.append(layer.register_forward_hook(rhook))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids[None].to(C.input_device(model)), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return [stats[i] for i in range(len(layers))], [resid[i] for i in range(len(layers))]
+
+
+def detect_super_weights(model, tokenizer, prompt: str = "Apple Inc. is a worldwide tech company.",
+                         max_weights: int = 4, spike_factor: float = 10.0) -> tuple[list[SuperWeight], dict]:
+    """Data-free super-weight detection (one prompt, iterative).
+
+    Each round, the layer whose down-projection output max |y| is largest, and at least
+    ``spike_factor`` x the median over layers, names a candidate W[row = argmax |y|,
+    col = argmax |x|]. It is zeroed and the search repeats. The model is restored on exit.
+    Returns (candidates, activation profile of the first, unablated pass).
+    """
+    ids = torch.tensor(tokenizer(prompt).input_ids) if tokenizer is not None else None
+    if ids is None:
+        raise ValueError("a tokenizer is needed")
+    layers = C.decoder_layers(model)
+    downs = [C.mlp_down_proj(layer) for layer in layers]
+    names_of = {m: n for n, m in model.named_modules()}
+    found: list[SuperWeight] = []
+    profile = None
+    with C.restored_on_exit(model, [names_of[d] + ".weight" for d in downs]):
+        for _ in range(max_weights):
+            stats, resid = _down_proj_maxima(model, ids)
+            if profile is None:
+                profile = {"down_in_max": [s[0] for s in stats], "down_out_max": [s[2] for s in stats],
+                           "residual_max": [r[0] for r in resid], "residual_channel": [r[1] for r in resid]}
+            outs = sorted(s[2] for s in stats)
+            median = outs[len(outs) // 2]
+            i = max(range(len(stats)), key=lambda j: stats[j][2])
+            in_abs, col, out_abs, row = stats[i]
+            if out_abs < spike_factor * median or any(f.layer == i and f.row == row and f.col == col for f in found):
+                break
+            W = C.weight_view(downs[i])
+            found.append(SuperWeight(i, names_of[downs[i]], row, col, float(W[row, col].detach()), in_abs, out_abs))
+            with torch.no_grad():
+                W[row, col] = 0
+    # The massive-activation channel: the residual channel that dominates after the first spike.
+    if found and profile:
+        after = found[0].layer
+        profile["massive_channel"] = profile["residual_channel"][min(after + 1, len(layers) - 1)]
+    return found, profile or {}
+
+
+def verify_super_weights(model, tokenizer, ids: torch.Tensor, candidates: list[SuperWeight],
+                         eval_config: EvalConfig) -> float:
+    """Fill each candidate's ``ppl_ratio`` (perplexity with it alone zeroed / clean). Returns clean ppl."""
+    cfg = EvalConfig(**{**eval_config.__dict__, "max_new_tokens": 0, "progress": False})
+    clean = evaluate_model(model, tokenizer, ids, cfg).perplexity
+    for sw in candidates:
+        name = sw.module + ".weight"
+        with C.restored_on_exit(model, [name]):
+            with torch.no_grad():
+                C.weight_view(model.get_submodule(sw.module))[sw.row, sw.col] = 0
+            sw.ppl_ratio = evaluate_model(model, tokenizer, ids, cfg).perplexity / clean
+    return clean
+
+
+# --------------------------------------------------------------------------- quantization
+
+
+@torch.no_grad()
+def quantize_rtn_(W: torch.Tensor, bits: int, group_size: int = 128, keep: Optional[torch.Tensor] = None) -> None:
+    """Round-to-nearest asymmetric group quantization of W [out, in], in place.
+
+    Groups are ``group_size`` consecutive input columns of a row. Weights in ``keep`` are
+    excluded from each group's min/max and left in full precision (dense-and-sparse).
+    """
+    out, inp = W.shape
+    gs = group_size if inp % group_size == 0 else inp
+    Wf = W.float().reshape(out, inp // gs, gs)
+    K = keep.reshape(out, inp // gs, gs).to(W.device) if keep is not None else None
+    big = torch.finfo(torch.float32).max
+    lo = (torch.where(K, big, Wf) if K is not None else Wf).amin(-1, keepdim=True)
+    hi = (torch.where(K, -big, Wf) if K is not None else Wf).amax(-1, keepdim=True)
+    lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
+    qmax = 2 ** bits - 1
+    scale = ((hi - lo) / qmax).clamp(min=1e-10)
+    zero = torch.round(-lo / scale)
+    q = (torch.clamp(torch.round(Wf / scale) + zero, 0, qmax) - zero) * scale
+    if K is not None:
+        q = torch.where(K, Wf, q)
+    W.copy_(q.reshape(out, inp).to(W.dtype))
+
+
+def quantization_study(model, tokenizer, ids: torch.Tensor, super_weights: list[SuperWeight],
+                       saliency: dict[str, torch.Tensor], bits: Sequence[int] = (4, 3), group_size: int = 128,
+                       top_fraction: float = 0.0005, eval_config: EvalConfig = EvalConfig(),
+                       progress: bool = True) -> list[dict]:
+    """Perplexity of RTN quantization of all decoder linears: plain, super weights kept,
+    super weights + top ``top_fraction`` by saliency kept. The model is restored after each.
+
+    ``saliency``: module name -> [out, in] score. Extra storage counts each kept weight as
+    16 bits of value + 32 bits of index, relative to the quantized size.
+    """
+    from llm_robustness_test import protect_top_fraction
+
+    cfg = EvalConfig(**{**eval_config.__dict__, "max_new_tokens": 0, "progress": False})
+    layers = C.decoder_layers(model)
+    names_of = {m: n for n, m in model.named_modules()}
+    mods = {names_of[m]: m for layer in layers for m in C.block_linears(layer).values()}
+    sw_coords = [(sw.module, sw.row, sw.col) for sw in super_weights]
+    keep_sw = protect_top_fraction({n: torch.zeros(C.weight_view(m).shape) for n, m in mods.items()}, 0.0, sw_coords)
+    keep_both = protect_top_fraction({n: saliency[n] for n in mods}, top_fraction, sw_coords)
+    variants = [("plain", None), ("super weights kept", keep_sw),
+                (f"super weights + top {top_fraction:.2%} saliency kept", keep_both)]
+    n_weights = sum(C.weight_view(m).numel() for m in mods.values())
+    rows = []
+    jobs = [(b, v) for b in bits for v in variants]
+    for b, (label, keep) in tqdm(jobs, desc="quantization", disable=not progress):
+        with C.restored_on_exit(model, [n + ".weight" for n in mods]):
+            for n, m in mods.items():
+                quantize_rtn_(C.weight_view(m), b, group_size, keep[n] if keep is not None else None)
+            r = evaluate_model(model, tokenizer, ids, cfg)
+        kept = int(sum(k.sum() for k in keep.values())) if keep is not None else 0
+        base_bits = n_weights * b + (n_weights / group_size) * 32  # codes + fp16 scale and zero per group
+        rows.append({"bits": b, "variant": label, "perplexity": r.perplexity, "kept_weights": kept,
+                     "extra_storage_pct": 100 * kept * 48 / base_bits})
+    return rows
+
+
+# --------------------------------------------------------------------------- driver
+
+
+@dataclass
+class AnalysisConfig:
+    calib_windows: int = 2          # windows for the Hessian / Fisher loss
+    calib_seq_len: int = 128
+    fisher_windows: int = 8
+    max_probes: int = 8             # Hutchinson probes (stops earlier on tolerance)
+    tol: float = 1e-2
+    power_iters: int = 8
+    per_block: bool = False         # one block's weights at a time (7B-sized models)
+    super_weight_prompt: str = "Apple Inc. is a worldwide tech company."
+    max_super_weights: int = 4
+    quant_bits: tuple = (4, 3)
+    quant_group: int = 128
+    quant_top_fraction: float = 0.0005
+    eval_config: EvalConfig = field(default_factory=lambda: EvalConfig(seq_len=256, eval_tokens=512))
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class AnalysisResult:
+    modules: list                    # decoder-linear module names, in order
+    module_layer: dict               # name -> block index
+    module_type: dict                # name -> q_proj/k_proj/...
+    hessian_trace: dict
+    hessian_trace_stderr: dict
+    hessian_total: float
+    hessian_total_stderr: float
+    hutchinson_probes: int
+    top_eigenvalue: float
+    power_iterations: int
+    fisher_sum: dict                 # name -> sum of the Fisher diagonal
+    obd_saliency_sum: dict           # name -> sum of 0.5 * F_ii * w^2
+    top_salient: list                # [{module, row, col, saliency, value}]
+    super_weights: list
+    activation_profile: dict
+    clean_perplexity: float
+    quantization: list
+    seconds: dict = field(default_factory=dict)
+
+
+def run_integrated_analysis(model, tokenizer, calib_ids: torch.Tensor, eval_ids: torch.Tensor,
+                            config: AnalysisConfig = AnalysisConfig()) -> AnalysisResult:
+    """Hessian traces and top eigenvalue, Fisher/OBD saliency, super weights and the
+    sensitivity-guided quantization study. ``calib_ids``/``eval_ids`` are [n_tokens].
+    The model's weights are unchanged on return."""
+    secs = {}
+    layers = C.decoder_layers(model)
+    names_of = {m: n for n, m in model.named_modules()}
+    mods, mlayer, mtype = {}, {}, {}
+    for i, layer in enumerate(layers):
+        for rel, m in C.block_linears(layer).items():
+            n = names_of[m]
+            mods[n], mlayer[n], mtype[n] = m, i, rel.rsplit(".", 1)[-1]
+    windows = C.sample_windows(calib_ids, config.calib_windows, config.calib_seq_len, seed=config.seed)
+
+    t = time.perf_counter()
+    with C.attention_implementation(model, "eager"):
+        loss_fn = lm_loss_fn(model, windows)
+        groups = [list(mods)] if not config.per_block else [
+            [n for n in mods if mlayer[n] == i] for i in range(len(layers))]
+        trace, stderr, probes, tot_var = {}, {}, 0, 0.0
+        for names in groups:
+            params = {n: mods[n].weight for n in names}
+            with grad_only(model, list(params.values())):
+                tr = hutchinson_trace(loss_fn, params, config.max_probes, tol=config.tol, seed=config.seed,
+                                      progress=config.progress)
+            trace.update(tr.trace)
+            stderr.update(tr.stderr)
+            probes = max(probes, tr.probes)
+            tot_var += tr.total_stderr ** 2
+        secs["hutchinson"] = time.perf_counter() - t
+        t = time.perf_counter()
+        eig_params = [mods[n].weight for n in groups[0]]
+        with grad_only(model, eig_params):
+            eig, iters = top_eigenvalue(loss_fn, eig_params, config.power_iters, seed=config.seed,
+                                        progress=config.progress)
+        secs["power_iteration"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    fwin = C.sample_windows(calib_ids, config.fisher_windows, config.calib_seq_len, seed=config.seed + 1)
+    fisher = fisher_diagonal(model, fwin, mods, config.progress)
+    obd = {n: 0.5 * fisher[n] * C.weight_view(m).detach().float().pow(2) for n, m in mods.items()}
+    secs["fisher"] = time.perf_counter() - t
+    flat = torch.cat([obd[n].flatten().cpu() for n in mods])
+    offsets, top = [0], []
+    for n in mods:
+        offsets.append(offsets[-1] + obd[n].numel())
+    for idx in torch.topk(flat, min(20, flat.numel())).indices.tolist():
+        j = max(k for k in range(len(mods)) if offsets[k] <= idx)
+        n = list(mods)[j]
+        r, c = divmod(idx - offsets[j], obd[n].shape[1])
+        top.append({"module": n, "row": r, "col": c, "saliency": float(flat[idx]),
+                    "value": float(C.weight_view(mods[n])[r, c].detach())})
+
+    t = time.perf_counter()
+    sws, profile = detect_super_weights(model, tokenizer, config.super_weight_prompt, config.max_super_weights)
+    clean = verify_super_weights(model, tokenizer, eval_ids, sws, config.eval_config)
+    secs["super_weights"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    quant = quantization_study(model, tokenizer, eval_ids, sws, obd, config.quant_bits, config.quant_group,
+                               config.quant_top_fraction, config.eval_config, config.progress)
+    secs["quantization"] = time.perf_counter() - t
+    return AnalysisResult(
+        modules=list(mods), module_layer=mlayer, module_type=mtype, hessian_trace=trace,
+        hessian_trace_stderr=stderr, hessian_total=sum(trace.values()), hessian_total_stderr=math.sqrt(tot_var),
+        hutchinson_probes=probes, top_eigenvalue=eig, power_iterations=iters,
+        fisher_sum={n: float(f.sum()) for n, f in fisher.items()},
+        obd_saliency_sum={n: float(o.sum()) for n, o in obd.items()}, top_salient=top,
+        super_weights=[sw.__dict__ for sw in sws], activation_profile=profile, clean_perplexity=clean,
+        quantization=quant, seconds=secs)
+
+
+# --------------------------------------------------------------------------- layer-wise picture
+
+
+def layer_module_grid(result: dict, key: str) -> tuple[list, list, list]:
+    """(layers, module types, grid[layer][type]) of a per-module quantity from saved results."""
+    types = sorted(set(result["module_type"].values()))
+    n_layers = max(result["module_layer"].values()) + 1
+    grid = [[float("nan")] * len(types) for _ in range(n_layers)]
+    for n, v in result[key].items():
+        grid[result["module_layer"][n]][types.index(result["module_type"][n])] = float(v)
+    return list(range(n_layers)), types, grid
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation (average ranks for ties), ignoring non-finite pairs."""
+    pairs = [(x, y) for x, y in zip(a, b) if math.isfinite(x) and math.isfinite(y)]
+    if len(pairs) < 3:
+        return float("nan")
+
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(v):
+            j = i
+            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    ra, rb = ranks([p[0] for p in pairs]), ranks([p[1] for p in pairs])
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    va = math.sqrt(sum((x - ma) ** 2 for x in ra))
+    vb = math.sqrt(sum((y - mb) ** 2 for y in rb))
+    return cov / (va * vb) if va and vb else float("nan")
+
+
+def plot_heatmaps(result: dict, path, noise_map: Optional[dict] = None):
+    """Layer x module heatmaps of Hessian trace, Fisher, and (if given) the noise NLL increase."""
+    import numpy as np
+
+    panels = [("hessian_trace", "Hessian trace"), ("fisher_sum", "Fisher (sum)")]
+    grids = [layer_module_grid(result, k) for k, _ in panels]
+    titles = [t for _, t in panels]
+    if noise_map:
+        grids.append((noise_map["layers"], noise_map["modules"], noise_map["delta_nll"]))
+        titles.append("noise delta NLL")
+    fig, axes = C.new_figure(1, len(grids), figsize=(4.2 * len(grids), 1.5 + 0.2 * len(grids[0][0])))
+    axes = np.atleast_1d(axes)
+    for ax, (layers, types, grid), title in zip(axes, grids, titles):
+        data = np.array([[float(v) for v in row] for row in grid])
+        im = ax.imshow(np.log10(np.abs(data) + 1e-12), aspect="auto", cmap="viridis")
+        ax.set_xticks(range(len(types)), types, rotation=45, ha="right")
+        ax.set_ylabel("layer")
+        ax.set_title(f"log10 |{title}|")
+        fig.colorbar(im, ax=ax)
+    return C.save_figure(fig, path)
+
+
+def plot_activation_profile(profile: dict, path, super_layers: Sequence[int] = ()):
+    fig, ax = C.new_figure(figsize=(6, 3.5))
+    for key, label in (("down_in_max", "down_proj input"), ("down_out_max", "down_proj output"),
+                       ("residual_max", "residual stream")):
+        if key in profile:
+            ax.plot(profile[key], marker=".", label=label)
+    for layer in super_layers:
+        ax.axvline(layer, color="red", ls=":", alpha=0.6)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("max |activation|")
+    ax.legend()
+    return C.save_figure(fig, path)

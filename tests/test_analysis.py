@@ -1,0 +1,174 @@
+"""Hessian, Fisher, super weights and quantization against exact computations."""
+import math
+
+import pytest
+import torch
+from torch.func import functional_call
+
+import llm_common as C
+import llm_integrated_analysis as A
+from llm_evaluate_models import EvalConfig
+
+
+def _setup(seed=0):
+    from conftest import tiny_llama
+
+    m = tiny_llama(seed=seed, hidden=16, layers=2)
+    m.set_attn_implementation("eager")
+    windows = torch.randint(0, 257, (1, 10), generator=torch.Generator().manual_seed(seed))
+    names = ["model.layers.0.self_attn.k_proj.weight", "model.layers.1.self_attn.v_proj.weight"]
+    return m, windows, names
+
+
+def _exact_hessian(m, windows, names):
+    params = {n: p.detach().clone() for n, p in m.named_parameters()}
+    sizes = [params[n].numel() for n in names]
+
+    def loss_of(flat):
+        ps = dict(params)
+        off = 0
+        for n, s in zip(names, sizes):
+            ps[n] = flat[off:off + s].view_as(params[n])
+            off += s
+        total = 0
+        for w in windows:
+            total = total + functional_call(m, ps, (), {"input_ids": w[None], "labels": w[None]}).loss
+        return total / len(windows)
+
+    flat = torch.cat([params[n].flatten() for n in names])
+    return torch.autograd.functional.hessian(loss_of, flat), sizes
+
+
+def test_hutchinson_matches_exact_trace_within_stderr():
+    m, windows, names = _setup()
+    H, sizes = _exact_hessian(m, windows, names)
+    params = {n: dict(m.named_parameters())[n] for n in names}
+    with A.grad_only(m, list(params.values())):
+        tr = A.hutchinson_trace(A.lm_loss_fn(m, windows), params, max_probes=120, tol=0.0, progress=False)
+    assert tr.probes == 120 and not tr.converged
+    exact_total = float(torch.diagonal(H).sum())
+    assert abs(tr.total - exact_total) < 3 * tr.total_stderr + 1e-6
+    off = 0
+    for n, s in zip(names, sizes):
+        exact = float(torch.diagonal(H)[off:off + s].sum())
+        assert abs(tr.trace[n] - exact) < 3.5 * tr.stderr[n] + 1e-6, n
+        off += s
+    assert tr.total_stderr < abs(exact_total)  # the estimate is informative, not noise
+
+
+def test_hutchinson_stops_on_tolerance():
+    m, windows, names = _setup()
+    params = {n: dict(m.named_parameters())[n] for n in names}
+    with A.grad_only(m, list(params.values())):
+        tr = A.hutchinson_trace(A.lm_loss_fn(m, windows), params, max_probes=50, tol=0.5, progress=False)
+    assert tr.converged and 3 <= tr.probes < 50
+
+
+def test_power_iteration_matches_eigvalsh():
+    m, windows, names = _setup(seed=1)
+    H, _ = _exact_hessian(m, windows, names[:1])
+    evals = torch.linalg.eigvalsh(H.double())
+    top = float(evals[evals.abs().argmax()])
+    p = dict(m.named_parameters())[names[0]]
+    with A.grad_only(m, [p]):
+        eig, iters = A.top_eigenvalue(A.lm_loss_fn(m, windows), [p], iters=300, tol=1e-7, progress=False)
+    assert eig == pytest.approx(top, rel=1e-2)
+
+
+def test_fisher_equals_squared_per_sample_gradients():
+    from conftest import tiny_llama
+
+    m = tiny_llama()
+    windows = torch.randint(0, 257, (3, 10), generator=torch.Generator().manual_seed(0))
+    mod_name = "model.layers.0.mlp.up_proj"
+    fisher = A.fisher_diagonal(m, windows, {mod_name: m.get_submodule(mod_name)}, progress=False)[mod_name]
+    w = m.get_submodule(mod_name).weight
+    sq = []
+    for win in windows:
+        g, = torch.autograd.grad(m(input_ids=win[None], labels=win[None]).loss, w)
+        sq.append(g.pow(2))
+    assert torch.allclose(fisher, torch.stack(sq).mean(0), rtol=1e-4, atol=1e-12)
+    assert not w.requires_grad or w.grad is None
+
+
+def _plant_super_weight(m, layer=1, row=7, col=5):
+    with torch.no_grad():
+        mlp = m.model.layers[layer].mlp
+        mlp.gate_proj.weight[col] = 3.0
+        mlp.up_proj.weight[col] = 3.0
+        mlp.down_proj.weight[row, col] = 40.0
+    return layer, row, col
+
+
+def test_planted_super_weight_is_found_at_exact_coordinates(tok):
+    from conftest import tiny_llama
+
+    m = tiny_llama(layers=4, hidden=32)
+    layer, row, col = _plant_super_weight(m, layer=2)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    found, profile = A.detect_super_weights(m, tok, "Apple Inc. is a worldwide tech company.", max_weights=3)
+    assert (found[0].layer, found[0].row, found[0].col) == (layer, row, col)
+    assert found[0].value == pytest.approx(40.0)
+    assert found[0].module == f"model.layers.{layer}.mlp.down_proj"
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # zeroing undone
+    assert len(profile["down_out_max"]) == 4 and profile["down_out_max"][layer] == max(profile["down_out_max"])
+    ids = C.tokenize_corpus(tok, "the quick brown fox jumps over the lazy dog " * 8)
+    A.verify_super_weights(m, tok, ids, found[:1], EvalConfig(seq_len=32))
+    assert found[0].ppl_ratio is not None and found[0].ppl_ratio != 1.0
+
+
+def test_no_spike_no_super_weight(tok):
+    from conftest import tiny_llama
+
+    found, _ = A.detect_super_weights(tiny_llama(layers=4), tok, "hello world", spike_factor=1e6)
+    assert found == []
+
+
+def test_rtn_quantization_levels_and_kept_weights():
+    torch.manual_seed(0)
+    W = torch.randn(8, 256)
+    W[3, 17] = 25.0  # an outlier
+    keep = torch.zeros_like(W, dtype=torch.bool)
+    keep[3, 17] = True
+    q = W.clone()
+    A.quantize_rtn_(q, 3, group_size=128)
+    for r in range(8):
+        for g in range(2):
+            assert len(torch.unique(q[r, g * 128:(g + 1) * 128])) <= 8
+    qk = W.clone()
+    A.quantize_rtn_(qk, 3, group_size=128, keep=keep)
+    assert qk[3, 17] == 25.0
+    # Keeping the outlier out of its group's range shrinks that group's error.
+    err = lambda x: (x - W)[3, :128].pow(2).sum().item()
+    assert err(qk) < 0.5 * err(q)
+    q8 = W.clone()
+    A.quantize_rtn_(q8, 8, group_size=128, keep=keep)
+    assert (q8 - W).abs().max() < 0.05
+
+
+def test_spearman():
+    assert A.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert A.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert math.isnan(A.spearman([1, 2], [1, 2]))
+
+
+def test_integrated_analysis_end_to_end_leaves_model_unchanged(tok, sample_text, tmp_path):
+    from conftest import tiny_llama
+
+    m = tiny_llama(layers=3, hidden=32)
+    _plant_super_weight(m, layer=1)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    ids = C.tokenize_corpus(tok, sample_text[:3000])
+    cfg = A.AnalysisConfig(calib_windows=1, calib_seq_len=16, fisher_windows=2, max_probes=3, power_iters=3,
+                           quant_group=32, eval_config=EvalConfig(seq_len=32, eval_tokens=128), progress=False)
+    res = A.run_integrated_analysis(m, tok, ids, ids, cfg)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert m.config._attn_implementation == "sdpa"
+    assert len(res.hessian_trace) == 21 and res.hutchinson_probes == 3
+    assert (res.super_weights[0]["layer"], res.super_weights[0]["row"], res.super_weights[0]["col"]) == (1, 7, 5)
+    assert {r["bits"] for r in res.quantization} == {4, 3} and len(res.quantization) == 6
+    assert res.top_salient[0]["saliency"] >= res.top_salient[-1]["saliency"]
+    d = C.to_strict_json(res.__dict__)
+    A.plot_heatmaps(d, tmp_path / "h.png")
+    A.plot_activation_profile(d["activation_profile"], tmp_path / "a.png", [1])
+    assert (tmp_path / "h.png").stat().st_size > 1000
