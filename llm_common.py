@@ -360,6 +360,23 @@ def load_model(cfg: LoadConfig):
 
 
 @contextlib.contextmanager
+def trainable_only(model: torch.nn.Module, params=()) -> Iterator[None]:
+    """Inside the block only ``params`` require grad (none by default, e.g. for attacks
+    on the inputs); every parameter's flag is restored, and stray .grad cleared, on exit."""
+    old = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(old[id(p)])
+            p.grad = None
+
+
+@contextlib.contextmanager
 def use_cache(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
     """Temporarily set ``model.config.use_cache``; restored in ``finally``."""
     old = getattr(model.config, "use_cache", None)

@@ -37,7 +37,7 @@ MANIFEST = "manifest.json"
 class FinetuneConfig:
     output_dir: str = "data/finetuned"  # the finished model; "<output_dir>.resume.pt" while training
     mode: str = "full"                  # full | lora | none
-    steps: int = 24                     # optimizer steps
+    steps: int = 16                     # optimizer steps
     batch_size: int = 4                 # windows per step
     seq_len: int = 128                  # tokens per window
     lr: float = 5e-5                    # peak learning rate (linear warm-up, cosine decay)

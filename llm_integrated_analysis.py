@@ -22,12 +22,11 @@ Quantization guided by sensitivity:
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -40,22 +39,6 @@ log = logging.getLogger("llm.analysis")
 
 
 # --------------------------------------------------------------------------- Hessian
-
-
-@contextlib.contextmanager
-def grad_only(model, params: Sequence[torch.Tensor]) -> Iterator[None]:
-    """Only ``params`` require grad inside the block; flags restored on exit."""
-    old = {id(p): p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    try:
-        yield
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(old[id(p)])
-            p.grad = None
 
 
 def lm_loss_fn(model, windows: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -390,7 +373,7 @@ def run_integrated_analysis(model, tokenizer, calib_ids: torch.Tensor, eval_ids:
         trace, stderr, probes, tot_var = {}, {}, 0, 0.0
         for names in groups:
             params = {n: mods[n].weight for n in names}
-            with grad_only(model, list(params.values())):
+            with C.trainable_only(model, list(params.values())):
                 tr = hutchinson_trace(loss_fn, params, config.max_probes, tol=config.tol, seed=config.seed,
                                       progress=config.progress)
             trace.update(tr.trace)
@@ -400,7 +383,7 @@ def run_integrated_analysis(model, tokenizer, calib_ids: torch.Tensor, eval_ids:
         secs["hutchinson"] = time.perf_counter() - t
         t = time.perf_counter()
         eig_params = [mods[n].weight for n in groups[0]]
-        with grad_only(model, eig_params):
+        with C.trainable_only(model, eig_params):
             eig, iters = top_eigenvalue(loss_fn, eig_params, config.power_iters, seed=config.seed,
                                         progress=config.progress)
         secs["power_iteration"] = time.perf_counter() - t

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seq-len", type=int, default=None, help="tokens per window (default 2048 GPU, 1024 CPU)")
     g.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: seq-len, disjoint)")
     g.add_argument("--eval-tokens", type=int, default=None,
-                   help="evaluate the first N tokens (default: all on GPU, 16384 on CPU); 0 means all")
+                   help="evaluate the first N tokens (default: all on GPU, 8192 on CPU); 0 means all")
     g.add_argument("--batch-size", type=int, default=1, help="evaluation windows per forward pass")
     g.add_argument("--kl", action="store_true", help="also report KL and top-1 agreement against the unmodified model")
     g.add_argument("--prompt", action="append", default=None,
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("fine-tuning (step finetune)")
     g.add_argument("--finetune", default="auto",
                    help="full|lora|none|auto (auto: full below 1.5B parameters, else LoRA)")
-    g.add_argument("--ft-steps", type=int, default=None, help="optimizer steps (default 24 CPU, 500 GPU)")
+    g.add_argument("--ft-steps", type=int, default=None, help="optimizer steps (default 16 CPU, 500 GPU)")
     g.add_argument("--ft-batch-size", type=int, default=None, help="windows per step (default 4 CPU, 8 GPU)")
     g.add_argument("--ft-seq-len", type=int, default=None, help="tokens per window (default 128 CPU, 1024 GPU)")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-5 full, 2e-4 LoRA)")
@@ -99,6 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="top fraction of weights by Fisher saliency kept clean in the protected sweep")
     g.add_argument("--noise-map", default="auto", help="on|off|auto: layer x module sensitivity heatmap "
                                                       "(auto: on; costs layers x 7 evaluations)")
+    g = p.add_argument_group("adversarial attacks (step adversarial)")
+    g.add_argument("--attack-eps", default="0.02,0.05,0.1",
+                   help="comma list of eps, relative to the mean embedding-row norm")
+    g.add_argument("--attack-norm", default="linf", help="linf|l2 (l2: per token)")
+    g.add_argument("--attack-steps", type=int, default=None, help="PGD steps (default 5 CPU, 20 GPU)")
+    g.add_argument("--attack-windows", type=int, default=None, help="text windows attacked (default 4 CPU, 32 GPU)")
+    g.add_argument("--attack-target", default=" Star Wars", help="target string of the targeted attacks and GCG")
+    g.add_argument("--gcg-steps", type=int, default=None, help="GCG iterations (default 10 CPU, 100 GPU)")
+    g.add_argument("--defence-steps", type=int, default=None,
+                   help="adversarial fine-tuning steps (default 6 CPU, 50 GPU)")
     g = p.add_argument_group("analysis (step analysis)")
     g.add_argument("--hessian-probes", type=int, default=None, help="max Hutchinson probes (default 6 CPU, 50 GPU)")
     g.add_argument("--hessian-tol", type=float, default=1e-2, help="relative tolerance that stops Hutchinson")
@@ -156,7 +166,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.seq_len is None:
         args.seq_len = 2048 if on_gpu else 1024
     if args.eval_tokens is None:
-        args.eval_tokens = None if on_gpu else 16384
+        args.eval_tokens = None if on_gpu else 8192
     elif args.eval_tokens == 0:
         args.eval_tokens = None
     elif args.eval_tokens < 0:
@@ -170,7 +180,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.max_new_tokens < 0:
         raise C.UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     args.max_memory = _parse_max_memory(args.max_memory)
-    args.ft_steps = args.ft_steps if args.ft_steps is not None else (500 if on_gpu else 24)
+    args.ft_steps = args.ft_steps if args.ft_steps is not None else (500 if on_gpu else 16)
     args.ft_batch_size = args.ft_batch_size if args.ft_batch_size is not None else (8 if on_gpu else 4)
     args.ft_seq_len = args.ft_seq_len if args.ft_seq_len is not None else (1024 if on_gpu else 128)
     if args.finetune not in ("auto", "full", "lora", "none"):
@@ -223,6 +233,20 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise C.UserError(f"--quant-bits must be a comma list of integers, got {args.quant_bits!r}")
     if not all(2 <= b <= 8 for b in args.quant_bits):
         raise C.UserError(f"--quant-bits must lie in 2..8, got {args.quant_bits}")
+    try:
+        args.attack_eps = tuple(float(x) for x in args.attack_eps.split(",") if x.strip())
+    except ValueError:
+        raise C.UserError(f"--attack-eps must be a comma list of numbers, got {args.attack_eps!r}")
+    if not args.attack_eps or not all(0 <= e < float("inf") for e in args.attack_eps):
+        raise C.UserError(f"--attack-eps values must be finite and >= 0, got {args.attack_eps}")
+    if args.attack_norm not in ("linf", "l2"):
+        raise C.UserError(f"--attack-norm must be linf or l2, not {args.attack_norm!r}")
+    for flag, cpu, gpu in (("attack_steps", 5, 20), ("attack_windows", 4, 32), ("gcg_steps", 10, 100),
+                           ("defence_steps", 6, 50)):
+        if getattr(args, flag) is None:
+            setattr(args, flag, gpu if on_gpu else cpu)
+        if getattr(args, flag) < 1:
+            raise C.UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.ft_seq_len < 2:
         raise C.UserError(f"--ft-seq-len must be >= 2, got {args.ft_seq_len}")
     args.prompt = args.prompt or [C.SAMPLE_PROMPT]
@@ -392,8 +416,9 @@ def step_noise(run: Run) -> None:
     protect = None
     coords = [(m + ".weight", r, c) for m, r, c in protected_coords(run)]
     if a.protect_fraction > 0 or coords:
-        windows = C.sample_windows(run.ids("train"), min(a.calib_samples, 8), min(a.calib_seq_len, 512),
-                                   seed=a.seed)
+        on_gpu = C.is_cuda_model(model)
+        windows = C.sample_windows(run.ids("train"), min(a.calib_samples, 32 if on_gpu else 4),
+                                   min(a.calib_seq_len, 2048 if on_gpu else 256), seed=a.seed)
         scores = {n + ".weight": s for n, s in saliency_scores(model, windows, lin, "fisher").items()}
         # Conv1D stores weights [in, out]: protect in the parameter's own layout.
         scores = {n: (s.t() if type(lin[n[:-7]]).__name__ == "Conv1D" else s) for n, s in scores.items()}
@@ -408,14 +433,34 @@ def step_noise(run: Run) -> None:
     plots["noise_sweep"] = str(R.plot_sweep(C.to_strict_json(out["sweep"]),
                                             run.out / "plots" / "noise_sweep.png").relative_to(run.out))
     if a.noise_map != "off":
-        map_cfg = EvalConfig(seq_len=min(seq, 256), eval_tokens=min(a.sweep_tokens, 256) if not C.is_cuda_model(
-            model) else a.sweep_tokens, batch_size=a.batch_size)
+        # On CPU each of the layers x 7 cells gets 128 tokens: a coarse but complete map.
+        map_tokens = a.sweep_tokens if C.is_cuda_model(model) else min(a.sweep_tokens, 128)
+        map_cfg = EvalConfig(seq_len=min(seq, map_tokens), eval_tokens=map_tokens, batch_size=a.batch_size)
         smap = R.sensitivity_map(model, run.tokenizer, run.ids("eval"), epsilon=0.1, seed=a.seed,
                                  eval_config=map_cfg)
         out["map"] = smap
         out["top_cells"] = R.top_cells(smap, 5)
         plots["noise_map"] = str(R.plot_sensitivity_map(C.to_strict_json(smap),
                                                         run.out / "plots" / "noise_map.png").relative_to(run.out))
+
+
+def step_adversarial(run: Run) -> None:
+    """FGSM/PGD eps sweep, targeted success, answers under attack, GCG and defences."""
+    import llm_adversarial_test as ADV
+
+    a = run.args
+    on_gpu = C.is_cuda_model(run.model)
+    cfg = ADV.AdversarialConfig(epsilons=a.attack_eps, norm=a.attack_norm, pgd_steps=a.attack_steps,
+                                n_windows=a.attack_windows, prompt_len=128 if on_gpu else 32,
+                                continuation_len=32 if on_gpu else 16, sample_prompts=tuple(a.prompt),
+                                target=a.attack_target, targeted_steps=4 * a.attack_steps, gcg_steps=a.gcg_steps,
+                                gcg_batch=128 if on_gpu else 16, gcg_topk=256 if on_gpu else 32,
+                                gcg_suffix_len=20 if on_gpu else 6, defence_steps=a.defence_steps,
+                                max_new_tokens=a.max_new_tokens, seed=a.seed)
+    res = ADV.test_adversarial_robustness(run.model, run.tokenizer, run.ids("eval"), cfg)
+    run.results["adversarial"] = res
+    plot = ADV.plot_attack_sweep(res, run.out / "plots" / "attack_sweep.png")
+    run.results.setdefault("plots", {})["attack_sweep"] = str(plot.relative_to(run.out))
 
 
 def step_analysis(run: Run) -> None:
@@ -462,7 +507,7 @@ def step_analysis(run: Run) -> None:
                                .relative_to(run.out))
 
 
-STEP_FUNCS: dict[str, Callable[[Run], None]] = {"analysis": step_analysis, "finetune": step_finetune, "prune": step_prune,
+STEP_FUNCS: dict[str, Callable[[Run], None]] = {"analysis": step_analysis, "adversarial": step_adversarial, "finetune": step_finetune, "prune": step_prune,
                                                 "noise": step_noise, "eval": step_eval}
 
 
@@ -528,6 +573,27 @@ def write_report(results: dict, out: Path) -> Path:
             lines += ["", "Most noise-sensitive cells: " + ", ".join(
                 f"layer {c['layer']} {c['module']} (+{_fmt(c['delta_nll'])} nats)" for c in nz["top_cells"]),
                 "", "![noise map](plots/noise_map.png)"]
+    adv = results.get("adversarial")
+    if adv:
+        lines += ["", "## Adversarial robustness (input embeddings)", "",
+                  f"eps is relative to the mean embedding-row norm ({_fmt(adv['embedding_row_norm'])}), "
+                  f"{adv['norm']} ball, {adv['n_samples']} prompts.", "",
+                  "| method | eps | clean NLL | attacked NLL | delta NLL | top-1 agreement |", "|---|---|---|---|---|---|"]
+        for r in adv["table"]:
+            lines.append(f"| {r['method']} | {r['eps']} | {_fmt(r['clean_nll'])} | {_fmt(r['attacked_nll'])} | "
+                         f"{_fmt(r['delta_nll'])} | {_fmt(r['top1_agreement'])} |")
+        t, gcg, pf, at = adv["targeted"], adv["gcg"], adv["perplexity_filter"], adv["adversarial_training"]
+        lines += ["", f"Targeted PGD (target {t['target']!r}, eps {t['eps']}): success rate {_fmt(t['success_rate'])} "
+                      f"over {t['n']} prompts.",
+                  f"GCG suffix `{gcg['suffix_text']}`: target loss {_fmt(gcg['initial_loss'])} -> "
+                  f"{_fmt(gcg['final_loss'])}, success {gcg['success']}.",
+                  f"Perplexity filter: detection rate {_fmt(pf['detection_rate'])}, false positives "
+                  f"{_fmt(pf['false_positive_rate'])} (threshold {_fmt(pf['threshold'])}).",
+                  f"Adversarial fine-tune ({at['steps']} steps): delta NLL at eps {at['eps']} "
+                  f"{_fmt(at['delta_nll_before'])} -> {_fmt(at['delta_nll_after'])}.", ""]
+        for prompt, ans in adv["answers"].items():
+            lines.append(f"- *{prompt}* clean: {ans['clean']}  \n  under PGD eps={ans['eps']}: {ans['attacked']}")
+        lines += ["", "![attack sweep](plots/attack_sweep.png)"]
     an = results.get("analysis")
     if an:
         lines += ["", "## Sensitivity analysis", "",

@@ -264,17 +264,11 @@ def gradient_moments(model, windows: torch.Tensor, names: dict[str, torch.nn.Mod
     windows [n, seq_len]; each window is one sample. Only these weights get gradients,
     and their ``requires_grad`` flags are restored afterwards.
     """
-    mods = list(names.values())
-    old = {id(p): p.requires_grad for p in model.parameters()}
     acc = {n: [torch.zeros(C.weight_view(m).shape, dtype=torch.float32, device=m.weight.device),
                torch.zeros(C.weight_view(m).shape, dtype=torch.float32, device=m.weight.device)]
            for n, m in names.items()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for m in mods:
-        m.weight.requires_grad_(True)
     dev = C.input_device(model)
-    try:
+    with C.trainable_only(model, [m.weight for m in names.values()]):
         for w in tqdm(windows, desc="gradients", disable=not progress or len(windows) < 4):
             w = w[None].to(dev)
             model(input_ids=w, labels=w, use_cache=False).loss.backward()
@@ -283,10 +277,6 @@ def gradient_moments(model, windows: torch.Tensor, names: dict[str, torch.nn.Mod
                 acc[n][0] += g
                 acc[n][1] += g.pow(2)
                 m.weight.grad = None
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(old[id(p)])
-            p.grad = None
     n = len(windows)
     return {k: (a / n, b / n) for k, (a, b) in acc.items()}
 

@@ -43,7 +43,7 @@ def test_hutchinson_matches_exact_trace_within_stderr():
     m, windows, names = _setup()
     H, sizes = _exact_hessian(m, windows, names)
     params = {n: dict(m.named_parameters())[n] for n in names}
-    with A.grad_only(m, list(params.values())):
+    with C.trainable_only(m, list(params.values())):
         tr = A.hutchinson_trace(A.lm_loss_fn(m, windows), params, max_probes=120, tol=0.0, progress=False)
     assert tr.probes == 120 and not tr.converged
     exact_total = float(torch.diagonal(H).sum())
@@ -59,7 +59,7 @@ def test_hutchinson_matches_exact_trace_within_stderr():
 def test_hutchinson_stops_on_tolerance():
     m, windows, names = _setup()
     params = {n: dict(m.named_parameters())[n] for n in names}
-    with A.grad_only(m, list(params.values())):
+    with C.trainable_only(m, list(params.values())):
         tr = A.hutchinson_trace(A.lm_loss_fn(m, windows), params, max_probes=50, tol=0.5, progress=False)
     assert tr.converged and 3 <= tr.probes < 50
 
@@ -70,7 +70,7 @@ def test_power_iteration_matches_eigvalsh():
     evals = torch.linalg.eigvalsh(H.double())
     top = float(evals[evals.abs().argmax()])
     p = dict(m.named_parameters())[names[0]]
-    with A.grad_only(m, [p]):
+    with C.trainable_only(m, [p]):
         eig, iters = A.top_eigenvalue(A.lm_loss_fn(m, windows), [p], iters=300, tol=1e-7, progress=False)
     assert eig == pytest.approx(top, rel=1e-2)
 

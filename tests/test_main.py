@@ -67,6 +67,8 @@ BAD = [
     (["--sweep-eps", "0.1,x"], "--sweep-eps"),
     (["--protect-fraction", "1.5"], "--protect-fraction"),
     (["--quant-bits", "4,1"], "--quant-bits"),
+    (["--attack-eps", "-1"], "--attack-eps"),
+    (["--attack-norm", "l1"], "--attack-norm"),
     (["--hessian-probes", "0"], "--hessian-probes"),
     (["--protect-super-weights", "layer:1"], "module:row:col"),
 ]
@@ -119,7 +121,8 @@ def test_read_only_output_dir_fails_before_loading(tmp_path, capsys):
 
 def test_full_pipeline_on_tiny_model(tiny_dir, corpus_file, tmp_path):
     out = tmp_path / "out"
-    argv = ["--model", str(tiny_dir), "--steps", "finetune,prune,noise,eval,analysis",
+    argv = ["--model", str(tiny_dir), "--steps", "finetune,prune,noise,eval,adversarial,analysis",
+            "--attack-steps", "2", "--attack-windows", "2", "--gcg-steps", "2", "--defence-steps", "2",
             "--hessian-probes", "2", "--power-iters", "2", "--analysis-seq-len", "16", "--quant-group", "16",
             "--protect-super-weights", "auto", "--dataset", str(corpus_file),
             "--train-dataset", str(corpus_file), "--seq-len", "32", "--eval-tokens", "256", "--max-new-tokens", "3",
@@ -133,6 +136,7 @@ def test_full_pipeline_on_tiny_model(tiny_dir, corpus_file, tmp_path):
     sweep = res["noise"]["sweep"]
     assert set(sweep["summary"]) == {"unprotected", "protected"} and len(sweep["points"]) == 8
     assert len(res["noise"]["top_cells"]) == 5 and (out / "plots" / "noise_map.png").is_file()
+    assert len(res["adversarial"]["table"]) == 6 and (out / "plots" / "attack_sweep.png").is_file()
     an = res["analysis"]
     assert len(an["hessian_trace"]) == 14 and len(an["quantization"]) == 6
     assert set(an["rank_correlation"]) == {"hessian_vs_fisher", "hessian_vs_noise", "fisher_vs_noise"}
