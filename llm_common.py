@@ -95,6 +95,28 @@ def peak_memory_mb(device: Optional[torch.device] = None) -> float:
 # --------------------------------------------------------------------------- atomic I/O
 
 
+def fault_point(name: str) -> None:
+    """Crash-test hook: SIGKILL this process when LLM_FAULT_AT equals ``name``.
+
+    The kill-and-resume tests use it to die at an exact point (mid-step, mid-write);
+    it does nothing otherwise.
+    """
+    if os.environ.get("LLM_FAULT_AT") == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def clean_stale_temps(root: str | os.PathLike) -> int:
+    """Remove temporaries that ``atomic_path`` left behind when a process was killed."""
+    n = 0
+    for p in Path(root).rglob(".*.tmp"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            n += 1
+    return n
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
@@ -108,6 +130,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     target = tmp / path.name
     try:
         yield target
+        fault_point(f"write:{path.name}")
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         os.replace(target, path)

@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import torch
 
 import llm_common as C
+from llm_report import _fmt, make_plots, write_report
 
 log = logging.getLogger("llm.main")
 
@@ -45,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-dir", default="data", help="results, checkpoints, plots and report")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--log-level", default="INFO")
+    g.add_argument("--report-only", action="store_true",
+                   help="rebuild plots, report.md and report.html from <output-dir>/results.json, without a model")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
                    help="hub id, save_pretrained directory or .gguf file; default: embedded SmolLM2-135M-Instruct")
@@ -332,7 +335,7 @@ def step_eval(run: Run) -> None:
 
 def step_finetune(run: Run) -> None:
     """Load the finished fine-tune in <output-dir>/finetuned, or train and save it."""
-    from llm_finetune import FinetuneConfig, load_or_train_model, plot_training_curve
+    from llm_finetune import FinetuneConfig, load_or_train_model
 
     a = run.args
     mode = a.finetune
@@ -346,9 +349,8 @@ def step_finetune(run: Run) -> None:
     run.model, res = load_or_train_model(run.model, run.tokenizer, run.ids("train"), cfg)
     if mode != "none":
         run.variants = {"fine-tuned": None}
-        run.results["finetune"] = {k: v for k, v in dataclasses.asdict(res).items() if k != "manifest"}
-        plot = plot_training_curve(run.results["finetune"], run.out / "plots" / "finetune_loss.png")
-        run.results.setdefault("plots", {})["finetune"] = str(plot.relative_to(run.out))
+        if not (res.loaded_existing and run.results.get("finetune")):  # keep the record of the training run
+            run.results["finetune"] = {k: v for k, v in dataclasses.asdict(res).items() if k != "manifest"}
 
 
 def protected_coords(run: Run) -> tuple:
@@ -365,7 +367,7 @@ def protected_coords(run: Run) -> tuple:
 
 def step_prune(run: Run) -> None:
     """Prune a copy of the current weights, save them as a tensors-only checkpoint, restore."""
-    from llm_prune_model import PruneConfig, plot_sparsity_per_layer, prune_model, pruned_tensors
+    from llm_prune_model import PruneConfig, prune_model, pruned_tensors
 
     a = run.args
     cfg = PruneConfig(method=a.prune_method, sparsity=a.sparsity, pattern=a.sparsity_pattern,
@@ -383,8 +385,6 @@ def step_prune(run: Run) -> None:
     d["checkpoint"] = str(path.relative_to(run.out))
     d["calibration"] = {"windows": a.calib_samples, "seq_len": a.calib_seq_len, "source": run.corpus("train").source}
     run.results["prune"] = d
-    plot = plot_sparsity_per_layer(C.to_strict_json(d), run.out / "plots" / "prune_sparsity_per_layer.png")
-    run.results.setdefault("plots", {})["prune"] = str(plot.relative_to(run.out))
 
 
 def step_noise(run: Run) -> None:
@@ -403,6 +403,7 @@ def step_noise(run: Run) -> None:
         path = run.out / "checkpoints" / "noisy.safetensors"
         C.save_tensors(path, {n: params[n].detach() for n in res.tensors}, metadata={"mode": a.noise_mode})
     run.variants["noisy"] = path
+    C.fault_point("during:noise")
     out = {"variant": {k: v for k, v in dataclasses.asdict(res).items() if k != "tensors"},
            "checkpoint": str(path.relative_to(run.out))}
     out["variant"]["n_tensors"] = len(res.tensors)
@@ -428,10 +429,6 @@ def step_noise(run: Run) -> None:
     out["sweep"] = dataclasses.asdict(sweep)
     out["sweep"]["protect_fraction"] = a.protect_fraction
     run.results["noise"] = out
-    run.save()
-    plots = run.results.setdefault("plots", {})
-    plots["noise_sweep"] = str(R.plot_sweep(C.to_strict_json(out["sweep"]),
-                                            run.out / "plots" / "noise_sweep.png").relative_to(run.out))
     if a.noise_map != "off":
         # On CPU each of the layers x 7 cells gets 128 tokens: a coarse but complete map.
         map_tokens = a.sweep_tokens if C.is_cuda_model(model) else min(a.sweep_tokens, 128)
@@ -440,8 +437,6 @@ def step_noise(run: Run) -> None:
                                  eval_config=map_cfg)
         out["map"] = smap
         out["top_cells"] = R.top_cells(smap, 5)
-        plots["noise_map"] = str(R.plot_sensitivity_map(C.to_strict_json(smap),
-                                                        run.out / "plots" / "noise_map.png").relative_to(run.out))
 
 
 def step_adversarial(run: Run) -> None:
@@ -459,8 +454,6 @@ def step_adversarial(run: Run) -> None:
                                 max_new_tokens=a.max_new_tokens, seed=a.seed)
     res = ADV.test_adversarial_robustness(run.model, run.tokenizer, run.ids("eval"), cfg)
     run.results["adversarial"] = res
-    plot = ADV.plot_attack_sweep(res, run.out / "plots" / "attack_sweep.png")
-    run.results.setdefault("plots", {})["attack_sweep"] = str(plot.relative_to(run.out))
 
 
 def step_analysis(run: Run) -> None:
@@ -499,141 +492,107 @@ def step_analysis(run: Run) -> None:
     d["rank_correlation"] = corr
     d["super_weight_layers"] = sorted({sw["layer"] for sw in res.super_weights})
     run.results["analysis"] = d
-    plots = run.results.setdefault("plots", {})
-    plots["sensitivity_heatmaps"] = str(A.plot_heatmaps(d, run.out / "plots" / "sensitivity_heatmaps.png",
-                                                        smap).relative_to(run.out))
-    plots["activations"] = str(A.plot_activation_profile(d["activation_profile"], run.out / "plots" /
-                                                         "activations.png", d["super_weight_layers"])
-                               .relative_to(run.out))
 
 
 STEP_FUNCS: dict[str, Callable[[Run], None]] = {"analysis": step_analysis, "adversarial": step_adversarial, "finetune": step_finetune, "prune": step_prune,
                                                 "noise": step_noise, "eval": step_eval}
 
 
-# --------------------------------------------------------------------------- report
-
-
-def _fmt(x) -> str:
-    if isinstance(x, str):
-        return x
-    if x is None:
-        return "-"
-    return f"{x:.4g}" if isinstance(x, float) else str(x)
-
-
-def write_report(results: dict, out: Path) -> Path:
-    """Markdown report built from ``results.json`` alone, so it can be regenerated."""
-    lines = [f"# Sensitivity and robustness report: {results.get('model', '?')}", ""]
-    ds = results.get("dataset", {})
-    proto = results.get("protocol", {})
-    for which, d in ds.items():
-        fb = f" (fallback: {d['fallback']})" if d.get("fallback") else ""
-        lines.append(f"- {which} text: `{d.get('source')}`, {d.get('chars')} characters{fb}")
-    if proto:
-        lines.append(f"- protocol: windows of {proto.get('seq_len')} tokens, stride {proto.get('stride')}, "
-                     f"first {proto.get('eval_tokens') or 'all'} tokens")
-    lines.append(f"- seed {results.get('seed')}, device {results.get('device')}, dtype {results.get('dtype')}")
-    lines += ["", "## Perplexity", "", "| variant | perplexity | nll (nats) | bits/byte | tokens | KL | top-1 agree |",
-              "|---|---|---|---|---|---|---|"]
-    for name, ev in results.get("evaluation", {}).items():
-        lines.append(f"| {name} | {_fmt(ev['perplexity'])} | {_fmt(ev['nll'])} | {_fmt(ev['bits_per_byte'])} | "
-                     f"{ev['tokens_scored']} | {_fmt(ev.get('kl'))} | {_fmt(ev.get('top1_agreement'))} |")
-    ft = results.get("finetune")
-    if ft and ft.get("heldout_loss_before") is not None:
-        lines += ["", "## Fine-tuning", "",
-                  f"{ft['mode']} fine-tune, {ft['steps']} steps ({'loaded from disk' if ft['loaded_existing'] else 'trained'}"
-                  f"): held-out perplexity {_fmt(ft['heldout_ppl_before'])} -> {_fmt(ft['heldout_ppl_after'])}.",
-                  "", "![fine-tuning curve](plots/finetune_loss.png)"]
-    pr = results.get("prune")
-    if pr:
-        lines += ["", "## Pruning", "",
-                  f"{pr['method']} {pr['pattern']}: achieved sparsity {_fmt(pr['overall_sparsity'])} "
-                  f"(target {_fmt(pr['target_sparsity'])}) in {_fmt(pr['seconds'])} s, calibrated on "
-                  f"{pr['calibration']['windows']} windows of {pr['calibration']['seq_len']} tokens.",
-                  "", "![sparsity per layer](plots/prune_sparsity_per_layer.png)"]
-    nz = results.get("noise")
-    if nz:
-        v, sw = nz["variant"], nz["sweep"]
-        lines += ["", "## Weight noise", "",
-                  f"Noisy variant: {v['mode']} noise, eps={v['epsilon']}, group {v['group']} "
-                  f"({v['n_weights']} weights). Saturation (uniform guesser) = {_fmt(sw['saturation'])}.", "",
-                  f"Sweep ({sw['mode']} noise on decoder linears, {len(sw['points'])} points): perplexity doubles at "
-                  f"eps = {_fmt(sw['doubling_eps'].get('unprotected'))} without protection, "
-                  f"{_fmt(sw['doubling_eps'].get('protected'))} with the top {_fmt(sw.get('protect_fraction'))} "
-                  "of weights by Fisher saliency kept clean.", "",
-                  "| eps | ppl (mean) | ppl protected | KL | top-1 |", "|---|---|---|---|---|"]
-        up = sw["summary"]["unprotected"]
-        pr_ = sw["summary"].get("protected", {}).get("perplexity", {})
-        for e in sorted(up["perplexity"], key=float):
-            lines.append(f"| {e} | {_fmt(up['perplexity'][e]['mean'])} | {_fmt(pr_.get(e, {}).get('mean'))} | "
-                         f"{_fmt(up['kl'][e]['mean'])} | {_fmt(up['top1'][e]['mean'])} |")
-        lines += ["", "![noise sweep](plots/noise_sweep.png)"]
-        if nz.get("top_cells"):
-            lines += ["", "Most noise-sensitive cells: " + ", ".join(
-                f"layer {c['layer']} {c['module']} (+{_fmt(c['delta_nll'])} nats)" for c in nz["top_cells"]),
-                "", "![noise map](plots/noise_map.png)"]
-    adv = results.get("adversarial")
-    if adv:
-        lines += ["", "## Adversarial robustness (input embeddings)", "",
-                  f"eps is relative to the mean embedding-row norm ({_fmt(adv['embedding_row_norm'])}), "
-                  f"{adv['norm']} ball, {adv['n_samples']} prompts.", "",
-                  "| method | eps | clean NLL | attacked NLL | delta NLL | top-1 agreement |", "|---|---|---|---|---|---|"]
-        for r in adv["table"]:
-            lines.append(f"| {r['method']} | {r['eps']} | {_fmt(r['clean_nll'])} | {_fmt(r['attacked_nll'])} | "
-                         f"{_fmt(r['delta_nll'])} | {_fmt(r['top1_agreement'])} |")
-        t, gcg, pf, at = adv["targeted"], adv["gcg"], adv["perplexity_filter"], adv["adversarial_training"]
-        lines += ["", f"Targeted PGD (target {t['target']!r}, eps {t['eps']}): success rate {_fmt(t['success_rate'])} "
-                      f"over {t['n']} prompts.",
-                  f"GCG suffix `{gcg['suffix_text']}`: target loss {_fmt(gcg['initial_loss'])} -> "
-                  f"{_fmt(gcg['final_loss'])}, success {gcg['success']}.",
-                  f"Perplexity filter: detection rate {_fmt(pf['detection_rate'])}, false positives "
-                  f"{_fmt(pf['false_positive_rate'])} (threshold {_fmt(pf['threshold'])}).",
-                  f"Adversarial fine-tune ({at['steps']} steps): delta NLL at eps {at['eps']} "
-                  f"{_fmt(at['delta_nll_before'])} -> {_fmt(at['delta_nll_after'])}.", ""]
-        for prompt, ans in adv["answers"].items():
-            lines.append(f"- *{prompt}* clean: {ans['clean']}  \n  under PGD eps={ans['eps']}: {ans['attacked']}")
-        lines += ["", "![attack sweep](plots/attack_sweep.png)"]
-    an = results.get("analysis")
-    if an:
-        lines += ["", "## Sensitivity analysis", "",
-                  f"Hessian trace over decoder linears {_fmt(an['hessian_total'])} ± {_fmt(an['hessian_total_stderr'])} "
-                  f"({an['hutchinson_probes']} Hutchinson probes); top eigenvalue {_fmt(an['top_eigenvalue'])}.",
-                  f"Top layers by Hessian trace: {an['top_layers']['hessian_trace']}; by Fisher: "
-                  f"{an['top_layers']['fisher_sum']}; super-weight layers: {an['super_weight_layers']}.",
-                  "Rank correlations: " + ", ".join(f"{k} {_fmt(v)}" for k, v in an["rank_correlation"].items()), "",
-                  "| layer | module | row | col | value | |in| | |out| | ppl ratio zeroed |", "|---|---|---|---|---|---|---|---|"]
-        for sw in an["super_weights"]:
-            lines.append(f"| {sw['layer']} | {sw['module']} | {sw['row']} | {sw['col']} | {_fmt(sw['value'])} | "
-                         f"{_fmt(sw['input_abs'])} | {_fmt(sw['output_abs'])} | {_fmt(sw['ppl_ratio'])} |")
-        lines += ["", f"Quantization (RTN; clean perplexity {_fmt(an['clean_perplexity'])}):", "",
-                  "| bits | variant | perplexity | kept weights | extra storage % |", "|---|---|---|---|---|"]
-        for q in an["quantization"]:
-            lines.append(f"| {q['bits']} | {q['variant']} | {_fmt(q['perplexity'])} | {q['kept_weights']} | "
-                         f"{_fmt(q['extra_storage_pct'])} |")
-        lines += ["", "![heatmaps](plots/sensitivity_heatmaps.png)", "", "![activations](plots/activations.png)"]
-    lines += ["", "## Sample generations", ""]
-    for name, ev in results.get("evaluation", {}).items():
-        for prompt, answer in ev.get("generations", {}).items():
-            lines.append(f"- **{name}** — *{prompt}*  \n  {answer}")
-    path = out / "report.md"
-    C.write_text(path, "\n".join(lines) + "\n")
-    return path
-
-
 # --------------------------------------------------------------------------- main
 
 
+# Flags that change each step's output (besides COMMON_ARGS). A changed value reruns that
+# step and, through the fingerprint chain, every step after it.
+COMMON_ARGS = ("model", "device", "dtype", "device_map", "dataset", "train_dataset", "seed", "trust_remote_code")
+STEP_ARGS = {
+    "finetune": ("finetune", "ft_steps", "ft_batch_size", "ft_seq_len", "lr", "lora_r"),
+    "prune": ("prune_method", "sparsity", "sparsity_pattern", "calib_samples", "calib_seq_len",
+              "protect_super_weights", "super_weight_prompt"),
+    "noise": ("noise_mode", "epsilon", "noise_group", "sweep_mode", "sweep_eps", "sweep_seeds", "sweep_tokens",
+              "protect_fraction", "noise_map", "protect_super_weights", "super_weight_prompt", "calib_samples",
+              "calib_seq_len", "seq_len", "batch_size"),
+    "eval": ("seq_len", "stride", "eval_tokens", "batch_size", "kl", "prompt", "max_new_tokens"),
+    "adversarial": ("attack_eps", "attack_norm", "attack_steps", "attack_windows", "attack_target", "gcg_steps",
+                    "defence_steps", "prompt", "max_new_tokens"),
+    "analysis": ("hessian_probes", "hessian_tol", "power_iters", "analysis_windows", "analysis_seq_len", "per_block",
+                 "quant_bits", "quant_group", "super_weight_prompt", "sweep_tokens", "seq_len", "batch_size",
+                 "calib_samples"),
+}
+STEP_SECTIONS = {"finetune": ("finetune",), "prune": ("prune",), "noise": ("noise", "super_weights"),
+                 "eval": ("perplexity", "evaluation", "protocol"), "adversarial": ("adversarial",),
+                 "analysis": ("analysis",)}
+
+
+def fingerprint(args: argparse.Namespace, step: str, previous: str) -> str:
+    """Hash of what determines a step's output: common flags, its own flags, and the
+    fingerprint of the step before it (so a change cascades to every later step)."""
+    import hashlib
+    import json
+
+    keys = COMMON_ARGS + STEP_ARGS[step]
+    blob = json.dumps({"step": step, "prev": previous, **{k: getattr(args, k, None) for k in keys}},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def git_commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=C.REPO_DIR, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _load_previous(out: Path) -> dict:
+    path = out / "results.json"
+    if not path.is_file():
+        return {}
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        log.warning("ignoring unreadable %s; starting afresh", path)
+        return {}
+
+
+def _restore_variants(run: Run, step: str) -> bool:
+    """For a skipped prune/noise step, point the variant at its saved checkpoint."""
+    section = {"prune": ("prune", "pruned"), "noise": ("noise", "noisy")}.get(step)
+    if section is None:
+        return True
+    key, variant = section
+    ckpt = run.out / run.results[key]["checkpoint"]
+    if not ckpt.is_file():
+        return False
+    run.variants[variant] = ckpt
+    return True
+
+
 def run_pipeline(args: argparse.Namespace) -> dict:
+    """Run the steps in order, resuming from ``results.json``: a step whose fingerprint
+    matches the saved one is skipped, its recorded outputs are kept."""
     out = Path(args.output_dir)
+    C.clean_stale_temps(out)
     C.seed_everything(args.seed)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    previous = _load_previous(out)
+    done_before = previous.get("steps_done", {})
     run = Run(args=args, out=out)
     device = C.resolve_device(args.device)
+    argv = sys.argv[1:] if args._argv is None else list(args._argv)
     run.results.update({
-        "seed": args.seed, "argv": sys.argv[1:] if args._argv is None else list(args._argv),
-        "steps": args.steps, "device": str(device), "dtype": str(C.resolve_dtype(args.dtype, device)),
-        "versions": C.library_versions(), "python": platform.python_version(),
+        "seed": args.seed, "argv": argv, "steps": args.steps, "device": str(device),
+        "dtype": str(C.resolve_dtype(args.dtype, device)), "versions": C.library_versions(),
+        "python": platform.python_version(), "steps_done": {},
     })
+    manifest = {"command": "python llm_main_v4.py " + " ".join(argv), "git_commit": git_commit(),
+                "versions": run.results["versions"], "device": str(device), "dtype": run.results["dtype"],
+                "seeds": {"seed": args.seed}, "steps": {}, "bookkeeping_s": 0.0}
+    run.results["manifest"] = manifest
     t0 = time.perf_counter()
     load_cfg = C.LoadConfig(model=args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
                             max_memory=args.max_memory, trust_remote_code=args.trust_remote_code,
@@ -642,17 +601,56 @@ def run_pipeline(args: argparse.Namespace) -> dict:
     run.results["model"] = run.model_label
     run.results["parameters"] = sum(p.numel() for p in run.model.parameters())
     run.variants["base"] = None
-    run.results.setdefault("timings_s", {})["load"] = time.perf_counter() - t0
+    manifest["steps"]["load"] = {"wall_s": time.perf_counter() - t0, "peak_memory_mb": C.peak_memory_mb(device)}
+    prev_fp, chain_intact = "load", True
     for step in args.steps:
+        tb = time.perf_counter()
+        fp = fingerprint(args, step, prev_fp)
+        can_skip = chain_intact and done_before.get(step) == fp and step != "finetune"
+        if can_skip:
+            for key in STEP_SECTIONS[step]:
+                if key in previous:
+                    run.results[key] = previous[key]
+            can_skip = _restore_variants(run, step)
+        manifest["bookkeeping_s"] += time.perf_counter() - tb
         t = time.perf_counter()
-        log.info("step %s", step)
-        STEP_FUNCS[step](run)
-        run.results["timings_s"][step] = time.perf_counter() - t
+        if can_skip:
+            log.info("step %s: unchanged since the last run, skipped", step)
+            if step == "eval":  # corpus descriptions are recorded as a side effect of loading them
+                run.results["dataset"] = previous.get("dataset", {})
+        else:
+            chain_intact = chain_intact and done_before.get(step) == fp
+            if step == "finetune" and done_before.get(step) == fp and "finetune" in previous:
+                run.results["finetune"] = previous["finetune"]
+            log.info("step %s", step)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            STEP_FUNCS[step](run)
+        tb = time.perf_counter()
+        manifest["steps"][step] = {"wall_s": tb - t, "peak_memory_mb": C.peak_memory_mb(device), "skipped": can_skip}
+        run.results["steps_done"][step] = fp
+        prev_fp = fp
         run.save()
+        manifest["bookkeeping_s"] += time.perf_counter() - tb
+    t = time.perf_counter()
+    run.results["plots"] = make_plots(C.to_strict_json(run.results), out)
+    manifest["plots_s"] = time.perf_counter() - t
     run.save()
-    report = write_report(run.results, out)
-    log.info("wrote %s and %s", out / "results.json", report)
+    md, html_path = write_report(C.to_strict_json(run.results), out)
+    log.info("wrote %s, %s and %s", out / "results.json", md, html_path)
     return run.results
+
+
+def report_only(args: argparse.Namespace) -> dict:
+    """Rebuild every plot and the report from ``<output-dir>/results.json``; no model is loaded."""
+    out = Path(args.output_dir)
+    results = _load_previous(out)
+    if not results:
+        raise C.UserError(f"--report-only: no readable results.json in {out}")
+    results["plots"] = make_plots(results, out)
+    C.write_json(out / "results.json", results)
+    write_report(results, out)
+    return results
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -662,8 +660,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     args._argv = argv
     C.setup_logging(args.log_level)
     try:
-        args = resolve_args(args)
-        results = run_pipeline(args)
+        if args.report_only:
+            results = report_only(args)
+        else:
+            args = resolve_args(args)
+            results = run_pipeline(args)
     except C.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -154,5 +154,7 @@ def test_full_pipeline_on_tiny_model(tiny_dir, corpus_file, tmp_path):
     # A second run loads the finished fine-tune instead of training again.
     assert llm_main_v4.main(argv) == 0
     res2 = json.loads((out / "results.json").read_text())
-    assert res2["finetune"]["loaded_existing"] is True
+    assert res2["finetune"]["loaded_existing"] is False  # the record of the training run is kept
+    steps = res2["manifest"]["steps"]
+    assert all(steps[s]["skipped"] for s in ("prune", "noise", "eval", "adversarial", "analysis"))
     assert res2["perplexity"] == res["perplexity"]

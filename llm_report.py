@@ -1,0 +1,309 @@
+"""Report and plots, rebuilt from ``results.json`` alone (``--report-only``).
+
+``make_plots`` regenerates every figure from saved results; ``write_report`` writes
+``report.md`` and a self-contained ``report.html`` (plots embedded as data URIs) whose
+findings are filled in from the numbers in ``results.json``.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import math
+import re
+from pathlib import Path
+
+import llm_common as C
+
+
+def _num(x):
+    """A number from results.json ("inf"/"nan" strings included), or None."""
+    if isinstance(x, (int, float)):
+        return float(x)
+    if isinstance(x, str):
+        try:
+            return float(x)
+        except ValueError:
+            return None
+    return None
+
+
+def _fmt(x) -> str:
+    if isinstance(x, str):
+        return x
+    if x is None:
+        return "-"
+    return f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
+def report_markdown(results: dict) -> str:
+    """Markdown report built from ``results.json`` alone, so it can be regenerated."""
+    lines = [f"# Sensitivity and robustness report: {results.get('model', '?')}", ""]
+    ds = results.get("dataset", {})
+    proto = results.get("protocol", {})
+    for which, d in ds.items():
+        fb = f" (fallback: {d['fallback']})" if d.get("fallback") else ""
+        lines.append(f"- {which} text: `{d.get('source')}`, {d.get('chars')} characters{fb}")
+    if proto:
+        lines.append(f"- protocol: windows of {proto.get('seq_len')} tokens, stride {proto.get('stride')}, "
+                     f"first {proto.get('eval_tokens') or 'all'} tokens")
+    lines.append(f"- seed {results.get('seed')}, device {results.get('device')}, dtype {results.get('dtype')}")
+    found = findings(results)
+    if found:
+        lines += ["", "## Findings", ""] + [f"- {f}" for f in found]
+    lines += ["", "## Perplexity", "", "| variant | perplexity | nll (nats) | bits/byte | tokens | KL | top-1 agree |",
+              "|---|---|---|---|---|---|---|"]
+    for name, ev in results.get("evaluation", {}).items():
+        lines.append(f"| {name} | {_fmt(ev['perplexity'])} | {_fmt(ev['nll'])} | {_fmt(ev['bits_per_byte'])} | "
+                     f"{ev['tokens_scored']} | {_fmt(ev.get('kl'))} | {_fmt(ev.get('top1_agreement'))} |")
+    ft = results.get("finetune")
+    if ft and ft.get("heldout_loss_before") is not None:
+        lines += ["", "## Fine-tuning", "",
+                  f"{ft['mode']} fine-tune, {ft['steps']} steps ({'loaded from disk' if ft['loaded_existing'] else 'trained'}"
+                  f"): held-out perplexity {_fmt(ft['heldout_ppl_before'])} -> {_fmt(ft['heldout_ppl_after'])}.",
+                  "", "![fine-tuning curve](plots/finetune_loss.png)"]
+    pr = results.get("prune")
+    if pr:
+        lines += ["", "## Pruning", "",
+                  f"{pr['method']} {pr['pattern']}: achieved sparsity {_fmt(pr['overall_sparsity'])} "
+                  f"(target {_fmt(pr['target_sparsity'])}) in {_fmt(pr['seconds'])} s, calibrated on "
+                  f"{pr['calibration']['windows']} windows of {pr['calibration']['seq_len']} tokens.",
+                  "", "![sparsity per layer](plots/prune_sparsity_per_layer.png)"]
+    nz = results.get("noise")
+    if nz:
+        v, sw = nz["variant"], nz["sweep"]
+        lines += ["", "## Weight noise", "",
+                  f"Noisy variant: {v['mode']} noise, eps={v['epsilon']}, group {v['group']} "
+                  f"({v['n_weights']} weights). Saturation (uniform guesser) = {_fmt(sw['saturation'])}.", "",
+                  f"Sweep ({sw['mode']} noise on decoder linears, {len(sw['points'])} points): perplexity doubles at "
+                  f"eps = {_fmt(sw['doubling_eps'].get('unprotected'))} without protection, "
+                  f"{_fmt(sw['doubling_eps'].get('protected'))} with the top {_fmt(sw.get('protect_fraction'))} "
+                  "of weights by Fisher saliency kept clean.", "",
+                  "| eps | ppl (mean) | ppl protected | KL | top-1 |", "|---|---|---|---|---|"]
+        up = sw["summary"]["unprotected"]
+        pr_ = sw["summary"].get("protected", {}).get("perplexity", {})
+        for e in sorted(up["perplexity"], key=float):
+            lines.append(f"| {e} | {_fmt(up['perplexity'][e]['mean'])} | {_fmt(pr_.get(e, {}).get('mean'))} | "
+                         f"{_fmt(up['kl'][e]['mean'])} | {_fmt(up['top1'][e]['mean'])} |")
+        lines += ["", "![noise sweep](plots/noise_sweep.png)"]
+        if nz.get("top_cells"):
+            lines += ["", "Most noise-sensitive cells: " + ", ".join(
+                f"layer {c['layer']} {c['module']} (+{_fmt(c['delta_nll'])} nats)" for c in nz["top_cells"]),
+                "", "![noise map](plots/noise_map.png)"]
+    adv = results.get("adversarial")
+    if adv:
+        lines += ["", "## Adversarial robustness (input embeddings)", "",
+                  f"eps is relative to the mean embedding-row norm ({_fmt(adv['embedding_row_norm'])}), "
+                  f"{adv['norm']} ball, {adv['n_samples']} prompts.", "",
+                  "| method | eps | clean NLL | attacked NLL | delta NLL | top-1 agreement |", "|---|---|---|---|---|---|"]
+        for r in adv["table"]:
+            lines.append(f"| {r['method']} | {r['eps']} | {_fmt(r['clean_nll'])} | {_fmt(r['attacked_nll'])} | "
+                         f"{_fmt(r['delta_nll'])} | {_fmt(r['top1_agreement'])} |")
+        t, gcg, pf, at = adv["targeted"], adv["gcg"], adv["perplexity_filter"], adv["adversarial_training"]
+        lines += ["", f"Targeted PGD (target {t['target']!r}, eps {t['eps']}): success rate {_fmt(t['success_rate'])} "
+                      f"over {t['n']} prompts.",
+                  f"GCG suffix `{gcg['suffix_text']}`: target loss {_fmt(gcg['initial_loss'])} -> "
+                  f"{_fmt(gcg['final_loss'])}, success {gcg['success']}.",
+                  f"Perplexity filter: detection rate {_fmt(pf['detection_rate'])}, false positives "
+                  f"{_fmt(pf['false_positive_rate'])} (threshold {_fmt(pf['threshold'])}).",
+                  f"Adversarial fine-tune ({at['steps']} steps): delta NLL at eps {at['eps']} "
+                  f"{_fmt(at['delta_nll_before'])} -> {_fmt(at['delta_nll_after'])}.", ""]
+        for prompt, ans in adv["answers"].items():
+            lines.append(f"- *{prompt}* clean: {ans['clean']}  \n  under PGD eps={ans['eps']}: {ans['attacked']}")
+        lines += ["", "![attack sweep](plots/attack_sweep.png)"]
+    an = results.get("analysis")
+    if an:
+        lines += ["", "## Sensitivity analysis", "",
+                  f"Hessian trace over decoder linears {_fmt(an['hessian_total'])} ± {_fmt(an['hessian_total_stderr'])} "
+                  f"({an['hutchinson_probes']} Hutchinson probes); top eigenvalue {_fmt(an['top_eigenvalue'])}.",
+                  f"Top layers by Hessian trace: {an['top_layers']['hessian_trace']}; by Fisher: "
+                  f"{an['top_layers']['fisher_sum']}; super-weight layers: {an['super_weight_layers']}.",
+                  "Rank correlations: " + ", ".join(f"{k} {_fmt(v)}" for k, v in an["rank_correlation"].items()), "",
+                  "| layer | module | row | col | value | |in| | |out| | ppl ratio zeroed |", "|---|---|---|---|---|---|---|---|"]
+        for sw in an["super_weights"]:
+            lines.append(f"| {sw['layer']} | {sw['module']} | {sw['row']} | {sw['col']} | {_fmt(sw['value'])} | "
+                         f"{_fmt(sw['input_abs'])} | {_fmt(sw['output_abs'])} | {_fmt(sw['ppl_ratio'])} |")
+        lines += ["", f"Quantization (RTN; clean perplexity {_fmt(an['clean_perplexity'])}):", "",
+                  "| bits | variant | perplexity | kept weights | extra storage % |", "|---|---|---|---|---|"]
+        for q in an["quantization"]:
+            lines.append(f"| {q['bits']} | {q['variant']} | {_fmt(q['perplexity'])} | {q['kept_weights']} | "
+                         f"{_fmt(q['extra_storage_pct'])} |")
+        lines += ["", "![heatmaps](plots/sensitivity_heatmaps.png)", "", "![activations](plots/activations.png)"]
+    lines += ["", "## Sample generations", ""]
+    for name, ev in results.get("evaluation", {}).items():
+        for prompt, answer in ev.get("generations", {}).items():
+            lines.append(f"- **{name}** — *{prompt}*  \n  {answer}")
+    m = results.get("manifest", {})
+    if m:
+        lines += ["", "## Run manifest", "", f"- command: `{m.get('command')}`", f"- git commit: {m.get('git_commit')}",
+                  "- versions: " + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()), "",
+                  "| step | wall time (s) | peak memory (MiB) | skipped (resumed) |", "|---|---|---|---|"]
+        for step, st in m.get("steps", {}).items():
+            lines.append(f"| {step} | {_fmt(st.get('wall_s'))} | {_fmt(st.get('peak_memory_mb'))} | "
+                         f"{st.get('skipped', False)} |")
+    return "\n".join(lines) + "\n"
+
+
+def findings(results: dict) -> list[str]:
+    """Short sentences whose numbers come from ``results``; only for steps that ran."""
+    out = []
+    ppl = results.get("perplexity", {})
+    ft = results.get("finetune") or {}
+    if _num(ft.get("heldout_ppl_before")) is not None:
+        out.append(f"Fine-tuning ({ft.get('mode')}, {ft.get('steps')} steps) moved held-out perplexity on the training "
+                   f"domain from {_fmt(ft['heldout_ppl_before'])} to {_fmt(ft['heldout_ppl_after'])}.")
+    base = next((ppl[k] for k in ("fine-tuned", "base") if k in ppl), None)
+    pr = results.get("prune")
+    if pr and "pruned" in ppl and _num(base):
+        out.append(f"{pr['method']} pruning to {_fmt(pr['overall_sparsity'])} sparsity ({pr['pattern']}) gives perplexity "
+                   f"{_fmt(ppl['pruned'])} against {_fmt(base)} dense (x{_fmt(_num(ppl['pruned']) / _num(base))}).")
+    nz = results.get("noise")
+    if nz and "noisy" in ppl:
+        v, sat = nz["variant"], nz["sweep"]["saturation"]
+        frac = _num(ppl["noisy"]) / sat if _num(ppl["noisy"]) is not None else float("nan")
+        out.append(f"{v['mode'].capitalize()} noise eps={v['epsilon']} on {v['group']} weights gives perplexity "
+                   f"{_fmt(ppl['noisy'])}, {_fmt(100 * frac)}% of the saturation level {int(sat)} "
+                   "(a uniform guesser over the vocabulary).")
+    if nz:
+        d = nz["sweep"]["doubling_eps"]
+        out.append(f"Relative noise on the decoder linears doubles perplexity at eps={_fmt(d.get('unprotected'))}; "
+                   f"keeping the top {_fmt(nz['sweep'].get('protect_fraction'))} of weights by Fisher saliency clean "
+                   f"moves that to eps={_fmt(d.get('protected'))}.")
+        if nz.get("top_cells"):
+            c = nz["top_cells"][0]
+            out.append(f"The most noise-sensitive cell is layer {c['layer']} {c['module']} "
+                       f"(+{_fmt(c['delta_nll'])} nats/token).")
+    adv = results.get("adversarial")
+    if adv and adv.get("table"):
+        top = max(r["eps"] for r in adv["table"])
+        row = {r["method"]: r for r in adv["table"] if r["eps"] == top}
+        out.append(f"At eps={top} (relative to the mean embedding norm) PGD raises the continuation NLL by "
+                   f"{_fmt(row['pgd']['delta_nll'])} nats/token, FGSM by {_fmt(row['fgsm']['delta_nll'])}; targeted "
+                   f"PGD succeeds on {_fmt(adv['targeted']['success_rate'])} of prompts.")
+        at = adv["adversarial_training"]
+        out.append(f"A {at['steps']}-step adversarial fine-tune changes PGD's delta NLL from "
+                   f"{_fmt(at['delta_nll_before'])} to {_fmt(at['delta_nll_after'])} at eps={at['eps']}.")
+    an = results.get("analysis")
+    if an:
+        sws = an.get("super_weights") or []
+        if sws:
+            s = sws[0]
+            out.append(f"Super weight at layer {s['layer']} {s['module'].split('.')[-1]}[{s['row']}, {s['col']}] "
+                       f"(value {_fmt(s['value'])}): zeroing it alone multiplies perplexity by {_fmt(s['ppl_ratio'])}.")
+        else:
+            out.append("No super weight was found: no MLP down projection's output spiked.")
+        q = {(r["bits"], r["variant"].split(" ")[0]): r for r in an.get("quantization", [])}
+        for bits in sorted({b for b, _ in q}, reverse=True):
+            plain, prot = q.get((bits, "plain")), [r for (b, v), r in q.items() if b == bits and v != "plain"]
+            if plain and prot:
+                best = min(prot, key=lambda r: _num(r["perplexity"]) if _num(r["perplexity"]) is not None else math.inf)
+                out.append(f"{bits}-bit RTN: perplexity {_fmt(plain['perplexity'])} plain, {_fmt(best['perplexity'])} "
+                           f"with {best['variant']} (+{_fmt(best['extra_storage_pct'])}% storage).")
+    return out
+
+
+def make_plots(results: dict, out: Path) -> dict:
+    """(Re)draw every plot that the saved results support; returns {name: path relative to out}."""
+    out = Path(out)
+    plots = {}
+    d = out / "plots"
+
+    def add(name, fn, *args):
+        plots[name] = str(fn(*args).relative_to(out))
+
+    if results.get("finetune", {}).get("train_losses"):
+        from llm_finetune import plot_training_curve
+        add("finetune", plot_training_curve, results["finetune"], d / "finetune_loss.png")
+    if results.get("prune"):
+        from llm_prune_model import plot_sparsity_per_layer
+        add("prune", plot_sparsity_per_layer, results["prune"], d / "prune_sparsity_per_layer.png")
+    if results.get("noise"):
+        import llm_robustness_test as R
+        add("noise_sweep", R.plot_sweep, results["noise"]["sweep"], d / "noise_sweep.png")
+        if results["noise"].get("map"):
+            add("noise_map", R.plot_sensitivity_map, results["noise"]["map"], d / "noise_map.png")
+    if results.get("adversarial"):
+        from llm_adversarial_test import plot_attack_sweep
+        add("attack_sweep", plot_attack_sweep, results["adversarial"], d / "attack_sweep.png")
+    if results.get("analysis"):
+        import llm_integrated_analysis as A
+        an = results["analysis"]
+        add("sensitivity_heatmaps", A.plot_heatmaps, an, d / "sensitivity_heatmaps.png",
+            (results.get("noise") or {}).get("map"))
+        add("activations", A.plot_activation_profile, an["activation_profile"], d / "activations.png",
+            an.get("super_weight_layers", []))
+    return plots
+
+
+_INLINE = [(re.compile(r"\*\*(.+?)\*\*"), r"<b>\1</b>"), (re.compile(r"(?<![*\w])\*(?!\s)(.+?)\*"), r"<i>\1</i>"),
+           (re.compile(r"`(.+?)`"), r"<code>\1</code>")]
+
+
+def _inline(text: str) -> str:
+    text = html.escape(text, quote=False)
+    for pat, rep in _INLINE:
+        text = pat.sub(rep, text)
+    return text
+
+
+def markdown_to_html(md: str, base: Path) -> str:
+    """The small Markdown subset our report uses -> HTML, images inlined as data URIs."""
+    body, table, in_list = [], [], False
+
+    def flush_table():
+        if table:
+            rows = [r for r in table if not set(r.replace("|", "").strip()) <= set("-: ")]
+            cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows]
+            body.append("<table><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in cells[0]) + "</tr>" + "".join(
+                "<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in cells[1:]) + "</table>")
+            table.clear()
+
+    for line in md.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush_table()
+        if in_list and not line.startswith(("- ", "  ")):
+            body.append("</ul>")
+            in_list = False
+        img = re.fullmatch(r"!\[(.*?)\]\((.+?)\)", line.strip())
+        if img:
+            p = base / img.group(2)
+            if p.is_file():
+                data = base64.b64encode(p.read_bytes()).decode()
+                body.append(f'<p><img alt="{html.escape(img.group(1))}" src="data:image/png;base64,{data}"></p>')
+            else:
+                body.append(f"<p><i>missing plot {html.escape(img.group(2))}</i></p>")
+        elif line.startswith("## "):
+            body.append(f"<h2>{_inline(line[3:])}</h2>")
+        elif line.startswith("# "):
+            body.append(f"<h1>{_inline(line[2:])}</h1>")
+        elif line.startswith("- "):
+            if not in_list:
+                body.append("<ul>")
+                in_list = True
+            body.append(f"<li>{_inline(line[2:].rstrip())}")
+        elif line.startswith("  ") and in_list:
+            body.append("<br>" + _inline(line.strip()))
+        elif line.strip():
+            body.append(f"<p>{_inline(line)}</p>")
+    flush_table()
+    if in_list:
+        body.append("</ul>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
+             "th{background:#f3f3f3}img{max-width:100%}code{background:#f3f3f3;padding:0 3px}")
+    # The script lets a headless browser check that every image decoded (data-images-ok).
+    script = ("<script>window.addEventListener('load',()=>{const im=[...document.images];"
+              "document.body.dataset.imagesOk=im.every(i=>i.complete&&i.naturalWidth>0);"
+              "document.body.dataset.images=im.length;});</script>")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>LLM sensitivity report</title>"
+            f"<style>{style}</style>{script}</head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def write_report(results: dict, out: Path) -> tuple[Path, Path]:
+    """Write report.md and the self-contained report.html into ``out``."""
+    out = Path(out)
+    md = report_markdown(results)
+    C.write_text(out / "report.md", md)
+    C.write_text(out / "report.html", markdown_to_html(md, out))
+    return out / "report.md", out / "report.html"
