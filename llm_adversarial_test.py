@@ -452,16 +452,17 @@ def test_adversarial_robustness(model, tokenizer, eval_ids: torch.Tensor,
     t = time.perf_counter()
     dcfg = AttackConfig(method="pgd", norm=config.norm, epsilon=max(config.epsilons), steps=config.pgd_steps,
                         seed=config.seed + 99)
-    before = _mean(attack_embeddings(model, s, dcfg).delta_nll for s in samples)
-    clean_before = _mean(attack_embeddings(model, s, dcfg).clean_nll for s in samples)
+    before_rs = [attack_embeddings(model, s, dcfg) for s in samples]
     names = [n for n, p in model.named_parameters() if p.is_floating_point()]
     with C.restored_on_exit(model, names):
         train_losses = adversarial_finetune(model, samples, dcfg, config.defence_steps, config.defence_lr,
                                             config.seed, config.progress)
         after_rs = [attack_embeddings(model, s, dcfg) for s in samples]
     defence = {"eps": dcfg.epsilon, "steps": config.defence_steps, "lr": config.defence_lr,
-               "delta_nll_before": before, "delta_nll_after": _mean(r.delta_nll for r in after_rs),
-               "clean_nll_before": clean_before, "clean_nll_after": _mean(r.clean_nll for r in after_rs),
+               "delta_nll_before": _mean(r.delta_nll for r in before_rs),
+               "delta_nll_after": _mean(r.delta_nll for r in after_rs),
+               "clean_nll_before": _mean(r.clean_nll for r in before_rs),
+               "clean_nll_after": _mean(r.clean_nll for r in after_rs),
                "train_losses": train_losses}
     secs["defence"] = time.perf_counter() - t
     secs["total"] = time.perf_counter() - t0

@@ -92,6 +92,54 @@ def peak_memory_mb(device: Optional[torch.device] = None) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+# --------------------------------------------------------------------------- processes
+
+
+def dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed group, else (0, 1).
+
+    Under ``accelerate launch`` (or torchrun) sweeps split their jobs across ranks.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard_jobs(jobs: list) -> list[tuple[int, object]]:
+    """This rank's share of ``jobs`` as (global index, job): every world_size-th job."""
+    rank, world = dist_rank_world()
+    return [(i, j) for i, j in enumerate(jobs) if i % world == rank]
+
+
+def gather_jobs(results: list[tuple[int, object]]) -> list:
+    """Merge every rank's (global index, result) pairs into one list in job order.
+
+    All ranks receive the merged list, so every rank can go on identically.
+    """
+    rank, world = dist_rank_world()
+    if world == 1:
+        return [r for _, r in sorted(results, key=lambda t: t[0])]
+    import torch.distributed as dist
+
+    parts = [None] * world
+    dist.all_gather_object(parts, results)
+    return [r for _, r in sorted((x for part in parts for x in part), key=lambda t: t[0])]
+
+
+def init_distributed_from_env() -> bool:
+    """Join the process group that ``accelerate launch``/torchrun describe in the environment
+    (gloo on CPU, nccl on GPUs). Returns True when running with more than one process."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
 # --------------------------------------------------------------------------- atomic I/O
 
 

@@ -214,6 +214,7 @@ def evaluate_model(model, tokenizer, input_ids: torch.Tensor, config: EvalConfig
     )
     if config.max_new_tokens > 0 and config.prompts:
         result.generations = _generate(model, tokenizer, config.prompts, config.max_new_tokens)
-    log.info("perplexity %.4f (nll %.4f nats, %.4f bits/byte) over %d tokens in %d windows, %.1f tok/s",
+    # Sweeps run hundreds of silent evaluations (progress=False): keep those at DEBUG.
+    log.log(logging.INFO if config.progress else logging.DEBUG, "perplexity %.4f (nll %.4f nats, %.4f bits/byte) over %d tokens in %d windows, %.1f tok/s",
              result.perplexity, mean_nll, result.bits_per_byte, n_scored, len(plan), result.tokens_per_s)
     return result

@@ -362,7 +362,7 @@ def run_integrated_analysis(model, tokenizer, calib_ids: torch.Tensor, eval_ids:
     for i, layer in enumerate(layers):
         for rel, m in C.block_linears(layer).items():
             n = names_of[m]
-            mods[n], mlayer[n], mtype[n] = m, i, rel.rsplit(".", 1)[-1]
+            mods[n], mlayer[n], mtype[n] = m, i, rel  # path inside the block, as in the noise map
     windows = C.sample_windows(calib_ids, config.calib_windows, config.calib_seq_len, seed=config.seed)
 
     t = time.perf_counter()

@@ -94,14 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--noise-group", default="all",
                    help="all|linears|layer:N|module:NAME|embeddings|norms")
     g.add_argument("--sweep-mode", default="relative", help="noise mode of the eps sweep")
-    g.add_argument("--sweep-eps", default="0.01,0.02,0.05,0.1,0.2,0.5", help="comma list of eps for the sweep")
+    g.add_argument("--sweep-eps", default="0.02,0.05,0.1,0.2,0.5", help="comma list of eps for the sweep")
     g.add_argument("--sweep-seeds", type=int, default=3, help="seeds per eps")
     g.add_argument("--sweep-tokens", type=int, default=None,
                    help="evaluation tokens per sweep point (default 512 CPU, 16384 GPU)")
     g.add_argument("--protect-fraction", type=float, default=0.005,
                    help="top fraction of weights by Fisher saliency kept clean in the protected sweep")
-    g.add_argument("--noise-map", default="auto", help="on|off|auto: layer x module sensitivity heatmap "
-                                                      "(auto: on; costs layers x 7 evaluations)")
+    g.add_argument("--noise-map", default="auto", help="on|off|auto: layer x module sensitivity heatmap; costs "
+                                                      "layers x 7 evaluations (auto: on with a GPU, off on CPU)")
     g = p.add_argument_group("adversarial attacks (step adversarial)")
     g.add_argument("--attack-eps", default="0.02,0.05,0.1",
                    help="comma list of eps, relative to the mean embedding-row norm")
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attack-target", default=" Star Wars", help="target string of the targeted attacks and GCG")
     g.add_argument("--gcg-steps", type=int, default=None, help="GCG iterations (default 10 CPU, 100 GPU)")
     g.add_argument("--defence-steps", type=int, default=None,
-                   help="adversarial fine-tuning steps (default 6 CPU, 50 GPU)")
+                   help="adversarial fine-tuning steps (default 4 CPU, 50 GPU)")
     g = p.add_argument_group("analysis (step analysis)")
     g.add_argument("--hessian-probes", type=int, default=None, help="max Hutchinson probes (default 6 CPU, 50 GPU)")
     g.add_argument("--hessian-tol", type=float, default=1e-2, help="relative tolerance that stops Hutchinson")
@@ -245,7 +245,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.attack_norm not in ("linf", "l2"):
         raise C.UserError(f"--attack-norm must be linf or l2, not {args.attack_norm!r}")
     for flag, cpu, gpu in (("attack_steps", 5, 20), ("attack_windows", 4, 32), ("gcg_steps", 10, 100),
-                           ("defence_steps", 6, 50)):
+                           ("defence_steps", 4, 50)):
         if getattr(args, flag) is None:
             setattr(args, flag, gpu if on_gpu else cpu)
         if getattr(args, flag) < 1:
@@ -300,7 +300,8 @@ class Run:
         return self._ids[which]
 
     def save(self) -> None:
-        C.write_json(self.out / "results.json", self.results)
+        if C.dist_rank_world()[0] == 0:  # under accelerate launch only rank 0 writes
+            C.write_json(self.out / "results.json", self.results)
 
 
 # --------------------------------------------------------------------------- steps
@@ -429,7 +430,7 @@ def step_noise(run: Run) -> None:
     out["sweep"] = dataclasses.asdict(sweep)
     out["sweep"]["protect_fraction"] = a.protect_fraction
     run.results["noise"] = out
-    if a.noise_map != "off":
+    if a.noise_map == "on" or (a.noise_map == "auto" and C.is_cuda_model(model)):
         # On CPU each of the layers x 7 cells gets 128 tokens: a coarse but complete map.
         map_tokens = a.sweep_tokens if C.is_cuda_model(model) else min(a.sweep_tokens, 128)
         map_cfg = EvalConfig(seq_len=min(seq, map_tokens), eval_tokens=map_tokens, batch_size=a.batch_size)
@@ -448,7 +449,7 @@ def step_adversarial(run: Run) -> None:
     cfg = ADV.AdversarialConfig(epsilons=a.attack_eps, norm=a.attack_norm, pgd_steps=a.attack_steps,
                                 n_windows=a.attack_windows, prompt_len=128 if on_gpu else 32,
                                 continuation_len=32 if on_gpu else 16, sample_prompts=tuple(a.prompt),
-                                target=a.attack_target, targeted_steps=4 * a.attack_steps, gcg_steps=a.gcg_steps,
+                                target=a.attack_target, targeted_steps=2 * a.attack_steps, gcg_steps=a.gcg_steps,
                                 gcg_batch=128 if on_gpu else 16, gcg_topk=256 if on_gpu else 32,
                                 gcg_suffix_len=20 if on_gpu else 6, defence_steps=a.defence_steps,
                                 max_new_tokens=a.max_new_tokens, seed=a.seed)
@@ -575,6 +576,7 @@ def run_pipeline(args: argparse.Namespace) -> dict:
     """Run the steps in order, resuming from ``results.json``: a step whose fingerprint
     matches the saved one is skipped, its recorded outputs are kept."""
     out = Path(args.output_dir)
+    C.init_distributed_from_env()  # no-op unless started by accelerate launch / torchrun
     C.clean_stale_temps(out)
     C.seed_everything(args.seed)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
@@ -636,8 +638,9 @@ def run_pipeline(args: argparse.Namespace) -> dict:
     run.results["plots"] = make_plots(C.to_strict_json(run.results), out)
     manifest["plots_s"] = time.perf_counter() - t
     run.save()
-    md, html_path = write_report(C.to_strict_json(run.results), out)
-    log.info("wrote %s, %s and %s", out / "results.json", md, html_path)
+    if C.dist_rank_world()[0] == 0:
+        md, html_path = write_report(C.to_strict_json(run.results), out)
+        log.info("wrote %s, %s and %s", out / "results.json", md, html_path)
     return run.results
 
 

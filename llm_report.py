@@ -178,7 +178,8 @@ def findings(results: dict) -> list[str]:
         row = {r["method"]: r for r in adv["table"] if r["eps"] == top}
         out.append(f"At eps={top} (relative to the mean embedding norm) PGD raises the continuation NLL by "
                    f"{_fmt(row['pgd']['delta_nll'])} nats/token, FGSM by {_fmt(row['fgsm']['delta_nll'])}; targeted "
-                   f"PGD succeeds on {_fmt(adv['targeted']['success_rate'])} of prompts.")
+                   f"PGD reaches {adv['targeted']['target']!r} on {_fmt(100 * adv['targeted']['success_rate'])}% "
+                   f"of {adv['targeted']['n']} prompts.")
         at = adv["adversarial_training"]
         out.append(f"A {at['steps']}-step adversarial fine-tune changes PGD's delta NLL from "
                    f"{_fmt(at['delta_nll_before'])} to {_fmt(at['delta_nll_after'])} at eps={at['eps']}.")

@@ -287,11 +287,15 @@ def noise_sweep(model, tokenizer, input_ids: torch.Tensor, epsilons: Sequence[fl
                       saturation=float(model.get_output_embeddings().weight.shape[0]))
     runs = [("unprotected", None)] + ([("protected", protect)] if protect else [])
     jobs = [(tag, pm, e, s) for tag, pm in runs for e in epsilons for s in seeds]
-    for tag, pm, eps, seed in tqdm(jobs, desc=f"{mode} noise sweep", disable=not progress):
+    # Under accelerate launch / torchrun each rank takes every world_size-th job; the merged
+    # list is in job order, so it equals a single-process sweep.
+    mine = []
+    for i, (tag, pm, eps, seed) in tqdm(C.shard_jobs(jobs), desc=f"{mode} noise sweep", disable=not progress):
         with noisy_weights(model, NoiseConfig(mode, eps, group, seed), pm):
             r = evaluate_model(model, tokenizer, input_ids, cfg, reference=ref)
-        res.points.append({"curve": tag, "eps": eps, "seed": seed, "perplexity": r.perplexity, "nll": r.nll,
-                           "kl": r.kl, "top1": r.top1_agreement})
+        mine.append((i, {"curve": tag, "eps": eps, "seed": seed, "perplexity": r.perplexity, "nll": r.nll,
+                         "kl": r.kl, "top1": r.top1_agreement}))
+    res.points = C.gather_jobs(mine)
     for tag, _ in runs:
         pts = [p for p in res.points if p["curve"] == tag]
         res.summary[tag] = {k: _summarise(pts, k) for k in ("perplexity", "nll", "kl", "top1")}
@@ -310,13 +314,15 @@ def sensitivity_map(model, tokenizer, input_ids: torch.Tensor, epsilon: float = 
     cfg = EvalConfig(**{**eval_config.__dict__, "max_new_tokens": 0, "progress": False})
     clean = evaluate_model(model, tokenizer, input_ids, cfg).nll
     layers = C.decoder_layers(model)
-    kinds = sorted({n.rsplit(".", 1)[-1] for n in C.block_linears(layers[0])})
+    # Cells are named by the linear's path inside the block ("self_attn.q_proj", "mlp.c_proj"):
+    # GPT-2 has two "c_proj" modules, so the last name alone would merge them.
+    kinds = sorted(C.block_linears(layers[0]))
     grid = [[float("nan")] * len(kinds) for _ in layers]
     params = dict(model.named_parameters())
     names_of = {id(p): n for n, p in params.items()}
     cells = [(i, j) for i in range(len(layers)) for j in range(len(kinds))]
     for i, j in tqdm(cells, desc="noise sensitivity map", disable=not progress):
-        mods = [m for n, m in C.block_linears(layers[i]).items() if n.rsplit(".", 1)[-1] == kinds[j]]
+        mods = [m for n, m in C.block_linears(layers[i]).items() if n == kinds[j]]
         sel = {names_of[id(m.weight)]: m.weight for m in mods if id(m.weight) in names_of}
         with C.restored_on_exit(model, list(sel)):
             perturb_(sel, NoiseConfig("relative", epsilon, f"cell:{i}:{kinds[j]}", seed))

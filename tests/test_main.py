@@ -128,7 +128,8 @@ def test_full_pipeline_on_tiny_model(tiny_dir, corpus_file, tmp_path):
             "--train-dataset", str(corpus_file), "--seq-len", "32", "--eval-tokens", "256", "--max-new-tokens", "3",
             "--ft-steps", "3", "--ft-seq-len", "32", "--ft-batch-size", "2", "--lr", "1e-3",
             "--calib-samples", "4", "--calib-seq-len", "32", "--kl", "--output-dir", str(out),
-            "--sweep-eps", "0.1,1", "--sweep-seeds", "2", "--sweep-tokens", "64", "--protect-fraction", "0.05"]
+            "--sweep-eps", "0.1,1", "--sweep-seeds", "2", "--sweep-tokens", "64", "--protect-fraction", "0.05",
+            "--noise-map", "on"]
     assert llm_main_v4.main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     assert set(res["perplexity"]) == {"fine-tuned", "pruned", "noisy"}

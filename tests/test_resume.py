@@ -119,3 +119,16 @@ def test_bookkeeping_is_cheap(reference):
     # Fingerprints and atomic results.json writes, against steps that take ~1 s on a tiny model;
     # on the real model the ratio is far smaller (bench/bench_resume.py).
     assert m["bookkeeping_s"] < 0.05 * total
+
+
+@pytest.mark.skipif(not any(__import__("shutil").which(c) for c in ("chromium", "chromium-browser")),
+                    reason="headless Chromium is not installed (apt-get install chromium)")
+def test_report_html_renders_in_chromium(setup, tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import render_report
+
+    out = tmp_path / "out"
+    assert llm_main_v4.main(argv(setup, out)) == 0
+    ok, n, shot = render_report.check(out)
+    assert ok and n >= 3
+    assert shot.read_bytes()[:4] == b"\x89PNG"
