@@ -122,7 +122,8 @@ def _layout(model, sample: Sample, cfg: AttackConfig, suffix_ids: Optional[torch
 
 def _cont_logits(model, embeds: torch.Tensor, start: int, T: int) -> torch.Tensor:
     """Logits [T, V] predicting the continuation (positions start-1 .. start+T-2)."""
-    return model(inputs_embeds=embeds, use_cache=False).logits[0, start - 1:start - 1 + T].float()
+    logits = model(inputs_embeds=embeds, use_cache=False).logits[0, start - 1:start - 1 + T]
+    return logits.float().to(embeds.device)  # with device_map="auto" the head may sit on another GPU
 
 
 def attack_embeddings(model, sample: Sample, cfg: AttackConfig = AttackConfig()) -> AttackResult:
@@ -257,7 +258,8 @@ def gcg_attack(model, tokenizer, sample: Sample, suffix_len: int = 8, steps: int
     def objective_of(suffixes: torch.Tensor) -> torch.Tensor:  # [B, S] -> [B]
         ids = torch.cat([sample.prompt.expand(len(suffixes), -1), suffixes.cpu(),
                          sample.continuation.expand(len(suffixes), -1)], dim=1).to(dev)
-        logits = model(input_ids=ids, use_cache=False).logits[:, P + suffix_len - 1:P + suffix_len - 1 + T].float()
+        logits = model(input_ids=ids, use_cache=False).logits[:, P + suffix_len - 1:P + suffix_len - 1 + T]
+        logits = logits.float().to(dev)
         ce = F.cross_entropy(logits.transpose(1, 2), target.expand(len(suffixes), -1), reduction="none").mean(1)
         return sign * ce
 
@@ -270,7 +272,7 @@ def gcg_attack(model, tokenizer, sample: Sample, suffix_len: int = 8, steps: int
             onehot = F.one_hot(suffix.to(dev), W.shape[0]).to(W.dtype).requires_grad_(True)
             e = torch.cat([_embeds(model, sample.prompt), onehot @ W, _embeds(model, sample.continuation)])[None]
             logits = model(inputs_embeds=e, use_cache=False).logits[0, P + suffix_len - 1:P + suffix_len - 1 + T]
-            loss = sign * F.cross_entropy(logits.float(), target)
+            loss = sign * F.cross_entropy(logits.float().to(dev), target)
             grad, = torch.autograd.grad(loss, onehot)
             grad = grad.float().masked_fill(~allowed[None, :], float("inf"))
             cand_tok = (-grad).topk(topk, dim=1).indices.cpu()  # [S, topk]
@@ -486,6 +488,9 @@ def plot_attack_sweep(result: dict, path):
         rows = sorted((r for r in result["table"] if r["method"] == method), key=lambda r: r["eps"])
         ax.plot([r["eps"] for r in rows], [r["delta_nll"] for r in rows], marker="o", label=method.upper())
     ax.set_xscale("log")
+    eps = sorted({r["eps"] for r in result["table"]})
+    ax.set_xticks(eps, [f"{e:g}" for e in eps])
+    ax.xaxis.set_minor_locator(__import__("matplotlib").ticker.NullLocator())
     ax.set_xlabel(f"eps (relative to mean embedding norm, {result['norm']})")
     ax.set_ylabel("delta NLL (nats/token)")
     ax.legend()

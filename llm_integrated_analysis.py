@@ -318,6 +318,7 @@ class AnalysisConfig:
     tol: float = 1e-2
     power_iters: int = 8
     per_block: bool = False         # one block's weights at a time (7B-sized models)
+    saliency: str = "fisher"        # OBD H_ii from "fisher" or the "hutchinson" diagonal
     super_weight_prompt: str = "Apple Inc. is a worldwide tech company."
     max_super_weights: int = 4
     quant_bits: tuple = (4, 3)
@@ -370,13 +371,16 @@ def run_integrated_analysis(model, tokenizer, calib_ids: torch.Tensor, eval_ids:
         loss_fn = lm_loss_fn(model, windows)
         groups = [list(mods)] if not config.per_block else [
             [n for n in mods if mlayer[n] == i] for i in range(len(layers))]
-        trace, stderr, probes, tot_var = {}, {}, 0, 0.0
+        trace, stderr, probes, tot_var, hdiag = {}, {}, 0, 0.0, {}
         for names in groups:
             params = {n: mods[n].weight for n in names}
             with C.trainable_only(model, list(params.values())):
                 tr = hutchinson_trace(loss_fn, params, config.max_probes, tol=config.tol, seed=config.seed,
-                                      progress=config.progress)
+                                      keep_diagonal=config.saliency == "hutchinson", progress=config.progress)
             trace.update(tr.trace)
+            if tr.diagonal is not None:  # [out, in] like weight_view; Conv1D weights are stored [in, out]
+                hdiag.update({n: d.t() if type(mods[n]).__name__ == "Conv1D" else d
+                              for n, d in tr.diagonal.items()})
             stderr.update(tr.stderr)
             probes = max(probes, tr.probes)
             tot_var += tr.total_stderr ** 2
@@ -391,7 +395,8 @@ def run_integrated_analysis(model, tokenizer, calib_ids: torch.Tensor, eval_ids:
     t = time.perf_counter()
     fwin = C.sample_windows(calib_ids, config.fisher_windows, config.calib_seq_len, seed=config.seed + 1)
     fisher = fisher_diagonal(model, fwin, mods, config.progress)
-    obd = {n: 0.5 * fisher[n] * C.weight_view(m).detach().float().pow(2) for n, m in mods.items()}
+    h_ii = hdiag if config.saliency == "hutchinson" else fisher
+    obd = {n: 0.5 * h_ii[n] * C.weight_view(m).detach().float().pow(2) for n, m in mods.items()}
     secs["fisher"] = time.perf_counter() - t
     flat = torch.cat([obd[n].flatten().cpu() for n in mods])
     offsets, top = [0], []

@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of eps, relative to the mean embedding-row norm")
     g.add_argument("--attack-norm", default="linf", help="linf|l2 (l2: per token)")
     g.add_argument("--attack-steps", type=int, default=None, help="PGD steps (default 5 CPU, 20 GPU)")
-    g.add_argument("--attack-windows", type=int, default=None, help="text windows attacked (default 4 CPU, 32 GPU)")
+    g.add_argument("--attack-windows", type=int, default=None, help="text windows attacked (default 3 CPU, 32 GPU)")
     g.add_argument("--attack-target", default=" Star Wars", help="target string of the targeted attacks and GCG")
     g.add_argument("--gcg-steps", type=int, default=None, help="GCG iterations (default 10 CPU, 100 GPU)")
     g.add_argument("--defence-steps", type=int, default=None,
@@ -115,13 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("analysis (step analysis)")
     g.add_argument("--hessian-probes", type=int, default=None, help="max Hutchinson probes (default 6 CPU, 50 GPU)")
     g.add_argument("--hessian-tol", type=float, default=1e-2, help="relative tolerance that stops Hutchinson")
-    g.add_argument("--power-iters", type=int, default=None, help="power iterations (default 6 CPU, 20 GPU)")
+    g.add_argument("--power-iters", type=int, default=None, help="power iterations (default 4 CPU, 20 GPU)")
     g.add_argument("--analysis-windows", type=int, default=None, help="windows in the Hessian loss (1 CPU, 4 GPU)")
     g.add_argument("--analysis-seq-len", type=int, default=None, help="tokens per window (128 CPU, 512 GPU)")
     g.add_argument("--per-block", default="auto", help="on|off|auto: Hessian one block at a time (auto: > 3B params)")
     g.add_argument("--quant-bits", default="4,3", help="comma list of RTN bit widths")
     g.add_argument("--quant-group", type=int, default=128, help="RTN group size (input columns)")
     g.add_argument("--super-weight-prompt", default="Apple Inc. is a worldwide tech company.")
+    g.add_argument("--saliency", default="fisher", help="fisher|hutchinson: the H_ii of OBD saliency 0.5 H_ii w^2")
     return p
 
 
@@ -220,7 +221,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.noise_map not in ("on", "off", "auto"):
         raise C.UserError(f"--noise-map must be on, off or auto, not {args.noise_map!r}")
     args.hessian_probes = args.hessian_probes if args.hessian_probes is not None else (50 if on_gpu else 6)
-    args.power_iters = args.power_iters if args.power_iters is not None else (20 if on_gpu else 6)
+    args.power_iters = args.power_iters if args.power_iters is not None else (20 if on_gpu else 4)
     args.analysis_windows = args.analysis_windows if args.analysis_windows is not None else (4 if on_gpu else 1)
     args.analysis_seq_len = args.analysis_seq_len if args.analysis_seq_len is not None else (512 if on_gpu else 128)
     for flag in ("hessian_probes", "power_iters", "analysis_windows", "quant_group"):
@@ -228,6 +229,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             raise C.UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.analysis_seq_len < 2 or not args.hessian_tol >= 0:
         raise C.UserError("--analysis-seq-len must be >= 2 and --hessian-tol >= 0")
+    if args.saliency not in ("fisher", "hutchinson"):
+        raise C.UserError(f"--saliency must be fisher or hutchinson, not {args.saliency!r}")
     if args.per_block not in ("on", "off", "auto"):
         raise C.UserError(f"--per-block must be on, off or auto, not {args.per_block!r}")
     try:
@@ -244,7 +247,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise C.UserError(f"--attack-eps values must be finite and >= 0, got {args.attack_eps}")
     if args.attack_norm not in ("linf", "l2"):
         raise C.UserError(f"--attack-norm must be linf or l2, not {args.attack_norm!r}")
-    for flag, cpu, gpu in (("attack_steps", 5, 20), ("attack_windows", 4, 32), ("gcg_steps", 10, 100),
+    for flag, cpu, gpu in (("attack_steps", 5, 20), ("attack_windows", 3, 32), ("gcg_steps", 10, 100),
                            ("defence_steps", 4, 50)):
         if getattr(args, flag) is None:
             setattr(args, flag, gpu if on_gpu else cpu)
@@ -469,7 +472,7 @@ def step_analysis(run: Run) -> None:
     ecfg = EvalConfig(seq_len=min(a.seq_len, a.sweep_tokens), eval_tokens=a.sweep_tokens, batch_size=a.batch_size)
     cfg = A.AnalysisConfig(calib_windows=a.analysis_windows, calib_seq_len=a.analysis_seq_len,
                            fisher_windows=min(a.calib_samples, 32 if on_gpu else 8), max_probes=a.hessian_probes,
-                           tol=a.hessian_tol, power_iters=a.power_iters, per_block=per_block,
+                           tol=a.hessian_tol, power_iters=a.power_iters, per_block=per_block, saliency=a.saliency,
                            super_weight_prompt=a.super_weight_prompt, quant_bits=a.quant_bits,
                            quant_group=a.quant_group, eval_config=ecfg, seed=a.seed)
     res = A.run_integrated_analysis(run.model, run.tokenizer, run.ids("train"), run.ids("eval"), cfg)
@@ -515,7 +518,7 @@ STEP_ARGS = {
     "eval": ("seq_len", "stride", "eval_tokens", "batch_size", "kl", "prompt", "max_new_tokens"),
     "adversarial": ("attack_eps", "attack_norm", "attack_steps", "attack_windows", "attack_target", "gcg_steps",
                     "defence_steps", "prompt", "max_new_tokens"),
-    "analysis": ("hessian_probes", "hessian_tol", "power_iters", "analysis_windows", "analysis_seq_len", "per_block",
+    "analysis": ("saliency", "hessian_probes", "hessian_tol", "power_iters", "analysis_windows", "analysis_seq_len", "per_block",
                  "quant_bits", "quant_group", "super_weight_prompt", "sweep_tokens", "seq_len", "batch_size",
                  "calib_samples"),
 }

@@ -117,7 +117,12 @@ def report_markdown(results: dict) -> str:
                   f"({an['hutchinson_probes']} Hutchinson probes); top eigenvalue {_fmt(an['top_eigenvalue'])}.",
                   f"Top layers by Hessian trace: {an['top_layers']['hessian_trace']}; by Fisher: "
                   f"{an['top_layers']['fisher_sum']}; super-weight layers: {an['super_weight_layers']}.",
-                  "Rank correlations: " + ", ".join(f"{k} {_fmt(v)}" for k, v in an["rank_correlation"].items()), "",
+                  "Rank correlations: " + ", ".join(f"{k} {_fmt(v)}" for k, v in an["rank_correlation"].items()),
+                  f"Massive-activation channel of the residual stream: "
+                  f"{_fmt(an.get('activation_profile', {}).get('massive_channel'))}.", "",
+                  "Most salient weights (OBD 0.5 H_ii w^2): " + "; ".join(
+                      f"{t['module']}[{t['row']}, {t['col']}] = {_fmt(t['value'])} ({_fmt(t['saliency'])})"
+                      for t in an.get("top_salient", [])[:5]), "",
                   "| layer | module | row | col | value | |in| | |out| | ppl ratio zeroed |", "|---|---|---|---|---|---|---|---|"]
         for sw in an["super_weights"]:
             lines.append(f"| {sw['layer']} | {sw['module']} | {sw['row']} | {sw['col']} | {_fmt(sw['value'])} | "

@@ -172,3 +172,17 @@ def test_integrated_analysis_end_to_end_leaves_model_unchanged(tok, sample_text,
     A.plot_heatmaps(d, tmp_path / "h.png")
     A.plot_activation_profile(d["activation_profile"], tmp_path / "a.png", [1])
     assert (tmp_path / "h.png").stat().st_size > 1000
+
+
+def test_obd_saliency_from_hutchinson_diagonal(tok, sample_text):
+    from conftest import tiny_gpt2
+
+    m = tiny_gpt2()
+    ids = C.tokenize_corpus(tok, sample_text[:2000])
+    cfg = A.AnalysisConfig(calib_windows=1, calib_seq_len=16, fisher_windows=1, max_probes=2, power_iters=1,
+                           saliency="hutchinson", quant_bits=(4,), quant_group=32, max_super_weights=1,
+                           eval_config=EvalConfig(seq_len=32, eval_tokens=64), progress=False)
+    res = A.run_integrated_analysis(m, tok, ids, ids, cfg)
+    # Conv1D weights are stored [in, out]: the diagonal is transposed to [out, in] like the Fisher.
+    assert set(res.obd_saliency_sum) == set(res.fisher_sum)
+    assert all(math.isfinite(v) for v in res.obd_saliency_sum.values())
