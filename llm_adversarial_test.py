@@ -487,10 +487,7 @@ def plot_attack_sweep(result: dict, path):
     for method in ("fgsm", "pgd"):
         rows = sorted((r for r in result["table"] if r["method"] == method), key=lambda r: r["eps"])
         ax.plot([r["eps"] for r in rows], [r["delta_nll"] for r in rows], marker="o", label=method.upper())
-    ax.set_xscale("log")
-    eps = sorted({r["eps"] for r in result["table"]})
-    ax.set_xticks(eps, [f"{e:g}" for e in eps])
-    ax.xaxis.set_minor_locator(__import__("matplotlib").ticker.NullLocator())
+    C.log_x_axis(ax, [r["eps"] for r in result["table"]])
     ax.set_xlabel(f"eps (relative to mean embedding norm, {result['norm']})")
     ax.set_ylabel("delta NLL (nats/token)")
     ax.legend()

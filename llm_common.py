@@ -684,6 +684,16 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
     return path
 
 
+def log_x_axis(ax, values) -> None:
+    """Log-scaled x axis labelled exactly at ``values`` (no crowded minor-tick labels)."""
+    from matplotlib.ticker import NullLocator
+
+    ax.set_xscale("log")
+    values = sorted({float(v) for v in values})
+    ax.set_xticks(values, [f"{v:g}" for v in values])
+    ax.xaxis.set_minor_locator(NullLocator())
+
+
 def new_figure(*args, **kwargs):
     """plt.subplots on the headless Agg backend (plots never need a display)."""
     import matplotlib
