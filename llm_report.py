@@ -35,6 +35,10 @@ def _fmt(x) -> str:
     return f"{x:.4g}" if isinstance(x, float) else str(x)
 
 
+def _pct(x) -> str:
+    return f"{100 * x:g}%" if isinstance(x, (int, float)) else _fmt(x)
+
+
 def report_markdown(results: dict) -> str:
     """Markdown report built from ``results.json`` alone, so it can be regenerated."""
     lines = [f"# Sensitivity and robustness report: {results.get('model', '?')}", ""]
@@ -76,7 +80,7 @@ def report_markdown(results: dict) -> str:
                   f"({v['n_weights']} weights). Saturation (uniform guesser) = {_fmt(sw['saturation'])}.", "",
                   f"Sweep ({sw['mode']} noise on decoder linears, {len(sw['points'])} points): perplexity doubles at "
                   f"eps = {_fmt(sw['doubling_eps'].get('unprotected'))} without protection, "
-                  f"{_fmt(sw['doubling_eps'].get('protected'))} with the top {_fmt(sw.get('protect_fraction'))} "
+                  f"{_fmt(sw['doubling_eps'].get('protected'))} with the top {_pct(sw.get('protect_fraction'))} "
                   "of weights by Fisher saliency kept clean.", "",
                   "| eps | ppl (mean) | ppl protected | KL | top-1 |", "|---|---|---|---|---|"]
         up = sw["summary"]["unprotected"]
@@ -171,7 +175,7 @@ def findings(results: dict) -> list[str]:
     if nz:
         d = nz["sweep"]["doubling_eps"]
         out.append(f"Relative noise on the decoder linears doubles perplexity at eps={_fmt(d.get('unprotected'))}; "
-                   f"keeping the top {_fmt(nz['sweep'].get('protect_fraction'))} of weights by Fisher saliency clean "
+                   f"keeping the top {_pct(nz['sweep'].get('protect_fraction'))} of weights by Fisher saliency clean "
                    f"moves that to eps={_fmt(d.get('protected'))}.")
         if nz.get("top_cells"):
             c = nz["top_cells"][0]
