@@ -167,8 +167,7 @@ def _wrap_lora(model, cfg: FinetuneConfig):
     return get_peft_model(model, lcfg)
 
 
-def train(model, tokenizer, train_ids: torch.Tensor, hold_ids: torch.Tensor, cfg: FinetuneConfig,
-          on_step: Optional[Callable[[int], None]] = None):
+def train(model, train_ids: torch.Tensor, cfg: FinetuneConfig, on_step: Optional[Callable[[int], None]] = None):
     """Fine-tune ``model`` in place (full) or through merged LoRA adapters.
 
     Returns (model, losses, resumed_from_step). ``on_step(step)`` is called after each
@@ -281,7 +280,7 @@ def load_or_train_model(model, tokenizer, train_ids: torch.Tensor, config: Finet
     C.seed_everything(config.seed)
     loss0, ppl0 = _heldout(model, tokenizer, hold, config)
     log.info("held-out loss before fine-tuning: %.4f (perplexity %.3f)", loss0, ppl0)
-    model, losses, resumed = train(model, tokenizer, train_part, hold, config, on_step=on_step)
+    model, losses, resumed = train(model, train_part, config, on_step=on_step)
     loss1, ppl1 = _heldout(model, tokenizer, hold, config)
     log.info("held-out loss after fine-tuning: %.4f (perplexity %.3f)", loss1, ppl1)
     manifest = {"base_model": config.base_model, "data": config.data, "seed": config.seed, "mode": config.mode,
