@@ -490,6 +490,13 @@ def weight_view(module: torch.nn.Module) -> torch.Tensor:
     return w.t() if type(module).__name__ == "Conv1D" else w
 
 
+def decoder_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Every linear inside the decoder blocks, by full module name (embeddings, norms and
+    lm_head excluded): the weights that pruning, noise sweeps and the analysis act on."""
+    wanted = {id(m) for layer in decoder_layers(model) for m in block_linears(layer).values()}
+    return {n: m for n, m in model.named_modules() if id(m) in wanted}
+
+
 def mlp_down_proj(layer: torch.nn.Module) -> torch.nn.Module:
     """The MLP's output projection of one block: Llama ``mlp.down_proj``, GPT-2
     ``mlp.c_proj`` (Conv1D), OPT ``fc2``. Super weights live here."""

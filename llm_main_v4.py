@@ -377,8 +377,7 @@ def step_prune(run: Run) -> None:
     cfg = PruneConfig(method=a.prune_method, sparsity=a.sparsity, pattern=a.sparsity_pattern,
                       protect=protected_coords(run))
     windows = C.sample_windows(run.ids("train"), a.calib_samples, a.calib_seq_len, seed=a.seed)
-    names = [n + ".weight" for n, m in run.model.named_modules()
-             if C.is_linear(m) and any(m is x for layer in C.decoder_layers(run.model) for x in layer.modules())]
+    names = [n + ".weight" for n in C.decoder_linears(run.model)]
     with C.restored_on_exit(run.model, names):  # the live model stays unpruned for later steps
         res = prune_model(run.model, run.tokenizer, windows, cfg)
         path = run.out / "checkpoints" / "pruned.safetensors"
@@ -415,9 +414,7 @@ def step_noise(run: Run) -> None:
     # Protection for the targeted sweep: top Fisher saliency plus any given super weights.
     seq = min(a.seq_len, a.sweep_tokens)
     ecfg = EvalConfig(seq_len=seq, eval_tokens=a.sweep_tokens, batch_size=a.batch_size)
-    layers = C.decoder_layers(model)
-    names_of = {m: n for n, m in model.named_modules()}
-    lin = {names_of[m]: m for layer in layers for m in C.block_linears(layer).values()}
+    lin = C.decoder_linears(model)
     protect = None
     coords = [(m + ".weight", r, c) for m, r, c in protected_coords(run)]
     if a.protect_fraction > 0 or coords:

@@ -39,8 +39,7 @@ def main():
                              a.calib_windows, a.calib_seq_len, seed=0)
     ids = C.tokenize_corpus(tok, (SHARED / "wikitext-2-raw" / "wiki.test.raw").read_text())
     ecfg = EvalConfig(seq_len=a.seq_len, eval_tokens=a.eval_tokens, max_new_tokens=0, progress=False)
-    names = [n + ".weight" for n, m in model.named_modules()
-             if C.is_linear(m) and any(m is x for layer in C.decoder_layers(model) for x in layer.modules())]
+    names = [n + ".weight" for n in C.decoder_linears(model)]
     rows = [{"method": "dense", "pattern": "-", "perplexity": evaluate_model(model, tok, ids, ecfg).perplexity}]
     print(f"dense: {rows[0]['perplexity']:.3f}", flush=True)
     jobs = [(m, pat, 0.5) for pat in a.patterns.split(",") for m in a.methods.split(",")]
