@@ -87,127 +87,300 @@ def mean_row_norm(model) -> float:
     return float(model.get_input_embeddings().weight.detach().float().norm(dim=-1).mean())
 
 
-def _radius(model, cfg: AttackConfig, eps: float) -> float:
-    r = eps * mean_row_norm(model)
-    return r / math.sqrt(model.get_input_embeddings().weight.shape[1]) if cfg.norm == "linf" else r
-
-
-def project(delta: torch.Tensor, radius: float, norm: str) -> torch.Tensor:
-    """Project delta [P, d] onto the L-inf ball, or each row onto the L2 ball, of ``radius``."""
-    if norm == "linf":
-        return delta.clamp(-radius, radius)
-    n = delta.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    return delta * torch.clamp(radius / n, max=1.0)
-
-
 def _embeds(model, ids: torch.Tensor) -> torch.Tensor:
     return model.get_input_embeddings()(ids.to(C.input_device(model))).detach()
 
 
-def _layout(model, sample: Sample, cfg: AttackConfig, suffix_ids: Optional[torch.Tensor] = None):
-    """(embeds [1, L, d], slice perturbed, index of continuation targets, target ids)."""
+def _layout(sample: Sample, cfg: AttackConfig, suffix_ids: Optional[torch.Tensor] = None):
+    """(ids [L], perturbed slice, index of the first continuation token)."""
     parts = [sample.prompt]
     if cfg.positions == "suffix":
-        if suffix_ids is None:  # neutral filler: "!" repeated, as in GCG's initial suffix
+        if suffix_ids is None:  # neutral filler: the prompt's last token repeated, as GCG's "! ! !"
             suffix_ids = torch.full((cfg.suffix_len,), int(sample.prompt[-1]), dtype=torch.long)
         parts.append(suffix_ids)
     parts.append(sample.continuation)
     ids = torch.cat(parts)
     P = sample.prompt.numel()
-    pert = slice(0, P) if cfg.positions == "prompt" else slice(P, P + (suffix_ids.numel()))
-    T = sample.continuation.numel()
-    start = ids.numel() - T
-    return _embeds(model, ids)[None], pert, start, sample.continuation
+    pert = slice(0, P) if cfg.positions == "prompt" else slice(P, P + suffix_ids.numel())
+    return ids, pert, ids.numel() - sample.continuation.numel()
 
 
-def _cont_logits(model, embeds: torch.Tensor, start: int, T: int) -> torch.Tensor:
-    """Logits [T, V] predicting the continuation (positions start-1 .. start+T-2)."""
-    logits = model(inputs_embeds=embeds, use_cache=False).logits[0, start - 1:start - 1 + T]
-    return logits.float().to(embeds.device)  # with device_map="auto" the head may sit on another GPU
+class _Rows:
+    """A right-padded batch of attack rows and the positions where each is scored.
+
+    embeds [B, L, d] clean input embeddings (model dtype); attn [B, L] attention mask, None
+    when no row is padded; pert [B, L, 1] 1 at perturbed positions; rows/cols/targets [N]:
+    the scored (row, position) pairs, where the logits at ``cols`` predict ``targets``.
+    Right padding keeps every row's positions 0..len-1, so a row scores as it would alone.
+    """
+
+    def __init__(self, embeds, attn, pert, rows, cols, targets, ref=None):
+        self.embeds, self.attn, self.pert = embeds, attn, pert
+        self.rows, self.cols, self.targets = rows, cols, targets
+        self.ref = ref  # [N] the clean argmax at each scored position, once known
+        self.counts = torch.bincount(rows, minlength=embeds.shape[0]).clamp(min=1).to(embeds.device)
+
+    @classmethod
+    def build(cls, model, layouts: Sequence[tuple]) -> "_Rows":
+        """``layouts``: (ids [L_i], perturbed slice, first continuation index) per row."""
+        L = max(ids.numel() for ids, _, _ in layouts)
+        pad = torch.zeros(len(layouts), L, dtype=torch.long)
+        attn = torch.zeros(len(layouts), L, dtype=torch.long)
+        pert = torch.zeros(len(layouts), L, 1)
+        rows, cols, targets = [], [], []
+        for i, (ids, sl, start) in enumerate(layouts):
+            pad[i, :ids.numel()], attn[i, :ids.numel()] = ids, 1
+            pert[i, sl] = 1.0
+            T = ids.numel() - start
+            rows.append(torch.full((T,), i))
+            cols.append(torch.arange(start - 1, start - 1 + T))
+            targets.append(ids[start:])
+        dev = C.input_device(model)
+        embeds = _embeds(model, pad)
+        attn = None if bool(attn.all()) else attn.to(dev)
+        return cls(embeds, attn, pert.to(dev, embeds.dtype), torch.cat(rows).to(dev), torch.cat(cols).to(dev),
+                   torch.cat(targets).to(dev))
+
+    def subset(self, idx: torch.Tensor) -> "_Rows":
+        """The rows ``idx`` (sorted LongTensor on the rows' device), renumbered 0..len-1."""
+        if idx.numel() == self.embeds.shape[0]:
+            return self
+        keep = torch.isin(self.rows, idx)
+        remap = torch.full((self.embeds.shape[0],), -1, dtype=torch.long, device=idx.device)
+        remap[idx] = torch.arange(idx.numel(), device=idx.device)
+        return _Rows(self.embeds[idx], None if self.attn is None else self.attn[idx], self.pert[idx],
+                     remap[self.rows[keep]], self.cols[keep], self.targets[keep],
+                     None if self.ref is None else self.ref[keep])
+
+    def agreement(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per-row fraction [B] of scored positions whose argmax equals the clean one."""
+        eq = (logits.argmax(-1) == self.ref.to(logits.device)).float()
+        out = torch.zeros(self.embeds.shape[0], device=logits.device).index_add_(0, self.rows.to(logits.device), eq)
+        return out.to(self.embeds.device) / self.counts
+
+
+def _scored(model, rows: _Rows, delta: Optional[torch.Tensor] = None):
+    """One forward pass: (per-row mean cross-entropy [B] in float32, scored logits [N, V]).
+
+    Logits are computed only at the scored positions (``logits_to_keep`` with their union),
+    not over the whole sequence and vocabulary. ``delta`` [B, L, d] is added at the
+    perturbed positions. With ``device_map="auto"`` the head may sit on another GPU.
+    """
+    e = rows.embeds if delta is None else rows.embeds + (delta * rows.pert).to(rows.embeds.dtype)
+    union, idx = torch.unique(rows.cols, return_inverse=True)
+    out = model(inputs_embeds=e, attention_mask=rows.attn, use_cache=False, logits_to_keep=union).logits
+    logits = out[rows.rows.to(out.device), idx.to(out.device)].float()
+    ce = F.cross_entropy(logits, rows.targets.to(out.device), reduction="none")
+    per_row = torch.zeros(rows.embeds.shape[0], device=out.device).index_add_(0, rows.rows.to(out.device), ce)
+    return per_row.to(rows.embeds.device) / rows.counts, logits
+
+
+def _radius_of(model, norm: str, eps: float) -> float:
+    r = eps * mean_row_norm(model)
+    return r / math.sqrt(model.get_input_embeddings().weight.shape[1]) if norm == "linf" else r
+
+
+def _chunks(model, n_rows: int, row_len: int, scored: int) -> list[slice]:
+    """Row chunks that fit in memory: attack passes keep activations for the input gradient."""
+    size = C.auto_batch_size(model, row_len, n_rows, scored=scored, train=True, fraction=0.6, on_cpu=None)
+    return [slice(i, min(i + size, n_rows)) for i in range(0, n_rows, size)]
+
+
+def attack_batch(model, jobs: Sequence[tuple], suffixes: Optional[Sequence] = None) -> list[AttackResult]:
+    """FGSM/PGD for every (Sample, AttackConfig) in ``jobs``, all rows batched together.
+
+    Every step is one forward + backward over all rows still iterating (FGSM rows take
+    one step, PGD rows ``steps``), then one final forward; the clean forward runs once per
+    distinct sample. Logits are computed only where the continuation is scored, and no
+    value is read back to the host inside the loop. PGD reports its best iterate (highest
+    untargeted / lowest targeted loss over all iterates, the random start included);
+    FGSM its one step. The model's parameters are frozen and unchanged.
+    """
+    for _, cfg in jobs:
+        validate(cfg)
+    layouts = [_layout(s, c, None if suffixes is None else suffixes[i]) for i, (s, c) in enumerate(jobs)]
+    results: list[Optional[AttackResult]] = [None] * len(jobs)
+    row_len = max(ids.numel() for ids, _, _ in layouts)
+    scored = max(ids.numel() - st for ids, _, st in layouts)
+    with C.trainable_only(model, ()):
+        # Clean pass, once per distinct (sample, layout).
+        keys = [(id(s), c.positions, c.suffix_len) for s, c in jobs]
+        uniq = list(dict.fromkeys(keys))
+        first_of = {k: keys.index(k) for k in uniq}
+        clean_nll, clean_arg = {}, {}
+        with torch.no_grad():
+            for ch in _chunks(model, len(uniq), row_len, scored):
+                part = uniq[ch]
+                rows = _Rows.build(model, [layouts[first_of[k]] for k in part])
+                nll, logits = _scored(model, rows)
+                arg = logits.argmax(-1)
+                for i, k in enumerate(part):
+                    clean_nll[k], clean_arg[k] = nll[i], arg[rows.rows.to(arg.device) == i]
+        for ch in _chunks(model, len(jobs), row_len, scored):
+            idx = list(range(len(jobs)))[ch]
+            part = _attack_rows(model, [jobs[i] for i in idx], [layouts[i] for i in idx],
+                                [clean_nll[keys[i]] for i in idx], [clean_arg[keys[i]] for i in idx])
+            for i, r in zip(idx, part):
+                results[i] = r
+    return results
+
+
+def _attack_rows(model, jobs, layouts, clean_nll, clean_arg) -> list[AttackResult]:
+    rows = _Rows.build(model, layouts)
+    rows.ref = torch.cat([a.to(rows.rows.device) for a in clean_arg])
+    dev = rows.embeds.device
+    B = len(jobs)
+    cfgs = [c for _, c in jobs]
+    radius = torch.tensor([_radius_of(model, c.norm, c.epsilon) for c in cfgs], device=dev)
+    alpha = torch.tensor([_radius_of(model, c.norm, c.alpha if c.alpha is not None else 2.5 * c.epsilon / c.steps)
+                          if c.method == "pgd" else float(r) for c, r in zip(cfgs, radius.tolist())], device=dev)
+    n_steps = [0 if r == 0 else (1 if c.method == "fgsm" else c.steps) for c, r in zip(cfgs, radius.tolist())]
+    sign = torch.tensor([1.0 if c.objective == "untargeted" else -1.0 for c in cfgs], device=dev)
+    is_l2 = torch.tensor([c.norm == "l2" for c in cfgs], device=dev)[:, None, None]
+    is_pgd = torch.tensor([c.method == "pgd" for c in cfgs], device=dev)
+    clean_nll_t = torch.stack([x.to(dev) for x in clean_nll])
+
+    def project(d, rad, l2):  # per row: per-token L2 ball or L-inf cube of radius rad [b]
+        r = rad[:, None, None]
+        n = d.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        return torch.where(l2, d * torch.clamp(r / n, max=1.0), d.clamp(-r, r))
+
+    delta = torch.zeros(rows.embeds.shape, dtype=torch.float32, device=dev)
+    for i, c in enumerate(cfgs):  # random start: a private generator per row, seeded by its config
+        if c.method == "pgd" and c.random_start and n_steps[i] > 0:
+            g = torch.Generator().manual_seed(c.seed)
+            r = float(radius[i])
+            if c.norm == "linf":  # uniform in the cube
+                u = (torch.rand(delta.shape[1:], generator=g) * 2 - 1) * r
+            else:  # uniform in each token's L2 ball: random direction, radius r * U^(1/d)
+                u = torch.randn(delta.shape[1:], generator=g)
+                u = u / u.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+                u = u * r * torch.rand(delta.shape[1], 1, generator=g) ** (1.0 / delta.shape[2])
+            delta[i] = u.to(dev)
+    delta = project(delta, radius, is_l2) * rows.pert.float()
+    best_val = torch.full((B,), -float("inf"), device=dev)   # best sign * loss over PGD iterates
+    best_nll, best_agree = clean_nll_t.clone(), torch.ones(B, device=dev)
+    best_delta = delta.clone()
+    max_norm = torch.zeros(B, device=dev)
+    hist = []  # per step: [B] losses (nan where a row was done), kept on the device
+
+    def track(sel, d, nll, agree):  # PGD rows: keep the best iterate seen so far
+        val = sign[sel] * nll
+        better = is_pgd[sel] & (val > best_val[sel])
+        best_val[sel] = torch.where(better, val, best_val[sel])
+        best_nll[sel] = torch.where(better, nll, best_nll[sel])
+        best_agree[sel] = torch.where(better, agree, best_agree[sel])
+        best_delta[sel] = torch.where(better[:, None, None], d, best_delta[sel])
+
+    for k in range(max(n_steps, default=0)):
+        sel = torch.tensor([i for i in range(B) if k < n_steps[i]], device=dev)
+        sub = rows.subset(sel)
+        sub_l2 = is_l2[sel]
+        d = delta[sel].requires_grad_(True)
+        nll, logits = _scored(model, sub, d)
+        grad, = torch.autograd.grad((sign[sel] * nll).sum(), d)  # ascend sign * loss, row by row
+        with torch.no_grad():
+            track(sel, d.detach(), nll.detach(), sub.agreement(logits.detach()))
+            h = torch.full((B,), float("nan"), device=dev)
+            hist.append(h.index_copy_(0, sel, nll.detach()))
+            step = torch.where(sub_l2, grad / grad.norm(dim=-1, keepdim=True).clamp(min=1e-12), grad.sign())
+            d = project(d.detach() + alpha[sel][:, None, None] * step, radius[sel], sub_l2) \
+                * sub.pert.float()
+            delta[sel] = d
+            mx = torch.where(sub_l2[:, 0, 0], d.norm(dim=-1).amax(-1), d.abs().amax(dim=(1, 2)))
+            max_norm[sel] = torch.maximum(max_norm[sel], mx)
+        del logits, grad
+    with torch.no_grad():  # the last iterate
+        sel = torch.arange(B, device=dev)
+        nll, logits = _scored(model, rows, delta)
+        agree = rows.agreement(logits)
+        final_nll, final_agree = nll.clone(), agree.clone()
+        track(sel, delta, nll, agree)
+        use_best = is_pgd & torch.tensor([n > 0 for n in n_steps], device=dev)
+        out_nll = torch.where(use_best, best_nll, final_nll)
+        out_agree = torch.where(use_best, best_agree, final_agree)
+        out_delta = torch.where(use_best[:, None, None], best_delta, delta)
+        cpu = [t.cpu() for t in (clean_nll_t, out_nll, out_agree, max_norm, radius)]
+        hist = torch.stack(hist, 1).cpu() if hist else torch.zeros(B, 0)
+        out_delta = out_delta.cpu()
+    res = []
+    for i, (_, sl, _) in enumerate(layouts):
+        c_nll, a_nll, agr, mx, rad = (float(t[i]) for t in cpu)
+        losses = [x for x in hist[i].tolist() if not math.isnan(x)]
+        res.append(AttackResult(c_nll, a_nll, a_nll - c_nll, agr, out_delta[i, sl].clone(), losses, mx, rad))
+    return res
 
 
 def attack_embeddings(model, sample: Sample, cfg: AttackConfig = AttackConfig()) -> AttackResult:
-    """FGSM or PGD on one sample. The model's parameters are frozen and unchanged."""
-    validate(cfg)
-    embeds, pert, start, target = _layout(model, sample, cfg)
-    target = target.to(embeds.device)
-    T = target.numel()
-    radius = _radius(model, cfg, cfg.epsilon)
-    alpha_rel = cfg.alpha if cfg.alpha is not None else 2.5 * cfg.epsilon / cfg.steps
-    alpha = _radius(model, cfg, alpha_rel) if cfg.method == "pgd" else radius
-    sign = 1.0 if cfg.objective == "untargeted" else -1.0  # ascend CE, or descend towards target
-    g = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    with C.trainable_only(model, ()):
-        with torch.no_grad():
-            clean_logits = _cont_logits(model, embeds, start, T)
-        clean_nll = float(F.cross_entropy(clean_logits, target))
-        base = embeds[0, pert]
-        delta = torch.zeros_like(base, dtype=torch.float32)
-        if cfg.method == "pgd" and cfg.random_start and radius > 0:
-            noise = torch.rand(delta.shape, generator=g).to(delta.device) * 2 - 1
-            delta = project(noise * radius, radius, cfg.norm)
-        losses = []
-        max_norm = float(delta.abs().max() if cfg.norm == "linf" else delta.norm(dim=-1).max())
-        n_steps = 1 if cfg.method == "fgsm" else cfg.steps
-        for _ in range(n_steps if radius > 0 else 0):
-            delta.requires_grad_(True)
-            e = embeds.clone()
-            e[0, pert] = base + delta.to(base.dtype)
-            loss = F.cross_entropy(_cont_logits(model, e, start, T), target)
-            grad, = torch.autograd.grad(loss, delta)
-            losses.append(float(loss.detach()))
-            with torch.no_grad():
-                if cfg.norm == "linf":
-                    step = grad.sign()
-                else:
-                    step = grad / grad.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-                delta = project(delta + sign * alpha * step, radius, cfg.norm).detach()
-                seen = delta.abs().max() if cfg.norm == "linf" else delta.norm(dim=-1).max()
-                max_norm = max(max_norm, float(seen))
-        with torch.no_grad():
-            e = embeds.clone()
-            e[0, pert] = base + delta.to(base.dtype)
-            adv_logits = _cont_logits(model, e, start, T)
-        adv_nll = float(F.cross_entropy(adv_logits, target))
-        agree = float((adv_logits.argmax(-1) == clean_logits.argmax(-1)).float().mean())
-    return AttackResult(clean_nll, adv_nll, adv_nll - clean_nll, agree, delta.detach().cpu(), losses, max_norm,
-                        radius)
+    """FGSM or PGD on one sample (``attack_batch`` with one job)."""
+    return attack_batch(model, [(sample, cfg)])[0]
 
 
 @torch.no_grad()
+def greedy_batch(model, embeds: Sequence[torch.Tensor], max_new_tokens: int,
+                 eos_id: Optional[int] = None, pad_id: int = 0) -> list[list]:
+    """Greedy continuations of several input-embedding sequences ([L_i, d] each) at once.
+
+    Left-padded into one batch and decoded with the KV cache (``generate`` derives the
+    positions from the attention mask), so each answer equals its unbatched greedy decode.
+    Attacked prompts have no token ids, hence embeddings. Stops at ``eos_id``.
+    """
+    if not embeds or max_new_tokens <= 0:
+        return [[] for _ in embeds]
+    L = max(e.shape[0] for e in embeds)
+    d = embeds[0].shape[-1]
+    dev = embeds[0].device
+    E = torch.zeros(len(embeds), L, d, dtype=embeds[0].dtype, device=dev)
+    M = torch.zeros(len(embeds), L, dtype=torch.long, device=dev)
+    for i, e in enumerate(embeds):
+        E[i, L - e.shape[0]:], M[i, L - e.shape[0]:] = e, 1
+    with C.use_cache(model, True):
+        out = model.generate(inputs_embeds=E, attention_mask=M, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=eos_id, pad_token_id=pad_id if eos_id is None else eos_id,
+                             top_p=None, top_k=None, temperature=None)
+    res = []
+    for row in out.tolist():  # generate returns only the new tokens when given embeddings alone
+        if eos_id is not None and eos_id in row:
+            row = row[:row.index(eos_id)]
+        res.append(row[:max_new_tokens])
+    return res
+
+
 def greedy_from_embeds(model, embeds: torch.Tensor, max_new_tokens: int, eos_id: Optional[int] = None) -> list:
-    """Greedy decoding from input embeddings [1, L, d] (attacked prompts have no token ids)."""
-    emb = model.get_input_embeddings()
-    out = []
-    e = embeds
-    for _ in range(max_new_tokens):
-        nxt = int(model(inputs_embeds=e, use_cache=False).logits[0, -1].argmax())
-        if eos_id is not None and nxt == eos_id:
-            break
-        out.append(nxt)
-        e = torch.cat([e, emb(torch.tensor([[nxt]], device=e.device)).to(e.dtype)], dim=1)
-    return out
+    """Greedy decoding from input embeddings [1, L, d], with the KV cache."""
+    return greedy_batch(model, [embeds[0]], max_new_tokens, eos_id)[0]
+
+
+def _perturbed_prompt(model, sample: Sample, delta: Optional[torch.Tensor], cfg: AttackConfig,
+                      suffix_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Input embeddings [L', d] of the attacked prompt (and suffix), without the continuation."""
+    ids, pert, start = _layout(sample, cfg, suffix_ids)
+    e = _embeds(model, ids[:start]).clone()
+    if delta is not None:
+        e[pert] = e[pert] + delta.to(e.device, e.dtype)
+    return e
 
 
 def attacked_generation(model, tokenizer, prompt_ids: torch.Tensor, delta: Optional[torch.Tensor],
                         max_new_tokens: int = 32) -> str:
     """Greedy answer to ``prompt_ids`` [P] with ``delta`` [P, d] added to its embeddings."""
-    e = _embeds(model, prompt_ids)[None]
-    if delta is not None:
-        e = e.clone()
-        e[0, :delta.shape[0]] += delta.to(e.device, e.dtype)
-    return tokenizer.decode(greedy_from_embeds(model, e, max_new_tokens, tokenizer.eos_token_id),
+    e = _perturbed_prompt(model, Sample(prompt_ids, prompt_ids[:0]), delta, AttackConfig())
+    return tokenizer.decode(greedy_batch(model, [e], max_new_tokens, tokenizer.eos_token_id)[0],
                             skip_special_tokens=True).strip()
 
 
-def targeted_success(model, sample: Sample, delta: torch.Tensor, cfg: AttackConfig,
+def targeted_success(model, sample: Sample, delta: Optional[torch.Tensor], cfg: AttackConfig,
                      suffix_ids: Optional[torch.Tensor] = None) -> bool:
     """Greedy decoding of the attacked prompt reproduces the target exactly."""
-    embeds, pert, start, target = _layout(model, sample, cfg, suffix_ids)
-    e = embeds[:, :start].clone()
-    if delta is not None:
-        e[0, pert] = e[0, pert] + delta.to(e.device, e.dtype)
-    return greedy_from_embeds(model, e, target.numel()) == target.tolist()
+    return targeted_successes(model, [(sample, delta, cfg, suffix_ids)])[0]
+
+
+def targeted_successes(model, items: Sequence[tuple]) -> list[bool]:
+    """``targeted_success`` for many (sample, delta, cfg, suffix_ids) at once, in one batch."""
+    embeds = [_perturbed_prompt(model, s, d, c, suf) for s, d, c, suf in items]
+    T = max(s.continuation.numel() for s, _, _, _ in items)
+    outs = greedy_batch(model, embeds, T)
+    return [o[:s.continuation.numel()] == s.continuation.tolist() for o, (s, _, _, _) in zip(outs, items)]
 
 
 # --------------------------------------------------------------------------- GCG
@@ -229,49 +402,113 @@ def printable_token_mask(tokenizer, vocab_size: int) -> torch.Tensor:
 class GCGResult:
     suffix_ids: list
     suffix_text: str
-    losses: list
+    losses: list                   # loss of the current suffix after each step
     initial_loss: float
-    final_loss: float
+    final_loss: float              # the best loss seen over all steps
     success: bool
     seconds: float
+    threat_model: str = ""
+    candidates_filtered: int = 0   # candidates dropped because they do not survive re-tokenization
+
+
+def chat_parts(tokenizer, prompt: str, placeholder: str = "{ADV_SUFFIX}") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (before, after) of the chat-templated user turn ``prompt + " " + suffix``.
+
+    Zou et al.'s threat model: the suffix is part of the user's message, so ``before``
+    ends with the user text and ``after`` holds the end of the turn and the assistant
+    header. Without a chat template, before = the prompt's ids and after is empty.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": f"{prompt} {placeholder}"}],
+                                             add_generation_prompt=True, tokenize=False)
+        head, _, tail = text.partition(placeholder)
+        enc = lambda t: torch.tensor(tokenizer(t, add_special_tokens=False).input_ids, dtype=torch.long)
+        return enc(head), enc(tail)
+    return torch.tensor(tokenizer(prompt + " ").input_ids, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+
+
+def _roundtrips(tokenizer, cands: torch.Tensor) -> torch.Tensor:
+    """[B] True where decoding a candidate suffix and encoding it again gives the same ids
+    (nanoGCG's filter: a suffix that does not round-trip is not the text a user would paste)."""
+    texts = tokenizer.batch_decode(cands.tolist())
+    again = tokenizer(texts, add_special_tokens=False).input_ids
+    return torch.tensor([a == c for a, c in zip(again, cands.tolist())])
+
+
+def _forward_kw(model) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def gcg_attack(model, tokenizer, sample: Sample, suffix_len: int = 8, steps: int = 20, topk: int = 64,
-               batch: int = 32, objective: str = "targeted", seed: int = 0, progress: bool = True) -> GCGResult:
-    """Greedy coordinate gradient over suffix tokens appended to the prompt.
+               batch: int = 32, objective: str = "targeted", seed: int = 0, progress: bool = True,
+               after: Optional[torch.Tensor] = None) -> GCGResult:
+    """Greedy coordinate gradient (Zou et al. 2023) over printable suffix tokens.
 
-    Each step: the gradient of the objective w.r.t. the one-hot suffix [S, V] gives, per
-    position, the ``topk`` most promising printable tokens; ``batch`` single-token swaps are
-    sampled, evaluated exactly, and the best is kept if it improves the objective.
+    Input layout: ``sample.prompt`` (the fixed prefix, e.g. from ``chat_parts``), the suffix,
+    ``after`` (e.g. end of the user turn and the assistant header), then the target
+    ``sample.continuation``. The prefix's KV cache is computed once and shared by every
+    pass. Each step: the gradient w.r.t. the one-hot suffix [S, V] (one forward + backward)
+    gives per position the ``topk`` most promising printable tokens; ``batch`` single-token
+    swaps are sampled, those that do not survive re-tokenization dropped, and the rest
+    scored in one forward that computes only the target's logits. As in the reference
+    code, the suffix moves to the batch's best candidate every step, and the best suffix
+    seen overall is returned.
     """
     t0 = time.perf_counter()
     W = model.get_input_embeddings().weight
+    dev = C.input_device(model)
+    after = torch.zeros(0, dtype=torch.long) if after is None else after.cpu()
     allowed = printable_token_mask(tokenizer, W.shape[0]).to(W.device)
     g = torch.Generator().manual_seed(seed)
     allowed_ids = allowed.nonzero().flatten().cpu()
-    suffix = allowed_ids[torch.randint(0, allowed_ids.numel(), (1,), generator=g)].repeat(suffix_len)
+    for _ in range(100):  # an initial suffix that round-trips
+        suffix = allowed_ids[torch.randint(0, allowed_ids.numel(), (1,), generator=g)].repeat(suffix_len)
+        if bool(_roundtrips(tokenizer, suffix[None])[0]):
+            break
     sign = 1.0 if objective == "targeted" else -1.0  # we minimise sign * CE
-    dev = C.input_device(model)
-    P, T = sample.prompt.numel(), sample.continuation.numel()
+    S, A, T = suffix_len, after.numel(), sample.continuation.numel()
     target = sample.continuation.to(dev)
+    tail = torch.cat([after, sample.continuation])  # what follows the suffix
+    keep = torch.arange(S + A - 1, S + A - 1 + T)  # new-token positions whose logits predict the target
+    cache_kw = _forward_kw(model)
 
-    def objective_of(suffixes: torch.Tensor) -> torch.Tensor:  # [B, S] -> [B]
-        ids = torch.cat([sample.prompt.expand(len(suffixes), -1), suffixes.cpu(),
-                         sample.continuation.expand(len(suffixes), -1)], dim=1).to(dev)
-        logits = model(input_ids=ids, use_cache=False).logits[:, P + suffix_len - 1:P + suffix_len - 1 + T]
-        logits = logits.float().to(dev)
-        ce = F.cross_entropy(logits.transpose(1, 2), target.expand(len(suffixes), -1), reduction="none").mean(1)
-        return sign * ce
+    with C.trainable_only(model, ()), C.use_cache(model, True):
+        with torch.no_grad():
+            out = model(input_ids=sample.prompt[None].to(dev), use_cache=True)
+        prefix = getattr(out, "cache", None) or out.past_key_values
+        del out
 
-    losses = []
-    with C.trainable_only(model, ()):
+        def with_prefix(n: int):
+            import copy
+
+            c = copy.deepcopy(prefix)  # a forward appends to the cache it is given
+            if n > 1:
+                c.batch_repeat_interleave(n)
+            return {cache_kw: c}
+
+        def objective_of(cands: torch.Tensor) -> torch.Tensor:  # [B, S] -> [B]
+            vals = []
+            size = C.auto_batch_size(model, S + A + T + sample.prompt.numel(), len(cands), scored=T,
+                                     on_cpu=None)
+            for i in range(0, len(cands), size):
+                part = cands[i:i + size]
+                ids = torch.cat([part, tail.expand(len(part), -1)], dim=1).to(dev)
+                logits = model(input_ids=ids, use_cache=True, logits_to_keep=keep, **with_prefix(len(part))).logits
+                ce = F.cross_entropy(logits.float().transpose(1, 2).to(dev), target.expand(len(part), -1),
+                                     reduction="none").mean(1)
+                vals.append(sign * ce)
+            return torch.cat(vals)
+
         with torch.no_grad():
             best = float(objective_of(suffix[None])[0])
-        initial = best
+        initial, best_suffix, losses, filtered = best, suffix.clone(), [], 0
+        emb_tail = _embeds(model, tail)
         for _ in tqdm(range(steps), desc="gcg", disable=not progress):
-            onehot = F.one_hot(suffix.to(dev), W.shape[0]).to(W.dtype).requires_grad_(True)
-            e = torch.cat([_embeds(model, sample.prompt), onehot @ W, _embeds(model, sample.continuation)])[None]
-            logits = model(inputs_embeds=e, use_cache=False).logits[0, P + suffix_len - 1:P + suffix_len - 1 + T]
+            onehot = F.one_hot(suffix.to(W.device), W.shape[0]).to(W.dtype).requires_grad_(True)
+            e = torch.cat([(onehot @ W).to(emb_tail.device), emb_tail])[None]
+            logits = model(inputs_embeds=e, use_cache=True, logits_to_keep=keep, **with_prefix(1)).logits[0]
             loss = sign * F.cross_entropy(logits.float().to(dev), target)
             grad, = torch.autograd.grad(loss, onehot)
             grad = grad.float().masked_fill(~allowed[None, :], float("inf"))
@@ -280,17 +517,26 @@ def gcg_attack(model, tokenizer, sample: Sample, suffix_len: int = 8, steps: int
             tok = cand_tok[pos, torch.randint(0, topk, (batch,), generator=g)]
             cands = suffix.repeat(batch, 1)
             cands[torch.arange(batch), pos] = tok
+            ok = _roundtrips(tokenizer, cands)
+            filtered += int((~ok).sum())
+            if not bool(ok.any()):
+                losses.append(sign * best)
+                continue
+            cands = cands[ok]
             with torch.no_grad():
                 vals = objective_of(cands)
             i = int(vals.argmin())
-            if float(vals[i]) < best:
-                best, suffix = float(vals[i]), cands[i].clone()
-            losses.append(sign * best)
-    ok = False
-    if objective == "targeted":
-        ok = targeted_success(model, sample, None, AttackConfig(positions="suffix", suffix_len=suffix_len), suffix)
-    return GCGResult(suffix.tolist(), tokenizer.decode(suffix), losses, sign * initial, sign * best, ok,
-                     time.perf_counter() - t0)
+            suffix, cur = cands[i].clone(), float(vals[i])
+            if cur < best:
+                best, best_suffix = cur, suffix.clone()
+            losses.append(sign * cur)
+        ok = False
+        if objective == "targeted":
+            prompt_ids = torch.cat([sample.prompt, best_suffix, after])
+            out = greedy_batch(model, [_embeds(model, prompt_ids)], T)[0]
+            ok = out[:T] == sample.continuation.tolist()
+    return GCGResult(best_suffix.tolist(), tokenizer.decode(best_suffix), losses, sign * initial, sign * best, ok,
+                     time.perf_counter() - t0, candidates_filtered=filtered)
 
 
 # --------------------------------------------------------------------------- defences
@@ -318,29 +564,50 @@ def perplexity_filter(model, clean: Sequence[torch.Tensor], attacked: Sequence[t
 
 def adversarial_finetune(model, samples: Sequence[Sample], cfg: AttackConfig, steps: int = 6, lr: float = 1e-5,
                          seed: int = 0, progress: bool = True) -> list:
-    """Embedding-space adversarial training, in place: each step finds a PGD perturbation
-    for one sample and takes an AdamW step on the clean continuation's loss under it.
-    Returns the training losses. Wrap in ``C.restored_on_exit`` to undo."""
-    params = [p for p in model.parameters() if p.is_floating_point()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    """Embedding-space adversarial training, in place: each step finds PGD perturbations
+    for all ``samples`` at once (one batch) and takes one AdamW step on the clean
+    continuations' loss under them. bf16/fp16 models train through fp32 master weights
+    (``C.fp32_master_weights``), so steps of lr ~1e-5 are not rounded away. Returns the
+    training losses. Wrap in ``C.restored_on_exit`` to undo."""
+    if getattr(model, "peft_config", None):  # LoRA adapters (see ``_lora``): train only those
+        params = [p for n, p in model.named_parameters() if "lora_" in n]
+    else:
+        params = [p for p in model.parameters() if p.is_floating_point()]
+    low = C.low_precision_dtype(model)
+    dev = C.input_device(model)
     losses = []
     was_training = model.training
-    for step in tqdm(range(steps), desc="adversarial fine-tune", disable=not progress):
-        s = samples[step % len(samples)]
-        r = attack_embeddings(model, s, AttackConfig(**{**cfg.__dict__, "seed": seed + step}))
-        embeds, pert, start, target = _layout(model, s, cfg)
-        e = embeds.clone()
-        e[0, pert] = e[0, pert] + r.delta.to(e.device, e.dtype)
-        with C.trainable_only(model, params):
-            model.train()
-            loss = F.cross_entropy(_cont_logits(model, e, start, target.numel()), target.to(e.device))
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+    with C.fp32_master_weights(params):
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=dev.type == "cuda")
+        for step in tqdm(range(steps), desc="adversarial fine-tune", disable=not progress):
+            with torch.autocast(dev.type, dtype=low, enabled=low is not None):
+                jobs = [(s, AttackConfig(**{**cfg.__dict__, "seed": seed + step * len(samples) + i}))
+                        for i, s in enumerate(samples)]
+                rs = attack_batch(model, jobs)
+                rows = _Rows.build(model, [_layout(s, cfg) for s in samples])
+                delta = torch.zeros(rows.embeds.shape, dtype=torch.float32, device=rows.embeds.device)
+                for i, ((_, sl, _), r) in enumerate(zip([_layout(s, cfg) for s in samples], rs)):
+                    delta[i, sl] = r.delta.to(delta.device)
+                with C.trainable_only(model, params):
+                    model.train()
+                    nll, _ = _scored(model, rows, delta)
+                    loss = nll.mean()
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
     model.train(was_training)
     model.eval()
-    return losses
+    return torch.stack(losses).float().cpu().tolist() if losses else []
+
+
+def _lora(model, r: int, seed: int):
+    """The model with fresh LoRA adapters on every linear (in place; ``.unload()`` removes them)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear",
+                                            task_type="CAUSAL_LM"))
 
 
 # --------------------------------------------------------------------------- driver
@@ -364,6 +631,7 @@ class AdversarialConfig:
     gcg_suffix_len: int = 6
     defence_steps: int = 6
     defence_lr: float = 1e-5
+    defence_lora_r: Optional[int] = None  # None: LoRA adapters above 1.5B parameters, else all weights
     max_new_tokens: int = 24
     seed: int = 0
     progress: bool = True
@@ -377,94 +645,129 @@ def _chat_ids(tokenizer, prompt: str) -> torch.Tensor:
     return torch.tensor(tokenizer(prompt).input_ids)
 
 
+def _windows(eval_ids: torch.Tensor, n: int, cfg: AdversarialConfig, offset: float = 0.0) -> list[Sample]:
+    """``n`` (prompt, true continuation) windows spread evenly over the text; ``offset`` in
+    [0, 1) shifts them by that fraction of the spacing (0.5: the midpoints, disjoint from
+    the windows at offset 0 whenever the spacing is at least two windows long)."""
+    L = cfg.prompt_len + cfg.continuation_len
+    step = eval_ids.numel() // n
+    out = []
+    for i in range(n):
+        s = i * step + int(offset * step)
+        out.append(Sample(eval_ids[s:s + cfg.prompt_len], eval_ids[s + cfg.prompt_len:s + L],
+                          f"window {i}" if offset == 0 else f"train window {i}"))
+    return out
+
+
 def build_samples(model, tokenizer, eval_ids: torch.Tensor, cfg: AdversarialConfig) -> list[Sample]:
     """Text windows (prompt + its true continuation) and sample prompts (prompt + the
-    model's own clean greedy answer)."""
+    model's own clean greedy answer, decoded for all prompts in one batch)."""
     L = cfg.prompt_len + cfg.continuation_len
-    if eval_ids.numel() < L * cfg.n_windows:
-        raise C.UserError(f"evaluation text has {eval_ids.numel()} tokens, fewer than {cfg.n_windows} "
-                          f"attack windows of {L}")
-    step = eval_ids.numel() // cfg.n_windows
-    out = [Sample(eval_ids[i * step:i * step + cfg.prompt_len],
-                  eval_ids[i * step + cfg.prompt_len:i * step + L], f"window {i}") for i in range(cfg.n_windows)]
-    for p in cfg.sample_prompts:
-        ids = _chat_ids(tokenizer, p)
-        ans = greedy_from_embeds(model, _embeds(model, ids)[None], cfg.continuation_len, tokenizer.eos_token_id)
+    if eval_ids.numel() < 2 * L * cfg.n_windows:
+        raise C.UserError(f"evaluation text has {eval_ids.numel()} tokens, fewer than {2 * cfg.n_windows} "
+                          f"attack windows of {L} (half of them train the adversarial fine-tune)")
+    out = _windows(eval_ids, cfg.n_windows, cfg)
+    ids = [_chat_ids(tokenizer, p) for p in cfg.sample_prompts]
+    answers = greedy_batch(model, [_embeds(model, x) for x in ids], cfg.continuation_len, tokenizer.eos_token_id)
+    for p, x, ans in zip(cfg.sample_prompts, ids, answers):
         if ans:
-            out.append(Sample(ids, torch.tensor(ans), p))
+            out.append(Sample(x, torch.tensor(ans), p))
     return out
+
+
+def _summary(rs: Sequence[AttackResult]) -> dict:
+    return {"clean_nll": _mean(r.clean_nll for r in rs), "attacked_nll": _mean(r.attacked_nll for r in rs),
+            "delta_nll": _mean(r.delta_nll for r in rs), "top1_agreement": _mean(r.top1_agreement for r in rs)}
 
 
 def test_adversarial_robustness(model, tokenizer, eval_ids: torch.Tensor,
                                 config: AdversarialConfig = AdversarialConfig()) -> dict:
     """ΔNLL vs eps for FGSM and PGD, targeted success, answers under attack, GCG, and the
-    two defences measured before and after. The model's weights are unchanged on return."""
+    two defences measured before and after. The model's weights are unchanged on return.
+
+    Every attack family runs as one batch: all samples x eps x method step together."""
     t0 = time.perf_counter()
     secs = {}
     samples = build_samples(model, tokenizer, eval_ids, config)
+    n_win = config.n_windows
+    jobs = [(s, AttackConfig(method=m, norm=config.norm, epsilon=e, steps=config.pgd_steps, seed=config.seed))
+            for e in config.epsilons for m in ("fgsm", "pgd") for s in samples]
+    rs = attack_batch(model, jobs)
     table = []
-    for eps in tqdm(config.epsilons, desc="attack eps sweep", disable=not config.progress):
-        for method in ("fgsm", "pgd"):
-            acfg = AttackConfig(method=method, norm=config.norm, epsilon=eps, steps=config.pgd_steps,
-                                seed=config.seed)
-            rs = [attack_embeddings(model, s, acfg) for s in samples]
-            table.append({"method": method, "eps": eps, "clean_nll": _mean(r.clean_nll for r in rs),
-                          "attacked_nll": _mean(r.attacked_nll for r in rs),
-                          "delta_nll": _mean(r.delta_nll for r in rs),
-                          "top1_agreement": _mean(r.top1_agreement for r in rs)})
+    for e in config.epsilons:
+        for m in ("fgsm", "pgd"):
+            part = [r for (s, c), r in zip(jobs, rs) if c.epsilon == e and c.method == m]
+            table.append({"method": m, "eps": e, **_summary(part)})
     secs["sweep"] = time.perf_counter() - t0
 
-    # Answers to the sample prompts, clean and under the strongest PGD attack.
+    # Answers to the sample prompts, clean and under the strongest PGD attack of the sweep.
     t = time.perf_counter()
-    answers = {}
-    strongest = AttackConfig(method="pgd", norm=config.norm, epsilon=max(config.epsilons), steps=config.pgd_steps,
-                             seed=config.seed)
-    for s in samples[config.n_windows:]:
-        r = attack_embeddings(model, s, strongest)
-        answers[s.label] = {"clean": attacked_generation(model, tokenizer, s.prompt, None, config.max_new_tokens),
-                            "attacked": attacked_generation(model, tokenizer, s.prompt, r.delta,
-                                                            config.max_new_tokens),
-                            "eps": strongest.epsilon}
+    strongest = max(config.epsilons)
+    prompts = samples[n_win:]
+    deltas = {id(s): r.delta for (s, c), r in zip(jobs, rs) if c.method == "pgd" and c.epsilon == strongest}
+    embeds = [_perturbed_prompt(model, Sample(s.prompt, s.prompt[:0]), d, AttackConfig())
+              for s in prompts for d in (None, deltas[id(s)])]
+    outs = greedy_batch(model, embeds, config.max_new_tokens, tokenizer.eos_token_id)
+    dec = [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
+    answers = {s.label: {"clean": dec[2 * i], "attacked": dec[2 * i + 1], "eps": strongest}
+               for i, s in enumerate(prompts)}
     # Targeted: make every prompt continue with the target string.
     tgt = torch.tensor(tokenizer(config.target, add_special_tokens=False).input_ids)
     tcfg = AttackConfig(method="pgd", norm=config.norm, epsilon=config.targeted_eps, steps=config.targeted_steps,
                         objective="targeted", seed=config.seed)
-    hits = []
-    for s in samples:
-        ts = Sample(s.prompt, tgt, s.label)
-        r = attack_embeddings(model, ts, tcfg)
-        hits.append(targeted_success(model, ts, r.delta, tcfg))
+    tsamples = [Sample(s.prompt, tgt, s.label) for s in samples]
+    trs = attack_batch(model, [(s, tcfg) for s in tsamples])
+    hits = targeted_successes(model, [(s, r.delta, tcfg, None) for s, r in zip(tsamples, trs)])
     targeted = {"target": config.target, "eps": config.targeted_eps, "steps": config.targeted_steps,
                 "success_rate": sum(hits) / len(hits), "n": len(hits)}
     secs["targeted"] = time.perf_counter() - t
 
-    # GCG on the first sample prompt (or the first window), targeted at the target string.
+    # GCG on the first sample prompt, the suffix inside its user turn, targeted at the target.
     t = time.perf_counter()
-    gs = samples[config.n_windows] if len(samples) > config.n_windows else samples[0]
-    gcg = gcg_attack(model, tokenizer, Sample(gs.prompt, tgt, gs.label), config.gcg_suffix_len, config.gcg_steps,
-                     config.gcg_topk, config.gcg_batch, "targeted", config.seed, config.progress)
+    gprompt = config.sample_prompts[0] if config.sample_prompts else tokenizer.decode(samples[0].prompt)
+    before, after = chat_parts(tokenizer, gprompt)
+    gcg = gcg_attack(model, tokenizer, Sample(before, tgt, gprompt), config.gcg_suffix_len, config.gcg_steps,
+                     config.gcg_topk, config.gcg_batch, "targeted", config.seed, config.progress, after=after)
+    gcg.threat_model = ("suffix appended to the user's message inside the chat template, before the end of "
+                        "the turn and the assistant header (Zou et al. 2023)")
     secs["gcg"] = time.perf_counter() - t
 
     # Defence 1: perplexity filter on the GCG prompt against the clean prompts.
     clean_prompts = [s.prompt for s in samples]
-    attacked_prompts = [torch.cat([gs.prompt, torch.tensor(gcg.suffix_ids)])]
+    attacked_prompts = [torch.cat([before, torch.tensor(gcg.suffix_ids, dtype=torch.long), after])]
     pfilter = perplexity_filter(model, clean_prompts, attacked_prompts)
 
-    # Defence 2: adversarial fine-tune (undone afterwards), ΔNLL at the same eps before/after.
+    # Defence 2: adversarial fine-tune (undone afterwards) on windows disjoint from the attack
+    # samples; PGD ΔNLL before/after on both the held-out attack samples and the trained-on ones.
     t = time.perf_counter()
-    dcfg = AttackConfig(method="pgd", norm=config.norm, epsilon=max(config.epsilons), steps=config.pgd_steps,
+    train_s = _windows(eval_ids, n_win, config, offset=0.5)
+    dcfg = AttackConfig(method="pgd", norm=config.norm, epsilon=strongest, steps=config.pgd_steps,
                         seed=config.seed + 99)
-    before_rs = [attack_embeddings(model, s, dcfg) for s in samples]
-    names = [n for n, p in model.named_parameters() if p.is_floating_point()]
+    every = samples + train_s
+    before_rs = attack_batch(model, [(s, dcfg) for s in every])
+    n_params = sum(p.numel() for p in model.parameters())
+    lora_r = config.defence_lora_r if config.defence_lora_r is not None else (16 if n_params > 1.5e9 else 0)
+    # Full weights need 16 bytes each for fp32 masters and AdamW (108 GB at 7B): large models
+    # train LoRA adapters instead, removed afterwards; small ones are restored from a copy.
+    names = [] if lora_r else [n for n, p in model.named_parameters() if p.is_floating_point()]
     with C.restored_on_exit(model, names):
-        train_losses = adversarial_finetune(model, samples, dcfg, config.defence_steps, config.defence_lr,
-                                            config.seed, config.progress)
-        after_rs = [attack_embeddings(model, s, dcfg) for s in samples]
+        target = _lora(model, lora_r, config.seed) if lora_r else model
+        try:
+            train_losses = adversarial_finetune(target, train_s, dcfg, config.defence_steps, config.defence_lr,
+                                                config.seed, config.progress)
+            after_rs = attack_batch(target, [(s, dcfg) for s in every])
+        finally:
+            if lora_r:
+                target.unload()  # the original modules, without the adapters
+    k = len(samples)
+    held_b, held_a, tr_b, tr_a = (_summary(x) for x in (before_rs[:k], after_rs[:k], before_rs[k:], after_rs[k:]))
     defence = {"eps": dcfg.epsilon, "steps": config.defence_steps, "lr": config.defence_lr,
-               "delta_nll_before": _mean(r.delta_nll for r in before_rs),
-               "delta_nll_after": _mean(r.delta_nll for r in after_rs),
-               "clean_nll_before": _mean(r.clean_nll for r in before_rs),
-               "clean_nll_after": _mean(r.clean_nll for r in after_rs),
+               "trained": f"LoRA adapters, r={lora_r}" if lora_r else "all weights",
+               "trained_on": f"{len(train_s)} windows disjoint from the {k} attack samples",
+               "delta_nll_before": held_b["delta_nll"], "delta_nll_after": held_a["delta_nll"],
+               "clean_nll_before": held_b["clean_nll"], "clean_nll_after": held_a["clean_nll"],
+               "train_windows": {"delta_nll_before": tr_b["delta_nll"], "delta_nll_after": tr_a["delta_nll"],
+                                 "clean_nll_before": tr_b["clean_nll"], "clean_nll_after": tr_a["clean_nll"]},
                "train_losses": train_losses}
     secs["defence"] = time.perf_counter() - t
     secs["total"] = time.perf_counter() - t0

@@ -283,13 +283,21 @@ def named_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 @contextlib.contextmanager
 def restored_on_exit(model: torch.nn.Module, names) -> Iterator[torch.nn.Module]:
-    """Back up the named tensors (one spare copy, on CPU) and restore them bit for bit on
+    """Back up the named tensors (one spare copy) and restore them bit for bit on
     exit, also after an exception. Whatever the body does to them in place is undone."""
     state = named_tensors(model)
     unknown = [n for n in names if n not in state]
     if unknown:
         raise UserError(f"checkpoint names {len(unknown)} tensors the model lacks, e.g. {unknown[0]!r}")
-    backup = {n: state[n].detach().to("cpu", copy=True) for n in dict.fromkeys(names)}
+    names = list(dict.fromkeys(names))
+    # The spare copy stays on the accelerator when it takes under a third of its free memory:
+    # a sweep then never moves gigabytes over PCIe per point; else it goes to the host.
+    need: dict[torch.device, int] = {}
+    for n in names:
+        need[state[n].device] = need.get(state[n].device, 0) + state[n].numel() * state[n].element_size()
+    home = {d: d if d.type == "cuda" and b < free_memory_bytes(d) / 3 else torch.device("cpu")
+            for d, b in need.items()}
+    backup = {n: state[n].detach().to(home[state[n].device], copy=True) for n in names}
     try:
         yield model
     finally:
@@ -456,6 +464,86 @@ def use_cache(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
         yield
     finally:
         model.config.use_cache = old
+
+
+# --------------------------------------------------------------------------- precision and memory
+
+
+def low_precision_dtype(model: torch.nn.Module) -> Optional[torch.dtype]:
+    """bfloat16 or float16 when the model's floating weights are stored in it, else None."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype if p.dtype in (torch.bfloat16, torch.float16) else None
+    return None
+
+
+@contextlib.contextmanager
+def fp32_master_weights(params) -> Iterator[list]:
+    """Hold ``params`` in float32 for the body, in place, and round them back to their own
+    dtype (bf16/fp16) on exit, also after an exception.
+
+    Why: an AdamW update of size lr = 1e-5 is below half a bf16 ulp for almost every weight
+    (bf16 keeps 8 significant bits), so updating bf16 weights directly rounds most updates
+    away. Training the fp32 copies under bf16 autocast (matmuls in bf16, updates in fp32) is
+    the standard mixed-precision recipe. Tied parameters are upcast once. Memory: 4 bytes
+    per trainable weight while the body runs (LoRA: only the adapters).
+    """
+    params = list({id(p): p for p in params}.values())
+    old = [p.dtype for p in params]
+    for p in params:
+        if p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
+    try:
+        yield params
+    finally:
+        for p, dt in zip(params, old):
+            if p.dtype != dt:
+                p.data = p.data.to(dt)  # round to nearest: the closest bf16 to the trained weight
+                p.grad = None
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Free accelerator memory on ``device`` in bytes (CUDA), or available host memory (CPU)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 4 * 2**30
+
+
+def auto_batch_size(model: torch.nn.Module, seq_len: int, n_items: int, scored: Optional[int] = None,
+                    train: bool = False, fraction: float = 0.5, on_cpu: Optional[int] = 1) -> int:
+    """Windows of ``seq_len`` tokens per forward pass that fit in ``fraction`` of free memory.
+
+    On CPU the answer is ``on_cpu`` (default 1: a 2-core forward of long windows is
+    compute-bound at any batch, and batch 1 keeps peak memory low); ``on_cpu=None`` sizes
+    from host memory like a GPU (short attack rows gain from batching). The estimate per window is the float32 logits of the
+    ``scored`` positions (x3: logits, log-softmax, gradient) plus the activations kept by
+    the pass: ~4 tensors of [seq_len, hidden] per layer for inference, ~34 bytes x hidden per
+    token and layer for training (Korthikanti et al. 2022, flash attention). Clamped to
+    [1, n_items].
+    """
+    dev = input_device(model)
+    if n_items <= 1:
+        return 1
+    if dev.type != "cuda" and on_cpu is not None:
+        return max(1, min(n_items, on_cpu))
+    cfg = model.config
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 1024)
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 24)
+    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 32000
+    itemsize = next(model.parameters()).element_size()
+    scored = seq_len if scored is None else scored
+    per_window = scored * vocab * 4 * 3
+    per_window += seq_len * hidden * (34 * layers if train else 8 * itemsize)
+    if not train:  # the MLP intermediate of one layer is the largest transient
+        per_window += seq_len * (getattr(cfg, "intermediate_size", None) or 4 * hidden) * itemsize * 3
+    budget = fraction * free_memory_bytes(dev)
+    return int(max(1, min(n_items, budget // max(per_window, 1))))
 
 
 # --------------------------------------------------------------------------- architecture map

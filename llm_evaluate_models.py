@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from llm_common import SAMPLE_PROMPT, UserError, input_device, use_cache
+from llm_common import SAMPLE_PROMPT, UserError, auto_batch_size, free_memory_bytes, input_device, use_cache
 
 log = logging.getLogger("llm.eval")
 
@@ -32,7 +32,7 @@ class EvalConfig:
     seq_len: int = 2048          # tokens per window
     stride: Optional[int] = None  # None: seq_len, i.e. disjoint windows
     eval_tokens: Optional[int] = None  # evaluate only the first N tokens of the text
-    batch_size: int = 1          # windows per forward pass
+    batch_size: Optional[int] = None  # windows per forward pass; None: from free memory (1 on CPU)
     prompts: Sequence[str] = (SAMPLE_PROMPT,)
     max_new_tokens: int = 48     # greedy generation budget per prompt; 0 disables
     progress: bool = True
@@ -53,6 +53,7 @@ class EvalResult:
     generations: dict = field(default_factory=dict)  # prompt -> greedy answer
     seconds: float = 0.0
     tokens_per_s: float = 0.0
+    batch_size: int = 1          # windows per forward pass actually used
 
 
 def safe_exp(x: float) -> float:
@@ -116,33 +117,55 @@ def _batches(plan: list, batch_size: int) -> list:
     return [plan[i:i + batch_size] for i in range(0, len(plan), batch_size)]
 
 
-def _prepare(input_ids: torch.Tensor, config: EvalConfig):
+def _prepare(input_ids: torch.Tensor, config: EvalConfig, model=None):
+    """(ids, window plan, stride, batch size) after validating the config."""
     if input_ids.dim() != 1:
         raise ValueError("input_ids must be 1-D [n_tokens]")
     if config.eval_tokens is not None:
         if config.eval_tokens < 2:
             raise UserError(f"--eval-tokens must be at least 2, got {config.eval_tokens}")
         input_ids = input_ids[: config.eval_tokens]
-    if config.batch_size < 1:
+    if config.batch_size is not None and config.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {config.batch_size}")
     stride = config.seq_len if config.stride is None else config.stride
-    return input_ids, window_plan(input_ids.numel(), config.seq_len, stride), stride
+    plan = window_plan(input_ids.numel(), config.seq_len, stride)
+    batch = config.batch_size
+    if batch is None:
+        batch = auto_batch_size(model, config.seq_len, len(plan)) if model is not None else 1
+    return input_ids, plan, stride, batch
 
 
-def reference_logprobs(model, input_ids: torch.Tensor, config: EvalConfig = EvalConfig()) -> list:
-    """The model's float32 log-probabilities at the scored positions, one CPU tensor
+def reference_logprobs(model, input_ids: torch.Tensor, config: EvalConfig = EvalConfig(),
+                       return_nll: bool = False):
+    """The model's float32 log-probabilities at the scored positions, one tensor
     [B, T, vocab] per evaluation batch: pass the list as ``reference`` to compare many
     perturbed versions of one model against it without a second copy of the model.
-    Memory: 4 bytes x vocab per evaluated token."""
-    input_ids, plan, _ = _prepare(input_ids, config)
+    Memory: 4 bytes x vocab per evaluated token. With ``return_nll`` also the mean NLL
+    (nats/token) of the same pass, so the clean model needs no second evaluation."""
+    input_ids, plan, _, batch = _prepare(input_ids, config, model)
     out = []
+    nll_sum, n = torch.zeros((), dtype=torch.float64), 0
+    # Kept on the accelerator when they take under a quarter of its free memory (a sweep then
+    # never copies them back over PCIe), else on the host.
+    dev = input_device(model)
+    need = sum(config.seq_len - f for _, f in plan) * model.get_output_embeddings().weight.shape[0] * 4
+    store = dev if dev.type == "cuda" and need < 0.25 * free_memory_bytes(dev) else torch.device("cpu")
     with torch.inference_mode():
-        for chunk in _batches(plan, config.batch_size):
+        for chunk in _batches(plan, batch):
             windows = torch.stack([input_ids[s:s + config.seq_len] for s, _ in chunk])
-            keep = config.seq_len - min(f for _, f in chunk) + 1
+            first = min(f for _, f in chunk)
+            keep = config.seq_len - first + 1
             logits = _window_logits(model, windows.to(input_device(model)), keep)[:, :-1].float()
-            out.append(F.log_softmax(logits, dim=-1).cpu())
-    return out
+            logp = F.log_softmax(logits, dim=-1)
+            if return_nll:
+                targets = windows[:, first:].to(logp.device)
+                mask = torch.arange(first, config.seq_len, device=logp.device)[None, :] >= \
+                    torch.tensor([f for _, f in chunk], device=logp.device)[:, None]
+                tok_nll = -logp.gather(-1, targets[..., None])[..., 0]
+                nll_sum += torch.where(mask, tok_nll, 0).double().sum().cpu()
+                n += int(mask.sum())
+            out.append(logp.to(store))
+    return (out, float(nll_sum) / n) if return_nll else out
 
 
 def evaluate_model(model, tokenizer, input_ids: torch.Tensor, config: EvalConfig = EvalConfig(),
@@ -157,19 +180,21 @@ def evaluate_model(model, tokenizer, input_ids: torch.Tensor, config: EvalConfig
             (no logits are stored beyond one batch), or the list returned by
             ``reference_logprobs`` for the same ids and config.
     """
-    input_ids, plan, stride = _prepare(input_ids, config)
+    input_ids, plan, stride, batch_size = _prepare(input_ids, config, model)
     seq_len = config.seq_len
     dev = input_device(model)
     ref_is_model = reference is not None and not isinstance(reference, list)
     ref_dev = input_device(reference) if ref_is_model else None
 
-    nll_sum = torch.zeros((), dtype=torch.float64)
-    kl_sum = torch.zeros((), dtype=torch.float64)
-    agree = 0
-    n_scored = 0
-    n_bytes = 0
+    # Sums stay on the device and are read back once at the end: no host sync per batch.
+    out_dev = model.get_output_embeddings().weight.device if model.get_output_embeddings() is not None else dev
+    nll_sum = torch.zeros((), dtype=torch.float64, device=out_dev)
+    kl_sum = torch.zeros((), dtype=torch.float64, device=out_dev)
+    agree = torch.zeros((), dtype=torch.long, device=out_dev)
+    n_scored = sum(seq_len - f for _, f in plan)
+    n_bytes = sum(len(tokenizer.decode(input_ids[s + f:s + seq_len]).encode("utf-8")) for s, f in plan)
     t0 = time.perf_counter()
-    batches = _batches(plan, config.batch_size)
+    batches = _batches(plan, batch_size)
     bar = tqdm(batches, desc="eval windows", unit="batch", disable=not config.progress or len(batches) < 2)
     with torch.inference_mode():
         for b_idx, chunk in enumerate(bar):
@@ -177,31 +202,29 @@ def evaluate_model(model, tokenizer, input_ids: torch.Tensor, config: EvalConfig
             # Scored target positions are [first, seq_len); logits at p-1 predict p.
             first = min(f for _, f in chunk)
             keep = seq_len - first + 1
-            logits = _window_logits(model, windows.to(dev), keep)[:, :-1].float()
-            targets = windows[:, first:].to(logits.device)
+            logits = _window_logits(model, windows.to(dev, non_blocking=True), keep)[:, :-1]
+            targets = windows[:, first:].to(logits.device, non_blocking=True)
             # Mask of scored positions per window (window 0 scores more than the others).
             pos = torch.arange(first, seq_len, device=logits.device)
-            fs = torch.tensor([f for _, f in chunk], device=logits.device)
+            fs = torch.tensor([f for _, f in chunk]).to(logits.device, non_blocking=True)
             mask = pos[None, :] >= fs[:, None]  # [B, seq_len - first]
             # Flattened [B*T, V] input: the transposed [B, V, T] layout is ~10x slower on CPU.
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                                   reduction="none").view_as(targets)
-            nll_sum += nll[mask].double().sum().cpu()
-            n_scored += int(mask.sum())
-            for (s, f) in chunk:
-                n_bytes += len(tokenizer.decode(input_ids[s + f:s + seq_len]).encode("utf-8"))
+            nll_sum += torch.where(mask, nll, 0).double().sum().to(out_dev)
             if reference is not None:
+                logp = F.log_softmax(logits.float(), dim=-1)
                 if ref_is_model:
                     ref_logits = _window_logits(reference, windows.to(ref_dev), keep)[:, :-1].float()
                     ref_logp = F.log_softmax(ref_logits.to(logits.device), dim=-1)
                 else:
-                    ref_logp = reference[b_idx].to(logits.device)
-                logp = F.log_softmax(logits, dim=-1)
+                    ref_logp = reference[b_idx].to(logits.device, non_blocking=True)
                 kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
-                kl_sum += kl[mask].double().sum().cpu()
-                agree += int((ref_logp.argmax(-1) == logp.argmax(-1))[mask].sum())
+                kl_sum += torch.where(mask, kl, 0).double().sum().to(out_dev)
+                agree += ((ref_logp.argmax(-1) == logp.argmax(-1)) & mask).sum().to(out_dev)
                 del ref_logp, logp
-            del logits
+            del logits, nll
+        nll_sum, kl_sum, agree = float(nll_sum), float(kl_sum), int(agree)  # the one host sync
     seconds = time.perf_counter() - t0
     mean_nll = float(nll_sum) / n_scored
     result = EvalResult(
@@ -210,7 +233,7 @@ def evaluate_model(model, tokenizer, input_ids: torch.Tensor, config: EvalConfig
         tokens_scored=n_scored, bytes_scored=n_bytes, windows=len(plan), seq_len=seq_len, stride=stride,
         kl=float(kl_sum) / n_scored if reference is not None else None,
         top1_agreement=agree / n_scored if reference is not None else None,
-        seconds=seconds, tokens_per_s=len(plan) * seq_len / seconds if seconds > 0 else 0.0,
+        seconds=seconds, tokens_per_s=len(plan) * seq_len / seconds if seconds > 0 else 0.0, batch_size=batch_size,
     )
     if config.max_new_tokens > 0 and config.prompts:
         result.generations = _generate(model, tokenizer, config.prompts, config.max_new_tokens)

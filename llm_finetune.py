@@ -46,10 +46,13 @@ class FinetuneConfig:
     grad_clip: float = 1.0
     holdout_fraction: float = 0.1       # tail of the training text held out for before/after loss
     holdout_windows: int = 8            # held-out windows of seq_len evaluated before and after
-    save_every: int = 10                # resume checkpoint period, in steps (0: never)
+    save_every: int = 0                 # resume checkpoint every N steps (0: by time only)
+    save_every_s: float = 300.0         # ... and at most this often in seconds (0: never by time)
+    log_every: int = 25                 # steps between host syncs for the loss log / progress bar
     lora_r: int = 16
     lora_alpha: int = 32
-    gradient_checkpointing: Optional[bool] = None  # None: on for CUDA
+    gradient_checkpointing: Optional[bool] = None  # None: only when activations would not fit
+    compile: bool = False               # torch.compile the model for the training loop
     max_shard_size: str = "2GB"
     seed: int = 0
     base_model: str = ""                # label recorded in the manifest
@@ -167,56 +170,122 @@ def _wrap_lora(model, cfg: FinetuneConfig):
     return get_peft_model(model, lcfg)
 
 
+def _needs_checkpointing(model, cfg: FinetuneConfig) -> bool:
+    """Gradient checkpointing costs a third forward pass: turn it on only when the
+    activations of one batch would not fit beside the weights and optimizer state."""
+    if cfg.gradient_checkpointing is not None:
+        return cfg.gradient_checkpointing
+    if not C.is_cuda_model(model):
+        return False
+    return C.auto_batch_size(model, cfg.seq_len, cfg.batch_size, train=True, fraction=0.7) < cfg.batch_size
+
+
+class _SaveRequest:
+    """SIGUSR1 asks the loop for a resume checkpoint at the end of the current step
+    (clusters send it before preemption); the old handler is restored afterwards."""
+
+    def __init__(self):
+        self.pending = False
+        self._old = None
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGUSR1"):
+            self._old = signal.signal(signal.SIGUSR1, lambda *_: setattr(self, "pending", True))
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGUSR1, self._old)
+
+
 def train(model, train_ids: torch.Tensor, cfg: FinetuneConfig, on_step: Optional[Callable[[int], None]] = None):
     """Fine-tune ``model`` in place (full) or through merged LoRA adapters.
 
+    bf16/fp16 models train through fp32 master weights under autocast (``C.fp32_master_weights``)
+    and are rounded back to their dtype at the end. The loss is kept on the device and read
+    back every ``log_every`` steps, so the loop never waits for the GPU otherwise.
     Returns (model, losses, resumed_from_step). ``on_step(step)`` is called after each
     optimizer step (tests use it to simulate a kill).
     """
     from accelerate import Accelerator
 
     on_cuda = C.is_cuda_model(model)
-    accel = Accelerator(mixed_precision="bf16" if on_cuda else "no", cpu=not on_cuda)
+    low = C.low_precision_dtype(model)
+    # Autocast is ours, not accelerate's: accelerate's mixed-precision setting is global to
+    # the process and cannot change between two trainings in one notebook.
+    accel = Accelerator(cpu=not on_cuda)
     if cfg.mode == "lora":
         model = _wrap_lora(model, cfg)
-    if cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else on_cuda:
+    checkpointing = _needs_checkpointing(model, cfg)
+    if checkpointing:
+        log.info("gradient checkpointing on: a batch's activations would not fit in free memory")
         model.gradient_checkpointing_enable()
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start, losses = _load_resume(model, optimizer, cfg)
-    if getattr(model, "hf_device_map", None) is None:
-        model, optimizer = accel.prepare(model, optimizer)
-    else:
-        optimizer = accel.prepare(optimizer)
-    model.train()
-    dev = C.input_device(accel.unwrap_model(model))
-    bar = tqdm(range(start, cfg.steps), desc="fine-tune", unit="step", initial=start, total=cfg.steps,
-               disable=not accel.is_local_main_process)
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        batch = _batch(train_ids, step, cfg)
-        # Under DDP each rank takes a disjoint slice of the global batch.
-        batch = batch[accel.process_index::accel.num_processes].to(dev)
-        with accel.autocast():
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-        accel.backward(loss)
-        if cfg.grad_clip > 0:
-            accel.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(accel.gather(loss.detach()[None]).mean()))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps \
-                and accel.is_main_process:
-            _save_resume(accel.unwrap_model(model), optimizer, step + 1, losses, cfg)
-        if on_step is not None:
-            on_step(step + 1)
-    model = accel.unwrap_model(model)
-    if cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else on_cuda:
-        model.gradient_checkpointing_disable()
+    with C.fp32_master_weights(params), _SaveRequest() as save_request:
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=on_cuda)
+        start, losses = _load_resume(model, optimizer, cfg)
+        fwd = torch.compile(model) if cfg.compile else model
+        if getattr(model, "hf_device_map", None) is None:
+            fwd, optimizer = accel.prepare(fwd, optimizer)
+        else:
+            optimizer = accel.prepare(optimizer)
+        model.train()
+        dev = C.input_device(model)
+        autocast = torch.autocast(dev.type, dtype=low, enabled=low is not None)
+        scaler = torch.amp.GradScaler(dev.type, enabled=low == torch.float16)  # fp16 gradients underflow
+        pending: list[torch.Tensor] = []  # per-step losses still on the device
+
+        def flush():
+            if pending:
+                losses.extend(torch.stack(pending).float().cpu().tolist())  # one host sync
+                pending.clear()
+
+        bar = tqdm(range(start, cfg.steps), desc="fine-tune", unit="step", initial=start, total=cfg.steps,
+                   disable=not accel.is_local_main_process)
+        last_save = time.monotonic()
+        for step in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            batch = _batch(train_ids, step, cfg)
+            # Under DDP each rank takes a disjoint slice of the global batch.
+            batch = batch[accel.process_index::accel.num_processes].to(dev, non_blocking=True)
+            with autocast:
+                loss = fwd(input_ids=batch, labels=batch, use_cache=False).loss
+            accel.backward(scaler.scale(loss))
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                accel.clip_grad_norm_(params, cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            pending.append(accel.gather(loss.detach().float()[None]).mean())
+            done = step + 1
+            if done % max(cfg.log_every, 1) == 0 or done == cfg.steps:
+                flush()
+                if not math.isfinite(losses[-1]):
+                    raise C.UserError(f"fine-tuning diverged: loss {losses[-1]} at step {done} "
+                                      f"(lower --lr, now {cfg.lr})")
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            due = (cfg.save_every and done % cfg.save_every == 0) or save_request.pending or \
+                (cfg.save_every_s and time.monotonic() - last_save >= cfg.save_every_s)
+            if due and done < cfg.steps and accel.is_main_process:
+                flush()
+                _save_resume(model, optimizer, done, losses, cfg)
+                last_save, save_request.pending = time.monotonic(), False
+            if on_step is not None:
+                flush()
+                on_step(done)
+        flush()
+        model = accel.unwrap_model(fwd)
+        if checkpointing:
+            model.gradient_checkpointing_disable()
     if cfg.mode == "lora":
         model = model.merge_and_unload()  # later steps see a plain model
     for p in model.parameters():

@@ -42,25 +42,39 @@ log = logging.getLogger("llm.analysis")
 
 
 def lm_loss_fn(model, windows: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """Closure: mean token cross-entropy over windows [n, seq_len] (one forward per window)."""
+    """Closure: mean token cross-entropy over windows [n, seq_len], in one batched forward
+    (equal-length windows, so the token mean equals the mean of the per-window means)."""
     dev = C.input_device(model)
 
     def loss():
-        total = 0.0
-        for w in windows:
-            w = w[None].to(dev)
-            total = total + model(input_ids=w, labels=w, use_cache=False).loss.float().to(dev)
-        return total / len(windows)
+        w = windows.to(dev)
+        return model(input_ids=w, labels=w, use_cache=False).loss.float().to(dev)
 
     return loss
 
 
+class HessianOperator:
+    """v -> H v for the Hessian of ``loss_fn()`` w.r.t. ``params``, by double backward.
+
+    The forward pass and the first backward (with ``create_graph``) run once, when the
+    operator is built; every product is then one more backward through that retained
+    graph, so a Hutchinson probe or power iteration costs about one backward of the
+    gradient graph instead of a fresh forward + backward + double backward each time.
+    Memory: the graph of the first-order gradient stays alive until the operator is freed.
+    """
+
+    def __init__(self, loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor]):
+        self.params = list(params)
+        self.grads = torch.autograd.grad(loss_fn(), self.params, create_graph=True)
+
+    def __call__(self, vs: Sequence[torch.Tensor]) -> list:
+        dot = sum((g.float() * v.float()).sum() for g, v in zip(self.grads, vs))
+        return [h.detach() for h in torch.autograd.grad(dot, self.params, retain_graph=True)]
+
+
 def hvp(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor], vs: Sequence[torch.Tensor]):
-    """H v for the Hessian of loss_fn() w.r.t. ``params``, by double backward. Returns a list like vs."""
-    loss = loss_fn()
-    grads = torch.autograd.grad(loss, params, create_graph=True)
-    dot = sum((g.float() * v.float()).sum() for g, v in zip(grads, vs))
-    return [h.detach() for h in torch.autograd.grad(dot, params)]
+    """One H v for the Hessian of loss_fn() w.r.t. ``params``. Returns a list like vs."""
+    return HessianOperator(loss_fn, params)(vs)
 
 
 @dataclass
@@ -77,7 +91,7 @@ class TraceResult:
 
 def hutchinson_trace(loss_fn, named_params: dict[str, torch.Tensor], max_probes: int = 50, min_probes: int = 3,
                      tol: float = 1e-2, seed: int = 0, keep_diagonal: bool = False,
-                     progress: bool = True) -> TraceResult:
+                     progress: bool = True, operator: Optional[HessianOperator] = None) -> TraceResult:
     """Hutchinson estimate of tr(H) per named parameter, sharing one probe across all of them.
 
     Stops when |mean_k - mean_{k-1}| / (|mean_{k-1}| + 1e-6) < tol for the total trace
@@ -90,20 +104,24 @@ def hutchinson_trace(loss_fn, named_params: dict[str, torch.Tensor], max_probes:
     samples = {n: [] for n in names}
     diag = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named_params.items()} if keep_diagonal else None
     prev, converged, k = None, False, 0
+    op = operator or HessianOperator(loss_fn, params)  # a given operator must be over ``params``
     bar = tqdm(range(max_probes), desc="hutchinson", disable=not progress)
     for k in bar:
         vs = [(torch.randint(0, 2, p.shape, generator=g) * 2 - 1).to(p.device, torch.float32) for p in params]
-        hv = hvp(loss_fn, params, vs)
-        for n, v, h in zip(names, vs, hv):
-            samples[n].append(float((v * h.float()).sum()))
+        hv = op(vs)
+        per_module = torch.stack([(v * h.float()).sum().to(vs[0].device) for v, h in zip(vs, hv)]).tolist()
+        for n, v, h, x in zip(names, vs, hv, per_module):
+            samples[n].append(x)
             if diag is not None:
                 diag[n] += v * h.float()
+        del hv
         total = sum(sum(s) / len(s) for s in samples.values())
         bar.set_postfix(trace=f"{total:.4g}")
         if prev is not None and k + 1 >= min_probes and abs(total - prev) / (abs(prev) + 1e-6) < tol:
             converged = True
             break
         prev = total
+    del op  # frees the retained gradient graph
     n_probes = k + 1
     trace = {n: sum(s) / len(s) for n, s in samples.items()}
     stderr = {n: _stderr(s) for n, s in samples.items()}
@@ -122,15 +140,17 @@ def _stderr(xs: Sequence[float]) -> float:
 
 
 def top_eigenvalue(loss_fn, params: Sequence[torch.Tensor], iters: int = 20, tol: float = 1e-3,
-                   seed: int = 0, progress: bool = True) -> tuple[float, int]:
+                   seed: int = 0, progress: bool = True,
+                   operator: Optional[HessianOperator] = None) -> tuple[float, int]:
     """Largest-magnitude Hessian eigenvalue by power iteration. Returns (eigenvalue, iterations)."""
     g = torch.Generator().manual_seed(seed)
     vs = [torch.randn(p.shape, generator=g).to(p.device) for p in params]
     norm = math.sqrt(sum(float((v * v).sum()) for v in vs))
     vs = [v / norm for v in vs]
     eig, i = None, 0
+    op = operator or HessianOperator(loss_fn, params)
     for i in tqdm(range(iters), desc="power iteration", disable=not progress):
-        hv = hvp(loss_fn, params, vs)
+        hv = op(vs)
         new = sum(float((h * v).sum()) for h, v in zip(hv, vs))
         norm = math.sqrt(sum(float((h * h).sum()) for h in hv))
         vs = [h / (norm + 1e-12) for h in hv]
@@ -372,11 +392,22 @@ def run_integrated_analysis(model, tokenizer, calib_ids: torch.Tensor, eval_ids:
         groups = [list(mods)] if not config.per_block else [
             [n for n in mods if mlayer[n] == i] for i in range(len(layers))]
         trace, stderr, probes, tot_var, hdiag = {}, {}, 0, 0.0, {}
-        for names in groups:
+        eig, iters, secs["power_iteration"] = None, 0, 0.0
+        for gi, names in enumerate(groups):
             params = {n: mods[n].weight for n in names}
             with C.trainable_only(model, list(params.values())):
+                # One gradient graph per group serves every probe (and, for the first group,
+                # the power iteration too).
+                op = HessianOperator(loss_fn, list(params.values()))
                 tr = hutchinson_trace(loss_fn, params, config.max_probes, tol=config.tol, seed=config.seed,
-                                      keep_diagonal=config.saliency == "hutchinson", progress=config.progress)
+                                      keep_diagonal=config.saliency == "hutchinson", progress=config.progress,
+                                      operator=op)
+                if gi == 0:
+                    t_eig = time.perf_counter()
+                    eig, iters = top_eigenvalue(loss_fn, list(params.values()), config.power_iters,
+                                                seed=config.seed, progress=config.progress, operator=op)
+                    secs["power_iteration"] = time.perf_counter() - t_eig
+                del op
             trace.update(tr.trace)
             if tr.diagonal is not None:  # [out, in] like weight_view; Conv1D weights are stored [in, out]
                 hdiag.update({n: d.t() if type(mods[n]).__name__ == "Conv1D" else d
@@ -384,13 +415,7 @@ def run_integrated_analysis(model, tokenizer, calib_ids: torch.Tensor, eval_ids:
             stderr.update(tr.stderr)
             probes = max(probes, tr.probes)
             tot_var += tr.total_stderr ** 2
-        secs["hutchinson"] = time.perf_counter() - t
-        t = time.perf_counter()
-        eig_params = [mods[n].weight for n in groups[0]]
-        with C.trainable_only(model, eig_params):
-            eig, iters = top_eigenvalue(loss_fn, eig_params, config.power_iters, seed=config.seed,
-                                        progress=config.progress)
-        secs["power_iteration"] = time.perf_counter() - t
+        secs["hutchinson"] = time.perf_counter() - t - secs["power_iteration"]
 
     t = time.perf_counter()
     fwin = C.sample_windows(calib_ids, config.fisher_windows, config.calib_seq_len, seed=config.seed + 1)

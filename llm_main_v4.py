@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-dir", default="data", help="results, checkpoints, plots and report")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--log-level", default="INFO")
+    g.add_argument("--budget", default="auto", choices=("auto", "cpu", "gpu"),
+                   help="default budgets of every step: the small CPU set or the GPU set (auto: by device)")
     g.add_argument("--report-only", action="store_true",
                    help="rebuild plots, report.md and report.html from <output-dir>/results.json, without a model")
     g = p.add_argument_group("model")
@@ -65,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: seq-len, disjoint)")
     g.add_argument("--eval-tokens", type=int, default=None,
                    help="evaluate the first N tokens (default: all on GPU, 8192 on CPU); 0 means all")
-    g.add_argument("--batch-size", type=int, default=1, help="evaluation windows per forward pass")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="evaluation windows per forward pass (default: from free memory on GPU, 1 on CPU)")
     g.add_argument("--kl", action="store_true", help="also report KL and top-1 agreement against the unmodified model")
     g.add_argument("--prompt", action="append", default=None,
                    help=f"sample prompt (repeatable); default: {C.SAMPLE_PROMPT!r}")
@@ -156,7 +159,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Validate flags and fill device-dependent defaults. Raises UserError on bad input."""
     device = C.resolve_device(args.device)
     C.resolve_dtype(args.dtype, device)
-    on_gpu = device.type == "cuda"
+    on_gpu = args.budget == "gpu" or (args.budget == "auto" and device.type == "cuda")
+    args.gpu_budget = on_gpu
     steps = args.steps.split(",") if args.steps else available_steps()
     steps = [s.strip() for s in steps if s.strip()]
     for s in steps:
@@ -179,7 +183,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise C.UserError(f"--seq-len must be at least 2, got {args.seq_len}")
     if args.stride is not None and not 1 <= args.stride <= args.seq_len:
         raise C.UserError(f"--stride must be between 1 and --seq-len ({args.seq_len}), got {args.stride}")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise C.UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_new_tokens < 0:
         raise C.UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
@@ -418,7 +422,7 @@ def step_noise(run: Run) -> None:
     protect = None
     coords = [(m + ".weight", r, c) for m, r, c in protected_coords(run)]
     if a.protect_fraction > 0 or coords:
-        on_gpu = C.is_cuda_model(model)
+        on_gpu = a.gpu_budget
         windows = C.sample_windows(run.ids("train"), min(a.calib_samples, 32 if on_gpu else 4),
                                    min(a.calib_seq_len, 2048 if on_gpu else 256), seed=a.seed)
         scores = {n + ".weight": s for n, s in saliency_scores(model, windows, lin, "fisher").items()}
@@ -430,9 +434,9 @@ def step_noise(run: Run) -> None:
     out["sweep"] = dataclasses.asdict(sweep)
     out["sweep"]["protect_fraction"] = a.protect_fraction
     run.results["noise"] = out
-    if a.noise_map == "on" or (a.noise_map == "auto" and C.is_cuda_model(model)):
+    if a.noise_map == "on" or (a.noise_map == "auto" and a.gpu_budget):
         # On CPU each of the layers x 7 cells gets 128 tokens: a coarse but complete map.
-        map_tokens = a.sweep_tokens if C.is_cuda_model(model) else min(a.sweep_tokens, 128)
+        map_tokens = a.sweep_tokens if a.gpu_budget else min(a.sweep_tokens, 128)
         map_cfg = EvalConfig(seq_len=min(seq, map_tokens), eval_tokens=map_tokens, batch_size=a.batch_size)
         smap = R.sensitivity_map(model, run.tokenizer, run.ids("eval"), epsilon=0.1, seed=a.seed,
                                  eval_config=map_cfg)
@@ -445,7 +449,7 @@ def step_adversarial(run: Run) -> None:
     import llm_adversarial_test as ADV
 
     a = run.args
-    on_gpu = C.is_cuda_model(run.model)
+    on_gpu = a.gpu_budget
     cfg = ADV.AdversarialConfig(epsilons=a.attack_eps, norm=a.attack_norm, pgd_steps=a.attack_steps,
                                 n_windows=a.attack_windows, prompt_len=128 if on_gpu else 32,
                                 continuation_len=32 if on_gpu else 16, sample_prompts=tuple(a.prompt),
@@ -465,7 +469,7 @@ def step_analysis(run: Run) -> None:
 
     a = run.args
     per_block = a.per_block == "on" or (a.per_block == "auto" and run.results["parameters"] > 3e9)
-    on_gpu = C.is_cuda_model(run.model)
+    on_gpu = a.gpu_budget
     ecfg = EvalConfig(seq_len=min(a.seq_len, a.sweep_tokens), eval_tokens=a.sweep_tokens, batch_size=a.batch_size)
     cfg = A.AnalysisConfig(calib_windows=a.analysis_windows, calib_seq_len=a.analysis_seq_len,
                            fisher_windows=min(a.calib_samples, 32 if on_gpu else 8), max_probes=a.hessian_probes,
@@ -504,7 +508,8 @@ STEP_FUNCS: dict[str, Callable[[Run], None]] = {"analysis": step_analysis, "adve
 
 # Flags that change each step's output (besides COMMON_ARGS). A changed value reruns that
 # step and, through the fingerprint chain, every step after it.
-COMMON_ARGS = ("model", "device", "dtype", "device_map", "dataset", "train_dataset", "seed", "trust_remote_code")
+COMMON_ARGS = ("model", "device", "dtype", "device_map", "dataset", "train_dataset", "seed", "trust_remote_code",
+               "gpu_budget")
 STEP_ARGS = {
     "finetune": ("finetune", "ft_steps", "ft_batch_size", "ft_seq_len", "lr", "lora_r"),
     "prune": ("prune_method", "sparsity", "sparsity_pattern", "calib_samples", "calib_seq_len",

@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 import llm_common as C
-from llm_evaluate_models import EvalConfig, evaluate_model, reference_logprobs
+from llm_evaluate_models import EvalConfig, evaluate_model, reference_logprobs, safe_exp
 
 log = logging.getLogger("llm.noise")
 
@@ -281,9 +281,9 @@ def noise_sweep(model, tokenizer, input_ids: torch.Tensor, epsilons: Sequence[fl
     """
     t0 = time.perf_counter()
     cfg = EvalConfig(**{**eval_config.__dict__, "max_new_tokens": 0, "progress": False})
-    clean = evaluate_model(model, tokenizer, input_ids, cfg)
-    ref = reference_logprobs(model, input_ids, cfg)
-    res = SweepResult(mode, group, {"perplexity": clean.perplexity, "nll": clean.nll},
+    ref, clean_nll = reference_logprobs(model, input_ids, cfg, return_nll=True)  # one clean pass serves both
+    clean_ppl = safe_exp(clean_nll)
+    res = SweepResult(mode, group, {"perplexity": clean_ppl, "nll": clean_nll},
                       saturation=float(model.get_output_embeddings().weight.shape[0]))
     runs = [("unprotected", None)] + ([("protected", protect)] if protect else [])
     jobs = [(tag, pm, e, s) for tag, pm in runs for e in epsilons for s in seeds]
@@ -299,7 +299,7 @@ def noise_sweep(model, tokenizer, input_ids: torch.Tensor, epsilons: Sequence[fl
     for tag, _ in runs:
         pts = [p for p in res.points if p["curve"] == tag]
         res.summary[tag] = {k: _summarise(pts, k) for k in ("perplexity", "nll", "kl", "top1")}
-        res.doubling_eps[tag] = doubling_epsilon(res.summary[tag]["perplexity"], clean.perplexity)
+        res.doubling_eps[tag] = doubling_epsilon(res.summary[tag]["perplexity"], clean_ppl)
     res.seconds = time.perf_counter() - t0
     res.peak_memory_mb = C.peak_memory_mb(C.input_device(model))
     return res

@@ -29,10 +29,13 @@ def hf_loop(model, ids, seq_len, n):
     return n * seq_len / (time.perf_counter() - t)
 
 
-def matmul_gflops(device, dtype, n=2048, reps=10):
+def matmul_gflops(device, dtype, n=None, reps=10):
+    n = n or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(reps):
         a @ b

