@@ -22,6 +22,8 @@ flags prompts whose perplexity is above a threshold set on clean prompts, and
 """
 from __future__ import annotations
 
+import copy
+import inspect
 import logging
 import math
 import time
@@ -175,9 +177,11 @@ def _scored(model, rows: _Rows, delta: Optional[torch.Tensor] = None):
     return per_row.to(rows.embeds.device) / rows.counts, logits
 
 
-def _radius_of(model, norm: str, eps: float) -> float:
-    r = eps * mean_row_norm(model)
-    return r / math.sqrt(model.get_input_embeddings().weight.shape[1]) if norm == "linf" else r
+def _radius_of(row_norm: float, dim: int, norm: str, eps: float) -> float:
+    """The ball's radius in embedding units: eps x the mean row norm (L2, per token), or
+    that divided by sqrt(d) for L-inf (see the module docstring)."""
+    r = eps * row_norm
+    return r / math.sqrt(dim) if norm == "linf" else r
 
 
 def _chunks(model, n_rows: int, row_len: int, scored: int) -> list[slice]:
@@ -231,8 +235,9 @@ def _attack_rows(model, jobs, layouts, clean_nll, clean_arg) -> list[AttackResul
     dev = rows.embeds.device
     B = len(jobs)
     cfgs = [c for _, c in jobs]
-    radius = torch.tensor([_radius_of(model, c.norm, c.epsilon) for c in cfgs], device=dev)
-    alpha = torch.tensor([_radius_of(model, c.norm, c.alpha if c.alpha is not None else 2.5 * c.epsilon / c.steps)
+    rbar, dim = mean_row_norm(model), rows.embeds.shape[-1]  # once: it reads the whole embedding matrix
+    radius = torch.tensor([_radius_of(rbar, dim, c.norm, c.epsilon) for c in cfgs], device=dev)
+    alpha = torch.tensor([_radius_of(rbar, dim, c.norm, c.alpha if c.alpha is not None else 2.5 * c.epsilon / c.steps)
                           if c.method == "pgd" else float(r) for c, r in zip(cfgs, radius.tolist())], device=dev)
     n_steps = [0 if r == 0 else (1 if c.method == "fgsm" else c.steps) for c, r in zip(cfgs, radius.tolist())]
     sign = torch.tensor([1.0 if c.objective == "untargeted" else -1.0 for c in cfgs], device=dev)
@@ -244,6 +249,9 @@ def _attack_rows(model, jobs, layouts, clean_nll, clean_arg) -> list[AttackResul
         r = rad[:, None, None]
         n = d.norm(dim=-1, keepdim=True).clamp(min=1e-12)
         return torch.where(l2, d * torch.clamp(r / n, max=1.0), d.clamp(-r, r))
+
+    def size(d, l2):  # [b]: the largest per-token L2 norm, or the largest |coordinate|
+        return torch.where(l2[:, 0, 0], d.norm(dim=-1).amax(-1), d.abs().amax(dim=(1, 2)))
 
     delta = torch.zeros(rows.embeds.shape, dtype=torch.float32, device=dev)
     for i, c in enumerate(cfgs):  # random start: a private generator per row, seeded by its config
@@ -261,7 +269,7 @@ def _attack_rows(model, jobs, layouts, clean_nll, clean_arg) -> list[AttackResul
     best_val = torch.full((B,), -float("inf"), device=dev)   # best sign * loss over PGD iterates
     best_nll, best_agree = clean_nll_t.clone(), torch.ones(B, device=dev)
     best_delta = delta.clone()
-    max_norm = torch.zeros(B, device=dev)
+    max_norm = size(delta, is_l2)  # over every iterate, the random start included
     hist = []  # per step: [B] losses (nan where a row was done), kept on the device
 
     def track(sel, d, nll, agree):  # PGD rows: keep the best iterate seen so far
@@ -287,8 +295,7 @@ def _attack_rows(model, jobs, layouts, clean_nll, clean_arg) -> list[AttackResul
             d = project(d.detach() + alpha[sel][:, None, None] * step, radius[sel], sub_l2) \
                 * sub.pert.float()
             delta[sel] = d
-            mx = torch.where(sub_l2[:, 0, 0], d.norm(dim=-1).amax(-1), d.abs().amax(dim=(1, 2)))
-            max_norm[sel] = torch.maximum(max_norm[sel], mx)
+            max_norm[sel] = torch.maximum(max_norm[sel], size(d, sub_l2))
         del logits, grad
     with torch.no_grad():  # the last iterate
         sel = torch.arange(B, device=dev)
@@ -346,11 +353,6 @@ def greedy_batch(model, embeds: Sequence[torch.Tensor], max_new_tokens: int,
     return res
 
 
-def greedy_from_embeds(model, embeds: torch.Tensor, max_new_tokens: int, eos_id: Optional[int] = None) -> list:
-    """Greedy decoding from input embeddings [1, L, d], with the KV cache."""
-    return greedy_batch(model, [embeds[0]], max_new_tokens, eos_id)[0]
-
-
 def _perturbed_prompt(model, sample: Sample, delta: Optional[torch.Tensor], cfg: AttackConfig,
                       suffix_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Input embeddings [L', d] of the attacked prompt (and suffix), without the continuation."""
@@ -359,14 +361,6 @@ def _perturbed_prompt(model, sample: Sample, delta: Optional[torch.Tensor], cfg:
     if delta is not None:
         e[pert] = e[pert] + delta.to(e.device, e.dtype)
     return e
-
-
-def attacked_generation(model, tokenizer, prompt_ids: torch.Tensor, delta: Optional[torch.Tensor],
-                        max_new_tokens: int = 32) -> str:
-    """Greedy answer to ``prompt_ids`` [P] with ``delta`` [P, d] added to its embeddings."""
-    e = _perturbed_prompt(model, Sample(prompt_ids, prompt_ids[:0]), delta, AttackConfig())
-    return tokenizer.decode(greedy_batch(model, [e], max_new_tokens, tokenizer.eos_token_id)[0],
-                            skip_special_tokens=True).strip()
 
 
 def targeted_success(model, sample: Sample, delta: Optional[torch.Tensor], cfg: AttackConfig,
@@ -436,8 +430,7 @@ def _roundtrips(tokenizer, cands: torch.Tensor) -> torch.Tensor:
 
 
 def _forward_kw(model) -> str:
-    import inspect
-
+    """The name of the KV-cache argument: ``cache`` in transformers 5, ``past_key_values`` before."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
@@ -481,17 +474,16 @@ def gcg_attack(model, tokenizer, sample: Sample, suffix_len: int = 8, steps: int
         del out
 
         def with_prefix(n: int):
-            import copy
-
             c = copy.deepcopy(prefix)  # a forward appends to the cache it is given
             if n > 1:
                 c.batch_repeat_interleave(n)
             return {cache_kw: c}
 
+        # Candidates per forward that fit in memory (each carries a copy of the prefix cache).
+        size = C.auto_batch_size(model, S + A + T + sample.prompt.numel(), batch, scored=T, on_cpu=None)
+
         def objective_of(cands: torch.Tensor) -> torch.Tensor:  # [B, S] -> [B]
             vals = []
-            size = C.auto_batch_size(model, S + A + T + sample.prompt.numel(), len(cands), scored=T,
-                                     on_cpu=None)
             for i in range(0, len(cands), size):
                 part = cands[i:i + size]
                 ids = torch.cat([part, tail.expand(len(part), -1)], dim=1).to(dev)
@@ -503,7 +495,7 @@ def gcg_attack(model, tokenizer, sample: Sample, suffix_len: int = 8, steps: int
 
         with torch.no_grad():
             best = float(objective_of(suffix[None])[0])
-        initial, best_suffix, losses, filtered = best, suffix.clone(), [], 0
+        initial, cur, best_suffix, losses, filtered = best, best, suffix.clone(), [], 0
         emb_tail = _embeds(model, tail)
         for _ in tqdm(range(steps), desc="gcg", disable=not progress):
             onehot = F.one_hot(suffix.to(W.device), W.shape[0]).to(W.dtype).requires_grad_(True)
@@ -519,8 +511,8 @@ def gcg_attack(model, tokenizer, sample: Sample, suffix_len: int = 8, steps: int
             cands[torch.arange(batch), pos] = tok
             ok = _roundtrips(tokenizer, cands)
             filtered += int((~ok).sum())
-            if not bool(ok.any()):
-                losses.append(sign * best)
+            if not bool(ok.any()):  # the suffix stays
+                losses.append(sign * cur)
                 continue
             cands = cands[ok]
             with torch.no_grad():
@@ -530,11 +522,8 @@ def gcg_attack(model, tokenizer, sample: Sample, suffix_len: int = 8, steps: int
             if cur < best:
                 best, best_suffix = cur, suffix.clone()
             losses.append(sign * cur)
-        ok = False
-        if objective == "targeted":
-            prompt_ids = torch.cat([sample.prompt, best_suffix, after])
-            out = greedy_batch(model, [_embeds(model, prompt_ids)], T)[0]
-            ok = out[:T] == sample.continuation.tolist()
+        ok = objective == "targeted" and targeted_success(
+            model, Sample(torch.cat([sample.prompt, best_suffix, after]), sample.continuation), None, AttackConfig())
     return GCGResult(best_suffix.tolist(), tokenizer.decode(best_suffix), losses, sign * initial, sign * best, ok,
                      time.perf_counter() - t0, candidates_filtered=filtered)
 
@@ -584,9 +573,10 @@ def adversarial_finetune(model, samples: Sequence[Sample], cfg: AttackConfig, st
                 jobs = [(s, AttackConfig(**{**cfg.__dict__, "seed": seed + step * len(samples) + i}))
                         for i, s in enumerate(samples)]
                 rs = attack_batch(model, jobs)
-                rows = _Rows.build(model, [_layout(s, cfg) for s in samples])
+                layouts = [_layout(s, cfg) for s in samples]
+                rows = _Rows.build(model, layouts)
                 delta = torch.zeros(rows.embeds.shape, dtype=torch.float32, device=rows.embeds.device)
-                for i, ((_, sl, _), r) in enumerate(zip([_layout(s, cfg) for s in samples], rs)):
+                for i, ((_, sl, _), r) in enumerate(zip(layouts, rs)):
                     delta[i, sl] = r.delta.to(delta.device)
                 with C.trainable_only(model, params):
                     model.train()
@@ -783,15 +773,3 @@ test_adversarial_robustness.__test__ = False  # the historical name; not a pytes
 def _mean(xs) -> float:
     xs = list(xs)
     return sum(xs) / len(xs) if xs else float("nan")
-
-
-def plot_attack_sweep(result: dict, path):
-    fig, ax = C.new_figure(figsize=(6, 4))
-    for method in ("fgsm", "pgd"):
-        rows = sorted((r for r in result["table"] if r["method"] == method), key=lambda r: r["eps"])
-        ax.plot([r["eps"] for r in rows], [r["delta_nll"] for r in rows], marker="o", label=method.upper())
-    C.log_x_axis(ax, [r["eps"] for r in result["table"]])
-    ax.set_xlabel(f"eps (relative to mean embedding norm, {result['norm']})")
-    ax.set_ylabel("delta NLL (nats/token)")
-    ax.legend()
-    return C.save_figure(fig, path)

@@ -16,7 +16,7 @@ import random
 import shutil
 import socket
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
@@ -521,9 +521,9 @@ def auto_batch_size(model: torch.nn.Module, seq_len: int, n_items: int, scored: 
 
     On CPU the answer is ``on_cpu`` (default 1: a 2-core forward of long windows is
     compute-bound at any batch, and batch 1 keeps peak memory low); ``on_cpu=None`` sizes
-    from host memory like a GPU (short attack rows gain from batching). The estimate per window is the float32 logits of the
-    ``scored`` positions (x3: logits, log-softmax, gradient) plus the activations kept by
-    the pass: ~4 tensors of [seq_len, hidden] per layer for inference, ~34 bytes x hidden per
+    from host memory like a GPU (short attack rows gain from batching). The estimate per
+    window is the float32 logits of the ``scored`` positions (x3: logits, log-softmax,
+    gradient) plus the activations kept by the pass: ~4 tensors of [seq_len, hidden] per layer for inference, ~34 bytes x hidden per
     token and layer for training (Korthikanti et al. 2022, flash attention). Clamped to
     [1, n_items].
     """
@@ -572,10 +572,15 @@ def is_linear(module: torch.nn.Module) -> bool:
     return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
 
 
+def out_in(module: torch.nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """``t``, shaped like the module's weight, as [out_features, in_features] (or back: the
+    transpose is its own inverse). GPT-2's Conv1D stores weights [in, out]; a view."""
+    return t.t() if type(module).__name__ == "Conv1D" else t
+
+
 def weight_view(module: torch.nn.Module) -> torch.Tensor:
     """The weight as [out_features, in_features]; a view, so in-place edits reach the module."""
-    w = module.weight
-    return w.t() if type(module).__name__ == "Conv1D" else w
+    return out_in(module, module.weight)
 
 
 def decoder_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:

@@ -17,8 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
+import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -26,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 import llm_common as C
-from llm_evaluate_models import EvalConfig, evaluate_model
+from llm_perplexity import EvalConfig, evaluate_model
 
 log = logging.getLogger("llm.finetune")
 
@@ -189,16 +191,11 @@ class _SaveRequest:
         self._old = None
 
     def __enter__(self):
-        import signal
-        import threading
-
         if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGUSR1"):
             self._old = signal.signal(signal.SIGUSR1, lambda *_: setattr(self, "pending", True))
         return self
 
     def __exit__(self, *exc):
-        import signal
-
         if self._old is not None:
             signal.signal(signal.SIGUSR1, self._old)
 
@@ -244,8 +241,13 @@ def train(model, train_ids: torch.Tensor, cfg: FinetuneConfig, on_step: Optional
 
         def flush():
             if pending:
-                losses.extend(torch.stack(pending).float().cpu().tolist())  # one host sync
+                new = torch.stack(pending).float().cpu().tolist()  # one host sync
+                losses.extend(new)
                 pending.clear()
+                bad = next((x for x in new if not math.isfinite(x)), None)
+                if bad is not None:  # stop before a NaN model can be saved
+                    raise C.UserError(f"fine-tuning diverged: loss {bad} by step {len(losses)} "
+                                      f"(lower --lr, now {cfg.lr})")
 
         bar = tqdm(range(start, cfg.steps), desc="fine-tune", unit="step", initial=start, total=cfg.steps,
                    disable=not accel.is_local_main_process)
@@ -269,9 +271,6 @@ def train(model, train_ids: torch.Tensor, cfg: FinetuneConfig, on_step: Optional
             done = step + 1
             if done % max(cfg.log_every, 1) == 0 or done == cfg.steps:
                 flush()
-                if not math.isfinite(losses[-1]):
-                    raise C.UserError(f"fine-tuning diverged: loss {losses[-1]} at step {done} "
-                                      f"(lower --lr, now {cfg.lr})")
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
             due = (cfg.save_every and done % cfg.save_every == 0) or save_request.pending or \
                 (cfg.save_every_s and time.monotonic() - last_save >= cfg.save_every_s)
@@ -364,19 +363,3 @@ def load_or_train_model(model, tokenizer, train_ids: torch.Tensor, config: Finet
                          heldout_ppl_before=ppl0, heldout_ppl_after=ppl1, train_losses=losses,
                          seconds=time.perf_counter() - t0, manifest=manifest)
     return model, res
-
-
-def plot_training_curve(result: dict, path) -> Path:
-    """Training loss per step, with the held-out loss before/after, from a saved result dict."""
-    fig, ax = C.new_figure(figsize=(6, 3.5))
-    losses = result.get("train_losses") or []
-    ax.plot(range(1, len(losses) + 1), losses, label="train loss (batch)")
-    for key, style in (("heldout_loss_before", "--"), ("heldout_loss_after", "-.")):
-        v = result.get(key)
-        if isinstance(v, (int, float)):
-            ax.axhline(v, ls=style, color="gray", label=key.replace("_", " "))
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(f"fine-tuning ({result.get('mode', '?')})")
-    ax.legend()
-    return C.save_figure(fig, path)

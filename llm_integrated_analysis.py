@@ -32,8 +32,8 @@ import torch
 from tqdm.auto import tqdm
 
 import llm_common as C
-from llm_evaluate_models import EvalConfig, evaluate_model
-from llm_prune_model import gradient_moments
+from llm_perplexity import EvalConfig, evaluate_model
+from llm_sensitivity import gradient_moments, protect_top_fraction
 
 log = logging.getLogger("llm.analysis")
 
@@ -300,7 +300,6 @@ def quantization_study(model, tokenizer, ids: torch.Tensor, super_weights: list[
     ``saliency``: module name -> [out, in] score. Extra storage counts each kept weight as
     16 bits of value + 32 bits of index, relative to the quantized size.
     """
-    from llm_robustness_test import protect_top_fraction
 
     cfg = EvalConfig(**{**eval_config.__dict__, "max_new_tokens": 0, "progress": False})
     layers = C.decoder_layers(model)
@@ -410,8 +409,7 @@ def run_integrated_analysis(model, tokenizer, calib_ids: torch.Tensor, eval_ids:
                 del op
             trace.update(tr.trace)
             if tr.diagonal is not None:  # [out, in] like weight_view; Conv1D weights are stored [in, out]
-                hdiag.update({n: d.t() if type(mods[n]).__name__ == "Conv1D" else d
-                              for n, d in tr.diagonal.items()})
+                hdiag.update({n: C.out_in(mods[n], d) for n, d in tr.diagonal.items()})
             stderr.update(tr.stderr)
             probes = max(probes, tr.probes)
             tot_var += tr.total_stderr ** 2
@@ -456,16 +454,6 @@ def run_integrated_analysis(model, tokenizer, calib_ids: torch.Tensor, eval_ids:
 # --------------------------------------------------------------------------- layer-wise picture
 
 
-def layer_module_grid(result: dict, key: str) -> tuple[list, list, list]:
-    """(layers, module types, grid[layer][type]) of a per-module quantity from saved results."""
-    types = sorted(set(result["module_type"].values()))
-    n_layers = max(result["module_layer"].values()) + 1
-    grid = [[float("nan")] * len(types) for _ in range(n_layers)]
-    for n, v in result[key].items():
-        grid[result["module_layer"][n]][types.index(result["module_type"][n])] = float(v)
-    return list(range(n_layers)), types, grid
-
-
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     """Spearman rank correlation (average ranks for ties), ignoring non-finite pairs."""
     pairs = [(x, y) for x, y in zip(a, b) if math.isfinite(x) and math.isfinite(y)]
@@ -491,40 +479,3 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     va = math.sqrt(sum((x - ma) ** 2 for x in ra))
     vb = math.sqrt(sum((y - mb) ** 2 for y in rb))
     return cov / (va * vb) if va and vb else float("nan")
-
-
-def plot_heatmaps(result: dict, path, noise_map: Optional[dict] = None):
-    """Layer x module heatmaps of Hessian trace, Fisher, and (if given) the noise NLL increase."""
-    import numpy as np
-
-    panels = [("hessian_trace", "Hessian trace"), ("fisher_sum", "Fisher (sum)")]
-    grids = [layer_module_grid(result, k) for k, _ in panels]
-    titles = [t for _, t in panels]
-    if noise_map:
-        grids.append((noise_map["layers"], noise_map["modules"], noise_map["delta_nll"]))
-        titles.append("noise delta NLL")
-    fig, axes = C.new_figure(1, len(grids), figsize=(4.2 * len(grids), 1.5 + 0.2 * len(grids[0][0])))
-    axes = np.atleast_1d(axes)
-    for ax, (layers, types, grid), title in zip(axes, grids, titles):
-        data = np.array([[float(v) for v in row] for row in grid])
-        im = ax.imshow(np.log10(np.abs(data) + 1e-12), aspect="auto", cmap="viridis")
-        ax.set_xticks(range(len(types)), types, rotation=45, ha="right")
-        ax.set_ylabel("layer")
-        ax.set_title(f"log10 |{title}|")
-        fig.colorbar(im, ax=ax)
-    return C.save_figure(fig, path)
-
-
-def plot_activation_profile(profile: dict, path, super_layers: Sequence[int] = ()):
-    fig, ax = C.new_figure(figsize=(6, 3.5))
-    for key, label in (("down_in_max", "down_proj input"), ("down_out_max", "down_proj output"),
-                       ("residual_max", "residual stream")):
-        if key in profile:
-            ax.plot(profile[key], marker=".", label=label)
-    for layer in super_layers:
-        ax.axvline(layer, color="red", ls=":", alpha=0.6)
-    ax.set_yscale("log")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("max |activation|")
-    ax.legend()
-    return C.save_figure(fig, path)

@@ -316,29 +316,17 @@ class Run:
 
 def step_eval(run: Run) -> None:
     """Evaluate every variant produced so far (the loaded model first)."""
-    from llm_evaluate_models import EvalConfig, evaluate_model
+    from llm_evaluate_models import EvalConfig, evaluate_variants
 
     a = run.args
     cfg = EvalConfig(seq_len=a.seq_len, stride=a.stride, eval_tokens=a.eval_tokens, batch_size=a.batch_size,
                      prompts=a.prompt, max_new_tokens=a.max_new_tokens)
     ids = run.ids("eval")
-    reference = None
-    if a.kl and len(run.variants) > 1:
-        import copy
-
-        reference = copy.deepcopy(run.model)  # the unmodified weights, for KL / agreement
     run.results["protocol"] = {"seq_len": a.seq_len, "stride": a.stride or a.seq_len,
                                "eval_tokens": a.eval_tokens, "tokens_available": int(ids.numel())}
-    for name, ckpt in run.variants.items():
-        log.info("evaluating variant %r", name)
-        if ckpt is None:
-            res = evaluate_model(run.model, run.tokenizer, ids, cfg)
-        else:
-            with C.swapped_weights(run.model, C.load_tensors(ckpt)):
-                res = evaluate_model(run.model, run.tokenizer, ids, cfg, reference=reference)
+    for name, res in evaluate_variants(run.model, run.tokenizer, ids, run.variants, cfg, kl=a.kl).items():
         run.results.setdefault("perplexity", {})[name] = res.perplexity
         run.results.setdefault("evaluation", {})[name] = dataclasses.asdict(res)
-        run.save()
 
 
 def step_finetune(run: Run) -> None:
@@ -398,8 +386,8 @@ def step_noise(run: Run) -> None:
     """The noisy variant (saved, tensors only), the eps sweep with and without protection
     of the most salient weights, and the layer x module sensitivity map."""
     import llm_robustness_test as R
-    from llm_evaluate_models import EvalConfig
-    from llm_prune_model import saliency_scores
+    from llm_perplexity import EvalConfig
+    from llm_sensitivity import protect_top_fraction, saliency_scores
 
     a = run.args
     model = run.model
@@ -425,10 +413,9 @@ def step_noise(run: Run) -> None:
         on_gpu = a.gpu_budget
         windows = C.sample_windows(run.ids("train"), min(a.calib_samples, 32 if on_gpu else 4),
                                    min(a.calib_seq_len, 2048 if on_gpu else 256), seed=a.seed)
-        scores = {n + ".weight": s for n, s in saliency_scores(model, windows, lin, "fisher").items()}
-        # Conv1D stores weights [in, out]: protect in the parameter's own layout.
-        scores = {n: (s.t() if type(lin[n[:-7]]).__name__ == "Conv1D" else s) for n, s in scores.items()}
-        protect = R.protect_top_fraction(scores, a.protect_fraction, coords)
+        # Masks in each parameter's own layout (Conv1D stores weights [in, out]).
+        scores = {n + ".weight": C.out_in(lin[n], s) for n, s in saliency_scores(model, windows, lin, "fisher").items()}
+        protect = protect_top_fraction(scores, a.protect_fraction, coords)
     sweep = R.noise_sweep(model, run.tokenizer, run.ids("eval"), a.sweep_eps, list(range(a.sweep_seeds)),
                           mode=a.sweep_mode, group="linears", eval_config=ecfg, protect=protect)
     out["sweep"] = dataclasses.asdict(sweep)
@@ -444,28 +431,33 @@ def step_noise(run: Run) -> None:
         out["top_cells"] = R.top_cells(smap, 5)
 
 
-def step_adversarial(run: Run) -> None:
-    """FGSM/PGD eps sweep, targeted success, answers under attack, GCG and defences."""
+def adversarial_config(a: argparse.Namespace):
+    """The adversarial step's config from resolved flags (GPU or CPU budget set)."""
     import llm_adversarial_test as ADV
 
-    a = run.args
     on_gpu = a.gpu_budget
-    cfg = ADV.AdversarialConfig(epsilons=a.attack_eps, norm=a.attack_norm, pgd_steps=a.attack_steps,
+    return ADV.AdversarialConfig(epsilons=a.attack_eps, norm=a.attack_norm, pgd_steps=a.attack_steps,
                                 n_windows=a.attack_windows, prompt_len=128 if on_gpu else 32,
                                 continuation_len=32 if on_gpu else 16, sample_prompts=tuple(a.prompt),
                                 target=a.attack_target, targeted_steps=2 * a.attack_steps, gcg_steps=a.gcg_steps,
                                 gcg_batch=128 if on_gpu else 16, gcg_topk=256 if on_gpu else 32,
                                 gcg_suffix_len=20 if on_gpu else 6, defence_steps=a.defence_steps,
                                 max_new_tokens=a.max_new_tokens, seed=a.seed)
-    res = ADV.test_adversarial_robustness(run.model, run.tokenizer, run.ids("eval"), cfg)
-    run.results["adversarial"] = res
+
+
+def step_adversarial(run: Run) -> None:
+    """FGSM/PGD eps sweep, targeted success, answers under attack, GCG and defences."""
+    import llm_adversarial_test as ADV
+
+    cfg = adversarial_config(run.args)
+    run.results["adversarial"] = ADV.test_adversarial_robustness(run.model, run.tokenizer, run.ids("eval"), cfg)
 
 
 def step_analysis(run: Run) -> None:
     """Hessian traces, Fisher/OBD saliency, super weights, guided quantization, and the
     layer-wise comparison with the noise map."""
     import llm_integrated_analysis as A
-    from llm_evaluate_models import EvalConfig
+    from llm_perplexity import EvalConfig
 
     a = run.args
     per_block = a.per_block == "on" or (a.per_block == "auto" and run.results["parameters"] > 3e9)

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 import llm_common as C
+from llm_sensitivity import saliency_scores
 
 log = logging.getLogger("llm.prune")
 
@@ -257,43 +258,6 @@ def _linear_inputs_stats(layer, inputs, kwargs, method, linears):
     return {k: v / counts[k] if method == "sparsegpt" else v for k, v in stats.items()}
 
 
-def gradient_moments(model, windows: torch.Tensor, names: dict[str, torch.nn.Module], progress: bool = True):
-    """Per-window gradients of the mean LM loss for the weights of ``names``.
-
-    Returns {name: (mean g, mean g^2)}, each [out, in] in float32, averaged over the
-    windows [n, seq_len]; each window is one sample. Only these weights get gradients,
-    and their ``requires_grad`` flags are restored afterwards.
-    """
-    acc = {n: [torch.zeros(C.weight_view(m).shape, dtype=torch.float32, device=m.weight.device),
-               torch.zeros(C.weight_view(m).shape, dtype=torch.float32, device=m.weight.device)]
-           for n, m in names.items()}
-    dev = C.input_device(model)
-    with C.trainable_only(model, [m.weight for m in names.values()]):
-        for w in tqdm(windows, desc="gradients", disable=not progress or len(windows) < 4):
-            w = w[None].to(dev)
-            model(input_ids=w, labels=w, use_cache=False).loss.backward()
-            for n, m in names.items():
-                g = (m.weight.grad.t() if type(m).__name__ == "Conv1D" else m.weight.grad).float()  # [out, in]
-                acc[n][0] += g
-                acc[n][1] += g.pow(2)
-                m.weight.grad = None
-    n = len(windows)
-    return {k: (a / n, b / n) for k, (a, b) in acc.items()}
-
-
-def saliency_scores(model, windows, names: dict[str, torch.nn.Module], score: str = "fisher", progress: bool = True):
-    """Per-weight saliency [out, in] from gradients of the LM loss on calibration windows.
-
-    "taylor": |w * mean(g)|; "fisher": w^2 * mean(g^2) (diagonal-Fisher OBD saliency).
-    """
-    moments = gradient_moments(model, windows, names, progress)
-    out = {}
-    for name, (g1, g2) in moments.items():
-        w = C.weight_view(names[name]).detach().float()
-        out[name] = w.pow(2) * g2 if score == "fisher" else (w * g1).abs()
-    return out
-
-
 def prune_model(model, tokenizer, calib_windows: torch.Tensor, config: PruneConfig = PruneConfig()) -> PruneResult:
     """Prune the decoder-block linear layers of ``model`` in place.
 
@@ -380,31 +344,3 @@ def pruned_tensors(model, result: PruneResult) -> dict[str, torch.Tensor]:
     """The pruned weights by parameter name, for a tensors-only checkpoint."""
     params = dict(model.named_parameters())
     return {n: params[n].detach() for n in result.pruned_names}
-
-
-def plot_sparsity_per_layer(result: dict, path):
-    fig, ax = C.new_figure(figsize=(6, 3))
-    layers = sorted(result["per_layer"], key=int)
-    ax.bar([int(k) for k in layers], [result["per_layer"][k] for k in layers])
-    ax.axhline(result["target_sparsity"], color="red", ls="--", label="target")
-    ax.set_xlabel("decoder block")
-    ax.set_ylabel("sparsity")
-    ax.set_title(f"{result['method']} {result['pattern']}")
-    ax.legend()
-    return C.save_figure(fig, path)
-
-
-def plot_perplexity_vs_sparsity(sweep: dict, path, dense: Optional[float] = None):
-    """``sweep``: {method: {sparsity: perplexity}} from saved results."""
-    fig, ax = C.new_figure(figsize=(6, 4))
-    for method, pts in sweep.items():
-        xs = sorted(pts, key=float)
-        ys = [pts[x] if isinstance(pts[x], (int, float)) else float("nan") for x in xs]
-        ax.plot([float(x) for x in xs], ys, marker="o", label=method)
-    if dense:
-        ax.axhline(dense, color="gray", ls=":", label="dense")
-    ax.set_yscale("log")
-    ax.set_xlabel("sparsity")
-    ax.set_ylabel("perplexity")
-    ax.legend()
-    return C.save_figure(fig, path)

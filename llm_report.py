@@ -11,6 +11,9 @@ import html
 import math
 import re
 from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
 
 import llm_common as C
 
@@ -25,6 +28,12 @@ def _num(x):
         except ValueError:
             return None
     return None
+
+
+def _float(x) -> float:
+    """Like ``_num``, with nan for a missing value (matplotlib leaves a gap there)."""
+    v = _num(x)
+    return float("nan") if v is None else v
 
 
 def _fmt(x) -> str:
@@ -211,6 +220,141 @@ def findings(results: dict) -> list[str]:
     return out
 
 
+# --------------------------------------------------------------------------- plots (from saved results only)
+
+
+def plot_training_curve(result: dict, path) -> Path:
+    """Training loss per step, with the held-out loss before/after, from a saved result dict."""
+    fig, ax = C.new_figure(figsize=(6, 3.5))
+    losses = result.get("train_losses") or []
+    ax.plot(range(1, len(losses) + 1), losses, label="train loss (batch)")
+    for key, style in (("heldout_loss_before", "--"), ("heldout_loss_after", "-.")):
+        v = result.get(key)
+        if isinstance(v, (int, float)):
+            ax.axhline(v, ls=style, color="gray", label=key.replace("_", " "))
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(f"fine-tuning ({result.get('mode', '?')})")
+    ax.legend()
+    return C.save_figure(fig, path)
+
+
+def plot_sparsity_per_layer(result: dict, path):
+    fig, ax = C.new_figure(figsize=(6, 3))
+    layers = sorted(result["per_layer"], key=int)
+    ax.bar([int(k) for k in layers], [result["per_layer"][k] for k in layers])
+    ax.axhline(result["target_sparsity"], color="red", ls="--", label="target")
+    ax.set_xlabel("decoder block")
+    ax.set_ylabel("sparsity")
+    ax.set_title(f"{result['method']} {result['pattern']}")
+    ax.legend()
+    return C.save_figure(fig, path)
+
+
+def plot_perplexity_vs_sparsity(sweep: dict, path, dense: Optional[float] = None):
+    """``sweep``: {method: {sparsity: perplexity}} from saved results."""
+    fig, ax = C.new_figure(figsize=(6, 4))
+    for method, pts in sweep.items():
+        xs = sorted(pts, key=float)
+        ys = [pts[x] if isinstance(pts[x], (int, float)) else float("nan") for x in xs]
+        ax.plot([float(x) for x in xs], ys, marker="o", label=method)
+    if dense:
+        ax.axhline(dense, color="gray", ls=":", label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("sparsity")
+    ax.set_ylabel("perplexity")
+    ax.legend()
+    return C.save_figure(fig, path)
+
+
+def plot_sweep(sweep: dict, path):
+    """Perplexity against eps (mean with min-max band), saturation level marked."""
+    fig, ax = C.new_figure(figsize=(6, 4))
+    for tag, summ in sweep["summary"].items():
+        s = summ["perplexity"]
+        xs = sorted(s, key=float)
+        mean = [_float(s[x]["mean"]) for x in xs]
+        ax.plot([float(x) for x in xs], mean, marker="o", label=tag)
+        ax.fill_between([float(x) for x in xs], [_float(s[x]["min"]) for x in xs], [_float(s[x]["max"]) for x in xs],
+                        alpha=0.2)
+    ax.axhline(_float(sweep["clean"]["perplexity"]), color="gray", ls=":", label="clean")
+    ax.axhline(sweep["saturation"], color="red", ls="--", label=f"saturation (vocab {int(sweep['saturation'])})")
+    ax.set_yscale("log")
+    C.log_x_axis(ax, [x for summ in sweep["summary"].values() for x in summ["perplexity"]])
+    ax.set_xlabel(f"epsilon ({sweep['mode']} noise, {sweep['group']})")
+    ax.set_ylabel("perplexity")
+    ax.legend()
+    return C.save_figure(fig, path)
+
+
+def plot_sensitivity_map(smap: dict, path):
+    fig, ax = C.new_figure(figsize=(1.0 + 0.8 * len(smap["modules"]), 1.0 + 0.22 * len(smap["layers"])))
+    data = np.array([[_float(v) for v in row] for row in smap["delta_nll"]])
+    im = ax.imshow(data, aspect="auto", cmap="magma")
+    ax.set_xticks(range(len(smap["modules"])), smap["modules"], rotation=45, ha="right")
+    ax.set_ylabel("layer")
+    ax.set_title(f"NLL increase, relative noise eps={smap['epsilon']}")
+    fig.colorbar(im, ax=ax, label="delta NLL (nats/token)")
+    return C.save_figure(fig, path)
+
+
+def plot_attack_sweep(result: dict, path):
+    fig, ax = C.new_figure(figsize=(6, 4))
+    for method in ("fgsm", "pgd"):
+        rows = sorted((r for r in result["table"] if r["method"] == method), key=lambda r: r["eps"])
+        ax.plot([r["eps"] for r in rows], [r["delta_nll"] for r in rows], marker="o", label=method.upper())
+    C.log_x_axis(ax, [r["eps"] for r in result["table"]])
+    ax.set_xlabel(f"eps (relative to mean embedding norm, {result['norm']})")
+    ax.set_ylabel("delta NLL (nats/token)")
+    ax.legend()
+    return C.save_figure(fig, path)
+
+
+def layer_module_grid(result: dict, key: str) -> tuple[list, list, list]:
+    """(layers, module types, grid[layer][type]) of a per-module quantity from saved results."""
+    types = sorted(set(result["module_type"].values()))
+    n_layers = max(result["module_layer"].values()) + 1
+    grid = [[float("nan")] * len(types) for _ in range(n_layers)]
+    for n, v in result[key].items():
+        grid[result["module_layer"][n]][types.index(result["module_type"][n])] = float(v)
+    return list(range(n_layers)), types, grid
+
+
+def plot_heatmaps(result: dict, path, noise_map: Optional[dict] = None):
+    """Layer x module heatmaps of Hessian trace, Fisher, and (if given) the noise NLL increase."""
+    panels = [("hessian_trace", "Hessian trace"), ("fisher_sum", "Fisher (sum)")]
+    grids = [layer_module_grid(result, k) for k, _ in panels]
+    titles = [t for _, t in panels]
+    if noise_map:
+        grids.append((noise_map["layers"], noise_map["modules"], noise_map["delta_nll"]))
+        titles.append("noise delta NLL")
+    fig, axes = C.new_figure(1, len(grids), figsize=(4.2 * len(grids), 1.5 + 0.2 * len(grids[0][0])))
+    axes = np.atleast_1d(axes)
+    for ax, (layers, types, grid), title in zip(axes, grids, titles):
+        data = np.array([[float(v) for v in row] for row in grid])
+        im = ax.imshow(np.log10(np.abs(data) + 1e-12), aspect="auto", cmap="viridis")
+        ax.set_xticks(range(len(types)), types, rotation=45, ha="right")
+        ax.set_ylabel("layer")
+        ax.set_title(f"log10 |{title}|")
+        fig.colorbar(im, ax=ax)
+    return C.save_figure(fig, path)
+
+
+def plot_activation_profile(profile: dict, path, super_layers: Sequence[int] = ()):
+    fig, ax = C.new_figure(figsize=(6, 3.5))
+    for key, label in (("down_in_max", "down_proj input"), ("down_out_max", "down_proj output"),
+                       ("residual_max", "residual stream")):
+        if key in profile:
+            ax.plot(profile[key], marker=".", label=label)
+    for layer in super_layers:
+        ax.axvline(layer, color="red", ls=":", alpha=0.6)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("max |activation|")
+    ax.legend()
+    return C.save_figure(fig, path)
+
+
 def make_plots(results: dict, out: Path) -> dict:
     """(Re)draw every plot that the saved results support; returns {name: path relative to out}."""
     out = Path(out)
@@ -221,25 +365,20 @@ def make_plots(results: dict, out: Path) -> dict:
         plots[name] = str(fn(*args).relative_to(out))
 
     if results.get("finetune", {}).get("train_losses"):
-        from llm_finetune import plot_training_curve
         add("finetune", plot_training_curve, results["finetune"], d / "finetune_loss.png")
     if results.get("prune"):
-        from llm_prune_model import plot_sparsity_per_layer
         add("prune", plot_sparsity_per_layer, results["prune"], d / "prune_sparsity_per_layer.png")
     if results.get("noise"):
-        import llm_robustness_test as R
-        add("noise_sweep", R.plot_sweep, results["noise"]["sweep"], d / "noise_sweep.png")
+        add("noise_sweep", plot_sweep, results["noise"]["sweep"], d / "noise_sweep.png")
         if results["noise"].get("map"):
-            add("noise_map", R.plot_sensitivity_map, results["noise"]["map"], d / "noise_map.png")
+            add("noise_map", plot_sensitivity_map, results["noise"]["map"], d / "noise_map.png")
     if results.get("adversarial"):
-        from llm_adversarial_test import plot_attack_sweep
         add("attack_sweep", plot_attack_sweep, results["adversarial"], d / "attack_sweep.png")
     if results.get("analysis"):
-        import llm_integrated_analysis as A
         an = results["analysis"]
-        add("sensitivity_heatmaps", A.plot_heatmaps, an, d / "sensitivity_heatmaps.png",
+        add("sensitivity_heatmaps", plot_heatmaps, an, d / "sensitivity_heatmaps.png",
             (results.get("noise") or {}).get("map"))
-        add("activations", A.plot_activation_profile, an["activation_profile"], d / "activations.png",
+        add("activations", plot_activation_profile, an["activation_profile"], d / "activations.png",
             an.get("super_weight_layers", []))
     return plots
 

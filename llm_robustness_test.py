@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 import llm_common as C
-from llm_evaluate_models import EvalConfig, evaluate_model, reference_logprobs, safe_exp
+from llm_perplexity import EvalConfig, evaluate_model, reference_logprobs, safe_exp
 
 log = logging.getLogger("llm.noise")
 
@@ -207,27 +207,6 @@ def apply_robustness_test(model, tokenizer=None, config: NoiseConfig = NoiseConf
     return perturb_(select_params(model, config.group), config, protect)
 
 
-# --------------------------------------------------------------------------- protection
-
-
-def protect_top_fraction(scores: Mapping[str, torch.Tensor], fraction: float,
-                         coords: Sequence[tuple[str, int, int]] = ()) -> dict[str, torch.Tensor]:
-    """Bool masks keeping the top ``fraction`` of weights by score (global ranking) plus
-    explicit (parameter name, row, col) coordinates such as super weights."""
-    masks = {n: torch.zeros(s.shape, dtype=torch.bool) for n, s in scores.items()}
-    if fraction > 0 and scores:
-        flat = torch.cat([s.detach().float().flatten().cpu() for s in scores.values()])
-        k = max(1, int(flat.numel() * fraction))
-        thresh = torch.topk(flat, k).values[-1]
-        for n, s in scores.items():
-            masks[n] = s.detach().float().cpu() >= thresh
-    for name, r, c in coords:
-        if name not in masks:
-            continue
-        masks[name][r, c] = True
-    return masks
-
-
 # --------------------------------------------------------------------------- sweeps
 
 
@@ -338,42 +317,3 @@ def top_cells(smap: dict, k: int = 5) -> list:
 
 
 # --------------------------------------------------------------------------- plots
-
-
-def plot_sweep(sweep: dict, path):
-    """Perplexity against eps (mean with min-max band), saturation level marked."""
-    fig, ax = C.new_figure(figsize=(6, 4))
-    for tag, summ in sweep["summary"].items():
-        s = summ["perplexity"]
-        xs = sorted(s, key=float)
-        mean = [_num(s[x]["mean"]) for x in xs]
-        ax.plot([float(x) for x in xs], mean, marker="o", label=tag)
-        ax.fill_between([float(x) for x in xs], [_num(s[x]["min"]) for x in xs], [_num(s[x]["max"]) for x in xs],
-                        alpha=0.2)
-    ax.axhline(_num(sweep["clean"]["perplexity"]), color="gray", ls=":", label="clean")
-    ax.axhline(sweep["saturation"], color="red", ls="--", label=f"saturation (vocab {int(sweep['saturation'])})")
-    ax.set_yscale("log")
-    C.log_x_axis(ax, [x for summ in sweep["summary"].values() for x in summ["perplexity"]])
-    ax.set_xlabel(f"epsilon ({sweep['mode']} noise, {sweep['group']})")
-    ax.set_ylabel("perplexity")
-    ax.legend()
-    return C.save_figure(fig, path)
-
-
-def plot_sensitivity_map(smap: dict, path):
-    import numpy as np
-
-    fig, ax = C.new_figure(figsize=(1.0 + 0.8 * len(smap["modules"]), 1.0 + 0.22 * len(smap["layers"])))
-    data = np.array([[_num(v) for v in row] for row in smap["delta_nll"]])
-    im = ax.imshow(data, aspect="auto", cmap="magma")
-    ax.set_xticks(range(len(smap["modules"])), smap["modules"], rotation=45, ha="right")
-    ax.set_ylabel("layer")
-    ax.set_title(f"NLL increase, relative noise eps={smap['epsilon']}")
-    fig.colorbar(im, ax=ax, label="delta NLL (nats/token)")
-    return C.save_figure(fig, path)
-
-
-def _num(x) -> float:
-    if isinstance(x, str):
-        return float(x)
-    return float("nan") if x is None else float(x)

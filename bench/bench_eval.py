@@ -6,7 +6,6 @@ Prints tokens/s for both, their ratio (target >= 1.0), and the effective GFLOP/s
 (2 x parameters x tokens / s) against a plain fp32 matmul measured in the same run.
 """
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path

@@ -105,10 +105,9 @@ def _eval_tokens(n_available: int, seq: int, limit) -> int:
     return (n // seq) * seq
 
 
-def minimum(step: str, run: M.Run, extra: dict) -> tuple[float, int]:
+def minimum(step: str, run: M.Run) -> tuple[float, int]:
     """(minimum forward tokens, minimum backward passes) for ``step``; see the module doc."""
     a, r = run.args, run.results
-    n_layers = len(C.decoder_layers(run.model))
     if step == "finetune":
         L = a.ft_seq_len
         ids = run.ids("train")
@@ -122,9 +121,9 @@ def minimum(step: str, run: M.Run, extra: dict) -> tuple[float, int]:
         ts = _eval_tokens(run.ids("eval").numel(), seq, a.sweep_tokens)
         curves = 2 if a.protect_fraction > 0 else 1
         points = len(a.sweep_eps) * a.sweep_seeds * curves
-        nw = min(a.calib_samples, 32 if a.gpu_budget else 4) * min(a.calib_seq_len, 2048 if a.gpu_budget else 256)
+        # Fisher saliency windows for the protected curve (the sizes step_noise uses)
         nwin = min(a.calib_samples, 32 if a.gpu_budget else 4) if a.protect_fraction > 0 else 0
-        fwd = (1 + points) * ts + (nw if nwin else 0)
+        fwd = (1 + points) * ts + nwin * min(a.calib_seq_len, 2048 if a.gpu_budget else 256)
         smap = r["noise"].get("map")
         if smap:
             mt = a.sweep_tokens if a.gpu_budget else min(a.sweep_tokens, 128)
@@ -136,7 +135,7 @@ def minimum(step: str, run: M.Run, extra: dict) -> tuple[float, int]:
         gen = sum(len(run.tokenizer(p).input_ids) + a.max_new_tokens - 1 for p in a.prompt)
         return len(r["evaluation"]) * (te + gen), 0
     if step == "adversarial":
-        return extra["adv_min"]
+        return adversarial_minimum(run, M.adversarial_config(a))
     if step == "analysis":
         an = r["analysis"]
         w = a.analysis_windows * a.analysis_seq_len
@@ -151,8 +150,8 @@ def minimum(step: str, run: M.Run, extra: dict) -> tuple[float, int]:
 
 
 def adversarial_minimum(run: M.Run, cfg: ADV.AdversarialConfig) -> tuple[float, int]:
-    """Minimum for the adversarial step from the same samples it builds (built beforehand,
-    outside the counters)."""
+    """Minimum for the adversarial step from the same samples it builds (rebuilt after the
+    step, outside the counters)."""
     tok = run.tokenizer
     samples = ADV.build_samples(run.model, tok, run.ids("eval"), cfg)
     lens = [s.prompt.numel() + s.continuation.numel() for s in samples]
@@ -202,13 +201,11 @@ def main(argv=None):
             "--hessian-tol", "0"]
     args = M.resolve_args(M.build_parser().parse_args(argv))
     args._argv = argv
-    counts, extra = {}, {}
+    counts = {}
     originals = dict(M.STEP_FUNCS)
 
     def wrap(name, fn):
         def counted(run):
-            if name == "adversarial":
-                extra["adv_cfg"] = None
             t = time.perf_counter()
             counter = PassCounter(run.model)
             try:
@@ -216,25 +213,9 @@ def main(argv=None):
             finally:
                 counts[name] = counter.close()
                 counts[name]["seconds"] = time.perf_counter() - t
-            if name == "adversarial":
-                cfg = extra["adv_cfg_builder"](run)
-                extra["adv_min"] = adversarial_minimum(run, cfg)
-            counts[name]["min"] = minimum(name, run, extra)
+            counts[name]["min"] = minimum(name, run)
         return counted
 
-    def adv_cfg(run):  # the config step_adversarial builds, rebuilt the same way
-        captured = {}
-        real = ADV.test_adversarial_robustness
-        ADV.test_adversarial_robustness = lambda m, t, ids, cfg: captured.setdefault("cfg", cfg) and {}
-        try:
-            saved = run.results.get("adversarial")
-            originals["adversarial"](run)
-            run.results["adversarial"] = saved
-        finally:
-            ADV.test_adversarial_robustness = real
-        return captured["cfg"]
-
-    extra["adv_cfg_builder"] = adv_cfg
     for name, fn in originals.items():
         M.STEP_FUNCS[name] = wrap(name, fn)
     try:

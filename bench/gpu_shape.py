@@ -5,10 +5,11 @@
 
 Per step it prints wall time, tokens/s, MFU (model FLOPs per second over a bf16 matmul rate
 measured in the same run), peak GPU memory, and the time extrapolated to the default GPU
-budgets (linear in the work, from the measured rate). Model FLOPs per token: forward
-2N + attention 4*L*s*d (causal half of QK^T and AV); full training 3x the forward; LoRA
-and attacks on inputs 2x (no weight gradients); Hessian-vector products 2x a training step
-(PyHessian's cost model). N counts the decoder matrices and the LM head, not the embedding.
+budgets (linear in the work, from the measured rate). Model FLOPs per token, as in PaLM's
+MFU: forward 2N + 4*L*s*d for attention (QK^T and AV, not halved for causality); full
+training 3x the forward; LoRA and attacks on inputs 2x (no weight gradients); a
+Hessian-vector product 2x a training step. N counts the decoder matrices and the LM head,
+not the embedding.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import llm_finetune as FT  # noqa: E402
 import llm_integrated_analysis as A  # noqa: E402
 import llm_prune_model as P  # noqa: E402
 import llm_robustness_test as R  # noqa: E402
-from llm_evaluate_models import EvalConfig, evaluate_model  # noqa: E402
+from llm_perplexity import EvalConfig, evaluate_model  # noqa: E402
 
 SHAPES = {
     "7b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=11008, num_attention_heads=32,
@@ -117,7 +118,7 @@ def main(argv=None):
     S = 256 if tiny else 2048
 
     def fwd_flops(tokens, seq):
-        return tokens * (2 * N + 4 * L * seq * d / 2 * 2)
+        return tokens * (2 * N + 4 * L * seq * d)
 
     rows = []
 

@@ -8,15 +8,15 @@ reduced protocol sized for a 2-core CPU; the flags above give the full one. Writ
 to --out (JSON) and the perplexity-vs-sparsity plot beside it when --sweep is given.
 """
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import llm_common as C  # noqa: E402
-from llm_evaluate_models import EvalConfig, evaluate_model  # noqa: E402
-from llm_prune_model import PruneConfig, plot_perplexity_vs_sparsity, prune_model  # noqa: E402
+from llm_perplexity import EvalConfig, evaluate_model  # noqa: E402
+from llm_prune_model import PruneConfig, prune_model  # noqa: E402
+from llm_report import plot_perplexity_vs_sparsity  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

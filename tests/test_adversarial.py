@@ -141,3 +141,64 @@ def test_lora_defence_trains_adapters_and_leaves_the_model_unchanged(tok, sample
     assert d["delta_nll_after"] != d["delta_nll_before"]  # the adapters were active for the "after" attacks
     assert type(m).__name__ == "LlamaForCausalLM" and not any("lora" in n for n, _ in m.named_modules())
     assert set(m.state_dict()) == set(snap) and all(torch.equal(snap[k], v) for k, v in m.state_dict().items())
+
+
+def test_batched_attacks_equal_attacks_one_at_a_time(tiny_model):
+    """Rows of different lengths (right-padded) and different configs in one batch give what
+    each gives alone. L2 steps (normalised gradients) keep the comparison continuous."""
+    g = torch.Generator().manual_seed(1)
+    samples = [ADV.Sample(torch.randint(0, 256, (P,), generator=g), torch.randint(0, 256, (T,), generator=g))
+               for P, T in ((12, 6), (7, 3), (15, 5))]
+    cfgs = [ADV.AttackConfig(method="pgd", norm="l2", epsilon=0.3, steps=4, seed=3),
+            ADV.AttackConfig(method="fgsm", norm="l2", epsilon=0.2),
+            ADV.AttackConfig(method="pgd", norm="l2", epsilon=0.5, steps=2, objective="targeted", seed=4)]
+    jobs = [(s, c) for s in samples for c in cfgs]
+    batched = ADV.attack_batch(tiny_model, jobs)
+    for (s, c), b in zip(jobs, batched):
+        alone = ADV.attack_embeddings(tiny_model, s, c)
+        assert b.clean_nll == pytest.approx(alone.clean_nll, abs=1e-4)
+        assert b.attacked_nll == pytest.approx(alone.attacked_nll, abs=1e-3)
+        assert torch.allclose(b.delta, alone.delta, atol=1e-3)
+
+
+def test_pgd_reports_its_best_iterate(tiny_model):
+    cfg = ADV.AttackConfig(method="pgd", norm="linf", epsilon=0.5, steps=6, alpha=0.5, seed=2)
+    for s in _samples(4, seed=5):
+        r = ADV.attack_embeddings(tiny_model, s, cfg)
+        assert len(r.losses) == 6
+        assert r.attacked_nll >= max(r.losses) - 1e-5  # every iterate was a candidate
+
+
+def test_batched_greedy_with_cache_equals_a_plain_loop(tiny_model):
+    def plain(ids, n):  # no cache, no batch: re-run the whole prefix for every token
+        out = []
+        with torch.no_grad():
+            for _ in range(n):
+                nxt = int(tiny_model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
+                out.append(nxt)
+        return out
+
+    prompts = [[5, 6, 7, 8, 9], [100, 3], [42] * 9]
+    emb = tiny_model.get_input_embeddings()
+    got = ADV.greedy_batch(tiny_model, [emb(torch.tensor(p)).detach() for p in prompts], 6)
+    assert got == [plain(p, 6) for p in prompts]
+
+
+def test_gcg_suffix_sits_inside_the_user_turn_and_round_trips(tok):
+    import copy
+
+    from conftest import tiny_llama
+
+    t = copy.deepcopy(tok)
+    t.chat_template = ("{% for m in messages %}<|user|>{{ m['content'] }}<|end|>{% endfor %}"
+                       "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    before, after = ADV.chat_parts(t, "Name a film")
+    suffix = torch.tensor(t("xyz!", add_special_tokens=False).input_ids)
+    text = t.apply_chat_template([{"role": "user", "content": "Name a film xyz!"}], add_generation_prompt=True,
+                                 tokenize=False)
+    assert t.decode(torch.cat([before, suffix, after])) == text
+    assert t.decode(after) == "<|end|><|assistant|>"
+    r = ADV.gcg_attack(tiny_llama(seed=1), t, ADV.Sample(before, torch.tensor(t(" ok").input_ids)), suffix_len=3,
+                       steps=4, topk=8, batch=8, progress=False, after=after)
+    assert t(r.suffix_text, add_special_tokens=False).input_ids == r.suffix_ids
+    assert r.final_loss <= r.initial_loss and len(r.losses) == 4

@@ -7,6 +7,7 @@ from torch.func import functional_call
 
 import llm_common as C
 import llm_integrated_analysis as A
+import llm_report
 from llm_evaluate_models import EvalConfig
 
 
@@ -169,8 +170,8 @@ def test_integrated_analysis_end_to_end_leaves_model_unchanged(tok, sample_text,
     assert {r["bits"] for r in res.quantization} == {4, 3} and len(res.quantization) == 6
     assert res.top_salient[0]["saliency"] >= res.top_salient[-1]["saliency"]
     d = C.to_strict_json(res.__dict__)
-    A.plot_heatmaps(d, tmp_path / "h.png")
-    A.plot_activation_profile(d["activation_profile"], tmp_path / "a.png", [1])
+    llm_report.plot_heatmaps(d, tmp_path / "h.png")
+    llm_report.plot_activation_profile(d["activation_profile"], tmp_path / "a.png", [1])
     assert (tmp_path / "h.png").stat().st_size > 1000
 
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import llm_common as C
-from llm_finetune import FinetuneConfig, load_or_train_model, plot_training_curve
+from llm_finetune import FinetuneConfig, load_or_train_model
+from llm_report import plot_training_curve
 
 
 class Killed(Exception):
@@ -143,3 +144,12 @@ def test_bf16_training_applies_small_updates_like_fp32(tok, sample_text, tmp_pat
     w = w0[name].to(torch.bfloat16)
     naive = (w.float() - 1e-5 * torch.sign(d32)).to(torch.bfloat16)
     assert (naive != w).float().mean() < 0.3
+
+
+def test_diverging_loss_stops_training_and_saves_nothing(tok, sample_text, tmp_path):
+    from conftest import tiny_llama
+
+    cfg = _cfg(tmp_path, "nan", steps=6, lr=float("inf"), log_every=2, save_every=0, save_every_s=0)
+    with pytest.raises(C.UserError, match="diverged"):
+        load_or_train_model(tiny_llama(), tok, _ids(tok, sample_text), cfg)
+    assert not (tmp_path / "nan").exists()

@@ -7,7 +7,8 @@ import torch
 import llm_common as C
 from llm_evaluate_models import EvalConfig
 from llm_robustness_test import (NoiseConfig, apply_robustness_test, doubling_epsilon, noise_sweep, noisy_weights,
-                                 perturb_, protect_top_fraction, select_params, sensitivity_map, top_cells)
+                                 perturb_, select_params, sensitivity_map, top_cells)
+from llm_sensitivity import protect_top_fraction
 
 
 def _snapshot(m):

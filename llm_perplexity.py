@@ -1,0 +1,248 @@
+"""Shared evaluation core: perplexity, bits per byte, KL and top-1 agreement, greedy answers.
+
+Step 4 (``llm_evaluate_models``) runs it on every variant; fine-tuning (held-out loss), the
+noise sweeps and the analysis (ablations, quantization) call it too, so it lives here.
+
+Protocol (GPTQ / SparseGPT / Wanda): the evaluation text is tokenized once and cut
+into windows of ``seq_len`` tokens. With ``stride == seq_len`` (the default) the
+windows are disjoint and every token but the first of each window is scored. With
+``stride < seq_len`` the windows overlap as in the Hugging Face sliding-window
+recipe, but token counting is exact: each target token is scored once, by the
+first window that has it in its last ``stride`` positions, and context tokens are
+never scored. Only whole windows are used; the tail that does not fill a window is
+dropped and ``tokens_scored`` says how many tokens were counted.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from llm_common import SAMPLE_PROMPT, UserError, auto_batch_size, free_memory_bytes, input_device, use_cache
+
+log = logging.getLogger("llm.eval")
+
+
+@dataclass
+class EvalConfig:
+    seq_len: int = 2048          # tokens per window
+    stride: Optional[int] = None  # None: seq_len, i.e. disjoint windows
+    eval_tokens: Optional[int] = None  # evaluate only the first N tokens of the text
+    batch_size: Optional[int] = None  # windows per forward pass; None: from free memory (1 on CPU)
+    prompts: Sequence[str] = (SAMPLE_PROMPT,)
+    max_new_tokens: int = 48     # greedy generation budget per prompt; 0 disables
+    progress: bool = True
+
+
+@dataclass
+class EvalResult:
+    perplexity: float            # exp(nll); inf when it overflows, nan when logits were nan
+    nll: float                   # mean negative log-likelihood per scored token, nats
+    bits_per_byte: float         # total nll / ln 2 / UTF-8 bytes of the scored tokens
+    tokens_scored: int
+    bytes_scored: int
+    windows: int
+    seq_len: int
+    stride: int
+    kl: Optional[float] = None   # mean KL(reference || model) per scored token, nats
+    top1_agreement: Optional[float] = None  # fraction of scored positions with equal argmax
+    generations: dict = field(default_factory=dict)  # prompt -> greedy answer
+    seconds: float = 0.0
+    tokens_per_s: float = 0.0
+    batch_size: int = 1          # windows per forward pass actually used
+
+
+def safe_exp(x: float) -> float:
+    """exp that returns inf instead of raising OverflowError, and keeps nan."""
+    if math.isnan(x):
+        return float("nan")
+    return math.exp(x) if x < 709.0 else float("inf")
+
+
+def window_plan(n_tokens: int, seq_len: int, stride: Optional[int] = None) -> list[tuple[int, int]]:
+    """List of (start, first_scored) per window.
+
+    Window k covers ids[start : start + seq_len]; positions ``first_scored .. seq_len-1``
+    of it are scored (position p is predicted from positions < p). Every scored
+    token is scored exactly once.
+    """
+    stride = seq_len if stride is None else stride
+    if seq_len < 2:
+        raise UserError(f"--seq-len must be at least 2, got {seq_len}")
+    if not 1 <= stride <= seq_len:
+        raise UserError(f"--stride must be between 1 and --seq-len ({seq_len}), got {stride}")
+    if n_tokens < seq_len:
+        raise UserError(f"evaluation text has {n_tokens} tokens, shorter than one window of {seq_len}")
+    plan = []
+    for k, start in enumerate(range(0, n_tokens - seq_len + 1, stride)):
+        plan.append((start, 1 if k == 0 else max(1, seq_len - stride)))
+    return plan
+
+
+def _supports_logits_to_keep(model) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def _window_logits(model, batch: torch.Tensor, keep: int) -> torch.Tensor:
+    """Logits for the last ``keep`` positions of each window: [B, keep, vocab]."""
+    if _supports_logits_to_keep(model):
+        return model(input_ids=batch, use_cache=False, logits_to_keep=keep).logits
+    return model(input_ids=batch, use_cache=False).logits[:, -keep:]
+
+
+def _generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> dict:
+    """Greedy answers, one prompt at a time (no padding effects), chat template if any."""
+    out = {}
+    dev = input_device(model)
+    with use_cache(model, True), torch.inference_mode():
+        for prompt in prompts:
+            if getattr(tokenizer, "chat_template", None):
+                enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                    add_generation_prompt=True, return_tensors="pt",
+                                                    return_dict=True)
+            else:
+                enc = tokenizer(prompt, return_tensors="pt")
+            enc = {k: v.to(dev) for k, v in enc.items()}
+            ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            out[prompt] = tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return out
+
+
+def _batches(plan: list, batch_size: int) -> list:
+    return [plan[i:i + batch_size] for i in range(0, len(plan), batch_size)]
+
+
+def _prepare(input_ids: torch.Tensor, config: EvalConfig, model=None):
+    """(ids, window plan, stride, batch size) after validating the config."""
+    if input_ids.dim() != 1:
+        raise ValueError("input_ids must be 1-D [n_tokens]")
+    if config.eval_tokens is not None:
+        if config.eval_tokens < 2:
+            raise UserError(f"--eval-tokens must be at least 2, got {config.eval_tokens}")
+        input_ids = input_ids[: config.eval_tokens]
+    if config.batch_size is not None and config.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {config.batch_size}")
+    stride = config.seq_len if config.stride is None else config.stride
+    plan = window_plan(input_ids.numel(), config.seq_len, stride)
+    batch = config.batch_size
+    if batch is None:
+        batch = auto_batch_size(model, config.seq_len, len(plan)) if model is not None else 1
+    return input_ids, plan, stride, batch
+
+
+def _scored_batches(model, input_ids: torch.Tensor, plan: list, batch_size: int, seq_len: int):
+    """For each batch of windows: (windows [B, seq_len] on CPU, logits [B, T, V] in the model's
+    dtype, targets [B, T], mask [B, T]) where T = seq_len - first scored position of the batch;
+    the mask marks the positions this window scores (window 0 scores more than the others).
+    Logits are computed only for the last T positions, where they predict scored tokens."""
+    dev = input_device(model)
+    for chunk in _batches(plan, batch_size):
+        windows = torch.stack([input_ids[s:s + seq_len] for s, _ in chunk])
+        first = min(f for _, f in chunk)  # logits at p-1 predict token p, for p in [first, seq_len)
+        logits = _window_logits(model, windows.to(dev, non_blocking=True), seq_len - first + 1)[:, :-1]
+        targets = windows[:, first:].to(logits.device, non_blocking=True)
+        pos = torch.arange(first, seq_len, device=logits.device)
+        fs = torch.tensor([f for _, f in chunk]).to(logits.device, non_blocking=True)
+        yield windows, logits, targets, pos[None, :] >= fs[:, None]
+
+
+def reference_logprobs(model, input_ids: torch.Tensor, config: EvalConfig = EvalConfig(),
+                       return_nll: bool = False):
+    """The model's float32 log-probabilities at the scored positions, one tensor
+    [B, T, vocab] per evaluation batch: pass the list as ``reference`` to compare many
+    perturbed versions of one model against it without a second copy of the model.
+    Memory: 4 bytes x vocab per evaluated token. With ``return_nll`` also the mean NLL
+    (nats/token) of the same pass, so the clean model needs no second evaluation."""
+    input_ids, plan, _, batch = _prepare(input_ids, config, model)
+    out = []
+    nll_sum, n = torch.zeros((), dtype=torch.float64), 0
+    # Kept on the accelerator when they take under a quarter of its free memory (a sweep then
+    # never copies them back over PCIe), else on the host.
+    dev = input_device(model)
+    need = sum(config.seq_len - f for _, f in plan) * model.get_output_embeddings().weight.shape[0] * 4
+    store = dev if dev.type == "cuda" and need < 0.25 * free_memory_bytes(dev) else torch.device("cpu")
+    with torch.inference_mode():
+        for _, logits, targets, mask in _scored_batches(model, input_ids, plan, batch, config.seq_len):
+            logp = F.log_softmax(logits.float(), dim=-1)
+            if return_nll:
+                tok_nll = -logp.gather(-1, targets[..., None])[..., 0]
+                nll_sum += torch.where(mask, tok_nll, 0).double().sum().cpu()
+                n += int(mask.sum())
+            out.append(logp.to(store))
+    return (out, float(nll_sum) / n) if return_nll else out
+
+
+def evaluate_model(model, tokenizer, input_ids: torch.Tensor, config: EvalConfig = EvalConfig(),
+                   reference=None) -> EvalResult:
+    """Perplexity, bits per byte and (against ``reference``) KL and top-1 agreement.
+
+    Args:
+        model: a causal LM (any device placement, ``device_map="auto"`` included).
+        tokenizer: its tokenizer, used for byte counts and generation.
+        input_ids: 1-D LongTensor [n_tokens] of the tokenized evaluation text.
+        reference: optional model with the same vocabulary, compared window by window
+            (no logits are stored beyond one batch), or the list returned by
+            ``reference_logprobs`` for the same ids and config.
+    """
+    input_ids, plan, stride, batch_size = _prepare(input_ids, config, model)
+    seq_len = config.seq_len
+    dev = input_device(model)
+    ref_is_model = reference is not None and not isinstance(reference, list)
+    ref_dev = input_device(reference) if ref_is_model else None
+
+    # Sums stay on the device and are read back once at the end: no host sync per batch.
+    out_dev = model.get_output_embeddings().weight.device if model.get_output_embeddings() is not None else dev
+    nll_sum = torch.zeros((), dtype=torch.float64, device=out_dev)
+    kl_sum = torch.zeros((), dtype=torch.float64, device=out_dev)
+    agree = torch.zeros((), dtype=torch.long, device=out_dev)
+    n_scored = sum(seq_len - f for _, f in plan)
+    n_bytes = sum(len(tokenizer.decode(input_ids[s + f:s + seq_len]).encode("utf-8")) for s, f in plan)
+    t0 = time.perf_counter()
+    n_batches = -(-len(plan) // batch_size)
+    batches = _scored_batches(model, input_ids, plan, batch_size, seq_len)
+    bar = tqdm(batches, total=n_batches, desc="eval windows", unit="batch",
+               disable=not config.progress or n_batches < 2)
+    with torch.inference_mode():
+        for b_idx, (windows, logits, targets, mask) in enumerate(bar):
+            # Flattened [B*T, V] input: the transposed [B, V, T] layout is ~10x slower on CPU.
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                  reduction="none").view_as(targets)
+            nll_sum += torch.where(mask, nll, 0).double().sum().to(out_dev)
+            if reference is not None:
+                logp = F.log_softmax(logits.float(), dim=-1)
+                if ref_is_model:
+                    keep = targets.shape[1] + 1
+                    ref_logits = _window_logits(reference, windows.to(ref_dev), keep)[:, :-1].float()
+                    ref_logp = F.log_softmax(ref_logits.to(logits.device), dim=-1)
+                else:
+                    ref_logp = reference[b_idx].to(logits.device, non_blocking=True)
+                kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+                kl_sum += torch.where(mask, kl, 0).double().sum().to(out_dev)
+                agree += ((ref_logp.argmax(-1) == logp.argmax(-1)) & mask).sum().to(out_dev)
+                del ref_logp, logp
+            del logits, nll
+        nll_sum, kl_sum, agree = float(nll_sum), float(kl_sum), int(agree)  # the one host sync
+    seconds = time.perf_counter() - t0
+    mean_nll = float(nll_sum) / n_scored
+    result = EvalResult(
+        perplexity=safe_exp(mean_nll), nll=mean_nll,
+        bits_per_byte=float(nll_sum) / math.log(2) / max(n_bytes, 1),
+        tokens_scored=n_scored, bytes_scored=n_bytes, windows=len(plan), seq_len=seq_len, stride=stride,
+        kl=float(kl_sum) / n_scored if reference is not None else None,
+        top1_agreement=agree / n_scored if reference is not None else None,
+        seconds=seconds, tokens_per_s=len(plan) * seq_len / seconds if seconds > 0 else 0.0, batch_size=batch_size,
+    )
+    if config.max_new_tokens > 0 and config.prompts:
+        result.generations = _generate(model, tokenizer, config.prompts, config.max_new_tokens)
+    # Sweeps run hundreds of silent evaluations (progress=False): keep those at DEBUG.
+    log.log(logging.INFO if config.progress else logging.DEBUG, "perplexity %.4f (nll %.4f nats, %.4f bits/byte) over %d tokens in %d windows, %.1f tok/s",
+             result.perplexity, mean_nll, result.bits_per_byte, n_scored, len(plan), result.tokens_per_s)
+    return result
