@@ -27,7 +27,7 @@ import inspect
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import llm_common as C
+from llm_config import AdversarialConfig
 
 log = logging.getLogger("llm.adversarial")
 
@@ -603,30 +604,6 @@ def _lora(model, r: int, seed: int):
 # --------------------------------------------------------------------------- driver
 
 
-@dataclass
-class AdversarialConfig:
-    epsilons: tuple = (0.02, 0.05, 0.1)
-    norm: str = "linf"
-    pgd_steps: int = 5
-    n_windows: int = 4              # text windows from the evaluation corpus
-    prompt_len: int = 32
-    continuation_len: int = 16
-    sample_prompts: tuple = (C.SAMPLE_PROMPT,)
-    target: str = " Star Wars"      # targeted attack's target continuation
-    targeted_eps: float = 0.2
-    targeted_steps: int = 20
-    gcg_steps: int = 10
-    gcg_batch: int = 16
-    gcg_topk: int = 32
-    gcg_suffix_len: int = 6
-    defence_steps: int = 6
-    defence_lr: float = 1e-5
-    defence_lora_r: Optional[int] = None  # None: LoRA adapters above 1.5B parameters, else all weights
-    max_new_tokens: int = 24
-    seed: int = 0
-    progress: bool = True
-
-
 def _chat_ids(tokenizer, prompt: str) -> torch.Tensor:
     if getattr(tokenizer, "chat_template", None):
         enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
@@ -657,9 +634,9 @@ def build_samples(model, tokenizer, eval_ids: torch.Tensor, cfg: AdversarialConf
         raise C.UserError(f"evaluation text has {eval_ids.numel()} tokens, fewer than {2 * cfg.n_windows} "
                           f"attack windows of {L} (half of them train the adversarial fine-tune)")
     out = _windows(eval_ids, cfg.n_windows, cfg)
-    ids = [_chat_ids(tokenizer, p) for p in cfg.sample_prompts]
+    ids = [_chat_ids(tokenizer, p) for p in cfg.prompts]
     answers = greedy_batch(model, [_embeds(model, x) for x in ids], cfg.continuation_len, tokenizer.eos_token_id)
-    for p, x, ans in zip(cfg.sample_prompts, ids, answers):
+    for p, x, ans in zip(cfg.prompts, ids, answers):
         if ans:
             out.append(Sample(x, torch.tensor(ans), p))
     return out
@@ -670,16 +647,24 @@ def _summary(rs: Sequence[AttackResult]) -> dict:
             "delta_nll": _mean(r.delta_nll for r in rs), "top1_agreement": _mean(r.top1_agreement for r in rs)}
 
 
-def test_adversarial_robustness(model, tokenizer, eval_ids: torch.Tensor,
-                                config: AdversarialConfig = AdversarialConfig()) -> dict:
-    """ΔNLL vs eps for FGSM and PGD, targeted success, answers under attack, GCG, and the
-    two defences measured before and after. The model's weights are unchanged on return.
+@dataclass
+class AdversarialResult:
+    embedding_row_norm: float      # r_bar: eps are relative to it
+    norm: str
+    n_samples: int
+    table: list                    # per (method, eps): clean/attacked/delta NLL, top-1 agreement
+    answers: dict                  # prompt -> clean and attacked greedy answers
+    targeted: dict                 # targeted PGD: target, eps, steps, success rate
+    gcg: dict                      # GCGResult as a dict
+    perplexity_filter: dict
+    adversarial_training: dict     # the defence, held-out and trained-on windows
+    seconds: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)  # the resolved AdversarialConfig
 
-    Every attack family runs as one batch: all samples x eps x method step together."""
-    t0 = time.perf_counter()
-    secs = {}
-    samples = build_samples(model, tokenizer, eval_ids, config)
-    n_win = config.n_windows
+
+def _sweep(model, samples: list[Sample], config: AdversarialConfig) -> tuple[list, dict]:
+    """FGSM and PGD at every eps on every sample, one batch per step. Returns the table and
+    the strongest PGD's delta per sample (by id)."""
     jobs = [(s, AttackConfig(method=m, norm=config.norm, epsilon=e, steps=config.pgd_steps, seed=config.seed))
             for e in config.epsilons for m in ("fgsm", "pgd") for s in samples]
     rs = attack_batch(model, jobs)
@@ -688,50 +673,36 @@ def test_adversarial_robustness(model, tokenizer, eval_ids: torch.Tensor,
         for m in ("fgsm", "pgd"):
             part = [r for (s, c), r in zip(jobs, rs) if c.epsilon == e and c.method == m]
             table.append({"method": m, "eps": e, **_summary(part)})
-    secs["sweep"] = time.perf_counter() - t0
-
-    # Answers to the sample prompts, clean and under the strongest PGD attack of the sweep.
-    t = time.perf_counter()
     strongest = max(config.epsilons)
-    prompts = samples[n_win:]
     deltas = {id(s): r.delta for (s, c), r in zip(jobs, rs) if c.method == "pgd" and c.epsilon == strongest}
+    return table, deltas
+
+
+def _answers(model, tokenizer, prompts: list[Sample], deltas: dict, config: AdversarialConfig) -> dict:
+    """Greedy answers to the sample prompts, clean and under the strongest PGD of the sweep."""
     embeds = [_perturbed_prompt(model, Sample(s.prompt, s.prompt[:0]), d, AttackConfig())
               for s in prompts for d in (None, deltas[id(s)])]
     outs = greedy_batch(model, embeds, config.max_new_tokens, tokenizer.eos_token_id)
     dec = [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
-    answers = {s.label: {"clean": dec[2 * i], "attacked": dec[2 * i + 1], "eps": strongest}
-               for i, s in enumerate(prompts)}
-    # Targeted: make every prompt continue with the target string.
-    tgt = torch.tensor(tokenizer(config.target, add_special_tokens=False).input_ids)
+    return {s.label: {"clean": dec[2 * i], "attacked": dec[2 * i + 1], "eps": max(config.epsilons)}
+            for i, s in enumerate(prompts)}
+
+
+def _targeted(model, samples: list[Sample], tgt: torch.Tensor, config: AdversarialConfig) -> dict:
+    """Targeted PGD: make every sample continue with the target string."""
     tcfg = AttackConfig(method="pgd", norm=config.norm, epsilon=config.targeted_eps, steps=config.targeted_steps,
                         objective="targeted", seed=config.seed)
     tsamples = [Sample(s.prompt, tgt, s.label) for s in samples]
     trs = attack_batch(model, [(s, tcfg) for s in tsamples])
     hits = targeted_successes(model, [(s, r.delta, tcfg, None) for s, r in zip(tsamples, trs)])
-    targeted = {"target": config.target, "eps": config.targeted_eps, "steps": config.targeted_steps,
-                "success_rate": sum(hits) / len(hits), "n": len(hits)}
-    secs["targeted"] = time.perf_counter() - t
+    return {"target": config.target, "eps": config.targeted_eps, "steps": config.targeted_steps,
+            "success_rate": sum(hits) / len(hits), "n": len(hits)}
 
-    # GCG on the first sample prompt, the suffix inside its user turn, targeted at the target.
-    t = time.perf_counter()
-    gprompt = config.sample_prompts[0] if config.sample_prompts else tokenizer.decode(samples[0].prompt)
-    before, after = chat_parts(tokenizer, gprompt)
-    gcg = gcg_attack(model, tokenizer, Sample(before, tgt, gprompt), config.gcg_suffix_len, config.gcg_steps,
-                     config.gcg_topk, config.gcg_batch, "targeted", config.seed, config.progress, after=after)
-    gcg.threat_model = ("suffix appended to the user's message inside the chat template, before the end of "
-                        "the turn and the assistant header (Zou et al. 2023)")
-    secs["gcg"] = time.perf_counter() - t
 
-    # Defence 1: perplexity filter on the GCG prompt against the clean prompts.
-    clean_prompts = [s.prompt for s in samples]
-    attacked_prompts = [torch.cat([before, torch.tensor(gcg.suffix_ids, dtype=torch.long), after])]
-    pfilter = perplexity_filter(model, clean_prompts, attacked_prompts)
-
-    # Defence 2: adversarial fine-tune (undone afterwards) on windows disjoint from the attack
-    # samples; PGD ΔNLL before/after on both the held-out attack samples and the trained-on ones.
-    t = time.perf_counter()
-    train_s = _windows(eval_ids, n_win, config, offset=0.5)
-    dcfg = AttackConfig(method="pgd", norm=config.norm, epsilon=strongest, steps=config.pgd_steps,
+def _defence(model, samples: list[Sample], train_s: list[Sample], config: AdversarialConfig) -> dict:
+    """Adversarial fine-tune (undone afterwards) on windows disjoint from the attack samples;
+    PGD delta NLL before/after on both the held-out attack samples and the trained-on ones."""
+    dcfg = AttackConfig(method="pgd", norm=config.norm, epsilon=max(config.epsilons), steps=config.pgd_steps,
                         seed=config.seed + 99)
     every = samples + train_s
     before_rs = attack_batch(model, [(s, dcfg) for s in every])
@@ -751,20 +722,56 @@ def test_adversarial_robustness(model, tokenizer, eval_ids: torch.Tensor,
                 target.unload()  # the original modules, without the adapters
     k = len(samples)
     held_b, held_a, tr_b, tr_a = (_summary(x) for x in (before_rs[:k], after_rs[:k], before_rs[k:], after_rs[k:]))
-    defence = {"eps": dcfg.epsilon, "steps": config.defence_steps, "lr": config.defence_lr,
-               "trained": f"LoRA adapters, r={lora_r}" if lora_r else "all weights",
-               "trained_on": f"{len(train_s)} windows disjoint from the {k} attack samples",
-               "delta_nll_before": held_b["delta_nll"], "delta_nll_after": held_a["delta_nll"],
-               "clean_nll_before": held_b["clean_nll"], "clean_nll_after": held_a["clean_nll"],
-               "train_windows": {"delta_nll_before": tr_b["delta_nll"], "delta_nll_after": tr_a["delta_nll"],
-                                 "clean_nll_before": tr_b["clean_nll"], "clean_nll_after": tr_a["clean_nll"]},
-               "train_losses": train_losses}
+    return {"eps": dcfg.epsilon, "steps": config.defence_steps, "lr": config.defence_lr,
+            "trained": f"LoRA adapters, r={lora_r}" if lora_r else "all weights",
+            "trained_on": f"{len(train_s)} windows disjoint from the {k} attack samples",
+            "delta_nll_before": held_b["delta_nll"], "delta_nll_after": held_a["delta_nll"],
+            "clean_nll_before": held_b["clean_nll"], "clean_nll_after": held_a["clean_nll"],
+            "train_windows": {"delta_nll_before": tr_b["delta_nll"], "delta_nll_after": tr_a["delta_nll"],
+                              "clean_nll_before": tr_b["clean_nll"], "clean_nll_after": tr_a["clean_nll"]},
+            "train_losses": train_losses}
+
+
+def test_adversarial_robustness(model, tokenizer, eval_ids: torch.Tensor,
+                                config: AdversarialConfig = AdversarialConfig()) -> AdversarialResult:
+    """The adversarial step: delta NLL vs eps for FGSM and PGD, targeted success, answers
+    under attack, GCG, and the two defences measured before and after. ``eval_ids`` is the
+    tokenized evaluation text [n_tokens]. The model's weights are unchanged on return.
+
+    Every attack family runs as one batch: all samples x eps x method step together."""
+    config = config.for_model(model)
+    C.seed_everything(config.seed)
+    t0 = time.perf_counter()
+    secs = {}
+    samples = build_samples(model, tokenizer, eval_ids, config)
+    table, deltas = _sweep(model, samples, config)
+    secs["sweep"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    answers = _answers(model, tokenizer, samples[config.n_windows:], deltas, config)
+    tgt = torch.tensor(tokenizer(config.target, add_special_tokens=False).input_ids)
+    targeted = _targeted(model, samples, tgt, config)
+    secs["targeted"] = time.perf_counter() - t
+
+    # GCG on the first sample prompt, the suffix inside its user turn, targeted at the target.
+    t = time.perf_counter()
+    gprompt = config.prompts[0] if config.prompts else tokenizer.decode(samples[0].prompt)
+    before, after = chat_parts(tokenizer, gprompt)
+    gcg = gcg_attack(model, tokenizer, Sample(before, tgt, gprompt), config.gcg_suffix_len, config.gcg_steps,
+                     config.gcg_topk, config.gcg_batch, "targeted", config.seed, config.progress, after=after)
+    gcg.threat_model = ("suffix appended to the user's message inside the chat template, before the end of "
+                        "the turn and the assistant header (Zou et al. 2023)")
+    secs["gcg"] = time.perf_counter() - t
+
+    # Defence 1: perplexity filter on the GCG prompt against the clean prompts.
+    attacked_prompts = [torch.cat([before, torch.tensor(gcg.suffix_ids, dtype=torch.long), after])]
+    pfilter = perplexity_filter(model, [s.prompt for s in samples], attacked_prompts)
+    t = time.perf_counter()
+    defence = _defence(model, samples, _windows(eval_ids, config.n_windows, config, offset=0.5), config)
     secs["defence"] = time.perf_counter() - t
     secs["total"] = time.perf_counter() - t0
-    return {"embedding_row_norm": mean_row_norm(model), "norm": config.norm, "n_samples": len(samples),
-            "table": table, "answers": answers, "targeted": targeted,
-            "gcg": {k: v for k, v in gcg.__dict__.items()}, "perplexity_filter": pfilter,
-            "adversarial_training": defence, "seconds": secs}
+    return AdversarialResult(mean_row_norm(model), config.norm, len(samples), table, answers, targeted,
+                             asdict(gcg), pfilter, defence, secs, asdict(config))
 
 
 test_adversarial_robustness.__test__ = False  # the historical name; not a pytest test

@@ -212,6 +212,10 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(to_strict_json(obj), indent=2, allow_nan=False) + "\n")
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
@@ -243,12 +247,18 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load tensors from .safetensors, or from .pt/.pth/.bin with ``weights_only=True``.
+    """Load tensors from .safetensors, or from .pt/.pth/.bin with ``weights_only=True``;
+    a directory gives the union of its ``*.safetensors`` files (a save_pretrained model).
 
     A pickled object that is not plain tensors is refused (nothing in it is executed);
     a truncated or corrupt file gives a UserError naming the file.
     """
     path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise UserError(f"{path} holds no .safetensors files")
+        return {k: v for f in files for k, v in load_tensors(f).items()}
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
@@ -438,6 +448,33 @@ def load_model(cfg: LoadConfig):
     return model, tok, label
 
 
+def weights_dir(model: torch.nn.Module) -> Optional[Path]:
+    """The local directory of the safetensors the model was loaded from (a save_pretrained
+    directory, the GGUF cache, or the hub cache's snapshot), or None if there is none."""
+    src = getattr(model, "name_or_path", "") or ""
+    path = Path(src).expanduser()
+    if not path.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(src, local_files_only=True, allow_patterns=["*.safetensors", "*.json"]))
+        except Exception:  # not a hub id, or not cached: the caller saves its own copy
+            return None
+    return path if any(path.glob("*.safetensors")) else None
+
+
+def model_identity(model: torch.nn.Module, label: str) -> dict:
+    """What names the loaded weights for the resume fingerprint: the label, the source, and
+    (name, size, mtime) of every weight file, so weights replaced in place rerun the steps."""
+    src = getattr(model, "name_or_path", "") or label
+    ident = {"label": label, "source": str(src), "commit": getattr(model.config, "_commit_hash", None)}
+    wdir = weights_dir(model)
+    if wdir is not None:
+        ident["files"] = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(wdir.iterdir())
+                          if f.suffix in (".safetensors", ".json", ".bin")]
+    return ident
+
+
 @contextlib.contextmanager
 def trainable_only(model: torch.nn.Module, params=()) -> Iterator[None]:
     """Inside the block only ``params`` require grad (none by default, e.g. for attacks
@@ -549,6 +586,15 @@ def auto_batch_size(model: torch.nn.Module, seq_len: int, n_items: int, scored: 
 # --------------------------------------------------------------------------- architecture map
 
 
+def context_length(model: torch.nn.Module) -> Optional[int]:
+    """Positions the model can attend over (max_position_embeddings, GPT-2's n_positions), or None."""
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if isinstance(getattr(cfg, key, None), int):
+            return getattr(cfg, key)
+    return None
+
+
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The list of decoder blocks, whatever the architecture calls it.
 
@@ -637,7 +683,12 @@ class Corpus:
 
     def describe(self) -> dict:
         return {"name": self.name, "split": self.split, "source": self.source,
-                "chars": len(self.text), "fallback": self.fallback}
+                "chars": len(self.text), "fallback": self.fallback, "sha256": self.sha256}
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the text actually read: what the resume fingerprint keys on, not the flag."""
+        return hashlib.sha256(self.text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def embedded_corpus(split: str) -> str:

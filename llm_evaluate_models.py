@@ -1,7 +1,8 @@
 """Step 4: perplexity and related metrics for every model variant.
 
-    results = evaluate_variants(model, tokenizer, ids, {"base": None, "pruned": "pruned.safetensors"},
-                                EvalConfig(seq_len=2048))
+    res = evaluate_variants(model, tokenizer, ids, {"base": None, "pruned": "pruned.safetensors"},
+                            EvalConfig(seq_len=2048), parents={"pruned": "base"})
+    res.perplexity   # {"base": ..., "pruned": ...}
 
 The metrics (window protocol, bits/byte, KL, greedy answers) live in the shared module
 ``llm_perplexity``, which other steps use as well; ``evaluate_model`` and ``EvalConfig`` are
@@ -12,14 +13,16 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from dataclasses import asdict, dataclass, field
 from typing import Mapping, Optional, Union
 
 import torch
 
 import llm_common as C
-from llm_perplexity import EvalConfig, EvalResult, evaluate_model, reference_logprobs, safe_exp, window_plan
+from llm_config import EvalConfig
+from llm_perplexity import EvalResult, evaluate_model, reference_logprobs, safe_exp, window_plan
 
-__all__ = ["EvalConfig", "EvalResult", "evaluate_model", "evaluate_variants", "reference_logprobs", "safe_exp",
+__all__ = ["EvalConfig", "EvalResult", "EvaluationResult", "evaluate_model", "evaluate_variants", "reference_logprobs", "safe_exp",
            "window_plan"]
 
 log = logging.getLogger("llm.eval")
@@ -27,23 +30,55 @@ log = logging.getLogger("llm.eval")
 Variant = Optional[Union[str, os.PathLike, Mapping[str, torch.Tensor]]]
 
 
+@dataclass
+class EvaluationResult:
+    variants: dict                 # name -> EvalResult
+    parents: dict                  # name -> the variant it was derived from (None for the root)
+    protocol: dict                 # windows, stride, tokens evaluated and available
+    config: dict = field(default_factory=dict)  # the resolved EvalConfig
+
+    @property
+    def perplexity(self) -> dict:
+        return {n: r.perplexity for n, r in self.variants.items()}
+
+
+def _weights(model, weights: Variant) -> Mapping[str, torch.Tensor]:
+    """A variant's tensors: a dict as given, a checkpoint file, or a save_pretrained directory
+    (the model's own names only: a directory also holds what the model does not, e.g. tied copies)."""
+    if isinstance(weights, Mapping):
+        return weights
+    tensors = C.load_tensors(weights)
+    if os.path.isdir(weights):
+        state = C.named_tensors(model)
+        tensors = {k: v for k, v in tensors.items() if k in state}
+    return tensors
+
+
 def evaluate_variants(model, tokenizer, input_ids: torch.Tensor, variants: Mapping[str, Variant],
-                      config: EvalConfig = EvalConfig(), kl: bool = False) -> dict[str, EvalResult]:
+                      config: EvalConfig = EvalConfig(), parents: Optional[Mapping[str, Optional[str]]] = None
+                      ) -> EvaluationResult:
     """Evaluate every variant of ``model`` on ``input_ids`` ([n_tokens]).
 
-    A variant is None (the model as it is), or a tensors-only checkpoint path or a name ->
-    tensor dict whose weights are swapped in for its evaluation and restored bit for bit
-    afterwards. With ``kl`` every swapped variant is also compared (KL, top-1 agreement)
-    with the model as it is, kept as one spare copy.
+    A variant is None (the model as it is), or a name -> tensor dict, a tensors-only
+    checkpoint file or a save_pretrained directory whose weights are swapped in for its
+    evaluation and restored bit for bit afterwards. ``parents`` names the variant each was
+    derived from. With ``config.kl`` every variant whose parent is the model as it is gets
+    KL and top-1 agreement against it (kept as one spare copy).
     """
-    reference = copy.deepcopy(model) if kl and any(v is not None for v in variants.values()) else None
+    config = config.for_model(model)
+    parents = dict(parents or {})
+    live = [n for n, w in variants.items() if w is None]
+    kl_for = {n for n in variants if config.kl and variants[n] is not None and parents.get(n) in live}
+    reference = copy.deepcopy(model) if kl_for else None
     out = {}
     for name, weights in variants.items():
         log.info("evaluating variant %r", name)
         if weights is None:
             out[name] = evaluate_model(model, tokenizer, input_ids, config)
             continue
-        tensors = weights if isinstance(weights, Mapping) else C.load_tensors(weights)
-        with C.swapped_weights(model, tensors):
-            out[name] = evaluate_model(model, tokenizer, input_ids, config, reference=reference)
-    return out
+        with C.swapped_weights(model, _weights(model, weights)):
+            out[name] = evaluate_model(model, tokenizer, input_ids, config,
+                                       reference=reference if name in kl_for else None)
+    protocol = {"seq_len": config.seq_len, "stride": config.stride or config.seq_len,
+                "eval_tokens": config.eval_tokens or None, "tokens_available": int(input_ids.numel())}
+    return EvaluationResult(out, {n: parents.get(n) for n in variants}, protocol, asdict(config))

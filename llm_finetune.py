@@ -20,7 +20,7 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -28,37 +28,12 @@ import torch
 from tqdm.auto import tqdm
 
 import llm_common as C
-from llm_perplexity import EvalConfig, evaluate_model
+from llm_config import EvalConfig, FinetuneConfig
+from llm_perplexity import evaluate_model
 
 log = logging.getLogger("llm.finetune")
 
 MANIFEST = "manifest.json"
-
-
-@dataclass
-class FinetuneConfig:
-    output_dir: str = "data/finetuned"  # the finished model; "<output_dir>.resume.pt" while training
-    mode: str = "full"                  # full | lora | none
-    steps: int = 16                     # optimizer steps
-    batch_size: int = 4                 # windows per step
-    seq_len: int = 128                  # tokens per window
-    lr: float = 5e-5                    # peak learning rate (linear warm-up, cosine decay)
-    warmup_steps: int = 2
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    holdout_fraction: float = 0.1       # tail of the training text held out for before/after loss
-    holdout_windows: int = 8            # held-out windows of seq_len evaluated before and after
-    save_every: int = 0                 # resume checkpoint every N steps (0: by time only)
-    save_every_s: float = 300.0         # ... and at most this often in seconds (0: never by time)
-    log_every: int = 25                 # steps between host syncs for the loss log / progress bar
-    lora_r: int = 16
-    lora_alpha: int = 32
-    gradient_checkpointing: Optional[bool] = None  # None: only when activations would not fit
-    compile: bool = False               # torch.compile the model for the training loop
-    max_shard_size: str = "2GB"
-    seed: int = 0
-    base_model: str = ""                # label recorded in the manifest
-    data: str = ""                      # description of the training text, for the manifest
 
 
 @dataclass
@@ -75,18 +50,19 @@ class FinetuneResult:
     train_losses: list = field(default_factory=list)  # per step
     seconds: float = 0.0
     manifest: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)  # the resolved FinetuneConfig
 
 
-def validate(cfg: FinetuneConfig) -> None:
-    if cfg.mode not in ("full", "lora", "none"):
-        raise C.UserError(f"--finetune must be full, lora or none, not {cfg.mode!r}")
-    if cfg.lr <= 0:
-        raise C.UserError(f"--lr must be > 0, got {cfg.lr}")
-    for name in ("steps", "batch_size", "seq_len"):
-        if getattr(cfg, name) < 1 + (name == "seq_len"):
-            raise C.UserError(f"--ft-{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if not 0 < cfg.holdout_fraction < 1:
-        raise C.UserError(f"holdout fraction must be in (0, 1), got {cfg.holdout_fraction}")
+def resolve_config(model, config: FinetuneConfig) -> FinetuneConfig:
+    """``config`` with budgets for the model's device, ``mode="auto"`` decided by size (full
+    below 1.5B parameters, else LoRA) and the learning rate by mode; validated."""
+    cfg = config.resolved(C.is_cuda_model(model))
+    if cfg.mode == "auto":
+        cfg = replace(cfg, mode="full" if sum(p.numel() for p in model.parameters()) < 1.5e9 else "lora")
+    if cfg.lr is None:
+        cfg = replace(cfg, lr=2e-4 if cfg.mode == "lora" else 5e-5)
+    cfg.validate()
+    return cfg
 
 
 def is_finished(path: Path) -> bool:
@@ -121,7 +97,7 @@ def _heldout(model, tokenizer, hold: torch.Tensor, cfg: FinetuneConfig) -> tuple
     was_training = model.training
     model.eval()
     try:
-        r = evaluate_model(model, tokenizer, hold[:n], EvalConfig(seq_len=cfg.seq_len, max_new_tokens=0,
+        r = evaluate_model(model, tokenizer, hold[:n], EvalConfig(seq_len=cfg.seq_len, eval_tokens=0, max_new_tokens=0,
                                                                   progress=False))
     finally:
         model.train(was_training)
@@ -324,11 +300,11 @@ def load_or_train_model(model, tokenizer, train_ids: torch.Tensor, config: Finet
     tokenized training text; its tail is held out) and saved. ``model`` is changed
     in place in ``full`` mode.
     """
-    validate(config)
+    config = resolve_config(model, config)
     out = Path(config.output_dir)
     t0 = time.perf_counter()
     if config.mode == "none":
-        return model, FinetuneResult(model_dir="", loaded_existing=False, mode="none")
+        return model, FinetuneResult(model_dir="", loaded_existing=False, mode="none", config=asdict(config))
     train_part, hold = split_holdout(train_ids, config)
     if out.exists() and not is_finished(out):
         raise C.UserError(f"{out} exists but is not a finished fine-tuned model (no {MANIFEST}); "
@@ -344,7 +320,7 @@ def load_or_train_model(model, tokenizer, train_ids: torch.Tensor, config: Finet
                                      heldout_ppl_before=manifest.get("heldout_ppl_before"),
                                      heldout_ppl_after=manifest.get("heldout_ppl_after"),
                                      train_losses=manifest.get("train_losses", []),
-                                     seconds=time.perf_counter() - t0, manifest=manifest)
+                                     seconds=time.perf_counter() - t0, manifest=manifest, config=asdict(config))
     C.seed_everything(config.seed)
     loss0, ppl0 = _heldout(model, tokenizer, hold, config)
     log.info("held-out loss before fine-tuning: %.4f (perplexity %.3f)", loss0, ppl0)
@@ -361,5 +337,5 @@ def load_or_train_model(model, tokenizer, train_ids: torch.Tensor, config: Finet
     res = FinetuneResult(model_dir=str(out), loaded_existing=False, mode=config.mode, steps=config.steps,
                          resumed_from_step=resumed, heldout_loss_before=loss0, heldout_loss_after=loss1,
                          heldout_ppl_before=ppl0, heldout_ppl_after=ppl1, train_losses=losses,
-                         seconds=time.perf_counter() - t0, manifest=manifest)
+                         seconds=time.perf_counter() - t0, manifest=manifest, config=asdict(config))
     return model, res

@@ -25,15 +25,16 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 import llm_common as C
-from llm_perplexity import EvalConfig, evaluate_model
-from llm_sensitivity import gradient_moments, protect_top_fraction
+from llm_config import AnalysisConfig, EvalConfig
+from llm_perplexity import evaluate_model
+from llm_sensitivity import SuperWeight, detect_super_weights, gradient_moments, protect_top_fraction
 
 log = logging.getLogger("llm.analysis")
 
@@ -169,86 +170,6 @@ def fisher_diagonal(model, windows: torch.Tensor, modules: dict[str, torch.nn.Mo
 # --------------------------------------------------------------------------- super weights
 
 
-@dataclass
-class SuperWeight:
-    layer: int
-    module: str          # module name of the down projection
-    row: int             # output channel
-    col: int             # input channel
-    value: float
-    input_abs: float     # |activation| at the down projection input channel
-    output_abs: float    # |activation| at the output channel
-    ppl_ratio: Optional[float] = None  # perplexity when zeroed alone / clean perplexity
-
-
-def _down_proj_maxima(model, ids: torch.Tensor):
-    """Per layer: (max |input|, input channel, max |output|, output channel) of the MLP down
-    projection, and per layer the residual stream's (max |h|, channel)."""
-    layers = C.decoder_layers(model)
-    stats, resid, handles = {}, {}, []
-    for i, layer in enumerate(layers):
-        def hook(mod, args, out, i=i):
-            x = args[0].detach().abs().float().reshape(-1, args[0].shape[-1])
-            y = out.detach().abs().float().reshape(-1, out.shape[-1])
-            xm, ym = x.max(0).values, y.max(0).values
-            stats[i] = (float(xm.max()), int(xm.argmax()), float(ym.max()), int(ym.argmax()))
-
-        def rhook(mod, args, out, i=i):
-            h = (out[0] if isinstance(out, (tuple, list)) else out).detach().abs().float()
-            hm = h.reshape(-1, h.shape[-1]).max(0).values
-            resid[i] = (float(hm.max()), int(hm.argmax()))
-
-        handles.append(C.mlp_down_proj(layer).register_forward_hook(hook))
-        handles.append(layer.register_forward_hook(rhook))
-    try:
-        with torch.no_grad():
-            model(input_ids=ids[None].to(C.input_device(model)), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return [stats[i] for i in range(len(layers))], [resid[i] for i in range(len(layers))]
-
-
-def detect_super_weights(model, tokenizer, prompt: str = "Apple Inc. is a worldwide tech company.",
-                         max_weights: int = 4, spike_factor: float = 10.0) -> tuple[list[SuperWeight], dict]:
-    """Data-free super-weight detection (one prompt, iterative).
-
-    Each round, the layer whose down-projection output max |y| is largest, and at least
-    ``spike_factor`` x the median over layers, names a candidate W[row = argmax |y|,
-    col = argmax |x|]. It is zeroed and the search repeats. The model is restored on exit.
-    Returns (candidates, activation profile of the first, unablated pass).
-    """
-    ids = torch.tensor(tokenizer(prompt).input_ids) if tokenizer is not None else None
-    if ids is None:
-        raise ValueError("a tokenizer is needed")
-    layers = C.decoder_layers(model)
-    downs = [C.mlp_down_proj(layer) for layer in layers]
-    names_of = {m: n for n, m in model.named_modules()}
-    found: list[SuperWeight] = []
-    profile = None
-    with C.restored_on_exit(model, [names_of[d] + ".weight" for d in downs]):
-        for _ in range(max_weights):
-            stats, resid = _down_proj_maxima(model, ids)
-            if profile is None:
-                profile = {"down_in_max": [s[0] for s in stats], "down_out_max": [s[2] for s in stats],
-                           "residual_max": [r[0] for r in resid], "residual_channel": [r[1] for r in resid]}
-            outs = sorted(s[2] for s in stats)
-            median = outs[len(outs) // 2]
-            i = max(range(len(stats)), key=lambda j: stats[j][2])
-            in_abs, col, out_abs, row = stats[i]
-            if out_abs < spike_factor * median or any(f.layer == i and f.row == row and f.col == col for f in found):
-                break
-            W = C.weight_view(downs[i])
-            found.append(SuperWeight(i, names_of[downs[i]], row, col, float(W[row, col].detach()), in_abs, out_abs))
-            with torch.no_grad():
-                W[row, col] = 0
-    # The massive-activation channel: the residual channel that dominates after the first spike.
-    if found and profile:
-        after = found[0].layer
-        profile["massive_channel"] = profile["residual_channel"][min(after + 1, len(layers) - 1)]
-    return found, profile or {}
-
-
 def verify_super_weights(model, tokenizer, ids: torch.Tensor, candidates: list[SuperWeight],
                          eval_config: EvalConfig) -> float:
     """Fill each candidate's ``ppl_ratio`` (perplexity with it alone zeroed / clean). Returns clean ppl."""
@@ -329,26 +250,6 @@ def quantization_study(model, tokenizer, ids: torch.Tensor, super_weights: list[
 
 
 @dataclass
-class AnalysisConfig:
-    calib_windows: int = 2          # windows for the Hessian / Fisher loss
-    calib_seq_len: int = 128
-    fisher_windows: int = 8
-    max_probes: int = 8             # Hutchinson probes (stops earlier on tolerance)
-    tol: float = 1e-2
-    power_iters: int = 8
-    per_block: bool = False         # one block's weights at a time (7B-sized models)
-    saliency: str = "fisher"        # OBD H_ii from "fisher" or the "hutchinson" diagonal
-    super_weight_prompt: str = "Apple Inc. is a worldwide tech company."
-    max_super_weights: int = 4
-    quant_bits: tuple = (4, 3)
-    quant_group: int = 128
-    quant_top_fraction: float = 0.0005
-    eval_config: EvalConfig = field(default_factory=lambda: EvalConfig(seq_len=256, eval_tokens=512))
-    seed: int = 0
-    progress: bool = True
-
-
-@dataclass
 class AnalysisResult:
     modules: list                    # decoder-linear module names, in order
     module_layer: dict               # name -> block index
@@ -367,29 +268,24 @@ class AnalysisResult:
     activation_profile: dict
     clean_perplexity: float
     quantization: list
+    layer_totals: dict = field(default_factory=dict)      # hessian_trace / fisher_sum -> per-layer sums
+    top_layers: dict = field(default_factory=dict)        # the same -> 5 largest layers
+    rank_correlation: dict = field(default_factory=dict)  # Spearman between the measures (and the noise map)
+    super_weight_layers: list = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)            # the resolved AnalysisConfig
 
 
-def run_integrated_analysis(model, tokenizer, calib_ids: torch.Tensor, eval_ids: torch.Tensor,
-                            config: AnalysisConfig = AnalysisConfig()) -> AnalysisResult:
-    """Hessian traces and top eigenvalue, Fisher/OBD saliency, super weights and the
-    sensitivity-guided quantization study. ``calib_ids``/``eval_ids`` are [n_tokens].
-    The model's weights are unchanged on return."""
-    secs = {}
-    layers = C.decoder_layers(model)
-    names_of = {m: n for n, m in model.named_modules()}
-    mods, mlayer, mtype = {}, {}, {}
-    for i, layer in enumerate(layers):
-        for rel, m in C.block_linears(layer).items():
-            n = names_of[m]
-            mods[n], mlayer[n], mtype[n] = m, i, rel  # path inside the block, as in the noise map
-    windows = C.sample_windows(calib_ids, config.calib_windows, config.calib_seq_len, seed=config.seed)
-
+def _hessian(model, mods: dict, mlayer: dict, windows: torch.Tensor, config: AnalysisConfig, secs: dict):
+    """Hutchinson traces per module (all at once, or one block at a time with ``per_block``) and
+    the top eigenvalue (of all modules, or of the first block). Returns (trace, stderr, probes,
+    total variance, Hutchinson diagonal [out, in] or {}, eigenvalue, power iterations)."""
     t = time.perf_counter()
+    n_layers = len(C.decoder_layers(model))
     with C.attention_implementation(model, "eager"):
         loss_fn = lm_loss_fn(model, windows)
         groups = [list(mods)] if not config.per_block else [
-            [n for n in mods if mlayer[n] == i] for i in range(len(layers))]
+            [n for n in mods if mlayer[n] == i] for i in range(n_layers)]
         trace, stderr, probes, tot_var, hdiag = {}, {}, 0, 0.0, {}
         eig, iters, secs["power_iteration"] = None, 0, 0.0
         for gi, names in enumerate(groups):
@@ -413,7 +309,66 @@ def run_integrated_analysis(model, tokenizer, calib_ids: torch.Tensor, eval_ids:
             stderr.update(tr.stderr)
             probes = max(probes, tr.probes)
             tot_var += tr.total_stderr ** 2
-        secs["hutchinson"] = time.perf_counter() - t - secs["power_iteration"]
+    secs["hutchinson"] = time.perf_counter() - t - secs["power_iteration"]
+    return trace, stderr, probes, tot_var, hdiag, eig, iters
+
+
+def _top_salient(obd: dict, mods: dict, k: int = 20) -> list:
+    """The ``k`` weights of largest OBD saliency over all modules, with their coordinates."""
+    flat = torch.cat([obd[n].flatten().cpu() for n in mods])
+    offsets, top = [0], []
+    for n in mods:
+        offsets.append(offsets[-1] + obd[n].numel())
+    for idx in torch.topk(flat, min(k, flat.numel())).indices.tolist():
+        j = max(i for i in range(len(mods)) if offsets[i] <= idx)
+        n = list(mods)[j]
+        r, c = divmod(idx - offsets[j], obd[n].shape[1])
+        top.append({"module": n, "row": r, "col": c, "saliency": float(flat[idx]),
+                    "value": float(C.weight_view(mods[n])[r, c].detach())})
+    return top
+
+
+def layerwise(res: AnalysisResult, noise_map: Optional[dict] = None) -> None:
+    """Fill the per-layer sums, the top layers and the rank correlations between the Hessian
+    trace, the Fisher sum and (given the noise step's map) the noise sensitivity per cell."""
+    n_layers = max(res.module_layer.values()) + 1
+    res.layer_totals = {k: [0.0] * n_layers for k in ("hessian_trace", "fisher_sum")}
+    for k, totals in res.layer_totals.items():
+        for n, v in getattr(res, k).items():
+            totals[res.module_layer[n]] += v
+    res.top_layers = {k: sorted(range(n_layers), key=lambda i: -v[i])[:5] for k, v in res.layer_totals.items()}
+    cells = list(res.modules)
+    h, f = [res.hessian_trace[n] for n in cells], [res.fisher_sum[n] for n in cells]
+    res.rank_correlation = {"hessian_vs_fisher": spearman(h, f)}
+    if noise_map:
+        grid = {(i, m): noise_map["delta_nll"][i][j] for i in noise_map["layers"]
+                for j, m in enumerate(noise_map["modules"])}
+        nz = [float(grid.get((res.module_layer[n], res.module_type[n]), float("nan"))) for n in cells]
+        res.rank_correlation["hessian_vs_noise"] = spearman(h, nz)
+        res.rank_correlation["fisher_vs_noise"] = spearman(f, nz)
+    res.super_weight_layers = sorted({sw["layer"] for sw in res.super_weights})
+
+
+def run_integrated_analysis(model, tokenizer, calib_ids: torch.Tensor, eval_ids: torch.Tensor,
+                            config: AnalysisConfig = AnalysisConfig(), noise_map: Optional[dict] = None
+                            ) -> AnalysisResult:
+    """Hessian traces and top eigenvalue, Fisher/OBD saliency, super weights, the
+    sensitivity-guided quantization study and the layer-wise comparison (with the noise
+    step's ``noise_map`` when given). ``calib_ids``/``eval_ids`` are [n_tokens].
+    The model's weights are unchanged on return."""
+    config = config.for_model(model)
+    if config.per_block is None:  # 7B: one block's Hessian graph at a time fits where all do not
+        config = replace(config, per_block=sum(p.numel() for p in model.parameters()) > 3e9)
+    C.seed_everything(config.seed)
+    secs = {}
+    names_of = {m: n for n, m in model.named_modules()}
+    mods, mlayer, mtype = {}, {}, {}
+    for i, layer in enumerate(C.decoder_layers(model)):
+        for rel, m in C.block_linears(layer).items():
+            n = names_of[m]
+            mods[n], mlayer[n], mtype[n] = m, i, rel  # path inside the block, as in the noise map
+    windows = C.sample_windows(calib_ids, config.calib_windows, config.calib_seq_len, seed=config.seed)
+    trace, stderr, probes, tot_var, hdiag, eig, iters = _hessian(model, mods, mlayer, windows, config, secs)
 
     t = time.perf_counter()
     fwin = C.sample_windows(calib_ids, config.fisher_windows, config.calib_seq_len, seed=config.seed + 1)
@@ -421,34 +376,29 @@ def run_integrated_analysis(model, tokenizer, calib_ids: torch.Tensor, eval_ids:
     h_ii = hdiag if config.saliency == "hutchinson" else fisher
     obd = {n: 0.5 * h_ii[n] * C.weight_view(m).detach().float().pow(2) for n, m in mods.items()}
     secs["fisher"] = time.perf_counter() - t
-    flat = torch.cat([obd[n].flatten().cpu() for n in mods])
-    offsets, top = [0], []
-    for n in mods:
-        offsets.append(offsets[-1] + obd[n].numel())
-    for idx in torch.topk(flat, min(20, flat.numel())).indices.tolist():
-        j = max(k for k in range(len(mods)) if offsets[k] <= idx)
-        n = list(mods)[j]
-        r, c = divmod(idx - offsets[j], obd[n].shape[1])
-        top.append({"module": n, "row": r, "col": c, "saliency": float(flat[idx]),
-                    "value": float(C.weight_view(mods[n])[r, c].detach())})
+    top = _top_salient(obd, mods)
 
     t = time.perf_counter()
+    ecfg = EvalConfig(seq_len=min(config.eval_seq_len, config.eval_tokens), eval_tokens=config.eval_tokens,
+                      batch_size=config.batch_size)
     sws, profile = detect_super_weights(model, tokenizer, config.super_weight_prompt, config.max_super_weights)
-    clean = verify_super_weights(model, tokenizer, eval_ids, sws, config.eval_config)
+    clean = verify_super_weights(model, tokenizer, eval_ids, sws, ecfg)
     secs["super_weights"] = time.perf_counter() - t
 
     t = time.perf_counter()
     quant = quantization_study(model, tokenizer, eval_ids, sws, obd, config.quant_bits, config.quant_group,
-                               config.quant_top_fraction, config.eval_config, config.progress)
+                               config.quant_top_fraction, ecfg, config.progress)
     secs["quantization"] = time.perf_counter() - t
-    return AnalysisResult(
+    res = AnalysisResult(
         modules=list(mods), module_layer=mlayer, module_type=mtype, hessian_trace=trace,
         hessian_trace_stderr=stderr, hessian_total=sum(trace.values()), hessian_total_stderr=math.sqrt(tot_var),
         hutchinson_probes=probes, top_eigenvalue=eig, power_iterations=iters,
         fisher_sum={n: float(f.sum()) for n, f in fisher.items()},
         obd_saliency_sum={n: float(o.sum()) for n, o in obd.items()}, top_salient=top,
         super_weights=[sw.__dict__ for sw in sws], activation_profile=profile, clean_perplexity=clean,
-        quantization=quant, seconds=secs)
+        quantization=quant, seconds=secs, config=asdict(config))
+    layerwise(res, noise_map)
+    return res
 
 
 # --------------------------------------------------------------------------- layer-wise picture

@@ -25,20 +25,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from llm_common import SAMPLE_PROMPT, UserError, auto_batch_size, free_memory_bytes, input_device, use_cache
+from llm_common import UserError, auto_batch_size, free_memory_bytes, input_device, use_cache
+from llm_config import EvalConfig
 
 log = logging.getLogger("llm.eval")
-
-
-@dataclass
-class EvalConfig:
-    seq_len: int = 2048          # tokens per window
-    stride: Optional[int] = None  # None: seq_len, i.e. disjoint windows
-    eval_tokens: Optional[int] = None  # evaluate only the first N tokens of the text
-    batch_size: Optional[int] = None  # windows per forward pass; None: from free memory (1 on CPU)
-    prompts: Sequence[str] = (SAMPLE_PROMPT,)
-    max_new_tokens: int = 48     # greedy generation budget per prompt; 0 disables
-    progress: bool = True
 
 
 @dataclass
@@ -116,20 +106,23 @@ def _generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> 
     return out
 
 
+def resolved(config: EvalConfig, model) -> EvalConfig:
+    """``config`` with its budgets (seq_len, eval_tokens) for the model's device, validated."""
+    return config.for_model(model)
+
+
 def _batches(plan: list, batch_size: int) -> list:
     return [plan[i:i + batch_size] for i in range(0, len(plan), batch_size)]
 
 
 def _prepare(input_ids: torch.Tensor, config: EvalConfig, model=None):
-    """(ids, window plan, stride, batch size) after validating the config."""
+    """(ids, window plan, stride, batch size) after validating the config (resolved already)."""
     if input_ids.dim() != 1:
         raise ValueError("input_ids must be 1-D [n_tokens]")
-    if config.eval_tokens is not None:
+    if config.eval_tokens:  # 0: every token
         if config.eval_tokens < 2:
             raise UserError(f"--eval-tokens must be at least 2, got {config.eval_tokens}")
         input_ids = input_ids[: config.eval_tokens]
-    if config.batch_size is not None and config.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {config.batch_size}")
     stride = config.seq_len if config.stride is None else config.stride
     plan = window_plan(input_ids.numel(), config.seq_len, stride)
     batch = config.batch_size
@@ -161,6 +154,7 @@ def reference_logprobs(model, input_ids: torch.Tensor, config: EvalConfig = Eval
     perturbed versions of one model against it without a second copy of the model.
     Memory: 4 bytes x vocab per evaluated token. With ``return_nll`` also the mean NLL
     (nats/token) of the same pass, so the clean model needs no second evaluation."""
+    config = resolved(config, model)
     input_ids, plan, _, batch = _prepare(input_ids, config, model)
     out = []
     nll_sum, n = torch.zeros((), dtype=torch.float64), 0
@@ -192,6 +186,7 @@ def evaluate_model(model, tokenizer, input_ids: torch.Tensor, config: EvalConfig
             (no logits are stored beyond one batch), or the list returned by
             ``reference_logprobs`` for the same ids and config.
     """
+    config = resolved(config, model)
     input_ids, plan, stride, batch_size = _prepare(input_ids, config, model)
     seq_len = config.seq_len
     dev = input_device(model)

@@ -20,30 +20,19 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Iterable, Optional
 
 import torch
 from tqdm.auto import tqdm
 
 import llm_common as C
-from llm_sensitivity import saliency_scores
+from llm_config import PRUNE_METHODS, PruneConfig
+from llm_sensitivity import protected_coordinates, saliency_scores
 
 log = logging.getLogger("llm.prune")
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "taylor")
-
-
-@dataclass
-class PruneConfig:
-    method: str = "wanda"
-    sparsity: float = 0.5          # fraction of weights removed; N:M patterns fix it at 1 - N/M
-    pattern: str = "unstructured"  # or "N:M", e.g. "2:4", "4:8"
-    blocksize: int = 128           # sparsegpt column block
-    percdamp: float = 0.01         # sparsegpt dampening, fraction of mean diag(H)
-    taylor_score: str = "taylor"   # taylor | fisher
-    protect: tuple = ()            # ((linear name, row, col), ...): never pruned
-    progress: bool = True
+METHODS = PRUNE_METHODS
 
 
 @dataclass
@@ -57,6 +46,10 @@ class PruneResult:
     pruned_names: list = field(default_factory=list)  # parameter names of pruned weights
     seconds: float = 0.0
     peak_memory_mb: float = 0.0
+    calibration: dict = field(default_factory=dict)  # windows, seq_len of the calibration set
+    protected: list = field(default_factory=list)    # (module, row, col) kept unpruned
+    super_weights: list = field(default_factory=list)  # detected for protect="auto"
+    config: dict = field(default_factory=dict)       # the resolved PruneConfig
 
 
 def parse_pattern(pattern: str) -> Optional[tuple[int, int]]:
@@ -70,16 +63,6 @@ def parse_pattern(pattern: str) -> Optional[tuple[int, int]]:
     if not 0 < n < m:
         raise C.UserError(f"--sparsity-pattern {pattern}: need 0 < N < M")
     return n, m
-
-
-def validate(cfg: PruneConfig) -> None:
-    if cfg.method not in METHODS:
-        raise C.UserError(f"--prune-method must be one of {', '.join(METHODS)}, not {cfg.method!r}")
-    if not 0 <= cfg.sparsity < 1:
-        raise C.UserError(f"--sparsity must be in [0, 1), got {cfg.sparsity}")
-    if cfg.taylor_score not in ("taylor", "fisher"):
-        raise C.UserError(f"taylor score must be taylor or fisher, not {cfg.taylor_score!r}")
-    parse_pattern(cfg.pattern)
 
 
 # --------------------------------------------------------------------------- masks
@@ -258,17 +241,24 @@ def _linear_inputs_stats(layer, inputs, kwargs, method, linears):
     return {k: v / counts[k] if method == "sparsegpt" else v for k, v in stats.items()}
 
 
-def prune_model(model, tokenizer, calib_windows: torch.Tensor, config: PruneConfig = PruneConfig()) -> PruneResult:
+def prune_model(model, tokenizer, calib_ids: torch.Tensor, config: PruneConfig = PruneConfig()) -> PruneResult:
     """Prune the decoder-block linear layers of ``model`` in place.
 
     Args:
-        calib_windows: LongTensor [n_windows, seq_len] of calibration token ids
-            (unused by ``magnitude``).
-        config.protect: (linear module name, row, col) coordinates that stay unpruned;
-            module names are as in ``model.named_modules()``.
+        calib_ids: the tokenized calibration text [n_tokens], from which
+            ``config.calib_samples`` random windows of ``config.calib_seq_len`` are drawn
+            (seeded), or ready windows [n_windows, seq_len]. Unused by ``magnitude``.
+        tokenizer: needed only for ``config.protect="auto"`` (super-weight detection).
+        config.protect: "auto", or (linear module name, row, col) coordinates that stay
+            unpruned; module names are as in ``model.named_modules()``.
     Returns a PruneResult with the achieved sparsity per block and per matrix.
     """
-    validate(config)
+    config = config.for_model(model)
+    if calib_ids.dim() == 1:
+        calib_windows = C.sample_windows(calib_ids, config.calib_samples, config.calib_seq_len, seed=config.seed)
+    else:
+        calib_windows = calib_ids
+    coords, found = protected_coordinates(model, tokenizer, config.protect, config.super_weight_prompt)
     t0 = time.perf_counter()
     dev0 = C.input_device(model)
     if dev0.type == "cuda":
@@ -276,11 +266,13 @@ def prune_model(model, tokenizer, calib_windows: torch.Tensor, config: PruneConf
     layers = C.decoder_layers(model)
     names_of = {m: n for n, m in model.named_modules()}
     protect: dict[str, list] = {}
-    for name, r, c in config.protect:
+    for name, r, c in coords:
         protect.setdefault(name, []).append((int(r), int(c)))
     per_row = config.method in ("wanda", "taylor")
     nm = parse_pattern(config.pattern)
-    result = PruneResult(config.method, config.pattern, config.sparsity if nm is None else 1 - nm[0] / nm[1], 0.0)
+    result = PruneResult(config.method, config.pattern, config.sparsity if nm is None else 1 - nm[0] / nm[1], 0.0,
+                         calibration={"windows": calib_windows.shape[0], "seq_len": calib_windows.shape[1]},
+                         protected=[list(c) for c in coords], super_weights=found, config=asdict(config))
 
     def apply(mod, mask: torch.Tensor) -> None:
         with torch.no_grad():

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Optional, Sequence
 
+import markdown
 import numpy as np
 
 import llm_common as C
@@ -36,7 +37,7 @@ def _float(x) -> float:
     return float("nan") if v is None else v
 
 
-def _fmt(x) -> str:
+def fmt(x) -> str:
     if isinstance(x, str):
         return x
     if x is None:
@@ -45,7 +46,7 @@ def _fmt(x) -> str:
 
 
 def _pct(x) -> str:
-    return f"{100 * x:g}%" if isinstance(x, (int, float)) else _fmt(x)
+    return f"{100 * x:g}%" if isinstance(x, (int, float)) else fmt(x)
 
 
 def report_markdown(results: dict) -> str:
@@ -63,22 +64,28 @@ def report_markdown(results: dict) -> str:
     found = findings(results)
     if found:
         lines += ["", "## Findings", ""] + [f"- {f}" for f in found]
-    lines += ["", "## Perplexity", "", "| variant | perplexity | nll (nats) | bits/byte | tokens | KL | top-1 agree |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "## Perplexity", "", "Each variant against the variant it was derived from (its parent); KL and "
+              "top-1 agreement are against the parent too (with --kl).", "",
+              "| variant | parent | perplexity | x parent | nll (nats) | bits/byte | tokens | KL | top-1 agree |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    parents, ppl = results.get("variants") or {}, results.get("perplexity", {})
     for name, ev in results.get("evaluation", {}).items():
-        lines.append(f"| {name} | {_fmt(ev['perplexity'])} | {_fmt(ev['nll'])} | {_fmt(ev['bits_per_byte'])} | "
-                     f"{ev['tokens_scored']} | {_fmt(ev.get('kl'))} | {_fmt(ev.get('top1_agreement'))} |")
+        parent = parents.get(name)
+        ratio = _num(ev["perplexity"]) / _num(ppl[parent]) if _num(ppl.get(parent)) and _num(ev["perplexity"]) is not None else None
+        lines.append(f"| {name} | {parent or '-'} | {fmt(ev['perplexity'])} | {fmt(ratio)} | {fmt(ev['nll'])} | "
+                     f"{fmt(ev['bits_per_byte'])} | {ev['tokens_scored']} | {fmt(ev.get('kl'))} | "
+                     f"{fmt(ev.get('top1_agreement'))} |")
     ft = results.get("finetune")
     if ft and ft.get("heldout_loss_before") is not None:
         lines += ["", "## Fine-tuning", "",
                   f"{ft['mode']} fine-tune, {ft['steps']} steps ({'loaded from disk' if ft['loaded_existing'] else 'trained'}"
-                  f"): held-out perplexity {_fmt(ft['heldout_ppl_before'])} -> {_fmt(ft['heldout_ppl_after'])}.",
+                  f"): held-out perplexity {fmt(ft['heldout_ppl_before'])} -> {fmt(ft['heldout_ppl_after'])}.",
                   "", "![fine-tuning curve](plots/finetune_loss.png)"]
     pr = results.get("prune")
     if pr:
         lines += ["", "## Pruning", "",
-                  f"{pr['method']} {pr['pattern']}: achieved sparsity {_fmt(pr['overall_sparsity'])} "
-                  f"(target {_fmt(pr['target_sparsity'])}) in {_fmt(pr['seconds'])} s, calibrated on "
+                  f"{pr['method']} {pr['pattern']}: achieved sparsity {fmt(pr['overall_sparsity'])} "
+                  f"(target {fmt(pr['target_sparsity'])}) in {fmt(pr['seconds'])} s, calibrated on "
                   f"{pr['calibration']['windows']} windows of {pr['calibration']['seq_len']} tokens.",
                   "", "![sparsity per layer](plots/prune_sparsity_per_layer.png)"]
     nz = results.get("noise")
@@ -86,65 +93,65 @@ def report_markdown(results: dict) -> str:
         v, sw = nz["variant"], nz["sweep"]
         lines += ["", "## Weight noise", "",
                   f"Noisy variant: {v['mode']} noise, eps={v['epsilon']}, group {v['group']} "
-                  f"({v['n_weights']} weights). Saturation (uniform guesser) = {_fmt(sw['saturation'])}.", "",
+                  f"({v['n_weights']} weights). Saturation (uniform guesser) = {fmt(sw['saturation'])}.", "",
                   f"Sweep ({sw['mode']} noise on decoder linears, {len(sw['points'])} points): perplexity doubles at "
-                  f"eps = {_fmt(sw['doubling_eps'].get('unprotected'))} without protection, "
-                  f"{_fmt(sw['doubling_eps'].get('protected'))} with the top {_pct(sw.get('protect_fraction'))} "
+                  f"eps = {fmt(sw['doubling_eps'].get('unprotected'))} without protection, "
+                  f"{fmt(sw['doubling_eps'].get('protected'))} with the top {_pct(sw.get('protect_fraction'))} "
                   "of weights by Fisher saliency kept clean.", "",
                   "| eps | ppl (mean) | ppl protected | KL | top-1 |", "|---|---|---|---|---|"]
         up = sw["summary"]["unprotected"]
         pr_ = sw["summary"].get("protected", {}).get("perplexity", {})
         for e in sorted(up["perplexity"], key=float):
-            lines.append(f"| {e} | {_fmt(up['perplexity'][e]['mean'])} | {_fmt(pr_.get(e, {}).get('mean'))} | "
-                         f"{_fmt(up['kl'][e]['mean'])} | {_fmt(up['top1'][e]['mean'])} |")
+            lines.append(f"| {e} | {fmt(up['perplexity'][e]['mean'])} | {fmt(pr_.get(e, {}).get('mean'))} | "
+                         f"{fmt(up['kl'][e]['mean'])} | {fmt(up['top1'][e]['mean'])} |")
         lines += ["", "![noise sweep](plots/noise_sweep.png)"]
         if nz.get("top_cells"):
             lines += ["", "Most noise-sensitive cells: " + ", ".join(
-                f"layer {c['layer']} {c['module']} (+{_fmt(c['delta_nll'])} nats)" for c in nz["top_cells"]),
+                f"layer {c['layer']} {c['module']} (+{fmt(c['delta_nll'])} nats)" for c in nz["top_cells"]),
                 "", "![noise map](plots/noise_map.png)"]
     adv = results.get("adversarial")
     if adv:
         lines += ["", "## Adversarial robustness (input embeddings)", "",
-                  f"eps is relative to the mean embedding-row norm ({_fmt(adv['embedding_row_norm'])}), "
+                  f"eps is relative to the mean embedding-row norm ({fmt(adv['embedding_row_norm'])}), "
                   f"{adv['norm']} ball, {adv['n_samples']} prompts.", "",
                   "| method | eps | clean NLL | attacked NLL | delta NLL | top-1 agreement |", "|---|---|---|---|---|---|"]
         for r in adv["table"]:
-            lines.append(f"| {r['method']} | {r['eps']} | {_fmt(r['clean_nll'])} | {_fmt(r['attacked_nll'])} | "
-                         f"{_fmt(r['delta_nll'])} | {_fmt(r['top1_agreement'])} |")
+            lines.append(f"| {r['method']} | {r['eps']} | {fmt(r['clean_nll'])} | {fmt(r['attacked_nll'])} | "
+                         f"{fmt(r['delta_nll'])} | {fmt(r['top1_agreement'])} |")
         t, gcg, pf, at = adv["targeted"], adv["gcg"], adv["perplexity_filter"], adv["adversarial_training"]
-        lines += ["", f"Targeted PGD (target {t['target']!r}, eps {t['eps']}): success rate {_fmt(t['success_rate'])} "
+        lines += ["", f"Targeted PGD (target {t['target']!r}, eps {t['eps']}): success rate {fmt(t['success_rate'])} "
                       f"over {t['n']} prompts.",
-                  f"GCG suffix `{gcg['suffix_text']}`: target loss {_fmt(gcg['initial_loss'])} -> "
-                  f"{_fmt(gcg['final_loss'])}, success {gcg['success']}.",
-                  f"Perplexity filter: detection rate {_fmt(pf['detection_rate'])}, false positives "
-                  f"{_fmt(pf['false_positive_rate'])} (threshold {_fmt(pf['threshold'])}).",
+                  f"GCG suffix `{gcg['suffix_text']}`: target loss {fmt(gcg['initial_loss'])} -> "
+                  f"{fmt(gcg['final_loss'])}, success {gcg['success']}.",
+                  f"Perplexity filter: detection rate {fmt(pf['detection_rate'])}, false positives "
+                  f"{fmt(pf['false_positive_rate'])} (threshold {fmt(pf['threshold'])}).",
                   f"Adversarial fine-tune ({at['steps']} steps): delta NLL at eps {at['eps']} "
-                  f"{_fmt(at['delta_nll_before'])} -> {_fmt(at['delta_nll_after'])}.", ""]
+                  f"{fmt(at['delta_nll_before'])} -> {fmt(at['delta_nll_after'])}.", ""]
         for prompt, ans in adv["answers"].items():
             lines.append(f"- *{prompt}* clean: {ans['clean']}  \n  under PGD eps={ans['eps']}: {ans['attacked']}")
         lines += ["", "![attack sweep](plots/attack_sweep.png)"]
     an = results.get("analysis")
     if an:
         lines += ["", "## Sensitivity analysis", "",
-                  f"Hessian trace over decoder linears {_fmt(an['hessian_total'])} ± {_fmt(an['hessian_total_stderr'])} "
-                  f"({an['hutchinson_probes']} Hutchinson probes); top eigenvalue {_fmt(an['top_eigenvalue'])}.",
+                  f"Hessian trace over decoder linears {fmt(an['hessian_total'])} ± {fmt(an['hessian_total_stderr'])} "
+                  f"({an['hutchinson_probes']} Hutchinson probes); top eigenvalue {fmt(an['top_eigenvalue'])}.",
                   f"Top layers by Hessian trace: {an['top_layers']['hessian_trace']}; by Fisher: "
                   f"{an['top_layers']['fisher_sum']}; super-weight layers: {an['super_weight_layers']}.",
-                  "Rank correlations: " + ", ".join(f"{k} {_fmt(v)}" for k, v in an["rank_correlation"].items()),
+                  "Rank correlations: " + ", ".join(f"{k} {fmt(v)}" for k, v in an["rank_correlation"].items()),
                   f"Massive-activation channel of the residual stream: "
-                  f"{_fmt(an.get('activation_profile', {}).get('massive_channel'))}.", "",
+                  f"{fmt(an.get('activation_profile', {}).get('massive_channel'))}.", "",
                   "Most salient weights (OBD 0.5 H_ii w^2): " + "; ".join(
-                      f"{t['module']}[{t['row']}, {t['col']}] = {_fmt(t['value'])} ({_fmt(t['saliency'])})"
+                      f"{t['module']}[{t['row']}, {t['col']}] = {fmt(t['value'])} ({fmt(t['saliency'])})"
                       for t in an.get("top_salient", [])[:5]), "",
-                  "| layer | module | row | col | value | |in| | |out| | ppl ratio zeroed |", "|---|---|---|---|---|---|---|---|"]
+                  "| layer | module | row | col | value | \\|in\\| | \\|out\\| | ppl ratio zeroed |", "|---|---|---|---|---|---|---|---|"]
         for sw in an["super_weights"]:
-            lines.append(f"| {sw['layer']} | {sw['module']} | {sw['row']} | {sw['col']} | {_fmt(sw['value'])} | "
-                         f"{_fmt(sw['input_abs'])} | {_fmt(sw['output_abs'])} | {_fmt(sw['ppl_ratio'])} |")
-        lines += ["", f"Quantization (RTN; clean perplexity {_fmt(an['clean_perplexity'])}):", "",
+            lines.append(f"| {sw['layer']} | {sw['module']} | {sw['row']} | {sw['col']} | {fmt(sw['value'])} | "
+                         f"{fmt(sw['input_abs'])} | {fmt(sw['output_abs'])} | {fmt(sw['ppl_ratio'])} |")
+        lines += ["", f"Quantization (RTN; clean perplexity {fmt(an['clean_perplexity'])}):", "",
                   "| bits | variant | perplexity | kept weights | extra storage % |", "|---|---|---|---|---|"]
         for q in an["quantization"]:
-            lines.append(f"| {q['bits']} | {q['variant']} | {_fmt(q['perplexity'])} | {q['kept_weights']} | "
-                         f"{_fmt(q['extra_storage_pct'])} |")
+            lines.append(f"| {q['bits']} | {q['variant']} | {fmt(q['perplexity'])} | {q['kept_weights']} | "
+                         f"{fmt(q['extra_storage_pct'])} |")
         lines += ["", "![heatmaps](plots/sensitivity_heatmaps.png)", "", "![activations](plots/activations.png)"]
     lines += ["", "## Sample generations", ""]
     for name, ev in results.get("evaluation", {}).items():
@@ -156,7 +163,7 @@ def report_markdown(results: dict) -> str:
                   "- versions: " + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()), "",
                   "| step | wall time (s) | peak memory (MiB) | skipped (resumed) |", "|---|---|---|---|"]
         for step, st in m.get("steps", {}).items():
-            lines.append(f"| {step} | {_fmt(st.get('wall_s'))} | {_fmt(st.get('peak_memory_mb'))} | "
+            lines.append(f"| {step} | {fmt(st.get('wall_s'))} | {fmt(st.get('peak_memory_mb'))} | "
                          f"{st.get('skipped', False)} |")
     return "\n".join(lines) + "\n"
 
@@ -168,46 +175,51 @@ def findings(results: dict) -> list[str]:
     ft = results.get("finetune") or {}
     if _num(ft.get("heldout_ppl_before")) is not None:
         out.append(f"Fine-tuning ({ft.get('mode')}, {ft.get('steps')} steps) moved held-out perplexity on the training "
-                   f"domain from {_fmt(ft['heldout_ppl_before'])} to {_fmt(ft['heldout_ppl_after'])}.")
-    base = next((ppl[k] for k in ("fine-tuned", "base") if k in ppl), None)
+                   f"domain from {fmt(ft['heldout_ppl_before'])} to {fmt(ft['heldout_ppl_after'])}.")
+    parents = results.get("variants") or {}
+    if "base" in ppl and "fine-tuned" in ppl:
+        out.append(f"On the evaluation text, the unmodified model has perplexity {fmt(ppl['base'])} and the "
+                   f"fine-tuned one {fmt(ppl['fine-tuned'])}.")
+    base = ppl.get(parents.get("pruned")) or next((ppl[k] for k in ("fine-tuned", "base") if k in ppl), None)
     pr = results.get("prune")
     if pr and "pruned" in ppl and _num(base):
-        out.append(f"{pr['method']} pruning to {_fmt(pr['overall_sparsity'])} sparsity ({pr['pattern']}) gives perplexity "
-                   f"{_fmt(ppl['pruned'])} against {_fmt(base)} dense (x{_fmt(_num(ppl['pruned']) / _num(base))}).")
+        out.append(f"{pr['method']} pruning to {fmt(pr['overall_sparsity'])} sparsity ({pr['pattern']}) gives perplexity "
+                   f"{fmt(ppl['pruned'])} against {fmt(base)} for its dense parent "
+                   f"(x{fmt(_num(ppl['pruned']) / _num(base))}).")
     nz = results.get("noise")
     if nz and "noisy" in ppl:
         v, sat = nz["variant"], nz["sweep"]["saturation"]
         frac = _num(ppl["noisy"]) / sat if _num(ppl["noisy"]) is not None else float("nan")
         out.append(f"{v['mode'].capitalize()} noise eps={v['epsilon']} on {v['group']} weights gives perplexity "
-                   f"{_fmt(ppl['noisy'])}, {_fmt(100 * frac)}% of the saturation level {int(sat)} "
+                   f"{fmt(ppl['noisy'])}, {fmt(100 * frac)}% of the saturation level {int(sat)} "
                    "(a uniform guesser over the vocabulary).")
     if nz:
         d = nz["sweep"]["doubling_eps"]
-        out.append(f"Relative noise on the decoder linears doubles perplexity at eps={_fmt(d.get('unprotected'))}; "
+        out.append(f"Relative noise on the decoder linears doubles perplexity at eps={fmt(d.get('unprotected'))}; "
                    f"keeping the top {_pct(nz['sweep'].get('protect_fraction'))} of weights by Fisher saliency clean "
-                   f"moves that to eps={_fmt(d.get('protected'))}.")
+                   f"moves that to eps={fmt(d.get('protected'))}.")
         if nz.get("top_cells"):
             c = nz["top_cells"][0]
             out.append(f"The most noise-sensitive cell is layer {c['layer']} {c['module']} "
-                       f"(+{_fmt(c['delta_nll'])} nats/token).")
+                       f"(+{fmt(c['delta_nll'])} nats/token).")
     adv = results.get("adversarial")
     if adv and adv.get("table"):
         top = max(r["eps"] for r in adv["table"])
         row = {r["method"]: r for r in adv["table"] if r["eps"] == top}
         out.append(f"At eps={top} (relative to the mean embedding norm) PGD raises the continuation NLL by "
-                   f"{_fmt(row['pgd']['delta_nll'])} nats/token, FGSM by {_fmt(row['fgsm']['delta_nll'])}; targeted "
-                   f"PGD reaches {adv['targeted']['target']!r} on {_fmt(100 * adv['targeted']['success_rate'])}% "
+                   f"{fmt(row['pgd']['delta_nll'])} nats/token, FGSM by {fmt(row['fgsm']['delta_nll'])}; targeted "
+                   f"PGD reaches {adv['targeted']['target']!r} on {fmt(100 * adv['targeted']['success_rate'])}% "
                    f"of {adv['targeted']['n']} prompts.")
         at = adv["adversarial_training"]
         out.append(f"A {at['steps']}-step adversarial fine-tune changes PGD's delta NLL from "
-                   f"{_fmt(at['delta_nll_before'])} to {_fmt(at['delta_nll_after'])} at eps={at['eps']}.")
+                   f"{fmt(at['delta_nll_before'])} to {fmt(at['delta_nll_after'])} at eps={at['eps']}.")
     an = results.get("analysis")
     if an:
         sws = an.get("super_weights") or []
         if sws:
             s = sws[0]
             out.append(f"Super weight at layer {s['layer']} {s['module'].split('.')[-1]}[{s['row']}, {s['col']}] "
-                       f"(value {_fmt(s['value'])}): zeroing it alone multiplies perplexity by {_fmt(s['ppl_ratio'])}.")
+                       f"(value {fmt(s['value'])}): zeroing it alone multiplies perplexity by {fmt(s['ppl_ratio'])}.")
         else:
             out.append("No super weight was found: no MLP down projection's output spiked.")
         q = {(r["bits"], r["variant"].split(" ")[0]): r for r in an.get("quantization", [])}
@@ -215,8 +227,8 @@ def findings(results: dict) -> list[str]:
             plain, prot = q.get((bits, "plain")), [r for (b, v), r in q.items() if b == bits and v != "plain"]
             if plain and prot:
                 best = min(prot, key=lambda r: _num(r["perplexity"]) if _num(r["perplexity"]) is not None else math.inf)
-                out.append(f"{bits}-bit RTN: perplexity {_fmt(plain['perplexity'])} plain, {_fmt(best['perplexity'])} "
-                           f"with {best['variant']} (+{_fmt(best['extra_storage_pct'])}% storage).")
+                out.append(f"{bits}-bit RTN: perplexity {fmt(plain['perplexity'])} plain, {fmt(best['perplexity'])} "
+                           f"with {best['variant']} (+{fmt(best['extra_storage_pct'])}% storage).")
     return out
 
 
@@ -383,61 +395,24 @@ def make_plots(results: dict, out: Path) -> dict:
     return plots
 
 
-_INLINE = [(re.compile(r"\*\*(.+?)\*\*"), r"<b>\1</b>"), (re.compile(r"(?<![*\w])\*(?!\s)(.+?)\*"), r"<i>\1</i>"),
-           (re.compile(r"`(.+?)`"), r"<code>\1</code>")]
-
-
-def _inline(text: str) -> str:
-    text = html.escape(text, quote=False)
-    for pat, rep in _INLINE:
-        text = pat.sub(rep, text)
-    return text
-
-
 def markdown_to_html(md: str, base: Path) -> str:
-    """The small Markdown subset our report uses -> HTML, images inlined as data URIs."""
-    body, table, in_list = [], [], False
+    """report.md -> a self-contained HTML page (Python-Markdown, tables extension); every
+    image is inlined as a data URI, a missing one is named in the page."""
+    conv = markdown.Markdown(extensions=["tables"], output_format="html")
+    # Model outputs (generations, GCG suffixes) land in the report: raw HTML in them is shown
+    # as text, never interpreted.
+    conv.preprocessors.deregister("html_block")
+    conv.inlinePatterns.deregister("html")
+    body = conv.convert(md)
 
-    def flush_table():
-        if table:
-            rows = [r for r in table if not set(r.replace("|", "").strip()) <= set("-: ")]
-            cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows]
-            body.append("<table><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in cells[0]) + "</tr>" + "".join(
-                "<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in cells[1:]) + "</table>")
-            table.clear()
+    def inline(m: re.Match) -> str:
+        p = base / html.unescape(m.group(2))
+        if not p.is_file():
+            return f"<i>missing plot {m.group(2)}</i>"
+        return f'<img alt="{m.group(1)}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}"'
 
-    for line in md.splitlines():
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        flush_table()
-        if in_list and not line.startswith(("- ", "  ")):
-            body.append("</ul>")
-            in_list = False
-        img = re.fullmatch(r"!\[(.*?)\]\((.+?)\)", line.strip())
-        if img:
-            p = base / img.group(2)
-            if p.is_file():
-                data = base64.b64encode(p.read_bytes()).decode()
-                body.append(f'<p><img alt="{html.escape(img.group(1))}" src="data:image/png;base64,{data}"></p>')
-            else:
-                body.append(f"<p><i>missing plot {html.escape(img.group(2))}</i></p>")
-        elif line.startswith("## "):
-            body.append(f"<h2>{_inline(line[3:])}</h2>")
-        elif line.startswith("# "):
-            body.append(f"<h1>{_inline(line[2:])}</h1>")
-        elif line.startswith("- "):
-            if not in_list:
-                body.append("<ul>")
-                in_list = True
-            body.append(f"<li>{_inline(line[2:].rstrip())}")
-        elif line.startswith("  ") and in_list:
-            body.append("<br>" + _inline(line.strip()))
-        elif line.strip():
-            body.append(f"<p>{_inline(line)}</p>")
-    flush_table()
-    if in_list:
-        body.append("</ul>")
+    body = re.sub(r'<img alt="([^"]*)" src="([^"]+\.png)"', inline, body)
+    body = re.sub(r"<i>missing plot ([^<]*)</i>\s*/?>", r"<i>missing plot \1</i>", body)
     style = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
              "th{background:#f3f3f3}img{max-width:100%}code{background:#f3f3f3;padding:0 3px}")
@@ -446,7 +421,7 @@ def markdown_to_html(md: str, base: Path) -> str:
               "document.body.dataset.imagesOk=im.every(i=>i.complete&&i.naturalWidth>0);"
               "document.body.dataset.images=im.length;});</script>")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>LLM sensitivity report</title>"
-            f"<style>{style}</style>{script}</head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+            f"<style>{style}</style>{script}</head><body>\n{body}\n</body></html>\n")
 
 
 def write_report(results: dict, out: Path) -> tuple[Path, Path]:

@@ -11,12 +11,16 @@ Parameter groups: all, linears (decoder-block linears), layer:N, module:NAME (q_
 k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, ...), embeddings, norms. Tied
 tensors (SmolLM2's embedding and lm_head) are perturbed once.
 
-``noisy_weights`` is the context manager that perturbs in place and restores bit for bit
-(one spare CPU copy of the perturbed tensors, nothing more). ``apply_robustness_test``
-perturbs and leaves the model noisy, for the pipeline. ``noise_sweep`` measures
-perplexity, NLL, KL and top-1 agreement over an eps grid and several seeds, optionally with
-the most sensitive weights protected; ``sensitivity_map`` perturbs one (layer, module
-type) cell at a time.
+``apply_robustness_test`` is the whole step: the eps sweep (without, then with the most
+Fisher-salient weights and any super weights kept clean), the layer x module map, and last
+the noisy variant, left in the model. ``noisy_weights`` is the context manager that
+perturbs in place and restores bit for bit (one spare copy of the perturbed tensors).
+``noise_sweep`` measures perplexity, NLL, KL and top-1 agreement over an eps grid and
+several seeds; ``sensitivity_map`` perturbs one (layer, module type) cell at a time.
+
+The embedded SmolLM2 was quantized to a 4-bit grid (GGUF Q4_1) before we dequantized it:
+its weights sit on 16 levels per block, and noise much smaller than a grid step moves
+them off the grid without changing what the grid can represent.
 """
 from __future__ import annotations
 
@@ -26,27 +30,20 @@ import logging
 import math
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 import llm_common as C
-from llm_perplexity import EvalConfig, evaluate_model, reference_logprobs, safe_exp
+from llm_config import NOISE_MODES, EvalConfig, NoiseConfig
+from llm_perplexity import evaluate_model, reference_logprobs, safe_exp
+from llm_sensitivity import protect_top_fraction, protected_coordinates, saliency_scores
 
 log = logging.getLogger("llm.noise")
 
-MODES = ("absolute", "relative", "multiplicative", "bitflip")
-
-
-@dataclass
-class NoiseConfig:
-    mode: str = "absolute"
-    epsilon: float = 0.05          # noise scale; for bitflip, the bit-error rate
-    group: str = "all"
-    seed: int = 0
-    bitflip_format: str = "bfloat16"  # 16-bit view for fp32 weights: bfloat16 (top half of fp32)
+MODES = NOISE_MODES
 
 
 @dataclass
@@ -59,15 +56,6 @@ class NoiseResult:
     n_weights: int = 0                             # weights eligible for noise
     n_protected: int = 0                           # of which kept clean
     bitflips: dict = field(default_factory=dict)   # {"sign": k, "exponent": k, "mantissa": k}
-
-
-def validate(cfg: NoiseConfig) -> None:
-    if cfg.mode not in MODES:
-        raise C.UserError(f"--noise-mode must be one of {', '.join(MODES)}, not {cfg.mode!r}")
-    if not cfg.epsilon >= 0 or math.isinf(cfg.epsilon):
-        raise C.UserError(f"--epsilon must be a finite number >= 0, got {cfg.epsilon}")
-    if cfg.mode == "bitflip" and cfg.epsilon > 1:
-        raise C.UserError(f"a bit-error rate is at most 1, got {cfg.epsilon}")
 
 
 def _module_type(name: str) -> str:
@@ -162,7 +150,7 @@ def _flip_bits_(p: torch.Tensor, rate: float, gen: torch.Generator, fmt: str,
 def perturb_(params: Mapping[str, torch.Tensor], cfg: NoiseConfig,
              protect: Optional[Mapping[str, torch.Tensor]] = None) -> NoiseResult:
     """Add noise to ``params`` in place. ``protect[name]`` is a bool mask of weights kept clean."""
-    validate(cfg)
+    cfg.validate()
     res = NoiseResult(cfg.mode, cfg.epsilon, cfg.group, cfg.seed, tensors=list(params))
     protect = protect or {}
     for name, p in params.items():
@@ -196,15 +184,6 @@ def noisy_weights(model, cfg: NoiseConfig, protect: Optional[Mapping[str, torch.
     params = select_params(model, cfg.group)
     with C.restored_on_exit(model, list(params)):
         yield perturb_(params, cfg, protect)
-
-
-def apply_robustness_test(model, tokenizer=None, config: NoiseConfig = NoiseConfig(),
-                          protect: Optional[Mapping[str, torch.Tensor]] = None) -> NoiseResult:
-    """Perturb ``model`` in place and leave it noisy (the pipeline's noisy variant).
-
-    Use ``noisy_weights`` to get the clean model back afterwards.
-    """
-    return perturb_(select_params(model, config.group), config, protect)
 
 
 # --------------------------------------------------------------------------- sweeps
@@ -317,3 +296,69 @@ def top_cells(smap: dict, k: int = 5) -> list:
 
 
 # --------------------------------------------------------------------------- plots
+
+
+# --------------------------------------------------------------------------- the step
+
+
+@dataclass
+class RobustnessResult:
+    variant: NoiseResult                           # the noise left in the model (the noisy variant)
+    sweep: Optional[dict] = None                   # SweepResult as a dict, plus protect_fraction
+    map: Optional[dict] = None                     # sensitivity_map, when config.map
+    top_cells: list = field(default_factory=list)  # the map's 5 most sensitive cells
+    protected: list = field(default_factory=list)  # (module, row, col) kept clean in the protected sweep
+    super_weights: list = field(default_factory=list)  # detected for protect="auto"
+    config: dict = field(default_factory=dict)     # the resolved NoiseConfig
+
+
+def protection_masks(model, calib_ids: Optional[torch.Tensor], config: NoiseConfig,
+                     coords: Sequence[tuple]) -> Optional[dict[str, torch.Tensor]]:
+    """Bool masks (parameter name -> mask in the parameter's layout) of the weights kept clean
+    in the protected sweep: the top ``protect_fraction`` by Fisher saliency on
+    ``fisher_windows`` calibration windows, plus ``coords``; None when nothing is protected."""
+    if not (config.protect_fraction > 0 and calib_ids is not None) and not coords:
+        return None
+    lin = C.decoder_linears(model)
+    if config.protect_fraction > 0 and calib_ids is not None:
+        windows = C.sample_windows(calib_ids, config.fisher_windows, config.fisher_seq_len, seed=config.seed)
+        # Masks in each parameter's own layout (Conv1D stores weights [in, out]).
+        scores = {n + ".weight": C.out_in(lin[n], s)
+                  for n, s in saliency_scores(model, windows, lin, "fisher", config.progress).items()}
+    else:
+        scores = {n + ".weight": torch.zeros(m.weight.shape) for n, m in lin.items()}
+    return protect_top_fraction(scores, config.protect_fraction, [(m + ".weight", r, c) for m, r, c in coords])
+
+
+def apply_robustness_test(model, tokenizer=None, config: NoiseConfig = NoiseConfig(),
+                          eval_ids: Optional[torch.Tensor] = None, calib_ids: Optional[torch.Tensor] = None
+                          ) -> RobustnessResult:
+    """The noise step. Changes ``model`` in place: it is left noisy (the noisy variant).
+
+    Args:
+        eval_ids: tokenized evaluation text [n_tokens] for the sweep and the map (both
+            skipped when None); the clean model is measured before the noise is applied.
+        calib_ids: tokenized calibration text [n_tokens] for the Fisher saliency that picks
+            the protected weights (no saliency protection when None).
+    Wrap the call in ``noisy_weights`` or ``C.restored_on_exit`` to get the clean model back.
+    """
+    config = config.for_model(model)
+    coords, found = protected_coordinates(model, tokenizer, config.protect, config.super_weight_prompt)
+    res = RobustnessResult(variant=None, protected=[list(c) for c in coords], super_weights=found,
+                           config=asdict(config))
+    if eval_ids is not None:
+        seq = min(config.sweep_seq_len, config.sweep_tokens)
+        ecfg = EvalConfig(seq_len=seq, eval_tokens=config.sweep_tokens, batch_size=config.batch_size)
+        masks = protection_masks(model, calib_ids, config, coords)
+        sweep = noise_sweep(model, tokenizer, eval_ids, config.sweep_eps, list(range(config.sweep_seeds)),
+                            mode=config.sweep_mode, group=config.sweep_group, eval_config=ecfg, protect=masks,
+                            progress=config.progress)
+        res.sweep = {**asdict(sweep), "protect_fraction": config.protect_fraction}
+        if config.map:
+            mcfg = EvalConfig(seq_len=min(seq, config.map_tokens), eval_tokens=config.map_tokens,
+                              batch_size=config.batch_size)
+            res.map = sensitivity_map(model, tokenizer, eval_ids, epsilon=config.map_eps, seed=config.seed,
+                                      eval_config=mcfg, progress=config.progress)
+            res.top_cells = top_cells(res.map, 5)
+    res.variant = perturb_(select_params(model, config.group), config)
+    return res

@@ -55,7 +55,7 @@ def main():
     text = WIKI.read_text() if WIKI.is_file() else C.embedded_corpus("test")
     ids = C.tokenize_corpus(tok, text)[: a.seq_len * a.windows]
     n_params = sum(p.numel() for p in model.parameters())
-    cfg = EvalConfig(seq_len=a.seq_len, max_new_tokens=0, progress=False)
+    cfg = EvalConfig(seq_len=a.seq_len, eval_tokens=0, max_new_tokens=0, progress=False)
     evaluate_model(model, tok, ids[: a.seq_len], cfg)  # warm-up
     hf_loop(model, ids, a.seq_len, 1)
     # Interleave the two so that machine noise hits both alike.

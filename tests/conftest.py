@@ -16,7 +16,7 @@ WIKI_VALID_TOK = SHARED / "wikitext-2-tokenized" / "valid.txt"
 torch.set_num_threads(2)
 
 
-def byte_tokenizer():
+def make_tokenizer():
     """A byte-level tokenizer: ids 0..255 are bytes, 256 is <eos>. Lossless round trip."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -33,7 +33,7 @@ def byte_tokenizer():
 VOCAB = 257
 
 
-def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 32, vocab: int = VOCAB, **kw):
+def make_llama(seed: int = 0, layers: int = 2, hidden: int = 32, vocab: int = VOCAB, **kw):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -43,7 +43,7 @@ def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 32, vocab: int = VO
     return LlamaForCausalLM(cfg).eval()
 
 
-def tiny_gpt2(seed: int = 0, layers: int = 2, hidden: int = 32, vocab: int = VOCAB):
+def make_gpt2(seed: int = 0, layers: int = 2, hidden: int = 32, vocab: int = VOCAB):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
@@ -52,14 +52,41 @@ def tiny_gpt2(seed: int = 0, layers: int = 2, hidden: int = 32, vocab: int = VOC
     return GPT2LMHeadModel(cfg).eval()
 
 
+def plant_super_weight(m, layer=1, row=7, col=5):
+    """Make W_down[row, col] of ``layer`` a super weight: channel ``col`` of the MLP fires on
+    every token and the large weight turns it into a spike on output channel ``row``."""
+    with torch.no_grad():
+        mlp = m.model.layers[layer].mlp
+        mlp.gate_proj.weight[col] = 3.0
+        mlp.up_proj.weight[col] = 3.0
+        mlp.down_proj.weight[row, col] = 40.0
+    return layer, row, col
+
+
 @pytest.fixture(scope="session")
 def tok():
-    return byte_tokenizer()
+    return make_tokenizer()
+
+
+# The builders as fixtures: a test asks for ``tiny_llama`` and calls it with the sizes it needs.
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return make_llama
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+    return make_gpt2
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    return make_tokenizer
 
 
 @pytest.fixture(params=["llama", "gpt2"])
 def tiny_model(request):
-    return tiny_llama() if request.param == "llama" else tiny_gpt2()
+    return make_llama() if request.param == "llama" else make_gpt2()
 
 
 @pytest.fixture(scope="session")

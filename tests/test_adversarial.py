@@ -45,9 +45,7 @@ def test_pgd_beats_fgsm_and_both_raise_the_loss(tiny_model):
     assert sum(r.attacked_nll for r in res["pgd"]) >= sum(r.attacked_nll for r in res["fgsm"])
 
 
-def test_targeted_attack_reaches_target():
-    from conftest import tiny_llama
-
+def test_targeted_attack_reaches_target(tiny_llama):
     m = tiny_llama(seed=3, initializer_range=0.3)  # logits with real range, so targets are reachable
     s = ADV.Sample(torch.arange(40, 52), torch.tensor([101, 7, 202]))
     cfg = ADV.AttackConfig(method="pgd", norm="l2", epsilon=2.0, steps=80, alpha=0.2, objective="targeted")
@@ -66,9 +64,7 @@ def test_parameters_frozen_and_unchanged(tiny_model):
     assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
 
 
-def test_gcg_lowers_target_loss_with_printable_suffix(tok):
-    from conftest import tiny_llama
-
+def test_gcg_lowers_target_loss_with_printable_suffix(tok, tiny_llama):
     m = tiny_llama(seed=1)
     s = ADV.Sample(torch.tensor(tok("Hello there").input_ids), torch.tensor(tok(" ok").input_ids))
     r = ADV.gcg_attack(m, tok, s, suffix_len=4, steps=8, topk=16, batch=16, progress=False)
@@ -76,9 +72,7 @@ def test_gcg_lowers_target_loss_with_printable_suffix(tok):
     assert r.suffix_text.isascii() and r.suffix_text.isprintable()
 
 
-def test_perplexity_filter_flags_gibberish(tok):
-    from conftest import tiny_llama
-
+def test_perplexity_filter_flags_gibberish(tok, tiny_llama):
     m = tiny_llama()
     clean = [torch.tensor([5] * 10)]
     out = ADV.perplexity_filter(m, clean, [torch.tensor(list(range(100, 110)))])
@@ -86,9 +80,7 @@ def test_perplexity_filter_flags_gibberish(tok):
     assert out["threshold"] == pytest.approx(max(out["clean_ppl"]))
 
 
-def test_adversarial_finetune_reduces_delta_nll_and_restores():
-    from conftest import tiny_llama
-
+def test_adversarial_finetune_reduces_delta_nll_and_restores(tiny_llama):
     m = tiny_llama(seed=2)
     samples = _samples(3)
     cfg = ADV.AttackConfig(method="pgd", norm="linf", epsilon=0.5, steps=4, seed=5)
@@ -101,19 +93,18 @@ def test_adversarial_finetune_reduces_delta_nll_and_restores():
     assert all(torch.equal(snap[k], v) for k, v in m.state_dict().items())
 
 
-def test_full_adversarial_step_on_tiny_model(tok, sample_text):
-    from conftest import tiny_llama
-
+def test_full_adversarial_step_on_tiny_model(tok, sample_text, tiny_llama):
     m = tiny_llama()
     ids = C.tokenize_corpus(tok, sample_text[:2000])
     cfg = ADV.AdversarialConfig(epsilons=(0.05, 0.2), pgd_steps=2, n_windows=2, prompt_len=12, continuation_len=4,
                                 targeted_steps=2, gcg_steps=2, gcg_batch=4, gcg_topk=4, gcg_suffix_len=2,
                                 defence_steps=2, max_new_tokens=4, progress=False)
     res = ADV.test_adversarial_robustness(m, tok, ids, cfg)
-    assert len(res["table"]) == 4 and res["n_samples"] == 3
-    assert set(res["answers"]) == {C.SAMPLE_PROMPT}
-    assert 0 <= res["targeted"]["success_rate"] <= 1
-    assert "delta_nll_after" in res["adversarial_training"]
+    assert len(res.table) == 4 and res.n_samples == 3
+    assert set(res.answers) == {C.SAMPLE_PROMPT}
+    assert 0 <= res.targeted["success_rate"] <= 1
+    assert "delta_nll_after" in res.adversarial_training
+    assert res.config["pgd_steps"] == 2 and res.config["defence_lora_r"] is None
     with pytest.raises(C.UserError, match="attack windows"):
         ADV.test_adversarial_robustness(m, tok, ids[:20], cfg)
 
@@ -125,9 +116,7 @@ def test_bad_attack_config(kw, msg):
         ADV.validate(ADV.AttackConfig(**kw))
 
 
-def test_lora_defence_trains_adapters_and_leaves_the_model_unchanged(tok, sample_text):
-    from conftest import tiny_llama
-
+def test_lora_defence_trains_adapters_and_leaves_the_model_unchanged(tok, sample_text, tiny_llama):
     m = tiny_llama(seed=2)
     ids = C.tokenize_corpus(tok, sample_text[:4000])
     snap = {k: v.clone() for k, v in m.state_dict().items()}
@@ -136,7 +125,7 @@ def test_lora_defence_trains_adapters_and_leaves_the_model_unchanged(tok, sample
                                 defence_steps=3, defence_lr=1e-2, defence_lora_r=4, max_new_tokens=4,
                                 progress=False)
     res = ADV.test_adversarial_robustness(m, tok, ids, cfg)
-    d = res["adversarial_training"]
+    d = res.adversarial_training
     assert d["trained"] == "LoRA adapters, r=4"
     assert d["delta_nll_after"] != d["delta_nll_before"]  # the adapters were active for the "after" attacks
     assert type(m).__name__ == "LlamaForCausalLM" and not any("lora" in n for n, _ in m.named_modules())
@@ -184,10 +173,8 @@ def test_batched_greedy_with_cache_equals_a_plain_loop(tiny_model):
     assert got == [plain(p, 6) for p in prompts]
 
 
-def test_gcg_suffix_sits_inside_the_user_turn_and_round_trips(tok):
+def test_gcg_suffix_sits_inside_the_user_turn_and_round_trips(tok, tiny_llama):
     import copy
-
-    from conftest import tiny_llama
 
     t = copy.deepcopy(tok)
     t.chat_template = ("{% for m in messages %}<|user|>{{ m['content'] }}<|end|>{% endfor %}"

@@ -6,13 +6,14 @@ import torch
 from torch.func import functional_call
 
 import llm_common as C
+from conftest import plant_super_weight
 import llm_integrated_analysis as A
 import llm_report
 from llm_evaluate_models import EvalConfig
 
 
 def _setup(seed=0):
-    from conftest import tiny_llama
+    from conftest import make_llama as tiny_llama
 
     m = tiny_llama(seed=seed, hidden=16, layers=2)
     m.set_attn_implementation("eager")
@@ -76,9 +77,7 @@ def test_power_iteration_matches_eigvalsh():
     assert eig == pytest.approx(top, rel=1e-2)
 
 
-def test_fisher_equals_squared_per_sample_gradients():
-    from conftest import tiny_llama
-
+def test_fisher_equals_squared_per_sample_gradients(tiny_llama):
     m = tiny_llama()
     windows = torch.randint(0, 257, (3, 10), generator=torch.Generator().manual_seed(0))
     mod_name = "model.layers.0.mlp.up_proj"
@@ -92,20 +91,9 @@ def test_fisher_equals_squared_per_sample_gradients():
     assert not w.requires_grad or w.grad is None
 
 
-def _plant_super_weight(m, layer=1, row=7, col=5):
-    with torch.no_grad():
-        mlp = m.model.layers[layer].mlp
-        mlp.gate_proj.weight[col] = 3.0
-        mlp.up_proj.weight[col] = 3.0
-        mlp.down_proj.weight[row, col] = 40.0
-    return layer, row, col
-
-
-def test_planted_super_weight_is_found_at_exact_coordinates(tok):
-    from conftest import tiny_llama
-
+def test_planted_super_weight_is_found_at_exact_coordinates(tok, tiny_llama):
     m = tiny_llama(layers=4, hidden=32)
-    layer, row, col = _plant_super_weight(m, layer=2)
+    layer, row, col = plant_super_weight(m, layer=2)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     found, profile = A.detect_super_weights(m, tok, "Apple Inc. is a worldwide tech company.", max_weights=3)
     assert (found[0].layer, found[0].row, found[0].col) == (layer, row, col)
@@ -118,9 +106,7 @@ def test_planted_super_weight_is_found_at_exact_coordinates(tok):
     assert found[0].ppl_ratio is not None and found[0].ppl_ratio != 1.0
 
 
-def test_no_spike_no_super_weight(tok):
-    from conftest import tiny_llama
-
+def test_no_spike_no_super_weight(tok, tiny_llama):
     found, _ = A.detect_super_weights(tiny_llama(layers=4), tok, "hello world", spike_factor=1e6)
     assert found == []
 
@@ -153,15 +139,13 @@ def test_spearman():
     assert math.isnan(A.spearman([1, 2], [1, 2]))
 
 
-def test_integrated_analysis_end_to_end_leaves_model_unchanged(tok, sample_text, tmp_path):
-    from conftest import tiny_llama
-
+def test_integrated_analysis_end_to_end_leaves_model_unchanged(tok, sample_text, tmp_path, tiny_llama):
     m = tiny_llama(layers=3, hidden=32)
-    _plant_super_weight(m, layer=1)
+    plant_super_weight(m, layer=1)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     ids = C.tokenize_corpus(tok, sample_text[:3000])
     cfg = A.AnalysisConfig(calib_windows=1, calib_seq_len=16, fisher_windows=2, max_probes=3, power_iters=3,
-                           quant_group=32, eval_config=EvalConfig(seq_len=32, eval_tokens=128), progress=False)
+                           quant_group=32, eval_seq_len=32, eval_tokens=128, progress=False)
     res = A.run_integrated_analysis(m, tok, ids, ids, cfg)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert m.config._attn_implementation == "sdpa"
@@ -173,16 +157,19 @@ def test_integrated_analysis_end_to_end_leaves_model_unchanged(tok, sample_text,
     llm_report.plot_heatmaps(d, tmp_path / "h.png")
     llm_report.plot_activation_profile(d["activation_profile"], tmp_path / "a.png", [1])
     assert (tmp_path / "h.png").stat().st_size > 1000
+    # Layer-wise sums are the module values added up by block, computed here independently.
+    for i in range(3):
+        want = sum(v for n, v in res.hessian_trace.items() if f"layers.{i}." in n)
+        assert res.layer_totals["hessian_trace"][i] == pytest.approx(want)
+    assert res.super_weight_layers == [1] and res.config["per_block"] is False
 
 
-def test_obd_saliency_from_hutchinson_diagonal(tok, sample_text):
-    from conftest import tiny_gpt2
-
+def test_obd_saliency_from_hutchinson_diagonal(tok, sample_text, tiny_gpt2):
     m = tiny_gpt2()
     ids = C.tokenize_corpus(tok, sample_text[:2000])
     cfg = A.AnalysisConfig(calib_windows=1, calib_seq_len=16, fisher_windows=1, max_probes=2, power_iters=1,
                            saliency="hutchinson", quant_bits=(4,), quant_group=32, max_super_weights=1,
-                           eval_config=EvalConfig(seq_len=32, eval_tokens=64), progress=False)
+                           eval_seq_len=32, eval_tokens=64, progress=False)
     res = A.run_integrated_analysis(m, tok, ids, ids, cfg)
     # Conv1D weights are stored [in, out]: the diagonal is transposed to [out, in] like the Fisher.
     assert set(res.obd_saliency_sum) == set(res.fisher_sum)

@@ -58,9 +58,7 @@ def test_unsupported_architecture_is_a_clear_error():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_whole_pipeline(arch, tmp_path, sample_text):
-    from conftest import byte_tokenizer
-
+def test_whole_pipeline(arch, tmp_path, sample_text, byte_tokenizer):
     model_dir = tmp_path / "model"
     make(arch).save_pretrained(model_dir)
     byte_tokenizer().save_pretrained(model_dir)
@@ -76,7 +74,7 @@ def test_whole_pipeline(arch, tmp_path, sample_text):
             "--quant-group", "32", "--kl", "--output-dir", str(out), "--log-level", "WARNING"]
     assert llm_main_v4.main(argv) == 0
     res = json.loads((out / "results.json").read_text())
-    assert set(res["perplexity"]) == {"fine-tuned", "pruned", "noisy"}
+    assert set(res["perplexity"]) == {"base", "fine-tuned", "pruned", "noisy"}
     assert res["prune"]["overall_sparsity"] == pytest.approx(0.5)  # 2:4 exactly
     pruned = C.load_tensors(out / "checkpoints" / "pruned.safetensors")
     for name, w in pruned.items():

@@ -55,9 +55,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     assert [x.name for x in tmp_path.iterdir()] == ["f.txt"]
 
 
-def test_tensor_checkpoint_round_trip_with_tied_weights(tmp_path):
-    from conftest import tiny_llama
-
+def test_tensor_checkpoint_round_trip_with_tied_weights(tmp_path, tiny_llama):
     m = tiny_llama(tie_word_embeddings=True)
     sd = m.state_dict()
     C.save_tensors(tmp_path / "m.safetensors", sd)
@@ -93,9 +91,7 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
         C.load_tensors(p)
 
 
-def test_swapped_weights_restores_bit_exact_even_on_error():
-    from conftest import tiny_llama
-
+def test_swapped_weights_restores_bit_exact_even_on_error(tiny_llama):
     m = tiny_llama()
     before = {k: v.clone() for k, v in m.state_dict().items()}
     name = "model.layers.0.mlp.down_proj.weight"

@@ -15,7 +15,7 @@ def _free_port() -> int:
 
 
 def _sweep():
-    from conftest import byte_tokenizer, tiny_llama
+    from conftest import make_llama as tiny_llama, make_tokenizer as byte_tokenizer
     from llm_evaluate_models import EvalConfig
     from llm_robustness_test import noise_sweep
 

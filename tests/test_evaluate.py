@@ -38,9 +38,7 @@ def test_perplexity_matches_hand_computation(tiny_model, tok, sample_text, strid
     assert res.perplexity == pytest.approx(math.exp(nll), rel=1e-5)
 
 
-def test_stride_equal_to_seq_len_is_disjoint_windows(tok, sample_text):
-    from conftest import tiny_llama
-
+def test_stride_equal_to_seq_len_is_disjoint_windows(tok, sample_text, tiny_llama):
     model = tiny_llama()
     ids = tokenize_corpus(tok, sample_text[:300])
     a = evaluate_model(model, tok, ids, EvalConfig(seq_len=40, max_new_tokens=0, progress=False))
@@ -62,9 +60,7 @@ def test_sliding_window_scores_each_token_once():
     assert scored == list(range(1, plan[-1][0] + 20))
 
 
-def test_uniform_logits_give_vocab_size(tok, sample_text):
-    from conftest import tiny_llama
-
+def test_uniform_logits_give_vocab_size(tok, sample_text, tiny_llama):
     model = tiny_llama(vocab=301)
     with torch.no_grad():
         model.lm_head.weight.zero_()
@@ -82,9 +78,7 @@ def test_kl_against_itself_is_zero(tiny_model, tok, sample_text):
     assert res.top1_agreement == 1.0
 
 
-def test_kl_matches_hand_computation(tok, sample_text):
-    from conftest import tiny_llama
-
+def test_kl_matches_hand_computation(tok, sample_text, tiny_llama):
     a, b = tiny_llama(seed=1), tiny_llama(seed=2)
     ids = tokenize_corpus(tok, sample_text[:64])
     res = evaluate_model(a, tok, ids, EvalConfig(seq_len=32, max_new_tokens=0, progress=False), reference=b)
@@ -102,9 +96,7 @@ def test_kl_matches_hand_computation(tok, sample_text):
     assert res.kl > 0
 
 
-def test_nonfinite_is_reported_not_raised(tok, sample_text):
-    from conftest import tiny_llama
-
+def test_nonfinite_is_reported_not_raised(tok, sample_text, tiny_llama):
     model = tiny_llama()
     with torch.no_grad():
         model.lm_head.weight.fill_(float("nan"))
@@ -134,9 +126,7 @@ def test_generation_is_greedy_and_deterministic(tiny_model, tok):
     (dict(seq_len=4096), "shorter than one window"),
     (dict(seq_len=8, eval_tokens=1), "eval-tokens"),
 ])
-def test_bad_eval_config(tok, kw, msg):
-    from conftest import tiny_llama
-
+def test_bad_eval_config(tok, kw, msg, tiny_llama):
     ids = tokenize_corpus(tok, "a short corpus of text")
     with pytest.raises(UserError, match=msg):
         evaluate_model(tiny_llama(), tok, ids, EvalConfig(max_new_tokens=0, progress=False, **kw))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import llm_common as C
-from llm_finetune import FinetuneConfig, load_or_train_model
+from llm_finetune import FinetuneConfig, load_or_train_model, train
 from llm_report import plot_training_curve
 
 
@@ -24,9 +24,7 @@ def _cfg(tmp_path, name, **kw):
     return FinetuneConfig(**base)
 
 
-def test_finetuning_lowers_heldout_loss(tok, sample_text, tmp_path):
-    from conftest import tiny_llama
-
+def test_finetuning_lowers_heldout_loss(tok, sample_text, tmp_path, tiny_llama):
     model, res = load_or_train_model(tiny_llama(), tok, _ids(tok, sample_text), _cfg(tmp_path, "ft", steps=30))
     assert res.heldout_loss_after < res.heldout_loss_before - 0.5
     assert len(res.train_losses) == 30 and not res.loaded_existing
@@ -38,9 +36,7 @@ def test_finetuning_lowers_heldout_loss(tok, sample_text, tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_killed_run_resumes_to_identical_weights(tok, sample_text, tmp_path):
-    from conftest import tiny_llama
-
+def test_killed_run_resumes_to_identical_weights(tok, sample_text, tmp_path, tiny_llama):
     ids = _ids(tok, sample_text)
     straight, _ = load_or_train_model(tiny_llama(), tok, ids, _cfg(tmp_path, "a"))
 
@@ -60,9 +56,7 @@ def test_killed_run_resumes_to_identical_weights(tok, sample_text, tmp_path):
     assert not (tmp_path / "b.resume.pt").exists()
 
 
-def test_existing_finetune_is_loaded_not_retrained(tok, sample_text, tmp_path):
-    from conftest import tiny_llama
-
+def test_existing_finetune_is_loaded_not_retrained(tok, sample_text, tmp_path, tiny_llama):
     ids = _ids(tok, sample_text)
     trained, first = load_or_train_model(tiny_llama(), tok, ids, _cfg(tmp_path, "ft", steps=2))
 
@@ -76,9 +70,7 @@ def test_existing_finetune_is_loaded_not_retrained(tok, sample_text, tmp_path):
         assert torch.equal(a, b), k
 
 
-def test_lora_runs_and_merges(tok, sample_text, tmp_path):
-    from conftest import tiny_gpt2, tiny_llama
-
+def test_lora_runs_and_merges(tok, sample_text, tmp_path, tiny_gpt2, tiny_llama):
     for make in (tiny_llama, tiny_gpt2):
         base = make()
         before = {k: v.clone() for k, v in base.state_dict().items()}
@@ -93,29 +85,24 @@ def test_lora_runs_and_merges(tok, sample_text, tmp_path):
 
 @pytest.mark.parametrize("kw,msg", [(dict(lr=0), "--lr"), (dict(lr=-1), "--lr"), (dict(mode="qlora"), "--finetune"),
                                     (dict(seq_len=4000), "too short")])
-def test_bad_finetune_input(tok, sample_text, tmp_path, kw, msg):
-    from conftest import tiny_llama
-
+def test_bad_finetune_input(tok, sample_text, tmp_path, kw, msg, tiny_llama):
     with pytest.raises(C.UserError, match=msg):
         load_or_train_model(tiny_llama(), tok, _ids(tok, sample_text)[:3000], _cfg(tmp_path, "x", **kw))
 
 
-def test_existing_non_model_directory_is_refused(tok, sample_text, tmp_path):
-    from conftest import tiny_llama
-
+def test_existing_non_model_directory_is_refused(tok, sample_text, tmp_path, tiny_llama):
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("hi")
     with pytest.raises(C.UserError, match="not a finished fine-tuned model"):
         load_or_train_model(tiny_llama(), tok, _ids(tok, sample_text), _cfg(tmp_path, "junk"))
 
 
-def test_bf16_training_applies_small_updates_like_fp32(tok, sample_text, tmp_path):
+def test_bf16_training_applies_small_updates_like_fp32(tok, sample_text, tmp_path, tiny_llama):
     """A bf16 model trains through fp32 master weights: one AdamW step of lr 1e-5 (about
     +-1e-5 per weight) moves the master weights like the fp32 path does, although such a
     step is below half a bf16 ulp for most weights and would round away if applied to them."""
     import copy
 
-    from conftest import tiny_llama
     from llm_finetune import train
 
     ids = _ids(tok, sample_text)
@@ -146,10 +133,11 @@ def test_bf16_training_applies_small_updates_like_fp32(tok, sample_text, tmp_pat
     assert (naive != w).float().mean() < 0.3
 
 
-def test_diverging_loss_stops_training_and_saves_nothing(tok, sample_text, tmp_path):
-    from conftest import tiny_llama
-
+def test_diverging_loss_stops_training_and_saves_nothing(tok, sample_text, tmp_path, tiny_llama):
     cfg = _cfg(tmp_path, "nan", steps=6, lr=float("inf"), log_every=2, save_every=0, save_every_s=0)
-    with pytest.raises(C.UserError, match="diverged"):
+    with pytest.raises(C.UserError, match="--lr must be a finite number"):  # refused before any work
         load_or_train_model(tiny_llama(), tok, _ids(tok, sample_text), cfg)
-    assert not (tmp_path / "nan").exists()
+    # The training loop itself stops on the first non-finite loss it reads back.
+    with pytest.raises(C.UserError, match="diverged"):
+        train(tiny_llama(), _ids(tok, sample_text), cfg)
+    assert not (tmp_path / "nan").exists() and not (tmp_path / "nan.resume.pt").exists()

@@ -7,9 +7,7 @@ import llm_main_v4
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from conftest import byte_tokenizer, tiny_llama
-
+def tiny_dir(tmp_path_factory, byte_tokenizer, tiny_llama):
     d = tmp_path_factory.mktemp("tiny")
     tiny_llama().save_pretrained(d)
     byte_tokenizer().save_pretrained(d)
@@ -31,8 +29,9 @@ def test_eval_only_run_writes_strict_results_and_report(tiny_dir, corpus_file, t
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert res["model"] == str(tiny_dir) and res["seed"] == 7
-    assert res["protocol"] == {"seq_len": 32, "stride": 32, "eval_tokens": 256,
-                               "tokens_available": res["protocol"]["tokens_available"]}
+    proto = {k: v for k, v in res["protocol"].items() if k != "config"}
+    assert proto == {"seq_len": 32, "stride": 32, "eval_tokens": 256, "tokens_available": proto["tokens_available"]}
+    assert res["protocol"]["config"]["seq_len"] == 32 and res["protocol"]["config"]["max_new_tokens"] == 4
     assert res["dataset"]["eval"]["source"] == str(corpus_file)
     assert res["perplexity"]["base"] > 1
     assert res["evaluation"]["base"]["tokens_scored"] == 8 * 31
@@ -132,7 +131,9 @@ def test_full_pipeline_on_tiny_model(tiny_dir, corpus_file, tmp_path):
             "--noise-map", "on"]
     assert llm_main_v4.main(argv) == 0
     res = json.loads((out / "results.json").read_text())
-    assert set(res["perplexity"]) == {"fine-tuned", "pruned", "noisy"}
+    assert set(res["perplexity"]) == {"base", "fine-tuned", "pruned", "noisy"}
+    assert res["variants"] == {"base": None, "fine-tuned": "base", "pruned": "fine-tuned", "noisy": "fine-tuned"}
+    assert res["perplexity"]["base"] != res["perplexity"]["fine-tuned"]
     assert res["perplexity"]["noisy"] > res["perplexity"]["fine-tuned"]
     sweep = res["noise"]["sweep"]
     assert set(sweep["summary"]) == {"unprotected", "protected"} and len(sweep["points"]) == 8

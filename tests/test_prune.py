@@ -14,7 +14,7 @@ def _calib(n=4, seq=24, vocab=257, seed=0):
 
 def _outlier_llama(seed=0):
     """Tiny Llama whose embeddings have a few massive channels, as real LLMs do."""
-    from conftest import tiny_llama
+    from conftest import make_llama as tiny_llama
 
     m = tiny_llama(seed=seed, hidden=64)
     with torch.no_grad():
@@ -31,9 +31,7 @@ def _linears(model):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "taylor"])
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
-def test_exact_sparsity(arch, method, pattern):
-    from conftest import tiny_gpt2, tiny_llama
-
+def test_exact_sparsity(arch, method, pattern, tiny_gpt2, tiny_llama):
     model = tiny_llama() if arch == "llama" else tiny_gpt2()
     head_before = model.get_output_embeddings().weight.clone()
     res = prune_model(model, None, _calib(), PruneConfig(method=method, sparsity=0.3, pattern=pattern,
@@ -113,9 +111,7 @@ def test_sparsegpt_at_zero_sparsity_changes_nothing():
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "taylor"])
-def test_protected_coordinates_survive(method):
-    from conftest import tiny_llama
-
+def test_protected_coordinates_survive(method, tiny_llama):
     model = tiny_llama()
     name = "model.layers.1.mlp.down_proj"
     W = model.get_submodule(name).weight.detach()
@@ -138,8 +134,6 @@ def test_mask_from_scores_keeps_high_scores():
 @pytest.mark.parametrize("kw,msg", [(dict(sparsity=1.0), "--sparsity"), (dict(sparsity=-0.1), "--sparsity"),
                                     (dict(method="obc"), "--prune-method"), (dict(pattern="4:2"), "N < M"),
                                     (dict(pattern="dense"), "N:M")])
-def test_bad_prune_config(kw, msg):
-    from conftest import tiny_llama
-
+def test_bad_prune_config(kw, msg, tiny_llama):
     with pytest.raises(C.UserError, match=msg):
         prune_model(tiny_llama(), None, _calib(), PruneConfig(progress=False, **kw))

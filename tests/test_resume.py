@@ -24,9 +24,7 @@ def comparable(obj):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, sample_text):
-    from conftest import byte_tokenizer, tiny_llama
-
+def setup(tmp_path_factory, sample_text, byte_tokenizer, tiny_llama):
     d = tmp_path_factory.mktemp("resume")
     tiny_llama().save_pretrained(d / "model")
     byte_tokenizer().save_pretrained(d / "model")

@@ -84,9 +84,7 @@ def test_protected_weights_untouched(mode):
     assert res.n_protected == int(keep.sum())
 
 
-def test_tied_weights_are_perturbed_once():
-    from conftest import tiny_llama
-
+def test_tied_weights_are_perturbed_once(tiny_llama):
     m = tiny_llama(tie_word_embeddings=True)
     assert m.lm_head.weight is m.model.embed_tokens.weight
     before = m.model.embed_tokens.weight.clone()
@@ -98,9 +96,7 @@ def test_tied_weights_are_perturbed_once():
     assert torch.equal(m.model.embed_tokens.weight, before)
 
 
-def test_parameter_groups():
-    from conftest import tiny_llama
-
+def test_parameter_groups(tiny_llama):
     m = tiny_llama()
     assert set(select_params(m, "module:down_proj")) == {f"model.layers.{i}.mlp.down_proj.weight" for i in (0, 1)}
     assert all(n.startswith("model.layers.1.") for n in select_params(m, "layer:1"))
@@ -115,16 +111,12 @@ def test_parameter_groups():
 @pytest.mark.parametrize("cfg,msg", [(NoiseConfig(epsilon=-0.1), "--epsilon"), (NoiseConfig(mode="uniform"), "--noise-mode"),
                                      (NoiseConfig(epsilon=float("nan")), "--epsilon"),
                                      (NoiseConfig(mode="bitflip", epsilon=2), "bit-error rate")])
-def test_bad_noise_config(cfg, msg):
-    from conftest import tiny_llama
-
+def test_bad_noise_config(cfg, msg, tiny_llama):
     with pytest.raises(C.UserError, match=msg):
         apply_robustness_test(tiny_llama(), None, cfg)
 
 
-def test_sweep_curve_and_protection(tok, sample_text):
-    from conftest import tiny_llama
-
+def test_sweep_curve_and_protection(tok, sample_text, tiny_llama):
     m = tiny_llama()
     ids = C.tokenize_corpus(tok, sample_text[:400])
     cfg = EvalConfig(seq_len=64, eval_tokens=256)
@@ -150,9 +142,7 @@ def test_doubling_epsilon_interpolates():
     assert doubling_epsilon({"0.1": {"mean": 11.0}}, 10.0) is None
 
 
-def test_sensitivity_map_finds_the_fragile_cell(tok, sample_text):
-    from conftest import tiny_llama
-
+def test_sensitivity_map_finds_the_fragile_cell(tok, sample_text, tiny_llama):
     m = tiny_llama()
     with torch.no_grad():  # make layer 1's v_proj dominate the output
         m.model.layers[1].self_attn.v_proj.weight.mul_(30)

@@ -1,0 +1,194 @@
+"""The pipeline is a thin layer: each step's function, called directly with the config that
+results.json records, gives the same numbers; a changed config field or text reruns the step;
+--report-only loads no step module."""
+import dataclasses
+import json
+import subprocess
+import sys
+import typing
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import pytest
+import torch
+
+import llm_common as C
+import llm_config as K
+import llm_main_v4
+from conftest import plant_super_weight
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING = {"seconds", "tokens_per_s", "peak_memory_mb", "loaded_existing", "resumed_from_step", "model_dir", "config",
+          "checkpoint", "parent", "n_tensors", "batch_size"}
+
+
+def numbers(obj):
+    """A result as results.json holds it, minus timings, paths and the recorded config."""
+    obj = C.to_strict_json(obj)
+    if isinstance(obj, dict):
+        return {k: numbers(v) for k, v in obj.items() if k not in TIMING}
+    if isinstance(obj, list):
+        return [numbers(v) for v in obj]
+    return obj
+
+
+def tiny_config(model_dir, text, out, steps=K.ALL_STEPS) -> K.PipelineConfig:
+    return K.PipelineConfig(
+        run=K.RunConfig(steps=tuple(steps), output_dir=str(out), model=str(model_dir), dataset=str(text),
+                        train_dataset=str(text), seed=3, log_level="WARNING"),
+        finetune=K.FinetuneConfig(steps=3, batch_size=2, seq_len=32, lr=1e-3),
+        prune=K.PruneConfig(calib_samples=4, calib_seq_len=32, protect="auto"),
+        noise=K.NoiseConfig(sweep_eps=(0.1, 1.0), sweep_seeds=2, sweep_tokens=64, sweep_seq_len=32,
+                            protect_fraction=0.05, fisher_windows=2, fisher_seq_len=32, map=True, map_tokens=64),
+        eval=K.EvalConfig(seq_len=32, eval_tokens=256, max_new_tokens=3, kl=True),
+        adversarial=K.AdversarialConfig(pgd_steps=2, n_windows=2, prompt_len=16, continuation_len=8,
+                                        targeted_steps=2, gcg_steps=2, gcg_batch=4, gcg_topk=4, gcg_suffix_len=2,
+                                        defence_steps=2, max_new_tokens=3),
+        analysis=K.AnalysisConfig(calib_windows=1, calib_seq_len=16, fisher_windows=2, max_probes=2, power_iters=2,
+                                  quant_group=16, eval_tokens=128, eval_seq_len=32))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, sample_text, tiny_llama, byte_tokenizer):
+    d = tmp_path_factory.mktemp("pipe")
+    m = tiny_llama(layers=3)
+    plant_super_weight(m, layer=1)
+    m.save_pretrained(d / "model")
+    byte_tokenizer().save_pretrained(d / "model")
+    (d / "text.txt").write_text(sample_text[:4000])
+    return d
+
+
+@pytest.fixture(scope="module")
+def pipeline(setup):
+    out = setup / "out"
+    results = llm_main_v4.run_pipeline(tiny_config(setup / "model", setup / "text.txt", out), argv=[])
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_each_step_function_alone_gives_the_pipelines_numbers(setup, pipeline, tmp_path):
+    import llm_adversarial_test as ADV
+    import llm_evaluate_models as E
+    import llm_finetune as FT
+    import llm_integrated_analysis as A
+    import llm_prune_model as P
+    import llm_robustness_test as R
+
+    out, res = pipeline
+    model, tok, _ = C.load_model(C.LoadConfig(model=str(setup / "model")))
+    corpus = C.load_corpus(str(setup / "text.txt"), "test")
+    ids = C.tokenize_corpus(tok, corpus)
+    scramble = lambda: torch.manual_seed(987654)  # noqa: E731  no step may lean on the global RNG state
+
+    scramble()
+    cfg = K.FinetuneConfig.from_dict({**res["finetune"]["config"], "output_dir": str(tmp_path / "ft")})
+    model, ft = FT.load_or_train_model(model, tok, ids, cfg)
+    assert numbers(asdict(ft)) | {"manifest": None} == numbers(res["finetune"]) | {"manifest": None}
+
+    names = [n + ".weight" for n in C.decoder_linears(model)]
+    scramble()
+    with C.restored_on_exit(model, names):
+        pr = P.prune_model(model, tok, ids, K.PruneConfig.from_dict(res["prune"]["config"]))
+        saved = C.load_tensors(out / res["prune"]["checkpoint"])
+        assert all(torch.equal(model.get_parameter(n), saved[n]) for n in pr.pruned_names)
+    assert numbers({k: v for k, v in asdict(pr).items() if k != "pruned_names"}) == numbers(res["prune"]) | {
+        "calibration": {k: v for k, v in res["prune"]["calibration"].items() if k != "source"}}
+
+    scramble()
+    ncfg = K.NoiseConfig.from_dict(res["noise"]["config"])
+    with C.restored_on_exit(model, list(R.select_params(model, ncfg.group))):
+        nz = R.apply_robustness_test(model, tok, ncfg, ids, ids)
+        saved = C.load_tensors(out / res["noise"]["checkpoint"])
+        assert all(torch.equal(model.get_parameter(n), saved[n]) for n in nz.variant.tensors)
+    d = numbers(asdict(nz))
+    d["variant"].pop("tensors")
+    assert d == numbers(res["noise"])
+
+    scramble()
+    variants = {n: None if n == "fine-tuned" else (setup / "model" if n == "base" else out / "checkpoints" / f"{n}.safetensors")
+                for n in res["variants"]}
+    ev = E.evaluate_variants(model, tok, ids, variants, K.EvalConfig.from_dict(res["protocol"]["config"]),
+                             res["variants"])
+    assert ev.perplexity == res["perplexity"]
+    assert numbers({n: asdict(r) for n, r in ev.variants.items()}) == numbers(res["evaluation"])
+
+    scramble()
+    adv = ADV.test_adversarial_robustness(model, tok, ids, K.AdversarialConfig.from_dict(res["adversarial"]["config"]))
+    assert numbers(asdict(adv)) == numbers(res["adversarial"])
+
+    scramble()
+    an = A.run_integrated_analysis(model, tok, ids, ids, K.AnalysisConfig.from_dict(res["analysis"]["config"]),
+                                   res["noise"]["map"])
+    assert numbers(asdict(an)) == numbers(res["analysis"])
+
+
+def test_a_run_with_fine_tuning_reports_base_and_fine_tuned(pipeline):
+    _, res = pipeline
+    assert {"base", "fine-tuned"} <= set(res["perplexity"])
+    assert res["variants"]["pruned"] == res["variants"]["noisy"] == "fine-tuned"
+    assert res["evaluation"]["base"]["kl"] is None and res["evaluation"]["pruned"]["kl"] > 0
+
+
+def _changed(value, hint):
+    """A different value of the same type, for any field."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value * 2 + 0.5
+    if isinstance(value, str):
+        return value + "x"
+    if isinstance(value, tuple):
+        return value + value[:1] if value else ("x",)
+    args = set(typing.get_args(hint)) - {type(None)}
+    return {bool: True, int: 7, float: 0.5, str: "x", dict: {"0": "1GiB"}}.get(next(iter(args)), ("x",))
+
+
+@pytest.mark.parametrize("step", K.ALL_STEPS)
+def test_every_config_field_enters_its_steps_fingerprint(step, pipeline, setup):
+    out, _ = pipeline
+    run = llm_main_v4.Run(cfg=tiny_config(setup / "model", setup / "text.txt", out), out=out)
+    run.results.update(device="cpu", dtype="torch.float32", model_identity={"label": "m"})
+    cls = K.STEP_CONFIGS[step]
+    base = cls()
+    fp0 = llm_main_v4._fingerprint(run, step, base, "prev")
+    assert fp0 == llm_main_v4._fingerprint(run, step, cls(), "prev")
+    assert fp0 != llm_main_v4._fingerprint(run, step, base, "other previous step")
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        other = dataclasses.replace(base, **{f.name: _changed(getattr(base, f.name), hints[f.name])})
+        changed = llm_main_v4._fingerprint(run, step, other, "prev") != fp0
+        # Only fields that cannot change a number (progress bars, log cadence, paths) may be left out.
+        assert changed == f.metadata.get("results", True), f.name
+
+
+def test_changed_text_behind_the_same_flags_reruns_the_step(setup, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text((setup / "text.txt").read_text())
+    cfg = tiny_config(setup / "model", text, tmp_path / "out", steps=("eval",))
+    first = llm_main_v4.run_pipeline(cfg, argv=[])
+    again = llm_main_v4.run_pipeline(cfg, argv=[])
+    assert again["manifest"]["steps"]["eval"]["skipped"]
+    text.write_text(text.read_text()[::-1])  # same path, same flags, other text
+    third = llm_main_v4.run_pipeline(cfg, argv=[])
+    assert not third["manifest"]["steps"]["eval"]["skipped"]
+    assert third["perplexity"]["base"] != first["perplexity"]["base"]
+    assert third["dataset"]["eval"]["sha256"] != first["dataset"]["eval"]["sha256"]
+
+
+def test_report_only_imports_no_step_module(pipeline):
+    out, _ = pipeline
+    code = ("import sys, llm_main_v4; rc = llm_main_v4.main(['--report-only', '--output-dir', sys.argv[1]]); "
+            "print(rc, sorted(m for m in sys.modules if m.startswith('llm_')))")
+    got = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.strip().splitlines()[-1].split(" ", 1)
+    steps = {llm_main_v4.STEPS[s].module for s in llm_main_v4.STEPS}
+    assert got[0] == "0" and not set(eval(got[1])) & steps
+    html = (out / "report.html").read_text()
+    # The super-weight table keeps its 8 columns: "|in|" and "|out|" are cells, not separators.
+    table = html[html.index("<th>layer</th>"):]
+    table = table[:table.index("</table>")]
+    assert table.count("<th>") == 8 and "<th>|in|</th>" in table
+    rows = [r for r in table.split("<tr>")[2:]]
+    assert rows and all(r.count("<td>") == 8 for r in rows)
