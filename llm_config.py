@@ -65,12 +65,14 @@ _INT_MAX = 10 ** 9
 
 
 def knob(default, help: str, *, flag: Optional[str] = None, choices=None, bounds: Optional[str] = None,
-         cli: bool = True, results: bool = True, parse=None, many: bool = False, context: bool = False):
+         cli: bool = True, results: bool = True, parse=None, many: bool = False, context: bool = False,
+         shown: Optional[str] = None):
     """A config field with its help, flag and check. ``bounds`` is ">=1", ">0" or an interval such
     as "[0,1)"; ``parse`` turns the flag's text into the value; ``many`` makes a repeatable flag;
-    ``context`` marks a window length, clamped to the model's context length."""
+    ``context`` marks a window length, clamped to the model's context length; ``shown`` is the
+    default as --help words it, where the value alone would not say it."""
     meta = dict(help=help, flag=flag, choices=choices, bounds=bounds, cli=cli, results=results, parse=parse,
-                many=many, context=context)
+                many=many, context=context, shown=shown)
     if isinstance(default, (list, dict, set)):
         raise TypeError("mutable default")
     return field(default=default, metadata=meta)
@@ -229,7 +231,7 @@ class RunConfig(StepConfig):
     """What the whole run shares: model, data, device, output and seed."""
 
     step: ClassVar[str] = "run"
-    steps: tuple = knob((), f"comma list from {','.join(ALL_STEPS)}; default: every step", parse=parse_steps)
+    steps: tuple = knob((), f"comma list from {','.join(ALL_STEPS)}", parse=parse_steps, shown="every step")
     output_dir: str = knob("data", "results, checkpoints, plots and report", results=False)
     seed: int = knob(0, "seed of every step (recorded in results.json)", bounds="[0,4294967295]")
     log_level: str = knob("INFO", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), results=False)
@@ -237,18 +239,19 @@ class RunConfig(StepConfig):
                        choices=("auto", "cpu", "gpu"))
     report_only: bool = knob(False, "rebuild plots and report from <output-dir>/results.json, without a model",
                              results=False)
-    model: Optional[str] = knob(None, "hub id, save_pretrained directory or .gguf file; "
-                                      "default: embedded SmolLM2-135M-Instruct (GGUF Q4_1)")
+    model: Optional[str] = knob(None, "hub id, save_pretrained directory or .gguf file",
+                                shown="the embedded SmolLM2-135M-Instruct, GGUF Q4_1")
     device: str = knob("auto", "auto|cpu|cuda|cuda:N")
     dtype: str = knob("auto", "weights dtype (auto: bf16 on CUDA, fp32 on CPU)",
                       choices=("auto", "float32", "bfloat16", "float16"))
     device_map: Optional[str] = knob(None, "'auto' shards the model over all GPUs (accelerate)",
-                                     choices=("auto", "balanced", "balanced_low_0", "sequential"))
+                                     choices=("auto", "balanced", "balanced_low_0", "sequential"),
+                                     shown="the whole model on --device")
     max_memory: Optional[dict] = knob(None, "per-device cap with --device-map, e.g. '0=20GiB,1=20GiB,cpu=64GiB'",
-                                      parse=parse_max_memory)
+                                      parse=parse_max_memory, shown="no cap")
     trust_remote_code: bool = knob(False, "allow model code from the hub (off by default)")
-    cache_dir: Optional[str] = knob(None, "where dequantized GGUF models are cached (default data/cache)",
-                                    results=False)
+    cache_dir: Optional[str] = knob(None, "where dequantized GGUF models are cached", results=False,
+                                    shown="data/cache")
     dataset: str = knob("wikitext2", "evaluation text: wikitext2, embedded, or a file/folder")
     train_dataset: str = knob("wikitext2", "calibration / fine-tuning text, same choices")
 
@@ -262,7 +265,7 @@ class FinetuneConfig(StepConfig):
     steps: Optional[int] = knob(None, "optimizer steps", bounds=">=1")
     batch_size: Optional[int] = knob(None, "windows per step", bounds=">=1")
     seq_len: Optional[int] = knob(None, "tokens per window", bounds=">=2", context=True)
-    lr: Optional[float] = knob(None, "peak learning rate (default 5e-5 full, 2e-4 LoRA)", flag="--lr", bounds="(0,1]")
+    lr: Optional[float] = knob(None, "peak learning rate (auto: 5e-5 full, 2e-4 LoRA)", flag="--lr", bounds="(0,1]")
     warmup_steps: int = knob(2, "linear warm-up steps, then cosine decay to 10%", bounds=">=0")
     weight_decay: float = knob(0.0, "AdamW weight decay", bounds=">=0")
     grad_clip: float = knob(1.0, "gradient-norm clip (0: none)", bounds=">=0")
@@ -371,7 +374,7 @@ class NoiseConfig(StepConfig):
                                flag="--noise-map")
     map_eps: float = knob(0.1, "relative noise of each map cell", flag="--map-eps", bounds=">=0")
     map_tokens: Optional[int] = knob(None, "evaluation tokens per map cell", flag="--map-tokens", bounds=">=2")
-    batch_size: Optional[int] = knob(None, "evaluation windows per forward pass (default: from free memory "
+    batch_size: Optional[int] = knob(None, "evaluation windows per forward pass (auto: from free memory "
                                            "on GPU, 1 on CPU)", flag="--batch-size", bounds=">=1")
     progress: bool = knob(True, "progress bars", cli=False, results=False)
 
@@ -387,11 +390,11 @@ class NoiseConfig(StepConfig):
 class EvalConfig(StepConfig):
     step: ClassVar[str] = "eval"
     seq_len: Optional[int] = knob(None, "tokens per window", flag="--seq-len", bounds=">=2", context=True)
-    stride: Optional[int] = knob(None, "sliding-window stride (default: seq-len, disjoint windows)",
+    stride: Optional[int] = knob(None, "sliding-window stride (auto: --seq-len, disjoint windows)",
                                  flag="--stride", bounds=">=1")
     eval_tokens: Optional[int] = knob(None, "evaluate the first N tokens; 0 means all", flag="--eval-tokens",
                                       bounds=">=0")
-    batch_size: Optional[int] = knob(None, "evaluation windows per forward pass (default: from free memory "
+    batch_size: Optional[int] = knob(None, "evaluation windows per forward pass (auto: from free memory "
                                            "on GPU, 1 on CPU)", flag="--batch-size", bounds=">=1")
     prompts: tuple = knob((SAMPLE_PROMPT,), "sample prompt (repeat the flag for several)", flag="--prompt",
                           many=True)
@@ -473,7 +476,7 @@ class AnalysisConfig(StepConfig):
     eval_tokens: Optional[int] = knob(None, "evaluation tokens of ablations and quantization", bounds=">=2")
     eval_seq_len: Optional[int] = knob(None, "tokens per evaluation window (at most --analysis-eval-tokens)",
                                        bounds=">=2", context=True)
-    batch_size: Optional[int] = knob(None, "evaluation windows per forward pass (default: from free memory "
+    batch_size: Optional[int] = knob(None, "evaluation windows per forward pass (auto: from free memory "
                                            "on GPU, 1 on CPU)", flag="--batch-size", bounds=">=1")
     seed: int = knob(0, "seed", flag="--seed", bounds="[0,4294967295]")
     progress: bool = knob(True, "progress bars", cli=False, results=False)
@@ -508,6 +511,8 @@ def flag_of(cls: type, f: dataclasses.Field) -> str:
 
 
 def _default_text(cls: type, f: dataclasses.Field) -> str:
+    if f.metadata.get("shown"):
+        return f.metadata["shown"]
     key = f"{cls.step}.{f.name}"
     if key in BUDGETS:
         cpu, gpu = BUDGETS[key]
@@ -523,7 +528,7 @@ def _default_text(cls: type, f: dataclasses.Field) -> str:
     return str(d)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """One flag per config field (shared flags once), grouped by step, real defaults in the help."""
     owners: dict[str, tuple] = {}
     for cls in (RunConfig, *STEP_CONFIGS.values()):
@@ -539,7 +544,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 continue
             owners[flag] = (f.default, hints[f.name])
             text = _default_text(cls, f)
-            helptext = m["help"] + (f" (default: {text})" if text else "")
+            helptext = (m["help"] + (f" (default: {text})" if text else "")).replace("%", "%%")
             dest = flag[2:].replace("-", "_")
             if hints[f.name] is bool:
                 group.add_argument(flag, dest=dest, action="store_true", default=None, help=helptext)
@@ -550,6 +555,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             else:
                 group.add_argument(flag, dest=dest, default=None, choices=m.get("choices"), help=helptext,
                                    metavar=None if m.get("choices") else flag[2:].split("-")[-1].upper())
+    return parser
 
 
 def _convert(cls: type, f: dataclasses.Field, text):

@@ -25,7 +25,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from accelerate import Accelerator
+from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
 
 import llm_common as C
 from llm_config import EvalConfig, FinetuneConfig
@@ -140,8 +143,6 @@ def _load_resume(model, optimizer, cfg: FinetuneConfig) -> tuple[int, list]:
 
 
 def _wrap_lora(model, cfg: FinetuneConfig):
-    from peft import LoraConfig, get_peft_model
-
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
                       task_type="CAUSAL_LM")
     torch.manual_seed(cfg.seed)  # LoRA's A matrices are random: seed them so resume is exact
@@ -185,8 +186,6 @@ def train(model, train_ids: torch.Tensor, cfg: FinetuneConfig, on_step: Optional
     Returns (model, losses, resumed_from_step). ``on_step(step)`` is called after each
     optimizer step (tests use it to simulate a kill).
     """
-    from accelerate import Accelerator
-
     on_cuda = C.is_cuda_model(model)
     low = C.low_precision_dtype(model)
     # Autocast is ours, not accelerate's: accelerate's mixed-precision setting is global to
@@ -279,8 +278,6 @@ def _save_finished(model, tokenizer, cfg: FinetuneConfig, manifest: dict) -> Non
 
 def load_finished(path: Path, like_model):
     """Load a finished fine-tune onto the same devices and dtype as ``like_model``."""
-    from transformers import AutoModelForCausalLM
-
     dtype = next(like_model.parameters()).dtype
     kw = {"device_map": like_model.hf_device_map} if getattr(like_model, "hf_device_map", None) else {}
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kw)

@@ -3,24 +3,20 @@
     python llm_main_v4.py                       # every step on the embedded SmolLM2-135M
     python llm_main_v4.py --steps eval --dataset wiki.test.raw --seq-len 2048
 
-    from llm_main_v4 import run_pipeline        # the same from Python
-    run_pipeline(PipelineConfig(run=RunConfig(steps=("prune", "eval")), prune=PruneConfig(sparsity=0.6)))
+    run_pipeline(PipelineConfig(prune=PruneConfig(sparsity=0.6)))   # from Python; configs: llm_config
 
-Only this module parses argv; its flags are generated from the step configs in
-``llm_config``. Each step's science lives in its module (``STEPS`` below names them); the
-adapters here only pass the model, tokenizer and token tensors in and record the result in
-``results.json``. Variants (base, fine-tuned, pruned, noisy) are tensors-only checkpoints
-that the evaluation swaps into the one live model.
+Only this module parses argv, with flags generated from the configs in ``llm_config``. Each
+step's science lives in its module (``STEPS`` names them); the adapters here pass the model,
+tokenizer and token tensors in and record the result. Variants (base, fine-tuned, pruned,
+noisy) are tensors-only checkpoints that the evaluation swaps into the one live model.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import logging
 import os
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -31,7 +27,7 @@ import torch
 
 import llm_common as C
 from llm_config import ALL_STEPS, PipelineConfig, add_arguments, fingerprint, from_args
-from llm_report import fmt, make_plots, write_report
+from llm_report import fmt, make_plots, read_results, rebuild_report, write_report
 
 log = logging.getLogger("llm.main")
 
@@ -69,10 +65,11 @@ class Run:
             self._ids[which] = C.tokenize_corpus(self.tokenizer, self.corpus(which))
         return self._ids[which]
 
-    def keep_variant(self, name: str, tensors: dict, meta: dict) -> str:
-        """Save a variant's changed tensors (tensors only), derived from the live model."""
-        path = self.out / "checkpoints" / f"{name}.safetensors"
-        C.save_tensors(path, tensors, metadata={k: str(v) for k, v in meta.items()})
+    def keep_variant(self, name: str, changed: list, meta: dict) -> str:
+        """Save the ``changed`` parameters of the model as it is now (tensors only) as a variant
+        derived from the live one."""
+        path, params = self.out / "checkpoints" / f"{name}.safetensors", dict(self.model.named_parameters())
+        C.save_tensors(path, {n: params[n].detach() for n in changed}, metadata={k: str(v) for k, v in meta.items()})
         self.variants[name], self.parents[name] = path, self.live
         return str(path.relative_to(self.out))
 
@@ -102,8 +99,7 @@ def _prune(run: Run, mod, cfg) -> None:
     names = [n + ".weight" for n in C.decoder_linears(run.model)]
     with C.restored_on_exit(run.model, names):  # the live model stays unpruned for later steps
         res = mod.prune_model(run.model, run.tokenizer, run.ids("train"), cfg)
-        params = dict(run.model.named_parameters())
-        ckpt = run.keep_variant("pruned", {n: params[n].detach() for n in res.pruned_names}, {"method": res.method})
+        ckpt = run.keep_variant("pruned", res.pruned_names, {"method": res.method})
     d = {k: v for k, v in asdict(res).items() if k != "pruned_names"}
     d["calibration"]["source"] = run.corpus("train").source
     run.results["prune"] = {**d, "checkpoint": ckpt, "parent": run.parents["pruned"]}
@@ -112,8 +108,7 @@ def _prune(run: Run, mod, cfg) -> None:
 def _noise(run: Run, mod, cfg) -> None:
     with C.restored_on_exit(run.model, list(mod.select_params(run.model, cfg.group))):
         res = mod.apply_robustness_test(run.model, run.tokenizer, cfg, run.ids("eval"), run.ids("train"))
-        params = dict(run.model.named_parameters())
-        ckpt = run.keep_variant("noisy", {n: params[n].detach() for n in res.variant.tensors}, {"mode": cfg.mode})
+        ckpt = run.keep_variant("noisy", res.variant.tensors, {"mode": cfg.mode})
     C.fault_point("during:noise")
     d = asdict(res)
     d["variant"]["n_tensors"] = len(d["variant"].pop("tensors"))
@@ -132,9 +127,9 @@ def _adversarial(run: Run, mod, cfg) -> None:
 
 
 def _analysis(run: Run, mod, cfg) -> None:
-    noise_map = (run.results.get("noise") or {}).get("map")
-    res = mod.run_integrated_analysis(run.model, run.tokenizer, run.ids("train"), run.ids("eval"), cfg, noise_map)
-    run.results["analysis"] = asdict(res)
+    noise_map = (run.results.get("noise") or {}).get("map")  # compared with the Hessian per cell
+    run.results["analysis"] = asdict(mod.run_integrated_analysis(run.model, run.tokenizer, run.ids("train"),
+                                                                 run.ids("eval"), cfg, noise_map))
 
 
 @dataclass(frozen=True)
@@ -161,22 +156,6 @@ assert tuple(STEPS) == ALL_STEPS
 # --------------------------------------------------------------------------- pipeline
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=C.REPO_DIR, capture_output=True, text=True,
-                              timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _previous(out: Path) -> dict:
-    try:
-        return C.read_json(out / "results.json") if (out / "results.json").is_file() else {}
-    except (OSError, ValueError):
-        log.warning("ignoring unreadable %s; starting afresh", out / "results.json")
-        return {}
-
-
 def _check_before_loading(cfg: PipelineConfig, out: Path) -> dict:
     """Every check that needs no model: bad input fails in one line before minutes of loading.
     Returns the resolved configs of the steps to run."""
@@ -189,14 +168,8 @@ def _check_before_loading(cfg: PipelineConfig, out: Path) -> dict:
     for c in configs.values():
         c.validate()
     for spec in (rc.dataset, rc.train_dataset):
-        if spec not in ("wikitext2", "embedded") and not Path(spec).expanduser().exists():
-            raise C.UserError(f"corpus not found: {spec!r} is neither 'wikitext2', 'embedded' nor an existing path")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".write-probe").write_text("")
-        (out / ".write-probe").unlink()
-    except OSError as e:
-        raise C.UserError(f"--output-dir {out} is not writable: {e.strerror or e}")
+        C.check_corpus_spec(spec)
+    C.ensure_writable_dir(out, "--output-dir")
     return configs
 
 
@@ -221,7 +194,7 @@ def _start(cfg: PipelineConfig, out: Path, argv: list) -> Run:
                        model=run.label, parameters=sum(p.numel() for p in run.model.parameters()),
                        model_identity=C.model_identity(run.model, run.label))
     run.results["manifest"] = {
-        "command": "python llm_main_v4.py " + " ".join(argv), "git_commit": git_commit(),
+        "command": "python llm_main_v4.py " + " ".join(argv), "git_commit": C.git_commit(),
         "versions": run.results["versions"], "device": str(device), "dtype": dtype, "seeds": {"seed": rc.seed},
         "steps": {"load": {"wall_s": time.perf_counter() - t0, "peak_memory_mb": C.peak_memory_mb(device)}},
         "bookkeeping_s": 0.0}
@@ -254,7 +227,7 @@ def run_pipeline(cfg: PipelineConfig, argv: Optional[list] = None) -> dict:
     whose fingerprint matches the saved one is skipped and its recorded results kept."""
     out = Path(cfg.run.output_dir)
     configs = _check_before_loading(cfg, out)
-    previous = _previous(out)
+    previous = read_results(out)
     done_before = previous.get("steps_done", {})
     run = _start(cfg, out, list(sys.argv[1:] if argv is None else argv))
     manifest, device = run.results["manifest"], C.input_device(run.model)
@@ -294,17 +267,6 @@ def run_pipeline(cfg: PipelineConfig, argv: Optional[list] = None) -> dict:
     return run.results
 
 
-def report_only(out: Path) -> dict:
-    """Rebuild every plot and the report from ``<out>/results.json``; no model, no step module."""
-    results = _previous(out)
-    if not results:
-        raise C.UserError(f"--report-only: no readable results.json in {out}")
-    results["plots"] = make_plots(results, out)
-    C.write_json(out / "results.json", results)
-    write_report(results, out)
-    return results
-
-
 # --------------------------------------------------------------------------- argv
 
 
@@ -314,9 +276,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="llm_main_v4.py", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    return p
+    return add_arguments(_Parser(prog="llm_main_v4.py", description=__doc__.splitlines()[0]))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -324,8 +284,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg = from_args(build_parser().parse_args(argv))
         C.setup_logging(cfg.run.log_level)
-        if cfg.run.report_only:
-            results = report_only(Path(cfg.run.output_dir))
+        if cfg.run.report_only:  # no model, no step module: plots and report from results.json alone
+            results = rebuild_report(Path(cfg.run.output_dir))
         else:
             results = run_pipeline(cfg, argv)
     except C.UserError as e:

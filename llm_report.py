@@ -8,15 +8,24 @@ from __future__ import annotations
 
 import base64
 import html
+import logging
+import os
 import math
 import re
 from pathlib import Path
 from typing import Optional, Sequence
 
 import markdown
+import matplotlib
 import numpy as np
 
+matplotlib.use("Agg")  # before pyplot: plots are files, never windows
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullLocator  # noqa: E402
+
 import llm_common as C
+
+log = logging.getLogger("llm.report")
 
 
 def _num(x):
@@ -232,12 +241,37 @@ def findings(results: dict) -> list[str]:
     return out
 
 
+# --------------------------------------------------------------------------- figure helpers
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Save a matplotlib figure atomically as PNG and close it."""
+    path = Path(path)
+    with C.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return path
+
+
+def log_x_axis(ax, values) -> None:
+    """Log-scaled x axis labelled exactly at ``values`` (no crowded minor-tick labels)."""
+    ax.set_xscale("log")
+    values = sorted({float(v) for v in values})
+    ax.set_xticks(values, [f"{v:g}" for v in values])
+    ax.xaxis.set_minor_locator(NullLocator())
+
+
+def new_figure(*args, **kwargs):
+    """plt.subplots on the headless Agg backend (set at import: plots never need a display)."""
+    return plt.subplots(*args, **kwargs)
+
+
 # --------------------------------------------------------------------------- plots (from saved results only)
 
 
 def plot_training_curve(result: dict, path) -> Path:
     """Training loss per step, with the held-out loss before/after, from a saved result dict."""
-    fig, ax = C.new_figure(figsize=(6, 3.5))
+    fig, ax = new_figure(figsize=(6, 3.5))
     losses = result.get("train_losses") or []
     ax.plot(range(1, len(losses) + 1), losses, label="train loss (batch)")
     for key, style in (("heldout_loss_before", "--"), ("heldout_loss_after", "-.")):
@@ -248,11 +282,11 @@ def plot_training_curve(result: dict, path) -> Path:
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(f"fine-tuning ({result.get('mode', '?')})")
     ax.legend()
-    return C.save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_sparsity_per_layer(result: dict, path):
-    fig, ax = C.new_figure(figsize=(6, 3))
+    fig, ax = new_figure(figsize=(6, 3))
     layers = sorted(result["per_layer"], key=int)
     ax.bar([int(k) for k in layers], [result["per_layer"][k] for k in layers])
     ax.axhline(result["target_sparsity"], color="red", ls="--", label="target")
@@ -260,12 +294,12 @@ def plot_sparsity_per_layer(result: dict, path):
     ax.set_ylabel("sparsity")
     ax.set_title(f"{result['method']} {result['pattern']}")
     ax.legend()
-    return C.save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_perplexity_vs_sparsity(sweep: dict, path, dense: Optional[float] = None):
     """``sweep``: {method: {sparsity: perplexity}} from saved results."""
-    fig, ax = C.new_figure(figsize=(6, 4))
+    fig, ax = new_figure(figsize=(6, 4))
     for method, pts in sweep.items():
         xs = sorted(pts, key=float)
         ys = [pts[x] if isinstance(pts[x], (int, float)) else float("nan") for x in xs]
@@ -276,12 +310,12 @@ def plot_perplexity_vs_sparsity(sweep: dict, path, dense: Optional[float] = None
     ax.set_xlabel("sparsity")
     ax.set_ylabel("perplexity")
     ax.legend()
-    return C.save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_sweep(sweep: dict, path):
     """Perplexity against eps (mean with min-max band), saturation level marked."""
-    fig, ax = C.new_figure(figsize=(6, 4))
+    fig, ax = new_figure(figsize=(6, 4))
     for tag, summ in sweep["summary"].items():
         s = summ["perplexity"]
         xs = sorted(s, key=float)
@@ -292,34 +326,34 @@ def plot_sweep(sweep: dict, path):
     ax.axhline(_float(sweep["clean"]["perplexity"]), color="gray", ls=":", label="clean")
     ax.axhline(sweep["saturation"], color="red", ls="--", label=f"saturation (vocab {int(sweep['saturation'])})")
     ax.set_yscale("log")
-    C.log_x_axis(ax, [x for summ in sweep["summary"].values() for x in summ["perplexity"]])
+    log_x_axis(ax, [x for summ in sweep["summary"].values() for x in summ["perplexity"]])
     ax.set_xlabel(f"epsilon ({sweep['mode']} noise, {sweep['group']})")
     ax.set_ylabel("perplexity")
     ax.legend()
-    return C.save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_sensitivity_map(smap: dict, path):
-    fig, ax = C.new_figure(figsize=(1.0 + 0.8 * len(smap["modules"]), 1.0 + 0.22 * len(smap["layers"])))
+    fig, ax = new_figure(figsize=(1.0 + 0.8 * len(smap["modules"]), 1.0 + 0.22 * len(smap["layers"])))
     data = np.array([[_float(v) for v in row] for row in smap["delta_nll"]])
     im = ax.imshow(data, aspect="auto", cmap="magma")
     ax.set_xticks(range(len(smap["modules"])), smap["modules"], rotation=45, ha="right")
     ax.set_ylabel("layer")
     ax.set_title(f"NLL increase, relative noise eps={smap['epsilon']}")
     fig.colorbar(im, ax=ax, label="delta NLL (nats/token)")
-    return C.save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_attack_sweep(result: dict, path):
-    fig, ax = C.new_figure(figsize=(6, 4))
+    fig, ax = new_figure(figsize=(6, 4))
     for method in ("fgsm", "pgd"):
         rows = sorted((r for r in result["table"] if r["method"] == method), key=lambda r: r["eps"])
         ax.plot([r["eps"] for r in rows], [r["delta_nll"] for r in rows], marker="o", label=method.upper())
-    C.log_x_axis(ax, [r["eps"] for r in result["table"]])
+    log_x_axis(ax, [r["eps"] for r in result["table"]])
     ax.set_xlabel(f"eps (relative to mean embedding norm, {result['norm']})")
     ax.set_ylabel("delta NLL (nats/token)")
     ax.legend()
-    return C.save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def layer_module_grid(result: dict, key: str) -> tuple[list, list, list]:
@@ -340,7 +374,7 @@ def plot_heatmaps(result: dict, path, noise_map: Optional[dict] = None):
     if noise_map:
         grids.append((noise_map["layers"], noise_map["modules"], noise_map["delta_nll"]))
         titles.append("noise delta NLL")
-    fig, axes = C.new_figure(1, len(grids), figsize=(4.2 * len(grids), 1.5 + 0.2 * len(grids[0][0])))
+    fig, axes = new_figure(1, len(grids), figsize=(4.2 * len(grids), 1.5 + 0.2 * len(grids[0][0])))
     axes = np.atleast_1d(axes)
     for ax, (layers, types, grid), title in zip(axes, grids, titles):
         data = np.array([[float(v) for v in row] for row in grid])
@@ -349,11 +383,11 @@ def plot_heatmaps(result: dict, path, noise_map: Optional[dict] = None):
         ax.set_ylabel("layer")
         ax.set_title(f"log10 |{title}|")
         fig.colorbar(im, ax=ax)
-    return C.save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_activation_profile(profile: dict, path, super_layers: Sequence[int] = ()):
-    fig, ax = C.new_figure(figsize=(6, 3.5))
+    fig, ax = new_figure(figsize=(6, 3.5))
     for key, label in (("down_in_max", "down_proj input"), ("down_out_max", "down_proj output"),
                        ("residual_max", "residual stream")):
         if key in profile:
@@ -364,7 +398,7 @@ def plot_activation_profile(profile: dict, path, super_layers: Sequence[int] = (
     ax.set_xlabel("layer")
     ax.set_ylabel("max |activation|")
     ax.legend()
-    return C.save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def make_plots(results: dict, out: Path) -> dict:
@@ -431,3 +465,26 @@ def write_report(results: dict, out: Path) -> tuple[Path, Path]:
     C.write_text(out / "report.md", md)
     C.write_text(out / "report.html", markdown_to_html(md, out))
     return out / "report.md", out / "report.html"
+
+
+def read_results(out: Path) -> dict:
+    """``<out>/results.json``, or {} when it is missing or unreadable (with a warning)."""
+    path = Path(out) / "results.json"
+    if not path.is_file():
+        return {}
+    try:
+        return C.read_json(path)
+    except (OSError, ValueError):
+        log.warning("ignoring unreadable %s; starting afresh", path)
+        return {}
+
+
+def rebuild_report(out: Path) -> dict:
+    """Redraw every plot and rewrite report.md/.html from ``<out>/results.json`` alone."""
+    results = read_results(out)
+    if not results:
+        raise C.UserError(f"--report-only: no readable results.json in {out}")
+    results["plots"] = make_plots(results, out)
+    C.write_json(Path(out) / "results.json", results)
+    write_report(results, out)
+    return results

@@ -33,6 +33,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -120,8 +121,6 @@ def _flip_bits_(p: torch.Tensor, rate: float, gen: torch.Generator, fmt: str,
     else:
         raise C.UserError(f"bit flips need 16- or 32-bit float weights, got {p.dtype}")
     n_bits = p.numel() * 16
-    import numpy as np
-
     k = int(np.random.default_rng(gen.initial_seed()).binomial(n_bits, rate)) if rate > 0 else 0
     if k == 0:
         return
