@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -241,6 +241,56 @@ def _linear_inputs_stats(layer, inputs, kwargs, method, linears):
     return {k: v / counts[k] if method == "sparsegpt" else v for k, v in stats.items()}
 
 
+def _zero_(mod, mask: torch.Tensor) -> None:
+    """Zero the weights of ``mod`` where ``mask`` ([out, in]) is True, in place."""
+    with torch.no_grad():
+        C.weight_view(mod)[mask.to(mod.weight.device)] = 0
+
+
+def _prune_by_scores(model, calib_windows: torch.Tensor, config: PruneConfig, protect: dict) -> Iterator:
+    """magnitude and taylor, in place: scores of the whole model (taylor: gradients over the
+    calibration windows), then one mask per matrix. Yields (block index, its linears) per block."""
+    names_of = {m: n for n, m in model.named_modules()}
+    layers = C.decoder_layers(model)
+    all_linears = {names_of[m]: m for layer in layers for m in C.block_linears(layer).values()}
+    scores = (saliency_scores(model, calib_windows, all_linears, config.taylor_score, config.progress)
+              if config.method == "taylor" else None)
+    for i, layer in enumerate(tqdm(layers, desc=f"{config.method} prune", disable=not config.progress)):
+        linears = C.block_linears(layer)
+        for mod in linears.values():
+            full = names_of[mod]
+            s = scores[full] if scores is not None else C.weight_view(mod).detach().abs().float()
+            s = _protect(s.clone(), protect.get(full, ()))
+            _zero_(mod, mask_from_scores(s, config.sparsity, config.pattern, per_row=config.method == "taylor"))
+        yield i, linears
+
+
+def _prune_layerwise(model, calib_windows: torch.Tensor, config: PruneConfig, protect: dict) -> Iterator:
+    """wanda and sparsegpt, in place, block by block as in their reference code: each block is
+    pruned from its own calibration inputs and its pruned outputs feed the next block.
+    Yields (block index, its linears) per block."""
+    names_of = {m: n for n, m in model.named_modules()}
+    inputs, kwargs = capture_block_inputs(model, calib_windows)
+    layers = C.decoder_layers(model)
+    for i, layer in enumerate(tqdm(layers, desc=f"{config.method} prune", disable=not config.progress)):
+        linears = C.block_linears(layer)
+        stats = _linear_inputs_stats(layer, inputs, kwargs, config.method, linears)
+        for rel, mod in linears.items():
+            full = names_of[mod]
+            W = C.weight_view(mod)
+            if config.method == "wanda":
+                s = W.detach().abs().float() * stats[rel].sqrt().to(W.device)[None, :]
+                s = _protect(s, protect.get(full, ()))
+                _zero_(mod, mask_from_scores(s, config.sparsity, config.pattern, per_row=True))
+            else:
+                sparsegpt_prune(W, stats[rel].to(W.device), config.sparsity, config.pattern,
+                                config.blocksize, config.percdamp, protect.get(full, ()))
+        del stats
+        with torch.no_grad():  # the pruned block's outputs feed the next block
+            inputs = [_block_out(layer(h, **kwargs)).detach() for h in inputs]
+        yield i, linears
+
+
 def prune_model(model, tokenizer, calib_ids: torch.Tensor, config: PruneConfig = PruneConfig()) -> PruneResult:
     """Prune the decoder-block linear layers of ``model`` in place.
 
@@ -263,67 +313,26 @@ def prune_model(model, tokenizer, calib_ids: torch.Tensor, config: PruneConfig =
     dev0 = C.input_device(model)
     if dev0.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev0)
-    layers = C.decoder_layers(model)
-    names_of = {m: n for n, m in model.named_modules()}
     protect: dict[str, list] = {}
     for name, r, c in coords:
         protect.setdefault(name, []).append((int(r), int(c)))
-    per_row = config.method in ("wanda", "taylor")
     nm = parse_pattern(config.pattern)
     result = PruneResult(config.method, config.pattern, config.sparsity if nm is None else 1 - nm[0] / nm[1], 0.0,
                          calibration={"windows": calib_windows.shape[0], "seq_len": calib_windows.shape[1]},
                          protected=[list(c) for c in coords], super_weights=found, config=asdict(config))
-
-    def apply(mod, mask: torch.Tensor) -> None:
-        with torch.no_grad():
-            C.weight_view(mod)[mask.to(mod.weight.device)] = 0
-
+    names_of = {m: n for n, m in model.named_modules()}
+    prune = _prune_by_scores if config.method in ("magnitude", "taylor") else _prune_layerwise
     total_zero = total = 0
-
-    def record(block_idx, linears):
-        nonlocal total_zero, total
+    for i, linears in prune(model, calib_windows, config, protect):
         z = n = 0
-        for rel, mod in linears.items():
+        for mod in linears.values():
             W = C.weight_view(mod)
             nz = int((W == 0).sum())
-            full = names_of[mod]
-            result.per_matrix[full] = nz / W.numel()
-            result.pruned_names.append(full + ".weight")
+            result.per_matrix[names_of[mod]] = nz / W.numel()
+            result.pruned_names.append(names_of[mod] + ".weight")
             z, n = z + nz, n + W.numel()
-        result.per_layer[block_idx] = z / n if n else 0.0
+        result.per_layer[i] = z / n if n else 0.0
         total_zero, total = total_zero + z, total + n
-
-    if config.method in ("magnitude", "taylor"):
-        all_linears = {names_of[m]: m for layer in layers for m in C.block_linears(layer).values()}
-        scores = (saliency_scores(model, calib_windows, all_linears, config.taylor_score, config.progress)
-                  if config.method == "taylor" else None)
-        for i, layer in enumerate(tqdm(layers, desc=f"{config.method} prune", disable=not config.progress)):
-            linears = C.block_linears(layer)
-            for rel, mod in linears.items():
-                full = names_of[mod]
-                s = scores[full] if scores is not None else C.weight_view(mod).detach().abs().float()
-                s = _protect(s.clone(), protect.get(full, ()))
-                apply(mod, mask_from_scores(s, config.sparsity, config.pattern, per_row=per_row))
-            record(i, linears)
-    else:
-        inputs, kwargs = capture_block_inputs(model, calib_windows)
-        for i, layer in enumerate(tqdm(layers, desc=f"{config.method} prune", disable=not config.progress)):
-            linears = C.block_linears(layer)
-            stats = _linear_inputs_stats(layer, inputs, kwargs, config.method, linears)
-            for rel, mod in linears.items():
-                full = names_of[mod]
-                W = C.weight_view(mod)
-                if config.method == "wanda":
-                    s = W.detach().abs().float() * stats[rel].sqrt().to(W.device)[None, :]
-                    s = _protect(s, protect.get(full, ()))
-                    apply(mod, mask_from_scores(s, config.sparsity, config.pattern, per_row=True))
-                else:
-                    sparsegpt_prune(W, stats[rel].to(W.device), config.sparsity, config.pattern,
-                                    config.blocksize, config.percdamp, protect.get(full, ()))
-            del stats
-            with torch.no_grad():  # the pruned block's outputs feed the next block
-                inputs = [_block_out(layer(h, **kwargs)).detach() for h in inputs]
-            record(i, linears)
     result.overall_sparsity = total_zero / max(total, 1)
     result.seconds = time.perf_counter() - t0
     result.peak_memory_mb = C.peak_memory_mb(dev0)

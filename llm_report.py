@@ -58,21 +58,9 @@ def _pct(x) -> str:
     return f"{100 * x:g}%" if isinstance(x, (int, float)) else fmt(x)
 
 
-def report_markdown(results: dict) -> str:
-    """Markdown report built from ``results.json`` alone, so it can be regenerated."""
-    lines = [f"# Sensitivity and robustness report: {results.get('model', '?')}", ""]
-    ds = results.get("dataset", {})
-    proto = results.get("protocol", {})
-    for which, d in ds.items():
-        fb = f" (fallback: {d['fallback']})" if d.get("fallback") else ""
-        lines.append(f"- {which} text: `{d.get('source')}`, {d.get('chars')} characters{fb}")
-    if proto:
-        lines.append(f"- protocol: windows of {proto.get('seq_len')} tokens, stride {proto.get('stride')}, "
-                     f"first {proto.get('eval_tokens') or 'all'} tokens")
-    lines.append(f"- seed {results.get('seed')}, device {results.get('device')}, dtype {results.get('dtype')}")
-    found = findings(results)
-    if found:
-        lines += ["", "## Findings", ""] + [f"- {f}" for f in found]
+def _md_perplexity(results: dict) -> list[str]:
+    """Every variant against its parent."""
+    lines: list[str] = []
     lines += ["", "## Perplexity", "", "Each variant against the variant it was derived from (its parent); KL and "
               "top-1 agreement are against the parent too (with --kl).", "",
               "| variant | parent | perplexity | x parent | nll (nats) | bits/byte | tokens | KL | top-1 agree |",
@@ -84,12 +72,24 @@ def report_markdown(results: dict) -> str:
         lines.append(f"| {name} | {parent or '-'} | {fmt(ev['perplexity'])} | {fmt(ratio)} | {fmt(ev['nll'])} | "
                      f"{fmt(ev['bits_per_byte'])} | {ev['tokens_scored']} | {fmt(ev.get('kl'))} | "
                      f"{fmt(ev.get('top1_agreement'))} |")
+    return lines
+
+
+def _md_finetune(results: dict) -> list[str]:
+    """The fine-tune's held-out perplexity before and after."""
+    lines: list[str] = []
     ft = results.get("finetune")
     if ft and ft.get("heldout_loss_before") is not None:
         lines += ["", "## Fine-tuning", "",
                   f"{ft['mode']} fine-tune, {ft['steps']} steps ({'loaded from disk' if ft['loaded_existing'] else 'trained'}"
                   f"): held-out perplexity {fmt(ft['heldout_ppl_before'])} -> {fmt(ft['heldout_ppl_after'])}.",
                   "", "![fine-tuning curve](plots/finetune_loss.png)"]
+    return lines
+
+
+def _md_prune(results: dict) -> list[str]:
+    """Achieved sparsity and calibration."""
+    lines: list[str] = []
     pr = results.get("prune")
     if pr:
         lines += ["", "## Pruning", "",
@@ -97,6 +97,12 @@ def report_markdown(results: dict) -> str:
                   f"(target {fmt(pr['target_sparsity'])}) in {fmt(pr['seconds'])} s, calibrated on "
                   f"{pr['calibration']['windows']} windows of {pr['calibration']['seq_len']} tokens.",
                   "", "![sparsity per layer](plots/prune_sparsity_per_layer.png)"]
+    return lines
+
+
+def _md_noise(results: dict) -> list[str]:
+    """The noisy variant, the eps sweep and the map."""
+    lines: list[str] = []
     nz = results.get("noise")
     if nz:
         v, sw = nz["variant"], nz["sweep"]
@@ -118,6 +124,12 @@ def report_markdown(results: dict) -> str:
             lines += ["", "Most noise-sensitive cells: " + ", ".join(
                 f"layer {c['layer']} {c['module']} (+{fmt(c['delta_nll'])} nats)" for c in nz["top_cells"]),
                 "", "![noise map](plots/noise_map.png)"]
+    return lines
+
+
+def _md_adversarial(results: dict) -> list[str]:
+    """Attack table, targeted success, GCG and the defences."""
+    lines: list[str] = []
     adv = results.get("adversarial")
     if adv:
         lines += ["", "## Adversarial robustness (input embeddings)", "",
@@ -139,6 +151,12 @@ def report_markdown(results: dict) -> str:
         for prompt, ans in adv["answers"].items():
             lines.append(f"- *{prompt}* clean: {ans['clean']}  \n  under PGD eps={ans['eps']}: {ans['attacked']}")
         lines += ["", "![attack sweep](plots/attack_sweep.png)"]
+    return lines
+
+
+def _md_analysis(results: dict) -> list[str]:
+    """Hessian, saliency, super weights and quantization."""
+    lines: list[str] = []
     an = results.get("analysis")
     if an:
         lines += ["", "## Sensitivity analysis", "",
@@ -162,10 +180,22 @@ def report_markdown(results: dict) -> str:
             lines.append(f"| {q['bits']} | {q['variant']} | {fmt(q['perplexity'])} | {q['kept_weights']} | "
                          f"{fmt(q['extra_storage_pct'])} |")
         lines += ["", "![heatmaps](plots/sensitivity_heatmaps.png)", "", "![activations](plots/activations.png)"]
+    return lines
+
+
+def _md_generations(results: dict) -> list[str]:
+    """Greedy answers of every variant."""
+    lines: list[str] = []
     lines += ["", "## Sample generations", ""]
     for name, ev in results.get("evaluation", {}).items():
         for prompt, answer in ev.get("generations", {}).items():
             lines.append(f"- **{name}** — *{prompt}*  \n  {answer}")
+    return lines
+
+
+def _md_manifest(results: dict) -> list[str]:
+    """Command, versions, and wall time and memory per step."""
+    lines: list[str] = []
     m = results.get("manifest", {})
     if m:
         lines += ["", "## Run manifest", "", f"- command: `{m.get('command')}`", f"- git commit: {m.get('git_commit')}",
@@ -174,6 +204,31 @@ def report_markdown(results: dict) -> str:
         for step, st in m.get("steps", {}).items():
             lines.append(f"| {step} | {fmt(st.get('wall_s'))} | {fmt(st.get('peak_memory_mb'))} | "
                          f"{st.get('skipped', False)} |")
+    return lines
+
+
+def report_markdown(results: dict) -> str:
+    """Markdown report built from ``results.json`` alone, so it can be regenerated."""
+    lines = [f"# Sensitivity and robustness report: {results.get('model', '?')}", ""]
+    ds = results.get("dataset", {})
+    proto = results.get("protocol", {})
+    for which, d in ds.items():
+        fb = f" (fallback: {d['fallback']})" if d.get("fallback") else ""
+        lines.append(f"- {which} text: `{d.get('source')}`, {d.get('chars')} characters{fb}")
+    if proto:
+        lines.append(f"- protocol: windows of {proto.get('seq_len')} tokens, stride {proto.get('stride')}, "
+                     f"first {proto.get('eval_tokens') or 'all'} tokens")
+    lines.append(f"- seed {results.get('seed')}, device {results.get('device')}, dtype {results.get('dtype')}")
+    if results.get("model") == C.EMBEDDED_NAME:
+        lines.append("- the embedded model was shipped as GGUF Q4_1 and dequantized: its weights sit on a 4-bit "
+                     "grid, so 4-bit quantization loses little by construction and noise below a grid step "
+                     "only moves weights off that grid")
+    found = findings(results)
+    if found:
+        lines += ["", "## Findings", ""] + [f"- {f}" for f in found]
+    for section in (_md_perplexity, _md_finetune, _md_prune, _md_noise, _md_adversarial, _md_analysis,
+                    _md_generations, _md_manifest):
+        lines += section(results)
     return "\n".join(lines) + "\n"
 
 
@@ -211,6 +266,11 @@ def findings(results: dict) -> list[str]:
             c = nz["top_cells"][0]
             out.append(f"The most noise-sensitive cell is layer {c['layer']} {c['module']} "
                        f"(+{fmt(c['delta_nll'])} nats/token).")
+    return out + _findings_attacks_and_analysis(results)
+
+
+def _findings_attacks_and_analysis(results: dict) -> list[str]:
+    out = []
     adv = results.get("adversarial")
     if adv and adv.get("table"):
         top = max(r["eps"] for r in adv["table"])

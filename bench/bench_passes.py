@@ -37,6 +37,7 @@ The minimum, per step (tokens exclude padding):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -51,7 +52,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 import llm_adversarial_test as ADV  # noqa: E402
 import llm_common as C  # noqa: E402
+import llm_config as K  # noqa: E402
 import llm_main_v4 as M  # noqa: E402
+from conftest import make_llama, make_tokenizer  # noqa: E402
 
 WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 VALID = ROOT.parent / "shared" / "data" / "wikitext-2-tokenized" / "valid.txt"
@@ -105,47 +108,42 @@ def _eval_tokens(n_available: int, seq: int, limit) -> int:
     return (n // seq) * seq
 
 
-def minimum(step: str, run: M.Run) -> tuple[float, int]:
-    """(minimum forward tokens, minimum backward passes) for ``step``; see the module doc."""
-    a, r = run.args, run.results
+def minimum(step: str, run: M.Run, cfg) -> tuple[float, int]:
+    """(minimum forward tokens, minimum backward passes) for ``step`` run with the resolved
+    config ``cfg``; see the module doc."""
+    r, n_eval = run.results, run.ids("eval").numel()
     if step == "finetune":
-        L = a.ft_seq_len
-        ids = run.ids("train")
-        n_hold = max(int(ids.numel() * 0.1), L)
-        hold = (min(n_hold, 8 * L) // L) * L
-        return a.ft_steps * a.ft_batch_size * L + 2 * hold, a.ft_steps
+        L = cfg.seq_len
+        n_hold = max(int(run.ids("train").numel() * cfg.holdout_fraction), L)
+        hold = (min(n_hold, cfg.holdout_windows * L) // L) * L
+        return cfg.steps * cfg.batch_size * L + 2 * hold, cfg.steps
     if step == "prune":
-        return 2 * a.calib_samples * a.calib_seq_len, 0
+        return 2 * cfg.calib_samples * cfg.calib_seq_len, 0
     if step == "noise":
-        seq = min(a.seq_len, a.sweep_tokens)
-        ts = _eval_tokens(run.ids("eval").numel(), seq, a.sweep_tokens)
-        curves = 2 if a.protect_fraction > 0 else 1
-        points = len(a.sweep_eps) * a.sweep_seeds * curves
-        # Fisher saliency windows for the protected curve (the sizes step_noise uses)
-        nwin = min(a.calib_samples, 32 if a.gpu_budget else 4) if a.protect_fraction > 0 else 0
-        fwd = (1 + points) * ts + nwin * min(a.calib_seq_len, 2048 if a.gpu_budget else 256)
+        seq = min(cfg.sweep_seq_len, cfg.sweep_tokens)
+        ts = _eval_tokens(n_eval, seq, cfg.sweep_tokens)
+        curves = 2 if cfg.protect_fraction > 0 else 1
+        nwin = cfg.fisher_windows if cfg.protect_fraction > 0 else 0  # Fisher windows of the protected curve
+        fwd = (1 + len(cfg.sweep_eps) * cfg.sweep_seeds * curves) * ts + nwin * cfg.fisher_seq_len
         smap = r["noise"].get("map")
         if smap:
-            mt = a.sweep_tokens if a.gpu_budget else min(a.sweep_tokens, 128)
-            tm = _eval_tokens(run.ids("eval").numel(), min(seq, mt), mt)
+            tm = _eval_tokens(n_eval, min(seq, cfg.map_tokens), cfg.map_tokens)
             fwd += (1 + len(smap["layers"]) * len(smap["modules"])) * tm
         return fwd, nwin
     if step == "eval":
-        te = _eval_tokens(run.ids("eval").numel(), a.seq_len, a.eval_tokens)
-        gen = sum(len(run.tokenizer(p).input_ids) + a.max_new_tokens - 1 for p in a.prompt)
+        te = _eval_tokens(n_eval, cfg.seq_len, cfg.eval_tokens or None)
+        gen = sum(len(run.tokenizer(p).input_ids) + cfg.max_new_tokens - 1 for p in cfg.prompts)
         return len(r["evaluation"]) * (te + gen), 0
     if step == "adversarial":
-        return adversarial_minimum(run, M.adversarial_config(a))
+        return adversarial_minimum(run, cfg)
     if step == "analysis":
         an = r["analysis"]
-        w = a.analysis_windows * a.analysis_seq_len
-        fw = min(a.calib_samples, 32 if a.gpu_budget else 8)
-        seq = min(a.seq_len, a.sweep_tokens)
-        tq = _eval_tokens(run.ids("eval").numel(), seq, a.sweep_tokens)
+        tq = _eval_tokens(n_eval, min(cfg.eval_seq_len, cfg.eval_tokens), cfg.eval_tokens)
         n_sw = len(an["super_weights"])
-        prompt = len(run.tokenizer(a.super_weight_prompt).input_ids)
-        fwd = w + fw * a.analysis_seq_len + min(4, n_sw + 1) * prompt + (1 + n_sw) * tq + len(a.quant_bits) * 3 * tq
-        return fwd, 1 + an["hutchinson_probes"] + an["power_iterations"] + fw
+        prompt = len(run.tokenizer(cfg.super_weight_prompt).input_ids)
+        fwd = (cfg.calib_windows * cfg.calib_seq_len + cfg.fisher_windows * cfg.calib_seq_len
+               + min(cfg.max_super_weights, n_sw + 1) * prompt + (1 + n_sw) * tq + len(cfg.quant_bits) * 3 * tq)
+        return fwd, 1 + an["hutchinson_probes"] + an["power_iterations"] + cfg.fisher_windows
     raise KeyError(step)
 
 
@@ -157,14 +155,14 @@ def adversarial_minimum(run: M.Run, cfg: ADV.AdversarialConfig) -> tuple[float, 
     lens = [s.prompt.numel() + s.continuation.numel() for s in samples]
     prompts = samples[cfg.n_windows:]
     steps = cfg.pgd_steps
-    fwd = sum(len(ADV._chat_ids(tok, p)) + cfg.continuation_len - 1 for p in cfg.sample_prompts)  # answers
+    fwd = sum(len(ADV._chat_ids(tok, p)) + cfg.continuation_len - 1 for p in cfg.prompts)  # answers
     fwd += sum(lens) + len(cfg.epsilons) * sum(lens) * (2 + steps + 1)  # sweep: clean, FGSM 2, PGD steps + 1
     fwd += sum(2 * (s.prompt.numel() + cfg.max_new_tokens - 1) for s in prompts)  # answers, clean + attacked
     T = len(tok(cfg.target, add_special_tokens=False).input_ids)
     tl = [s.prompt.numel() + T for s in samples]
     fwd += sum(tl) * (1 + cfg.targeted_steps + 1) + sum(x - 1 for x in tl)  # targeted + success decoding
     g = run.results["adversarial"]["gcg"]
-    before, after = ADV.chat_parts(tok, cfg.sample_prompts[0])
+    before, after = ADV.chat_parts(tok, cfg.prompts[0])
     tail = cfg.gcg_suffix_len + after.numel() + T
     kept = cfg.gcg_steps * cfg.gcg_batch - g["candidates_filtered"]
     fwd += before.numel() + tail * (1 + cfg.gcg_steps + kept) + before.numel() + tail - 1
@@ -176,55 +174,9 @@ def adversarial_minimum(run: M.Run, cfg: ADV.AdversarialConfig) -> tuple[float, 
     return fwd, bwd
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--budget", default="gpu", choices=("gpu", "cpu"))
-    p.add_argument("--out", default=None, help="output directory (default: a temporary one)")
-    a = p.parse_args(argv)
-    C.setup_logging("WARNING")
-    from conftest import byte_tokenizer, tiny_llama
-
-    work = Path(a.out or tempfile.mkdtemp(prefix="bench_passes."))
-    model_dir = work / "model"
-    tiny_llama(layers=4, hidden=64).save_pretrained(model_dir)
-    byte_tokenizer().save_pretrained(model_dir)
-    text = WIKI.read_text()[:400_000] if WIKI.is_file() else C.embedded_corpus("test")
-    train = VALID.read_text()[:400_000] if VALID.is_file() else C.embedded_corpus("train")
-    (work / "eval.txt").write_text(text)
-    (work / "train.txt").write_text(train)
-    # The GPU profile's structure (step counts, windows, batch shapes) at short token lengths.
-    argv = ["--model", str(model_dir), "--device", "cpu", "--budget", a.budget, "--output-dir", str(work / "out"),
-            "--dataset", str(work / "eval.txt"), "--train-dataset", str(work / "train.txt"),
-            "--log-level", "WARNING", "--seq-len", "256", "--eval-tokens", "8192", "--ft-seq-len", "64",
-            "--ft-steps", "100", "--calib-seq-len", "64", "--sweep-tokens", "1024", "--analysis-seq-len", "64",
-            "--max-new-tokens", "16", "--gcg-steps", "20", "--defence-steps", "10", "--hessian-probes", "20",
-            "--hessian-tol", "0"]
-    args = M.resolve_args(M.build_parser().parse_args(argv))
-    args._argv = argv
-    counts = {}
-    originals = dict(M.STEP_FUNCS)
-
-    def wrap(name, fn):
-        def counted(run):
-            t = time.perf_counter()
-            counter = PassCounter(run.model)
-            try:
-                fn(run)
-            finally:
-                counts[name] = counter.close()
-                counts[name]["seconds"] = time.perf_counter() - t
-            counts[name]["min"] = minimum(name, run)
-        return counted
-
-    for name, fn in originals.items():
-        M.STEP_FUNCS[name] = wrap(name, fn)
-    try:
-        t0 = time.perf_counter()
-        M.run_pipeline(args)
-        total = time.perf_counter() - t0
-    finally:
-        M.STEP_FUNCS.update(originals)
-    print(f"tiny Llama (4 x 64), {a.budget} budget profile, {total:.1f} s on CPU")
+def _report(counts: dict, budget: str, total: float) -> float:
+    """Print the table; return the worst ratio."""
+    print(f"tiny Llama (4 x 64), {budget} budget profile, {total:.1f} s on CPU")
     print(f"{'step':12s} {'fwd tok':>10s} {'min':>10s} {'fwd':>7s} {'batch':>7s} {'bwd':>6s} {'min':>6s} {'ratio':>6s}")
     worst = 0.0
     for name in M.ALL_STEPS:
@@ -238,6 +190,55 @@ def main(argv=None):
         print(f"{name:12s} {c['fwd_tokens']:10.0f} {fmin:10.0f} {c['fwd_passes']:7.1f} {c['mean_batch']:7.1f} "
               f"{c['bwd']:6d} {bmin:6d} {ratio:6.3f}")
     print(f"worst ratio {worst:.3f} (target <= 1.25)")
+    return worst
+
+
+def _counted(name: str, adapter, counts: dict):
+    """The step's adapter, with its passes counted and its minimum computed afterwards."""
+    def counted(run, mod, cfg):
+        t = time.perf_counter()
+        counter = PassCounter(run.model)
+        try:
+            adapter(run, mod, cfg)
+        finally:
+            counts[name] = counter.close()
+            counts[name]["seconds"] = time.perf_counter() - t
+        counts[name]["min"] = minimum(name, run, cfg)
+    return counted
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--budget", default="gpu", choices=("gpu", "cpu"))
+    p.add_argument("--out", default=None, help="output directory (default: a temporary one)")
+    a = p.parse_args(argv)
+    C.setup_logging("WARNING")
+    work = Path(a.out or tempfile.mkdtemp(prefix="bench_passes."))
+    model_dir = work / "model"
+    make_llama(layers=4, hidden=64).save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    text = WIKI.read_text()[:400_000] if WIKI.is_file() else C.embedded_corpus("test")
+    train = VALID.read_text()[:400_000] if VALID.is_file() else C.embedded_corpus("train")
+    (work / "eval.txt").write_text(text)
+    (work / "train.txt").write_text(train)
+    # The GPU profile's structure (step counts, windows, batch shapes) at short token lengths.
+    argv = ["--model", str(model_dir), "--device", "cpu", "--budget", a.budget, "--output-dir", str(work / "out"),
+            "--dataset", str(work / "eval.txt"), "--train-dataset", str(work / "train.txt"),
+            "--log-level", "WARNING", "--seq-len", "256", "--eval-tokens", "8192", "--ft-seq-len", "64",
+            "--ft-steps", "100", "--calib-seq-len", "64", "--sweep-tokens", "1024", "--sweep-seq-len", "256",
+            "--noise-fisher-seq-len", "64", "--map-tokens", "1024", "--analysis-seq-len", "64",
+            "--analysis-eval-tokens", "1024", "--analysis-eval-seq-len", "256", "--max-new-tokens", "16",
+            "--gcg-steps", "20", "--defence-steps", "10", "--hessian-probes", "20", "--hessian-tol", "0"]
+    counts = {}
+    originals = dict(M.STEPS)
+    M.STEPS.update({n: dataclasses.replace(s, adapter=_counted(n, s.adapter, counts)) for n, s in originals.items()})
+    try:
+        t0 = time.perf_counter()
+        M.run_pipeline(K.from_args(M.build_parser().parse_args(argv)), argv)
+        total = time.perf_counter() - t0
+    finally:
+        M.STEPS.update(originals)
+    worst = _report(counts, a.budget, total)
     (work / "passes.json").write_text(json.dumps(counts, indent=2, default=str))
     return 0 if worst <= 1.25 else 1
 

@@ -19,8 +19,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -87,13 +89,109 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def bench_eval(c) -> None:
+    model, tok, ids, S, tiny, dev, fwd_flops, record = c.model, c.tok, c.ids, c.S, c.tiny, c.dev, c.fwd_flops, c.record
+    n_win = 2 if tiny else 32
+    ecfg = EvalConfig(seq_len=S, eval_tokens=n_win * S, max_new_tokens=0, progress=False)
+    evaluate_model(model, tok, ids[:S], EvalConfig(seq_len=S, max_new_tokens=0, progress=False))  # warm-up
+    sync(dev)
+    t = time.perf_counter()
+    r = evaluate_model(model, tok, ids, ecfg)
+    sec = time.perf_counter() - t
+    # default: WikiText-2 test (~340k Llama tokens) for base, fine-tuned, pruned and noisy
+    record("eval", sec, n_win * S, fwd_flops(n_win * S, S), 4 * 340_000 / (n_win * S),
+           f"{n_win} x {S} tokens, batch {r.batch_size}")
+
+
+def bench_finetune(c) -> None:
+    model, ids, tiny, dev, fwd_flops, record = c.model, c.ids, c.tiny, c.dev, c.fwd_flops, c.record
+    n_steps, B, Ls = (2, 2, 64) if tiny else (6, 8, 1024)
+    with tempfile.TemporaryDirectory() as tmp:
+        fc = FT.FinetuneConfig(output_dir=f"{tmp}/ft", mode="lora", steps=n_steps + 2, batch_size=B, seq_len=Ls,
+                               lr=2e-4, save_every_s=0, log_every=1000)
+        times = []
+        FT.train(model, ids[:200_000], fc, on_step=lambda s: (sync(dev), times.append(time.perf_counter())))
+    sec = times[-1] - times[1]  # steps after two warm-up steps
+    toks = n_steps * B * Ls
+    record("finetune (LoRA)", sec, toks, 2 * fwd_flops(toks, Ls), 500 / n_steps,
+           f"{n_steps} steps x {B} x {Ls}, default 500 steps")
+
+
+def bench_prune(c) -> None:
+    model, tok, ids, tiny, fwd_flops, record = c.model, c.tok, c.ids, c.tiny, c.fwd_flops, c.record
+    n, Lc = (4, 64) if tiny else (16, 2048)
+    windows = C.sample_windows(ids, n, Lc, seed=0)
+    with C.restored_on_exit(model, [k + ".weight" for k in C.decoder_linears(model)]):
+        t = time.perf_counter()
+        P.prune_model(model, tok, windows, P.PruneConfig(method="wanda", sparsity=0.5, progress=False))
+        sec = time.perf_counter() - t
+    record("prune (Wanda)", sec, n * Lc, 2 * fwd_flops(n * Lc, Lc), 128 / n, f"{n} x {Lc} calib, default 128")
+
+
+def bench_noise(c) -> None:
+    model, tok, ids, S, tiny, L, fwd_flops, record = c.model, c.tok, c.ids, c.S, c.tiny, c.L, c.fwd_flops, c.record
+    T = 1024 if tiny else 16384
+    ecfg = EvalConfig(seq_len=min(S, T), eval_tokens=T, max_new_tokens=0, progress=False)
+    t = time.perf_counter()
+    sw = R.noise_sweep(model, tok, ids, [0.05], [0, 1], eval_config=ecfg, progress=False)
+    sec = time.perf_counter() - t
+    cells = L * 7
+    record("noise sweep + map", sec, 3 * T, fwd_flops(3 * T, min(S, T)), (31 + 1 + cells) / 3,
+           f"3 evaluations of {T} tokens (clean + 2 points), default 31 + map of {cells} cells; "
+           f"ppl {sw.clean['perplexity']:.0f}")
+
+
+def bench_adversarial(c) -> None:
+    model, tok, ids, tiny, fwd_flops, record = c.model, c.tok, c.ids, c.tiny, c.fwd_flops, c.record
+    nw, steps_pgd = (2, 2) if tiny else (32, 4)
+    acfg = ADV.AdversarialConfig(epsilons=(0.02, 0.05, 0.1), pgd_steps=steps_pgd, n_windows=nw,
+                                 prompt_len=32 if tiny else 128, continuation_len=8 if tiny else 32,
+                                 prompts=(), targeted_steps=2 * steps_pgd, gcg_steps=2,
+                                 gcg_batch=8 if tiny else 128, gcg_topk=8 if tiny else 256,
+                                 gcg_suffix_len=4 if tiny else 20, defence_steps=2, max_new_tokens=8,
+                                 progress=False)
+    t = time.perf_counter()
+    res = ADV.test_adversarial_robustness(model, tok, ids[:400_000], acfg)
+    sec = time.perf_counter() - t
+    row = acfg.prompt_len + acfg.continuation_len
+    toks = 3 * 2 * nw * row * (steps_pgd + 1)
+    secs = res.seconds
+    scale = 20 / steps_pgd  # default 20 PGD steps; GCG 100 steps; defence 50 steps
+    est = secs["sweep"] * scale + secs["targeted"] * scale + secs["gcg"] * 50 + secs["defence"] * 25 * scale
+    record("adversarial", sec, toks, 2 * fwd_flops(toks, row), est / sec,
+           f"sweep {secs['sweep']:.1f} s, targeted {secs['targeted']:.1f} s, GCG {secs['gcg']:.1f} s, "
+           f"defence {secs['defence']:.1f} s ({res.adversarial_training['trained']})")
+
+
+def bench_analysis(c) -> None:
+    model, ids, tiny, N, L, record = c.model, c.ids, c.tiny, c.N, c.L, c.record
+    nb = 2
+    Lw = 64 if tiny else 512
+    windows = C.sample_windows(ids, 1 if tiny else 4, Lw, seed=0)
+    mods = {n: m for n, m in C.decoder_linears(model).items() if any(f"layers.{i}." in n for i in range(nb))}
+    t = time.perf_counter()
+    with C.attention_implementation(model, "eager"):
+        for i in range(nb):
+            params = {n: m.weight for n, m in mods.items() if f"layers.{i}." in n}
+            with C.trainable_only(model, list(params.values())):
+                A.hutchinson_trace(A.lm_loss_fn(model, windows), params, max_probes=3, tol=0.0, progress=False)
+    sec = time.perf_counter() - t
+    toks = windows.numel() * nb
+    # per block: one forward + backward with the graph (6N/token), then 3 HVPs (~12N/token each)
+    record("analysis (Hessian)", sec, toks, toks * N * (6 + 12 * 3), L / nb * (50 + 20 / L) / 4,
+           f"{nb} blocks x 3 probes over {windows.shape[0]} x {Lw}; default {L} blocks x 50 probes (+20 power)")
+
+
+BENCHES = {"eval": bench_eval, "finetune": bench_finetune, "prune": bench_prune,
+           "noise": bench_noise, "adversarial": bench_adversarial, "analysis": bench_analysis}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="7b", choices=sorted(SHAPES))
     p.add_argument("--steps", default="eval,finetune,prune,noise,adversarial,analysis")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -129,86 +227,16 @@ def main(argv=None):
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
 
-    steps = a.steps.split(",")
-    if "eval" in steps:
-        n_win = 2 if tiny else 32
-        ecfg = EvalConfig(seq_len=S, eval_tokens=n_win * S, max_new_tokens=0, progress=False)
-        evaluate_model(model, tok, ids[:S], EvalConfig(seq_len=S, max_new_tokens=0, progress=False))  # warm-up
-        sync(dev)
-        t = time.perf_counter()
-        r = evaluate_model(model, tok, ids, ecfg)
-        sec = time.perf_counter() - t
-        # default: WikiText-2 test (~340k Llama tokens) for base, fine-tuned, pruned and noisy
-        record("eval", sec, n_win * S, fwd_flops(n_win * S, S), 4 * 340_000 / (n_win * S),
-               f"{n_win} x {S} tokens, batch {r.batch_size}")
-    if "finetune" in steps:
-        n_steps, B, Ls = (2, 2, 64) if tiny else (6, 8, 1024)
-        with tempfile.TemporaryDirectory() as tmp:
-            fc = FT.FinetuneConfig(output_dir=f"{tmp}/ft", mode="lora", steps=n_steps + 2, batch_size=B, seq_len=Ls,
-                                   lr=2e-4, save_every_s=0, log_every=1000)
-            times = []
-            FT.train(model, ids[:200_000], fc, on_step=lambda s: (sync(dev), times.append(time.perf_counter())))
-        sec = times[-1] - times[1]  # steps after two warm-up steps
-        toks = n_steps * B * Ls
-        record("finetune (LoRA)", sec, toks, 2 * fwd_flops(toks, Ls), 500 / n_steps,
-               f"{n_steps} steps x {B} x {Ls}, default 500 steps")
-    if "prune" in steps:
-        n, Lc = (4, 64) if tiny else (16, 2048)
-        windows = C.sample_windows(ids, n, Lc, seed=0)
-        with C.restored_on_exit(model, [k + ".weight" for k in C.decoder_linears(model)]):
-            t = time.perf_counter()
-            P.prune_model(model, tok, windows, P.PruneConfig(method="wanda", sparsity=0.5, progress=False))
-            sec = time.perf_counter() - t
-        record("prune (Wanda)", sec, n * Lc, 2 * fwd_flops(n * Lc, Lc), 128 / n, f"{n} x {Lc} calib, default 128")
-    if "noise" in steps:
-        T = 1024 if tiny else 16384
-        ecfg = EvalConfig(seq_len=min(S, T), eval_tokens=T, max_new_tokens=0, progress=False)
-        t = time.perf_counter()
-        sw = R.noise_sweep(model, tok, ids, [0.05], [0, 1], eval_config=ecfg, progress=False)
-        sec = time.perf_counter() - t
-        cells = L * 7
-        record("noise sweep + map", sec, 3 * T, fwd_flops(3 * T, min(S, T)), (31 + 1 + cells) / 3,
-               f"3 evaluations of {T} tokens (clean + 2 points), default 31 + map of {cells} cells; "
-               f"ppl {sw.clean['perplexity']:.0f}")
-    if "adversarial" in steps:
-        nw, steps_pgd = (2, 2) if tiny else (32, 4)
-        acfg = ADV.AdversarialConfig(epsilons=(0.02, 0.05, 0.1), pgd_steps=steps_pgd, n_windows=nw,
-                                     prompt_len=32 if tiny else 128, continuation_len=8 if tiny else 32,
-                                     sample_prompts=(), targeted_steps=2 * steps_pgd, gcg_steps=2,
-                                     gcg_batch=8 if tiny else 128, gcg_topk=8 if tiny else 256,
-                                     gcg_suffix_len=4 if tiny else 20, defence_steps=2, max_new_tokens=8,
-                                     progress=False)
-        t = time.perf_counter()
-        res = ADV.test_adversarial_robustness(model, tok, ids[:400_000], acfg)
-        sec = time.perf_counter() - t
-        row = acfg.prompt_len + acfg.continuation_len
-        toks = 3 * 2 * nw * row * (steps_pgd + 1)
-        secs = res["seconds"]
-        scale = 20 / steps_pgd  # default 20 PGD steps; GCG 100 steps; defence 50 steps
-        est = secs["sweep"] * scale + secs["targeted"] * scale + secs["gcg"] * 50 + secs["defence"] * 25 * scale
-        record("adversarial", sec, toks, 2 * fwd_flops(toks, row), est / sec,
-               f"sweep {secs['sweep']:.1f} s, targeted {secs['targeted']:.1f} s, GCG {secs['gcg']:.1f} s, "
-               f"defence {secs['defence']:.1f} s ({res['adversarial_training']['trained']})")
-    if "analysis" in steps:
-        nb = 2
-        Lw = 64 if tiny else 512
-        windows = C.sample_windows(ids, 1 if tiny else 4, Lw, seed=0)
-        mods = {n: m for n, m in C.decoder_linears(model).items() if any(f"layers.{i}." in n for i in range(nb))}
-        t = time.perf_counter()
-        with C.attention_implementation(model, "eager"):
-            for i in range(nb):
-                params = {n: m.weight for n, m in mods.items() if f"layers.{i}." in n}
-                with C.trainable_only(model, list(params.values())):
-                    A.hutchinson_trace(A.lm_loss_fn(model, windows), params, max_probes=3, tol=0.0, progress=False)
-        sec = time.perf_counter() - t
-        toks = windows.numel() * nb
-        # per block: one forward + backward with the graph (6N/token), then 3 HVPs (~12N/token each)
-        record("analysis (Hessian)", sec, toks, toks * N * (6 + 12 * 3), L / nb * (50 + 20 / L) / 4,
-               f"{nb} blocks x 3 probes over {windows.shape[0]} x {Lw}; default {L} blocks x 50 probes (+20 power)")
+    c = SimpleNamespace(model=model, tok=tok, ids=ids, S=S, tiny=tiny, dev=dev, N=N, L=L, fwd_flops=fwd_flops,
+                        record=record)
+    for step in a.steps.split(","):
+        BENCHES[step](c)
     print(f"{'step':20s} {'wall s':>8s} {'tok/s':>10s} {'MFU':>6s} {'peak GiB':>9s} {'default s':>10s}  budget")
     for step, sec, tps, mfu, mem, est, note in rows:
         print(f"{step:20s} {sec:8.1f} {tps:10.0f} {mfu:6.1%} {mem:9.1f} {est:10.0f}  {note}")
     print(f"extrapolated default pipeline (these steps): {sum(r[5] for r in rows) / 60:.1f} min")
+
+
 
 
 if __name__ == "__main__":

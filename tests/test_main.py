@@ -70,6 +70,22 @@ BAD = [
     (["--attack-norm", "l1"], "--attack-norm"),
     (["--hessian-probes", "0"], "--hessian-probes"),
     (["--protect-super-weights", "layer:1"], "module:row:col"),
+    (["--seed", "abc"], "--seed must be an integer"),
+    (["--seed", "99999999999999999999"], "--seed"),
+    (["--ft-steps", "99999999999999999999"], "--ft-steps must be at most"),
+    (["--attack-steps", "99999999999999999999"], "--attack-steps"),
+    (["--attack-eps", "1e308"], "--attack-eps"),
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--lora-r", "1000000000"], "--lora-r"),
+    (["--max-shard-size", "garbage"], "--max-shard-size"),
+    (["--max-shard-size", "0"], "--max-shard-size"),
+    (["--steps", "eval,eval"], "repeated"),
+    (["--steps", ""], "--steps"),
+    (["--log-level", "bogus"], "--log-level"),
+    (["--attack-target", " "], "--attack-target"),
+    (["--prompt", ""], "--prompt"),
+    (["--noise-map", "maybe"], "--noise-map"),
+    (["--bogus-flag", "1"], "unrecognized arguments"),
 ]
 
 
@@ -80,6 +96,17 @@ def test_bad_input_gets_one_clear_line(argv, msg, tmp_path, capsys):
     assert rc == 2
     assert len(err) == 1 and err[0].startswith("error:") and msg in err[0]
     assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_help_shows_real_defaults_and_choices(capsys):
+    with pytest.raises(SystemExit) as e:
+        llm_main_v4.main(["--help"])
+    text = capsys.readouterr().out
+    assert e.value.code == 0 and "(default: None)" not in text
+    # Budgets show both columns, choices are listed, every step has its group.
+    assert "--ft-steps STEPS" in text and "(default: 16 CPU, 500 GPU)" in text
+    assert "{magnitude,wanda,sparsegpt,taylor}" in text and "--taylor-score {taylor,fisher}" in text
+    assert all(f"step {s}:" in text for s in llm_main_v4.STEPS)
 
 
 def test_corpus_shorter_than_a_window(tiny_dir, tmp_path, capsys):

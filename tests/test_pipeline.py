@@ -185,10 +185,10 @@ def test_report_only_imports_no_step_module(pipeline):
                          check=True).stdout.strip().splitlines()[-1].split(" ", 1)
     steps = {llm_main_v4.STEPS[s].module for s in llm_main_v4.STEPS}
     assert got[0] == "0" and not set(eval(got[1])) & steps
-    html = (out / "report.html").read_text()
+    sys.path.insert(0, str(ROOT / "bench"))
+    import render_report
+
     # The super-weight table keeps its 8 columns: "|in|" and "|out|" are cells, not separators.
-    table = html[html.index("<th>layer</th>"):]
-    table = table[:table.index("</table>")]
-    assert table.count("<th>") == 8 and "<th>|in|</th>" in table
-    rows = [r for r in table.split("<tr>")[2:]]
-    assert rows and all(r.count("<td>") == 8 for r in rows)
+    rows = render_report.super_weight_table((out / "report.html").read_text())
+    assert rows[0][5:7] == ["|in|", "|out|"] and len(rows) >= 2 and render_report.table_filled(rows)
+    assert rows[1][:4] == ["1", "model.layers.1.mlp.down_proj", "7", "5"]  # the planted super weight
