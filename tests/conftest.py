@@ -1,6 +1,7 @@
 """Tiny random models and a byte-level tokenizer, built from configs: no download."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import llm_config as K  # noqa: E402  (after the path insert above)
+
 SHARED = ROOT.parent / "shared" / "data"
 WIKI_TEST = SHARED / "wikitext-2-raw" / "wiki.test.raw"
 WIKI_VALID_TOK = SHARED / "wikitext-2-tokenized" / "valid.txt"
@@ -82,6 +85,30 @@ def tiny_gpt2():
 @pytest.fixture(scope="session")
 def byte_tokenizer():
     return make_tokenizer
+
+
+def make_pipeline_config(model_dir, text, out, steps=None, **overrides):
+    """A PipelineConfig that runs every step on a tiny model in seconds; ``overrides`` maps a
+    section (run, prune, ...) to the fields to change, e.g. ``prune={"pattern": "2:4"}``."""
+    cfg = K.PipelineConfig(
+        run=K.RunConfig(steps=tuple(steps or K.ALL_STEPS), output_dir=str(out), model=str(model_dir), dataset=str(text),
+                        train_dataset=str(text), seed=3, log_level="WARNING"),
+        finetune=K.FinetuneConfig(steps=3, batch_size=2, seq_len=32, lr=1e-3),
+        prune=K.PruneConfig(calib_samples=4, calib_seq_len=32, protect="auto"),
+        noise=K.NoiseConfig(sweep_eps=(0.1, 1.0), sweep_seeds=2, sweep_tokens=64, sweep_seq_len=32,
+                            protect_fraction=0.05, fisher_windows=2, fisher_seq_len=32, map=True, map_tokens=64),
+        eval=K.EvalConfig(seq_len=32, eval_tokens=256, max_new_tokens=3, kl=True),
+        adversarial=K.AdversarialConfig(pgd_steps=2, n_windows=2, prompt_len=16, continuation_len=8,
+                                        targeted_steps=2, gcg_steps=2, gcg_batch=4, gcg_topk=4, gcg_suffix_len=2,
+                                        defence_steps=2, max_new_tokens=3),
+        analysis=K.AnalysisConfig(calib_windows=1, calib_seq_len=16, fisher_windows=2, max_probes=2, power_iters=2,
+                                  quant_group=16, eval_tokens=128, eval_seq_len=32))
+    return dataclasses.replace(cfg, **{k: dataclasses.replace(getattr(cfg, k), **v) for k, v in overrides.items()})
+
+
+@pytest.fixture(scope="session")
+def pipeline_config():
+    return make_pipeline_config
 
 
 @pytest.fixture(params=["llama", "gpt2"])

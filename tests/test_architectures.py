@@ -58,21 +58,16 @@ def test_unsupported_architecture_is_a_clear_error():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_whole_pipeline(arch, tmp_path, sample_text, byte_tokenizer):
+def test_whole_pipeline(arch, tmp_path, sample_text, byte_tokenizer, pipeline_config):
     model_dir = tmp_path / "model"
     make(arch).save_pretrained(model_dir)
     byte_tokenizer().save_pretrained(model_dir)
     text = tmp_path / "text.txt"
     text.write_text(sample_text[:4000])
     out = tmp_path / "out"
-    argv = ["--model", str(model_dir), "--dataset", str(text), "--train-dataset", str(text), "--seq-len", "32",
-            "--eval-tokens", "128", "--max-new-tokens", "2", "--ft-steps", "3", "--ft-seq-len", "32",
-            "--ft-batch-size", "2", "--lr", "1e-3", "--calib-samples", "2", "--calib-seq-len", "32",
-            "--sparsity-pattern", "2:4", "--sweep-eps", "0.5", "--sweep-seeds", "1", "--sweep-tokens", "64",
-            "--noise-map", "on", "--attack-steps", "2", "--attack-windows", "2", "--gcg-steps", "1",
-            "--defence-steps", "1", "--hessian-probes", "2", "--power-iters", "2", "--analysis-seq-len", "16",
-            "--quant-group", "32", "--kl", "--output-dir", str(out), "--log-level", "WARNING"]
-    assert llm_main_v4.main(argv) == 0
+    cfg = pipeline_config(model_dir, text, out, prune={"pattern": "2:4", "protect": ()},
+                          noise={"sweep_eps": (0.5,), "sweep_seeds": 1}, analysis={"quant_group": 32})
+    llm_main_v4.run_pipeline(cfg, argv=[])
     res = json.loads((out / "results.json").read_text())
     assert set(res["perplexity"]) == {"base", "fine-tuned", "pruned", "noisy"}
     assert res["prune"]["overall_sparsity"] == pytest.approx(0.5)  # 2:4 exactly

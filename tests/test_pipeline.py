@@ -32,22 +32,6 @@ def numbers(obj):
     return obj
 
 
-def tiny_config(model_dir, text, out, steps=K.ALL_STEPS) -> K.PipelineConfig:
-    return K.PipelineConfig(
-        run=K.RunConfig(steps=tuple(steps), output_dir=str(out), model=str(model_dir), dataset=str(text),
-                        train_dataset=str(text), seed=3, log_level="WARNING"),
-        finetune=K.FinetuneConfig(steps=3, batch_size=2, seq_len=32, lr=1e-3),
-        prune=K.PruneConfig(calib_samples=4, calib_seq_len=32, protect="auto"),
-        noise=K.NoiseConfig(sweep_eps=(0.1, 1.0), sweep_seeds=2, sweep_tokens=64, sweep_seq_len=32,
-                            protect_fraction=0.05, fisher_windows=2, fisher_seq_len=32, map=True, map_tokens=64),
-        eval=K.EvalConfig(seq_len=32, eval_tokens=256, max_new_tokens=3, kl=True),
-        adversarial=K.AdversarialConfig(pgd_steps=2, n_windows=2, prompt_len=16, continuation_len=8,
-                                        targeted_steps=2, gcg_steps=2, gcg_batch=4, gcg_topk=4, gcg_suffix_len=2,
-                                        defence_steps=2, max_new_tokens=3),
-        analysis=K.AnalysisConfig(calib_windows=1, calib_seq_len=16, fisher_windows=2, max_probes=2, power_iters=2,
-                                  quant_group=16, eval_tokens=128, eval_seq_len=32))
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, sample_text, tiny_llama, byte_tokenizer):
     d = tmp_path_factory.mktemp("pipe")
@@ -60,9 +44,9 @@ def setup(tmp_path_factory, sample_text, tiny_llama, byte_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def pipeline(setup):
+def pipeline(setup, pipeline_config):
     out = setup / "out"
-    results = llm_main_v4.run_pipeline(tiny_config(setup / "model", setup / "text.txt", out), argv=[])
+    llm_main_v4.run_pipeline(pipeline_config(setup / "model", setup / "text.txt", out), argv=[])
     return out, json.loads((out / "results.json").read_text())
 
 
@@ -146,9 +130,9 @@ def _changed(value, hint):
 
 
 @pytest.mark.parametrize("step", K.ALL_STEPS)
-def test_every_config_field_enters_its_steps_fingerprint(step, pipeline, setup):
+def test_every_config_field_enters_its_steps_fingerprint(step, pipeline, setup, pipeline_config):
     out, _ = pipeline
-    run = llm_main_v4.Run(cfg=tiny_config(setup / "model", setup / "text.txt", out), out=out)
+    run = llm_main_v4.Run(cfg=pipeline_config(setup / "model", setup / "text.txt", out), out=out)
     run.results.update(device="cpu", dtype="torch.float32", model_identity={"label": "m"})
     cls = K.STEP_CONFIGS[step]
     base = cls()
@@ -163,10 +147,10 @@ def test_every_config_field_enters_its_steps_fingerprint(step, pipeline, setup):
         assert changed == f.metadata.get("results", True), f.name
 
 
-def test_changed_text_behind_the_same_flags_reruns_the_step(setup, tmp_path):
+def test_changed_text_behind_the_same_flags_reruns_the_step(setup, tmp_path, pipeline_config):
     text = tmp_path / "text.txt"
     text.write_text((setup / "text.txt").read_text())
-    cfg = tiny_config(setup / "model", text, tmp_path / "out", steps=("eval",))
+    cfg = pipeline_config(setup / "model", text, tmp_path / "out", steps=("eval",))
     first = llm_main_v4.run_pipeline(cfg, argv=[])
     again = llm_main_v4.run_pipeline(cfg, argv=[])
     assert again["manifest"]["steps"]["eval"]["skipped"]
