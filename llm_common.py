@@ -730,6 +730,26 @@ def _text_files(path: Path) -> list[str]:
     return files
 
 
+def corpus_overlap(train: Corpus, evaluation: Corpus, allow: bool = False, min_chars: int = 200) -> dict:
+    """How much of the evaluation text the calibration / fine-tuning text also holds: the
+    evaluation paragraphs (blank-line separated, at least ``min_chars`` long, so headings and
+    boilerplate do not count) that occur verbatim among the training paragraphs. Above 1%, or
+    for the very same text, raises UserError unless ``allow``."""
+    def paragraphs(text: str) -> list[str]:
+        return [p.strip() for p in text.split("\n\n") if len(p.strip()) >= min_chars]
+
+    seen = set(paragraphs(train.text))
+    ev = paragraphs(evaluation.text)
+    shared = sum(p in seen for p in ev)
+    out = {"eval_paragraphs": len(ev), "shared": shared, "fraction": shared / len(ev) if ev else 0.0,
+           "same_text": train.sha256 == evaluation.sha256, "min_chars": min_chars, "allowed": allow}
+    if (out["same_text"] or out["fraction"] > 0.01) and not allow:
+        raise UserError(f"the calibration/fine-tuning text holds {shared} of the {len(ev)} evaluation paragraphs"
+                        f"{' (it is the same text)' if out['same_text'] else ''}: give disjoint texts, or "
+                        "--allow-overlap to run anyway")
+    return out
+
+
 def check_corpus_spec(spec: str) -> None:
     """Fail early, in one line, on a corpus that is neither a known name nor an existing path."""
     if spec not in ("wikitext2", "embedded") and not Path(spec).expanduser().exists():

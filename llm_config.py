@@ -254,6 +254,9 @@ class RunConfig(StepConfig):
                                     shown="data/cache")
     dataset: str = knob("wikitext2", "evaluation text: wikitext2, embedded, or a file/folder")
     train_dataset: str = knob("wikitext2", "calibration / fine-tuning text, same choices")
+    allow_overlap: bool = knob(False, "run even when the calibration / fine-tuning text shares paragraphs with "
+                                      "the evaluation text (refused by default: it inflates every score)",
+                               results=False)
 
 
 @dataclass
@@ -315,7 +318,8 @@ class PruneConfig(StepConfig):
     method: str = knob("wanda", "pruning score", choices=PRUNE_METHODS)
     sparsity: float = knob(0.5, "fraction of weights removed, in [0, 1); N:M patterns fix it at 1 - N/M",
                            flag="--sparsity", bounds="[0,1)")
-    pattern: str = knob("unstructured", "unstructured, or N:M such as 2:4, 4:8", flag="--sparsity-pattern")
+    pattern: str = knob("unstructured", "unstructured, or N:M: keep N of every M consecutive input weights of "
+                                        "a row (2:4, 4:8)", flag="--sparsity-pattern")
     blocksize: int = knob(128, "SparseGPT column block", flag="--sparsegpt-blocksize", bounds=">=1")
     percdamp: float = knob(0.01, "SparseGPT dampening, fraction of mean diag(H)", flag="--sparsegpt-percdamp",
                            bounds=">=0")
@@ -362,6 +366,9 @@ class NoiseConfig(StepConfig):
     protect_fraction: float = knob(0.005, "top fraction of weights by Fisher saliency kept clean in the "
                                           "protected sweep (0: no protected sweep)", flag="--protect-fraction",
                                    bounds="[0,1)")
+    protect_score: str = knob("noise", "ranking of the protected weights: the expected loss increase under "
+                                       "the sweep's noise, F sigma^2 (noise), or OBD's w^2 F (obd)",
+                              flag="--protect-score", choices=("noise", "obd"))
     fisher_windows: Optional[int] = knob(None, "calibration windows of that Fisher saliency",
                                          flag="--noise-fisher-windows", bounds=">=1")
     fisher_seq_len: Optional[int] = knob(None, "tokens per Fisher window", flag="--noise-fisher-seq-len",
@@ -468,7 +475,11 @@ class AnalysisConfig(StepConfig):
                          choices=("fisher", "hutchinson"))
     super_weight_prompt: str = knob(SUPER_WEIGHT_PROMPT, "prompt of the super-weight detector",
                                     flag="--super-weight-prompt")
-    max_super_weights: int = knob(4, "super-weight candidates kept", flag="--max-super-weights", bounds="[1,1000]")
+    max_super_weights: int = knob(4, "super-weight candidates searched", flag="--max-super-weights",
+                                  bounds="[1,1000]")
+    super_weight_min_ratio: float = knob(1.5, "a candidate is accepted as a super weight when zeroing it alone "
+                                              "multiplies perplexity by at least this", flag="--super-weight-min-ratio",
+                                         bounds=">=1")
     quant_bits: tuple = knob((4, 3), "RTN bit widths", flag="--quant-bits", parse=parse_ints, bounds="[2,8]")
     quant_group: int = knob(128, "RTN group size (input columns)", flag="--quant-group", bounds=">=1")
     quant_top_fraction: float = knob(0.0005, "fraction of weights kept in full precision by the guided "

@@ -187,28 +187,39 @@ def verify_super_weights(model, tokenizer, ids: torch.Tensor, candidates: list[S
 # --------------------------------------------------------------------------- quantization
 
 
+def rtn_groups(in_features: int, group_size: int) -> list[tuple[int, int]]:
+    """Column ranges [start, end) of RTN groups: ``group_size`` consecutive input columns, and
+    one narrower tail group when the width is not a multiple (576 = 4 x 128 + 64)."""
+    return [(s, min(s + group_size, in_features)) for s in range(0, in_features, group_size)]
+
+
 @torch.no_grad()
 def quantize_rtn_(W: torch.Tensor, bits: int, group_size: int = 128, keep: Optional[torch.Tensor] = None) -> None:
     """Round-to-nearest asymmetric group quantization of W [out, in], in place.
 
-    Groups are ``group_size`` consecutive input columns of a row. Weights in ``keep`` are
-    excluded from each group's min/max and left in full precision (dense-and-sparse).
+    Groups are ``group_size`` consecutive input columns of a row (see ``rtn_groups``: the last
+    group is narrower when ``in`` is not a multiple). The range of each group includes 0.
+    Weights in ``keep`` are excluded from their group's min/max and left in full precision
+    (dense-and-sparse).
     """
     out, inp = W.shape
-    gs = group_size if inp % group_size == 0 else inp
-    Wf = W.float().reshape(out, inp // gs, gs)
-    K = keep.reshape(out, inp // gs, gs).to(W.device) if keep is not None else None
+    gs = min(group_size, inp)
+    full = inp // gs * gs
+    parts = [(0, full, gs)] + ([(full, inp, inp - full)] if full < inp else [])
     big = torch.finfo(torch.float32).max
-    lo = (torch.where(K, big, Wf) if K is not None else Wf).amin(-1, keepdim=True)
-    hi = (torch.where(K, -big, Wf) if K is not None else Wf).amax(-1, keepdim=True)
-    lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
     qmax = 2 ** bits - 1
-    scale = ((hi - lo) / qmax).clamp(min=1e-10)
-    zero = torch.round(-lo / scale)
-    q = (torch.clamp(torch.round(Wf / scale) + zero, 0, qmax) - zero) * scale
-    if K is not None:
-        q = torch.where(K, Wf, q)
-    W.copy_(q.reshape(out, inp).to(W.dtype))
+    for start, end, width in parts:  # the whole groups in one reshape, then the tail group
+        Wf = W[:, start:end].float().reshape(out, -1, width)
+        K = keep[:, start:end].reshape(out, -1, width).to(W.device) if keep is not None else None
+        lo = (torch.where(K, big, Wf) if K is not None else Wf).amin(-1, keepdim=True)
+        hi = (torch.where(K, -big, Wf) if K is not None else Wf).amax(-1, keepdim=True)
+        lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
+        scale = ((hi - lo) / qmax).clamp(min=1e-10)
+        zero = torch.round(-lo / scale)
+        q = (torch.clamp(torch.round(Wf / scale) + zero, 0, qmax) - zero) * scale
+        if K is not None:
+            q = torch.where(K, Wf, q)
+        W[:, start:end] = q.reshape(out, end - start).to(W.dtype)
 
 
 def quantization_study(model, tokenizer, ids: torch.Tensor, super_weights: list[SuperWeight],
@@ -232,6 +243,9 @@ def quantization_study(model, tokenizer, ids: torch.Tensor, super_weights: list[
     variants = [("plain", None), ("super weights kept", keep_sw),
                 (f"super weights + top {top_fraction:.2%} saliency kept", keep_both)]
     n_weights = sum(C.weight_view(m).numel() for m in mods.values())
+    # One fp16 scale and one fp16 zero per real group (tail groups included).
+    n_groups = sum(C.weight_view(m).shape[0] * len(rtn_groups(C.weight_view(m).shape[1], group_size))
+                   for m in mods.values())
     rows = []
     jobs = [(b, v) for b in bits for v in variants]
     for b, (label, keep) in tqdm(jobs, desc="quantization", disable=not progress):
@@ -240,8 +254,9 @@ def quantization_study(model, tokenizer, ids: torch.Tensor, super_weights: list[
                 quantize_rtn_(C.weight_view(m), b, group_size, keep[n] if keep is not None else None)
             r = evaluate_model(model, tokenizer, ids, cfg)
         kept = int(sum(k.sum() for k in keep.values())) if keep is not None else 0
-        base_bits = n_weights * b + (n_weights / group_size) * 32  # codes + fp16 scale and zero per group
+        base_bits = n_weights * b + n_groups * 32  # codes + fp16 scale and zero per group
         rows.append({"bits": b, "variant": label, "perplexity": r.perplexity, "kept_weights": kept,
+                     "groups": n_groups, "bits_per_weight": base_bits / n_weights,
                      "extra_storage_pct": 100 * kept * 48 / base_bits})
     return rows
 
@@ -264,10 +279,11 @@ class AnalysisResult:
     fisher_sum: dict                 # name -> sum of the Fisher diagonal
     obd_saliency_sum: dict           # name -> sum of 0.5 * F_ii * w^2
     top_salient: list                # [{module, row, col, saliency, value}]
-    super_weights: list
+    super_weights: list              # accepted candidates: ablation ratio >= super_weight_min_ratio
     activation_profile: dict
     clean_perplexity: float
     quantization: list
+    super_weights_rejected: list = field(default_factory=list)  # candidates whose ablation did not pass
     layer_totals: dict = field(default_factory=dict)      # hessian_trace / fisher_sum -> per-layer sums
     top_layers: dict = field(default_factory=dict)        # the same -> 5 largest layers
     rank_correlation: dict = field(default_factory=dict)  # Spearman between the measures (and the noise map)
@@ -383,6 +399,10 @@ def run_integrated_analysis(model, tokenizer, calib_ids: torch.Tensor, eval_ids:
                       batch_size=config.batch_size)
     sws, profile = detect_super_weights(model, tokenizer, config.super_weight_prompt, config.max_super_weights)
     clean = verify_super_weights(model, tokenizer, eval_ids, sws, ecfg)
+    # A candidate is a super weight only if zeroing it alone hurts: Yu et al. see perplexity
+    # multiply by 100s on Llama-7B; the late spikes that cancel the massive activation do nothing.
+    rejected = [sw for sw in sws if not sw.ppl_ratio >= config.super_weight_min_ratio]
+    sws = [sw for sw in sws if sw.ppl_ratio >= config.super_weight_min_ratio]
     secs["super_weights"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -395,7 +415,8 @@ def run_integrated_analysis(model, tokenizer, calib_ids: torch.Tensor, eval_ids:
         hutchinson_probes=probes, top_eigenvalue=eig, power_iterations=iters,
         fisher_sum={n: float(f.sum()) for n, f in fisher.items()},
         obd_saliency_sum={n: float(o.sum()) for n, o in obd.items()}, top_salient=top,
-        super_weights=[sw.__dict__ for sw in sws], activation_profile=profile, clean_perplexity=clean,
+        super_weights=[sw.__dict__ for sw in sws], super_weights_rejected=[sw.__dict__ for sw in rejected],
+        activation_profile=profile, clean_perplexity=clean,
         quantization=quant, seconds=secs, config=asdict(config))
     layerwise(res, noise_map)
     return res

@@ -48,16 +48,11 @@ class Run:
     results: dict = field(default_factory=dict)
     variants: dict = field(default_factory=dict)  # name -> None (the live model) or weights path
     parents: dict = field(default_factory=dict)   # name -> the variant it was derived from
-    _corpora: dict = field(default_factory=dict)
+    texts: dict = field(default_factory=dict)    # "eval" / "train" -> Corpus, read before the model
     _ids: dict = field(default_factory=dict)
 
     def corpus(self, which: str) -> C.Corpus:
-        """'eval' or 'train' text, loaded once; what was read (and any fallback) goes into results."""
-        if which not in self._corpora:
-            spec = self.cfg.run.dataset if which == "eval" else self.cfg.run.train_dataset
-            self._corpora[which] = C.load_corpus(spec, "test" if which == "eval" else "train")
-            self.results.setdefault("dataset", {})[which] = self._corpora[which].describe()
-        return self._corpora[which]
+        return self.texts[which]
 
     def ids(self, which: str) -> torch.Tensor:
         """Token ids [n_tokens] of the 'eval' or 'train' text."""
@@ -158,7 +153,7 @@ assert tuple(STEPS) == ALL_STEPS
 
 def _check_before_loading(cfg: PipelineConfig, out: Path) -> dict:
     """Every check that needs no model: bad input fails in one line before minutes of loading.
-    Returns the resolved configs of the steps to run."""
+    Returns the resolved configs of the steps to run, the texts they read, and their description."""
     rc = cfg.run
     rc.validate()
     device = C.resolve_device(rc.device)
@@ -170,10 +165,15 @@ def _check_before_loading(cfg: PipelineConfig, out: Path) -> dict:
     for spec in (rc.dataset, rc.train_dataset):
         C.check_corpus_spec(spec)
     C.ensure_writable_dir(out, "--output-dir")
-    return configs
+    texts = {w: C.load_corpus(rc.dataset if w == "eval" else rc.train_dataset, "test" if w == "eval" else "train")
+             for w in sorted({c for s in configs for c in STEPS[s].corpora})}
+    described = {w: t.describe() for w, t in texts.items()}
+    if len(texts) == 2:  # calibration text that holds evaluation text inflates every score
+        described["overlap"] = C.corpus_overlap(texts["train"], texts["eval"], allow=rc.allow_overlap)
+    return configs, texts, described
 
 
-def _start(cfg: PipelineConfig, out: Path, argv: list) -> Run:
+def _start(cfg: PipelineConfig, out: Path, argv: list, texts: dict) -> Run:
     """Seed, load the model, and open the results with the run's provenance."""
     rc = cfg.run
     C.init_distributed_from_env()  # no-op unless started by accelerate launch / torchrun
@@ -182,7 +182,7 @@ def _start(cfg: PipelineConfig, out: Path, argv: list) -> Run:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
     torch.use_deterministic_algorithms(True, warn_only=True)
     device = C.resolve_device(rc.device)
-    run = Run(cfg=cfg, out=out)
+    run = Run(cfg=cfg, out=out, texts=texts)
     t0 = time.perf_counter()
     run.model, run.tokenizer, run.label = C.load_model(C.LoadConfig(
         model=rc.model, device=rc.device, dtype=rc.dtype, device_map=rc.device_map, max_memory=rc.max_memory,
@@ -226,13 +226,12 @@ def run_pipeline(cfg: PipelineConfig, argv: Optional[list] = None) -> dict:
     """Run the configured steps in order, resuming from ``<output_dir>/results.json``: a step
     whose fingerprint matches the saved one is skipped and its recorded results kept."""
     out = Path(cfg.run.output_dir)
-    configs = _check_before_loading(cfg, out)
+    configs, texts, described = _check_before_loading(cfg, out)
     previous = read_results(out)
     done_before = previous.get("steps_done", {})
-    run = _start(cfg, out, list(sys.argv[1:] if argv is None else argv))
+    run = _start(cfg, out, list(sys.argv[1:] if argv is None else argv), texts)
+    run.results["dataset"] = described
     manifest, device = run.results["manifest"], C.input_device(run.model)
-    for which in sorted({c for s in configs for c in STEPS[s].corpora}):
-        run.corpus(which)  # read once, up front: fingerprints hash the text
     prev_fp, chain_intact = "load", True
     for step, config in configs.items():
         tb = time.perf_counter()

@@ -7,8 +7,8 @@ Methods:
                128 columns with lazy updates, mask chosen per block (Frantar & Alistarh 2023).
     taylor     first-order |w * dL/dw| summed over calibration windows, compared per row;
                ``taylor_score="fisher"`` uses the diagonal Fisher w^2 * E[g^2] instead.
-Patterns: unstructured, or N:M (e.g. "2:4": in every group of 4 consecutive input
-weights of a row, 2 are pruned).
+Patterns: unstructured, or N:M, which keeps N of every M consecutive input weights of a row
+(the NVIDIA and SparseGPT convention: "2:4" keeps 2 of 4, sparsity 1 - N/M; 0 < N < M).
 
 magnitude, wanda and sparsegpt run layer by layer (as in the SparseGPT/Wanda code): the
 calibration windows' inputs to block 0 are captured, each block is pruned from its own
@@ -202,8 +202,8 @@ def capture_block_inputs(model, windows: torch.Tensor):
                     pass
     finally:
         handle.remove()
-    kwargs.pop("past_key_values", None)
-    kwargs.pop("past_key_value", None)
+    for key in ("past_key_values", "past_key_value", "cache"):  # "cache" in transformers 5
+        kwargs.pop(key, None)
     kwargs["use_cache"] = False
     return inputs, kwargs
 

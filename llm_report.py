@@ -112,7 +112,7 @@ def _md_noise(results: dict) -> list[str]:
                   f"Sweep ({sw['mode']} noise on decoder linears, {len(sw['points'])} points): perplexity doubles at "
                   f"eps = {fmt(sw['doubling_eps'].get('unprotected'))} without protection, "
                   f"{fmt(sw['doubling_eps'].get('protected'))} with the top {_pct(sw.get('protect_fraction'))} "
-                  "of weights by Fisher saliency kept clean.", "",
+                  f"of weights by {sw.get('protect_score', 'w^2 F')} kept clean.", "",
                   "| eps | ppl (mean) | ppl protected | KL | top-1 |", "|---|---|---|---|---|"]
         up = sw["summary"]["unprotected"]
         pr_ = sw["summary"].get("protected", {}).get("perplexity", {})
@@ -174,6 +174,12 @@ def _md_analysis(results: dict) -> list[str]:
         for sw in an["super_weights"]:
             lines.append(f"| {sw['layer']} | {sw['module']} | {sw['row']} | {sw['col']} | {fmt(sw['value'])} | "
                          f"{fmt(sw['input_abs'])} | {fmt(sw['output_abs'])} | {fmt(sw['ppl_ratio'])} |")
+        ratio = (an.get("config") or {}).get("super_weight_min_ratio")
+        rejected = an.get("super_weights_rejected") or []
+        lines += ["", f"Accepted: candidates whose ablation multiplies perplexity by at least {fmt(ratio)}. "
+                      "Rejected candidates (output spikes whose ablation does not hurt): " + (", ".join(
+                          f"layer {sw['layer']} [{sw['row']}, {sw['col']}] (x{fmt(sw['ppl_ratio'])})"
+                          for sw in rejected) or "none") + "."]
         lines += ["", f"Quantization (RTN; clean perplexity {fmt(an['clean_perplexity'])}):", "",
                   "| bits | variant | perplexity | kept weights | extra storage % |", "|---|---|---|---|---|"]
         for q in an["quantization"]:
@@ -213,6 +219,11 @@ def report_markdown(results: dict) -> str:
     ds = results.get("dataset", {})
     proto = results.get("protocol", {})
     for which, d in ds.items():
+        if which == "overlap":
+            lines.append(f"- overlap: {d.get('shared')} of {d.get('eval_paragraphs')} evaluation paragraphs "
+                         f"(of at least {d.get('min_chars')} characters) also occur in the calibration text"
+                         + (" (allowed with --allow-overlap)" if d.get("shared") or d.get("same_text") else ""))
+            continue
         fb = f" (fallback: {d['fallback']})" if d.get("fallback") else ""
         lines.append(f"- {which} text: `{d.get('source')}`, {d.get('chars')} characters{fb}")
     if proto:
@@ -260,7 +271,8 @@ def findings(results: dict) -> list[str]:
     if nz:
         d = nz["sweep"]["doubling_eps"]
         out.append(f"Relative noise on the decoder linears doubles perplexity at eps={fmt(d.get('unprotected'))}; "
-                   f"keeping the top {_pct(nz['sweep'].get('protect_fraction'))} of weights by Fisher saliency clean "
+                   f"keeping the top {_pct(nz['sweep'].get('protect_fraction'))} of weights by "
+                   f"{nz['sweep'].get('protect_score', 'w^2 F')} clean "
                    f"moves that to eps={fmt(d.get('protected'))}.")
         if nz.get("top_cells"):
             c = nz["top_cells"][0]

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 import llm_common as C
 from llm_config import NOISE_MODES, EvalConfig, NoiseConfig
 from llm_perplexity import evaluate_model, reference_logprobs, safe_exp
-from llm_sensitivity import protect_top_fraction, protected_coordinates, saliency_scores
+from llm_sensitivity import noise_saliency, protect_top_fraction, protected_coordinates, saliency_scores
 
 log = logging.getLogger("llm.noise")
 
@@ -111,7 +111,7 @@ _BIT_FIELDS = {"bfloat16": (7, 8), "float16": (10, 5)}  # (mantissa bits, expone
 
 def _flip_bits_(p: torch.Tensor, rate: float, gen: torch.Generator, fmt: str,
                 keep: Optional[torch.Tensor], counts: dict) -> None:
-    """Flip each bit of the 16-bit view with probability ``rate``, in place."""
+    """Flip bits of the 16-bit view in place: k ~ Binomial(n_bits, rate) distinct positions."""
     if p.dtype == torch.float32:
         if fmt != "bfloat16":
             raise C.UserError("fp32 weights can only be bit-flipped in their bfloat16 view")
@@ -124,9 +124,17 @@ def _flip_bits_(p: torch.Tensor, rate: float, gen: torch.Generator, fmt: str,
     k = int(np.random.default_rng(gen.initial_seed()).binomial(n_bits, rate)) if rate > 0 else 0
     if k == 0:
         return
-    # Positions drawn with replacement then de-duplicated: at realistic rates collisions are rare,
-    # and the recorded counts are those actually flipped.
-    pos = torch.unique(torch.randint(0, n_bits, (k,), generator=gen, device=gen.device)).to(p.device)
+    # k distinct positions (without replacement, so the realised rate is k / n_bits, not
+    # 1 - exp(-rate)): draw, de-duplicate, top up; collisions are rare, so this takes a round or two
+    # and never builds a permutation of all n_bits.
+    if k > n_bits // 2:  # dense flips: a permutation is cheaper than collecting coupons
+        pos = torch.randperm(n_bits, generator=gen, device=gen.device)[:k]
+    else:
+        pos = torch.unique(torch.randint(0, n_bits, (k,), generator=gen, device=gen.device))
+    while pos.numel() < k:
+        more = torch.randint(0, n_bits, (k - pos.numel(),), generator=gen, device=gen.device)
+        pos = torch.unique(torch.cat([pos, more]))
+    pos = pos.to(p.device)
     elem, bit = pos // 16, pos % 16
     if keep is not None:
         ok = ~keep.reshape(-1)[elem]
@@ -202,22 +210,26 @@ class SweepResult:
 
 
 def _summarise(points: list, key: str) -> dict:
+    """Per eps: mean, min, max over seeds, and how many seeds gave a non-finite value. A
+    non-finite seed is never dropped: the mean is inf if any seed is inf, nan if any is nan."""
     out = {}
     for eps in sorted({p["eps"] for p in points}):
-        vals = [p[key] for p in points if p["eps"] == eps]
-        finite = [v for v in vals if math.isfinite(v)]
-        out[str(eps)] = {"mean": statistics.fmean(finite) if finite else float("inf"),
-                         "min": min(vals), "max": max(vals), "n": len(vals)}
+        vals = [float(p[key]) for p in points if p["eps"] == eps]
+        nonfinite = sum(not math.isfinite(v) for v in vals)
+        mean = statistics.fmean(vals) if not nonfinite else (
+            float("nan") if any(math.isnan(v) for v in vals) else float("inf"))
+        out[str(eps)] = {"mean": mean, "min": min(vals), "max": max(vals), "n": len(vals), "nonfinite": nonfinite}
     return out
 
 
 def doubling_epsilon(summary: dict, clean_ppl: float) -> Optional[float]:
-    """Smallest eps where mean perplexity reaches 2x clean, log-interpolated on the grid."""
+    """Smallest eps where mean perplexity reaches 2x clean (or stops being finite),
+    log-interpolated on the grid."""
     xs = sorted(summary, key=float)
     prev = (0.0, clean_ppl)
     for x in xs:
         y = summary[x]["mean"]
-        if y >= 2 * clean_ppl:
+        if not math.isfinite(y) or y >= 2 * clean_ppl:  # inf or nan: the model is already broken there
             x0, y0 = prev
             if x0 <= 0 or not math.isfinite(y):
                 return float(x)
@@ -299,6 +311,10 @@ def top_cells(smap: dict, k: int = 5) -> list:
 
 # --------------------------------------------------------------------------- the step
 
+# The ranking of the protected sweep, as the report words it.
+_SIGMA = {"absolute": "F sigma^2, sigma = eps", "relative": "F sigma^2, sigma = eps std(W)",
+          "multiplicative": "F sigma^2, sigma = eps |w|", "bitflip": "F w^2"}
+
 
 @dataclass
 class RobustnessResult:
@@ -314,16 +330,19 @@ class RobustnessResult:
 def protection_masks(model, calib_ids: Optional[torch.Tensor], config: NoiseConfig,
                      coords: Sequence[tuple]) -> Optional[dict[str, torch.Tensor]]:
     """Bool masks (parameter name -> mask in the parameter's layout) of the weights kept clean
-    in the protected sweep: the top ``protect_fraction`` by Fisher saliency on
-    ``fisher_windows`` calibration windows, plus ``coords``; None when nothing is protected."""
+    in the protected sweep: the top ``protect_fraction`` on ``fisher_windows`` calibration
+    windows by the expected loss increase under the sweep's noise (``protect_score="noise"``:
+    F sigma^2, see ``noise_saliency``) or by OBD's w^2 F (``"obd"``), plus ``coords``; None
+    when nothing is protected."""
     if not (config.protect_fraction > 0 and calib_ids is not None) and not coords:
         return None
     lin = C.decoder_linears(model)
     if config.protect_fraction > 0 and calib_ids is not None:
         windows = C.sample_windows(calib_ids, config.fisher_windows, config.fisher_seq_len, seed=config.seed)
         # Masks in each parameter's own layout (Conv1D stores weights [in, out]).
-        scores = {n + ".weight": C.out_in(lin[n], s)
-                  for n, s in saliency_scores(model, windows, lin, "fisher", config.progress).items()}
+        raw = (noise_saliency(model, windows, lin, config.sweep_mode, config.progress)
+               if config.protect_score == "noise" else saliency_scores(model, windows, lin, "fisher", config.progress))
+        scores = {n + ".weight": C.out_in(lin[n], v) for n, v in raw.items()}
     else:
         scores = {n + ".weight": torch.zeros(m.weight.shape) for n, m in lin.items()}
     return protect_top_fraction(scores, config.protect_fraction, [(m + ".weight", r, c) for m, r, c in coords])
@@ -349,10 +368,12 @@ def apply_robustness_test(model, tokenizer=None, config: NoiseConfig = NoiseConf
         seq = min(config.sweep_seq_len, config.sweep_tokens)
         ecfg = EvalConfig(seq_len=seq, eval_tokens=config.sweep_tokens, batch_size=config.batch_size)
         masks = protection_masks(model, calib_ids, config, coords)
-        sweep = noise_sweep(model, tokenizer, eval_ids, config.sweep_eps, list(range(config.sweep_seeds)),
+        seeds = [config.seed + i for i in range(config.sweep_seeds)]  # --seed moves the sweep too
+        sweep = noise_sweep(model, tokenizer, eval_ids, config.sweep_eps, seeds,
                             mode=config.sweep_mode, group=config.sweep_group, eval_config=ecfg, protect=masks,
                             progress=config.progress)
-        res.sweep = {**asdict(sweep), "protect_fraction": config.protect_fraction}
+        res.sweep = {**asdict(sweep), "protect_fraction": config.protect_fraction,
+                     "protect_score": {"noise": _SIGMA[config.sweep_mode], "obd": "w^2 F"}[config.protect_score]}
         if config.map:
             mcfg = EvalConfig(seq_len=min(seq, config.map_tokens), eval_tokens=config.map_tokens,
                               batch_size=config.batch_size)

@@ -54,6 +54,26 @@ def saliency_scores(model, windows, names: dict[str, torch.nn.Module], score: st
     return out
 
 
+def noise_saliency(model, windows, names: dict[str, torch.nn.Module], mode: str, progress: bool = True):
+    """Expected loss increase per weight [out, in] under weight noise of ``mode``, up to the
+    common factor eps^2 / 2: the diagonal-Fisher estimate 0.5 F_ii sigma_i^2 with
+    sigma_i = eps (absolute), eps * std(W) of the tensor (relative), eps * |w_i|
+    (multiplicative; also used for bit flips, whose damage scales with the value). For the
+    additive modes this ranks by F and not by w^2 F: a small weight hit by noise of fixed
+    size hurts as much as a large one with the same curvature."""
+    moments = gradient_moments(model, windows, names, progress)
+    out = {}
+    for name, (_, g2) in moments.items():
+        w = C.weight_view(names[name]).detach().float()
+        if mode == "absolute":
+            out[name] = g2
+        elif mode == "relative":
+            out[name] = g2 * w.std().pow(2)
+        else:
+            out[name] = g2 * w.pow(2)
+    return out
+
+
 def protect_top_fraction(scores: Mapping[str, torch.Tensor], fraction: float,
                          coords: Sequence[tuple[str, int, int]] = ()) -> dict[str, torch.Tensor]:
     """Bool masks keeping the top ``fraction`` of weights by score (global ranking) plus
@@ -119,10 +139,13 @@ def detect_super_weights(model, tokenizer, prompt: str = "Apple Inc. is a worldw
                          max_weights: int = 4, spike_factor: float = 10.0) -> tuple[list[SuperWeight], dict]:
     """Data-free super-weight detection (one prompt, iterative).
 
-    Each round, the layer whose down-projection output max |y| is largest, and at least
-    ``spike_factor`` x the median over layers, names a candidate W[row = argmax |y|,
-    col = argmax |x|]. It is zeroed and the search repeats. The model is restored on exit.
-    Returns (candidates, activation profile of the first, unablated pass).
+    Each round, the *first* layer whose down-projection output max |y| reaches
+    ``spike_factor`` x the median over layers names a candidate W[row = argmax |y|,
+    col = argmax |x|] (Yu et al.: the super weight is where the massive activation first
+    appears; later, larger spikes are often the ones that cancel it). It is zeroed and the
+    search repeats. Candidates are only candidates: ``verify_super_weights`` ablates each
+    and the analysis accepts those whose ablation passes its threshold. The model is restored
+    on exit. Returns (candidates, activation profile of the first, unablated pass).
     """
     ids = torch.tensor(tokenizer(prompt).input_ids) if tokenizer is not None else None
     if ids is None:
@@ -140,9 +163,12 @@ def detect_super_weights(model, tokenizer, prompt: str = "Apple Inc. is a worldw
                            "residual_max": [r[0] for r in resid], "residual_channel": [r[1] for r in resid]}
             outs = sorted(s[2] for s in stats)
             median = outs[len(outs) // 2]
-            i = max(range(len(stats)), key=lambda j: stats[j][2])
+            spikes = [j for j in range(len(stats)) if stats[j][2] >= spike_factor * median]
+            if not spikes:
+                break
+            i = spikes[0]
             in_abs, col, out_abs, row = stats[i]
-            if out_abs < spike_factor * median or any(f.layer == i and f.row == row and f.col == col for f in found):
+            if any(f.layer == i and f.row == row and f.col == col for f in found):
                 break
             W = C.weight_view(downs[i])
             found.append(SuperWeight(i, names_of[downs[i]], row, col, float(W[row, col].detach()), in_abs, out_abs))

@@ -62,8 +62,21 @@ def plant_super_weight(m, layer=1, row=7, col=5):
         mlp = m.model.layers[layer].mlp
         mlp.gate_proj.weight[col] = 3.0
         mlp.up_proj.weight[col] = 3.0
-        mlp.down_proj.weight[row, col] = 40.0
+        mlp.down_proj.weight[:, col] = 0.0  # the active channel feeds only ``row`` ...
+        mlp.down_proj.weight[row, col] = 40.0  # ... through the super weight
     return layer, row, col
+
+
+def make_super_weight_matter(m, ids: torch.Tensor, row: int = 7):
+    """Give the massive activation on residual channel ``row`` a job, as in a trained model:
+    once it dominates the final RMSNorm, the logits read the text's unigram log-probabilities
+    from lm_head column ``row``. Zeroing the super weight then multiplies perplexity by ~6,
+    where in an untrained random model it would change nothing."""
+    import math
+
+    with torch.no_grad():
+        counts = torch.bincount(ids, minlength=m.lm_head.weight.shape[0]).float() + 1
+        m.lm_head.weight[:, row] = (counts / counts.sum()).log() / math.sqrt(m.config.hidden_size)
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +105,8 @@ def make_pipeline_config(model_dir, text, out, steps=None, **overrides):
     section (run, prune, ...) to the fields to change, e.g. ``prune={"pattern": "2:4"}``."""
     cfg = K.PipelineConfig(
         run=K.RunConfig(steps=tuple(steps or K.ALL_STEPS), output_dir=str(out), model=str(model_dir), dataset=str(text),
-                        train_dataset=str(text), seed=3, log_level="WARNING"),
+                        train_dataset=str(text), seed=3, log_level="WARNING",
+                        allow_overlap=True),  # one small text serves as both
         finetune=K.FinetuneConfig(steps=3, batch_size=2, seq_len=32, lr=1e-3),
         prune=K.PruneConfig(calib_samples=4, calib_seq_len=32, protect="auto"),
         noise=K.NoiseConfig(sweep_eps=(0.1, 1.0), sweep_seeds=2, sweep_tokens=64, sweep_seq_len=32,

@@ -6,7 +6,7 @@ import torch
 from torch.func import functional_call
 
 import llm_common as C
-from conftest import plant_super_weight
+from conftest import make_super_weight_matter, plant_super_weight
 import llm_integrated_analysis as A
 import llm_report
 from llm_evaluate_models import EvalConfig
@@ -133,6 +133,64 @@ def test_rtn_quantization_levels_and_kept_weights():
     assert (q8 - W).abs().max() < 0.05
 
 
+def test_late_spike_is_a_candidate_but_rejected_by_ablation(tok, sample_text, tiny_llama):
+    """Yu et al.: the super weight is where the spike first appears. A later, larger spike whose
+    named weight does nothing when zeroed (the spike comes from another input channel) is
+    listed as a rejected candidate, not as a super weight, and not protected in quantization."""
+    m = tiny_llama(layers=6, hidden=32)
+    ids = C.tokenize_corpus(tok, sample_text[:3000])
+    plant_super_weight(m, layer=1, row=7, col=5)
+    make_super_weight_matter(m, ids, row=7)
+    with torch.no_grad():
+        mlp = m.model.layers[5].mlp
+        mlp.gate_proj.weight[11] = mlp.up_proj.weight[11] = 3.0   # the largest input channel ...
+        mlp.down_proj.weight[:, 11] = 0.0                          # ... feeds no output
+        mlp.gate_proj.weight[12] = mlp.up_proj.weight[12] = 2.0
+        mlp.down_proj.weight[20, 12] = 200.0                       # the spike on output 20 comes from 12
+    found, _ = A.detect_super_weights(m, tok, C_PROMPT, max_weights=3)
+    assert [(f.layer, f.row, f.col) for f in found][:2] == [(1, 7, 5), (5, 20, 11)]
+    assert found[1].output_abs > found[0].output_abs  # the late spike is the largest output
+    # The toy's real super weight multiplies perplexity by ~1.6 (Llama-7B's: by 100s), so the
+    # threshold sits between that and the no-op's exact 1.0.
+    cfg = A.AnalysisConfig(calib_windows=1, calib_seq_len=16, fisher_windows=1, max_probes=2, power_iters=1,
+                           quant_bits=(4,), quant_group=32, eval_seq_len=32, eval_tokens=128,
+                           super_weight_min_ratio=1.2, progress=False)
+    res = A.run_integrated_analysis(m, tok, ids, ids, cfg)
+    assert [(s["layer"], s["row"], s["col"]) for s in res.super_weights] == [(1, 7, 5)]
+    assert res.super_weights[0]["ppl_ratio"] > 1.2  # zeroing the real one hurts
+    late = [s for s in res.super_weights_rejected if s["layer"] == 5]
+    assert late and late[0]["ppl_ratio"] == pytest.approx(1.0)  # zeroing a weight that is already 0
+    assert res.super_weight_layers == [1]
+
+
+C_PROMPT = "Apple Inc. is a worldwide tech company."
+
+
+def _hand_rtn(row: list, bits: int) -> list:
+    """Asymmetric round-to-nearest of one group, written out scalar by scalar."""
+    lo, hi = min(min(row), 0.0), max(max(row), 0.0)
+    scale = max((hi - lo) / (2 ** bits - 1), 1e-10)
+    zero = round(-lo / scale)
+    return [(min(max(round(w / scale) + zero, 0), 2 ** bits - 1) - zero) * scale for w in row]
+
+
+def test_rtn_groups_have_a_tail_group_like_a_hand_quantized_matrix():
+    """576 = 4 x 128 + 64 (SmolLM2's width): 5 groups per row, the last 64 wide, each with its
+    own range; a matrix quantized group by group by hand gives the same values."""
+    assert A.rtn_groups(576, 128) == [(0, 128), (128, 256), (256, 384), (384, 512), (512, 576)]
+    torch.manual_seed(1)
+    W = torch.randn(3, 10, dtype=torch.float64)
+    W[1, 9] = 8.0  # an outlier in the tail group only
+    q = W.clone()
+    A.quantize_rtn_(q, 3, group_size=4)
+    want = [sum((_hand_rtn(W[r, a:b].tolist(), 3) for a, b in A.rtn_groups(10, 4)), []) for r in range(3)]
+    assert torch.allclose(q, torch.tensor(want, dtype=torch.float64), atol=1e-12)
+    # One group per row (what a width that is not a multiple used to get) is a different, coarser
+    # quantization: the outlier's range would swallow the whole row.
+    whole = torch.tensor(_hand_rtn(W[1].tolist(), 3), dtype=torch.float64)
+    assert (whole - W[1])[:8].abs().sum() > 2 * (q[1] - W[1])[:8].abs().sum()
+
+
 def test_spearman():
     assert A.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert A.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
@@ -142,6 +200,7 @@ def test_spearman():
 def test_integrated_analysis_end_to_end_leaves_model_unchanged(tok, sample_text, tmp_path, tiny_llama):
     m = tiny_llama(layers=3, hidden=32)
     plant_super_weight(m, layer=1)
+    make_super_weight_matter(m, C.tokenize_corpus(tok, sample_text[:3000]))
     before = {k: v.clone() for k, v in m.state_dict().items()}
     ids = C.tokenize_corpus(tok, sample_text[:3000])
     cfg = A.AnalysisConfig(calib_windows=1, calib_seq_len=16, fisher_windows=2, max_probes=3, power_iters=3,

@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+import llm_common as C
 import llm_main_v4
 
 
@@ -109,6 +110,22 @@ def test_help_shows_real_defaults_and_choices(capsys):
     assert all(f"step {s}:" in text for s in llm_main_v4.STEPS)
 
 
+def test_calibration_text_that_holds_the_evaluation_text_is_refused(corpus_file, tmp_path, capsys):
+    """The same file for calibration and evaluation is refused before the model is loaded
+    (the model path does not even exist); --allow-overlap lets it through and records it."""
+    rc = llm_main_v4.main(["--model", "/no/such/model", "--dataset", str(corpus_file), "--train-dataset",
+                           str(corpus_file), "--steps", "prune,eval", "--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "evaluation paragraphs" in err[0] and "same text" in err[0]
+    half = corpus_file.read_text()
+    other = tmp_path / "other.txt"  # a different text that repeats one evaluation paragraph
+    para = max(half.split("\n\n"), key=len)
+    other.write_text("An unrelated first paragraph. " * 10 + "\n\n" + para)
+    ov = C.corpus_overlap(C.load_corpus(str(other), "train"), C.load_corpus(str(corpus_file), "test"), allow=True)
+    n_long = sum(len(p.strip()) >= 200 for p in half.split("\n\n"))
+    assert ov["shared"] == 1 and ov["eval_paragraphs"] == n_long and not ov["same_text"]
+
+
 def test_corpus_shorter_than_a_window(tiny_dir, tmp_path, capsys):
     short = tmp_path / "short.txt"
     short.write_text("tiny")
@@ -151,7 +168,8 @@ def test_full_pipeline_on_tiny_model(tiny_dir, corpus_file, tmp_path):
             "--attack-steps", "2", "--attack-windows", "2", "--gcg-steps", "2", "--defence-steps", "2",
             "--hessian-probes", "2", "--power-iters", "2", "--analysis-seq-len", "16", "--quant-group", "16",
             "--protect-super-weights", "auto", "--dataset", str(corpus_file),
-            "--train-dataset", str(corpus_file), "--seq-len", "32", "--eval-tokens", "256", "--max-new-tokens", "3",
+            "--train-dataset", str(corpus_file), "--allow-overlap", "--seq-len", "32", "--eval-tokens", "256",
+            "--max-new-tokens", "3",
             "--ft-steps", "3", "--ft-seq-len", "32", "--ft-batch-size", "2", "--lr", "1e-3",
             "--calib-samples", "4", "--calib-seq-len", "32", "--kl", "--output-dir", str(out),
             "--sweep-eps", "0.1,1", "--sweep-seeds", "2", "--sweep-tokens", "64", "--protect-fraction", "0.05",

@@ -15,7 +15,7 @@ import torch
 import llm_common as C
 import llm_config as K
 import llm_main_v4
-from conftest import plant_super_weight
+from conftest import make_super_weight_matter, plant_super_weight
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = {"seconds", "tokens_per_s", "peak_memory_mb", "loaded_existing", "resumed_from_step", "model_dir", "config",
@@ -37,6 +37,7 @@ def setup(tmp_path_factory, sample_text, tiny_llama, byte_tokenizer):
     d = tmp_path_factory.mktemp("pipe")
     m = tiny_llama(layers=3)
     plant_super_weight(m, layer=1)
+    make_super_weight_matter(m, C.tokenize_corpus(byte_tokenizer(), sample_text[:4000]))
     m.save_pretrained(d / "model")
     byte_tokenizer().save_pretrained(d / "model")
     (d / "text.txt").write_text(sample_text[:4000])
@@ -132,7 +133,9 @@ def _changed(value, hint):
 @pytest.mark.parametrize("step", K.ALL_STEPS)
 def test_every_config_field_enters_its_steps_fingerprint(step, pipeline, setup, pipeline_config):
     out, _ = pipeline
-    run = llm_main_v4.Run(cfg=pipeline_config(setup / "model", setup / "text.txt", out), out=out)
+    text = C.load_corpus(str(setup / "text.txt"), "test")
+    run = llm_main_v4.Run(cfg=pipeline_config(setup / "model", setup / "text.txt", out), out=out,
+                          texts={"eval": text, "train": text})
     run.results.update(device="cpu", dtype="torch.float32", model_identity={"label": "m"})
     cls = K.STEP_CONFIGS[step]
     base = cls()

@@ -33,7 +33,7 @@ def setup(tmp_path_factory, sample_text, byte_tokenizer, tiny_llama):
 
 
 def argv(setup, out, *extra):
-    return ["--model", str(setup / "model"), "--dataset", str(setup / "text.txt"), "--train-dataset",
+    return ["--model", str(setup / "model"), "--allow-overlap", "--dataset", str(setup / "text.txt"), "--train-dataset",
             str(setup / "text.txt"), "--steps", "finetune,prune,noise,eval", "--seq-len", "32", "--eval-tokens", "128",
             "--max-new-tokens", "2", "--ft-steps", "4", "--ft-seq-len", "32", "--ft-batch-size", "2", "--lr", "1e-3",
             "--calib-samples", "2", "--calib-seq-len", "32", "--sweep-eps", "0.1,1", "--sweep-seeds", "2",

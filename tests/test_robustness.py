@@ -151,3 +151,76 @@ def test_sensitivity_map_finds_the_fragile_cell(tok, sample_text, tiny_llama):
                            progress=False)
     assert len(smap["delta_nll"]) == 2 and len(smap["modules"]) == 7
     assert top_cells(smap, 1)[0]["layer"] == 1
+
+
+def test_dense_bitflips_are_drawn_without_replacement():
+    """At rate 0.5, drawing positions with replacement would flip only 1 - e^-0.5 = 39% of
+    the bits; distinct positions flip 50%."""
+    w = torch.randn(64, 64).to(torch.bfloat16)
+    p = {"w": w.clone()}
+    res = perturb_(p, NoiseConfig("bitflip", 0.5, seed=4))
+    x = torch.bitwise_xor(w.view(torch.int16), p["w"].view(torch.int16)).to(torch.int64) & 0xFFFF
+    flipped = sum(int(((x >> b) & 1).sum()) for b in range(16))
+    n_bits = w.numel() * 16
+    assert flipped == sum(res.bitflips.values())
+    assert abs(flipped - 0.5 * n_bits) < 5 * math.sqrt(0.25 * n_bits)
+
+
+def test_a_nan_seed_shows_up_in_the_sweep_summary():
+    """Seeds [nan, 20, 30] do not average to 25: the mean is nan, the count says why, and the
+    doubling eps treats a non-finite point as broken."""
+    from llm_robustness_test import _summarise
+
+    pts = [{"eps": 0.1, "perplexity": float("nan")}, {"eps": 0.1, "perplexity": 20.0},
+           {"eps": 0.1, "perplexity": 30.0}, {"eps": 0.2, "perplexity": float("inf")},
+           {"eps": 0.2, "perplexity": 30.0}]
+    s = _summarise(pts, "perplexity")
+    assert math.isnan(s["0.1"]["mean"]) and s["0.1"]["nonfinite"] == 1 and s["0.1"]["n"] == 3
+    assert s["0.2"]["mean"] == float("inf") and s["0.2"]["nonfinite"] == 1
+    assert doubling_epsilon(s, 20.0) == 0.1
+
+
+def test_additive_noise_protection_ranks_by_fisher_times_sigma_squared(tok, sample_text, tiny_llama):
+    """Relative noise has sigma = eps * std(W) whatever w is, so the expected loss increase
+    0.5 F sigma^2 ranks weights by F * std(W)^2, not by OBD's w^2 F. The masks equal an
+    independent top-k of that product over per-window squared gradients."""
+    from llm_robustness_test import protection_masks
+    from llm_config import NoiseConfig as NC
+
+    m = tiny_llama(hidden=32)
+    ids = C.tokenize_corpus(tok, sample_text[:3000])
+    cfg = NC(sweep_mode="relative", protect_fraction=0.02, fisher_windows=3, fisher_seq_len=32, seed=1,
+             progress=False)
+    masks = protection_masks(m, ids, cfg, ())
+    windows = C.sample_windows(ids, 3, 32, seed=1)
+    lin = C.decoder_linears(m)
+    scores = {}
+    for name, mod in lin.items():  # per-window gradients, by hand
+        g2 = torch.zeros_like(mod.weight)
+        for w in windows:
+            m.zero_grad()
+            with C.trainable_only(m, [mod.weight]):
+                m(input_ids=w[None], labels=w[None]).loss.backward()
+                g2 += mod.weight.grad.pow(2) / len(windows)
+        scores[name + ".weight"] = g2 * mod.weight.detach().std().pow(2)
+    flat = torch.cat([s.flatten() for s in scores.values()])
+    thresh = torch.topk(flat, int(flat.numel() * 0.02)).values[-1]
+    for name, s in scores.items():
+        assert torch.equal(masks[name], s >= thresh), name
+    obd = protection_masks(m, ids, NC(**{**cfg.__dict__, "protect_score": "obd"}), ())
+    assert any(not torch.equal(obd[n], masks[n]) for n in masks)  # a different ranking
+
+
+def test_sweep_seeds_follow_the_run_seed(tok, sample_text, tiny_llama):
+    ids = C.tokenize_corpus(tok, sample_text[:2000])
+    from llm_config import NoiseConfig as NC
+
+    def points(seed):
+        cfg = NC(sweep_eps=(0.5,), sweep_seeds=2, sweep_tokens=128, sweep_seq_len=64, protect_fraction=0.0,
+                 seed=seed, progress=False)
+        with noisy_weights(m := tiny_llama(), NoiseConfig("absolute", 0.0)):
+            return apply_robustness_test(m, tok, cfg, ids).sweep["points"]
+
+    a, b = points(0), points(5)
+    assert [p["seed"] for p in a] == [0, 1] and [p["seed"] for p in b] == [5, 6]
+    assert a[0]["perplexity"] != b[0]["perplexity"]
