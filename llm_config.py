@@ -438,6 +438,8 @@ class AdversarialConfig(StepConfig):
     gcg_batch: Optional[int] = knob(None, "GCG candidates per step", flag="--gcg-batch", bounds=">=1")
     gcg_topk: Optional[int] = knob(None, "GCG top-k tokens per position", flag="--gcg-topk", bounds=">=1")
     gcg_suffix_len: Optional[int] = knob(None, "GCG suffix tokens", flag="--gcg-suffix-len", bounds="[1,1000]")
+    filter_prompts: int = knob(50, "clean prompts that calibrate the perplexity filter, and as many held out "
+                                   "for its false-positive rate", flag="--filter-prompts", bounds="[2,100000]")
     defence_steps: Optional[int] = knob(None, "adversarial fine-tuning steps", flag="--defence-steps",
                                         bounds="[1,100000]")
     defence_lr: float = knob(1e-5, "adversarial fine-tuning learning rate", flag="--defence-lr", bounds="(0,1]")
@@ -466,7 +468,11 @@ class AnalysisConfig(StepConfig):
     fisher_windows: Optional[int] = knob(None, "windows of the Fisher diagonal", bounds="[1,100000]")
     max_probes: Optional[int] = knob(None, "max Hutchinson probes (stops earlier on --hessian-tol)",
                                      flag="--hessian-probes", bounds="[1,100000]")
-    tol: float = knob(1e-2, "relative tolerance that stops Hutchinson", flag="--hessian-tol", bounds=">=0")
+    rel_stderr: float = knob(0.1, "Hutchinson probes until every layer's trace has a standard error of at most "
+                                  "this fraction of its magnitude (0: PyHessian's --hessian-tol rule)",
+                             flag="--hessian-rel-stderr", bounds=">=0")
+    tol: float = knob(1e-2, "with --hessian-rel-stderr 0: relative change of the total trace that stops "
+                            "Hutchinson", flag="--hessian-tol", bounds=">=0")
     power_iters: Optional[int] = knob(None, "power iterations for the top eigenvalue", flag="--power-iters",
                                       bounds="[1,100000]")
     per_block: Optional[bool] = knob(None, "Hessian one block at a time (auto: above 3B parameters)",

@@ -50,6 +50,7 @@ class FinetuneResult:
     heldout_loss_after: Optional[float] = None
     heldout_ppl_before: Optional[float] = None
     heldout_ppl_after: Optional[float] = None
+    heldout_token_set: str = ""                  # what the held-out loss is scored on
     train_losses: list = field(default_factory=list)  # per step
     seconds: float = 0.0
     manifest: dict = field(default_factory=dict)
@@ -93,6 +94,11 @@ def split_holdout(ids: torch.Tensor, cfg: FinetuneConfig) -> tuple[torch.Tensor,
 def _batch(train: torch.Tensor, step: int, cfg: FinetuneConfig) -> torch.Tensor:
     """Windows for ``step``: [batch_size, seq_len]. Depends only on (seed, step)."""
     return C.sample_windows(train, cfg.batch_size, cfg.seq_len, seed=cfg.seed * 1_000_003 + step)
+
+
+def _heldout_label(hold: torch.Tensor, cfg: FinetuneConfig) -> str:
+    n = min(hold.numel(), cfg.holdout_windows * cfg.seq_len) // cfg.seq_len * cfg.seq_len
+    return f"{n} tokens held out at the end of the training text, windows of {cfg.seq_len}"
 
 
 def _heldout(model, tokenizer, hold: torch.Tensor, cfg: FinetuneConfig) -> tuple[float, float]:
@@ -316,6 +322,7 @@ def load_or_train_model(model, tokenizer, train_ids: torch.Tensor, config: Finet
                                      heldout_loss_after=manifest.get("heldout_loss_after"),
                                      heldout_ppl_before=manifest.get("heldout_ppl_before"),
                                      heldout_ppl_after=manifest.get("heldout_ppl_after"),
+                                     heldout_token_set=manifest.get("heldout_token_set", ""),
                                      train_losses=manifest.get("train_losses", []),
                                      seconds=time.perf_counter() - t0, manifest=manifest, config=asdict(config))
     C.seed_everything(config.seed)
@@ -328,11 +335,12 @@ def load_or_train_model(model, tokenizer, train_ids: torch.Tensor, config: Finet
                 "steps": config.steps, "batch_size": config.batch_size, "seq_len": config.seq_len, "lr": config.lr,
                 "train_tokens": int(train_part.numel()), "heldout_tokens": int(hold.numel()),
                 "heldout_loss_before": loss0, "heldout_loss_after": loss1,
-                "heldout_ppl_before": ppl0, "heldout_ppl_after": ppl1,
+                "heldout_ppl_before": ppl0, "heldout_ppl_after": ppl1, "heldout_token_set": _heldout_label(hold, config),
                 "final_train_loss": losses[-1] if losses else None, "train_losses": losses}
     _save_finished(model, tokenizer, config, manifest)
     res = FinetuneResult(model_dir=str(out), loaded_existing=False, mode=config.mode, steps=config.steps,
                          resumed_from_step=resumed, heldout_loss_before=loss0, heldout_loss_after=loss1,
                          heldout_ppl_before=ppl0, heldout_ppl_after=ppl1, train_losses=losses,
+                         heldout_token_set=manifest["heldout_token_set"],
                          seconds=time.perf_counter() - t0, manifest=manifest, config=asdict(config))
     return model, res

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 import llm_common as C
 from llm_config import AnalysisConfig, EvalConfig
-from llm_perplexity import evaluate_model
+from llm_perplexity import evaluate_model, token_set
 from llm_sensitivity import SuperWeight, detect_super_weights, gradient_moments, protect_top_fraction
 
 log = logging.getLogger("llm.analysis")
@@ -88,15 +88,26 @@ class TraceResult:
     converged: bool
     diagonal: Optional[dict] = None  # name -> E[v * Hv] (Hutchinson diagonal), [out, in]
     seconds: float = 0.0
+    samples: dict = field(default_factory=dict)  # name -> the per-probe estimates
+
+
+def _rel_stderr(xs: Sequence[float]) -> float:
+    """Standard error of the mean over |mean| (inf for fewer than 2 samples or a zero mean)."""
+    m = sum(xs) / len(xs)
+    return _stderr(xs) / abs(m) if len(xs) > 1 and m else math.inf
 
 
 def hutchinson_trace(loss_fn, named_params: dict[str, torch.Tensor], max_probes: int = 50, min_probes: int = 3,
                      tol: float = 1e-2, seed: int = 0, keep_diagonal: bool = False,
-                     progress: bool = True, operator: Optional[HessianOperator] = None) -> TraceResult:
+                     progress: bool = True, operator: Optional[HessianOperator] = None,
+                     groups: Optional[dict] = None, rel_stderr: Optional[float] = None) -> TraceResult:
     """Hutchinson estimate of tr(H) per named parameter, sharing one probe across all of them.
 
-    Stops when |mean_k - mean_{k-1}| / (|mean_{k-1}| + 1e-6) < tol for the total trace
-    (the PyHessian criterion, with the absolute value), after at least ``min_probes``.
+    Stopping, after at least ``min_probes``: with ``groups`` (name -> group, e.g. its layer) and
+    ``rel_stderr``, when every group's summed trace has a standard error of at most
+    ``rel_stderr`` x |its mean| (adaptive: precise enough to compare layers); otherwise when
+    |mean_k - mean_{k-1}| / (|mean_{k-1}| + 1e-6) < tol for the total trace (the PyHessian
+    criterion, with the absolute value). ``max_probes`` caps both; ``converged`` says which.
     """
     t0 = time.perf_counter()
     names = list(named_params)
@@ -118,9 +129,17 @@ def hutchinson_trace(loss_fn, named_params: dict[str, torch.Tensor], max_probes:
         del hv
         total = sum(sum(s) / len(s) for s in samples.values())
         bar.set_postfix(trace=f"{total:.4g}")
-        if prev is not None and k + 1 >= min_probes and abs(total - prev) / (abs(prev) + 1e-6) < tol:
-            converged = True
-            break
+        if k + 1 >= min_probes:
+            if groups is not None and rel_stderr is not None:
+                sums = {}
+                for n in names:
+                    sums.setdefault(groups[n], [0.0] * (k + 1))
+                    sums[groups[n]] = [a + b for a, b in zip(sums[groups[n]], samples[n])]
+                converged = max(_rel_stderr(v) for v in sums.values()) <= rel_stderr
+            else:
+                converged = prev is not None and abs(total - prev) / (abs(prev) + 1e-6) < tol
+            if converged:
+                break
         prev = total
     del op  # frees the retained gradient graph
     n_probes = k + 1
@@ -130,7 +149,7 @@ def hutchinson_trace(loss_fn, named_params: dict[str, torch.Tensor], max_probes:
     if diag is not None:
         diag = {n: d / n_probes for n, d in diag.items()}
     return TraceResult(trace, stderr, sum(trace.values()), _stderr(per_probe_total), n_probes, converged, diag,
-                       time.perf_counter() - t0)
+                       time.perf_counter() - t0, samples)
 
 
 def _stderr(xs: Sequence[float]) -> float:
@@ -282,8 +301,17 @@ class AnalysisResult:
     super_weights: list              # accepted candidates: ablation ratio >= super_weight_min_ratio
     activation_profile: dict
     clean_perplexity: float
+    clean_token_set: str             # what the ablations and the quantization study are scored on
     quantization: list
     super_weights_rejected: list = field(default_factory=list)  # candidates whose ablation did not pass
+    hessian_converged: bool = False              # every layer reached rel_stderr before the probe budget
+    hessian_layer_trace: list = field(default_factory=list)   # per layer: mean Hutchinson trace
+    hessian_layer_stderr: list = field(default_factory=list)  # ... its standard error over probes
+    hessian_layer_ci95: list = field(default_factory=list)    # ... [low, high], mean +- 1.96 stderr
+    hessian_layer_reliable: list = field(default_factory=list)  # ... stderr <= rel_stderr x |mean|
+    hessian_ranking: list = field(default_factory=list)       # layers by trace, tied where intervals overlap
+    hessian_trace_per_param: dict = field(default_factory=dict)  # module -> trace / number of weights
+    hessian_module_reliable: dict = field(default_factory=dict)  # module -> stderr <= rel_stderr x |mean|
     layer_totals: dict = field(default_factory=dict)      # hessian_trace / fisher_sum -> per-layer sums
     top_layers: dict = field(default_factory=dict)        # the same -> 5 largest layers
     rank_correlation: dict = field(default_factory=dict)  # Spearman between the measures (and the noise map)
@@ -292,18 +320,21 @@ class AnalysisResult:
     config: dict = field(default_factory=dict)            # the resolved AnalysisConfig
 
 
-def _hessian(model, mods: dict, mlayer: dict, windows: torch.Tensor, config: AnalysisConfig, secs: dict):
-    """Hutchinson traces per module (all at once, or one block at a time with ``per_block``) and
-    the top eigenvalue (of all modules, or of the first block). Returns (trace, stderr, probes,
-    total variance, Hutchinson diagonal [out, in] or {}, eigenvalue, power iterations)."""
+def _hessian(model, mods: dict, mlayer: dict, windows: torch.Tensor, config: AnalysisConfig, secs: dict) -> dict:
+    """Hutchinson traces per module (all at once, or one block at a time with ``per_block``),
+    probing until every layer's trace is known to ``config.rel_stderr`` (or the probe budget
+    runs out), and the top eigenvalue (of all modules, or of the first block). Returns a dict:
+    trace, stderr, probes, converged, total variance, per-probe module samples, Hutchinson
+    diagonal [out, in] ({} unless saliency="hutchinson"), eigenvalue, power iterations."""
     t = time.perf_counter()
     n_layers = len(C.decoder_layers(model))
+    h = {"trace": {}, "stderr": {}, "samples": {}, "probes": 0, "converged": True, "tot_var": 0.0, "hdiag": {},
+         "eig": None, "iters": 0}
+    secs["power_iteration"] = 0.0
     with C.attention_implementation(model, "eager"):
         loss_fn = lm_loss_fn(model, windows)
         groups = [list(mods)] if not config.per_block else [
             [n for n in mods if mlayer[n] == i] for i in range(n_layers)]
-        trace, stderr, probes, tot_var, hdiag = {}, {}, 0, 0.0, {}
-        eig, iters, secs["power_iteration"] = None, 0, 0.0
         for gi, names in enumerate(groups):
             params = {n: mods[n].weight for n in names}
             with C.trainable_only(model, list(params.values())):
@@ -312,21 +343,57 @@ def _hessian(model, mods: dict, mlayer: dict, windows: torch.Tensor, config: Ana
                 op = HessianOperator(loss_fn, list(params.values()))
                 tr = hutchinson_trace(loss_fn, params, config.max_probes, tol=config.tol, seed=config.seed,
                                       keep_diagonal=config.saliency == "hutchinson", progress=config.progress,
-                                      operator=op)
+                                      operator=op, groups=mlayer if config.rel_stderr > 0 else None,
+                                      rel_stderr=config.rel_stderr or None)
                 if gi == 0:
                     t_eig = time.perf_counter()
-                    eig, iters = top_eigenvalue(loss_fn, list(params.values()), config.power_iters,
-                                                seed=config.seed, progress=config.progress, operator=op)
+                    h["eig"], h["iters"] = top_eigenvalue(loss_fn, list(params.values()), config.power_iters,
+                                                          seed=config.seed, progress=config.progress, operator=op)
                     secs["power_iteration"] = time.perf_counter() - t_eig
                 del op
-            trace.update(tr.trace)
             if tr.diagonal is not None:  # [out, in] like weight_view; Conv1D weights are stored [in, out]
-                hdiag.update({n: C.out_in(mods[n], d) for n, d in tr.diagonal.items()})
-            stderr.update(tr.stderr)
-            probes = max(probes, tr.probes)
-            tot_var += tr.total_stderr ** 2
+                h["hdiag"].update({n: C.out_in(mods[n], d) for n, d in tr.diagonal.items()})
+            h["trace"].update(tr.trace)
+            h["stderr"].update(tr.stderr)
+            h["samples"].update(tr.samples)
+            h["probes"] = max(h["probes"], tr.probes)
+            h["converged"] &= tr.converged
+            h["tot_var"] += tr.total_stderr ** 2
     secs["hutchinson"] = time.perf_counter() - t - secs["power_iteration"]
-    return trace, stderr, probes, tot_var, hdiag, eig, iters
+    return h
+
+
+def interval_ranking(means: Sequence[float], halfwidths: Sequence[float]) -> list[list[int]]:
+    """Indices by decreasing mean, grouped where the intervals mean +- halfwidth do not separate:
+    a new group starts only when an interval lies wholly below every interval of the group above."""
+    order = sorted(range(len(means)), key=lambda i: -means[i])
+    out: list[list[int]] = []
+    floor = math.inf
+    for i in order:
+        if out and means[i] + halfwidths[i] >= floor:
+            out[-1].append(i)
+            floor = min(floor, means[i] - halfwidths[i])
+        else:
+            out.append([i])
+            floor = means[i] - halfwidths[i]
+    return out
+
+
+def _layer_intervals(h: dict, mlayer: dict, mods: dict, rel_target: float) -> dict:
+    """Per-layer Hessian trace (sum of its modules, per probe), standard error, 95% interval,
+    reliability, the interval ranking, and each module's trace per parameter."""
+    n_layers = max(mlayer.values()) + 1
+    per_layer = [[0.0] * len(next(iter(h["samples"].values()))) for _ in range(n_layers)]
+    for n, xs in h["samples"].items():
+        per_layer[mlayer[n]] = [a + b for a, b in zip(per_layer[mlayer[n]], xs)]
+    mean = [sum(xs) / len(xs) for xs in per_layer]
+    se = [_stderr(xs) for xs in per_layer]
+    return {"hessian_layer_trace": mean, "hessian_layer_stderr": se,
+            "hessian_layer_ci95": [[m - 1.96 * e, m + 1.96 * e] for m, e in zip(mean, se)],
+            "hessian_layer_reliable": [_rel_stderr(xs) <= rel_target for xs in per_layer],
+            "hessian_ranking": interval_ranking(mean, [1.96 * e for e in se]),
+            "hessian_trace_per_param": {n: h["trace"][n] / mods[n].weight.numel() for n in mods},
+            "hessian_module_reliable": {n: _rel_stderr(xs) <= rel_target for n, xs in h["samples"].items()}}
 
 
 def _top_salient(obd: dict, mods: dict, k: int = 20) -> list:
@@ -384,7 +451,8 @@ def run_integrated_analysis(model, tokenizer, calib_ids: torch.Tensor, eval_ids:
             n = names_of[m]
             mods[n], mlayer[n], mtype[n] = m, i, rel  # path inside the block, as in the noise map
     windows = C.sample_windows(calib_ids, config.calib_windows, config.calib_seq_len, seed=config.seed)
-    trace, stderr, probes, tot_var, hdiag, eig, iters = _hessian(model, mods, mlayer, windows, config, secs)
+    h = _hessian(model, mods, mlayer, windows, config, secs)
+    trace, hdiag = h["trace"], h["hdiag"]
 
     t = time.perf_counter()
     fwin = C.sample_windows(calib_ids, config.fisher_windows, config.calib_seq_len, seed=config.seed + 1)
@@ -411,12 +479,14 @@ def run_integrated_analysis(model, tokenizer, calib_ids: torch.Tensor, eval_ids:
     secs["quantization"] = time.perf_counter() - t
     res = AnalysisResult(
         modules=list(mods), module_layer=mlayer, module_type=mtype, hessian_trace=trace,
-        hessian_trace_stderr=stderr, hessian_total=sum(trace.values()), hessian_total_stderr=math.sqrt(tot_var),
-        hutchinson_probes=probes, top_eigenvalue=eig, power_iterations=iters,
+        hessian_trace_stderr=h["stderr"], hessian_total=sum(trace.values()),
+        hessian_total_stderr=math.sqrt(h["tot_var"]), hutchinson_probes=h["probes"], top_eigenvalue=h["eig"],
+        power_iterations=h["iters"], hessian_converged=h["converged"],
+        **_layer_intervals(h, mlayer, mods, config.rel_stderr),
         fisher_sum={n: float(f.sum()) for n, f in fisher.items()},
         obd_saliency_sum={n: float(o.sum()) for n, o in obd.items()}, top_salient=top,
         super_weights=[sw.__dict__ for sw in sws], super_weights_rejected=[sw.__dict__ for sw in rejected],
-        activation_profile=profile, clean_perplexity=clean,
+        activation_profile=profile, clean_perplexity=clean, clean_token_set=token_set(eval_ids.numel(), ecfg),
         quantization=quant, seconds=secs, config=asdict(config))
     layerwise(res, noise_map)
     return res

@@ -106,6 +106,14 @@ def _generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> 
     return out
 
 
+def token_set(n_tokens: int, config: EvalConfig) -> str:
+    """Words for the tokens an evaluation with (resolved) ``config`` scores, so every reported
+    perplexity names its token set."""
+    n = min(n_tokens, config.eval_tokens) if config.eval_tokens else n_tokens
+    n = n // config.seq_len * config.seq_len if (config.stride or config.seq_len) == config.seq_len else n
+    return f"the first {n} tokens of the evaluation text, windows of {config.seq_len}"
+
+
 def resolved(config: EvalConfig, model) -> EvalConfig:
     """``config`` with its budgets (seq_len, eval_tokens) for the model's device, validated."""
     return config.for_model(model)

@@ -21,6 +21,7 @@ import numpy as np
 
 matplotlib.use("Agg")  # before pyplot: plots are files, never windows
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import SymLogNorm  # noqa: E402
 from matplotlib.ticker import NullLocator  # noqa: E402
 
 import llm_common as C
@@ -82,7 +83,8 @@ def _md_finetune(results: dict) -> list[str]:
     if ft and ft.get("heldout_loss_before") is not None:
         lines += ["", "## Fine-tuning", "",
                   f"{ft['mode']} fine-tune, {ft['steps']} steps ({'loaded from disk' if ft['loaded_existing'] else 'trained'}"
-                  f"): held-out perplexity {fmt(ft['heldout_ppl_before'])} -> {fmt(ft['heldout_ppl_after'])}.",
+                  f"): held-out perplexity {fmt(ft['heldout_ppl_before'])} -> {fmt(ft['heldout_ppl_after'])} "
+                  f"(on {ft.get('heldout_token_set') or 'the held-out tail of the training text'}).",
                   "", "![fine-tuning curve](plots/finetune_loss.png)"]
     return lines
 
@@ -109,6 +111,8 @@ def _md_noise(results: dict) -> list[str]:
         lines += ["", "## Weight noise", "",
                   f"Noisy variant: {v['mode']} noise, eps={v['epsilon']}, group {v['group']} "
                   f"({v['n_weights']} weights). Saturation (uniform guesser) = {fmt(sw['saturation'])}.", "",
+                  f"The sweep is scored on {sw['clean'].get('token_set', 'a subset of the evaluation text')} "
+                  f"(clean perplexity {fmt(sw['clean']['perplexity'])}).", "",
                   f"Sweep ({sw['mode']} noise on decoder linears, {len(sw['points'])} points): perplexity doubles at "
                   f"eps = {fmt(sw['doubling_eps'].get('unprotected'))} without protection, "
                   f"{fmt(sw['doubling_eps'].get('protected'))} with the top {_pct(sw.get('protect_fraction'))} "
@@ -144,8 +148,13 @@ def _md_adversarial(results: dict) -> list[str]:
                       f"over {t['n']} prompts.",
                   f"GCG suffix `{gcg['suffix_text']}`: target loss {fmt(gcg['initial_loss'])} -> "
                   f"{fmt(gcg['final_loss'])}, success {gcg['success']}.",
-                  f"Perplexity filter: detection rate {fmt(pf['detection_rate'])}, false positives "
-                  f"{fmt(pf['false_positive_rate'])} (threshold {fmt(pf['threshold'])}).",
+                  f"Perplexity filter ({pf.get('scored', '')}; threshold {fmt(pf['threshold'])} from "
+                  f"{pf.get('calibration_prompts')} calibration prompts): false-positive rate "
+                  f"{fmt(pf['false_positive_rate'])} on {pf.get('heldout_prompts')} held-out clean prompts, "
+                  f"true-positive rate {fmt(pf.get('true_positive_rate'))} on {pf.get('attacked_prompts')} "
+                  f"prompts with the GCG suffix; windowed ({(pf.get('windowed') or {}).get('window')} tokens): "
+                  f"FPR {fmt((pf.get('windowed') or {}).get('false_positive_rate'))}, "
+                  f"TPR {fmt((pf.get('windowed') or {}).get('true_positive_rate'))}.",
                   f"Adversarial fine-tune ({at['steps']} steps): delta NLL at eps {at['eps']} "
                   f"{fmt(at['delta_nll_before'])} -> {fmt(at['delta_nll_after'])}.", ""]
         for prompt, ans in adv["answers"].items():
@@ -161,10 +170,17 @@ def _md_analysis(results: dict) -> list[str]:
     if an:
         lines += ["", "## Sensitivity analysis", "",
                   f"Hessian trace over decoder linears {fmt(an['hessian_total'])} ± {fmt(an['hessian_total_stderr'])} "
-                  f"({an['hutchinson_probes']} Hutchinson probes); top eigenvalue {fmt(an['top_eigenvalue'])}.",
-                  f"Top layers by Hessian trace: {an['top_layers']['hessian_trace']}; by Fisher: "
+                  f"({an['hutchinson_probes']} Hutchinson probes; every layer within "
+                  f"{_pct((an.get('config') or {}).get('rel_stderr'))} standard error: {an.get('hessian_converged')}); "
+                  f"top eigenvalue {fmt(an['top_eigenvalue'])}.",
+                  f"Layers by Hessian trace, tied where the 95% intervals overlap: {_ranking(an)}; by Fisher: "
                   f"{an['top_layers']['fisher_sum']}; super-weight layers: {an['super_weight_layers']}.",
                   "Rank correlations: " + ", ".join(f"{k} {fmt(v)}" for k, v in an["rank_correlation"].items()),
+                  "", "| layer | Hessian trace | 95% interval | per weight | within target |", "|---|---|---|---|---|",
+                  *[f"| {i} | {fmt(m)} | [{fmt(lo)}, {fmt(hi)}] | {fmt(_layer_per_param(an, i))} | {ok} |"
+                    for i, (m, (lo, hi), ok) in enumerate(zip(an.get("hessian_layer_trace", []),
+                                                              an.get("hessian_layer_ci95", []),
+                                                              an.get("hessian_layer_reliable", [])))], "",
                   f"Massive-activation channel of the residual stream: "
                   f"{fmt(an.get('activation_profile', {}).get('massive_channel'))}.", "",
                   "Most salient weights (OBD 0.5 H_ii w^2): " + "; ".join(
@@ -180,13 +196,30 @@ def _md_analysis(results: dict) -> list[str]:
                       "Rejected candidates (output spikes whose ablation does not hurt): " + (", ".join(
                           f"layer {sw['layer']} [{sw['row']}, {sw['col']}] (x{fmt(sw['ppl_ratio'])})"
                           for sw in rejected) or "none") + "."]
-        lines += ["", f"Quantization (RTN; clean perplexity {fmt(an['clean_perplexity'])}):", "",
+        lines += ["", f"Quantization (RTN; clean perplexity {fmt(an['clean_perplexity'])} on "
+                      f"{an.get('clean_token_set', 'a subset of the evaluation text')}):", "",
                   "| bits | variant | perplexity | kept weights | extra storage % |", "|---|---|---|---|---|"]
         for q in an["quantization"]:
             lines.append(f"| {q['bits']} | {q['variant']} | {fmt(q['perplexity'])} | {q['kept_weights']} | "
                          f"{fmt(q['extra_storage_pct'])} |")
         lines += ["", "![heatmaps](plots/sensitivity_heatmaps.png)", "", "![activations](plots/activations.png)"]
     return lines
+
+
+def _ranking(an: dict) -> str:
+    """"3 > {5, 7} > 1 ...": the first five groups of the interval ranking."""
+    groups = an.get("hessian_ranking") or [[i] for i in an["top_layers"]["hessian_trace"]]
+    return " > ".join(str(g[0]) if len(g) == 1 else "{" + ", ".join(map(str, g)) + "}" for g in groups[:5])
+
+
+def _layer_per_param(an: dict, layer: int):
+    """A layer's Hessian trace per weight: its modules' traces over their weight counts."""
+    mods = [n for n, i in an["module_layer"].items() if i == layer]
+    per = an.get("hessian_trace_per_param") or {}
+    if not mods or not per:
+        return None
+    numel = {n: an["hessian_trace"][n] / per[n] for n in mods if per.get(n)}
+    return sum(an["hessian_trace"][n] for n in numel) / sum(numel.values()) if numel else None
 
 
 def _md_generations(results: dict) -> list[str]:
@@ -448,12 +481,24 @@ def plot_heatmaps(result: dict, path, noise_map: Optional[dict] = None):
         titles.append("noise delta NLL")
     fig, axes = new_figure(1, len(grids), figsize=(4.2 * len(grids), 1.5 + 0.2 * len(grids[0][0])))
     axes = np.atleast_1d(axes)
-    for ax, (layers, types, grid), title in zip(axes, grids, titles):
+    for k, (ax, (layers, types, grid), title) in enumerate(zip(axes, grids, titles)):
         data = np.array([[float(v) for v in row] for row in grid])
-        im = ax.imshow(np.log10(np.abs(data) + 1e-12), aspect="auto", cmap="viridis")
+        if k == 0:  # Hutchinson traces can be negative and noisy: signed scale, unreliable cells crossed
+            lim = np.nanmax(np.abs(data)) or 1.0
+            im = ax.imshow(data, aspect="auto", cmap="RdBu_r",
+                           norm=SymLogNorm(linthresh=lim * 1e-3, vmin=-lim, vmax=lim))
+            ok = result.get("hessian_module_reliable") or {}
+            _, _, okgrid = layer_module_grid({**result, "ok": {n: float(v) for n, v in ok.items()}}, "ok")
+            for i, row in enumerate(okgrid if ok else []):
+                for j, v in enumerate(row):
+                    if v == 0.0:
+                        ax.text(j, i, "x", ha="center", va="center", fontsize=7, color="0.3")
+            ax.set_title(f"{title} (x: stderr above target)")
+        else:
+            im = ax.imshow(np.log10(np.abs(data) + 1e-12), aspect="auto", cmap="viridis")
+            ax.set_title(f"log10 |{title}|")
         ax.set_xticks(range(len(types)), types, rotation=45, ha="right")
         ax.set_ylabel("layer")
-        ax.set_title(f"log10 |{title}|")
         fig.colorbar(im, ax=ax)
     return save_figure(fig, path)
 

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 import llm_common as C
 from llm_config import NOISE_MODES, EvalConfig, NoiseConfig
-from llm_perplexity import evaluate_model, reference_logprobs, safe_exp
+from llm_perplexity import evaluate_model, reference_logprobs, safe_exp, token_set
 from llm_sensitivity import noise_saliency, protect_top_fraction, protected_coordinates, saliency_scores
 
 log = logging.getLogger("llm.noise")
@@ -249,10 +249,11 @@ def noise_sweep(model, tokenizer, input_ids: torch.Tensor, epsilons: Sequence[fl
     twice, without and with the protected weights kept clean.
     """
     t0 = time.perf_counter()
-    cfg = EvalConfig(**{**eval_config.__dict__, "max_new_tokens": 0, "progress": False})
+    cfg = EvalConfig(**{**eval_config.__dict__, "max_new_tokens": 0, "progress": False}).for_model(model)
     ref, clean_nll = reference_logprobs(model, input_ids, cfg, return_nll=True)  # one clean pass serves both
     clean_ppl = safe_exp(clean_nll)
-    res = SweepResult(mode, group, {"perplexity": clean_ppl, "nll": clean_nll},
+    clean = {"perplexity": clean_ppl, "nll": clean_nll, "token_set": token_set(input_ids.numel(), cfg)}
+    res = SweepResult(mode, group, clean,
                       saturation=float(model.get_output_embeddings().weight.shape[0]))
     runs = [("unprotected", None)] + ([("protected", protect)] if protect else [])
     jobs = [(tag, pm, e, s) for tag, pm in runs for e in epsilons for s in seeds]

@@ -1,4 +1,6 @@
 """FGSM/PGD on embeddings, GCG, and defences on tiny models."""
+import math
+
 import pytest
 import torch
 
@@ -72,12 +74,31 @@ def test_gcg_lowers_target_loss_with_printable_suffix(tok, tiny_llama):
     assert r.suffix_text.isascii() and r.suffix_text.isprintable()
 
 
-def test_perplexity_filter_flags_gibberish(tok, tiny_llama):
+def test_perplexity_filter_is_calibrated_and_measured_on_held_out_prompts(tok, tiny_llama):
+    """The threshold comes from calibration prompts only; FPR and TPR are counted on other
+    prompts, each perplexity equal to exp(mean NLL) of a plain forward pass on the user text."""
     m = tiny_llama()
-    clean = [torch.tensor([5] * 10)]
-    out = ADV.perplexity_filter(m, clean, [torch.tensor(list(range(100, 110)))])
-    assert out["false_positive_rate"] == 0.0
-    assert out["threshold"] == pytest.approx(max(out["clean_ppl"]))
+    g = torch.Generator().manual_seed(0)
+    cal = [torch.randint(0, 256, (12,), generator=g) for _ in range(5)]
+    held = [torch.randint(0, 256, (12,), generator=g) for _ in range(40)]
+    attacked = [torch.cat([x, torch.tensor([255] * 6)]) for x in held[:10]]
+    out = ADV.perplexity_filter(m, cal, held, attacked, window=4)
+
+    def ppl(x):
+        return math.exp(float(m(input_ids=x[None], labels=x[None]).loss))
+
+    thr = max(ppl(x) for x in cal)
+    assert out["threshold"] == pytest.approx(thr, rel=1e-5)
+    # With 5 calibration prompts, some of 40 held-out ones exceed their max: FPR is measured, not 0 by construction.
+    assert out["false_positive_rate"] == pytest.approx(sum(ppl(x) > thr for x in held) / 40)
+    assert out["true_positive_rate"] == pytest.approx(sum(ppl(x) > thr for x in attacked) / 10)
+    assert out["heldout_prompts"] == 40 and out["windowed"]["window"] == 4
+    def w(x):  # each token scored in its full context, then the worst 4 consecutive tokens
+        logp = torch.log_softmax(m(input_ids=x[None]).logits[0, :-1].float(), -1)
+        nll = -logp[torch.arange(x.numel() - 1), x[1:]]
+        return max(math.exp(float(nll[i:i + 4].mean())) for i in range(nll.numel() - 3))
+
+    assert out["windowed"]["threshold"] == pytest.approx(max(w(x) for x in cal), rel=1e-5)
 
 
 def test_adversarial_finetune_reduces_delta_nll_and_restores(tiny_llama):

@@ -66,6 +66,32 @@ def test_hutchinson_stops_on_tolerance():
     assert tr.converged and 3 <= tr.probes < 50
 
 
+def test_adaptive_probing_stops_when_every_group_is_precise_and_reports_it():
+    """With groups and a relative-standard-error target, probing stops once every group's
+    summed trace is that precise; the reported per-probe samples give the stopping rule back."""
+    m, windows, names = _setup()
+    params = {n: dict(m.named_parameters())[n] for n in names}
+    groups = {n: i for i, n in enumerate(names)}
+    with C.trainable_only(m, list(params.values())):
+        loose = A.hutchinson_trace(A.lm_loss_fn(m, windows), params, max_probes=200, progress=False, groups=groups,
+                                   rel_stderr=0.5)
+        tight = A.hutchinson_trace(A.lm_loss_fn(m, windows), params, max_probes=8, progress=False, groups=groups,
+                                   rel_stderr=1e-6)
+    assert loose.converged and 3 <= loose.probes < 200
+    rel = [A._rel_stderr(loose.samples[n]) for n in names]
+    assert max(rel) <= 0.5  # independently recomputed from the samples
+    before = [A._rel_stderr(loose.samples[n][:-1]) for n in names]
+    assert loose.probes == 3 or max(before) > 0.5  # and it did not stop later than needed
+    assert not tight.converged and tight.probes == 8
+
+
+def test_interval_ranking_ties_overlapping_layers():
+    means, half = [10.0, 9.0, 5.0, 4.9, 1.0], [0.6, 0.6, 0.2, 0.2, 5.0]
+    # 10 and 9 overlap ([9.4, 10.6] and [8.4, 9.6]); 5 and 4.9 overlap; 1 +- 5 overlaps 4.9 +- 0.2.
+    assert A.interval_ranking(means, half) == [[0, 1], [2, 3, 4]]
+    assert A.interval_ranking([3.0, 2.0, 1.0], [0.1, 0.1, 0.1]) == [[0], [1], [2]]
+
+
 def test_power_iteration_matches_eigvalsh():
     m, windows, names = _setup(seed=1)
     H, _ = _exact_hessian(m, windows, names[:1])

@@ -179,3 +179,15 @@ def test_report_only_imports_no_step_module(pipeline):
     rows = render_report.super_weight_table((out / "report.html").read_text())
     assert rows[0][5:7] == ["|in|", "|out|"] and len(rows) >= 2 and render_report.table_filled(rows)
     assert rows[1][:4] == ["1", "model.layers.1.mlp.down_proj", "7", "5"]  # the planted super weight
+
+
+def test_every_clean_perplexity_names_its_token_set(pipeline):
+    out, res = pipeline
+    assert res["noise"]["sweep"]["clean"]["token_set"] == "the first 64 tokens of the evaluation text, windows of 32"
+    assert res["analysis"]["clean_token_set"] == "the first 128 tokens of the evaluation text, windows of 32"
+    n_hold = res["finetune"]["heldout_token_set"]
+    assert n_hold.endswith("tokens held out at the end of the training text, windows of 32")
+    md = (out / "report.md").read_text()
+    for label in (res["noise"]["sweep"]["clean"]["token_set"], res["analysis"]["clean_token_set"], n_hold):
+        assert label in md
+    assert res["evaluation"]["base"]["tokens_scored"] == 8 * 31  # 256 tokens, windows of 32
