@@ -210,3 +210,14 @@ def test_gcg_suffix_sits_inside_the_user_turn_and_round_trips(tok, tiny_llama):
                        steps=4, topk=8, batch=8, progress=False, after=after)
     assert t(r.suffix_text, add_special_tokens=False).input_ids == r.suffix_ids
     assert r.final_loss <= r.initial_loss and len(r.losses) == 4
+
+
+def test_defence_trains_on_windows_disjoint_from_the_attacked_ones():
+    """The adversarial fine-tune's windows (offset 0.5) share no token position with the
+    attack samples (offset 0), so a lower delta NLL on the samples is not memorisation."""
+    ids = torch.arange(4000)
+    cfg = ADV.AdversarialConfig(n_windows=4, prompt_len=24, continuation_len=8)
+    attacked = ADV._windows(ids, 4, cfg)
+    trained = ADV._windows(ids, 4, cfg, offset=0.5)
+    span = lambda s: set(s.prompt.tolist()) | set(s.continuation.tolist())  # noqa: E731  ids == positions here
+    assert not set().union(*map(span, attacked)) & set().union(*map(span, trained))

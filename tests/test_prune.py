@@ -137,3 +137,18 @@ def test_mask_from_scores_keeps_high_scores():
 def test_bad_prune_config(kw, msg, tiny_llama):
     with pytest.raises(C.UserError, match=msg):
         prune_model(tiny_llama(), None, _calib(), PruneConfig(progress=False, **kw))
+
+
+def test_block_inputs_carry_no_cache_and_protection_names_must_exist(tiny_llama, tok):
+    from llm_prune_model import capture_block_inputs
+
+    m = tiny_llama()
+    _, kwargs = capture_block_inputs(m, torch.randint(0, 256, (2, 16)))
+    assert not {"cache", "past_key_values", "past_key_value"} & set(kwargs) and kwargs["use_cache"] is False
+    # A misspelled module name protects nothing silently no more: it is an error.
+    with pytest.raises(C.UserError, match="not a linear module"):
+        prune_model(m, tok, torch.randint(0, 256, (2, 16)),
+                    PruneConfig(protect=(("model.layers.0.mlp.down_projj", 1, 2),), progress=False))
+    with pytest.raises(C.UserError, match="outside"):
+        prune_model(m, tok, torch.randint(0, 256, (2, 16)),
+                    PruneConfig(protect=(("model.layers.0.mlp.down_proj", 10_000, 2),), progress=False))
