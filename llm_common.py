@@ -6,6 +6,7 @@ one fix (say, to the GGUF cache or to atomic writes) lands everywhere at once.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import importlib.metadata
 import json
@@ -56,6 +57,13 @@ def seed_everything(seed: int) -> None:
 
 
 # --------------------------------------------------------------------------- devices
+
+
+def make_deterministic(seed: int) -> None:
+    """Seed everything and ask torch for deterministic kernels (warning where none exists)."""
+    seed_everything(seed)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -154,14 +162,77 @@ def fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+@contextlib.contextmanager
+def sigint_as_interrupt() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt wherever it lands; an error raised while unwinding from it
+    (a progress bar interrupted mid-update, say) is reported as the interruption, not as itself."""
+    hit: list = []
+
+    def handler(signum, frame):
+        hit.append(signum)
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    except Exception:
+        if hit:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+TMP_PREFIX = ".llm-tmp-"  # .llm-tmp-<pid>-<name>.<random>: only ours, and only a dead process's, are removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
 def clean_stale_temps(root: str | os.PathLike) -> int:
-    """Remove temporaries that ``atomic_path`` left behind when a process was killed."""
+    """Remove the temporaries that ``atomic_path`` left behind when its process was killed:
+    only entries named ``.llm-tmp-<pid>-...`` whose process is gone. A user's own ``.x.tmp``
+    and a live run's temporaries are never touched."""
     n = 0
-    for p in Path(root).rglob(".*.tmp"):
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
+    for p in Path(root).rglob(TMP_PREFIX + "*"):
+        pid = p.name[len(TMP_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             n += 1
     return n
+
+
+@contextlib.contextmanager
+def output_lock(out: str | os.PathLike) -> Iterator[Path]:
+    """Hold ``<out>/.llm-lock`` (it holds our PID) for the body; a second run on the same
+    directory is refused while the holder lives, and a dead holder's lock is taken over."""
+    lock = Path(out) / ".llm-lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            text = lock.read_text().strip() if lock.is_file() else ""
+            if text.isdigit() and _alive(int(text)) and int(text) != os.getpid():
+                raise UserError(f"--output-dir {out} is in use by the run with PID {text}; wait for it, or "
+                                "choose another --output-dir")
+            log.warning("removing the stale lock of PID %s in %s", text or "?", out)
+            lock.unlink(missing_ok=True)
+    else:
+        raise UserError(f"cannot take the lock {lock}")
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -169,14 +240,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
 
     Works for files and directories. A crash leaves the old ``path`` (or nothing),
-    never a half-written one, because ``os.replace`` is atomic on one filesystem.
+    never a half-written one, because ``os.replace`` is atomic on one filesystem. A full
+    disk (ENOSPC) leaves the old ``path`` intact and raises a UserError that says so.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-{path.name}.", dir=path.parent))
     target = tmp / path.name
     try:
-        yield target
+        try:
+            yield target
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise UserError(f"no space left on the device while writing {path}; the previous version, if "
+                                "any, is intact")
+            raise
         fault_point(f"write:{path.name}")
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -383,10 +461,14 @@ def _dequantize_gguf_to_cache(gguf: Path, cache_dir: Path) -> Path:
     out = _gguf_cache_dir(gguf, cache_dir)
     if (out / "config.json").is_file():
         return out
+    ensure_writable_dir(cache_dir, "--cache-dir")  # before 30 s of work, not after
     log.info("dequantizing %s once; caching safetensors in %s", gguf.name, out)
     kw = dict(gguf_file=gguf.name)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kw)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kw)
+    except Exception as e:  # noqa: BLE001 - truncated, random or empty files fail anywhere inside gguf
+        raise UserError(f"cannot read the GGUF file {gguf}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
     # The weights are plain fp32 after dequantization; drop the GGUF marker so that
     # save_pretrained accepts the model and a later load does not re-quantize.
     if hasattr(model.config, "quantization_config"):
@@ -398,8 +480,10 @@ def _dequantize_gguf_to_cache(gguf: Path, cache_dir: Path) -> Path:
     return out
 
 
-def resolve_model_source(spec: Optional[str], cache_dir: Optional[str] = None) -> tuple[str, str]:
-    """Map ``--model`` to (path or hub id usable by from_pretrained, human label)."""
+def resolve_model_source(spec: Optional[str], cache_dir: Optional[str] = None,
+                         trust_remote_code: bool = False) -> tuple[str, str]:
+    """Map ``--model`` to (path or hub id usable by from_pretrained, human label). A local model
+    whose config points at its own code (``auto_map``) is refused unless ``trust_remote_code``."""
     cache = Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
     if spec in (None, "", "embedded"):
         return str(_dequantize_gguf_to_cache(embedded_gguf_path(), cache)), EMBEDDED_NAME
@@ -411,6 +495,13 @@ def resolve_model_source(spec: Optional[str], cache_dir: Optional[str] = None) -
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"model directory {path} has no config.json: not a save_pretrained model")
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"model directory {path}: config.json is not readable JSON ({type(e).__name__})")
+        if isinstance(config, dict) and config.get("auto_map") and not trust_remote_code:
+            raise UserError(f"model {path} ships its own code (auto_map in config.json), which would run on "
+                            "load; pass --trust-remote-code if you trust it")
         return str(path), str(path)
     if path.exists():
         raise UserError(f"model {path} is a file but not .gguf; give a save_pretrained directory, "
@@ -423,7 +514,7 @@ def resolve_model_source(spec: Optional[str], cache_dir: Optional[str] = None) -
 
 def load_model(cfg: LoadConfig):
     """Load (model, tokenizer, label). The model is in eval mode with ``use_cache`` off."""
-    src, label = resolve_model_source(cfg.model, cfg.cache_dir)
+    src, label = resolve_model_source(cfg.model, cfg.cache_dir, cfg.trust_remote_code)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     kw: dict[str, Any] = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code)
@@ -436,10 +527,10 @@ def load_model(cfg: LoadConfig):
     try:
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(src, **kw)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UserError(f"model not found or not loadable: tried {src!r} "
-                        f"(local path absent, so as a hub id): {first}")
+    except Exception as e:  # noqa: BLE001 - a missing hub id, a truncated file, wrong shapes all end here
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        where = "a local model" if Path(src).exists() else "no such local path, so tried as a hub id"
+        raise UserError(f"model not found or not loadable: {src!r} ({where}): {type(e).__name__}: {first}")
     if not cfg.device_map:
         model.to(device)
     model.eval()
@@ -710,7 +801,7 @@ def embedded_corpus(split: str) -> str:
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Quick check so offline machines fall back in seconds, not after minutes of retries."""
+    """Quick check so offline machines go to the local cache in seconds, not after minutes of retries."""
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         return False
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
@@ -756,29 +847,42 @@ def check_corpus_spec(spec: str) -> None:
         raise UserError(f"corpus not found: {spec!r} is neither 'wikitext2', 'embedded' nor an existing path")
 
 
-def load_corpus(name: str, split: str = "test") -> Corpus:
+def _wikitext(split: str, offline: bool) -> str:
+    """WikiText-2 raw through ``datasets``; ``offline`` reads only its local cache."""
+    import datasets  # slow to import (a second or more); only this corpus needs it
+
+    saved = datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE
+    if offline:
+        datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+    try:
+        rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
+    finally:
+        datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE = saved
+    return "\n\n".join(rows)
+
+
+def load_corpus(name: str, split: str = "test", fallback: bool = True) -> Corpus:
     """Load ``name`` ('wikitext2', 'embedded', or a text file / folder) for ``split``.
 
     ``wikitext2`` follows the standard protocol: the rows of ``wikitext-2-raw-v1``
-    joined with "\\n\\n". When the hub cannot be reached the embedded corpus is used
-    instead, with a warning, and ``Corpus.fallback`` records why.
+    joined with "\\n\\n", from the hub or, offline (no route to the hub, or HF_*_OFFLINE set),
+    from the local ``datasets`` cache. When neither has it, the embedded corpus is used with
+    a warning and ``Corpus.fallback`` records why; with ``fallback=False`` that is an error.
     """
     if split not in ("train", "test"):
         raise ValueError(split)
     if name == "embedded":
         return Corpus(name, split, embedded_corpus(split), f"pydoc_data.topics[{split}]")
     if name == "wikitext2":
-        reason = None
-        if _hub_reachable():
-            try:
-                import datasets
-
-                rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
-                return Corpus(name, split, "\n\n".join(rows), f"wikitext-2-raw-v1[{split}]")
-            except Exception as e:  # noqa: BLE001 - any hub failure means "fall back"
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-        else:
-            reason = "the dataset hub cannot be reached (offline)"
+        offline = not _hub_reachable()
+        try:
+            return Corpus(name, split, _wikitext(split, offline), f"wikitext-2-raw-v1[{split}]")
+        except Exception as e:  # noqa: BLE001 - any hub or cache failure means "fall back"
+            reason = ("offline, and not in the local datasets cache" if offline else
+                      f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+        if not fallback:
+            raise UserError(f"wikitext2 unavailable ({reason}); it was named explicitly (or --no-fallback), so the "
+                            "embedded corpus is not used in its place")
         log.warning("wikitext2 unavailable (%s); falling back to the embedded corpus", reason)
         return Corpus(name, split, embedded_corpus(split), f"pydoc_data.topics[{split}]", fallback=reason)
     path = Path(name).expanduser()
@@ -789,11 +893,33 @@ def load_corpus(name: str, split: str = "test") -> Corpus:
     datasets.disable_progress_bars()  # a one-file "split generation" bar is noise
     # sample_by="document" keeps each file whole, line breaks included, so that the
     # text matches the file byte for byte.
-    ds = datasets.load_dataset("text", data_files=_text_files(path), sample_by="document", split="train")
+    try:
+        ds = datasets.load_dataset("text", data_files=_text_files(path), sample_by="document", split="train")
+    except Exception as e:  # noqa: BLE001 - binary or UTF-16 files fail inside the builder
+        raise UserError(f"corpus {path} is not readable as UTF-8 text ({type(e).__name__})")
     text = "\n\n".join(ds["text"])
     if not text.strip():
         raise UserError(f"corpus {path} is empty")
+    if "\x00" in text:
+        raise UserError(f"corpus {path} holds NUL bytes: binary, or UTF-16 rather than UTF-8 text")
     return Corpus(name, split, text, str(path))
+
+
+def load_texts(dataset: Optional[str], train_dataset: Optional[str], which: set, no_fallback: bool = False,
+               allow_overlap: bool = False) -> tuple[dict, dict]:
+    """The "eval" (``dataset``) and "train" (``train_dataset``) texts in ``which``, and their
+    description for results.json, with the overlap check when both are read (see
+    ``corpus_overlap``). None means wikitext2 with the embedded fallback; wikitext2 named
+    explicitly, or ``no_fallback``, makes an unavailable WikiText an error."""
+    specs = {"eval": dataset, "train": train_dataset}
+    for w in which:
+        check_corpus_spec(specs[w] or "wikitext2")
+    texts = {w: load_corpus(specs[w] or "wikitext2", "test" if w == "eval" else "train",
+                            fallback=specs[w] is None and not no_fallback) for w in sorted(which)}
+    described = {w: t.describe() for w, t in texts.items()}
+    if len(texts) == 2:  # calibration text that holds evaluation text inflates every score
+        described["overlap"] = corpus_overlap(texts["train"], texts["eval"], allow=allow_overlap)
+    return texts, described
 
 
 def tokenize_corpus(tokenizer, corpus: Corpus | str, max_tokens: Optional[int] = None) -> torch.Tensor:

@@ -252,8 +252,12 @@ class RunConfig(StepConfig):
     trust_remote_code: bool = knob(False, "allow model code from the hub (off by default)")
     cache_dir: Optional[str] = knob(None, "where dequantized GGUF models are cached", results=False,
                                     shown="data/cache")
-    dataset: str = knob("wikitext2", "evaluation text: wikitext2, embedded, or a file/folder")
-    train_dataset: str = knob("wikitext2", "calibration / fine-tuning text, same choices")
+    dataset: Optional[str] = knob(None, "evaluation text: wikitext2, embedded, or a file/folder; wikitext2 named "
+                                        "explicitly never falls back", shown="wikitext2, or the embedded corpus "
+                                                                            "when offline and not cached")
+    train_dataset: Optional[str] = knob(None, "calibration / fine-tuning text, same choices",
+                                        shown="as --dataset")
+    no_fallback: bool = knob(False, "never replace an unavailable wikitext2 by the embedded corpus")
     allow_overlap: bool = knob(False, "run even when the calibration / fine-tuning text shares paragraphs with "
                                       "the evaluation text (refused by default: it inflates every score)",
                                results=False)
@@ -265,22 +269,22 @@ class FinetuneConfig(StepConfig):
     prefix: ClassVar[str] = "ft-"
     mode: str = knob("auto", "full|lora|none (auto: full below 1.5B parameters, else LoRA)", flag="--finetune",
                      choices=("auto", "full", "lora", "none"))
-    steps: Optional[int] = knob(None, "optimizer steps", bounds=">=1")
-    batch_size: Optional[int] = knob(None, "windows per step", bounds=">=1")
-    seq_len: Optional[int] = knob(None, "tokens per window", bounds=">=2", context=True)
+    steps: Optional[int] = knob(None, "optimizer steps", bounds="[1,10000000]")
+    batch_size: Optional[int] = knob(None, "windows per step", bounds="[1,65536]")
+    seq_len: Optional[int] = knob(None, "tokens per window", bounds="[2,1000000]", context=True)
     lr: Optional[float] = knob(None, "peak learning rate (auto: 5e-5 full, 2e-4 LoRA)", flag="--lr", bounds="(0,1]")
-    warmup_steps: int = knob(2, "linear warm-up steps, then cosine decay to 10%", bounds=">=0")
-    weight_decay: float = knob(0.0, "AdamW weight decay", bounds=">=0")
-    grad_clip: float = knob(1.0, "gradient-norm clip (0: none)", bounds=">=0")
+    warmup_steps: int = knob(2, "linear warm-up steps, then cosine decay to 10%", bounds="[0,10000000]")
+    weight_decay: float = knob(0.0, "AdamW weight decay", bounds="[0,10]")
+    grad_clip: float = knob(1.0, "gradient-norm clip (0: none)", bounds="[0,1000000]")
     holdout_fraction: float = knob(0.1, "tail of the training text held out for the before/after loss",
                                    bounds="(0,1)")
-    holdout_windows: int = knob(8, "held-out windows evaluated before and after", bounds=">=1")
-    save_every: int = knob(0, "resume checkpoint every N steps (0: by time only)", bounds=">=0", results=False)
-    save_every_s: float = knob(300.0, "... and at most this often in seconds (0: never by time)", bounds=">=0",
+    holdout_windows: int = knob(8, "held-out windows evaluated before and after", bounds="[1,1000000]")
+    save_every: int = knob(0, "resume checkpoint every N steps (0: by time only)", bounds="[0,10000000]", results=False)
+    save_every_s: float = knob(300.0, "... and at most this often in seconds (0: never by time)", bounds="[0,10000000]",
                                results=False)
-    log_every: int = knob(25, "steps between host syncs for the loss log", bounds=">=1", results=False)
+    log_every: int = knob(25, "steps between host syncs for the loss log", bounds="[1,10000000]", results=False)
     lora_r: int = knob(16, "LoRA rank", flag="--lora-r", bounds="[1,65536]")
-    lora_alpha: int = knob(32, "LoRA alpha", flag="--lora-alpha", bounds=">=1")
+    lora_alpha: int = knob(32, "LoRA alpha", flag="--lora-alpha", bounds="[1,65536]")
     gradient_checkpointing: Optional[bool] = knob(None, "recompute activations (auto: only when they would not fit)",
                                                   results=False)
     compile: bool = knob(False, "torch.compile the model for the training loop")
@@ -290,6 +294,8 @@ class FinetuneConfig(StepConfig):
     output_dir: str = knob("data/finetuned", "the finished model", cli=False, results=False)
     base_model: str = knob("", "label recorded in the manifest", cli=False, results=False)
     data: str = knob("", "description of the training text, for the manifest", cli=False, results=False)
+    identity: str = knob("", "what else a reused fine-tune must match: the base model's identity and the "
+                             "training text's hash (set by the pipeline)", cli=False, results=False)
 
     def check(self) -> None:
         if not re.fullmatch(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)", self.max_shard_size.strip()) or \
@@ -320,16 +326,16 @@ class PruneConfig(StepConfig):
                            flag="--sparsity", bounds="[0,1)")
     pattern: str = knob("unstructured", "unstructured, or N:M: keep N of every M consecutive input weights of "
                                         "a row (2:4, 4:8)", flag="--sparsity-pattern")
-    blocksize: int = knob(128, "SparseGPT column block", flag="--sparsegpt-blocksize", bounds=">=1")
+    blocksize: int = knob(128, "SparseGPT column block", flag="--sparsegpt-blocksize", bounds="[1,65536]")
     percdamp: float = knob(0.01, "SparseGPT dampening, fraction of mean diag(H)", flag="--sparsegpt-percdamp",
-                           bounds=">=0")
+                           bounds="[0,10]")
     taylor_score: str = knob("taylor", "score of --prune-method taylor: |g w| (taylor) or 0.5 F w^2 (fisher)",
                              flag="--taylor-score", choices=("taylor", "fisher"))
     protect: typing.Union[str, tuple] = knob(
         (), "'auto' (detect super weights first) or module:row:col,...; kept out of the pruning mask and the "
             "noise", flag="--protect-super-weights", parse=parse_protect)
-    calib_samples: Optional[int] = knob(None, "calibration windows", flag="--calib-samples", bounds=">=1")
-    calib_seq_len: Optional[int] = knob(None, "tokens per calibration window", flag="--calib-seq-len", bounds=">=2", context=True)
+    calib_samples: Optional[int] = knob(None, "calibration windows", flag="--calib-samples", bounds="[1,1000000]")
+    calib_seq_len: Optional[int] = knob(None, "tokens per calibration window", flag="--calib-seq-len", bounds="[2,1000000]", context=True)
     super_weight_prompt: str = knob(SUPER_WEIGHT_PROMPT, "prompt of the super-weight detector",
                                     flag="--super-weight-prompt")
     seed: int = knob(0, "seed", flag="--seed", bounds="[0,4294967295]")
@@ -349,7 +355,7 @@ class NoiseConfig(StepConfig):
     step: ClassVar[str] = "noise"
     prefix: ClassVar[str] = "noise-"
     mode: str = knob("absolute", "noise of the noisy variant", choices=NOISE_MODES)
-    epsilon: float = knob(0.05, "noise scale (bit-error rate for bitflip)", flag="--epsilon", bounds=">=0")
+    epsilon: float = knob(0.05, "noise scale (bit-error rate for bitflip)", flag="--epsilon", bounds="[0,100]")
     group: str = knob("all", "all|linears|layer:N|module:NAME|embeddings|norms")
     seed: int = knob(0, "seed", flag="--seed", bounds="[0,4294967295]")
     bitflip_format: str = knob("bfloat16", "16-bit view of fp32 weights for bit flips",
@@ -357,12 +363,12 @@ class NoiseConfig(StepConfig):
     sweep_mode: str = knob("relative", "noise mode of the eps sweep", flag="--sweep-mode", choices=NOISE_MODES)
     sweep_group: str = knob("linears", "parameter group of the sweep", flag="--sweep-group")
     sweep_eps: tuple = knob((0.02, 0.05, 0.1, 0.2, 0.5), "eps of the sweep", flag="--sweep-eps",
-                            parse=parse_floats, bounds=">=0")
+                            parse=parse_floats, bounds="[0,100]")
     sweep_seeds: int = knob(3, "seeds per eps", flag="--sweep-seeds", bounds="[1,10000]")
     sweep_tokens: Optional[int] = knob(None, "evaluation tokens per sweep point", flag="--sweep-tokens",
-                                       bounds=">=2")
+                                       bounds="[2,1000000000]")
     sweep_seq_len: Optional[int] = knob(None, "tokens per sweep window (at most --sweep-tokens)",
-                                        flag="--sweep-seq-len", bounds=">=2", context=True)
+                                        flag="--sweep-seq-len", bounds="[2,1000000]", context=True)
     protect_fraction: float = knob(0.005, "top fraction of weights by Fisher saliency kept clean in the "
                                           "protected sweep (0: no protected sweep)", flag="--protect-fraction",
                                    bounds="[0,1)")
@@ -370,19 +376,19 @@ class NoiseConfig(StepConfig):
                                        "the sweep's noise, F sigma^2 (noise), or OBD's w^2 F (obd)",
                               flag="--protect-score", choices=("noise", "obd"))
     fisher_windows: Optional[int] = knob(None, "calibration windows of that Fisher saliency",
-                                         flag="--noise-fisher-windows", bounds=">=1")
+                                         flag="--noise-fisher-windows", bounds="[1,1000000]")
     fisher_seq_len: Optional[int] = knob(None, "tokens per Fisher window", flag="--noise-fisher-seq-len",
-                                         bounds=">=2", context=True)
+                                         bounds="[2,1000000]", context=True)
     protect: typing.Union[str, tuple] = knob((), "see --protect-super-weights", flag="--protect-super-weights",
                                              parse=parse_protect)
     super_weight_prompt: str = knob(SUPER_WEIGHT_PROMPT, "prompt of the super-weight detector",
                                     flag="--super-weight-prompt")
     map: Optional[bool] = knob(None, "layer x module sensitivity map (costs layers x 7 evaluations)",
                                flag="--noise-map")
-    map_eps: float = knob(0.1, "relative noise of each map cell", flag="--map-eps", bounds=">=0")
-    map_tokens: Optional[int] = knob(None, "evaluation tokens per map cell", flag="--map-tokens", bounds=">=2")
+    map_eps: float = knob(0.1, "relative noise of each map cell", flag="--map-eps", bounds="[0,100]")
+    map_tokens: Optional[int] = knob(None, "evaluation tokens per map cell", flag="--map-tokens", bounds="[2,1000000000]")
     batch_size: Optional[int] = knob(None, "evaluation windows per forward pass (auto: from free memory "
-                                           "on GPU, 1 on CPU)", flag="--batch-size", bounds=">=1")
+                                           "on GPU, 1 on CPU)", flag="--batch-size", bounds="[1,65536]")
     progress: bool = knob(True, "progress bars", cli=False, results=False)
 
     def check(self) -> None:
@@ -396,13 +402,13 @@ class NoiseConfig(StepConfig):
 @dataclass
 class EvalConfig(StepConfig):
     step: ClassVar[str] = "eval"
-    seq_len: Optional[int] = knob(None, "tokens per window", flag="--seq-len", bounds=">=2", context=True)
+    seq_len: Optional[int] = knob(None, "tokens per window", flag="--seq-len", bounds="[2,1000000]", context=True)
     stride: Optional[int] = knob(None, "sliding-window stride (auto: --seq-len, disjoint windows)",
-                                 flag="--stride", bounds=">=1")
+                                 flag="--stride", bounds="[1,1000000]")
     eval_tokens: Optional[int] = knob(None, "evaluate the first N tokens; 0 means all", flag="--eval-tokens",
-                                      bounds=">=0")
+                                      bounds="[0,1000000000]")
     batch_size: Optional[int] = knob(None, "evaluation windows per forward pass (auto: from free memory "
-                                           "on GPU, 1 on CPU)", flag="--batch-size", bounds=">=1")
+                                           "on GPU, 1 on CPU)", flag="--batch-size", bounds="[1,65536]")
     prompts: tuple = knob((SAMPLE_PROMPT,), "sample prompt (repeat the flag for several)", flag="--prompt",
                           many=True)
     max_new_tokens: int = knob(48, "greedy answer length per prompt (0: none)", flag="--max-new-tokens",
@@ -425,9 +431,9 @@ class AdversarialConfig(StepConfig):
                            flag="--attack-eps", parse=parse_floats, bounds="[0,1000]")
     norm: str = knob("linf", "l2 is per token", flag="--attack-norm", choices=("linf", "l2"))
     pgd_steps: Optional[int] = knob(None, "PGD steps", flag="--attack-steps", bounds="[1,100000]")
-    n_windows: Optional[int] = knob(None, "text windows attacked", flag="--attack-windows", bounds=">=1")
-    prompt_len: Optional[int] = knob(None, "tokens of each attacked prompt", bounds=">=1")
-    continuation_len: Optional[int] = knob(None, "tokens of each scored continuation", bounds=">=1")
+    n_windows: Optional[int] = knob(None, "text windows attacked", flag="--attack-windows", bounds="[1,1000000]")
+    prompt_len: Optional[int] = knob(None, "tokens of each attacked prompt", bounds="[1,1000000]")
+    continuation_len: Optional[int] = knob(None, "tokens of each scored continuation", bounds="[1,1000000]")
     prompts: tuple = knob((SAMPLE_PROMPT,), "sample prompt (repeat the flag for several)", flag="--prompt",
                           many=True)
     target: str = knob(" Star Wars", "target string of the targeted attacks and GCG", flag="--attack-target")
@@ -435,8 +441,8 @@ class AdversarialConfig(StepConfig):
     targeted_steps: Optional[int] = knob(None, "steps of the targeted PGD", flag="--targeted-steps",
                                          bounds="[1,100000]")
     gcg_steps: Optional[int] = knob(None, "GCG iterations", flag="--gcg-steps", bounds="[1,100000]")
-    gcg_batch: Optional[int] = knob(None, "GCG candidates per step", flag="--gcg-batch", bounds=">=1")
-    gcg_topk: Optional[int] = knob(None, "GCG top-k tokens per position", flag="--gcg-topk", bounds=">=1")
+    gcg_batch: Optional[int] = knob(None, "GCG candidates per step", flag="--gcg-batch", bounds="[1,65536]")
+    gcg_topk: Optional[int] = knob(None, "GCG top-k tokens per position", flag="--gcg-topk", bounds="[1,1000000]")
     gcg_suffix_len: Optional[int] = knob(None, "GCG suffix tokens", flag="--gcg-suffix-len", bounds="[1,1000]")
     filter_prompts: int = knob(50, "clean prompts that calibrate the perplexity filter, and as many held out "
                                    "for its false-positive rate", flag="--filter-prompts", bounds="[2,100000]")
@@ -464,15 +470,15 @@ class AnalysisConfig(StepConfig):
     prefix: ClassVar[str] = "analysis-"
     calib_windows: Optional[int] = knob(None, "windows in the Hessian loss", flag="--analysis-windows",
                                         bounds="[1,100000]")
-    calib_seq_len: Optional[int] = knob(None, "tokens per Hessian window", flag="--analysis-seq-len", bounds=">=2", context=True)
+    calib_seq_len: Optional[int] = knob(None, "tokens per Hessian window", flag="--analysis-seq-len", bounds="[2,1000000]", context=True)
     fisher_windows: Optional[int] = knob(None, "windows of the Fisher diagonal", bounds="[1,100000]")
     max_probes: Optional[int] = knob(None, "max Hutchinson probes (stops earlier on --hessian-tol)",
                                      flag="--hessian-probes", bounds="[1,100000]")
     rel_stderr: float = knob(0.1, "Hutchinson probes until every layer's trace has a standard error of at most "
                                   "this fraction of its magnitude (0: PyHessian's --hessian-tol rule)",
-                             flag="--hessian-rel-stderr", bounds=">=0")
+                             flag="--hessian-rel-stderr", bounds="[0,10]")
     tol: float = knob(1e-2, "with --hessian-rel-stderr 0: relative change of the total trace that stops "
-                            "Hutchinson", flag="--hessian-tol", bounds=">=0")
+                            "Hutchinson", flag="--hessian-tol", bounds="[0,10]")
     power_iters: Optional[int] = knob(None, "power iterations for the top eigenvalue", flag="--power-iters",
                                       bounds="[1,100000]")
     per_block: Optional[bool] = knob(None, "Hessian one block at a time (auto: above 3B parameters)",
@@ -485,16 +491,16 @@ class AnalysisConfig(StepConfig):
                                   bounds="[1,1000]")
     super_weight_min_ratio: float = knob(1.5, "a candidate is accepted as a super weight when zeroing it alone "
                                               "multiplies perplexity by at least this", flag="--super-weight-min-ratio",
-                                         bounds=">=1")
+                                         bounds="[1,1000000]")
     quant_bits: tuple = knob((4, 3), "RTN bit widths", flag="--quant-bits", parse=parse_ints, bounds="[2,8]")
-    quant_group: int = knob(128, "RTN group size (input columns)", flag="--quant-group", bounds=">=1")
+    quant_group: int = knob(128, "RTN group size (input columns)", flag="--quant-group", bounds="[1,1000000]")
     quant_top_fraction: float = knob(0.0005, "fraction of weights kept in full precision by the guided "
                                              "quantization", flag="--quant-top-fraction", bounds="[0,1)")
-    eval_tokens: Optional[int] = knob(None, "evaluation tokens of ablations and quantization", bounds=">=2")
+    eval_tokens: Optional[int] = knob(None, "evaluation tokens of ablations and quantization", bounds="[2,1000000000]")
     eval_seq_len: Optional[int] = knob(None, "tokens per evaluation window (at most --analysis-eval-tokens)",
-                                       bounds=">=2", context=True)
+                                       bounds="[2,1000000]", context=True)
     batch_size: Optional[int] = knob(None, "evaluation windows per forward pass (auto: from free memory "
-                                           "on GPU, 1 on CPU)", flag="--batch-size", bounds=">=1")
+                                           "on GPU, 1 on CPU)", flag="--batch-size", bounds="[1,65536]")
     seed: int = knob(0, "seed", flag="--seed", bounds="[0,4294967295]")
     progress: bool = knob(True, "progress bars", cli=False, results=False)
 
@@ -578,6 +584,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def _convert(cls: type, f: dataclasses.Field, text):
     """Flag text -> field value; UserError naming the flag on bad text."""
     hint, m, flag = typing.get_type_hints(cls)[f.name], f.metadata, flag_of(cls, f)
+    if any(not str(t).strip() for t in (text if m.get("many") else [text])):
+        raise UserError(f"{flag} must not be empty")  # an empty value never means anything here
     try:
         if m.get("many"):
             return tuple(text)

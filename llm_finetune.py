@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 import llm_common as C
-from llm_config import EvalConfig, FinetuneConfig
+from llm_config import EvalConfig, FinetuneConfig, fingerprint
 from llm_perplexity import evaluate_model
 
 log = logging.getLogger("llm.finetune")
@@ -122,28 +123,47 @@ def _trainable_state(model) -> dict[str, torch.Tensor]:
     return {k: p.detach().cpu().clone() for k, p in model.named_parameters() if p.requires_grad}
 
 
+def run_key(cfg: FinetuneConfig) -> str:
+    """What a finished fine-tune or a resume checkpoint must match to be reused: every field
+    that can change the weights, and ``cfg.identity`` (the pipeline puts the base model's
+    identity and the training text's hash there)."""
+    return fingerprint(cfg.fingerprint_dict(), cfg.identity)
+
+
+def _set_aside(path: Path, why: str) -> None:
+    aside = path.with_name(f"{path.name}.stale-{int(time.time())}")
+    os.replace(path, aside)
+    log.warning("%s; moved %s aside to %s", why, path, aside.name)
+
+
 def _save_resume(model, optimizer, step: int, losses: list, cfg: FinetuneConfig) -> None:
     """Tensors and numbers only, written atomically; loaded with weights_only=True."""
     state = {"step": step, "losses": list(losses), "model": _trainable_state(model),
-             "optimizer": optimizer.state_dict()}
+             "optimizer": optimizer.state_dict(), "run_key": run_key(cfg)}
     with C.atomic_path(_resume_path(cfg)) as tmp:
         torch.save(state, tmp)
 
 
 def _load_resume(model, optimizer, cfg: FinetuneConfig) -> tuple[int, list]:
+    """(step, losses) of a resume checkpoint of this very run, loaded into model and optimizer;
+    (0, []) when there is none. One from another run (other model, data or config), or one that
+    does not load, is moved aside and training starts over."""
     path = _resume_path(cfg)
     if not path.is_file():
         return 0, []
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated or hostile: start over rather than crash
-        log.warning("ignoring unreadable resume checkpoint %s (%s)", path, type(e).__name__)
+        if state.get("run_key") != run_key(cfg):
+            _set_aside(path, "the resume checkpoint belongs to another run (model, data or config differ)")
+            return 0, []
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for k, v in state["model"].items():
+                params[k].copy_(v.to(params[k].device))
+        optimizer.load_state_dict(state["optimizer"])
+    except Exception as e:  # noqa: BLE001 - truncated, hostile, or another shape: start over rather than crash
+        _set_aside(path, f"the resume checkpoint does not load ({type(e).__name__})")
         return 0, []
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for k, v in state["model"].items():
-            params[k].copy_(v.to(params[k].device))
-    optimizer.load_state_dict(state["optimizer"])
     log.info("resuming fine-tuning from step %d (%s)", state["step"], path)
     return int(state["step"]), list(state["losses"])
 
@@ -312,6 +332,8 @@ def load_or_train_model(model, tokenizer, train_ids: torch.Tensor, config: Finet
     if out.exists() and not is_finished(out):
         raise C.UserError(f"{out} exists but is not a finished fine-tuned model (no {MANIFEST}); "
                           "move it away or choose another --output-dir")
+    if is_finished(out) and json.loads((out / MANIFEST).read_text()).get("run_key") != run_key(config):
+        _set_aside(out, "the finished fine-tune was trained from another model, text or config")
     if is_finished(out):
         log.info("loading the finished fine-tune in %s (not retraining)", out)
         manifest = json.loads((out / MANIFEST).read_text())
@@ -331,7 +353,8 @@ def load_or_train_model(model, tokenizer, train_ids: torch.Tensor, config: Finet
     model, losses, resumed = train(model, train_part, config, on_step=on_step)
     loss1, ppl1 = _heldout(model, tokenizer, hold, config)
     log.info("held-out loss after fine-tuning: %.4f (perplexity %.3f)", loss1, ppl1)
-    manifest = {"base_model": config.base_model, "data": config.data, "seed": config.seed, "mode": config.mode,
+    manifest = {"run_key": run_key(config), "base_model": config.base_model, "data": config.data,
+                "seed": config.seed, "mode": config.mode,
                 "steps": config.steps, "batch_size": config.batch_size, "seq_len": config.seq_len, "lr": config.lr,
                 "train_tokens": int(train_part.numel()), "heldout_tokens": int(hold.numel()),
                 "heldout_loss_before": loss0, "heldout_loss_after": loss1,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import platform
 import sys
 import time
@@ -46,7 +45,7 @@ class Run:
     label: str = ""
     live: str = "base"  # the variant the live model is
     results: dict = field(default_factory=dict)
-    variants: dict = field(default_factory=dict)  # name -> None (the live model) or weights path
+    variants: dict = field(default_factory=lambda: {"base": None})  # name -> None (the live model) or weights
     parents: dict = field(default_factory=dict)   # name -> the variant it was derived from
     texts: dict = field(default_factory=dict)    # "eval" / "train" -> Corpus, read before the model
     _ids: dict = field(default_factory=dict)
@@ -77,8 +76,8 @@ class Run:
 
 
 def _finetune(run: Run, mod, cfg) -> None:
-    cfg = replace(cfg, output_dir=str(run.out / "finetuned"), base_model=run.label,
-                  data=run.corpus("train").source)
+    cfg = replace(cfg, output_dir=str(run.out / "finetuned"), base_model=run.label, data=run.corpus("train").source,
+                  identity=fingerprint(run.results["model_identity"], run.corpus("train").sha256))
     base = C.weights_dir(run.model)  # the unmodified weights, read back for the base row
     if cfg.mode != "none" and base is None:
         base = run.out / "checkpoints" / "base.safetensors"
@@ -162,14 +161,9 @@ def _check_before_loading(cfg: PipelineConfig, out: Path) -> dict:
     configs = {s: getattr(cfg, s).resolved(gpu) for s in (rc.steps or ALL_STEPS)}
     for c in configs.values():
         c.validate()
-    for spec in (rc.dataset, rc.train_dataset):
-        C.check_corpus_spec(spec)
     C.ensure_writable_dir(out, "--output-dir")
-    texts = {w: C.load_corpus(rc.dataset if w == "eval" else rc.train_dataset, "test" if w == "eval" else "train")
-             for w in sorted({c for s in configs for c in STEPS[s].corpora})}
-    described = {w: t.describe() for w, t in texts.items()}
-    if len(texts) == 2:  # calibration text that holds evaluation text inflates every score
-        described["overlap"] = C.corpus_overlap(texts["train"], texts["eval"], allow=rc.allow_overlap)
+    texts, described = C.load_texts(rc.dataset, rc.train_dataset, {c for s in configs for c in STEPS[s].corpora},
+                                    no_fallback=rc.no_fallback, allow_overlap=rc.allow_overlap)
     return configs, texts, described
 
 
@@ -178,16 +172,13 @@ def _start(cfg: PipelineConfig, out: Path, argv: list, texts: dict) -> Run:
     rc = cfg.run
     C.init_distributed_from_env()  # no-op unless started by accelerate launch / torchrun
     C.clean_stale_temps(out)
-    C.seed_everything(rc.seed)
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    C.make_deterministic(rc.seed)
     device = C.resolve_device(rc.device)
     run = Run(cfg=cfg, out=out, texts=texts)
     t0 = time.perf_counter()
     run.model, run.tokenizer, run.label = C.load_model(C.LoadConfig(
         model=rc.model, device=rc.device, dtype=rc.dtype, device_map=rc.device_map, max_memory=rc.max_memory,
         trust_remote_code=rc.trust_remote_code, cache_dir=rc.cache_dir))
-    run.variants = {"base": None}
     dtype = str(C.resolve_dtype(rc.dtype, device))
     run.results.update(seed=rc.seed, argv=argv, steps=list(rc.steps or ALL_STEPS), device=str(device), dtype=dtype,
                        versions=C.library_versions(), python=platform.python_version(), steps_done={},
@@ -210,23 +201,30 @@ def _fingerprint(run: Run, step: str, config, previous: str) -> str:
 
 
 def _restore(run: Run, step: str, previous: dict) -> bool:
-    """Reuse a skipped step's recorded sections (and its variant's checkpoint, if still there)."""
+    """Reuse a skipped step's recorded sections and its variant's checkpoint, if that is still
+    there and inside the output directory (a path in results.json is never trusted further)."""
     for key in STEPS[step].sections:
         if key in previous:
             run.results[key] = previous[key]
     name = STEPS[step].variant
     if name is None:
         return True
-    ckpt = run.out / run.results[step]["checkpoint"]
-    run.variants[name], run.parents[name] = ckpt, run.results[step]["parent"]
-    return ckpt.is_file()
+    ckpt = (run.out / str(run.results[step].get("checkpoint", ""))).resolve()
+    run.variants[name], run.parents[name] = ckpt, run.results[step].get("parent", run.live)
+    return ckpt.is_relative_to((run.out / "checkpoints").resolve()) and ckpt.is_file()
 
 
 def run_pipeline(cfg: PipelineConfig, argv: Optional[list] = None) -> dict:
     """Run the configured steps in order, resuming from ``<output_dir>/results.json``: a step
-    whose fingerprint matches the saved one is skipped and its recorded results kept."""
+    whose fingerprint matches the saved one is skipped and its recorded results kept. A second
+    run on the same output directory is refused while this one holds its lock."""
     out = Path(cfg.run.output_dir)
     configs, texts, described = _check_before_loading(cfg, out)
+    with C.output_lock(out):
+        return _run(cfg, argv, out, configs, texts, described)
+
+
+def _run(cfg: PipelineConfig, argv: Optional[list], out: Path, configs: dict, texts: dict, described: dict) -> dict:
     previous = read_results(out)
     done_before = previous.get("steps_done", {})
     run = _start(cfg, out, list(sys.argv[1:] if argv is None else argv), texts)
@@ -283,13 +281,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg = from_args(build_parser().parse_args(argv))
         C.setup_logging(cfg.run.log_level)
-        if cfg.run.report_only:  # no model, no step module: plots and report from results.json alone
-            results = rebuild_report(Path(cfg.run.output_dir))
-        else:
-            results = run_pipeline(cfg, argv)
+        with C.sigint_as_interrupt():  # no model, no step module for --report-only: results.json alone
+            results = rebuild_report(Path(cfg.run.output_dir)) if cfg.run.report_only else run_pipeline(cfg, argv)
     except C.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # temporaries are gone (atomic writes clean up); finished steps are kept
+        print("error: interrupted; run the same command again to resume from the finished steps", file=sys.stderr)
+        return 130
     for name, ppl in results.get("perplexity", {}).items():
         print(f"{name}: perplexity {fmt(ppl)}")
     return 0

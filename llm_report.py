@@ -12,6 +12,7 @@ import logging
 import os
 import math
 import re
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -45,6 +46,12 @@ def _float(x) -> float:
     """Like ``_num``, with nan for a missing value (matplotlib leaves a gap there)."""
     v = _num(x)
     return float("nan") if v is None else v
+
+
+def _esc(text) -> str:
+    """Free text (prompts, model outputs, suffixes, names) as literal Markdown: no image, link,
+    emphasis, code span, table cell or HTML can come out of it."""
+    return re.sub(r"([\\`*_\[\]!|#])", r"\\\1", str(text).replace("\n", " "))
 
 
 def fmt(x) -> str:
@@ -144,9 +151,9 @@ def _md_adversarial(results: dict) -> list[str]:
             lines.append(f"| {r['method']} | {r['eps']} | {fmt(r['clean_nll'])} | {fmt(r['attacked_nll'])} | "
                          f"{fmt(r['delta_nll'])} | {fmt(r['top1_agreement'])} |")
         t, gcg, pf, at = adv["targeted"], adv["gcg"], adv["perplexity_filter"], adv["adversarial_training"]
-        lines += ["", f"Targeted PGD (target {t['target']!r}, eps {t['eps']}): success rate {fmt(t['success_rate'])} "
+        lines += ["", f"Targeted PGD (target {_esc(repr(t['target']))}, eps {t['eps']}): success rate {fmt(t['success_rate'])} "
                       f"over {t['n']} prompts.",
-                  f"GCG suffix `{gcg['suffix_text']}`: target loss {fmt(gcg['initial_loss'])} -> "
+                  f"GCG suffix {_esc(repr(gcg['suffix_text']))}: target loss {fmt(gcg['initial_loss'])} -> "
                   f"{fmt(gcg['final_loss'])}, success {gcg['success']}.",
                   f"Perplexity filter ({pf.get('scored', '')}; threshold {fmt(pf['threshold'])} from "
                   f"{pf.get('calibration_prompts')} calibration prompts): false-positive rate "
@@ -158,7 +165,8 @@ def _md_adversarial(results: dict) -> list[str]:
                   f"Adversarial fine-tune ({at['steps']} steps): delta NLL at eps {at['eps']} "
                   f"{fmt(at['delta_nll_before'])} -> {fmt(at['delta_nll_after'])}.", ""]
         for prompt, ans in adv["answers"].items():
-            lines.append(f"- *{prompt}* clean: {ans['clean']}  \n  under PGD eps={ans['eps']}: {ans['attacked']}")
+            lines.append(f"- *{_esc(prompt)}* clean: {_esc(ans['clean'])}  \n  under PGD eps={ans['eps']}: "
+                         f"{_esc(ans['attacked'])}")
         lines += ["", "![attack sweep](plots/attack_sweep.png)"]
     return lines
 
@@ -228,7 +236,7 @@ def _md_generations(results: dict) -> list[str]:
     lines += ["", "## Sample generations", ""]
     for name, ev in results.get("evaluation", {}).items():
         for prompt, answer in ev.get("generations", {}).items():
-            lines.append(f"- **{name}** — *{prompt}*  \n  {answer}")
+            lines.append(f"- **{name}** — *{_esc(prompt)}*  \n  {_esc(answer)}")
     return lines
 
 
@@ -248,7 +256,12 @@ def _md_manifest(results: dict) -> list[str]:
 
 def report_markdown(results: dict) -> str:
     """Markdown report built from ``results.json`` alone, so it can be regenerated."""
-    lines = [f"# Sensitivity and robustness report: {results.get('model', '?')}", ""]
+    lines = [f"# Sensitivity and robustness report: {_esc(results.get('model', '?'))}", ""]
+    for which, d in (results.get("dataset") or {}).items():
+        if isinstance(d, dict) and d.get("fallback"):
+            lines += [f"> **Warning: the {which} text is not what was asked for.** {d.get('name')} was unavailable "
+                      f"({_esc(d['fallback'])}), so the embedded corpus was used: these are not {d.get('name')} "
+                      "numbers. Rerun with the data cached, or with --no-fallback to make this an error.", ""]
     ds = results.get("dataset", {})
     proto = results.get("protocol", {})
     for which, d in ds.items():
@@ -258,7 +271,7 @@ def report_markdown(results: dict) -> str:
                          + (" (allowed with --allow-overlap)" if d.get("shared") or d.get("same_text") else ""))
             continue
         fb = f" (fallback: {d['fallback']})" if d.get("fallback") else ""
-        lines.append(f"- {which} text: `{d.get('source')}`, {d.get('chars')} characters{fb}")
+        lines.append(f"- {which} text: {_esc(d.get('source'))}, {d.get('chars')} characters{fb}")
     if proto:
         lines.append(f"- protocol: windows of {proto.get('seq_len')} tokens, stride {proto.get('stride')}, "
                      f"first {proto.get('eval_tokens') or 'all'} tokens")
@@ -322,7 +335,7 @@ def _findings_attacks_and_analysis(results: dict) -> list[str]:
         row = {r["method"]: r for r in adv["table"] if r["eps"] == top}
         out.append(f"At eps={top} (relative to the mean embedding norm) PGD raises the continuation NLL by "
                    f"{fmt(row['pgd']['delta_nll'])} nats/token, FGSM by {fmt(row['fgsm']['delta_nll'])}; targeted "
-                   f"PGD reaches {adv['targeted']['target']!r} on {fmt(100 * adv['targeted']['success_rate'])}% "
+                   f"PGD reaches {_esc(repr(adv['targeted']['target']))} on {fmt(100 * adv['targeted']['success_rate'])}% "
                    f"of {adv['targeted']['n']} prompts.")
         at = adv["adversarial_training"]
         out.append(f"A {at['steps']}-step adversarial fine-tune changes PGD's delta NLL from "
@@ -556,13 +569,18 @@ def markdown_to_html(md: str, base: Path) -> str:
     conv.inlinePatterns.deregister("html")
     body = conv.convert(md)
 
+    plots = (Path(base) / "plots").resolve()
+
     def inline(m: re.Match) -> str:
-        p = base / html.unescape(m.group(2))
+        # Only the run's own plot files are embedded: never a path from a prompt, output or field.
+        p = (Path(base) / html.unescape(m.group(2))).resolve()
+        if p.parent != plots or p.suffix != ".png":
+            return f"<i>missing plot {html.escape(m.group(2))} (only plots/*.png are embedded)</i>"
         if not p.is_file():
             return f"<i>missing plot {m.group(2)}</i>"
         return f'<img alt="{m.group(1)}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}"'
 
-    body = re.sub(r'<img alt="([^"]*)" src="([^"]+\.png)"', inline, body)
+    body = re.sub(r'<img alt="([^"]*)" src="([^"]+)"', inline, body)
     body = re.sub(r"<i>missing plot ([^<]*)</i>\s*/?>", r"<i>missing plot \1</i>", body)
     style = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
@@ -585,15 +603,25 @@ def write_report(results: dict, out: Path) -> tuple[Path, Path]:
 
 
 def read_results(out: Path) -> dict:
-    """``<out>/results.json``, or {} when it is missing or unreadable (with a warning)."""
+    """``<out>/results.json``, or {} when there is none. A file that is not JSON, or not shaped
+    like our results (an object whose sections are objects), is moved aside with a warning
+    and never trusted."""
     path = Path(out) / "results.json"
     if not path.is_file():
         return {}
     try:
-        return C.read_json(path)
+        res = C.read_json(path)
+        ok = isinstance(res, dict) and all(isinstance(res.get(k, {}), dict) for k in (
+            "steps_done", "finetune", "prune", "noise", "adversarial", "analysis", "perplexity", "evaluation",
+            "protocol", "variants", "dataset", "manifest"))
     except (OSError, ValueError):
-        log.warning("ignoring unreadable %s; starting afresh", path)
+        ok = False
+    if not ok:
+        aside = path.with_name(f"results.json.unreadable-{int(time.time())}")
+        os.replace(path, aside)
+        log.warning("%s is not a results file of this tool; moved aside to %s, starting afresh", path, aside.name)
         return {}
+    return res
 
 
 def rebuild_report(out: Path) -> dict:
@@ -601,7 +629,11 @@ def rebuild_report(out: Path) -> dict:
     results = read_results(out)
     if not results:
         raise C.UserError(f"--report-only: no readable results.json in {out}")
-    results["plots"] = make_plots(results, out)
+    try:
+        results["plots"] = make_plots(results, out)
+        write_report(results, out)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise C.UserError(f"--report-only: {out / 'results.json'} has an unexpected shape "
+                          f"({type(e).__name__}: {str(e)[:120]})")
     C.write_json(Path(out) / "results.json", results)
-    write_report(results, out)
     return results

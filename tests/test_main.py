@@ -1,9 +1,13 @@
 """The orchestrator end to end on a tiny saved model, and its bad-input handling."""
+import dataclasses
 import json
+import math
+import typing
 
 import pytest
 
 import llm_common as C
+import llm_config as K
 import llm_main_v4
 
 
@@ -97,6 +101,64 @@ def test_bad_input_gets_one_clear_line(argv, msg, tmp_path, capsys):
     assert rc == 2
     assert len(err) == 1 and err[0].startswith("error:") and msg in err[0]
     assert not (tmp_path / "o" / "results.json").exists()
+
+
+def _flags(numeric: bool) -> list:
+    """Every flag generated from the configs: (flag, bounds, type) of the numeric ones, or the
+    text-valued ones."""
+    out = {}
+    for cls in (K.RunConfig, *K.STEP_CONFIGS.values()):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if not f.metadata.get("cli", True) or hints[f.name] in (bool,):
+                continue
+            if numeric and f.metadata.get("bounds"):
+                out[K.flag_of(cls, f)] = (f.metadata["bounds"], "int" if "int" in str(hints[f.name]) or
+                                          f.metadata.get("parse") is K.parse_ints else "float")
+            elif not numeric and not f.metadata.get("bounds"):
+                out[K.flag_of(cls, f)] = None
+    return sorted(out.items())
+
+
+HOSTILE = ["-1", "0", "nan", "inf", "1e308", str(10 ** 20)]
+QUICK = ["--model", "/no/such/model", "--dataset", "embedded", "--train-dataset", "embedded"]
+
+
+def _within(text: str, bounds: str, kind: str) -> bool:
+    """An independent reading of a knob's bounds: does the flag text parse and lie inside?"""
+    try:
+        x = int(text) if kind == "int" else float(text)
+    except ValueError:
+        return False
+    if not math.isfinite(x):
+        return False
+    lo, hi = (float(v) for v in bounds[1:-1].split(","))
+    return (x >= lo if bounds[0] == "[" else x > lo) and (x <= hi if bounds[-1] == "]" else x < hi)
+
+
+@pytest.mark.parametrize("flag,spec", _flags(numeric=True), ids=[f for f, _ in _flags(numeric=True)])
+def test_hostile_numbers_end_in_one_line_and_exit_2(flag, spec, tmp_path, capsys):
+    """-1, 0, nan, inf, 1e308 and 10^20 for every numeric flag: refused in one line naming the
+    flag, or accepted (then the run stops at the missing model, before any work) exactly when
+    the value lies inside the knob's documented bounds."""
+    bounds, kind = spec
+    for v in HOSTILE:
+        rc = llm_main_v4.main([flag, v, *QUICK, "--output-dir", str(tmp_path / "o")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("error:"), (flag, v, err)
+        accepted = err[0].startswith("error: model not found")
+        assert accepted == _within(v, bounds, kind), (flag, v, err[0])
+        assert accepted or flag in err[0], (flag, v, err[0])
+
+
+@pytest.mark.parametrize("flag", [f for f, _ in _flags(numeric=False)])
+def test_empty_text_is_refused_in_one_line(flag, tmp_path, capsys):
+    rc = llm_main_v4.main([*QUICK, "--output-dir", str(tmp_path / "o"), flag, ""])  # last wins: ours
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    # A flag with choices gets argparse's own line ("invalid choice: ''"), every other one ours.
+    assert err[0] in (f"error: {flag} must not be empty", f"error: argument {flag}: invalid choice: '' "
+                      f"(choose from {err[0].split('(choose from ', 1)[-1]}")
 
 
 def test_help_shows_real_defaults_and_choices(capsys):

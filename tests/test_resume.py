@@ -76,7 +76,7 @@ def test_sigkill_then_resume_gives_identical_results(setup, reference, tmp_path,
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     got = results(out)
     assert comparable(got) == comparable(reference)
-    assert not list(out.rglob(".*.tmp"))  # no half-written leftovers
+    assert not list(out.rglob(".llm-tmp-*")) and not list(out.rglob(".*.tmp"))  # no half-written leftovers
 
 
 def test_changed_config_reruns_that_step_and_later_ones(setup, reference, tmp_path):

@@ -1,0 +1,204 @@
+"""Faults and hostile files: Ctrl-C, a second run, a full disk, corrupt results, stale
+fine-tunes, foreign temporaries, local-file disclosure, bad corpora and model files."""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import llm_common as C
+import llm_main_v4
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, sample_text, tiny_llama, byte_tokenizer):
+    d = tmp_path_factory.mktemp("hostile")
+    tiny_llama().save_pretrained(d / "model")
+    byte_tokenizer().save_pretrained(d / "model")
+    (d / "text.txt").write_text(sample_text[:3000])
+    return d
+
+
+def argv(tiny, out, *extra):
+    return ["--model", str(tiny / "model"), "--dataset", str(tiny / "text.txt"), "--train-dataset",
+            str(tiny / "text.txt"), "--allow-overlap", "--steps", "prune,eval", "--seq-len", "32", "--eval-tokens",
+            "128", "--max-new-tokens", "2", "--calib-samples", "2", "--calib-seq-len", "32", "--output-dir",
+            str(out), "--log-level", "WARNING", *extra]
+
+
+def one_error(capsys) -> str:
+    """The one error line (progress bars of library loaders may precede it; no traceback may)."""
+    text = capsys.readouterr().err
+    err = [ln for ln in text.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "Traceback" not in text, text[-2000:]
+    return err[0]
+
+
+def test_a_second_run_on_a_directory_in_use_is_refused_and_a_stale_lock_is_taken(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".llm-lock").write_text(str(holder.pid))
+        assert llm_main_v4.main(argv(tiny, out)) == 2
+        assert f"in use by the run with PID {holder.pid}" in one_error(capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert llm_main_v4.main(argv(tiny, out)) == 0  # the holder is gone: its lock is stale
+    assert not (out / ".llm-lock").exists()
+
+
+def test_only_dead_runs_temporaries_are_removed(tiny, tmp_path):
+    out = tmp_path / "out"
+    (out / "p" / ".build.tmp").mkdir(parents=True)  # the user's own, never ours to delete
+    (out / "p" / ".build.tmp" / "keep").write_text("x")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / f".llm-tmp-{dead.pid}-results.json.abc").mkdir()
+    live = out / f".llm-tmp-{os.getpid()}-other.xyz"
+    live.mkdir()
+    assert llm_main_v4.main(argv(tiny, out)) == 0
+    assert (out / "p" / ".build.tmp" / "keep").is_file() and live.is_dir()
+    assert not (out / f".llm-tmp-{dead.pid}-results.json.abc").exists()
+
+
+def test_a_full_disk_keeps_the_previous_results(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    C.write_json(path, {"perplexity": {"base": 1.0}})
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(C.UserError, match="no space left"):
+        C.write_json(path, {"perplexity": {"base": 2.0}})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"perplexity": {"base": 1.0}}
+    assert not list(tmp_path.glob(".llm-tmp-*"))
+
+
+@pytest.mark.parametrize("content", ["[]", '{"steps_done": []}', '{"prune": "oops"}', '{"truncated": ', "\x00\x01"])
+def test_corrupt_or_foreign_results_are_moved_aside(tiny, tmp_path, content, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text(content)
+    rc = llm_main_v4.main(["--report-only", "--output-dir", str(out)])
+    assert rc == 2 and "no readable results.json" in one_error(capsys)
+    assert len(list(out.glob("results.json.unreadable-*"))) == 1
+    (out / "results.json").write_text(content)
+    assert llm_main_v4.main(argv(tiny, out)) == 0  # a run starts afresh instead
+    assert "perplexity" in json.loads((out / "results.json").read_text())
+
+
+def test_a_checkpoint_path_outside_the_output_dir_is_not_trusted(tiny, tmp_path):
+    out = tmp_path / "out"
+    assert llm_main_v4.main(argv(tiny, out)) == 0
+    res = json.loads((out / "results.json").read_text())
+    outside = tmp_path / "elsewhere.safetensors"
+    (out / "checkpoints" / "pruned.safetensors").rename(outside)
+    res["prune"]["checkpoint"] = str(outside)  # same fingerprints, a path out of the directory
+    (out / "results.json").write_text(json.dumps(res))
+    assert llm_main_v4.main(argv(tiny, out)) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert not again["manifest"]["steps"]["prune"]["skipped"]  # rerun, not loaded from outside
+    assert again["prune"]["checkpoint"] == "checkpoints/pruned.safetensors"
+
+
+def test_a_fine_tune_of_another_config_is_set_aside_and_retrained(tiny, tmp_path):
+    out = tmp_path / "out"
+    ft = ["--steps", "finetune", "--ft-steps", "2", "--ft-seq-len", "32", "--ft-batch-size", "2", "--lr", "1e-3"]
+    assert llm_main_v4.main(argv(tiny, out, *ft)) == 0
+    first = json.loads((out / "results.json").read_text())["finetune"]
+    assert llm_main_v4.main(argv(tiny, out, *ft[:-4], "--ft-steps", "3", *ft[-4:])) == 0  # ft-steps 2 -> 3
+    second = json.loads((out / "results.json").read_text())["finetune"]
+    assert not second["loaded_existing"] and len(second["train_losses"]) == 3 and len(first["train_losses"]) == 2
+    assert len(list(out.glob("finetuned.stale-*"))) == 1
+    assert llm_main_v4.main(argv(tiny, out, *ft[:-4], "--ft-steps", "3", *ft[-4:])) == 0  # same again: reused
+    assert json.loads((out / "results.json").read_text())["finetune"]["train_losses"] == second["train_losses"]
+
+
+def test_prompts_cannot_embed_local_files_or_html(tiny, tmp_path):
+    out = tmp_path / "out"
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"\x89PNG top secret")
+    prompt = f"![x]({secret}) ![y](/etc/hostname) <script>alert(1)</script>"
+    assert llm_main_v4.main(argv(tiny, out, "--prompt", prompt)) == 0
+    page = (out / "report.html").read_text()
+    import base64
+
+    assert base64.b64encode(secret.read_bytes()).decode() not in page
+    assert "<script>alert" not in page and f'src="{secret}"' not in page and 'src="/etc/hostname"' not in page
+
+
+def test_sigint_exits_in_one_line_leaves_no_temporaries_and_resumes(tiny, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "llm_main_v4.py"), *argv(tiny, out, "--steps",
+                                                                               "prune,noise,eval")],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "results.json").is_file():  # wait for the first finished step
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1].strip().splitlines()
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 130 and err[-1].startswith("error: interrupted") and "Traceback" not in "\n".join(err)
+    assert not list(out.rglob(".llm-tmp-*")) and not (out / ".llm-lock").exists()
+    assert llm_main_v4.main(argv(tiny, out, "--steps", "prune,noise,eval")) == 0
+
+
+@pytest.mark.parametrize("kind", ["binary", "utf16"])
+def test_bad_corpora_give_one_line(kind, tiny, tmp_path, capsys):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(bytes(range(256)) * 8 if kind == "binary" else "some text\n".encode("utf-16") * 50)
+    rc = llm_main_v4.main(["--model", str(tiny / "model"), "--steps", "eval", "--dataset", str(bad),
+                           "--output-dir", str(tmp_path / "o")])
+    assert rc == 2 and "corpus" in one_error(capsys)
+
+
+@pytest.mark.parametrize("kind", ["truncated_gguf", "empty_gguf", "truncated_safetensors", "wrong_shapes",
+                                  "remote_code"])
+def test_bad_model_files_give_one_line(kind, tiny, tmp_path, capsys):
+    import shutil
+
+    if kind.endswith("gguf"):
+        model = tmp_path / "m.gguf"
+        src = C.embedded_gguf_path()
+        model.write_bytes(src.read_bytes()[:100_000] if kind == "truncated_gguf" else b"")
+    else:
+        model = tmp_path / "m"
+        shutil.copytree(tiny / "model", model)
+        cfg = json.loads((model / "config.json").read_text())
+        if kind == "truncated_safetensors":
+            w = model / "model.safetensors"
+            w.write_bytes(w.read_bytes()[:5000])
+        elif kind == "wrong_shapes":
+            cfg["hidden_size"] *= 2
+        else:
+            cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.Evil"}
+        (model / "config.json").write_text(json.dumps(cfg))
+    rc = llm_main_v4.main(["--model", str(model), "--steps", "eval", "--dataset", "embedded", "--cache-dir",
+                           str(tmp_path / "cache"), "--output-dir", str(tmp_path / "o")])
+    line = one_error(capsys)
+    assert rc == 2
+    assert ("trust-remote-code" in line) if kind == "remote_code" else ("GGUF" in line or "not loadable" in line)
+
+
+def test_wikitext2_named_explicitly_never_falls_back(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(C, "_wikitext", lambda split, offline: (_ for _ in ()).throw(OSError("not cached")))
+    rc = llm_main_v4.main(["--model", "/no/such/model", "--steps", "eval", "--dataset", "wikitext2",
+                           "--output-dir", str(tmp_path / "o")])
+    assert rc == 2 and "embedded corpus is not used" in one_error(capsys)
+    corpus = C.load_corpus("wikitext2", "test")  # the default still falls back, and says so
+    assert corpus.fallback and corpus.source.startswith("pydoc_data")
