@@ -542,7 +542,7 @@ def token_nll(model, seqs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     seqs = list(seqs)
     dev = C.input_device(model)
     L = max(x.numel() for x in seqs)
-    bs = C.auto_batch_size(model, L, len(seqs))
+    bs = C.auto_batch_size(model, L, len(seqs), on_cpu=16)  # short rows: batching pays on CPU too
     for i in range(0, len(seqs), bs):
         chunk = seqs[i:i + bs]
         ids = torch.zeros(len(chunk), L, dtype=torch.long)

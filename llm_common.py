@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -823,11 +824,18 @@ def _text_files(path: Path) -> list[str]:
 
 def corpus_overlap(train: Corpus, evaluation: Corpus, allow: bool = False, min_chars: int = 200) -> dict:
     """How much of the evaluation text the calibration / fine-tuning text also holds: the
-    evaluation paragraphs (blank-line separated, at least ``min_chars`` long, so headings and
-    boilerplate do not count) that occur verbatim among the training paragraphs. Above 1%, or
+    evaluation paragraphs (blank-line separated paragraphs and single lines, at least
+    ``min_chars`` long, so headings and boilerplate do not count) that occur verbatim among
+    the training ones. Above 1%, or
     for the very same text, raises UserError unless ``allow``."""
     def paragraphs(text: str) -> list[str]:
-        return [p.strip() for p in text.split("\n\n") if len(p.strip()) >= min_chars]
+        # Blank-line chunks (blank lines may hold spaces, as WikiText's " \n \n"); a chunk with
+        # long lines is one paragraph per line (the shared WikiText copies), else wrapped text.
+        units = []
+        for chunk in re.split(r"\n\s*\n", text):
+            lines = [ln.strip() for ln in chunk.splitlines()]
+            units += lines if any(len(ln) >= min_chars for ln in lines) else [" ".join(lines)]
+        return list(dict.fromkeys(u for u in units if len(u) >= min_chars))
 
     seen = set(paragraphs(train.text))
     ev = paragraphs(evaluation.text)

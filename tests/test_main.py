@@ -179,13 +179,15 @@ def test_calibration_text_that_holds_the_evaluation_text_is_refused(corpus_file,
                            str(corpus_file), "--steps", "prune,eval", "--output-dir", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "evaluation paragraphs" in err[0] and "same text" in err[0]
-    half = corpus_file.read_text()
-    other = tmp_path / "other.txt"  # a different text that repeats one evaluation paragraph
-    para = max(half.split("\n\n"), key=len)
-    other.write_text("An unrelated first paragraph. " * 10 + "\n\n" + para)
-    ov = C.corpus_overlap(C.load_corpus(str(other), "train"), C.load_corpus(str(corpus_file), "test"), allow=True)
-    n_long = sum(len(p.strip()) >= 200 for p in half.split("\n\n"))
-    assert ov["shared"] == 1 and ov["eval_paragraphs"] == n_long and not ov["same_text"]
+    # Units are blank-line paragraphs (blank lines may hold spaces) and long single lines, of at
+    # least 200 characters; here 3 evaluation units, 1 of them repeated in another text.
+    p1, p2, p3 = ("alpha " * 40).strip(), ("beta " * 50).strip(), ("gamma " * 40).strip()
+    (ev := tmp_path / "ev.txt").write_text(f" = Title = \n \n {p1} \n \n {p2}\n{p3}\nshort line\n")
+    (tr := tmp_path / "tr.txt").write_text(f"An unrelated first paragraph.\n\n{p2}\n")
+    ov = C.corpus_overlap(C.load_corpus(str(tr), "train"), C.load_corpus(str(ev), "test"), allow=True)
+    assert ov["eval_paragraphs"] == 3 and ov["shared"] == 1 and not ov["same_text"]
+    with pytest.raises(C.UserError, match="holds 1 of the 3"):
+        C.corpus_overlap(C.load_corpus(str(tr), "train"), C.load_corpus(str(ev), "test"))
 
 
 def test_corpus_shorter_than_a_window(tiny_dir, tmp_path, capsys):
