@@ -259,3 +259,21 @@ def test_obd_saliency_from_hutchinson_diagonal(tok, sample_text, tiny_gpt2):
     # Conv1D weights are stored [in, out]: the diagonal is transposed to [out, in] like the Fisher.
     assert set(res.obd_saliency_sum) == set(res.fisher_sum)
     assert all(math.isfinite(v) for v in res.obd_saliency_sum.values())
+
+
+def test_hessian_heatmap_shows_sign_and_crosses_out_unreliable_cells(monkeypatch, tmp_path):
+    """A negative Hutchinson trace keeps its sign on the plot, and a module whose standard
+    error is above target gets an "x"; the Fisher panel stays on a log scale."""
+    figures = []
+    monkeypatch.setattr(llm_report, "save_figure", lambda fig, path: figures.append(fig) or path)
+    mods = {"l0.q": (0, "q"), "l0.v": (0, "v"), "l1.q": (1, "q"), "l1.v": (1, "v")}
+    result = {"module_layer": {n: i for n, (i, _) in mods.items()}, "module_type": {n: t for n, (_, t) in mods.items()},
+              "hessian_trace": {"l0.q": 5.0, "l0.v": -3.0, "l1.q": 40.0, "l1.v": 0.5},
+              "fisher_sum": {n: 1.0 for n in mods},
+              "hessian_module_reliable": {"l0.q": True, "l0.v": False, "l1.q": True, "l1.v": True}}
+    llm_report.plot_heatmaps(result, tmp_path / "h.png")
+    ax = figures[0].axes[0]
+    data = ax.images[0].get_array()
+    assert data[0][1] == -3.0 and data[1][0] == 40.0  # signed values, not log10|x|
+    crosses = [(t.get_position(), t.get_text()) for t in ax.texts]
+    assert crosses == [((1, 0), "x")]  # layer 0, module v (columns sorted: q, v)
