@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -24,7 +25,7 @@ import tempfile
 from urllib.parse import urlparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -366,6 +367,60 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"checkpoint {path} does not hold a flat dict of tensors")
     return dict(obj)
+
+
+def save_masks(path: str | os.PathLike, masks: Mapping[str, torch.Tensor]) -> None:
+    """Bool masks at 1 bit per entry (numpy.packbits) as tensors-only safetensors, atomically."""
+    packed = {n: torch.from_numpy(np.packbits(m.detach().cpu().numpy().ravel())) for n, m in masks.items()}
+    shapes = json.dumps({n: list(m.shape) for n, m in masks.items()})
+    save_tensors(path, packed, metadata={"format": "mask", "shapes": shapes})
+
+
+def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The bool masks that ``save_masks`` wrote, in their original shapes."""
+    packed = load_tensors(path)
+    with safe_open(str(path), "pt") as f:
+        shapes = json.loads((f.metadata() or {}).get("shapes", "{}"))
+    if set(shapes) != set(packed):
+        raise UserError(f"{path} is not a mask checkpoint of this tool")
+    return {n: torch.from_numpy(np.unpackbits(packed[n].numpy())[:math.prod(shape)].reshape(shape).astype(bool))
+            for n, shape in shapes.items()}
+
+
+@contextlib.contextmanager
+def masked_weights(model: torch.nn.Module, masks) -> Iterator[torch.nn.Module]:
+    """Zero the entries of the named parameters where ``masks`` (a dict or a ``save_masks``
+    file) is True, in place, for the body; the weights are restored bit for bit on exit."""
+    masks = masks if isinstance(masks, Mapping) else load_masks(masks)
+    state = named_tensors(model)
+    with restored_on_exit(model, list(masks)):
+        with torch.no_grad():
+            for name, m in masks.items():
+                state[name][m.to(state[name].device)] = 0
+        yield model
+
+
+def store_variant(out: Path, name: str, model: torch.nn.Module, changed: Sequence[str], mask: bool) -> dict:
+    """Save a variant of ``model`` as it is now: the ``changed`` parameters in full, or (``mask``,
+    for variants that only zero weights) a 1-bit mask of their zeros. Returns its record."""
+    path, params = Path(out) / "checkpoints" / f"{name}.safetensors", dict(model.named_parameters())
+    if mask:
+        save_masks(path, {n: params[n].detach() == 0 for n in changed})
+    else:
+        save_tensors(path, {n: params[n].detach() for n in changed}, metadata={"variant": name})
+    return {"checkpoint": str(path.relative_to(out)), "format": "mask" if mask else "tensors"}
+
+
+def variant_weights(out: Path, record: dict, from_recipe: Optional[Callable] = None):
+    """A variant as the evaluation takes it, from its record in results.json: ``from_recipe(recipe)``
+    for a regenerable one, a context manager for a mask, the checkpoint path for tensors; None
+    when the file is gone or lies outside ``<out>/checkpoints`` (paths there are never trusted)."""
+    if record.get("recipe"):
+        return from_recipe(record["recipe"])
+    ckpt = (Path(out) / str(record.get("checkpoint") or "")).resolve()
+    if not (ckpt.is_relative_to((Path(out) / "checkpoints").resolve()) and ckpt.is_file()):
+        return None
+    return functools.partial(masked_weights, masks=ckpt) if record.get("format") == "mask" else ckpt
 
 
 def named_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

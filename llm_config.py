@@ -258,6 +258,9 @@ class RunConfig(StepConfig):
     train_dataset: Optional[str] = knob(None, "calibration / fine-tuning text, same choices",
                                         shown="as --dataset")
     no_fallback: bool = knob(False, "never replace an unavailable wikitext2 by the embedded corpus")
+    save_variants: bool = knob(False, "store full copies of the pruned and noisy weights (default: a 1-bit mask "
+                                      "for pruning that only zeroes weights, and the noise recipe, regenerated bit "
+                                      "for bit)", results=False)
     allow_overlap: bool = knob(False, "run even when the calibration / fine-tuning text shares paragraphs with "
                                       "the evaluation text (refused by default: it inflates every score)",
                                results=False)

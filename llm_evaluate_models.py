@@ -14,7 +14,7 @@ import copy
 import logging
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Mapping, Optional, Union
+from typing import Callable, Mapping, Optional, Union
 
 import torch
 
@@ -27,7 +27,10 @@ __all__ = ["EvalConfig", "EvalResult", "EvaluationResult", "evaluate_model", "ev
 
 log = logging.getLogger("llm.eval")
 
-Variant = Optional[Union[str, os.PathLike, Mapping[str, torch.Tensor]]]
+# None (the model as it is), a checkpoint file or save_pretrained directory, a name -> tensor dict,
+# or a callable model -> context manager that changes the model in place and restores it on exit
+# (a regenerated noise recipe, a pruning mask).
+Variant = Optional[Union[str, os.PathLike, Mapping[str, torch.Tensor], Callable]]
 
 
 @dataclass
@@ -61,7 +64,8 @@ def evaluate_variants(model, tokenizer, input_ids: torch.Tensor, variants: Mappi
 
     A variant is None (the model as it is), or a name -> tensor dict, a tensors-only
     checkpoint file or a save_pretrained directory whose weights are swapped in for its
-    evaluation and restored bit for bit afterwards. ``parents`` names the variant each was
+    evaluation and restored bit for bit afterwards, or a callable ``model -> context manager``
+    that changes the model in place for the evaluation and restores it. ``parents`` names the variant each was
     derived from. With ``config.kl`` every variant whose parent is the model as it is gets
     KL and top-1 agreement against it (kept as one spare copy).
     """
@@ -76,7 +80,8 @@ def evaluate_variants(model, tokenizer, input_ids: torch.Tensor, variants: Mappi
         if weights is None:
             out[name] = evaluate_model(model, tokenizer, input_ids, config)
             continue
-        with C.swapped_weights(model, _weights(model, weights)):
+        ctx = weights(model) if callable(weights) else C.swapped_weights(model, _weights(model, weights))
+        with ctx:
             out[name] = evaluate_model(model, tokenizer, input_ids, config,
                                        reference=reference if name in kl_for else None)
     protocol = {"seq_len": config.seq_len, "stride": config.stride or config.seq_len,

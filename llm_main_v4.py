@@ -13,6 +13,7 @@ noisy) are tensors-only checkpoints that the evaluation swaps into the one live 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import platform
@@ -29,6 +30,7 @@ from llm_config import ALL_STEPS, PipelineConfig, add_arguments, fingerprint, fr
 from llm_report import fmt, make_plots, read_results, rebuild_report, write_report
 
 log = logging.getLogger("llm.main")
+RECIPE = ("mode", "epsilon", "group", "seed", "bitflip_format")  # what regenerates the noisy variant
 
 
 # --------------------------------------------------------------------------- run state
@@ -59,13 +61,6 @@ class Run:
             self._ids[which] = C.tokenize_corpus(self.tokenizer, self.corpus(which))
         return self._ids[which]
 
-    def keep_variant(self, name: str, changed: list, meta: dict) -> str:
-        """Save the ``changed`` parameters of the model as it is now (tensors only) as a variant
-        derived from the live one."""
-        path, params = self.out / "checkpoints" / f"{name}.safetensors", dict(self.model.named_parameters())
-        C.save_tensors(path, {n: params[n].detach() for n in changed}, metadata={k: str(v) for k, v in meta.items()})
-        self.variants[name], self.parents[name] = path, self.live
-        return str(path.relative_to(self.out))
 
     def save(self) -> None:
         if C.dist_rank_world()[0] == 0:  # under accelerate launch only rank 0 writes
@@ -93,20 +88,26 @@ def _prune(run: Run, mod, cfg) -> None:
     names = [n + ".weight" for n in C.decoder_linears(run.model)]
     with C.restored_on_exit(run.model, names):  # the live model stays unpruned for later steps
         res = mod.prune_model(run.model, run.tokenizer, run.ids("train"), cfg)
-        ckpt = run.keep_variant("pruned", res.pruned_names, {"method": res.method})
+        # Only SparseGPT changes the weights it keeps; the others' variant is exactly a 1-bit mask.
+        rec = C.store_variant(run.out, "pruned", run.model, res.pruned_names,
+                              mask=res.method != "sparsegpt" and not run.cfg.run.save_variants)
     d = {k: v for k, v in asdict(res).items() if k != "pruned_names"}
     d["calibration"]["source"] = run.corpus("train").source
-    run.results["prune"] = {**d, "checkpoint": ckpt, "parent": run.parents["pruned"]}
+    run.results["prune"] = {**d, **rec, "parent": run.live}
+    _attach(run, "prune")
 
 
 def _noise(run: Run, mod, cfg) -> None:
     with C.restored_on_exit(run.model, list(mod.select_params(run.model, cfg.group))):
         res = mod.apply_robustness_test(run.model, run.tokenizer, cfg, run.ids("eval"), run.ids("train"))
-        ckpt = run.keep_variant("noisy", res.variant.tensors, {"mode": cfg.mode})
+        # The noisy variant is regenerated bit for bit from (mode, eps, group, seed): no copy needed.
+        rec = C.store_variant(run.out, "noisy", run.model, res.variant.tensors, mask=False) if \
+            run.cfg.run.save_variants else {"checkpoint": None, "recipe": {k: getattr(cfg, k) for k in RECIPE}}
     C.fault_point("during:noise")
     d = asdict(res)
     d["variant"]["n_tensors"] = len(d["variant"].pop("tensors"))
-    run.results["noise"] = {**d, "checkpoint": ckpt, "parent": run.parents["noisy"]}
+    run.results["noise"] = {**d, **rec, "parent": run.live}
+    _attach(run, "noise")
 
 
 def _eval(run: Run, mod, cfg) -> None:
@@ -144,7 +145,6 @@ STEPS = {
     "adversarial": Step("llm_adversarial_test", _adversarial, ("adversarial",), ("eval",)),
     "analysis": Step("llm_integrated_analysis", _analysis, ("analysis",), ("train", "eval")),
 }
-assert tuple(STEPS) == ALL_STEPS
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -184,8 +184,7 @@ def _start(cfg: PipelineConfig, out: Path, argv: list, texts: dict) -> Run:
                        versions=C.library_versions(), python=platform.python_version(), steps_done={},
                        model=run.label, parameters=sum(p.numel() for p in run.model.parameters()),
                        model_identity=C.model_identity(run.model, run.label))
-    run.results["manifest"] = {
-        "command": "python llm_main_v4.py " + " ".join(argv), "git_commit": C.git_commit(),
+    run.results["manifest"] = {"command": "python llm_main_v4.py " + " ".join(argv), "git_commit": C.git_commit(),
         "versions": run.results["versions"], "device": str(device), "dtype": dtype, "seeds": {"seed": rc.seed},
         "steps": {"load": {"wall_s": time.perf_counter() - t0, "peak_memory_mb": C.peak_memory_mb(device)}},
         "bookkeeping_s": 0.0}
@@ -201,17 +200,20 @@ def _fingerprint(run: Run, step: str, config, previous: str) -> str:
 
 
 def _restore(run: Run, step: str, previous: dict) -> bool:
-    """Reuse a skipped step's recorded sections and its variant's checkpoint, if that is still
-    there and inside the output directory (a path in results.json is never trusted further)."""
+    """Reuse a skipped step's recorded sections and its variant, if that can still be had."""
     for key in STEPS[step].sections:
         if key in previous:
             run.results[key] = previous[key]
-    name = STEPS[step].variant
-    if name is None:
-        return True
-    ckpt = (run.out / str(run.results[step].get("checkpoint", ""))).resolve()
-    run.variants[name], run.parents[name] = ckpt, run.results[step].get("parent", run.live)
-    return ckpt.is_relative_to((run.out / "checkpoints").resolve()) and ckpt.is_file()
+    return STEPS[step].variant is None or _attach(run, step)
+
+
+def _attach(run: Run, step: str) -> bool:
+    """Point the step's variant at its record (noise recipe, 1-bit mask or tensors); False if gone."""
+    rec, name, mod = run.results[step], STEPS[step].variant, importlib.import_module(STEPS[step].module)
+    run.parents[name] = rec.get("parent", run.live)
+    recipe = lambda r: functools.partial(mod.noisy_weights, cfg=mod.NoiseConfig(**r))  # noqa: E731
+    run.variants[name] = C.variant_weights(run.out, rec, recipe)
+    return run.variants[name] is not None
 
 
 def run_pipeline(cfg: PipelineConfig, argv: Optional[list] = None) -> dict:

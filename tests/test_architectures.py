@@ -71,10 +71,10 @@ def test_whole_pipeline(arch, tmp_path, sample_text, byte_tokenizer, pipeline_co
     res = json.loads((out / "results.json").read_text())
     assert set(res["perplexity"]) == {"base", "fine-tuned", "pruned", "noisy"}
     assert res["prune"]["overall_sparsity"] == pytest.approx(0.5)  # 2:4 exactly
-    pruned = C.load_tensors(out / "checkpoints" / "pruned.safetensors")
-    for name, w in pruned.items():
-        w = w.t() if arch == "gpt2" else w  # Conv1D stores [in, out]
-        assert ((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) >= 2).all(), name
+    pruned = C.load_masks(out / "checkpoints" / "pruned.safetensors")  # True where pruned
+    for name, z in pruned.items():
+        z = z.t() if arch == "gpt2" else z  # Conv1D stores [in, out]
+        assert (z.reshape(z.shape[0], -1, 4).sum(-1) >= 2).all(), name
     assert res["evaluation"]["noisy"]["kl"] > 0
     assert res["noise"]["map"]["delta_nll"] and len(res["analysis"]["hessian_trace"]) == len(pruned)
     assert len(res["adversarial"]["table"]) == 6

@@ -30,6 +30,13 @@ def test_no_step_module_imports_another(module):
     assert not (_imports(ROOT / f"{module}.py") & STEPS) - {module}
 
 
+def test_the_registry_runs_every_step_in_pipeline_order():
+    import llm_config
+    import llm_main_v4
+
+    assert tuple(llm_main_v4.STEPS) == llm_config.ALL_STEPS == tuple(llm_config.STEP_CONFIGS)
+
+
 def test_every_module_is_covered_and_installed():
     """Each flat module is a step, a shared module or the orchestrator, and pyproject installs all of them."""
     on_disk = {p.stem for p in ROOT.glob("llm_*.py")}

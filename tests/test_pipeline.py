@@ -19,7 +19,7 @@ from conftest import make_super_weight_matter, plant_super_weight
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = {"seconds", "tokens_per_s", "peak_memory_mb", "loaded_existing", "resumed_from_step", "model_dir", "config",
-          "checkpoint", "parent", "n_tensors", "batch_size"}
+          "checkpoint", "parent", "n_tensors", "batch_size", "format", "recipe"}
 
 
 def numbers(obj):
@@ -74,8 +74,9 @@ def test_each_step_function_alone_gives_the_pipelines_numbers(setup, pipeline, t
     scramble()
     with C.restored_on_exit(model, names):
         pr = P.prune_model(model, tok, ids, K.PruneConfig.from_dict(res["prune"]["config"]))
-        saved = C.load_tensors(out / res["prune"]["checkpoint"])
-        assert all(torch.equal(model.get_parameter(n), saved[n]) for n in pr.pruned_names)
+        saved = C.load_masks(out / res["prune"]["checkpoint"])  # Wanda only zeroes: a 1-bit mask
+        assert res["prune"]["format"] == "mask" and set(saved) == set(pr.pruned_names)
+        assert all(torch.equal(model.get_parameter(n) == 0, saved[n]) for n in pr.pruned_names)
     assert numbers({k: v for k, v in asdict(pr).items() if k != "pruned_names"}) == numbers(res["prune"]) | {
         "calibration": {k: v for k, v in res["prune"]["calibration"].items() if k != "source"}}
 
@@ -83,15 +84,19 @@ def test_each_step_function_alone_gives_the_pipelines_numbers(setup, pipeline, t
     ncfg = K.NoiseConfig.from_dict(res["noise"]["config"])
     with C.restored_on_exit(model, list(R.select_params(model, ncfg.group))):
         nz = R.apply_robustness_test(model, tok, ncfg, ids, ids)
-        saved = C.load_tensors(out / res["noise"]["checkpoint"])
-        assert all(torch.equal(model.get_parameter(n), saved[n]) for n in nz.variant.tensors)
+        noisy = {n: model.get_parameter(n).detach().clone() for n in nz.variant.tensors}
+    # No copy was stored: the recorded recipe regenerates the very same weights.
+    assert res["noise"]["checkpoint"] is None and res["noise"]["recipe"]["seed"] == ncfg.seed
+    with R.noisy_weights(model, K.NoiseConfig(**res["noise"]["recipe"])):
+        assert all(torch.equal(model.get_parameter(n), w) for n, w in noisy.items())
     d = numbers(asdict(nz))
     d["variant"].pop("tensors")
     assert d == numbers(res["noise"])
 
     scramble()
-    variants = {n: None if n == "fine-tuned" else (setup / "model" if n == "base" else out / "checkpoints" / f"{n}.safetensors")
-                for n in res["variants"]}
+    variants = {"base": setup / "model", "fine-tuned": None,
+                "pruned": lambda m: C.masked_weights(m, out / res["prune"]["checkpoint"]),
+                "noisy": lambda m: R.noisy_weights(m, K.NoiseConfig(**res["noise"]["recipe"]))}
     ev = E.evaluate_variants(model, tok, ids, variants, K.EvalConfig.from_dict(res["protocol"]["config"]),
                              res["variants"])
     assert ev.perplexity == res["perplexity"]
@@ -191,3 +196,23 @@ def test_every_clean_perplexity_names_its_token_set(pipeline):
     for label in (res["noise"]["sweep"]["clean"]["token_set"], res["analysis"]["clean_token_set"], n_hold):
         assert label in md
     assert res["evaluation"]["base"]["tokens_scored"] == 8 * 31  # 256 tokens, windows of 32
+
+
+def test_variants_are_stored_as_a_mask_and_a_recipe_with_the_same_numbers(setup, tmp_path, pipeline_config):
+    """Wanda's variant is a 1-bit mask and the noisy one a recipe (nothing stored); full copies
+    (--save-variants) take up to 32x more disk for the pruned one and give the very same perplexities."""
+    runs = {}
+    for save in (False, True):
+        cfg = pipeline_config(setup / "model", setup / "text.txt", tmp_path / str(save),
+                              steps=("prune", "noise", "eval"), run={"save_variants": save},
+                              prune={"protect": ()}, noise={"map": False, "sweep_eps": (0.5,), "sweep_seeds": 1})
+        runs[save] = llm_main_v4.run_pipeline(cfg, argv=[])
+    ckpt = tmp_path / "False" / "checkpoints"
+    n_weights = sum(m.numel() for m in C.load_masks(ckpt / "pruned.safetensors").values())
+    assert (ckpt / "pruned.safetensors").stat().st_size < n_weights / 8 + 64 * 1024
+    assert not (ckpt / "noisy.safetensors").exists() and runs[False]["noise"]["recipe"]
+    full = tmp_path / "True" / "checkpoints"
+    small, large = (ckpt / "pruned.safetensors").stat().st_size, (full / "pruned.safetensors").stat().st_size
+    assert large > 10 * small  # 32x less the headers, which weigh on a tiny model
+    assert (full / "noisy.safetensors").is_file() and runs[True]["noise"]["format"] == "tensors"
+    assert runs[False]["perplexity"] == runs[True]["perplexity"]

@@ -1,8 +1,10 @@
 """One run, one trustworthy report: resume after SIGKILL, determinism, config changes, report-only."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -130,3 +132,34 @@ def test_report_html_renders_in_chromium(setup, tmp_path):
     ok, n, shot = render_report.check(out)
     assert ok and n >= 3
     assert shot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_twenty_random_kills_resume_to_identical_results(setup, reference, tmp_path):
+    """SIGKILL at 20 random moments (seeded) of one short run, each time started again; the
+    finished run equals an uninterrupted one, with no temporaries and no lock left behind."""
+    import random
+
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("LLM_FAULT_AT", None)
+    cmd = [sys.executable, str(ROOT / "llm_main_v4.py"), *argv(setup, out)]
+    t0 = time.perf_counter()
+    assert subprocess.run(cmd, env=env, capture_output=True, timeout=600).returncode == 0  # how long a run takes
+    whole = time.perf_counter() - t0
+    shutil.rmtree(out)
+    rng, kills = random.Random(20), 0
+    while kills < 20:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=rng.uniform(0.3, whole))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            kills += 1
+            continue
+        assert proc.returncode == 0
+        shutil.rmtree(out)  # it finished before the kill: start over, so that every kill lands mid-run
+    final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, final.stderr[-2000:]
+    assert comparable(results(out)) == comparable(reference)
+    assert not list(out.rglob(".llm-tmp-*")) and not (out / ".llm-lock").exists()
