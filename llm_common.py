@@ -112,6 +112,11 @@ def peak_memory_mb(device: Optional[torch.device] = None) -> float:
 # --------------------------------------------------------------------------- processes
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def dist_rank_world() -> tuple[int, int]:
     """(rank, world size) of an initialised torch.distributed group, else (0, 1).
 
@@ -237,6 +242,16 @@ def output_lock(out: str | os.PathLike) -> Iterator[Path]:
         lock.unlink(missing_ok=True)
 
 
+def _harden(target: Path) -> None:
+    """Whatever the umask: nothing we write is writable by others; tensors-only checkpoints
+    (.safetensors/.pt files written alone) are readable by their owner only."""
+    if target.is_file():
+        os.chmod(target, 0o600 if target.suffix in (".safetensors", ".pt") else 0o644)
+        return
+    for p in [target, *target.rglob("*")]:
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
@@ -257,12 +272,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
                 raise UserError(f"no space left on the device while writing {path}; the previous version, if "
                                 "any, is intact")
             raise
+        _harden(target)
         fault_point(f"write:{path.name}")
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         os.replace(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def existing_parent(path: str | os.PathLike) -> Path:
+    """``path`` or its nearest existing ancestor (where a disk-space query can be made)."""
+    path = Path(path).resolve()
+    while not path.exists():
+        path = path.parent
+    return path
 
 
 def ensure_writable_dir(path: str | os.PathLike, flag: str) -> None:

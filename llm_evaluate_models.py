@@ -70,6 +70,9 @@ def evaluate_variants(model, tokenizer, input_ids: torch.Tensor, variants: Mappi
     KL and top-1 agreement against it (kept as one spare copy).
     """
     config = config.for_model(model)
+    if config.eval_tokens and config.eval_tokens > input_ids.numel():  # a documented clamp, recorded below
+        log.info("--eval-tokens %d exceeds the %d tokens of the text: evaluating all of them",
+                 config.eval_tokens, input_ids.numel())
     parents = dict(parents or {})
     live = [n for n, w in variants.items() if w is None]
     kl_for = {n for n in variants if config.kl and variants[n] is not None and parents.get(n) in live}
@@ -85,5 +88,6 @@ def evaluate_variants(model, tokenizer, input_ids: torch.Tensor, variants: Mappi
             out[name] = evaluate_model(model, tokenizer, input_ids, config,
                                        reference=reference if name in kl_for else None)
     protocol = {"seq_len": config.seq_len, "stride": config.stride or config.seq_len,
-                "eval_tokens": config.eval_tokens or None, "tokens_available": int(input_ids.numel())}
+                "eval_tokens": config.eval_tokens or None, "tokens_available": int(input_ids.numel()),
+                "tokens_used": min(config.eval_tokens or input_ids.numel(), int(input_ids.numel()))}
     return EvaluationResult(out, {n: parents.get(n) for n in variants}, protocol, asdict(config))

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -302,6 +303,18 @@ def _save_finished(model, tokenizer, cfg: FinetuneConfig, manifest: dict) -> Non
     _resume_path(cfg).unlink(missing_ok=True)
 
 
+def _check_disk(model, out: Path, cfg: FinetuneConfig) -> None:
+    """Refuse to start training when the finished model and one resume checkpoint (trainable
+    weights and two AdamW moments, fp32) would not fit on the disk: better now than in hours."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters()) if cfg.mode == "full" else weights // 50  # LoRA: small
+    need = weights + 12 * trainable
+    free = shutil.disk_usage(C.existing_parent(out)).free
+    if free < need:
+        raise C.UserError(f"not enough free disk for the fine-tune: {need / 2**30:.1f} GiB needed beside {out} "
+                          f"(model and resume checkpoint), {free / 2**30:.1f} GiB free")
+
+
 def load_finished(path: Path, like_model):
     """Load a finished fine-tune onto the same devices and dtype as ``like_model``."""
     dtype = next(like_model.parameters()).dtype
@@ -347,6 +360,7 @@ def load_or_train_model(model, tokenizer, train_ids: torch.Tensor, config: Finet
                                      heldout_token_set=manifest.get("heldout_token_set", ""),
                                      train_losses=manifest.get("train_losses", []),
                                      seconds=time.perf_counter() - t0, manifest=manifest, config=asdict(config))
+    _check_disk(model, out, config)
     C.seed_everything(config.seed)
     loss0, ppl0 = _heldout(model, tokenizer, hold, config)
     log.info("held-out loss before fine-tuning: %.4f (perplexity %.3f)", loss0, ppl0)

@@ -167,7 +167,7 @@ def _check_before_loading(cfg: PipelineConfig, out: Path) -> dict:
     return configs, texts, described
 
 
-def _start(cfg: PipelineConfig, out: Path, argv: list, texts: dict) -> Run:
+def _start(cfg: PipelineConfig, out: Path, argv: list, texts: dict, described: dict) -> Run:
     """Seed, load the model, and open the results with the run's provenance."""
     rc = cfg.run
     C.init_distributed_from_env()  # no-op unless started by accelerate launch / torchrun
@@ -183,7 +183,7 @@ def _start(cfg: PipelineConfig, out: Path, argv: list, texts: dict) -> Run:
     run.results.update(seed=rc.seed, argv=argv, steps=list(rc.steps or ALL_STEPS), device=str(device), dtype=dtype,
                        versions=C.library_versions(), python=platform.python_version(), steps_done={},
                        model=run.label, parameters=sum(p.numel() for p in run.model.parameters()),
-                       model_identity=C.model_identity(run.model, run.label))
+                       model_identity=C.model_identity(run.model, run.label), dataset=described)
     run.results["manifest"] = {"command": "python llm_main_v4.py " + " ".join(argv), "git_commit": C.git_commit(),
         "versions": run.results["versions"], "device": str(device), "dtype": dtype, "seeds": {"seed": rc.seed},
         "steps": {"load": {"wall_s": time.perf_counter() - t0, "peak_memory_mb": C.peak_memory_mb(device)}},
@@ -229,8 +229,9 @@ def run_pipeline(cfg: PipelineConfig, argv: Optional[list] = None) -> dict:
 def _run(cfg: PipelineConfig, argv: Optional[list], out: Path, configs: dict, texts: dict, described: dict) -> dict:
     previous = read_results(out)
     done_before = previous.get("steps_done", {})
-    run = _start(cfg, out, list(sys.argv[1:] if argv is None else argv), texts)
-    run.results["dataset"] = described
+    run = _start(cfg, out, list(sys.argv[1:] if argv is None else argv), texts, described)
+    if "noise" in configs:  # a bad --noise-group fails now, not after hours of fine-tuning and pruning
+        importlib.import_module(STEPS["noise"].module).select_params(run.model, configs["noise"].group)
     manifest, device = run.results["manifest"], C.input_device(run.model)
     prev_fp, chain_intact = "load", True
     for step, config in configs.items():
@@ -247,8 +248,7 @@ def _run(cfg: PipelineConfig, argv: Optional[list], out: Path, configs: dict, te
             log.info("step %s: unchanged since the last run, skipped", step)
         else:
             log.info("step %s", step)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
+            C.reset_peak_memory(device)
             C.seed_everything(cfg.run.seed)  # each step starts from the same RNG state, resumed or not
             STEPS[step].adapter(run, importlib.import_module(STEPS[step].module), config)
         tb = time.perf_counter()

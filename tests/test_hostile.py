@@ -202,3 +202,54 @@ def test_wikitext2_named_explicitly_never_falls_back(tmp_path, capsys, monkeypat
     assert rc == 2 and "embedded corpus is not used" in one_error(capsys)
     corpus = C.load_corpus("wikitext2", "test")  # the default still falls back, and says so
     assert corpus.fallback and corpus.source.startswith("pydoc_data")
+
+
+def test_what_would_fail_after_hours_fails_before_training(tiny, tmp_path, capsys, monkeypatch):
+    """A noise group the model does not have, or a disk too small for the fine-tune, stops the
+    run before any training (nothing is written under finetuned/)."""
+    out = tmp_path / "out"
+    ft = ["--steps", "finetune,prune,noise", "--ft-steps", "2", "--ft-seq-len", "32", "--ft-batch-size", "2"]
+    assert llm_main_v4.main(argv(tiny, out, *ft, "--noise-group", "layer:99")) == 2
+    assert "layer" in one_error(capsys) and not (out / "finetuned").exists()
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 1024))
+    assert llm_main_v4.main(argv(tiny, out, *ft)) == 2
+    assert "not enough free disk" in one_error(capsys) and not (out / "finetuned").exists()
+
+
+def test_eval_tokens_beyond_the_text_are_clamped_and_recorded(tiny, tmp_path):
+    out = tmp_path / "out"
+    assert llm_main_v4.main(argv(tiny, out, "--steps", "eval", "--eval-tokens", "100000")) == 0
+    proto = json.loads((out / "results.json").read_text())["protocol"]
+    assert proto["eval_tokens"] == 100000 and proto["tokens_used"] == proto["tokens_available"] < 100000
+
+
+def test_no_file_written_is_world_writable_and_checkpoints_are_private(tiny, tmp_path):
+    out = tmp_path / "out"
+    old = os.umask(0)  # even a permissive umask must not make results writable by others
+    try:
+        assert llm_main_v4.main(argv(tiny, out)) == 0
+    finally:
+        os.umask(old)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert files and not [p for p in files if p.stat().st_mode & 0o002]
+    assert all(p.stat().st_mode & 0o077 == 0 for p in (out / "checkpoints").iterdir())
+
+
+def test_every_free_text_in_the_report_stays_text(tmp_path):
+    """Model outputs, GCG suffixes, dataset names, file names and the model label reach the
+    report escaped: no HTML, no image, no link comes out of them."""
+    import llm_report
+
+    evil = "<script>alert(1)</script> ![x](/etc/hostname) [y](javascript:z) `code` | cell"
+    results = {"model": evil, "dataset": {"eval": {"source": evil, "chars": 1, "name": "x"}},
+               "evaluation": {"base": {"perplexity": 2.0, "nll": 0.7, "bits_per_byte": 1.0, "tokens_scored": 8,
+                                       "generations": {evil: evil}}},
+               "perplexity": {"base": 2.0}}
+    (tmp_path / "plots").mkdir()
+    _, page = llm_report.write_report(results, tmp_path)
+    html = page.read_text()
+    body = html[html.index("<body>"):]
+    assert "<script>alert" not in body and "<img" not in body and "<a " not in body
+    assert body.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 3  # shown as text, each time
