@@ -239,6 +239,8 @@ class RunConfig(StepConfig):
                        choices=("auto", "cpu", "gpu"))
     report_only: bool = knob(False, "rebuild plots and report from <output-dir>/results.json, without a model",
                              results=False)
+    compare: tuple = knob((), "compare finished runs: one table and one plot across their results.json, written "
+                              "into --output-dir (no model is loaded)", many="+", results=False, shown="none")
     model: Optional[str] = knob(None, "hub id, save_pretrained directory or .gguf file",
                                 shown="the embedded SmolLM2-135M-Instruct, GGUF Q4_1")
     device: str = knob("auto", "auto|cpu|cuda|cuda:N")
@@ -574,6 +576,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             dest = flag[2:].replace("-", "_")
             if hints[f.name] is bool:
                 group.add_argument(flag, dest=dest, action="store_true", default=None, help=helptext)
+            elif m.get("many") == "+":  # one flag, several values: --compare A B C
+                group.add_argument(flag, dest=dest, nargs="+", default=None, help=helptext)
             elif m.get("many"):
                 group.add_argument(flag, dest=dest, action="append", default=None, help=helptext)
             elif hints[f.name] == Optional[bool]:

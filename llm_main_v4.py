@@ -27,7 +27,7 @@ import torch
 
 import llm_common as C
 from llm_config import ALL_STEPS, PipelineConfig, add_arguments, fingerprint, from_args
-from llm_report import fmt, make_plots, read_results, rebuild_report, write_report
+from llm_report import compare_runs, fmt, make_plots, read_results, rebuild_report, write_report
 
 log = logging.getLogger("llm.main")
 RECIPE = ("mode", "epsilon", "group", "seed", "bitflip_format")  # what regenerates the noisy variant
@@ -204,7 +204,7 @@ def _restore(run: Run, step: str, previous: dict) -> bool:
     for key in STEPS[step].sections:
         if key in previous:
             run.results[key] = previous[key]
-    return STEPS[step].variant is None or _attach(run, step)
+    return step != "finetune" and (STEPS[step].variant is None or _attach(run, step))  # finetune reloads its model
 
 
 def _attach(run: Run, step: str) -> bool:
@@ -238,10 +238,8 @@ def _run(cfg: PipelineConfig, argv: Optional[list], out: Path, configs: dict, te
         tb = time.perf_counter()
         fp = _fingerprint(run, step, config, prev_fp)
         same = chain_intact and done_before.get(step) == fp
-        skip = same and step != "finetune" and _restore(run, step, previous)  # finetune reloads its model
+        skip = same and _restore(run, step, previous)
         chain_intact = same
-        if same and step == "finetune" and "finetune" in previous:
-            run.results["finetune"] = previous["finetune"]
         manifest["bookkeeping_s"] += time.perf_counter() - tb
         t = time.perf_counter()
         if skip:
@@ -283,8 +281,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg = from_args(build_parser().parse_args(argv))
         C.setup_logging(cfg.run.log_level)
-        with C.sigint_as_interrupt():  # no model, no step module for --report-only: results.json alone
-            results = rebuild_report(Path(cfg.run.output_dir)) if cfg.run.report_only else run_pipeline(cfg, argv)
+        with C.sigint_as_interrupt():  # --report-only and --compare: results.json files alone, no model
+            out = Path(cfg.run.output_dir)
+            results = (rebuild_report(out) if cfg.run.report_only else compare_runs(cfg.run.compare, out)
+                       if cfg.run.compare else run_pipeline(cfg, argv))
     except C.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -637,3 +637,64 @@ def rebuild_report(out: Path) -> dict:
                           f"({type(e).__name__}: {str(e)[:120]})")
     C.write_json(Path(out) / "results.json", results)
     return results
+
+
+# --------------------------------------------------------------------------- comparing runs
+
+
+def _finished_run(d: Path) -> dict:
+    """A finished run's results.json, read without touching its directory."""
+    try:
+        res = C.read_json(Path(d) / "results.json")
+    except (OSError, ValueError):
+        res = None
+    if not isinstance(res, dict) or not isinstance(res.get("perplexity"), dict) or not res["perplexity"]:
+        raise C.UserError(f"--compare: {d} holds no finished evaluation (a results.json with perplexities)")
+    return res
+
+
+def compare_runs(dirs: Sequence, out: Path) -> dict:
+    """One table and one plot across finished runs, from their results.json alone: per run the
+    model, the pruning and the noise, and every variant's perplexity with its ratio to the
+    variant's parent. Writes ``<out>/compare.md``, ``compare.html`` and ``plots/compare.png``."""
+    out = Path(out)
+    rows = []
+    for d in dirs:
+        res = _finished_run(Path(d))
+        pr, nz = res.get("prune") or {}, (res.get("noise") or {}).get("variant") or {}
+        rows.append({"run": str(d), "model": res.get("model", "?"),
+                     "pruning": f"{pr['method']} {pr['pattern']} {fmt(pr['overall_sparsity'])}" if pr else "-",
+                     "noise": f"{nz['mode']} eps={nz['epsilon']}" if nz else "-",
+                     "perplexity": res["perplexity"], "parents": res.get("variants") or {}})
+    variants = list(dict.fromkeys(v for r in rows for v in r["perplexity"]))
+    lines = ["# Comparison of runs", "", "Perplexity of each variant; in brackets, its ratio to its parent "
+             "variant in the same run.", "",
+             "| run | model | pruning | noise | " + " | ".join(variants) + " |", "|---" * (4 + len(variants)) + "|"]
+    for r in rows:
+        cells = []
+        for v in variants:
+            p, parent = _num(r["perplexity"].get(v)), r["parents"].get(v)
+            q = _num(r["perplexity"].get(parent))
+            cells.append(fmt(p) + (f" (x{fmt(p / q)})" if p is not None and q else ""))
+        lines.append(f"| {_esc(r['run'])} | {_esc(r['model'])} | {r['pruning']} | {r['noise']} | "
+                     + " | ".join(cells) + " |")
+    lines += ["", "![comparison](plots/compare.png)"]
+    plot = plot_comparison(rows, variants, out / "plots" / "compare.png")
+    md = "\n".join(lines) + "\n"
+    C.write_text(out / "compare.md", md)
+    C.write_text(out / "compare.html", markdown_to_html(md, out))
+    return {"compare": rows, "plots": {"compare": str(plot.relative_to(out))}}
+
+
+def plot_comparison(rows: list, variants: list, path) -> Path:
+    """Grouped bars: perplexity (log scale) of each variant, one bar per run."""
+    fig, ax = new_figure(figsize=(max(5.0, 1.2 * len(variants) * max(1, len(rows)) / 2), 3.5))
+    width = 0.8 / max(len(rows), 1)
+    for k, r in enumerate(rows):
+        ys = [_float(r["perplexity"].get(v)) for v in variants]
+        ax.bar([i + k * width for i in range(len(variants))], ys, width, label=Path(r["run"]).name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(variants))], variants)
+    ax.set_yscale("log")
+    ax.set_ylabel("perplexity")
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)

@@ -163,3 +163,32 @@ def test_twenty_random_kills_resume_to_identical_results(setup, reference, tmp_p
     assert final.returncode == 0, final.stderr[-2000:]
     assert comparable(results(out)) == comparable(reference)
     assert not list(out.rglob(".llm-tmp-*")) and not (out / ".llm-lock").exists()
+
+
+def test_compare_runs_reads_only_their_results(tmp_path, capsys):
+    """--compare writes one table and one plot across runs from their results.json alone (no
+    model); each cell is the run's perplexity and its ratio to the variant's parent."""
+    runs = []
+    for name, ppl in (("a", {"base": 10.0, "pruned": 15.0}), ("b", {"base": 10.0, "pruned": 30.0, "noisy": "inf"})):
+        d = tmp_path / name
+        d.mkdir()
+        variants = {"base": None, "pruned": "base", "noisy": "base"}
+        (d / "results.json").write_text(json.dumps({"model": "m", "perplexity": ppl, "variants": variants,
+                                                    "prune": {"method": "wanda", "pattern": "2:4",
+                                                              "overall_sparsity": 0.5}}))
+        runs.append(str(d))
+    out = tmp_path / "cmp"
+    code = ("import sys, llm_main_v4; rc = llm_main_v4.main(['--compare', *sys.argv[2:], '--output-dir', sys.argv[1]]);"
+            " print(rc, sorted(m for m in sys.modules if m.startswith('llm_')))")
+    got = subprocess.run([sys.executable, "-c", code, str(out), *runs], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.strip().splitlines()[-1].split(" ", 1)
+    steps = {s.module for s in llm_main_v4.STEPS.values()}
+    assert got[0] == "0" and not set(eval(got[1])) & steps
+    md = (out / "compare.md").read_text()
+    import llm_report
+
+    assert f"| {llm_report._esc(runs[0])} | m | wanda 2:4 0.5 | - | 10 | 15 (x1.5) | - |" in md
+    assert f"| {llm_report._esc(runs[1])} | m | wanda 2:4 0.5 | - | 10 | 30 (x3) | inf (xinf) |" in md
+    assert (out / "plots" / "compare.png").stat().st_size > 1000 and "data:image/png" in (out / "compare.html").read_text()
+    assert llm_main_v4.main(["--compare", str(tmp_path / "nothing"), "--output-dir", str(out)]) == 2
+    assert "no finished evaluation" in capsys.readouterr().err
