@@ -930,22 +930,49 @@ def corpus_overlap(train: Corpus, evaluation: Corpus, allow: bool = False, min_c
 
 def check_corpus_spec(spec: str) -> None:
     """Fail early, in one line, on a corpus that is neither a known name nor an existing path."""
-    if spec not in ("wikitext2", "embedded") and not Path(spec).expanduser().exists():
-        raise UserError(f"corpus not found: {spec!r} is neither 'wikitext2', 'embedded' nor an existing path")
+    if spec not in (*HUB_CORPORA, "embedded") and not Path(spec).expanduser().exists():
+        raise UserError(f"corpus not found: {spec!r} is neither one of {', '.join(HUB_CORPORA)}, 'embedded' "
+                        "nor an existing path")
 
 
-def _wikitext(split: str, offline: bool) -> str:
-    """WikiText-2 raw through ``datasets``; ``offline`` reads only its local cache."""
-    import datasets  # slow to import (a second or more); only this corpus needs it
+# The hub corpora, as the pruning papers' code loads them (SparseGPT's datautils, Wanda's data.py):
+# (dataset, config, data files per split, text column, joiner, documents kept per split). C4's
+# evaluation text is the first 1,100 documents of one validation shard joined by spaces (of which
+# the papers score the first 256 windows: pass --eval-tokens 256 x seq-len); its calibration text
+# is one train shard. We join the training documents and sample windows from the stream, where
+# the papers draw a document first: the windows come from the same text, not the same positions.
+HUB_CORPORA = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", None, "text", "\n\n", None),
+    "c4": ("allenai/c4", None, {"train": "en/c4-train.00000-of-01024.json.gz",
+                                "test": "en/c4-validation.00000-of-00008.json.gz"}, "text", " ", {"test": 1100}),
+    "ptb": ("ptb_text_only", "penn_treebank", None, "sentence", " ", None),
+}
+HUB_SPLITS = {"ptb": {"test": "validation"}}  # SparseGPT scores PTB on its validation split
 
+
+def _hub_text(name: str, split: str, offline: bool) -> tuple[str, str]:
+    """(text, exact source) of a corpus of ``HUB_CORPORA`` through ``datasets``; ``offline``
+    reads only its local cache."""
+    import datasets  # slow to import (a second or more); only the hub corpora need it
+
+    repo, config, files, column, joiner, keep = HUB_CORPORA[name]
     saved = datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE
     if offline:
         datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
     try:
-        rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
+        if files:  # one shard, as the papers use: the split is the shard's single "train" split
+            ds = datasets.load_dataset(repo, data_files={split: files[split]}, split=split)
+        else:
+            ds = datasets.load_dataset(repo, config, split=HUB_SPLITS.get(name, {}).get(split, split))
     finally:
         datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE = saved
-    return "\n\n".join(rows)
+    n = (keep or {}).get(split)
+    rows = ds[column][:n] if n else ds[column]
+    hub_split = HUB_SPLITS.get(name, {}).get(split, split)
+    where = f"{repo}/{files[split]}" if files else f"{repo}:{config or ''}[{hub_split}]"
+    revision = getattr(getattr(ds, "info", None), "version", None)
+    where += (f"[:{n} documents]" if n else "") + (f" (version {revision})" if revision else "")
+    return joiner.join(rows), where
 
 
 def load_corpus(name: str, split: str = "test", fallback: bool = True) -> Corpus:
@@ -960,21 +987,22 @@ def load_corpus(name: str, split: str = "test", fallback: bool = True) -> Corpus
         raise ValueError(split)
     if name == "embedded":
         return Corpus(name, split, embedded_corpus(split), f"pydoc_data.topics[{split}]")
-    if name == "wikitext2":
+    if name in HUB_CORPORA:
         offline = not _hub_reachable()
         try:
-            return Corpus(name, split, _wikitext(split, offline), f"wikitext-2-raw-v1[{split}]")
+            return Corpus(name, split, *_hub_text(name, split, offline))
         except Exception as e:  # noqa: BLE001 - any hub or cache failure means "fall back"
             reason = ("offline, and not in the local datasets cache" if offline else
                       f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
         if not fallback:
-            raise UserError(f"wikitext2 unavailable ({reason}); it was named explicitly (or --no-fallback), so the "
+            raise UserError(f"{name} unavailable ({reason}); it was named explicitly (or --no-fallback), so the "
                             "embedded corpus is not used in its place")
-        log.warning("wikitext2 unavailable (%s); falling back to the embedded corpus", reason)
+        log.warning("%s unavailable (%s); falling back to the embedded corpus", name, reason)
         return Corpus(name, split, embedded_corpus(split), f"pydoc_data.topics[{split}]", fallback=reason)
     path = Path(name).expanduser()
     if not path.exists():
-        raise UserError(f"corpus not found: {name!r} is neither 'wikitext2', 'embedded' nor an existing path")
+        raise UserError(f"corpus not found: {name!r} is neither one of {', '.join(HUB_CORPORA)}, 'embedded' "
+                        "nor an existing path")
     import datasets
 
     datasets.disable_progress_bars()  # a one-file "split generation" bar is noise

@@ -254,8 +254,8 @@ class RunConfig(StepConfig):
     trust_remote_code: bool = knob(False, "allow model code from the hub (off by default)")
     cache_dir: Optional[str] = knob(None, "where dequantized GGUF models are cached", results=False,
                                     shown="data/cache")
-    dataset: Optional[str] = knob(None, "evaluation text: wikitext2, embedded, or a file/folder; wikitext2 named "
-                                        "explicitly never falls back", shown="wikitext2, or the embedded corpus "
+    dataset: Optional[str] = knob(None, "evaluation text: wikitext2, c4, ptb (the pruning papers' loaders), "
+                                        "embedded, or a file/folder; a corpus named explicitly never falls back", shown="wikitext2, or the embedded corpus "
                                                                             "when offline and not cached")
     train_dataset: Optional[str] = knob(None, "calibration / fine-tuning text, same choices",
                                         shown="as --dataset")

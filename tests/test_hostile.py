@@ -196,7 +196,7 @@ def test_bad_model_files_give_one_line(kind, tiny, tmp_path, capsys):
 def test_wikitext2_named_explicitly_never_falls_back(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(C, "_wikitext", lambda split, offline: (_ for _ in ()).throw(OSError("not cached")))
+    monkeypatch.setattr(C, "_hub_text", lambda name, split, offline: (_ for _ in ()).throw(OSError("not cached")))
     rc = llm_main_v4.main(["--model", "/no/such/model", "--steps", "eval", "--dataset", "wikitext2",
                            "--output-dir", str(tmp_path / "o")])
     assert rc == 2 and "embedded corpus is not used" in one_error(capsys)
@@ -253,3 +253,34 @@ def test_every_free_text_in_the_report_stays_text(tmp_path):
     body = html[html.index("<body>"):]
     assert "<script>alert" not in body and "<img" not in body and "<a " not in body
     assert body.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 3  # shown as text, each time
+
+
+def test_c4_and_ptb_follow_the_pruning_papers_loaders(monkeypatch):
+    """C4: one train shard for calibration, the first 1,100 documents of one validation shard
+    joined by spaces for evaluation, the exact files recorded; PTB: sentences joined by spaces,
+    evaluated on the validation split.
+    (A stand-in for datasets.load_dataset records what is asked for: no download in tests.)"""
+    import datasets
+
+    calls = []
+
+    class Fake(dict):
+        info = type("Info", (), {"version": "1.0.0"})()
+
+    def load_dataset(repo, config=None, data_files=None, split=None):
+        calls.append((repo, config, data_files, split))
+        column = "sentence" if repo == "ptb_text_only" else "text"
+        return Fake({column: [f"{split}-doc{i}" for i in range(2000)]})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(C, "_hub_reachable", lambda: True)
+    ev = C.load_corpus("c4", "test")
+    assert calls[-1] == ("allenai/c4", None, {"test": "en/c4-validation.00000-of-00008.json.gz"}, "test")
+    assert ev.text == " ".join(f"test-doc{i}" for i in range(1100)) and ev.fallback is None
+    assert ev.source == "allenai/c4/en/c4-validation.00000-of-00008.json.gz[:1100 documents] (version 1.0.0)"
+    tr = C.load_corpus("c4", "train")
+    assert calls[-1][2] == {"train": "en/c4-train.00000-of-01024.json.gz"} and tr.text.count("train-doc") == 2000
+    ptb = C.load_corpus("ptb", "test")
+    assert calls[-1] == ("ptb_text_only", "penn_treebank", None, "validation")  # as SparseGPT scores it
+    assert ptb.text.startswith("validation-doc0 validation-doc1 ")
+    C.check_corpus_spec("c4")  # a known name, not a path
