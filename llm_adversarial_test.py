@@ -555,10 +555,6 @@ def token_nll(model, seqs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def sequence_perplexity(model, ids: torch.Tensor) -> float:
-    return safe_exp(float(token_nll(model, [ids])[0].mean()))
-
-
 def _scores(model, seqs: Sequence[torch.Tensor], window: int) -> tuple[list, list]:
     """(perplexity of each sequence, its largest perplexity over windows of ``window`` tokens)."""
     ppl, wmax = [], []

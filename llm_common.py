@@ -855,7 +855,7 @@ class Corpus:
         return {"name": self.name, "split": self.split, "source": self.source,
                 "chars": len(self.text), "fallback": self.fallback, "sha256": self.sha256}
 
-    @property
+    @functools.cached_property
     def sha256(self) -> str:
         """Hash of the text actually read: what the resume fingerprint keys on, not the flag."""
         return hashlib.sha256(self.text.encode("utf-8", "surrogatepass")).hexdigest()

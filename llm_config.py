@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -62,6 +63,12 @@ BUDGETS: dict[str, tuple] = {
 
 # Numbers above these are refused: they would only hang or overflow (a 10^20-step PGD).
 _INT_MAX = 10 ** 9
+
+
+@functools.lru_cache(maxsize=None)
+def hints_of(cls: type) -> dict:
+    """A config class's resolved field types, computed once (validation runs on every evaluation)."""
+    return typing.get_type_hints(cls)
 
 
 def knob(default, help: str, *, flag: Optional[str] = None, choices=None, bounds: Optional[str] = None,
@@ -117,7 +124,7 @@ class StepConfig:
 
     def validate(self) -> None:
         """Raise UserError naming the flag of the first field out of range."""
-        hints = typing.get_type_hints(type(self))
+        hints = hints_of(type(self))
         for f in fields(self):
             v, m, name = getattr(self, f.name), f.metadata, flag_of(type(self), f)
             items = v if isinstance(v, tuple) and m.get("bounds") else (v,)
@@ -144,7 +151,7 @@ class StepConfig:
     @classmethod
     def from_dict(cls, d: dict):
         """Inverse of ``to_dict`` after a JSON round trip (lists back to tuples; unknown keys ignored)."""
-        hints = typing.get_type_hints(cls)
+        hints = hints_of(cls)
         kw = {}
         for f in fields(cls):
             if f.name in d:
@@ -168,24 +175,22 @@ def fingerprint(*parts) -> str:
 # --------------------------------------------------------------------------- parsers of flag text
 
 
-def parse_floats(text: str) -> tuple:
+def _parse_list(text: str, kind: type, what: str) -> tuple:
     try:
-        out = tuple(float(x) for x in text.split(",") if x.strip())
+        out = tuple(kind(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise ValueError("a comma list of numbers")
+        raise ValueError(f"a comma list of {what}")
     if not out:
-        raise ValueError("a non-empty comma list of numbers")
+        raise ValueError(f"a non-empty comma list of {what}")
     return out
+
+
+def parse_floats(text: str) -> tuple:
+    return _parse_list(text, float, "numbers")
 
 
 def parse_ints(text: str) -> tuple:
-    try:
-        out = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise ValueError("a comma list of integers")
-    if not out:
-        raise ValueError("a non-empty comma list of integers")
-    return out
+    return _parse_list(text, int, "integers")
 
 
 def parse_protect(text: str):
@@ -547,7 +552,7 @@ def _default_text(cls: type, f: dataclasses.Field) -> str:
         show = lambda v: {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
         return f"{show(cpu)} CPU, {show(gpu)} GPU"
     d = f.default
-    if isinstance(d, bool) and typing.get_type_hints(cls)[f.name] is bool:
+    if isinstance(d, bool) and hints_of(cls)[f.name] is bool:
         return ""
     if d is None:
         return "auto"
@@ -561,7 +566,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     owners: dict[str, tuple] = {}
     for cls in (RunConfig, *STEP_CONFIGS.values()):
         group = parser.add_argument_group(cls.step if cls is RunConfig else f"step {cls.step}")
-        hints = typing.get_type_hints(cls)
+        hints = hints_of(cls)
         for f in fields(cls):
             if not f.metadata.get("cli", True):
                 continue
@@ -590,7 +595,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def _convert(cls: type, f: dataclasses.Field, text):
     """Flag text -> field value; UserError naming the flag on bad text."""
-    hint, m, flag = typing.get_type_hints(cls)[f.name], f.metadata, flag_of(cls, f)
+    hint, m, flag = hints_of(cls)[f.name], f.metadata, flag_of(cls, f)
     if any(not str(t).strip() for t in (text if m.get("many") else [text])):
         raise UserError(f"{flag} must not be empty")  # an empty value never means anything here
     try:

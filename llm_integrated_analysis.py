@@ -310,6 +310,7 @@ class AnalysisResult:
     hessian_layer_ci95: list = field(default_factory=list)    # ... [low, high], mean +- 1.96 stderr
     hessian_layer_reliable: list = field(default_factory=list)  # ... stderr <= rel_stderr x |mean|
     hessian_ranking: list = field(default_factory=list)       # layers by trace, tied where intervals overlap
+    hessian_layer_per_param: list = field(default_factory=list)  # per layer: trace / number of weights
     hessian_trace_per_param: dict = field(default_factory=dict)  # module -> trace / number of weights
     hessian_module_reliable: dict = field(default_factory=dict)  # module -> stderr <= rel_stderr x |mean|
     layer_totals: dict = field(default_factory=dict)      # hessian_trace / fisher_sum -> per-layer sums
@@ -388,10 +389,14 @@ def _layer_intervals(h: dict, mlayer: dict, mods: dict, rel_target: float) -> di
         per_layer[mlayer[n]] = [a + b for a, b in zip(per_layer[mlayer[n]], xs)]
     mean = [sum(xs) / len(xs) for xs in per_layer]
     se = [_stderr(xs) for xs in per_layer]
+    numel = [0] * n_layers
+    for n, m in mods.items():
+        numel[mlayer[n]] += m.weight.numel()
     return {"hessian_layer_trace": mean, "hessian_layer_stderr": se,
             "hessian_layer_ci95": [[m - 1.96 * e, m + 1.96 * e] for m, e in zip(mean, se)],
             "hessian_layer_reliable": [_rel_stderr(xs) <= rel_target for xs in per_layer],
             "hessian_ranking": interval_ranking(mean, [1.96 * e for e in se]),
+            "hessian_layer_per_param": [m / k if k else float("nan") for m, k in zip(mean, numel)],
             "hessian_trace_per_param": {n: h["trace"][n] / mods[n].weight.numel() for n in mods},
             "hessian_module_reliable": {n: _rel_stderr(xs) <= rel_target for n, xs in h["samples"].items()}}
 

@@ -114,11 +114,6 @@ def token_set(n_tokens: int, config: EvalConfig) -> str:
     return f"the first {n} tokens of the evaluation text, windows of {config.seq_len}"
 
 
-def resolved(config: EvalConfig, model) -> EvalConfig:
-    """``config`` with its budgets (seq_len, eval_tokens) for the model's device, validated."""
-    return config.for_model(model)
-
-
 def _batches(plan: list, batch_size: int) -> list:
     return [plan[i:i + batch_size] for i in range(0, len(plan), batch_size)]
 
@@ -162,7 +157,7 @@ def reference_logprobs(model, input_ids: torch.Tensor, config: EvalConfig = Eval
     perturbed versions of one model against it without a second copy of the model.
     Memory: 4 bytes x vocab per evaluated token. With ``return_nll`` also the mean NLL
     (nats/token) of the same pass, so the clean model needs no second evaluation."""
-    config = resolved(config, model)
+    config = config.for_model(model)  # budgets by device, windows clamped to the context
     input_ids, plan, _, batch = _prepare(input_ids, config, model)
     out = []
     nll_sum, n = torch.zeros((), dtype=torch.float64), 0
@@ -194,7 +189,7 @@ def evaluate_model(model, tokenizer, input_ids: torch.Tensor, config: EvalConfig
             (no logits are stored beyond one batch), or the list returned by
             ``reference_logprobs`` for the same ids and config.
     """
-    config = resolved(config, model)
+    config = config.for_model(model)  # budgets by device, windows clamped to the context
     input_ids, plan, stride, batch_size = _prepare(input_ids, config, model)
     seq_len = config.seq_len
     dev = input_device(model)

@@ -27,13 +27,10 @@ import torch
 from tqdm.auto import tqdm
 
 import llm_common as C
-from llm_config import PRUNE_METHODS, PruneConfig
+from llm_config import PruneConfig
 from llm_sensitivity import protected_coordinates, saliency_scores
 
 log = logging.getLogger("llm.prune")
-
-METHODS = PRUNE_METHODS
-
 
 @dataclass
 class PruneResult:
@@ -339,9 +336,3 @@ def prune_model(model, tokenizer, calib_ids: torch.Tensor, config: PruneConfig =
     log.info("%s %s: sparsity %.4f over %d matrices in %.1f s", config.method, config.pattern,
              result.overall_sparsity, len(result.per_matrix), result.seconds)
     return result
-
-
-def pruned_tensors(model, result: PruneResult) -> dict[str, torch.Tensor]:
-    """The pruned weights by parameter name, for a tensors-only checkpoint."""
-    params = dict(model.named_parameters())
-    return {n: params[n].detach() for n in result.pruned_names}

@@ -185,10 +185,10 @@ def _md_analysis(results: dict) -> list[str]:
                   f"{an['top_layers']['fisher_sum']}; super-weight layers: {an['super_weight_layers']}.",
                   "Rank correlations: " + ", ".join(f"{k} {fmt(v)}" for k, v in an["rank_correlation"].items()),
                   "", "| layer | Hessian trace | 95% interval | per weight | within target |", "|---|---|---|---|---|",
-                  *[f"| {i} | {fmt(m)} | [{fmt(lo)}, {fmt(hi)}] | {fmt(_layer_per_param(an, i))} | {ok} |"
-                    for i, (m, (lo, hi), ok) in enumerate(zip(an.get("hessian_layer_trace", []),
-                                                              an.get("hessian_layer_ci95", []),
-                                                              an.get("hessian_layer_reliable", [])))], "",
+                  *[f"| {i} | {fmt(m)} | [{fmt(lo)}, {fmt(hi)}] | {fmt(per)} | {ok} |"
+                    for i, (m, (lo, hi), per, ok) in enumerate(zip(
+                        an.get("hessian_layer_trace", []), an.get("hessian_layer_ci95", []),
+                        an.get("hessian_layer_per_param", []), an.get("hessian_layer_reliable", [])))], "",
                   f"Massive-activation channel of the residual stream: "
                   f"{fmt(an.get('activation_profile', {}).get('massive_channel'))}.", "",
                   "Most salient weights (OBD 0.5 H_ii w^2): " + "; ".join(
@@ -218,16 +218,6 @@ def _ranking(an: dict) -> str:
     """"3 > {5, 7} > 1 ...": the first five groups of the interval ranking."""
     groups = an.get("hessian_ranking") or [[i] for i in an["top_layers"]["hessian_trace"]]
     return " > ".join(str(g[0]) if len(g) == 1 else "{" + ", ".join(map(str, g)) + "}" for g in groups[:5])
-
-
-def _layer_per_param(an: dict, layer: int):
-    """A layer's Hessian trace per weight: its modules' traces over their weight counts."""
-    mods = [n for n, i in an["module_layer"].items() if i == layer]
-    per = an.get("hessian_trace_per_param") or {}
-    if not mods or not per:
-        return None
-    numel = {n: an["hessian_trace"][n] / per[n] for n in mods if per.get(n)}
-    return sum(an["hessian_trace"][n] for n in numel) / sum(numel.values()) if numel else None
 
 
 def _md_generations(results: dict) -> list[str]:

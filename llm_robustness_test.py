@@ -38,14 +38,11 @@ import torch
 from tqdm.auto import tqdm
 
 import llm_common as C
-from llm_config import NOISE_MODES, EvalConfig, NoiseConfig
+from llm_config import EvalConfig, NoiseConfig
 from llm_perplexity import evaluate_model, reference_logprobs, safe_exp, token_set
 from llm_sensitivity import noise_saliency, protect_top_fraction, protected_coordinates, saliency_scores
 
 log = logging.getLogger("llm.noise")
-
-MODES = NOISE_MODES
-
 
 @dataclass
 class NoiseResult:

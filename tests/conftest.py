@@ -125,6 +125,27 @@ def pipeline_config():
     return make_pipeline_config
 
 
+def without(obj, keys: set):
+    """``obj`` (nested dicts and lists) with every dict entry whose key is in ``keys`` left out:
+    results compared without their timings, paths or bookkeeping."""
+    if isinstance(obj, dict):
+        return {k: without(v, keys) for k, v in obj.items() if k not in keys}
+    if isinstance(obj, list):
+        return [without(v, keys) for v in obj]
+    return obj
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tmp_path_factory, sample_text):
+    """A saved tiny Llama (``model/``) and 3000 characters of text (``text.txt``) for CLI runs;
+    tests read them and write elsewhere."""
+    d = tmp_path_factory.mktemp("tiny_run")
+    make_llama().save_pretrained(d / "model")
+    make_tokenizer().save_pretrained(d / "model")
+    (d / "text.txt").write_text(sample_text[:3000])
+    return d
+
+
 @pytest.fixture(params=["llama", "gpt2"])
 def tiny_model(request):
     return make_llama() if request.param == "llama" else make_gpt2()

@@ -247,6 +247,10 @@ def test_integrated_analysis_end_to_end_leaves_model_unchanged(tok, sample_text,
         want = sum(v for n, v in res.hessian_trace.items() if f"layers.{i}." in n)
         assert res.layer_totals["hessian_trace"][i] == pytest.approx(want)
     assert res.super_weight_layers == [1] and res.config["per_block"] is False
+    for i in range(3):  # trace per weight of a layer: its modules' traces over their weight count
+        names = [n for n in res.hessian_trace if f"layers.{i}." in n]
+        numel = sum(m.get_submodule(n).weight.numel() for n in names)
+        assert res.hessian_layer_per_param[i] == pytest.approx(sum(res.hessian_trace[n] for n in names) / numel)
 
 
 def test_obd_saliency_from_hutchinson_diagonal(tok, sample_text, tiny_gpt2):

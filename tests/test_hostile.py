@@ -18,12 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, sample_text, tiny_llama, byte_tokenizer):
-    d = tmp_path_factory.mktemp("hostile")
-    tiny_llama().save_pretrained(d / "model")
-    byte_tokenizer().save_pretrained(d / "model")
-    (d / "text.txt").write_text(sample_text[:3000])
-    return d
+def tiny(tiny_run_dir):
+    return tiny_run_dir
 
 
 def argv(tiny, out, *extra):

@@ -15,7 +15,7 @@ import torch
 import llm_common as C
 import llm_config as K
 import llm_main_v4
-from conftest import make_super_weight_matter, plant_super_weight
+from conftest import make_super_weight_matter, plant_super_weight, without
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = {"seconds", "tokens_per_s", "peak_memory_mb", "loaded_existing", "resumed_from_step", "model_dir", "config",
@@ -24,12 +24,7 @@ TIMING = {"seconds", "tokens_per_s", "peak_memory_mb", "loaded_existing", "resum
 
 def numbers(obj):
     """A result as results.json holds it, minus timings, paths and the recorded config."""
-    obj = C.to_strict_json(obj)
-    if isinstance(obj, dict):
-        return {k: numbers(v) for k, v in obj.items() if k not in TIMING}
-    if isinstance(obj, list):
-        return [numbers(v) for v in obj]
-    return obj
+    return without(C.to_strict_json(obj), TIMING)
 
 
 @pytest.fixture(scope="module")

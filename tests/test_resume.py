@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import llm_main_v4
+from conftest import without
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING_KEYS = {"plots_s", "seconds", "tokens_per_s", "peak_memory_mb", "wall_s", "bookkeeping_s", "skipped", "loaded_existing",
@@ -18,20 +19,12 @@ TIMING_KEYS = {"plots_s", "seconds", "tokens_per_s", "peak_memory_mb", "wall_s",
 
 def comparable(obj):
     """results.json minus timings and resume bookkeeping."""
-    if isinstance(obj, dict):
-        return {k: comparable(v) for k, v in obj.items() if k not in TIMING_KEYS}
-    if isinstance(obj, list):
-        return [comparable(v) for v in obj]
-    return obj
+    return without(obj, TIMING_KEYS)
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, sample_text, byte_tokenizer, tiny_llama):
-    d = tmp_path_factory.mktemp("resume")
-    tiny_llama().save_pretrained(d / "model")
-    byte_tokenizer().save_pretrained(d / "model")
-    (d / "text.txt").write_text(sample_text[:3000])
-    return d
+def setup(tiny_run_dir):
+    return tiny_run_dir
 
 
 def argv(setup, out, *extra):
