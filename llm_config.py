@@ -140,6 +140,10 @@ class StepConfig:
                         raise UserError(f"{name} must be {m['bounds']}, got {x}")
             if m.get("choices") and v is not None and v not in m["choices"]:
                 raise UserError(f"{name} must be one of {', '.join(map(str, m['choices']))}, not {v!r}")
+            # A blank text means nothing wherever the default is not blank (prompts, targets, names).
+            texts = [v] if isinstance(v, str) else [x for x in v if isinstance(x, str)] if isinstance(v, tuple) else []
+            if f.default != "" and any(not t.strip() for t in texts):
+                raise UserError(f"{name} must not be empty")
         self.check()
 
     def check(self) -> None:
@@ -353,8 +357,6 @@ class PruneConfig(StepConfig):
 
     def check(self) -> None:
         _check_pattern(self.pattern)
-        if not self.super_weight_prompt.strip():
-            raise UserError("--super-weight-prompt must not be empty")
 
 
 NOISE_MODES = ("absolute", "relative", "multiplicative", "bitflip")
@@ -429,8 +431,6 @@ class EvalConfig(StepConfig):
     def check(self) -> None:
         if self.stride is not None and self.seq_len is not None and self.stride > self.seq_len:
             raise UserError(f"--stride must be between 1 and --seq-len ({self.seq_len}), got {self.stride}")
-        if any(not p.strip() for p in self.prompts):
-            raise UserError("--prompt must not be empty")
 
 
 @dataclass
@@ -466,12 +466,6 @@ class AdversarialConfig(StepConfig):
                                bounds="[0,4096]")
     seed: int = knob(0, "seed", flag="--seed", bounds="[0,4294967295]")
     progress: bool = knob(True, "progress bars", cli=False, results=False)
-
-    def check(self) -> None:
-        if not self.target.strip():
-            raise UserError("--attack-target must not be empty")
-        if any(not p.strip() for p in self.prompts):
-            raise UserError("--prompt must not be empty")
 
 
 @dataclass
@@ -513,10 +507,6 @@ class AnalysisConfig(StepConfig):
                                            "on GPU, 1 on CPU)", flag="--batch-size", bounds="[1,65536]")
     seed: int = knob(0, "seed", flag="--seed", bounds="[0,4294967295]")
     progress: bool = knob(True, "progress bars", cli=False, results=False)
-
-    def check(self) -> None:
-        if not self.super_weight_prompt.strip():
-            raise UserError("--super-weight-prompt must not be empty")
 
 
 STEP_CONFIGS: dict[str, type] = {"finetune": FinetuneConfig, "prune": PruneConfig, "noise": NoiseConfig,

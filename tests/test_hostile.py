@@ -280,3 +280,15 @@ def test_c4_and_ptb_follow_the_pruning_papers_loaders(monkeypatch):
     assert calls[-1] == ("ptb_text_only", "penn_treebank", None, "validation")  # as SparseGPT scores it
     assert ptb.text.startswith("validation-doc0 validation-doc1 ")
     C.check_corpus_spec("c4")  # a known name, not a path
+
+
+def test_blank_texts_are_refused_from_python_too():
+    """Configs built in a notebook get the same check as flags: a blank prompt, target or name."""
+    import llm_config as K
+
+    for cfg, flag in ((K.AdversarialConfig(target=" "), "--attack-target"), (K.EvalConfig(prompts=("a", "")), "--prompt"),
+                      (K.PruneConfig(super_weight_prompt=""), "--super-weight-prompt"),
+                      (K.NoiseConfig(group=""), "--noise-group")):
+        with pytest.raises(C.UserError, match=f"{flag} must not be empty"):
+            cfg.validate()
+    K.FinetuneConfig(base_model="").validate()  # blank by default: allowed
