@@ -494,6 +494,26 @@ def swapped_weights(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor])
         yield model
 
 
+def applied_variant(model: torch.nn.Module, weights):
+    """A context manager that makes ``model`` a variant, in place, and restores it bit for bit on
+    exit. ``weights`` is None (the model as it is), a name -> tensor dict, a tensors-only
+    checkpoint file or save_pretrained directory (the model's own names only: a directory
+    also holds what the model does not, e.g. tied copies), or a callable ``model -> context
+    manager`` (a regenerated noise recipe, a pruning mask). Every step that scores or writes
+    variants goes through here."""
+    if weights is None:
+        return contextlib.nullcontext(model)
+    if callable(weights):
+        return weights(model)
+    if not isinstance(weights, Mapping):
+        tensors = load_tensors(weights)
+        if os.path.isdir(weights):
+            state = named_tensors(model)
+            tensors = {k: v for k, v in tensors.items() if k in state}
+        weights = tensors
+    return swapped_weights(model, weights)
+
+
 # --------------------------------------------------------------------------- model loading
 
 
@@ -850,10 +870,11 @@ class Corpus:
     text: str
     source: str
     fallback: Optional[str] = None  # why we fell back to the embedded corpus, if we did
+    replaced: Optional[str] = None  # which default corpus was unavailable, and why, if one was
 
     def describe(self) -> dict:
-        return {"name": self.name, "split": self.split, "source": self.source,
-                "chars": len(self.text), "fallback": self.fallback, "sha256": self.sha256}
+        return {"name": self.name, "split": self.split, "source": self.source, "chars": len(self.text),
+                "fallback": self.fallback, "replaced": self.replaced, "sha256": self.sha256}
 
     @functools.cached_property
     def sha256(self) -> str:
@@ -880,7 +901,7 @@ def embedded_corpus(split: str) -> str:
     return "\n\n".join(p for p in train if p not in seen)
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     """Quick check so offline machines go to the local cache in seconds, not after minutes of retries."""
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         return False
@@ -950,29 +971,53 @@ HUB_CORPORA = {
 HUB_SPLITS = {"ptb": {"test": "validation"}}  # SparseGPT scores PTB on its validation split
 
 
-def _hub_text(name: str, split: str, offline: bool) -> tuple[str, str]:
-    """(text, exact source) of a corpus of ``HUB_CORPORA`` through ``datasets``; ``offline``
-    reads only its local cache."""
-    import datasets  # slow to import (a second or more); only the hub corpora need it
+@contextlib.contextmanager
+def datasets_offline(offline: bool) -> Iterator[Any]:
+    """With ``offline``, ``datasets`` reads only its local cache for the body (no retries against
+    an unreachable hub, which cost half a minute per dataset); restored in ``finally``. Yields
+    the ``datasets`` module, imported here because it is slow to import (a second or more)."""
+    import datasets
 
-    repo, config, files, column, joiner, keep = HUB_CORPORA[name]
     saved = datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE
     if offline:
         datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
     try:
+        yield datasets
+    finally:
+        datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE = saved
+
+
+def _hub_text(name: str, split: str, offline: bool) -> tuple[str, str]:
+    """(text, exact source) of a corpus of ``HUB_CORPORA`` through ``datasets``; ``offline``
+    reads only its local cache."""
+    repo, config, files, column, joiner, keep = HUB_CORPORA[name]
+    with datasets_offline(offline) as datasets:
         if files:  # one shard, as the papers use: the split is the shard's single "train" split
             ds = datasets.load_dataset(repo, data_files={split: files[split]}, split=split)
         else:
             ds = datasets.load_dataset(repo, config, split=HUB_SPLITS.get(name, {}).get(split, split))
-    finally:
-        datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE = saved
     n = (keep or {}).get(split)
     rows = ds[column][:n] if n else ds[column]
     hub_split = HUB_SPLITS.get(name, {}).get(split, split)
     where = f"{repo}/{files[split]}" if files else f"{repo}:{config or ''}[{hub_split}]"
-    revision = getattr(getattr(ds, "info", None), "version", None)
-    where += (f"[:{n} documents]" if n else "") + (f" (version {revision})" if revision else "")
+    version = getattr(getattr(ds, "info", None), "version", None)
+    # datasets caches a hub dataset under .../<version>/<the repo's commit>/: the revision read.
+    files = getattr(ds, "cache_files", None) or []
+    commit = Path(files[0]["filename"]).parent.name if files else None
+    tags = [f"version {version}"] * bool(version) + [f"hub commit {commit}"] * bool(commit)
+    where += (f"[:{n} documents]" if n else "") + (f" ({', '.join(tags)})" if tags else "")
     return joiner.join(rows), where
+
+
+def hub_corpus(name: str, split: str) -> Corpus | str:
+    """A corpus of ``HUB_CORPORA`` from the hub, or offline from the local ``datasets`` cache;
+    where neither has it, the reason, in one line."""
+    offline = not hub_reachable()
+    try:
+        return Corpus(name, split, *_hub_text(name, split, offline))
+    except Exception as e:  # noqa: BLE001 - any hub or cache failure means "unavailable"
+        return ("offline, and not in the local datasets cache" if offline else
+                f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
 
 
 def load_corpus(name: str, split: str = "test", fallback: bool = True) -> Corpus:
@@ -988,12 +1033,10 @@ def load_corpus(name: str, split: str = "test", fallback: bool = True) -> Corpus
     if name == "embedded":
         return Corpus(name, split, embedded_corpus(split), f"pydoc_data.topics[{split}]")
     if name in HUB_CORPORA:
-        offline = not _hub_reachable()
-        try:
-            return Corpus(name, split, *_hub_text(name, split, offline))
-        except Exception as e:  # noqa: BLE001 - any hub or cache failure means "fall back"
-            reason = ("offline, and not in the local datasets cache" if offline else
-                      f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+        got = hub_corpus(name, split)
+        if isinstance(got, Corpus):
+            return got
+        reason = got
         if not fallback:
             raise UserError(f"{name} unavailable ({reason}); it was named explicitly (or --no-fallback), so the "
                             "embedded corpus is not used in its place")
@@ -1021,16 +1064,27 @@ def load_corpus(name: str, split: str = "test", fallback: bool = True) -> Corpus
 
 
 def load_texts(dataset: Optional[str], train_dataset: Optional[str], which: set, no_fallback: bool = False,
-               allow_overlap: bool = False) -> tuple[dict, dict]:
+               allow_overlap: bool = False, default_train: str = "wikitext2") -> tuple[dict, dict]:
     """The "eval" (``dataset``) and "train" (``train_dataset``) texts in ``which``, and their
     description for results.json, with the overlap check when both are read (see
     ``corpus_overlap``). None means wikitext2 with the embedded fallback; wikitext2 named
-    explicitly, or ``no_fallback``, makes an unavailable WikiText an error."""
+    explicitly, or ``no_fallback``, makes an unavailable WikiText an error. A train text left
+    unset is ``default_train`` (the pipeline's GPU default is c4, as the pruning papers
+    calibrate), and where that cannot be had, WikiText-2's train split, with the reason recorded."""
     specs = {"eval": dataset, "train": train_dataset}
     for w in which:
         check_corpus_spec(specs[w] or "wikitext2")
     texts = {w: load_corpus(specs[w] or "wikitext2", "test" if w == "eval" else "train",
-                            fallback=specs[w] is None and not no_fallback) for w in sorted(which)}
+                            fallback=specs[w] is None and not no_fallback) for w in sorted(which)
+             if not (w == "train" and specs[w] is None and default_train != "wikitext2")}
+    if "train" in which and "train" not in texts:  # the GPU default, c4, falls back to WikiText-2's train split
+        got = hub_corpus(default_train, "train")
+        if not isinstance(got, Corpus):
+            log.warning("%s, the default calibration text on GPU, is unavailable (%s); using WikiText-2's train "
+                        "split instead", default_train, got)
+            got, why = load_corpus("wikitext2", "train", fallback=not no_fallback), got
+            got.replaced = f"{default_train} unavailable ({why}); WikiText-2 train used instead"
+        texts["train"] = got
     described = {w: t.describe() for w, t in texts.items()}
     if len(texts) == 2:  # calibration text that holds evaluation text inflates every score
         described["overlap"] = corpus_overlap(texts["train"], texts["eval"], allow=allow_overlap)

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field, fields
@@ -37,7 +38,9 @@ from llm_common import SAMPLE_PROMPT, UserError
 
 log = logging.getLogger("llm.config")
 
-ALL_STEPS = ("finetune", "prune", "noise", "eval", "adversarial", "analysis")
+ALL_STEPS = ("finetune", "prune", "noise", "eval", "zeroshot", "export", "adversarial", "analysis")
+# The zero-shot suite of the Wanda, SparseGPT and Super Weight papers (lm-evaluation-harness names).
+ZEROSHOT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 SUPER_WEIGHT_PROMPT = "Apple Inc. is a worldwide tech company."
 
 # --------------------------------------------------------------------------- budgets
@@ -56,6 +59,7 @@ BUDGETS: dict[str, tuple] = {
     "adversarial.continuation_len": (16, 32), "adversarial.targeted_steps": (10, 40),
     "adversarial.gcg_steps": (10, 100), "adversarial.gcg_batch": (16, 128), "adversarial.gcg_topk": (32, 256),
     "adversarial.gcg_suffix_len": (6, 20), "adversarial.defence_steps": (4, 50),
+    "zeroshot.enabled": (False, True), "zeroshot.limit": (100, 0),
     "analysis.calib_windows": (1, 4), "analysis.calib_seq_len": (128, 512), "analysis.fisher_windows": (8, 32),
     "analysis.max_probes": (6, 50), "analysis.power_iters": (4, 20),
     "analysis.eval_tokens": (512, 16384), "analysis.eval_seq_len": (512, 2048),
@@ -297,6 +301,9 @@ class FinetuneConfig(StepConfig):
     save_every_s: float = knob(300.0, "... and at most this often in seconds (0: never by time)", bounds="[0,10000000]",
                                results=False)
     log_every: int = knob(25, "steps between host syncs for the loss log", bounds="[1,10000000]", results=False)
+    log_to: str = knob("none", "also write the training curves (loss and learning rate per step) as TensorBoard "
+                               "events into <output-dir>/tensorboard", flag="--log-to", choices=("none", "tensorboard"),
+                       results=False)
     lora_r: int = knob(16, "LoRA rank", flag="--lora-r", bounds="[1,65536]")
     lora_alpha: int = knob(32, "LoRA alpha", flag="--lora-alpha", bounds="[1,65536]")
     gradient_checkpointing: Optional[bool] = knob(None, "recompute activations (auto: only when they would not fit)",
@@ -312,10 +319,13 @@ class FinetuneConfig(StepConfig):
                              "training text's hash (set by the pipeline)", cli=False, results=False)
 
     def check(self) -> None:
-        if not re.fullmatch(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)", self.max_shard_size.strip()) or \
-                float(re.match(r"[\d.]+", self.max_shard_size.strip()).group()) <= 0:
-            raise UserError(f"--max-shard-size must be a positive size such as 2GB or 500MB, "
-                            f"not {self.max_shard_size!r}")
+        _check_shard_size(self.max_shard_size)
+
+
+def _check_shard_size(size: str) -> None:
+    if not re.fullmatch(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)", size.strip()) or \
+            float(re.match(r"[\d.]+", size.strip()).group()) <= 0:
+        raise UserError(f"--max-shard-size must be a positive size such as 2GB or 500MB, not {size!r}")
 
 
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "taylor")
@@ -433,6 +443,62 @@ class EvalConfig(StepConfig):
             raise UserError(f"--stride must be between 1 and --seq-len ({self.seq_len}), got {self.stride}")
 
 
+def parse_names(text: str) -> tuple:
+    return _parse_list(text, str, "names")
+
+
+@dataclass
+class ZeroShotConfig(StepConfig):
+    """Zero-shot accuracy of every variant through lm-evaluation-harness (``lm_eval``)."""
+
+    step: ClassVar[str] = "zeroshot"
+    enabled: Optional[bool] = knob(None, "zero-shot accuracy of every variant through lm-evaluation-harness "
+                                         "(auto: on GPU, or when --tasks is given)", flag="--zeroshot")
+    tasks: tuple = knob(ZEROSHOT_TASKS, "lm-eval task names or task YAML paths", flag="--tasks",
+                        parse=parse_names)
+    include_path: Optional[str] = knob(None, "folder of extra lm-eval task YAMLs (local tasks)",
+                                       flag="--tasks-include", shown="none")
+    limit: Optional[int] = knob(None, "examples per task, the first N (0: all; a CPU budget, not the papers' "
+                                      "protocol)", flag="--tasks-limit", bounds="[0,1000000000]")
+    num_fewshot: int = knob(0, "in-context examples per question (0: zero-shot, as the papers)",
+                            flag="--num-fewshot", bounds="[0,1000]")
+    batch_size: Optional[int] = knob(None, "evaluation windows per forward pass (auto: from free memory "
+                                           "on GPU, 1 on CPU)", flag="--batch-size", bounds="[1,65536]")
+    progress: bool = knob(True, "progress bars", cli=False, results=False)
+
+    def resolved(self, gpu: bool):
+        # Naming tasks asks for them, on CPU as well.
+        on = self.enabled if self.enabled is not None else (gpu or self.tasks != ZEROSHOT_TASKS or None)
+        return dataclasses.replace(super().resolved(gpu), enabled=on if on is not None else False)
+
+    def check(self) -> None:
+        if self.include_path and not os.path.isdir(os.path.expanduser(self.include_path)):
+            raise UserError(f"--tasks-include: {self.include_path!r} is not a folder of task YAMLs")
+
+
+@dataclass
+class ExportConfig(StepConfig):
+    """Every variant as a loadable ``save_pretrained`` directory with a model card."""
+
+    step: ClassVar[str] = "export"
+    enabled: bool = knob(False, "write every variant as a save_pretrained directory (safetensors) with a model "
+                                "card, into <output-dir>/export/<variant>", flag="--export")
+    two_of_four: bool = knob(False, "on CUDA, also convert the 2:4-pruned linears to PyTorch's semi-structured "
+                                    "sparse format and measure forward tokens/s against dense (implies --export)",
+                             flag="--export-2of4")
+    speed_batches: tuple = knob((1, 16), "batch sizes of the 2:4 speed measurement", flag="--speed-batches",
+                                parse=parse_ints, bounds="[1,65536]")
+    speed_seq_len: int = knob(128, "tokens per sequence of the 2:4 speed measurement", flag="--speed-seq-len",
+                              bounds="[1,1000000]", context=True)
+    max_shard_size: str = knob("2GB", "safetensors shard size of the saved model", flag="--max-shard-size",
+                               results=False)
+    command: str = knob("", "command line written into the model cards (set by the pipeline)", cli=False,
+                        results=False)
+
+    def check(self) -> None:
+        _check_shard_size(self.max_shard_size)
+
+
 @dataclass
 class AdversarialConfig(StepConfig):
     step: ClassVar[str] = "adversarial"
@@ -510,7 +576,8 @@ class AnalysisConfig(StepConfig):
 
 
 STEP_CONFIGS: dict[str, type] = {"finetune": FinetuneConfig, "prune": PruneConfig, "noise": NoiseConfig,
-                                 "eval": EvalConfig, "adversarial": AdversarialConfig, "analysis": AnalysisConfig}
+                                 "eval": EvalConfig, "zeroshot": ZeroShotConfig, "export": ExportConfig,
+                                 "adversarial": AdversarialConfig, "analysis": AnalysisConfig}
 
 
 @dataclass
@@ -522,6 +589,8 @@ class PipelineConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 

@@ -45,18 +45,6 @@ class EvaluationResult:
         return {n: r.perplexity for n, r in self.variants.items()}
 
 
-def _weights(model, weights: Variant) -> Mapping[str, torch.Tensor]:
-    """A variant's tensors: a dict as given, a checkpoint file, or a save_pretrained directory
-    (the model's own names only: a directory also holds what the model does not, e.g. tied copies)."""
-    if isinstance(weights, Mapping):
-        return weights
-    tensors = C.load_tensors(weights)
-    if os.path.isdir(weights):
-        state = C.named_tensors(model)
-        tensors = {k: v for k, v in tensors.items() if k in state}
-    return tensors
-
-
 def evaluate_variants(model, tokenizer, input_ids: torch.Tensor, variants: Mapping[str, Variant],
                       config: EvalConfig = EvalConfig(), parents: Optional[Mapping[str, Optional[str]]] = None
                       ) -> EvaluationResult:
@@ -80,11 +68,7 @@ def evaluate_variants(model, tokenizer, input_ids: torch.Tensor, variants: Mappi
     out = {}
     for name, weights in variants.items():
         log.info("evaluating variant %r", name)
-        if weights is None:
-            out[name] = evaluate_model(model, tokenizer, input_ids, config)
-            continue
-        ctx = weights(model) if callable(weights) else C.swapped_weights(model, _weights(model, weights))
-        with ctx:
+        with C.applied_variant(model, weights):
             out[name] = evaluate_model(model, tokenizer, input_ids, config,
                                        reference=reference if name in kl_for else None)
     protocol = {"seq_len": config.seq_len, "stride": config.stride or config.seq_len,

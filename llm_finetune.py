@@ -217,7 +217,12 @@ def train(model, train_ids: torch.Tensor, cfg: FinetuneConfig, on_step: Optional
     low = C.low_precision_dtype(model)
     # Autocast is ours, not accelerate's: accelerate's mixed-precision setting is global to
     # the process and cannot change between two trainings in one notebook.
-    accel = Accelerator(cpu=not on_cuda)
+    # --log-to tensorboard: accelerate's tracker writes <output_dir>/../tensorboard/finetune.
+    tb = cfg.log_to == "tensorboard"
+    accel = Accelerator(cpu=not on_cuda, log_with="tensorboard" if tb else None,
+                        project_dir=str(Path(cfg.output_dir).parent / "tensorboard") if tb else None)
+    if tb:
+        accel.init_trackers("finetune")
     if cfg.mode == "lora":
         model = _wrap_lora(model, cfg)
     checkpointing = _needs_checkpointing(model, cfg)
@@ -244,6 +249,8 @@ def train(model, train_ids: torch.Tensor, cfg: FinetuneConfig, on_step: Optional
         def flush():
             if pending:
                 new = torch.stack(pending).float().cpu().tolist()  # one host sync
+                for i, x in enumerate(new, start=len(losses)):  # step i+1 trained at lr_at(i)
+                    accel.log({"train/loss": x, "train/lr": lr_at(i, cfg)}, step=i + 1)  # a no-op without trackers
                 losses.extend(new)
                 pending.clear()
                 bad = next((x for x in new if not math.isfinite(x)), None)
@@ -284,6 +291,7 @@ def train(model, train_ids: torch.Tensor, cfg: FinetuneConfig, on_step: Optional
                 flush()
                 on_step(done)
         flush()
+        accel.end_training()  # closes the event files
         model = accel.unwrap_model(fwd)
         if checkpointing:
             model.gradient_checkpointing_disable()

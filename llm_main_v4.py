@@ -1,14 +1,13 @@
-"""Orchestrator: load or fine-tune a causal LM, then prune, perturb, evaluate, attack, analyse.
+"""Orchestrator: load or fine-tune a causal LM, then prune, perturb, evaluate, export, attack, analyse.
 
     python llm_main_v4.py                       # every step on the embedded SmolLM2-135M
     python llm_main_v4.py --steps eval --dataset wiki.test.raw --seq-len 2048
-
     run_pipeline(PipelineConfig(prune=PruneConfig(sparsity=0.6)))   # from Python; configs: llm_config
 
 Only this module parses argv, with flags generated from the configs in ``llm_config``. Each
 step's science lives in its module (``STEPS`` names them); the adapters here pass the model,
 tokenizer and token tensors in and record the result. Variants (base, fine-tuned, pruned,
-noisy) are tensors-only checkpoints that the evaluation swaps into the one live model.
+noisy) are checkpoints, 1-bit masks or noise recipes applied in place to the one live model.
 """
 from __future__ import annotations
 
@@ -33,9 +32,6 @@ log = logging.getLogger("llm.main")
 RECIPE = ("mode", "epsilon", "group", "seed", "bitflip_format")  # what regenerates the noisy variant
 
 
-# --------------------------------------------------------------------------- run state
-
-
 @dataclass
 class Run:
     """What the steps share: the config, model, tokenizer, corpora, variants and results."""
@@ -52,15 +48,11 @@ class Run:
     texts: dict = field(default_factory=dict)    # "eval" / "train" -> Corpus, read before the model
     _ids: dict = field(default_factory=dict)
 
-    def corpus(self, which: str) -> C.Corpus:
-        return self.texts[which]
-
     def ids(self, which: str) -> torch.Tensor:
         """Token ids [n_tokens] of the 'eval' or 'train' text."""
         if which not in self._ids:
-            self._ids[which] = C.tokenize_corpus(self.tokenizer, self.corpus(which))
+            self._ids[which] = C.tokenize_corpus(self.tokenizer, self.texts[which])
         return self._ids[which]
-
 
     def save(self) -> None:
         if C.dist_rank_world()[0] == 0:  # under accelerate launch only rank 0 writes
@@ -71,8 +63,8 @@ class Run:
 
 
 def _finetune(run: Run, mod, cfg) -> None:
-    cfg = replace(cfg, output_dir=str(run.out / "finetuned"), base_model=run.label, data=run.corpus("train").source,
-                  identity=fingerprint(run.results["model_identity"], run.corpus("train").sha256))
+    cfg = replace(cfg, output_dir=str(run.out / "finetuned"), base_model=run.label, data=run.texts["train"].source,
+                  identity=fingerprint(run.results["model_identity"], run.texts["train"].sha256))
     base = C.weights_dir(run.model)  # the unmodified weights, read back for the base row
     if cfg.mode != "none" and base is None:
         base = run.out / "checkpoints" / "base.safetensors"
@@ -92,7 +84,7 @@ def _prune(run: Run, mod, cfg) -> None:
         rec = C.store_variant(run.out, "pruned", run.model, res.pruned_names,
                               mask=res.method != "sparsegpt" and not run.cfg.run.save_variants)
     d = {k: v for k, v in asdict(res).items() if k != "pruned_names"}
-    d["calibration"]["source"] = run.corpus("train").source
+    d["calibration"]["source"] = run.texts["train"].source
     run.results["prune"] = {**d, **rec, "parent": run.live}
     _attach(run, "prune")
 
@@ -116,9 +108,18 @@ def _eval(run: Run, mod, cfg) -> None:
                        protocol={**res.protocol, "config": res.config}, variants=res.parents)
 
 
+def _zeroshot(run: Run, mod, cfg) -> None:
+    run.results["zeroshot"] = asdict(mod.evaluate_zeroshot(run.model, run.tokenizer, run.variants, cfg, run.parents))
+
+
+def _export(run: Run, mod, cfg) -> None:
+    facts = mod.variant_facts({**run.results, "variants": {n: run.parents.get(n) for n in run.variants}})
+    run.results["export"] = asdict(mod.export_variants(run.model, run.tokenizer, run.variants, run.out / "export",
+                                                       replace(cfg, command=run.results["manifest"]["command"]), facts))
+
+
 def _adversarial(run: Run, mod, cfg) -> None:
-    run.results["adversarial"] = asdict(mod.test_adversarial_robustness(run.model, run.tokenizer,
-                                                                        run.ids("eval"), cfg))
+    run.results["adversarial"] = asdict(mod.test_adversarial_robustness(run.model, run.tokenizer, run.ids("eval"), cfg))
 
 
 def _analysis(run: Run, mod, cfg) -> None:
@@ -142,6 +143,8 @@ STEPS = {
     "prune": Step("llm_prune_model", _prune, ("prune",), ("train",), "pruned"),
     "noise": Step("llm_robustness_test", _noise, ("noise",), ("eval", "train"), "noisy"),
     "eval": Step("llm_evaluate_models", _eval, ("perplexity", "evaluation", "protocol", "variants"), ("eval",)),
+    "zeroshot": Step("llm_zeroshot", _zeroshot, ("zeroshot",), ()),
+    "export": Step("llm_export", _export, ("export",), ()),
     "adversarial": Step("llm_adversarial_test", _adversarial, ("adversarial",), ("eval",)),
     "analysis": Step("llm_integrated_analysis", _analysis, ("analysis",), ("train", "eval")),
 }
@@ -163,7 +166,7 @@ def _check_before_loading(cfg: PipelineConfig, out: Path) -> dict:
         c.validate()
     C.ensure_writable_dir(out, "--output-dir")
     texts, described = C.load_texts(rc.dataset, rc.train_dataset, {c for s in configs for c in STEPS[s].corpora},
-                                    no_fallback=rc.no_fallback, allow_overlap=rc.allow_overlap)
+                                    rc.no_fallback, rc.allow_overlap, default_train="c4" if gpu else "wikitext2")
     return configs, texts, described
 
 
@@ -194,7 +197,7 @@ def _start(cfg: PipelineConfig, out: Path, argv: list, texts: dict, described: d
 def _fingerprint(run: Run, step: str, config, previous: str) -> str:
     """The step's whole config, the hashes of the texts it reads, the model's identity and
     the previous step's fingerprint (so a change reruns this step and every later one)."""
-    texts = {c: run.corpus(c).sha256 for c in STEPS[step].corpora}
+    texts = {c: run.texts[c].sha256 for c in STEPS[step].corpora}
     common = {k: run.results[k] for k in ("device", "dtype", "model_identity")}
     return fingerprint(step, previous, config.fingerprint_dict(), texts, common, run.cfg.run.device_map)
 
@@ -262,9 +265,6 @@ def _run(cfg: PipelineConfig, argv: Optional[list], out: Path, configs: dict, te
         md, html_path = write_report(C.to_strict_json(run.results), out)
         log.info("wrote %s, %s and %s", out / "results.json", md, html_path)
     return run.results
-
-
-# --------------------------------------------------------------------------- argv
 
 
 class _Parser(argparse.ArgumentParser):

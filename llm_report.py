@@ -138,6 +138,64 @@ def _md_noise(results: dict) -> list[str]:
     return lines
 
 
+def _acc(m: Optional[dict], key: str = "acc") -> str:
+    """An accuracy in percent with its standard error, from an lm-eval metrics dict."""
+    if not m or _num(m.get(key)) is None:
+        return "-"
+    se = _num(m.get(f"{key}_stderr"))
+    return f"{100 * m[key]:.1f}" + (f" ± {100 * se:.1f}" if se is not None else "")
+
+
+def _md_zeroshot(results: dict) -> list[str]:
+    """Zero-shot accuracy per variant and task, and the change of the mean against the parent."""
+    zs = results.get("zeroshot")
+    if not zs or zs.get("status") == "off":
+        return []
+    lines = ["", "## Zero-shot accuracy (lm-evaluation-harness)", ""]
+    if zs.get("status") != "ran":
+        return lines + [f"> **Not measured:** {_esc(zs.get('reason'))}"] + \
+            [f"> - {_esc(t)}: {_esc(why)}" for t, why in (zs.get("unavailable") or {}).items()]
+    pr = zs["protocol"]
+    lines.append(f"lm-eval {pr.get('lm_eval')}, {pr.get('num_fewshot')}-shot, accuracy in % ± standard error; "
+                 + (f"**at most the first {pr['limit']} examples per task** (a CPU budget, not the papers' protocol)"
+                    if pr.get("limit") else "every example") + ". The mean is unweighted over tasks, as in the papers.")
+    if zs.get("unavailable"):
+        lines += ["", "> **Tasks not evaluated** (their data could not be had; the mean leaves them out):"] + \
+            [f"> - {_esc(t)}: {_esc(why)}" for t, why in zs["unavailable"].items()]
+    tasks, parents = pr.get("tasks", []), zs.get("parents") or {}
+    lines += ["", "| variant | parent | " + " | ".join(_esc(t) for t in tasks) + " | mean acc | change vs parent "
+              "| mean acc_norm |", "|---" * (len(tasks) + 5) + "|"]
+    for name, per_task in zs["tasks"].items():
+        mean, parent = zs["mean"][name], parents.get(name)
+        p = (zs["mean"].get(parent) or {}).get("acc")
+        change = f"{100 * (mean['acc'] - p):+.1f}" if _num(p) is not None and _num(mean.get("acc")) is not None else "-"
+        lines.append(f"| {name} | {parent or '-'} | " + " | ".join(_acc(per_task.get(t)) for t in tasks)
+                     + f" | {_acc(mean)} | {change} | {_acc(mean, 'acc_norm')} |")
+    return lines
+
+
+def _md_export(results: dict) -> list[str]:
+    """Where each exported variant lies, and the measured 2:4 speed-up."""
+    ex = results.get("export")
+    if not ex or ex.get("status") != "ran":
+        return []
+    lines = ["", "## Exports", "", "Each directory loads with `AutoModelForCausalLM.from_pretrained` and holds a "
+             "model card (README.md).", ""]
+    lines += [f"- {name}: `{_esc(v['path'])}`, {v['bytes'] / 2 ** 20:.1f} MiB, "
+              f"{_pct(round(v['zero_fraction_linears'], 4))} zeros in the decoder linears" for name, v in ex["variants"].items()]
+    tf = ex.get("two_of_four") or {}
+    if tf.get("status") == "ran":
+        lines += ["", f"2:4 semi-structured sparse ({tf['linears']} linears of the {tf['variant']} variant, "
+                      f"{_esc(tf['device'])}, {tf['seq_len']} tokens per sequence; max logit change "
+                      f"{fmt(tf['max_abs_logit_diff'])}):", "",
+                  "| batch | dense tokens/s | 2:4 tokens/s | speed-up |", "|---|---|---|---|"]
+        lines += [f"| {b} | {fmt(r['dense'])} | {fmt(r['2:4'])} | {fmt(r['speedup'])} |"
+                  for b, r in tf["tokens_per_s"].items()]
+    elif tf:
+        lines += ["", f"2:4 speed-up not measured: {_esc(tf.get('reason'))}."]
+    return lines
+
+
 def _md_adversarial(results: dict) -> list[str]:
     """Attack table, targeted success, GCG and the defences."""
     lines: list[str] = []
@@ -260,7 +318,8 @@ def report_markdown(results: dict) -> str:
                          f"(of at least {d.get('min_chars')} characters) also occur in the calibration text"
                          + (" (allowed with --allow-overlap)" if d.get("shared") or d.get("same_text") else ""))
             continue
-        fb = f" (fallback: {d['fallback']})" if d.get("fallback") else ""
+        fb = f" (fallback: {_esc(d['fallback'])})" if d.get("fallback") else ""
+        fb += f" ({_esc(d['replaced'])})" if d.get("replaced") else ""
         lines.append(f"- {which} text: {_esc(d.get('source'))}, {d.get('chars')} characters{fb}")
     if proto:
         lines.append(f"- protocol: windows of {proto.get('seq_len')} tokens, stride {proto.get('stride')}, "
@@ -273,7 +332,8 @@ def report_markdown(results: dict) -> str:
     found = findings(results)
     if found:
         lines += ["", "## Findings", ""] + [f"- {f}" for f in found]
-    for section in (_md_perplexity, _md_finetune, _md_prune, _md_noise, _md_adversarial, _md_analysis,
+    for section in (_md_perplexity, _md_zeroshot, _md_finetune, _md_prune, _md_noise, _md_export, _md_adversarial,
+                    _md_analysis,
                     _md_generations, _md_manifest):
         lines += section(results)
     return "\n".join(lines) + "\n"
@@ -314,6 +374,12 @@ def findings(results: dict) -> list[str]:
             c = nz["top_cells"][0]
             out.append(f"The most noise-sensitive cell is layer {c['layer']} {c['module']} "
                        f"(+{fmt(c['delta_nll'])} nats/token).")
+    zs = results.get("zeroshot") or {}
+    for name, parent in (zs.get("parents") or {}).items() if zs.get("status") == "ran" else ():
+        a, b = (zs["mean"].get(name) or {}).get("acc"), (zs["mean"].get(parent) or {}).get("acc")
+        if _num(a) is not None and _num(b) is not None:
+            out.append(f"Zero-shot mean accuracy over {zs['mean'][name]['tasks']} tasks: {name} {100 * a:.1f}% "
+                       f"against {100 * b:.1f}% for its parent {parent} ({100 * (a - b):+.1f} points).")
     return out + _findings_attacks_and_analysis(results)
 
 
@@ -655,7 +721,8 @@ def compare_runs(dirs: Sequence, out: Path) -> dict:
         rows.append({"run": str(d), "model": res.get("model", "?"),
                      "pruning": f"{pr['method']} {pr['pattern']} {fmt(pr['overall_sparsity'])}" if pr else "-",
                      "noise": f"{nz['mode']} eps={nz['epsilon']}" if nz else "-",
-                     "perplexity": res["perplexity"], "parents": res.get("variants") or {}})
+                     "perplexity": res["perplexity"], "parents": res.get("variants") or {},
+                     "zeroshot": {v: m.get("acc") for v, m in ((res.get("zeroshot") or {}).get("mean") or {}).items()}})
     variants = list(dict.fromkeys(v for r in rows for v in r["perplexity"]))
     lines = ["# Comparison of runs", "", "Perplexity of each variant; in brackets, its ratio to its parent "
              "variant in the same run.", "",
@@ -668,6 +735,16 @@ def compare_runs(dirs: Sequence, out: Path) -> dict:
             cells.append(fmt(p) + (f" (x{fmt(p / q)})" if p is not None and q else ""))
         lines.append(f"| {_esc(r['run'])} | {_esc(r['model'])} | {r['pruning']} | {r['noise']} | "
                      + " | ".join(cells) + " |")
+    if any(r["zeroshot"] for r in rows):
+        lines += ["", "Zero-shot mean accuracy (%) of each variant, over the tasks each run evaluated; in brackets, "
+                  "the change against its parent.", "", "| run | " + " | ".join(variants) + " |",
+                  "|---" * (1 + len(variants)) + "|"]
+        for r in rows:
+            cells = []
+            for v in variants:
+                a, b = _num(r["zeroshot"].get(v)), _num(r["zeroshot"].get(r["parents"].get(v)))
+                cells.append("-" if a is None else f"{100 * a:.1f}" + (f" ({100 * (a - b):+.1f})" if b is not None else ""))
+            lines.append(f"| {_esc(r['run'])} | " + " | ".join(cells) + " |")
     lines += ["", "![comparison](plots/compare.png)"]
     plot = plot_comparison(rows, variants, out / "plots" / "compare.png")
     md = "\n".join(lines) + "\n"
@@ -677,14 +754,20 @@ def compare_runs(dirs: Sequence, out: Path) -> dict:
 
 
 def plot_comparison(rows: list, variants: list, path) -> Path:
-    """Grouped bars: perplexity (log scale) of each variant, one bar per run."""
-    fig, ax = new_figure(figsize=(max(5.0, 1.2 * len(variants) * max(1, len(rows)) / 2), 3.5))
+    """Grouped bars, one bar per run: perplexity (log scale) of each variant and, where runs
+    measured it, zero-shot mean accuracy beside it."""
+    panels = [("perplexity", "perplexity", True)] + ([("zeroshot", "zero-shot mean acc", False)]
+                                                      if any(r.get("zeroshot") for r in rows) else [])
+    w = max(5.0, 1.2 * len(variants) * max(1, len(rows)) / 2)
+    fig, axes = new_figure(1, len(panels), figsize=(w * len(panels), 3.5), squeeze=False)
     width = 0.8 / max(len(rows), 1)
-    for k, r in enumerate(rows):
-        ys = [_float(r["perplexity"].get(v)) for v in variants]
-        ax.bar([i + k * width for i in range(len(variants))], ys, width, label=Path(r["run"]).name)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(variants))], variants)
-    ax.set_yscale("log")
-    ax.set_ylabel("perplexity")
-    ax.legend(fontsize=7)
+    for ax, (key, label, log_scale) in zip(axes[0], panels):
+        for k, r in enumerate(rows):
+            ys = [_float((r.get(key) or {}).get(v)) for v in variants]
+            ax.bar([i + k * width for i in range(len(variants))], ys, width, label=Path(r["run"]).name)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(variants))], variants)
+        if log_scale:
+            ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
     return save_figure(fig, path)

@@ -19,6 +19,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 if [[ $PART == shape || $PART == all ]]; then
   timeout 300 "$PY" bench/gpu_shape.py --shape 7b 2>&1 | grep -v "it/s\]\|s/it\]" || echo "7b shape: failed or timed out"
   timeout 60 "$PY" bench/gpu_shape.py --shape 1b --steps eval 2>&1 | grep -v "it/s\]\|s/it\]" || echo "1b shape: failed"
+  timeout 120 "$PY" bench/bench_2of4.py --shape 7b --layers 4 || echo "2:4 bench: failed or timed out"
 fi
 if [[ $PART == pipeline || $PART == all ]]; then
   WIKI=../shared/data/wikitext-2-raw/wiki.test.raw

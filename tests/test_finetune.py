@@ -141,3 +141,22 @@ def test_diverging_loss_stops_training_and_saves_nothing(tok, sample_text, tmp_p
     with pytest.raises(C.UserError, match="diverged"):
         train(tiny_llama(), _ids(tok, sample_text), cfg)
     assert not (tmp_path / "nan").exists() and not (tmp_path / "nan.resume.pt").exists()
+
+
+def test_tensorboard_curves_equal_the_recorded_losses(tok, sample_text, tmp_path, tiny_llama):
+    """--log-to tensorboard: the event files, read back by TensorBoard's own reader, hold every
+    step's loss exactly as results record it, and the learning-rate schedule; the PNG curve stays."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from llm_finetune import lr_at
+
+    cfg = _cfg(tmp_path, "ft", log_to="tensorboard", log_every=4)
+    _, res = load_or_train_model(tiny_llama(), tok, _ids(tok, sample_text), cfg)
+    runs = list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+    assert runs, "no event file"
+    acc = EventAccumulator(str(runs[0].parent)).Reload()
+    loss = acc.Scalars("train/loss")
+    assert [e.step for e in loss] == list(range(1, cfg.steps + 1))
+    assert [e.value for e in loss] == pytest.approx(res.train_losses, rel=1e-6)  # stored as float32
+    assert [e.value for e in acc.Scalars("train/lr")] == pytest.approx([lr_at(i, cfg) for i in range(cfg.steps)])
+    assert (tmp_path / "ft" / "manifest.json").is_file()

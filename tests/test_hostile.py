@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import llm_common as C
+import llm_config as K
 import llm_main_v4
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,6 +263,7 @@ def test_c4_and_ptb_follow_the_pruning_papers_loaders(monkeypatch):
 
     class Fake(dict):
         info = type("Info", (), {"version": "1.0.0"})()
+        cache_files = [{"filename": "/cache/allenai___c4/default-abc/0.0.0/1588ec45/c4-train.arrow"}]
 
     def load_dataset(repo, config=None, data_files=None, split=None):
         calls.append((repo, config, data_files, split))
@@ -269,17 +271,43 @@ def test_c4_and_ptb_follow_the_pruning_papers_loaders(monkeypatch):
         return Fake({column: [f"{split}-doc{i}" for i in range(2000)]})
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    monkeypatch.setattr(C, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(C, "hub_reachable", lambda: True)
     ev = C.load_corpus("c4", "test")
     assert calls[-1] == ("allenai/c4", None, {"test": "en/c4-validation.00000-of-00008.json.gz"}, "test")
     assert ev.text == " ".join(f"test-doc{i}" for i in range(1100)) and ev.fallback is None
-    assert ev.source == "allenai/c4/en/c4-validation.00000-of-00008.json.gz[:1100 documents] (version 1.0.0)"
+    assert ev.source == ("allenai/c4/en/c4-validation.00000-of-00008.json.gz[:1100 documents] "
+                         "(version 1.0.0, hub commit 1588ec45)")
     tr = C.load_corpus("c4", "train")
     assert calls[-1][2] == {"train": "en/c4-train.00000-of-01024.json.gz"} and tr.text.count("train-doc") == 2000
     ptb = C.load_corpus("ptb", "test")
     assert calls[-1] == ("ptb_text_only", "penn_treebank", None, "validation")  # as SparseGPT scores it
     assert ptb.text.startswith("validation-doc0 validation-doc1 ")
     C.check_corpus_spec("c4")  # a known name, not a path
+
+
+def test_gpu_default_calibration_is_c4_falling_back_to_wikitext_train(monkeypatch, tmp_path):
+    """On GPU an unset --train-dataset is c4, as the pruning papers calibrate; where c4 cannot be
+    had, WikiText-2's train split, and the text's record says why. CPU keeps WikiText-2."""
+    def hub_text(name, split, offline):
+        if name == "c4" and not available:
+            raise OSError("not cached")
+        return f"{name} {split} text " * 50, f"{name}[{split}]"
+
+    monkeypatch.setattr(C, "_hub_text", hub_text)
+    available = True
+    texts, described = C.load_texts(None, None, {"train"}, default_train="c4")
+    assert texts["train"].name == "c4" and described["train"]["replaced"] is None
+    available = False
+    texts, described = C.load_texts(None, None, {"train"}, default_train="c4")
+    assert texts["train"].text.startswith("wikitext2 train") and texts["train"].fallback is None
+    assert described["train"]["replaced"].startswith("c4 unavailable (") and "WikiText-2 train" in described["train"][
+        "replaced"]
+    assert C.load_texts(None, None, {"train"})[0]["train"].name == "wikitext2"  # the CPU default
+    seen = {}
+    monkeypatch.setattr(C, "load_texts", lambda *a, **k: seen.update(k) or ({}, {}))
+    cfg = K.PipelineConfig(run=K.RunConfig(budget="gpu", steps=("eval",)))
+    llm_main_v4._check_before_loading(cfg, tmp_path)
+    assert seen["default_train"] == "c4"
 
 
 def test_blank_texts_are_refused_from_python_too():

@@ -35,3 +35,20 @@ def test_gguf_cache_is_reused(smol):
     src, _ = C.resolve_model_source(None)
     assert time.perf_counter() - t < 2
     assert (C.Path(src) / "model.safetensors").is_file()
+
+
+def test_embedded_model_answers_the_local_trivia_task_above_chance(smol, tmp_path):
+    """lm-eval on the real model through the zero-shot step: 32 four-way questions
+    (bench/tasks/trivia_mc), where chance is 25%; SmolLM2-135M gets about 69%."""
+    pytest.importorskip("lm_eval")
+    import llm_zeroshot as Z
+
+    root = C.Path(__file__).resolve().parents[1] / "bench" / "tasks"
+    yaml = (root / "trivia_mc.yaml").read_text().replace("bench/tasks/trivia_mc.jsonl", str(root / "trivia_mc.jsonl"))
+    (tmp_path / "trivia_mc.yaml").write_text(yaml)  # lm-eval resolves data files against the working directory
+    model, tok, _ = smol
+    res = Z.evaluate_zeroshot(model, tok, {"base": None}, Z.ZeroShotConfig(tasks=("trivia_mc",),
+                                                                          include_path=str(tmp_path)))
+    row = res.tasks["base"]["trivia_mc"]
+    assert res.status == "ran" and row["n"] == 32
+    assert row["acc"] > 0.5 and row["acc"] - 2 * row["acc_stderr"] > 0.25

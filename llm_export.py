@@ -1,0 +1,219 @@
+"""Step 6: every variant as a loadable ``save_pretrained`` directory with a model card.
+
+    res = export_variants(model, tokenizer, {"base": None, "pruned": mask_ctx}, "data/export",
+                          ExportConfig(enabled=True), facts={"pruned": {"method": "wanda 2:4"}})
+    AutoModelForCausalLM.from_pretrained("data/export/pruned")   # the pruned model, anywhere
+
+Each directory holds sharded safetensors, the config, the tokenizer and a ``README.md`` model
+card (base model, how the variant was made, calibration data, this run's metrics, the command
+line). safetensors has no sparse format, so a pruned variant is stored dense with its zeros.
+
+``--export-2of4``, on CUDA: PyTorch's semi-structured sparse kernels (``to_sparse_semi_structured``,
+cuSPARSELt or CUTLASS, Ampere or newer) run a linear whose weight keeps 2 of every 4 input
+weights at up to 2x the dense matmul rate. We convert every such linear of a 2:4 variant, check
+the logits against the dense model, and measure forward tokens/s against dense at each batch size
+on the same GPU. PyTorch has no on-disk format for these tensors, so the directory stays dense
+and ``semi_structured(model)`` converts a loaded model the same way. Wanda reports 1.24x for the
+linear layers of LLaMA-65B at 2:4; whole-model numbers are lower, since attention, norms and the
+LM head stay dense.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping, Optional
+
+import torch
+from torch.sparse import to_sparse_semi_structured
+
+import llm_common as C
+from llm_config import ExportConfig
+
+__all__ = ["ExportConfig", "ExportResult", "export_variants", "is_two_of_four", "model_card", "semi_structured",
+           "tokens_per_second", "variant_facts"]
+
+log = logging.getLogger("llm.export")
+
+
+@dataclass
+class ExportResult:
+    status: str                                   # "ran" or "off"
+    variants: dict = field(default_factory=dict)  # name -> {path, files, bytes, zero_fraction}
+    two_of_four: dict = field(default_factory=dict)  # status, reason, linears converted, tokens/s per batch
+    seconds: float = 0.0
+    config: dict = field(default_factory=dict)
+
+
+def is_two_of_four(w: torch.Tensor) -> bool:
+    """Whether ``w`` [out, in] keeps at most 2 of every 4 consecutive input weights (in % 4 == 0)."""
+    return w.dim() == 2 and w.shape[1] % 4 == 0 and bool(((w.reshape(-1, 4) != 0).sum(-1) <= 2).all())
+
+
+@contextlib.contextmanager
+def semi_structured(model: torch.nn.Module) -> Iterator[list]:
+    """Convert, in place, every decoder linear whose weight is 2:4 to PyTorch's semi-structured
+    sparse format for the body (CUDA, fp16/bf16); the dense weights come back on exit. Yields the
+    names converted; a linear the kernels refuse (shape, dtype) stays dense and is not named."""
+    done = {}
+    try:
+        for name, mod in C.decoder_linears(model).items():
+            if not isinstance(mod, torch.nn.Linear) or not is_two_of_four(mod.weight.data):
+                continue
+            try:
+                sparse = to_sparse_semi_structured(mod.weight.data)
+            except (RuntimeError, ValueError) as e:
+                log.debug("%s stays dense: %s", name, e)
+                continue
+            done[name] = mod.weight
+            mod.weight = torch.nn.Parameter(sparse, requires_grad=False)
+        yield list(done)
+    finally:
+        for name, dense in done.items():
+            model.get_submodule(name).weight = dense
+
+
+@torch.no_grad()
+def tokens_per_second(model: torch.nn.Module, batch: int, seq_len: int, iters: int = 10, warmup: int = 3) -> float:
+    """Forward (prefill) throughput in tokens/s on random ids [batch, seq_len], logits of the last
+    position only. Timed with a device sync around the loop, not per step."""
+    device = C.input_device(model)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.get_input_embeddings().weight.shape[0], (batch, seq_len), generator=g).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with C.use_cache(model, False):
+        for _ in range(warmup):
+            model(input_ids=ids, logits_to_keep=1)
+        sync()
+        t = time.perf_counter()
+        for _ in range(iters):
+            model(input_ids=ids, logits_to_keep=1)
+        sync()
+    return batch * seq_len * iters / (time.perf_counter() - t)
+
+
+def _speed(model, cfg: ExportConfig, variants: Mapping[str, object]) -> dict:
+    """The 2:4 conversion and its measured speed-up for the first variant that is 2:4."""
+    if not C.is_cuda_model(model):
+        return {"status": "skipped", "reason": "semi-structured sparse kernels need CUDA (compute capability 8.0+)"}
+    for name, weights in variants.items():
+        with C.applied_variant(model, weights):
+            if not any(is_two_of_four(C.weight_view(m)) for m in C.decoder_linears(model).values()):
+                continue
+            vocab = model.get_input_embeddings().weight.shape[0]
+            ids = torch.randint(0, vocab, (1, 32), generator=torch.Generator().manual_seed(0)).to(C.input_device(model))
+            with torch.no_grad():
+                ref = model(input_ids=ids).logits.float()
+            dense = {b: tokens_per_second(model, b, cfg.speed_seq_len) for b in cfg.speed_batches}
+            try:
+                with semi_structured(model) as converted, torch.no_grad():
+                    if not converted:
+                        return {"status": "skipped", "variant": name, "reason": "the kernels refused every linear"}
+                    err = (model(input_ids=ids).logits.float() - ref).abs().max().item()
+                    sparse = {b: tokens_per_second(model, b, cfg.speed_seq_len) for b in cfg.speed_batches}
+            except RuntimeError as e:  # an older GPU or a kernel missing from this build
+                return {"status": "failed", "variant": name, "reason": str(e).splitlines()[0][:200]}
+            return {"status": "ran", "variant": name, "linears": len(converted), "max_abs_logit_diff": err,
+                    "device": torch.cuda.get_device_name(C.input_device(model)), "seq_len": cfg.speed_seq_len,
+                    "tokens_per_s": {str(b): {"dense": dense[b], "2:4": sparse[b], "speedup": sparse[b] / dense[b]}
+                                     for b in cfg.speed_batches}}
+    return {"status": "skipped", "reason": "no variant has 2:4 linears (prune with --sparsity-pattern 2:4)"}
+
+
+def variant_facts(results: Mapping) -> dict:
+    """What a model card says of each variant, from a run's results.json: parent, how it was
+    made, calibration, metrics. Keys are the variant names of ``results['variants']``."""
+    ppl, ev, zs = results.get("perplexity", {}), results.get("evaluation", {}), results.get("zeroshot") or {}
+    eval_text = (results.get("dataset") or {}).get("eval", {}).get("source")
+    train_text = (results.get("dataset") or {}).get("train", {}).get("source")
+    out = {}
+    for name, parent in (results.get("variants") or {}).items():
+        f = {"parent": parent, "base_model": results.get("model"), "metrics": {},
+             "from_gguf": results.get("model") == C.EMBEDDED_NAME or str(results.get("model")).endswith(".gguf")}
+        if name == "fine-tuned" and results.get("finetune"):
+            ft = results["finetune"]
+            f["made_by"] = f"{ft.get('mode')} fine-tune, {ft.get('steps')} steps on {train_text}"
+        if name == "pruned" and results.get("prune"):
+            pr = results["prune"]
+            f["made_by"] = (f"{pr['method']} pruning, {pr['pattern']}, sparsity {pr['overall_sparsity']:.4f} of the "
+                            f"decoder linears")
+            f["calibration"] = f"{pr['calibration']['windows']} windows of {pr['calibration']['seq_len']} tokens " \
+                               f"of {pr['calibration'].get('source')}"
+        if name == "noisy" and results.get("noise"):
+            v = results["noise"]["variant"]
+            kind = "bit flips" if v["mode"] == "bitflip" else "Gaussian weight noise"
+            f["made_by"] = f"{v['mode']} {kind}, eps={v['epsilon']}, group {v['group']}, seed {v['seed']}"
+        if name in ppl:
+            f["metrics"]["perplexity"] = {"value": ppl[name], "text": eval_text,
+                                          "tokens": (ev.get(name) or {}).get("tokens_scored")}
+        if (zs.get("mean") or {}).get(name):
+            f["metrics"]["zeroshot"] = {"mean": zs["mean"][name], "tasks": zs["tasks"][name],
+                                        "limit": (zs.get("protocol") or {}).get("limit")}
+        out[name] = f
+    return out
+
+
+def model_card(name: str, facts: Mapping, command: str = "") -> str:
+    """A Hugging Face model card (README.md, YAML front matter) for one exported variant."""
+    base = facts.get("base_model") or "unknown"
+    lines = ["---", "library_name: transformers", f"base_model: {json.dumps(str(base))}",
+             "tags: [llm-sensitivity, " + {"pruned": "pruning", "noisy": "weight-noise"}.get(name, "variant") + "]",
+             "---", "", f"# {name} variant of {base}", "",
+             f"Exported by llm-sensitivity (`llm_main_v4.py --export`). Parent variant: {facts.get('parent') or '-'}.",
+             ""]
+    if facts.get("made_by"):
+        lines.append(f"- **How it was made:** {facts['made_by']}")
+    if facts.get("calibration"):
+        lines.append(f"- **Calibration data:** {facts['calibration']}")
+    if facts.get("from_gguf"):
+        lines.append("- The base weights were dequantized from a 4-bit GGUF file (the embedded model is Q4_1): "
+                     "they sit on a 4-bit grid, which matters for quantization and small noise.")
+    m = facts.get("metrics") or {}
+    if "perplexity" in m:
+        p = m["perplexity"]
+        value = f"{p['value']:.4f}" if isinstance(p["value"], float) else p["value"]  # "inf"/"nan" as saved
+        lines.append(f"- **Perplexity** {value} on {p.get('text')} ({p.get('tokens')} tokens scored)")
+    if "zeroshot" in m:
+        z = m["zeroshot"]
+        lines += ["", "| task | acc | acc_norm | n |", "|---|---|---|---|"]
+        pct = lambda v: f"{100 * v:.1f}%" if isinstance(v, float) else "-"  # noqa: E731
+        lines += [f"| {t} | {pct(r.get('acc'))} | {pct(r.get('acc_norm'))} | {r.get('n')} |"
+                  for t, r in z["tasks"].items()]
+        lines.append(f"| mean | {pct(z['mean'].get('acc'))} | {pct(z['mean'].get('acc_norm'))} | |")
+        if z.get("limit"):
+            lines.append(f"\nZero-shot on the first {z['limit']} examples per task only (a CPU budget).")
+    lines += ["", "Load it with:", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              "model = AutoModelForCausalLM.from_pretrained(PATH_TO_THIS_FOLDER)", "```"]
+    if command:
+        lines += ["", "Command line of the run:", "", "```", command, "```"]
+    return "\n".join(lines) + "\n"
+
+
+def export_variants(model, tokenizer, variants: Mapping[str, object], out_dir, config: ExportConfig = ExportConfig(),
+                    facts: Optional[Mapping[str, dict]] = None) -> ExportResult:
+    """Write each variant (see ``llm_common.applied_variant``) as ``<out_dir>/<name>/``, atomically.
+    The model is changed in place for each variant and restored bit for bit."""
+    config = config.for_model(model)
+    if not (config.enabled or config.two_of_four):
+        return ExportResult("off", config=asdict(config))
+    t0, res = time.perf_counter(), ExportResult("ran", config=asdict(config))
+    for name, weights in variants.items():
+        path = Path(out_dir) / name
+        with C.applied_variant(model, weights), C.atomic_path(path) as tmp:
+            model.save_pretrained(tmp, max_shard_size=config.max_shard_size)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "README.md").write_text(model_card(name, (facts or {}).get(name, {}), config.command))
+            linears = C.decoder_linears(model).values()
+            zeros, total = sum((m.weight == 0).sum().item() for m in linears), sum(m.weight.numel() for m in linears)
+        files = sorted(p.name for p in path.iterdir())
+        res.variants[name] = {"path": str(path), "files": files, "zero_fraction_linears": zeros / max(total, 1),
+                              "bytes": sum(p.stat().st_size for p in path.iterdir())}
+        log.info("exported %s to %s", name, path)
+    if config.two_of_four:
+        res.two_of_four = _speed(model, config, variants)
+        log.info("2:4 export: %s", res.two_of_four.get("reason") or res.two_of_four.get("tokens_per_s"))
+    res.seconds = time.perf_counter() - t0
+    return res

@@ -1,0 +1,166 @@
+"""Step 5: zero-shot accuracy of every variant through lm-evaluation-harness.
+
+    res = evaluate_zeroshot(model, tokenizer, {"base": None, "pruned": "pruned.safetensors"},
+                            ZeroShotConfig(tasks=("boolq", "rte")), parents={"pruned": "base"})
+    res.mean["pruned"]["acc"], res.tasks["pruned"]["rte"]["acc"]
+
+The protocol of the Wanda, SparseGPT and Super Weight papers: EleutherAI's lm-evaluation-harness
+(``lm_eval``) scores multiple-choice tasks by the log-likelihood of each choice, zero-shot, with
+its own prompts, metrics and standard errors. We do not re-implement any of that: the live model
+and tokenizer are wrapped in lm-eval's ``HFLM`` class and handed to ``lm_eval.simple_evaluate``,
+one variant at a time, with the variant's weights swapped in (in place, restored on exit), so no
+variant is saved and reloaded to be scored. A number here is lm-eval's number for that model.
+
+Where a task cannot be had (offline and not in the ``datasets`` cache, an unknown name, lm-eval
+not installed), the task is listed under ``unavailable`` with the reason, logged as a warning,
+and the other tasks still run: nothing is dropped silently.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.metadata
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Mapping, Optional
+
+import torch
+
+import llm_common as C
+from llm_config import ZEROSHOT_TASKS, ZeroShotConfig
+
+__all__ = ["ZEROSHOT_TASKS", "ZeroShotConfig", "ZeroShotResult", "evaluate_zeroshot", "task_metrics"]
+
+log = logging.getLogger("llm.zeroshot")
+
+
+@dataclass
+class ZeroShotResult:
+    status: str                    # "ran", "off" or "unavailable" (the reason is in ``reason``)
+    tasks: dict = field(default_factory=dict)        # variant -> task -> metrics (acc, acc_stderr, acc_norm, ..., n)
+    mean: dict = field(default_factory=dict)         # variant -> {acc, acc_stderr, acc_norm, acc_norm_stderr, tasks}
+    unavailable: dict = field(default_factory=dict)  # task -> why it could not be evaluated
+    parents: dict = field(default_factory=dict)      # variant -> the variant it was derived from
+    protocol: dict = field(default_factory=dict)     # lm-eval version, task versions, shots, limit, seeds
+    reason: str = ""
+    seconds: float = 0.0
+    config: dict = field(default_factory=dict)
+
+
+def task_metrics(row: Mapping) -> dict:
+    """lm-eval's per-task result row -> {metric: value, metric_stderr: value}. lm-eval keys
+    metrics as "name,filter"; the default filter "none" is dropped from the name, others are
+    kept as "name/filter". Non-numeric stderrs ("N/A") become None."""
+    out = {}
+    for key, v in row.items():
+        if "," not in key or isinstance(v, bool):
+            continue
+        name, filt = key.split(",", 1)
+        name = name if filt == "none" else f"{name}/{filt}"
+        out[name] = float(v) if isinstance(v, (int, float)) else None
+    return out
+
+
+def _mean(per_task: Mapping[str, dict]) -> dict:
+    """Unweighted mean over tasks, as the papers average: acc over every task that has it, and
+    acc_norm where a task reports it, acc elsewhere. Its stderr treats tasks as independent."""
+    out = {"tasks": len(per_task)}
+    for key, pick in (("acc", lambda m: m.get("acc")),
+                      ("acc_norm", lambda m: m.get("acc_norm", m.get("acc")))):
+        rows = [(pick(m), m.get(f"{key}_stderr", m.get("acc_stderr"))) for m in per_task.values()]
+        vals = [v for v, _ in rows if v is not None]
+        out[key] = sum(vals) / len(vals) if vals else None
+        ses = [s for v, s in rows if v is not None]
+        out[f"{key}_stderr"] = (math.sqrt(sum(s * s for s in ses)) / len(ses)
+                                if ses and all(isinstance(s, float) for s in ses) else None)
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def _quiet():
+    """lm-eval logs every prompt it builds and warns, once per variant, that a model object was
+    passed instead of a name (what we mean to do): keep our log to what matters. Restored on exit."""
+    quiet = {"lm_eval": logging.WARNING, "lm_eval.models.huggingface": logging.ERROR,
+             "lm_eval.evaluator": logging.ERROR}  # "overwriting num_fewshot from None to 0": zero-shot is what we ask
+    loggers = [logging.getLogger(n) for n in quiet]
+    levels = [lg.level for lg in loggers]
+    for lg, lv in zip(loggers, quiet.values()):
+        lg.setLevel(lv)
+    try:
+        yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def _available(task_manager, tasks) -> tuple[list, dict]:
+    """Load each task alone: the ones whose data can be had, and why the others cannot."""
+    ok, missing = [], {}
+    for name in tasks:
+        try:
+            task_manager.load([name])
+            ok.append(name)
+        except Exception as e:  # noqa: BLE001 - any failure to get a task's data means "unavailable"
+            missing[name] = _first_line(e)
+            log.warning("zero-shot task %s unavailable (%s); the other tasks still run", name, missing[name])
+    return ok, missing
+
+
+def evaluate_zeroshot(model, tokenizer, variants: Mapping[str, object], config: ZeroShotConfig = ZeroShotConfig(),
+                      parents: Optional[Mapping[str, Optional[str]]] = None) -> ZeroShotResult:
+    """lm-eval accuracy of every variant of ``model`` (see ``llm_common.applied_variant`` for
+    what a variant may be) on ``config.tasks``. The model is changed in place for each variant
+    and restored bit for bit; the tokenizer is copied, since lm-eval sets its padding token."""
+    config = config.for_model(model)
+    parents = {n: (parents or {}).get(n) for n in variants}
+    res = ZeroShotResult("off", parents=parents, config=asdict(config))
+    if not config.enabled:
+        res.reason = "off (the CPU default); --zeroshot on or --tasks turns it on"
+        return res
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        res.status, res.reason = "unavailable", f"lm-eval is not installed ({_first_line(e)}); pip install lm_eval"
+        log.warning("zero-shot evaluation skipped: %s", res.reason)
+        return res
+    t0 = time.perf_counter()
+    offline = not C.hub_reachable()
+    with C.datasets_offline(offline), _quiet():
+        manager = TaskManager(include_path=config.include_path)
+        names, res.unavailable = _available(manager, config.tasks)
+        if offline and res.unavailable:
+            log.warning("the hub is unreachable: only tasks in the local datasets cache can be evaluated")
+        if not names:
+            res.status, res.reason = "unavailable", "no task could be loaded (see unavailable)"
+            return res
+        batch = config.batch_size or ("auto" if C.is_cuda_model(model) else 1)
+        runs = {}
+        for name, weights in variants.items():
+            log.info("zero-shot: variant %r on %s", name, ", ".join(names))
+            with C.applied_variant(model, weights), torch.no_grad():
+                lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch)
+                runs[name] = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager,
+                                                     num_fewshot=config.num_fewshot, limit=config.limit or None,
+                                                     log_samples=False)
+    for name, out in runs.items():
+        rows = out["results"]
+        res.tasks[name] = {t: {**task_metrics(rows[t]), "n": out.get("n-samples", {}).get(t, {}).get("effective")}
+                           for t in rows}
+        res.mean[name] = _mean({t: res.tasks[name][t] for t in names if t in res.tasks[name]})
+    first = next(iter(runs.values()))
+    res.status, res.seconds = "ran", time.perf_counter() - t0
+    res.protocol = {"lm_eval": importlib.metadata.version("lm_eval"), "tasks": names,
+                    "task_versions": first.get("versions", {}), "num_fewshot": config.num_fewshot,
+                    "limit": config.limit or None, "batch_size": str(batch), "offline": offline,
+                    "seeds": {k: (first.get("config") or {}).get(k) for k in
+                              ("random_seed", "numpy_seed", "torch_seed", "fewshot_seed")}}
+    return res

@@ -1,0 +1,78 @@
+"""Exports: every variant reloads with from_pretrained to identical logits, with a model card."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import llm_common as C
+import llm_export as E
+
+
+def _variants(m):
+    """base (the model as it is), a 2:4 mask (a context manager, as the pipeline stores pruning)
+    and a noise-like tensor dict (as a stored noisy variant)."""
+    masks = {}
+    for n in C.decoder_linears(m):
+        w = m.get_submodule(n).weight.detach()
+        groups = w.abs().reshape(-1, 4)
+        drop = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, groups.argsort(1)[:, :2], True)
+        masks[n + ".weight"] = drop.reshape(w.shape)
+    g = torch.Generator().manual_seed(1)
+    name = next(iter(C.decoder_linears(m))) + ".weight"
+    noisy = {name: m.get_parameter(name).detach() + 0.05 * torch.randn(m.get_parameter(name).shape, generator=g)}
+    return {"base": None, "pruned": functools.partial(C.masked_weights, masks=masks), "noisy": noisy}
+
+
+def test_each_exported_variant_reloads_to_identical_logits(tiny_model, tok, tmp_path):
+    m = tiny_model
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    variants = _variants(m)
+    facts = {"pruned": {"parent": "base", "base_model": "tiny", "made_by": "wanda pruning, 2:4",
+                        "calibration": "4 windows of 32 tokens of text.txt",
+                        "metrics": {"perplexity": {"value": 12.5, "text": "wiki.test.raw", "tokens": 256}}, "from_gguf": True}}
+    res = E.export_variants(m, tok, variants, tmp_path, E.ExportConfig(enabled=True, command="python x.py --export"),
+                            facts)
+    assert res.status == "ran" and set(res.variants) == set(variants)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # the live model is restored
+    ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog.").input_ids])
+    for name, weights in variants.items():
+        with C.applied_variant(m, weights), torch.no_grad():
+            want = m(ids).logits
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / name).eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, want), name
+        assert any(f.endswith(".safetensors") for f in res.variants[name]["files"])
+        assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in res.variants[name]["files"])
+    assert res.variants["pruned"]["zero_fraction_linears"] >= 0.5
+    assert res.variants["base"]["zero_fraction_linears"] < 0.01
+    card = (tmp_path / "pruned" / "README.md").read_text()
+    for needle in ("base_model: \"tiny\"", "wanda pruning, 2:4", "4 windows of 32 tokens", "12.5000", "wiki.test.raw", "4-bit grid",
+                   "python x.py --export", "Parent variant: base"):
+        assert needle in card, needle
+
+
+def test_two_of_four_detection_and_cpu_speed_path(tiny_llama, tok, tmp_path):
+    w = torch.tensor([[1.0, 0, 2, 0, 0, 0, 0, 3]])
+    assert E.is_two_of_four(w) and not E.is_two_of_four(torch.ones(1, 8)) and not E.is_two_of_four(torch.ones(1, 6))
+    m = tiny_llama()
+    res = E.export_variants(m, tok, _variants(m), tmp_path, E.ExportConfig(two_of_four=True))
+    assert res.status == "ran" and set(res.variants) == {"base", "pruned", "noisy"}  # --export-2of4 implies --export
+    assert res.two_of_four["status"] == "skipped" and "CUDA" in res.two_of_four["reason"]
+    assert E.tokens_per_second(m, 2, 16, iters=2, warmup=1) > 0
+
+
+def test_export_is_off_by_default(tiny_llama, tok, tmp_path):
+    res = E.export_variants(tiny_llama(), tok, {"base": None}, tmp_path / "x")
+    assert res.status == "off" and not (tmp_path / "x").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="semi-structured sparse kernels need CUDA")
+def test_semi_structured_conversion_keeps_logits_on_cuda(tiny_llama, tok, tmp_path):
+    m = tiny_llama(hidden=128).to("cuda", torch.float16)
+    res = E.export_variants(m, tok, _variants(m), tmp_path, E.ExportConfig(two_of_four=True, speed_batches=(1, 2)))
+    assert res.two_of_four["status"] in ("ran", "skipped", "failed")
+    if res.two_of_four["status"] == "ran":
+        assert res.two_of_four["max_abs_logit_diff"] < 1e-1

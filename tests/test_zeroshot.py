@@ -1,0 +1,196 @@
+"""Zero-shot accuracy through lm-evaluation-harness, on a local task written by the test."""
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+import llm_common as C
+import llm_zeroshot as Z
+from llm_config import ZeroShotConfig
+
+lm_eval = pytest.importorskip("lm_eval")
+
+TASK_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{label}}}}"
+doc_to_choice: "{{{{choices}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def write_local_task(folder, name="tiny_qa", n=24, seed=0):
+    """A multiple-choice task in lm-eval's YAML format over a JSON-lines file: no download."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        choices = [str(a + b), str(a * b + 10), "seven" if a + b != 7 else "eight"]
+        rng.shuffle(choices)
+        rows.append({"question": f"What is {a} plus {b}?", "choices": choices, "label": choices.index(str(a + b))})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / f"{name}.yaml").write_text(TASK_YAML.format(name=name, data=folder / f"{name}.jsonl"))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def local_task(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tasks")
+    return d, write_local_task(d)
+
+
+def hand_accuracy(model, tok, rows) -> tuple[float, float]:
+    """acc and acc_norm counted by hand: the choice with the highest summed log-probability of
+    ' ' + choice after the prompt wins (acc_norm divides by the choice's length in characters)."""
+    hits = norm_hits = 0
+    for r in rows:
+        ctx = tok(f"Question: {r['question']}\nAnswer:").input_ids
+        scores = []
+        for c in r["choices"]:
+            cont = tok(" " + c).input_ids
+            ids = torch.tensor([ctx + cont])
+            with torch.no_grad():
+                logp = model(ids).logits[0, :-1].float().log_softmax(-1)
+            targets = ids[0, 1:]
+            scores.append(logp[torch.arange(len(targets)), targets][-len(cont):].sum().item())
+        hits += max(range(len(scores)), key=scores.__getitem__) == r["label"]
+        norm = [s / len(c) for s, c in zip(scores, r["choices"])]
+        norm_hits += max(range(len(norm)), key=norm.__getitem__) == r["label"]
+    return hits / len(rows), norm_hits / len(rows)
+
+
+def test_zeroshot_equals_lm_evals_own_run_and_a_hand_count(local_task, tiny_llama, tok, tmp_path):
+    """Every variant's number is lm-eval's: the pruned variant, swapped into the live model, scores
+    exactly what lm-eval's own ``hf`` model class scores on that variant saved and reloaded; the
+    base model's accuracy equals a count by hand. The live model and tokenizer are left as they were."""
+    import llm_export as E
+
+    folder, rows = local_task
+    m = tiny_llama(seed=5)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    w = m.model.layers[0].mlp.down_proj.weight
+    pruned = {"model.layers.0.mlp.down_proj.weight": torch.where(w.abs() > w.abs().median(), w, 0)}
+    cfg = ZeroShotConfig(enabled=True, tasks=("tiny_qa",), include_path=str(folder))
+    res = Z.evaluate_zeroshot(m, tok, {"base": None, "pruned": pruned}, cfg, parents={"pruned": "base"})
+    assert res.status == "ran" and res.unavailable == {}
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+    acc, acc_norm = hand_accuracy(m, tok, rows)
+    base = res.tasks["base"]["tiny_qa"]
+    assert (base["acc"], base["acc_norm"], base["n"]) == (pytest.approx(acc, abs=1e-12), pytest.approx(acc_norm, abs=1e-12), len(rows))
+    assert base["acc_stderr"] == pytest.approx(math.sqrt(acc * (1 - acc) / (len(rows) - 1)))
+
+    E.export_variants(m, tok, {"pruned": pruned}, tmp_path, E.ExportConfig(enabled=True))
+    own = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(tmp_path / "pruned"), "device": "cpu",
+                                                          "dtype": "float32"},
+                                  tasks=["tiny_qa"], task_manager=lm_eval.tasks.TaskManager(include_path=str(folder)),
+                                  log_samples=False)["results"]["tiny_qa"]
+    ours = res.tasks["pruned"]["tiny_qa"]
+    for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr"):
+        assert ours[k] == pytest.approx(own[f"{k},none"], abs=1e-12), k
+    assert res.mean["pruned"]["acc"] == ours["acc"] and res.mean["pruned"]["tasks"] == 1
+
+
+def test_unavailable_tasks_are_named_and_the_rest_still_run(local_task, tiny_llama, tok, monkeypatch):
+    """Offline, a hub task is reported unavailable in one line (fast: the cache only), as is an
+    unknown name; the local task still runs, and the mean covers only what ran."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    folder, _ = local_task
+    cfg = ZeroShotConfig(enabled=True, tasks=("tiny_qa", "boolq", "no_such_task"), include_path=str(folder))
+    res = Z.evaluate_zeroshot(tiny_llama(), tok, {"base": None}, cfg)
+    assert res.status == "ran" and set(res.unavailable) == {"boolq", "no_such_task"}
+    assert all("\n" not in why and why for why in res.unavailable.values())
+    assert res.protocol["offline"] is True and res.protocol["tasks"] == ["tiny_qa"]
+    assert res.mean["base"]["tasks"] == 1
+
+
+def test_zeroshot_is_off_on_cpu_unless_asked(tiny_llama, tok):
+    assert ZeroShotConfig().resolved(gpu=True).enabled is True
+    assert ZeroShotConfig().resolved(gpu=False).enabled is False
+    assert ZeroShotConfig(tasks=("rte",)).resolved(gpu=False).enabled is True  # naming tasks asks for them
+    assert ZeroShotConfig(enabled=False, tasks=("rte",)).resolved(gpu=True).enabled is False
+    res = Z.evaluate_zeroshot(tiny_llama(), tok, {"base": None})
+    assert res.status == "off" and "--zeroshot on" in res.reason and res.tasks == {}
+
+
+def test_mean_and_metric_names_follow_lm_eval_rows():
+    row = {"alias": "x", "acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.25,
+           "acc_norm_stderr,none": "N/A", "exact_match,strict-match": 1.0}
+    assert Z.task_metrics(row) == {"acc": 0.5, "acc_stderr": 0.1, "acc_norm": 0.25, "acc_norm_stderr": None,
+                                   "exact_match/strict-match": 1.0}
+    m = Z._mean({"a": {"acc": 0.5, "acc_stderr": 0.1, "acc_norm": 0.7, "acc_norm_stderr": 0.2},
+                 "b": {"acc": 0.3, "acc_stderr": 0.1}})  # b has no acc_norm: its acc stands in
+    assert m["acc"] == pytest.approx(0.4) and m["acc_norm"] == pytest.approx(0.5)
+    assert m["acc_stderr"] == pytest.approx(math.sqrt(0.02) / 2) and m["acc_norm_stderr"] == pytest.approx(
+        math.sqrt(0.05) / 2)
+
+
+def test_pipeline_scores_exports_and_compares_every_variant(tiny_run_dir, pipeline_config, tmp_path):
+    """The whole chain: the pipeline scores each variant in memory; lm-eval's own run on that
+    variant's export gives the same accuracy; the report tables it against the parent; a second
+    run (other sparsity) and this one compare in one table; a rerun skips both steps."""
+    import llm_main_v4 as M
+
+    folder = tmp_path / "tasks"
+    write_local_task(folder)
+    over = dict(zeroshot={"tasks": ("tiny_qa",), "include_path": str(folder)}, export={"enabled": True})
+    runs = {}
+    for name, sparsity in (("a", 0.5), ("b", 0.7)):
+        cfg = pipeline_config(tiny_run_dir / "model", tiny_run_dir / "text.txt", tmp_path / name,
+                              steps=("finetune", "prune", "noise", "eval", "zeroshot", "export"),
+                              prune={"sparsity": sparsity}, **over)
+        runs[name] = M.run_pipeline(cfg, argv=["--tasks", "tiny_qa", "--export"])
+    res = runs["a"]
+    zs = res["zeroshot"]
+    assert zs["status"] == "ran" and set(zs["tasks"]) == {"base", "fine-tuned", "pruned", "noisy"}
+    assert zs["parents"]["pruned"] == "fine-tuned" and zs["protocol"]["limit"] == 100  # the CPU budget
+    manager = lm_eval.tasks.TaskManager(include_path=str(folder))
+    for variant in ("pruned", "noisy"):
+        own = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(tmp_path / "a" / "export" / variant),
+                                                              "device": "cpu", "dtype": "float32"},
+                                      tasks=["tiny_qa"], task_manager=manager, limit=100,
+                                      log_samples=False)["results"]["tiny_qa"]
+        assert zs["tasks"][variant]["tiny_qa"]["acc"] == pytest.approx(own["acc,none"], abs=1e-12), variant
+    card = (tmp_path / "a" / "export" / "pruned" / "README.md").read_text()
+    assert "wanda pruning, unstructured, sparsity 0.5" in card and f"{res['perplexity']['pruned']:.4f}" in card
+    assert f"| tiny_qa | {100 * zs['tasks']['pruned']['tiny_qa']['acc']:.1f}% |" in card
+    assert "--tasks tiny_qa --export" in card
+    report = (tmp_path / "a" / "report.md").read_text()
+    assert "## Zero-shot accuracy" in report and "change vs parent" in report and "## Exports" in report
+    rows = [ln for ln in report.splitlines() if ln.startswith(("| base |", "| fine-tuned |", "| pruned |",
+                                                              "| noisy |")) and "±" in ln]
+    assert len(rows) == 4
+
+    assert M.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b"), "--output-dir", str(tmp_path / "c")]) == 0
+    compare = (tmp_path / "c" / "compare.md").read_text()
+    from llm_report import fmt
+
+    assert "Zero-shot mean accuracy" in compare and "wanda unstructured 0.5 |" in compare
+    assert f"wanda unstructured {fmt(runs['b']['prune']['overall_sparsity'])} |" in compare
+    a_pruned = f"{100 * zs['mean']['pruned']['acc']:.1f}"
+    assert a_pruned in compare.split("Zero-shot mean accuracy")[1]
+
+    again = M.run_pipeline(pipeline_config(tiny_run_dir / "model", tiny_run_dir / "text.txt", tmp_path / "a",
+                                           steps=("finetune", "prune", "noise", "eval", "zeroshot", "export"),
+                                           prune={"sparsity": 0.5}, **over), argv=["--tasks", "tiny_qa", "--export"])
+    steps = again["manifest"]["steps"]
+    assert steps["zeroshot"]["skipped"] and steps["export"]["skipped"]
+    assert C.to_strict_json(again["zeroshot"]) == C.to_strict_json(zs)
