@@ -471,6 +471,22 @@ class ZeroShotConfig(StepConfig):
         on = self.enabled if self.enabled is not None else (gpu or self.tasks != ZEROSHOT_TASKS or None)
         return dataclasses.replace(super().resolved(gpu), enabled=on if on is not None else False)
 
+    def fingerprint_dict(self) -> dict:
+        """Also the contents of the local task folder: an edited task YAML or data file reruns the step."""
+        d = super().fingerprint_dict()
+        folder = os.path.expanduser(self.include_path or "")
+        if folder and os.path.isdir(folder):
+            h = hashlib.sha256()
+            for root, dirs, files in sorted(os.walk(folder)):
+                dirs.sort()
+                for name in sorted(files):
+                    path = os.path.join(root, name)
+                    h.update(os.path.relpath(path, folder).encode() + b"\0")
+                    with open(path, "rb") as f:
+                        h.update(hashlib.sha256(f.read()).digest())
+            d["include_path_sha256"] = h.hexdigest()
+        return d
+
     def check(self) -> None:
         if self.include_path and not os.path.isdir(os.path.expanduser(self.include_path)):
             raise UserError(f"--tasks-include: {self.include_path!r} is not a folder of task YAMLs")

@@ -122,6 +122,16 @@ def test_unavailable_tasks_are_named_and_the_rest_still_run(local_task, tiny_lla
     assert res.mean["base"]["tasks"] == 1
 
 
+def test_an_edited_local_task_changes_the_steps_fingerprint(tmp_path):
+    write_local_task(tmp_path)
+    cfg = ZeroShotConfig(tasks=("tiny_qa",), include_path=str(tmp_path))
+    before = cfg.fingerprint_dict()
+    assert before == cfg.fingerprint_dict()
+    with open(tmp_path / "tiny_qa.jsonl", "a") as f:
+        f.write(json.dumps({"question": "q", "choices": ["a", "b"], "label": 0}) + "\n")
+    assert cfg.fingerprint_dict() != before
+
+
 def test_zeroshot_is_off_on_cpu_unless_asked(tiny_llama, tok):
     assert ZeroShotConfig().resolved(gpu=True).enabled is True
     assert ZeroShotConfig().resolved(gpu=False).enabled is False
