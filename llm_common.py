@@ -871,10 +871,14 @@ class Corpus:
     source: str
     fallback: Optional[str] = None  # why we fell back to the embedded corpus, if we did
     replaced: Optional[str] = None  # which default corpus was unavailable, and why, if one was
+    # (start, end) character spans of the documents in ``text``, where calibration draws windows
+    # document by document (C4, as the pruning papers do); None: windows come from the joined text.
+    documents: Optional[tuple] = None
 
     def describe(self) -> dict:
         return {"name": self.name, "split": self.split, "source": self.source, "chars": len(self.text),
-                "fallback": self.fallback, "replaced": self.replaced, "sha256": self.sha256}
+                "fallback": self.fallback, "replaced": self.replaced, "sha256": self.sha256,
+                "documents": len(self.documents) if self.documents else None}
 
     @functools.cached_property
     def sha256(self) -> str:
@@ -957,18 +961,20 @@ def check_corpus_spec(spec: str) -> None:
 
 
 # The hub corpora, as the pruning papers' code loads them (SparseGPT's datautils, Wanda's data.py):
-# (dataset, config, data files per split, text column, joiner, documents kept per split). C4's
-# evaluation text is the first 1,100 documents of one validation shard joined by spaces (of which
-# the papers score the first 256 windows: pass --eval-tokens 256 x seq-len); its calibration text
-# is one train shard. We join the training documents and sample windows from the stream, where
-# the papers draw a document first: the windows come from the same text, not the same positions.
+# (dataset, config, data files per split, text column, joiner (per split where they differ),
+# documents kept per split). WikiText-2's train rows are joined by spaces and its test rows by
+# blank lines, as their get_wikitext2. C4's evaluation text is the first 1,100 documents of one
+# validation shard joined by spaces (of which the papers score the first 256 windows: pass
+# --eval-tokens 256 x seq-len); its calibration text is one train shard, sampled document by
+# document (``calibration_windows``).
 HUB_CORPORA = {
-    "wikitext2": ("wikitext", "wikitext-2-raw-v1", None, "text", "\n\n", None),
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", None, "text", {"train": " ", "test": "\n\n"}, None),
     "c4": ("allenai/c4", None, {"train": "en/c4-train.00000-of-01024.json.gz",
                                 "test": "en/c4-validation.00000-of-00008.json.gz"}, "text", " ", {"test": 1100}),
     "ptb": ("ptb_text_only", "penn_treebank", None, "sentence", " ", None),
 }
 HUB_SPLITS = {"ptb": {"test": "validation"}}  # SparseGPT scores PTB on its validation split
+PER_DOCUMENT = {("c4", "train")}  # calibration windows drawn document by document (their get_c4)
 
 
 @contextlib.contextmanager
@@ -987,10 +993,11 @@ def datasets_offline(offline: bool) -> Iterator[Any]:
         datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE = saved
 
 
-def _hub_text(name: str, split: str, offline: bool) -> tuple[str, str]:
-    """(text, exact source) of a corpus of ``HUB_CORPORA`` through ``datasets``; ``offline``
-    reads only its local cache."""
+def _hub_text(name: str, split: str, offline: bool) -> tuple:
+    """(text, exact source, document spans or None) of a corpus of ``HUB_CORPORA`` through
+    ``datasets``; ``offline`` reads only its local cache. Spans only for ``PER_DOCUMENT``."""
     repo, config, files, column, joiner, keep = HUB_CORPORA[name]
+    joiner = joiner[split] if isinstance(joiner, dict) else joiner
     with datasets_offline(offline) as datasets:
         if files:  # one shard, as the papers use: the split is the shard's single "train" split
             ds = datasets.load_dataset(repo, data_files={split: files[split]}, split=split)
@@ -1006,7 +1013,11 @@ def _hub_text(name: str, split: str, offline: bool) -> tuple[str, str]:
     commit = Path(files[0]["filename"]).parent.name if files else None
     tags = [f"version {version}"] * bool(version) + [f"hub commit {commit}"] * bool(commit)
     where += (f"[:{n} documents]" if n else "") + (f" ({', '.join(tags)})" if tags else "")
-    return joiner.join(rows), where
+    spans, at = [], 0
+    for row in rows if (name, split) in PER_DOCUMENT else ():
+        spans.append((at, at + len(row)))
+        at += len(row) + len(joiner)
+    return joiner.join(rows), where, tuple(spans) or None
 
 
 def hub_corpus(name: str, split: str) -> Corpus | str:
@@ -1014,7 +1025,8 @@ def hub_corpus(name: str, split: str) -> Corpus | str:
     where neither has it, the reason, in one line."""
     offline = not hub_reachable()
     try:
-        return Corpus(name, split, *_hub_text(name, split, offline))
+        text, where, *docs = _hub_text(name, split, offline)
+        return Corpus(name, split, text, where, documents=docs[0] if docs else None)
     except Exception as e:  # noqa: BLE001 - any hub or cache failure means "unavailable"
         return ("offline, and not in the local datasets cache" if offline else
                 f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
@@ -1110,16 +1122,42 @@ def tokenize_corpus(tokenizer, corpus: Corpus | str, max_tokens: Optional[int] =
 def sample_windows(ids: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:
     """``n`` random windows of ``seq_len`` tokens from a 1-D id tensor -> [n, seq_len].
 
-    The GPTQ/SparseGPT/Wanda calibration recipe: uniformly random start offsets,
-    drawn from a private generator so the global RNG is untouched.
+    The GPTQ/SparseGPT/Wanda calibration recipe (their ``get_wikitext2``), draw for draw: Python's
+    ``random`` seeded by ``seed``, each start ``randint(0, n_tokens - seq_len - 1)``; from a private
+    ``random.Random``, so the global RNG is untouched. Same tokens and seed: their windows.
     """
     if seq_len < 2:
         raise UserError(f"sequence length must be >= 2, got {seq_len}")
     if ids.numel() < seq_len + 1:
         raise UserError(f"corpus has {ids.numel()} tokens, shorter than one window of {seq_len}")
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seq_len, (n,), generator=g)
-    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+    rng = random.Random(seed)
+    starts = [rng.randint(0, ids.numel() - seq_len - 1) for _ in range(n)]
+    return torch.stack([ids[s:s + seq_len] for s in starts])
+
+
+def calibration_windows(tokenizer, corpus: Corpus, ids: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:
+    """``n`` calibration windows [n, seq_len] of ``corpus`` (``ids`` is its tokenization, [n_tokens]).
+
+    A corpus with document spans (C4) follows SparseGPT's and Wanda's ``get_c4``: with Python's
+    ``random`` seeded by ``seed``, draw a document until one has more than ``seq_len`` tokens
+    (tokenized alone, special tokens included), then a window start uniformly in it. With the
+    same tokenizer, text and seed this gives their windows. Any other corpus: ``sample_windows``
+    over the joined text."""
+    if not corpus.documents:
+        return sample_windows(ids, n, seq_len, seed)
+    rng, out, docs = random.Random(seed), [], corpus.documents
+    for _ in range(n):
+        for _ in range(1000):
+            a, b = docs[rng.randint(0, len(docs) - 1)]
+            enc = tokenizer(corpus.text[a:b], return_tensors="pt").input_ids[0]
+            if enc.numel() > seq_len:
+                break
+        else:
+            raise UserError(f"no document of {corpus.source} found with more than {seq_len} tokens in 1000 draws: "
+                            "lower --calib-seq-len")
+        i = rng.randint(0, enc.numel() - seq_len - 1)
+        out.append(enc[i:i + seq_len])
+    return torch.stack(out)
 
 
 def git_commit() -> str:

@@ -636,6 +636,13 @@ def _default_text(cls: type, f: dataclasses.Field) -> str:
     return str(d)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors raise UserError: one line, no usage block (the caller prints it)."""
+
+    def error(self, message: str):
+        raise UserError(message)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """One flag per config field (shared flags once), grouped by step, real defaults in the help."""
     owners: dict[str, tuple] = {}

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 
 import llm_common as C
-from llm_config import ALL_STEPS, PipelineConfig, add_arguments, fingerprint, from_args
+from llm_config import ALL_STEPS, OneLineParser, PipelineConfig, add_arguments, fingerprint, from_args
 from llm_report import compare_runs, fmt, make_plots, read_results, rebuild_report, write_report
 
 log = logging.getLogger("llm.main")
@@ -79,12 +79,14 @@ def _finetune(run: Run, mod, cfg) -> None:
 def _prune(run: Run, mod, cfg) -> None:
     names = [n + ".weight" for n in C.decoder_linears(run.model)]
     with C.restored_on_exit(run.model, names):  # the live model stays unpruned for later steps
-        res = mod.prune_model(run.model, run.tokenizer, run.ids("train"), cfg)
+        pc, train = cfg.for_model(run.model), run.texts["train"]  # C4 is sampled document by document
+        res = mod.prune_model(run.model, run.tokenizer, C.calibration_windows(
+            run.tokenizer, train, run.ids("train"), pc.calib_samples, pc.calib_seq_len, pc.seed), cfg)
         # Only SparseGPT changes the weights it keeps; the others' variant is exactly a 1-bit mask.
         rec = C.store_variant(run.out, "pruned", run.model, res.pruned_names,
                               mask=res.method != "sparsegpt" and not run.cfg.run.save_variants)
     d = {k: v for k, v in asdict(res).items() if k != "pruned_names"}
-    d["calibration"]["source"] = run.texts["train"].source
+    d["calibration"].update(source=train.source, per_document=bool(train.documents))
     run.results["prune"] = {**d, **rec, "parent": run.live}
     _attach(run, "prune")
 
@@ -267,13 +269,8 @@ def _run(cfg: PipelineConfig, argv: Optional[list], out: Path, configs: dict, te
     return run.results
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage block: main prints it
-        raise C.UserError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    return add_arguments(_Parser(prog="llm_main_v4.py", description=__doc__.splitlines()[0]))
+    return add_arguments(OneLineParser(prog="llm_main_v4.py", description=__doc__.splitlines()[0]))
 
 
 def main(argv: Optional[list[str]] = None) -> int:

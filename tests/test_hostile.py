@@ -320,3 +320,44 @@ def test_blank_texts_are_refused_from_python_too():
         with pytest.raises(C.UserError, match=f"{flag} must not be empty"):
             cfg.validate()
     K.FinetuneConfig(base_model="").validate()  # blank by default: allowed
+
+
+def test_c4_calibration_draws_windows_document_by_document_like_get_c4(byte_tokenizer, monkeypatch):
+    """C4's calibration windows are those of SparseGPT's and Wanda's get_c4 (transcribed below:
+    global random seeded, a document redrawn until it has more than seq_len tokens, a uniform
+    start in it); other corpora keep uniform windows over the joined text."""
+    import random
+
+    import torch
+
+    tok = byte_tokenizer()
+    docs = [("short doc " * k)[: 7 * k] for k in range(1, 40)]  # many shorter than a window
+
+    class Fake(dict):
+        pass
+
+    monkeypatch.setattr(C, "hub_reachable", lambda: True)
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: Fake({"text": docs}))
+    corpus = C.load_corpus("c4", "train")
+    assert len(corpus.documents) == len(docs) and corpus.describe()["documents"] == len(docs)
+    assert [corpus.text[a:b] for a, b in corpus.documents] == docs
+    ids = C.tokenize_corpus(tok, corpus)
+    got = C.calibration_windows(tok, corpus, ids, 6, 64, seed=0)
+
+    random.seed(0)  # the papers' loop, as their data.py / datautils.py write it
+    want = []
+    for _ in range(6):
+        while True:
+            i = random.randint(0, len(docs) - 1)
+            enc = tok(docs[i], return_tensors="pt").input_ids
+            if enc.shape[1] > 64:
+                break
+        i = random.randint(0, enc.shape[1] - 64 - 1)
+        want.append(enc[:, i:i + 64])
+    assert torch.equal(got, torch.cat(want))
+    plain = C.Corpus("x", "train", corpus.text, "x")
+    assert torch.equal(C.calibration_windows(tok, plain, ids, 6, 64, seed=0), C.sample_windows(ids, 6, 64, seed=0))
+    with pytest.raises(C.UserError, match="no document"):
+        C.calibration_windows(tok, corpus, ids, 1, 10_000, seed=0)

@@ -204,3 +204,16 @@ def test_pipeline_scores_exports_and_compares_every_variant(tiny_run_dir, pipeli
     steps = again["manifest"]["steps"]
     assert steps["zeroshot"]["skipped"] and steps["export"]["skipped"]
     assert C.to_strict_json(again["zeroshot"]) == C.to_strict_json(zs)
+
+
+def test_without_lm_eval_the_step_says_so_and_the_report_shows_it(tiny_llama, tok, monkeypatch):
+    import dataclasses
+    import sys
+
+    import llm_report
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
+    res = Z.evaluate_zeroshot(tiny_llama(), tok, {"base": None}, ZeroShotConfig(tasks=("rte",)))
+    assert res.status == "unavailable" and "pip install lm_eval" in res.reason and res.tasks == {}
+    md = llm_report.report_markdown({"zeroshot": dataclasses.asdict(res)})
+    assert "## Zero-shot accuracy" in md and "**Not measured:** lm-eval is not installed" in md
