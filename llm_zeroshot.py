@@ -100,17 +100,22 @@ def _quiet():
             lg.setLevel(lv)
 
 
-def _available(task_manager, tasks) -> tuple[list, dict]:
-    """Load each task alone: the ones whose data can be had, and why the others cannot."""
-    ok, missing = [], {}
+def _available(task_manager, tasks) -> tuple[list, list, dict]:
+    """Load each task alone: the specs whose data can be had, the result rows that stand for
+    them (a task's own name, also for a YAML path; a group's aggregate row, not its subtasks),
+    and why the others cannot be had."""
+    ok, rows, missing = [], [], {}
     for name in tasks:
         try:
-            task_manager.load([name])
-            ok.append(name)
+            loaded = task_manager.load([name])
         except Exception as e:  # noqa: BLE001 - any failure to get a task's data means "unavailable"
             missing[name] = _first_line(e)
             log.warning("zero-shot task %s unavailable (%s); the other tasks still run", name, missing[name])
-    return ok, missing
+            continue
+        ok.append(name)
+        children = {c for cs in (loaded.get("group_map") or {}).values() for c in cs}
+        rows += [g for g in loaded.get("groups") or {} if g not in children] or list(loaded.get("tasks") or {})
+    return ok, rows, missing
 
 
 def evaluate_zeroshot(model, tokenizer, variants: Mapping[str, object], config: ZeroShotConfig = ZeroShotConfig(),
@@ -123,6 +128,7 @@ def evaluate_zeroshot(model, tokenizer, variants: Mapping[str, object], config: 
     res = ZeroShotResult("off", parents=parents, config=asdict(config))
     if not config.enabled:
         res.reason = "off (the CPU default); --zeroshot on or --tasks turns it on"
+        log.info("zero-shot evaluation %s", res.reason)
         return res
     try:
         import lm_eval
@@ -136,7 +142,7 @@ def evaluate_zeroshot(model, tokenizer, variants: Mapping[str, object], config: 
     offline = not C.hub_reachable()
     with C.datasets_offline(offline), _quiet():
         manager = TaskManager(include_path=config.include_path)
-        names, res.unavailable = _available(manager, config.tasks)
+        names, rows, res.unavailable = _available(manager, config.tasks)
         if offline and res.unavailable:
             log.warning("the hub is unreachable: only tasks in the local datasets cache can be evaluated")
         if not names:
@@ -152,13 +158,13 @@ def evaluate_zeroshot(model, tokenizer, variants: Mapping[str, object], config: 
                                                      num_fewshot=config.num_fewshot, limit=config.limit or None,
                                                      log_samples=False)
     for name, out in runs.items():
-        rows = out["results"]
-        res.tasks[name] = {t: {**task_metrics(rows[t]), "n": out.get("n-samples", {}).get(t, {}).get("effective")}
-                           for t in rows}
-        res.mean[name] = _mean({t: res.tasks[name][t] for t in names if t in res.tasks[name]})
+        got = out["results"]
+        res.tasks[name] = {t: {**task_metrics(got[t]), "n": out.get("n-samples", {}).get(t, {}).get("effective")}
+                           for t in got}
+        res.mean[name] = _mean({t: res.tasks[name][t] for t in rows if t in res.tasks[name]})
     first = next(iter(runs.values()))
     res.status, res.seconds = "ran", time.perf_counter() - t0
-    res.protocol = {"lm_eval": importlib.metadata.version("lm_eval"), "tasks": names,
+    res.protocol = {"lm_eval": importlib.metadata.version("lm_eval"), "tasks": rows, "specs": names,
                     "task_versions": first.get("versions", {}), "num_fewshot": config.num_fewshot,
                     "limit": config.limit or None, "batch_size": str(batch), "offline": offline,
                     "seeds": {k: (first.get("config") or {}).get(k) for k in

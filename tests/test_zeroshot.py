@@ -122,6 +122,14 @@ def test_unavailable_tasks_are_named_and_the_rest_still_run(local_task, tiny_lla
     assert res.mean["base"]["tasks"] == 1
 
 
+def test_a_task_named_by_its_yaml_path_is_scored_and_averaged_under_its_name(local_task, tiny_llama, tok):
+    folder, _ = local_task
+    res = Z.evaluate_zeroshot(tiny_llama(), tok, {"base": None},
+                              ZeroShotConfig(tasks=(str(folder / "tiny_qa.yaml"),)))
+    assert res.protocol["tasks"] == ["tiny_qa"] and res.protocol["specs"] == [str(folder / "tiny_qa.yaml")]
+    assert res.mean["base"]["tasks"] == 1 and res.mean["base"]["acc"] == res.tasks["base"]["tiny_qa"]["acc"]
+
+
 def test_an_edited_local_task_changes_the_steps_fingerprint(tmp_path):
     write_local_task(tmp_path)
     cfg = ZeroShotConfig(tasks=("tiny_qa",), include_path=str(tmp_path))
