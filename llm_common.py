@@ -48,6 +48,13 @@ class UserError(Exception):
     """Bad input from the user: reported as one line, exit status 2, no traceback."""
 
 
+def error_line(e: BaseException, limit: int = 200) -> str:
+    """``"TypeName: first line of the message"``, cut to ``limit`` characters: how a library's
+    exception is quoted inside one of our one-line errors or recorded reasons."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:limit]}" if lines else type(e).__name__
+
+
 # --------------------------------------------------------------------------- seeding
 
 
@@ -385,7 +392,7 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except UserError:
         raise
     except Exception as e:  # corrupt, truncated, or a pickle that is not tensors
-        raise UserError(f"cannot load checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        raise UserError(f"cannot load checkpoint {path}: {error_line(e)}")
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -568,7 +575,7 @@ def _dequantize_gguf_to_cache(gguf: Path, cache_dir: Path) -> Path:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kw)
     except Exception as e:  # noqa: BLE001 - truncated, random or empty files fail anywhere inside gguf
-        raise UserError(f"cannot read the GGUF file {gguf}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+        raise UserError(f"cannot read the GGUF file {gguf}: {error_line(e, 160)}")
     # The weights are plain fp32 after dequantization; drop the GGUF marker so that
     # save_pretrained accepts the model and a later load does not re-quantize.
     if hasattr(model.config, "quantization_config"):
@@ -628,9 +635,8 @@ def load_model(cfg: LoadConfig):
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(src, **kw)
     except Exception as e:  # noqa: BLE001 - a missing hub id, a truncated file, wrong shapes all end here
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         where = "a local model" if Path(src).exists() else "no such local path, so tried as a hub id"
-        raise UserError(f"model not found or not loadable: {src!r} ({where}): {type(e).__name__}: {first}")
+        raise UserError(f"model not found or not loadable: {src!r} ({where}): {error_line(e)}")
     if not cfg.device_map:
         model.to(device)
     model.eval()
@@ -1009,8 +1015,8 @@ def _hub_text(name: str, split: str, offline: bool) -> tuple:
     where = f"{repo}/{files[split]}" if files else f"{repo}:{config or ''}[{hub_split}]"
     version = getattr(getattr(ds, "info", None), "version", None)
     # datasets caches a hub dataset under .../<version>/<the repo's commit>/: the revision read.
-    files = getattr(ds, "cache_files", None) or []
-    commit = Path(files[0]["filename"]).parent.name if files else None
+    cached = getattr(ds, "cache_files", None) or []
+    commit = Path(cached[0]["filename"]).parent.name if cached else None
     tags = [f"version {version}"] * bool(version) + [f"hub commit {commit}"] * bool(commit)
     where += (f"[:{n} documents]" if n else "") + (f" ({', '.join(tags)})" if tags else "")
     spans, at = [], 0
@@ -1025,11 +1031,10 @@ def hub_corpus(name: str, split: str) -> Corpus | str:
     where neither has it, the reason, in one line."""
     offline = not hub_reachable()
     try:
-        text, where, *docs = _hub_text(name, split, offline)
-        return Corpus(name, split, text, where, documents=docs[0] if docs else None)
+        text, where, documents = _hub_text(name, split, offline)
+        return Corpus(name, split, text, where, documents=documents)
     except Exception as e:  # noqa: BLE001 - any hub or cache failure means "unavailable"
-        return ("offline, and not in the local datasets cache" if offline else
-                f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+        return "offline, and not in the local datasets cache" if offline else error_line(e, 160)
 
 
 def load_corpus(name: str, split: str = "test", fallback: bool = True) -> Corpus:
@@ -1075,6 +1080,19 @@ def load_corpus(name: str, split: str = "test", fallback: bool = True) -> Corpus
     return Corpus(name, split, text, str(path))
 
 
+def _default_train_text(name: str, no_fallback: bool) -> Corpus:
+    """The default calibration text ``name`` (c4 on GPU), or where it cannot be had WikiText-2's
+    train split, with the reason logged and recorded in ``Corpus.replaced``."""
+    got = hub_corpus(name, "train")
+    if isinstance(got, Corpus):
+        return got
+    log.warning("%s, the default calibration text, is unavailable (%s); using WikiText-2's train split instead",
+                name, got)
+    corpus = load_corpus("wikitext2", "train", fallback=not no_fallback)
+    corpus.replaced = f"{name} unavailable ({got}); WikiText-2 train used instead"
+    return corpus
+
+
 def load_texts(dataset: Optional[str], train_dataset: Optional[str], which: set, no_fallback: bool = False,
                allow_overlap: bool = False, default_train: str = "wikitext2") -> tuple[dict, dict]:
     """The "eval" (``dataset``) and "train" (``train_dataset``) texts in ``which``, and their
@@ -1086,17 +1104,13 @@ def load_texts(dataset: Optional[str], train_dataset: Optional[str], which: set,
     specs = {"eval": dataset, "train": train_dataset}
     for w in which:
         check_corpus_spec(specs[w] or "wikitext2")
-    texts = {w: load_corpus(specs[w] or "wikitext2", "test" if w == "eval" else "train",
-                            fallback=specs[w] is None and not no_fallback) for w in sorted(which)
-             if not (w == "train" and specs[w] is None and default_train != "wikitext2")}
-    if "train" in which and "train" not in texts:  # the GPU default, c4, falls back to WikiText-2's train split
-        got = hub_corpus(default_train, "train")
-        if not isinstance(got, Corpus):
-            log.warning("%s, the default calibration text on GPU, is unavailable (%s); using WikiText-2's train "
-                        "split instead", default_train, got)
-            got, why = load_corpus("wikitext2", "train", fallback=not no_fallback), got
-            got.replaced = f"{default_train} unavailable ({why}); WikiText-2 train used instead"
-        texts["train"] = got
+    texts = {}
+    for w in sorted(which):
+        if w == "train" and specs[w] is None and default_train != "wikitext2":
+            texts[w] = _default_train_text(default_train, no_fallback)
+        else:
+            texts[w] = load_corpus(specs[w] or "wikitext2", "test" if w == "eval" else "train",
+                                   fallback=specs[w] is None and not no_fallback)
     described = {w: t.describe() for w, t in texts.items()}
     if len(texts) == 2:  # calibration text that holds evaluation text inflates every score
         described["overlap"] = corpus_overlap(texts["train"], texts["eval"], allow=allow_overlap)

@@ -467,9 +467,10 @@ class ZeroShotConfig(StepConfig):
     progress: bool = knob(True, "progress bars", cli=False, results=False)
 
     def resolved(self, gpu: bool):
-        # Naming tasks asks for them, on CPU as well.
-        on = self.enabled if self.enabled is not None else (gpu or self.tasks != ZEROSHOT_TASKS or None)
-        return dataclasses.replace(super().resolved(gpu), enabled=on if on is not None else False)
+        cfg = super().resolved(gpu)  # enabled: its budget, off on CPU and on on GPU
+        if self.enabled is None and self.tasks != ZEROSHOT_TASKS:  # naming tasks asks for them, on CPU too
+            cfg = dataclasses.replace(cfg, enabled=True)
+        return cfg
 
     def fingerprint_dict(self) -> dict:
         """Also the contents of the local task folder: an edited task YAML or data file reruns the step."""

@@ -115,7 +115,7 @@ def _speed(model, cfg: ExportConfig, variants: Mapping[str, object]) -> dict:
                     err = (model(input_ids=ids).logits.float() - ref).abs().max().item()
                     sparse = {b: tokens_per_second(model, b, cfg.speed_seq_len) for b in cfg.speed_batches}
             except RuntimeError as e:  # an older GPU or a kernel missing from this build
-                return {"status": "failed", "variant": name, "reason": str(e).splitlines()[0][:200]}
+                return {"status": "failed", "variant": name, "reason": C.error_line(e)}
             return {"status": "ran", "variant": name, "linears": len(converted), "max_abs_logit_diff": err,
                     "device": torch.cuda.get_device_name(C.input_device(model)), "seq_len": cfg.speed_seq_len,
                     "tokens_per_s": {str(b): {"dense": dense[b], "2:4": sparse[b], "speedup": sparse[b] / dense[b]}
@@ -123,14 +123,14 @@ def _speed(model, cfg: ExportConfig, variants: Mapping[str, object]) -> dict:
     return {"status": "skipped", "reason": "no variant has 2:4 linears (prune with --sparsity-pattern 2:4)"}
 
 
-def variant_facts(results: Mapping) -> dict:
-    """What a model card says of each variant, from a run's results.json: parent, how it was
-    made, calibration, metrics. Keys are the variant names of ``results['variants']``."""
+def variant_facts(results: Mapping, parents: Mapping[str, Optional[str]]) -> dict:
+    """What a model card says of each variant in ``parents`` (name -> the variant it was derived
+    from), from a run's results.json: how it was made, calibration, metrics."""
     ppl, ev, zs = results.get("perplexity", {}), results.get("evaluation", {}), results.get("zeroshot") or {}
     eval_text = (results.get("dataset") or {}).get("eval", {}).get("source")
     train_text = (results.get("dataset") or {}).get("train", {}).get("source")
     out = {}
-    for name, parent in (results.get("variants") or {}).items():
+    for name, parent in parents.items():
         f = {"parent": parent, "base_model": results.get("model"), "metrics": {},
              "from_gguf": results.get("model") == C.EMBEDDED_NAME or str(results.get("model")).endswith(".gguf")}
         if name == "fine-tuned" and results.get("finetune"):

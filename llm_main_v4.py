@@ -81,7 +81,7 @@ def _prune(run: Run, mod, cfg) -> None:
     with C.restored_on_exit(run.model, names):  # the live model stays unpruned for later steps
         pc, train = cfg.for_model(run.model), run.texts["train"]  # C4 is sampled document by document
         res = mod.prune_model(run.model, run.tokenizer, C.calibration_windows(
-            run.tokenizer, train, run.ids("train"), pc.calib_samples, pc.calib_seq_len, pc.seed), cfg)
+            run.tokenizer, train, run.ids("train"), pc.calib_samples, pc.calib_seq_len, pc.seed), pc)
         # Only SparseGPT changes the weights it keeps; the others' variant is exactly a 1-bit mask.
         rec = C.store_variant(run.out, "pruned", run.model, res.pruned_names,
                               mask=res.method != "sparsegpt" and not run.cfg.run.save_variants)
@@ -115,7 +115,7 @@ def _zeroshot(run: Run, mod, cfg) -> None:
 
 
 def _export(run: Run, mod, cfg) -> None:
-    facts = mod.variant_facts({**run.results, "variants": {n: run.parents.get(n) for n in run.variants}})
+    facts = mod.variant_facts(run.results, {n: run.parents.get(n) for n in run.variants})
     run.results["export"] = asdict(mod.export_variants(run.model, run.tokenizer, run.variants, run.out / "export",
                                                        replace(cfg, command=run.results["manifest"]["command"]), facts))
 

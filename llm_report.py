@@ -690,7 +690,7 @@ def rebuild_report(out: Path) -> dict:
         write_report(results, out)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         raise C.UserError(f"--report-only: {out / 'results.json'} has an unexpected shape "
-                          f"({type(e).__name__}: {str(e)[:120]})")
+                          f"({C.error_line(e, 120)})")
     C.write_json(Path(out) / "results.json", results)
     return results
 

@@ -78,11 +78,6 @@ def _mean(per_task: Mapping[str, dict]) -> dict:
     return out
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
-
-
 @contextlib.contextmanager
 def _quiet():
     """lm-eval logs every prompt it builds and warns, once per variant, that a model object was
@@ -109,7 +104,7 @@ def _available(task_manager, tasks) -> tuple[list, list, dict]:
         try:
             loaded = task_manager.load([name])
         except Exception as e:  # noqa: BLE001 - any failure to get a task's data means "unavailable"
-            missing[name] = _first_line(e)
+            missing[name] = C.error_line(e)
             log.warning("zero-shot task %s unavailable (%s); the other tasks still run", name, missing[name])
             continue
         ok.append(name)
@@ -135,7 +130,7 @@ def evaluate_zeroshot(model, tokenizer, variants: Mapping[str, object], config: 
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError as e:
-        res.status, res.reason = "unavailable", f"lm-eval is not installed ({_first_line(e)}); pip install lm_eval"
+        res.status, res.reason = "unavailable", f"lm-eval is not installed ({C.error_line(e)}); pip install lm_eval"
         log.warning("zero-shot evaluation skipped: %s", res.reason)
         return res
     t0 = time.perf_counter()

@@ -291,7 +291,7 @@ def test_gpu_default_calibration_is_c4_falling_back_to_wikitext_train(monkeypatc
     def hub_text(name, split, offline):
         if name == "c4" and not available:
             raise OSError("not cached")
-        return f"{name} {split} text " * 50, f"{name}[{split}]"
+        return f"{name} {split} text " * 50, f"{name}[{split}]", None
 
     monkeypatch.setattr(C, "_hub_text", hub_text)
     available = True
