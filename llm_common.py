@@ -23,6 +23,7 @@ import subprocess
 import socket
 import tempfile
 from urllib.parse import urlparse
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
@@ -869,7 +870,14 @@ def block_linears(layer: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 @dataclass
 class Corpus:
-    """A text corpus. ``name`` is what was asked for, ``source`` what was actually read."""
+    """A text corpus. ``name`` is what was asked for, ``source`` what was actually read.
+
+    A *document corpus* (C4, a local JSON-lines shard) holds ``docs``, a sequence of document
+    strings indexed without reading the rest (a memory-mapped ``datasets`` column), and no
+    joined ``text``: calibration draws windows from the documents it picks, as the papers'
+    ``get_c4`` does, so its cost grows with the windows drawn, not with the shard's size.
+    ``digest`` is then the hash of the files read. Any other corpus is one joined ``text``.
+    """
 
     name: str
     split: str
@@ -877,19 +885,27 @@ class Corpus:
     source: str
     fallback: Optional[str] = None  # why we fell back to the embedded corpus, if we did
     replaced: Optional[str] = None  # which default corpus was unavailable, and why, if one was
-    # (start, end) character spans of the documents in ``text``, where calibration draws windows
-    # document by document (C4, as the pruning papers do); None: windows come from the joined text.
-    documents: Optional[tuple] = None
+    docs: Optional[Sequence[str]] = None  # the documents of a document corpus (text is then "")
+    digest: Optional[str] = None  # hash of the files read, where ``text`` is not held
+    protocol: Optional[str] = None  # the published loader this corpus follows, in words
+    eval_windows: Optional[int] = None  # windows the papers score of it (C4: the first 256)
+    _tokens: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def documents(self) -> Optional[int]:
+        return len(self.docs) if self.docs is not None else None
 
     def describe(self) -> dict:
-        return {"name": self.name, "split": self.split, "source": self.source, "chars": len(self.text),
-                "fallback": self.fallback, "replaced": self.replaced, "sha256": self.sha256,
-                "documents": len(self.documents) if self.documents else None}
+        return {"name": self.name, "split": self.split, "source": self.source,
+                "chars": None if self.docs is not None else len(self.text), "fallback": self.fallback,
+                "replaced": self.replaced, "sha256": self.sha256, "documents": self.documents,
+                "protocol": self.protocol}
 
     @functools.cached_property
     def sha256(self) -> str:
-        """Hash of the text actually read: what the resume fingerprint keys on, not the flag."""
-        return hashlib.sha256(self.text.encode("utf-8", "surrogatepass")).hexdigest()
+        """Hash of what was actually read (the text, or a document corpus's files): what the
+        resume fingerprint keys on, not the flag."""
+        return self.digest or hashlib.sha256(self.text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def embedded_corpus(split: str) -> str:
@@ -932,11 +948,15 @@ def _text_files(path: Path) -> list[str]:
     return files
 
 
+OVERLAP_DOCUMENTS = 20_000  # documents of a document corpus that the overlap check reads
+
+
 def corpus_overlap(train: Corpus, evaluation: Corpus, allow: bool = False, min_chars: int = 200) -> dict:
     """How much of the evaluation text the calibration / fine-tuning text also holds: the
     evaluation paragraphs (blank-line separated paragraphs and single lines, at least
     ``min_chars`` long, so headings and boilerplate do not count) that occur verbatim among
-    the training ones. Above 1%, or
+    the training ones (of a document corpus, among its first ``OVERLAP_DOCUMENTS`` documents,
+    recorded as ``train_documents_checked``). Above 1%, or
     for the very same text, raises UserError unless ``allow``."""
     def paragraphs(text: str) -> list[str]:
         # Blank-line chunks (blank lines may hold spaces, as WikiText's " \n \n"); a chunk with
@@ -947,11 +967,16 @@ def corpus_overlap(train: Corpus, evaluation: Corpus, allow: bool = False, min_c
             units += lines if any(len(ln) >= min_chars for ln in lines) else [" ".join(lines)]
         return list(dict.fromkeys(u for u in units if len(u) >= min_chars))
 
-    seen = set(paragraphs(train.text))
+    train_text, checked = train.text, None
+    if train.docs is not None:  # a whole shard would cost minutes: its first documents, stated
+        checked = min(len(train.docs), OVERLAP_DOCUMENTS)
+        train_text = "\n\n".join(train.docs[:checked])
+    seen = set(paragraphs(train_text))
     ev = paragraphs(evaluation.text)
     shared = sum(p in seen for p in ev)
     out = {"eval_paragraphs": len(ev), "shared": shared, "fraction": shared / len(ev) if ev else 0.0,
-           "same_text": train.sha256 == evaluation.sha256, "min_chars": min_chars, "allowed": allow}
+           "same_text": train.sha256 == evaluation.sha256, "min_chars": min_chars, "allowed": allow,
+           "train_documents_checked": checked}
     if (out["same_text"] or out["fraction"] > 0.01) and not allow:
         raise UserError(f"the calibration/fine-tuning text holds {shared} of the {len(ev)} evaluation paragraphs"
                         f"{' (it is the same text)' if out['same_text'] else ''}: give disjoint texts, or "
@@ -966,21 +991,22 @@ def check_corpus_spec(spec: str) -> None:
                         "nor an existing path")
 
 
-# The hub corpora, as the pruning papers' code loads them (SparseGPT's datautils, Wanda's data.py):
-# (dataset, config, data files per split, text column, joiner (per split where they differ),
-# documents kept per split). WikiText-2's train rows are joined by spaces and its test rows by
-# blank lines, as their get_wikitext2. C4's evaluation text is the first 1,100 documents of one
-# validation shard joined by spaces (of which the papers score the first 256 windows: pass
-# --eval-tokens 256 x seq-len); its calibration text is one train shard, sampled document by
-# document (``calibration_windows``).
+# The hub corpora, as the pruning papers' code loads them (SparseGPT's datautils, Wanda's data.py),
+# one row each: (dataset, config, data files per split, hub split per split, text column,
+# joiner per split, documents kept per split, protocol in words). A corpus whose calibration
+# split has no joiner is a document corpus: windows are drawn document by document (their get_c4).
 HUB_CORPORA = {
-    "wikitext2": ("wikitext", "wikitext-2-raw-v1", None, "text", {"train": " ", "test": "\n\n"}, None),
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", None, {}, "text", {"train": " ", "test": "\n\n"}, {},
+                  "get_wikitext2 (GPTQ, SparseGPT, Wanda): test rows joined by blank lines, train rows by spaces"),
     "c4": ("allenai/c4", None, {"train": "en/c4-train.00000-of-01024.json.gz",
-                                "test": "en/c4-validation.00000-of-00008.json.gz"}, "text", " ", {"test": 1100}),
-    "ptb": ("ptb_text_only", "penn_treebank", None, "sentence", " ", None),
+                                "test": "en/c4-validation.00000-of-00008.json.gz"}, {}, "text",
+           {"test": " "}, {"test": 1100},
+           "get_c4 (SparseGPT, Wanda): calibration windows drawn document by document from one train shard; "
+           "evaluation on the first 1,100 validation documents joined by spaces, first 256 windows scored"),
+    "ptb": ("ptb_text_only", "penn_treebank", None, {}, "sentence", {"train": " ", "test": " "}, {},
+            "get_ptb_new (SparseGPT's datautils, the LLaMA tables): test split, sentences joined by spaces"),
 }
-HUB_SPLITS = {"ptb": {"test": "validation"}}  # SparseGPT scores PTB on its validation split
-PER_DOCUMENT = {("c4", "train")}  # calibration windows drawn document by document (their get_c4)
+C4_EVAL_WINDOWS = 256  # the papers score valenc[:, :256 * seqlen] of C4's validation text
 
 
 @contextlib.contextmanager
@@ -999,19 +1025,18 @@ def datasets_offline(offline: bool) -> Iterator[Any]:
         datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE = saved
 
 
-def _hub_text(name: str, split: str, offline: bool) -> tuple:
-    """(text, exact source, document spans or None) of a corpus of ``HUB_CORPORA`` through
-    ``datasets``; ``offline`` reads only its local cache. Spans only for ``PER_DOCUMENT``."""
-    repo, config, files, column, joiner, keep = HUB_CORPORA[name]
-    joiner = joiner[split] if isinstance(joiner, dict) else joiner
+def _hub_text(name: str, split: str, offline: bool) -> "Corpus":
+    """A corpus of ``HUB_CORPORA`` through ``datasets``, its exact source recorded (files, hub
+    split, version and the hub commit read); ``offline`` reads only the local cache. A split
+    without a joiner is kept as a document corpus over the memory-mapped table."""
+    repo, config, files, splits, column, joiners, keep, protocol = HUB_CORPORA[name]
+    hub_split = splits.get(split, split)
     with datasets_offline(offline) as datasets:
         if files:  # one shard, as the papers use: the split is the shard's single "train" split
             ds = datasets.load_dataset(repo, data_files={split: files[split]}, split=split)
         else:
-            ds = datasets.load_dataset(repo, config, split=HUB_SPLITS.get(name, {}).get(split, split))
-    n = (keep or {}).get(split)
-    rows = ds[column][:n] if n else ds[column]
-    hub_split = HUB_SPLITS.get(name, {}).get(split, split)
+            ds = datasets.load_dataset(repo, config, split=hub_split)
+    n = keep.get(split)
     where = f"{repo}/{files[split]}" if files else f"{repo}:{config or ''}[{hub_split}]"
     version = getattr(getattr(ds, "info", None), "version", None)
     # datasets caches a hub dataset under .../<version>/<the repo's commit>/: the revision read.
@@ -1019,11 +1044,12 @@ def _hub_text(name: str, split: str, offline: bool) -> tuple:
     commit = Path(cached[0]["filename"]).parent.name if cached else None
     tags = [f"version {version}"] * bool(version) + [f"hub commit {commit}"] * bool(commit)
     where += (f"[:{n} documents]" if n else "") + (f" ({', '.join(tags)})" if tags else "")
-    spans, at = [], 0
-    for row in rows if (name, split) in PER_DOCUMENT else ():
-        spans.append((at, at + len(row)))
-        at += len(row) + len(joiner)
-    return joiner.join(rows), where, tuple(spans) or None
+    eval_windows = C4_EVAL_WINDOWS if (name, split) == ("c4", "test") else None
+    if split not in joiners:  # document corpus: the table stays on disk, rows read by index
+        digest = hashlib.sha256(f"{where}\n{getattr(ds, '_fingerprint', '')}".encode()).hexdigest()
+        return Corpus(name, split, "", where, docs=ds[column], digest=digest, protocol=protocol)
+    rows = ds[column][:n] if n else ds[column]
+    return Corpus(name, split, joiners[split].join(rows), where, protocol=protocol, eval_windows=eval_windows)
 
 
 def hub_corpus(name: str, split: str) -> Corpus | str:
@@ -1031,17 +1057,56 @@ def hub_corpus(name: str, split: str) -> Corpus | str:
     where neither has it, the reason, in one line."""
     offline = not hub_reachable()
     try:
-        text, where, documents = _hub_text(name, split, offline)
-        return Corpus(name, split, text, where, documents=documents)
+        return _hub_text(name, split, offline)
     except Exception as e:  # noqa: BLE001 - any hub or cache failure means "unavailable"
         return "offline, and not in the local datasets cache" if offline else error_line(e, 160)
 
 
-def load_corpus(name: str, split: str = "test", fallback: bool = True) -> Corpus:
-    """Load ``name`` ('wikitext2', 'embedded', or a text file / folder) for ``split``.
+JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
 
-    ``wikitext2`` follows the standard protocol: the rows of ``wikitext-2-raw-v1``
-    joined with "\\n\\n", from the hub or, offline (no route to the hub, or HF_*_OFFLINE set),
+
+def _file_digest(files: Sequence[str]) -> str:
+    """sha256 over the files' names and bytes (read in 1 MiB blocks: a 300 MB shard in about a second)."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(Path(f).name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def json_corpus(path: Path, split: str, files: Sequence[str]) -> Corpus:
+    """A local C4-style shard (``.json``, ``.jsonl`` or ``.json.gz`` rows with a ``text`` field,
+    or a folder of them) as a document corpus, sampled exactly like ``c4``. ``datasets``
+    converts it to a memory-mapped table once (cached); rows are then read by index."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset("json", data_files=list(files), split="train")
+    except Exception as e:  # noqa: BLE001 - malformed JSON fails inside the builder
+        raise UserError(f"corpus {path} is not JSON lines ({error_line(e, 120)})")
+    if "text" not in ds.column_names:
+        raise UserError(f"corpus {path}: its JSON rows have no 'text' field (fields: {', '.join(ds.column_names)})")
+    if len(ds) == 0:
+        raise UserError(f"corpus {path} is empty")
+    if split == "test":  # evaluation text as the papers' C4 validation: 1,100 documents joined by spaces
+        n = min(len(ds), HUB_CORPORA["c4"][6]["test"])
+        return Corpus(str(path), split, " ".join(ds["text"][:n]), f"{path}[:{n} documents]",
+                      protocol=f"local JSON-lines, evaluated as get_c4's validation text: the first {n} documents "
+                               f"joined by spaces, first {C4_EVAL_WINDOWS} windows scored",
+                      eval_windows=C4_EVAL_WINDOWS)
+    return Corpus(str(path), split, "", str(path), docs=ds["text"], digest=_file_digest(files),
+                  protocol="local JSON-lines documents, sampled like get_c4 (document by document)")
+
+
+def load_corpus(name: str, split: str = "test", fallback: bool = True) -> Corpus:
+    """Load ``name`` for ``split`` ("train" or "test"): a name of ``HUB_CORPORA`` (wikitext2, c4,
+    ptb, each as its ``protocol`` says), 'embedded', a text file or folder, or a local JSON-lines
+    shard (``.json``, ``.jsonl``, ``.json.gz``, or a folder of them; see ``json_corpus``).
+
+    Hub corpora come from the hub or, offline (no route to the hub, or HF_*_OFFLINE set),
     from the local ``datasets`` cache. When neither has it, the embedded corpus is used with
     a warning and ``Corpus.fallback`` records why; with ``fallback=False`` that is an error.
     """
@@ -1063,13 +1128,16 @@ def load_corpus(name: str, split: str = "test", fallback: bool = True) -> Corpus
     if not path.exists():
         raise UserError(f"corpus not found: {name!r} is neither one of {', '.join(HUB_CORPORA)}, 'embedded' "
                         "nor an existing path")
+    files = _text_files(path)
+    if all(f.endswith(JSON_SUFFIXES) for f in files):
+        return json_corpus(path, split, files)
     import datasets
 
     datasets.disable_progress_bars()  # a one-file "split generation" bar is noise
     # sample_by="document" keeps each file whole, line breaks included, so that the
     # text matches the file byte for byte.
     try:
-        ds = datasets.load_dataset("text", data_files=_text_files(path), sample_by="document", split="train")
+        ds = datasets.load_dataset("text", data_files=files, sample_by="document", split="train")
     except Exception as e:  # noqa: BLE001 - binary or UTF-16 files fail inside the builder
         raise UserError(f"corpus {path} is not readable as UTF-8 text ({type(e).__name__})")
     text = "\n\n".join(ds["text"])
@@ -1118,19 +1186,46 @@ def load_texts(dataset: Optional[str], train_dataset: Optional[str], which: set,
 
 
 def tokenize_corpus(tokenizer, corpus: Corpus | str, max_tokens: Optional[int] = None) -> torch.Tensor:
-    """Tokenize a whole corpus into one 1-D LongTensor of token ids, shape [n_tokens].
+    """Tokenize a corpus into one 1-D LongTensor of token ids, shape [n_tokens].
 
-    With ``max_tokens`` only the first ``max_tokens`` ids are kept; the text is
-    tokenized in full, so the kept ids equal a prefix of the full tokenization.
+    A ``Corpus`` is tokenized once per tokenizer and cached on it. A document corpus has no
+    joined text: its first documents, joined by spaces (as C4's text is joined), are tokenized
+    until ``max_tokens`` ids are reached, which it then requires, so that the cost grows with
+    what is used, never with the shard. For any other text ``max_tokens`` keeps a prefix of the
+    full tokenization.
     """
-    text = corpus.text if isinstance(corpus, Corpus) else corpus
+    if isinstance(corpus, Corpus) and corpus.docs is not None:
+        return _document_prefix_ids(tokenizer, corpus, max_tokens)
+    if isinstance(corpus, Corpus):
+        hit = corpus._tokens.get(id(tokenizer))
+        if hit is None or hit[0] is not tokenizer:  # the tokenizer itself is kept: its id is then never reused
+            hit = corpus._tokens[id(tokenizer)] = (tokenizer, _tokenize(tokenizer, corpus.text))
+        ids = hit[1]
+    else:
+        ids = _tokenize(tokenizer, corpus)
+    return ids[:max_tokens] if max_tokens else ids
+
+
+def _tokenize(tokenizer, text: str) -> torch.Tensor:
     old = tokenizer.model_max_length
     tokenizer.model_max_length = int(1e30)  # silence the "sequence too long" warning
     try:
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=True).input_ids[0]
+        return tokenizer(text, return_tensors="pt", add_special_tokens=True).input_ids[0]
     finally:
         tokenizer.model_max_length = old
-    return ids[:max_tokens] if max_tokens else ids
+
+
+def _document_prefix_ids(tokenizer, corpus: Corpus, max_tokens: Optional[int]) -> torch.Tensor:
+    if not max_tokens:
+        raise UserError(f"{corpus.source} is a document corpus, sampled document by document: "
+                        "a step that reads it as one text must say how many tokens it needs")
+    n, ids = 64, None
+    while True:  # double the documents read until the prefix is long enough
+        k = min(n, len(corpus.docs))
+        ids = _tokenize(tokenizer, " ".join(corpus.docs[:k]))
+        if ids.numel() >= max_tokens or k == len(corpus.docs):
+            return ids[:max_tokens]
+        n *= 2
 
 
 def sample_windows(ids: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -1149,26 +1244,32 @@ def sample_windows(ids: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.
     return torch.stack([ids[s:s + seq_len] for s in starts])
 
 
-def calibration_windows(tokenizer, corpus: Corpus, ids: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:
-    """``n`` calibration windows [n, seq_len] of ``corpus`` (``ids`` is its tokenization, [n_tokens]).
+def calibration_windows(tokenizer, source: Corpus | torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:
+    """``n`` calibration windows [n, seq_len] of ``source``, as the pipeline draws them.
 
-    A corpus with document spans (C4) follows SparseGPT's and Wanda's ``get_c4``: with Python's
-    ``random`` seeded by ``seed``, draw a document until one has more than ``seq_len`` tokens
-    (tokenized alone, special tokens included), then a window start uniformly in it. With the
-    same tokenizer, text and seed this gives their windows. Any other corpus: ``sample_windows``
-    over the joined text."""
-    if not corpus.documents:
-        return sample_windows(ids, n, seq_len, seed)
-    rng, out, docs = random.Random(seed), [], corpus.documents
+    ``source`` is a ``Corpus``, token ids [n_tokens], or windows [n, seq_len] (returned as they
+    are). A document corpus (C4, a local JSON-lines shard) follows SparseGPT's and Wanda's
+    ``get_c4``: with Python's ``random`` seeded by ``seed``, draw a document index until the
+    document has more than ``seq_len`` tokens (tokenized alone, special tokens included), then a
+    window start uniformly in it; only drawn documents are read and tokenized. With the same
+    tokenizer, documents and seed this gives their windows. Any other corpus or id tensor:
+    ``sample_windows`` over its (cached) tokenization, their ``get_wikitext2``.
+    """
+    if isinstance(source, torch.Tensor):
+        return source if source.dim() == 2 else sample_windows(source, n, seq_len, seed)
+    if source.docs is None:
+        return sample_windows(tokenize_corpus(tokenizer, source), n, seq_len, seed)
+    if seq_len < 2:
+        raise UserError(f"sequence length must be >= 2, got {seq_len}")
+    rng, out, docs = random.Random(seed), [], source.docs
     for _ in range(n):
         for _ in range(1000):
-            a, b = docs[rng.randint(0, len(docs) - 1)]
-            enc = tokenizer(corpus.text[a:b], return_tensors="pt").input_ids[0]
+            enc = tokenizer(docs[rng.randint(0, len(docs) - 1)], return_tensors="pt").input_ids[0]
             if enc.numel() > seq_len:
                 break
         else:
-            raise UserError(f"no document of {corpus.source} found with more than {seq_len} tokens in 1000 draws: "
-                            "lower --calib-seq-len")
+            raise UserError(f"no document of {source.source} found with more than {seq_len} tokens in 1000 draws: "
+                            "lower the window length")
         i = rng.randint(0, enc.numel() - seq_len - 1)
         out.append(enc[i:i + seq_len])
     return torch.stack(out)

@@ -306,6 +306,9 @@ class FinetuneConfig(StepConfig):
                        results=False)
     lora_r: int = knob(16, "LoRA rank", flag="--lora-r", bounds="[1,65536]")
     lora_alpha: int = knob(32, "LoRA alpha", flag="--lora-alpha", bounds="[1,65536]")
+    lora_merge: str = knob("fp32", "how a bf16/fp16 model takes its LoRA update: fp32 merges exactly and holds the "
+                                   "fine-tuned model in float32; native merges into the model's dtype (rounds most "
+                                   "of a small update away)", flag="--lora-merge", choices=("fp32", "native"))
     gradient_checkpointing: Optional[bool] = knob(None, "recompute activations (auto: only when they would not fit)",
                                                   results=False)
     compile: bool = knob(False, "torch.compile the model for the training loop")

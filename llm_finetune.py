@@ -1,6 +1,6 @@
 """Step 1: load a fine-tuned causal LM, or fine-tune the base model when none exists.
 
-    model, result = load_or_train_model(model, tokenizer, train_ids, FinetuneConfig(...))
+    model, result = load_or_train_model(model, tokenizer, train_corpus_or_ids, FinetuneConfig(...))
 
 Training is a plain causal-LM loop driven by ``accelerate`` (mixed precision, DDP under
 ``accelerate launch``). Batches are drawn from a generator seeded by (seed, step), and
@@ -53,6 +53,9 @@ class FinetuneResult:
     heldout_ppl_before: Optional[float] = None
     heldout_ppl_after: Optional[float] = None
     heldout_token_set: str = ""                  # what the held-out loss is scored on
+    heldout_loss_adapters: Optional[float] = None  # LoRA: the adapters before merging, same tokens
+    merge: dict = field(default_factory=dict)    # LoRA: dtype of the merged model, rounding of a native merge
+    train_tokens: int = 0                        # tokens of training text read (a document corpus: a prefix)
     train_losses: list = field(default_factory=list)  # per step
     seconds: float = 0.0
     manifest: dict = field(default_factory=dict)
@@ -60,15 +63,21 @@ class FinetuneResult:
 
 
 def resolve_config(model, config: FinetuneConfig) -> FinetuneConfig:
-    """``config`` with budgets for the model's device, ``mode="auto"`` decided by size (full
-    below 1.5B parameters, else LoRA) and the learning rate by mode; validated."""
-    cfg = config.resolved(C.is_cuda_model(model))
+    """``config`` with budgets for the model's device, the window clamped to the model's context
+    (``for_model``, as every step), ``mode="auto"`` decided by size (full below 1.5B parameters,
+    else LoRA) and the learning rate by mode; validated."""
+    cfg = config.for_model(model)
     if cfg.mode == "auto":
         cfg = replace(cfg, mode="full" if sum(p.numel() for p in model.parameters()) < 1.5e9 else "lora")
     if cfg.lr is None:
         cfg = replace(cfg, lr=2e-4 if cfg.mode == "lora" else 5e-5)
     cfg.validate()
     return cfg
+
+
+def train_tokens_needed(cfg: FinetuneConfig) -> int:
+    """Tokens of a document corpus to read: every step's batch once over, plus the held-out tail."""
+    return math.ceil(cfg.steps * cfg.batch_size * cfg.seq_len / (1 - cfg.holdout_fraction)) + 2 * cfg.seq_len
 
 
 def is_finished(path: Path) -> bool:
@@ -176,6 +185,41 @@ def _wrap_lora(model, cfg: FinetuneConfig):
     return get_peft_model(model, lcfg)
 
 
+def _merge_lora(model, cfg: FinetuneConfig):
+    """Fold the LoRA adapters into their weights and return the plain model.
+
+    Why fp32: a LoRA update is mostly below half a bf16 ulp of the weight it is added to, so
+    merging into bf16 weights rounds most of it away (on SmolLM2, 6 steps: 89% of entries lose
+    their update, 10% of the held-out gain is lost). ``lora_merge="fp32"`` (default) upcasts
+    the model and merges the fp32 adapters exactly: the fine-tuned model, and every variant
+    derived from it, is then held in fp32. ``"native"`` merges into the model's own dtype, as
+    PEFT's ``merge_and_unload`` does. Either way ``merge`` records the relative error a native
+    merge makes on the update, ||round(W + dW) - (W + dW)|| / ||dW||, over all adapters.
+    """
+    low = C.low_precision_dtype(model)
+    err2 = upd2 = 0.0
+    for m in model.modules():
+        if hasattr(m, "get_delta_weight") and hasattr(m, "base_layer") and "default" in getattr(m, "lora_A", {}):
+            with torch.no_grad():
+                w = m.base_layer.weight.float()
+                d = m.get_delta_weight("default").float()
+                merged = w + d
+                rounded = merged.to(low).float() if low is not None else merged
+                err2 += float((rounded - merged).pow(2).sum())
+                upd2 += float(d.pow(2).sum())
+    keep32 = low is not None and cfg.lora_merge == "fp32"
+    if keep32:
+        model = model.float()
+    model = model.merge_and_unload()  # later steps see a plain model
+    info = {"dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "native_merge_update_error": (err2 ** 0.5) / (upd2 ** 0.5) if upd2 > 0 else 0.0}
+    if keep32:
+        log.info("LoRA merged in float32: the fine-tuned model is held in float32 (a %s merge would have "
+                 "rounded the update with relative error %.3f; --lora-merge native keeps %s)",
+                 str(low).replace("torch.", ""), info["native_merge_update_error"], str(low).replace("torch.", ""))
+    return model, info
+
+
 def _needs_checkpointing(model, cfg: FinetuneConfig) -> bool:
     """Gradient checkpointing costs a third forward pass: turn it on only when the
     activations of one batch would not fit beside the weights and optimizer state."""
@@ -204,14 +248,16 @@ class _SaveRequest:
             signal.signal(signal.SIGUSR1, self._old)
 
 
-def train(model, train_ids: torch.Tensor, cfg: FinetuneConfig, on_step: Optional[Callable[[int], None]] = None):
-    """Fine-tune ``model`` in place (full) or through merged LoRA adapters.
+def train(model, train_ids: torch.Tensor, cfg: FinetuneConfig, on_step: Optional[Callable[[int], None]] = None,
+          before_merge: Optional[Callable] = None):
+    """Fine-tune ``model`` in place (full) or through merged LoRA adapters (``_merge_lora``).
 
-    bf16/fp16 models train through fp32 master weights under autocast (``C.fp32_master_weights``)
-    and are rounded back to their dtype at the end. The loss is kept on the device and read
-    back every ``log_every`` steps, so the loop never waits for the GPU otherwise.
-    Returns (model, losses, resumed_from_step). ``on_step(step)`` is called after each
-    optimizer step (tests use it to simulate a kill).
+    bf16/fp16 models train through fp32 master weights under autocast (``C.fp32_master_weights``);
+    full fine-tunes are rounded back to their dtype at the end. The loss is kept on the device
+    and read back every ``log_every`` steps, so the loop never waits for the GPU otherwise.
+    Returns (model, losses, resumed_from_step, merge record). ``on_step(step)`` is called after
+    each optimizer step (tests use it to simulate a kill); ``before_merge(model)`` sees the
+    trained adapters still unmerged (LoRA only).
     """
     on_cuda = C.is_cuda_model(model)
     low = C.low_precision_dtype(model)
@@ -295,12 +341,16 @@ def train(model, train_ids: torch.Tensor, cfg: FinetuneConfig, on_step: Optional
         model = accel.unwrap_model(fwd)
         if checkpointing:
             model.gradient_checkpointing_disable()
-    if cfg.mode == "lora":
-        model = model.merge_and_unload()  # later steps see a plain model
+        merge = {}
+        if cfg.mode == "lora":  # inside the fp32 master weights: the adapters are merged unrounded
+            if before_merge is not None:
+                model.eval()
+                before_merge(model)
+            model, merge = _merge_lora(model, cfg)
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
-    return model, losses, start
+    return model, losses, start, merge
 
 
 def _save_finished(model, tokenizer, cfg: FinetuneConfig, manifest: dict) -> None:
@@ -324,8 +374,10 @@ def _check_disk(model, out: Path, cfg: FinetuneConfig) -> None:
 
 
 def load_finished(path: Path, like_model):
-    """Load a finished fine-tune onto the same devices and dtype as ``like_model``."""
-    dtype = next(like_model.parameters()).dtype
+    """Load a finished fine-tune onto the same devices as ``like_model``, in the dtype it was
+    saved in (a LoRA merge kept in fp32 stays fp32), else ``like_model``'s."""
+    saved = json.loads((path / MANIFEST).read_text()).get("dtype")
+    dtype = getattr(torch, saved) if saved in ("float32", "bfloat16", "float16") else next(like_model.parameters()).dtype
     kw = {"device_map": like_model.hf_device_map} if getattr(like_model, "hf_device_map", None) else {}
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kw)
     if not kw:
@@ -335,20 +387,23 @@ def load_finished(path: Path, like_model):
     return model
 
 
-def load_or_train_model(model, tokenizer, train_ids: torch.Tensor, config: FinetuneConfig = FinetuneConfig(),
-                        on_step: Optional[Callable[[int], None]] = None):
+def load_or_train_model(model, tokenizer, train_data: "C.Corpus | torch.Tensor",
+                        config: FinetuneConfig = FinetuneConfig(), on_step: Optional[Callable[[int], None]] = None):
     """Return (fine-tuned model, FinetuneResult).
 
     If ``config.output_dir`` holds a finished fine-tune it is loaded and nothing is
-    trained. Otherwise ``model`` is fine-tuned on ``train_ids`` ([n_tokens], the
-    tokenized training text; its tail is held out) and saved. ``model`` is changed
-    in place in ``full`` mode.
+    trained. Otherwise ``model`` is fine-tuned on ``train_data`` (a corpus, or its token ids
+    [n_tokens]; its tail is held out) and saved. A document corpus (C4, a JSON shard) is read
+    only as far as training needs (``train_tokens_needed``). ``model`` is changed in place in
+    ``full`` mode.
     """
     config = resolve_config(model, config)
     out = Path(config.output_dir)
     t0 = time.perf_counter()
     if config.mode == "none":
         return model, FinetuneResult(model_dir="", loaded_existing=False, mode="none", config=asdict(config))
+    train_ids = train_data if isinstance(train_data, torch.Tensor) else C.tokenize_corpus(
+        tokenizer, train_data, train_tokens_needed(config) if train_data.docs is not None else None)
     train_part, hold = split_holdout(train_ids, config)
     if out.exists() and not is_finished(out):
         raise C.UserError(f"{out} exists but is not a finished fine-tuned model (no {MANIFEST}); "
@@ -366,13 +421,18 @@ def load_or_train_model(model, tokenizer, train_ids: torch.Tensor, config: Finet
                                      heldout_ppl_before=manifest.get("heldout_ppl_before"),
                                      heldout_ppl_after=manifest.get("heldout_ppl_after"),
                                      heldout_token_set=manifest.get("heldout_token_set", ""),
+                                     heldout_loss_adapters=manifest.get("heldout_loss_adapters"),
+                                     merge=manifest.get("merge") or {},
+                                     train_tokens=manifest.get("train_tokens", 0) + manifest.get("heldout_tokens", 0),
                                      train_losses=manifest.get("train_losses", []),
                                      seconds=time.perf_counter() - t0, manifest=manifest, config=asdict(config))
     _check_disk(model, out, config)
     C.seed_everything(config.seed)
     loss0, ppl0 = _heldout(model, tokenizer, hold, config)
     log.info("held-out loss before fine-tuning: %.4f (perplexity %.3f)", loss0, ppl0)
-    model, losses, resumed = train(model, train_part, config, on_step=on_step)
+    adapters = {}
+    model, losses, resumed, merge = train(model, train_part, config, on_step=on_step, before_merge=lambda m: adapters
+                                          .update(loss=_heldout(m, tokenizer, hold, config)[0]))
     loss1, ppl1 = _heldout(model, tokenizer, hold, config)
     log.info("held-out loss after fine-tuning: %.4f (perplexity %.3f)", loss1, ppl1)
     manifest = {"run_key": run_key(config), "base_model": config.base_model, "data": config.data,
@@ -381,11 +441,14 @@ def load_or_train_model(model, tokenizer, train_ids: torch.Tensor, config: Finet
                 "train_tokens": int(train_part.numel()), "heldout_tokens": int(hold.numel()),
                 "heldout_loss_before": loss0, "heldout_loss_after": loss1,
                 "heldout_ppl_before": ppl0, "heldout_ppl_after": ppl1, "heldout_token_set": _heldout_label(hold, config),
-                "final_train_loss": losses[-1] if losses else None, "train_losses": losses}
+                "final_train_loss": losses[-1] if losses else None, "train_losses": losses,
+                "heldout_loss_adapters": adapters.get("loss"), "merge": merge,
+                "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
     _save_finished(model, tokenizer, config, manifest)
     res = FinetuneResult(model_dir=str(out), loaded_existing=False, mode=config.mode, steps=config.steps,
                          resumed_from_step=resumed, heldout_loss_before=loss0, heldout_loss_after=loss1,
                          heldout_ppl_before=ppl0, heldout_ppl_after=ppl1, train_losses=losses,
-                         heldout_token_set=manifest["heldout_token_set"],
+                         heldout_token_set=manifest["heldout_token_set"], heldout_loss_adapters=adapters.get("loss"),
+                         merge=merge, train_tokens=int(train_ids.numel()),
                          seconds=time.perf_counter() - t0, manifest=manifest, config=asdict(config))
     return model, res

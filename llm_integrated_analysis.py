@@ -437,12 +437,13 @@ def layerwise(res: AnalysisResult, noise_map: Optional[dict] = None) -> None:
     res.super_weight_layers = sorted({sw["layer"] for sw in res.super_weights})
 
 
-def run_integrated_analysis(model, tokenizer, calib_ids: torch.Tensor, eval_ids: torch.Tensor,
+def run_integrated_analysis(model, tokenizer, calib: "C.Corpus | torch.Tensor", eval_ids: torch.Tensor,
                             config: AnalysisConfig = AnalysisConfig(), noise_map: Optional[dict] = None
                             ) -> AnalysisResult:
     """Hessian traces and top eigenvalue, Fisher/OBD saliency, super weights, the
     sensitivity-guided quantization study and the layer-wise comparison (with the noise
-    step's ``noise_map`` when given). ``calib_ids``/``eval_ids`` are [n_tokens].
+    step's ``noise_map`` when given). ``calib`` is a corpus or its token ids [n_tokens] (windows
+    drawn as ``C.calibration_windows``); ``eval_ids`` are [n_tokens].
     The model's weights are unchanged on return."""
     config = config.for_model(model)
     if config.per_block is None:  # 7B: one block's Hessian graph at a time fits where all do not
@@ -455,12 +456,12 @@ def run_integrated_analysis(model, tokenizer, calib_ids: torch.Tensor, eval_ids:
         for rel, m in C.block_linears(layer).items():
             n = names_of[m]
             mods[n], mlayer[n], mtype[n] = m, i, rel  # path inside the block, as in the noise map
-    windows = C.sample_windows(calib_ids, config.calib_windows, config.calib_seq_len, seed=config.seed)
+    windows = C.calibration_windows(tokenizer, calib, config.calib_windows, config.calib_seq_len, config.seed)
     h = _hessian(model, mods, mlayer, windows, config, secs)
     trace, hdiag = h["trace"], h["hdiag"]
 
     t = time.perf_counter()
-    fwin = C.sample_windows(calib_ids, config.fisher_windows, config.calib_seq_len, seed=config.seed + 1)
+    fwin = C.calibration_windows(tokenizer, calib, config.fisher_windows, config.calib_seq_len, config.seed + 1)
     fisher = fisher_diagonal(model, fwin, mods, config.progress)
     h_ii = hdiag if config.saliency == "hutchinson" else fisher
     obd = {n: 0.5 * h_ii[n] * C.weight_view(m).detach().float().pow(2) for n, m in mods.items()}

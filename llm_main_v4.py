@@ -46,13 +46,10 @@ class Run:
     variants: dict = field(default_factory=lambda: {"base": None})  # name -> None (the live model) or weights
     parents: dict = field(default_factory=dict)   # name -> the variant it was derived from
     texts: dict = field(default_factory=dict)    # "eval" / "train" -> Corpus, read before the model
-    _ids: dict = field(default_factory=dict)
 
     def ids(self, which: str) -> torch.Tensor:
-        """Token ids [n_tokens] of the 'eval' or 'train' text."""
-        if which not in self._ids:
-            self._ids[which] = C.tokenize_corpus(self.tokenizer, self.texts[which])
-        return self._ids[which]
+        """Token ids [n_tokens] of the 'eval' or 'train' text (tokenized once, cached on the corpus)."""
+        return C.tokenize_corpus(self.tokenizer, self.texts[which])
 
     def save(self) -> None:
         if C.dist_rank_world()[0] == 0:  # under accelerate launch only rank 0 writes
@@ -69,7 +66,7 @@ def _finetune(run: Run, mod, cfg) -> None:
     if cfg.mode != "none" and base is None:
         base = run.out / "checkpoints" / "base.safetensors"
         C.save_tensors(base, C.named_tensors(run.model), metadata={"variant": "base"})
-    run.model, res = mod.load_or_train_model(run.model, run.tokenizer, run.ids("train"), cfg)
+    run.model, res = mod.load_or_train_model(run.model, run.tokenizer, run.texts["train"], cfg)
     if res.mode != "none":
         run.variants, run.parents, run.live = {"base": base, "fine-tuned": None}, {"fine-tuned": "base"}, "fine-tuned"
         if not (res.loaded_existing and run.results.get("finetune")):  # keep the record of the training run
@@ -79,21 +76,20 @@ def _finetune(run: Run, mod, cfg) -> None:
 def _prune(run: Run, mod, cfg) -> None:
     names = [n + ".weight" for n in C.decoder_linears(run.model)]
     with C.restored_on_exit(run.model, names):  # the live model stays unpruned for later steps
-        pc, train = cfg.for_model(run.model), run.texts["train"]  # C4 is sampled document by document
-        res = mod.prune_model(run.model, run.tokenizer, C.calibration_windows(
-            run.tokenizer, train, run.ids("train"), pc.calib_samples, pc.calib_seq_len, pc.seed), pc)
+        train = run.texts["train"]  # the step draws its windows: C4 document by document
+        res = mod.prune_model(run.model, run.tokenizer, train, cfg.for_model(run.model))
         # Only SparseGPT changes the weights it keeps; the others' variant is exactly a 1-bit mask.
         rec = C.store_variant(run.out, "pruned", run.model, res.pruned_names,
                               mask=res.method != "sparsegpt" and not run.cfg.run.save_variants)
     d = {k: v for k, v in asdict(res).items() if k != "pruned_names"}
-    d["calibration"].update(source=train.source, per_document=bool(train.documents))
+    d["calibration"].update(source=train.source, per_document=train.docs is not None)
     run.results["prune"] = {**d, **rec, "parent": run.live}
     _attach(run, "prune")
 
 
 def _noise(run: Run, mod, cfg) -> None:
     with C.restored_on_exit(run.model, list(mod.select_params(run.model, cfg.group))):
-        res = mod.apply_robustness_test(run.model, run.tokenizer, cfg, run.ids("eval"), run.ids("train"))
+        res = mod.apply_robustness_test(run.model, run.tokenizer, cfg, run.ids("eval"), run.texts["train"])
         # The noisy variant is regenerated bit for bit from (mode, eps, group, seed): no copy needed.
         rec = C.store_variant(run.out, "noisy", run.model, res.variant.tensors, mask=False) if \
             run.cfg.run.save_variants else {"checkpoint": None, "recipe": {k: getattr(cfg, k) for k in RECIPE}}
@@ -126,7 +122,7 @@ def _adversarial(run: Run, mod, cfg) -> None:
 
 def _analysis(run: Run, mod, cfg) -> None:
     noise_map = (run.results.get("noise") or {}).get("map")  # compared with the Hessian per cell
-    run.results["analysis"] = asdict(mod.run_integrated_analysis(run.model, run.tokenizer, run.ids("train"),
+    run.results["analysis"] = asdict(mod.run_integrated_analysis(run.model, run.tokenizer, run.texts["train"],
                                                                  run.ids("eval"), cfg, noise_map))
 
 
@@ -169,6 +165,10 @@ def _check_before_loading(cfg: PipelineConfig, out: Path) -> dict:
     C.ensure_writable_dir(out, "--output-dir")
     texts, described = C.load_texts(rc.dataset, rc.train_dataset, {c for s in configs for c in STEPS[s].corpora},
                                     rc.no_fallback, rc.allow_overlap, default_train="c4" if gpu else "wikitext2")
+    ev = texts.get("eval")
+    if "eval" in configs and ev is not None and ev.eval_windows and cfg.eval.eval_tokens is None:
+        # The protocol's cut (C4: the papers score the first 256 windows), unless --eval-tokens says otherwise.
+        configs["eval"] = replace(configs["eval"], eval_tokens=ev.eval_windows * configs["eval"].seq_len)
     return configs, texts, described
 
 

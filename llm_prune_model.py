@@ -288,23 +288,23 @@ def _prune_layerwise(model, calib_windows: torch.Tensor, config: PruneConfig, pr
         yield i, linears
 
 
-def prune_model(model, tokenizer, calib_ids: torch.Tensor, config: PruneConfig = PruneConfig()) -> PruneResult:
+def prune_model(model, tokenizer, calib: "C.Corpus | torch.Tensor", config: PruneConfig = PruneConfig()
+                ) -> PruneResult:
     """Prune the decoder-block linear layers of ``model`` in place.
 
     Args:
-        calib_ids: the tokenized calibration text [n_tokens], from which
-            ``config.calib_samples`` random windows of ``config.calib_seq_len`` are drawn
-            (seeded), or ready windows [n_windows, seq_len]. Unused by ``magnitude``.
-        tokenizer: needed only for ``config.protect="auto"`` (super-weight detection).
+        calib: the calibration corpus (``C.load_corpus(...)``), its token ids [n_tokens], or
+            ready windows [n_windows, seq_len]. ``config.calib_samples`` windows of
+            ``config.calib_seq_len`` tokens are drawn from it, seeded by ``config.seed``, as the
+            pipeline draws them (``C.calibration_windows``: C4 and local JSON shards document
+            by document, as the papers' get_c4). Unused by ``magnitude``.
+        tokenizer: tokenizes a corpus, and detects super weights for ``config.protect="auto"``.
         config.protect: "auto", or (linear module name, row, col) coordinates that stay
             unpruned; module names are as in ``model.named_modules()``.
     Returns a PruneResult with the achieved sparsity per block and per matrix.
     """
     config = config.for_model(model)
-    if calib_ids.dim() == 1:
-        calib_windows = C.sample_windows(calib_ids, config.calib_samples, config.calib_seq_len, seed=config.seed)
-    else:
-        calib_windows = calib_ids
+    calib_windows = C.calibration_windows(tokenizer, calib, config.calib_samples, config.calib_seq_len, config.seed)
     coords, found = protected_coordinates(model, tokenizer, config.protect, config.super_weight_prompt)
     t0 = time.perf_counter()
     dev0 = C.input_device(model)

@@ -325,18 +325,18 @@ class RobustnessResult:
     config: dict = field(default_factory=dict)     # the resolved NoiseConfig
 
 
-def protection_masks(model, calib_ids: Optional[torch.Tensor], config: NoiseConfig,
+def protection_masks(model, tokenizer, calib: "Optional[C.Corpus | torch.Tensor]", config: NoiseConfig,
                      coords: Sequence[tuple]) -> Optional[dict[str, torch.Tensor]]:
     """Bool masks (parameter name -> mask in the parameter's layout) of the weights kept clean
     in the protected sweep: the top ``protect_fraction`` on ``fisher_windows`` calibration
     windows by the expected loss increase under the sweep's noise (``protect_score="noise"``:
     F sigma^2, see ``noise_saliency``) or by OBD's w^2 F (``"obd"``), plus ``coords``; None
     when nothing is protected."""
-    if not (config.protect_fraction > 0 and calib_ids is not None) and not coords:
+    if not (config.protect_fraction > 0 and calib is not None) and not coords:
         return None
     lin = C.decoder_linears(model)
-    if config.protect_fraction > 0 and calib_ids is not None:
-        windows = C.sample_windows(calib_ids, config.fisher_windows, config.fisher_seq_len, seed=config.seed)
+    if config.protect_fraction > 0 and calib is not None:
+        windows = C.calibration_windows(tokenizer, calib, config.fisher_windows, config.fisher_seq_len, config.seed)
         # Masks in each parameter's own layout (Conv1D stores weights [in, out]).
         raw = (noise_saliency(model, windows, lin, config.sweep_mode, config.progress)
                if config.protect_score == "noise" else saliency_scores(model, windows, lin, "fisher", config.progress))
@@ -347,15 +347,16 @@ def protection_masks(model, calib_ids: Optional[torch.Tensor], config: NoiseConf
 
 
 def apply_robustness_test(model, tokenizer=None, config: NoiseConfig = NoiseConfig(),
-                          eval_ids: Optional[torch.Tensor] = None, calib_ids: Optional[torch.Tensor] = None
-                          ) -> RobustnessResult:
+                          eval_ids: Optional[torch.Tensor] = None,
+                          calib: "Optional[C.Corpus | torch.Tensor]" = None) -> RobustnessResult:
     """The noise step. Changes ``model`` in place: it is left noisy (the noisy variant).
 
     Args:
         eval_ids: tokenized evaluation text [n_tokens] for the sweep and the map (both
             skipped when None); the clean model is measured before the noise is applied.
-        calib_ids: tokenized calibration text [n_tokens] for the Fisher saliency that picks
-            the protected weights (no saliency protection when None).
+        calib: calibration corpus, its token ids [n_tokens] or windows, for the Fisher saliency
+            that picks the protected weights (windows drawn as ``C.calibration_windows``; no
+            saliency protection when None).
     Wrap the call in ``noisy_weights`` or ``C.restored_on_exit`` to get the clean model back.
     """
     config = config.for_model(model)
@@ -365,7 +366,7 @@ def apply_robustness_test(model, tokenizer=None, config: NoiseConfig = NoiseConf
     if eval_ids is not None:
         seq = min(config.sweep_seq_len, config.sweep_tokens)
         ecfg = EvalConfig(seq_len=seq, eval_tokens=config.sweep_tokens, batch_size=config.batch_size)
-        masks = protection_masks(model, calib_ids, config, coords)
+        masks = protection_masks(model, tokenizer, calib, config, coords)
         seeds = [config.seed + i for i in range(config.sweep_seeds)]  # --seed moves the sweep too
         sweep = noise_sweep(model, tokenizer, eval_ids, config.sweep_eps, seeds,
                             mode=config.sweep_mode, group=config.sweep_group, eval_config=ecfg, protect=masks,

@@ -84,10 +84,19 @@ def test_lora_runs_and_merges(tok, sample_text, tmp_path, tiny_gpt2, tiny_llama)
 
 
 @pytest.mark.parametrize("kw,msg", [(dict(lr=0), "--lr"), (dict(lr=-1), "--lr"), (dict(mode="qlora"), "--finetune"),
-                                    (dict(seq_len=4000), "too short")])
+                                    (dict(seq_len=500), "too short")])
 def test_bad_finetune_input(tok, sample_text, tmp_path, kw, msg, tiny_llama):
     with pytest.raises(C.UserError, match=msg):
-        load_or_train_model(tiny_llama(), tok, _ids(tok, sample_text)[:3000], _cfg(tmp_path, "x", **kw))
+        load_or_train_model(tiny_llama(), tok, _ids(tok, sample_text)[:600], _cfg(tmp_path, "x", **kw))
+
+
+def test_the_fine_tune_window_is_clamped_to_the_context_by_its_own_flag(tok, sample_text, tmp_path, tiny_gpt2, caplog):
+    """A GPT-2 with 512 positions and --ft-seq-len 600 trains on 512-token windows, with a warning
+    that names --ft-seq-len (it used to end in an IndexError after loading)."""
+    with caplog.at_level("WARNING"):
+        _, res = load_or_train_model(tiny_gpt2(), tok, _ids(tok, sample_text), _cfg(tmp_path, "g", seq_len=600, steps=1,
+                                                                                    batch_size=1, save_every=0))
+    assert res.config["seq_len"] == 512 and "--ft-seq-len" in caplog.text and "--seq-len:" not in caplog.text
 
 
 def test_existing_non_model_directory_is_refused(tok, sample_text, tmp_path, tiny_llama):
@@ -115,8 +124,8 @@ def test_bf16_training_applies_small_updates_like_fp32(tok, sample_text, tmp_pat
     def grab(step):  # inside the loop the bf16 model's parameters are the fp32 masters
         master.update({n: p.detach().clone() for n, p in bf16.named_parameters()})
 
-    trained32, _, _ = train(fp32, ids, cfg)
-    trained16, _, _ = train(bf16, ids, cfg, on_step=grab)
+    trained32, _, _, _ = train(fp32, ids, cfg)
+    trained16, _, _, _ = train(bf16, ids, cfg, on_step=grab)
     assert all(v.dtype == torch.float32 for v in master.values())
     assert all(p.dtype == torch.bfloat16 for p in trained16.parameters())  # rounded back at the end
     name = "model.layers.0.mlp.down_proj.weight"
@@ -160,3 +169,45 @@ def test_tensorboard_curves_equal_the_recorded_losses(tok, sample_text, tmp_path
     assert [e.value for e in loss] == pytest.approx(res.train_losses, rel=1e-6)  # stored as float32
     assert [e.value for e in acc.Scalars("train/lr")] == pytest.approx([lr_at(i, cfg) for i in range(cfg.steps)])
     assert (tmp_path / "ft" / "manifest.json").is_file()
+
+
+def test_a_bf16_lora_merge_keeps_the_whole_update(tmp_path, tok, tiny_llama, sample_text):
+    """bf16 LoRA: the merged model scores what the unmerged adapters score (>= 99% of the held-out
+    gain kept), because the adapters are merged in fp32 (W + s B A, checked in float64 against
+    the adapters themselves) and the model is then held in fp32; a native bf16 merge rounds the
+    update, and the record says by how much. A finished fp32 fine-tune reloads in fp32."""
+    import llm_finetune as FT
+
+    ids = _ids(tok, sample_text)
+    seen = {}
+
+    def grab(model):  # the trained adapters, before merging, in float64
+        for n, m in model.named_modules():
+            if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {}):
+                s = m.scaling["default"]
+                delta = s * m.lora_B["default"].weight.double() @ m.lora_A["default"].weight.double()
+                seen[n.split("base_model.model.", 1)[-1]] = m.base_layer.weight.double() + delta
+
+    for merge in ("fp32", "native"):
+        seen.clear()
+        cfg = _cfg(tmp_path, f"lora-{merge}", mode="lora", steps=20, lr=5e-3, lora_merge=merge, save_every=0)
+        orig = FT._merge_lora
+        FT._merge_lora = lambda m, c: (grab(m), orig(m, c))[1]
+        try:
+            model, res = load_or_train_model(tiny_llama().to(torch.bfloat16), tok, ids, cfg)
+        finally:
+            FT._merge_lora = orig
+        gain = res.heldout_loss_before - res.heldout_loss_adapters
+        assert gain > 0.1, "the adapters must have learnt something for the test to mean anything"
+        kept = (res.heldout_loss_before - res.heldout_loss_after) / gain
+        assert res.merge["dtype"] == ("float32" if merge == "fp32" else "bfloat16")
+        assert res.merge["native_merge_update_error"] > 0.001
+        mods = dict(model.named_modules())
+        err = max(float((mods[n].weight.double() - w).abs().max() / w.abs().max()) for n, w in seen.items())
+        if merge == "fp32":
+            assert kept >= 0.99 and err < 1e-6, (kept, err)
+            assert next(model.parameters()).dtype == torch.float32
+        else:
+            assert err > 1e-4  # bf16 rounding of the merged weights
+        reloaded, again = load_or_train_model(tiny_llama().to(torch.bfloat16), tok, ids, cfg)  # finished: loaded
+        assert again.loaded_existing and next(reloaded.parameters()).dtype == getattr(torch, res.merge["dtype"])

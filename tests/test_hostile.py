@@ -253,10 +253,10 @@ def test_every_free_text_in_the_report_stays_text(tmp_path):
 
 
 def test_c4_and_ptb_follow_the_pruning_papers_loaders(monkeypatch):
-    """C4: one train shard for calibration, the first 1,100 documents of one validation shard
-    joined by spaces for evaluation, the exact files recorded; PTB: sentences joined by spaces,
-    evaluated on the validation split.
-    (A stand-in for datasets.load_dataset records what is asked for: no download in tests.)"""
+    """C4: one train shard kept as documents for calibration (not joined), the first 1,100
+    documents of one validation shard joined by spaces for evaluation, of which 256 windows are
+    scored, the exact files recorded; PTB as get_ptb_new: the test split, sentences joined by
+    spaces. (A stand-in for datasets.load_dataset records what is asked for: no download.)"""
     import datasets
 
     calls = []
@@ -277,11 +277,15 @@ def test_c4_and_ptb_follow_the_pruning_papers_loaders(monkeypatch):
     assert ev.text == " ".join(f"test-doc{i}" for i in range(1100)) and ev.fallback is None
     assert ev.source == ("allenai/c4/en/c4-validation.00000-of-00008.json.gz[:1100 documents] "
                          "(version 1.0.0, hub commit 1588ec45)")
+    assert ev.eval_windows == 256 and ev.docs is None
     tr = C.load_corpus("c4", "train")
-    assert calls[-1][2] == {"train": "en/c4-train.00000-of-01024.json.gz"} and tr.text.count("train-doc") == 2000
+    assert calls[-1][2] == {"train": "en/c4-train.00000-of-01024.json.gz"}
+    assert tr.text == "" and len(tr.docs) == 2000 and tr.docs[7] == "train-doc7" and tr.describe()["documents"] == 2000
+    assert "get_c4" in tr.protocol and len(tr.sha256) == 64
     ptb = C.load_corpus("ptb", "test")
-    assert calls[-1] == ("ptb_text_only", "penn_treebank", None, "validation")  # as SparseGPT scores it
-    assert ptb.text.startswith("validation-doc0 validation-doc1 ")
+    assert calls[-1] == ("ptb_text_only", "penn_treebank", None, "test")  # get_ptb_new scores the test split
+    assert ptb.text.startswith("test-doc0 test-doc1 ") and "get_ptb_new" in ptb.describe()["protocol"]
+    assert C.load_corpus("ptb", "train").text.startswith("train-doc0 train-doc1 ")
     C.check_corpus_spec("c4")  # a known name, not a path
 
 
@@ -291,7 +295,7 @@ def test_gpu_default_calibration_is_c4_falling_back_to_wikitext_train(monkeypatc
     def hub_text(name, split, offline):
         if name == "c4" and not available:
             raise OSError("not cached")
-        return f"{name} {split} text " * 50, f"{name}[{split}]", None
+        return C.Corpus(name, split, f"{name} {split} text " * 50, f"{name}[{split}]")
 
     monkeypatch.setattr(C, "_hub_text", hub_text)
     available = True
@@ -321,43 +325,3 @@ def test_blank_texts_are_refused_from_python_too():
             cfg.validate()
     K.FinetuneConfig(base_model="").validate()  # blank by default: allowed
 
-
-def test_c4_calibration_draws_windows_document_by_document_like_get_c4(byte_tokenizer, monkeypatch):
-    """C4's calibration windows are those of SparseGPT's and Wanda's get_c4 (transcribed below:
-    global random seeded, a document redrawn until it has more than seq_len tokens, a uniform
-    start in it); other corpora keep uniform windows over the joined text."""
-    import random
-
-    import torch
-
-    tok = byte_tokenizer()
-    docs = [("short doc " * k)[: 7 * k] for k in range(1, 40)]  # many shorter than a window
-
-    class Fake(dict):
-        pass
-
-    monkeypatch.setattr(C, "hub_reachable", lambda: True)
-    import datasets
-
-    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: Fake({"text": docs}))
-    corpus = C.load_corpus("c4", "train")
-    assert len(corpus.documents) == len(docs) and corpus.describe()["documents"] == len(docs)
-    assert [corpus.text[a:b] for a, b in corpus.documents] == docs
-    ids = C.tokenize_corpus(tok, corpus)
-    got = C.calibration_windows(tok, corpus, ids, 6, 64, seed=0)
-
-    random.seed(0)  # the papers' loop, as their data.py / datautils.py write it
-    want = []
-    for _ in range(6):
-        while True:
-            i = random.randint(0, len(docs) - 1)
-            enc = tok(docs[i], return_tensors="pt").input_ids
-            if enc.shape[1] > 64:
-                break
-        i = random.randint(0, enc.shape[1] - 64 - 1)
-        want.append(enc[:, i:i + 64])
-    assert torch.equal(got, torch.cat(want))
-    plain = C.Corpus("x", "train", corpus.text, "x")
-    assert torch.equal(C.calibration_windows(tok, plain, ids, 6, 64, seed=0), C.sample_windows(ids, 6, 64, seed=0))
-    with pytest.raises(C.UserError, match="no document"):
-        C.calibration_windows(tok, corpus, ids, 1, 10_000, seed=0)

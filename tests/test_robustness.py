@@ -191,7 +191,7 @@ def test_additive_noise_protection_ranks_by_fisher_times_sigma_squared(tok, samp
     ids = C.tokenize_corpus(tok, sample_text[:3000])
     cfg = NC(sweep_mode="relative", protect_fraction=0.02, fisher_windows=3, fisher_seq_len=32, seed=1,
              progress=False)
-    masks = protection_masks(m, ids, cfg, ())
+    masks = protection_masks(m, None, ids, cfg, ())
     windows = C.sample_windows(ids, 3, 32, seed=1)
     lin = C.decoder_linears(m)
     scores = {}
@@ -207,7 +207,7 @@ def test_additive_noise_protection_ranks_by_fisher_times_sigma_squared(tok, samp
     thresh = torch.topk(flat, int(flat.numel() * 0.02)).values[-1]
     for name, s in scores.items():
         assert torch.equal(masks[name], s >= thresh), name
-    obd = protection_masks(m, ids, NC(**{**cfg.__dict__, "protect_score": "obd"}), ())
+    obd = protection_masks(m, None, ids, NC(**{**cfg.__dict__, "protect_score": "obd"}), ())
     assert any(not torch.equal(obd[n], masks[n]) for n in masks)  # a different ranking
 
 
