@@ -279,7 +279,9 @@ def train(model, train_ids: torch.Tensor, cfg: FinetuneConfig, on_step: Optional
             model.enable_input_require_grads()
     params = [p for p in model.parameters() if p.requires_grad]
     with C.fp32_master_weights(params), _SaveRequest() as save_request:
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=on_cuda)
+        # Fused AdamW (one kernel for all parameters) exists on CUDA and, since torch 2.4, on CPU.
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                      fused=C.input_device(model).type in ("cuda", "cpu"))
         start, losses = _load_resume(model, optimizer, cfg)
         fwd = torch.compile(model) if cfg.compile else model
         if getattr(model, "hf_device_map", None) is None:

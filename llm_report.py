@@ -320,7 +320,10 @@ def report_markdown(results: dict) -> str:
             continue
         fb = f" (fallback: {_esc(d['fallback'])})" if d.get("fallback") else ""
         fb += f" ({_esc(d['replaced'])})" if d.get("replaced") else ""
-        lines.append(f"- {which} text: {_esc(d.get('source'))}, {d.get('chars')} characters{fb}")
+        size = (f"{d.get('documents')} documents, sampled document by document" if d.get("chars") is None
+                and d.get("documents") else f"{d.get('chars')} characters")
+        how = f"; protocol: {_esc(d['protocol'])}" if d.get("protocol") else ""
+        lines.append(f"- {which} text: {_esc(d.get('source'))}, {size}{fb}{how}")
     if proto:
         lines.append(f"- protocol: windows of {proto.get('seq_len')} tokens, stride {proto.get('stride')}, "
                      f"first {proto.get('eval_tokens') or 'all'} tokens")
