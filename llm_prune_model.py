@@ -326,8 +326,6 @@ def _prune_layerwise(model, calib_windows: torch.Tensor, config: PruneConfig, pr
                 _, used = sparsegpt_prune(W, stats[rel].to(W.device), config.sparsity, config.pattern,
                                           config.blocksize, config.percdamp, protect.get(full, ()), return_damp=True)
                 if used != config.percdamp:
-                    log.warning("SparseGPT: the Hessian of %s is not positive definite at dampening %g; "
-                                "used %g (recorded in results)", full, config.percdamp, used)
                     damped[full] = used
         del stats
         with torch.no_grad():  # the pruned block's outputs feed the next block
@@ -378,6 +376,10 @@ def prune_model(model, tokenizer, calib_ids: torch.Tensor, config: PruneConfig =
             z, n = z + nz, n + W.numel()
         result.per_layer[i] = z / n if n else 0.0
         total_zero, total = total_zero + z, total + n
+    if result.dampening_increased:
+        log.warning("SparseGPT: the Hessians of %d linears are not positive definite at --sparsegpt-percdamp %g; "
+                    "more dampening was used (up to %g; recorded in results: prune.dampening_increased)",
+                    len(result.dampening_increased), config.percdamp, max(result.dampening_increased.values()))
     result.overall_sparsity = total_zero / max(total, 1)
     result.seconds = time.perf_counter() - t0
     result.peak_memory_mb = C.peak_memory_mb(dev0)
