@@ -160,3 +160,25 @@ def test_tensorboard_curves_equal_the_recorded_losses(tok, sample_text, tmp_path
     assert [e.value for e in loss] == pytest.approx(res.train_losses, rel=1e-6)  # stored as float32
     assert [e.value for e in acc.Scalars("train/lr")] == pytest.approx([lr_at(i, cfg) for i in range(cfg.steps)])
     assert (tmp_path / "ft" / "manifest.json").is_file()
+
+
+def test_tensorboard_after_resume_has_each_step_once(tok, sample_text, tmp_path, tiny_llama):
+    """Row 14: killed at step 5 after a checkpoint at step 4, resumed: TensorBoard's reader sees
+    steps 1..8 once each (the points the killed run logged past its checkpoint are purged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _cfg(tmp_path, "ft", steps=8, save_every=4, log_every=1, log_to="tensorboard")
+    ids = _ids(tok, sample_text)
+
+    def kill(step):
+        if step == 6:
+            raise Killed
+
+    with pytest.raises(Killed):
+        load_or_train_model(tiny_llama(), tok, ids, cfg, on_step=kill)
+    _, res = load_or_train_model(tiny_llama(), tok, ids, cfg)
+    assert res.resumed_from_step == 4
+    acc = EventAccumulator(str(tmp_path / "tensorboard" / "finetune")).Reload()
+    loss = acc.Scalars("train/loss")
+    assert [e.step for e in loss] == list(range(1, 9))
+    assert [e.value for e in loss] == pytest.approx(res.train_losses, rel=1e-6)
