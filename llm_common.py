@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import socket
+import stat
 import tempfile
 from urllib.parse import urlparse
 import dataclasses
@@ -250,14 +251,43 @@ def output_lock(out: str | os.PathLike) -> Iterator[Path]:
         lock.unlink(missing_ok=True)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it for more than an instant."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def private_umask() -> Iterator[None]:
+    """The run's one mode rule, whatever the caller's umask: every file and directory it creates
+    (ours, save_pretrained's, TensorBoard's, accelerate's) loses group and other write
+    permission (umask | 022: files at most 0644, directories at most 0755; a stricter umask
+    stays stricter). The caller's umask is restored on exit (a notebook keeps its own)."""
+    old = os.umask(0o022)
+    os.umask(old | 0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
 def _harden(target: Path) -> None:
-    """Whatever the umask: nothing we write is writable by others; tensors-only checkpoints
-    (.safetensors/.pt files written alone) are readable by their owner only."""
-    if target.is_file():
-        os.chmod(target, 0o600 if target.suffix in (".safetensors", ".pt") else 0o644)
-        return
-    for p in [target, *target.rglob("*")]:
-        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    """Give what ``atomic_path`` wrote the run's mode rule (see ``private_umask``): the temporary
+    directory it was built in is created 0700 by mkdtemp, whatever the umask."""
+    mask = _umask() | 0o022
+    for p in [target, *(target.rglob("*") if target.is_dir() else ())]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def no_space_left(e: BaseException) -> bool:
+    """A full disk, as an OSError (ENOSPC) or as a library's own error that quotes it:
+    safetensors raises SafetensorError("... No space left on device (os error 28)")."""
+    if isinstance(e, OSError):
+        return e.errno == errno.ENOSPC
+    text = str(e)
+    return "No space left on device" in text or "os error 28" in text or "StorageFull" in text
 
 
 @contextlib.contextmanager
@@ -266,25 +296,37 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     Works for files and directories. A crash leaves the old ``path`` (or nothing),
     never a half-written one, because ``os.replace`` is atomic on one filesystem. A full
-    disk (ENOSPC) leaves the old ``path`` intact and raises a UserError that says so.
+    disk (ENOSPC, also as a library's own error), a read-only or unwritable folder, or a
+    ``path`` that links to a folder raise a UserError that says so; the previous ``path`` is intact.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-{path.name}.", dir=path.parent))
+    if path.is_symlink() and path.is_dir():  # a folder the user linked here: never replaced or written through
+        raise UserError(f"{path} is a symbolic link to a folder; this tool does not replace it: move it away "
+                        "(nothing was changed)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-{path.name}.", dir=path.parent))
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or error_line(e)} (nothing was changed)")
     target = tmp / path.name
     try:
         try:
             yield target
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
+        except UserError:
+            raise
+        except Exception as e:
+            if no_space_left(e):
                 raise UserError(f"no space left on the device while writing {path}; the previous version, if "
                                 "any, is intact")
             raise
         _harden(target)
         fault_point(f"write:{path.name}")
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        os.replace(target, path)
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            os.replace(target, path)
+        except OSError as e:
+            raise UserError(f"cannot replace {path}: {e.strerror or error_line(e)}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -334,8 +376,20 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(to_strict_json(obj), indent=2, allow_nan=False) + "\n")
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(Path(path).read_text())
+MAX_JSON_BYTES = 256 * 2 ** 20  # far above any results.json; a bound against /dev/zero and its kin
+
+
+def read_json(path: str | os.PathLike, limit: int = MAX_JSON_BYTES) -> Any:
+    """JSON from a regular file of at most ``limit`` bytes. A FIFO, a device (a link to
+    /dev/zero) or an oversized file raises ValueError instead of hanging or eating memory."""
+    st = os.stat(path)  # follows links: what would be read
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path} is not a regular file")
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path} is larger than {limit} bytes")
+    return json.loads(data.decode("utf-8"))
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -632,11 +686,18 @@ def load_model(cfg: LoadConfig):
         kw["device_map"] = cfg.device_map
         if cfg.max_memory:
             kw["max_memory"] = cfg.max_memory
+    local = Path(src).exists()
+    # A hub id on an offline machine: ask the local cache only, once, instead of a minute of
+    # retries per file before the same failure (as the corpora do, ``datasets_offline``).
+    offline = not local and not hub_reachable()
     try:
-        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(src, **kw)
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.trust_remote_code, local_files_only=offline)
+        model = AutoModelForCausalLM.from_pretrained(src, local_files_only=offline, **kw)
     except Exception as e:  # noqa: BLE001 - a missing hub id, a truncated file, wrong shapes all end here
-        where = "a local model" if Path(src).exists() else "no such local path, so tried as a hub id"
+        if offline:
+            raise UserError(f"model {src!r} is not a local path and not in the local hub cache, and the hub is "
+                            "unreachable (offline): download it on a connected machine, or give a local folder")
+        where = "a local model" if local else "no such local path, so tried as a hub id"
         raise UserError(f"model not found or not loadable: {src!r} ({where}): {error_line(e)}")
     if not cfg.device_map:
         model.to(device)
@@ -660,16 +721,38 @@ def weights_dir(model: torch.nn.Module) -> Optional[Path]:
     return path if any(path.glob("*.safetensors")) else None
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json",
+               "pytorch_model.bin.index.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+               "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
+
+
 def model_identity(model: torch.nn.Module, label: str) -> dict:
     """What names the loaded weights for the resume fingerprint: the label, the source, and
-    (name, size, mtime) of every weight file, so weights replaced in place rerun the steps."""
+    (name, size, mtime) of every weight, config and tokenizer file, so weights replaced in place
+    rerun the steps. Only those: with --output-dir equal to the model folder, the run's own
+    results.json, report or manifest must not change the identity (it would never resume)."""
     src = getattr(model, "name_or_path", "") or label
     ident = {"label": label, "source": str(src), "commit": getattr(model.config, "_commit_hash", None)}
     wdir = weights_dir(model)
     if wdir is not None:
         ident["files"] = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(wdir.iterdir())
-                          if f.suffix in (".safetensors", ".json", ".bin")]
+                          if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.name in MODEL_FILES)]
     return ident
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Eval mode (no dropout) for the body, whatever mode the caller left the model in: a notebook
+    model in train mode would otherwise score differently on every call. Every module's own
+    flag is restored in ``finally``."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -192,6 +193,22 @@ def model_card(name: str, facts: Mapping, command: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+_SHARDS = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
+
+
+def _refuse_foreign_files(path: Path, new: Path) -> None:
+    """Replacing ``path`` by the new export ``new`` may remove only what an export writes: the
+    files it writes now, and weight shards of another shard size. Anything else (a user's
+    notes) stops the export, with the old folder intact."""
+    if not path.is_dir():
+        return
+    ours = {p.name for p in new.iterdir()}
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in ours and not _SHARDS.fullmatch(p.name))
+    if foreign:
+        raise C.UserError(f"{path} holds files this export would not write ({', '.join(foreign[:3])}"
+                          f"{', ...' if len(foreign) > 3 else ''}); move them out of it (nothing was changed)")
+
+
 def export_variants(model, tokenizer, variants: Mapping[str, object], out_dir, config: ExportConfig = ExportConfig(),
                     facts: Optional[Mapping[str, dict]] = None) -> ExportResult:
     """Write each variant (see ``llm_common.applied_variant``) as ``<out_dir>/<name>/``, atomically.
@@ -206,6 +223,7 @@ def export_variants(model, tokenizer, variants: Mapping[str, object], out_dir, c
             model.save_pretrained(tmp, max_shard_size=config.max_shard_size)
             tokenizer.save_pretrained(tmp)
             (tmp / "README.md").write_text(model_card(name, (facts or {}).get(name, {}), config.command))
+            _refuse_foreign_files(path, tmp)
             linears = C.decoder_linears(model).values()
             zeros, total = sum((m.weight == 0).sum().item() for m in linears), sum(m.weight.numel() for m in linears)
         files = sorted(p.name for p in path.iterdir())

@@ -267,8 +267,6 @@ def train(model, train_ids: torch.Tensor, cfg: FinetuneConfig, on_step: Optional
     tb = cfg.log_to == "tensorboard"
     accel = Accelerator(cpu=not on_cuda, log_with="tensorboard" if tb else None,
                         project_dir=str(Path(cfg.output_dir).parent / "tensorboard") if tb else None)
-    if tb:
-        accel.init_trackers("finetune")
     if cfg.mode == "lora":
         model = _wrap_lora(model, cfg)
     checkpointing = _needs_checkpointing(model, cfg)
@@ -283,6 +281,8 @@ def train(model, train_ids: torch.Tensor, cfg: FinetuneConfig, on_step: Optional
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                       fused=C.input_device(model).type in ("cuda", "cpu"))
         start, losses = _load_resume(model, optimizer, cfg)
+        if tb:  # resumed at ``start``: hide the points a killed run logged after its last checkpoint
+            accel.init_trackers("finetune", init_kwargs={"tensorboard": {"purge_step": start + 1} if start else {}})
         fwd = torch.compile(model) if cfg.compile else model
         if getattr(model, "hf_device_map", None) is None:
             fwd, optimizer = accel.prepare(fwd, optimizer)

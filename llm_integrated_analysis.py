@@ -44,12 +44,15 @@ log = logging.getLogger("llm.analysis")
 
 def lm_loss_fn(model, windows: torch.Tensor) -> Callable[[], torch.Tensor]:
     """Closure: mean token cross-entropy over windows [n, seq_len], in one batched forward
-    (equal-length windows, so the token mean equals the mean of the per-window means)."""
+    (equal-length windows, so the token mean equals the mean of the per-window means). The
+    forward runs in eval mode (no dropout: every Hessian product sees one function), and the
+    model is left in the mode the caller had."""
     dev = C.input_device(model)
 
     def loss():
         w = windows.to(dev)
-        return model(input_ids=w, labels=w, use_cache=False).loss.float().to(dev)
+        with C.eval_mode(model):
+            return model(input_ids=w, labels=w, use_cache=False).loss.float().to(dev)
 
     return loss
 

@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import json
 import logging
 import platform
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -59,13 +61,20 @@ class Run:
 # --------------------------------------------------------------------------- step adapters
 
 
+def _base_weights(run: Run):
+    """The unmodified weights, read back for the base row once the live model is fine-tuned: the
+    folder they were loaded from, else a copy in checkpoints/."""
+    base = C.weights_dir(run.model)
+    if base is None:
+        base = run.out / "checkpoints" / "base.safetensors"
+        C.save_tensors(base, C.named_tensors(run.model), metadata={"variant": "base"})
+    return base
+
+
 def _finetune(run: Run, mod, cfg) -> None:
     cfg = replace(cfg, output_dir=str(run.out / "finetuned"), base_model=run.label, data=run.texts["train"].source,
                   identity=fingerprint(run.results["model_identity"], run.texts["train"].sha256))
-    base = C.weights_dir(run.model)  # the unmodified weights, read back for the base row
-    if cfg.mode != "none" and base is None:
-        base = run.out / "checkpoints" / "base.safetensors"
-        C.save_tensors(base, C.named_tensors(run.model), metadata={"variant": "base"})
+    base = _base_weights(run) if cfg.mode != "none" else None
     run.model, res = mod.load_or_train_model(run.model, run.tokenizer, run.texts["train"], cfg)
     if res.mode != "none":
         run.variants, run.parents, run.live = {"base": base, "fine-tuned": None}, {"fine-tuned": "base"}, "fine-tuned"
@@ -110,6 +119,13 @@ def _zeroshot(run: Run, mod, cfg) -> None:
     run.results["zeroshot"] = asdict(mod.evaluate_zeroshot(run.model, run.tokenizer, run.variants, cfg, run.parents))
 
 
+def _exported(run: Run) -> bool:
+    """Whether every file the recorded export lists is still on disk."""
+    rec = run.results.get("export") or {}
+    return all((run.out / "export" / name / f).is_file() for name, v in (rec.get("variants") or {}).items()
+               for f in (v.get("files") or ()))
+
+
 def _export(run: Run, mod, cfg) -> None:
     facts = mod.variant_facts(run.results, {n: run.parents.get(n) for n in run.variants})
     run.results["export"] = asdict(mod.export_variants(run.model, run.tokenizer, run.variants, run.out / "export",
@@ -133,6 +149,7 @@ class Step:
     sections: tuple               # results.json keys it writes, restored when it is skipped
     corpora: tuple                # texts it reads: their hashes enter its fingerprint
     variant: Optional[str] = None  # the checkpointed variant it makes
+    outputs: Optional[Callable] = None  # (run) -> whether the files it wrote are still there; else it reruns
 
 
 # The registry: one row per step, in pipeline order. Configs: llm_config.STEP_CONFIGS; plots: llm_report.
@@ -142,7 +159,7 @@ STEPS = {
     "noise": Step("llm_robustness_test", _noise, ("noise",), ("eval", "train"), "noisy"),
     "eval": Step("llm_evaluate_models", _eval, ("perplexity", "evaluation", "protocol", "variants"), ("eval",)),
     "zeroshot": Step("llm_zeroshot", _zeroshot, ("zeroshot",), ()),
-    "export": Step("llm_export", _export, ("export",), ()),
+    "export": Step("llm_export", _export, ("export",), (), outputs=_exported),
     "adversarial": Step("llm_adversarial_test", _adversarial, ("adversarial",), ("eval",)),
     "analysis": Step("llm_integrated_analysis", _analysis, ("analysis",), ("train", "eval")),
 }
@@ -160,6 +177,8 @@ def _check_before_loading(cfg: PipelineConfig, out: Path) -> dict:
     C.resolve_dtype(rc.dtype, device)
     gpu = rc.budget == "gpu" or (rc.budget == "auto" and device.type == "cuda")
     configs = {s: getattr(cfg, s).resolved(gpu) for s in (rc.steps or ALL_STEPS)}
+    if "zeroshot" in configs:  # task YAMLs that run code need the same consent as model code
+        configs["zeroshot"] = replace(configs["zeroshot"], trust_remote_code=rc.trust_remote_code)
     for c in configs.values():
         c.validate()
     C.ensure_writable_dir(out, "--output-dir")
@@ -172,7 +191,18 @@ def _check_before_loading(cfg: PipelineConfig, out: Path) -> dict:
     return configs, texts, described
 
 
-def _start(cfg: PipelineConfig, out: Path, argv: list, texts: dict, described: dict) -> Run:
+def _command(cfg: PipelineConfig, argv: Optional[list]) -> str:
+    """The command line as a shell would take it back (shlex: spaces and ``;`` stay inside their
+    argument). Called from Python (a notebook: sys.argv is the kernel's), the config instead."""
+    if argv is not None:
+        return shlex.join(["python", "llm_main_v4.py", *map(str, argv)])
+    changed = {name: {k: v for k, v in asdict(part).items() if v != asdict(type(part)()).get(k)}
+               for name, part in vars(cfg).items()}
+    return "run_pipeline(PipelineConfig(...)) called from Python, not from the command line; config changed " \
+           "from the defaults: " + json.dumps(C.to_strict_json({k: v for k, v in changed.items() if v}), sort_keys=True)
+
+
+def _start(cfg: PipelineConfig, out: Path, argv: Optional[list], texts: dict, described: dict) -> Run:
     """Seed, load the model, and open the results with the run's provenance."""
     rc = cfg.run
     C.init_distributed_from_env()  # no-op unless started by accelerate launch / torchrun
@@ -189,7 +219,7 @@ def _start(cfg: PipelineConfig, out: Path, argv: list, texts: dict, described: d
                        versions=C.library_versions(), python=platform.python_version(), steps_done={},
                        model=run.label, parameters=sum(p.numel() for p in run.model.parameters()),
                        model_identity=C.model_identity(run.model, run.label), dataset=described)
-    run.results["manifest"] = {"command": "python llm_main_v4.py " + " ".join(argv), "git_commit": C.git_commit(),
+    run.results["manifest"] = {"command": _command(cfg, argv), "git_commit": C.git_commit(),
         "versions": run.results["versions"], "device": str(device), "dtype": dtype, "seeds": {"seed": rc.seed},
         "steps": {"load": {"wall_s": time.perf_counter() - t0, "peak_memory_mb": C.peak_memory_mb(device)}},
         "bookkeeping_s": 0.0}
@@ -205,11 +235,67 @@ def _fingerprint(run: Run, step: str, config, previous: str) -> str:
 
 
 def _restore(run: Run, step: str, previous: dict) -> bool:
-    """Reuse a skipped step's recorded sections and its variant, if that can still be had."""
+    """Reuse a skipped step's recorded sections and its variant, if that can still be had; a
+    step whose files are gone (a removed export) reruns."""
     for key in STEPS[step].sections:
         if key in previous:
             run.results[key] = previous[key]
+    if STEPS[step].outputs is not None and not STEPS[step].outputs(run):
+        log.info("step %s: its files are gone, running it again", step)
+        return False
     return step != "finetune" and (STEPS[step].variant is None or _attach(run, step))  # finetune reloads its model
+
+
+def _carry_over(run: Run, configs: dict, previous: dict) -> list:
+    """Keep what earlier runs into this directory recorded for the steps this run does not run
+    (``--steps zeroshot`` into a finished run keeps its perplexities, pruning and exports), and
+    re-attach their variants, so later steps still see them. Only results of this very model,
+    device and dtype are kept; others are set aside as a file, never dropped silently."""
+    done = previous.get("steps_done") or {}
+    others = [s for s in ALL_STEPS if s not in configs and s in done]
+    if not others:
+        return []
+    same = {k: C.to_strict_json(previous.get(k)) for k in ("model_identity", "device", "dtype")} == \
+        {k: C.to_strict_json(run.results.get(k)) for k in ("model_identity", "device", "dtype")}
+    if not same:
+        aside = run.out / f"results.json.other-model-{int(time.time())}"
+        C.write_json(aside, previous)
+        log.warning("the results of steps %s in %s were made from another model, device or dtype; not kept in "
+                    "results.json (saved as %s)", ", ".join(others), run.out, aside.name)
+        return []
+    for step in others:
+        for key in STEPS[step].sections:
+            if key in previous:
+                run.results[key] = previous[key]
+        run.results["steps_done"][step] = done[step]
+        if step == "finetune":
+            _carry_finetune(run)
+        elif STEPS[step].variant and isinstance(run.results.get(step), dict):
+            parent = run.results[step].get("parent", run.live)
+            if parent != run.live or not _attach(run, step):  # a mask or recipe applies to its parent only
+                run.variants.pop(STEPS[step].variant, None)
+                log.warning("the %s variant of the earlier run cannot be had (its file is gone or its parent "
+                            "%s is not live); later steps leave it out", STEPS[step].variant, parent)
+    log.info("kept the recorded results of steps %s (not run this time)", ", ".join(others))
+    return others
+
+
+def _carry_finetune(run: Run) -> None:
+    """The earlier run's fine-tuned model becomes the live model again, as when its step is
+    skipped, so that the variants derived from it (pruned, noisy) are what they were."""
+    ft, path = run.results.get("finetune") or {}, run.out / "finetuned"
+    if not isinstance(ft, dict) or ft.get("mode") in (None, "none"):
+        return
+    if not (path / "config.json").is_file():
+        log.warning("the earlier fine-tuned model %s is gone; later steps see the base model only", path)
+        return
+    base = _base_weights(run)
+    tensors, state = C.load_tensors(path), C.named_tensors(run.model)
+    with torch.no_grad():
+        for name, t in tensors.items():
+            if name in state:
+                state[name].copy_(t)
+    run.variants, run.parents, run.live = {"base": base, "fine-tuned": None}, {"fine-tuned": "base"}, "fine-tuned"
 
 
 def _attach(run: Run, step: str) -> bool:
@@ -226,17 +312,21 @@ def run_pipeline(cfg: PipelineConfig, argv: Optional[list] = None) -> dict:
     whose fingerprint matches the saved one is skipped and its recorded results kept. A second
     run on the same output directory is refused while this one holds its lock."""
     out = Path(cfg.run.output_dir)
-    configs, texts, described = _check_before_loading(cfg, out)
-    with C.output_lock(out):
-        return _run(cfg, argv, out, configs, texts, described)
+    with C.private_umask():
+        configs, texts, described = _check_before_loading(cfg, out)
+        with C.output_lock(out):
+            return _run(cfg, argv, out, configs, texts, described)
 
 
 def _run(cfg: PipelineConfig, argv: Optional[list], out: Path, configs: dict, texts: dict, described: dict) -> dict:
     previous = read_results(out)
     done_before = previous.get("steps_done", {})
-    run = _start(cfg, out, list(sys.argv[1:] if argv is None else argv), texts, described)
+    run = _start(cfg, out, None if argv is None else list(argv), texts, described)
     if "noise" in configs:  # a bad --noise-group fails now, not after hours of fine-tuning and pruning
         importlib.import_module(STEPS["noise"].module).select_params(run.model, configs["noise"].group)
+    if "prune" in configs:  # an N:M pattern the model's widths cannot take fails now, before calibration
+        importlib.import_module(STEPS["prune"].module).check_pattern_fits(run.model, configs["prune"].pattern)
+    run.results["manifest"]["carried_over"] = _carry_over(run, configs, previous)
     manifest, device = run.results["manifest"], C.input_device(run.model)
     prev_fp, chain_intact = "load", True
     for step, config in configs.items():
@@ -280,8 +370,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         C.setup_logging(cfg.run.log_level)
         with C.sigint_as_interrupt():  # --report-only and --compare: results.json files alone, no model
             out = Path(cfg.run.output_dir)
-            results = (rebuild_report(out) if cfg.run.report_only else compare_runs(cfg.run.compare, out)
-                       if cfg.run.compare else run_pipeline(cfg, argv))
+            with C.private_umask():
+                results = (rebuild_report(out) if cfg.run.report_only else compare_runs(cfg.run.compare, out)
+                           if cfg.run.compare else run_pipeline(cfg, sys.argv[1:] if argv is None else argv))
     except C.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ dropped and ``tokens_scored`` says how many tokens were counted.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from llm_common import UserError, auto_batch_size, free_memory_bytes, input_device, use_cache
+from llm_common import UserError, auto_batch_size, eval_mode, free_memory_bytes, input_device, use_cache
 from llm_config import EvalConfig
 
 log = logging.getLogger("llm.eval")
@@ -188,7 +189,14 @@ def evaluate_model(model, tokenizer, input_ids: torch.Tensor, config: EvalConfig
         reference: optional model with the same vocabulary, compared window by window
             (no logits are stored beyond one batch), or the list returned by
             ``reference_logprobs`` for the same ids and config.
+    Both models are scored in eval mode (no dropout) and left in the mode the caller had.
     """
+    ref_mode = eval_mode(reference) if isinstance(reference, torch.nn.Module) else contextlib.nullcontext()
+    with eval_mode(model), ref_mode:
+        return _evaluate_model(model, tokenizer, input_ids, config, reference)
+
+
+def _evaluate_model(model, tokenizer, input_ids: torch.Tensor, config: EvalConfig, reference) -> EvalResult:
     config = config.for_model(model)  # budgets by device, windows clamped to the context
     input_ids, plan, stride, batch_size = _prepare(input_ids, config, model)
     seq_len = config.seq_len

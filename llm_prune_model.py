@@ -47,6 +47,8 @@ class PruneResult:
     protected: list = field(default_factory=list)    # (module, row, col) kept unpruned
     super_weights: list = field(default_factory=list)  # detected for protect="auto"
     config: dict = field(default_factory=dict)       # the resolved PruneConfig
+    dampening_increased: dict = field(default_factory=dict)  # SparseGPT: linear -> dampening used, where
+    #                                                  H was not positive definite at --sparsegpt-percdamp
 
 
 def parse_pattern(pattern: str) -> Optional[tuple[int, int]]:
@@ -60,6 +62,19 @@ def parse_pattern(pattern: str) -> Optional[tuple[int, int]]:
     if not 0 < n < m:
         raise C.UserError(f"--sparsity-pattern {pattern}: need 0 < N < M")
     return n, m
+
+
+def check_pattern_fits(model, pattern: str) -> None:
+    """Refuse, right after loading and before calibration, an N:M pattern whose M does not divide
+    the input width of every decoder linear (no kernel can prune a partial group)."""
+    nm = parse_pattern(pattern)
+    if nm is None:
+        return
+    bad = sorted({C.weight_view(m).shape[1] for m in C.decoder_linears(model).values()} - {0})
+    bad = [w for w in bad if w % nm[1]]
+    if bad:
+        raise C.UserError(f"--sparsity-pattern {pattern}: the model's linear input widths {bad} are not multiples "
+                          f"of {nm[1]}; choose an M that divides them (2:4 and 4:8 fit most models)")
 
 
 # --------------------------------------------------------------------------- masks
@@ -106,25 +121,28 @@ def _protect(scores: torch.Tensor, coords: Iterable[tuple[int, int]]) -> torch.T
 @torch.no_grad()
 def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, pattern: str = "unstructured",
                     blocksize: int = 128, percdamp: float = 0.01,
-                    protect: Iterable[tuple[int, int]] = ()) -> torch.Tensor:
+                    protect: Iterable[tuple[int, int]] = (), return_damp: bool = False):
     """OBS pruning of one weight matrix, in place.
 
     Args:
         W: [out, in] weight (any float dtype); overwritten with the pruned, updated weight.
         H: [in, in] layer Hessian 2 X X^T / n_tokens accumulated in float32.
-    Returns the prune mask [out, in] (True = removed).
+    Returns the prune mask [out, in] (True = removed), and with ``return_damp`` the dampening
+    fraction that was used (above ``percdamp`` where H needed more to factor).
     """
     nm = parse_pattern(pattern)
+    if nm is not None and blocksize % nm[1]:
+        # An N:M group must not straddle two blocks. The N:M mask is chosen group by group in OBS
+        # order whatever the block, so rounding the block up to a multiple of M changes only how
+        # the updates are batched (the same arithmetic, regrouped), not which weights are pruned.
+        blocksize += nm[1] - blocksize % nm[1]
     Wf = W.float().clone()
     H = H.clone()
     cols = Wf.shape[1]
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     Wf[:, dead] = 0
-    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(cols, device=H.device)
-    # Upper Cholesky factor of H^-1: row i holds the OBS update for eliminating column i
-    # given that columns < i are already fixed.
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Hinv, used = inverse_hessian_factor(H, percdamp)
     protected = torch.zeros_like(Wf, dtype=torch.bool)
     for r, c in protect:
         protected[r, c] = True
@@ -160,7 +178,29 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, pattern: 
         full_mask[:, i1:i2] = mask1
         Wf[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the later columns
     W.copy_(Wf.to(W.dtype))
-    return full_mask
+    return (full_mask, used) if return_damp else full_mask
+
+
+MAX_DAMP_RETRIES = 6  # 10x more dampening each time: from 1e-5 of mean diag(H) to 10x it at most
+
+
+def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
+    """(upper Cholesky factor of (H + d I)^-1, the dampening fraction used), d = percdamp x mean
+    diag(H). Row i of the factor holds the OBS update for eliminating column i given that
+    columns < i are fixed. A Hessian that is not positive definite at ``percdamp`` (too few
+    calibration tokens, --sparsegpt-percdamp 0) gets SparseGPT's own remedy, more dampening:
+    10x more (at least 1e-5) until it factors, a bounded number of times; the caller records it."""
+    mean_diag, eye, damp = torch.mean(torch.diag(H)), torch.eye(H.shape[0], device=H.device), percdamp
+    for _ in range(MAX_DAMP_RETRIES + 1):
+        Hd = H + damp * mean_diag * eye
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if not info.item():
+            Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if not info.item() and torch.isfinite(Hinv).all():
+                return Hinv, damp
+        damp = max(10 * damp, 1e-5)
+    raise C.UserError(f"SparseGPT: a layer Hessian is not positive definite even with dampening {damp / 10:g} x "
+                      "mean diag(H) (non-finite activations?); try --prune-method wanda")
 
 
 # --------------------------------------------------------------------------- layer-wise driver
@@ -244,7 +284,8 @@ def _zero_(mod, mask: torch.Tensor) -> None:
         C.weight_view(mod)[mask.to(mod.weight.device)] = 0
 
 
-def _prune_by_scores(model, calib_windows: torch.Tensor, config: PruneConfig, protect: dict) -> Iterator:
+def _prune_by_scores(model, calib_windows: torch.Tensor, config: PruneConfig, protect: dict,
+                     damped: dict) -> Iterator:
     """magnitude and taylor, in place: scores of the whole model (taylor: gradients over the
     calibration windows), then one mask per matrix. Yields (block index, its linears) per block."""
     names_of = {m: n for n, m in model.named_modules()}
@@ -262,10 +303,12 @@ def _prune_by_scores(model, calib_windows: torch.Tensor, config: PruneConfig, pr
         yield i, linears
 
 
-def _prune_layerwise(model, calib_windows: torch.Tensor, config: PruneConfig, protect: dict) -> Iterator:
+def _prune_layerwise(model, calib_windows: torch.Tensor, config: PruneConfig, protect: dict,
+                     damped: dict) -> Iterator:
     """wanda and sparsegpt, in place, block by block as in their reference code: each block is
     pruned from its own calibration inputs and its pruned outputs feed the next block.
-    Yields (block index, its linears) per block."""
+    Yields (block index, its linears) per block; ``damped`` gets each linear whose SparseGPT
+    Hessian needed more dampening than asked, with the fraction used."""
     names_of = {m: n for n, m in model.named_modules()}
     inputs, kwargs = capture_block_inputs(model, calib_windows)
     layers = C.decoder_layers(model)
@@ -280,8 +323,10 @@ def _prune_layerwise(model, calib_windows: torch.Tensor, config: PruneConfig, pr
                 s = _protect(s, protect.get(full, ()))
                 _zero_(mod, mask_from_scores(s, config.sparsity, config.pattern, per_row=True))
             else:
-                sparsegpt_prune(W, stats[rel].to(W.device), config.sparsity, config.pattern,
-                                config.blocksize, config.percdamp, protect.get(full, ()))
+                _, used = sparsegpt_prune(W, stats[rel].to(W.device), config.sparsity, config.pattern,
+                                          config.blocksize, config.percdamp, protect.get(full, ()), return_damp=True)
+                if used != config.percdamp:
+                    damped[full] = used
         del stats
         with torch.no_grad():  # the pruned block's outputs feed the next block
             inputs = [_block_out(layer(h, **kwargs)).detach() for h in inputs]
@@ -304,6 +349,7 @@ def prune_model(model, tokenizer, calib: "C.Corpus | torch.Tensor", config: Prun
     Returns a PruneResult with the achieved sparsity per block and per matrix.
     """
     config = config.for_model(model)
+    check_pattern_fits(model, config.pattern)
     calib_windows = C.calibration_windows(tokenizer, calib, config.calib_samples, config.calib_seq_len, config.seed)
     coords, found = protected_coordinates(model, tokenizer, config.protect, config.super_weight_prompt)
     t0 = time.perf_counter()
@@ -320,7 +366,7 @@ def prune_model(model, tokenizer, calib: "C.Corpus | torch.Tensor", config: Prun
     names_of = {m: n for n, m in model.named_modules()}
     prune = _prune_by_scores if config.method in ("magnitude", "taylor") else _prune_layerwise
     total_zero = total = 0
-    for i, linears in prune(model, calib_windows, config, protect):
+    for i, linears in prune(model, calib_windows, config, protect, result.dampening_increased):
         z = n = 0
         for mod in linears.values():
             W = C.weight_view(mod)
@@ -330,6 +376,10 @@ def prune_model(model, tokenizer, calib: "C.Corpus | torch.Tensor", config: Prun
             z, n = z + nz, n + W.numel()
         result.per_layer[i] = z / n if n else 0.0
         total_zero, total = total_zero + z, total + n
+    if result.dampening_increased:
+        log.warning("SparseGPT: the Hessians of %d linears are not positive definite at --sparsegpt-percdamp %g; "
+                    "more dampening was used (up to %g; recorded in results: prune.dampening_increased)",
+                    len(result.dampening_increased), config.percdamp, max(result.dampening_increased.values()))
     result.overall_sparsity = total_zero / max(total, 1)
     result.seconds = time.perf_counter() - t0
     result.peak_memory_mb = C.peak_memory_mb(dev0)

@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 
 import markdown
 import matplotlib
+import matplotlib.text
 import numpy as np
 
 matplotlib.use("Agg")  # before pyplot: plots are files, never windows
@@ -46,6 +47,23 @@ def _float(x) -> float:
     """Like ``_num``, with nan for a missing value (matplotlib leaves a gap there)."""
     v = _num(x)
     return float("nan") if v is None else v
+
+
+def field(obj, *keys, kind=None, default=None):
+    """A field of a results.json that may come from another run, another version or a hostile
+    hand: ``obj[k1][k2]...``, or ``default`` where a level is missing or not a dict, or the value
+    is not of ``kind`` (a type or a tuple of types). Every field the report or the comparison
+    reads from another run's file goes through here, and every text of it through ``_text``."""
+    for k in keys:
+        if not isinstance(obj, dict) or k not in obj:
+            return default
+        obj = obj[k]
+    return default if kind is not None and not isinstance(obj, kind) else obj
+
+
+def _text(x) -> str:
+    """A field shown in a Markdown table or sentence: numbers formatted, everything escaped."""
+    return _esc(fmt(x)) if isinstance(x, (str, int, float)) or x is None else _esc(str(x))
 
 
 def _esc(text) -> str:
@@ -77,7 +95,7 @@ def _md_perplexity(results: dict) -> list[str]:
     for name, ev in results.get("evaluation", {}).items():
         parent = parents.get(name)
         ratio = _num(ev["perplexity"]) / _num(ppl[parent]) if _num(ppl.get(parent)) and _num(ev["perplexity"]) is not None else None
-        lines.append(f"| {name} | {parent or '-'} | {fmt(ev['perplexity'])} | {fmt(ratio)} | {fmt(ev['nll'])} | "
+        lines.append(f"| {_esc(name)} | {_text(parent)} | {fmt(ev['perplexity'])} | {fmt(ratio)} | {fmt(ev['nll'])} | "
                      f"{fmt(ev['bits_per_byte'])} | {ev['tokens_scored']} | {fmt(ev.get('kl'))} | "
                      f"{fmt(ev.get('top1_agreement'))} |")
     return lines
@@ -102,7 +120,7 @@ def _md_prune(results: dict) -> list[str]:
     pr = results.get("prune")
     if pr:
         lines += ["", "## Pruning", "",
-                  f"{pr['method']} {pr['pattern']}: achieved sparsity {fmt(pr['overall_sparsity'])} "
+                  f"{_text(pr['method'])} {_text(pr['pattern'])}: achieved sparsity {fmt(pr['overall_sparsity'])} "
                   f"(target {fmt(pr['target_sparsity'])}) in {fmt(pr['seconds'])} s, calibrated on "
                   f"{pr['calibration']['windows']} windows of {pr['calibration']['seq_len']} tokens.",
                   "", "![sparsity per layer](plots/prune_sparsity_per_layer.png)"]
@@ -116,7 +134,7 @@ def _md_noise(results: dict) -> list[str]:
     if nz:
         v, sw = nz["variant"], nz["sweep"]
         lines += ["", "## Weight noise", "",
-                  f"Noisy variant: {v['mode']} noise, eps={v['epsilon']}, group {v['group']} "
+                  f"Noisy variant: {_text(v['mode'])} noise, eps={_text(v['epsilon'])}, group {_text(v['group'])} "
                   f"({v['n_weights']} weights). Saturation (uniform guesser) = {fmt(sw['saturation'])}.", "",
                   f"The sweep is scored on {sw['clean'].get('token_set', 'a subset of the evaluation text')} "
                   f"(clean perplexity {fmt(sw['clean']['perplexity'])}).", "",
@@ -169,7 +187,7 @@ def _md_zeroshot(results: dict) -> list[str]:
         mean, parent = zs["mean"][name], parents.get(name)
         p = (zs["mean"].get(parent) or {}).get("acc")
         change = f"{100 * (mean['acc'] - p):+.1f}" if _num(p) is not None and _num(mean.get("acc")) is not None else "-"
-        lines.append(f"| {name} | {parent or '-'} | " + " | ".join(_acc(per_task.get(t)) for t in tasks)
+        lines.append(f"| {_esc(name)} | {_text(parent)} | " + " | ".join(_acc(per_task.get(t)) for t in tasks)
                      + f" | {_acc(mean)} | {change} | {_acc(mean, 'acc_norm')} |")
     return lines
 
@@ -293,7 +311,7 @@ def _md_manifest(results: dict) -> list[str]:
     lines: list[str] = []
     m = results.get("manifest", {})
     if m:
-        lines += ["", "## Run manifest", "", f"- command: `{m.get('command')}`", f"- git commit: {m.get('git_commit')}",
+        lines += ["", "## Run manifest", "", f"- command: {_text(m.get('command'))}", f"- git commit: {m.get('git_commit')}",
                   "- versions: " + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()), "",
                   "| step | wall time (s) | peak memory (MiB) | skipped (resumed) |", "|---|---|---|---|"]
         for step, st in m.get("steps", {}).items():
@@ -424,9 +442,16 @@ def _findings_attacks_and_analysis(results: dict) -> list[str]:
 def save_figure(fig, path: str | os.PathLike) -> Path:
     """Save a matplotlib figure atomically as PNG and close it."""
     path = Path(path)
-    with C.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    plt.close(fig)
+    # Labels are names from results.json (variants, modules, runs): a "$" in one must stay text,
+    # never matplotlib mathtext ("$\\frac{1}{$" would not parse). Ticks drawn later are made
+    # inside the context, the texts that already exist are switched off one by one.
+    for t in fig.findobj(matplotlib.text.Text):
+        t.set_parse_math(False)
+    try:
+        with plt.rc_context({"text.parse_math": False}), C.atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -626,6 +651,13 @@ def markdown_to_html(md: str, base: Path) -> str:
     # as text, never interpreted.
     conv.preprocessors.deregister("html_block")
     conv.inlinePatterns.deregister("html")
+    # No text becomes a link, whatever its scheme ([x](javascript:...), <http://...>, [x][ref]):
+    # the only reference a page holds is an embedded plots/*.png (``inline`` below).
+    for pattern in ("link", "reference", "short_reference", "autolink", "automail", "image_reference",
+                    "short_image_ref"):
+        if pattern in conv.inlinePatterns:
+            conv.inlinePatterns.deregister(pattern)
+    conv.parser.blockprocessors.deregister("reference")
     body = conv.convert(md)
 
     plots = (Path(base) / "plots").resolve()
@@ -691,7 +723,7 @@ def rebuild_report(out: Path) -> dict:
     try:
         results["plots"] = make_plots(results, out)
         write_report(results, out)
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError) as e:
         raise C.UserError(f"--report-only: {out / 'results.json'} has an unexpected shape "
                           f"({C.error_line(e, 120)})")
     C.write_json(Path(out) / "results.json", results)
@@ -702,50 +734,67 @@ def rebuild_report(out: Path) -> dict:
 
 
 def _finished_run(d: Path) -> dict:
-    """A finished run's results.json, read without touching its directory."""
+    """A finished run's results.json, read without touching its directory: a regular file of
+    bounded size only (a FIFO or a link to /dev/zero is refused, never waited on or read)."""
     try:
         res = C.read_json(Path(d) / "results.json")
     except (OSError, ValueError):
         res = None
-    if not isinstance(res, dict) or not isinstance(res.get("perplexity"), dict) or not res["perplexity"]:
-        raise C.UserError(f"--compare: {d} holds no finished evaluation (a results.json with perplexities)")
+    if not isinstance(res, dict) or not field(res, "perplexity", kind=dict):
+        raise C.UserError(f"--compare: {d} holds no finished evaluation (a regular results.json with perplexities)")
     return res
+
+
+def short_names(paths: Sequence) -> list[str]:
+    """The shortest path suffixes that tell the runs apart (exp1/data, exp2/data), for labels."""
+    parts = [Path(str(p)).parts or (str(p),) for p in paths]
+    for k in range(1, max(map(len, parts), default=1) + 1):
+        names = ["/".join(p[-k:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [f"{n} #{i + 1}" for i, n in enumerate(map(str, paths))]  # the same folder named twice
 
 
 def compare_runs(dirs: Sequence, out: Path) -> dict:
     """One table and one plot across finished runs, from their results.json alone: per run the
     model, the pruning and the noise, and every variant's perplexity with its ratio to the
-    variant's parent. Writes ``<out>/compare.md``, ``compare.html`` and ``plots/compare.png``."""
+    variant's parent. Writes ``<out>/compare.md``, ``compare.html`` and ``plots/compare.png``.
+    Another run's file is read through ``field`` and ``_text``: a missing or wrongly typed field
+    shows as "-", and no text of it becomes a link, an image or HTML."""
     out = Path(out)
     rows = []
-    for d in dirs:
+    for d, label in zip(dirs, short_names(dirs)):
         res = _finished_run(Path(d))
-        pr, nz = res.get("prune") or {}, (res.get("noise") or {}).get("variant") or {}
-        rows.append({"run": str(d), "model": res.get("model", "?"),
-                     "pruning": f"{pr['method']} {pr['pattern']} {fmt(pr['overall_sparsity'])}" if pr else "-",
-                     "noise": f"{nz['mode']} eps={nz['epsilon']}" if nz else "-",
-                     "perplexity": res["perplexity"], "parents": res.get("variants") or {},
-                     "zeroshot": {v: m.get("acc") for v, m in ((res.get("zeroshot") or {}).get("mean") or {}).items()}})
+        pr, nz = field(res, "prune", kind=dict), field(res, "noise", "variant", kind=dict)
+        means = field(res, "zeroshot", "mean", kind=dict, default={})
+        rows.append({"run": str(d), "label": label, "model": field(res, "model", default="?"),
+                     "pruning": " ".join(_text(field(pr, k)) for k in ("method", "pattern", "overall_sparsity"))
+                     if pr else "-",
+                     "noise": f"{_text(field(nz, 'mode'))} eps={_text(field(nz, 'epsilon'))}" if nz else "-",
+                     "perplexity": {str(k): _num(v) for k, v in res["perplexity"].items()},
+                     "parents": {str(k): v for k, v in field(res, "variants", kind=dict, default={}).items()
+                                 if isinstance(v, str)},
+                     "zeroshot": {str(v): _num(field(m, "acc")) for v, m in means.items()}})
     variants = list(dict.fromkeys(v for r in rows for v in r["perplexity"]))
     lines = ["# Comparison of runs", "", "Perplexity of each variant; in brackets, its ratio to its parent "
              "variant in the same run.", "",
-             "| run | model | pruning | noise | " + " | ".join(variants) + " |", "|---" * (4 + len(variants)) + "|"]
+             "| run | model | pruning | noise | " + " | ".join(map(_esc, variants)) + " |",
+             "|---" * (4 + len(variants)) + "|"]
     for r in rows:
         cells = []
         for v in variants:
-            p, parent = _num(r["perplexity"].get(v)), r["parents"].get(v)
-            q = _num(r["perplexity"].get(parent))
+            p, q = r["perplexity"].get(v), r["perplexity"].get(r["parents"].get(v))
             cells.append(fmt(p) + (f" (x{fmt(p / q)})" if p is not None and q else ""))
-        lines.append(f"| {_esc(r['run'])} | {_esc(r['model'])} | {r['pruning']} | {r['noise']} | "
+        lines.append(f"| {_esc(r['run'])} | {_text(r['model'])} | {r['pruning']} | {r['noise']} | "
                      + " | ".join(cells) + " |")
     if any(r["zeroshot"] for r in rows):
         lines += ["", "Zero-shot mean accuracy (%) of each variant, over the tasks each run evaluated; in brackets, "
-                  "the change against its parent.", "", "| run | " + " | ".join(variants) + " |",
+                  "the change against its parent.", "", "| run | " + " | ".join(map(_esc, variants)) + " |",
                   "|---" * (1 + len(variants)) + "|"]
         for r in rows:
             cells = []
             for v in variants:
-                a, b = _num(r["zeroshot"].get(v)), _num(r["zeroshot"].get(r["parents"].get(v)))
+                a, b = r["zeroshot"].get(v), r["zeroshot"].get(r["parents"].get(v))
                 cells.append("-" if a is None else f"{100 * a:.1f}" + (f" ({100 * (a - b):+.1f})" if b is not None else ""))
             lines.append(f"| {_esc(r['run'])} | " + " | ".join(cells) + " |")
     lines += ["", "![comparison](plots/compare.png)"]
@@ -767,7 +816,7 @@ def plot_comparison(rows: list, variants: list, path) -> Path:
     for ax, (key, label, log_scale) in zip(axes[0], panels):
         for k, r in enumerate(rows):
             ys = [_float((r.get(key) or {}).get(v)) for v in variants]
-            ax.bar([i + k * width for i in range(len(variants))], ys, width, label=Path(r["run"]).name)
+            ax.bar([i + k * width for i in range(len(variants))], ys, width, label=r.get("label") or r["run"])
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(variants))], variants)
         if log_scale:
             ax.set_yscale("log")

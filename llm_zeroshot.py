@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 import importlib.metadata
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Mapping, Optional
@@ -141,6 +143,11 @@ def evaluate_zeroshot(model, tokenizer, variants: Mapping[str, object], config: 
         if offline and res.unavailable:
             log.warning("the hub is unreachable: only tasks in the local datasets cache can be evaluated")
         if not names:
+            unknown = [t for t in config.tasks if t not in manager.all_tasks and not os.path.isfile(os.path.expanduser(t))]
+            if unknown:  # a misspelled name is the user's error, not missing data: stop, as lm-eval's CLI does
+                close = {t: difflib.get_close_matches(t, manager.all_tasks, n=1) for t in unknown}
+                raise C.UserError("--tasks: no requested task could run; lm-eval knows no task named " + ", ".join(
+                    f"{t!r}" + (f" (did you mean {close[t][0]!r}?)" if close[t] else "") for t in unknown))
             res.status, res.reason = "unavailable", "no task could be loaded (see unavailable)"
             return res
         batch = config.batch_size or ("auto" if C.is_cuda_model(model) else 1)

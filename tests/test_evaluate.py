@@ -130,3 +130,28 @@ def test_bad_eval_config(tok, kw, msg, tiny_llama):
     ids = tokenize_corpus(tok, "a short corpus of text")
     with pytest.raises(UserError, match=msg):
         evaluate_model(tiny_llama(), tok, ids, EvalConfig(max_new_tokens=0, progress=False, **kw))
+
+
+def test_evaluation_and_hessian_run_in_eval_mode_and_restore_the_callers_mode(tiny_llama, tok):
+    """A notebook model left in train mode (dropout on) scores the same on every call, as in eval
+    mode, and is handed back in train mode."""
+    import llm_common as C
+    from llm_config import EvalConfig
+    from llm_integrated_analysis import hutchinson_trace, lm_loss_fn
+    from llm_perplexity import evaluate_model
+
+    m = tiny_llama(attention_dropout=0.5)
+    ids = torch.randint(0, 256, (256,), generator=torch.Generator().manual_seed(0))
+    cfg = EvalConfig(seq_len=32, eval_tokens=128, max_new_tokens=0, progress=False)
+    ref = evaluate_model(m, tok, ids, cfg).perplexity
+    m.train()
+    assert [evaluate_model(m, tok, ids, cfg).perplexity for _ in range(2)] == [ref, ref]
+    assert m.training and all(x.training for x in m.modules())
+    params = {n: p for n, p in m.named_parameters() if n.endswith("q_proj.weight")}
+    with C.attention_implementation(m, "eager"):  # double backward, as the analysis step runs it
+        traces = [hutchinson_trace(lm_loss_fn(m, ids[:64].view(2, 32)), params, max_probes=2, min_probes=2,
+                                   progress=False).total for _ in range(2)]
+    assert traces[0] == traces[1] and m.training
+    with C.eval_mode(m):
+        assert not m.training
+    assert m.training

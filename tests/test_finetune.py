@@ -211,3 +211,25 @@ def test_a_bf16_lora_merge_keeps_the_whole_update(tmp_path, tok, tiny_llama, sam
             assert err > 1e-4  # bf16 rounding of the merged weights
         reloaded, again = load_or_train_model(tiny_llama().to(torch.bfloat16), tok, ids, cfg)  # finished: loaded
         assert again.loaded_existing and next(reloaded.parameters()).dtype == getattr(torch, res.merge["dtype"])
+
+
+def test_tensorboard_after_resume_has_each_step_once(tok, sample_text, tmp_path, tiny_llama):
+    """Row 14: killed at step 5 after a checkpoint at step 4, resumed: TensorBoard's reader sees
+    steps 1..8 once each (the points the killed run logged past its checkpoint are purged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _cfg(tmp_path, "ft", steps=8, save_every=4, log_every=1, log_to="tensorboard")
+    ids = _ids(tok, sample_text)
+
+    def kill(step):
+        if step == 6:
+            raise Killed
+
+    with pytest.raises(Killed):
+        load_or_train_model(tiny_llama(), tok, ids, cfg, on_step=kill)
+    _, res = load_or_train_model(tiny_llama(), tok, ids, cfg)
+    assert res.resumed_from_step == 4
+    acc = EventAccumulator(str(tmp_path / "tensorboard" / "finetune")).Reload()
+    loss = acc.Scalars("train/loss")
+    assert [e.step for e in loss] == list(range(1, 9))
+    assert [e.value for e in loss] == pytest.approx(res.train_losses, rel=1e-6)

@@ -269,3 +269,45 @@ def test_full_pipeline_on_tiny_model(tiny_dir, corpus_file, tmp_path):
     steps = res2["manifest"]["steps"]
     assert all(steps[s]["skipped"] for s in ("prune", "noise", "eval", "adversarial", "analysis"))
     assert res2["perplexity"] == res["perplexity"]
+
+
+def test_the_recorded_command_is_shell_quoted_and_python_calls_record_their_config(tiny_run_dir, tmp_path,
+                                                                                    pipeline_config):
+    """Row 8: a path with spaces and a hostile --tasks come back as one argument each; from a
+    notebook (no argv) the record says it came from Python and holds the config, not the kernel's argv."""
+    import shlex
+    import sys
+
+    import llm_main_v4 as M
+
+    out = tmp_path / "with space; touch x"
+    args = ["--model", str(tiny_run_dir / "model"), "--dataset", str(tiny_run_dir / "text.txt"), "--steps", "eval",
+            "--seq-len", "32", "--eval-tokens", "64", "--max-new-tokens", "1", "--output-dir", str(out),
+            "--log-level", "WARNING"]
+    assert M.main(args) == 0
+    cmd = json.loads((out / "results.json").read_text())["manifest"]["command"]
+    assert shlex.split(cmd) == ["python", "llm_main_v4.py", *args]
+    old = sys.argv
+    sys.argv = ["ipykernel_launcher.py", "-f", "/tmp/kernel-1234.json"]
+    try:
+        res = M.run_pipeline(pipeline_config(tiny_run_dir / "model", tiny_run_dir / "text.txt", tmp_path / "nb",
+                                             steps=("eval",), eval={"seq_len": 16}))
+    finally:
+        sys.argv = old
+    cmd = res["manifest"]["command"]
+    assert "kernel-1234" not in cmd and "from Python" in cmd and '"seq_len": 16' in cmd
+
+
+def test_a_hub_id_offline_fails_fast_in_one_line(tmp_path, capsys, monkeypatch):
+    import time
+
+    import llm_common as C
+    import llm_main_v4 as M
+
+    monkeypatch.setattr(C, "hub_reachable", lambda timeout=3.0: False)
+    t = time.perf_counter()
+    assert M.main(["--model", "no-such-org/no-such-model", "--dataset", "embedded", "--steps", "eval",
+                   "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "offline" in err and "Traceback" not in err
+    assert time.perf_counter() - t < 20

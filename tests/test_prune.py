@@ -152,3 +152,56 @@ def test_block_inputs_carry_no_cache_and_protection_names_must_exist(tiny_llama,
     with pytest.raises(C.UserError, match="outside"):
         prune_model(m, tok, torch.randint(0, 256, (2, 16)),
                     PruneConfig(protect=(("model.layers.0.mlp.down_proj", 10_000, 2),), progress=False))
+
+
+# Every accepted combination of SparseGPT's flags with N:M patterns and block sizes (issue 22,
+# row 12): it is refused before loading (validate) or after loading but before calibration
+# (check_pattern_fits), or it runs to the requested sparsity. 1 calibration window of 8
+# tokens gives a rank-deficient Hessian, so percdamp 0 needs the dampening retry.
+SPARSEGPT_PATTERNS = ("unstructured", "1:2", "2:4", "4:8", "1:32", "3:6", "2:5", "2:1024")
+SPARSEGPT_BLOCKS = (1, 3, 4, 7, 64, 65536)
+SPARSEGPT_DAMPS = (0.0, 1e-12, 0.01, 10.0)
+
+
+def test_every_sparsegpt_flag_combination_runs_or_is_refused_early(tiny_llama):
+    from llm_prune_model import check_pattern_fits
+
+    model = tiny_llama(hidden=32, layers=1)  # linear input widths 32 and 64
+    calib = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    ran = refused = retried = 0
+    for pattern in SPARSEGPT_PATTERNS:
+        for blocksize in SPARSEGPT_BLOCKS:
+            for percdamp in SPARSEGPT_DAMPS:
+                cfg = PruneConfig(method="sparsegpt", pattern=pattern, blocksize=blocksize, percdamp=percdamp,
+                                  calib_samples=1, calib_seq_len=8, progress=False)
+                try:
+                    cfg.validate()
+                    check_pattern_fits(model, pattern)
+                except C.UserError:
+                    refused += 1
+                    continue
+                m = copy.deepcopy(model)
+                res = prune_model(m, None, calib, cfg)
+                n_m = None if pattern == "unstructured" else [int(x) for x in pattern.split(":")]
+                target = 0.5 if n_m is None else 1 - n_m[0] / n_m[1]
+                assert res.overall_sparsity == pytest.approx(target, abs=0.02), (pattern, blocksize, percdamp)
+                assert all(torch.isfinite(p).all() for p in m.parameters())
+                retried += bool(res.dampening_increased)
+                assert all(v > percdamp for v in res.dampening_increased.values())
+                ran += 1
+    assert ran + refused == len(SPARSEGPT_PATTERNS) * len(SPARSEGPT_BLOCKS) * len(SPARSEGPT_DAMPS) == 192
+    assert refused == 3 * len(SPARSEGPT_BLOCKS) * len(SPARSEGPT_DAMPS)  # M = 6, 5, 1024 do not divide 32
+    assert retried > 0  # percdamp 0 on a rank-8 Hessian: retried with more dampening, and recorded
+
+
+def test_a_singular_hessian_is_damped_more_and_recorded():
+    from llm_prune_model import inverse_hessian_factor
+
+    X = torch.randn(16, 3)
+    H = 2 * X @ X.T / 3  # rank 3 of 16
+    with pytest.raises(RuntimeError):
+        torch.linalg.cholesky(H)
+    Hinv, used = inverse_hessian_factor(H, 0.0)
+    assert used > 0 and torch.isfinite(Hinv).all()
+    with pytest.raises(C.UserError, match="not positive definite"):
+        inverse_hessian_factor(torch.full((4, 4), float("nan")), 0.01)

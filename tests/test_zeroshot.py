@@ -225,3 +225,53 @@ def test_without_lm_eval_the_step_says_so_and_the_report_shows_it(tiny_llama, to
     assert res.status == "unavailable" and "pip install lm_eval" in res.reason and res.tasks == {}
     md = llm_report.report_markdown({"zeroshot": dataclasses.asdict(res)})
     assert "## Zero-shot accuracy" in md and "**Not measured:** lm-eval is not installed" in md
+
+
+def test_task_yamls_that_run_python_need_trust_remote_code(tmp_path, tiny_run_dir, capsys):
+    """Row 6: a local task with !function (Python beside it) is refused in one line before the
+    model loads, in the folder or named by path, and accepted with --trust-remote-code."""
+    import llm_main_v4 as M
+
+    write_local_task(tmp_path / "t")
+    yml = tmp_path / "t" / "tiny_qa.yaml"
+    yml.write_text(yml.read_text() + "process_docs: !function evil.process_docs\n")
+    (tmp_path / "t" / "evil.py").write_text("import pathlib\npathlib.Path(__file__).with_name('RAN').touch()\n"
+                                            "def process_docs(ds):\n    return ds\n")
+    base = ["--model", str(tiny_run_dir / "model"), "--dataset", str(tiny_run_dir / "text.txt"), "--steps",
+            "zeroshot", "--output-dir", str(tmp_path / "out"), "--log-level", "WARNING"]
+    for spec in (["--tasks", "tiny_qa", "--tasks-include", str(tmp_path / "t")], ["--tasks", str(yml)]):
+        assert M.main(base + spec) == 2
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and "!function" in err and "--trust-remote-code" in err
+        assert not (tmp_path / "t" / "RAN").exists()
+    files, code = __import__("llm_config").local_task_files((str(yml),), None)
+    assert code == [str(yml)] and str(tmp_path / "t" / "evil.py") in files  # its code is fingerprinted too
+    ok = ZeroShotConfig(tasks=(str(yml),), trust_remote_code=True)
+    ok.validate()
+
+
+@pytest.mark.parametrize("kind", ["dangling_data", "fifo_data", "dangling_yaml", "fifo_yaml"])
+def test_non_regular_files_in_the_task_folder_never_hang(tmp_path, kind):
+    """Row 10: a dangling link or a FIFO in --tasks-include: skipped when it is not a task YAML,
+    one error line when it is; never a traceback from the fingerprint, never a hang."""
+    import os
+
+    write_local_task(tmp_path)
+    name = tmp_path / ("notes.txt" if kind.endswith("data") else "other.yaml")
+    if kind.startswith("dangling"):
+        name.symlink_to(tmp_path / "gone")
+    else:
+        os.mkfifo(name)
+    cfg = ZeroShotConfig(tasks=("tiny_qa",), include_path=str(tmp_path))
+    if kind.endswith("data"):
+        cfg.validate()
+        assert "task_files_sha256" in cfg.fingerprint_dict()
+    else:
+        with pytest.raises(C.UserError, match="not a regular file"):
+            cfg.validate()
+
+
+def test_a_misspelled_task_stops_with_one_line(local_task, tiny_llama, tok):
+    """lm-eval's own CLI stops on an unknown name; so do we when no requested task could run."""
+    with pytest.raises(C.UserError, match="hellaswagg.*did you mean 'hellaswag'"):
+        Z.evaluate_zeroshot(tiny_llama(), tok, {"base": None}, ZeroShotConfig(enabled=True, tasks=("hellaswagg",)))
