@@ -1163,11 +1163,10 @@ def json_corpus(path: Path, split: str, files: Sequence[str]) -> Corpus:
     """A local C4-style shard (``.json``, ``.jsonl`` or ``.json.gz`` rows with a ``text`` field,
     or a folder of them) as a document corpus, sampled exactly like ``c4``. ``datasets``
     converts it to a memory-mapped table once (cached); rows are then read by index."""
-    import datasets
-
-    datasets.disable_progress_bars()
     try:
-        ds = datasets.load_dataset("json", data_files=list(files), split="train")
+        with datasets_offline(True) as datasets:  # a local file: nothing to ask the hub
+            datasets.disable_progress_bars()
+            ds = datasets.load_dataset("json", data_files=list(files), split="train")
     except Exception as e:  # noqa: BLE001 - malformed JSON fails inside the builder
         raise UserError(f"corpus {path} is not JSON lines ({error_line(e, 120)})")
     if "text" not in ds.column_names:
@@ -1214,13 +1213,12 @@ def load_corpus(name: str, split: str = "test", fallback: bool = True) -> Corpus
     files = _text_files(path)
     if all(f.endswith(JSON_SUFFIXES) for f in files):
         return json_corpus(path, split, files)
-    import datasets
-
-    datasets.disable_progress_bars()  # a one-file "split generation" bar is noise
     # sample_by="document" keeps each file whole, line breaks included, so that the
     # text matches the file byte for byte.
     try:
-        ds = datasets.load_dataset("text", data_files=files, sample_by="document", split="train")
+        with datasets_offline(True) as datasets:  # a local file: nothing to ask the hub
+            datasets.disable_progress_bars()  # a one-file "split generation" bar is noise
+            ds = datasets.load_dataset("text", data_files=files, sample_by="document", split="train")
     except Exception as e:  # noqa: BLE001 - binary or UTF-16 files fail inside the builder
         raise UserError(f"corpus {path} is not readable as UTF-8 text ({type(e).__name__})")
     text = "\n\n".join(ds["text"])
