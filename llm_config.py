@@ -54,7 +54,7 @@ SUPER_WEIGHT_PROMPT = "Apple Inc. is a worldwide tech company."
 # calibration, full WikiText-2, 20-step PGD, 100-step GCG) for a 7B model on one card.
 BUDGETS: dict[str, tuple] = {
     "finetune.steps": (16, 500), "finetune.batch_size": (4, 8), "finetune.seq_len": (128, 1024),
-    "prune.calib_samples": (8, 128), "prune.calib_seq_len": (512, 2048),
+    "prune.calib_samples": (8, 128), "prune.calib_seq_len": (512, 2048), "prune.allocation_windows": (2, 8),
     "noise.sweep_tokens": (512, 16384), "noise.sweep_seq_len": (512, 2048),
     "noise.fisher_windows": (4, 32), "noise.fisher_seq_len": (256, 2048),
     "noise.map": (False, True), "noise.map_tokens": (128, 16384),
@@ -369,11 +369,26 @@ class PruneConfig(StepConfig):
     calib_seq_len: Optional[int] = knob(None, "tokens per calibration window", flag="--calib-seq-len", bounds="[2,1000000]", context=True)
     super_weight_prompt: str = knob(SUPER_WEIGHT_PROMPT, "prompt of the super-weight detector",
                                     flag="--super-weight-prompt")
+    allocation: str = knob("uniform", "per-layer sparsity: uniform, owl (Yin et al. 2024: layers with more "
+                                      "activation outliers keep more), or ours, hessian / fisher (more curvature per "
+                                      "weight keeps more); non-uniform ones stay within target +- 2 x --owl-lambda and "
+                                      "prune exactly the target overall", flag="--sparsity-allocation",
+                           choices=("uniform", "owl", "hessian", "fisher"))
+    owl_m: float = knob(5.0, "OWL's M: a Wanda score above M x its layer's mean is an outlier (5 in the OWL "
+                             "paper's LLaMA runs; its code's argparse default is 3)", flag="--owl-m", bounds=">0")
+    owl_lambda: float = knob(0.08, "OWL's lambda: layer sparsities span 2 lambda around the target (all "
+                                   "non-uniform allocations)", flag="--owl-lambda", bounds="[0,0.5]")
+    allocation_windows: Optional[int] = knob(None, "calibration windows of the hessian / fisher allocation",
+                                             bounds="[1,1000000]")
+    allocation_probes: int = knob(8, "Hutchinson probes of the hessian allocation", bounds="[1,100000]")
     seed: int = knob(0, "seed", flag="--seed", bounds="[0,4294967295]")
     progress: bool = knob(True, "progress bars", cli=False, results=False)
 
     def check(self) -> None:
         _check_pattern(self.pattern)
+        if self.allocation != "uniform" and self.pattern != "unstructured":
+            raise UserError(f"--sparsity-allocation {self.allocation} needs --sparsity-pattern unstructured: "
+                            f"{self.pattern} fixes every layer at the same sparsity")
 
 
 NOISE_MODES = ("absolute", "relative", "multiplicative", "bitflip")

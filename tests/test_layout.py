@@ -22,7 +22,7 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
-SHARED = {"llm_report", "llm_common", "llm_config", "llm_perplexity", "llm_sensitivity"}
+SHARED = {"llm_report", "llm_common", "llm_config", "llm_perplexity", "llm_sensitivity", "llm_compress"}
 
 
 @pytest.mark.parametrize("module", sorted(STEPS | SHARED))
