@@ -18,6 +18,7 @@ step's RTN study all run on these, so each lives here once:
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -283,6 +284,54 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     kept = Qfinal[K].to(W.dtype) if keep is not None else None
     return Quantized(codes[:, inv], scales.float(), zeros.float(), g_idx, K if keep is not None else None, kept,
                      damp, Qfinal)
+
+
+# --------------------------------------------------------------------------- compact storage
+
+_PARTS = ("codes", "scale", "zero", "g_idx")
+
+
+def save_codes(out, name: str, quantized: dict) -> dict:
+    """Store a quantized variant compactly in ``<out>/checkpoints/<name>.safetensors``: per weight
+    its uint8 codes, fp32 scales and zeros per group, int32 column groups, and the flat indices
+    and values of the weights kept in full precision. Returns its record for results.json."""
+    path, tensors = Path(out) / "checkpoints" / f"{name}.safetensors", {}
+    for pname, q in quantized.items():
+        for part in _PARTS:
+            tensors[f"{pname}::{part}"] = getattr(q, part).contiguous()
+        if q.keep is not None:
+            tensors[f"{pname}::kept_index"] = q.keep.flatten().nonzero().flatten().to(torch.int64)
+            tensors[f"{pname}::kept"] = q.kept
+    C.save_tensors(path, tensors, metadata={"variant": name, "format": "codes"})
+    return {"checkpoint": str(path.relative_to(out)), "format": "codes"}
+
+
+def load_codes(path) -> dict:
+    """The ``Quantized`` records that ``save_codes`` wrote, by parameter name."""
+    t = C.load_tensors(path)
+    out = {}
+    for key in t:
+        pname, part = key.rsplit("::", 1)
+        if part != "codes":
+            continue
+        q = Quantized(*(t[f"{pname}::{p}"] for p in _PARTS))
+        if f"{pname}::kept_index" in t:
+            keep = torch.zeros(q.codes.numel(), dtype=torch.bool)
+            keep[t[f"{pname}::kept_index"]] = True
+            q.keep, q.kept = keep.reshape(q.codes.shape), t[f"{pname}::kept"]
+        out[pname] = q
+    return out
+
+
+def coded_weights(model, path):
+    """Context manager: the model with the stored quantized weights (dequantized into each
+    weight's dtype, bit for bit what the quantizer wrote), restored on exit."""
+    state = C.named_tensors(model)
+    tensors = {}
+    for pname, q in load_codes(path).items():
+        mod = model.get_submodule(pname.rsplit(".", 1)[0])
+        tensors[pname] = C.out_in(mod, q.dequantize(state[pname].dtype))  # back to the module's layout
+    return C.swapped_weights(model, tensors)
 
 
 # --------------------------------------------------------------------------- allocation
