@@ -183,6 +183,7 @@ def test_quantized_variant_through_the_pipeline(qsetup, pipeline_config, method,
     else:
         assert q["avg_code_bits"] <= 3.5 + 1e-9 and set(q["bits"].values()) <= {2, 3, 4, 8}
     assert q["avg_bits"] > q["avg_code_bits"]  # scales and zeros counted
+    assert res["plots"]["quantize"] == "plots/quantize_bits_per_layer.png" and "quantized" in res["export"]["variants"]
     # The compact record rebuilds the weights bit for bit: the export holds what the step wrote.
     model, tok, _ = C.load_model(C.LoadConfig(model=str(qsetup / "model")))
     with LC.coded_weights(model, out / q["checkpoint"]):
