@@ -376,7 +376,7 @@ class PruneConfig(StepConfig):
                                       "prune exactly the target overall", flag="--sparsity-allocation",
                            choices=("uniform", "owl", "hessian", "fisher"))
     owl_m: float = knob(5.0, "OWL's M: a Wanda score above M x its layer's mean is an outlier (5 in the OWL "
-                             "paper's LLaMA runs; its code's argparse default is 3)", flag="--owl-m", bounds=">0")
+                             "paper's LLaMA runs; its code's argparse default is 3)", flag="--owl-m", bounds="(0,1000]")
     owl_lambda: float = knob(0.08, "OWL's lambda: layer sparsities span 2 lambda around the target (all "
                                    "non-uniform allocations)", flag="--owl-lambda", bounds="[0,0.5]")
     allocation_windows: Optional[int] = knob(None, "calibration windows of the hessian / fisher allocation",

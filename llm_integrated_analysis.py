@@ -39,6 +39,7 @@ from llm_sensitivity import (HessianOperator, SuperWeight, TraceResult, detect_s
                              hutchinson_trace, hvp, lm_loss_fn, protect_top_fraction, rel_stderr_of, stderr_of)
 
 log = logging.getLogger("llm.analysis")
+_rel_stderr, _stderr = rel_stderr_of, stderr_of  # their old names here (the Hutchinson code now lives in llm_sensitivity)
 
 
 # --------------------------------------------------------------------------- Hessian
