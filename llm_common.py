@@ -497,15 +497,19 @@ def store_variant(out: Path, name: str, model: torch.nn.Module, changed: Sequenc
     return {"checkpoint": str(path.relative_to(out)), "format": "mask" if mask else "tensors"}
 
 
-def variant_weights(out: Path, record: dict, from_recipe: Optional[Callable] = None):
+def variant_weights(out: Path, record: dict, from_recipe: Optional[Callable] = None,
+                    from_codes: Optional[Callable] = None):
     """A variant as the evaluation takes it, from its record in results.json: ``from_recipe(recipe)``
-    for a regenerable one, a context manager for a mask, the checkpoint path for tensors; None
-    when the file is gone or lies outside ``<out>/checkpoints`` (paths there are never trusted)."""
+    for a regenerable one, a context manager for a mask, ``from_codes(path)`` for quantization
+    codes, the checkpoint path for tensors; None when the file is gone or lies outside
+    ``<out>/checkpoints`` (paths there are never trusted)."""
     if record.get("recipe"):
         return from_recipe(record["recipe"])
     ckpt = (Path(out) / str(record.get("checkpoint") or "")).resolve()
     if not (ckpt.is_relative_to((Path(out) / "checkpoints").resolve()) and ckpt.is_file()):
         return None
+    if record.get("format") == "codes":
+        return from_codes(ckpt) if from_codes is not None else None
     return functools.partial(masked_weights, masks=ckpt) if record.get("format") == "mask" else ckpt
 
 

@@ -42,7 +42,7 @@ from llm_common import SAMPLE_PROMPT, UserError
 
 log = logging.getLogger("llm.config")
 
-ALL_STEPS = ("finetune", "prune", "noise", "eval", "zeroshot", "export", "adversarial", "analysis")
+ALL_STEPS = ("finetune", "prune", "noise", "quantize", "eval", "zeroshot", "export", "adversarial", "analysis")
 # The zero-shot suite of the Wanda, SparseGPT and Super Weight papers (lm-evaluation-harness names).
 ZEROSHOT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 SUPER_WEIGHT_PROMPT = "Apple Inc. is a worldwide tech company."
@@ -54,8 +54,9 @@ SUPER_WEIGHT_PROMPT = "Apple Inc. is a worldwide tech company."
 # calibration, full WikiText-2, 20-step PGD, 100-step GCG) for a 7B model on one card.
 BUDGETS: dict[str, tuple] = {
     "finetune.steps": (16, 500), "finetune.batch_size": (4, 8), "finetune.seq_len": (128, 1024),
-    "prune.calib_samples": (8, 128), "prune.calib_seq_len": (512, 2048),
+    "prune.calib_samples": (8, 128), "prune.calib_seq_len": (512, 2048), "prune.allocation_windows": (2, 8),
     "noise.sweep_tokens": (512, 16384), "noise.sweep_seq_len": (512, 2048),
+    "quantize.calib_samples": (8, 128), "quantize.calib_seq_len": (512, 2048), "quantize.sensitivity_windows": (2, 8),
     "noise.fisher_windows": (4, 32), "noise.fisher_seq_len": (256, 2048),
     "noise.map": (False, True), "noise.map_tokens": (128, 16384),
     "eval.seq_len": (1024, 2048), "eval.eval_tokens": (8192, 0),
@@ -369,11 +370,26 @@ class PruneConfig(StepConfig):
     calib_seq_len: Optional[int] = knob(None, "tokens per calibration window", flag="--calib-seq-len", bounds="[2,1000000]", context=True)
     super_weight_prompt: str = knob(SUPER_WEIGHT_PROMPT, "prompt of the super-weight detector",
                                     flag="--super-weight-prompt")
+    allocation: str = knob("uniform", "per-layer sparsity: uniform, owl (Yin et al. 2024: layers with more "
+                                      "activation outliers keep more), or ours, hessian / fisher (more curvature per "
+                                      "weight keeps more); non-uniform ones stay within target +- 2 x --owl-lambda and "
+                                      "prune exactly the target overall", flag="--sparsity-allocation",
+                           choices=("uniform", "owl", "hessian", "fisher"))
+    owl_m: float = knob(5.0, "OWL's M: a Wanda score above M x its layer's mean is an outlier (5 in the OWL "
+                             "paper's LLaMA runs; its code's argparse default is 3)", flag="--owl-m", bounds="(0,1000]")
+    owl_lambda: float = knob(0.08, "OWL's lambda: layer sparsities span 2 lambda around the target (all "
+                                   "non-uniform allocations)", flag="--owl-lambda", bounds="[0,0.5]")
+    allocation_windows: Optional[int] = knob(None, "calibration windows of the hessian / fisher allocation",
+                                             bounds="[1,1000000]")
+    allocation_probes: int = knob(8, "Hutchinson probes of the hessian allocation", bounds="[1,100000]")
     seed: int = knob(0, "seed", flag="--seed", bounds="[0,4294967295]")
     progress: bool = knob(True, "progress bars", cli=False, results=False)
 
     def check(self) -> None:
         _check_pattern(self.pattern)
+        if self.allocation != "uniform" and self.pattern != "unstructured":
+            raise UserError(f"--sparsity-allocation {self.allocation} needs --sparsity-pattern unstructured: "
+                            f"{self.pattern} fixes every layer at the same sparsity")
 
 
 NOISE_MODES = ("absolute", "relative", "multiplicative", "bitflip")
@@ -426,6 +442,39 @@ class NoiseConfig(StepConfig):
                 raise UserError(f"a bit-error rate is at most 1, got {e}")
         if self.sweep_mode == "bitflip" and any(e > 1 for e in self.sweep_eps):
             raise UserError(f"a bit-error rate is at most 1, got --sweep-eps {self.sweep_eps}")
+
+
+@dataclass
+class QuantizeConfig(StepConfig):
+    """The ``quantized`` variant: RTN or GPTQ, uniform or sensitivity-guided mixed precision."""
+
+    step: ClassVar[str] = "quantize"
+    prefix: ClassVar[str] = "quant-"
+    method: str = knob("none", "none (no quantized variant), rtn or gptq", choices=("none", "rtn", "gptq"))
+    wbits: int = knob(4, "bits per weight (the uniform choice)", flag="--wbits", bounds="[2,8]")
+    group: int = knob(128, "RTN group size (input columns)", flag="--quant-group", bounds="[1,1000000]")
+    act_order: bool = knob(False, "GPTQ: quantize columns by decreasing H_jj (act order)", flag="--act-order")
+    percdamp: float = knob(0.01, "GPTQ dampening, fraction of mean diag(H)", flag="--gptq-percdamp", bounds="[0,10]")
+    blocksize: int = knob(128, "GPTQ column block", flag="--gptq-blocksize", bounds="[1,65536]")
+    protect: typing.Union[str, tuple] = knob((), "see --protect-super-weights (kept in full precision)",
+                                             flag="--protect-super-weights", parse=parse_protect)
+    keep_fraction: float = knob(0.0, "top fraction of weights by OBD saliency 0.5 F w^2 also kept in full precision",
+                                bounds="[0,1)")
+    bit_allocation: str = knob("uniform", "bits per linear: uniform (--wbits), or from {2,3,4,8} by Hessian / Fisher "
+                                          "sensitivity under --avg-bits (HAWQ-style, greedy)",
+                               flag="--bit-allocation", choices=("uniform", "hessian", "fisher"))
+    avg_bits: Optional[float] = knob(None, "average code bits per weight of the mixed precision", flag="--avg-bits",
+                                     bounds="[2,8]", shown="--wbits")
+    sensitivity_windows: Optional[int] = knob(None, "calibration windows of the sensitivities and saliency",
+                                              bounds="[1,1000000]")
+    sensitivity_probes: int = knob(8, "Hutchinson probes of --bit-allocation hessian", bounds="[1,100000]")
+    calib_samples: Optional[int] = knob(None, "calibration windows", flag="--calib-samples", bounds="[1,1000000]")
+    calib_seq_len: Optional[int] = knob(None, "tokens per calibration window", flag="--calib-seq-len",
+                                        bounds="[2,1000000]", context=True)
+    super_weight_prompt: str = knob(SUPER_WEIGHT_PROMPT, "prompt of the super-weight detector",
+                                    flag="--super-weight-prompt")
+    seed: int = knob(0, "seed", flag="--seed", bounds="[0,4294967295]")
+    progress: bool = knob(True, "progress bars", cli=False, results=False)
 
 
 @dataclass
@@ -699,7 +748,7 @@ class AnalysisConfig(StepConfig):
 
 
 STEP_CONFIGS: dict[str, type] = {"finetune": FinetuneConfig, "prune": PruneConfig, "noise": NoiseConfig,
-                                 "eval": EvalConfig, "zeroshot": ZeroShotConfig, "export": ExportConfig,
+                                 "quantize": QuantizeConfig, "eval": EvalConfig, "zeroshot": ZeroShotConfig, "export": ExportConfig,
                                  "adversarial": AdversarialConfig, "analysis": AnalysisConfig}
 
 
@@ -711,6 +760,7 @@ class PipelineConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     export: ExportConfig = field(default_factory=ExportConfig)

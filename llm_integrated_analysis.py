@@ -34,132 +34,15 @@ from tqdm.auto import tqdm
 import llm_common as C
 from llm_config import AnalysisConfig, EvalConfig
 from llm_perplexity import evaluate_model, token_set
-from llm_sensitivity import SuperWeight, detect_super_weights, gradient_moments, protect_top_fraction
+from llm_compress import quantize_rtn_, rtn_groups, rtn_quantize  # noqa: F401  (the one quantizer; re-exported)
+from llm_sensitivity import (HessianOperator, SuperWeight, TraceResult, detect_super_weights, gradient_moments,  # noqa: F401
+                             hutchinson_trace, hvp, lm_loss_fn, protect_top_fraction, rel_stderr_of, stderr_of)
 
 log = logging.getLogger("llm.analysis")
+_rel_stderr, _stderr = rel_stderr_of, stderr_of  # their old names here (the Hutchinson code now lives in llm_sensitivity)
 
 
 # --------------------------------------------------------------------------- Hessian
-
-
-def lm_loss_fn(model, windows: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """Closure: mean token cross-entropy over windows [n, seq_len], in one batched forward
-    (equal-length windows, so the token mean equals the mean of the per-window means). The
-    forward runs in eval mode (no dropout: every Hessian product sees one function), and the
-    model is left in the mode the caller had."""
-    dev = C.input_device(model)
-
-    def loss():
-        w = windows.to(dev)
-        with C.eval_mode(model):
-            return model(input_ids=w, labels=w, use_cache=False).loss.float().to(dev)
-
-    return loss
-
-
-class HessianOperator:
-    """v -> H v for the Hessian of ``loss_fn()`` w.r.t. ``params``, by double backward.
-
-    The forward pass and the first backward (with ``create_graph``) run once, when the
-    operator is built; every product is then one more backward through that retained
-    graph, so a Hutchinson probe or power iteration costs about one backward of the
-    gradient graph instead of a fresh forward + backward + double backward each time.
-    Memory: the graph of the first-order gradient stays alive until the operator is freed.
-    """
-
-    def __init__(self, loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor]):
-        self.params = list(params)
-        self.grads = torch.autograd.grad(loss_fn(), self.params, create_graph=True)
-
-    def __call__(self, vs: Sequence[torch.Tensor]) -> list:
-        dot = sum((g.float() * v.float()).sum() for g, v in zip(self.grads, vs))
-        return [h.detach() for h in torch.autograd.grad(dot, self.params, retain_graph=True)]
-
-
-def hvp(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor], vs: Sequence[torch.Tensor]):
-    """One H v for the Hessian of loss_fn() w.r.t. ``params``. Returns a list like vs."""
-    return HessianOperator(loss_fn, params)(vs)
-
-
-@dataclass
-class TraceResult:
-    trace: dict            # module name -> mean Hutchinson estimate of tr(H_module)
-    stderr: dict           # module name -> standard error of that mean
-    total: float
-    total_stderr: float
-    probes: int
-    converged: bool
-    diagonal: Optional[dict] = None  # name -> E[v * Hv] (Hutchinson diagonal), [out, in]
-    seconds: float = 0.0
-    samples: dict = field(default_factory=dict)  # name -> the per-probe estimates
-
-
-def _rel_stderr(xs: Sequence[float]) -> float:
-    """Standard error of the mean over |mean| (inf for fewer than 2 samples or a zero mean)."""
-    m = sum(xs) / len(xs)
-    return _stderr(xs) / abs(m) if len(xs) > 1 and m else math.inf
-
-
-def hutchinson_trace(loss_fn, named_params: dict[str, torch.Tensor], max_probes: int = 50, min_probes: int = 3,
-                     tol: float = 1e-2, seed: int = 0, keep_diagonal: bool = False,
-                     progress: bool = True, operator: Optional[HessianOperator] = None,
-                     groups: Optional[dict] = None, rel_stderr: Optional[float] = None) -> TraceResult:
-    """Hutchinson estimate of tr(H) per named parameter, sharing one probe across all of them.
-
-    Stopping, after at least ``min_probes``: with ``groups`` (name -> group, e.g. its layer) and
-    ``rel_stderr``, when every group's summed trace has a standard error of at most
-    ``rel_stderr`` x |its mean| (adaptive: precise enough to compare layers); otherwise when
-    |mean_k - mean_{k-1}| / (|mean_{k-1}| + 1e-6) < tol for the total trace (the PyHessian
-    criterion, with the absolute value). ``max_probes`` caps both; ``converged`` says which.
-    """
-    t0 = time.perf_counter()
-    names = list(named_params)
-    params = [named_params[n] for n in names]
-    g = torch.Generator().manual_seed(seed)
-    samples = {n: [] for n in names}
-    diag = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named_params.items()} if keep_diagonal else None
-    prev, converged, k = None, False, 0
-    op = operator or HessianOperator(loss_fn, params)  # a given operator must be over ``params``
-    bar = tqdm(range(max_probes), desc="hutchinson", disable=not progress)
-    for k in bar:
-        vs = [(torch.randint(0, 2, p.shape, generator=g) * 2 - 1).to(p.device, torch.float32) for p in params]
-        hv = op(vs)
-        per_module = torch.stack([(v * h.float()).sum().to(vs[0].device) for v, h in zip(vs, hv)]).tolist()
-        for n, v, h, x in zip(names, vs, hv, per_module):
-            samples[n].append(x)
-            if diag is not None:
-                diag[n] += v * h.float()
-        del hv
-        total = sum(sum(s) / len(s) for s in samples.values())
-        bar.set_postfix(trace=f"{total:.4g}")
-        if k + 1 >= min_probes:
-            if groups is not None and rel_stderr is not None:
-                sums = {}
-                for n in names:
-                    sums.setdefault(groups[n], [0.0] * (k + 1))
-                    sums[groups[n]] = [a + b for a, b in zip(sums[groups[n]], samples[n])]
-                converged = max(_rel_stderr(v) for v in sums.values()) <= rel_stderr
-            else:
-                converged = prev is not None and abs(total - prev) / (abs(prev) + 1e-6) < tol
-            if converged:
-                break
-        prev = total
-    del op  # frees the retained gradient graph
-    n_probes = k + 1
-    trace = {n: sum(s) / len(s) for n, s in samples.items()}
-    stderr = {n: _stderr(s) for n, s in samples.items()}
-    per_probe_total = [sum(samples[n][i] for n in names) for i in range(n_probes)]
-    if diag is not None:
-        diag = {n: d / n_probes for n, d in diag.items()}
-    return TraceResult(trace, stderr, sum(trace.values()), _stderr(per_probe_total), n_probes, converged, diag,
-                       time.perf_counter() - t0, samples)
-
-
-def _stderr(xs: Sequence[float]) -> float:
-    if len(xs) < 2:
-        return float("inf")
-    m = sum(xs) / len(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
 
 
 def top_eigenvalue(loss_fn, params: Sequence[torch.Tensor], iters: int = 20, tol: float = 1e-3,
@@ -207,41 +90,6 @@ def verify_super_weights(model, tokenizer, ids: torch.Tensor, candidates: list[S
 
 
 # --------------------------------------------------------------------------- quantization
-
-
-def rtn_groups(in_features: int, group_size: int) -> list[tuple[int, int]]:
-    """Column ranges [start, end) of RTN groups: ``group_size`` consecutive input columns, and
-    one narrower tail group when the width is not a multiple (576 = 4 x 128 + 64)."""
-    return [(s, min(s + group_size, in_features)) for s in range(0, in_features, group_size)]
-
-
-@torch.no_grad()
-def quantize_rtn_(W: torch.Tensor, bits: int, group_size: int = 128, keep: Optional[torch.Tensor] = None) -> None:
-    """Round-to-nearest asymmetric group quantization of W [out, in], in place.
-
-    Groups are ``group_size`` consecutive input columns of a row (see ``rtn_groups``: the last
-    group is narrower when ``in`` is not a multiple). The range of each group includes 0.
-    Weights in ``keep`` are excluded from their group's min/max and left in full precision
-    (dense-and-sparse).
-    """
-    out, inp = W.shape
-    gs = min(group_size, inp)
-    full = inp // gs * gs
-    parts = [(0, full, gs)] + ([(full, inp, inp - full)] if full < inp else [])
-    big = torch.finfo(torch.float32).max
-    qmax = 2 ** bits - 1
-    for start, end, width in parts:  # the whole groups in one reshape, then the tail group
-        Wf = W[:, start:end].float().reshape(out, -1, width)
-        K = keep[:, start:end].reshape(out, -1, width).to(W.device) if keep is not None else None
-        lo = (torch.where(K, big, Wf) if K is not None else Wf).amin(-1, keepdim=True)
-        hi = (torch.where(K, -big, Wf) if K is not None else Wf).amax(-1, keepdim=True)
-        lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
-        scale = ((hi - lo) / qmax).clamp(min=1e-10)
-        zero = torch.round(-lo / scale)
-        q = (torch.clamp(torch.round(Wf / scale) + zero, 0, qmax) - zero) * scale
-        if K is not None:
-            q = torch.where(K, Wf, q)
-        W[:, start:end] = q.reshape(out, end - start).to(W.dtype)
 
 
 def quantization_study(model, tokenizer, ids: torch.Tensor, super_weights: list[SuperWeight],
@@ -391,17 +239,17 @@ def _layer_intervals(h: dict, mlayer: dict, mods: dict, rel_target: float) -> di
     for n, xs in h["samples"].items():
         per_layer[mlayer[n]] = [a + b for a, b in zip(per_layer[mlayer[n]], xs)]
     mean = [sum(xs) / len(xs) for xs in per_layer]
-    se = [_stderr(xs) for xs in per_layer]
+    se = [stderr_of(xs) for xs in per_layer]
     numel = [0] * n_layers
     for n, m in mods.items():
         numel[mlayer[n]] += m.weight.numel()
     return {"hessian_layer_trace": mean, "hessian_layer_stderr": se,
             "hessian_layer_ci95": [[m - 1.96 * e, m + 1.96 * e] for m, e in zip(mean, se)],
-            "hessian_layer_reliable": [_rel_stderr(xs) <= rel_target for xs in per_layer],
+            "hessian_layer_reliable": [rel_stderr_of(xs) <= rel_target for xs in per_layer],
             "hessian_ranking": interval_ranking(mean, [1.96 * e for e in se]),
             "hessian_layer_per_param": [m / k if k else float("nan") for m, k in zip(mean, numel)],
             "hessian_trace_per_param": {n: h["trace"][n] / mods[n].weight.numel() for n in mods},
-            "hessian_module_reliable": {n: _rel_stderr(xs) <= rel_target for n, xs in h["samples"].items()}}
+            "hessian_module_reliable": {n: rel_stderr_of(xs) <= rel_target for n, xs in h["samples"].items()}}
 
 
 def _top_salient(obd: dict, mods: dict, k: int = 20) -> list:

@@ -12,6 +12,7 @@ noisy) are checkpoints, 1-bit masks or noise recipes applied in place to the one
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import importlib
 import json
@@ -27,6 +28,7 @@ from typing import Callable, Optional
 import torch
 
 import llm_common as C
+import llm_compress as LC
 from llm_config import ALL_STEPS, OneLineParser, PipelineConfig, add_arguments, fingerprint, from_args
 from llm_report import compare_runs, fmt, make_plots, read_results, rebuild_report, write_report
 
@@ -109,6 +111,21 @@ def _noise(run: Run, mod, cfg) -> None:
     _attach(run, "noise")
 
 
+def _quantize(run: Run, mod, cfg) -> None:
+    if cfg.method == "none":  # no quantized variant
+        run.results["quantize"] = {"status": "off", "parent": run.live}
+        run.variants.pop("quantized", None)
+        return
+    names = [n + ".weight" for n in C.decoder_linears(run.model)]
+    with C.restored_on_exit(run.model, names):  # the live model stays unquantized for later steps
+        res = mod.quantize_model(run.model, run.tokenizer, run.texts["train"], cfg)
+        rec = C.store_variant(run.out, "quantized", run.model, list(res.quantized), mask=False) if \
+            run.cfg.run.save_variants else LC.save_codes(run.out, "quantized", res.quantized)
+    d = {f.name: getattr(res, f.name) for f in dataclasses.fields(res) if f.name != "quantized"}
+    run.results["quantize"] = {**C.to_strict_json(d), **rec, "status": "ran", "parent": run.live}
+    _attach(run, "quantize")
+
+
 def _eval(run: Run, mod, cfg) -> None:
     res = mod.evaluate_variants(run.model, run.tokenizer, run.ids("eval"), run.variants, cfg, run.parents)
     run.results.update(perplexity=res.perplexity, evaluation={n: asdict(r) for n, r in res.variants.items()},
@@ -157,6 +174,7 @@ STEPS = {
     "finetune": Step("llm_finetune", _finetune, ("finetune",), ("train",)),
     "prune": Step("llm_prune_model", _prune, ("prune",), ("train",), "pruned"),
     "noise": Step("llm_robustness_test", _noise, ("noise",), ("eval", "train"), "noisy"),
+    "quantize": Step("llm_quantize_model", _quantize, ("quantize",), ("train",), "quantized"),
     "eval": Step("llm_evaluate_models", _eval, ("perplexity", "evaluation", "protocol", "variants"), ("eval",)),
     "zeroshot": Step("llm_zeroshot", _zeroshot, ("zeroshot",), ()),
     "export": Step("llm_export", _export, ("export",), (), outputs=_exported),
@@ -301,9 +319,12 @@ def _carry_finetune(run: Run) -> None:
 def _attach(run: Run, step: str) -> bool:
     """Point the step's variant at its record (noise recipe, 1-bit mask or tensors); False if gone."""
     rec, name, mod = run.results[step], STEPS[step].variant, importlib.import_module(STEPS[step].module)
+    if rec.get("status") == "off":  # the step ran and made no variant (--quant-method none)
+        return True
     run.parents[name] = rec.get("parent", run.live)
     recipe = lambda r: functools.partial(mod.noisy_weights, cfg=mod.NoiseConfig(**r))  # noqa: E731
-    run.variants[name] = C.variant_weights(run.out, rec, recipe)
+    codes = lambda p: functools.partial(LC.coded_weights, path=p)  # noqa: E731
+    run.variants[name] = C.variant_weights(run.out, rec, recipe, codes)
     return run.variants[name] is not None
 
 

@@ -19,6 +19,7 @@ model, so it costs one backward pass per window and gradient memory for the prun
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Iterator, Optional
@@ -28,7 +29,9 @@ from tqdm.auto import tqdm
 
 import llm_common as C
 from llm_config import PruneConfig
-from llm_sensitivity import protected_coordinates, saliency_scores
+from llm_compress import (MAX_DAMP_RETRIES, block_out, bounded_allocation, capture_block_inputs, exact_counts,  # noqa: F401
+                          inverse_hessian_factor, linear_input_stats, next_block_inputs, split_count)
+from llm_sensitivity import layer_curvature, protected_coordinates, saliency_scores
 
 log = logging.getLogger("llm.prune")
 
@@ -49,6 +52,11 @@ class PruneResult:
     config: dict = field(default_factory=dict)       # the resolved PruneConfig
     dampening_increased: dict = field(default_factory=dict)  # SparseGPT: linear -> dampening used, where
     #                                                  H was not positive definite at --sparsegpt-percdamp
+    layer_sparsity: dict = field(default_factory=dict)  # "block index" -> achieved sparsity (zeros / weights)
+    allocation: dict = field(default_factory=dict)   # mode, allocated target per layer, layer scores, M, lambda
+    target_weights: int = 0                           # weights the allocation prunes: round(target x total)
+    pruned_weights: int = 0                           # zeros over the pruned matrices after pruning
+    total_weights: int = 0                            # weights of the pruned matrices
 
 
 def parse_pattern(pattern: str) -> Optional[tuple[int, int]]:
@@ -80,13 +88,16 @@ def check_pattern_fits(model, pattern: str) -> None:
 # --------------------------------------------------------------------------- masks
 
 
-def mask_from_scores(scores: torch.Tensor, sparsity: float, pattern: str, per_row: bool) -> torch.Tensor:
+def mask_from_scores(scores: torch.Tensor, sparsity: float, pattern: str, per_row: bool,
+                     count: Optional[int] = None) -> torch.Tensor:
     """Boolean prune mask (True = remove) from scores [out, in]; low score = pruned first.
 
     Exact counts: unstructured per row removes int(in * sparsity) weights from every row
-    (per matrix: int(numel * sparsity)); N:M removes M - N weights from every group of M
-    consecutive columns. Scores of +inf (protected weights) are never pruned unless a row
-    has nothing else left.
+    (per matrix: int(numel * sparsity)); given ``count``, exactly ``count`` weights instead
+    (per row: count // rows from every row and one more from the first count % rows rows,
+    so the comparison stays within rows as in Wanda); N:M removes M - N weights from every
+    group of M consecutive columns. Scores of +inf (protected weights) are never pruned unless
+    a row has nothing else left.
     """
     nm = parse_pattern(pattern)
     mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
@@ -98,12 +109,25 @@ def mask_from_scores(scores: torch.Tensor, sparsity: float, pattern: str, per_ro
         groups = scores.reshape(rows, cols // m, m)
         idx = torch.topk(groups, m - n, dim=-1, largest=False).indices
         return mask.reshape(rows, cols // m, m).scatter_(-1, idx, True).reshape(rows, cols)
+    if per_row and count is not None:
+        rows, cols = scores.shape
+        base, extra = divmod(int(count), rows)
+        k = base + (extra > 0)
+        if k > cols:
+            raise ValueError(f"cannot prune {count} of {rows} x {cols} weights")
+        if k:
+            idx = torch.topk(scores, k, dim=1, largest=False, sorted=True).indices  # lowest first
+            take = torch.ones(idx.shape, dtype=torch.bool, device=scores.device)
+            if extra:  # only the first ``extra`` rows lose their k-th lowest
+                take[:, -1] = torch.arange(rows, device=scores.device) < extra
+            mask.scatter_(1, idx, take)
+        return mask
     if per_row:
         k = int(scores.shape[1] * sparsity)
         if k:
             mask.scatter_(1, torch.topk(scores, k, dim=1, largest=False).indices, True)
         return mask
-    k = int(scores.numel() * sparsity)
+    k = int(scores.numel() * sparsity) if count is None else int(count)
     if k:
         mask.view(-1)[torch.topk(scores.flatten(), k, largest=False).indices] = True
     return mask
@@ -121,12 +145,14 @@ def _protect(scores: torch.Tensor, coords: Iterable[tuple[int, int]]) -> torch.T
 @torch.no_grad()
 def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, pattern: str = "unstructured",
                     blocksize: int = 128, percdamp: float = 0.01,
-                    protect: Iterable[tuple[int, int]] = (), return_damp: bool = False):
+                    protect: Iterable[tuple[int, int]] = (), return_damp: bool = False, count: Optional[int] = None):
     """OBS pruning of one weight matrix, in place.
 
     Args:
         W: [out, in] weight (any float dtype); overwritten with the pruned, updated weight.
         H: [in, in] layer Hessian 2 X X^T / n_tokens accumulated in float32.
+        count: unstructured only: prune exactly this many weights of W, split over the column
+            blocks in proportion to their size (else int(block size x sparsity) per block).
     Returns the prune mask [out, in] (True = removed), and with ``return_damp`` the dampening
     fraction that was used (above ``percdamp`` where H needed more to factor).
     """
@@ -147,7 +173,10 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, pattern: 
     for r, c in protect:
         protected[r, c] = True
     full_mask = torch.zeros_like(Wf, dtype=torch.bool)
-    for i1 in range(0, cols, blocksize):
+    starts = list(range(0, cols, blocksize))
+    per_block = split_count(count, [Wf.shape[0] * (min(s + blocksize, cols) - s) for s in starts]) \
+        if count is not None and nm is None else [None] * len(starts)
+    for i1, k_block in zip(starts, per_block):
         i2 = min(i1 + blocksize, cols)
         W1 = Wf[:, i1:i2].clone()
         Q1 = torch.zeros_like(W1)
@@ -158,7 +187,7 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, pattern: 
             # Mask for the whole block at once, exact count: the lowest OBS errors w^2 / d^2.
             score = W1 ** 2 / d[None, :] ** 2
             score[protected[:, i1:i2]] = float("inf")
-            mask1 = mask_from_scores(score, sparsity, "unstructured", per_row=False)
+            mask1 = mask_from_scores(score, sparsity, "unstructured", per_row=False, count=k_block)
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):
@@ -181,101 +210,7 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, pattern: 
     return (full_mask, used) if return_damp else full_mask
 
 
-MAX_DAMP_RETRIES = 6  # 10x more dampening each time: from 1e-5 of mean diag(H) to 10x it at most
-
-
-def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
-    """(upper Cholesky factor of (H + d I)^-1, the dampening fraction used), d = percdamp x mean
-    diag(H). Row i of the factor holds the OBS update for eliminating column i given that
-    columns < i are fixed. A Hessian that is not positive definite at ``percdamp`` (too few
-    calibration tokens, --sparsegpt-percdamp 0) gets SparseGPT's own remedy, more dampening:
-    10x more (at least 1e-5) until it factors, a bounded number of times; the caller records it."""
-    mean_diag, eye, damp = torch.mean(torch.diag(H)), torch.eye(H.shape[0], device=H.device), percdamp
-    for _ in range(MAX_DAMP_RETRIES + 1):
-        Hd = H + damp * mean_diag * eye
-        L, info = torch.linalg.cholesky_ex(Hd)
-        if not info.item():
-            Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if not info.item() and torch.isfinite(Hinv).all():
-                return Hinv, damp
-        damp = max(10 * damp, 1e-5)
-    raise C.UserError(f"SparseGPT: a layer Hessian is not positive definite even with dampening {damp / 10:g} x "
-                      "mean diag(H) (non-finite activations?); try --prune-method wanda")
-
-
 # --------------------------------------------------------------------------- layer-wise driver
-
-
-class _Stop(Exception):
-    pass
-
-
-def capture_block_inputs(model, windows: torch.Tensor):
-    """Run windows [n, seq_len] up to decoder block 0 and return (inputs, kwargs).
-
-    ``inputs`` is a list of [1, seq_len, hidden] hidden states; ``kwargs`` holds what the
-    model passes to every block (rotary ``position_embeddings``, attention mask,
-    position ids), captured rather than rebuilt so that each architecture gets exactly
-    what its own forward computes.
-    """
-    layers = C.decoder_layers(model)
-    inputs, kwargs = [], {}
-
-    def hook(module, args, kw):
-        hidden = args[0] if args else kw.pop("hidden_states")
-        inputs.append(hidden.detach())
-        if not kwargs:
-            kwargs.update({k: v for k, v in kw.items() if k not in ("hidden_states",)})
-        raise _Stop
-
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    dev = C.input_device(model)
-    try:
-        with torch.no_grad(), C.use_cache(model, False):
-            for w in windows:
-                try:
-                    model(input_ids=w[None].to(dev), use_cache=False)
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
-    for key in ("past_key_values", "past_key_value", "cache"):  # "cache" in transformers 5
-        kwargs.pop(key, None)
-    kwargs["use_cache"] = False
-    return inputs, kwargs
-
-
-def _block_out(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _linear_inputs_stats(layer, inputs, kwargs, method, linears):
-    """One pass of the block over all windows with hooks that accumulate, per linear,
-    sum of squared input norms per channel (wanda, [in]) or H = 2 X X^T / n (sparsegpt)."""
-    stats, counts, handles = {}, {}, []
-
-    def make_hook(name):
-        def hook(mod, args, out):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [tokens, in]
-            n = x.shape[0]
-            if method == "wanda":
-                s = x.pow(2).sum(0)
-            else:
-                s = 2 * x.t() @ x
-            stats[name] = stats[name] + s if name in stats else s
-            counts[name] = counts.get(name, 0) + n
-        return hook
-
-    for name, mod in linears.items():
-        handles.append(mod.register_forward_hook(make_hook(name)))
-    try:
-        with torch.no_grad():
-            for h in inputs:
-                layer(h, **kwargs)
-    finally:
-        for hd in handles:
-            hd.remove()
-    return {k: v / counts[k] if method == "sparsegpt" else v for k, v in stats.items()}
 
 
 def _zero_(mod, mask: torch.Tensor) -> None:
@@ -285,9 +220,10 @@ def _zero_(mod, mask: torch.Tensor) -> None:
 
 
 def _prune_by_scores(model, calib_windows: torch.Tensor, config: PruneConfig, protect: dict,
-                     damped: dict) -> Iterator:
+                     damped: dict, counts: dict) -> Iterator:
     """magnitude and taylor, in place: scores of the whole model (taylor: gradients over the
-    calibration windows), then one mask per matrix. Yields (block index, its linears) per block."""
+    calibration windows), then one mask per matrix of ``counts[name]`` weights (None: N:M).
+    Yields (block index, its linears) per block."""
     names_of = {m: n for n, m in model.named_modules()}
     layers = C.decoder_layers(model)
     all_linears = {names_of[m]: m for layer in layers for m in C.block_linears(layer).values()}
@@ -299,38 +235,98 @@ def _prune_by_scores(model, calib_windows: torch.Tensor, config: PruneConfig, pr
             full = names_of[mod]
             s = scores[full] if scores is not None else C.weight_view(mod).detach().abs().float()
             s = _protect(s.clone(), protect.get(full, ()))
-            _zero_(mod, mask_from_scores(s, config.sparsity, config.pattern, per_row=config.method == "taylor"))
+            _zero_(mod, mask_from_scores(s, config.sparsity, config.pattern, per_row=config.method == "taylor",
+                                         count=counts.get(full)))
         yield i, linears
 
 
 def _prune_layerwise(model, calib_windows: torch.Tensor, config: PruneConfig, protect: dict,
-                     damped: dict) -> Iterator:
+                     damped: dict, counts: dict) -> Iterator:
     """wanda and sparsegpt, in place, block by block as in their reference code: each block is
-    pruned from its own calibration inputs and its pruned outputs feed the next block.
-    Yields (block index, its linears) per block; ``damped`` gets each linear whose SparseGPT
-    Hessian needed more dampening than asked, with the fraction used."""
+    pruned from its own calibration inputs and its pruned outputs feed the next block; each
+    matrix loses ``counts[name]`` weights (None: N:M). Yields (block index, its linears) per
+    block; ``damped`` gets each linear whose SparseGPT Hessian needed more dampening than
+    asked, with the fraction used."""
     names_of = {m: n for n, m in model.named_modules()}
     inputs, kwargs = capture_block_inputs(model, calib_windows)
     layers = C.decoder_layers(model)
+    kind = "wanda" if config.method == "wanda" else "hessian"
     for i, layer in enumerate(tqdm(layers, desc=f"{config.method} prune", disable=not config.progress)):
         linears = C.block_linears(layer)
-        stats = _linear_inputs_stats(layer, inputs, kwargs, config.method, linears)
+        stats = linear_input_stats(layer, inputs, kwargs, kind, linears)
         for rel, mod in linears.items():
             full = names_of[mod]
             W = C.weight_view(mod)
             if config.method == "wanda":
                 s = W.detach().abs().float() * stats[rel].sqrt().to(W.device)[None, :]
                 s = _protect(s, protect.get(full, ()))
-                _zero_(mod, mask_from_scores(s, config.sparsity, config.pattern, per_row=True))
+                _zero_(mod, mask_from_scores(s, config.sparsity, config.pattern, per_row=True, count=counts.get(full)))
             else:
                 _, used = sparsegpt_prune(W, stats[rel].to(W.device), config.sparsity, config.pattern,
-                                          config.blocksize, config.percdamp, protect.get(full, ()), return_damp=True)
+                                          config.blocksize, config.percdamp, protect.get(full, ()), return_damp=True,
+                                          count=counts.get(full))
                 if used != config.percdamp:
                     damped[full] = used
         del stats
-        with torch.no_grad():  # the pruned block's outputs feed the next block
-            inputs = [_block_out(layer(h, **kwargs)).detach() for h in inputs]
+        inputs = next_block_inputs(layer, inputs, kwargs)  # the pruned block's outputs feed the next block
         yield i, linears
+
+
+# --------------------------------------------------------------------------- layer-wise allocation
+
+
+def owl_outlier_ratios(model, calib_windows: torch.Tensor, m: float, progress: bool = False) -> list[float]:
+    """OWL's layer outlier ratio (Yin et al. 2024, luuyin/OWL ``check_outlier_mean``), per decoder
+    block of the unpruned model: the fraction of the block's Wanda scores |W_ij| ||X_j||_2 (all its
+    linears together) above ``m`` x their mean. Inputs flow through the unpruned blocks, as in the
+    OWL code's first pass. (OWL reports a percentage; the allocation is invariant to the unit.)"""
+    inputs, kwargs = capture_block_inputs(model, calib_windows)
+    ratios = []
+    for layer in tqdm(C.decoder_layers(model), desc="owl ratios", disable=not progress):
+        linears = C.block_linears(layer)
+        stats = linear_input_stats(layer, inputs, kwargs, "wanda", linears)
+        scores = torch.cat([(C.weight_view(mod).detach().abs().float() * stats[rel].sqrt().to(mod.weight.device)[None, :])
+                            .flatten() for rel, mod in linears.items()])
+        ratios.append(float((scores > m * scores.mean()).sum()) / scores.numel())
+        inputs = next_block_inputs(layer, inputs, kwargs)
+    return ratios
+
+
+def allocate_sparsity(model, calib_windows: torch.Tensor, config: PruneConfig) -> dict:
+    """Per-layer sparsity and exact per-matrix prune counts for ``config.allocation``.
+
+    uniform: every layer at the target. owl: OWL's outlier ratios (``owl_outlier_ratios``) in
+    OWL's bounded rule (``bounded_allocation``: target +- lambda, more outliers keep more).
+    hessian / fisher (ours): the same bounded rule on log mean diagonal curvature per weight of
+    the layer (Hutchinson tr(H)/n, or diagonal-Fisher mass / n, on the first
+    ``allocation_windows`` calibration windows): layers with more curvature per weight keep
+    more weights. The log, because curvatures span orders of magnitude across layers and a
+    min-max of raw values would put every layer but the first at one end. In every mode the
+    counts add up to round(target x total weights), exactly (``exact_counts``).
+    Returns {"layer_sparsity": [target per layer], "counts": {linear: weights to prune},
+    "scores": [per-layer score] or None}."""
+    names_of = {m: n for n, m in model.named_modules()}
+    layers = C.decoder_layers(model)
+    mats = [{names_of[m]: C.weight_view(m).numel() for m in C.block_linears(layer).values()} for layer in layers]
+    sizes = [sum(d.values()) for d in mats]
+    scores = None
+    if config.allocation == "owl":
+        scores = owl_outlier_ratios(model, calib_windows, config.owl_m, config.progress)
+    elif config.allocation in ("hessian", "fisher"):
+        linears = {n: model.get_submodule(n) for d in mats for n in d}
+        windows = calib_windows[:config.allocation_windows]
+        per_weight = layer_curvature(model, windows, linears, config.allocation, config.allocation_probes,
+                                     config.seed, config.progress)
+        raw = [sum(per_weight[n] * k for n, k in d.items()) / sum(d.values()) for d in mats]
+        floor = min((x for x in raw if x > 0), default=1e-30)  # a Hutchinson estimate can come out <= 0
+        scores = [math.log(max(x, floor)) for x in raw]
+    target = config.sparsity
+    layer_s = [target] * len(layers) if scores is None else bounded_allocation(scores, sizes, target, config.owl_lambda)
+    k_layer = exact_counts(layer_s, sizes, target)
+    counts = {}
+    for d, k in zip(mats, k_layer):
+        counts.update(zip(d, split_count(k, list(d.values()))))
+    return {"layer_sparsity": layer_s, "counts": counts, "scores": scores}
 
 
 def prune_model(model, tokenizer, calib: "C.Corpus | torch.Tensor", config: PruneConfig = PruneConfig()
@@ -364,9 +360,16 @@ def prune_model(model, tokenizer, calib: "C.Corpus | torch.Tensor", config: Prun
                          calibration={"windows": calib_windows.shape[0], "seq_len": calib_windows.shape[1]},
                          protected=[list(c) for c in coords], super_weights=found, config=asdict(config))
     names_of = {m: n for n, m in model.named_modules()}
+    counts = {}
+    if nm is None:  # N:M fixes every layer at 1 - N/M (non-uniform allocation is refused by the config)
+        alloc = allocate_sparsity(model, calib_windows, config)
+        counts = alloc["counts"]
+        result.allocation = {"mode": config.allocation, "target": {str(i): s for i, s in enumerate(alloc["layer_sparsity"])},
+                             "scores": alloc["scores"], "owl_m": config.owl_m, "lambda": config.owl_lambda}
+        result.target_weights = sum(counts.values())
     prune = _prune_by_scores if config.method in ("magnitude", "taylor") else _prune_layerwise
     total_zero = total = 0
-    for i, linears in prune(model, calib_windows, config, protect, result.dampening_increased):
+    for i, linears in prune(model, calib_windows, config, protect, result.dampening_increased, counts):
         z = n = 0
         for mod in linears.values():
             W = C.weight_view(mod)
@@ -375,12 +378,14 @@ def prune_model(model, tokenizer, calib: "C.Corpus | torch.Tensor", config: Prun
             result.pruned_names.append(names_of[mod] + ".weight")
             z, n = z + nz, n + W.numel()
         result.per_layer[i] = z / n if n else 0.0
+        result.layer_sparsity[str(i)] = result.per_layer[i]
         total_zero, total = total_zero + z, total + n
     if result.dampening_increased:
         log.warning("SparseGPT: the Hessians of %d linears are not positive definite at --sparsegpt-percdamp %g; "
                     "more dampening was used (up to %g; recorded in results: prune.dampening_increased)",
                     len(result.dampening_increased), config.percdamp, max(result.dampening_increased.values()))
     result.overall_sparsity = total_zero / max(total, 1)
+    result.pruned_weights, result.total_weights = total_zero, total
     result.seconds = time.perf_counter() - t0
     result.peak_memory_mb = C.peak_memory_mb(dev0)
     log.info("%s %s: sparsity %.4f over %d matrices in %.1f s", config.method, config.pattern,

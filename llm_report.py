@@ -124,6 +124,18 @@ def _md_prune(results: dict) -> list[str]:
                   f"(target {fmt(pr['target_sparsity'])}) in {fmt(pr['seconds'])} s, calibrated on "
                   f"{pr['calibration']['windows']} windows of {pr['calibration']['seq_len']} tokens.",
                   "", "![sparsity per layer](plots/prune_sparsity_per_layer.png)"]
+        alloc = pr.get("allocation") or {}
+        if alloc.get("mode") not in (None, "uniform"):
+            lines += ["", f"Layer-wise allocation {_text(alloc['mode'])} (lambda {fmt(alloc.get('lambda'))}"
+                      + (f", M {fmt(alloc.get('owl_m'))}" if alloc["mode"] == "owl" else "") + "): "
+                      f"{pr.get('pruned_weights')} of {pr.get('total_weights')} weights pruned."]
+    q = results.get("quantize")
+    if q and q.get("status") == "ran":
+        lines += ["", "## Quantization", "",
+                  f"{_text(q['method'])} g{q['group']}, {_text(q['bit_allocation'])} bits: {fmt(q['avg_code_bits'])} "
+                  f"code bits per weight, {fmt(q['avg_bits'])} with scales, zeros and {q['kept_weights']} weights kept "
+                  f"in full precision, in {fmt(q['seconds'])} s.",
+                  "", "![bits per layer](plots/quantize_bits_per_layer.png)"]
     return lines
 
 
@@ -488,13 +500,33 @@ def plot_training_curve(result: dict, path) -> Path:
 
 
 def plot_sparsity_per_layer(result: dict, path):
+    """Achieved sparsity per block (bars), the target, and a non-uniform allocation's per-layer target."""
     fig, ax = new_figure(figsize=(6, 3))
-    layers = sorted(result["per_layer"], key=int)
-    ax.bar([int(k) for k in layers], [result["per_layer"][k] for k in layers])
+    per = result.get("layer_sparsity") or result["per_layer"]
+    layers = sorted(per, key=int)
+    ax.bar([int(k) for k in layers], [per[k] for k in layers])
     ax.axhline(result["target_sparsity"], color="red", ls="--", label="target")
+    alloc = result.get("allocation") or {}
+    if alloc.get("mode") not in (None, "uniform") and alloc.get("target"):
+        ax.plot([int(k) for k in layers], [alloc["target"].get(k) for k in layers], "k.-",
+                label=f"{alloc['mode']} allocation")
     ax.set_xlabel("decoder block")
     ax.set_ylabel("sparsity")
     ax.set_title(f"{result['method']} {result['pattern']}")
+    ax.legend()
+    return save_figure(fig, path)
+
+
+def plot_bits_per_layer(result: dict, path):
+    """Mean code bits per block of the quantized variant, and the average."""
+    fig, ax = new_figure(figsize=(6, 3))
+    per = result["layer_bits"]
+    layers = sorted(per, key=int)
+    ax.bar([int(k) for k in layers], [per[k] for k in layers])
+    ax.axhline(result["avg_code_bits"], color="red", ls="--", label="average code bits")
+    ax.set_xlabel("decoder block")
+    ax.set_ylabel("bits per weight")
+    ax.set_title(f"{result['method']} g{result['group']}, {result['bit_allocation']} bits")
     ax.legend()
     return save_figure(fig, path)
 
@@ -628,6 +660,8 @@ def make_plots(results: dict, out: Path) -> dict:
         add("finetune", plot_training_curve, results["finetune"], d / "finetune_loss.png")
     if results.get("prune"):
         add("prune", plot_sparsity_per_layer, results["prune"], d / "prune_sparsity_per_layer.png")
+    if (results.get("quantize") or {}).get("layer_bits"):
+        add("quantize", plot_bits_per_layer, results["quantize"], d / "quantize_bits_per_layer.png")
     if results.get("noise"):
         add("noise_sweep", plot_sweep, results["noise"]["sweep"], d / "noise_sweep.png")
         if results["noise"].get("map"):

@@ -8,8 +8,10 @@ they live here, in one place, rather than in any one step module.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -90,6 +92,147 @@ def protect_top_fraction(scores: Mapping[str, torch.Tensor], fraction: float,
             continue
         masks[name][r, c] = True
     return masks
+
+
+# --------------------------------------------------------------------------- Hessian (Hutchinson, PyHessian-style)
+
+
+def lm_loss_fn(model, windows: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Closure: mean token cross-entropy over windows [n, seq_len], in one batched forward
+    (equal-length windows, so the token mean equals the mean of the per-window means). The
+    forward runs in eval mode (no dropout: every Hessian product sees one function), and the
+    model is left in the mode the caller had."""
+    dev = C.input_device(model)
+
+    def loss():
+        w = windows.to(dev)
+        with C.eval_mode(model):
+            return model(input_ids=w, labels=w, use_cache=False).loss.float().to(dev)
+
+    return loss
+
+
+class HessianOperator:
+    """v -> H v for the Hessian of ``loss_fn()`` w.r.t. ``params``, by double backward.
+
+    The forward pass and the first backward (with ``create_graph``) run once, when the
+    operator is built; every product is then one more backward through that retained
+    graph, so a Hutchinson probe or power iteration costs about one backward of the
+    gradient graph instead of a fresh forward + backward + double backward each time.
+    Memory: the graph of the first-order gradient stays alive until the operator is freed.
+    """
+
+    def __init__(self, loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor]):
+        self.params = list(params)
+        self.grads = torch.autograd.grad(loss_fn(), self.params, create_graph=True)
+
+    def __call__(self, vs: Sequence[torch.Tensor]) -> list:
+        dot = sum((g.float() * v.float()).sum() for g, v in zip(self.grads, vs))
+        return [h.detach() for h in torch.autograd.grad(dot, self.params, retain_graph=True)]
+
+
+def hvp(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor], vs: Sequence[torch.Tensor]):
+    """One H v for the Hessian of loss_fn() w.r.t. ``params``. Returns a list like vs."""
+    return HessianOperator(loss_fn, params)(vs)
+
+
+@dataclass
+class TraceResult:
+    trace: dict            # module name -> mean Hutchinson estimate of tr(H_module)
+    stderr: dict           # module name -> standard error of that mean
+    total: float
+    total_stderr: float
+    probes: int
+    converged: bool
+    diagonal: Optional[dict] = None  # name -> E[v * Hv] (Hutchinson diagonal), [out, in]
+    seconds: float = 0.0
+    samples: dict = field(default_factory=dict)  # name -> the per-probe estimates
+
+
+def rel_stderr_of(xs: Sequence[float]) -> float:
+    """Standard error of the mean over |mean| (inf for fewer than 2 samples or a zero mean)."""
+    m = sum(xs) / len(xs)
+    return stderr_of(xs) / abs(m) if len(xs) > 1 and m else math.inf
+
+
+def hutchinson_trace(loss_fn, named_params: dict[str, torch.Tensor], max_probes: int = 50, min_probes: int = 3,
+                     tol: float = 1e-2, seed: int = 0, keep_diagonal: bool = False,
+                     progress: bool = True, operator: Optional[HessianOperator] = None,
+                     groups: Optional[dict] = None, rel_stderr: Optional[float] = None) -> TraceResult:
+    """Hutchinson estimate of tr(H) per named parameter, sharing one probe across all of them.
+
+    Stopping, after at least ``min_probes``: with ``groups`` (name -> group, e.g. its layer) and
+    ``rel_stderr``, when every group's summed trace has a standard error of at most
+    ``rel_stderr`` x |its mean| (adaptive: precise enough to compare layers); otherwise when
+    |mean_k - mean_{k-1}| / (|mean_{k-1}| + 1e-6) < tol for the total trace (the PyHessian
+    criterion, with the absolute value). ``max_probes`` caps both; ``converged`` says which.
+    """
+    t0 = time.perf_counter()
+    names = list(named_params)
+    params = [named_params[n] for n in names]
+    g = torch.Generator().manual_seed(seed)
+    samples = {n: [] for n in names}
+    diag = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named_params.items()} if keep_diagonal else None
+    prev, converged, k = None, False, 0
+    op = operator or HessianOperator(loss_fn, params)  # a given operator must be over ``params``
+    bar = tqdm(range(max_probes), desc="hutchinson", disable=not progress)
+    for k in bar:
+        vs = [(torch.randint(0, 2, p.shape, generator=g) * 2 - 1).to(p.device, torch.float32) for p in params]
+        hv = op(vs)
+        per_module = torch.stack([(v * h.float()).sum().to(vs[0].device) for v, h in zip(vs, hv)]).tolist()
+        for n, v, h, x in zip(names, vs, hv, per_module):
+            samples[n].append(x)
+            if diag is not None:
+                diag[n] += v * h.float()
+        del hv
+        total = sum(sum(s) / len(s) for s in samples.values())
+        bar.set_postfix(trace=f"{total:.4g}")
+        if k + 1 >= min_probes:
+            if groups is not None and rel_stderr is not None:
+                sums = {}
+                for n in names:
+                    sums.setdefault(groups[n], [0.0] * (k + 1))
+                    sums[groups[n]] = [a + b for a, b in zip(sums[groups[n]], samples[n])]
+                converged = max(rel_stderr_of(v) for v in sums.values()) <= rel_stderr
+            else:
+                converged = prev is not None and abs(total - prev) / (abs(prev) + 1e-6) < tol
+            if converged:
+                break
+        prev = total
+    del op  # frees the retained gradient graph
+    n_probes = k + 1
+    trace = {n: sum(s) / len(s) for n, s in samples.items()}
+    stderr = {n: stderr_of(s) for n, s in samples.items()}
+    per_probe_total = [sum(samples[n][i] for n in names) for i in range(n_probes)]
+    if diag is not None:
+        diag = {n: d / n_probes for n, d in diag.items()}
+    return TraceResult(trace, stderr, sum(trace.values()), stderr_of(per_probe_total), n_probes, converged, diag,
+                       time.perf_counter() - t0, samples)
+
+
+def stderr_of(xs: Sequence[float]) -> float:
+    if len(xs) < 2:
+        return float("inf")
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+
+
+
+def layer_curvature(model, windows: torch.Tensor, names: dict, kind: str, probes: int = 8, seed: int = 0,
+                    progress: bool = False) -> dict[str, float]:
+    """Mean diagonal curvature per weight of each named linear (module name -> float): the
+    Hutchinson estimate of tr(H_module) / n_weights (``kind="hessian"``, ``probes`` Rademacher
+    probes of the LM loss over ``windows`` [n, seq_len], eager attention) or the diagonal
+    empirical Fisher sum / n_weights (``kind="fisher"``, per-window squared gradients). What the
+    sensitivity-guided allocations (pruning sparsity, quantization bits) rank layers by."""
+    if kind == "fisher":
+        return {n: float(g2.sum()) / g2.numel() for n, (_, g2) in gradient_moments(model, windows, names,
+                                                                                   progress).items()}
+    params = {n: m.weight for n, m in names.items()}
+    with C.attention_implementation(model, "eager"), C.trainable_only(model, list(params.values())):
+        tr = hutchinson_trace(lm_loss_fn(model, windows), params, max_probes=probes, min_probes=probes, tol=0.0,
+                              seed=seed, progress=progress)
+    return {n: tr.trace[n] / params[n].numel() for n in names}
 
 
 # --------------------------------------------------------------------------- super weights (Yu et al. 2024)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = {"llm_finetune", "llm_prune_model", "llm_robustness_test", "llm_evaluate_models", "llm_zeroshot",
+STEPS = {"llm_finetune", "llm_prune_model", "llm_robustness_test", "llm_quantize_model", "llm_evaluate_models", "llm_zeroshot",
          "llm_export", "llm_adversarial_test", "llm_integrated_analysis"}
 
 
@@ -22,7 +22,7 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
-SHARED = {"llm_report", "llm_common", "llm_config", "llm_perplexity", "llm_sensitivity"}
+SHARED = {"llm_report", "llm_common", "llm_config", "llm_perplexity", "llm_sensitivity", "llm_compress"}
 
 
 @pytest.mark.parametrize("module", sorted(STEPS | SHARED))

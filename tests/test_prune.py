@@ -36,21 +36,21 @@ def test_exact_sparsity(arch, method, pattern, tiny_gpt2, tiny_llama):
     head_before = model.get_output_embeddings().weight.clone()
     res = prune_model(model, None, _calib(), PruneConfig(method=method, sparsity=0.3, pattern=pattern,
                                                          progress=False))
+    total = pruned = 0
     for name, mod in _linears(model).items():
         W = C.weight_view(mod)
         zero = W == 0
+        total, pruned = total + W.numel(), pruned + int(zero.sum())
         if pattern != "unstructured":
             n, m = map(int, pattern.split(":"))
             groups = zero.reshape(W.shape[0], -1, m).sum(-1)
             assert (groups == m - n).all(), name
-        elif method in ("wanda", "taylor"):
-            assert (zero.sum(1) == int(W.shape[1] * 0.3)).all(), name  # exact per row
-        elif method == "magnitude":
-            assert int(zero.sum()) == int(W.numel() * 0.3), name  # exact per matrix
-        else:  # sparsegpt: exact per block of 128 columns
-            for i in range(0, W.shape[1], 128):
-                blk = zero[:, i:i + 128]
-                assert int(blk.sum()) == int(blk.numel() * 0.3), name
+        elif method in ("wanda", "taylor"):  # compared within rows: rows lose the same count, +-1
+            assert int(zero.sum(1).max() - zero.sum(1).min()) <= 1, name
+        if pattern == "unstructured":  # every matrix loses its share of the global count, to one weight
+            assert abs(int(zero.sum()) - 0.3 * W.numel()) <= 1, name
+    if pattern == "unstructured":  # exact globally, counted in weights
+        assert pruned == round(0.3 * total) == res.target_weights == res.pruned_weights
     expected = 0.3 if pattern == "unstructured" else 1 - int(pattern[0]) / int(pattern[2])
     assert res.overall_sparsity == pytest.approx(expected, abs=0.02)  # int() per row of 32-64
     assert len(res.per_layer) == 2

@@ -1,0 +1,390 @@
+"""Shared compression machinery: layer-wise calibration, the OBS inverse-Hessian factor, the one
+group quantizer (RTN and GPTQ), and the bounded layer-wise allocation rule.
+
+Pruning (SparseGPT, Wanda, OWL allocation), the quantize step (RTN, GPTQ) and the analysis
+step's RTN study all run on these, so each lives here once:
+
+    capture_block_inputs    calibration windows up to decoder block 0 (as the SparseGPT/GPTQ code)
+    linear_input_stats      per linear of one block: sum of squared input norms [in] (Wanda) or
+                            H = 2 X X^T / n [in, in] (SparseGPT, GPTQ)
+    inverse_hessian_factor  upper Cholesky factor of (H + damp I)^-1, SparseGPT/GPTQ style
+    minmax_params / rtn_quantize / quantize_rtn_
+                            asymmetric min-max group quantization (GPTQ's ``Quantizer`` with
+                            ``sym=False``, the AWQ/GPTQ papers' RTN baseline)
+    gptq_quantize           GPTQ (Frantar et al. 2023; IST-DASLab/gptq ``fasterquant``)
+    bounded_allocation / split_count
+                            OWL's bounded per-layer rule and exact integer counts
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+import llm_common as C
+
+# --------------------------------------------------------------------------- layer-wise calibration
+
+
+class _Stop(Exception):
+    pass
+
+
+def capture_block_inputs(model, windows: torch.Tensor):
+    """Run windows [n, seq_len] up to decoder block 0 and return (inputs, kwargs).
+
+    ``inputs`` is a list of [1, seq_len, hidden] hidden states; ``kwargs`` holds what the
+    model passes to every block (rotary ``position_embeddings``, attention mask,
+    position ids), captured rather than rebuilt so that each architecture gets exactly
+    what its own forward computes.
+    """
+    layers = C.decoder_layers(model)
+    inputs, kwargs = [], {}
+
+    def hook(module, args, kw):
+        hidden = args[0] if args else kw.pop("hidden_states")
+        inputs.append(hidden.detach())
+        if not kwargs:
+            kwargs.update({k: v for k, v in kw.items() if k not in ("hidden_states",)})
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    dev = C.input_device(model)
+    try:
+        with torch.no_grad(), C.use_cache(model, False):
+            for w in windows:
+                try:
+                    model(input_ids=w[None].to(dev), use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    for key in ("past_key_values", "past_key_value", "cache"):  # "cache" in transformers 5
+        kwargs.pop(key, None)
+    kwargs["use_cache"] = False
+    return inputs, kwargs
+
+
+def block_out(out):
+    """A decoder block's hidden states, whether it returns a tensor or a tuple."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def next_block_inputs(layer, inputs: list, kwargs: dict) -> list:
+    """The block's outputs for every window: the next block's inputs."""
+    with torch.no_grad():
+        return [block_out(layer(h, **kwargs)).detach() for h in inputs]
+
+
+def linear_input_stats(layer, inputs, kwargs, kind: str, linears: dict) -> dict:
+    """One pass of the block over all windows with hooks that accumulate, per linear,
+    the sum of squared input norms per channel (``kind="wanda"``, [in]) or the layer Hessian
+    H = 2 X X^T / n_tokens (``kind="hessian"``, [in, in], float32)."""
+    stats, counts, handles = {}, {}, []
+
+    def make_hook(name):
+        def hook(mod, args, out):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [tokens, in]
+            s = x.pow(2).sum(0) if kind == "wanda" else 2 * x.t() @ x
+            stats[name] = stats[name] + s if name in stats else s
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return hook
+
+    for name, mod in linears.items():
+        handles.append(mod.register_forward_hook(make_hook(name)))
+    try:
+        with torch.no_grad():
+            for h in inputs:
+                layer(h, **kwargs)
+    finally:
+        for hd in handles:
+            hd.remove()
+    return {k: v / counts[k] if kind == "hessian" else v for k, v in stats.items()}
+
+
+MAX_DAMP_RETRIES = 6  # 10x more dampening each time: from 1e-5 of mean diag(H) to 10x it at most
+
+
+def inverse_hessian_factor(H: torch.Tensor, percdamp: float, what: str = "SparseGPT") -> tuple[torch.Tensor, float]:
+    """(upper Cholesky factor of (H + d I)^-1, the dampening fraction used), d = percdamp x mean
+    diag(H). Row i of the factor holds the OBS update for eliminating column i given that
+    columns < i are fixed. A Hessian that is not positive definite at ``percdamp`` (too few
+    calibration tokens, --sparsegpt-percdamp 0) gets SparseGPT's own remedy, more dampening:
+    10x more (at least 1e-5) until it factors, a bounded number of times; the caller records it."""
+    mean_diag, eye, damp = torch.mean(torch.diag(H)), torch.eye(H.shape[0], device=H.device, dtype=H.dtype), percdamp
+    for _ in range(MAX_DAMP_RETRIES + 1):
+        Hd = H + damp * mean_diag * eye
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if not info.item():
+            Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if not info.item() and torch.isfinite(Hinv).all():
+                return Hinv, damp
+        damp = max(10 * damp, 1e-5)
+    hint = "try --prune-method wanda" if what == "SparseGPT" else "try --quant-method rtn"
+    raise C.UserError(f"{what}: a layer Hessian is not positive definite even with dampening {damp / 10:g} x "
+                      f"mean diag(H) (non-finite activations?); {hint}")
+
+
+# --------------------------------------------------------------------------- the group quantizer
+
+
+def rtn_groups(in_features: int, group_size: int) -> list[tuple[int, int]]:
+    """Column ranges [start, end) of quantization groups: ``group_size`` consecutive input columns
+    (0: the whole row), and one narrower tail group when the width is not a multiple
+    (576 = 4 x 128 + 64)."""
+    gs = group_size or in_features
+    return [(s, min(s + gs, in_features)) for s in range(0, in_features, gs)]
+
+
+def minmax_params(x: torch.Tensor, bits: int, keep: Optional[torch.Tensor] = None):
+    """Asymmetric min-max grid of each row of ``x`` [rows, width] (or [rows, groups, width]):
+    (scale, zero), shaped like ``x`` with the last dimension 1.
+
+    As GPTQ's ``Quantizer.find_params(weight=True)`` with ``sym=False``: the range always
+    includes 0, scale = (max - min) / (2^bits - 1), zero = round(-min / scale). Entries in
+    ``keep`` (kept in full precision) are left out of the range. Where GPTQ replaces an
+    all-zero range by [-1, 1] we clamp the scale at 1e-10; both give the same values (0)."""
+    big = torch.finfo(x.dtype).max
+    lo = (torch.where(keep, big, x) if keep is not None else x).amin(-1, keepdim=True)
+    hi = (torch.where(keep, -big, x) if keep is not None else x).amax(-1, keepdim=True)
+    lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
+    scale = ((hi - lo) / (2 ** bits - 1)).clamp(min=1e-10)
+    return scale, torch.round(-lo / scale)
+
+
+def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes (as floats) clamp(round(x / scale) + zero, 0, 2^bits - 1)."""
+    return torch.clamp(torch.round(x / scale) + zero, 0, 2 ** bits - 1)
+
+
+@dataclass
+class Quantized:
+    """One matrix [out, in] in codes and per-group grids; ``dequantize`` gives its values.
+
+    codes [out, in] uint8; scale, zero [out, n_groups] (float32; zero holds integers);
+    g_idx [in] int32: the group of each column (columns in GPTQ's act order group by
+    position in that order); keep [out, in] bool or None: entries kept in full precision,
+    whose values are ``kept`` (1-D, in the model's dtype, row-major order of ``keep``)."""
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    g_idx: torch.Tensor
+    keep: Optional[torch.Tensor] = None
+    kept: Optional[torch.Tensor] = None
+    damp: float = 0.0
+    dequantized: Optional[torch.Tensor] = None  # GPTQ: the kernel's own values [out, in] (tests compare them)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """scale * (code - zero), as the kernels compute it, then the kept values: bit for bit
+        the weights that were quantized (elementwise float32 ops in the same order)."""
+        g = self.g_idx.long().to(self.codes.device)
+        W = (self.scale[:, g] * (self.codes.float() - self.zero[:, g])).to(dtype)
+        if self.keep is not None and self.kept is not None and self.kept.numel():
+            W[self.keep] = self.kept.to(dtype)
+        return W
+
+
+@torch.no_grad()
+def rtn_quantize(W: torch.Tensor, bits: int, group_size: int = 128, keep: Optional[torch.Tensor] = None) -> Quantized:
+    """Round-to-nearest asymmetric group quantization of W [out, in] (float32 math); W unchanged.
+
+    Groups are ``group_size`` consecutive input columns of a row (``rtn_groups``: the last
+    group is narrower when ``in`` is not a multiple). Weights in ``keep`` are left out of their
+    group's min/max and kept in full precision (dense-and-sparse)."""
+    out, inp = W.shape
+    gs = min(group_size or inp, inp)
+    full = inp // gs * gs
+    parts = [(0, full, gs)] + ([(full, inp, inp - full)] if full < inp else [])
+    codes = torch.empty(out, inp, dtype=torch.uint8, device=W.device)
+    scales, zeros = [], []
+    for start, end, width in parts:  # the whole groups in one reshape, then the tail group
+        Wf = W[:, start:end].float().reshape(out, -1, width)
+        K = keep[:, start:end].reshape(out, -1, width).to(W.device) if keep is not None else None
+        scale, zero = minmax_params(Wf, bits, K)
+        codes[:, start:end] = quantize_codes(Wf, scale, zero, bits).reshape(out, end - start).to(torch.uint8)
+        scales.append(scale.squeeze(-1))
+        zeros.append(zero.squeeze(-1))
+    g_idx = torch.arange(inp, device=W.device, dtype=torch.int32) // gs
+    keep = keep.to(W.device) if keep is not None else None
+    return Quantized(codes, torch.cat(scales, 1), torch.cat(zeros, 1), g_idx, keep,
+                     W[keep].detach().clone() if keep is not None else None)
+
+
+@torch.no_grad()
+def quantize_rtn_(W: torch.Tensor, bits: int, group_size: int = 128, keep: Optional[torch.Tensor] = None) -> None:
+    """``rtn_quantize`` applied to W [out, in] in place (its dequantized values)."""
+    W.copy_(rtn_quantize(W, bits, group_size, keep).dequantize(W.dtype))
+
+
+@torch.no_grad()
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = 128, blocksize: int = 128,
+                  percdamp: float = 0.01, act_order: bool = False, keep: Optional[torch.Tensor] = None) -> Quantized:
+    """GPTQ of one weight matrix W [out, in] given its layer Hessian H = 2 X X^T / n [in, in].
+
+    Follows ``fasterquant`` of IST-DASLab/gptq (``gptq.py``) with its asymmetric ``Quantizer``:
+    dead inputs (H_jj = 0) are zeroed; optional act order (columns by decreasing H_jj); dampening
+    ``percdamp`` x mean diag(H) (retried 10x larger where H does not factor, as our SparseGPT);
+    the upper Cholesky factor of H^-1; blocks of ``blocksize`` columns, each column quantized in
+    turn and its error spread over the later columns of the block (lazy batch update of the
+    rest). With groups, a group's grid is taken when the loop reaches its first column, from
+    the weights as updated so far (the reference's ``find_params(W[:, i:i+groupsize])``); in act
+    order a group is ``group_size`` consecutive columns of that order (the reference without
+    ``static_groups``). Without groups (``group_size`` 0) each row has one grid from the
+    original weights. Entries in ``keep`` (super weights) stay in full precision: no error, and
+    outside their group's range. Math in float32 (float64 for a float64 W). W is unchanged."""
+    dt = torch.promote_types(W.dtype, torch.float32)
+    Wf = W.detach().to(dt).clone()
+    out, cols = Wf.shape
+    H = H.to(Wf.device, dt).clone()
+    K = keep.to(Wf.device).clone() if keep is not None else torch.zeros_like(Wf, dtype=torch.bool)
+    gs = group_size or cols
+    row_grid = minmax_params(Wf, bits, K) if not group_size else None  # before dead columns, as the reference
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    Wf[:, dead] = 0
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=Wf.device)
+    Wf, H, Kp = Wf[:, perm], H[perm][:, perm], K[:, perm]
+    Hinv, damp = inverse_hessian_factor(H, percdamp, "GPTQ")
+    Q = torch.zeros_like(Wf)
+    n_groups = math.ceil(cols / gs)
+    scales = torch.zeros(out, n_groups, dtype=dt, device=Wf.device)
+    zeros = torch.zeros_like(scales)
+    codes = torch.zeros(out, cols, dtype=torch.uint8, device=Wf.device)
+    scale, zero = row_grid if row_grid is not None else (None, None)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = Wf[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if group_size and j % gs == 0:
+                scale, zero = minmax_params(Wf[:, j:j + gs], bits, Kp[:, j:j + gs])
+            if j % gs == 0:
+                scales[:, j // gs], zeros[:, j // gs] = scale[:, 0], zero[:, 0]
+            w = W1[:, i]
+            c = quantize_codes(w[:, None], scale, zero, bits)
+            q = (scale * (c - zero)).flatten()
+            q = torch.where(Kp[:, j], w, q)
+            codes[:, j] = c.flatten().to(torch.uint8)
+            Q1[:, i] = q
+            err = (w - q) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        Q[:, i1:i2] = Q1
+        Wf[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the later columns
+    inv = torch.argsort(perm)
+    g_idx = (inv // gs).to(torch.int32)  # column c sat at position inv[c] of the quantization order
+    Qfinal = Q[:, inv]
+    # A kept entry keeps its value as updated by the earlier columns' errors (OBS: it is free).
+    kept = Qfinal[K].to(W.dtype) if keep is not None else None
+    return Quantized(codes[:, inv], scales.float(), zeros.float(), g_idx, K if keep is not None else None, kept,
+                     damp, Qfinal)
+
+
+# --------------------------------------------------------------------------- compact storage
+
+_PARTS = ("codes", "scale", "zero", "g_idx")
+
+
+def save_codes(out, name: str, quantized: dict) -> dict:
+    """Store a quantized variant compactly in ``<out>/checkpoints/<name>.safetensors``: per weight
+    its uint8 codes, fp32 scales and zeros per group, int32 column groups, and the flat indices
+    and values of the weights kept in full precision. Returns its record for results.json."""
+    path, tensors = Path(out) / "checkpoints" / f"{name}.safetensors", {}
+    for pname, q in quantized.items():
+        for part in _PARTS:
+            tensors[f"{pname}::{part}"] = getattr(q, part).contiguous()
+        if q.keep is not None:
+            tensors[f"{pname}::kept_index"] = q.keep.flatten().nonzero().flatten().to(torch.int64)
+            tensors[f"{pname}::kept"] = q.kept
+    C.save_tensors(path, tensors, metadata={"variant": name, "format": "codes"})
+    return {"checkpoint": str(path.relative_to(out)), "format": "codes"}
+
+
+def load_codes(path) -> dict:
+    """The ``Quantized`` records that ``save_codes`` wrote, by parameter name."""
+    t = C.load_tensors(path)
+    out = {}
+    for key in t:
+        pname, part = key.rsplit("::", 1)
+        if part != "codes":
+            continue
+        q = Quantized(*(t[f"{pname}::{p}"] for p in _PARTS))
+        if f"{pname}::kept_index" in t:
+            keep = torch.zeros(q.codes.numel(), dtype=torch.bool)
+            keep[t[f"{pname}::kept_index"]] = True
+            q.keep, q.kept = keep.reshape(q.codes.shape), t[f"{pname}::kept"]
+        out[pname] = q
+    return out
+
+
+def coded_weights(model, path):
+    """Context manager: the model with the stored quantized weights (dequantized into each
+    weight's dtype, bit for bit what the quantizer wrote), restored on exit."""
+    state = C.named_tensors(model)
+    tensors = {}
+    for pname, q in load_codes(path).items():
+        mod = model.get_submodule(pname.rsplit(".", 1)[0])
+        tensors[pname] = C.out_in(mod, q.dequantize(state[pname].dtype))  # back to the module's layout
+    return C.swapped_weights(model, tensors)
+
+
+# --------------------------------------------------------------------------- allocation
+
+
+def split_count(total: int, sizes: Sequence[int]) -> list[int]:
+    """Split the integer ``total`` over parts of ``sizes`` in proportion (largest remainder):
+    the counts sum to ``total`` exactly and none exceeds its size."""
+    n = sum(sizes)
+    if not n:
+        return [0] * len(sizes)
+    raw = [total * s / n for s in sizes]
+    out = [min(int(math.floor(r)), s) for r, s in zip(raw, sizes)]
+    order = sorted(range(len(sizes)), key=lambda i: -(raw[i] - out[i]))
+    left = total - sum(out)
+    for i in order * 2:
+        if left <= 0:
+            break
+        if out[i] < sizes[i]:
+            out[i] += 1
+            left -= 1
+    return out
+
+
+def bounded_allocation(scores: Sequence[float], sizes: Sequence[int], target: float, lam: float) -> list[float]:
+    """OWL's bounded rule (Yin et al. 2024; luuyin/OWL ``prune_wanda_outlier``): per layer,
+    keep ratio = (1 - target) + 2 lam (s_l - min s) / (max s - min s) - centre, so layers with a
+    larger score keep more weights and the ratios span 2 lam. OWL centres on the plain mean
+    over layers (equal-sized layers in LLaMA); we centre on the size-weighted mean so the
+    weights pruned add up to ``target`` for layers of any size (the same for equal sizes).
+    Returns the per-layer sparsity, clamped to [0, 1) (``exact_counts`` absorbs the clamp)."""
+    s = [float(x) for x in scores]
+    span = max(s) - min(s)
+    a = [2 * lam * (x - min(s)) / span if span > 0 else 0.0 for x in s]
+    centre = sum(x * n for x, n in zip(a, sizes)) / sum(sizes)
+    return [min(max(target - (x - centre), 0.0), 1.0 - 1e-6) for x in a]
+
+
+def exact_counts(sparsities: Sequence[float], sizes: Sequence[int], target: float) -> list[int]:
+    """Weights to prune per layer: about ``sparsity x size`` each, adjusted (one weight at a
+    time, largest layers first) so that they add up to round(target x total) exactly."""
+    want = round(target * sum(sizes))
+    k = [min(max(round(s * n), 0), n - 1 if n else 0) for s, n in zip(sparsities, sizes)]
+    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+    while sum(k) != want:
+        step = 1 if sum(k) < want else -1
+        moved = False
+        for i in order:
+            if sum(k) == want:
+                break
+            if 0 <= k[i] + step <= sizes[i] - 1:
+                k[i] += step
+                moved = True
+        if not moved:
+            break
+    return k

@@ -1,0 +1,203 @@
+"""Step 3: weight quantization of the decoder linears, the ``quantized`` variant.
+
+Methods (both asymmetric min-max per group of input columns, as both papers):
+    rtn   round to nearest (the RTN baseline of the GPTQ and AWQ papers).
+    gptq  GPTQ (Frantar et al. 2023; IST-DASLab/gptq ``fasterquant``): OBS column by column on
+          the layer Hessian H = 2 X X^T / n, the machinery of our SparseGPT kernel
+          (``llm_compress``), blocks of 128 columns, optional act order, dampening 1%.
+          Blocks are quantized in order and each block's quantized outputs feed the next, as
+          the reference's sequential driver; the linears of one block share one calibration
+          pass (the reference's default, without ``--true-sequential``).
+Super weights (Yu et al. 2024; ``--protect-super-weights``) and optionally the top
+``--quant-keep-fraction`` of weights by OBD saliency 0.5 F w^2 stay in full precision.
+
+Mixed precision by sensitivity (HAWQ-style, Dong et al. 2019-2021; ``--bit-allocation``):
+each linear gets 2, 3, 4 or 8 bits, minimising sum_l s_l ||Q_b(W_l) - W_l||^2 under an average
+of ``--avg-bits`` code bits per weight, where s_l is the layer's mean diagonal curvature per
+weight (Hutchinson tr(H)/n, or diagonal Fisher / n) and Q_b its RTN at b bits. Solved greedily
+(``allocate_bits``): all layers start at 2 bits; the upgrade with the largest decrease of the
+objective per added bit that fits the budget is taken until none fits.
+
+The variant is stored as codes (uint8), per-group scales and zeros, the column-group index and
+the kept weights (``llm_compress.Quantized``), and rebuilt bit for bit.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+import llm_common as C
+from llm_compress import (Quantized, capture_block_inputs, gptq_quantize, linear_input_stats, next_block_inputs,
+                          rtn_groups, rtn_quantize)
+from llm_config import QuantizeConfig
+from llm_sensitivity import gradient_moments, layer_curvature, protect_top_fraction, protected_coordinates
+
+log = logging.getLogger("llm.quantize")
+
+BIT_CHOICES = (2, 3, 4, 8)
+GRID_BITS = 32  # one fp16 scale + one fp16 zero per group, as the papers count them
+KEPT_BITS = 48  # a kept weight: 16 bits of value + 32 bits of index
+
+
+@dataclass
+class QuantizeResult:
+    method: str
+    wbits: int
+    group: int
+    bits: dict = field(default_factory=dict)           # linear -> bits
+    layer_bits: dict = field(default_factory=dict)     # "block index" -> mean code bits of its linears
+    avg_code_bits: float = 0.0                         # code bits per weight over the quantized linears
+    avg_bits: float = 0.0                              # ... counting scales, zeros and kept weights
+    budget_bits: Optional[float] = None                # --avg-bits of the mixed precision
+    bit_allocation: str = "uniform"
+    sensitivity: dict = field(default_factory=dict)    # linear -> mean curvature per weight (mixed precision)
+    objective: dict = field(default_factory=dict)      # sum s ||Q(W) - W||^2: chosen, and uniform at --wbits
+    kept_weights: int = 0
+    super_weights: list = field(default_factory=list)  # detected for protect="auto"
+    protected: list = field(default_factory=list)      # (module, row, col) kept in full precision
+    rel_error: dict = field(default_factory=dict)      # linear -> ||Q(W) - W||_F / ||W||_F
+    dampening_increased: dict = field(default_factory=dict)  # GPTQ: linear -> dampening used where H needed more
+    calibration: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    peak_memory_mb: float = 0.0
+    config: dict = field(default_factory=dict)
+    quantized: dict = field(default_factory=dict)      # parameter name -> Quantized (not in results.json)
+
+
+def allocate_bits(sensitivity: dict, error: dict, sizes: dict, budget: float, choices=BIT_CHOICES) -> dict:
+    """Greedy multiple-choice knapsack: bits per layer from ``choices`` minimising
+    sum_l sensitivity[l] x error[l][b] under sum_l sizes[l] x b <= budget x sum_l sizes[l].
+
+    Start at the fewest bits everywhere; repeatedly take the upgrade (layer, b -> b') with the
+    largest objective decrease per added bit that still fits; stop when none fits or helps.
+    Raises UserError when the budget is below the fewest bits."""
+    lo = min(choices)
+    total = sum(sizes.values())
+    if budget < lo - 1e-9:
+        raise C.UserError(f"--avg-bits {budget} is below the fewest bits ({lo})")
+    bits = {n: lo for n in sizes}
+    used = lo * total
+    cap = budget * total + 1e-6
+    while True:
+        best = None
+        for n, b in bits.items():
+            for b2 in choices:
+                if b2 <= b or used + sizes[n] * (b2 - b) > cap:
+                    continue
+                gain = sensitivity[n] * (error[n][b] - error[n][b2])
+                eff = gain / (sizes[n] * (b2 - b))
+                if gain > 0 and (best is None or eff > best[0]):
+                    best = (eff, n, b2)
+        if best is None:
+            return bits
+        _, n, b2 = best
+        used += sizes[n] * (b2 - bits[n])
+        bits[n] = b2
+
+
+def _keep_masks(model, tokenizer, linears: dict, windows, config: QuantizeConfig) -> tuple[dict, tuple, list]:
+    """Per linear, the bool [out, in] mask of weights kept in full precision (super weights and
+    the top ``keep_fraction`` by OBD saliency 0.5 F w^2), or None; and the coordinates."""
+    coords, found = protected_coordinates(model, tokenizer, config.protect, config.super_weight_prompt)
+    if config.keep_fraction > 0:
+        moments = gradient_moments(model, windows, linears, config.progress)
+        scores = {n: 0.5 * g2 * C.weight_view(linears[n]).detach().float().pow(2) for n, (_, g2) in moments.items()}
+    else:
+        scores = {n: torch.zeros(C.weight_view(m).shape) for n, m in linears.items()}
+    masks = protect_top_fraction(scores, config.keep_fraction, coords)
+    return {n: (k if k.any() else None) for n, k in masks.items()}, coords, found
+
+
+def _sq_error(W: torch.Tensor, q: Quantized) -> float:
+    return float((q.dequantize(torch.float32) - W.float()).pow(2).sum())
+
+
+def quantize_model(model, tokenizer, calib: "C.Corpus | torch.Tensor", config: QuantizeConfig = QuantizeConfig()
+                   ) -> QuantizeResult:
+    """Quantize the decoder-block linears of ``model`` in place.
+
+    Args:
+        calib: calibration corpus, its ids [n_tokens] or windows [n, seq_len]
+            (``C.calibration_windows``); used by GPTQ, the keep fraction and the mixed precision.
+        tokenizer: detects super weights for ``config.protect="auto"``.
+    Returns a QuantizeResult; ``.quantized`` holds each weight's codes and grids (what the
+    pipeline stores), ``.bits`` the bits of each linear.
+    """
+    config = config.for_model(model)
+    t0 = time.perf_counter()
+    dev0 = C.input_device(model)
+    C.reset_peak_memory(dev0)
+    windows = C.calibration_windows(tokenizer, calib, config.calib_samples, config.calib_seq_len, config.seed)
+    linears = C.decoder_linears(model)
+    keep, coords, found = _keep_masks(model, tokenizer, linears, windows[:config.sensitivity_windows], config)
+    sizes = {n: C.weight_view(m).numel() for n, m in linears.items()}
+    res = QuantizeResult(config.method, config.wbits, config.group, bit_allocation=config.bit_allocation,
+                         super_weights=found, protected=[list(c) for c in coords], config=asdict(config),
+                         calibration={"windows": windows.shape[0], "seq_len": windows.shape[1]})
+    bits = {n: config.wbits for n in linears}
+    if config.bit_allocation != "uniform":
+        res.budget_bits = config.avg_bits if config.avg_bits is not None else float(config.wbits)
+        sens = layer_curvature(model, windows[:config.sensitivity_windows], linears, config.bit_allocation,
+                               config.sensitivity_probes, config.seed, config.progress)
+        sens = {n: max(v, 0.0) for n, v in sens.items()}  # a negative Hutchinson estimate: no curvature
+        err = {n: {b: _sq_error(C.weight_view(m), rtn_quantize(C.weight_view(m).detach(), b, config.group, keep[n]))
+                   for b in BIT_CHOICES} for n, m in linears.items()}
+        bits = allocate_bits(sens, err, sizes, res.budget_bits)
+        res.sensitivity = sens
+        uniform_b = int(res.budget_bits) if int(res.budget_bits) in BIT_CHOICES else config.wbits
+        res.objective = {"chosen": sum(sens[n] * err[n][bits[n]] for n in linears),
+                         f"uniform_{uniform_b}bit": sum(sens[n] * err[n][uniform_b] for n in linears)}
+    res.bits = bits
+    if config.method == "rtn":
+        for n, m in tqdm(linears.items(), desc="rtn", disable=not config.progress):
+            W = C.weight_view(m)
+            res.quantized[n + ".weight"] = q = rtn_quantize(W.detach(), bits[n], config.group, keep[n])
+            _write(W, q, res, n)
+    else:
+        inputs, kwargs = capture_block_inputs(model, windows)
+        names_of = {m: n for n, m in model.named_modules()}
+        for layer in tqdm(C.decoder_layers(model), desc="gptq", disable=not config.progress):
+            block = C.block_linears(layer)
+            H = linear_input_stats(layer, inputs, kwargs, "hessian", block)
+            for rel, m in block.items():
+                n = names_of[m]
+                W = C.weight_view(m)
+                q = gptq_quantize(W.detach(), H[rel].to(W.device), bits[n], config.group, config.blocksize,
+                                  config.percdamp, config.act_order, keep[n])
+                q.dequantized = None
+                if q.damp != config.percdamp:
+                    res.dampening_increased[n] = q.damp
+                res.quantized[n + ".weight"] = q
+                _write(W, q, res, n)
+            del H
+            inputs = next_block_inputs(layer, inputs, kwargs)  # quantized outputs feed the next block
+    total = sum(sizes.values())
+    res.kept_weights = sum(int(k.sum()) for k in keep.values() if k is not None)
+    code = sum(sizes[n] * bits[n] for n in linears)
+    grids = sum(C.weight_view(m).shape[0] * len(rtn_groups(C.weight_view(m).shape[1], config.group))
+                for m in linears.values())
+    res.avg_code_bits = code / total
+    res.avg_bits = (code + grids * GRID_BITS + res.kept_weights * KEPT_BITS) / total
+    per_layer: dict = {}
+    for i, layer in enumerate(C.decoder_layers(model)):
+        mods = [n for n in linears if linears[n] in set(C.block_linears(layer).values())]
+        per_layer[str(i)] = sum(bits[n] * sizes[n] for n in mods) / max(sum(sizes[n] for n in mods), 1)
+    res.layer_bits = per_layer
+    res.seconds = time.perf_counter() - t0
+    res.peak_memory_mb = C.peak_memory_mb(dev0)
+    log.info("%s: %.3f code bits (%.3f with scales and zeros) per weight over %d linears in %.1f s", config.method,
+             res.avg_code_bits, res.avg_bits, len(linears), res.seconds)
+    return res
+
+
+def _write(W: torch.Tensor, q: Quantized, res: QuantizeResult, name: str) -> None:
+    """Put the dequantized values into the live weight (in place) and record the error."""
+    with torch.no_grad():
+        old = W.detach().float().clone()
+        W.copy_(q.dequantize(W.dtype))
+        res.rel_error[name] = float((W.float() - old).norm() / old.norm().clamp(min=1e-30))

@@ -1,0 +1,202 @@
+"""The quantize step (issue 25): GPTQ against an independent transcription of the reference
+``fasterquant``, RTN vs GPTQ reconstruction, the greedy mixed precision on a planted problem,
+and the quantized variant through the pipeline, stored as codes and rebuilt bit for bit."""
+import json
+import math
+
+import pytest
+import torch
+
+import llm_common as C
+import llm_compress as LC
+import llm_config as K
+from llm_quantize_model import allocate_bits
+
+
+# ----------------------------------------------------------------- the reference, transcribed
+
+class RefQuantizer:
+    """IST-DASLab/gptq quant.py ``Quantizer`` (perchannel=True, sym=False, weight=True)."""
+
+    def __init__(self, bits):
+        self.maxq = torch.tensor(2 ** bits - 1)
+
+    def find_params(self, x):
+        tmp = torch.zeros(x.shape[0], dtype=x.dtype)
+        xmin = torch.minimum(x.min(1)[0], tmp)
+        xmax = torch.maximum(x.max(1)[0], tmp)
+        tmp = (xmin == 0) & (xmax == 0)
+        xmin[tmp], xmax[tmp] = -1, +1
+        self.scale = ((xmax - xmin) / self.maxq).unsqueeze(1)
+        self.zero = torch.round(-xmin / self.scale.flatten()).unsqueeze(1)
+
+
+def ref_quantize(x, scale, zero, maxq):
+    q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+    return scale * (q - zero)
+
+
+def ref_fasterquant(W, H, bits, blocksize=128, percdamp=.01, groupsize=-1, actorder=False):
+    """gptq.py ``GPTQ.fasterquant``, transcribed line by line (returns Q)."""
+    W = W.clone()
+    H = H.clone()
+    quantizer = RefQuantizer(bits)
+    quantizer.find_params(W)
+    columns = W.shape[1]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    if actorder:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+    Q = torch.zeros_like(W)
+    damp = percdamp * torch.mean(torch.diag(H))
+    diag = torch.arange(columns)
+    H[diag, diag] += damp
+    H = torch.linalg.cholesky(H)
+    H = torch.cholesky_inverse(H)
+    H = torch.linalg.cholesky(H, upper=True)
+    Hinv = H
+    for i1 in range(0, columns, blocksize):
+        i2 = min(i1 + blocksize, columns)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(count):
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            if groupsize != -1 and (i1 + i) % groupsize == 0:
+                quantizer.find_params(W[:, (i1 + i):(i1 + i + groupsize)])
+            q = ref_quantize(w.unsqueeze(1), quantizer.scale, quantizer.zero, quantizer.maxq).flatten()
+            Q1[:, i] = q
+            err1 = (w - q) / d
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+        Q[:, i1:i2] = Q1
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+    if actorder:
+        Q = Q[:, torch.argsort(perm)]
+    return Q
+
+
+def _layer(seed=0, out=24, inp=96, tokens=400):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out, inp, generator=g, dtype=torch.float64)
+    mix = torch.eye(inp, dtype=torch.float64) + 0.3 * torch.randn(inp, inp, generator=g, dtype=torch.float64)
+    X = (torch.randn(tokens, inp, generator=g, dtype=torch.float64) @ mix) * (torch.rand(inp, generator=g,
+                                                                                       dtype=torch.float64) * 3)
+    X[:, 5] = 0  # a dead input
+    return W, X, 2 * X.T @ X / tokens
+
+
+@pytest.mark.parametrize("group,blocksize,act_order", [(0, 128, False), (32, 32, False), (32, 64, False),
+                                                       (16, 128, True), (0, 40, True)])
+def test_gptq_equals_the_reference_fasterquant(group, blocksize, act_order):
+    W, X, H = _layer()
+    want = ref_fasterquant(W, H, 3, blocksize, 0.01, group or -1, act_order)
+    got = LC.gptq_quantize(W, H, 3, group, blocksize, 0.01, act_order)
+    assert torch.allclose(got.dequantized, want, atol=1e-6, rtol=0)
+    # The codes and grids alone give the same values (float32 storage of the grids).
+    assert torch.allclose(got.dequantize(torch.float64), want, atol=1e-5, rtol=0)
+
+
+def test_gptq_reconstructs_better_than_rtn_and_keeps_super_weights():
+    W, X, H = _layer(seed=1)
+    W, X, H = W.float(), X.float(), H.float()
+    keep = torch.zeros_like(W, dtype=torch.bool)
+    keep[3, 7] = True
+    W[3, 7] = 30.0  # a super weight
+    for bits in (2, 3, 4):
+        g = LC.gptq_quantize(W, H, bits, 32, keep=keep)
+        r = LC.rtn_quantize(W, bits, 32, keep=keep)
+        err = lambda q: float(((W - q.dequantize(torch.float32)) @ X.T).norm())  # noqa: E731
+        assert err(g) < 0.8 * err(r), bits  # correlated inputs: OBS updates pay off
+        assert r.dequantize(torch.float32)[3, 7] == 30.0
+        assert len(torch.unique(g.codes)) <= 2 ** bits
+
+
+def test_one_quantizer_for_the_analysis_study():
+    import llm_integrated_analysis as A
+
+    assert A.quantize_rtn_ is LC.quantize_rtn_ and A.rtn_groups is LC.rtn_groups
+
+
+def test_mixed_precision_meets_its_budget_and_beats_uniform_on_a_planted_problem():
+    torch.manual_seed(0)
+    Ws = {f"l{i}": torch.randn(64, 128) for i in range(4)}
+    sens = {"l0": 100.0, "l1": 1.0, "l2": 1.0, "l3": 1.0}  # one layer 100x more sensitive
+    err = {n: {b: float((LC.rtn_quantize(W, b, 32).dequantize(torch.float32) - W).pow(2).sum()) for b in (2, 3, 4, 8)}
+           for n, W in Ws.items()}
+    sizes = {n: W.numel() for n, W in Ws.items()}
+    bits = allocate_bits(sens, err, sizes, 3.25)
+    avg = sum(bits[n] * sizes[n] for n in Ws) / sum(sizes.values())
+    assert avg <= 3.25 + 1e-9
+    obj = lambda b: sum(sens[n] * err[n][b[n]] for n in Ws)  # noqa: E731
+    uniform = obj({n: 3 for n in Ws})
+    assert obj(bits) < 0.6 * uniform
+    assert bits["l0"] == max(bits.values()) and bits["l0"] >= 4
+    # Exhaustive search over the 4^4 choices: the greedy answer is the optimum here.
+    import itertools
+    best = min((obj(dict(zip(Ws, c))), c) for c in itertools.product((2, 3, 4, 8), repeat=4)
+               if sum(b * sizes[n] for n, b in zip(Ws, c)) <= 3.25 * sum(sizes.values()))
+    assert obj(bits) == pytest.approx(best[0])
+    with pytest.raises(C.UserError, match="below the fewest"):
+        allocate_bits(sens, err, sizes, 1.5)
+
+
+@pytest.fixture(scope="module")
+def qsetup(tmp_path_factory, sample_text, tiny_llama, byte_tokenizer):
+    from conftest import make_super_weight_matter, plant_super_weight
+
+    d = tmp_path_factory.mktemp("quant")
+    m = tiny_llama(layers=3)
+    plant_super_weight(m, layer=1)
+    make_super_weight_matter(m, C.tokenize_corpus(byte_tokenizer(), sample_text[:3000]))
+    m.save_pretrained(d / "model")
+    byte_tokenizer().save_pretrained(d / "model")
+    (d / "text.txt").write_text(sample_text[:3000])
+    return d
+
+
+@pytest.mark.parametrize("method,alloc", [("gptq", "uniform"), ("rtn", "fisher")])
+def test_quantized_variant_through_the_pipeline(qsetup, pipeline_config, method, alloc, tmp_path):
+    import llm_main_v4
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    cfg = pipeline_config(qsetup / "model", qsetup / "text.txt", out, steps=("quantize", "eval", "export"),
+                          quantize={"method": method, "wbits": 3, "group": 16, "protect": "auto",
+                                    "bit_allocation": alloc, "avg_bits": 3.5, "calib_samples": 4,
+                                    "calib_seq_len": 32, "sensitivity_windows": 2},
+                          export={"enabled": True})
+    llm_main_v4.run_pipeline(cfg, argv=[])
+    res = json.loads((out / "results.json").read_text())
+    q = res["quantize"]
+    assert q["format"] == "codes" and res["variants"]["quantized"] == "base"
+    assert math.isfinite(res["perplexity"]["quantized"]) and res["perplexity"]["quantized"] != res["perplexity"]["base"]
+    assert q["protected"] and q["kept_weights"] >= 1
+    if alloc == "uniform":
+        assert q["avg_code_bits"] == 3
+    else:
+        assert q["avg_code_bits"] <= 3.5 + 1e-9 and set(q["bits"].values()) <= {2, 3, 4, 8}
+    assert q["avg_bits"] > q["avg_code_bits"]  # scales and zeros counted
+    assert res["plots"]["quantize"] == "plots/quantize_bits_per_layer.png" and "quantized" in res["export"]["variants"]
+    # The compact record rebuilds the weights bit for bit: the export holds what the step wrote.
+    model, tok, _ = C.load_model(C.LoadConfig(model=str(qsetup / "model")))
+    with LC.coded_weights(model, out / q["checkpoint"]):
+        rebuilt = {n: p.detach().clone() for n, p in model.named_parameters()}
+    exported = AutoModelForCausalLM.from_pretrained(out / "export" / "quantized").eval()
+    for n, p in exported.named_parameters():
+        assert torch.equal(p, rebuilt[n]), n
+    sw = q["protected"][0]
+    W = C.weight_view(model.get_submodule(sw[0]))
+    assert rebuilt[sw[0] + ".weight"][sw[1], sw[2]] == W[sw[1], sw[2]]  # super weight kept exactly
+    ids = torch.randint(0, 256, (1, 16))
+    with LC.coded_weights(model, out / q["checkpoint"]), torch.no_grad():
+        assert torch.equal(model(ids).logits, exported(ids).logits)
+    # A rerun reattaches the stored variant without quantizing again.
+    again = llm_main_v4.run_pipeline(cfg, argv=[])
+    assert again["manifest"]["steps"]["quantize"]["skipped"] and again["perplexity"] == res["perplexity"]
