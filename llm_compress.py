@@ -25,6 +25,9 @@ from typing import Optional, Sequence
 import torch
 
 import llm_common as C
+import llm_io as IO
+import llm_model as LM
+import llm_variants as V
 
 # --------------------------------------------------------------------------- layer-wise calibration
 
@@ -41,7 +44,7 @@ def capture_block_inputs(model, windows: torch.Tensor):
     position ids), captured rather than rebuilt so that each architecture gets exactly
     what its own forward computes.
     """
-    layers = C.decoder_layers(model)
+    layers = LM.decoder_layers(model)
     inputs, kwargs = [], {}
 
     def hook(module, args, kw):
@@ -52,9 +55,9 @@ def capture_block_inputs(model, windows: torch.Tensor):
         raise _Stop
 
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    dev = C.input_device(model)
+    dev = LM.input_device(model)
     try:
-        with torch.no_grad(), C.use_cache(model, False):
+        with torch.no_grad(), LM.use_cache(model, False):
             for w in windows:
                 try:
                     model(input_ids=w[None].to(dev), use_cache=False)
@@ -302,13 +305,13 @@ def save_codes(out, name: str, quantized: dict) -> dict:
         if q.keep is not None:
             tensors[f"{pname}::kept_index"] = q.keep.flatten().nonzero().flatten().to(torch.int64)
             tensors[f"{pname}::kept"] = q.kept
-    C.save_tensors(path, tensors, metadata={"variant": name, "format": "codes"})
+    IO.save_tensors(path, tensors, metadata={"variant": name, "format": "codes"})
     return {"checkpoint": str(path.relative_to(out)), "format": "codes"}
 
 
 def load_codes(path) -> dict:
     """The ``Quantized`` records that ``save_codes`` wrote, by parameter name."""
-    t = C.load_tensors(path)
+    t = IO.load_tensors(path)
     out = {}
     for key in t:
         pname, part = key.rsplit("::", 1)
@@ -326,12 +329,12 @@ def load_codes(path) -> dict:
 def coded_weights(model, path):
     """Context manager: the model with the stored quantized weights (dequantized into each
     weight's dtype, bit for bit what the quantizer wrote), restored on exit."""
-    state = C.named_tensors(model)
+    state = V.named_tensors(model)
     tensors = {}
     for pname, q in load_codes(path).items():
         mod = model.get_submodule(pname.rsplit(".", 1)[0])
-        tensors[pname] = C.out_in(mod, q.dequantize(state[pname].dtype))  # back to the module's layout
-    return C.swapped_weights(model, tensors)
+        tensors[pname] = LM.out_in(mod, q.dequantize(state[pname].dtype))  # back to the module's layout
+    return V.swapped_weights(model, tensors)
 
 
 # --------------------------------------------------------------------------- allocation

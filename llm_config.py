@@ -37,8 +37,10 @@ from typing import ClassVar, Optional
 
 import yaml
 
-import llm_common as C
-from llm_common import SAMPLE_PROMPT, UserError
+import llm_io as IO
+import llm_model as LM
+from llm_common import UserError
+from llm_model import SAMPLE_PROMPT
 
 log = logging.getLogger("llm.config")
 
@@ -119,8 +121,8 @@ class StepConfig:
     def for_model(self, model):
         """Resolved for the model's device, window lengths clamped to its context (with a
         warning; results record the clamped value), and validated: what every step runs with."""
-        cfg = self.resolved(C.is_cuda_model(model))
-        ctx = C.context_length(model)
+        cfg = self.resolved(LM.is_cuda_model(model))
+        ctx = LM.context_length(model)
         clamp = {f.name: ctx for f in fields(cfg) if f.metadata.get("context") and ctx
                  and isinstance(getattr(cfg, f.name), int) and getattr(cfg, f.name) > ctx}
         for name in clamp:
@@ -616,7 +618,7 @@ def local_task_files(tasks: tuple, include_path: Optional[str]) -> tuple[list, l
             continue
         seen.add(real)
         with open(path, "rb") as f:
-            text = f.read(C.MAX_JSON_BYTES).decode("utf-8", "replace")
+            text = f.read(IO.MAX_JSON_BYTES).decode("utf-8", "replace")
         if re.search(r"!function\b", text):
             code.append(path)
         try:

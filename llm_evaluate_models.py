@@ -1,4 +1,4 @@
-"""Step 4: perplexity and related metrics for every model variant.
+"""The eval step: perplexity and related metrics for every model variant.
 
     res = evaluate_variants(model, tokenizer, ids, {"base": None, "pruned": "pruned.safetensors"},
                             EvalConfig(seq_len=2048), parents={"pruned": "base"})
@@ -18,7 +18,7 @@ from typing import Callable, Mapping, Optional, Union
 
 import torch
 
-import llm_common as C
+import llm_variants as V
 from llm_config import EvalConfig
 from llm_perplexity import EvalResult, evaluate_model, reference_logprobs, safe_exp, window_plan
 
@@ -68,7 +68,7 @@ def evaluate_variants(model, tokenizer, input_ids: torch.Tensor, variants: Mappi
     out = {}
     for name, weights in variants.items():
         log.info("evaluating variant %r", name)
-        with C.applied_variant(model, weights):
+        with V.applied_variant(model, weights):
             out[name] = evaluate_model(model, tokenizer, input_ids, config,
                                        reference=reference if name in kl_for else None)
     protocol = {"seq_len": config.seq_len, "stride": config.stride or config.seq_len,

@@ -1,4 +1,4 @@
-"""Step 6: every variant as a loadable ``save_pretrained`` directory with a model card.
+"""The export step: every variant as a loadable ``save_pretrained`` directory with a model card.
 
     res = export_variants(model, tokenizer, {"base": None, "pruned": mask_ctx}, "data/export",
                           ExportConfig(enabled=True), facts={"pruned": {"method": "wanda 2:4"}})
@@ -32,6 +32,9 @@ import torch
 from torch.sparse import to_sparse_semi_structured
 
 import llm_common as C
+import llm_io as IO
+import llm_model as LM
+import llm_variants as V
 from llm_config import ExportConfig
 
 __all__ = ["ExportConfig", "ExportResult", "export_variants", "is_two_of_four", "model_card", "semi_structured",
@@ -61,7 +64,7 @@ def semi_structured(model: torch.nn.Module) -> Iterator[list]:
     names converted; a linear the kernels refuse (shape, dtype) stays dense and is not named."""
     done = {}
     try:
-        for name, mod in C.decoder_linears(model).items():
+        for name, mod in LM.decoder_linears(model).items():
             if not isinstance(mod, torch.nn.Linear) or not is_two_of_four(mod.weight.data):
                 continue
             try:
@@ -81,11 +84,11 @@ def semi_structured(model: torch.nn.Module) -> Iterator[list]:
 def tokens_per_second(model: torch.nn.Module, batch: int, seq_len: int, iters: int = 10, warmup: int = 3) -> float:
     """Forward (prefill) throughput in tokens/s on random ids [batch, seq_len], logits of the last
     position only. Timed with a device sync around the loop, not per step."""
-    device = C.input_device(model)
+    device = LM.input_device(model)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.get_input_embeddings().weight.shape[0], (batch, seq_len), generator=g).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    with C.use_cache(model, False):
+    with LM.use_cache(model, False):
         for _ in range(warmup):
             model(input_ids=ids, logits_to_keep=1)
         sync()
@@ -98,14 +101,14 @@ def tokens_per_second(model: torch.nn.Module, batch: int, seq_len: int, iters: i
 
 def _speed(model, cfg: ExportConfig, variants: Mapping[str, object]) -> dict:
     """The 2:4 conversion and its measured speed-up for the first variant that is 2:4."""
-    if not C.is_cuda_model(model):
+    if not LM.is_cuda_model(model):
         return {"status": "skipped", "reason": "semi-structured sparse kernels need CUDA (compute capability 8.0+)"}
     for name, weights in variants.items():
-        with C.applied_variant(model, weights):
-            if not any(is_two_of_four(C.weight_view(m)) for m in C.decoder_linears(model).values()):
+        with V.applied_variant(model, weights):
+            if not any(is_two_of_four(LM.weight_view(m)) for m in LM.decoder_linears(model).values()):
                 continue
             vocab = model.get_input_embeddings().weight.shape[0]
-            ids = torch.randint(0, vocab, (1, 32), generator=torch.Generator().manual_seed(0)).to(C.input_device(model))
+            ids = torch.randint(0, vocab, (1, 32), generator=torch.Generator().manual_seed(0)).to(LM.input_device(model))
             with torch.no_grad():
                 ref = model(input_ids=ids).logits.float()
             dense = {b: tokens_per_second(model, b, cfg.speed_seq_len) for b in cfg.speed_batches}
@@ -118,7 +121,7 @@ def _speed(model, cfg: ExportConfig, variants: Mapping[str, object]) -> dict:
             except RuntimeError as e:  # an older GPU or a kernel missing from this build
                 return {"status": "failed", "variant": name, "reason": C.error_line(e)}
             return {"status": "ran", "variant": name, "linears": len(converted), "max_abs_logit_diff": err,
-                    "device": torch.cuda.get_device_name(C.input_device(model)), "seq_len": cfg.speed_seq_len,
+                    "device": torch.cuda.get_device_name(LM.input_device(model)), "seq_len": cfg.speed_seq_len,
                     "tokens_per_s": {str(b): {"dense": dense[b], "2:4": sparse[b], "speedup": sparse[b] / dense[b]}
                                      for b in cfg.speed_batches}}
     return {"status": "skipped", "reason": "no variant has 2:4 linears (prune with --sparsity-pattern 2:4)"}
@@ -133,7 +136,7 @@ def variant_facts(results: Mapping, parents: Mapping[str, Optional[str]]) -> dic
     out = {}
     for name, parent in parents.items():
         f = {"parent": parent, "base_model": results.get("model"), "metrics": {},
-             "from_gguf": results.get("model") == C.EMBEDDED_NAME or str(results.get("model")).endswith(".gguf")}
+             "from_gguf": results.get("model") == LM.EMBEDDED_NAME or str(results.get("model")).endswith(".gguf")}
         if name == "fine-tuned" and results.get("finetune"):
             ft = results["finetune"]
             f["made_by"] = f"{ft.get('mode')} fine-tune, {ft.get('steps')} steps on {train_text}"
@@ -219,12 +222,12 @@ def export_variants(model, tokenizer, variants: Mapping[str, object], out_dir, c
     t0, res = time.perf_counter(), ExportResult("ran", config=asdict(config))
     for name, weights in variants.items():
         path = Path(out_dir) / name
-        with C.applied_variant(model, weights), C.atomic_path(path) as tmp:
+        with V.applied_variant(model, weights), IO.atomic_path(path) as tmp:
             model.save_pretrained(tmp, max_shard_size=config.max_shard_size)
             tokenizer.save_pretrained(tmp)
             (tmp / "README.md").write_text(model_card(name, (facts or {}).get(name, {}), config.command))
             _refuse_foreign_files(path, tmp)
-            linears = C.decoder_linears(model).values()
+            linears = LM.decoder_linears(model).values()
             zeros, total = sum((m.weight == 0).sum().item() for m in linears), sum(m.weight.numel() for m in linears)
         files = sorted(p.name for p in path.iterdir())
         res.variants[name] = {"path": str(path), "files": files, "zero_fraction_linears": zeros / max(total, 1),

@@ -1,4 +1,4 @@
-"""Step 1: load a fine-tuned causal LM, or fine-tune the base model when none exists.
+"""The finetune step: load a fine-tuned causal LM, or fine-tune the base model when none exists.
 
     model, result = load_or_train_model(model, tokenizer, train_corpus_or_ids, FinetuneConfig(...))
 
@@ -33,6 +33,9 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 import llm_common as C
+import llm_data as D
+import llm_io as IO
+import llm_model as LM
 from llm_config import EvalConfig, FinetuneConfig, fingerprint
 from llm_perplexity import evaluate_model
 
@@ -104,7 +107,7 @@ def split_holdout(ids: torch.Tensor, cfg: FinetuneConfig) -> tuple[torch.Tensor,
 
 def _batch(train: torch.Tensor, step: int, cfg: FinetuneConfig) -> torch.Tensor:
     """Windows for ``step``: [batch_size, seq_len]. Depends only on (seed, step)."""
-    return C.sample_windows(train, cfg.batch_size, cfg.seq_len, seed=cfg.seed * 1_000_003 + step)
+    return D.sample_windows(train, cfg.batch_size, cfg.seq_len, seed=cfg.seed * 1_000_003 + step)
 
 
 def _heldout_label(hold: torch.Tensor, cfg: FinetuneConfig) -> str:
@@ -150,7 +153,7 @@ def _save_resume(model, optimizer, step: int, losses: list, cfg: FinetuneConfig)
     """Tensors and numbers only, written atomically; loaded with weights_only=True."""
     state = {"step": step, "losses": list(losses), "model": _trainable_state(model),
              "optimizer": optimizer.state_dict(), "run_key": run_key(cfg)}
-    with C.atomic_path(_resume_path(cfg)) as tmp:
+    with IO.atomic_path(_resume_path(cfg)) as tmp:
         torch.save(state, tmp)
 
 
@@ -196,7 +199,7 @@ def _merge_lora(model, cfg: FinetuneConfig):
     PEFT's ``merge_and_unload`` does. Either way ``merge`` records the relative error a native
     merge makes on the update, ||round(W + dW) - (W + dW)|| / ||dW||, over all adapters.
     """
-    low = C.low_precision_dtype(model)
+    low = LM.low_precision_dtype(model)
     err2 = upd2 = 0.0
     for m in model.modules():
         if hasattr(m, "get_delta_weight") and hasattr(m, "base_layer") and "default" in getattr(m, "lora_A", {}):
@@ -225,9 +228,9 @@ def _needs_checkpointing(model, cfg: FinetuneConfig) -> bool:
     activations of one batch would not fit beside the weights and optimizer state."""
     if cfg.gradient_checkpointing is not None:
         return cfg.gradient_checkpointing
-    if not C.is_cuda_model(model):
+    if not LM.is_cuda_model(model):
         return False
-    return C.auto_batch_size(model, cfg.seq_len, cfg.batch_size, train=True, fraction=0.7) < cfg.batch_size
+    return LM.auto_batch_size(model, cfg.seq_len, cfg.batch_size, train=True, fraction=0.7) < cfg.batch_size
 
 
 class _SaveRequest:
@@ -252,15 +255,15 @@ def train(model, train_ids: torch.Tensor, cfg: FinetuneConfig, on_step: Optional
           before_merge: Optional[Callable] = None):
     """Fine-tune ``model`` in place (full) or through merged LoRA adapters (``_merge_lora``).
 
-    bf16/fp16 models train through fp32 master weights under autocast (``C.fp32_master_weights``);
+    bf16/fp16 models train through fp32 master weights under autocast (``LM.fp32_master_weights``);
     full fine-tunes are rounded back to their dtype at the end. The loss is kept on the device
     and read back every ``log_every`` steps, so the loop never waits for the GPU otherwise.
     Returns (model, losses, resumed_from_step, merge record). ``on_step(step)`` is called after
     each optimizer step (tests use it to simulate a kill); ``before_merge(model)`` sees the
     trained adapters still unmerged (LoRA only).
     """
-    on_cuda = C.is_cuda_model(model)
-    low = C.low_precision_dtype(model)
+    on_cuda = LM.is_cuda_model(model)
+    low = LM.low_precision_dtype(model)
     # Autocast is ours, not accelerate's: accelerate's mixed-precision setting is global to
     # the process and cannot change between two trainings in one notebook.
     # --log-to tensorboard: accelerate's tracker writes <output_dir>/../tensorboard/finetune.
@@ -276,10 +279,10 @@ def train(model, train_ids: torch.Tensor, cfg: FinetuneConfig, on_step: Optional
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     params = [p for p in model.parameters() if p.requires_grad]
-    with C.fp32_master_weights(params), _SaveRequest() as save_request:
+    with LM.fp32_master_weights(params), _SaveRequest() as save_request:
         # Fused AdamW (one kernel for all parameters) exists on CUDA and, since torch 2.4, on CPU.
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                      fused=C.input_device(model).type in ("cuda", "cpu"))
+                                      fused=LM.input_device(model).type in ("cuda", "cpu"))
         start, losses = _load_resume(model, optimizer, cfg)
         if tb:  # resumed at ``start``: hide the points a killed run logged after its last checkpoint
             accel.init_trackers("finetune", init_kwargs={"tensorboard": {"purge_step": start + 1} if start else {}})
@@ -289,7 +292,7 @@ def train(model, train_ids: torch.Tensor, cfg: FinetuneConfig, on_step: Optional
         else:
             optimizer = accel.prepare(optimizer)
         model.train()
-        dev = C.input_device(model)
+        dev = LM.input_device(model)
         autocast = torch.autocast(dev.type, dtype=low, enabled=low is not None)
         scaler = torch.amp.GradScaler(dev.type, enabled=low == torch.float16)  # fp16 gradients underflow
         pending: list[torch.Tensor] = []  # per-step losses still on the device
@@ -356,10 +359,10 @@ def train(model, train_ids: torch.Tensor, cfg: FinetuneConfig, on_step: Optional
 
 
 def _save_finished(model, tokenizer, cfg: FinetuneConfig, manifest: dict) -> None:
-    with C.atomic_path(cfg.output_dir) as tmp:
+    with IO.atomic_path(cfg.output_dir) as tmp:
         model.save_pretrained(tmp, max_shard_size=cfg.max_shard_size)
         tokenizer.save_pretrained(tmp)
-        C.write_json(tmp / MANIFEST, manifest)
+        IO.write_json(tmp / MANIFEST, manifest)
     _resume_path(cfg).unlink(missing_ok=True)
 
 
@@ -369,7 +372,7 @@ def _check_disk(model, out: Path, cfg: FinetuneConfig) -> None:
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters()) if cfg.mode == "full" else weights // 50  # LoRA: small
     need = weights + 12 * trainable
-    free = shutil.disk_usage(C.existing_parent(out)).free
+    free = shutil.disk_usage(IO.existing_parent(out)).free
     if free < need:
         raise C.UserError(f"not enough free disk for the fine-tune: {need / 2**30:.1f} GiB needed beside {out} "
                           f"(model and resume checkpoint), {free / 2**30:.1f} GiB free")
@@ -383,13 +386,13 @@ def load_finished(path: Path, like_model):
     kw = {"device_map": like_model.hf_device_map} if getattr(like_model, "hf_device_map", None) else {}
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kw)
     if not kw:
-        model.to(C.input_device(like_model))
+        model.to(LM.input_device(like_model))
     model.eval()
     model.config.use_cache = False
     return model
 
 
-def load_or_train_model(model, tokenizer, train_data: "C.Corpus | torch.Tensor",
+def load_or_train_model(model, tokenizer, train_data: "D.Corpus | torch.Tensor",
                         config: FinetuneConfig = FinetuneConfig(), on_step: Optional[Callable[[int], None]] = None):
     """Return (fine-tuned model, FinetuneResult).
 
@@ -404,7 +407,7 @@ def load_or_train_model(model, tokenizer, train_data: "C.Corpus | torch.Tensor",
     t0 = time.perf_counter()
     if config.mode == "none":
         return model, FinetuneResult(model_dir="", loaded_existing=False, mode="none", config=asdict(config))
-    train_ids = train_data if isinstance(train_data, torch.Tensor) else C.tokenize_corpus(
+    train_ids = train_data if isinstance(train_data, torch.Tensor) else D.tokenize_corpus(
         tokenizer, train_data, train_tokens_needed(config) if train_data.docs is not None else None)
     train_part, hold = split_holdout(train_ids, config)
     if out.exists() and not is_finished(out):

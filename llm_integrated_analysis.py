@@ -1,7 +1,7 @@
-"""Step 6: Hessian sensitivity, super weights, and quantization guided by them.
+"""The analysis step: Hessian sensitivity, super weights, and quantization guided by them.
 
 Hessian (PyHessian-style, on the LM loss over calibration windows):
-    hvp                 Hessian-vector product by double backward (eager attention, since
+    HessianOperator     Hessian-vector products by double backward (eager attention, since
                         fused SDPA kernels have no double backward).
     hutchinson_trace    tr(H) per module from shared Rademacher probes: one HVP gives every
                         module's trace; stops on relative tolerance; returns mean and
@@ -32,11 +32,14 @@ import torch
 from tqdm.auto import tqdm
 
 import llm_common as C
+import llm_data as D
+import llm_model as LM
+import llm_variants as V
+from llm_compress import quantize_rtn_, rtn_groups, rtn_quantize  # noqa: F401  (the one quantizer; re-exported)
 from llm_config import AnalysisConfig, EvalConfig
 from llm_perplexity import evaluate_model, token_set
-from llm_compress import quantize_rtn_, rtn_groups, rtn_quantize  # noqa: F401  (the one quantizer; re-exported)
 from llm_sensitivity import (HessianOperator, SuperWeight, TraceResult, detect_super_weights, gradient_moments,  # noqa: F401
-                             hutchinson_trace, hvp, lm_loss_fn, protect_top_fraction, rel_stderr_of, stderr_of)
+                             hutchinson_trace, lm_loss_fn, protect_top_fraction, rel_stderr_of, stderr_of)
 
 log = logging.getLogger("llm.analysis")
 _rel_stderr, _stderr = rel_stderr_of, stderr_of  # their old names here (the Hutchinson code now lives in llm_sensitivity)
@@ -82,9 +85,9 @@ def verify_super_weights(model, tokenizer, ids: torch.Tensor, candidates: list[S
     clean = evaluate_model(model, tokenizer, ids, cfg).perplexity
     for sw in candidates:
         name = sw.module + ".weight"
-        with C.restored_on_exit(model, [name]):
+        with V.restored_on_exit(model, [name]):
             with torch.no_grad():
-                C.weight_view(model.get_submodule(sw.module))[sw.row, sw.col] = 0
+                LM.weight_view(model.get_submodule(sw.module))[sw.row, sw.col] = 0
             sw.ppl_ratio = evaluate_model(model, tokenizer, ids, cfg).perplexity / clean
     return clean
 
@@ -104,24 +107,24 @@ def quantization_study(model, tokenizer, ids: torch.Tensor, super_weights: list[
     """
 
     cfg = EvalConfig(**{**eval_config.__dict__, "max_new_tokens": 0, "progress": False})
-    layers = C.decoder_layers(model)
-    names_of = {m: n for n, m in model.named_modules()}
-    mods = {names_of[m]: m for layer in layers for m in C.block_linears(layer).values()}
+    layers = LM.decoder_layers(model)
+    names_of = LM.module_names(model)
+    mods = {names_of[m]: m for layer in layers for m in LM.block_linears(layer).values()}
     sw_coords = [(sw.module, sw.row, sw.col) for sw in super_weights]
-    keep_sw = protect_top_fraction({n: torch.zeros(C.weight_view(m).shape) for n, m in mods.items()}, 0.0, sw_coords)
+    keep_sw = protect_top_fraction({n: torch.zeros(LM.weight_view(m).shape) for n, m in mods.items()}, 0.0, sw_coords)
     keep_both = protect_top_fraction({n: saliency[n] for n in mods}, top_fraction, sw_coords)
     variants = [("plain", None), ("super weights kept", keep_sw),
                 (f"super weights + top {top_fraction:.2%} saliency kept", keep_both)]
-    n_weights = sum(C.weight_view(m).numel() for m in mods.values())
+    n_weights = sum(LM.weight_view(m).numel() for m in mods.values())
     # One fp16 scale and one fp16 zero per real group (tail groups included).
-    n_groups = sum(C.weight_view(m).shape[0] * len(rtn_groups(C.weight_view(m).shape[1], group_size))
+    n_groups = sum(LM.weight_view(m).shape[0] * len(rtn_groups(LM.weight_view(m).shape[1], group_size))
                    for m in mods.values())
     rows = []
     jobs = [(b, v) for b in bits for v in variants]
     for b, (label, keep) in tqdm(jobs, desc="quantization", disable=not progress):
-        with C.restored_on_exit(model, [n + ".weight" for n in mods]):
+        with V.restored_on_exit(model, [n + ".weight" for n in mods]):
             for n, m in mods.items():
-                quantize_rtn_(C.weight_view(m), b, group_size, keep[n] if keep is not None else None)
+                quantize_rtn_(LM.weight_view(m), b, group_size, keep[n] if keep is not None else None)
             r = evaluate_model(model, tokenizer, ids, cfg)
         kept = int(sum(k.sum() for k in keep.values())) if keep is not None else 0
         base_bits = n_weights * b + n_groups * 32  # codes + fp16 scale and zero per group
@@ -179,17 +182,17 @@ def _hessian(model, mods: dict, mlayer: dict, windows: torch.Tensor, config: Ana
     trace, stderr, probes, converged, total variance, per-probe module samples, Hutchinson
     diagonal [out, in] ({} unless saliency="hutchinson"), eigenvalue, power iterations."""
     t = time.perf_counter()
-    n_layers = len(C.decoder_layers(model))
+    n_layers = len(LM.decoder_layers(model))
     h = {"trace": {}, "stderr": {}, "samples": {}, "probes": 0, "converged": True, "tot_var": 0.0, "hdiag": {},
          "eig": None, "iters": 0}
     secs["power_iteration"] = 0.0
-    with C.attention_implementation(model, "eager"):
+    with LM.attention_implementation(model, "eager"):
         loss_fn = lm_loss_fn(model, windows)
         groups = [list(mods)] if not config.per_block else [
             [n for n in mods if mlayer[n] == i] for i in range(n_layers)]
         for gi, names in enumerate(groups):
             params = {n: mods[n].weight for n in names}
-            with C.trainable_only(model, list(params.values())):
+            with LM.trainable_only(model, list(params.values())):
                 # One gradient graph per group serves every probe (and, for the first group,
                 # the power iteration too).
                 op = HessianOperator(loss_fn, list(params.values()))
@@ -204,7 +207,7 @@ def _hessian(model, mods: dict, mlayer: dict, windows: torch.Tensor, config: Ana
                     secs["power_iteration"] = time.perf_counter() - t_eig
                 del op
             if tr.diagonal is not None:  # [out, in] like weight_view; Conv1D weights are stored [in, out]
-                h["hdiag"].update({n: C.out_in(mods[n], d) for n, d in tr.diagonal.items()})
+                h["hdiag"].update({n: LM.out_in(mods[n], d) for n, d in tr.diagonal.items()})
             h["trace"].update(tr.trace)
             h["stderr"].update(tr.stderr)
             h["samples"].update(tr.samples)
@@ -263,7 +266,7 @@ def _top_salient(obd: dict, mods: dict, k: int = 20) -> list:
         n = list(mods)[j]
         r, c = divmod(idx - offsets[j], obd[n].shape[1])
         top.append({"module": n, "row": r, "col": c, "saliency": float(flat[idx]),
-                    "value": float(C.weight_view(mods[n])[r, c].detach())})
+                    "value": float(LM.weight_view(mods[n])[r, c].detach())})
     return top
 
 
@@ -288,34 +291,34 @@ def layerwise(res: AnalysisResult, noise_map: Optional[dict] = None) -> None:
     res.super_weight_layers = sorted({sw["layer"] for sw in res.super_weights})
 
 
-def run_integrated_analysis(model, tokenizer, calib: "C.Corpus | torch.Tensor", eval_ids: torch.Tensor,
+def run_integrated_analysis(model, tokenizer, calib: "D.Corpus | torch.Tensor", eval_ids: torch.Tensor,
                             config: AnalysisConfig = AnalysisConfig(), noise_map: Optional[dict] = None
                             ) -> AnalysisResult:
     """Hessian traces and top eigenvalue, Fisher/OBD saliency, super weights, the
     sensitivity-guided quantization study and the layer-wise comparison (with the noise
     step's ``noise_map`` when given). ``calib`` is a corpus or its token ids [n_tokens] (windows
-    drawn as ``C.calibration_windows``); ``eval_ids`` are [n_tokens].
+    drawn as ``D.calibration_windows``); ``eval_ids`` are [n_tokens].
     The model's weights are unchanged on return."""
     config = config.for_model(model)
     if config.per_block is None:  # 7B: one block's Hessian graph at a time fits where all do not
         config = replace(config, per_block=sum(p.numel() for p in model.parameters()) > 3e9)
     C.seed_everything(config.seed)
     secs = {}
-    names_of = {m: n for n, m in model.named_modules()}
+    names_of = LM.module_names(model)
     mods, mlayer, mtype = {}, {}, {}
-    for i, layer in enumerate(C.decoder_layers(model)):
-        for rel, m in C.block_linears(layer).items():
+    for i, layer in enumerate(LM.decoder_layers(model)):
+        for rel, m in LM.block_linears(layer).items():
             n = names_of[m]
             mods[n], mlayer[n], mtype[n] = m, i, rel  # path inside the block, as in the noise map
-    windows = C.calibration_windows(tokenizer, calib, config.calib_windows, config.calib_seq_len, config.seed)
+    windows = D.calibration_windows(tokenizer, calib, config.calib_windows, config.calib_seq_len, config.seed)
     h = _hessian(model, mods, mlayer, windows, config, secs)
     trace, hdiag = h["trace"], h["hdiag"]
 
     t = time.perf_counter()
-    fwin = C.calibration_windows(tokenizer, calib, config.fisher_windows, config.calib_seq_len, config.seed + 1)
+    fwin = D.calibration_windows(tokenizer, calib, config.fisher_windows, config.calib_seq_len, config.seed + 1)
     fisher = fisher_diagonal(model, fwin, mods, config.progress)
     h_ii = hdiag if config.saliency == "hutchinson" else fisher
-    obd = {n: 0.5 * h_ii[n] * C.weight_view(m).detach().float().pow(2) for n, m in mods.items()}
+    obd = {n: 0.5 * h_ii[n] * LM.weight_view(m).detach().float().pow(2) for n, m in mods.items()}
     secs["fisher"] = time.perf_counter() - t
     top = _top_salient(obd, mods)
 

@@ -29,6 +29,10 @@ import torch
 
 import llm_common as C
 import llm_compress as LC
+import llm_data as D
+import llm_io as IO
+import llm_model as LM
+import llm_variants as V
 from llm_config import ALL_STEPS, OneLineParser, PipelineConfig, add_arguments, fingerprint, from_args
 from llm_report import compare_runs, fmt, make_plots, read_results, rebuild_report, write_report
 
@@ -53,11 +57,11 @@ class Run:
 
     def ids(self, which: str) -> torch.Tensor:
         """Token ids [n_tokens] of the 'eval' or 'train' text (tokenized once, cached on the corpus)."""
-        return C.tokenize_corpus(self.tokenizer, self.texts[which])
+        return D.tokenize_corpus(self.tokenizer, self.texts[which])
 
     def save(self) -> None:
         if C.dist_rank_world()[0] == 0:  # under accelerate launch only rank 0 writes
-            C.write_json(self.out / "results.json", self.results)
+            IO.write_json(self.out / "results.json", self.results)
 
 
 # --------------------------------------------------------------------------- step adapters
@@ -66,10 +70,10 @@ class Run:
 def _base_weights(run: Run):
     """The unmodified weights, read back for the base row once the live model is fine-tuned: the
     folder they were loaded from, else a copy in checkpoints/."""
-    base = C.weights_dir(run.model)
+    base = LM.weights_dir(run.model)
     if base is None:
         base = run.out / "checkpoints" / "base.safetensors"
-        C.save_tensors(base, C.named_tensors(run.model), metadata={"variant": "base"})
+        IO.save_tensors(base, V.named_tensors(run.model), metadata={"variant": "base"})
     return base
 
 
@@ -85,12 +89,12 @@ def _finetune(run: Run, mod, cfg) -> None:
 
 
 def _prune(run: Run, mod, cfg) -> None:
-    names = [n + ".weight" for n in C.decoder_linears(run.model)]
-    with C.restored_on_exit(run.model, names):  # the live model stays unpruned for later steps
+    names = [n + ".weight" for n in LM.decoder_linears(run.model)]
+    with V.restored_on_exit(run.model, names):  # the live model stays unpruned for later steps
         train = run.texts["train"]  # the step draws its windows: C4 document by document
         res = mod.prune_model(run.model, run.tokenizer, train, cfg.for_model(run.model))
         # Only SparseGPT changes the weights it keeps; the others' variant is exactly a 1-bit mask.
-        rec = C.store_variant(run.out, "pruned", run.model, res.pruned_names,
+        rec = V.store_variant(run.out, "pruned", run.model, res.pruned_names,
                               mask=res.method != "sparsegpt" and not run.cfg.run.save_variants)
     d = {k: v for k, v in asdict(res).items() if k != "pruned_names"}
     d["calibration"].update(source=train.source, per_document=train.docs is not None)
@@ -99,12 +103,12 @@ def _prune(run: Run, mod, cfg) -> None:
 
 
 def _noise(run: Run, mod, cfg) -> None:
-    with C.restored_on_exit(run.model, list(mod.select_params(run.model, cfg.group))):
+    with V.restored_on_exit(run.model, list(mod.select_params(run.model, cfg.group))):
         res = mod.apply_robustness_test(run.model, run.tokenizer, cfg, run.ids("eval"), run.texts["train"])
         # The noisy variant is regenerated bit for bit from (mode, eps, group, seed): no copy needed.
-        rec = C.store_variant(run.out, "noisy", run.model, res.variant.tensors, mask=False) if \
+        rec = V.store_variant(run.out, "noisy", run.model, res.variant.tensors, mask=False) if \
             run.cfg.run.save_variants else {"checkpoint": None, "recipe": {k: getattr(cfg, k) for k in RECIPE}}
-    C.fault_point("during:noise")
+    IO.fault_point("during:noise")
     d = asdict(res)
     d["variant"]["n_tensors"] = len(d["variant"].pop("tensors"))
     run.results["noise"] = {**d, **rec, "parent": run.live}
@@ -116,13 +120,13 @@ def _quantize(run: Run, mod, cfg) -> None:
         run.results["quantize"] = {"status": "off", "parent": run.live}
         run.variants.pop("quantized", None)
         return
-    names = [n + ".weight" for n in C.decoder_linears(run.model)]
-    with C.restored_on_exit(run.model, names):  # the live model stays unquantized for later steps
+    names = [n + ".weight" for n in LM.decoder_linears(run.model)]
+    with V.restored_on_exit(run.model, names):  # the live model stays unquantized for later steps
         res = mod.quantize_model(run.model, run.tokenizer, run.texts["train"], cfg)
-        rec = C.store_variant(run.out, "quantized", run.model, list(res.quantized), mask=False) if \
+        rec = V.store_variant(run.out, "quantized", run.model, list(res.quantized), mask=False) if \
             run.cfg.run.save_variants else LC.save_codes(run.out, "quantized", res.quantized)
     d = {f.name: getattr(res, f.name) for f in dataclasses.fields(res) if f.name != "quantized"}
-    run.results["quantize"] = {**C.to_strict_json(d), **rec, "status": "ran", "parent": run.live}
+    run.results["quantize"] = {**IO.to_strict_json(d), **rec, "status": "ran", "parent": run.live}
     _attach(run, "quantize")
 
 
@@ -191,16 +195,16 @@ def _check_before_loading(cfg: PipelineConfig, out: Path) -> dict:
     Returns the resolved configs of the steps to run, the texts they read, and their description."""
     rc = cfg.run
     rc.validate()
-    device = C.resolve_device(rc.device)
-    C.resolve_dtype(rc.dtype, device)
+    device = LM.resolve_device(rc.device)
+    LM.resolve_dtype(rc.dtype, device)
     gpu = rc.budget == "gpu" or (rc.budget == "auto" and device.type == "cuda")
     configs = {s: getattr(cfg, s).resolved(gpu) for s in (rc.steps or ALL_STEPS)}
     if "zeroshot" in configs:  # task YAMLs that run code need the same consent as model code
         configs["zeroshot"] = replace(configs["zeroshot"], trust_remote_code=rc.trust_remote_code)
     for c in configs.values():
         c.validate()
-    C.ensure_writable_dir(out, "--output-dir")
-    texts, described = C.load_texts(rc.dataset, rc.train_dataset, {c for s in configs for c in STEPS[s].corpora},
+    IO.ensure_writable_dir(out, "--output-dir")
+    texts, described = D.load_texts(rc.dataset, rc.train_dataset, {c for s in configs for c in STEPS[s].corpora},
                                     rc.no_fallback, rc.allow_overlap, default_train="c4" if gpu else "wikitext2")
     ev = texts.get("eval")
     if "eval" in configs and ev is not None and ev.eval_windows and cfg.eval.eval_tokens is None:
@@ -217,29 +221,29 @@ def _command(cfg: PipelineConfig, argv: Optional[list]) -> str:
     changed = {name: {k: v for k, v in asdict(part).items() if v != asdict(type(part)()).get(k)}
                for name, part in vars(cfg).items()}
     return "run_pipeline(PipelineConfig(...)) called from Python, not from the command line; config changed " \
-           "from the defaults: " + json.dumps(C.to_strict_json({k: v for k, v in changed.items() if v}), sort_keys=True)
+           "from the defaults: " + json.dumps(IO.to_strict_json({k: v for k, v in changed.items() if v}), sort_keys=True)
 
 
 def _start(cfg: PipelineConfig, out: Path, argv: Optional[list], texts: dict, described: dict) -> Run:
     """Seed, load the model, and open the results with the run's provenance."""
     rc = cfg.run
     C.init_distributed_from_env()  # no-op unless started by accelerate launch / torchrun
-    C.clean_stale_temps(out)
+    IO.clean_stale_temps(out)
     C.make_deterministic(rc.seed)
-    device = C.resolve_device(rc.device)
+    device = LM.resolve_device(rc.device)
     run = Run(cfg=cfg, out=out, texts=texts)
     t0 = time.perf_counter()
-    run.model, run.tokenizer, run.label = C.load_model(C.LoadConfig(
+    run.model, run.tokenizer, run.label = LM.load_model(LM.LoadConfig(
         model=rc.model, device=rc.device, dtype=rc.dtype, device_map=rc.device_map, max_memory=rc.max_memory,
         trust_remote_code=rc.trust_remote_code, cache_dir=rc.cache_dir))
-    dtype = str(C.resolve_dtype(rc.dtype, device))
+    dtype = str(LM.resolve_dtype(rc.dtype, device))
     run.results.update(seed=rc.seed, argv=argv, steps=list(rc.steps or ALL_STEPS), device=str(device), dtype=dtype,
                        versions=C.library_versions(), python=platform.python_version(), steps_done={},
                        model=run.label, parameters=sum(p.numel() for p in run.model.parameters()),
-                       model_identity=C.model_identity(run.model, run.label), dataset=described)
+                       model_identity=LM.model_identity(run.model, run.label), dataset=described)
     run.results["manifest"] = {"command": _command(cfg, argv), "git_commit": C.git_commit(),
         "versions": run.results["versions"], "device": str(device), "dtype": dtype, "seeds": {"seed": rc.seed},
-        "steps": {"load": {"wall_s": time.perf_counter() - t0, "peak_memory_mb": C.peak_memory_mb(device)}},
+        "steps": {"load": {"wall_s": time.perf_counter() - t0, "peak_memory_mb": LM.peak_memory_mb(device)}},
         "bookkeeping_s": 0.0}
     return run
 
@@ -273,11 +277,11 @@ def _carry_over(run: Run, configs: dict, previous: dict) -> list:
     others = [s for s in ALL_STEPS if s not in configs and s in done]
     if not others:
         return []
-    same = {k: C.to_strict_json(previous.get(k)) for k in ("model_identity", "device", "dtype")} == \
-        {k: C.to_strict_json(run.results.get(k)) for k in ("model_identity", "device", "dtype")}
+    same = {k: IO.to_strict_json(previous.get(k)) for k in ("model_identity", "device", "dtype")} == \
+        {k: IO.to_strict_json(run.results.get(k)) for k in ("model_identity", "device", "dtype")}
     if not same:
         aside = run.out / f"results.json.other-model-{int(time.time())}"
-        C.write_json(aside, previous)
+        IO.write_json(aside, previous)
         log.warning("the results of steps %s in %s were made from another model, device or dtype; not kept in "
                     "results.json (saved as %s)", ", ".join(others), run.out, aside.name)
         return []
@@ -308,7 +312,7 @@ def _carry_finetune(run: Run) -> None:
         log.warning("the earlier fine-tuned model %s is gone; later steps see the base model only", path)
         return
     base = _base_weights(run)
-    tensors, state = C.load_tensors(path), C.named_tensors(run.model)
+    tensors, state = IO.load_tensors(path), V.named_tensors(run.model)
     with torch.no_grad():
         for name, t in tensors.items():
             if name in state:
@@ -324,7 +328,7 @@ def _attach(run: Run, step: str) -> bool:
     run.parents[name] = rec.get("parent", run.live)
     recipe = lambda r: functools.partial(mod.noisy_weights, cfg=mod.NoiseConfig(**r))  # noqa: E731
     codes = lambda p: functools.partial(LC.coded_weights, path=p)  # noqa: E731
-    run.variants[name] = C.variant_weights(run.out, rec, recipe, codes)
+    run.variants[name] = V.variant_weights(run.out, rec, recipe, codes)
     return run.variants[name] is not None
 
 
@@ -333,9 +337,9 @@ def run_pipeline(cfg: PipelineConfig, argv: Optional[list] = None) -> dict:
     whose fingerprint matches the saved one is skipped and its recorded results kept. A second
     run on the same output directory is refused while this one holds its lock."""
     out = Path(cfg.run.output_dir)
-    with C.private_umask():
+    with IO.private_umask():
         configs, texts, described = _check_before_loading(cfg, out)
-        with C.output_lock(out):
+        with IO.output_lock(out):
             return _run(cfg, argv, out, configs, texts, described)
 
 
@@ -348,7 +352,7 @@ def _run(cfg: PipelineConfig, argv: Optional[list], out: Path, configs: dict, te
     if "prune" in configs:  # an N:M pattern the model's widths cannot take fails now, before calibration
         importlib.import_module(STEPS["prune"].module).check_pattern_fits(run.model, configs["prune"].pattern)
     run.results["manifest"]["carried_over"] = _carry_over(run, configs, previous)
-    manifest, device = run.results["manifest"], C.input_device(run.model)
+    manifest, device = run.results["manifest"], LM.input_device(run.model)
     prev_fp, chain_intact = "load", True
     for step, config in configs.items():
         tb = time.perf_counter()
@@ -362,20 +366,20 @@ def _run(cfg: PipelineConfig, argv: Optional[list], out: Path, configs: dict, te
             log.info("step %s: unchanged since the last run, skipped", step)
         else:
             log.info("step %s", step)
-            C.reset_peak_memory(device)
+            LM.reset_peak_memory(device)
             C.seed_everything(cfg.run.seed)  # each step starts from the same RNG state, resumed or not
             STEPS[step].adapter(run, importlib.import_module(STEPS[step].module), config)
         tb = time.perf_counter()
-        manifest["steps"][step] = {"wall_s": tb - t, "peak_memory_mb": C.peak_memory_mb(device), "skipped": skip}
+        manifest["steps"][step] = {"wall_s": tb - t, "peak_memory_mb": LM.peak_memory_mb(device), "skipped": skip}
         run.results["steps_done"][step], prev_fp = fp, fp
         run.save()
         manifest["bookkeeping_s"] += time.perf_counter() - tb
     t = time.perf_counter()
-    run.results["plots"] = make_plots(C.to_strict_json(run.results), out)
+    run.results["plots"] = make_plots(IO.to_strict_json(run.results), out)
     manifest["plots_s"] = time.perf_counter() - t
     run.save()
     if C.dist_rank_world()[0] == 0:
-        md, html_path = write_report(C.to_strict_json(run.results), out)
+        md, html_path = write_report(IO.to_strict_json(run.results), out)
         log.info("wrote %s, %s and %s", out / "results.json", md, html_path)
     return run.results
 
@@ -389,9 +393,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg = from_args(build_parser().parse_args(argv))
         C.setup_logging(cfg.run.log_level)
-        with C.sigint_as_interrupt():  # --report-only and --compare: results.json files alone, no model
+        with IO.sigint_as_interrupt():  # --report-only and --compare: results.json files alone, no model
             out = Path(cfg.run.output_dir)
-            with C.private_umask():
+            with IO.private_umask():
                 results = (rebuild_report(out) if cfg.run.report_only else compare_runs(cfg.run.compare, out)
                            if cfg.run.compare else run_pipeline(cfg, sys.argv[1:] if argv is None else argv))
     except C.UserError as e:

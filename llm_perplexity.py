@@ -1,6 +1,6 @@
 """Shared evaluation core: perplexity, bits per byte, KL and top-1 agreement, greedy answers.
 
-Step 4 (``llm_evaluate_models``) runs it on every variant; fine-tuning (held-out loss), the
+The eval step (``llm_evaluate_models``) runs it on every variant; fine-tuning (held-out loss), the
 noise sweeps and the analysis (ablations, quantization) call it too, so it lives here.
 
 Protocol (GPTQ / SparseGPT / Wanda): the evaluation text is tokenized once and cut
@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from llm_common import UserError, auto_batch_size, eval_mode, free_memory_bytes, input_device, use_cache
+from llm_common import UserError
 from llm_config import EvalConfig
+from llm_model import auto_batch_size, eval_mode, free_memory_bytes, input_device, use_cache
 
 log = logging.getLogger("llm.eval")
 

@@ -1,4 +1,4 @@
-"""Step 2: sensitivity-based pruning of the linear layers inside the decoder blocks.
+"""The prune step: sensitivity-based pruning of the linear layers inside the decoder blocks.
 
 Methods:
     magnitude  |W|, one threshold per matrix (the baseline).
@@ -28,9 +28,11 @@ import torch
 from tqdm.auto import tqdm
 
 import llm_common as C
-from llm_config import PruneConfig
+import llm_data as D
+import llm_model as LM
 from llm_compress import (MAX_DAMP_RETRIES, block_out, bounded_allocation, capture_block_inputs, exact_counts,  # noqa: F401
                           inverse_hessian_factor, linear_input_stats, next_block_inputs, split_count)
+from llm_config import PruneConfig
 from llm_sensitivity import layer_curvature, protected_coordinates, saliency_scores
 
 log = logging.getLogger("llm.prune")
@@ -78,7 +80,7 @@ def check_pattern_fits(model, pattern: str) -> None:
     nm = parse_pattern(pattern)
     if nm is None:
         return
-    bad = sorted({C.weight_view(m).shape[1] for m in C.decoder_linears(model).values()} - {0})
+    bad = sorted({LM.weight_view(m).shape[1] for m in LM.decoder_linears(model).values()} - {0})
     bad = [w for w in bad if w % nm[1]]
     if bad:
         raise C.UserError(f"--sparsity-pattern {pattern}: the model's linear input widths {bad} are not multiples "
@@ -216,7 +218,7 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, pattern: 
 def _zero_(mod, mask: torch.Tensor) -> None:
     """Zero the weights of ``mod`` where ``mask`` ([out, in]) is True, in place."""
     with torch.no_grad():
-        C.weight_view(mod)[mask.to(mod.weight.device)] = 0
+        LM.weight_view(mod)[mask.to(mod.weight.device)] = 0
 
 
 def _prune_by_scores(model, calib_windows: torch.Tensor, config: PruneConfig, protect: dict,
@@ -224,16 +226,16 @@ def _prune_by_scores(model, calib_windows: torch.Tensor, config: PruneConfig, pr
     """magnitude and taylor, in place: scores of the whole model (taylor: gradients over the
     calibration windows), then one mask per matrix of ``counts[name]`` weights (None: N:M).
     Yields (block index, its linears) per block."""
-    names_of = {m: n for n, m in model.named_modules()}
-    layers = C.decoder_layers(model)
-    all_linears = {names_of[m]: m for layer in layers for m in C.block_linears(layer).values()}
+    names_of = LM.module_names(model)
+    layers = LM.decoder_layers(model)
+    all_linears = {names_of[m]: m for layer in layers for m in LM.block_linears(layer).values()}
     scores = (saliency_scores(model, calib_windows, all_linears, config.taylor_score, config.progress)
               if config.method == "taylor" else None)
     for i, layer in enumerate(tqdm(layers, desc=f"{config.method} prune", disable=not config.progress)):
-        linears = C.block_linears(layer)
+        linears = LM.block_linears(layer)
         for mod in linears.values():
             full = names_of[mod]
-            s = scores[full] if scores is not None else C.weight_view(mod).detach().abs().float()
+            s = scores[full] if scores is not None else LM.weight_view(mod).detach().abs().float()
             s = _protect(s.clone(), protect.get(full, ()))
             _zero_(mod, mask_from_scores(s, config.sparsity, config.pattern, per_row=config.method == "taylor",
                                          count=counts.get(full)))
@@ -247,16 +249,16 @@ def _prune_layerwise(model, calib_windows: torch.Tensor, config: PruneConfig, pr
     matrix loses ``counts[name]`` weights (None: N:M). Yields (block index, its linears) per
     block; ``damped`` gets each linear whose SparseGPT Hessian needed more dampening than
     asked, with the fraction used."""
-    names_of = {m: n for n, m in model.named_modules()}
+    names_of = LM.module_names(model)
     inputs, kwargs = capture_block_inputs(model, calib_windows)
-    layers = C.decoder_layers(model)
+    layers = LM.decoder_layers(model)
     kind = "wanda" if config.method == "wanda" else "hessian"
     for i, layer in enumerate(tqdm(layers, desc=f"{config.method} prune", disable=not config.progress)):
-        linears = C.block_linears(layer)
+        linears = LM.block_linears(layer)
         stats = linear_input_stats(layer, inputs, kwargs, kind, linears)
         for rel, mod in linears.items():
             full = names_of[mod]
-            W = C.weight_view(mod)
+            W = LM.weight_view(mod)
             if config.method == "wanda":
                 s = W.detach().abs().float() * stats[rel].sqrt().to(W.device)[None, :]
                 s = _protect(s, protect.get(full, ()))
@@ -282,10 +284,10 @@ def owl_outlier_ratios(model, calib_windows: torch.Tensor, m: float, progress: b
     OWL code's first pass. (OWL reports a percentage; the allocation is invariant to the unit.)"""
     inputs, kwargs = capture_block_inputs(model, calib_windows)
     ratios = []
-    for layer in tqdm(C.decoder_layers(model), desc="owl ratios", disable=not progress):
-        linears = C.block_linears(layer)
+    for layer in tqdm(LM.decoder_layers(model), desc="owl ratios", disable=not progress):
+        linears = LM.block_linears(layer)
         stats = linear_input_stats(layer, inputs, kwargs, "wanda", linears)
-        scores = torch.cat([(C.weight_view(mod).detach().abs().float() * stats[rel].sqrt().to(mod.weight.device)[None, :])
+        scores = torch.cat([(LM.weight_view(mod).detach().abs().float() * stats[rel].sqrt().to(mod.weight.device)[None, :])
                             .flatten() for rel, mod in linears.items()])
         ratios.append(float((scores > m * scores.mean()).sum()) / scores.numel())
         inputs = next_block_inputs(layer, inputs, kwargs)
@@ -305,9 +307,9 @@ def allocate_sparsity(model, calib_windows: torch.Tensor, config: PruneConfig) -
     counts add up to round(target x total weights), exactly (``exact_counts``).
     Returns {"layer_sparsity": [target per layer], "counts": {linear: weights to prune},
     "scores": [per-layer score] or None}."""
-    names_of = {m: n for n, m in model.named_modules()}
-    layers = C.decoder_layers(model)
-    mats = [{names_of[m]: C.weight_view(m).numel() for m in C.block_linears(layer).values()} for layer in layers]
+    names_of = LM.module_names(model)
+    layers = LM.decoder_layers(model)
+    mats = [{names_of[m]: LM.weight_view(m).numel() for m in LM.block_linears(layer).values()} for layer in layers]
     sizes = [sum(d.values()) for d in mats]
     scores = None
     if config.allocation == "owl":
@@ -329,15 +331,15 @@ def allocate_sparsity(model, calib_windows: torch.Tensor, config: PruneConfig) -
     return {"layer_sparsity": layer_s, "counts": counts, "scores": scores}
 
 
-def prune_model(model, tokenizer, calib: "C.Corpus | torch.Tensor", config: PruneConfig = PruneConfig()
+def prune_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: PruneConfig = PruneConfig()
                 ) -> PruneResult:
     """Prune the decoder-block linear layers of ``model`` in place.
 
     Args:
-        calib: the calibration corpus (``C.load_corpus(...)``), its token ids [n_tokens], or
+        calib: the calibration corpus (``D.load_corpus(...)``), its token ids [n_tokens], or
             ready windows [n_windows, seq_len]. ``config.calib_samples`` windows of
             ``config.calib_seq_len`` tokens are drawn from it, seeded by ``config.seed``, as the
-            pipeline draws them (``C.calibration_windows``: C4 and local JSON shards document
+            pipeline draws them (``D.calibration_windows``: C4 and local JSON shards document
             by document, as the papers' get_c4). Unused by ``magnitude``.
         tokenizer: tokenizes a corpus, and detects super weights for ``config.protect="auto"``.
         config.protect: "auto", or (linear module name, row, col) coordinates that stay
@@ -346,10 +348,10 @@ def prune_model(model, tokenizer, calib: "C.Corpus | torch.Tensor", config: Prun
     """
     config = config.for_model(model)
     check_pattern_fits(model, config.pattern)
-    calib_windows = C.calibration_windows(tokenizer, calib, config.calib_samples, config.calib_seq_len, config.seed)
+    calib_windows = D.calibration_windows(tokenizer, calib, config.calib_samples, config.calib_seq_len, config.seed)
     coords, found = protected_coordinates(model, tokenizer, config.protect, config.super_weight_prompt)
     t0 = time.perf_counter()
-    dev0 = C.input_device(model)
+    dev0 = LM.input_device(model)
     if dev0.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev0)
     protect: dict[str, list] = {}
@@ -359,7 +361,7 @@ def prune_model(model, tokenizer, calib: "C.Corpus | torch.Tensor", config: Prun
     result = PruneResult(config.method, config.pattern, config.sparsity if nm is None else 1 - nm[0] / nm[1], 0.0,
                          calibration={"windows": calib_windows.shape[0], "seq_len": calib_windows.shape[1]},
                          protected=[list(c) for c in coords], super_weights=found, config=asdict(config))
-    names_of = {m: n for n, m in model.named_modules()}
+    names_of = LM.module_names(model)
     counts = {}
     if nm is None:  # N:M fixes every layer at 1 - N/M (non-uniform allocation is refused by the config)
         alloc = allocate_sparsity(model, calib_windows, config)
@@ -372,7 +374,7 @@ def prune_model(model, tokenizer, calib: "C.Corpus | torch.Tensor", config: Prun
     for i, linears in prune(model, calib_windows, config, protect, result.dampening_increased, counts):
         z = n = 0
         for mod in linears.values():
-            W = C.weight_view(mod)
+            W = LM.weight_view(mod)
             nz = int((W == 0).sum())
             result.per_matrix[names_of[mod]] = nz / W.numel()
             result.pruned_names.append(names_of[mod] + ".weight")
@@ -387,7 +389,7 @@ def prune_model(model, tokenizer, calib: "C.Corpus | torch.Tensor", config: Prun
     result.overall_sparsity = total_zero / max(total, 1)
     result.pruned_weights, result.total_weights = total_zero, total
     result.seconds = time.perf_counter() - t0
-    result.peak_memory_mb = C.peak_memory_mb(dev0)
+    result.peak_memory_mb = LM.peak_memory_mb(dev0)
     log.info("%s %s: sparsity %.4f over %d matrices in %.1f s", config.method, config.pattern,
              result.overall_sparsity, len(result.per_matrix), result.seconds)
     return result

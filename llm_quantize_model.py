@@ -1,4 +1,4 @@
-"""Step 3: weight quantization of the decoder linears, the ``quantized`` variant.
+"""The quantize step: weight quantization of the decoder linears, the ``quantized`` variant.
 
 Methods (both asymmetric min-max per group of input columns, as both papers):
     rtn   round to nearest (the RTN baseline of the GPTQ and AWQ papers).
@@ -32,6 +32,8 @@ import torch
 from tqdm.auto import tqdm
 
 import llm_common as C
+import llm_data as D
+import llm_model as LM
 from llm_compress import (Quantized, capture_block_inputs, gptq_quantize, linear_input_stats, next_block_inputs,
                           rtn_groups, rtn_quantize)
 from llm_config import QuantizeConfig
@@ -106,9 +108,9 @@ def _keep_masks(model, tokenizer, linears: dict, windows, config: QuantizeConfig
     coords, found = protected_coordinates(model, tokenizer, config.protect, config.super_weight_prompt)
     if config.keep_fraction > 0:
         moments = gradient_moments(model, windows, linears, config.progress)
-        scores = {n: 0.5 * g2 * C.weight_view(linears[n]).detach().float().pow(2) for n, (_, g2) in moments.items()}
+        scores = {n: 0.5 * g2 * LM.weight_view(linears[n]).detach().float().pow(2) for n, (_, g2) in moments.items()}
     else:
-        scores = {n: torch.zeros(C.weight_view(m).shape) for n, m in linears.items()}
+        scores = {n: torch.zeros(LM.weight_view(m).shape) for n, m in linears.items()}
     masks = protect_top_fraction(scores, config.keep_fraction, coords)
     return {n: (k if k.any() else None) for n, k in masks.items()}, coords, found
 
@@ -117,25 +119,25 @@ def _sq_error(W: torch.Tensor, q: Quantized) -> float:
     return float((q.dequantize(torch.float32) - W.float()).pow(2).sum())
 
 
-def quantize_model(model, tokenizer, calib: "C.Corpus | torch.Tensor", config: QuantizeConfig = QuantizeConfig()
+def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: QuantizeConfig = QuantizeConfig()
                    ) -> QuantizeResult:
     """Quantize the decoder-block linears of ``model`` in place.
 
     Args:
         calib: calibration corpus, its ids [n_tokens] or windows [n, seq_len]
-            (``C.calibration_windows``); used by GPTQ, the keep fraction and the mixed precision.
+            (``D.calibration_windows``); used by GPTQ, the keep fraction and the mixed precision.
         tokenizer: detects super weights for ``config.protect="auto"``.
     Returns a QuantizeResult; ``.quantized`` holds each weight's codes and grids (what the
     pipeline stores), ``.bits`` the bits of each linear.
     """
     config = config.for_model(model)
     t0 = time.perf_counter()
-    dev0 = C.input_device(model)
-    C.reset_peak_memory(dev0)
-    windows = C.calibration_windows(tokenizer, calib, config.calib_samples, config.calib_seq_len, config.seed)
-    linears = C.decoder_linears(model)
+    dev0 = LM.input_device(model)
+    LM.reset_peak_memory(dev0)
+    windows = D.calibration_windows(tokenizer, calib, config.calib_samples, config.calib_seq_len, config.seed)
+    linears = LM.decoder_linears(model)
     keep, coords, found = _keep_masks(model, tokenizer, linears, windows[:config.sensitivity_windows], config)
-    sizes = {n: C.weight_view(m).numel() for n, m in linears.items()}
+    sizes = {n: LM.weight_view(m).numel() for n, m in linears.items()}
     res = QuantizeResult(config.method, config.wbits, config.group, bit_allocation=config.bit_allocation,
                          super_weights=found, protected=[list(c) for c in coords], config=asdict(config),
                          calibration={"windows": windows.shape[0], "seq_len": windows.shape[1]})
@@ -145,7 +147,7 @@ def quantize_model(model, tokenizer, calib: "C.Corpus | torch.Tensor", config: Q
         sens = layer_curvature(model, windows[:config.sensitivity_windows], linears, config.bit_allocation,
                                config.sensitivity_probes, config.seed, config.progress)
         sens = {n: max(v, 0.0) for n, v in sens.items()}  # a negative Hutchinson estimate: no curvature
-        err = {n: {b: _sq_error(C.weight_view(m), rtn_quantize(C.weight_view(m).detach(), b, config.group, keep[n]))
+        err = {n: {b: _sq_error(LM.weight_view(m), rtn_quantize(LM.weight_view(m).detach(), b, config.group, keep[n]))
                    for b in BIT_CHOICES} for n, m in linears.items()}
         bits = allocate_bits(sens, err, sizes, res.budget_bits)
         res.sensitivity = sens
@@ -155,18 +157,18 @@ def quantize_model(model, tokenizer, calib: "C.Corpus | torch.Tensor", config: Q
     res.bits = bits
     if config.method == "rtn":
         for n, m in tqdm(linears.items(), desc="rtn", disable=not config.progress):
-            W = C.weight_view(m)
+            W = LM.weight_view(m)
             res.quantized[n + ".weight"] = q = rtn_quantize(W.detach(), bits[n], config.group, keep[n])
             _write(W, q, res, n)
     else:
         inputs, kwargs = capture_block_inputs(model, windows)
-        names_of = {m: n for n, m in model.named_modules()}
-        for layer in tqdm(C.decoder_layers(model), desc="gptq", disable=not config.progress):
-            block = C.block_linears(layer)
+        names_of = LM.module_names(model)
+        for layer in tqdm(LM.decoder_layers(model), desc="gptq", disable=not config.progress):
+            block = LM.block_linears(layer)
             H = linear_input_stats(layer, inputs, kwargs, "hessian", block)
             for rel, m in block.items():
                 n = names_of[m]
-                W = C.weight_view(m)
+                W = LM.weight_view(m)
                 q = gptq_quantize(W.detach(), H[rel].to(W.device), bits[n], config.group, config.blocksize,
                                   config.percdamp, config.act_order, keep[n])
                 q.dequantized = None
@@ -179,17 +181,17 @@ def quantize_model(model, tokenizer, calib: "C.Corpus | torch.Tensor", config: Q
     total = sum(sizes.values())
     res.kept_weights = sum(int(k.sum()) for k in keep.values() if k is not None)
     code = sum(sizes[n] * bits[n] for n in linears)
-    grids = sum(C.weight_view(m).shape[0] * len(rtn_groups(C.weight_view(m).shape[1], config.group))
+    grids = sum(LM.weight_view(m).shape[0] * len(rtn_groups(LM.weight_view(m).shape[1], config.group))
                 for m in linears.values())
     res.avg_code_bits = code / total
     res.avg_bits = (code + grids * GRID_BITS + res.kept_weights * KEPT_BITS) / total
     per_layer: dict = {}
-    for i, layer in enumerate(C.decoder_layers(model)):
-        mods = [n for n in linears if linears[n] in set(C.block_linears(layer).values())]
+    for i, layer in enumerate(LM.decoder_layers(model)):
+        mods = [n for n in linears if linears[n] in set(LM.block_linears(layer).values())]
         per_layer[str(i)] = sum(bits[n] * sizes[n] for n in mods) / max(sum(sizes[n] for n in mods), 1)
     res.layer_bits = per_layer
     res.seconds = time.perf_counter() - t0
-    res.peak_memory_mb = C.peak_memory_mb(dev0)
+    res.peak_memory_mb = LM.peak_memory_mb(dev0)
     log.info("%s: %.3f code bits (%.3f with scales and zeros) per weight over %d linears in %.1f s", config.method,
              res.avg_code_bits, res.avg_bits, len(linears), res.seconds)
     return res

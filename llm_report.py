@@ -27,6 +27,8 @@ from matplotlib.colors import SymLogNorm  # noqa: E402
 from matplotlib.ticker import NullLocator  # noqa: E402
 
 import llm_common as C
+import llm_io as IO
+import llm_model as LM
 
 log = logging.getLogger("llm.report")
 
@@ -358,7 +360,7 @@ def report_markdown(results: dict) -> str:
         lines.append(f"- protocol: windows of {proto.get('seq_len')} tokens, stride {proto.get('stride')}, "
                      f"first {proto.get('eval_tokens') or 'all'} tokens")
     lines.append(f"- seed {results.get('seed')}, device {results.get('device')}, dtype {results.get('dtype')}")
-    if results.get("model") == C.EMBEDDED_NAME:
+    if results.get("model") == LM.EMBEDDED_NAME:
         lines.append("- the embedded model was shipped as GGUF Q4_1 and dequantized: its weights sit on a 4-bit "
                      "grid, so 4-bit quantization loses little by construction and noise below a grid step "
                      "only moves weights off that grid")
@@ -460,7 +462,7 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
     for t in fig.findobj(matplotlib.text.Text):
         t.set_parse_math(False)
     try:
-        with plt.rc_context({"text.parse_math": False}), C.atomic_path(path) as tmp:
+        with plt.rc_context({"text.parse_math": False}), IO.atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
     finally:
         plt.close(fig)
@@ -722,8 +724,8 @@ def write_report(results: dict, out: Path) -> tuple[Path, Path]:
     """Write report.md and the self-contained report.html into ``out``."""
     out = Path(out)
     md = report_markdown(results)
-    C.write_text(out / "report.md", md)
-    C.write_text(out / "report.html", markdown_to_html(md, out))
+    IO.write_text(out / "report.md", md)
+    IO.write_text(out / "report.html", markdown_to_html(md, out))
     return out / "report.md", out / "report.html"
 
 
@@ -735,7 +737,7 @@ def read_results(out: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        res = C.read_json(path)
+        res = IO.read_json(path)
         ok = isinstance(res, dict) and all(isinstance(res.get(k, {}), dict) for k in (
             "steps_done", "finetune", "prune", "noise", "adversarial", "analysis", "perplexity", "evaluation",
             "protocol", "variants", "dataset", "manifest"))
@@ -760,7 +762,7 @@ def rebuild_report(out: Path) -> dict:
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError) as e:
         raise C.UserError(f"--report-only: {out / 'results.json'} has an unexpected shape "
                           f"({C.error_line(e, 120)})")
-    C.write_json(Path(out) / "results.json", results)
+    IO.write_json(Path(out) / "results.json", results)
     return results
 
 
@@ -771,7 +773,7 @@ def _finished_run(d: Path) -> dict:
     """A finished run's results.json, read without touching its directory: a regular file of
     bounded size only (a FIFO or a link to /dev/zero is refused, never waited on or read)."""
     try:
-        res = C.read_json(Path(d) / "results.json")
+        res = IO.read_json(Path(d) / "results.json")
     except (OSError, ValueError):
         res = None
     if not isinstance(res, dict) or not field(res, "perplexity", kind=dict):
@@ -834,8 +836,8 @@ def compare_runs(dirs: Sequence, out: Path) -> dict:
     lines += ["", "![comparison](plots/compare.png)"]
     plot = plot_comparison(rows, variants, out / "plots" / "compare.png")
     md = "\n".join(lines) + "\n"
-    C.write_text(out / "compare.md", md)
-    C.write_text(out / "compare.html", markdown_to_html(md, out))
+    IO.write_text(out / "compare.md", md)
+    IO.write_text(out / "compare.html", markdown_to_html(md, out))
     return {"compare": rows, "plots": {"compare": str(plot.relative_to(out))}}
 
 

@@ -1,4 +1,4 @@
-"""Step 3: weight-noise robustness, as a measured curve rather than one saturated number.
+"""The noise step: weight-noise robustness, as a measured curve rather than one saturated number.
 
 Noise modes (``NoiseConfig.mode``), with xi ~ N(0, 1) drawn per weight:
     absolute        W + eps * xi                  (the historical setting, eps = 0.05)
@@ -38,6 +38,9 @@ import torch
 from tqdm.auto import tqdm
 
 import llm_common as C
+import llm_data as D
+import llm_model as LM
+import llm_variants as V
 from llm_config import EvalConfig, NoiseConfig
 from llm_perplexity import evaluate_model, reference_logprobs, safe_exp, token_set
 from llm_sensitivity import noise_saliency, protect_top_fraction, protected_coordinates, saliency_scores
@@ -63,7 +66,7 @@ def _module_type(name: str) -> str:
 def select_params(model, group: str) -> dict[str, torch.nn.Parameter]:
     """Parameters of ``group``, by name; tied parameters appear once (first name)."""
     params = dict(model.named_parameters())  # remove_duplicate=True: tied tensors once
-    layers = C.decoder_layers(model)
+    layers = LM.decoder_layers(model)
     layer_prefix = {}
     for n, m in model.named_modules():
         for i, layer in enumerate(layers):
@@ -72,7 +75,7 @@ def select_params(model, group: str) -> dict[str, torch.nn.Parameter]:
     emb = {id(model.get_input_embeddings().weight)}
     if model.get_output_embeddings() is not None:
         emb.add(id(model.get_output_embeddings().weight))
-    lin_ids = {id(m.weight) for layer in layers for m in C.block_linears(layer).values()}
+    lin_ids = {id(m.weight) for layer in layers for m in LM.block_linears(layer).values()}
     if group == "all":
         return params
     if group == "linears":
@@ -186,7 +189,7 @@ def noisy_weights(model, cfg: NoiseConfig, protect: Optional[Mapping[str, torch.
                   ) -> Iterator[NoiseResult]:
     """Perturb the model in place for the body; restore bit for bit on exit, also on error."""
     params = select_params(model, cfg.group)
-    with C.restored_on_exit(model, list(params)):
+    with V.restored_on_exit(model, list(params)):
         yield perturb_(params, cfg, protect)
 
 
@@ -268,7 +271,7 @@ def noise_sweep(model, tokenizer, input_ids: torch.Tensor, epsilons: Sequence[fl
         res.summary[tag] = {k: _summarise(pts, k) for k in ("perplexity", "nll", "kl", "top1")}
         res.doubling_eps[tag] = doubling_epsilon(res.summary[tag]["perplexity"], clean_ppl)
     res.seconds = time.perf_counter() - t0
-    res.peak_memory_mb = C.peak_memory_mb(C.input_device(model))
+    res.peak_memory_mb = LM.peak_memory_mb(LM.input_device(model))
     return res
 
 
@@ -280,18 +283,18 @@ def sensitivity_map(model, tokenizer, input_ids: torch.Tensor, epsilon: float = 
     """
     cfg = EvalConfig(**{**eval_config.__dict__, "max_new_tokens": 0, "progress": False})
     clean = evaluate_model(model, tokenizer, input_ids, cfg).nll
-    layers = C.decoder_layers(model)
+    layers = LM.decoder_layers(model)
     # Cells are named by the linear's path inside the block ("self_attn.q_proj", "mlp.c_proj"):
     # GPT-2 has two "c_proj" modules, so the last name alone would merge them.
-    kinds = sorted(C.block_linears(layers[0]))
+    kinds = sorted(LM.block_linears(layers[0]))
     grid = [[float("nan")] * len(kinds) for _ in layers]
     params = dict(model.named_parameters())
     names_of = {id(p): n for n, p in params.items()}
     cells = [(i, j) for i in range(len(layers)) for j in range(len(kinds))]
     for i, j in tqdm(cells, desc="noise sensitivity map", disable=not progress):
-        mods = [m for n, m in C.block_linears(layers[i]).items() if n == kinds[j]]
+        mods = [m for n, m in LM.block_linears(layers[i]).items() if n == kinds[j]]
         sel = {names_of[id(m.weight)]: m.weight for m in mods if id(m.weight) in names_of}
-        with C.restored_on_exit(model, list(sel)):
+        with V.restored_on_exit(model, list(sel)):
             perturb_(sel, NoiseConfig("relative", epsilon, f"cell:{i}:{kinds[j]}", seed))
             grid[i][j] = evaluate_model(model, tokenizer, input_ids, cfg).nll - clean
     return {"layers": list(range(len(layers))), "modules": kinds, "delta_nll": grid, "clean_nll": clean,
@@ -302,9 +305,6 @@ def top_cells(smap: dict, k: int = 5) -> list:
     cells = [(smap["delta_nll"][i][j], i, m) for i in smap["layers"] for j, m in enumerate(smap["modules"])]
     cells.sort(key=lambda t: -t[0] if math.isfinite(t[0]) else -math.inf)
     return [{"layer": i, "module": m, "delta_nll": d} for d, i, m in cells[:k]]
-
-
-# --------------------------------------------------------------------------- plots
 
 
 # --------------------------------------------------------------------------- the step
@@ -325,7 +325,7 @@ class RobustnessResult:
     config: dict = field(default_factory=dict)     # the resolved NoiseConfig
 
 
-def protection_masks(model, tokenizer, calib: "Optional[C.Corpus | torch.Tensor]", config: NoiseConfig,
+def protection_masks(model, tokenizer, calib: "Optional[D.Corpus | torch.Tensor]", config: NoiseConfig,
                      coords: Sequence[tuple]) -> Optional[dict[str, torch.Tensor]]:
     """Bool masks (parameter name -> mask in the parameter's layout) of the weights kept clean
     in the protected sweep: the top ``protect_fraction`` on ``fisher_windows`` calibration
@@ -334,13 +334,13 @@ def protection_masks(model, tokenizer, calib: "Optional[C.Corpus | torch.Tensor]
     when nothing is protected."""
     if not (config.protect_fraction > 0 and calib is not None) and not coords:
         return None
-    lin = C.decoder_linears(model)
+    lin = LM.decoder_linears(model)
     if config.protect_fraction > 0 and calib is not None:
-        windows = C.calibration_windows(tokenizer, calib, config.fisher_windows, config.fisher_seq_len, config.seed)
+        windows = D.calibration_windows(tokenizer, calib, config.fisher_windows, config.fisher_seq_len, config.seed)
         # Masks in each parameter's own layout (Conv1D stores weights [in, out]).
         raw = (noise_saliency(model, windows, lin, config.sweep_mode, config.progress)
                if config.protect_score == "noise" else saliency_scores(model, windows, lin, "fisher", config.progress))
-        scores = {n + ".weight": C.out_in(lin[n], v) for n, v in raw.items()}
+        scores = {n + ".weight": LM.out_in(lin[n], v) for n, v in raw.items()}
     else:
         scores = {n + ".weight": torch.zeros(m.weight.shape) for n, m in lin.items()}
     return protect_top_fraction(scores, config.protect_fraction, [(m + ".weight", r, c) for m, r, c in coords])
@@ -348,16 +348,16 @@ def protection_masks(model, tokenizer, calib: "Optional[C.Corpus | torch.Tensor]
 
 def apply_robustness_test(model, tokenizer=None, config: NoiseConfig = NoiseConfig(),
                           eval_ids: Optional[torch.Tensor] = None,
-                          calib: "Optional[C.Corpus | torch.Tensor]" = None) -> RobustnessResult:
+                          calib: "Optional[D.Corpus | torch.Tensor]" = None) -> RobustnessResult:
     """The noise step. Changes ``model`` in place: it is left noisy (the noisy variant).
 
     Args:
         eval_ids: tokenized evaluation text [n_tokens] for the sweep and the map (both
             skipped when None); the clean model is measured before the noise is applied.
         calib: calibration corpus, its token ids [n_tokens] or windows, for the Fisher saliency
-            that picks the protected weights (windows drawn as ``C.calibration_windows``; no
+            that picks the protected weights (windows drawn as ``D.calibration_windows``; no
             saliency protection when None).
-    Wrap the call in ``noisy_weights`` or ``C.restored_on_exit`` to get the clean model back.
+    Wrap the call in ``noisy_weights`` or ``V.restored_on_exit`` to get the clean model back.
     """
     config = config.for_model(model)
     coords, found = protected_coordinates(model, tokenizer, config.protect, config.super_weight_prompt)

@@ -17,6 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 import llm_common as C
+import llm_model as LM
+import llm_variants as V
 
 
 def gradient_moments(model, windows: torch.Tensor, names: dict[str, torch.nn.Module], progress: bool = True):
@@ -26,16 +28,16 @@ def gradient_moments(model, windows: torch.Tensor, names: dict[str, torch.nn.Mod
     windows [n, seq_len]; each window is one sample. Only these weights get gradients,
     and their ``requires_grad`` flags are restored afterwards.
     """
-    acc = {n: [torch.zeros(C.weight_view(m).shape, dtype=torch.float32, device=m.weight.device),
-               torch.zeros(C.weight_view(m).shape, dtype=torch.float32, device=m.weight.device)]
+    acc = {n: [torch.zeros(LM.weight_view(m).shape, dtype=torch.float32, device=m.weight.device),
+               torch.zeros(LM.weight_view(m).shape, dtype=torch.float32, device=m.weight.device)]
            for n, m in names.items()}
-    dev = C.input_device(model)
-    with C.trainable_only(model, [m.weight for m in names.values()]):
+    dev = LM.input_device(model)
+    with LM.trainable_only(model, [m.weight for m in names.values()]):
         for w in tqdm(windows, desc="gradients", disable=not progress or len(windows) < 4):
             w = w[None].to(dev)
             model(input_ids=w, labels=w, use_cache=False).loss.backward()
             for n, m in names.items():
-                g = C.out_in(m, m.weight.grad).float()
+                g = LM.out_in(m, m.weight.grad).float()
                 acc[n][0] += g
                 acc[n][1] += g.pow(2)
                 m.weight.grad = None
@@ -51,7 +53,7 @@ def saliency_scores(model, windows, names: dict[str, torch.nn.Module], score: st
     moments = gradient_moments(model, windows, names, progress)
     out = {}
     for name, (g1, g2) in moments.items():
-        w = C.weight_view(names[name]).detach().float()
+        w = LM.weight_view(names[name]).detach().float()
         out[name] = w.pow(2) * g2 if score == "fisher" else (w * g1).abs()
     return out
 
@@ -66,7 +68,7 @@ def noise_saliency(model, windows, names: dict[str, torch.nn.Module], mode: str,
     moments = gradient_moments(model, windows, names, progress)
     out = {}
     for name, (_, g2) in moments.items():
-        w = C.weight_view(names[name]).detach().float()
+        w = LM.weight_view(names[name]).detach().float()
         if mode == "absolute":
             out[name] = g2
         elif mode == "relative":
@@ -102,11 +104,11 @@ def lm_loss_fn(model, windows: torch.Tensor) -> Callable[[], torch.Tensor]:
     (equal-length windows, so the token mean equals the mean of the per-window means). The
     forward runs in eval mode (no dropout: every Hessian product sees one function), and the
     model is left in the mode the caller had."""
-    dev = C.input_device(model)
+    dev = LM.input_device(model)
 
     def loss():
         w = windows.to(dev)
-        with C.eval_mode(model):
+        with LM.eval_mode(model):
             return model(input_ids=w, labels=w, use_cache=False).loss.float().to(dev)
 
     return loss
@@ -129,11 +131,6 @@ class HessianOperator:
     def __call__(self, vs: Sequence[torch.Tensor]) -> list:
         dot = sum((g.float() * v.float()).sum() for g, v in zip(self.grads, vs))
         return [h.detach() for h in torch.autograd.grad(dot, self.params, retain_graph=True)]
-
-
-def hvp(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor], vs: Sequence[torch.Tensor]):
-    """One H v for the Hessian of loss_fn() w.r.t. ``params``. Returns a list like vs."""
-    return HessianOperator(loss_fn, params)(vs)
 
 
 @dataclass
@@ -229,7 +226,7 @@ def layer_curvature(model, windows: torch.Tensor, names: dict, kind: str, probes
         return {n: float(g2.sum()) / g2.numel() for n, (_, g2) in gradient_moments(model, windows, names,
                                                                                    progress).items()}
     params = {n: m.weight for n, m in names.items()}
-    with C.attention_implementation(model, "eager"), C.trainable_only(model, list(params.values())):
+    with LM.attention_implementation(model, "eager"), LM.trainable_only(model, list(params.values())):
         tr = hutchinson_trace(lm_loss_fn(model, windows), params, max_probes=probes, min_probes=probes, tol=0.0,
                               seed=seed, progress=progress)
     return {n: tr.trace[n] / params[n].numel() for n in names}
@@ -253,7 +250,7 @@ class SuperWeight:
 def _down_proj_maxima(model, ids: torch.Tensor):
     """Per layer: (max |input|, input channel, max |output|, output channel) of the MLP down
     projection, and per layer the residual stream's (max |h|, channel)."""
-    layers = C.decoder_layers(model)
+    layers = LM.decoder_layers(model)
     stats, resid, handles = {}, {}, []
     for i, layer in enumerate(layers):
         def hook(mod, args, out, i=i):
@@ -267,11 +264,11 @@ def _down_proj_maxima(model, ids: torch.Tensor):
             hm = h.reshape(-1, h.shape[-1]).max(0).values
             resid[i] = (float(hm.max()), int(hm.argmax()))
 
-        handles.append(C.mlp_down_proj(layer).register_forward_hook(hook))
+        handles.append(LM.mlp_down_proj(layer).register_forward_hook(hook))
         handles.append(layer.register_forward_hook(rhook))
     try:
         with torch.no_grad():
-            model(input_ids=ids[None].to(C.input_device(model)), use_cache=False)
+            model(input_ids=ids[None].to(LM.input_device(model)), use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -293,12 +290,12 @@ def detect_super_weights(model, tokenizer, prompt: str = "Apple Inc. is a worldw
     ids = torch.tensor(tokenizer(prompt).input_ids) if tokenizer is not None else None
     if ids is None:
         raise ValueError("a tokenizer is needed")
-    layers = C.decoder_layers(model)
-    downs = [C.mlp_down_proj(layer) for layer in layers]
-    names_of = {m: n for n, m in model.named_modules()}
+    layers = LM.decoder_layers(model)
+    downs = [LM.mlp_down_proj(layer) for layer in layers]
+    names_of = LM.module_names(model)
     found: list[SuperWeight] = []
     profile = None
-    with C.restored_on_exit(model, [names_of[d] + ".weight" for d in downs]):
+    with V.restored_on_exit(model, [names_of[d] + ".weight" for d in downs]):
         for _ in range(max_weights):
             stats, resid = _down_proj_maxima(model, ids)
             if profile is None:
@@ -313,7 +310,7 @@ def detect_super_weights(model, tokenizer, prompt: str = "Apple Inc. is a worldw
             in_abs, col, out_abs, row = stats[i]
             if any(f.layer == i and f.row == row and f.col == col for f in found):
                 break
-            W = C.weight_view(downs[i])
+            W = LM.weight_view(downs[i])
             found.append(SuperWeight(i, names_of[downs[i]], row, col, float(W[row, col].detach()), in_abs, out_abs))
             with torch.no_grad():
                 W[row, col] = 0
@@ -335,9 +332,9 @@ def protected_coordinates(model, tokenizer, protect, prompt: str) -> tuple[tuple
     modules = dict(model.named_modules())
     for name, r, c in protect:
         mod = modules.get(name)
-        if mod is None or not C.is_linear(mod):
+        if mod is None or not LM.is_linear(mod):
             raise C.UserError(f"--protect-super-weights: {name!r} is not a linear module of this model")
-        rows, cols = C.weight_view(mod).shape
+        rows, cols = LM.weight_view(mod).shape
         if not (0 <= r < rows and 0 <= c < cols):
             raise C.UserError(f"--protect-super-weights: ({r}, {c}) is outside {name}'s [{rows}, {cols}] weight")
     return tuple(tuple(x) for x in protect), found

@@ -1,4 +1,4 @@
-"""Step 5: zero-shot accuracy of every variant through lm-evaluation-harness.
+"""The zeroshot step: zero-shot accuracy of every variant through lm-evaluation-harness.
 
     res = evaluate_zeroshot(model, tokenizer, {"base": None, "pruned": "pruned.safetensors"},
                             ZeroShotConfig(tasks=("boolq", "rte")), parents={"pruned": "base"})
@@ -31,6 +31,9 @@ from typing import Mapping, Optional
 import torch
 
 import llm_common as C
+import llm_data as D
+import llm_model as LM
+import llm_variants as V
 from llm_config import ZEROSHOT_TASKS, ZeroShotConfig
 
 __all__ = ["ZEROSHOT_TASKS", "ZeroShotConfig", "ZeroShotResult", "evaluate_zeroshot", "task_metrics"]
@@ -137,7 +140,7 @@ def evaluate_zeroshot(model, tokenizer, variants: Mapping[str, object], config: 
         return res
     t0 = time.perf_counter()
     offline = not C.hub_reachable()
-    with C.datasets_offline(offline), _quiet():
+    with D.datasets_offline(offline), _quiet():
         manager = TaskManager(include_path=config.include_path)
         names, rows, res.unavailable = _available(manager, config.tasks)
         if offline and res.unavailable:
@@ -150,11 +153,11 @@ def evaluate_zeroshot(model, tokenizer, variants: Mapping[str, object], config: 
                     f"{t!r}" + (f" (did you mean {close[t][0]!r}?)" if close[t] else "") for t in unknown))
             res.status, res.reason = "unavailable", "no task could be loaded (see unavailable)"
             return res
-        batch = config.batch_size or ("auto" if C.is_cuda_model(model) else 1)
+        batch = config.batch_size or ("auto" if LM.is_cuda_model(model) else 1)
         runs = {}
         for name, weights in variants.items():
             log.info("zero-shot: variant %r on %s", name, ", ".join(names))
-            with C.applied_variant(model, weights), torch.no_grad():
+            with V.applied_variant(model, weights), torch.no_grad():
                 lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch)
                 runs[name] = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager,
                                                      num_fewshot=config.num_fewshot, limit=config.limit or None,

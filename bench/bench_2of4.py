@@ -22,8 +22,8 @@ import torch
 from torch.sparse import to_sparse_semi_structured
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import llm_common as C  # noqa: E402
 import llm_export as E  # noqa: E402
+import llm_model as LM  # noqa: E402
 
 SHAPES = {"7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32),
           "1b": dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4)}
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     cfg = LlamaConfig(vocab_size=32000, num_hidden_layers=args.layers, max_position_embeddings=4096, **s)
     model = LlamaForCausalLM(cfg).to(dev, dt).eval()
     with torch.no_grad():
-        for m in C.decoder_linears(model).values():
+        for m in LM.decoder_linears(model).values():
             prune_2of4_(m.weight)
     for b in (1, 16):
         dense = E.tokens_per_second(model, b, args.seq_len)

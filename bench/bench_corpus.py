@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
-import llm_common as C
+import llm_data as D
 if {tokenizer!r}:
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained({tokenizer!r})
@@ -45,9 +45,9 @@ def status(key):
 anon0, file0 = status("RssAnon"), status("RssFile")
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter()
-corpus = C.load_corpus({path!r}, "train")
+corpus = D.load_corpus({path!r}, "train")
 t_load = time.perf_counter() - t
-w = C.calibration_windows(tok, corpus, {n}, {seq_len}, seed=0)
+w = D.calibration_windows(tok, corpus, {n}, {seq_len}, seed=0)
 secs = time.perf_counter() - t
 print(json.dumps({{"seconds": secs, "load_s": t_load, "extra_rss_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024,
                   "extra_anon_mb": status("RssAnon") - anon0, "extra_file_mb": status("RssFile") - file0,

@@ -16,6 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import llm_common as C  # noqa: E402
+import llm_data as D  # noqa: E402
+import llm_model as LM  # noqa: E402
 from llm_evaluate_models import EvalConfig, evaluate_model  # noqa: E402
 
 WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -25,7 +27,7 @@ def hf_window(model, w) -> float:
     """Seconds for one plain forward with labels on window ``w`` [seq_len], loss read back."""
     t = time.perf_counter()
     with torch.no_grad():
-        w = w[None].to(C.input_device(model))
+        w = w[None].to(LM.input_device(model))
         model(input_ids=w, labels=w).loss.item()
     return time.perf_counter() - t
 
@@ -59,9 +61,9 @@ def main():
     p.add_argument("--device", default="auto")
     a = p.parse_args()
     C.setup_logging("WARNING")
-    model, tok, label = C.load_model(C.LoadConfig(model=a.model, device=a.device))
-    text = WIKI.read_text() if WIKI.is_file() else C.embedded_corpus("test")
-    ids = C.tokenize_corpus(tok, text)[: a.seq_len * a.windows]
+    model, tok, label = LM.load_model(LM.LoadConfig(model=a.model, device=a.device))
+    text = WIKI.read_text() if WIKI.is_file() else D.embedded_corpus("test")
+    ids = D.tokenize_corpus(tok, text)[: a.seq_len * a.windows]
     n_params = sum(p.numel() for p in model.parameters())
     cfg = EvalConfig(seq_len=a.seq_len, eval_tokens=0, max_new_tokens=0, progress=False)
     wins = [ids[i * a.seq_len:(i + 1) * a.seq_len] for i in range(a.windows)]
@@ -77,7 +79,7 @@ def main():
                 ours += our_window(model, tok, w, cfg)
                 base += hf_window(model, w)
     o, b = 2 * a.windows * a.seq_len / ours, 2 * a.windows * a.seq_len / base
-    dev = C.input_device(model)
+    dev = LM.input_device(model)
     peak = matmul_gflops(dev, next(model.parameters()).dtype)
     eff = 2 * n_params * o / 1e9
     print(f"model {label}, {n_params / 1e6:.1f}M params, {a.windows} windows x {a.seq_len} tokens on {dev}")

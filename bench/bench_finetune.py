@@ -22,7 +22,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import llm_common as C  # noqa: E402
+import llm_data as D  # noqa: E402
 import llm_finetune as FT  # noqa: E402
+import llm_model as LM  # noqa: E402
 from llm_config import FinetuneConfig  # noqa: E402
 
 WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -54,7 +56,7 @@ def trainer(model, ids, cfg) -> tuple[list[float], str]:
                                  learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps, lr_scheduler_type="cosine",
                                  weight_decay=cfg.weight_decay, max_grad_norm=cfg.grad_clip, save_strategy="no",
                                  logging_steps=10_000, report_to="none", dataloader_num_workers=0,
-                                 use_cpu=C.input_device(model).type == "cpu", disable_tqdm=True, seed=cfg.seed)
+                                 use_cpu=LM.input_device(model).type == "cpu", disable_tqdm=True, seed=cfg.seed)
         t = InOrder(model=model, args=args, train_dataset=rows, callbacks=[Clock()])
         t.train()
         optim = str(args.optim)
@@ -71,9 +73,9 @@ def main():
     p.add_argument("--device", default="auto")
     a = p.parse_args()
     C.setup_logging("WARNING")
-    base, tok, label = C.load_model(C.LoadConfig(model=a.model, device=a.device))
-    text = WIKI.read_text() if WIKI.is_file() else C.embedded_corpus("train")
-    ids = C.tokenize_corpus(tok, text)
+    base, tok, label = LM.load_model(LM.LoadConfig(model=a.model, device=a.device))
+    text = WIKI.read_text() if WIKI.is_file() else D.embedded_corpus("train")
+    ids = D.tokenize_corpus(tok, text)
     cfg = FinetuneConfig(mode="full", steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=5e-5,
                          save_every_s=0, log_every=10_000, output_dir=tempfile.mkdtemp() + "/ft")
     cfg = FT.resolve_config(base, cfg)
@@ -85,7 +87,7 @@ def main():
         print(f"round {r + 1}: ours {statistics.median(mine):.3f} s/step, Trainer {statistics.median(theirs):.3f} "
               f"s/step", flush=True)
     o, t = statistics.median(mine), statistics.median(theirs)
-    print(f"model {label} on {C.input_device(base)}, full fine-tune, {a.batch_size} x {a.seq_len} tokens per step, "
+    print(f"model {label} on {LM.input_device(base)}, full fine-tune, {a.batch_size} x {a.seq_len} tokens per step, "
           f"{a.steps} steps x {a.rounds} rounds (first two steps of each run not timed); Trainer optim {optim}")
     print(f"ours {o:.3f} s/step   Trainer {t:.3f} s/step   ratio Trainer/ours {t / o:.3f} (target >= 1.0)")
 

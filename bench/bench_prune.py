@@ -15,6 +15,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import llm_common as C  # noqa: E402
+import llm_data as D  # noqa: E402
+import llm_model as LM  # noqa: E402
 from llm_prune_model import PruneConfig, prune_model  # noqa: E402
 
 VALID = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-tokenized" / "valid.txt"
@@ -29,10 +31,10 @@ def main():
     p.add_argument("--device", default="auto")
     a = p.parse_args()
     C.setup_logging("WARNING")
-    model, tok, label = C.load_model(C.LoadConfig(model=a.model, device=a.device))
-    text = VALID.read_text() if VALID.is_file() else C.embedded_corpus("train")
-    windows = C.sample_windows(C.tokenize_corpus(tok, text), a.windows, a.seq_len, seed=0)
-    dev = C.input_device(model)
+    model, tok, label = LM.load_model(LM.LoadConfig(model=a.model, device=a.device))
+    text = VALID.read_text() if VALID.is_file() else D.embedded_corpus("train")
+    windows = D.sample_windows(D.tokenize_corpus(tok, text), a.windows, a.seq_len, seed=0)
+    dev = LM.input_device(model)
     size_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     with torch.inference_mode():
         model(input_ids=windows[:1].to(dev))  # warm-up

@@ -39,7 +39,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 import llm_common as C  # noqa: E402
 import llm_config as K  # noqa: E402
+import llm_data as D  # noqa: E402
 import llm_main_v4 as M  # noqa: E402
+import llm_model as LM  # noqa: E402
 from bench_corpus import write_shard  # noqa: E402
 from conftest import make_llama, make_tokenizer  # noqa: E402
 
@@ -60,7 +62,7 @@ class Counter:
     """Forward tokens/passes and backward tokens/passes through the decoder blocks."""
 
     def __init__(self, model):
-        self.layers = C.decoder_layers(model)
+        self.layers = LM.decoder_layers(model)
         self.fwd_tokens = self.fwd_calls = self.bwd_tokens = self.bwd_calls = 0
         self.handles = [layer.register_forward_hook(self._fwd, with_kwargs=True) for layer in self.layers]
         self.handles += [layer.register_full_backward_hook(self._bwd) for layer in self.layers]
@@ -126,7 +128,7 @@ def main(argv=None):
     model_dir = work / "model"
     make_llama(layers=4, hidden=64, max_position_embeddings=4096).save_pretrained(model_dir)
     make_tokenizer().save_pretrained(model_dir)
-    text = WIKI.read_text() if WIKI.is_file() else C.embedded_corpus("test")
+    text = WIKI.read_text() if WIKI.is_file() else D.embedded_corpus("test")
     (work / "eval.txt").write_text(text)
     shard = work / "c4-train.00000-of-01024.json.gz"
     write_shard(shard, 5000, seed=0)

@@ -27,11 +27,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import llm_adversarial_test as ADV  # noqa: E402
-import llm_common as C  # noqa: E402
+import llm_data as D  # noqa: E402
 import llm_finetune as FT  # noqa: E402
 import llm_integrated_analysis as A  # noqa: E402
+import llm_model as LM  # noqa: E402
 import llm_prune_model as P  # noqa: E402
 import llm_robustness_test as R  # noqa: E402
+import llm_variants as V  # noqa: E402
 from llm_perplexity import EvalConfig, evaluate_model  # noqa: E402
 
 SHAPES = {
@@ -120,8 +122,8 @@ def bench_finetune(c) -> None:
 def bench_prune(c) -> None:
     model, tok, ids, tiny, fwd_flops, record = c.model, c.tok, c.ids, c.tiny, c.fwd_flops, c.record
     n, Lc = (4, 64) if tiny else (16, 2048)
-    windows = C.sample_windows(ids, n, Lc, seed=0)
-    with C.restored_on_exit(model, [k + ".weight" for k in C.decoder_linears(model)]):
+    windows = D.sample_windows(ids, n, Lc, seed=0)
+    with V.restored_on_exit(model, [k + ".weight" for k in LM.decoder_linears(model)]):
         t = time.perf_counter()
         P.prune_model(model, tok, windows, P.PruneConfig(method="wanda", sparsity=0.5, progress=False))
         sec = time.perf_counter() - t
@@ -167,13 +169,13 @@ def bench_analysis(c) -> None:
     model, ids, tiny, N, L, record = c.model, c.ids, c.tiny, c.N, c.L, c.record
     nb = 2
     Lw = 64 if tiny else 512
-    windows = C.sample_windows(ids, 1 if tiny else 4, Lw, seed=0)
-    mods = {n: m for n, m in C.decoder_linears(model).items() if any(f"layers.{i}." in n for i in range(nb))}
+    windows = D.sample_windows(ids, 1 if tiny else 4, Lw, seed=0)
+    mods = {n: m for n, m in LM.decoder_linears(model).items() if any(f"layers.{i}." in n for i in range(nb))}
     t = time.perf_counter()
-    with C.attention_implementation(model, "eager"):
+    with LM.attention_implementation(model, "eager"):
         for i in range(nb):
             params = {n: m.weight for n, m in mods.items() if f"layers.{i}." in n}
-            with C.trainable_only(model, list(params.values())):
+            with LM.trainable_only(model, list(params.values())):
                 A.hutchinson_trace(A.lm_loss_fn(model, windows), params, max_probes=3, tol=0.0, progress=False)
     sec = time.perf_counter() - t
     toks = windows.numel() * nb

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import llm_common as C  # noqa: E402
+import llm_model as LM  # noqa: E402
 
 
 def main():
@@ -27,15 +28,15 @@ def main():
     C.setup_logging("WARNING")
     res = json.loads(Path(a.results).read_text())
     proto = res["protocol"]
-    spec = a.model_dir or (None if res["model"] == C.EMBEDDED_NAME else res["model"])
-    model, tok, _ = C.load_model(C.LoadConfig(model=spec, device=res.get("device", "auto").split(":")[0],
+    spec = a.model_dir or (None if res["model"] == LM.EMBEDDED_NAME else res["model"])
+    model, tok, _ = LM.load_model(LM.LoadConfig(model=spec, device=res.get("device", "auto").split(":")[0],
                                               dtype=res.get("dtype", "torch.float32").replace("torch.", "")))
     ids = tok(Path(a.dataset).read_text(), return_tensors="pt").input_ids[0]
     L, n = proto["seq_len"], (proto["eval_tokens"] or ids.numel())
     losses = []
     with torch.no_grad():
         for s in tqdm(range(0, n - L + 1, L), desc="plain HF loop"):
-            w = ids[s:s + L][None].to(C.input_device(model))
+            w = ids[s:s + L][None].to(LM.input_device(model))
             losses.append(model(input_ids=w, labels=w).loss.item())
     ref = math.exp(sum(losses) / len(losses))
     ours = float(res["perplexity"][a.variant])

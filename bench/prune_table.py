@@ -14,6 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import llm_common as C  # noqa: E402
+import llm_data as D  # noqa: E402
+import llm_io as IO  # noqa: E402
+import llm_model as LM  # noqa: E402
+import llm_variants as V  # noqa: E402
 from llm_perplexity import EvalConfig, evaluate_model  # noqa: E402
 from llm_prune_model import PruneConfig, prune_model  # noqa: E402
 from llm_report import plot_perplexity_vs_sparsity  # noqa: E402
@@ -34,18 +38,18 @@ def main():
     p.add_argument("--out", default="out/prune_table.json")
     a = p.parse_args()
     C.setup_logging("WARNING")
-    model, tok, label = C.load_model(C.LoadConfig(model=a.model))
-    calib = C.sample_windows(C.tokenize_corpus(tok, (SHARED / "wikitext-2-tokenized" / "valid.txt").read_text()),
+    model, tok, label = LM.load_model(LM.LoadConfig(model=a.model))
+    calib = D.sample_windows(D.tokenize_corpus(tok, (SHARED / "wikitext-2-tokenized" / "valid.txt").read_text()),
                              a.calib_windows, a.calib_seq_len, seed=0)
-    ids = C.tokenize_corpus(tok, (SHARED / "wikitext-2-raw" / "wiki.test.raw").read_text())
+    ids = D.tokenize_corpus(tok, (SHARED / "wikitext-2-raw" / "wiki.test.raw").read_text())
     ecfg = EvalConfig(seq_len=a.seq_len, eval_tokens=a.eval_tokens, max_new_tokens=0, progress=False)
-    names = [n + ".weight" for n in C.decoder_linears(model)]
+    names = [n + ".weight" for n in LM.decoder_linears(model)]
     rows = [{"method": "dense", "pattern": "-", "perplexity": evaluate_model(model, tok, ids, ecfg).perplexity}]
     print(f"dense: {rows[0]['perplexity']:.3f}", flush=True)
     jobs = [(m, pat, 0.5) for pat in a.patterns.split(",") for m in a.methods.split(",")]
     jobs += [(m, "unstructured", float(s)) for s in a.sweep.split(",") if s for m in a.methods.split(",")]
     for method, pattern, sparsity in jobs:
-        with C.restored_on_exit(model, names):
+        with V.restored_on_exit(model, names):
             t = time.perf_counter()
             res = prune_model(model, tok, calib, PruneConfig(method=method, sparsity=sparsity, pattern=pattern,
                                                              progress=False))
@@ -55,7 +59,7 @@ def main():
         print(f"{method:10s} {pattern:12s} sparsity {res.overall_sparsity:.4f}  perplexity {ppl:10.3f}  "
               f"prune {res.seconds:6.1f} s", flush=True)
     out = Path(a.out)
-    C.write_json(out, {"model": label, "calibration": f"{a.calib_windows} x {a.calib_seq_len} valid.txt",
+    IO.write_json(out, {"model": label, "calibration": f"{a.calib_windows} x {a.calib_seq_len} valid.txt",
                        "evaluation": f"first {a.eval_tokens} tokens of wiki.test.raw, windows of {a.seq_len}",
                        "rows": rows})
     if a.sweep:

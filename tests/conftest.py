@@ -155,6 +155,6 @@ def tiny_model(request):
 def sample_text():
     if WIKI_TEST.is_file():
         return WIKI_TEST.read_text()[:20000]
-    import llm_common
+    import llm_data
 
-    return llm_common.embedded_corpus("test")[:20000]
+    return llm_data.embedded_corpus("test")[:20000]

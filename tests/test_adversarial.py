@@ -6,6 +6,9 @@ import torch
 
 import llm_adversarial_test as ADV
 import llm_common as C
+import llm_data as D
+import llm_model as LM
+import llm_variants as V
 
 
 def _samples(n=3, P=12, T=6, seed=0):
@@ -107,7 +110,7 @@ def test_adversarial_finetune_reduces_delta_nll_and_restores(tiny_llama):
     cfg = ADV.AttackConfig(method="pgd", norm="linf", epsilon=0.5, steps=4, seed=5)
     before = sum(ADV.attack_embeddings(m, s, cfg).delta_nll for s in samples)
     snap = {k: v.clone() for k, v in m.state_dict().items()}
-    with C.restored_on_exit(m, [n for n, _ in m.named_parameters()]):
+    with V.restored_on_exit(m, [n for n, _ in m.named_parameters()]):
         ADV.adversarial_finetune(m, samples, cfg, steps=30, lr=3e-3, progress=False)
         after = sum(ADV.attack_embeddings(m, s, cfg).delta_nll for s in samples)
     assert after < before
@@ -116,13 +119,13 @@ def test_adversarial_finetune_reduces_delta_nll_and_restores(tiny_llama):
 
 def test_full_adversarial_step_on_tiny_model(tok, sample_text, tiny_llama):
     m = tiny_llama()
-    ids = C.tokenize_corpus(tok, sample_text[:2000])
+    ids = D.tokenize_corpus(tok, sample_text[:2000])
     cfg = ADV.AdversarialConfig(epsilons=(0.05, 0.2), pgd_steps=2, n_windows=2, prompt_len=12, continuation_len=4,
                                 targeted_steps=2, gcg_steps=2, gcg_batch=4, gcg_topk=4, gcg_suffix_len=2,
                                 defence_steps=2, max_new_tokens=4, progress=False)
     res = ADV.test_adversarial_robustness(m, tok, ids, cfg)
     assert len(res.table) == 4 and res.n_samples == 3
-    assert set(res.answers) == {C.SAMPLE_PROMPT}
+    assert set(res.answers) == {LM.SAMPLE_PROMPT}
     assert 0 <= res.targeted["success_rate"] <= 1
     assert "delta_nll_after" in res.adversarial_training
     assert res.config["pgd_steps"] == 2 and res.config["defence_lora_r"] is None
@@ -139,7 +142,7 @@ def test_bad_attack_config(kw, msg):
 
 def test_lora_defence_trains_adapters_and_leaves_the_model_unchanged(tok, sample_text, tiny_llama):
     m = tiny_llama(seed=2)
-    ids = C.tokenize_corpus(tok, sample_text[:4000])
+    ids = D.tokenize_corpus(tok, sample_text[:4000])
     snap = {k: v.clone() for k, v in m.state_dict().items()}
     cfg = ADV.AdversarialConfig(epsilons=(0.2,), pgd_steps=2, n_windows=2, prompt_len=12, continuation_len=4,
                                 targeted_steps=2, gcg_steps=1, gcg_batch=4, gcg_topk=4, gcg_suffix_len=2,

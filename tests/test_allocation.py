@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import llm_common as C
+import llm_model as LM
 from llm_compress import bounded_allocation, exact_counts, split_count
 from llm_prune_model import PruneConfig, prune_model
 
@@ -32,7 +33,7 @@ def _owl_reference(model, windows, M, lam, sparsity):
     percent; ratios mapped to [0, 2 lam], centred, keep ratio = that + (1 - sparsity)."""
     sq, hooks = {}, []
     for name, mod in model.named_modules():
-        if C.is_linear(mod) and "lm_head" not in name:
+        if LM.is_linear(mod) and "lm_head" not in name:
             hooks.append(mod.register_forward_hook(
                 lambda m, a, o, name=name: sq.__setitem__(name, sq.get(name, 0) + a[0].reshape(-1, a[0].shape[-1])
                                                            .double().pow(2).sum(0))))
@@ -44,7 +45,7 @@ def _owl_reference(model, windows, M, lam, sparsity):
     ratios = []
     for i, layer in enumerate(model.model.layers):
         metric = torch.cat([(mod.weight.double().abs() * sq[f"model.layers.{i}.{rel}"].sqrt()[None, :]).flatten()
-                            for rel, mod in C.block_linears(layer).items()])
+                            for rel, mod in LM.block_linears(layer).items()])
         ratios.append(float((metric > metric.mean() * M).sum()) / metric.numel() * 100)
     r = np.array(ratios)
     r = (r - r.min()) * (1 / (r.max() - r.min()) * lam * 2)
@@ -63,7 +64,7 @@ def test_owl_matches_the_papers_formula_and_prunes_exactly_the_target(method):
     assert np.allclose(np.array(res.allocation["scores"]) * 100, ratios, atol=1e-9)
     assert np.allclose(got, want, atol=1e-9)
     assert got[1] == min(got) and max(got) - min(got) == pytest.approx(0.16)
-    lin = [m for n, m in model.named_modules() if C.is_linear(m) and "lm_head" not in n]
+    lin = [m for n, m in model.named_modules() if LM.is_linear(m) and "lm_head" not in n]
     total = sum(m.weight.numel() for m in lin)
     zeros = sum(int((m.weight == 0).sum()) for m in lin)
     assert zeros == round(0.6 * total) == res.target_weights  # exact to the weight

@@ -5,7 +5,9 @@ import pytest
 import torch
 from torch.func import functional_call
 
-import llm_common as C
+import llm_data as D
+import llm_io as IO
+import llm_model as LM
 from conftest import make_super_weight_matter, plant_super_weight
 import llm_integrated_analysis as A
 import llm_report
@@ -45,7 +47,7 @@ def test_hutchinson_matches_exact_trace_within_stderr():
     m, windows, names = _setup()
     H, sizes = _exact_hessian(m, windows, names)
     params = {n: dict(m.named_parameters())[n] for n in names}
-    with C.trainable_only(m, list(params.values())):
+    with LM.trainable_only(m, list(params.values())):
         tr = A.hutchinson_trace(A.lm_loss_fn(m, windows), params, max_probes=120, tol=0.0, progress=False)
     assert tr.probes == 120 and not tr.converged
     exact_total = float(torch.diagonal(H).sum())
@@ -61,7 +63,7 @@ def test_hutchinson_matches_exact_trace_within_stderr():
 def test_hutchinson_stops_on_tolerance():
     m, windows, names = _setup()
     params = {n: dict(m.named_parameters())[n] for n in names}
-    with C.trainable_only(m, list(params.values())):
+    with LM.trainable_only(m, list(params.values())):
         tr = A.hutchinson_trace(A.lm_loss_fn(m, windows), params, max_probes=50, tol=0.5, progress=False)
     assert tr.converged and 3 <= tr.probes < 50
 
@@ -72,7 +74,7 @@ def test_adaptive_probing_stops_when_every_group_is_precise_and_reports_it():
     m, windows, names = _setup()
     params = {n: dict(m.named_parameters())[n] for n in names}
     groups = {n: i for i, n in enumerate(names)}
-    with C.trainable_only(m, list(params.values())):
+    with LM.trainable_only(m, list(params.values())):
         loose = A.hutchinson_trace(A.lm_loss_fn(m, windows), params, max_probes=200, progress=False, groups=groups,
                                    rel_stderr=0.5)
         tight = A.hutchinson_trace(A.lm_loss_fn(m, windows), params, max_probes=8, progress=False, groups=groups,
@@ -98,7 +100,7 @@ def test_power_iteration_matches_eigvalsh():
     evals = torch.linalg.eigvalsh(H.double())
     top = float(evals[evals.abs().argmax()])
     p = dict(m.named_parameters())[names[0]]
-    with C.trainable_only(m, [p]):
+    with LM.trainable_only(m, [p]):
         eig, iters = A.top_eigenvalue(A.lm_loss_fn(m, windows), [p], iters=300, tol=1e-7, progress=False)
     assert eig == pytest.approx(top, rel=1e-2)
 
@@ -127,7 +129,7 @@ def test_planted_super_weight_is_found_at_exact_coordinates(tok, tiny_llama):
     assert found[0].module == f"model.layers.{layer}.mlp.down_proj"
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # zeroing undone
     assert len(profile["down_out_max"]) == 4 and profile["down_out_max"][layer] == max(profile["down_out_max"])
-    ids = C.tokenize_corpus(tok, "the quick brown fox jumps over the lazy dog " * 8)
+    ids = D.tokenize_corpus(tok, "the quick brown fox jumps over the lazy dog " * 8)
     A.verify_super_weights(m, tok, ids, found[:1], EvalConfig(seq_len=32))
     assert found[0].ppl_ratio is not None and found[0].ppl_ratio != 1.0
 
@@ -164,7 +166,7 @@ def test_late_spike_is_a_candidate_but_rejected_by_ablation(tok, sample_text, ti
     named weight does nothing when zeroed (the spike comes from another input channel) is
     listed as a rejected candidate, not as a super weight, and not protected in quantization."""
     m = tiny_llama(layers=6, hidden=32)
-    ids = C.tokenize_corpus(tok, sample_text[:3000])
+    ids = D.tokenize_corpus(tok, sample_text[:3000])
     plant_super_weight(m, layer=1, row=7, col=5)
     make_super_weight_matter(m, ids, row=7)
     with torch.no_grad():
@@ -226,9 +228,9 @@ def test_spearman():
 def test_integrated_analysis_end_to_end_leaves_model_unchanged(tok, sample_text, tmp_path, tiny_llama):
     m = tiny_llama(layers=3, hidden=32)
     plant_super_weight(m, layer=1)
-    make_super_weight_matter(m, C.tokenize_corpus(tok, sample_text[:3000]))
+    make_super_weight_matter(m, D.tokenize_corpus(tok, sample_text[:3000]))
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    ids = C.tokenize_corpus(tok, sample_text[:3000])
+    ids = D.tokenize_corpus(tok, sample_text[:3000])
     cfg = A.AnalysisConfig(calib_windows=1, calib_seq_len=16, fisher_windows=2, max_probes=3, power_iters=3,
                            quant_group=32, eval_seq_len=32, eval_tokens=128, progress=False)
     res = A.run_integrated_analysis(m, tok, ids, ids, cfg)
@@ -238,7 +240,7 @@ def test_integrated_analysis_end_to_end_leaves_model_unchanged(tok, sample_text,
     assert (res.super_weights[0]["layer"], res.super_weights[0]["row"], res.super_weights[0]["col"]) == (1, 7, 5)
     assert {r["bits"] for r in res.quantization} == {4, 3} and len(res.quantization) == 6
     assert res.top_salient[0]["saliency"] >= res.top_salient[-1]["saliency"]
-    d = C.to_strict_json(res.__dict__)
+    d = IO.to_strict_json(res.__dict__)
     llm_report.plot_heatmaps(d, tmp_path / "h.png")
     llm_report.plot_activation_profile(d["activation_profile"], tmp_path / "a.png", [1])
     assert (tmp_path / "h.png").stat().st_size > 1000
@@ -255,7 +257,7 @@ def test_integrated_analysis_end_to_end_leaves_model_unchanged(tok, sample_text,
 
 def test_obd_saliency_from_hutchinson_diagonal(tok, sample_text, tiny_gpt2):
     m = tiny_gpt2()
-    ids = C.tokenize_corpus(tok, sample_text[:2000])
+    ids = D.tokenize_corpus(tok, sample_text[:2000])
     cfg = A.AnalysisConfig(calib_windows=1, calib_seq_len=16, fisher_windows=1, max_probes=2, power_iters=1,
                            saliency="hutchinson", quant_bits=(4,), quant_group=32, max_super_weights=1,
                            eval_seq_len=32, eval_tokens=64, progress=False)

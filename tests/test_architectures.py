@@ -6,6 +6,8 @@ import torch
 
 import llm_common as C
 import llm_main_v4
+import llm_model as LM
+import llm_variants as V
 
 
 def make(arch: str):
@@ -42,11 +44,11 @@ ARCHS = ["llama", "mistral", "qwen2", "gpt2", "opt"]
 @pytest.mark.parametrize("arch", ARCHS)
 def test_architecture_map(arch):
     m = make(arch)
-    layers = C.decoder_layers(m)
+    layers = LM.decoder_layers(m)
     assert len(layers) == 2
-    down = C.mlp_down_proj(layers[0])
-    assert C.weight_view(down).shape == (32, 64)  # [out=hidden, in=intermediate] for every layout
-    assert len(C.block_linears(layers[0])) >= 4
+    down = LM.mlp_down_proj(layers[0])
+    assert LM.weight_view(down).shape == (32, 64)  # [out=hidden, in=intermediate] for every layout
+    assert len(LM.block_linears(layers[0])) >= 4
 
 
 def test_unsupported_architecture_is_a_clear_error():
@@ -54,7 +56,7 @@ def test_unsupported_architecture_is_a_clear_error():
         pass
 
     with pytest.raises(C.UserError, match="unsupported architecture Odd"):
-        C.decoder_layers(Odd())
+        LM.decoder_layers(Odd())
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -71,7 +73,7 @@ def test_whole_pipeline(arch, tmp_path, sample_text, byte_tokenizer, pipeline_co
     res = json.loads((out / "results.json").read_text())
     assert set(res["perplexity"]) == {"base", "fine-tuned", "pruned", "noisy"}
     assert res["prune"]["overall_sparsity"] == pytest.approx(0.5)  # 2:4 exactly
-    pruned = C.load_masks(out / "checkpoints" / "pruned.safetensors")  # True where pruned
+    pruned = V.load_masks(out / "checkpoints" / "pruned.safetensors")  # True where pruned
     for name, z in pruned.items():
         z = z.t() if arch == "gpt2" else z  # Conv1D stores [in, out]
         assert (z.reshape(z.shape[0], -1, 4).sum(-1) >= 2).all(), name

@@ -10,7 +10,10 @@ import torch
 
 import llm_common as C
 import llm_config as K
+import llm_data as D
 import llm_main_v4
+import llm_model as LM
+import llm_variants as V
 
 
 def get_c4_windows(tok, docs, n, seq_len, seed):
@@ -67,15 +70,15 @@ def test_c4_calibration_draws_windows_document_by_document_like_get_c4(byte_toke
     docs = [("short doc " * k)[: 7 * k] for k in range(1, 40)]  # many shorter than a window
     monkeypatch.setattr(C, "hub_reachable", lambda: True)
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: type("Fake", (dict,), {})({"text": docs}))
-    corpus = C.load_corpus("c4", "train")
+    corpus = D.load_corpus("c4", "train")
     assert corpus.documents == len(docs) and corpus.describe()["documents"] == len(docs)
-    assert torch.equal(C.calibration_windows(tok, corpus, 6, 64, seed=0), get_c4_windows(tok, docs, 6, 64, 0))
-    plain = C.Corpus("x", "train", " ".join(docs), "x")
-    ids = C.tokenize_corpus(tok, plain)
-    assert torch.equal(C.calibration_windows(tok, plain, 6, 64, seed=0), C.sample_windows(ids, 6, 64, seed=0))
-    assert torch.equal(C.calibration_windows(tok, ids, 6, 64, seed=0), C.sample_windows(ids, 6, 64, seed=0))
+    assert torch.equal(D.calibration_windows(tok, corpus, 6, 64, seed=0), get_c4_windows(tok, docs, 6, 64, 0))
+    plain = D.Corpus("x", "train", " ".join(docs), "x")
+    ids = D.tokenize_corpus(tok, plain)
+    assert torch.equal(D.calibration_windows(tok, plain, 6, 64, seed=0), D.sample_windows(ids, 6, 64, seed=0))
+    assert torch.equal(D.calibration_windows(tok, ids, 6, 64, seed=0), D.sample_windows(ids, 6, 64, seed=0))
     with pytest.raises(C.UserError, match="no document"):
-        C.calibration_windows(tok, corpus, 1, 10_000, seed=0)
+        D.calibration_windows(tok, corpus, 1, 10_000, seed=0)
 
 
 def test_local_json_gz_shard_is_sampled_like_get_c4_and_recorded(byte_tokenizer, tmp_path):
@@ -85,25 +88,25 @@ def test_local_json_gz_shard_is_sampled_like_get_c4_and_recorded(byte_tokenizer,
     tok = byte_tokenizer()
     docs = stand_in_docs(400)
     shard = write_shard(tmp_path / "c4-train.00000-of-01024.json.gz", docs)
-    corpus = C.load_corpus(str(shard), "train")
+    corpus = D.load_corpus(str(shard), "train")
     assert corpus.docs is not None and corpus.documents == 400 and list(corpus.docs[:3]) == docs[:3]
-    assert torch.equal(C.calibration_windows(tok, corpus, 8, 96, seed=0), get_c4_windows(tok, docs, 8, 96, 0))
-    win = C.calibration_windows(tok, corpus, 8, 96, seed=0)
+    assert torch.equal(D.calibration_windows(tok, corpus, 8, 96, seed=0), get_c4_windows(tok, docs, 8, 96, 0))
+    win = D.calibration_windows(tok, corpus, 8, 96, seed=0)
     assert not any(b'"url"' in tok.decode(w).encode() or "timestamp" in tok.decode(w) for w in win)
     d = corpus.describe()
-    assert d["sha256"] == C._file_digest([str(shard)]) and d["documents"] == 400 and "get_c4" in d["protocol"]
+    assert d["sha256"] == D._file_digest([str(shard)]) and d["documents"] == 400 and "get_c4" in d["protocol"]
     write_shard(shard, docs[:-1] + ["changed"])  # another file, another hash: the step reruns
-    assert C.load_corpus(str(shard), "train").sha256 != d["sha256"]
-    ev = C.load_corpus(str(write_shard(tmp_path / "val.jsonl", docs)), "test")
+    assert D.load_corpus(str(shard), "train").sha256 != d["sha256"]
+    ev = D.load_corpus(str(write_shard(tmp_path / "val.jsonl", docs)), "test")
     assert ev.text == " ".join(docs) and ev.eval_windows == 256 and ev.docs is None
     folder = tmp_path / "shards"
     folder.mkdir()
     write_shard(folder / "a.json.gz", docs[:200])
     write_shard(folder / "b.json.gz", docs[200:])
-    assert list(C.load_corpus(str(folder), "train").docs) == docs
+    assert list(D.load_corpus(str(folder), "train").docs) == docs
     (tmp_path / "bad.jsonl").write_text('{"content": "no text field"}\n')
     with pytest.raises(C.UserError, match="no 'text' field"):
-        C.load_corpus(str(tmp_path / "bad.jsonl"), "train")
+        D.load_corpus(str(tmp_path / "bad.jsonl"), "train")
 
 
 def test_prune_step_never_tokenizes_a_document_corpus_in_full(byte_tokenizer, tiny_llama, tmp_path):
@@ -113,7 +116,7 @@ def test_prune_step_never_tokenizes_a_document_corpus_in_full(byte_tokenizer, ti
     import llm_prune_model as P
 
     docs = stand_in_docs(3000)
-    corpus = C.load_corpus(str(write_shard(tmp_path / "c4.json.gz", docs)), "train")
+    corpus = D.load_corpus(str(write_shard(tmp_path / "c4.json.gz", docs)), "train")
     total = sum(map(len, docs))
     counting = CountingTokenizer(byte_tokenizer())
     P.prune_model(tiny_llama(), counting, corpus, K.PruneConfig(method="wanda", calib_samples=4, calib_seq_len=64,
@@ -138,15 +141,15 @@ def test_a_notebook_prune_call_gets_the_pipelines_windows_on_a_c4_stand_in(tiny_
     res = llm_main_v4.run_pipeline(cfg, argv=[])
     assert res["prune"]["calibration"]["per_document"] is True
     assert res["dataset"]["train"]["documents"] == 500 and res["dataset"]["train"]["chars"] is None
-    model, tok, _ = C.load_model(C.LoadConfig(model=str(tiny_run_dir / "model")))
-    P.prune_model(model, tok, C.load_corpus(str(shard), "train"), K.PruneConfig.from_dict(res["prune"]["config"]))
-    masks = C.load_masks(out / res["prune"]["checkpoint"])
+    model, tok, _ = LM.load_model(LM.LoadConfig(model=str(tiny_run_dir / "model")))
+    P.prune_model(model, tok, D.load_corpus(str(shard), "train"), K.PruneConfig.from_dict(res["prune"]["config"]))
+    masks = V.load_masks(out / res["prune"]["checkpoint"])
     for name, m in masks.items():
-        assert torch.equal(C.named_tensors(model)[name] == 0, m), name  # True: pruned
-    model2, tok2, _ = C.load_model(C.LoadConfig(model=str(tiny_run_dir / "model")))
-    P.prune_model(model2, tok2, C.tokenize_corpus(tok2, " ".join(stand_in_docs(500))),
+        assert torch.equal(V.named_tensors(model)[name] == 0, m), name  # True: pruned
+    model2, tok2, _ = LM.load_model(LM.LoadConfig(model=str(tiny_run_dir / "model")))
+    P.prune_model(model2, tok2, D.tokenize_corpus(tok2, " ".join(stand_in_docs(500))),
                   K.PruneConfig.from_dict(res["prune"]["config"]))
-    assert any(not torch.equal(C.named_tensors(model2)[n] == 0, m) for n, m in masks.items())  # joined text differs
+    assert any(not torch.equal(V.named_tensors(model2)[n] == 0, m) for n, m in masks.items())  # joined text differs
 
 
 def test_c4_evaluation_scores_the_first_256_windows_unless_eval_tokens_is_given(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ import torch
 import torch.multiprocessing as mp
 
 import llm_common as C
+import llm_data as D
 
 
 def _free_port() -> int:
@@ -20,7 +21,7 @@ def _sweep():
     from llm_robustness_test import noise_sweep
 
     tok = byte_tokenizer()
-    ids = C.tokenize_corpus(tok, "the quick brown fox jumps over the lazy dog. " * 12)
+    ids = D.tokenize_corpus(tok, "the quick brown fox jumps over the lazy dog. " * 12)
     res = noise_sweep(tiny_llama(), tok, ids, [0.1, 0.5, 1.0], [0, 1, 2], mode="relative", group="linears",
                       eval_config=EvalConfig(seq_len=64, eval_tokens=256), progress=False)
     return res.points, res.summary, res.doubling_eps

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from llm_common import UserError, tokenize_corpus
+from llm_common import UserError
+from llm_data import tokenize_corpus
 from llm_evaluate_models import EvalConfig, evaluate_model, safe_exp, window_plan
 
 
@@ -135,7 +136,7 @@ def test_bad_eval_config(tok, kw, msg, tiny_llama):
 def test_evaluation_and_hessian_run_in_eval_mode_and_restore_the_callers_mode(tiny_llama, tok):
     """A notebook model left in train mode (dropout on) scores the same on every call, as in eval
     mode, and is handed back in train mode."""
-    import llm_common as C
+    import llm_model as LM
     from llm_config import EvalConfig
     from llm_integrated_analysis import hutchinson_trace, lm_loss_fn
     from llm_perplexity import evaluate_model
@@ -148,10 +149,10 @@ def test_evaluation_and_hessian_run_in_eval_mode_and_restore_the_callers_mode(ti
     assert [evaluate_model(m, tok, ids, cfg).perplexity for _ in range(2)] == [ref, ref]
     assert m.training and all(x.training for x in m.modules())
     params = {n: p for n, p in m.named_parameters() if n.endswith("q_proj.weight")}
-    with C.attention_implementation(m, "eager"):  # double backward, as the analysis step runs it
+    with LM.attention_implementation(m, "eager"):  # double backward, as the analysis step runs it
         traces = [hutchinson_trace(lm_loss_fn(m, ids[:64].view(2, 32)), params, max_probes=2, min_probes=2,
                                    progress=False).total for _ in range(2)]
     assert traces[0] == traces[1] and m.training
-    with C.eval_mode(m):
+    with LM.eval_mode(m):
         assert not m.training
     assert m.training

@@ -7,23 +7,24 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import llm_common as C
 import llm_export as E
+import llm_model as LM
+import llm_variants as V
 
 
 def _variants(m):
     """base (the model as it is), a 2:4 mask (a context manager, as the pipeline stores pruning)
     and a noise-like tensor dict (as a stored noisy variant)."""
     masks = {}
-    for n in C.decoder_linears(m):
+    for n in LM.decoder_linears(m):
         w = m.get_submodule(n).weight.detach()
         groups = w.abs().reshape(-1, 4)
         drop = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, groups.argsort(1)[:, :2], True)
         masks[n + ".weight"] = drop.reshape(w.shape)
     g = torch.Generator().manual_seed(1)
-    name = next(iter(C.decoder_linears(m))) + ".weight"
+    name = next(iter(LM.decoder_linears(m))) + ".weight"
     noisy = {name: m.get_parameter(name).detach() + 0.05 * torch.randn(m.get_parameter(name).shape, generator=g)}
-    return {"base": None, "pruned": functools.partial(C.masked_weights, masks=masks), "noisy": noisy}
+    return {"base": None, "pruned": functools.partial(V.masked_weights, masks=masks), "noisy": noisy}
 
 
 def test_each_exported_variant_reloads_to_identical_logits(tiny_model, tok, tmp_path):
@@ -39,7 +40,7 @@ def test_each_exported_variant_reloads_to_identical_logits(tiny_model, tok, tmp_
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # the live model is restored
     ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog.").input_ids])
     for name, weights in variants.items():
-        with C.applied_variant(m, weights), torch.no_grad():
+        with V.applied_variant(m, weights), torch.no_grad():
             want = m(ids).logits
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path / name).eval()
         with torch.no_grad():
@@ -84,6 +85,6 @@ def test_semi_structured_conversion_keeps_logits_on_cuda(tiny_llama, tok, tmp_pa
     tf = res.two_of_four
     assert tf["status"] == "ran" and tf["variant"] == "pruned" and tf["linears"] > 0, tf
     assert tf["max_abs_logit_diff"] < 1e-1 and set(tf["tokens_per_s"]) == {"1", "2"}
-    with C.applied_variant(m, _variants(m)["pruned"]), E.semi_structured(m) as done:
-        assert set(done) <= set(C.decoder_linears(m)) and done
+    with V.applied_variant(m, _variants(m)["pruned"]), E.semi_structured(m) as done:
+        assert set(done) <= set(LM.decoder_linears(m)) and done
     assert all(type(m.get_submodule(n).weight.data) is torch.Tensor for n in done)  # dense again on exit

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import llm_common as C
+import llm_data as D
 from llm_finetune import FinetuneConfig, load_or_train_model, train
 from llm_report import plot_training_curve
 
@@ -14,7 +15,7 @@ class Killed(Exception):
 
 
 def _ids(tok, sample_text):
-    return C.tokenize_corpus(tok, sample_text[:12000])
+    return D.tokenize_corpus(tok, sample_text[:12000])
 
 
 def _cfg(tmp_path, name, **kw):

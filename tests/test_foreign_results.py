@@ -72,8 +72,8 @@ def test_compare_reads_only_bounded_regular_files(tmp_path, capsys, monkeypatch,
         (d / "results.json").symlink_to("/dev/zero")
     else:
         (d / "results.json").write_text(json.dumps(good()) + " " * 2048)
-        monkeypatch.setattr(R.C, "MAX_JSON_BYTES", 1024)
-        monkeypatch.setattr(R.C.read_json, "__defaults__", (1024,))
+        monkeypatch.setattr(R.IO, "MAX_JSON_BYTES", 1024)
+        monkeypatch.setattr(R.IO.read_json, "__defaults__", (1024,))
     assert M.main(["--compare", str(d), "--output-dir", str(tmp_path / "cmp")]) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "no finished evaluation" in err and "Traceback" not in err

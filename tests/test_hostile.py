@@ -13,7 +13,10 @@ import pytest
 
 import llm_common as C
 import llm_config as K
+import llm_data as D
+import llm_io as IO
 import llm_main_v4
+import llm_model as LM
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,14 +72,14 @@ def test_only_dead_runs_temporaries_are_removed(tiny, tmp_path):
 
 def test_a_full_disk_keeps_the_previous_results(tmp_path, monkeypatch):
     path = tmp_path / "results.json"
-    C.write_json(path, {"perplexity": {"base": 1.0}})
+    IO.write_json(path, {"perplexity": {"base": 1.0}})
 
     def full(self, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Path, "write_text", full)
     with pytest.raises(C.UserError, match="no space left"):
-        C.write_json(path, {"perplexity": {"base": 2.0}})
+        IO.write_json(path, {"perplexity": {"base": 2.0}})
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"perplexity": {"base": 1.0}}
     assert not list(tmp_path.glob(".llm-tmp-*"))
@@ -169,7 +172,7 @@ def test_bad_model_files_give_one_line(kind, tiny, tmp_path, capsys):
 
     if kind.endswith("gguf"):
         model = tmp_path / "m.gguf"
-        src = C.embedded_gguf_path()
+        src = LM.embedded_gguf_path()
         model.write_bytes(src.read_bytes()[:100_000] if kind == "truncated_gguf" else b"")
     else:
         model = tmp_path / "m"
@@ -193,11 +196,11 @@ def test_bad_model_files_give_one_line(kind, tiny, tmp_path, capsys):
 def test_wikitext2_named_explicitly_never_falls_back(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(C, "_hub_text", lambda name, split, offline: (_ for _ in ()).throw(OSError("not cached")))
+    monkeypatch.setattr(D, "_hub_text", lambda name, split, offline: (_ for _ in ()).throw(OSError("not cached")))
     rc = llm_main_v4.main(["--model", "/no/such/model", "--steps", "eval", "--dataset", "wikitext2",
                            "--output-dir", str(tmp_path / "o")])
     assert rc == 2 and "embedded corpus is not used" in one_error(capsys)
-    corpus = C.load_corpus("wikitext2", "test")  # the default still falls back, and says so
+    corpus = D.load_corpus("wikitext2", "test")  # the default still falls back, and says so
     assert corpus.fallback and corpus.source.startswith("pydoc_data")
 
 
@@ -272,21 +275,21 @@ def test_c4_and_ptb_follow_the_pruning_papers_loaders(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     monkeypatch.setattr(C, "hub_reachable", lambda: True)
-    ev = C.load_corpus("c4", "test")
+    ev = D.load_corpus("c4", "test")
     assert calls[-1] == ("allenai/c4", None, {"test": "en/c4-validation.00000-of-00008.json.gz"}, "test")
     assert ev.text == " ".join(f"test-doc{i}" for i in range(1100)) and ev.fallback is None
     assert ev.source == ("allenai/c4/en/c4-validation.00000-of-00008.json.gz[:1100 documents] "
                          "(version 1.0.0, hub commit 1588ec45)")
     assert ev.eval_windows == 256 and ev.docs is None
-    tr = C.load_corpus("c4", "train")
+    tr = D.load_corpus("c4", "train")
     assert calls[-1][2] == {"train": "en/c4-train.00000-of-01024.json.gz"}
     assert tr.text == "" and len(tr.docs) == 2000 and tr.docs[7] == "train-doc7" and tr.describe()["documents"] == 2000
     assert "get_c4" in tr.protocol and len(tr.sha256) == 64
-    ptb = C.load_corpus("ptb", "test")
+    ptb = D.load_corpus("ptb", "test")
     assert calls[-1] == ("ptb_text_only", "penn_treebank", None, "test")  # get_ptb_new scores the test split
     assert ptb.text.startswith("test-doc0 test-doc1 ") and "get_ptb_new" in ptb.describe()["protocol"]
-    assert C.load_corpus("ptb", "train").text.startswith("train-doc0 train-doc1 ")
-    C.check_corpus_spec("c4")  # a known name, not a path
+    assert D.load_corpus("ptb", "train").text.startswith("train-doc0 train-doc1 ")
+    D.check_corpus_spec("c4")  # a known name, not a path
 
 
 def test_gpu_default_calibration_is_c4_falling_back_to_wikitext_train(monkeypatch, tmp_path):
@@ -295,20 +298,20 @@ def test_gpu_default_calibration_is_c4_falling_back_to_wikitext_train(monkeypatc
     def hub_text(name, split, offline):
         if name == "c4" and not available:
             raise OSError("not cached")
-        return C.Corpus(name, split, f"{name} {split} text " * 50, f"{name}[{split}]")
+        return D.Corpus(name, split, f"{name} {split} text " * 50, f"{name}[{split}]")
 
-    monkeypatch.setattr(C, "_hub_text", hub_text)
+    monkeypatch.setattr(D, "_hub_text", hub_text)
     available = True
-    texts, described = C.load_texts(None, None, {"train"}, default_train="c4")
+    texts, described = D.load_texts(None, None, {"train"}, default_train="c4")
     assert texts["train"].name == "c4" and described["train"]["replaced"] is None
     available = False
-    texts, described = C.load_texts(None, None, {"train"}, default_train="c4")
+    texts, described = D.load_texts(None, None, {"train"}, default_train="c4")
     assert texts["train"].text.startswith("wikitext2 train") and texts["train"].fallback is None
     assert described["train"]["replaced"].startswith("c4 unavailable (") and "WikiText-2 train" in described["train"][
         "replaced"]
-    assert C.load_texts(None, None, {"train"})[0]["train"].name == "wikitext2"  # the CPU default
+    assert D.load_texts(None, None, {"train"})[0]["train"].name == "wikitext2"  # the CPU default
     seen = {}
-    monkeypatch.setattr(C, "load_texts", lambda *a, **k: seen.update(k) or ({}, {}))
+    monkeypatch.setattr(D, "load_texts", lambda *a, **k: seen.update(k) or ({}, {}))
     cfg = K.PipelineConfig(run=K.RunConfig(budget="gpu", steps=("eval",)))
     llm_main_v4._check_before_loading(cfg, tmp_path)
     assert seen["default_train"] == "c4"

@@ -8,7 +8,9 @@ import pytest
 
 import llm_common as C
 import llm_config as K
+import llm_data as D
 import llm_main_v4
+import llm_variants as V
 
 
 @pytest.fixture(scope="module")
@@ -185,10 +187,10 @@ def test_calibration_text_that_holds_the_evaluation_text_is_refused(corpus_file,
     p1, p2, p3 = ("alpha " * 40).strip(), ("beta " * 50).strip(), ("gamma " * 40).strip()
     (ev := tmp_path / "ev.txt").write_text(f" = Title = \n \n {p1} \n \n {p2}\n{p3}\nshort line\n")
     (tr := tmp_path / "tr.txt").write_text(f"An unrelated first paragraph.\n\n{p2}\n")
-    ov = C.corpus_overlap(C.load_corpus(str(tr), "train"), C.load_corpus(str(ev), "test"), allow=True)
+    ov = D.corpus_overlap(D.load_corpus(str(tr), "train"), D.load_corpus(str(ev), "test"), allow=True)
     assert ov["eval_paragraphs"] == 3 and ov["shared"] == 1 and not ov["same_text"]
     with pytest.raises(C.UserError, match="holds 1 of the 3"):
-        C.corpus_overlap(C.load_corpus(str(tr), "train"), C.load_corpus(str(ev), "test"))
+        D.corpus_overlap(D.load_corpus(str(tr), "train"), D.load_corpus(str(ev), "test"))
 
 
 def test_corpus_shorter_than_a_window(tiny_dir, tmp_path, capsys):
@@ -260,7 +262,7 @@ def test_full_pipeline_on_tiny_model(tiny_dir, corpus_file, tmp_path):
     assert (out / "finetuned" / "manifest.json").is_file()
     assert (out / "plots" / "finetune_loss.png").is_file() and (out / "plots" / "prune_sparsity_per_layer.png").is_file()
     # The live model is restored after pruning: the fine-tuned variant is dense.
-    pruned = C.load_masks(out / "checkpoints" / "pruned.safetensors")  # 1 bit per weight: True = pruned
+    pruned = V.load_masks(out / "checkpoints" / "pruned.safetensors")  # 1 bit per weight: True = pruned
     assert all(float(t.float().mean()) >= 0.45 for t in pruned.values())
     # A second run loads the finished fine-tune instead of training again.
     assert llm_main_v4.main(argv) == 0

@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import llm_common as C
 import llm_config as K
+import llm_data as D
+import llm_io as IO
 import llm_main_v4
+import llm_model as LM
+import llm_variants as V
 from conftest import make_super_weight_matter, plant_super_weight, without
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +27,7 @@ TIMING = {"seconds", "tokens_per_s", "peak_memory_mb", "loaded_existing", "resum
 
 def numbers(obj):
     """A result as results.json holds it, minus timings, paths and the recorded config."""
-    return without(C.to_strict_json(obj), TIMING)
+    return without(IO.to_strict_json(obj), TIMING)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,7 @@ def setup(tmp_path_factory, sample_text, tiny_llama, byte_tokenizer):
     d = tmp_path_factory.mktemp("pipe")
     m = tiny_llama(layers=3)
     plant_super_weight(m, layer=1)
-    make_super_weight_matter(m, C.tokenize_corpus(byte_tokenizer(), sample_text[:4000]))
+    make_super_weight_matter(m, D.tokenize_corpus(byte_tokenizer(), sample_text[:4000]))
     m.save_pretrained(d / "model")
     byte_tokenizer().save_pretrained(d / "model")
     (d / "text.txt").write_text(sample_text[:4000])
@@ -55,9 +58,9 @@ def test_each_step_function_alone_gives_the_pipelines_numbers(setup, pipeline, t
     import llm_robustness_test as R
 
     out, res = pipeline
-    model, tok, _ = C.load_model(C.LoadConfig(model=str(setup / "model")))
-    corpus = C.load_corpus(str(setup / "text.txt"), "test")
-    ids = C.tokenize_corpus(tok, corpus)
+    model, tok, _ = LM.load_model(LM.LoadConfig(model=str(setup / "model")))
+    corpus = D.load_corpus(str(setup / "text.txt"), "test")
+    ids = D.tokenize_corpus(tok, corpus)
     scramble = lambda: torch.manual_seed(987654)  # noqa: E731  no step may lean on the global RNG state
 
     scramble()
@@ -65,11 +68,11 @@ def test_each_step_function_alone_gives_the_pipelines_numbers(setup, pipeline, t
     model, ft = FT.load_or_train_model(model, tok, ids, cfg)
     assert numbers(asdict(ft)) | {"manifest": None} == numbers(res["finetune"]) | {"manifest": None}
 
-    names = [n + ".weight" for n in C.decoder_linears(model)]
+    names = [n + ".weight" for n in LM.decoder_linears(model)]
     scramble()
-    with C.restored_on_exit(model, names):
+    with V.restored_on_exit(model, names):
         pr = P.prune_model(model, tok, ids, K.PruneConfig.from_dict(res["prune"]["config"]))
-        saved = C.load_masks(out / res["prune"]["checkpoint"])  # Wanda only zeroes: a 1-bit mask
+        saved = V.load_masks(out / res["prune"]["checkpoint"])  # Wanda only zeroes: a 1-bit mask
         assert res["prune"]["format"] == "mask" and set(saved) == set(pr.pruned_names)
         assert all(torch.equal(model.get_parameter(n) == 0, saved[n]) for n in pr.pruned_names)
     assert numbers({k: v for k, v in asdict(pr).items() if k != "pruned_names"}) == numbers(res["prune"]) | {
@@ -77,7 +80,7 @@ def test_each_step_function_alone_gives_the_pipelines_numbers(setup, pipeline, t
 
     scramble()
     ncfg = K.NoiseConfig.from_dict(res["noise"]["config"])
-    with C.restored_on_exit(model, list(R.select_params(model, ncfg.group))):
+    with V.restored_on_exit(model, list(R.select_params(model, ncfg.group))):
         nz = R.apply_robustness_test(model, tok, ncfg, ids, ids)
         noisy = {n: model.get_parameter(n).detach().clone() for n in nz.variant.tensors}
     # No copy was stored: the recorded recipe regenerates the very same weights.
@@ -90,7 +93,7 @@ def test_each_step_function_alone_gives_the_pipelines_numbers(setup, pipeline, t
 
     scramble()
     variants = {"base": setup / "model", "fine-tuned": None,
-                "pruned": lambda m: C.masked_weights(m, out / res["prune"]["checkpoint"]),
+                "pruned": lambda m: V.masked_weights(m, out / res["prune"]["checkpoint"]),
                 "noisy": lambda m: R.noisy_weights(m, K.NoiseConfig(**res["noise"]["recipe"]))}
     ev = E.evaluate_variants(model, tok, ids, variants, K.EvalConfig.from_dict(res["protocol"]["config"]),
                              res["variants"])
@@ -133,7 +136,7 @@ def _changed(value, hint):
 @pytest.mark.parametrize("step", K.ALL_STEPS)
 def test_every_config_field_enters_its_steps_fingerprint(step, pipeline, setup, pipeline_config):
     out, _ = pipeline
-    text = C.load_corpus(str(setup / "text.txt"), "test")
+    text = D.load_corpus(str(setup / "text.txt"), "test")
     run = llm_main_v4.Run(cfg=pipeline_config(setup / "model", setup / "text.txt", out), out=out,
                           texts={"eval": text, "train": text})
     run.results.update(device="cpu", dtype="torch.float32", model_identity={"label": "m"})
@@ -203,7 +206,7 @@ def test_variants_are_stored_as_a_mask_and_a_recipe_with_the_same_numbers(setup,
                               prune={"protect": ()}, noise={"map": False, "sweep_eps": (0.5,), "sweep_seeds": 1})
         runs[save] = llm_main_v4.run_pipeline(cfg, argv=[])
     ckpt = tmp_path / "False" / "checkpoints"
-    n_weights = sum(m.numel() for m in C.load_masks(ckpt / "pruned.safetensors").values())
+    n_weights = sum(m.numel() for m in V.load_masks(ckpt / "pruned.safetensors").values())
     assert (ckpt / "pruned.safetensors").stat().st_size < n_weights / 8 + 64 * 1024
     assert not (ckpt / "noisy.safetensors").exists() and runs[False]["noise"]["recipe"]
     full = tmp_path / "True" / "checkpoints"

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import llm_common as C
+import llm_model as LM
 from llm_prune_model import PruneConfig, mask_from_scores, prune_model, sparsegpt_prune
 
 
@@ -25,7 +26,7 @@ def _outlier_llama(seed=0):
 
 
 def _linears(model):
-    return {n: m for n, m in model.named_modules() if C.is_linear(m) and "lm_head" not in n}
+    return {n: m for n, m in model.named_modules() if LM.is_linear(m) and "lm_head" not in n}
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -38,7 +39,7 @@ def test_exact_sparsity(arch, method, pattern, tiny_gpt2, tiny_llama):
                                                          progress=False))
     total = pruned = 0
     for name, mod in _linears(model).items():
-        W = C.weight_view(mod)
+        W = LM.weight_view(mod)
         zero = W == 0
         total, pruned = total + W.numel(), pruned + int(zero.sum())
         if pattern != "unstructured":
@@ -60,7 +61,7 @@ def test_exact_sparsity(arch, method, pattern, tiny_gpt2, tiny_llama):
 def _layer0_inputs(model, windows):
     """Dense inputs X [tokens, in] of every linear in block 0."""
     xs, hs = {}, []
-    for name, mod in C.block_linears(model.model.layers[0]).items():
+    for name, mod in LM.block_linears(model.model.layers[0]).items():
         hs.append(mod.register_forward_hook(
             lambda m, a, o, name=name: xs.setdefault(name, []).append(a[0].reshape(-1, a[0].shape[-1]))))
     with torch.no_grad():
@@ -80,8 +81,8 @@ def test_reconstruction_error_ordering_sparsegpt_wanda_magnitude():
         m = copy.deepcopy(dense)
         prune_model(m, None, windows, PruneConfig(method=method, sparsity=0.5, progress=False))
         errs[method] = sum(
-            torch.linalg.norm(X[n] @ (C.weight_view(dense.model.layers[0].get_submodule(n))
-                                      - C.weight_view(m.model.layers[0].get_submodule(n))).t()).item()
+            torch.linalg.norm(X[n] @ (LM.weight_view(dense.model.layers[0].get_submodule(n))
+                                      - LM.weight_view(m.model.layers[0].get_submodule(n))).t()).item()
             for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"))
     assert errs["sparsegpt"] < errs["wanda"] < errs["magnitude"], errs
 

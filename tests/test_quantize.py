@@ -10,6 +10,8 @@ import torch
 import llm_common as C
 import llm_compress as LC
 import llm_config as K
+import llm_data as D
+import llm_model as LM
 from llm_quantize_model import allocate_bits
 
 
@@ -154,7 +156,7 @@ def qsetup(tmp_path_factory, sample_text, tiny_llama, byte_tokenizer):
     d = tmp_path_factory.mktemp("quant")
     m = tiny_llama(layers=3)
     plant_super_weight(m, layer=1)
-    make_super_weight_matter(m, C.tokenize_corpus(byte_tokenizer(), sample_text[:3000]))
+    make_super_weight_matter(m, D.tokenize_corpus(byte_tokenizer(), sample_text[:3000]))
     m.save_pretrained(d / "model")
     byte_tokenizer().save_pretrained(d / "model")
     (d / "text.txt").write_text(sample_text[:3000])
@@ -185,14 +187,14 @@ def test_quantized_variant_through_the_pipeline(qsetup, pipeline_config, method,
     assert q["avg_bits"] > q["avg_code_bits"]  # scales and zeros counted
     assert res["plots"]["quantize"] == "plots/quantize_bits_per_layer.png" and "quantized" in res["export"]["variants"]
     # The compact record rebuilds the weights bit for bit: the export holds what the step wrote.
-    model, tok, _ = C.load_model(C.LoadConfig(model=str(qsetup / "model")))
+    model, tok, _ = LM.load_model(LM.LoadConfig(model=str(qsetup / "model")))
     with LC.coded_weights(model, out / q["checkpoint"]):
         rebuilt = {n: p.detach().clone() for n, p in model.named_parameters()}
     exported = AutoModelForCausalLM.from_pretrained(out / "export" / "quantized").eval()
     for n, p in exported.named_parameters():
         assert torch.equal(p, rebuilt[n]), n
     sw = q["protected"][0]
-    W = C.weight_view(model.get_submodule(sw[0]))
+    W = LM.weight_view(model.get_submodule(sw[0]))
     assert rebuilt[sw[0] + ".weight"][sw[1], sw[2]] == W[sw[1], sw[2]]  # super weight kept exactly
     ids = torch.randint(0, 256, (1, 16))
     with LC.coded_weights(model, out / q["checkpoint"]), torch.no_grad():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import llm_common as C
+import llm_io as IO
 import llm_main_v4 as M
 
 KEPT = ("perplexity", "evaluation", "protocol", "variants", "prune", "noise")
@@ -159,13 +159,13 @@ def test_export_failures_give_one_line_and_keep_the_previous_state(tiny, tmp_pat
     elsewhere.mkdir()
     (elsewhere / "keep.txt").write_text("x")
     if fault == "read_only":
-        real = C.tempfile.mkdtemp
+        real = IO.tempfile.mkdtemp
 
         def mkdtemp(*a, dir=None, **kw):
             if Path(dir).name == "export":
                 raise OSError(errno.EROFS, "Read-only file system")
             return real(*a, dir=dir, **kw)
-        monkeypatch.setattr(C.tempfile, "mkdtemp", mkdtemp)
+        monkeypatch.setattr(IO.tempfile, "mkdtemp", mkdtemp)
     elif fault == "symlink":
         (out / "export").mkdir()
         (out / "export" / "base").symlink_to(elsewhere, target_is_directory=True)

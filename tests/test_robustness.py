@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import llm_common as C
+import llm_data as D
+import llm_model as LM
 from llm_evaluate_models import EvalConfig
 from llm_robustness_test import (NoiseConfig, apply_robustness_test, doubling_epsilon, noise_sweep, noisy_weights,
                                  perturb_, select_params, sensitivity_map, top_cells)
@@ -118,7 +120,7 @@ def test_bad_noise_config(cfg, msg, tiny_llama):
 
 def test_sweep_curve_and_protection(tok, sample_text, tiny_llama):
     m = tiny_llama()
-    ids = C.tokenize_corpus(tok, sample_text[:400])
+    ids = D.tokenize_corpus(tok, sample_text[:400])
     cfg = EvalConfig(seq_len=64, eval_tokens=256)
     scores = {n: p.detach().abs() for n, p in select_params(m, "linears").items()}
     protect = protect_top_fraction(scores, 0.5)
@@ -146,7 +148,7 @@ def test_sensitivity_map_finds_the_fragile_cell(tok, sample_text, tiny_llama):
     m = tiny_llama()
     with torch.no_grad():  # make layer 1's v_proj dominate the output
         m.model.layers[1].self_attn.v_proj.weight.mul_(30)
-    ids = C.tokenize_corpus(tok, sample_text[:200])
+    ids = D.tokenize_corpus(tok, sample_text[:200])
     smap = sensitivity_map(m, tok, ids, epsilon=0.5, eval_config=EvalConfig(seq_len=64, eval_tokens=128),
                            progress=False)
     assert len(smap["delta_nll"]) == 2 and len(smap["modules"]) == 7
@@ -188,18 +190,18 @@ def test_additive_noise_protection_ranks_by_fisher_times_sigma_squared(tok, samp
     from llm_config import NoiseConfig as NC
 
     m = tiny_llama(hidden=32)
-    ids = C.tokenize_corpus(tok, sample_text[:3000])
+    ids = D.tokenize_corpus(tok, sample_text[:3000])
     cfg = NC(sweep_mode="relative", protect_fraction=0.02, fisher_windows=3, fisher_seq_len=32, seed=1,
              progress=False)
     masks = protection_masks(m, None, ids, cfg, ())
-    windows = C.sample_windows(ids, 3, 32, seed=1)
-    lin = C.decoder_linears(m)
+    windows = D.sample_windows(ids, 3, 32, seed=1)
+    lin = LM.decoder_linears(m)
     scores = {}
     for name, mod in lin.items():  # per-window gradients, by hand
         g2 = torch.zeros_like(mod.weight)
         for w in windows:
             m.zero_grad()
-            with C.trainable_only(m, [mod.weight]):
+            with LM.trainable_only(m, [mod.weight]):
                 m(input_ids=w[None], labels=w[None]).loss.backward()
                 g2 += mod.weight.grad.pow(2) / len(windows)
         scores[name + ".weight"] = g2 * mod.weight.detach().std().pow(2)
@@ -212,7 +214,7 @@ def test_additive_noise_protection_ranks_by_fisher_times_sigma_squared(tok, samp
 
 
 def test_sweep_seeds_follow_the_run_seed(tok, sample_text, tiny_llama):
-    ids = C.tokenize_corpus(tok, sample_text[:2000])
+    ids = D.tokenize_corpus(tok, sample_text[:2000])
     from llm_config import NoiseConfig as NC
 
     def points(seed):

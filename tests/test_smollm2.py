@@ -6,33 +6,35 @@ import pytest
 import torch
 
 import llm_common as C
+import llm_data as D
+import llm_model as LM
 from llm_evaluate_models import EvalConfig, evaluate_model
 
 
 @pytest.fixture(scope="module")
 def smol():
-    model, tok, label = C.load_model(C.LoadConfig())
+    model, tok, label = LM.load_model(LM.LoadConfig())
     return model, tok, label
 
 
 def test_embedded_model_loads_and_matches_plain_hf_loop(smol, sample_text):
     model, tok, label = smol
-    assert label == C.EMBEDDED_NAME
+    assert label == LM.EMBEDDED_NAME
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
-    ids = C.tokenize_corpus(tok, sample_text)[:513]
+    ids = D.tokenize_corpus(tok, sample_text)[:513]
     res = evaluate_model(model, tok, ids, EvalConfig(seq_len=256, max_new_tokens=24, progress=False))
     with torch.no_grad():
         losses = [model(input_ids=ids[s:s + 256][None], labels=ids[s:s + 256][None]).loss.item()
                   for s in (0, 256)]
     assert res.perplexity == pytest.approx(math.exp(sum(losses) / 2), rel=1e-3)
     assert 5 < res.perplexity < 100  # a real LM on English text, not a random one
-    answer = res.generations[C.SAMPLE_PROMPT]
+    answer = res.generations[LM.SAMPLE_PROMPT]
     assert len(answer) > 10
 
 
 def test_gguf_cache_is_reused(smol):
     t = time.perf_counter()
-    src, _ = C.resolve_model_source(None)
+    src, _ = LM.resolve_model_source(None)
     assert time.perf_counter() - t < 2
     assert (C.Path(src) / "model.safetensors").is_file()
 

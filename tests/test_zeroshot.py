@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import llm_common as C
+import llm_io as IO
 import llm_zeroshot as Z
 from llm_config import ZeroShotConfig
 
@@ -211,7 +212,7 @@ def test_pipeline_scores_exports_and_compares_every_variant(tiny_run_dir, pipeli
                                            prune={"sparsity": 0.5}, **over), argv=["--tasks", "tiny_qa", "--export"])
     steps = again["manifest"]["steps"]
     assert steps["zeroshot"]["skipped"] and steps["export"]["skipped"]
-    assert C.to_strict_json(again["zeroshot"]) == C.to_strict_json(zs)
+    assert IO.to_strict_json(again["zeroshot"]) == IO.to_strict_json(zs)
 
 
 def test_without_lm_eval_the_step_says_so_and_the_report_shows_it(tiny_llama, tok, monkeypatch):
