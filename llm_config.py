@@ -275,8 +275,8 @@ class RunConfig(StepConfig):
     cache_dir: Optional[str] = knob(None, "where dequantized GGUF models are cached", results=False,
                                     shown="data/cache")
     dataset: Optional[str] = knob(None, "evaluation text: wikitext2, c4, ptb (the pruning papers' loaders), "
-                                        "embedded, or a file/folder; a corpus named explicitly never falls back", shown="wikitext2, or the embedded corpus "
-                                                                            "when offline and not cached")
+                                        "embedded, or a file/folder; a corpus named explicitly never falls back",
+                                  shown="wikitext2, or the embedded corpus when offline and not cached")
     train_dataset: Optional[str] = knob(None, "calibration / fine-tuning text, same choices",
                                         shown="as --dataset")
     no_fallback: bool = knob(False, "never replace an unavailable wikitext2 by the embedded corpus")
@@ -369,7 +369,8 @@ class PruneConfig(StepConfig):
         (), "'auto' (detect super weights first) or module:row:col,...; kept out of the pruning mask and the "
             "noise", flag="--protect-super-weights", parse=parse_protect)
     calib_samples: Optional[int] = knob(None, "calibration windows", flag="--calib-samples", bounds="[1,1000000]")
-    calib_seq_len: Optional[int] = knob(None, "tokens per calibration window", flag="--calib-seq-len", bounds="[2,1000000]", context=True)
+    calib_seq_len: Optional[int] = knob(None, "tokens per calibration window", flag="--calib-seq-len",
+                                        bounds="[2,1000000]", context=True)
     super_weight_prompt: str = knob(SUPER_WEIGHT_PROMPT, "prompt of the super-weight detector",
                                     flag="--super-weight-prompt")
     allocation: str = knob("uniform", "per-layer sparsity: uniform, owl (Yin et al. 2024: layers with more "
@@ -433,7 +434,8 @@ class NoiseConfig(StepConfig):
     map: Optional[bool] = knob(None, "layer x module sensitivity map (costs layers x 7 evaluations)",
                                flag="--noise-map")
     map_eps: float = knob(0.1, "relative noise of each map cell", flag="--map-eps", bounds="[0,100]")
-    map_tokens: Optional[int] = knob(None, "evaluation tokens per map cell", flag="--map-tokens", bounds="[2,1000000000]")
+    map_tokens: Optional[int] = knob(None, "evaluation tokens per map cell", flag="--map-tokens",
+                                     bounds="[2,1000000000]")
     batch_size: Optional[int] = knob(None, "evaluation windows per forward pass (auto: from free memory "
                                            "on GPU, 1 on CPU)", flag="--batch-size", bounds="[1,65536]")
     progress: bool = knob(True, "progress bars", cli=False, results=False)
@@ -714,7 +716,8 @@ class AnalysisConfig(StepConfig):
     prefix: ClassVar[str] = "analysis-"
     calib_windows: Optional[int] = knob(None, "windows in the Hessian loss", flag="--analysis-windows",
                                         bounds="[1,100000]")
-    calib_seq_len: Optional[int] = knob(None, "tokens per Hessian window", flag="--analysis-seq-len", bounds="[2,1000000]", context=True)
+    calib_seq_len: Optional[int] = knob(None, "tokens per Hessian window", flag="--analysis-seq-len",
+                                        bounds="[2,1000000]", context=True)
     fisher_windows: Optional[int] = knob(None, "windows of the Fisher diagonal", bounds="[1,100000]")
     max_probes: Optional[int] = knob(None, "max Hutchinson probes (stops earlier on --hessian-tol)",
                                      flag="--hessian-probes", bounds="[1,100000]")
@@ -750,8 +753,8 @@ class AnalysisConfig(StepConfig):
 
 
 STEP_CONFIGS: dict[str, type] = {"finetune": FinetuneConfig, "prune": PruneConfig, "noise": NoiseConfig,
-                                 "quantize": QuantizeConfig, "eval": EvalConfig, "zeroshot": ZeroShotConfig, "export": ExportConfig,
-                                 "adversarial": AdversarialConfig, "analysis": AnalysisConfig}
+                                 "quantize": QuantizeConfig, "eval": EvalConfig, "zeroshot": ZeroShotConfig,
+                                 "export": ExportConfig, "adversarial": AdversarialConfig, "analysis": AnalysisConfig}
 
 
 @dataclass

@@ -333,8 +333,9 @@ def auto_batch_size(model: torch.nn.Module, seq_len: int, n_items: int, scored: 
     compute-bound at any batch, and batch 1 keeps peak memory low); ``on_cpu=None`` sizes
     from host memory like a GPU (short attack rows gain from batching). The estimate per
     window is the float32 logits of the ``scored`` positions (x3: logits, log-softmax,
-    gradient) plus the activations kept by the pass: ~4 tensors of [seq_len, hidden] per layer for inference, ~34 bytes x hidden per
-    token and layer for training (Korthikanti et al. 2022, flash attention). Clamped to
+    gradient) plus the activations kept by the pass: ~4 tensors of [seq_len, hidden] per layer for
+    inference, ~34 bytes x hidden per token and layer for training (Korthikanti et al. 2022, flash
+    attention). Clamped to
     [1, n_items].
     """
     dev = input_device(model)

@@ -96,7 +96,8 @@ def _md_perplexity(results: dict) -> list[str]:
     parents, ppl = results.get("variants") or {}, results.get("perplexity", {})
     for name, ev in results.get("evaluation", {}).items():
         parent = parents.get(name)
-        ratio = _num(ev["perplexity"]) / _num(ppl[parent]) if _num(ppl.get(parent)) and _num(ev["perplexity"]) is not None else None
+        ratio = (_num(ev["perplexity"]) / _num(ppl[parent])
+                 if _num(ppl.get(parent)) and _num(ev["perplexity"]) is not None else None)
         lines.append(f"| {_esc(name)} | {_text(parent)} | {fmt(ev['perplexity'])} | {fmt(ratio)} | {fmt(ev['nll'])} | "
                      f"{fmt(ev['bits_per_byte'])} | {ev['tokens_scored']} | {fmt(ev.get('kl'))} | "
                      f"{fmt(ev.get('top1_agreement'))} |")
@@ -109,7 +110,8 @@ def _md_finetune(results: dict) -> list[str]:
     ft = results.get("finetune")
     if ft and ft.get("heldout_loss_before") is not None:
         lines += ["", "## Fine-tuning", "",
-                  f"{ft['mode']} fine-tune, {ft['steps']} steps ({'loaded from disk' if ft['loaded_existing'] else 'trained'}"
+                  f"{ft['mode']} fine-tune, {ft['steps']} steps "
+                  f"({'loaded from disk' if ft['loaded_existing'] else 'trained'}"
                   f"): held-out perplexity {fmt(ft['heldout_ppl_before'])} -> {fmt(ft['heldout_ppl_after'])} "
                   f"(on {ft.get('heldout_token_set') or 'the held-out tail of the training text'}).",
                   "", "![fine-tuning curve](plots/finetune_loss.png)"]
@@ -214,7 +216,8 @@ def _md_export(results: dict) -> list[str]:
     lines = ["", "## Exports", "", "Each directory loads with `AutoModelForCausalLM.from_pretrained` and holds a "
              "model card (README.md).", ""]
     lines += [f"- {name}: `{_esc(v['path'])}`, {v['bytes'] / 2 ** 20:.1f} MiB, "
-              f"{_pct(round(v['zero_fraction_linears'], 4))} zeros in the decoder linears" for name, v in ex["variants"].items()]
+              f"{_pct(round(v['zero_fraction_linears'], 4))} zeros in the decoder linears"
+              for name, v in ex["variants"].items()]
     tf = ex.get("two_of_four") or {}
     if tf.get("status") == "ran":
         lines += ["", f"2:4 semi-structured sparse ({tf['linears']} linears of the {tf['variant']} variant, "
@@ -236,13 +239,14 @@ def _md_adversarial(results: dict) -> list[str]:
         lines += ["", "## Adversarial robustness (input embeddings)", "",
                   f"eps is relative to the mean embedding-row norm ({fmt(adv['embedding_row_norm'])}), "
                   f"{adv['norm']} ball, {adv['n_samples']} prompts.", "",
-                  "| method | eps | clean NLL | attacked NLL | delta NLL | top-1 agreement |", "|---|---|---|---|---|---|"]
+                  "| method | eps | clean NLL | attacked NLL | delta NLL | top-1 agreement |",
+                  "|---|---|---|---|---|---|"]
         for r in adv["table"]:
             lines.append(f"| {r['method']} | {r['eps']} | {fmt(r['clean_nll'])} | {fmt(r['attacked_nll'])} | "
                          f"{fmt(r['delta_nll'])} | {fmt(r['top1_agreement'])} |")
         t, gcg, pf, at = adv["targeted"], adv["gcg"], adv["perplexity_filter"], adv["adversarial_training"]
-        lines += ["", f"Targeted PGD (target {_esc(repr(t['target']))}, eps {t['eps']}): success rate {fmt(t['success_rate'])} "
-                      f"over {t['n']} prompts.",
+        lines += ["", f"Targeted PGD (target {_esc(repr(t['target']))}, eps {t['eps']}): "
+                      f"success rate {fmt(t['success_rate'])} over {t['n']} prompts.",
                   f"GCG suffix {_esc(repr(gcg['suffix_text']))}: target loss {fmt(gcg['initial_loss'])} -> "
                   f"{fmt(gcg['final_loss'])}, success {gcg['success']}.",
                   f"Perplexity filter ({pf.get('scored', '')}; threshold {fmt(pf['threshold'])} from "
@@ -284,7 +288,8 @@ def _md_analysis(results: dict) -> list[str]:
                   "Most salient weights (OBD 0.5 H_ii w^2): " + "; ".join(
                       f"{t['module']}[{t['row']}, {t['col']}] = {fmt(t['value'])} ({fmt(t['saliency'])})"
                       for t in an.get("top_salient", [])[:5]), "",
-                  "| layer | module | row | col | value | \\|in\\| | \\|out\\| | ppl ratio zeroed |", "|---|---|---|---|---|---|---|---|"]
+                  "| layer | module | row | col | value | \\|in\\| | \\|out\\| | ppl ratio zeroed |",
+                  "|---|---|---|---|---|---|---|---|"]
         for sw in an["super_weights"]:
             lines.append(f"| {sw['layer']} | {sw['module']} | {sw['row']} | {sw['col']} | {fmt(sw['value'])} | "
                          f"{fmt(sw['input_abs'])} | {fmt(sw['output_abs'])} | {fmt(sw['ppl_ratio'])} |")
@@ -325,7 +330,8 @@ def _md_manifest(results: dict) -> list[str]:
     lines: list[str] = []
     m = results.get("manifest", {})
     if m:
-        lines += ["", "## Run manifest", "", f"- command: {_text(m.get('command'))}", f"- git commit: {m.get('git_commit')}",
+        lines += ["", "## Run manifest", "", f"- command: {_text(m.get('command'))}",
+                  f"- git commit: {m.get('git_commit')}",
                   "- versions: " + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()), "",
                   "| step | wall time (s) | peak memory (MiB) | skipped (resumed) |", "|---|---|---|---|"]
         for step, st in m.get("steps", {}).items():
@@ -389,7 +395,8 @@ def findings(results: dict) -> list[str]:
     base = ppl.get(parents.get("pruned")) or next((ppl[k] for k in ("fine-tuned", "base") if k in ppl), None)
     pr = results.get("prune")
     if pr and "pruned" in ppl and _num(base):
-        out.append(f"{pr['method']} pruning to {fmt(pr['overall_sparsity'])} sparsity ({pr['pattern']}) gives perplexity "
+        out.append(f"{pr['method']} pruning to {fmt(pr['overall_sparsity'])} sparsity ({pr['pattern']}) "
+                   f"gives perplexity "
                    f"{fmt(ppl['pruned'])} against {fmt(base)} for its dense parent "
                    f"(x{fmt(_num(ppl['pruned']) / _num(base))}).")
     nz = results.get("noise")
@@ -426,7 +433,8 @@ def _findings_attacks_and_analysis(results: dict) -> list[str]:
         row = {r["method"]: r for r in adv["table"] if r["eps"] == top}
         out.append(f"At eps={top} (relative to the mean embedding norm) PGD raises the continuation NLL by "
                    f"{fmt(row['pgd']['delta_nll'])} nats/token, FGSM by {fmt(row['fgsm']['delta_nll'])}; targeted "
-                   f"PGD reaches {_esc(repr(adv['targeted']['target']))} on {fmt(100 * adv['targeted']['success_rate'])}% "
+                   f"PGD reaches {_esc(repr(adv['targeted']['target']))} "
+                   f"on {fmt(100 * adv['targeted']['success_rate'])}% "
                    f"of {adv['targeted']['n']} prompts.")
         at = adv["adversarial_training"]
         out.append(f"A {at['steps']}-step adversarial fine-tune changes PGD's delta NLL from "
@@ -831,7 +839,8 @@ def compare_runs(dirs: Sequence, out: Path) -> dict:
             cells = []
             for v in variants:
                 a, b = r["zeroshot"].get(v), r["zeroshot"].get(r["parents"].get(v))
-                cells.append("-" if a is None else f"{100 * a:.1f}" + (f" ({100 * (a - b):+.1f})" if b is not None else ""))
+                cells.append("-" if a is None
+                             else f"{100 * a:.1f}" + (f" ({100 * (a - b):+.1f})" if b is not None else ""))
             lines.append(f"| {_esc(r['run'])} | " + " | ".join(cells) + " |")
     lines += ["", "![comparison](plots/compare.png)"]
     plot = plot_comparison(rows, variants, out / "plots" / "compare.png")
