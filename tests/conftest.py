@@ -41,7 +41,8 @@ def make_llama(seed: int = 0, layers: int = 2, hidden: int = 32, vocab: int = VO
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=kw.pop("max_position_embeddings", 512),
                       tie_word_embeddings=kw.pop("tie_word_embeddings", False), **kw)
     return LlamaForCausalLM(cfg).eval()
 
