@@ -35,7 +35,8 @@ The minimum, per step (tokens exclude padding):
               step plus the final iterate; greedy answers with the KV cache; GCG: the prefix
               once, then per step one pass for the gradient plus one per scored candidate
               (the initial suffix and those that tokenize back in context) over suffix +
-              template tail + target only; filter: each prompt once; defence (--defence):
+              template tail + target only; filter: each prompt once (calibration, held-out, and
+              the attacked texts as tokenized); defence (--defence):
               PGD attacks before and after, and per training step for free (Free-AT) one
               training pass over the training windows, for pgd (PGD-AT) the attack's PGD
               steps + 1 training pass, for none nothing. bwd: one batched backward per attack
@@ -199,6 +200,17 @@ def export_minimum(run: M.Run, cfg) -> tuple[float, int]:
     return 2 * 32 + 2 * sum(13 * b * cfg.speed_seq_len for b in cfg.speed_batches), 0
 
 
+def filter_minimum(run: M.Run, cfg: ADV.AdversarialConfig, gcg: dict) -> int:
+    """The perplexity filter scores each prompt once: the calibration and held-out windows, and
+    the attacked texts (each held-out window's text with GCG's suffix text, and GCG's own user
+    message), tokenized as ``_filter`` does."""
+    eval_ids, tok = run.ids("eval"), run.tokenizer
+    n = max(2, min(cfg.filter_prompts, eval_ids.numel() // (2 * cfg.prompt_len)))
+    held = [s.prompt for s in ADV._windows(eval_ids, n, dataclasses.replace(cfg, continuation_len=0), offset=0.75)]
+    texts = [tok.decode(x) + gcg["suffix_text"] for x in held] + [gcg["user_message"]]
+    return 2 * n * cfg.prompt_len + sum(len(x) for x in tok(texts, add_special_tokens=False).input_ids)
+
+
 def adversarial_minimum(run: M.Run, cfg: ADV.AdversarialConfig) -> tuple[float, int]:
     """Minimum for the adversarial step from the same samples it builds (rebuilt after the
     step, outside the counters)."""
@@ -219,7 +231,7 @@ def adversarial_minimum(run: M.Run, cfg: ADV.AdversarialConfig) -> tuple[float, 
     tail = cfg.gcg_suffix_len + after.numel() + T
     # prefix once, one gradient pass per step, every scored candidate, then the success decode
     fwd += before.numel() + tail * (cfg.gcg_steps + g["candidates_scored"]) + before.numel() + tail - 1
-    fwd += sum(s.prompt.numel() for s in samples) + before.numel() + cfg.gcg_suffix_len + after.numel()  # filter
+    fwd += filter_minimum(run, cfg, g)
     bwd = steps + cfg.targeted_steps + cfg.gcg_steps
     defence = adv["adversarial_training"]["defence"]
     if defence != "none":
@@ -284,6 +296,9 @@ def main(argv=None):
                    help="the adversarial step's defence (default: the budget's)")
     a = p.parse_args(argv)
     C.setup_logging("WARNING")
+    # A 64-wide model's matmuls are too small to split: a second thread only adds sync, and on
+    # a shared 2-core machine its spin-waits made a forward 10x slower (220 vs 21 ms, measured).
+    torch.set_num_threads(1)
     work = Path(a.out or tempfile.mkdtemp(prefix="bench_passes."))
     model_dir = work / "model"
     make_llama(layers=4, hidden=64).save_pretrained(model_dir)

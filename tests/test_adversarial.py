@@ -400,3 +400,15 @@ def test_defence_trains_on_windows_disjoint_from_the_attacked_ones():
     trained = ADV._windows(ids, 4, cfg, offset=0.5)
     span = lambda s: set(s.prompt.tolist()) | set(s.continuation.tolist())  # noqa: E731  ids == positions here
     assert not set().union(*map(span, attacked)) & set().union(*map(span, trained))
+
+
+def test_report_names_the_defence_and_its_passes():
+    import llm_report as R
+
+    at = {"defence": "free", "steps": 4, "eps": 0.1, "delta_nll_before": 0.5, "delta_nll_after": 0.25,
+          "passes": {"training": {"forward": 4, "backward": 4}}}
+    assert R._defence_line(at) == ("Adversarial fine-tune (free, 4 steps, 4 forward / 4 backward passes): delta NLL "
+                                   "at eps 0.1 0.5 -> 0.25 on held-out samples.")
+    assert "off" in R._defence_line({"defence": "none"})
+    old = {k: v for k, v in at.items() if k not in ("defence", "passes")}  # results from before the field
+    assert R._defence_line(old).startswith("Adversarial fine-tune (pgd, 4 steps)")
