@@ -319,6 +319,7 @@ def main(argv=None):
             "--ft-steps", "100", "--calib-seq-len", "64", "--sweep-tokens", "1024", "--sweep-seq-len", "256",
             "--noise-fisher-seq-len", "64", "--map-tokens", "1024", "--analysis-seq-len", "64",
             "--analysis-eval-tokens", "1024", "--analysis-eval-seq-len", "256", "--max-new-tokens", "16",
+            "--attack-prompt-len", "64",  # windows stay longer than the chat prompt rows, as on a GPU
             "--gcg-steps", "20", "--defence-steps", "10", "--hessian-probes", "20", "--hessian-tol", "0",
             "--steps", ",".join(M.ALL_STEPS), "--tasks", TASK, "--tasks-include", str(work / "tasks"), "--export"]
     if a.defence:
