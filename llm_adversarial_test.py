@@ -22,6 +22,7 @@ flags prompts whose perplexity is above a threshold set on clean prompts, and
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
@@ -187,6 +188,20 @@ def _radius_of(row_norm: float, dim: int, norm: str, eps: float) -> float:
     return r / math.sqrt(dim) if norm == "linf" else r
 
 
+def _project(d: torch.Tensor, rad: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
+    """``d`` [B, L, d] projected per row onto the per-token L2 ball (``l2`` [B, 1, 1] True) or
+    the L-inf cube of radius ``rad`` [B] (embedding units)."""
+    r = rad[:, None, None]
+    n = d.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    return torch.where(l2, d * torch.clamp(r / n, max=1.0), d.clamp(-r, r))
+
+
+def _ascent(grad: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
+    """The unit ascent direction of a gradient [B, L, d]: per token normalised (L2 rows) or
+    its sign (L-inf rows), as in Madry et al.'s PGD and Shafahi et al.'s Free-AT."""
+    return torch.where(l2, grad / grad.norm(dim=-1, keepdim=True).clamp(min=1e-12), grad.sign())
+
+
 def _chunks(model, n_rows: int, row_len: int, scored: int) -> list[slice]:
     """Row chunks that fit in memory: attack passes keep activations for the input gradient."""
     size = C.auto_batch_size(model, row_len, n_rows, scored=scored, train=True, fraction=0.6, on_cpu=None)
@@ -248,11 +263,6 @@ def _attack_rows(model, jobs, layouts, clean_nll, clean_arg) -> list[AttackResul
     is_pgd = torch.tensor([c.method == "pgd" for c in cfgs], device=dev)
     clean_nll_t = torch.stack([x.to(dev) for x in clean_nll])
 
-    def project(d, rad, l2):  # per row: per-token L2 ball or L-inf cube of radius rad [b]
-        r = rad[:, None, None]
-        n = d.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-        return torch.where(l2, d * torch.clamp(r / n, max=1.0), d.clamp(-r, r))
-
     def size(d, l2):  # [b]: the largest per-token L2 norm, or the largest |coordinate|
         return torch.where(l2[:, 0, 0], d.norm(dim=-1).amax(-1), d.abs().amax(dim=(1, 2)))
 
@@ -268,7 +278,7 @@ def _attack_rows(model, jobs, layouts, clean_nll, clean_arg) -> list[AttackResul
                 u = u / u.norm(dim=-1, keepdim=True).clamp(min=1e-12)
                 u = u * r * torch.rand(delta.shape[1], 1, generator=g) ** (1.0 / delta.shape[2])
             delta[i] = u.to(dev)
-    delta = project(delta, radius, is_l2) * rows.pert.float()
+    delta = _project(delta, radius, is_l2) * rows.pert.float()
     best_val = torch.full((B,), -float("inf"), device=dev)   # best sign * loss over PGD iterates
     best_nll, best_agree = clean_nll_t.clone(), torch.ones(B, device=dev)
     best_delta = delta.clone()
@@ -294,8 +304,7 @@ def _attack_rows(model, jobs, layouts, clean_nll, clean_arg) -> list[AttackResul
             track(sel, d.detach(), nll.detach(), sub.agreement(logits.detach()))
             h = torch.full((B,), float("nan"), device=dev)
             hist.append(h.index_copy_(0, sel, nll.detach()))
-            step = torch.where(sub_l2, grad / grad.norm(dim=-1, keepdim=True).clamp(min=1e-12), grad.sign())
-            d = project(d.detach() + alpha[sel][:, None, None] * step, radius[sel], sub_l2) \
+            d = _project(d.detach() + alpha[sel][:, None, None] * _ascent(grad, sub_l2), radius[sel], sub_l2) \
                 * sub.pert.float()
             delta[sel] = d
             max_norm[sel] = torch.maximum(max_norm[sel], size(d, sub_l2))
@@ -402,34 +411,106 @@ class GCGResult:
     losses: list                   # loss of the current suffix after each step
     initial_loss: float
     final_loss: float              # the best loss seen over all steps
-    success: bool
+    success: bool                  # greedy decoding of the real chat text's ids gives the target
     seconds: float
     threat_model: str = ""
-    candidates_filtered: int = 0   # candidates dropped because they do not survive re-tokenization
+    candidates_filtered: int = 0   # candidates dropped: the chat text with them tokenizes to other ids
+    candidates_scored: int = 0     # candidates scored (forward passes over suffix + tail + target)
+    search_space: str = ""         # what a user can send, and how it is tokenized (``UserTurn.search_space``)
+    user_message: str = ""         # the user turn's content with the best suffix: the text a user would send
+    in_context: bool = False       # the chat text with ``suffix_text``, tokenized afresh, gives the scored ids
 
 
-def chat_parts(tokenizer, prompt: str, placeholder: str = "{ADV_SUFFIX}") -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids (before, after) of the chat-templated user turn ``prompt + " " + suffix``.
+class UserTurn:
+    """What a user can send to a chat server: ``prompt`` followed directly by a suffix (the
+    suffix's own first token brings any space), as the content of the user turn.
 
-    Zou et al.'s threat model: the suffix is part of the user's message, so ``before``
-    ends with the user text and ``after`` holds the end of the turn and the assistant
-    header. Without a chat template, before = the prompt's ids and after is empty.
+    The chat text is the tokenizer's chat template applied to that one user message with the
+    generation prompt, rendered to text and encoded without adding special tokens: what
+    ``apply_chat_template(tokenize=True)``, and the chat endpoints of vLLM and TGI, do. Without
+    a chat template the user is a completion client: ``tokenizer(prompt + suffix)``, with the
+    tokenizer's own special tokens. ``UserTurn.of_ids(tokenizer, before, after)`` is the
+    case of bare ids: the text is decode(before) + suffix + decode(after), encoded without
+    added special tokens.
+
+    before [P] / after [A] are the ids GCG scores around the suffix ids [S]: the rendered
+    text up to the suffix and after it, each encoded alone. A candidate suffix is what a user
+    could send only when the whole chat text with its decoded text encodes to exactly
+    before + suffix + after (``in_context``): a suffix token can merge with the prompt's last
+    token or the template's next one (SmolLM2's byte-level BPE joins a lone space before a
+    word into the word), and a template can transform the content (Llama-2's strips it).
     """
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": f"{prompt} {placeholder}"}],
-                                             add_generation_prompt=True, tokenize=False)
-        head, _, tail = text.partition(placeholder)
-        enc = lambda t: torch.tensor(tokenizer(t, add_special_tokens=False).input_ids, dtype=torch.long)
-        return enc(head), enc(tail)
-    return torch.tensor(tokenizer(prompt + " ").input_ids, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+
+    PLACEHOLDER = "{ADV_SUFFIX}"
+
+    def __init__(self, tokenizer, prompt: str):
+        self.tokenizer, self.prompt = tokenizer, prompt
+        self.templated = bool(getattr(tokenizer, "chat_template", None))
+        self._ids_context = None
+        if self.templated:
+            head, _, tail = self._render([prompt + self.PLACEHOLDER])[0].partition(self.PLACEHOLDER)
+            self.before, self.after = self._encode([head])[0], self._encode([tail])[0]
+            self.search_space = ("the content of the chat template's user turn: the prompt, then directly the "
+                                 "suffix's text (printable ASCII tokens); the chat text rendered by the template "
+                                 "and encoded without added special tokens, as a chat server does, must give "
+                                 "exactly the scored ids")
+        else:
+            self.before = torch.tensor(tokenizer(prompt).input_ids, dtype=torch.long)
+            self.after = torch.zeros(0, dtype=torch.long)
+            self.search_space = ("plain text (no chat template): the prompt, then directly the suffix's text "
+                                 "(printable ASCII tokens), encoded with the tokenizer's special tokens as a "
+                                 "completion server does; it must give exactly the scored ids")
+
+    @classmethod
+    def of_ids(cls, tokenizer, before: torch.Tensor, after: Optional[torch.Tensor] = None) -> "UserTurn":
+        """A turn around bare ids: the text is decode(before) + suffix + decode(after)."""
+        turn = cls.__new__(cls)
+        turn.tokenizer, turn.templated = tokenizer, False
+        turn.before = before.cpu().long()
+        turn.after = torch.zeros(0, dtype=torch.long) if after is None else after.cpu().long()
+        turn._ids_context = (tokenizer.decode(turn.before), tokenizer.decode(turn.after))
+        turn.prompt = turn._ids_context[0]
+        turn.search_space = ("bare ids: decode(prefix ids) + the suffix's text (printable ASCII tokens) + "
+                             "decode(following ids), encoded without added special tokens, must give exactly "
+                             "the scored ids")
+        return turn
+
+    def _render(self, contents: list[str]) -> list[str]:
+        convs = [[{"role": "user", "content": c}] for c in contents]
+        return self.tokenizer.apply_chat_template(convs, add_generation_prompt=True, tokenize=False)
+
+    def _encode(self, texts: list[str], special: bool = False) -> list[torch.Tensor]:
+        return [torch.tensor(x, dtype=torch.long)
+                for x in self.tokenizer(texts, add_special_tokens=special).input_ids]
+
+    def message(self, suffix_text: str) -> str:
+        """The user turn's content (or the whole text, for bare ids) with this suffix."""
+        if self._ids_context is not None:
+            return self._ids_context[0] + suffix_text + self._ids_context[1]
+        return self.prompt + suffix_text
+
+    def ids(self, suffix_texts: Sequence[str]) -> list[torch.Tensor]:
+        """The ids a server gets for each suffix text: the whole chat text, tokenized afresh."""
+        msgs = [self.message(t) for t in suffix_texts]
+        if self.templated:
+            return self._encode(self._render(msgs))
+        return self._encode(msgs, special=self._ids_context is None)
+
+    def in_context(self, cands: torch.Tensor) -> torch.Tensor:
+        """[B] True where candidate suffix ids [B, S], decoded to text and sent in this turn,
+        tokenize to exactly before + suffix + after (the ids GCG scores)."""
+        real = self.ids(self.tokenizer.batch_decode(cands.tolist()))
+        scored = torch.cat([self.before.expand(len(cands), -1), cands.cpu(), self.after.expand(len(cands), -1)], 1)
+        return torch.tensor([r.numel() == scored.shape[1] and bool(torch.equal(r, s)) for r, s in zip(real, scored)],
+                            dtype=torch.bool)
 
 
-def _roundtrips(tokenizer, cands: torch.Tensor) -> torch.Tensor:
-    """[B] True where decoding a candidate suffix and encoding it again gives the same ids
-    (nanoGCG's filter: a suffix that does not round-trip is not the text a user would paste)."""
-    texts = tokenizer.batch_decode(cands.tolist())
-    again = tokenizer(texts, add_special_tokens=False).input_ids
-    return torch.tensor([a == c for a, c in zip(again, cands.tolist())])
+def chat_parts(tokenizer, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (before, after) around a suffix appended to ``prompt`` in the user turn
+    (``UserTurn(tokenizer, prompt)``): ``before`` ends with the user's prompt, ``after``
+    holds the end of the turn and the assistant header (empty without a chat template)."""
+    turn = UserTurn(tokenizer, prompt)
+    return turn.before, turn.after
 
 
 def _forward_kw(model) -> str:
@@ -439,40 +520,47 @@ def _forward_kw(model) -> str:
 
 def gcg_attack(model, tokenizer, sample: Sample, suffix_len: int = 8, steps: int = 20, topk: int = 64,
                batch: int = 32, objective: str = "targeted", seed: int = 0, progress: bool = True,
-               after: Optional[torch.Tensor] = None) -> GCGResult:
+               after: Optional[torch.Tensor] = None, turn: Optional[UserTurn] = None) -> GCGResult:
     """Greedy coordinate gradient (Zou et al. 2023) over printable suffix tokens.
 
-    Input layout: ``sample.prompt`` (the fixed prefix, e.g. from ``chat_parts``), the suffix,
-    ``after`` (e.g. end of the user turn and the assistant header), then the target
-    ``sample.continuation``. The prefix's KV cache is computed once and shared by every
-    pass. Each step: the gradient w.r.t. the one-hot suffix [S, V] (one forward + backward)
-    gives per position the ``topk`` most promising printable tokens; ``batch`` single-token
-    swaps are sampled, those that do not survive re-tokenization dropped, and the rest
-    scored in one forward that computes only the target's logits. As in the reference
-    code, the suffix moves to the batch's best candidate every step, and the best suffix
-    seen overall is returned.
+    Input layout: the fixed prefix ``turn.before``, the suffix [S], ``turn.after`` (the end of
+    the user turn and the assistant header), then the target ``sample.continuation``. ``turn``
+    (a ``UserTurn``) says what a user can send; without it the prefix is ``sample.prompt`` and
+    the tail ``after``, as bare ids (``UserTurn.of_ids``). The prefix's KV cache is computed
+    once and shared by every pass. Each step: the gradient w.r.t. the one-hot suffix [S, V]
+    (one forward + backward) gives per position the ``topk`` most promising printable tokens;
+    ``batch`` single-token swaps are sampled, those whose text does not tokenize in context to
+    the ids scored are dropped (``UserTurn.in_context``: the whole chat text with the decoded
+    suffix, as a server tokenizes it), and the rest scored in one forward that computes only
+    the target's logits. So every loss, the success flag and the final suffix belong to text a
+    user can send. As in the reference code, the suffix moves to the batch's best candidate
+    every step, and the best suffix seen overall is returned.
     """
     t0 = time.perf_counter()
     W = model.get_input_embeddings().weight
     dev = C.input_device(model)
-    after = torch.zeros(0, dtype=torch.long) if after is None else after.cpu()
+    turn = turn if turn is not None else UserTurn.of_ids(tokenizer, sample.prompt, after)
+    prompt, after = turn.before, turn.after
     allowed = printable_token_mask(tokenizer, W.shape[0]).to(W.device)
     g = torch.Generator().manual_seed(seed)
     allowed_ids = allowed.nonzero().flatten().cpu()
-    for _ in range(100):  # an initial suffix that round-trips
-        suffix = allowed_ids[torch.randint(0, allowed_ids.numel(), (1,), generator=g)].repeat(suffix_len)
-        if bool(_roundtrips(tokenizer, suffix[None])[0]):
-            break
+    # An initial suffix (one token repeated, as GCG's "! ! !") that a user could send.
+    starts = allowed_ids[torch.randint(0, allowed_ids.numel(), (100,), generator=g)][:, None].repeat(1, suffix_len)
+    ok = turn.in_context(starts)
+    if not bool(ok.any()):
+        raise C.UserError(f"no GCG suffix of {suffix_len} repeated printable tokens tokenizes back to itself in "
+                          "the chat text; try another --gcg-suffix-len")
+    suffix = starts[int(ok.nonzero()[0])]
     sign = 1.0 if objective == "targeted" else -1.0  # we minimise sign * CE
     S, A, T = suffix_len, after.numel(), sample.continuation.numel()
     target = sample.continuation.to(dev)
-    tail = torch.cat([after, sample.continuation])  # what follows the suffix
+    tail = torch.cat([after, sample.continuation.cpu()])  # what follows the suffix
     keep = torch.arange(S + A - 1, S + A - 1 + T)  # new-token positions whose logits predict the target
     cache_kw = _forward_kw(model)
 
     with C.trainable_only(model, ()), C.use_cache(model, True):
         with torch.no_grad():
-            out = model(input_ids=sample.prompt[None].to(dev), use_cache=True)
+            out = model(input_ids=prompt[None].to(dev), use_cache=True)
         prefix = getattr(out, "cache", None) or out.past_key_values
         del out
 
@@ -483,7 +571,7 @@ def gcg_attack(model, tokenizer, sample: Sample, suffix_len: int = 8, steps: int
             return {cache_kw: c}
 
         # Candidates per forward that fit in memory (each carries a copy of the prefix cache).
-        size = C.auto_batch_size(model, S + A + T + sample.prompt.numel(), batch, scored=T, on_cpu=None)
+        size = C.auto_batch_size(model, S + A + T + prompt.numel(), batch, scored=T, on_cpu=None)
 
         def objective_of(cands: torch.Tensor) -> torch.Tensor:  # [B, S] -> [B]
             vals = []
@@ -498,7 +586,7 @@ def gcg_attack(model, tokenizer, sample: Sample, suffix_len: int = 8, steps: int
 
         with torch.no_grad():
             best = float(objective_of(suffix[None])[0])
-        initial, cur, best_suffix, losses, filtered = best, best, suffix.clone(), [], 0
+        initial, cur, best_suffix, losses, filtered, scored = best, best, suffix.clone(), [], 0, 1
         emb_tail = _embeds(model, tail)
         for _ in tqdm(range(steps), desc="gcg", disable=not progress):
             onehot = F.one_hot(suffix.to(W.device), W.shape[0]).to(W.dtype).requires_grad_(True)
@@ -512,12 +600,13 @@ def gcg_attack(model, tokenizer, sample: Sample, suffix_len: int = 8, steps: int
             tok = cand_tok[pos, torch.randint(0, topk, (batch,), generator=g)]
             cands = suffix.repeat(batch, 1)
             cands[torch.arange(batch), pos] = tok
-            ok = _roundtrips(tokenizer, cands)
+            ok = turn.in_context(cands)
             filtered += int((~ok).sum())
             if not bool(ok.any()):  # the suffix stays
                 losses.append(sign * cur)
                 continue
             cands = cands[ok]
+            scored += len(cands)
             with torch.no_grad():
                 vals = objective_of(cands)
             i = int(vals.argmin())
@@ -525,10 +614,14 @@ def gcg_attack(model, tokenizer, sample: Sample, suffix_len: int = 8, steps: int
             if cur < best:
                 best, best_suffix = cur, suffix.clone()
             losses.append(sign * cur)
-        ok = objective == "targeted" and targeted_success(
-            model, Sample(torch.cat([sample.prompt, best_suffix, after]), sample.continuation), None, AttackConfig())
-    return GCGResult(best_suffix.tolist(), tokenizer.decode(best_suffix), losses, sign * initial, sign * best, ok,
-                     time.perf_counter() - t0, candidates_filtered=filtered)
+        text = tokenizer.decode(best_suffix)
+        real = turn.ids([text])[0]  # what a server gets for the reported text, tokenized afresh
+        in_context = bool(torch.equal(real, torch.cat([prompt, best_suffix, after])))
+        ok = objective == "targeted" and targeted_success(model, Sample(real, sample.continuation), None,
+                                                          AttackConfig())
+    return GCGResult(best_suffix.tolist(), text, losses, sign * initial, sign * best, ok, time.perf_counter() - t0,
+                     candidates_filtered=filtered, candidates_scored=scored, search_space=turn.search_space,
+                     user_message=turn.message(text), in_context=in_context)
 
 
 # --------------------------------------------------------------------------- defences
@@ -589,25 +682,42 @@ def perplexity_filter(model, calibration: Sequence[torch.Tensor], heldout: Seque
             "heldout_ppl": held, "attacked_ppl": att}
 
 
+def _trainable(model) -> list:
+    """What the defences train: the LoRA adapters when the model has them (see ``_lora``), else
+    every floating-point weight."""
+    if getattr(model, "peft_config", None):
+        return [p for n, p in model.named_parameters() if "lora_" in n]
+    return [p for p in model.parameters() if p.is_floating_point()]
+
+
+@contextlib.contextmanager
+def _training(model, params, lr: float):
+    """(optimizer, autocast dtype) for a defence's weight updates, restored on exit: fp32
+    master weights for bf16/fp16 models (``C.fp32_master_weights``: steps of lr ~1e-5 are not
+    rounded away), only ``params`` trainable, train mode, then the previous mode back."""
+    was_training = model.training
+    try:
+        with C.fp32_master_weights(params):
+            fused = C.input_device(model).type == "cuda"
+            yield torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=fused), C.low_precision_dtype(model)
+    finally:
+        model.train(was_training)
+
+
 def adversarial_finetune(model, samples: Sequence[Sample], cfg: AttackConfig, steps: int = 6, lr: float = 1e-5,
                          seed: int = 0, progress: bool = True) -> list:
-    """Embedding-space adversarial training, in place: each step finds PGD perturbations
-    for all ``samples`` at once (one batch) and takes one AdamW step on the clean
-    continuations' loss under them. bf16/fp16 models train through fp32 master weights
-    (``C.fp32_master_weights``), so steps of lr ~1e-5 are not rounded away. Returns the
-    training losses. Wrap in ``C.restored_on_exit`` to undo."""
-    if getattr(model, "peft_config", None):  # LoRA adapters (see ``_lora``): train only those
-        params = [p for n, p in model.named_parameters() if "lora_" in n]
-    else:
-        params = [p for p in model.parameters() if p.is_floating_point()]
-    low = C.low_precision_dtype(model)
+    """PGD adversarial training (Madry et al. 2018) in embedding space, in place: each step
+    finds PGD perturbations for all ``samples`` at once (one batch; ``cfg.steps`` forward +
+    backward passes, plus the attack's clean and final forwards) and takes one AdamW step on
+    the clean continuations' loss under them: ``cfg.steps + 1`` backward passes per weight
+    update. Returns the training losses. Wrap in ``C.restored_on_exit`` to undo."""
+    params = _trainable(model)
     dev = C.input_device(model)
     losses = []
-    was_training = model.training
-    with C.fp32_master_weights(params):
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=dev.type == "cuda")
-        for step in tqdm(range(steps), desc="adversarial fine-tune", disable=not progress):
+    with _training(model, params, lr) as (opt, low):
+        for step in tqdm(range(steps), desc="adversarial fine-tune (PGD)", disable=not progress):
             with torch.autocast(dev.type, dtype=low, enabled=low is not None):
+                model.eval()  # the attack sees the model as it is evaluated
                 jobs = [(s, AttackConfig(**{**cfg.__dict__, "seed": seed + step * len(samples) + i}))
                         for i, s in enumerate(samples)]
                 rs = attack_batch(model, jobs)
@@ -624,9 +734,80 @@ def adversarial_finetune(model, samples: Sequence[Sample], cfg: AttackConfig, st
                     opt.step()
                     opt.zero_grad(set_to_none=True)
             losses.append(loss.detach())
-    model.train(was_training)
-    model.eval()
     return torch.stack(losses).float().cpu().tolist() if losses else []
+
+
+def free_adversarial_finetune(model, samples: Sequence[Sample], cfg: AttackConfig, steps: int = 6,
+                              lr: float = 1e-5, progress: bool = True) -> list:
+    """Free adversarial training (Free-AT, Shafahi et al. 2019, Algorithm 1) in embedding
+    space, in place: ONE forward + backward per weight update.
+
+    Each step runs all ``samples`` as one batch [B, L] at embeddings + delta; its single
+    backward gives both the weight gradient (one AdamW step on the clean continuations' loss
+    under delta) and the gradient w.r.t. delta, which then ascends one step of the full radius
+    (Free-AT's step of eps: sign for L-inf, per-token normalised for L2) and is projected back
+    into the ball. delta [B, L, d] starts at zero and carries over from step to step.
+
+    Where this differs from the paper: the minibatch is the whole training set (the
+    ``samples``, as in ``adversarial_finetune``), so Free-AT's m replays of a minibatch are
+    simply the ``steps`` steps (m = steps, one epoch); AdamW instead of SGD with momentum;
+    perturbations on the input embeddings of ``cfg.positions`` (the prompt), with the radius
+    relative to the mean embedding-row norm as every attack here; the weight update uses the
+    gradient at the current delta, before delta moves, as Algorithm 1 does. Wrap in
+    ``C.restored_on_exit`` to undo. Returns the training losses (nats/token, under delta).
+    """
+    validate(cfg)
+    params = _trainable(model)
+    dev = C.input_device(model)
+    layouts = [_layout(s, cfg) for s in samples]
+    rbar, dim = mean_row_norm(model), model.get_input_embeddings().weight.shape[-1]
+    radius = torch.tensor([_radius_of(rbar, dim, cfg.norm, cfg.epsilon)], device=dev)
+    l2 = torch.tensor(cfg.norm == "l2", device=dev).reshape(1, 1, 1)
+    delta, losses = None, []
+    with _training(model, params, lr) as (opt, low), C.trainable_only(model, params):
+        model.train()
+        for _ in tqdm(range(steps), desc="adversarial fine-tune (free)", disable=not progress):
+            with torch.autocast(dev.type, dtype=low, enabled=low is not None):
+                rows = _Rows.build(model, layouts)  # the embedding rows as trained so far
+                if delta is None:
+                    delta = torch.zeros(rows.embeds.shape, dtype=torch.float32, device=rows.embeds.device)
+                d = delta.requires_grad_(True)
+                nll, _ = _scored(model, rows, d)
+                loss = nll.mean()
+            loss.backward()  # the one backward: weight gradients and d.grad together
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                delta = _project(d.detach() + radius * _ascent(d.grad, l2), radius, l2) * rows.pert.float()
+            losses.append(loss.detach())
+    return torch.stack(losses).float().cpu().tolist() if losses else []
+
+
+@contextlib.contextmanager
+def counted_passes(model):
+    """Count the forward and backward passes through ``model``'s decoder, as a dict that fills
+    while the block runs: ``forward`` (calls of the first decoder block, so a chunked batch
+    counts each chunk), ``backward`` (backward passes that reach its output), ``rows`` and
+    ``tokens`` (rows x positions of those forwards)."""
+    counts = {"forward": 0, "backward": 0, "rows": 0, "tokens": 0}
+
+    def seen(_grad):
+        counts["backward"] += 1
+
+    def hook(_module, args, kwargs, out):
+        h = out[0] if isinstance(out, tuple) else out
+        x = args[0] if args else kwargs["hidden_states"]
+        counts["forward"] += 1
+        counts["rows"] += x.shape[0]
+        counts["tokens"] += x.shape[0] * x.shape[1]
+        if torch.is_tensor(h) and h.requires_grad:
+            h.register_hook(seen)
+
+    handle = C.decoder_layers(model)[0].register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield counts
+    finally:
+        handle.remove()
 
 
 def _lora(model, r: int, seed: int):
@@ -734,13 +915,27 @@ def _targeted(model, samples: list[Sample], tgt: torch.Tensor, config: Adversari
             "success_rate": sum(hits) / len(hits), "n": len(hits)}
 
 
+DEFENCES = {
+    "free": "Free adversarial training (Free-AT, Shafahi et al. 2019): one forward+backward per weight update "
+            "gives the weight gradient and the perturbation's ascent step; the whole training set is the "
+            "minibatch, replayed every step",
+    "pgd": "PGD adversarial training (Madry et al. 2018): a full PGD attack per weight update",
+}
+
+
 def _defence(model, samples: list[Sample], train_s: list[Sample], config: AdversarialConfig) -> dict:
-    """Adversarial fine-tune (undone afterwards) on windows disjoint from the attack samples;
-    PGD delta NLL before/after on both the held-out attack samples and the trained-on ones."""
+    """Adversarial fine-tune (undone afterwards) on windows disjoint from the attack samples,
+    by ``config.defence`` (free or pgd); PGD delta NLL before/after on both the held-out attack
+    samples and the trained-on ones. ``passes`` records the forward and backward passes of the
+    training alone and of the before/after attacks, counted at the decoder."""
+    out = {"defence": config.defence}
+    if config.defence == "none":
+        return {**out, "algorithm": "no adversarial training (--defence none)"}
     dcfg = AttackConfig(method="pgd", norm=config.norm, epsilon=max(config.epsilons), steps=config.pgd_steps,
                         seed=config.seed + 99)
     every = samples + train_s
-    before_rs = attack_batch(model, [(s, dcfg) for s in every])
+    with counted_passes(model) as attacks:
+        before_rs = attack_batch(model, [(s, dcfg) for s in every])
     n_params = sum(p.numel() for p in model.parameters())
     lora_r = config.defence_lora_r if config.defence_lora_r is not None else (16 if n_params > 1.5e9 else 0)
     # Full weights need 16 bytes each for fp32 masters and AdamW (108 GB at 7B): large models
@@ -749,17 +944,30 @@ def _defence(model, samples: list[Sample], train_s: list[Sample], config: Advers
     with C.restored_on_exit(model, names):
         target = _lora(model, lora_r, config.seed) if lora_r else model
         try:
-            train_losses = adversarial_finetune(target, train_s, dcfg, config.defence_steps, config.defence_lr,
-                                                config.seed, config.progress)
-            after_rs = attack_batch(target, [(s, dcfg) for s in every])
+            with counted_passes(model) as training:  # the hooks sit on the base model's blocks, under LoRA too
+                if config.defence == "free":
+                    train_losses = free_adversarial_finetune(target, train_s, dcfg, config.defence_steps,
+                                                             config.defence_lr, config.progress)
+                else:
+                    train_losses = adversarial_finetune(target, train_s, dcfg, config.defence_steps,
+                                                        config.defence_lr, config.seed, config.progress)
+            with counted_passes(model) as after:
+                after_rs = attack_batch(target, [(s, dcfg) for s in every])
         finally:
             if lora_r:
                 target.unload()  # the original modules, without the adapters
     k = len(samples)
     held_b, held_a, tr_b, tr_a = (_summary(x) for x in (before_rs[:k], after_rs[:k], before_rs[k:], after_rs[k:]))
-    return {"eps": dcfg.epsilon, "steps": config.defence_steps, "lr": config.defence_lr,
+    steps = config.defence_steps
+    return {**out, "algorithm": DEFENCES[config.defence], "eps": dcfg.epsilon, "steps": steps,
+            "lr": config.defence_lr, "attack": f"PGD-{dcfg.steps} at eps {dcfg.epsilon} ({dcfg.norm})",
             "trained": f"LoRA adapters, r={lora_r}" if lora_r else "all weights",
             "trained_on": f"{len(train_s)} windows disjoint from the {k} attack samples",
+            "passes": {"training": {"forward": training["forward"], "backward": training["backward"],
+                                   "tokens": training["tokens"],
+                                   "backward_per_step": training["backward"] / max(steps, 1)},
+                       "attacks_before_after": {"forward": attacks["forward"] + after["forward"],
+                                                "backward": attacks["backward"] + after["backward"]}},
             "delta_nll_before": held_b["delta_nll"], "delta_nll_after": held_a["delta_nll"],
             "clean_nll_before": held_b["clean_nll"], "clean_nll_after": held_a["clean_nll"],
             "train_windows": {"delta_nll_before": tr_b["delta_nll"], "delta_nll_after": tr_a["delta_nll"],
@@ -767,16 +975,19 @@ def _defence(model, samples: list[Sample], train_s: list[Sample], config: Advers
             "train_losses": train_losses}
 
 
-def _filter(model, tokenizer, eval_ids: torch.Tensor, gprompt: str, gcg: GCGResult, config: AdversarialConfig) -> dict:
+def _filter(model, tokenizer, eval_ids: torch.Tensor, gcg: GCGResult, config: AdversarialConfig) -> dict:
     """Clean user prompts are windows of the evaluation text: calibration at offset 0.25 and
-    held-out at 0.75 of their spacing, disjoint because the spacing is at least two windows."""
+    held-out at 0.75 of their spacing, disjoint because the spacing is at least two windows.
+    The attacked prompts are the held-out ones with GCG's suffix text appended, and GCG's user
+    message, each tokenized from its text."""
     n = max(2, min(config.filter_prompts, eval_ids.numel() // (2 * config.prompt_len)))
     cfg = replace(config, continuation_len=0)
     cal = [s.prompt for s in _windows(eval_ids, n, cfg, offset=0.25)]
     held = [s.prompt for s in _windows(eval_ids, n, cfg, offset=0.75)]
-    suffix = torch.tensor(gcg.suffix_ids, dtype=torch.long)
-    user = torch.tensor(tokenizer(gprompt + " ", add_special_tokens=False).input_ids, dtype=torch.long)
-    attacked = [torch.cat([x, suffix]) for x in held] + [torch.cat([user, suffix])]
+    # The attacked prompts are texts a user sends, tokenized as such: each held-out prompt's
+    # text with the suffix's text appended, and GCG's own user message.
+    texts = [tokenizer.decode(x) + gcg.suffix_text for x in held] + [gcg.user_message]
+    attacked = [torch.tensor(x, dtype=torch.long) for x in tokenizer(texts, add_special_tokens=False).input_ids]
     return perplexity_filter(model, cal, held, attacked)
 
 
@@ -804,16 +1015,17 @@ def test_adversarial_robustness(model, tokenizer, eval_ids: torch.Tensor,
     # GCG on the first sample prompt, the suffix inside its user turn, targeted at the target.
     t = time.perf_counter()
     gprompt = config.prompts[0] if config.prompts else tokenizer.decode(samples[0].prompt)
-    before, after = chat_parts(tokenizer, gprompt)
-    gcg = gcg_attack(model, tokenizer, Sample(before, tgt, gprompt), config.gcg_suffix_len, config.gcg_steps,
-                     config.gcg_topk, config.gcg_batch, "targeted", config.seed, config.progress, after=after)
+    turn = UserTurn(tokenizer, gprompt)
+    gcg = gcg_attack(model, tokenizer, Sample(turn.before, tgt, gprompt), config.gcg_suffix_len, config.gcg_steps,
+                     config.gcg_topk, config.gcg_batch, "targeted", config.seed, config.progress, turn=turn)
     gcg.threat_model = ("suffix appended to the user's message inside the chat template, before the end of "
-                        "the turn and the assistant header (Zou et al. 2023)")
+                        "the turn and the assistant header (Zou et al. 2023); only text a user can send is "
+                        "scored (search_space)")
     secs["gcg"] = time.perf_counter() - t
 
     # Defence 1: perplexity filter, threshold from calibration prompts, FPR on held-out clean
     # prompts, TPR on those prompts with the GCG suffix appended and on GCG's own user text.
-    pfilter = _filter(model, tokenizer, eval_ids, gprompt, gcg, config)
+    pfilter = _filter(model, tokenizer, eval_ids, gcg, config)
     t = time.perf_counter()
     defence = _defence(model, samples, _windows(eval_ids, config.n_windows, config, offset=0.5), config)
     secs["defence"] = time.perf_counter() - t

@@ -66,6 +66,7 @@ BUDGETS: dict[str, tuple] = {
     "adversarial.continuation_len": (16, 32), "adversarial.targeted_steps": (10, 40),
     "adversarial.gcg_steps": (10, 100), "adversarial.gcg_batch": (16, 128), "adversarial.gcg_topk": (32, 256),
     "adversarial.gcg_suffix_len": (6, 20), "adversarial.defence_steps": (4, 50),
+    "adversarial.defence": ("free", "free"),
     "zeroshot.enabled": (False, True), "zeroshot.limit": (100, 0),
     "analysis.calib_windows": (1, 4), "analysis.calib_seq_len": (128, 512), "analysis.fisher_windows": (8, 32),
     "analysis.max_probes": (6, 50), "analysis.power_iters": (4, 20),
@@ -698,8 +699,12 @@ class AdversarialConfig(StepConfig):
     gcg_suffix_len: Optional[int] = knob(None, "GCG suffix tokens", flag="--gcg-suffix-len", bounds="[1,1000]")
     filter_prompts: int = knob(50, "clean prompts that calibrate the perplexity filter, and as many held out "
                                    "for its false-positive rate", flag="--filter-prompts", bounds="[2,100000]")
-    defence_steps: Optional[int] = knob(None, "adversarial fine-tuning steps", flag="--defence-steps",
-                                        bounds="[1,100000]")
+    defence: Optional[str] = knob(None, "adversarial-training defence: free (Free-AT, Shafahi et al. 2019: one "
+                                        "forward+backward per step gives the weight and the perturbation "
+                                        "gradients), pgd (Madry et al. 2018: a full PGD attack per step), none",
+                                  flag="--defence", choices=("free", "pgd", "none"))
+    defence_steps: Optional[int] = knob(None, "adversarial fine-tuning steps (weight updates)",
+                                        flag="--defence-steps", bounds="[1,100000]")
     defence_lr: float = knob(1e-5, "adversarial fine-tuning learning rate", flag="--defence-lr", bounds="(0,1]")
     defence_lora_r: Optional[int] = knob(None, "LoRA rank of the defence (auto: 16 above 1.5B parameters, "
                                                "else all weights; 0: all weights)", flag="--defence-lora-r",

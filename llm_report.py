@@ -256,13 +256,23 @@ def _md_adversarial(results: dict) -> list[str]:
                   f"prompts with the GCG suffix; windowed ({(pf.get('windowed') or {}).get('window')} tokens): "
                   f"FPR {fmt((pf.get('windowed') or {}).get('false_positive_rate'))}, "
                   f"TPR {fmt((pf.get('windowed') or {}).get('true_positive_rate'))}.",
-                  f"Adversarial fine-tune ({at['steps']} steps): delta NLL at eps {at['eps']} "
-                  f"{fmt(at['delta_nll_before'])} -> {fmt(at['delta_nll_after'])}.", ""]
+                  _defence_line(at), ""]
         for prompt, ans in adv["answers"].items():
             lines.append(f"- *{_esc(prompt)}* clean: {_esc(ans['clean'])}  \n  under PGD eps={ans['eps']}: "
                          f"{_esc(ans['attacked'])}")
         lines += ["", "![attack sweep](plots/attack_sweep.png)"]
     return lines
+
+
+def _defence_line(at: dict) -> str:
+    """One sentence on the adversarial-training defence (results before the defence field
+    existed ran PGD adversarial training)."""
+    if at.get("defence") == "none":
+        return "Adversarial fine-tune: off (--defence none)."
+    passes = (at.get("passes") or {}).get("training") or {}
+    cost = f", {passes['forward']} forward / {passes['backward']} backward passes" if passes else ""
+    return (f"Adversarial fine-tune ({at.get('defence', 'pgd')}, {at['steps']} steps{cost}): delta NLL at eps "
+            f"{at['eps']} {fmt(at['delta_nll_before'])} -> {fmt(at['delta_nll_after'])} on held-out samples.")
 
 
 def _md_analysis(results: dict) -> list[str]:
@@ -437,8 +447,9 @@ def _findings_attacks_and_analysis(results: dict) -> list[str]:
                    f"on {fmt(100 * adv['targeted']['success_rate'])}% "
                    f"of {adv['targeted']['n']} prompts.")
         at = adv["adversarial_training"]
-        out.append(f"A {at['steps']}-step adversarial fine-tune changes PGD's delta NLL from "
-                   f"{fmt(at['delta_nll_before'])} to {fmt(at['delta_nll_after'])} at eps={at['eps']}.")
+        if at.get("defence") != "none":
+            out.append(f"A {at['steps']}-step adversarial fine-tune ({at.get('defence', 'pgd')}) changes PGD's delta "
+                       f"NLL from {fmt(at['delta_nll_before'])} to {fmt(at['delta_nll_after'])} at eps={at['eps']}.")
     an = results.get("analysis")
     if an:
         sws = an.get("super_weights") or []

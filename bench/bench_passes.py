@@ -1,18 +1,20 @@
 """Passes per step against the minimum each algorithm needs (issue 12's batching target).
 
-    python bench/bench_passes.py [--budget gpu] [--out DIR]
+    python bench/bench_passes.py [--budget gpu] [--defence free|pgd|none] [--out DIR]
 
-Runs the whole pipeline on a tiny random Llama (4 layers, hidden 64, byte tokenizer) with
-the GPU budget profile (step counts, windows, batch shapes, attack and GCG sizes as on a
-GPU) but short token lengths, so it finishes on 2 CPU cores in about a minute. Hooks count,
-per step:
+Runs all eight steps on a tiny random Llama (4 layers, hidden 64, byte tokenizer) with the
+GPU budget profile (step counts, windows, batch shapes, attack and GCG sizes as on a GPU)
+but short token lengths, so it finishes on 2 CPU cores in under three minutes. It never
+downloads: the hub is set offline, the texts are local, and zero-shot runs the local
+lm-eval task shipped in ``bench/tasks`` (32 four-way questions). Hooks count, per step:
   fwd tok  tokens through the decoder blocks / number of blocks (one full forward of a
            [B, L] batch counts B*L; a layer-wise pass over all blocks counts the same);
   fwd      forward passes (layer calls / blocks) and mean batch (rows per pass);
   bwd      backward passes (calls of torch.autograd.backward / torch.autograd.grad, i.e.
            first-order backward and each Hessian-vector product's double backward).
 Each is printed beside the minimum the algorithm needs, and ratio = max(fwd tok / min,
-bwd / min): the target is <= 1.25 for every step.
+bwd / min) (a step whose minimum is zero and that runs nothing counts 1): the target is
+<= 1.25 for every step.
 
 The minimum, per step (tokens exclude padding):
   finetune    fwd: steps x batch x seq + 2 x held-out tokens (before/after); bwd: steps.
@@ -22,13 +24,24 @@ The minimum, per step (tokens exclude padding):
               + (1 clean + layers x modules cells) x map tokens; bwd: Fisher windows.
   eval        fwd: variants x (evaluation tokens + per prompt: prompt + new tokens - 1 with
               the KV cache).
+  zeroshot    fwd: variants x one forward per distinct lm-eval request: lm-eval scores a
+              (context, continuation) request on context + continuation minus its last
+              token, and requests sharing that input share one forward (its logits cache);
+              at batch size b, ceil(requests / b) passes, padded to the longest row.
+  export      nothing: writing the variants needs no forward pass. On CUDA with --export-2of4,
+              the 2:4 logits check (one dense and one sparse forward of 32 tokens) and the
+              speed measurement (13 timed and warm-up forwards per batch size, dense and 2:4).
   adversarial fwd: per sample once clean; per attack row (sample x eps x method) one pass per
               step plus the final iterate; greedy answers with the KV cache; GCG: the prefix
-              once, then per step one pass for the gradient plus one per kept candidate over
-              suffix + template tail + target only; filter: each prompt once; defence: attacks
-              before and after, and per training step PGD steps + 1 training pass over the
-              training windows. bwd: one batched backward per attack step (sweep, targeted,
-              before, after), GCG steps, defence steps x (PGD steps + 1).
+              once, then per step one pass for the gradient plus one per scored candidate
+              (the initial suffix and those that tokenize back in context) over suffix +
+              template tail + target only; filter: each prompt once (calibration, held-out, and
+              the attacked texts as tokenized); defence (--defence):
+              PGD attacks before and after, and per training step for free (Free-AT) one
+              training pass over the training windows, for pgd (PGD-AT) the attack's PGD
+              steps + 1 training pass, for none nothing. bwd: one batched backward per attack
+              step (sweep, targeted, before, after), GCG steps, and defence steps (free) or
+              defence steps x (PGD steps + 1) (pgd).
   analysis    fwd: Hessian windows once (the gradient graph is reused by every probe and
               power iteration), Fisher windows, super-weight detection (found + 1 passes of
               the prompt), ablation (1 + candidates) and quantization (bits x 3) evaluations;
@@ -40,12 +53,16 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the bench never downloads
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -58,6 +75,8 @@ from conftest import make_llama, make_tokenizer  # noqa: E402
 
 WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 VALID = ROOT.parent / "shared" / "data" / "wikitext-2-tokenized" / "valid.txt"
+TASKS = ROOT / "bench" / "tasks"
+TASK = "trivia_mc"
 
 
 class PassCounter:
@@ -134,6 +153,10 @@ def minimum(step: str, run: M.Run, cfg) -> tuple[float, int]:
         te = _eval_tokens(n_eval, cfg.seq_len, cfg.eval_tokens or None)
         gen = sum(len(run.tokenizer(p).input_ids) + cfg.max_new_tokens - 1 for p in cfg.prompts)
         return len(r["evaluation"]) * (te + gen), 0
+    if step == "zeroshot":
+        return zeroshot_minimum(run, cfg)
+    if step == "export":
+        return export_minimum(run, cfg)
     if step == "adversarial":
         return adversarial_minimum(run, cfg)
     if step == "analysis":
@@ -145,6 +168,47 @@ def minimum(step: str, run: M.Run, cfg) -> tuple[float, int]:
                + min(cfg.max_super_weights, n_sw + 1) * prompt + (1 + n_sw) * tq + len(cfg.quant_bits) * 3 * tq)
         return fwd, 1 + an["hutchinson_probes"] + an["power_iterations"] + cfg.fisher_windows
     raise KeyError(step)
+
+
+def zeroshot_minimum(run: M.Run, cfg) -> tuple[float, int]:
+    """Per variant, one forward per distinct lm-eval input, built by lm-eval itself: its
+    requests for the tasks, encoded as its HFLM encodes them; an input is context +
+    continuation without the last token, so requests that share it share one forward."""
+    import lm_eval.models.huggingface as hf
+    from lm_eval.tasks import TaskManager
+
+    z = run.results["zeroshot"]
+    if z["status"] != "ran":
+        return 0, 0
+    lm = hf.HFLM(pretrained=run.model, tokenizer=run.tokenizer, batch_size=1)
+    tasks = TaskManager(include_path=cfg.include_path).load(list(z["protocol"]["specs"]))["tasks"]
+    inputs = set()
+    for name, task in tasks.items():
+        task.build_all_requests(limit=cfg.limit or None, rank=0, world_size=1)
+        for inst in task.instances:
+            ctx, cont = inst.args
+            c, x = lm._encode_pair(ctx, cont) if ctx else ([lm.prefix_token_id], lm.tok_encode(cont))
+            inputs.add((name, tuple((c + x)[-(lm.max_length + 1):][:-1])))
+    return len(z["tasks"]) * sum(len(x) for _, x in inputs), 0
+
+
+def export_minimum(run: M.Run, cfg) -> tuple[float, int]:
+    """Writing variants needs no forward pass; the 2:4 check and speed runs only on CUDA."""
+    speed = (run.results["export"].get("two_of_four") or {})
+    if speed.get("status") != "ran":
+        return 0, 0
+    return 2 * 32 + 2 * sum(13 * b * cfg.speed_seq_len for b in cfg.speed_batches), 0
+
+
+def filter_minimum(run: M.Run, cfg: ADV.AdversarialConfig, gcg: dict) -> int:
+    """The perplexity filter scores each prompt once: the calibration and held-out windows, and
+    the attacked texts (each held-out window's text with GCG's suffix text, and GCG's own user
+    message), tokenized as ``_filter`` does."""
+    eval_ids, tok = run.ids("eval"), run.tokenizer
+    n = max(2, min(cfg.filter_prompts, eval_ids.numel() // (2 * cfg.prompt_len)))
+    held = [s.prompt for s in ADV._windows(eval_ids, n, dataclasses.replace(cfg, continuation_len=0), offset=0.75)]
+    texts = [tok.decode(x) + gcg["suffix_text"] for x in held] + [gcg["user_message"]]
+    return 2 * n * cfg.prompt_len + sum(len(x) for x in tok(texts, add_special_tokens=False).input_ids)
 
 
 def adversarial_minimum(run: M.Run, cfg: ADV.AdversarialConfig) -> tuple[float, int]:
@@ -161,17 +225,31 @@ def adversarial_minimum(run: M.Run, cfg: ADV.AdversarialConfig) -> tuple[float, 
     T = len(tok(cfg.target, add_special_tokens=False).input_ids)
     tl = [s.prompt.numel() + T for s in samples]
     fwd += sum(tl) * (1 + cfg.targeted_steps + 1) + sum(x - 1 for x in tl)  # targeted + success decoding
-    g = run.results["adversarial"]["gcg"]
+    adv = run.results["adversarial"]
+    g = adv["gcg"]
     before, after = ADV.chat_parts(tok, cfg.prompts[0])
     tail = cfg.gcg_suffix_len + after.numel() + T
-    kept = cfg.gcg_steps * cfg.gcg_batch - g["candidates_filtered"]
-    fwd += before.numel() + tail * (1 + cfg.gcg_steps + kept) + before.numel() + tail - 1
-    fwd += sum(s.prompt.numel() for s in samples) + before.numel() + cfg.gcg_suffix_len + after.numel()  # filter
-    train = cfg.n_windows * (cfg.prompt_len + cfg.continuation_len)
-    every = sum(lens) + train
-    fwd += 2 * every * (1 + steps + 1) + cfg.defence_steps * train * (steps + 1)
-    bwd = steps + cfg.targeted_steps + cfg.gcg_steps + 2 * steps + cfg.defence_steps * (steps + 1)
+    # prefix once, one gradient pass per step, every scored candidate, then the success decode
+    fwd += before.numel() + tail * (cfg.gcg_steps + g["candidates_scored"]) + before.numel() + tail - 1
+    fwd += filter_minimum(run, cfg, g)
+    bwd = steps + cfg.targeted_steps + cfg.gcg_steps
+    defence = adv["adversarial_training"]["defence"]
+    if defence != "none":
+        train = cfg.n_windows * (cfg.prompt_len + cfg.continuation_len)
+        every = sum(lens) + train
+        fwd += 2 * every * (1 + steps + 1)  # PGD before and after: clean, steps, final
+        bwd += 2 * steps
+        per_step = 1 if defence == "free" else steps + 1  # Free-AT: the training pass is the attack's
+        fwd += cfg.defence_steps * train * per_step
+        bwd += cfg.defence_steps * per_step
     return fwd, bwd
+
+
+def _ratio(measured: float, least: float) -> float:
+    """measured / minimum; a minimum of zero is met (1) by zero and missed (inf) by anything."""
+    if least == 0:
+        return 1.0 if measured == 0 else math.inf
+    return measured / least
 
 
 def _report(counts: dict, budget: str, total: float) -> float:
@@ -184,12 +262,15 @@ def _report(counts: dict, budget: str, total: float) -> float:
             continue
         c = counts[name]
         fmin, bmin = c["min"]
-        ratio = max(c["fwd_tokens"] / max(fmin, 1), c["bwd"] / bmin if bmin else (1.0 if c["bwd"] == 0 else
-                                                                                   float("inf")))
+        ratio = max(_ratio(c["fwd_tokens"], fmin), _ratio(c["bwd"], bmin))
         worst = max(worst, ratio)
         print(f"{name:12s} {c['fwd_tokens']:10.0f} {fmin:10.0f} {c['fwd_passes']:7.1f} {c['mean_batch']:7.1f} "
               f"{c['bwd']:6d} {bmin:6d} {ratio:6.3f}")
-    print(f"worst ratio {worst:.3f} (target <= 1.25)")
+    missing = [n for n in M.ALL_STEPS if n not in counts]
+    if missing:
+        print(f"steps that did not run: {', '.join(missing)}")
+        worst = math.inf
+    print(f"worst ratio {worst:.3f} over {len(counts)} steps (target <= 1.25)")
     return worst
 
 
@@ -211,8 +292,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budget", default="gpu", choices=("gpu", "cpu"))
     p.add_argument("--out", default=None, help="output directory (default: a temporary one)")
+    p.add_argument("--defence", default=None, choices=("free", "pgd", "none"),
+                   help="the adversarial step's defence (default: the budget's)")
     a = p.parse_args(argv)
     C.setup_logging("WARNING")
+    # A 64-wide model's matmuls are too small to split: a second thread only adds sync, and on
+    # a shared 2-core machine its spin-waits made a forward 10x slower (220 vs 21 ms, measured).
+    torch.set_num_threads(1)
     work = Path(a.out or tempfile.mkdtemp(prefix="bench_passes."))
     model_dir = work / "model"
     make_llama(layers=4, hidden=64).save_pretrained(model_dir)
@@ -221,6 +307,11 @@ def main(argv=None):
     train = VALID.read_text()[:400_000] if VALID.is_file() else C.embedded_corpus("train")
     (work / "eval.txt").write_text(text)
     (work / "train.txt").write_text(train)
+    # lm-eval resolves a task's data files against the working directory: a copy of the task
+    # whose YAML names its JSONL by absolute path runs from anywhere.
+    (work / "tasks").mkdir(exist_ok=True)
+    yaml = (TASKS / f"{TASK}.yaml").read_text()
+    (work / "tasks" / f"{TASK}.yaml").write_text(yaml.replace(f"bench/tasks/{TASK}.jsonl", str(TASKS / f"{TASK}.jsonl")))
     # The GPU profile's structure (step counts, windows, batch shapes) at short token lengths.
     argv = ["--model", str(model_dir), "--device", "cpu", "--budget", a.budget, "--output-dir", str(work / "out"),
             "--dataset", str(work / "eval.txt"), "--train-dataset", str(work / "train.txt"),
@@ -228,7 +319,11 @@ def main(argv=None):
             "--ft-steps", "100", "--calib-seq-len", "64", "--sweep-tokens", "1024", "--sweep-seq-len", "256",
             "--noise-fisher-seq-len", "64", "--map-tokens", "1024", "--analysis-seq-len", "64",
             "--analysis-eval-tokens", "1024", "--analysis-eval-seq-len", "256", "--max-new-tokens", "16",
-            "--gcg-steps", "20", "--defence-steps", "10", "--hessian-probes", "20", "--hessian-tol", "0"]
+            "--attack-prompt-len", "64",  # windows stay longer than the chat prompt rows, as on a GPU
+            "--gcg-steps", "20", "--defence-steps", "10", "--hessian-probes", "20", "--hessian-tol", "0",
+            "--steps", ",".join(M.ALL_STEPS), "--tasks", TASK, "--tasks-include", str(work / "tasks"), "--export"]
+    if a.defence:
+        argv += ["--defence", a.defence]
     counts = {}
     originals = dict(M.STEPS)
     M.STEPS.update({n: dataclasses.replace(s, adapter=_counted(n, s.adapter, counts)) for n, s in originals.items()})

@@ -7,7 +7,8 @@ The run: a tiny random Llama (4 layers, hidden 64, 4,096 positions so no GPU win
 with the byte tokenizer, the GPU budget column of every step (500 fine-tune steps of 8 x 1024,
 128 x 2048 calibration, full WikiText-2 test at 2048, the GPU attack, GCG and Hessian budgets),
 calibration from a synthetic C4-shaped local shard (sampled document by document), zero-shot on
-the local task in ``bench/tasks`` when it is there. Per step it prints the forward tokens and
+the local task in ``bench/tasks`` when it is there. The fine-tune runs 25 of its 500 steps (all
+alike in shape) and its counts are scaled by 20, so the whole dry run takes minutes, not an hour. Per step it prints the forward tokens and
 passes, backward passes and tokens (first-order backward hooks on the blocks; a Hessian-vector
 product's double backward is counted as one more backward of the same tokens), and peak RSS.
 
@@ -122,6 +123,8 @@ def main(argv=None):
     p.add_argument("--steps", default=",".join(K.ALL_STEPS))
     p.add_argument("--tasks", default=str(ROOT / "bench" / "tasks"), help="local lm-eval task folder")
     p.add_argument("--out", default=None)
+    p.add_argument("--ft-steps", type=int, default=25, help="fine-tune steps actually run; the counts are scaled to "
+                                                            "the GPU budget's 500 (its steps are identical in shape)")
     a = p.parse_args(argv)
     C.setup_logging("WARNING")
     work = Path(a.out or tempfile.mkdtemp(prefix="gpu_dryrun."))
@@ -138,7 +141,7 @@ def main(argv=None):
         steps.remove("zeroshot")
     argv = ["--model", str(model_dir), "--device", "cpu", "--budget", "gpu", "--output-dir", str(work / "out"),
             "--dataset", str(work / "eval.txt"), "--train-dataset", str(shard), "--log-level", "WARNING",
-            "--steps", ",".join(steps), "--allow-overlap"]
+            "--steps", ",".join(steps), "--allow-overlap", "--ft-steps", str(a.ft_steps)]
     if tasks:
         argv += ["--tasks", ",".join(tasks), "--tasks-include", a.tasks]
     counts = {}
@@ -151,6 +154,10 @@ def main(argv=None):
     finally:
         M.STEPS.update(originals)
     scale = WIKI_LLAMA2_TOKENS / len(text)
+    if "finetune" in counts:  # every training step has the same shape: scale the run's steps to the budget's
+        f = K.BUDGETS["finetune.steps"][1] / a.ft_steps
+        counts["finetune"] = {**counts["finetune"], **{k: counts["finetune"][k] * f for k in
+                                                        ("fwd_tokens", "fwd_passes", "bwd_tokens", "bwd_passes")}}
     print(f"tiny Llama (4 x 64, byte tokenizer), --budget gpu, {total:.0f} s on CPU; calibration: {shard.name} "
           f"(5,000 synthetic documents); eval text {len(text):,} characters -> {WIKI_LLAMA2_TOKENS:,} Llama-2 tokens")
     print(f"{'step':12s} {'fwd tok':>11s} {'fwd':>8s} {'bwd tok':>11s} {'bwd':>7s} {'cpu s':>7s} {'RSS MB':>7s} "

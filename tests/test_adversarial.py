@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import llm_adversarial_test as ADV
 import llm_common as C
@@ -117,6 +118,90 @@ def test_adversarial_finetune_reduces_delta_nll_and_restores(tiny_llama):
     assert all(torch.equal(snap[k], v) for k, v in m.state_dict().items())
 
 
+def test_free_adversarial_training_is_shafahis_algorithm_one_pass_per_step(tiny_llama):
+    """Free-AT against an independent loop written from Shafahi et al.'s Algorithm 1 with plain
+    HF calls: per step one forward+backward at x + delta, one AdamW step with its weight
+    gradient, delta += eps * sign(its input gradient), clipped to the cube. Same losses, same
+    weights; and the counter sees one forward and one backward per step."""
+    import copy
+
+    m = tiny_llama(seed=2)
+    ref = copy.deepcopy(m)
+    samples = _samples(3)
+    cfg = ADV.AttackConfig(method="pgd", norm="linf", epsilon=0.5, steps=4)
+    with ADV.counted_passes(m) as n:
+        losses = ADV.free_adversarial_finetune(m, samples, cfg, steps=3, lr=1e-2, progress=False)
+    assert (n["forward"], n["backward"]) == (3, 3)
+
+    emb = ref.get_input_embeddings().weight
+    r = 0.5 * float(emb.detach().norm(dim=-1).mean()) / emb.shape[1] ** 0.5
+    ids = torch.stack([torch.cat([s.prompt, s.continuation]) for s in samples])
+    P, T = samples[0].prompt.numel(), samples[0].continuation.numel()
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.0)
+    delta = torch.zeros(len(samples), P, emb.shape[1])
+    ref_losses = []
+    for _ in range(3):
+        delta.requires_grad_(True)
+        x = ref.get_input_embeddings()(ids).detach()
+        x = torch.cat([x[:, :P] + delta, x[:, P:]], 1)
+        logits = ref(inputs_embeds=x).logits[:, P - 1:P - 1 + T]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, P:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        delta = (delta.detach() + r * delta.grad.sign()).clamp(-r, r)
+        ref_losses.append(float(loss))
+    assert losses == pytest.approx(ref_losses, abs=1e-5)
+    for (k, a), b in zip(m.state_dict().items(), ref.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), k
+
+
+def test_free_adversarial_training_reduces_delta_nll_and_restores(tiny_llama):
+    """Free-AT's 120 one-pass steps cost fewer backward passes than PGD-AT's 30 steps of PGD-4
+    (150) in the test above, and lower PGD's delta NLL as that does."""
+    m = tiny_llama(seed=2)
+    samples = _samples(3)
+    cfg = ADV.AttackConfig(method="pgd", norm="linf", epsilon=0.5, steps=4, seed=5)
+    before = sum(ADV.attack_embeddings(m, s, cfg).delta_nll for s in samples)
+    snap = {k: v.clone() for k, v in m.state_dict().items()}
+    with C.restored_on_exit(m, [n for n, _ in m.named_parameters()]):
+        ADV.free_adversarial_finetune(m, samples, cfg, steps=120, lr=1e-3, progress=False)
+        after = sum(ADV.attack_embeddings(m, s, cfg).delta_nll for s in samples)
+    assert after < before
+    assert all(torch.equal(snap[k], v) for k, v in m.state_dict().items())
+
+
+@pytest.mark.parametrize("defence", ["free", "pgd", "none"])
+def test_defence_records_which_ran_and_its_passes(tok, sample_text, tiny_llama, defence):
+    m = tiny_llama(seed=2)
+    ids = C.tokenize_corpus(tok, sample_text[:4000])
+    cfg = ADV.AdversarialConfig(epsilons=(0.2,), pgd_steps=3, n_windows=2, prompt_len=12, continuation_len=4,
+                                targeted_steps=2, gcg_steps=1, gcg_batch=4, gcg_topk=4, gcg_suffix_len=2,
+                                defence=defence, defence_steps=4, max_new_tokens=2, progress=False)
+    d = ADV.test_adversarial_robustness(m, tok, ids, cfg).adversarial_training
+    assert d["defence"] == defence
+    if defence == "none":
+        assert "delta_nll_after" not in d and "passes" not in d
+        return
+    p = d["passes"]["training"]
+    # Free-AT: one forward+backward per step; PGD-AT: per step the attack's clean pass, its
+    # 3 steps and its final pass, then the training pass: 3 + 1 backward, 3 + 3 forward.
+    want = (4, 4) if defence == "free" else (4 * 6, 4 * 4)
+    assert (p["forward"], p["backward"]) == want
+    assert p["tokens"] == want[0] * 2 * 16  # 2 windows of 12 + 4 tokens
+    assert d["passes"]["attacks_before_after"]["backward"] == 2 * 3
+    assert d["delta_nll_after"] != d["delta_nll_before"]
+
+
+def test_defence_budget_and_flag():
+    import llm_config as K
+
+    assert K.AdversarialConfig().resolved(gpu=True).defence == "free"
+    assert K.from_args(K.add_arguments(K.OneLineParser()).parse_args(["--defence", "pgd"])).adversarial.defence == "pgd"
+    with pytest.raises(C.UserError, match="--defence"):
+        K.AdversarialConfig(defence="trades").resolved(False).validate()
+
+
 def test_full_adversarial_step_on_tiny_model(tok, sample_text, tiny_llama):
     m = tiny_llama()
     ids = D.tokenize_corpus(tok, sample_text[:2000])
@@ -197,22 +282,116 @@ def test_batched_greedy_with_cache_equals_a_plain_loop(tiny_model):
     assert got == [plain(p, 6) for p in prompts]
 
 
-def test_gcg_suffix_sits_inside_the_user_turn_and_round_trips(tok, tiny_llama):
+def _templated(tok, template):
     import copy
 
     t = copy.deepcopy(tok)
-    t.chat_template = ("{% for m in messages %}<|user|>{{ m['content'] }}<|end|>{% endfor %}"
-                       "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    before, after = ADV.chat_parts(t, "Name a film")
-    suffix = torch.tensor(t("xyz!", add_special_tokens=False).input_ids)
+    t.chat_template = template
+    return t
+
+
+TRIM_TEMPLATE = ("{% for m in messages %}<|user|>{{ m['content'] | trim }}<|end|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def _server_ids(t, content):
+    """What a chat server feeds the model for this user message (HF's own tokenizing path)."""
+    return list(t.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                      tokenize=True, return_dict=True)["input_ids"])
+
+
+def _target_nll(m, ids, target):
+    """Mean NLL (nats) of ``target`` after ``ids``, one plain forward."""
+    x = torch.cat([torch.as_tensor(ids), target])[None]
+    with torch.no_grad():
+        logp = torch.log_softmax(m(input_ids=x).logits[0, -target.numel() - 1:-1].float(), -1)
+    return float(-logp[torch.arange(target.numel()), target].mean())
+
+
+def test_gcg_suffix_sits_inside_the_user_turn_and_is_what_a_user_sends(tok, tiny_llama):
+    t = _templated(tok, TRIM_TEMPLATE)
+    turn = ADV.UserTurn(t, "Name a film")
+    suffix = torch.tensor(t(" xyz!", add_special_tokens=False).input_ids)
     text = t.apply_chat_template([{"role": "user", "content": "Name a film xyz!"}], add_generation_prompt=True,
                                  tokenize=False)
-    assert t.decode(torch.cat([before, suffix, after])) == text
-    assert t.decode(after) == "<|end|><|assistant|>"
-    r = ADV.gcg_attack(tiny_llama(seed=1), t, ADV.Sample(before, torch.tensor(t(" ok").input_ids)), suffix_len=3,
-                       steps=4, topk=8, batch=8, progress=False, after=after)
-    assert t(r.suffix_text, add_special_tokens=False).input_ids == r.suffix_ids
+    assert t.decode(torch.cat([turn.before, suffix, turn.after])) == text
+    assert t.decode(turn.after) == "<|end|><|assistant|>"
+    assert ADV.chat_parts(t, "Name a film")[0].tolist() == turn.before.tolist()
+    m = tiny_llama(seed=1)
+    target = torch.tensor(t(" ok").input_ids)
+    r = ADV.gcg_attack(m, t, ADV.Sample(turn.before, target), suffix_len=3, steps=4, topk=8, batch=8,
+                       progress=False, turn=turn)
     assert r.final_loss <= r.initial_loss and len(r.losses) == 4
+    assert r.in_context and r.user_message == "Name a film" + r.suffix_text
+    real = _server_ids(t, r.user_message)
+    assert real == turn.before.tolist() + r.suffix_ids + turn.after.tolist()
+    assert r.final_loss == pytest.approx(_target_nll(m, real, target), abs=1e-4)  # the loss of the real text
+    assert "user turn" in r.search_space and r.candidates_scored > 1
+
+
+def test_in_context_check_accepts_exactly_what_a_server_tokenizes_back(tok):
+    """Random GCG-like candidates under a template that trims the user's message (as
+    Llama-2's does): a suffix ending in whitespace is sent as other ids and must be rejected;
+    every accepted one re-tokenizes, through HF's own chat tokenization, to the scored ids."""
+    t = _templated(tok, TRIM_TEMPLATE)
+    turn = ADV.UserTurn(t, "Name a film")
+    allowed = ADV.printable_token_mask(t, 257).nonzero().flatten()
+    g = torch.Generator().manual_seed(0)
+    cands = allowed[torch.randint(0, allowed.numel(), (400, 3), generator=g)]
+    cands[::4, -1] = t(" ", add_special_tokens=False).input_ids[0]  # a trailing space: trimmed by the template
+    ok = ADV.UserTurn(t, "Name a film").in_context(cands)
+    scored = [turn.before.tolist() + c.tolist() + turn.after.tolist() for c in cands]
+    real = [_server_ids(t, "Name a film" + t.decode(c)) for c in cands]
+    assert ok.tolist() == [r == s for r, s in zip(real, scored)]
+    assert 100 <= int((~ok).sum()) < 400  # both outcomes happen
+
+
+@pytest.fixture(scope="module")
+def smol_tok():
+    """SmolLM2-135M-Instruct's tokenizer alone: from the dequantized cache when it exists,
+    else read from the embedded GGUF (no weights are dequantized)."""
+    from transformers import AutoTokenizer
+
+    try:
+        gguf = C.embedded_gguf_path()
+    except C.UserError as e:
+        pytest.skip(str(e))
+    cached = C._gguf_cache_dir(gguf, C.DEFAULT_CACHE_DIR)
+    if (cached / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(str(cached))
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+
+@pytest.mark.parametrize("prompt", [C.SAMPLE_PROMPT, C.SAMPLE_PROMPT + " "])
+def test_in_context_check_on_smollm2s_template(smol_tok, prompt):
+    """SmolLM2's byte-level BPE: a prompt ending in a space leaves a lone space token before
+    the suffix, which a suffix starting with a letter merges into (the issue's 32.7%). Over
+    600 GCG-like candidates (random suffixes and single-token swaps), the check accepts
+    exactly those whose chat text, tokenized by HF's own chat path, gives the scored ids."""
+    t = smol_tok
+    turn = ADV.UserTurn(t, prompt)
+    allowed = ADV.printable_token_mask(t, len(t)).nonzero().flatten()
+    g = torch.Generator().manual_seed(1)
+    cands = allowed[torch.randint(0, allowed.numel(), (300, 6), generator=g)]
+    swaps = cands[:1].repeat(300, 1)
+    swaps[torch.arange(300), torch.randint(0, 6, (300,), generator=g)] = \
+        allowed[torch.randint(0, allowed.numel(), (300,), generator=g)]
+    cands = torch.cat([cands, swaps])
+    ok = turn.in_context(cands)
+    scored = [turn.before.tolist() + c.tolist() + turn.after.tolist() for c in cands]
+    real = [_server_ids(t, prompt + t.decode(c)) for c in cands]
+    assert ok.tolist() == [r == s for r, s in zip(real, scored)]
+    rejected = int((~ok).sum())
+    lone_space = t.decode(turn.before[-1:]) == " "
+    assert lone_space == prompt.endswith(" ")
+    assert (rejected > 300) if lone_space else (30 < rejected < 300)  # most suffixes merge into a lone space
+
+
+def test_in_context_check_on_bare_ids(tok):
+    turn = ADV.UserTurn.of_ids(tok, torch.tensor(tok("Hello").input_ids))
+    cands = torch.tensor([tok(" ab").input_ids, tok("cd!").input_ids])
+    assert turn.in_context(cands).tolist() == [True, True]
+    assert turn.message("xy") == "Helloxy"
 
 
 def test_defence_trains_on_windows_disjoint_from_the_attacked_ones():
@@ -224,3 +403,15 @@ def test_defence_trains_on_windows_disjoint_from_the_attacked_ones():
     trained = ADV._windows(ids, 4, cfg, offset=0.5)
     span = lambda s: set(s.prompt.tolist()) | set(s.continuation.tolist())  # noqa: E731  ids == positions here
     assert not set().union(*map(span, attacked)) & set().union(*map(span, trained))
+
+
+def test_report_names_the_defence_and_its_passes():
+    import llm_report as R
+
+    at = {"defence": "free", "steps": 4, "eps": 0.1, "delta_nll_before": 0.5, "delta_nll_after": 0.25,
+          "passes": {"training": {"forward": 4, "backward": 4}}}
+    assert R._defence_line(at) == ("Adversarial fine-tune (free, 4 steps, 4 forward / 4 backward passes): delta NLL "
+                                   "at eps 0.1 0.5 -> 0.25 on held-out samples.")
+    assert "off" in R._defence_line({"defence": "none"})
+    old = {k: v for k, v in at.items() if k not in ("defence", "passes")}  # results from before the field
+    assert R._defence_line(old).startswith("Adversarial fine-tune (pgd, 4 steps)")

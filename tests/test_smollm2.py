@@ -54,3 +54,24 @@ def test_embedded_model_answers_the_local_trivia_task_above_chance(smol, tmp_pat
     row = res.tasks["base"]["trivia_mc"]
     assert res.status == "ran" and row["n"] == 32
     assert row["acc"] > 0.5 and row["acc"] - 2 * row["acc_stderr"] > 0.25
+
+
+def test_gcg_on_smollm2_reports_a_suffix_a_user_can_send(smol):
+    """A short real GCG run in SmolLM2's chat template: the reported user message, tokenized by
+    HF's own chat path, gives exactly the ids GCG scored, and the reported best loss is the
+    target NLL of that real text in a plain forward pass."""
+    import llm_adversarial_test as ADV
+
+    model, tok, _ = smol
+    turn = ADV.UserTurn(tok, C.SAMPLE_PROMPT)
+    target = torch.tensor(tok(" Star Wars", add_special_tokens=False).input_ids)
+    r = ADV.gcg_attack(model, tok, ADV.Sample(turn.before, target), suffix_len=6, steps=3, topk=32, batch=16,
+                       progress=False, turn=turn)
+    real = tok.apply_chat_template([{"role": "user", "content": r.user_message}], add_generation_prompt=True,
+                                   tokenize=True, return_dict=True)["input_ids"]
+    assert r.in_context and list(real) == turn.before.tolist() + r.suffix_ids + turn.after.tolist()
+    x = torch.cat([torch.tensor(list(real)), target])[None]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=x).logits[0, -target.numel() - 1:-1].float(), -1)
+    assert r.final_loss == pytest.approx(float(-logp[torch.arange(target.numel()), target].mean()), rel=1e-3)
+    assert r.candidates_scored + r.candidates_filtered == 1 + 3 * 16
