@@ -37,6 +37,8 @@ from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
 import llm_common as C
+import llm_model as LM
+import llm_variants as V
 from llm_config import AdversarialConfig
 from llm_perplexity import safe_exp
 
@@ -94,7 +96,7 @@ def mean_row_norm(model) -> float:
 
 
 def _embeds(model, ids: torch.Tensor) -> torch.Tensor:
-    return model.get_input_embeddings()(ids.to(C.input_device(model))).detach()
+    return model.get_input_embeddings()(ids.to(LM.input_device(model))).detach()
 
 
 def _layout(sample: Sample, cfg: AttackConfig, suffix_ids: Optional[torch.Tensor] = None):
@@ -141,7 +143,7 @@ class _Rows:
             rows.append(torch.full((T,), i))
             cols.append(torch.arange(start - 1, start - 1 + T))
             targets.append(ids[start:])
-        dev = C.input_device(model)
+        dev = LM.input_device(model)
         embeds = _embeds(model, pad)
         attn = None if bool(attn.all()) else attn.to(dev)
         return cls(embeds, attn, pert.to(dev, embeds.dtype), torch.cat(rows).to(dev), torch.cat(cols).to(dev),
@@ -204,7 +206,7 @@ def _ascent(grad: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
 
 def _chunks(model, n_rows: int, row_len: int, scored: int) -> list[slice]:
     """Row chunks that fit in memory: attack passes keep activations for the input gradient."""
-    size = C.auto_batch_size(model, row_len, n_rows, scored=scored, train=True, fraction=0.6, on_cpu=None)
+    size = LM.auto_batch_size(model, row_len, n_rows, scored=scored, train=True, fraction=0.6, on_cpu=None)
     return [slice(i, min(i + size, n_rows)) for i in range(0, n_rows, size)]
 
 
@@ -224,7 +226,7 @@ def attack_batch(model, jobs: Sequence[tuple], suffixes: Optional[Sequence] = No
     results: list[Optional[AttackResult]] = [None] * len(jobs)
     row_len = max(ids.numel() for ids, _, _ in layouts)
     scored = max(ids.numel() - st for ids, _, st in layouts)
-    with C.trainable_only(model, ()):
+    with LM.trainable_only(model, ()):
         # Clean pass, once per distinct (sample, layout).
         keys = [(id(s), c.positions, c.suffix_len) for s, c in jobs]
         uniq = list(dict.fromkeys(keys))
@@ -353,7 +355,7 @@ def greedy_batch(model, embeds: Sequence[torch.Tensor], max_new_tokens: int,
     M = torch.zeros(len(embeds), L, dtype=torch.long, device=dev)
     for i, e in enumerate(embeds):
         E[i, L - e.shape[0]:], M[i, L - e.shape[0]:] = e, 1
-    with C.use_cache(model, True):
+    with LM.use_cache(model, True):
         out = model.generate(inputs_embeds=E, attention_mask=M, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=eos_id, pad_token_id=pad_id if eos_id is None else eos_id,
                              top_p=None, top_k=None, temperature=None)
@@ -538,7 +540,7 @@ def gcg_attack(model, tokenizer, sample: Sample, suffix_len: int = 8, steps: int
     """
     t0 = time.perf_counter()
     W = model.get_input_embeddings().weight
-    dev = C.input_device(model)
+    dev = LM.input_device(model)
     turn = turn if turn is not None else UserTurn.of_ids(tokenizer, sample.prompt, after)
     prompt, after = turn.before, turn.after
     allowed = printable_token_mask(tokenizer, W.shape[0]).to(W.device)
@@ -558,7 +560,7 @@ def gcg_attack(model, tokenizer, sample: Sample, suffix_len: int = 8, steps: int
     keep = torch.arange(S + A - 1, S + A - 1 + T)  # new-token positions whose logits predict the target
     cache_kw = _forward_kw(model)
 
-    with C.trainable_only(model, ()), C.use_cache(model, True):
+    with LM.trainable_only(model, ()), LM.use_cache(model, True):
         with torch.no_grad():
             out = model(input_ids=prompt[None].to(dev), use_cache=True)
         prefix = getattr(out, "cache", None) or out.past_key_values
@@ -571,7 +573,7 @@ def gcg_attack(model, tokenizer, sample: Sample, suffix_len: int = 8, steps: int
             return {cache_kw: c}
 
         # Candidates per forward that fit in memory (each carries a copy of the prefix cache).
-        size = C.auto_batch_size(model, S + A + T + prompt.numel(), batch, scored=T, on_cpu=None)
+        size = LM.auto_batch_size(model, S + A + T + prompt.numel(), batch, scored=T, on_cpu=None)
 
         def objective_of(cands: torch.Tensor) -> torch.Tensor:  # [B, S] -> [B]
             vals = []
@@ -633,9 +635,9 @@ def token_nll(model, seqs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     for all sequences in right-padded batches sized from free memory."""
     out: list[torch.Tensor] = []
     seqs = list(seqs)
-    dev = C.input_device(model)
+    dev = LM.input_device(model)
     L = max(x.numel() for x in seqs)
-    bs = C.auto_batch_size(model, L, len(seqs), on_cpu=16)  # short rows: batching pays on CPU too
+    bs = LM.auto_batch_size(model, L, len(seqs), on_cpu=16)  # short rows: batching pays on CPU too
     for i in range(0, len(seqs), bs):
         chunk = seqs[i:i + bs]
         ids = torch.zeros(len(chunk), L, dtype=torch.long)
@@ -693,13 +695,13 @@ def _trainable(model) -> list:
 @contextlib.contextmanager
 def _training(model, params, lr: float):
     """(optimizer, autocast dtype) for a defence's weight updates, restored on exit: fp32
-    master weights for bf16/fp16 models (``C.fp32_master_weights``: steps of lr ~1e-5 are not
+    master weights for bf16/fp16 models (``LM.fp32_master_weights``: steps of lr ~1e-5 are not
     rounded away), only ``params`` trainable, train mode, then the previous mode back."""
     was_training = model.training
     try:
-        with C.fp32_master_weights(params):
-            fused = C.input_device(model).type == "cuda"
-            yield torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=fused), C.low_precision_dtype(model)
+        with LM.fp32_master_weights(params):
+            fused = LM.input_device(model).type == "cuda"
+            yield torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=fused), LM.low_precision_dtype(model)
     finally:
         model.train(was_training)
 
@@ -710,9 +712,9 @@ def adversarial_finetune(model, samples: Sequence[Sample], cfg: AttackConfig, st
     finds PGD perturbations for all ``samples`` at once (one batch; ``cfg.steps`` forward +
     backward passes, plus the attack's clean and final forwards) and takes one AdamW step on
     the clean continuations' loss under them: ``cfg.steps + 1`` backward passes per weight
-    update. Returns the training losses. Wrap in ``C.restored_on_exit`` to undo."""
+    update. Returns the training losses. Wrap in ``V.restored_on_exit`` to undo."""
     params = _trainable(model)
-    dev = C.input_device(model)
+    dev = LM.input_device(model)
     losses = []
     with _training(model, params, lr) as (opt, low):
         for step in tqdm(range(steps), desc="adversarial fine-tune (PGD)", disable=not progress):
@@ -726,7 +728,7 @@ def adversarial_finetune(model, samples: Sequence[Sample], cfg: AttackConfig, st
                 delta = torch.zeros(rows.embeds.shape, dtype=torch.float32, device=rows.embeds.device)
                 for i, ((_, sl, _), r) in enumerate(zip(layouts, rs)):
                     delta[i, sl] = r.delta.to(delta.device)
-                with C.trainable_only(model, params):
+                with LM.trainable_only(model, params):
                     model.train()
                     nll, _ = _scored(model, rows, delta)
                     loss = nll.mean()
@@ -754,17 +756,17 @@ def free_adversarial_finetune(model, samples: Sequence[Sample], cfg: AttackConfi
     perturbations on the input embeddings of ``cfg.positions`` (the prompt), with the radius
     relative to the mean embedding-row norm as every attack here; the weight update uses the
     gradient at the current delta, before delta moves, as Algorithm 1 does. Wrap in
-    ``C.restored_on_exit`` to undo. Returns the training losses (nats/token, under delta).
+    ``V.restored_on_exit`` to undo. Returns the training losses (nats/token, under delta).
     """
     validate(cfg)
     params = _trainable(model)
-    dev = C.input_device(model)
+    dev = LM.input_device(model)
     layouts = [_layout(s, cfg) for s in samples]
     rbar, dim = mean_row_norm(model), model.get_input_embeddings().weight.shape[-1]
     radius = torch.tensor([_radius_of(rbar, dim, cfg.norm, cfg.epsilon)], device=dev)
     l2 = torch.tensor(cfg.norm == "l2", device=dev).reshape(1, 1, 1)
     delta, losses = None, []
-    with _training(model, params, lr) as (opt, low), C.trainable_only(model, params):
+    with _training(model, params, lr) as (opt, low), LM.trainable_only(model, params):
         model.train()
         for _ in tqdm(range(steps), desc="adversarial fine-tune (free)", disable=not progress):
             with torch.autocast(dev.type, dtype=low, enabled=low is not None):
@@ -803,7 +805,7 @@ def counted_passes(model):
         if torch.is_tensor(h) and h.requires_grad:
             h.register_hook(seen)
 
-    handle = C.decoder_layers(model)[0].register_forward_hook(hook, with_kwargs=True)
+    handle = LM.decoder_layers(model)[0].register_forward_hook(hook, with_kwargs=True)
     try:
         yield counts
     finally:
@@ -941,7 +943,7 @@ def _defence(model, samples: list[Sample], train_s: list[Sample], config: Advers
     # Full weights need 16 bytes each for fp32 masters and AdamW (108 GB at 7B): large models
     # train LoRA adapters instead, removed afterwards; small ones are restored from a copy.
     names = [] if lora_r else [n for n, p in model.named_parameters() if p.is_floating_point()]
-    with C.restored_on_exit(model, names):
+    with V.restored_on_exit(model, names):
         target = _lora(model, lora_r, config.seed) if lora_r else model
         try:
             with counted_passes(model) as training:  # the hooks sit on the base model's blocks, under LoRA too

@@ -26,7 +26,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm

@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import llm_adversarial_test as ADV  # noqa: E402
 import llm_common as C  # noqa: E402
+import llm_data as D  # noqa: E402
+import llm_model as LM  # noqa: E402
 from llm_config import AdversarialConfig  # noqa: E402
 
 WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -35,9 +37,9 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", default=None)
     a = p.parse_args(argv)
     C.setup_logging("WARNING")
-    model, tok, label = C.load_model(C.LoadConfig(model=a.model, cache_dir=a.cache_dir))
-    text = WIKI.read_text()[:a.chars] if WIKI.is_file() else C.embedded_corpus("test")[:a.chars]
-    ids = C.tokenize_corpus(tok, text)
+    model, tok, label = LM.load_model(LM.LoadConfig(model=a.model, cache_dir=a.cache_dir))
+    text = WIKI.read_text()[:a.chars] if WIKI.is_file() else D.embedded_corpus("test")[:a.chars]
+    ids = D.tokenize_corpus(tok, text)
     rows = {}
     for defence in ("free", "pgd"):
         cfg = AdversarialConfig(defence=defence, progress=False).resolved(a.budget == "gpu")

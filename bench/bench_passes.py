@@ -69,6 +69,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 import llm_adversarial_test as ADV  # noqa: E402
 import llm_common as C  # noqa: E402
+import llm_data as D  # noqa: E402
+import llm_model as LM  # noqa: E402
 import llm_config as K  # noqa: E402
 import llm_main_v4 as M  # noqa: E402
 from conftest import make_llama, make_tokenizer  # noqa: E402
@@ -83,7 +85,7 @@ class PassCounter:
     """Forward hooks on every decoder block and counting wrappers around autograd."""
 
     def __init__(self, model):
-        self.layers = C.decoder_layers(model)
+        self.layers = LM.decoder_layers(model)
         self.tokens = 0
         self.layer_calls = 0
         self.rows = 0
@@ -303,8 +305,8 @@ def main(argv=None):
     model_dir = work / "model"
     make_llama(layers=4, hidden=64).save_pretrained(model_dir)
     make_tokenizer().save_pretrained(model_dir)
-    text = WIKI.read_text()[:400_000] if WIKI.is_file() else C.embedded_corpus("test")
-    train = VALID.read_text()[:400_000] if VALID.is_file() else C.embedded_corpus("train")
+    text = WIKI.read_text()[:400_000] if WIKI.is_file() else D.embedded_corpus("test")
+    train = VALID.read_text()[:400_000] if VALID.is_file() else D.embedded_corpus("train")
     (work / "eval.txt").write_text(text)
     (work / "train.txt").write_text(train)
     # lm-eval resolves a task's data files against the working directory: a copy of the task

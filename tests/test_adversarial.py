@@ -164,7 +164,7 @@ def test_free_adversarial_training_reduces_delta_nll_and_restores(tiny_llama):
     cfg = ADV.AttackConfig(method="pgd", norm="linf", epsilon=0.5, steps=4, seed=5)
     before = sum(ADV.attack_embeddings(m, s, cfg).delta_nll for s in samples)
     snap = {k: v.clone() for k, v in m.state_dict().items()}
-    with C.restored_on_exit(m, [n for n, _ in m.named_parameters()]):
+    with V.restored_on_exit(m, [n for n, _ in m.named_parameters()]):
         ADV.free_adversarial_finetune(m, samples, cfg, steps=120, lr=1e-3, progress=False)
         after = sum(ADV.attack_embeddings(m, s, cfg).delta_nll for s in samples)
     assert after < before
@@ -174,7 +174,7 @@ def test_free_adversarial_training_reduces_delta_nll_and_restores(tiny_llama):
 @pytest.mark.parametrize("defence", ["free", "pgd", "none"])
 def test_defence_records_which_ran_and_its_passes(tok, sample_text, tiny_llama, defence):
     m = tiny_llama(seed=2)
-    ids = C.tokenize_corpus(tok, sample_text[:4000])
+    ids = D.tokenize_corpus(tok, sample_text[:4000])
     cfg = ADV.AdversarialConfig(epsilons=(0.2,), pgd_steps=3, n_windows=2, prompt_len=12, continuation_len=4,
                                 targeted_steps=2, gcg_steps=1, gcg_batch=4, gcg_topk=4, gcg_suffix_len=2,
                                 defence=defence, defence_steps=4, max_new_tokens=2, progress=False)
@@ -353,16 +353,16 @@ def smol_tok():
     from transformers import AutoTokenizer
 
     try:
-        gguf = C.embedded_gguf_path()
+        gguf = LM.embedded_gguf_path()
     except C.UserError as e:
         pytest.skip(str(e))
-    cached = C._gguf_cache_dir(gguf, C.DEFAULT_CACHE_DIR)
+    cached = LM._gguf_cache_dir(gguf, LM.DEFAULT_CACHE_DIR)
     if (cached / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(str(cached))
     return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
-@pytest.mark.parametrize("prompt", [C.SAMPLE_PROMPT, C.SAMPLE_PROMPT + " "])
+@pytest.mark.parametrize("prompt", [LM.SAMPLE_PROMPT, LM.SAMPLE_PROMPT + " "])
 def test_in_context_check_on_smollm2s_template(smol_tok, prompt):
     """SmolLM2's byte-level BPE: a prompt ending in a space leaves a lone space token before
     the suffix, which a suffix starting with a letter merges into (the issue's 32.7%). Over

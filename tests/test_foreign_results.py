@@ -3,7 +3,6 @@ type-checking, escaping reader (issue 22, rows 7 and 9), and the legend tells ru
 import json
 import os
 import re
-from pathlib import Path
 
 import pytest
 

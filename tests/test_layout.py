@@ -117,7 +117,7 @@ def test_the_old_names_in_llm_common_still_resolve_with_a_warning_naming_their_n
 
 
 # Not yet moved to the new homes (being changed elsewhere); they still work through the shim.
-OLD_NAMES_ALLOWED = {"llm_adversarial_test.py", "bench/bench_passes.py"}
+OLD_NAMES_ALLOWED: set = set()
 
 
 def test_no_project_code_uses_the_old_names_of_llm_common():

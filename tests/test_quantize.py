@@ -9,7 +9,6 @@ import torch
 
 import llm_common as C
 import llm_compress as LC
-import llm_config as K
 import llm_data as D
 import llm_model as LM
 from llm_quantize_model import allocate_bits

@@ -63,7 +63,7 @@ def test_gcg_on_smollm2_reports_a_suffix_a_user_can_send(smol):
     import llm_adversarial_test as ADV
 
     model, tok, _ = smol
-    turn = ADV.UserTurn(tok, C.SAMPLE_PROMPT)
+    turn = ADV.UserTurn(tok, LM.SAMPLE_PROMPT)
     target = torch.tensor(tok(" Star Wars", add_special_tokens=False).input_ids)
     r = ADV.gcg_attack(model, tok, ADV.Sample(turn.before, target), suffix_len=6, steps=3, topk=32, batch=16,
                        progress=False, turn=turn)
