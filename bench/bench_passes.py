@@ -71,9 +71,9 @@ import llm_adversarial_test as ADV  # noqa: E402
 import llm_common as C  # noqa: E402
 import llm_data as D  # noqa: E402
 import llm_model as LM  # noqa: E402
-import llm_config as K  # noqa: E402
 import llm_main_v4 as M  # noqa: E402
 from conftest import make_llama, make_tokenizer  # noqa: E402
+from pipeline_counts import run_wrapped  # noqa: E402
 
 WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 VALID = ROOT.parent / "shared" / "data" / "wikitext-2-tokenized" / "valid.txt"
@@ -327,14 +327,7 @@ def main(argv=None):
     if a.defence:
         argv += ["--defence", a.defence]
     counts = {}
-    originals = dict(M.STEPS)
-    M.STEPS.update({n: dataclasses.replace(s, adapter=_counted(n, s.adapter, counts)) for n, s in originals.items()})
-    try:
-        t0 = time.perf_counter()
-        M.run_pipeline(K.from_args(M.build_parser().parse_args(argv)), argv)
-        total = time.perf_counter() - t0
-    finally:
-        M.STEPS.update(originals)
+    total = run_wrapped(argv, lambda n, adapter: _counted(n, adapter, counts))
     worst = _report(counts, a.budget, total)
     (work / "passes.json").write_text(json.dumps(counts, indent=2, default=str))
     return 0 if worst <= 1.25 else 1

@@ -24,7 +24,6 @@ stated assumptions) rather than from the local stand-in.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import resource
 import sys
@@ -40,16 +39,17 @@ sys.path.insert(0, str(ROOT / "bench"))
 import llm_common as C  # noqa: E402
 import llm_config as K  # noqa: E402
 import llm_data as D  # noqa: E402
-import llm_main_v4 as M  # noqa: E402
 import llm_model as LM  # noqa: E402
 from bench_corpus import write_shard  # noqa: E402
 from conftest import make_llama, make_tokenizer  # noqa: E402
+from pipeline_counts import run_wrapped  # noqa: E402
 
 WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 N7, LAYERS7, D7 = 6.74e9, 32, 4096
 H100 = 989e12
 MFU = {"forward": 0.619, "train": 0.419, "prune": 0.46}
-KIND = {"finetune": "train", "prune": "prune", "noise": "train", "eval": "forward", "zeroshot": "forward",
+KIND = {"finetune": "train", "prune": "prune", "quantize": "prune", "noise": "train", "eval": "forward",
+        "zeroshot": "forward",
         "export": "forward", "adversarial": "train", "analysis": "train"}
 WIKI_LLAMA2_TOKENS = 166 * 2048  # what the papers score of WikiText-2 test with Llama-2's tokenizer
 # Zero-shot: (requests, assumed mean Llama-2 tokens per request) of the seven tasks in lm-eval 0.4.
@@ -97,6 +97,7 @@ def _counted(name, adapter, counts):
             counts[name].update(seconds=time.perf_counter() - t, window=_window(name, cfg),
                                 peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                                 rss_growth_mb=(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024)
+            print(f"done {name}: {counts[name]}", file=sys.stderr, flush=True)  # survives a later step's failure
     return counted
 
 
@@ -144,19 +145,13 @@ def main(argv=None):
     if tasks:
         argv += ["--tasks", ",".join(tasks), "--tasks-include", a.tasks]
     counts = {}
-    originals = dict(M.STEPS)
-    M.STEPS.update({n: dataclasses.replace(s, adapter=_counted(n, s.adapter, counts)) for n, s in originals.items()})
-    try:
-        t0 = time.perf_counter()
-        M.run_pipeline(K.from_args(M.build_parser().parse_args(argv)), argv)
-        total = time.perf_counter() - t0
-    finally:
-        M.STEPS.update(originals)
+    total = run_wrapped(argv, lambda n, adapter: _counted(n, adapter, counts))
     scale = WIKI_LLAMA2_TOKENS / len(text)
     if "finetune" in counts:  # every training step has the same shape: scale the run's steps to the budget's
-        f = K.BUDGETS["finetune.steps"][1] / a.ft_steps
-        counts["finetune"] = {**counts["finetune"], **{k: counts["finetune"][k] * f for k in
-                                                        ("fwd_tokens", "fwd_passes", "bwd_tokens", "bwd_passes")}}
+        c, f = counts["finetune"], K.BUDGETS["finetune.steps"][1] / a.ft_steps
+        held_tokens, held_passes = c["fwd_tokens"] - c["bwd_tokens"], c["fwd_passes"] - c["bwd_passes"]  # before/after
+        counts["finetune"] = {**c, "fwd_tokens": c["bwd_tokens"] * f + held_tokens, "bwd_tokens": c["bwd_tokens"] * f,
+                              "fwd_passes": c["bwd_passes"] * f + held_passes, "bwd_passes": c["bwd_passes"] * f}
     print(f"tiny Llama (4 x 64, byte tokenizer), --budget gpu, {total:.0f} s on CPU; calibration: {shard.name} "
           f"(5,000 synthetic documents); eval text {len(text):,} characters -> {WIKI_LLAMA2_TOKENS:,} Llama-2 tokens")
     print(f"{'step':12s} {'fwd tok':>11s} {'fwd':>8s} {'bwd tok':>11s} {'bwd':>7s} {'cpu s':>7s} {'RSS MB':>7s} "
