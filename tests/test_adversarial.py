@@ -105,14 +105,18 @@ def test_perplexity_filter_is_calibrated_and_measured_on_held_out_prompts(tok, t
     assert out["windowed"]["threshold"] == pytest.approx(max(w(x) for x in cal), rel=1e-5)
 
 
-def test_adversarial_finetune_reduces_delta_nll_and_restores(tiny_llama):
+@pytest.mark.parametrize("train,steps,lr", [("pgd", 30, 3e-3), ("free", 120, 1e-3)])
+def test_adversarial_training_reduces_delta_nll_and_restores(tiny_llama, train, steps, lr):
+    """PGD-AT (30 steps of PGD-4: 150 backward passes) and Free-AT (120 one-pass steps) both lower
+    PGD's delta NLL, and the weights are restored bit for bit on exit."""
     m = tiny_llama(seed=2)
     samples = _samples(3)
     cfg = ADV.AttackConfig(method="pgd", norm="linf", epsilon=0.5, steps=4, seed=5)
+    fit = ADV.adversarial_finetune if train == "pgd" else ADV.free_adversarial_finetune
     before = sum(ADV.attack_embeddings(m, s, cfg).delta_nll for s in samples)
     snap = {k: v.clone() for k, v in m.state_dict().items()}
     with V.restored_on_exit(m, [n for n, _ in m.named_parameters()]):
-        ADV.adversarial_finetune(m, samples, cfg, steps=30, lr=3e-3, progress=False)
+        fit(m, samples, cfg, steps=steps, lr=lr, progress=False)
         after = sum(ADV.attack_embeddings(m, s, cfg).delta_nll for s in samples)
     assert after < before
     assert all(torch.equal(snap[k], v) for k, v in m.state_dict().items())
@@ -154,21 +158,6 @@ def test_free_adversarial_training_is_shafahis_algorithm_one_pass_per_step(tiny_
     assert losses == pytest.approx(ref_losses, abs=1e-5)
     for (k, a), b in zip(m.state_dict().items(), ref.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5), k
-
-
-def test_free_adversarial_training_reduces_delta_nll_and_restores(tiny_llama):
-    """Free-AT's 120 one-pass steps cost fewer backward passes than PGD-AT's 30 steps of PGD-4
-    (150) in the test above, and lower PGD's delta NLL as that does."""
-    m = tiny_llama(seed=2)
-    samples = _samples(3)
-    cfg = ADV.AttackConfig(method="pgd", norm="linf", epsilon=0.5, steps=4, seed=5)
-    before = sum(ADV.attack_embeddings(m, s, cfg).delta_nll for s in samples)
-    snap = {k: v.clone() for k, v in m.state_dict().items()}
-    with V.restored_on_exit(m, [n for n, _ in m.named_parameters()]):
-        ADV.free_adversarial_finetune(m, samples, cfg, steps=120, lr=1e-3, progress=False)
-        after = sum(ADV.attack_embeddings(m, s, cfg).delta_nll for s in samples)
-    assert after < before
-    assert all(torch.equal(snap[k], v) for k, v in m.state_dict().items())
 
 
 @pytest.mark.parametrize("defence", ["free", "pgd", "none"])
