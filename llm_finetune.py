@@ -36,7 +36,8 @@ import llm_common as C
 import llm_data as D
 import llm_io as IO
 import llm_model as LM
-from llm_config import EvalConfig, FinetuneConfig, fingerprint
+from llm_config import EvalConfig, FinetuneConfig
+from llm_knobs import fingerprint
 from llm_perplexity import evaluate_model
 
 log = logging.getLogger("llm.finetune")

@@ -33,7 +33,9 @@ import llm_data as D
 import llm_io as IO
 import llm_model as LM
 import llm_variants as V
-from llm_config import ALL_STEPS, OneLineParser, PipelineConfig, add_arguments, fingerprint, from_args
+from llm_cli import OneLineParser, add_arguments, from_args, write_config
+from llm_config import ALL_STEPS, PipelineConfig
+from llm_knobs import fingerprint
 from llm_report import compare_runs, fmt, make_plots, read_results, rebuild_report, write_report
 
 log = logging.getLogger("llm.main")
@@ -347,6 +349,8 @@ def _run(cfg: PipelineConfig, argv: Optional[list], out: Path, configs: dict, te
     previous = read_results(out)
     done_before = previous.get("steps_done", {})
     run = _start(cfg, out, None if argv is None else list(argv), texts, described)
+    if C.dist_rank_world()[0] == 0:  # --config on it reruns this run
+        write_config(cfg, out / "config.yaml")
     if "noise" in configs:  # a bad --noise-group fails now, not after hours of fine-tuning and pruning
         importlib.import_module(STEPS["noise"].module).select_params(run.model, configs["noise"].group)
     if "prune" in configs:  # an N:M pattern the model's widths cannot take fails now, before calibration

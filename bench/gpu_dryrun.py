@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 import llm_common as C  # noqa: E402
 import llm_config as K  # noqa: E402
+from llm_knobs import budget_of  # noqa: E402
 import llm_data as D  # noqa: E402
 import llm_model as LM  # noqa: E402
 from bench_corpus import write_shard  # noqa: E402
@@ -148,7 +149,7 @@ def main(argv=None):
     total = run_wrapped(argv, lambda n, adapter: _counted(n, adapter, counts))
     scale = WIKI_LLAMA2_TOKENS / len(text)
     if "finetune" in counts:  # every training step has the same shape: scale the run's steps to the budget's
-        c, f = counts["finetune"], K.BUDGETS["finetune.steps"][1] / a.ft_steps
+        c, f = counts["finetune"], budget_of(K.FinetuneConfig, "steps")[1] / a.ft_steps
         held_tokens, held_passes = c["fwd_tokens"] - c["bwd_tokens"], c["fwd_passes"] - c["bwd_passes"]  # before/after
         counts["finetune"] = {**c, "fwd_tokens": c["bwd_tokens"] * f + held_tokens, "bwd_tokens": c["bwd_tokens"] * f,
                               "fwd_passes": c["bwd_passes"] * f + held_passes, "bwd_passes": c["bwd_passes"] * f}

@@ -5,7 +5,7 @@ import dataclasses
 import time
 from typing import Callable
 
-import llm_config as K
+import llm_cli as K
 import llm_main_v4 as M
 
 

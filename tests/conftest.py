@@ -147,6 +147,22 @@ def tiny_run_dir(tmp_path_factory, sample_text):
     return d
 
 
+def tiny_argv(tiny, out, *extra) -> list:
+    """Command-line flags of a fast run on ``tiny_run_dir``'s model and text into ``out``."""
+    return ["--model", str(tiny / "model"), "--dataset", str(tiny / "text.txt"), "--train-dataset",
+            str(tiny / "text.txt"), "--allow-overlap", "--seq-len", "32", "--eval-tokens", "128", "--max-new-tokens",
+            "2", "--calib-samples", "2", "--calib-seq-len", "32", "--output-dir", str(out), "--log-level", "WARNING",
+            *extra]
+
+
+def one_error(capsys) -> str:
+    """The one error line of a failed run (progress bars of library loaders may precede it; no traceback may)."""
+    text = capsys.readouterr().err
+    err = [ln for ln in text.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "Traceback" not in text, text[-2000:]
+    return err[0]
+
+
 @pytest.fixture(params=["llama", "gpt2"])
 def tiny_model(request):
     return make_llama() if request.param == "llama" else make_gpt2()

@@ -183,7 +183,7 @@ def test_defence_records_which_ran_and_its_passes(tok, sample_text, tiny_llama, 
 
 
 def test_defence_budget_and_flag():
-    import llm_config as K
+    import llm_cli as K
 
     assert K.AdversarialConfig().resolved(gpu=True).defence == "free"
     assert K.from_args(K.add_arguments(K.OneLineParser()).parse_args(["--defence", "pgd"])).adversarial.defence == "pgd"

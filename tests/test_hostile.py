@@ -17,6 +17,7 @@ import llm_data as D
 import llm_io as IO
 import llm_main_v4
 import llm_model as LM
+from conftest import one_error, tiny_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,18 +28,7 @@ def tiny(tiny_run_dir):
 
 
 def argv(tiny, out, *extra):
-    return ["--model", str(tiny / "model"), "--dataset", str(tiny / "text.txt"), "--train-dataset",
-            str(tiny / "text.txt"), "--allow-overlap", "--steps", "prune,eval", "--seq-len", "32", "--eval-tokens",
-            "128", "--max-new-tokens", "2", "--calib-samples", "2", "--calib-seq-len", "32", "--output-dir",
-            str(out), "--log-level", "WARNING", *extra]
-
-
-def one_error(capsys) -> str:
-    """The one error line (progress bars of library loaders may precede it; no traceback may)."""
-    text = capsys.readouterr().err
-    err = [ln for ln in text.splitlines() if ln.startswith("error:")]
-    assert len(err) == 1 and "Traceback" not in text, text[-2000:]
-    return err[0]
+    return tiny_argv(tiny, out, "--steps", "prune,eval", *extra)
 
 
 def test_a_second_run_on_a_directory_in_use_is_refused_and_a_stale_lock_is_taken(tiny, tmp_path, capsys):

@@ -8,6 +8,7 @@ import pytest
 
 import llm_common as C
 import llm_config as K
+from llm_knobs import flag_of
 import llm_data as D
 import llm_main_v4
 import llm_variants as V
@@ -116,10 +117,10 @@ def _flags(numeric: bool) -> list:
             if not f.metadata.get("cli", True) or hints[f.name] in (bool,):
                 continue
             if numeric and f.metadata.get("bounds"):
-                out[K.flag_of(cls, f)] = (f.metadata["bounds"], "int" if "int" in str(hints[f.name]) or
+                out[flag_of(cls, f)] = (f.metadata["bounds"], "int" if "int" in str(hints[f.name]) or
                                           f.metadata.get("parse") is K.parse_ints else "float")
             elif not numeric and not f.metadata.get("bounds"):
-                out[K.flag_of(cls, f)] = None
+                out[flag_of(cls, f)] = None
     return sorted(out.items())
 
 

@@ -12,6 +12,7 @@ import pytest
 
 import llm_io as IO
 import llm_main_v4 as M
+from conftest import one_error, tiny_argv
 
 KEPT = ("perplexity", "evaluation", "protocol", "variants", "prune", "noise")
 
@@ -22,18 +23,8 @@ def tiny(tiny_run_dir):
 
 
 def cli(tiny, out, *extra):
-    return ["--model", str(tiny / "model"), "--dataset", str(tiny / "text.txt"), "--train-dataset",
-            str(tiny / "text.txt"), "--allow-overlap", "--seq-len", "32", "--eval-tokens", "128", "--max-new-tokens",
-            "2", "--calib-samples", "2", "--calib-seq-len", "32", "--sweep-eps", "0.1", "--sweep-seeds", "1",
-            "--sweep-tokens", "64", "--sweep-seq-len", "32", "--noise-fisher-windows", "1",
-            "--output-dir", str(out), "--log-level", "WARNING", *extra]
-
-
-def one_error(capsys) -> str:
-    text = capsys.readouterr().err
-    err = [ln for ln in text.splitlines() if ln.startswith("error:")]
-    assert len(err) == 1 and "Traceback" not in text, text[-2000:]
-    return err[0]
+    return tiny_argv(tiny, out, "--sweep-eps", "0.1", "--sweep-seeds", "1", "--sweep-tokens", "64", "--sweep-seq-len",
+                     "32", "--noise-fisher-windows", "1", *extra)
 
 
 def results(out) -> dict:

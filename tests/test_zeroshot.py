@@ -245,7 +245,7 @@ def test_task_yamls_that_run_python_need_trust_remote_code(tmp_path, tiny_run_di
         err = capsys.readouterr().err
         assert err.count("error:") == 1 and "!function" in err and "--trust-remote-code" in err
         assert not (tmp_path / "t" / "RAN").exists()
-    files, code = __import__("llm_config").local_task_files((str(yml),), None)
+    files, code = __import__("llm_tasks").local_task_files((str(yml),), None)
     assert code == [str(yml)] and str(tmp_path / "t" / "evil.py") in files  # its code is fingerprinted too
     ok = ZeroShotConfig(tasks=(str(yml),), trust_remote_code=True)
     ok.validate()

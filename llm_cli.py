@@ -1,0 +1,223 @@
+"""The command line and config files, generated from the config dataclasses.
+
+    python llm_main_v4.py --sparsity 0.6 --prune-method sparsegpt
+    python llm_main_v4.py --config data/config.yaml --seed 1      # a file, then flags over it
+
+One flag per config field (``llm_knobs.flag_of``), grouped by step, with the real defaults
+and budgets in ``--help``. A config file is YAML (read by PyYAML) with the same names: a
+section per step holding field names (``prune: {sparsity: 0.6}``), or flag names at the top
+level (``sparsity: 0.6``, ``prune-method: wanda``). Its values go through the very conversion
+and checks that flag text does, so a file can say nothing a flag cannot. Every run writes
+``config.yaml`` beside ``results.json``; ``--config`` on it reruns the run.
+
+Why not jsonargparse, omegaconf or ``HfArgumentParser``: each brings a second type system over
+the same dataclasses (omegaconf cannot hold ``protect``'s ``str | tuple``; ``HfArgumentParser``
+reads one flat dataclass per file), while the fields here already carry their parsers, bounds
+and budgets. YAML itself is read by PyYAML, which lm-eval and transformers already require.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+from dataclasses import fields
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+import llm_io as IO
+from llm_common import UserError
+from llm_config import STEP_CONFIGS, PipelineConfig, RunConfig
+from llm_knobs import flag_of, hints_of
+
+SECTIONS = {"run": RunConfig, **STEP_CONFIGS}
+
+
+def _default_text(cls: type, f: dataclasses.Field) -> str:
+    if f.metadata.get("shown"):
+        return f.metadata["shown"]
+    if f.metadata.get("budget") is not None:
+        cpu, gpu = f.metadata["budget"]
+        show = lambda v: {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+        return f"{show(cpu)} CPU, {show(gpu)} GPU"
+    d = f.default
+    if isinstance(d, bool) and hints_of(cls)[f.name] is bool:
+        return ""
+    if d is None:
+        return "auto"
+    if isinstance(d, tuple):
+        return ",".join(map(str, d)) if d else "none"
+    return str(d)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors raise UserError: one line, no usage block (the caller prints it)."""
+
+    def error(self, message: str):
+        raise UserError(message)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """One flag per config field (shared flags once), grouped by step, real defaults in the help."""
+    owners: dict[str, tuple] = {}
+    for cls in (RunConfig, *STEP_CONFIGS.values()):
+        group = parser.add_argument_group(cls.step if cls is RunConfig else f"step {cls.step}")
+        hints = hints_of(cls)
+        for f in fields(cls):
+            if not f.metadata.get("cli", True):
+                continue
+            flag, m = flag_of(cls, f), f.metadata
+            if flag in owners:
+                if owners[flag] != (f.default, hints[f.name]):
+                    raise TypeError(f"{flag}: configs that share it disagree on its default or type")
+                continue
+            owners[flag] = (f.default, hints[f.name])
+            text = _default_text(cls, f)
+            helptext = (m["help"] + (f" (default: {text})" if text else "")).replace("%", "%%")
+            dest = flag[2:].replace("-", "_")
+            if hints[f.name] is bool:
+                group.add_argument(flag, dest=dest, action="store_true", default=None, help=helptext)
+            elif m.get("many") == "+":  # one flag, several values: --compare A B C
+                group.add_argument(flag, dest=dest, nargs="+", default=None, help=helptext)
+            elif m.get("many"):
+                group.add_argument(flag, dest=dest, action="append", default=None, help=helptext)
+            elif hints[f.name] == Optional[bool]:
+                group.add_argument(flag, dest=dest, choices=("on", "off", "auto"), default=None, help=helptext)
+            else:
+                group.add_argument(flag, dest=dest, default=None, choices=m.get("choices"), help=helptext,
+                                   metavar=None if m.get("choices") else flag[2:].split("-")[-1].upper())
+    return parser
+
+
+def _convert(cls: type, f: dataclasses.Field, text):
+    """Flag text -> field value; UserError naming the flag on bad text."""
+    hint, m, flag = hints_of(cls)[f.name], f.metadata, flag_of(cls, f)
+    if any(not str(t).strip() for t in (text if m.get("many") else [text])):
+        raise UserError(f"{flag} must not be empty")  # an empty value never means anything here
+    try:
+        if m.get("many"):
+            return tuple(text)
+        if m.get("parse"):
+            return m["parse"](text)
+        if hint is bool:
+            return bool(text)
+        if hint == Optional[bool]:
+            return {"on": True, "off": False, "auto": None}[text]
+        if hint in (int, Optional[int]):
+            return int(text)
+        if hint in (float, Optional[float]):
+            v = float(text)
+            if not math.isfinite(v):
+                raise ValueError("a finite number")
+            return v
+        return text
+    except ValueError as e:
+        kind = {int: "an integer", Optional[int]: "an integer", float: "a number", Optional[float]: "a number"}
+        want = str(e) if m.get("parse") or "finite" in str(e) else kind.get(hint, "valid")
+        raise UserError(f"{flag} must be {want}, got {text!r}")
+
+
+def _value(cls: type, f: dataclasses.Field, v):
+    """A YAML value -> field value, through the flag conversion (lists and booleans as a flag says them)."""
+    hint, m = hints_of(cls)[f.name], f.metadata
+    if v is None:
+        return f.default
+    if isinstance(v, bool) and hint in (bool, Optional[bool]):
+        return v
+    if isinstance(v, (list, tuple)) and not v:
+        return ()
+    if isinstance(v, (list, tuple)):
+        v = [str(x) for x in v] if m.get("many") else ",".join(map(str, v))
+    elif isinstance(v, dict):  # --max-memory as a mapping
+        v = ",".join(f"{k}={x}" for k, x in v.items())
+    else:
+        v = str(v)
+    return _convert(cls, f, v)
+
+
+def _flag_index() -> dict:
+    """Flag name (and the field-style spelling with underscores) -> every (section, field) it sets."""
+    index: dict = {}
+    for name, cls in SECTIONS.items():
+        for f in fields(cls):
+            if f.metadata.get("cli", True):
+                flag = flag_of(cls, f)[2:]
+                for key in {flag, flag.replace("-", "_")}:
+                    index.setdefault(key, []).append((name, f))
+    return index
+
+
+def read_config_file(path: str) -> dict:
+    """{section: {field: value}} of a YAML config file; UserError on a missing file, bad YAML or an
+    unknown name."""
+    p = Path(os.path.expanduser(path))
+    if not p.is_file():
+        raise UserError(f"--config: {path} is not a file")
+    try:
+        doc = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})")
+    if not isinstance(doc, dict):
+        raise UserError(f"--config {path}: expected a mapping of sections or flags, got {type(doc).__name__}")
+    out: dict = {name: {} for name in SECTIONS}
+    index = _flag_index()
+    for key, value in doc.items():
+        key = str(key).lstrip("-")
+        if key in SECTIONS and isinstance(value, dict):
+            cls = SECTIONS[key]
+            known = {f.name: f for f in fields(cls) if f.metadata.get("cli", True)}
+            for k, v in value.items():
+                if k not in known:
+                    raise UserError(f"--config {path}: {key}.{k} is not a field of the {key} config")
+                out[key][k] = _value(cls, known[k], v)
+        elif key in index:
+            for name, f in index[key]:
+                out[name][f.name] = _value(SECTIONS[name], f, value)
+        else:
+            raise UserError(f"--config {path}: {key!r} is neither a step section nor a flag")
+    return out
+
+
+def from_args(ns: argparse.Namespace) -> PipelineConfig:
+    """The PipelineConfig of parsed flags: flags given override ``--config``'s file, which overrides
+    the dataclass defaults."""
+    base = read_config_file(ns.config) if getattr(ns, "config", None) else {name: {} for name in SECTIONS}
+    parts = {}
+    for name, cls in SECTIONS.items():
+        kw = dict(base[name])
+        for f in fields(cls):
+            if f.metadata.get("cli", True):
+                text = getattr(ns, flag_of(cls, f)[2:].replace("-", "_"))
+                if text is not None:
+                    kw[f.name] = _convert(cls, f, text)
+        kw.pop("config", None)  # the file itself is not part of the run's config
+        parts[name] = cls(**kw)
+    return PipelineConfig(**parts)
+
+
+_MODES = ("config", "report_only", "compare")  # what the command does, not how a run computes
+
+
+def _yaml_value(v):
+    if isinstance(v, tuple) and v and all(isinstance(x, tuple) and len(x) == 3 for x in v):
+        return ",".join(f"{m}:{r}:{c}" for m, r, c in v)  # --protect-super-weights text
+    if isinstance(v, tuple):
+        return [_yaml_value(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): x for k, x in v.items()}
+    return v
+
+
+def config_yaml(cfg: PipelineConfig) -> str:
+    """The whole config as YAML, one section per step, every field a flag sets (budgets left
+    null: the device fills them, as on the command line). ``--config`` on it gives ``cfg`` back."""
+    doc = {name: {f.name: _yaml_value(getattr(getattr(cfg, name), f.name)) for f in fields(cls)
+                  if f.metadata.get("cli", True) and f.name not in _MODES} for name, cls in SECTIONS.items()}
+    return "# written by llm_main_v4.py; rerun with: python llm_main_v4.py --config <this file>\n" + \
+        yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def write_config(cfg: PipelineConfig, path: Path) -> None:
+    IO.write_text(path, config_yaml(cfg))

@@ -1,0 +1,218 @@
+"""The machinery of every config: fields with their help, flag, bounds and CPU/GPU budget.
+
+    steps: Optional[int] = budget(16, 500, "optimizer steps", bounds="[1,10000000]")
+    cfg = FinetuneConfig().for_model(model)    # budgets filled by the model's device, validated
+
+Conventions:
+- A field made with ``budget(cpu, gpu, ...)`` defaults to None and is a *budget*:
+  ``config.resolved(gpu)`` fills it with the CPU or the GPU value. Each step function resolves
+  its config from the model's device first, so a notebook call and the pipeline use the same
+  numbers; results record the resolved config. Any other None default means "auto" (decided
+  by the step from the model, and said so in the field's help) or "none".
+- Every field is a flag (``knob(flag=...)``; default ``--<prefix><name>``) unless ``cli=False``.
+  Fields of different steps that share a flag (``--seed``, ``--batch-size``, ...) get one
+  flag and must share a default.
+- ``results=False`` marks fields that cannot change a number (progress bars, log cadence,
+  where to write). Every other field is part of the step's resume fingerprint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import math
+import re
+import typing
+from dataclasses import field, fields
+from typing import ClassVar, Optional
+
+import llm_model as LM
+from llm_common import UserError
+
+log = logging.getLogger("llm.config")
+
+# Numbers above these are refused: they would only hang or overflow (a 10^20-step PGD).
+_INT_MAX = 10 ** 9
+
+
+@functools.lru_cache(maxsize=None)
+def hints_of(cls: type) -> dict:
+    """A config class's resolved field types, computed once (validation runs on every evaluation)."""
+    return typing.get_type_hints(cls)
+
+
+def knob(default, help: str, *, flag: Optional[str] = None, choices=None, bounds: Optional[str] = None,
+         cli: bool = True, results: bool = True, parse=None, many: bool = False, context: bool = False,
+         shown: Optional[str] = None, budget: Optional[tuple] = None):
+    """A config field with its help, flag and check. ``bounds`` is ">=1", ">0" or an interval such
+    as "[0,1)"; ``parse`` turns the flag's text into the value; ``many`` makes a repeatable flag;
+    ``context`` marks a window length, clamped to the model's context length; ``shown`` is the
+    default as --help words it, where the value alone would not say it; ``budget`` is the
+    (CPU, GPU) value of a field whose default is None (use ``budget()``)."""
+    meta = dict(help=help, flag=flag, choices=choices, bounds=bounds, cli=cli, results=results, parse=parse,
+                many=many, context=context, shown=shown, budget=budget)
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable default")
+    if budget is not None and (default is not None or len(budget) != 2):
+        raise TypeError("a budget field defaults to None and has a (CPU, GPU) pair")
+    return field(default=default, metadata=meta)
+
+
+def budget(cpu, gpu, help: str, **kw):
+    """A budget field: None until ``StepConfig.resolved`` fills in ``cpu`` or ``gpu``. CPU: 2 cores
+    and the 135M embedded model, a whole run in about five minutes. GPU: the papers' protocols
+    (128 x 2048 calibration, full WikiText-2, 20-step PGD, 100-step GCG) for a 7B model on one card."""
+    return knob(None, help, budget=(cpu, gpu), **kw)
+
+
+def budget_of(cls: type, name: str) -> Optional[tuple]:
+    """The (CPU, GPU) budget of a config field, or None when it is not a budget."""
+    return next(f.metadata.get("budget") for f in fields(cls) if f.name == name)
+
+
+def _check_bounds(value, bounds: str) -> bool:
+    if bounds.startswith(">="):
+        return value >= float(bounds[2:])
+    if bounds.startswith(">"):
+        return value > float(bounds[1:])
+    m = re.fullmatch(r"([\[(])([^,]+),([^\])]+)([\])])", bounds)
+    lo, hi = float(m.group(2)), float(m.group(3))
+    return (value >= lo if m.group(1) == "[" else value > lo) and (value <= hi if m.group(4) == "]" else value < hi)
+
+
+class StepConfig:
+    """Mixin of every step config: budget resolution, validation, fingerprints, JSON round trip."""
+
+    step: ClassVar[str] = ""
+    prefix: ClassVar[str] = ""  # default flag prefix of this config's fields
+
+    def resolved(self, gpu: bool):
+        """A copy whose unset budgets take the CPU (``gpu=False``) or GPU value."""
+        fill = {f.name: f.metadata["budget"][int(gpu)] for f in fields(self)
+                if getattr(self, f.name) is None and f.metadata.get("budget") is not None}
+        return dataclasses.replace(self, **fill)
+
+    def for_model(self, model):
+        """Resolved for the model's device, window lengths clamped to its context (with a
+        warning; results record the clamped value), and validated: what every step runs with."""
+        cfg = self.resolved(LM.is_cuda_model(model))
+        ctx = LM.context_length(model)
+        clamp = {f.name: ctx for f in fields(cfg) if f.metadata.get("context") and ctx
+                 and isinstance(getattr(cfg, f.name), int) and getattr(cfg, f.name) > ctx}
+        for name in clamp:
+            log.warning("%s: %s=%d exceeds the model's context of %d positions; using %d",
+                        flag_of(type(cfg), next(f for f in fields(cfg) if f.name == name)), name,
+                        getattr(cfg, name), ctx, ctx)
+        cfg = dataclasses.replace(cfg, **clamp)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Raise UserError naming the flag of the first field out of range."""
+        hints = hints_of(type(self))
+        for f in fields(self):
+            v, m, name = getattr(self, f.name), f.metadata, flag_of(type(self), f)
+            items = v if isinstance(v, tuple) and m.get("bounds") else (v,)
+            for x in items:
+                if isinstance(x, bool) or x is None:
+                    continue
+                if isinstance(x, (int, float)):
+                    if isinstance(x, float) and not math.isfinite(x):
+                        raise UserError(f"{name} must be a finite number, got {x}")
+                    if abs(x) > _INT_MAX and hints[f.name] in (int, Optional[int]):
+                        raise UserError(f"{name} must be at most {_INT_MAX}, got {x}")
+                    if m.get("bounds") and not _check_bounds(x, m["bounds"]):
+                        raise UserError(f"{name} must be {m['bounds']}, got {x}")
+            if m.get("choices") and v is not None and v not in m["choices"]:
+                raise UserError(f"{name} must be one of {', '.join(map(str, m['choices']))}, not {v!r}")
+            # A blank text means nothing wherever the default is not blank (prompts, targets, names).
+            texts = [v] if isinstance(v, str) else [x for x in v if isinstance(x, str)] if isinstance(v, tuple) else []
+            if f.default != "" and any(not t.strip() for t in texts):
+                raise UserError(f"{name} must not be empty")
+        self.check()
+
+    def check(self) -> None:
+        """Rules across fields; subclasses override."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """Inverse of ``to_dict`` after a JSON round trip (lists back to tuples; unknown keys ignored)."""
+        hints = hints_of(cls)
+        kw = {}
+        for f in fields(cls):
+            if f.name in d:
+                v = d[f.name]
+                if isinstance(v, list) and "tuple" in str(hints[f.name]):
+                    v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
+                kw[f.name] = v
+        return cls(**kw)
+
+    def fingerprint_dict(self) -> dict:
+        """The fields that can change a number (``results=True``), for the resume fingerprint."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("results", True)}
+
+
+def fingerprint(*parts) -> str:
+    """Stable 16-hex hash of JSON-able parts."""
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- parsers of flag text
+
+
+def _parse_list(text: str, kind: type, what: str) -> tuple:
+    try:
+        out = tuple(kind(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"a comma list of {what}")
+    if not out:
+        raise ValueError(f"a non-empty comma list of {what}")
+    return out
+
+
+def parse_floats(text: str) -> tuple:
+    return _parse_list(text, float, "numbers")
+
+
+def parse_ints(text: str) -> tuple:
+    return _parse_list(text, int, "integers")
+
+
+def parse_protect(text: str):
+    """'auto', or 'module:row:col,...' -> ((module, row, col), ...)."""
+    if text == "auto":
+        return "auto"
+    out = []
+    for item in text.split(","):
+        parts = item.strip().rsplit(":", 2)
+        if len(parts) != 3 or not parts[0] or not parts[1].isdigit() or not parts[2].isdigit():
+            raise ValueError(f"'auto' or a comma list of module:row:col (item {item!r} is not module:row:col)")
+        out.append((parts[0], int(parts[1]), int(parts[2])))
+    return tuple(out)
+
+
+
+
+def parse_max_memory(text: str) -> dict:
+    out = {}
+    for item in text.split(","):
+        key, _, val = item.partition("=")
+        if not val.strip() or not key.strip():
+            raise ValueError(f"DEVICE=SIZE items such as '0=20GiB,cpu=64GiB' (item {item!r} is not DEVICE=SIZE)")
+        out[int(key) if key.strip().isdigit() else key.strip()] = val.strip()
+    return out
+
+
+def flag_of(cls: type, f: dataclasses.Field) -> str:
+    """The command-line flag of a config field."""
+    return f.metadata.get("flag") or "--" + (cls.prefix + f.name).replace("_", "-")
+
+
+def parse_names(text: str) -> tuple:
+    return _parse_list(text, str, "names")
