@@ -40,6 +40,7 @@ import llm_common as C
 import llm_model as LM
 import llm_variants as V
 from llm_config import AdversarialConfig
+from llm_run import Run
 from llm_perplexity import safe_exp
 
 log = logging.getLogger("llm.adversarial")
@@ -1042,3 +1043,8 @@ test_adversarial_robustness.__test__ = False  # the historical name; not a pytes
 def _mean(xs) -> float:
     xs = list(xs)
     return sum(xs) / len(xs) if xs else float("nan")
+
+
+def pipeline_step(run: Run, config: AdversarialConfig) -> None:
+    """The pipeline's adversarial step on the live model and the evaluation text."""
+    run.results["adversarial"] = asdict(test_adversarial_robustness(run.model, run.tokenizer, run.ids("eval"), config))

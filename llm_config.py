@@ -20,7 +20,8 @@ from typing import ClassVar, Optional
 
 import llm_tasks as T
 from llm_common import UserError
-from llm_knobs import StepConfig, budget, knob, parse_floats, parse_ints, parse_max_memory, parse_names, parse_protect
+from llm_knobs import (StepConfig, budget, knob, parse_floats, parse_ints, parse_max_memory, parse_names, parse_nm,
+                       parse_protect)
 from llm_model import SAMPLE_PROMPT
 
 ALL_STEPS = ("finetune", "prune", "noise", "quantize", "eval", "zeroshot", "export", "adversarial", "analysis")
@@ -71,7 +72,8 @@ class RunConfig(StepConfig):
                                      shown="the whole model on --device")
     max_memory: Optional[dict] = knob(None, "per-device cap with --device-map, e.g. '0=20GiB,1=20GiB,cpu=64GiB'",
                                       parse=parse_max_memory, shown="no cap")
-    trust_remote_code: bool = knob(False, "allow model code from the hub (off by default)")
+    trust_remote_code: bool = knob(False, "allow model code from the hub, and zero-shot task YAMLs that run Python "
+                                          "(off by default)")
     cache_dir: Optional[str] = knob(None, "where dequantized GGUF models are cached", results=False,
                                     shown="data/cache")
     dataset: Optional[str] = knob(None, "evaluation text: wikitext2, c4, ptb (the pruning papers' loaders), "
@@ -142,16 +144,6 @@ def _check_shard_size(size: str) -> None:
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "taylor")
 
 
-def _check_pattern(pattern: str) -> None:
-    if pattern == "unstructured":
-        return
-    m = re.fullmatch(r"(\d+):(\d+)", pattern)
-    if not m:
-        raise UserError(f"--sparsity-pattern must be 'unstructured' or N:M like 2:4, got {pattern!r}")
-    if not 0 < int(m.group(1)) < int(m.group(2)) <= 1024:
-        raise UserError(f"--sparsity-pattern {pattern}: need 0 < N < M <= 1024")
-
-
 @dataclass
 class PruneConfig(StepConfig):
     step: ClassVar[str] = "prune"
@@ -189,8 +181,13 @@ class PruneConfig(StepConfig):
     seed: int = knob(0, "seed", flag="--seed", bounds="[0,4294967295]")
     progress: bool = knob(True, "progress bars", cli=False, results=False)
 
+    @property
+    def nm(self) -> Optional[tuple[int, int]]:
+        """The pattern parsed: None for unstructured, else (n kept, m)."""
+        return parse_nm(self.pattern)
+
     def check(self) -> None:
-        _check_pattern(self.pattern)
+        parse_nm(self.pattern)
         if self.allocation != "uniform" and self.pattern != "unstructured":
             raise UserError(f"--sparsity-allocation {self.allocation} needs --sparsity-pattern unstructured: "
                             f"{self.pattern} fixes every layer at the same sparsity")
@@ -300,6 +297,11 @@ class EvalConfig(StepConfig):
     kl: bool = knob(False, "also report KL and top-1 agreement of each variant against its parent", flag="--kl")
     progress: bool = knob(True, "progress bars", cli=False, results=False)
 
+    def scoring_only(self, **changes) -> "EvalConfig":
+        """This config for perplexity alone (no greedy answers, no progress bar): what the sweeps,
+        maps and ablations score with; ``changes`` replace further fields."""
+        return dataclasses.replace(self, max_new_tokens=0, progress=False, **changes)
+
     def check(self) -> None:
         if self.stride is not None and self.seq_len is not None and self.stride > self.seq_len:
             raise UserError(f"--stride must be between 1 and --seq-len ({self.seq_len}), got {self.stride}")
@@ -323,8 +325,8 @@ class ZeroShotConfig(StepConfig):
     batch_size: Optional[int] = knob(None, "evaluation windows per forward pass (auto: from free memory "
                                            "on GPU, 1 on CPU)", flag="--batch-size", bounds="[1,65536]")
     progress: bool = knob(True, "progress bars", cli=False, results=False)
-    trust_remote_code: bool = knob(False, "allow local task YAMLs that run Python (!function); set by the "
-                                          "pipeline from --trust-remote-code", cli=False, results=False)
+    trust_remote_code: bool = knob(False, "allow local task YAMLs that run Python (!function)",
+                                   flag="--trust-remote-code", results=False)
 
     def resolved(self, gpu: bool):
         cfg = super().resolved(gpu)  # enabled: its budget, off on CPU and on on GPU

@@ -13,13 +13,14 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Mapping, Optional, Union
 
 import torch
 
 import llm_variants as V
 from llm_config import EvalConfig
+from llm_run import Run
 from llm_perplexity import EvalResult, evaluate_model, reference_logprobs, safe_exp, window_plan
 
 __all__ = ["EvalConfig", "EvalResult", "EvaluationResult", "evaluate_model", "evaluate_variants", "reference_logprobs", "safe_exp",
@@ -75,3 +76,19 @@ def evaluate_variants(model, tokenizer, input_ids: torch.Tensor, variants: Mappi
                 "eval_tokens": config.eval_tokens or None, "tokens_available": int(input_ids.numel()),
                 "tokens_used": min(config.eval_tokens or input_ids.numel(), int(input_ids.numel()))}
     return EvaluationResult(out, {n: parents.get(n) for n in variants}, protocol, asdict(config))
+
+
+def pipeline_step(run: Run, config: EvalConfig) -> None:
+    """The pipeline's evaluation: every variant on the evaluation text."""
+    res = evaluate_variants(run.model, run.tokenizer, run.ids("eval"), run.variants, config, run.parents)
+    run.results.update(perplexity=res.perplexity, evaluation={n: asdict(r) for n, r in res.variants.items()},
+                       protocol={**res.protocol, "config": res.config}, variants=res.parents)
+
+
+def prepare(config: EvalConfig, run_config, texts: dict) -> EvalConfig:
+    """Before loading: the evaluation text's protocol cut (C4: the papers score the first 256
+    windows of --seq-len), unless --eval-tokens says otherwise."""
+    ev = texts.get("eval")
+    if ev is not None and ev.eval_windows and config.eval_tokens is None:
+        return replace(config, eval_tokens=ev.eval_windows * config.seq_len)
+    return config

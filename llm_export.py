@@ -20,6 +20,7 @@ LM head stay dense.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -36,9 +37,11 @@ import llm_io as IO
 import llm_model as LM
 import llm_variants as V
 from llm_config import ExportConfig
+import llm_results as R
+from llm_run import Run
 
 __all__ = ["ExportConfig", "ExportResult", "export_variants", "is_two_of_four", "model_card", "semi_structured",
-           "tokens_per_second", "variant_facts"]
+           "tokens_per_second"]
 
 log = logging.getLogger("llm.export")
 
@@ -127,39 +130,6 @@ def _speed(model, cfg: ExportConfig, variants: Mapping[str, object]) -> dict:
     return {"status": "skipped", "reason": "no variant has 2:4 linears (prune with --sparsity-pattern 2:4)"}
 
 
-def variant_facts(results: Mapping, parents: Mapping[str, Optional[str]]) -> dict:
-    """What a model card says of each variant in ``parents`` (name -> the variant it was derived
-    from), from a run's results.json: how it was made, calibration, metrics."""
-    ppl, ev, zs = results.get("perplexity", {}), results.get("evaluation", {}), results.get("zeroshot") or {}
-    eval_text = (results.get("dataset") or {}).get("eval", {}).get("source")
-    train_text = (results.get("dataset") or {}).get("train", {}).get("source")
-    out = {}
-    for name, parent in parents.items():
-        f = {"parent": parent, "base_model": results.get("model"), "metrics": {},
-             "from_gguf": results.get("model") == LM.EMBEDDED_NAME or str(results.get("model")).endswith(".gguf")}
-        if name == "fine-tuned" and results.get("finetune"):
-            ft = results["finetune"]
-            f["made_by"] = f"{ft.get('mode')} fine-tune, {ft.get('steps')} steps on {train_text}"
-        if name == "pruned" and results.get("prune"):
-            pr = results["prune"]
-            f["made_by"] = (f"{pr['method']} pruning, {pr['pattern']}, sparsity {pr['overall_sparsity']:.4f} of the "
-                            f"decoder linears")
-            f["calibration"] = f"{pr['calibration']['windows']} windows of {pr['calibration']['seq_len']} tokens " \
-                               f"of {pr['calibration'].get('source')}"
-        if name == "noisy" and results.get("noise"):
-            v = results["noise"]["variant"]
-            kind = "bit flips" if v["mode"] == "bitflip" else "Gaussian weight noise"
-            f["made_by"] = f"{v['mode']} {kind}, eps={v['epsilon']}, group {v['group']}, seed {v['seed']}"
-        if name in ppl:
-            f["metrics"]["perplexity"] = {"value": ppl[name], "text": eval_text,
-                                          "tokens": (ev.get(name) or {}).get("tokens_scored")}
-        if (zs.get("mean") or {}).get(name):
-            f["metrics"]["zeroshot"] = {"mean": zs["mean"][name], "tasks": zs["tasks"][name],
-                                        "limit": (zs.get("protocol") or {}).get("limit")}
-        out[name] = f
-    return out
-
-
 def model_card(name: str, facts: Mapping, command: str = "") -> str:
     """A Hugging Face model card (README.md, YAML front matter) for one exported variant."""
     base = facts.get("base_model") or "unknown"
@@ -238,3 +208,20 @@ def export_variants(model, tokenizer, variants: Mapping[str, object], out_dir, c
         log.info("2:4 export: %s", res.two_of_four.get("reason") or res.two_of_four.get("tokens_per_s"))
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def pipeline_step(run: Run, config: ExportConfig) -> Optional[str]:
+    """The pipeline's export: every variant as a save_pretrained folder with its model card,
+    into ``<out>/export``; "off" without --export."""
+    facts = R.variant_facts(run.results, {n: run.parents.get(n) for n in run.variants})
+    res = export_variants(run.model, run.tokenizer, run.variants, run.out / "export",
+                          dataclasses.replace(config, command=run.results["manifest"]["command"]), facts)
+    run.results["export"] = asdict(res)
+    return "off" if res.status == "off" else None
+
+
+def outputs_present(run: Run) -> bool:
+    """Whether every file the recorded export lists is still on disk (else the step reruns)."""
+    rec = run.results.get("export") or {}
+    return all((run.out / "export" / name / f).is_file() for name, v in (rec.get("variants") or {}).items()
+               for f in (v.get("files") or ()))

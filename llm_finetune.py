@@ -14,6 +14,7 @@ a directory with a manifest is finished, anything else is not.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -36,9 +37,11 @@ import llm_common as C
 import llm_data as D
 import llm_io as IO
 import llm_model as LM
+import llm_variants as V
 from llm_config import EvalConfig, FinetuneConfig
 from llm_knobs import fingerprint
 from llm_perplexity import evaluate_model
+from llm_run import Run
 
 log = logging.getLogger("llm.finetune")
 
@@ -458,3 +461,37 @@ def load_or_train_model(model, tokenizer, train_data: "D.Corpus | torch.Tensor",
                          merge=merge, train_tokens=int(train_ids.numel()),
                          seconds=time.perf_counter() - t0, manifest=manifest, config=asdict(config))
     return model, res
+
+
+def pipeline_step(run: Run, config: FinetuneConfig) -> Optional[str]:
+    """The pipeline's fine-tune, in place: trains (or reuses) the model in ``<out>/finetuned``;
+    the live model becomes the ``fine-tuned`` variant and the base stays one. "off" for --finetune none."""
+    cfg = dataclasses.replace(config, output_dir=str(run.out / "finetuned"), base_model=run.label,
+                              data=run.texts["train"].source,
+                              identity=fingerprint(run.results["model_identity"], run.texts["train"].sha256))
+    base = run.base_weights() if cfg.mode != "none" else None
+    run.model, res = load_or_train_model(run.model, run.tokenizer, run.texts["train"], cfg)
+    if res.mode == "none":
+        return "off"
+    run.make_live("fine-tuned", base)
+    if not (res.loaded_existing and run.results.get("finetune")):  # keep the record of the training run
+        run.results["finetune"] = {k: v for k, v in dataclasses.asdict(res).items() if k != "manifest"}
+    return None
+
+
+def reattach(run: Run) -> None:
+    """An earlier run's fine-tuned model becomes the live model again, in place, as when the step
+    is skipped, so that the variants derived from it (pruned, noisy) are what they were."""
+    ft, path = run.results.get("finetune") or {}, run.out / "finetuned"
+    if not isinstance(ft, dict) or ft.get("mode") in (None, "none"):
+        return
+    if not (path / "config.json").is_file():
+        log.warning("the earlier fine-tuned model %s is gone; later steps see the base model only", path)
+        return
+    base = run.base_weights()
+    tensors, state = IO.load_tensors(path), V.named_tensors(run.model)
+    with torch.no_grad():
+        for name, t in tensors.items():
+            if name in state:
+                state[name].copy_(t)
+    run.make_live("fine-tuned", base)

@@ -37,6 +37,7 @@ import llm_model as LM
 import llm_variants as V
 from llm_compress import quantize_rtn_, rtn_groups, rtn_quantize  # noqa: F401  (the one quantizer; re-exported)
 from llm_config import AnalysisConfig, EvalConfig
+from llm_run import Run
 from llm_perplexity import evaluate_model, token_set
 from llm_sensitivity import (HessianOperator, SuperWeight, TraceResult, detect_super_weights, gradient_moments,  # noqa: F401
                              hutchinson_trace, lm_loss_fn, protect_top_fraction, rel_stderr_of, stderr_of)
@@ -81,7 +82,7 @@ def fisher_diagonal(model, windows: torch.Tensor, modules: dict[str, torch.nn.Mo
 def verify_super_weights(model, tokenizer, ids: torch.Tensor, candidates: list[SuperWeight],
                          eval_config: EvalConfig) -> float:
     """Fill each candidate's ``ppl_ratio`` (perplexity with it alone zeroed / clean). Returns clean ppl."""
-    cfg = EvalConfig(**{**eval_config.__dict__, "max_new_tokens": 0, "progress": False})
+    cfg = eval_config.scoring_only()
     clean = evaluate_model(model, tokenizer, ids, cfg).perplexity
     for sw in candidates:
         name = sw.module + ".weight"
@@ -106,7 +107,7 @@ def quantization_study(model, tokenizer, ids: torch.Tensor, super_weights: list[
     16 bits of value + 32 bits of index, relative to the quantized size.
     """
 
-    cfg = EvalConfig(**{**eval_config.__dict__, "max_new_tokens": 0, "progress": False})
+    cfg = eval_config.scoring_only()
     layers = LM.decoder_layers(model)
     names_of = LM.module_names(model)
     mods = {names_of[m]: m for layer in layers for m in LM.block_linears(layer).values()}
@@ -380,3 +381,11 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     va = math.sqrt(sum((x - ma) ** 2 for x in ra))
     vb = math.sqrt(sum((y - mb) ** 2 for y in rb))
     return cov / (va * vb) if va and vb else float("nan")
+
+
+def pipeline_step(run: Run, config: AnalysisConfig) -> None:
+    """The pipeline's analysis of the live model; the noise step's map, when there is one, is
+    compared with the Hessian per cell."""
+    noise_map = (run.results.get("noise") or {}).get("map")
+    run.results["analysis"] = asdict(run_integrated_analysis(run.model, run.tokenizer, run.texts["train"],
+                                                             run.ids("eval"), config, noise_map))

@@ -97,8 +97,11 @@ class StepConfig:
     def for_model(self, model):
         """Resolved for the model's device, window lengths clamped to its context (with a
         warning; results record the clamped value), and validated: what every step runs with."""
-        cfg = self.resolved(LM.is_cuda_model(model))
-        ctx = LM.context_length(model)
+        key = (LM.is_cuda_model(model), LM.context_length(model))
+        if getattr(self, "_resolved_for", None) == (key, self._values()):  # resolved once, at the step boundary
+            return self
+        cfg = self.resolved(key[0])
+        ctx = key[1]
         clamp = {f.name: ctx for f in fields(cfg) if f.metadata.get("context") and ctx
                  and isinstance(getattr(cfg, f.name), int) and getattr(cfg, f.name) > ctx}
         for name in clamp:
@@ -107,7 +110,11 @@ class StepConfig:
                         getattr(cfg, name), ctx, ctx)
         cfg = dataclasses.replace(cfg, **clamp)
         cfg.validate()
+        cfg._resolved_for = (key, cfg._values())  # not a field; a config changed since is resolved again
         return cfg
+
+    def _values(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in fields(self))
 
     def validate(self) -> None:
         """Raise UserError naming the flag of the first field out of range."""
@@ -212,6 +219,20 @@ def parse_max_memory(text: str) -> dict:
 def flag_of(cls: type, f: dataclasses.Field) -> str:
     """The command-line flag of a config field."""
     return f.metadata.get("flag") or "--" + (cls.prefix + f.name).replace("_", "-")
+
+
+def parse_nm(pattern: str) -> Optional[tuple[int, int]]:
+    """A sparsity pattern, parsed once: None for "unstructured", else (n kept, m) of N:M with
+    0 < N < M <= 1024. UserError naming --sparsity-pattern otherwise."""
+    if pattern == "unstructured":
+        return None
+    m = re.fullmatch(r"(\d+):(\d+)", pattern)
+    if not m:
+        raise UserError(f"--sparsity-pattern must be 'unstructured' or N:M like 2:4, got {pattern!r}")
+    n, size = int(m.group(1)), int(m.group(2))
+    if not 0 < n < size <= 1024:
+        raise UserError(f"--sparsity-pattern {pattern}: need 0 < N < M <= 1024")
+    return n, size
 
 
 def parse_names(text: str) -> tuple:

@@ -18,6 +18,7 @@ model, so it costs one backward pass per window and gradient memory for the prun
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -30,9 +31,12 @@ from tqdm.auto import tqdm
 import llm_common as C
 import llm_data as D
 import llm_model as LM
+import llm_variants as V
 from llm_compress import (MAX_DAMP_RETRIES, block_out, bounded_allocation, capture_block_inputs, exact_counts,  # noqa: F401
                           inverse_hessian_factor, linear_input_stats, next_block_inputs, split_count)
 from llm_config import PruneConfig
+from llm_knobs import parse_nm
+from llm_run import Run
 from llm_sensitivity import layer_curvature, protected_coordinates, saliency_scores
 
 log = logging.getLogger("llm.prune")
@@ -61,23 +65,10 @@ class PruneResult:
     total_weights: int = 0                            # weights of the pruned matrices
 
 
-def parse_pattern(pattern: str) -> Optional[tuple[int, int]]:
-    """None for unstructured, else (n_kept, m)."""
-    if pattern == "unstructured":
-        return None
-    try:
-        n, m = (int(x) for x in pattern.split(":"))
-    except ValueError:
-        raise C.UserError(f"--sparsity-pattern must be 'unstructured' or N:M like 2:4, got {pattern!r}")
-    if not 0 < n < m:
-        raise C.UserError(f"--sparsity-pattern {pattern}: need 0 < N < M")
-    return n, m
-
-
 def check_pattern_fits(model, pattern: str) -> None:
     """Refuse, right after loading and before calibration, an N:M pattern whose M does not divide
     the input width of every decoder linear (no kernel can prune a partial group)."""
-    nm = parse_pattern(pattern)
+    nm = parse_nm(pattern)
     if nm is None:
         return
     bad = sorted({LM.weight_view(m).shape[1] for m in LM.decoder_linears(model).values()} - {0})
@@ -90,7 +81,7 @@ def check_pattern_fits(model, pattern: str) -> None:
 # --------------------------------------------------------------------------- masks
 
 
-def mask_from_scores(scores: torch.Tensor, sparsity: float, pattern: str, per_row: bool,
+def mask_from_scores(scores: torch.Tensor, sparsity: float, nm: Optional[tuple[int, int]], per_row: bool,
                      count: Optional[int] = None) -> torch.Tensor:
     """Boolean prune mask (True = remove) from scores [out, in]; low score = pruned first.
 
@@ -101,13 +92,12 @@ def mask_from_scores(scores: torch.Tensor, sparsity: float, pattern: str, per_ro
     group of M consecutive columns. Scores of +inf (protected weights) are never pruned unless
     a row has nothing else left.
     """
-    nm = parse_pattern(pattern)
     mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     if nm is not None:
         n, m = nm
         rows, cols = scores.shape
         if cols % m:
-            raise C.UserError(f"N:M pattern {pattern} needs the input size ({cols}) to be a multiple of {m}")
+            raise C.UserError(f"N:M pattern {n}:{m} needs the input size ({cols}) to be a multiple of {m}")
         groups = scores.reshape(rows, cols // m, m)
         idx = torch.topk(groups, m - n, dim=-1, largest=False).indices
         return mask.reshape(rows, cols // m, m).scatter_(-1, idx, True).reshape(rows, cols)
@@ -145,7 +135,7 @@ def _protect(scores: torch.Tensor, coords: Iterable[tuple[int, int]]) -> torch.T
 
 
 @torch.no_grad()
-def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, pattern: str = "unstructured",
+def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: Optional[tuple[int, int]] = None,
                     blocksize: int = 128, percdamp: float = 0.01,
                     protect: Iterable[tuple[int, int]] = (), return_damp: bool = False, count: Optional[int] = None):
     """OBS pruning of one weight matrix, in place.
@@ -158,7 +148,6 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, pattern: 
     Returns the prune mask [out, in] (True = removed), and with ``return_damp`` the dampening
     fraction that was used (above ``percdamp`` where H needed more to factor).
     """
-    nm = parse_pattern(pattern)
     if nm is not None and blocksize % nm[1]:
         # An N:M group must not straddle two blocks. The N:M mask is chosen group by group in OBS
         # order whatever the block, so rounding the block up to a multiple of M changes only how
@@ -189,7 +178,7 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, pattern: 
             # Mask for the whole block at once, exact count: the lowest OBS errors w^2 / d^2.
             score = W1 ** 2 / d[None, :] ** 2
             score[protected[:, i1:i2]] = float("inf")
-            mask1 = mask_from_scores(score, sparsity, "unstructured", per_row=False, count=k_block)
+            mask1 = mask_from_scores(score, sparsity, None, per_row=False, count=k_block)
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):
@@ -197,7 +186,7 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, pattern: 
                 # N:M mask chosen from the weights as updated so far (the OBS order).
                 score = W1[:, i:i + nm[1]] ** 2 / d[i:i + nm[1]][None, :] ** 2
                 score[protected[:, i1 + i:i1 + i + nm[1]]] = float("inf")
-                mask1[:, i:i + nm[1]] = mask_from_scores(score, 0.0, pattern, per_row=True)
+                mask1[:, i:i + nm[1]] = mask_from_scores(score, 0.0, nm, per_row=True)
             w = W1[:, i]
             q = w.clone()
             q[mask1[:, i]] = 0
@@ -237,7 +226,7 @@ def _prune_by_scores(model, calib_windows: torch.Tensor, config: PruneConfig, pr
             full = names_of[mod]
             s = scores[full] if scores is not None else LM.weight_view(mod).detach().abs().float()
             s = _protect(s.clone(), protect.get(full, ()))
-            _zero_(mod, mask_from_scores(s, config.sparsity, config.pattern, per_row=config.method == "taylor",
+            _zero_(mod, mask_from_scores(s, config.sparsity, config.nm, per_row=config.method == "taylor",
                                          count=counts.get(full)))
         yield i, linears
 
@@ -262,9 +251,9 @@ def _prune_layerwise(model, calib_windows: torch.Tensor, config: PruneConfig, pr
             if config.method == "wanda":
                 s = W.detach().abs().float() * stats[rel].sqrt().to(W.device)[None, :]
                 s = _protect(s, protect.get(full, ()))
-                _zero_(mod, mask_from_scores(s, config.sparsity, config.pattern, per_row=True, count=counts.get(full)))
+                _zero_(mod, mask_from_scores(s, config.sparsity, config.nm, per_row=True, count=counts.get(full)))
             else:
-                _, used = sparsegpt_prune(W, stats[rel].to(W.device), config.sparsity, config.pattern,
+                _, used = sparsegpt_prune(W, stats[rel].to(W.device), config.sparsity, config.nm,
                                           config.blocksize, config.percdamp, protect.get(full, ()), return_damp=True,
                                           count=counts.get(full))
                 if used != config.percdamp:
@@ -357,7 +346,7 @@ def prune_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Prun
     protect: dict[str, list] = {}
     for name, r, c in coords:
         protect.setdefault(name, []).append((int(r), int(c)))
-    nm = parse_pattern(config.pattern)
+    nm = config.nm
     result = PruneResult(config.method, config.pattern, config.sparsity if nm is None else 1 - nm[0] / nm[1], 0.0,
                          calibration={"windows": calib_windows.shape[0], "seq_len": calib_windows.shape[1]},
                          protected=[list(c) for c in coords], super_weights=found, config=asdict(config))
@@ -393,3 +382,30 @@ def prune_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Prun
     log.info("%s %s: sparsity %.4f over %d matrices in %.1f s", config.method, config.pattern,
              result.overall_sparsity, len(result.per_matrix), result.seconds)
     return result
+
+
+def pipeline_step(run: Run, config: PruneConfig) -> None:
+    """The pipeline's prune: the ``pruned`` variant of the live model, calibrated on the train
+    text drawn the papers' way, stored as a 1-bit mask (or SparseGPT's changed tensors); the
+    live model itself is left unpruned."""
+    names = [n + ".weight" for n in LM.decoder_linears(run.model)]
+    with V.restored_on_exit(run.model, names):
+        train = run.texts["train"]  # the step draws its windows: C4 document by document
+        res = prune_model(run.model, run.tokenizer, train, config.for_model(run.model))
+        # Only SparseGPT changes the weights it keeps; the others' variant is exactly a 1-bit mask.
+        rec = V.store_variant(run.out, "pruned", run.model, res.pruned_names,
+                              mask=res.method != "sparsegpt" and not run.cfg.run.save_variants)
+    d = {k: v for k, v in dataclasses.asdict(res).items() if k != "pruned_names"}
+    d["calibration"].update(source=train.source, per_document=train.docs is not None)
+    run.results["prune"] = {**d, **rec, "parent": run.live}
+    run.add_variant("pruned", run.results["prune"])
+
+
+def variant_of(run: Run, record: dict):
+    """The pruned variant's weights from its record (a mask or tensors), or None when gone."""
+    return V.variant_weights(run.out, record)
+
+
+def check_model(model, config: PruneConfig) -> None:
+    """Right after loading: an N:M pattern the model's widths cannot take fails now, before calibration."""
+    check_pattern_fits(model, config.pattern)

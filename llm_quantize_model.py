@@ -23,6 +23,8 @@ the kept weights (``llm_compress.Quantized``), and rebuilt bit for bit.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,10 +35,13 @@ from tqdm.auto import tqdm
 
 import llm_common as C
 import llm_data as D
+import llm_io as IO
 import llm_model as LM
-from llm_compress import (Quantized, capture_block_inputs, gptq_quantize, linear_input_stats, next_block_inputs,
-                          rtn_groups, rtn_quantize)
+import llm_variants as V
+from llm_compress import (Quantized, capture_block_inputs, coded_weights, gptq_quantize, linear_input_stats,
+                          next_block_inputs, rtn_groups, rtn_quantize, save_codes)
 from llm_config import QuantizeConfig
+from llm_run import Run
 from llm_sensitivity import gradient_moments, layer_curvature, protect_top_fraction, protected_coordinates
 
 log = logging.getLogger("llm.quantize")
@@ -203,3 +208,26 @@ def _write(W: torch.Tensor, q: Quantized, res: QuantizeResult, name: str) -> Non
         old = W.detach().float().clone()
         W.copy_(q.dequantize(W.dtype))
         res.rel_error[name] = float((W.float() - old).norm() / old.norm().clamp(min=1e-30))
+
+
+def pipeline_step(run: Run, config: QuantizeConfig) -> Optional[str]:
+    """The pipeline's quantize step: the ``quantized`` variant of the live model, stored as its
+    integer codes and scales (or, with --save-variants, tensors); "off" for --quant-method none."""
+    if config.method == "none":  # no quantized variant
+        run.results["quantize"] = {"status": "off", "parent": run.live}
+        run.variants.pop("quantized", None)
+        return "off"
+    names = [n + ".weight" for n in LM.decoder_linears(run.model)]
+    with V.restored_on_exit(run.model, names):  # the live model stays unquantized for later steps
+        res = quantize_model(run.model, run.tokenizer, run.texts["train"], config)
+        rec = V.store_variant(run.out, "quantized", run.model, list(res.quantized), mask=False) if \
+            run.cfg.run.save_variants else save_codes(run.out, "quantized", res.quantized)
+    d = {f.name: getattr(res, f.name) for f in dataclasses.fields(res) if f.name != "quantized"}
+    run.results["quantize"] = {**IO.to_strict_json(d), **rec, "status": "ran", "parent": run.live}
+    run.add_variant("quantized", run.results["quantize"], variant_of(run, run.results["quantize"]))
+    return None
+
+
+def variant_of(run: Run, record: dict):
+    """The quantized variant's weights from its codes or tensors; None when gone."""
+    return V.variant_weights(run.out, record, from_codes=lambda p: functools.partial(coded_weights, path=p))

@@ -25,6 +25,8 @@ them off the grid without changing what the grid can represent.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import hashlib
 import logging
 import math
@@ -39,9 +41,11 @@ from tqdm.auto import tqdm
 
 import llm_common as C
 import llm_data as D
+import llm_io as IO
 import llm_model as LM
 import llm_variants as V
 from llm_config import EvalConfig, NoiseConfig
+from llm_run import Run
 from llm_perplexity import evaluate_model, reference_logprobs, safe_exp, token_set
 from llm_sensitivity import noise_saliency, protect_top_fraction, protected_coordinates, saliency_scores
 
@@ -249,7 +253,7 @@ def noise_sweep(model, tokenizer, input_ids: torch.Tensor, epsilons: Sequence[fl
     twice, without and with the protected weights kept clean.
     """
     t0 = time.perf_counter()
-    cfg = EvalConfig(**{**eval_config.__dict__, "max_new_tokens": 0, "progress": False}).for_model(model)
+    cfg = eval_config.scoring_only().for_model(model)
     ref, clean_nll = reference_logprobs(model, input_ids, cfg, return_nll=True)  # one clean pass serves both
     clean_ppl = safe_exp(clean_nll)
     clean = {"perplexity": clean_ppl, "nll": clean_nll, "token_set": token_set(input_ids.numel(), cfg)}
@@ -281,7 +285,7 @@ def sensitivity_map(model, tokenizer, input_ids: torch.Tensor, epsilon: float = 
 
     Returns {"layers": [...], "modules": [...], "delta_nll": [[...] per layer], "clean_nll": x}.
     """
-    cfg = EvalConfig(**{**eval_config.__dict__, "max_new_tokens": 0, "progress": False})
+    cfg = eval_config.scoring_only()
     clean = evaluate_model(model, tokenizer, input_ids, cfg).nll
     layers = LM.decoder_layers(model)
     # Cells are named by the linear's path inside the block ("self_attn.q_proj", "mlp.c_proj"):
@@ -381,3 +385,32 @@ def apply_robustness_test(model, tokenizer=None, config: NoiseConfig = NoiseConf
             res.top_cells = top_cells(res.map, 5)
     res.variant = perturb_(select_params(model, config.group), config)
     return res
+
+
+RECIPE = ("mode", "epsilon", "group", "seed", "bitflip_format")  # what regenerates the noisy variant
+
+
+def pipeline_step(run: Run, config: NoiseConfig) -> None:
+    """The pipeline's noise step: the sweeps and maps on the live model, and the ``noisy``
+    variant, stored as its recipe (regenerated bit for bit) or, with --save-variants, tensors."""
+    with V.restored_on_exit(run.model, list(select_params(run.model, config.group))):
+        res = apply_robustness_test(run.model, run.tokenizer, config, run.ids("eval"), run.texts["train"])
+        rec = V.store_variant(run.out, "noisy", run.model, res.variant.tensors, mask=False) if \
+            run.cfg.run.save_variants else {"checkpoint": None, "recipe": {k: getattr(config, k) for k in RECIPE}}
+    IO.fault_point("during:noise")
+    d = dataclasses.asdict(res)
+    d["variant"]["n_tensors"] = len(d["variant"].pop("tensors"))
+    run.results["noise"] = {**d, **rec, "parent": run.live}
+    run.add_variant("noisy", run.results["noise"], variant_of(run, run.results["noise"]))
+
+
+def variant_of(run: Run, record: dict):
+    """The noisy variant's weights: its recipe regenerated, or its stored tensors; None when gone."""
+    if record.get("recipe"):
+        return functools.partial(noisy_weights, cfg=NoiseConfig(**record["recipe"]))
+    return V.variant_weights(run.out, record)
+
+
+def check_model(model, config: NoiseConfig) -> None:
+    """Right after loading: a bad --noise-group fails now, not after hours of fine-tuning and pruning."""
+    select_params(model, config.group)

@@ -35,6 +35,7 @@ import llm_data as D
 import llm_model as LM
 import llm_variants as V
 from llm_config import ZEROSHOT_TASKS, ZeroShotConfig
+from llm_run import Run
 
 __all__ = ["ZEROSHOT_TASKS", "ZeroShotConfig", "ZeroShotResult", "evaluate_zeroshot", "task_metrics"]
 
@@ -175,3 +176,10 @@ def evaluate_zeroshot(model, tokenizer, variants: Mapping[str, object], config: 
                     "seeds": {k: (first.get("config") or {}).get(k) for k in
                               ("random_seed", "numpy_seed", "torch_seed", "fewshot_seed")}}
     return res
+
+
+def pipeline_step(run: Run, config: ZeroShotConfig) -> Optional[str]:
+    """The pipeline's zero-shot step: every variant on the tasks; "off" when not asked for."""
+    res = evaluate_zeroshot(run.model, run.tokenizer, run.variants, config, run.parents)
+    run.results["zeroshot"] = asdict(res)
+    return "off" if res.status == "off" else None

@@ -72,6 +72,7 @@ import llm_common as C  # noqa: E402
 import llm_data as D  # noqa: E402
 import llm_model as LM  # noqa: E402
 import llm_main_v4 as M  # noqa: E402
+from llm_run import Run  # noqa: E402
 from conftest import make_llama, make_tokenizer  # noqa: E402
 from pipeline_counts import run_wrapped  # noqa: E402
 
@@ -129,7 +130,7 @@ def _eval_tokens(n_available: int, seq: int, limit) -> int:
     return (n // seq) * seq
 
 
-def minimum(step: str, run: M.Run, cfg) -> tuple[float, int]:
+def minimum(step: str, run: Run, cfg) -> tuple[float, int]:
     """(minimum forward tokens, minimum backward passes) for ``step`` run with the resolved
     config ``cfg``; see the module doc."""
     r, n_eval = run.results, run.ids("eval").numel()
@@ -172,7 +173,7 @@ def minimum(step: str, run: M.Run, cfg) -> tuple[float, int]:
     raise KeyError(step)
 
 
-def zeroshot_minimum(run: M.Run, cfg) -> tuple[float, int]:
+def zeroshot_minimum(run: Run, cfg) -> tuple[float, int]:
     """Per variant, one forward per distinct lm-eval input, built by lm-eval itself: its
     requests for the tasks, encoded as its HFLM encodes them; an input is context +
     continuation without the last token, so requests that share it share one forward."""
@@ -194,7 +195,7 @@ def zeroshot_minimum(run: M.Run, cfg) -> tuple[float, int]:
     return len(z["tasks"]) * sum(len(x) for _, x in inputs), 0
 
 
-def export_minimum(run: M.Run, cfg) -> tuple[float, int]:
+def export_minimum(run: Run, cfg) -> tuple[float, int]:
     """Writing variants needs no forward pass; the 2:4 check and speed runs only on CUDA."""
     speed = (run.results["export"].get("two_of_four") or {})
     if speed.get("status") != "ran":
@@ -202,7 +203,7 @@ def export_minimum(run: M.Run, cfg) -> tuple[float, int]:
     return 2 * 32 + 2 * sum(13 * b * cfg.speed_seq_len for b in cfg.speed_batches), 0
 
 
-def filter_minimum(run: M.Run, cfg: ADV.AdversarialConfig, gcg: dict) -> int:
+def filter_minimum(run: Run, cfg: ADV.AdversarialConfig, gcg: dict) -> int:
     """The perplexity filter scores each prompt once: the calibration and held-out windows, and
     the attacked texts (each held-out window's text with GCG's suffix text, and GCG's own user
     message), tokenized as ``_filter`` does."""
@@ -213,7 +214,7 @@ def filter_minimum(run: M.Run, cfg: ADV.AdversarialConfig, gcg: dict) -> int:
     return 2 * n * cfg.prompt_len + sum(len(x) for x in tok(texts, add_special_tokens=False).input_ids)
 
 
-def adversarial_minimum(run: M.Run, cfg: ADV.AdversarialConfig) -> tuple[float, int]:
+def adversarial_minimum(run: Run, cfg: ADV.AdversarialConfig) -> tuple[float, int]:
     """Minimum for the adversarial step from the same samples it builds (rebuilt after the
     step, outside the counters)."""
     tok = run.tokenizer

@@ -1,7 +1,7 @@
-"""Shared by the pass-counting benches: run the pipeline with every step's adapter wrapped."""
+"""Shared by the pass-counting benches: run the pipeline with every step's ``pipeline_step`` wrapped."""
 from __future__ import annotations
 
-import dataclasses
+import importlib
 import time
 from typing import Callable
 
@@ -10,13 +10,22 @@ import llm_main_v4 as M
 
 
 def run_wrapped(argv: list, wrap: Callable) -> float:
-    """Run ``llm_main_v4`` on ``argv`` with each step's adapter replaced by ``wrap(name, adapter)``
-    (restored afterwards, also on error); returns the wall seconds of the whole run."""
-    originals = dict(M.STEPS)
-    M.STEPS.update({n: dataclasses.replace(s, adapter=wrap(n, s.adapter)) for n, s in originals.items()})
+    """Run ``llm_main_v4`` on ``argv`` with each step's adapter ``(run, module, config)`` replaced by
+    ``wrap(name, adapter)`` (restored afterwards, also on error); returns the wall seconds of the run."""
+    original = M._hook
+
+    def hooked(step: str, name: str):
+        fn = original(step, name)
+        if name != "pipeline_step":
+            return fn
+        mod = importlib.import_module(M.STEPS[step].module)
+        wrapped = wrap(step, lambda run, _mod, cfg: fn(run, cfg))
+        return lambda run, cfg: wrapped(run, mod, cfg)
+
+    M._hook = hooked
     try:
         t0 = time.perf_counter()
         M.run_pipeline(K.from_args(M.build_parser().parse_args(argv)), argv)
         return time.perf_counter() - t0
     finally:
-        M.STEPS.update(originals)
+        M._hook = original

@@ -20,7 +20,7 @@ import llm_model as LM  # noqa: E402
 import llm_variants as V  # noqa: E402
 from llm_perplexity import EvalConfig, evaluate_model  # noqa: E402
 from llm_prune_model import PruneConfig, prune_model  # noqa: E402
-from llm_report import plot_perplexity_vs_sparsity  # noqa: E402
+from llm_plots import plot_perplexity_vs_sparsity  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

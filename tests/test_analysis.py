@@ -10,7 +10,7 @@ import llm_io as IO
 import llm_model as LM
 from conftest import make_super_weight_matter, plant_super_weight
 import llm_integrated_analysis as A
-import llm_report
+import llm_plots
 from llm_evaluate_models import EvalConfig
 
 
@@ -241,8 +241,8 @@ def test_integrated_analysis_end_to_end_leaves_model_unchanged(tok, sample_text,
     assert {r["bits"] for r in res.quantization} == {4, 3} and len(res.quantization) == 6
     assert res.top_salient[0]["saliency"] >= res.top_salient[-1]["saliency"]
     d = IO.to_strict_json(res.__dict__)
-    llm_report.plot_heatmaps(d, tmp_path / "h.png")
-    llm_report.plot_activation_profile(d["activation_profile"], tmp_path / "a.png", [1])
+    llm_plots.plot_heatmaps(d, tmp_path / "h.png")
+    llm_plots.plot_activation_profile(d["activation_profile"], tmp_path / "a.png", [1])
     assert (tmp_path / "h.png").stat().st_size > 1000
     # Layer-wise sums are the module values added up by block, computed here independently.
     for i in range(3):
@@ -271,13 +271,13 @@ def test_hessian_heatmap_shows_sign_and_crosses_out_unreliable_cells(monkeypatch
     """A negative Hutchinson trace keeps its sign on the plot, and a module whose standard
     error is above target gets an "x"; the Fisher panel stays on a log scale."""
     figures = []
-    monkeypatch.setattr(llm_report, "save_figure", lambda fig, path: figures.append(fig) or path)
+    monkeypatch.setattr(llm_plots, "save_figure", lambda fig, path: figures.append(fig) or path)
     mods = {"l0.q": (0, "q"), "l0.v": (0, "v"), "l1.q": (1, "q"), "l1.v": (1, "v")}
     result = {"module_layer": {n: i for n, (i, _) in mods.items()}, "module_type": {n: t for n, (_, t) in mods.items()},
               "hessian_trace": {"l0.q": 5.0, "l0.v": -3.0, "l1.q": 40.0, "l1.v": 0.5},
               "fisher_sum": {n: 1.0 for n in mods},
               "hessian_module_reliable": {"l0.q": True, "l0.v": False, "l1.q": True, "l1.v": True}}
-    llm_report.plot_heatmaps(result, tmp_path / "h.png")
+    llm_plots.plot_heatmaps(result, tmp_path / "h.png")
     ax = figures[0].axes[0]
     data = ax.images[0].get_array()
     assert data[0][1] == -3.0 and data[1][0] == 40.0  # signed values, not log10|x|

@@ -7,7 +7,7 @@ import torch
 import llm_common as C
 import llm_data as D
 from llm_finetune import FinetuneConfig, load_or_train_model, train
-from llm_report import plot_training_curve
+from llm_plots import plot_training_curve
 
 
 class Killed(Exception):

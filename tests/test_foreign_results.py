@@ -7,7 +7,9 @@ import re
 import pytest
 
 import llm_main_v4 as M
-import llm_report as R
+import llm_compare
+import llm_report
+import llm_results as R
 
 LINK = "[x](javascript:alert(1))"
 
@@ -98,18 +100,18 @@ def test_report_only_survives_foreign_fields(tmp_path, capsys, case):
 
 def test_markdown_never_renders_links_of_any_scheme(tmp_path):
     md = f"{LINK} <http://x.org> [y][r]\n\n[r]: javascript:alert(2)\n\n![p](plots/p.png) ![q](file:///etc/passwd)"
-    page = R.markdown_to_html(md, tmp_path)
+    page = llm_report.markdown_to_html(md, tmp_path)
     assert "<a " not in page and "/etc/passwd\"" not in page
 
 
 def test_the_legend_names_each_run_by_its_shortest_distinct_suffix():
-    assert R.short_names(["exp1/data", "exp2/data"]) == ["exp1/data", "exp2/data"]
-    assert R.short_names(["/a/b/run1", "/a/c/run2"]) == ["run1", "run2"]
-    assert len(set(R.short_names(["x/data", "x/data"]))) == 2
+    assert llm_compare.short_names(["exp1/data", "exp2/data"]) == ["exp1/data", "exp2/data"]
+    assert llm_compare.short_names(["/a/b/run1", "/a/c/run2"]) == ["run1", "run2"]
+    assert len(set(llm_compare.short_names(["x/data", "x/data"]))) == 2
 
 
 def test_field_reads_by_type():
     r = {"a": {"b": "s"}, "l": [1]}
     assert R.field(r, "a", "b", kind=str) == "s" and R.field(r, "a", "b", kind=dict) is None
     assert R.field(r, "l", "x") is None and R.field("str", "x", default=3) == 3
-    assert not re.search(r"(?<!\\)[\[\]()]", R._text(LINK).replace("(", "").replace(")", ""))
+    assert not re.search(r"(?<!\\)[\[\]()]", R.text(LINK).replace("(", "").replace(")", ""))

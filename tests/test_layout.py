@@ -23,7 +23,7 @@ def _imports(path: Path) -> set[str]:
 
 
 SHARED = {"llm_report", "llm_common", "llm_io", "llm_model", "llm_data", "llm_variants", "llm_config", "llm_knobs",
-          "llm_tasks", "llm_cli", "llm_perplexity",
+          "llm_tasks", "llm_cli", "llm_results", "llm_plots", "llm_compare", "llm_run", "llm_perplexity",
           "llm_sensitivity", "llm_compress"}
 # The plumbing that llm_common was split into, lowest first: each imports only lower layers.
 LAYERS = {"llm_common": 0, "llm_io": 1, "llm_data": 2, "llm_model": 2, "llm_variants": 3}
@@ -148,3 +148,17 @@ def test_no_project_code_uses_the_old_names_of_llm_common():
                   and isinstance(n.args[1], ast.Constant) and n.args[1].value in moved):
                 bad.append(f"{rel}:{n.lineno} {ast.unparse(n)}")
     assert not bad, bad
+
+
+def test_only_the_results_reader_reads_a_results_json():
+    """One typed reader (llm_results): no other product module parses a results.json itself."""
+    readers = {p.stem for p in ROOT.glob("llm_*.py") if "read_json(" in p.read_text()}
+    assert readers <= {"llm_results", "llm_io", "llm_common"}, readers
+
+
+def test_the_results_reader_knows_every_section_of_the_step_registry():
+    import llm_main_v4
+    import llm_results
+
+    assert tuple(llm_results.STEP_SECTIONS) == tuple(llm_main_v4.STEPS)
+    assert all(s in llm_results.SCHEMA for sections in llm_results.STEP_SECTIONS.values() for s in sections)

@@ -16,6 +16,7 @@ import llm_config as K
 import llm_data as D
 import llm_io as IO
 import llm_main_v4
+import llm_run
 import llm_model as LM
 import llm_variants as V
 from conftest import make_super_weight_matter, plant_super_weight, without
@@ -137,7 +138,7 @@ def _changed(value, hint):
 def test_every_config_field_enters_its_steps_fingerprint(step, pipeline, setup, pipeline_config):
     out, _ = pipeline
     text = D.load_corpus(str(setup / "text.txt"), "test")
-    run = llm_main_v4.Run(cfg=pipeline_config(setup / "model", setup / "text.txt", out), out=out,
+    run = llm_run.Run(cfg=pipeline_config(setup / "model", setup / "text.txt", out), out=out,
                           texts={"eval": text, "train": text})
     run.results.update(device="cpu", dtype="torch.float32", model_identity={"label": "m"})
     cls = K.STEP_CONFIGS[step]

@@ -126,9 +126,9 @@ def test_protected_coordinates_survive(method, tiny_llama):
 
 def test_mask_from_scores_keeps_high_scores():
     s = torch.tensor([[4.0, 1.0, 3.0, 2.0], [0.1, 0.4, 0.3, 0.2]])
-    assert mask_from_scores(s, 0.5, "unstructured", per_row=True).tolist() == [[False, True, False, True],
+    assert mask_from_scores(s, 0.5, None, per_row=True).tolist() == [[False, True, False, True],
                                                                              [True, False, False, True]]
-    assert mask_from_scores(s, 0.5, "unstructured", per_row=False).tolist() == [[False, False, False, False],
+    assert mask_from_scores(s, 0.5, None, per_row=False).tolist() == [[False, False, False, False],
                                                                               [True, True, True, True]]
 
 

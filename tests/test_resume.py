@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+import llm_compare
 import llm_main_v4
+import llm_results as R
 from conftest import without
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,10 +180,9 @@ def test_compare_runs_reads_only_their_results(tmp_path, capsys):
     steps = {s.module for s in llm_main_v4.STEPS.values()}
     assert got[0] == "0" and not set(eval(got[1])) & steps
     md = (out / "compare.md").read_text()
-    import llm_report
-
-    assert f"| {llm_report._esc(runs[0])} | m | wanda 2:4 0.5 | - | 10 | 15 (x1.5) | - |" in md
-    assert f"| {llm_report._esc(runs[1])} | m | wanda 2:4 0.5 | - | 10 | 30 (x3) | inf (xinf) |" in md
+    labels = llm_compare.short_names(runs)
+    assert f"| {R.esc(labels[0])} | wanda 2:4 0.5 | - | 10 | 15 (x1.5) | - |" in md
+    assert f"| {R.esc(labels[1])} | wanda 2:4 0.5 | - | 10 | 30 (x3) | inf (xinf) |" in md
     assert (out / "plots" / "compare.png").stat().st_size > 1000 and "data:image/png" in (out / "compare.html").read_text()
     assert llm_main_v4.main(["--compare", str(tmp_path / "nothing"), "--output-dir", str(out)]) == 2
     assert "no finished evaluation" in capsys.readouterr().err

@@ -200,7 +200,7 @@ def test_pipeline_scores_exports_and_compares_every_variant(tiny_run_dir, pipeli
 
     assert M.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b"), "--output-dir", str(tmp_path / "c")]) == 0
     compare = (tmp_path / "c" / "compare.md").read_text()
-    from llm_report import fmt
+    from llm_results import fmt
 
     assert "Zero-shot mean accuracy" in compare and "wanda unstructured 0.5 |" in compare
     assert f"wanda unstructured {fmt(runs['b']['prune']['overall_sparsity'])} |" in compare

@@ -1,0 +1,267 @@
+"""Every figure of the report and the comparison, drawn from saved results only (matplotlib, Agg).
+
+``make_plots(results, out)`` redraws every plot that a results.json supports and returns
+their paths; each ``plot_*`` takes a section of it (plain dicts, numbers as JSON keeps them).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import matplotlib
+import matplotlib.text
+import numpy as np
+
+matplotlib.use("Agg")  # before pyplot: plots are files, never windows
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import SymLogNorm  # noqa: E402
+from matplotlib.ticker import NullLocator  # noqa: E402
+
+import llm_io as IO
+import llm_results as R
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Save a matplotlib figure atomically as PNG and close it."""
+    path = Path(path)
+    # Labels are names from results.json (variants, modules, runs): a "$" in one must stay text,
+    # never matplotlib mathtext ("$\\frac{1}{$" would not parse). Ticks drawn later are made
+    # inside the context, the texts that already exist are switched off one by one.
+    for t in fig.findobj(matplotlib.text.Text):
+        t.set_parse_math(False)
+    try:
+        with plt.rc_context({"text.parse_math": False}), IO.atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def log_x_axis(ax, values) -> None:
+    """Log-scaled x axis labelled exactly at ``values`` (no crowded minor-tick labels)."""
+    ax.set_xscale("log")
+    values = sorted({float(v) for v in values})
+    ax.set_xticks(values, [f"{v:g}" for v in values])
+    ax.xaxis.set_minor_locator(NullLocator())
+
+
+def new_figure(*args, **kwargs):
+    """plt.subplots on the headless Agg backend (set at import: plots never need a display)."""
+    return plt.subplots(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------- plots (from saved results only)
+
+
+def plot_training_curve(result: dict, path) -> Path:
+    """Training loss per step, with the held-out loss before/after, from a saved result dict."""
+    fig, ax = new_figure(figsize=(6, 3.5))
+    losses = result.get("train_losses") or []
+    ax.plot(range(1, len(losses) + 1), losses, label="train loss (batch)")
+    for key, style in (("heldout_loss_before", "--"), ("heldout_loss_after", "-.")):
+        v = result.get(key)
+        if isinstance(v, (int, float)):
+            ax.axhline(v, ls=style, color="gray", label=key.replace("_", " "))
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(f"fine-tuning ({result.get('mode', '?')})")
+    ax.legend()
+    return save_figure(fig, path)
+
+
+def plot_sparsity_per_layer(result: dict, path):
+    """Achieved sparsity per block (bars), the target, and a non-uniform allocation's per-layer target."""
+    fig, ax = new_figure(figsize=(6, 3))
+    per = result.get("layer_sparsity") or result["per_layer"]
+    layers = sorted(per, key=int)
+    ax.bar([int(k) for k in layers], [per[k] for k in layers])
+    ax.axhline(result["target_sparsity"], color="red", ls="--", label="target")
+    alloc = result.get("allocation") or {}
+    if alloc.get("mode") not in (None, "uniform") and alloc.get("target"):
+        ax.plot([int(k) for k in layers], [alloc["target"].get(k) for k in layers], "k.-",
+                label=f"{alloc['mode']} allocation")
+    ax.set_xlabel("decoder block")
+    ax.set_ylabel("sparsity")
+    ax.set_title(f"{result['method']} {result['pattern']}")
+    ax.legend()
+    return save_figure(fig, path)
+
+
+def plot_bits_per_layer(result: dict, path):
+    """Mean code bits per block of the quantized variant, and the average."""
+    fig, ax = new_figure(figsize=(6, 3))
+    per = result["layer_bits"]
+    layers = sorted(per, key=int)
+    ax.bar([int(k) for k in layers], [per[k] for k in layers])
+    ax.axhline(result["avg_code_bits"], color="red", ls="--", label="average code bits")
+    ax.set_xlabel("decoder block")
+    ax.set_ylabel("bits per weight")
+    ax.set_title(f"{result['method']} g{result['group']}, {result['bit_allocation']} bits")
+    ax.legend()
+    return save_figure(fig, path)
+
+
+def plot_perplexity_vs_sparsity(sweep: dict, path, dense: Optional[float] = None):
+    """``sweep``: {method: {sparsity: perplexity}} from saved results."""
+    fig, ax = new_figure(figsize=(6, 4))
+    for method, pts in sweep.items():
+        xs = sorted(pts, key=float)
+        ys = [pts[x] if isinstance(pts[x], (int, float)) else float("nan") for x in xs]
+        ax.plot([float(x) for x in xs], ys, marker="o", label=method)
+    if dense:
+        ax.axhline(dense, color="gray", ls=":", label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("sparsity")
+    ax.set_ylabel("perplexity")
+    ax.legend()
+    return save_figure(fig, path)
+
+
+def plot_sweep(sweep: dict, path):
+    """Perplexity against eps (mean with min-max band), saturation level marked."""
+    fig, ax = new_figure(figsize=(6, 4))
+    for tag, summ in sweep["summary"].items():
+        s = summ["perplexity"]
+        xs = sorted(s, key=float)
+        mean = [R.fnum(s[x]["mean"]) for x in xs]
+        ax.plot([float(x) for x in xs], mean, marker="o", label=tag)
+        ax.fill_between([float(x) for x in xs], [R.fnum(s[x]["min"]) for x in xs], [R.fnum(s[x]["max"]) for x in xs],
+                        alpha=0.2)
+    ax.axhline(R.fnum(sweep["clean"]["perplexity"]), color="gray", ls=":", label="clean")
+    ax.axhline(sweep["saturation"], color="red", ls="--", label=f"saturation (vocab {int(sweep['saturation'])})")
+    ax.set_yscale("log")
+    log_x_axis(ax, [x for summ in sweep["summary"].values() for x in summ["perplexity"]])
+    ax.set_xlabel(f"epsilon ({sweep['mode']} noise, {sweep['group']})")
+    ax.set_ylabel("perplexity")
+    ax.legend()
+    return save_figure(fig, path)
+
+
+def plot_sensitivity_map(smap: dict, path):
+    fig, ax = new_figure(figsize=(1.0 + 0.8 * len(smap["modules"]), 1.0 + 0.22 * len(smap["layers"])))
+    data = np.array([[R.fnum(v) for v in row] for row in smap["delta_nll"]])
+    im = ax.imshow(data, aspect="auto", cmap="magma")
+    ax.set_xticks(range(len(smap["modules"])), smap["modules"], rotation=45, ha="right")
+    ax.set_ylabel("layer")
+    ax.set_title(f"NLL increase, relative noise eps={smap['epsilon']}")
+    fig.colorbar(im, ax=ax, label="delta NLL (nats/token)")
+    return save_figure(fig, path)
+
+
+def plot_attack_sweep(result: dict, path):
+    fig, ax = new_figure(figsize=(6, 4))
+    for method in ("fgsm", "pgd"):
+        rows = sorted((r for r in result["table"] if r["method"] == method), key=lambda r: r["eps"])
+        ax.plot([r["eps"] for r in rows], [r["delta_nll"] for r in rows], marker="o", label=method.upper())
+    log_x_axis(ax, [r["eps"] for r in result["table"]])
+    ax.set_xlabel(f"eps (relative to mean embedding norm, {result['norm']})")
+    ax.set_ylabel("delta NLL (nats/token)")
+    ax.legend()
+    return save_figure(fig, path)
+
+
+def layer_module_grid(result: dict, key: str) -> tuple[list, list, list]:
+    """(layers, module types, grid[layer][type]) of a per-module quantity from saved results."""
+    types = sorted(set(result["module_type"].values()))
+    n_layers = max(result["module_layer"].values()) + 1
+    grid = [[float("nan")] * len(types) for _ in range(n_layers)]
+    for n, v in result[key].items():
+        grid[result["module_layer"][n]][types.index(result["module_type"][n])] = float(v)
+    return list(range(n_layers)), types, grid
+
+
+def plot_heatmaps(result: dict, path, noise_map: Optional[dict] = None):
+    """Layer x module heatmaps of Hessian trace, Fisher, and (if given) the noise NLL increase."""
+    panels = [("hessian_trace", "Hessian trace"), ("fisher_sum", "Fisher (sum)")]
+    grids = [layer_module_grid(result, k) for k, _ in panels]
+    titles = [t for _, t in panels]
+    if noise_map:
+        grids.append((noise_map["layers"], noise_map["modules"], noise_map["delta_nll"]))
+        titles.append("noise delta NLL")
+    fig, axes = new_figure(1, len(grids), figsize=(4.2 * len(grids), 1.5 + 0.2 * len(grids[0][0])))
+    axes = np.atleast_1d(axes)
+    for k, (ax, (layers, types, grid), title) in enumerate(zip(axes, grids, titles)):
+        data = np.array([[float(v) for v in row] for row in grid])
+        if k == 0:  # Hutchinson traces can be negative and noisy: signed scale, unreliable cells crossed
+            lim = np.nanmax(np.abs(data)) or 1.0
+            im = ax.imshow(data, aspect="auto", cmap="RdBu_r",
+                           norm=SymLogNorm(linthresh=lim * 1e-3, vmin=-lim, vmax=lim))
+            ok = result.get("hessian_module_reliable") or {}
+            _, _, okgrid = layer_module_grid({**result, "ok": {n: float(v) for n, v in ok.items()}}, "ok")
+            for i, row in enumerate(okgrid if ok else []):
+                for j, v in enumerate(row):
+                    if v == 0.0:
+                        ax.text(j, i, "x", ha="center", va="center", fontsize=7, color="0.3")
+            ax.set_title(f"{title} (x: stderr above target)")
+        else:
+            im = ax.imshow(np.log10(np.abs(data) + 1e-12), aspect="auto", cmap="viridis")
+            ax.set_title(f"log10 |{title}|")
+        ax.set_xticks(range(len(types)), types, rotation=45, ha="right")
+        ax.set_ylabel("layer")
+        fig.colorbar(im, ax=ax)
+    return save_figure(fig, path)
+
+
+def plot_activation_profile(profile: dict, path, super_layers: Sequence[int] = ()):
+    fig, ax = new_figure(figsize=(6, 3.5))
+    for key, label in (("down_in_max", "down_proj input"), ("down_out_max", "down_proj output"),
+                       ("residual_max", "residual stream")):
+        if key in profile:
+            ax.plot(profile[key], marker=".", label=label)
+    for layer in super_layers:
+        ax.axvline(layer, color="red", ls=":", alpha=0.6)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("max |activation|")
+    ax.legend()
+    return save_figure(fig, path)
+
+
+def make_plots(results: dict, out: Path) -> dict:
+    """(Re)draw every plot that the saved results support; returns {name: path relative to out}."""
+    out = Path(out)
+    plots = {}
+    d = out / "plots"
+
+    def add(name, fn, *args):
+        plots[name] = str(fn(*args).relative_to(out))
+
+    if results.get("finetune", {}).get("train_losses"):
+        add("finetune", plot_training_curve, results["finetune"], d / "finetune_loss.png")
+    if results.get("prune"):
+        add("prune", plot_sparsity_per_layer, results["prune"], d / "prune_sparsity_per_layer.png")
+    if (results.get("quantize") or {}).get("layer_bits"):
+        add("quantize", plot_bits_per_layer, results["quantize"], d / "quantize_bits_per_layer.png")
+    if results.get("noise"):
+        add("noise_sweep", plot_sweep, results["noise"]["sweep"], d / "noise_sweep.png")
+        if results["noise"].get("map"):
+            add("noise_map", plot_sensitivity_map, results["noise"]["map"], d / "noise_map.png")
+    if results.get("adversarial"):
+        add("attack_sweep", plot_attack_sweep, results["adversarial"], d / "attack_sweep.png")
+    if results.get("analysis"):
+        an = results["analysis"]
+        add("sensitivity_heatmaps", plot_heatmaps, an, d / "sensitivity_heatmaps.png",
+            (results.get("noise") or {}).get("map"))
+        add("activations", plot_activation_profile, an["activation_profile"], d / "activations.png",
+            an.get("super_weight_layers", []))
+    return plots
+
+
+def plot_comparison(rows: list, variants: list, path) -> Path:
+    """Grouped bars, one bar per run: perplexity (log scale) of each variant and, where runs
+    measured it, zero-shot mean accuracy beside it."""
+    panels = [("perplexity", "perplexity", True)] + ([("zeroshot", "zero-shot mean acc", False)]
+                                                      if any(r.get("zeroshot") for r in rows) else [])
+    w = max(5.0, 1.2 * len(variants) * max(1, len(rows)) / 2)
+    fig, axes = new_figure(1, len(panels), figsize=(w * len(panels), 3.5), squeeze=False)
+    width = 0.8 / max(len(rows), 1)
+    for ax, (key, label, log_scale) in zip(axes[0], panels):
+        for k, r in enumerate(rows):
+            ys = [R.fnum((r.get(key) or {}).get(v)) for v in variants]
+            ax.bar([i + k * width for i in range(len(variants))], ys, width, label=r.get("label") or r["run"])
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(variants))], variants)
+        if log_scale:
+            ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    return save_figure(fig, path)

@@ -1,0 +1,204 @@
+"""Reading results.json: the one typed reader, and the value helpers every reader uses.
+
+Every reading of a results.json goes through here: the pipeline resuming into its own folder,
+``--report-only``, ``--compare`` and the model cards of the export. ``read_results`` checks each
+section against ``SCHEMA`` (the run's provenance) and ``STEP_SECTIONS`` (what each step of the
+registry writes; ``llm_main_v4.STEPS`` takes its sections from here, so the two cannot drift).
+Another run's file may come from another version or a hostile hand: its fields are read
+through ``field`` (by type, with a default) and shown through ``text`` (escaped Markdown).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Mapping, Optional
+
+import llm_io as IO
+import llm_model as LM
+from llm_config import ALL_STEPS
+
+log = logging.getLogger("llm.report")
+
+# What each step writes into results.json, in pipeline order (one dict per section).
+STEP_SECTIONS: dict[str, tuple] = {
+    "finetune": ("finetune",), "prune": ("prune",), "noise": ("noise",), "quantize": ("quantize",),
+    "eval": ("perplexity", "evaluation", "protocol", "variants"), "zeroshot": ("zeroshot",), "export": ("export",),
+    "adversarial": ("adversarial",), "analysis": ("analysis",)}
+assert tuple(STEP_SECTIONS) == ALL_STEPS
+# The run's provenance, written before any step, and the plots list written after them.
+SCHEMA: dict[str, type | tuple] = {
+    "seed": int, "argv": (list, type(None)), "steps": list, "device": str, "dtype": str, "versions": dict,
+    "python": str, "steps_done": dict, "model": str, "parameters": int, "model_identity": dict, "dataset": dict,
+    "manifest": dict, "plots": dict, **{s: dict for sections in STEP_SECTIONS.values() for s in sections}}
+_NUMBER = (int, float, str, type(None))  # "inf" / "nan" are strings in strict JSON
+
+
+# Inside a section: which entries must be of which type.
+_ENTRIES: dict[str, tuple] = {"perplexity": _NUMBER, "variants": (str, type(None)), "steps_done": (str,)}
+
+
+def problems(res) -> list[str]:
+    """What makes ``res`` not a results.json of this tool: wrongly typed sections, perplexities
+    that are not numbers, parents that are not variant names. Empty when it is one."""
+    if not isinstance(res, dict):
+        return [f"the file holds a {type(res).__name__}, not an object"]
+    out = [f"{k} is a {type(res[k]).__name__}" for k, kind in SCHEMA.items()
+           if k in res and (not isinstance(res[k], kind) or (kind is int and isinstance(res[k], bool)))]
+    for key, kinds in _ENTRIES.items():
+        out += [f"{key}[{k!r}] is a {type(v).__name__}" for k, v in (field(res, key, kind=dict) or {}).items()
+                if not isinstance(v, kinds)]
+    return out
+
+
+def _well_typed(res: dict) -> dict:
+    """``res`` without its wrongly typed sections and entries."""
+    out = {k: v for k, v in res.items() if k not in SCHEMA or isinstance(v, SCHEMA[k])}
+    for key, kinds in _ENTRIES.items():
+        if isinstance(out.get(key), dict):
+            out[key] = {k: v for k, v in out[key].items() if isinstance(v, kinds)}
+    return out
+
+
+def read_results(out: Path, foreign: bool = False) -> dict:
+    """``<out>/results.json``, checked against the schema; {} when there is none.
+
+    ``foreign=False`` (the pipeline resuming into its own folder): a file that is not JSON or
+    not shaped like our results is moved aside with a warning and never trusted.
+    ``foreign=True`` (``--report-only``, ``--compare``: files this run did not write): the file
+    is never touched; sections and entries of the wrong type are left out, with a warning, and
+    the rest is read through ``field``. Raises OSError / ValueError for a file that cannot be
+    read as a JSON object (a FIFO, a link to /dev/zero, an oversized file: ``IO.read_json``
+    bounds what it reads)."""
+    path = Path(out) / "results.json"
+    if not foreign and not path.is_file():
+        return {}
+    try:
+        res = IO.read_json(path)
+    except (OSError, ValueError):
+        if foreign:
+            raise
+        res = None
+    bad = problems(res)
+    if foreign:
+        if not isinstance(res, dict):
+            raise ValueError(bad[0])
+        if bad:
+            log.warning("%s: left out what is not shaped like this tool's results (%s)", path, "; ".join(bad[:5]))
+        return _well_typed(res)
+    if bad:
+        aside = path.with_name(f"results.json.unreadable-{int(time.time())}")
+        os.replace(path, aside)
+        log.warning("%s is not a results file of this tool (%s); moved aside to %s, starting afresh", path,
+                    "; ".join(bad[:3]), aside.name)
+        return {}
+    return res
+
+
+def is_clean(out: Path) -> bool:
+    """Whether ``<out>/results.json`` is a results file of this tool with nothing to leave out."""
+    try:
+        return not problems(IO.read_json(Path(out) / "results.json"))
+    except (OSError, ValueError):
+        return False
+
+
+def unfinished_steps(results: Mapping) -> list[str]:
+    """The steps the run was asked for and never finished (killed, or interrupted), in order."""
+    asked = field(results, "steps", kind=list, default=[])
+    done = field(results, "steps_done", kind=dict, default={})
+    return [s for s in ALL_STEPS if s in asked and s not in done]
+
+
+# --------------------------------------------------------------------------- values of another run's file
+
+
+def num(x):
+    """A number from results.json ("inf"/"nan" strings included), or None."""
+    if isinstance(x, (int, float)):
+        return float(x)
+    if isinstance(x, str):
+        try:
+            return float(x)
+        except ValueError:
+            return None
+    return None
+
+
+def fnum(x) -> float:
+    """Like ``num``, with nan for a missing value (matplotlib leaves a gap there)."""
+    v = num(x)
+    return float("nan") if v is None else v
+
+
+def field(obj, *keys, kind=None, default=None):
+    """A field of a results.json that may come from another run, another version or a hostile
+    hand: ``obj[k1][k2]...``, or ``default`` where a level is missing or not a dict, or the value
+    is not of ``kind`` (a type or a tuple of types). Every field the report or the comparison
+    reads from another run's file goes through here, and every text of it through ``text``."""
+    for k in keys:
+        if not isinstance(obj, dict) or k not in obj:
+            return default
+        obj = obj[k]
+    return default if kind is not None and not isinstance(obj, kind) else obj
+
+
+def text(x) -> str:
+    """A field shown in a Markdown table or sentence: numbers formatted, everything escaped."""
+    return esc(fmt(x)) if isinstance(x, (str, int, float)) or x is None else esc(str(x))
+
+
+def esc(text) -> str:
+    """Free text (prompts, model outputs, suffixes, names) as literal Markdown: no image, link,
+    emphasis, code span, table cell or HTML can come out of it."""
+    return re.sub(r"([\\`*_\[\]!|#])", r"\\\1", str(text).replace("\n", " "))
+
+
+def fmt(x) -> str:
+    if isinstance(x, str):
+        return x
+    if x is None:
+        return "-"
+    return f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
+def pct(x) -> str:
+    return f"{100 * x:g}%" if isinstance(x, (int, float)) else fmt(x)
+
+
+# --------------------------------------------------------------------------- what a model card says
+
+
+def variant_facts(results: Mapping, parents: Mapping[str, Optional[str]]) -> dict:
+    """What a model card says of each variant in ``parents`` (name -> the variant it was derived
+    from), from a run's results.json: how it was made, calibration, metrics."""
+    ppl, ev, zs = results.get("perplexity", {}), results.get("evaluation", {}), results.get("zeroshot") or {}
+    eval_text = (results.get("dataset") or {}).get("eval", {}).get("source")
+    train_text = (results.get("dataset") or {}).get("train", {}).get("source")
+    out = {}
+    for name, parent in parents.items():
+        f = {"parent": parent, "base_model": results.get("model"), "metrics": {},
+             "from_gguf": results.get("model") == LM.EMBEDDED_NAME or str(results.get("model")).endswith(".gguf")}
+        if name == "fine-tuned" and results.get("finetune"):
+            ft = results["finetune"]
+            f["made_by"] = f"{ft.get('mode')} fine-tune, {ft.get('steps')} steps on {train_text}"
+        if name == "pruned" and results.get("prune"):
+            pr = results["prune"]
+            f["made_by"] = (f"{pr['method']} pruning, {pr['pattern']}, sparsity {pr['overall_sparsity']:.4f} of the "
+                            f"decoder linears")
+            f["calibration"] = f"{pr['calibration']['windows']} windows of {pr['calibration']['seq_len']} tokens " \
+                               f"of {pr['calibration'].get('source')}"
+        if name == "noisy" and results.get("noise"):
+            v = results["noise"]["variant"]
+            kind = "bit flips" if v["mode"] == "bitflip" else "Gaussian weight noise"
+            f["made_by"] = f"{v['mode']} {kind}, eps={v['epsilon']}, group {v['group']}, seed {v['seed']}"
+        if name in ppl:
+            f["metrics"]["perplexity"] = {"value": ppl[name], "text": eval_text,
+                                          "tokens": (ev.get(name) or {}).get("tokens_scored")}
+        if (zs.get("mean") or {}).get(name):
+            f["metrics"]["zeroshot"] = {"mean": zs["mean"][name], "tasks": zs["tasks"][name],
+                                        "limit": (zs.get("protocol") or {}).get("limit")}
+        out[name] = f
+    return out
