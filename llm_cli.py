@@ -29,7 +29,7 @@ import yaml
 
 import llm_io as IO
 from llm_common import UserError
-from llm_config import STEP_CONFIGS, PipelineConfig, RunConfig
+from llm_config import PRESETS, STEP_CONFIGS, PipelineConfig, RunConfig
 from llm_knobs import flag_of, hints_of
 
 SECTIONS = {"run": RunConfig, **STEP_CONFIGS}
@@ -86,8 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             elif hints[f.name] == Optional[bool]:
                 group.add_argument(flag, dest=dest, choices=("on", "off", "auto"), default=None, help=helptext)
             else:
-                group.add_argument(flag, dest=dest, default=None, choices=m.get("choices"), help=helptext,
-                                   metavar=None if m.get("choices") else flag[2:].split("-")[-1].upper())
+                choices = None if m.get("grid") else m.get("choices")  # a grid's items are checked one by one
+                metavar = ("{" + ",".join(m["choices"]) + "}[,...]" if m.get("grid") and m.get("choices") else
+                           None if choices else flag[2:].split("-")[-1].upper() + ("[,...]" if m.get("grid") else ""))
+                group.add_argument(flag, dest=dest, default=None, choices=choices, help=helptext, metavar=metavar)
     return parser
 
 
@@ -96,6 +98,11 @@ def _convert(cls: type, f: dataclasses.Field, text):
     hint, m, flag = hints_of(cls)[f.name], f.metadata, flag_of(cls, f)
     if any(not str(t).strip() for t in (text if m.get("many") else [text])):
         raise UserError(f"{flag} must not be empty")  # an empty value never means anything here
+    if m.get("grid") and "," in text:  # a grid: one variant per value
+        items = [t.strip() for t in text.split(",")]
+        if not all(items):
+            raise UserError(f"{flag} must be a value or a comma list of values, got {text!r}")
+        return tuple(_convert(cls, f, t) for t in items)
     try:
         if m.get("many"):
             return tuple(text)
@@ -181,23 +188,35 @@ def read_config_file(path: str) -> dict:
 
 
 def from_args(ns: argparse.Namespace) -> PipelineConfig:
-    """The PipelineConfig of parsed flags: flags given override ``--config``'s file, which overrides
-    the dataclass defaults."""
-    base = read_config_file(ns.config) if getattr(ns, "config", None) else {name: {} for name in SECTIONS}
-    parts = {}
+    """The PipelineConfig of parsed flags, in layers: the dataclass defaults, then ``--preset``'s
+    fields, then ``--config``'s file, then the flags given. The preset's fields that the file or
+    the flags changed are recorded in ``run.preset_overrides`` (the report lists them)."""
+    given = read_config_file(ns.config) if getattr(ns, "config", None) else {name: {} for name in SECTIONS}
     for name, cls in SECTIONS.items():
-        kw = dict(base[name])
         for f in fields(cls):
             if f.metadata.get("cli", True):
                 text = getattr(ns, flag_of(cls, f)[2:].replace("-", "_"))
                 if text is not None:
-                    kw[f.name] = _convert(cls, f, text)
-        kw.pop("config", None)  # the file itself is not part of the run's config
-        parts[name] = cls(**kw)
+                    given[name][f.name] = _convert(cls, f, text)
+        given[name].pop("config", None)  # the file itself is not part of the run's config
+    preset = given["run"].get("preset")
+    fields_of = PRESETS[preset].fields if preset else {}
+    overrides = sorted({f"{flag_of(SECTIONS[name], f)} {_flag_text(given[name][f.name])}"
+                        for name, cls in SECTIONS.items() for f in fields(cls)
+                        if f.name in fields_of.get(name, {}) and f.name in given[name]
+                        and given[name][f.name] != fields_of[name][f.name]})
+    parts = {name: cls(**{**fields_of.get(name, {}), **given[name]}) for name, cls in SECTIONS.items()}
+    parts["run"] = dataclasses.replace(parts["run"], preset_overrides=tuple(overrides))
     return PipelineConfig(**parts)
 
 
 _MODES = ("config", "report_only", "compare")  # what the command does, not how a run computes
+
+
+def _flag_text(v) -> str:
+    """A field value as its flag would say it (tuples as comma lists)."""
+    v = _yaml_value(v)
+    return ",".join(map(str, v)) if isinstance(v, list) else str(v)
 
 
 def _yaml_value(v):

@@ -32,7 +32,7 @@ PROTOCOL = {
     "dtype": lambda r: R.field(r, "dtype"),
     "eval text": lambda r: R.field(r, "dataset", "eval", "source"),
     "window": lambda r: R.field(r, "protocol", "seq_len"),
-    "tokens scored": lambda r: R.field(r, "protocol", "tokens_used"),
+    "tokens scored": lambda r: R.tokens_scored(r),
     "calibration": lambda r: _calibration(r),
     "tasks": lambda r: ",".join(map(str, R.field(r, "zeroshot", "protocol", "specs", kind=list, default=[]))) or None,
     "task limit": lambda r: R.field(r, "zeroshot", "protocol", "limit"),

@@ -21,11 +21,12 @@ from typing import ClassVar, Optional
 import llm_tasks as T
 from llm_common import UserError
 from llm_knobs import (StepConfig, budget, knob, parse_floats, parse_ints, parse_max_memory, parse_names, parse_nm,
-                       parse_protect)
+                       parse_protect, parse_trackers)
 from llm_model import SAMPLE_PROMPT
 
 ALL_STEPS = ("finetune", "prune", "noise", "quantize", "eval", "zeroshot", "export", "adversarial", "analysis")
-# The zero-shot suite of the Wanda, SparseGPT and Super Weight papers (lm-evaluation-harness names).
+# The zero-shot suite of the Wanda paper (and OWL's), lm-evaluation-harness names; SparseGPT's and
+# the Super Weight paper's are in their presets below.
 ZEROSHOT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 SUPER_WEIGHT_PROMPT = "Apple Inc. is a worldwide tech company."
 
@@ -42,6 +43,66 @@ def parse_steps(text: str) -> tuple:
     return tuple(s for s in ALL_STEPS if s in steps)  # pipeline order, whatever the flag's order
 
 
+# --------------------------------------------------------------------------- paper presets
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A paper's published protocol as field values, and where we differ from its code."""
+
+    paper: str
+    code: str
+    fields: dict      # config section -> {field: value}
+    differs: tuple    # where this preset is not the paper's code, always stated with its numbers
+
+
+# The pruning papers calibrate on 128 windows of 2048 tokens from the C4 train shard
+# en/c4-train.00000-of-01024, seed 0 (get_c4 in both codes), and score WikiText-2 test, raw,
+# joined by "\n\n", in disjoint windows of 2048 tokens (LLaMA-1's context).
+_PRUNING_PAPERS = {"run": {"train_dataset": "c4", "dataset": "wikitext2", "seed": 0},
+                   "finetune": {"mode": "none"},
+                   "prune": {"sparsity": 0.5, "pattern": "unstructured", "calib_samples": 128, "calib_seq_len": 2048,
+                             "seed": 0, "allocation": "uniform"},
+                   "eval": {"seq_len": 2048, "stride": None, "eval_tokens": 0},
+                   "zeroshot": {"enabled": True, "limit": 0, "num_fewshot": 0}}
+_C4_EVAL = ("C4 validation perplexity (first 256 windows) is a second run with --dataset c4: the eval step "
+            "scores one text per run")
+PRESETS: dict[str, Preset] = {
+    "wanda": Preset(
+        "Sun et al. 2023, A Simple and Effective Pruning Approach for LLMs (Wanda)", "locuslab/wanda",
+        {**_PRUNING_PAPERS, "run": {**_PRUNING_PAPERS["run"], "steps": ("finetune", "prune", "eval", "zeroshot")},
+         "prune": {**_PRUNING_PAPERS["prune"], "method": "wanda"}, "zeroshot": {**_PRUNING_PAPERS["zeroshot"],
+                                                                              "tasks": ZEROSHOT_TASKS}},
+        (_C4_EVAL, "Wanda's code sets the window to the model's max_position_embeddings (4096 for Llama-2, for "
+                   "calibration and evaluation); this preset uses 2048, as its LLaMA-1 tables: add --seq-len 4096 "
+                   "--calib-seq-len 4096 for Llama-2 as its code runs it")),
+    "sparsegpt": Preset(
+        "Frantar & Alistarh 2023, SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot",
+        "IST-DASLab/sparsegpt",
+        {**_PRUNING_PAPERS, "run": {**_PRUNING_PAPERS["run"], "steps": ("finetune", "prune", "eval", "zeroshot")},
+         "prune": {**_PRUNING_PAPERS["prune"], "method": "sparsegpt", "blocksize": 128, "percdamp": 0.01},
+         "zeroshot": {**_PRUNING_PAPERS["zeroshot"],
+                      "tasks": ("lambada_openai", "piqa", "arc_easy", "arc_challenge")}},
+        (_C4_EVAL, "the paper's zero-shot set also has StoryCloze, whose data is not public (lm-eval needs a manual "
+                   "download); it is left out")),
+    "superweight": Preset(
+        "Yu et al. 2024, The Super Weight in Large Language Models", "mengxiayu/LLMSuperWeight",
+        {"run": {"dataset": "wikitext2", "seed": 0, "steps": ("finetune", "quantize", "eval", "zeroshot", "analysis")},
+         "finetune": {"mode": "none"},
+         "quantize": {"method": "rtn", "wbits": 4, "group": 512, "protect": "auto", "bit_allocation": "uniform",
+                      "super_weight_prompt": SUPER_WEIGHT_PROMPT},
+         "analysis": {"super_weight_prompt": SUPER_WEIGHT_PROMPT},
+         "eval": {"seq_len": 2048, "stride": None, "eval_tokens": 0},
+         "zeroshot": {"enabled": True, "limit": 0, "num_fewshot": 0,
+                      "tasks": ("winogrande", "arc_challenge", "arc_easy", "piqa", "sciq", "hellaswag",
+                                "lambada_openai")}},
+        ("the paper's perplexity is lm-eval's wikitext task (word perplexity over whole documents); ours is token "
+         "perplexity in disjoint 2048-token windows",
+         "its min-max RTN sweeps block sizes 64 to 2048 over 2-D tiles; this preset takes one point, groups of 512 "
+         "input columns, with the super weights kept in full precision (their 'restore' variant)")),
+}
+
+
 # --------------------------------------------------------------------------- the configs
 
 
@@ -53,6 +114,16 @@ class RunConfig(StepConfig):
     steps: tuple = knob((), f"comma list from {','.join(ALL_STEPS)}", parse=parse_steps, shown="every step")
     config: Optional[str] = knob(None, "YAML file of settings with the flags' or the fields' names (the config.yaml "
                                        "a run writes reruns it); flags given override it", results=False, shown="none")
+    log_to: tuple = knob((), "experiment trackers, through accelerate: none, or a comma list from tensorboard, "
+                             "wandb (offline without network), mlflow; the fine-tune's curves and every step's "
+                             "numbers (perplexities, zero-shot accuracies, timings) go to each", flag="--log-to",
+                         parse=parse_trackers, results=False, shown="none")
+    preset: Optional[str] = knob(None, "a paper's published protocol in one flag (PRESETS in llm_config): the model as "
+                                       "loaded, the paper's calibration, windows, seed and zero-shot tasks; --config "
+                                       "and flags override it, and the report lists every field overridden",
+                                 choices=("wanda", "sparsegpt", "superweight"), results=False, shown="none")
+    preset_overrides: tuple = knob((), "the preset's fields that the config file or flags changed (set by the "
+                                       "command line)", cli=False, results=False)
     output_dir: str = knob("data", "results, checkpoints, plots and report", results=False)
     seed: int = knob(0, "seed of every step (recorded in results.json)", bounds="[0,4294967295]")
     log_level: str = knob("INFO", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), results=False)
@@ -111,9 +182,10 @@ class FinetuneConfig(StepConfig):
     save_every_s: float = knob(300.0, "... and at most this often in seconds (0: never by time)", bounds="[0,10000000]",
                                results=False)
     log_every: int = knob(25, "steps between host syncs for the loss log", bounds="[1,10000000]", results=False)
-    log_to: str = knob("none", "also write the training curves (loss and learning rate per step) as TensorBoard "
-                               "events into <output-dir>/tensorboard", flag="--log-to", choices=("none", "tensorboard"),
-                       results=False)
+    log_to: tuple = knob((), "experiment trackers, through accelerate: none, or a comma list from tensorboard, "
+                             "wandb (offline without network), mlflow; the fine-tune's curves and every step's "
+                             "numbers (perplexities, zero-shot accuracies, timings) go to each", flag="--log-to",
+                         parse=parse_trackers, results=False, shown="none")
     lora_r: int = knob(16, "LoRA rank", flag="--lora-r", bounds="[1,65536]")
     lora_alpha: int = knob(32, "LoRA alpha", flag="--lora-alpha", bounds="[1,65536]")
     lora_merge: str = knob("fp32", "how a bf16/fp16 model takes its LoRA update: fp32 merges exactly and holds the "
@@ -148,11 +220,15 @@ PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "taylor")
 class PruneConfig(StepConfig):
     step: ClassVar[str] = "prune"
     prefix: ClassVar[str] = "prune-"
-    method: str = knob("wanda", "pruning score", choices=PRUNE_METHODS)
+    method: str = knob("wanda", "pruning score; a comma list makes a grid of pruned variants (with --sparsity "
+                                "and --sparsity-pattern)", choices=PRUNE_METHODS, grid=True)
     sparsity: float = knob(0.5, "fraction of weights removed, in [0, 1); N:M patterns fix it at 1 - N/M",
-                           flag="--sparsity", bounds="[0,1)")
+                           flag="--sparsity", bounds="[0,1)", grid=True)
     pattern: str = knob("unstructured", "unstructured, or N:M: keep N of every M consecutive input weights of "
-                                        "a row (2:4, 4:8)", flag="--sparsity-pattern")
+                                        "a row (2:4, 4:8)", flag="--sparsity-pattern", grid=True)
+    source: str = knob("auto", "which model is pruned: auto (the fine-tuned model when this run has one, else the "
+                               "model as loaded), base (the model as loaded, as the pruning papers), fine-tuned",
+                       flag="--prune-from", choices=("auto", "base", "fine-tuned"))
     blocksize: int = knob(128, "SparseGPT column block", flag="--sparsegpt-blocksize", bounds="[1,65536]")
     percdamp: float = knob(0.01, "SparseGPT dampening, fraction of mean diag(H)", flag="--sparsegpt-percdamp",
                            bounds="[0,10]")
@@ -181,6 +257,17 @@ class PruneConfig(StepConfig):
     seed: int = knob(0, "seed", flag="--seed", bounds="[0,4294967295]")
     progress: bool = knob(True, "progress bars", cli=False, results=False)
 
+    def point_key(self) -> tuple:
+        """An N:M pattern fixes the sparsity: (wanda, 0.5, 2:4) and (wanda, 0.7, 2:4) are one point."""
+        return (self.method, self.pattern, self.sparsity if parse_nm(self.pattern) is None else None)
+
+    def variant_name(self, grid: bool) -> str:
+        """``pruned``, or in a grid ``pruned[wanda,0.6,unstructured]`` (an N:M point: ``pruned[wanda,2:4]``)."""
+        if not grid:
+            return "pruned"
+        return f"pruned[{self.method},{self.pattern}]" if parse_nm(self.pattern) else \
+            f"pruned[{self.method},{self.sparsity:g},{self.pattern}]"
+
     @property
     def nm(self) -> Optional[tuple[int, int]]:
         """The pattern parsed: None for unstructured, else (n kept, m)."""
@@ -201,7 +288,8 @@ class NoiseConfig(StepConfig):
     step: ClassVar[str] = "noise"
     prefix: ClassVar[str] = "noise-"
     mode: str = knob("absolute", "noise of the noisy variant", choices=NOISE_MODES)
-    epsilon: float = knob(0.05, "noise scale (bit-error rate for bitflip)", flag="--epsilon", bounds="[0,100]")
+    epsilon: float = knob(0.05, "noise scale (bit-error rate for bitflip) of the noisy variant; a comma list "
+                                "makes one noisy variant per value", flag="--epsilon", bounds="[0,100]", grid=True)
     group: str = knob("all", "all|linears|layer:N|module:NAME|embeddings|norms")
     seed: int = knob(0, "seed", flag="--seed", bounds="[0,4294967295]")
     bitflip_format: str = knob("bfloat16", "16-bit view of fp32 weights for bit flips",
@@ -237,6 +325,10 @@ class NoiseConfig(StepConfig):
     batch_size: Optional[int] = knob(None, "evaluation windows per forward pass (auto: from free memory "
                                            "on GPU, 1 on CPU)", flag="--batch-size", bounds="[1,65536]")
     progress: bool = knob(True, "progress bars", cli=False, results=False)
+
+    def variant_name(self, grid: bool) -> str:
+        """``noisy``, or in a grid ``noisy[absolute,0.05]``."""
+        return f"noisy[{self.mode},{self.epsilon:g}]" if grid else "noisy"
 
     def check(self) -> None:
         for e in (self.epsilon, *self.sweep_eps) if self.mode == "bitflip" else ():

@@ -132,12 +132,19 @@ def _speed(model, cfg: ExportConfig, variants: Mapping[str, object]) -> dict:
 
 def model_card(name: str, facts: Mapping, command: str = "") -> str:
     """A Hugging Face model card (README.md, YAML front matter) for one exported variant."""
-    base = facts.get("base_model") or "unknown"
-    lines = ["---", "library_name: transformers", f"base_model: {json.dumps(str(base))}",
-             "tags: [llm-sensitivity, " + {"pruned": "pruning", "noisy": "weight-noise"}.get(name, "variant") + "]",
-             "---", "", f"# {name} variant of {base}", "",
-             f"Exported by llm-sensitivity (`llm_main_v4.py --export`). Parent variant: {facts.get('parent') or '-'}.",
-             ""]
+    base, hub_id = facts.get("base_model") or "unknown", facts.get("hub_id")
+    kind = next((tag for prefix, tag in (("pruned", "pruning"), ("noisy", "weight-noise"), ("quantized", "quantization"),
+                                         ("fine-tuned", "fine-tuned")) if name.startswith(prefix)), "variant")
+    # Front matter the Hub reads; a local base is not a hub id, so it is named in the text only.
+    meta = {"library_name": "transformers", "pipeline_tag": "text-generation", "tags": ["llm-sensitivity", kind],
+            **({"base_model": hub_id, "license": "other", "license_name": "same-as-base-model",
+                "license_link": f"https://huggingface.co/{hub_id}"} if hub_id else {"license": "other"}),
+            **({"datasets": facts["datasets"]} if facts.get("datasets") else {})}
+    lines = ["---", *[f"{k}: {json.dumps(v)}" for k, v in meta.items()], "---", "",
+             f"# {name} variant of {base}", "",
+             f"Exported by llm-sensitivity (`llm_main_v4.py --export`). Base model: "
+             f"{hub_id or f'local ({base})'}. Parent variant: {facts.get('parent') or '-'}. License: that of the "
+             "base model.", ""]
     if facts.get("made_by"):
         lines.append(f"- **How it was made:** {facts['made_by']}")
     if facts.get("calibration"):
@@ -149,7 +156,8 @@ def model_card(name: str, facts: Mapping, command: str = "") -> str:
     if "perplexity" in m:
         p = m["perplexity"]
         value = f"{p['value']:.4f}" if isinstance(p["value"], float) else p["value"]  # "inf"/"nan" as saved
-        lines.append(f"- **Perplexity** {value} on {p.get('text')} ({p.get('tokens')} tokens scored)")
+        lines.append(f"- **Perplexity** {value} on {p.get('text')} (disjoint windows of {p.get('window')} tokens, "
+                     f"{p.get('tokens')} tokens scored)")
     if "zeroshot" in m:
         z = m["zeroshot"]
         lines += ["", "| task | acc | acc_norm | n |", "|---|---|---|---|"]
@@ -191,9 +199,10 @@ def export_variants(model, tokenizer, variants: Mapping[str, object], out_dir, c
         return ExportResult("off", config=asdict(config))
     t0, res = time.perf_counter(), ExportResult("ran", config=asdict(config))
     for name, weights in variants.items():
-        path = Path(out_dir) / name
+        path = Path(out_dir) / V.file_stem(name)
         with V.applied_variant(model, weights), IO.atomic_path(path) as tmp:
-            model.save_pretrained(tmp, max_shard_size=config.max_shard_size)
+            with LM.use_cache(model, getattr(model, "llm_use_cache", True)):  # the model's own setting, not ours
+                model.save_pretrained(tmp, max_shard_size=config.max_shard_size)
             tokenizer.save_pretrained(tmp)
             (tmp / "README.md").write_text(model_card(name, (facts or {}).get(name, {}), config.command))
             _refuse_foreign_files(path, tmp)
@@ -223,5 +232,5 @@ def pipeline_step(run: Run, config: ExportConfig) -> Optional[str]:
 def outputs_present(run: Run) -> bool:
     """Whether every file the recorded export lists is still on disk (else the step reruns)."""
     rec = run.results.get("export") or {}
-    return all((run.out / "export" / name / f).is_file() for name, v in (rec.get("variants") or {}).items()
+    return all((run.out / "export" / V.file_stem(name) / f).is_file() for name, v in (rec.get("variants") or {}).items()
                for f in (v.get("files") or ()))

@@ -42,6 +42,7 @@ from llm_config import EvalConfig, FinetuneConfig
 from llm_knobs import fingerprint
 from llm_perplexity import evaluate_model
 from llm_run import Run
+from llm_tracking import wandb_mode
 
 log = logging.getLogger("llm.finetune")
 
@@ -270,10 +271,10 @@ def train(model, train_ids: torch.Tensor, cfg: FinetuneConfig, on_step: Optional
     low = LM.low_precision_dtype(model)
     # Autocast is ours, not accelerate's: accelerate's mixed-precision setting is global to
     # the process and cannot change between two trainings in one notebook.
-    # --log-to tensorboard: accelerate's tracker writes <output_dir>/../tensorboard/finetune.
-    tb = cfg.log_to == "tensorboard"
-    accel = Accelerator(cpu=not on_cuda, log_with="tensorboard" if tb else None,
-                        project_dir=str(Path(cfg.output_dir).parent / "tensorboard") if tb else None)
+    # --log-to: accelerate's trackers; TensorBoard writes <output_dir>/../tensorboard/finetune.
+    trackers, run_dir = list(cfg.log_to), Path(cfg.output_dir).parent
+    accel = Accelerator(cpu=not on_cuda, log_with=trackers or None,
+                        project_dir=str(run_dir / "tensorboard") if trackers else None)
     if cfg.mode == "lora":
         model = _wrap_lora(model, cfg)
     checkpointing = _needs_checkpointing(model, cfg)
@@ -288,8 +289,11 @@ def train(model, train_ids: torch.Tensor, cfg: FinetuneConfig, on_step: Optional
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                       fused=LM.input_device(model).type in ("cuda", "cpu"))
         start, losses = _load_resume(model, optimizer, cfg)
-        if tb:  # resumed at ``start``: hide the points a killed run logged after its last checkpoint
-            accel.init_trackers("finetune", init_kwargs={"tensorboard": {"purge_step": start + 1} if start else {}})
+        if trackers:  # resumed at ``start``: TensorBoard hides the points logged after the last checkpoint
+            accel.init_trackers("finetune", init_kwargs={
+                "tensorboard": {"purge_step": start + 1} if start else {},
+                "wandb": {"dir": str(run_dir), "name": "finetune", "mode": wandb_mode()},
+                "mlflow": {"logging_dir": str(run_dir / "mlruns")}})
         fwd = torch.compile(model) if cfg.compile else model
         if getattr(model, "hf_device_map", None) is None:
             fwd, optimizer = accel.prepare(fwd, optimizer)

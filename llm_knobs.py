@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -45,14 +46,16 @@ def hints_of(cls: type) -> dict:
 
 def knob(default, help: str, *, flag: Optional[str] = None, choices=None, bounds: Optional[str] = None,
          cli: bool = True, results: bool = True, parse=None, many: bool = False, context: bool = False,
-         shown: Optional[str] = None, budget: Optional[tuple] = None):
+         shown: Optional[str] = None, budget: Optional[tuple] = None, grid: bool = False):
     """A config field with its help, flag and check. ``bounds`` is ">=1", ">0" or an interval such
     as "[0,1)"; ``parse`` turns the flag's text into the value; ``many`` makes a repeatable flag;
     ``context`` marks a window length, clamped to the model's context length; ``shown`` is the
     default as --help words it, where the value alone would not say it; ``budget`` is the
-    (CPU, GPU) value of a field whose default is None (use ``budget()``)."""
+    (CPU, GPU) value of a field whose default is None (use ``budget()``); ``grid`` lets the
+    field take a tuple of values (a comma list on the command line): one variant per point of
+    the grid (``StepConfig.grid_points``)."""
     meta = dict(help=help, flag=flag, choices=choices, bounds=bounds, cli=cli, results=results, parse=parse,
-                many=many, context=context, shown=shown, budget=budget)
+                many=many, context=context, shown=shown, budget=budget, grid=grid)
     if isinstance(default, (list, dict, set)):
         raise TypeError("mutable default")
     if budget is not None and (default is not None or len(budget) != 2):
@@ -116,8 +119,44 @@ class StepConfig:
     def _values(self) -> tuple:
         return tuple(getattr(self, f.name) for f in fields(self))
 
+    # --------------------------------------------------------------- grids of variants
+
+    def grid_axes(self) -> dict:
+        """{field: its values} of the grid fields given several values."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.metadata.get("grid") and isinstance(getattr(self, f.name), tuple)}
+
+    def grid_points(self) -> list:
+        """Every point of the grid, in the fields' order (the last field varies fastest), each a
+        config with one value per field; points the step computes identically (``point_key``)
+        once. A config without several values is its own single point."""
+        axes = self.grid_axes()
+        if not axes:
+            return [self]
+        points, seen = [], set()
+        for combo in itertools.product(*axes.values()):
+            p = dataclasses.replace(self, **dict(zip(axes, combo)))
+            if p.point_key() not in seen:
+                seen.add(p.point_key())
+                points.append(p)
+        return points
+
+    def point_key(self) -> tuple:
+        """What tells two points of a grid apart; subclasses drop what a point ignores."""
+        return tuple(getattr(self, name) for name in self.grid_axes() or [f.name for f in fields(self)
+                                                                            if f.metadata.get("grid")])
+
     def validate(self) -> None:
-        """Raise UserError naming the flag of the first field out of range."""
+        """Raise UserError naming the flag of the first field out of range (for a grid: of
+        any point)."""
+        if self.grid_axes():
+            for f in fields(self):
+                v = getattr(self, f.name)
+                if f.metadata.get("grid") and isinstance(v, tuple) and len(set(v)) != len(v):
+                    raise UserError(f"{flag_of(type(self), f)} names a value twice: {','.join(map(str, v))}")
+            for point in self.grid_points():
+                point.validate()
+            return
         hints = hints_of(type(self))
         for f in fields(self):
             v, m, name = getattr(self, f.name), f.metadata, flag_of(type(self), f)
@@ -154,7 +193,7 @@ class StepConfig:
         for f in fields(cls):
             if f.name in d:
                 v = d[f.name]
-                if isinstance(v, list) and "tuple" in str(hints[f.name]):
+                if isinstance(v, list) and ("tuple" in str(hints[f.name]) or f.metadata.get("grid")):
                     v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
                 kw[f.name] = v
         return cls(**kw)
@@ -233,6 +272,19 @@ def parse_nm(pattern: str) -> Optional[tuple[int, int]]:
     if not 0 < n < size <= 1024:
         raise UserError(f"--sparsity-pattern {pattern}: need 0 < N < M <= 1024")
     return n, size
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+def parse_trackers(text: str) -> tuple:
+    """'none', or a comma list from tensorboard, wandb, mlflow (accelerate's trackers)."""
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    if names == ("none",):
+        return ()
+    if not names or any(t not in TRACKERS for t in names):
+        raise ValueError(f"none, or a comma list from {','.join(TRACKERS)}")
+    return tuple(dict.fromkeys(names))
 
 
 def parse_names(text: str) -> tuple:

@@ -8,7 +8,7 @@ Only this module parses argv, with flags generated from the configs (``llm_cli``
 the steps only through the registry below and the hooks each step module exposes:
 
     pipeline_step(run, config) -> None | "off"   the step on the shared ``llm_run.Run``
-    variant_of(run, record)                      a variant step's weights from its record
+    variants_of(run, section)                    a variant step's {name: weights} from its record
     check_model(model, config)                   optional: refuse right after loading
     prepare(config, run_config, texts)           optional: the config once the texts are read
     outputs_present(run)                         optional: False reruns a skipped step
@@ -36,12 +36,13 @@ import llm_io as IO
 import llm_model as LM
 from llm_cli import OneLineParser, add_arguments, from_args, write_config
 from llm_compare import compare_runs
-from llm_config import ALL_STEPS, PipelineConfig
+from llm_config import ALL_STEPS, PRESETS, PipelineConfig
 from llm_knobs import fingerprint
 from llm_plots import make_plots
 from llm_report import rebuild_report, summary_table, write_report
 from llm_results import STEP_SECTIONS, read_results
 from llm_run import Run
+from llm_tracking import Trackers
 
 log = logging.getLogger("llm.main")
 
@@ -50,16 +51,16 @@ log = logging.getLogger("llm.main")
 class Step:
     module: str                   # imported when the step runs: --report-only loads no step module
     corpora: tuple                # texts it reads: their hashes enter its fingerprint
-    variant: Optional[str] = None  # the variant it makes
+    variants: bool = False        # whether it makes variants (``variants_of`` gives them back)
 
 
 # The registry: one row per step, in pipeline order. Configs: llm_config.STEP_CONFIGS; the
 # results.json sections each writes: llm_results.STEP_SECTIONS; plots: llm_plots.
 STEPS = {
     "finetune": Step("llm_finetune", ("train",)),
-    "prune": Step("llm_prune_model", ("train",), "pruned"),
-    "noise": Step("llm_robustness_test", ("eval", "train"), "noisy"),
-    "quantize": Step("llm_quantize_model", ("train",), "quantized"),
+    "prune": Step("llm_prune_model", ("train",), variants=True),
+    "noise": Step("llm_robustness_test", ("eval", "train"), variants=True),
+    "quantize": Step("llm_quantize_model", ("train",), variants=True),
     "eval": Step("llm_evaluate_models", ("eval",)),
     "zeroshot": Step("llm_zeroshot", ()),
     "export": Step("llm_export", ()),
@@ -90,33 +91,14 @@ def _run(cfg: PipelineConfig, argv: Optional[list], out: Path, configs: dict, te
     if C.dist_rank_world()[0] == 0:  # --config on it reruns this run
         write_config(cfg, out / "config.yaml")
     for step, config in configs.items():  # a bad group or N:M pattern fails now, not after hours
-        check = _hook(step, "check_model")
-        if check:
-            check(run.model, config)
+        (_hook(step, "check_model") or (lambda *_: None))(run.model, config)
     run.results["manifest"]["carried_over"] = _carry_over(run, configs, previous)
-    manifest, device = run.results["manifest"], LM.input_device(run.model)
-    prev_fp, chain_intact = "load", True
-    for step, config in configs.items():
-        tb = time.perf_counter()
-        fp = _fingerprint(run, step, config, prev_fp)
-        same = chain_intact and done_before.get(step) == fp
-        skip = same and _restore(run, step, previous)
-        chain_intact = same
-        manifest["bookkeeping_s"] += time.perf_counter() - tb
-        t = time.perf_counter()
-        if skip:
-            log.info("step %s: unchanged since the last run, skipped", step)
-        else:
-            log.info("step %s", step)
-            LM.reset_peak_memory(device)
-            C.seed_everything(cfg.run.seed)  # each step starts from the same RNG state, resumed or not
-            # "off": the step was switched off and made nothing; it is recorded so, never as run.
-            skip = "off" if _hook(step, "pipeline_step")(run, config) == "off" else False
-        tb = time.perf_counter()
-        manifest["steps"][step] = {"wall_s": tb - t, "peak_memory_mb": LM.peak_memory_mb(device), "skipped": skip}
-        run.results["steps_done"][step], prev_fp = fp, fp
-        run.save()
-        manifest["bookkeeping_s"] += time.perf_counter() - tb
+    manifest, prev_fp, chain_intact = run.results["manifest"], "load", True
+    with Trackers(cfg.run.log_to, out, out.resolve().name, IO.to_strict_json(asdict(cfg))) as trackers:
+        for step, config in configs.items():
+            prev_fp, same = _run_step(run, step, config, prev_fp, chain_intact and done_before.get(step), previous)
+            chain_intact = chain_intact and same
+            trackers.step(step, run.results)
     t = time.perf_counter()
     run.results["plots"] = make_plots(IO.to_strict_json(run.results), out)
     manifest["plots_s"] = time.perf_counter() - t
@@ -125,6 +107,33 @@ def _run(cfg: PipelineConfig, argv: Optional[list], out: Path, configs: dict, te
         md, html_path = write_report(IO.to_strict_json(run.results), out)
         log.info("wrote %s, %s and %s", out / "results.json", md, html_path)
     return run.results
+
+
+def _run_step(run: Run, step: str, config, prev_fp: str, done_fp: Optional[str], previous: dict) -> tuple[str, bool]:
+    """Run one step, or skip it when its fingerprint equals the one it finished with last time
+    (``done_fp``, None when the chain of earlier steps changed) and its results can be had.
+    Returns (its fingerprint, whether it was unchanged)."""
+    manifest, device = run.results["manifest"], LM.input_device(run.model)
+    tb = time.perf_counter()
+    fp = _fingerprint(run, step, config, prev_fp)
+    same = done_fp == fp
+    skip = same and _restore(run, step, previous)
+    manifest["bookkeeping_s"] += time.perf_counter() - tb
+    t = time.perf_counter()
+    if skip:
+        log.info("step %s: unchanged since the last run, skipped", step)
+    else:
+        log.info("step %s", step)
+        LM.reset_peak_memory(device)
+        C.seed_everything(run.cfg.run.seed)  # each step starts from the same RNG state, resumed or not
+        # "off": the step was switched off and made nothing; it is recorded so, never as run.
+        skip = "off" if _hook(step, "pipeline_step")(run, config) == "off" else False
+    tb = time.perf_counter()
+    manifest["steps"][step] = {"wall_s": tb - t, "peak_memory_mb": LM.peak_memory_mb(device), "skipped": skip}
+    run.results["steps_done"][step] = fp
+    run.save()
+    manifest["bookkeeping_s"] += time.perf_counter() - tb
+    return fp, same
 
 
 def _check_before_loading(cfg: PipelineConfig, out: Path) -> tuple[dict, dict, dict]:
@@ -166,6 +175,10 @@ def _start(cfg: PipelineConfig, out: Path, argv: Optional[list], texts: dict, de
                        versions=C.library_versions(), python=platform.python_version(), steps_done={},
                        model=run.label, parameters=sum(p.numel() for p in run.model.parameters()),
                        model_identity=LM.model_identity(run.model, run.label), dataset=described)
+    if rc.preset:  # the report states the protocol: "as <paper>, except: <the fields you changed>"
+        p = PRESETS[rc.preset]
+        run.results["preset"] = {"name": rc.preset, "paper": p.paper, "code": p.code,
+                                 "overridden": list(rc.preset_overrides), "differs": list(p.differs)}
     run.results["manifest"] = {"command": _command(cfg, argv), "git_commit": C.git_commit(),
         "versions": run.results["versions"], "device": str(device), "dtype": dtype, "seeds": {"seed": rc.seed},
         "steps": {"load": {"wall_s": time.perf_counter() - t0, "peak_memory_mb": LM.peak_memory_mb(device)}},
@@ -202,7 +215,7 @@ def _restore(run: Run, step: str, previous: dict) -> bool:
     if present is not None and not present(run):
         log.info("step %s: its files are gone, running it again", step)
         return False
-    return step != "finetune" and (STEPS[step].variant is None or _attach(run, step))  # finetune reloads its model
+    return step != "finetune" and (not STEPS[step].variants or _attach(run, step))  # finetune reloads its model
 
 
 def _carry_over(run: Run, configs: dict, previous: dict) -> list:
@@ -230,22 +243,26 @@ def _carry_over(run: Run, configs: dict, previous: dict) -> list:
         reattach = _hook(step, "reattach")
         if reattach:
             reattach(run)
-        elif STEPS[step].variant and isinstance(run.results.get(step), dict):
+        elif STEPS[step].variants and isinstance(run.results.get(step), dict):
             parent = run.results[step].get("parent", run.live)
-            if parent != run.live or not _attach(run, step):  # a mask or recipe applies to its parent only
-                run.variants.pop(STEPS[step].variant, None)
-                log.warning("the %s variant of the earlier run cannot be had (its file is gone or its parent "
-                            "%s is not live); later steps leave it out", STEPS[step].variant, parent)
+            if not _attach(run, step):  # a file is gone, or the parent it was made on is not in this run
+                names = list(_hook(step, "variants_of")(run, run.results[step]))
+                for name in names:
+                    run.variants.pop(name, None)
+                log.warning("the %s variants of the earlier run cannot be had (a file is gone or their parent "
+                            "%s is not in this run); later steps leave them out", ", ".join(names), parent)
     log.info("kept the recorded results of steps %s (not run this time)", ", ".join(others))
     return others
 
 
 def _attach(run: Run, step: str) -> bool:
-    """Point the step's variant at its record; False if its file is gone."""
-    rec = run.results[step]
-    if rec.get("status") == "off":  # the step ran and made no variant (--quant-method none)
+    """Point the step's variants (one, or one per point of a grid) at their records; False if a
+    file is gone."""
+    section = run.results[step]
+    if section.get("status") == "off":  # the step ran and made no variant (--quant-method none)
         return True
-    return run.add_variant(STEPS[step].variant, rec, _hook(step, "variant_of")(run, rec))
+    found = _hook(step, "variants_of")(run, section)
+    return all([run.add_variant(name, w, section.get("parent")) for name, w in found.items()])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -198,7 +198,9 @@ def load_model(cfg: LoadConfig):
     if not cfg.device_map:
         model.to(device)
     model.eval()
-    model.config.use_cache = False  # analysis never decodes incrementally except in generate()
+    # Analysis never decodes incrementally except in generate(); exports write the model's own value back.
+    model.llm_use_cache = getattr(model.config, "use_cache", True)
+    model.config.use_cache = False
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok, label

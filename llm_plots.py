@@ -69,50 +69,76 @@ def plot_training_curve(result: dict, path) -> Path:
     return save_figure(fig, path)
 
 
-def plot_sparsity_per_layer(result: dict, path):
-    """Achieved sparsity per block (bars), the target, and a non-uniform allocation's per-layer target."""
+def _per_layer_bars(per: dict, ref: float, ref_label: str, ylabel: str, title: str):
+    """Bars of a per-block value ({"0": v, ...}) with a dashed reference line."""
     fig, ax = new_figure(figsize=(6, 3))
-    per = result.get("layer_sparsity") or result["per_layer"]
     layers = sorted(per, key=int)
     ax.bar([int(k) for k in layers], [per[k] for k in layers])
-    ax.axhline(result["target_sparsity"], color="red", ls="--", label="target")
+    ax.axhline(ref, color="red", ls="--", label=ref_label)
+    ax.set_xlabel("decoder block")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return fig, ax, layers
+
+
+def plot_sparsity_per_layer(result: dict, path):
+    """Achieved sparsity per block (bars), the target, and a non-uniform allocation's per-layer
+    target; for a grid (``result["grid"]``), one line of achieved sparsity per variant."""
+    if result.get("grid"):
+        return _plot_grid_sparsity_per_layer(result["grid"], path)
+    fig, ax, layers = _per_layer_bars(result.get("layer_sparsity") or result["per_layer"], result["target_sparsity"],
+                                      "target", "sparsity", f"{result['method']} {result['pattern']}")
     alloc = result.get("allocation") or {}
     if alloc.get("mode") not in (None, "uniform") and alloc.get("target"):
         ax.plot([int(k) for k in layers], [alloc["target"].get(k) for k in layers], "k.-",
                 label=f"{alloc['mode']} allocation")
-    ax.set_xlabel("decoder block")
-    ax.set_ylabel("sparsity")
-    ax.set_title(f"{result['method']} {result['pattern']}")
     ax.legend()
+    return save_figure(fig, path)
+
+
+def _plot_grid_sparsity_per_layer(records: list, path):
+    fig, ax = new_figure(figsize=(7, 3.5))
+    for r in records:
+        per = r.get("layer_sparsity") or r.get("per_layer") or {}
+        layers = sorted(per, key=int)
+        ax.plot([int(k) for k in layers], [R.fnum(per[k]) for k in layers], marker=".", label=str(r.get("name")))
+    ax.set_xlabel("decoder block")
+    ax.set_ylabel("sparsity (achieved)")
+    ax.legend(fontsize=6, ncol=2)
+    return save_figure(fig, path)
+
+
+def plot_prune_curves(results: dict, path):
+    """Perplexity, and zero-shot mean accuracy where measured, against achieved sparsity: one
+    line per method and pattern, the dense parent as a reference line; perplexity log-scaled
+    where it spans more than a decade."""
+    curves = R.prune_curves(results)
+    dense_ppl, dense_acc = curves.pop("dense")
+    with_acc = any(a is not None for pts in curves.values() for _, _, a in pts)
+    fig, axes = new_figure(1, 2 if with_acc else 1, figsize=(11 if with_acc else 6, 4), squeeze=False)
+    panels = [(axes[0][0], 1, "perplexity", dense_ppl)] + ([(axes[0][1], 2, "zero-shot mean acc", dense_acc)]
+                                                          if with_acc else [])
+    for ax, k, label, dense in panels:
+        ys_all = []
+        for (method, pattern), pts in curves.items():
+            ys = [R.fnum(p[k]) for p in pts]
+            ys_all += [y for y in ys if np.isfinite(y)]
+            ax.plot([p[0] for p in pts], ys, marker="o", label=f"{method} {pattern}")
+        if dense is not None:
+            ax.axhline(dense, color="gray", ls=":", label="dense")
+            ys_all.append(dense)
+        if k == 1 and ys_all and min(ys_all) > 0 and max(ys_all) / min(ys_all) > 10:
+            ax.set_yscale("log")
+        ax.set_xlabel("sparsity (achieved)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
     return save_figure(fig, path)
 
 
 def plot_bits_per_layer(result: dict, path):
     """Mean code bits per block of the quantized variant, and the average."""
-    fig, ax = new_figure(figsize=(6, 3))
-    per = result["layer_bits"]
-    layers = sorted(per, key=int)
-    ax.bar([int(k) for k in layers], [per[k] for k in layers])
-    ax.axhline(result["avg_code_bits"], color="red", ls="--", label="average code bits")
-    ax.set_xlabel("decoder block")
-    ax.set_ylabel("bits per weight")
-    ax.set_title(f"{result['method']} g{result['group']}, {result['bit_allocation']} bits")
-    ax.legend()
-    return save_figure(fig, path)
-
-
-def plot_perplexity_vs_sparsity(sweep: dict, path, dense: Optional[float] = None):
-    """``sweep``: {method: {sparsity: perplexity}} from saved results."""
-    fig, ax = new_figure(figsize=(6, 4))
-    for method, pts in sweep.items():
-        xs = sorted(pts, key=float)
-        ys = [pts[x] if isinstance(pts[x], (int, float)) else float("nan") for x in xs]
-        ax.plot([float(x) for x in xs], ys, marker="o", label=method)
-    if dense:
-        ax.axhline(dense, color="gray", ls=":", label="dense")
-    ax.set_yscale("log")
-    ax.set_xlabel("sparsity")
-    ax.set_ylabel("perplexity")
+    fig, ax, _ = _per_layer_bars(result["layer_bits"], result["avg_code_bits"], "average code bits", "bits per weight",
+                                 f"{result['method']} g{result['group']}, {result['bit_allocation']} bits")
     ax.legend()
     return save_figure(fig, path)
 
@@ -230,6 +256,8 @@ def make_plots(results: dict, out: Path) -> dict:
         add("finetune", plot_training_curve, results["finetune"], d / "finetune_loss.png")
     if results.get("prune"):
         add("prune", plot_sparsity_per_layer, results["prune"], d / "prune_sparsity_per_layer.png")
+        if results["prune"].get("grid") and results.get("perplexity"):
+            add("prune_curves", plot_prune_curves, results, d / "prune_curves.png")
     if (results.get("quantize") or {}).get("layer_bits"):
         add("quantize", plot_bits_per_layer, results["quantize"], d / "quantize_bits_per_layer.png")
     if results.get("noise"):

@@ -42,6 +42,21 @@ from llm_sensitivity import layer_curvature, protected_coordinates, saliency_sco
 log = logging.getLogger("llm.prune")
 
 @dataclass
+class Shared:
+    """Work that every point of a grid shares, done once on the unpruned model: the calibration
+    windows, the protected coordinates, decoder block 0's inputs and its linears' input
+    statistics (every point prunes block 0 from the same inputs), and the layer scores of a
+    non-uniform allocation. Keys say what each was computed from."""
+
+    done: dict = field(default_factory=dict)
+
+    def get(self, key: tuple, compute):
+        if key not in self.done:
+            self.done[key] = compute()
+        return self.done[key]
+
+
+@dataclass
 class PruneResult:
     method: str
     pattern: str
@@ -211,15 +226,15 @@ def _zero_(mod, mask: torch.Tensor) -> None:
 
 
 def _prune_by_scores(model, calib_windows: torch.Tensor, config: PruneConfig, protect: dict,
-                     damped: dict, counts: dict) -> Iterator:
+                     damped: dict, counts: dict, shared: Shared) -> Iterator:
     """magnitude and taylor, in place: scores of the whole model (taylor: gradients over the
     calibration windows), then one mask per matrix of ``counts[name]`` weights (None: N:M).
     Yields (block index, its linears) per block."""
     names_of = LM.module_names(model)
     layers = LM.decoder_layers(model)
     all_linears = {names_of[m]: m for layer in layers for m in LM.block_linears(layer).values()}
-    scores = (saliency_scores(model, calib_windows, all_linears, config.taylor_score, config.progress)
-              if config.method == "taylor" else None)
+    scores = (shared.get(("taylor", config.taylor_score), lambda: saliency_scores(
+        model, calib_windows, all_linears, config.taylor_score, config.progress)) if config.method == "taylor" else None)
     for i, layer in enumerate(tqdm(layers, desc=f"{config.method} prune", disable=not config.progress)):
         linears = LM.block_linears(layer)
         for mod in linears.values():
@@ -232,19 +247,21 @@ def _prune_by_scores(model, calib_windows: torch.Tensor, config: PruneConfig, pr
 
 
 def _prune_layerwise(model, calib_windows: torch.Tensor, config: PruneConfig, protect: dict,
-                     damped: dict, counts: dict) -> Iterator:
+                     damped: dict, counts: dict, shared: Shared) -> Iterator:
     """wanda and sparsegpt, in place, block by block as in their reference code: each block is
     pruned from its own calibration inputs and its pruned outputs feed the next block; each
     matrix loses ``counts[name]`` weights (None: N:M). Yields (block index, its linears) per
     block; ``damped`` gets each linear whose SparseGPT Hessian needed more dampening than
     asked, with the fraction used."""
     names_of = LM.module_names(model)
-    inputs, kwargs = capture_block_inputs(model, calib_windows)
+    inputs, kwargs = shared.get(("block0",), lambda: capture_block_inputs(model, calib_windows))
     layers = LM.decoder_layers(model)
     kind = "wanda" if config.method == "wanda" else "hessian"
     for i, layer in enumerate(tqdm(layers, desc=f"{config.method} prune", disable=not config.progress)):
         linears = LM.block_linears(layer)
-        stats = linear_input_stats(layer, inputs, kwargs, kind, linears)
+        # Block 0 sees the same inputs at every point of a grid: its statistics are computed once.
+        stats = shared.get(("stats0", kind), lambda: linear_input_stats(layer, inputs, kwargs, kind, linears)) \
+            if i == 0 else linear_input_stats(layer, inputs, kwargs, kind, linears)
         for rel, mod in linears.items():
             full = names_of[mod]
             W = LM.weight_view(mod)
@@ -258,7 +275,7 @@ def _prune_layerwise(model, calib_windows: torch.Tensor, config: PruneConfig, pr
                                           count=counts.get(full))
                 if used != config.percdamp:
                     damped[full] = used
-        del stats
+        stats = None
         inputs = next_block_inputs(layer, inputs, kwargs)  # the pruned block's outputs feed the next block
         yield i, linears
 
@@ -283,7 +300,8 @@ def owl_outlier_ratios(model, calib_windows: torch.Tensor, m: float, progress: b
     return ratios
 
 
-def allocate_sparsity(model, calib_windows: torch.Tensor, config: PruneConfig) -> dict:
+def allocate_sparsity(model, calib_windows: torch.Tensor, config: PruneConfig, shared: Optional[Shared] = None
+                      ) -> dict:
     """Per-layer sparsity and exact per-matrix prune counts for ``config.allocation``.
 
     uniform: every layer at the target. owl: OWL's outlier ratios (``owl_outlier_ratios``) in
@@ -300,17 +318,14 @@ def allocate_sparsity(model, calib_windows: torch.Tensor, config: PruneConfig) -
     layers = LM.decoder_layers(model)
     mats = [{names_of[m]: LM.weight_view(m).numel() for m in LM.block_linears(layer).values()} for layer in layers]
     sizes = [sum(d.values()) for d in mats]
+    shared = shared or Shared()
     scores = None
-    if config.allocation == "owl":
-        scores = owl_outlier_ratios(model, calib_windows, config.owl_m, config.progress)
+    if config.allocation == "owl":  # scores of the unpruned model: shared by every point of a grid
+        scores = shared.get(("owl", config.owl_m), lambda: owl_outlier_ratios(model, calib_windows, config.owl_m,
+                                                                              config.progress))
     elif config.allocation in ("hessian", "fisher"):
-        linears = {n: model.get_submodule(n) for d in mats for n in d}
-        windows = calib_windows[:config.allocation_windows]
-        per_weight = layer_curvature(model, windows, linears, config.allocation, config.allocation_probes,
-                                     config.seed, config.progress)
-        raw = [sum(per_weight[n] * k for n, k in d.items()) / sum(d.values()) for d in mats]
-        floor = min((x for x in raw if x > 0), default=1e-30)  # a Hutchinson estimate can come out <= 0
-        scores = [math.log(max(x, floor)) for x in raw]
+        scores = shared.get((config.allocation, config.allocation_windows, config.allocation_probes),
+                            lambda: _curvature_scores(model, calib_windows, config, mats))
     target = config.sparsity
     layer_s = [target] * len(layers) if scores is None else bounded_allocation(scores, sizes, target, config.owl_lambda)
     k_layer = exact_counts(layer_s, sizes, target)
@@ -320,8 +335,18 @@ def allocate_sparsity(model, calib_windows: torch.Tensor, config: PruneConfig) -
     return {"layer_sparsity": layer_s, "counts": counts, "scores": scores}
 
 
-def prune_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: PruneConfig = PruneConfig()
-                ) -> PruneResult:
+def _curvature_scores(model, calib_windows: torch.Tensor, config: PruneConfig, mats: list) -> list[float]:
+    linears = {n: model.get_submodule(n) for d in mats for n in d}
+    windows = calib_windows[:config.allocation_windows]
+    per_weight = layer_curvature(model, windows, linears, config.allocation, config.allocation_probes,
+                                 config.seed, config.progress)
+    raw = [sum(per_weight[n] * k for n, k in d.items()) / sum(d.values()) for d in mats]
+    floor = min((x for x in raw if x > 0), default=1e-30)  # a Hutchinson estimate can come out <= 0
+    return [math.log(max(x, floor)) for x in raw]
+
+
+def prune_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: PruneConfig = PruneConfig(),
+                shared: Optional[Shared] = None) -> PruneResult:
     """Prune the decoder-block linear layers of ``model`` in place.
 
     Args:
@@ -333,12 +358,23 @@ def prune_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Prun
         tokenizer: tokenizes a corpus, and detects super weights for ``config.protect="auto"``.
         config.protect: "auto", or (linear module name, row, col) coordinates that stay
             unpruned; module names are as in ``model.named_modules()``.
+        shared: work shared across the points of a grid (``prune_grid``); it must have been
+            filled from this very unpruned model and calibration text.
     Returns a PruneResult with the achieved sparsity per block and per matrix.
+    Raises UserError for a grid config (several values of method, sparsity or pattern): use
+    ``prune_grid``.
     """
     config = config.for_model(model)
+    if config.grid_axes():
+        raise C.UserError(f"prune_model prunes one point; this config is a grid of {len(config.grid_points())} "
+                          "(use prune_grid)")
+    shared = shared or Shared()
     check_pattern_fits(model, config.pattern)
-    calib_windows = D.calibration_windows(tokenizer, calib, config.calib_samples, config.calib_seq_len, config.seed)
-    coords, found = protected_coordinates(model, tokenizer, config.protect, config.super_weight_prompt)
+    calib_windows = shared.get(("windows", config.calib_samples, config.calib_seq_len, config.seed),
+                               lambda: D.calibration_windows(tokenizer, calib, config.calib_samples,
+                                                             config.calib_seq_len, config.seed))
+    coords, found = shared.get(("protect", config.protect, config.super_weight_prompt), lambda: protected_coordinates(
+        model, tokenizer, config.protect, config.super_weight_prompt))
     t0 = time.perf_counter()
     dev0 = LM.input_device(model)
     if dev0.type == "cuda":
@@ -353,14 +389,14 @@ def prune_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Prun
     names_of = LM.module_names(model)
     counts = {}
     if nm is None:  # N:M fixes every layer at 1 - N/M (non-uniform allocation is refused by the config)
-        alloc = allocate_sparsity(model, calib_windows, config)
+        alloc = allocate_sparsity(model, calib_windows, config, shared)
         counts = alloc["counts"]
         result.allocation = {"mode": config.allocation, "target": {str(i): s for i, s in enumerate(alloc["layer_sparsity"])},
                              "scores": alloc["scores"], "owl_m": config.owl_m, "lambda": config.owl_lambda}
         result.target_weights = sum(counts.values())
     prune = _prune_by_scores if config.method in ("magnitude", "taylor") else _prune_layerwise
     total_zero = total = 0
-    for i, linears in prune(model, calib_windows, config, protect, result.dampening_increased, counts):
+    for i, linears in prune(model, calib_windows, config, protect, result.dampening_increased, counts, shared):
         z = n = 0
         for mod in linears.values():
             W = LM.weight_view(mod)
@@ -384,26 +420,56 @@ def prune_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Prun
     return result
 
 
+def prune_grid(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: PruneConfig
+               ) -> Iterator[tuple[PruneConfig, PruneResult]]:
+    """Every point of a grid config (``config.grid_points()``: several methods, sparsities or
+    patterns), each pruned in place from the unpruned model, which is restored bit for bit
+    before the next point and at the end:
+
+        for point, res in prune_grid(model, tok, corpus, PruneConfig(method=("wanda", "sparsegpt"),
+                                                                   sparsity=(0.5, 0.6))):
+            print(point.variant_name(True), evaluate_model(model, tok, ids).perplexity)
+
+    The calibration windows are drawn once, and what depends only on the unpruned model is
+    computed once (``Shared``). Each point equals ``prune_model`` on that point alone."""
+    config = config.for_model(model)
+    names = [n + ".weight" for n in LM.decoder_linears(model)]
+    shared = Shared()
+    for point in config.grid_points():
+        with V.restored_on_exit(model, names):
+            yield point, prune_model(model, tokenizer, calib, point, shared)
+
+
 def pipeline_step(run: Run, config: PruneConfig) -> None:
-    """The pipeline's prune: the ``pruned`` variant of the live model, calibrated on the train
-    text drawn the papers' way, stored as a 1-bit mask (or SparseGPT's changed tensors); the
-    live model itself is left unpruned."""
-    names = [n + ".weight" for n in LM.decoder_linears(run.model)]
-    with V.restored_on_exit(run.model, names):
-        train = run.texts["train"]  # the step draws its windows: C4 document by document
-        res = prune_model(run.model, run.tokenizer, train, config.for_model(run.model))
-        # Only SparseGPT changes the weights it keeps; the others' variant is exactly a 1-bit mask.
-        rec = V.store_variant(run.out, "pruned", run.model, res.pruned_names,
-                              mask=res.method != "sparsegpt" and not run.cfg.run.save_variants)
-    d = {k: v for k, v in dataclasses.asdict(res).items() if k != "pruned_names"}
-    d["calibration"].update(source=train.source, per_document=train.docs is not None)
-    run.results["prune"] = {**d, **rec, "parent": run.live}
-    run.add_variant("pruned", run.results["prune"])
+    """The pipeline's prune: the ``pruned`` variant of the live model (one per point of a grid,
+    named ``pruned[method,sparsity,pattern]``), calibrated on the train text drawn the papers'
+    way, stored as a 1-bit mask (or SparseGPT's changed tensors); the live model itself is left
+    unpruned. A grid records ``prune.grid``: one record per point, each as a single run's."""
+    train = run.texts["train"]  # the step draws its windows: C4 document by document
+    grid = bool(config.grid_axes())
+    source = run.live if config.source == "auto" else config.source
+    if source not in run.variants:
+        raise C.UserError(f"--prune-from {config.source}: this run has no such model (it has "
+                          f"{', '.join(run.variants)}); fine-tuned needs the finetune step")
+    records = []
+    with V.applied_variant(run.model, run.variants[source]):  # None: the live model itself
+        for point, res in prune_grid(run.model, run.tokenizer, train, config):
+            name = point.variant_name(grid)
+            # Only SparseGPT changes the weights it keeps; the others' variant is exactly a 1-bit mask.
+            rec = V.store_variant(run.out, name, run.model, res.pruned_names,
+                                  mask=res.method != "sparsegpt" and not run.cfg.run.save_variants)
+            d = {k: v for k, v in dataclasses.asdict(res).items() if k != "pruned_names"}
+            d["calibration"].update(source=train.source, per_document=train.docs is not None)
+            records.append({**d, **rec, "parent": source, "name": name})
+    run.results["prune"] = {"grid": records, "parent": source} if grid else records[0]
+    for name, weights in variants_of(run, run.results["prune"]).items():
+        run.add_variant(name, weights, source)
 
 
-def variant_of(run: Run, record: dict):
-    """The pruned variant's weights from its record (a mask or tensors), or None when gone."""
-    return V.variant_weights(run.out, record)
+def variants_of(run: Run, section: dict) -> dict:
+    """{variant name: its weights, or None when its file is gone} from the step's section."""
+    records = section.get("grid") or [section]
+    return {r.get("name", "pruned"): V.variant_weights(run.out, r) for r in records}
 
 
 def check_model(model, config: PruneConfig) -> None:

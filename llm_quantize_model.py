@@ -224,10 +224,11 @@ def pipeline_step(run: Run, config: QuantizeConfig) -> Optional[str]:
             run.cfg.run.save_variants else save_codes(run.out, "quantized", res.quantized)
     d = {f.name: getattr(res, f.name) for f in dataclasses.fields(res) if f.name != "quantized"}
     run.results["quantize"] = {**IO.to_strict_json(d), **rec, "status": "ran", "parent": run.live}
-    run.add_variant("quantized", run.results["quantize"], variant_of(run, run.results["quantize"]))
+    run.add_variant("quantized", variants_of(run, run.results["quantize"])["quantized"])
     return None
 
 
-def variant_of(run: Run, record: dict):
-    """The quantized variant's weights from its codes or tensors; None when gone."""
-    return V.variant_weights(run.out, record, from_codes=lambda p: functools.partial(coded_weights, path=p))
+def variants_of(run: Run, section: dict) -> dict:
+    """{"quantized": its weights from its codes or tensors, or None when gone}."""
+    return {"quantized": V.variant_weights(run.out, section,
+                                           from_codes=lambda p: functools.partial(coded_weights, path=p))}

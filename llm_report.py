@@ -29,15 +29,15 @@ def _md_perplexity(results: dict) -> list[str]:
     lines: list[str] = []
     lines += ["", "## Perplexity", "", "Each variant against the variant it was derived from (its parent); KL and "
               "top-1 agreement are against the parent too (with --kl).", "",
-              "| variant | parent | perplexity | x parent | nll (nats) | bits/byte | tokens | KL | top-1 agree |",
+              "| variant | what it is | perplexity | x parent | nll (nats) | bits/byte | tokens | KL | top-1 agree |",
               "|---|---|---|---|---|---|---|---|---|"]
     parents, ppl = results.get("variants") or {}, results.get("perplexity", {})
     for name, ev in results.get("evaluation", {}).items():
         parent = parents.get(name)
         ratio = (R.num(ev["perplexity"]) / R.num(ppl[parent])
                  if R.num(ppl.get(parent)) and R.num(ev["perplexity"]) is not None else None)
-        lines.append(f"| {R.esc(name)} | {R.text(parent)} | {R.fmt(ev['perplexity'])} | {R.fmt(ratio)} | {R.fmt(ev['nll'])} | "
-                     f"{R.fmt(ev['bits_per_byte'])} | {ev['tokens_scored']} | {R.fmt(ev.get('kl'))} | "
+        lines.append(f"| {R.esc(name)} | {R.text(R.describe_variant(results, name))} | {R.fmt(ev['perplexity'])} | "
+                     f"{R.fmt(ratio)} | {R.fmt(ev['nll'])} | {R.fmt(ev['bits_per_byte'])} | {ev['tokens_scored']} | {R.fmt(ev.get('kl'))} | "
                      f"{R.fmt(ev.get('top1_agreement'))} |")
     return lines
 
@@ -60,7 +60,9 @@ def _md_prune(results: dict) -> list[str]:
     """Achieved sparsity and calibration."""
     lines: list[str] = []
     pr = results.get("prune")
-    if pr:
+    if pr and pr.get("grid"):
+        lines += _md_prune_grid(results)
+    elif pr:
         lines += ["", "## Pruning", "",
                   f"{R.text(pr['method'])} {R.text(pr['pattern'])}: achieved sparsity {R.fmt(pr['overall_sparsity'])} "
                   f"(target {R.fmt(pr['target_sparsity'])}) in {R.fmt(pr['seconds'])} s, calibrated on "
@@ -81,6 +83,30 @@ def _md_prune(results: dict) -> list[str]:
     return lines
 
 
+def _md_prune_grid(results: dict) -> list[str]:
+    """A grid of pruned variants: one row per point, and the curves a paper would print."""
+    ppl = R.field(results, "perplexity", kind=dict, default={})
+    means = R.field(results, "zeroshot", "mean", kind=dict, default={})
+    recs = R.variant_records(results, "prune", "pruned")
+    parent = recs[0][1].get("parent") if recs else None
+    cal = R.field(recs[0][1], "calibration", kind=dict, default={}) if recs else {}
+    lines = ["", "## Pruning (grid)", "",
+             f"{len(recs)} pruned variants of {R.text(parent)}, each from the same {R.fmt(cal.get('windows'))} "
+             f"calibration windows of {R.fmt(cal.get('seq_len'))} tokens of {R.text(cal.get('source'))}. Dense "
+             f"({R.text(parent)}): perplexity {R.fmt(R.num(ppl.get(parent)))}.", "",
+             "| variant | method | pattern | allocation | sparsity (achieved) | perplexity | x parent | zero-shot mean |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in recs:
+        p, q = R.num(ppl.get(name)), R.num(ppl.get(parent))
+        acc = R.num(R.field(means, name, "acc"))
+        lines.append(f"| {R.esc(name)} | {R.text(r.get('method'))} | {R.text(r.get('pattern'))} | "
+                     f"{R.text(R.field(r, 'allocation', 'mode', default='uniform'))} | "
+                     f"{R.fmt(R.num(r.get('overall_sparsity')))} | {R.fmt(p)} | "
+                     f"{R.fmt(p / q) if p is not None and q else '-'} | {'-' if acc is None else f'{100 * acc:.1f}%'} |")
+    return lines + ["", "![perplexity against sparsity](plots/prune_curves.png)", "",
+                    "![sparsity per layer](plots/prune_sparsity_per_layer.png)"]
+
+
 def _md_noise(results: dict) -> list[str]:
     """The noisy variant, the eps sweep and the map."""
     lines: list[str] = []
@@ -90,6 +116,8 @@ def _md_noise(results: dict) -> list[str]:
         lines += ["", "## Weight noise", "",
                   f"Noisy variant: {R.text(v['mode'])} noise, eps={R.text(v['epsilon'])}, group {R.text(v['group'])} "
                   f"({v['n_weights']} weights). Saturation (uniform guesser) = {R.fmt(sw['saturation'])}.", "",
+                  *(["Noisy variants (one per eps): " + ", ".join(R.esc(n) for n, _ in R.variant_records(
+                      results, "noise", "noisy")) + ".", ""] if nz.get("grid") else []),
                   f"The sweep is scored on {sw['clean'].get('token_set', 'a subset of the evaluation text')} "
                   f"(clean perplexity {R.fmt(sw['clean']['perplexity'])}).", "",
                   f"Sweep ({sw['mode']} noise on decoder linears, {len(sw['points'])} points): perplexity doubles at "
@@ -305,7 +333,7 @@ def summary_table(results: dict) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     proto, src = R.field(results, "protocol", kind=dict, default={}), R.field(results, "dataset", "eval", "source")
     if proto:
-        lines.append(f"perplexity of {src}: windows of {proto.get('seq_len')} tokens, {proto.get('tokens_used')} "
+        lines.append(f"perplexity of {src}: windows of {proto.get('seq_len')} tokens, {R.tokens_scored(results)} "
                      "tokens scored")
     unfinished = R.unfinished_steps(results)
     if unfinished:
@@ -325,6 +353,14 @@ def report_markdown(results: dict) -> str:
             lines += [f"> **Warning: the {which} text is not what was asked for.** {d.get('name')} was unavailable "
                       f"({R.esc(d['fallback'])}), so the embedded corpus was used: these are not {d.get('name')} "
                       "numbers. Rerun with the data cached, or with --no-fallback to make this an error.", ""]
+    preset = R.field(results, "preset", kind=dict)
+    if preset:
+        over = R.field(preset, "overridden", kind=list, default=[])
+        lines += [f"**Protocol: as {R.text(preset.get('paper'))} ({R.text(preset.get('code'))}), "
+                  + (f"except: {', '.join(R.esc(o) for o in over)} (set by you).**" if over else "with no field "
+                     "changed.**"), ""]
+        lines += [f"- where this preset differs from the paper's code: {R.text(d)}"
+                  for d in R.field(preset, "differs", kind=list, default=[])] + [""]
     ds = results.get("dataset", {})
     proto = results.get("protocol", {})
     for which, d in ds.items():

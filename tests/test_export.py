@@ -50,9 +50,39 @@ def test_each_exported_variant_reloads_to_identical_logits(tiny_model, tok, tmp_
     assert res.variants["pruned"]["zero_fraction_linears"] >= 0.5
     assert res.variants["base"]["zero_fraction_linears"] < 0.01
     card = (tmp_path / "pruned" / "README.md").read_text()
-    for needle in ("base_model: \"tiny\"", "wanda pruning, 2:4", "4 windows of 32 tokens", "12.5000", "wiki.test.raw", "4-bit grid",
-                   "python x.py --export", "Parent variant: base"):
+    for needle in ("Base model: local (tiny)", "wanda pruning, 2:4", "4 windows of 32 tokens", "12.5000", "wiki.test.raw",
+                   "4-bit grid", "python x.py --export", "Parent variant: base"):
         assert needle in card, needle
+    assert "base_model:" not in card  # a local model is not a hub id
+
+
+def test_the_card_carries_what_the_hub_reads_and_the_config_its_own_use_cache(tiny_run_dir, tmp_path):
+    """Front matter parsed by huggingface_hub's ModelCard; the perplexity line gives its window and
+    token count; config.json keeps the model's own use_cache (loading turns it off for analysis)."""
+    import json
+
+    from huggingface_hub import ModelCard
+
+    import llm_main_v4 as M
+    import llm_results as R
+    from conftest import tiny_argv
+
+    out = tmp_path / "out"
+    assert M.main(tiny_argv(tiny_run_dir, out, "--steps", "prune,eval,export", "--export")) == 0
+    card = ModelCard.load(out / "export" / "pruned" / "README.md")
+    assert card.data.pipeline_tag == "text-generation" and card.data.license == "other"
+    assert "pruning" in card.data.tags and card.data.library_name == "transformers"
+    assert card.data.base_model is None  # the tiny model is a local folder
+    assert "disjoint windows of 32 tokens, 124 tokens scored" in card.text  # 4 windows x 31 predictions
+    assert json.loads((out / "export" / "pruned" / "config.json").read_text())["use_cache"] is True
+    # A hub model: its id is the base_model, and the named corpora are the datasets.
+    results = {"model": "meta-llama/Llama-2-7b-hf", "model_identity": {"commit": "01c7f73d"},
+               "dataset": {"train": {"name": "c4"}, "eval": {"name": "wikitext2", "source": "wikitext2 test"}},
+               "perplexity": {"base": 5.47}, "protocol": {"seq_len": 2048}, "variants": {"base": None}}
+    text = E.model_card("base", R.variant_facts(results, {"base": None})["base"])
+    data = ModelCard(text).data
+    assert data.base_model == "meta-llama/Llama-2-7b-hf" and data.datasets == ["allenai/c4", "wikitext"]
+    assert data.license_link == "https://huggingface.co/meta-llama/Llama-2-7b-hf"
 
 
 def test_two_of_four_detection_and_cpu_speed_path(tiny_llama, tok, tmp_path):

@@ -19,7 +19,7 @@ import llm_main_v4
 import llm_run
 import llm_model as LM
 import llm_variants as V
-from conftest import make_super_weight_matter, plant_super_weight, without
+from conftest import planted_model_dir, without
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = {"seconds", "tokens_per_s", "peak_memory_mb", "loaded_existing", "resumed_from_step", "model_dir", "config",
@@ -32,15 +32,8 @@ def numbers(obj):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, sample_text, tiny_llama, byte_tokenizer):
-    d = tmp_path_factory.mktemp("pipe")
-    m = tiny_llama(layers=3)
-    plant_super_weight(m, layer=1)
-    make_super_weight_matter(m, D.tokenize_corpus(byte_tokenizer(), sample_text[:4000]))
-    m.save_pretrained(d / "model")
-    byte_tokenizer().save_pretrained(d / "model")
-    (d / "text.txt").write_text(sample_text[:4000])
-    return d
+def setup(tmp_path_factory, sample_text):
+    return planted_model_dir(tmp_path_factory.mktemp("pipe"), sample_text[:4000])
 
 
 @pytest.fixture(scope="module")

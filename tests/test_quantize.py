@@ -9,7 +9,6 @@ import torch
 
 import llm_common as C
 import llm_compress as LC
-import llm_data as D
 import llm_model as LM
 from llm_quantize_model import allocate_bits
 
@@ -149,17 +148,10 @@ def test_mixed_precision_meets_its_budget_and_beats_uniform_on_a_planted_problem
 
 
 @pytest.fixture(scope="module")
-def qsetup(tmp_path_factory, sample_text, tiny_llama, byte_tokenizer):
-    from conftest import make_super_weight_matter, plant_super_weight
+def qsetup(tmp_path_factory, sample_text):
+    from conftest import planted_model_dir
 
-    d = tmp_path_factory.mktemp("quant")
-    m = tiny_llama(layers=3)
-    plant_super_weight(m, layer=1)
-    make_super_weight_matter(m, D.tokenize_corpus(byte_tokenizer(), sample_text[:3000]))
-    m.save_pretrained(d / "model")
-    byte_tokenizer().save_pretrained(d / "model")
-    (d / "text.txt").write_text(sample_text[:3000])
-    return d
+    return planted_model_dir(tmp_path_factory.mktemp("quant"), sample_text[:3000])
 
 
 @pytest.mark.parametrize("method,alloc", [("gptq", "uniform"), ("rtn", "fisher")])

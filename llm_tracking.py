@@ -1,0 +1,112 @@
+"""Experiment trackers for the pipeline's numbers, through accelerate's trackers (``--log-to``).
+
+    python llm_main_v4.py --log-to tensorboard,wandb
+
+After each step, what it measured is logged once: every variant's perplexity and zero-shot
+accuracies, the step's wall time and peak memory, and the pruned and quantized variants'
+achieved sparsity and bits. The fine-tune logs its training curves to the same trackers
+(``llm_finetune``). TensorBoard writes ``<output-dir>/tensorboard/pipeline``; W&B writes
+``<output-dir>/wandb``, offline when the hub cannot be reached (``wandb sync`` uploads it later);
+MLflow writes ``<output-dir>/mlruns``. Only rank 0 logs.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+from pathlib import Path
+from typing import Optional
+
+import llm_common as C
+import llm_results as R
+
+log = logging.getLogger("llm.tracking")
+def open_tracker(name: str, out: Path, run_name: str):
+    """One accelerate tracker, started; UserError when its library is not installed."""
+    from accelerate import tracking
+
+    try:
+        if name == "tensorboard":
+            t = tracking.TensorBoardTracker(run_name, logging_dir=str(out / "tensorboard"))
+        elif name == "wandb":
+            t = tracking.WandBTracker("llm-sensitivity", name=run_name, dir=str(out), mode=wandb_mode())
+        else:
+            t = tracking.MLflowTracker(experiment_name="llm-sensitivity", logging_dir=str(out / "mlruns"),
+                                       run_name=run_name)
+        t.start()
+    except ImportError as e:
+        raise C.UserError(f"--log-to {name} needs its library ({e.name}): pip install {name}")
+    return t
+
+
+def wandb_mode() -> str:
+    """W&B's mode: WANDB_MODE if set, else online when its server answers, else offline."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    try:
+        socket.create_connection(("api.wandb.ai", 443), timeout=3.0).close()
+        return "online"
+    except OSError:
+        return "offline"
+
+
+def step_metrics(step: str, results: dict) -> dict:
+    """The numbers a step added to ``results``, flat and finite, for a tracker."""
+    m = R.field(results, "manifest", "steps", step, kind=dict, default={})
+    out = {f"step/{step}/wall_s": m.get("wall_s"), f"step/{step}/peak_memory_mb": m.get("peak_memory_mb")}
+    if step == "eval":
+        out.update({f"perplexity/{v}": R.num(p) for v, p in R.field(results, "perplexity", kind=dict, default={}).items()})
+    if step == "zeroshot":
+        for v, tasks in R.field(results, "zeroshot", "tasks", kind=dict, default={}).items():
+            for task, metrics in (tasks or {}).items():
+                for k in ("acc", "acc_norm"):
+                    out[f"zeroshot/{v}/{task}/{k}"] = R.num(R.field(metrics, k))
+        out.update({f"zeroshot/{v}/mean": R.num(R.field(m_, "acc"))
+                    for v, m_ in R.field(results, "zeroshot", "mean", kind=dict, default={}).items()})
+    if step == "prune":
+        out.update({f"sparsity/{n}": R.num(r.get("overall_sparsity")) for n, r in R.variant_records(results, "prune",
+                                                                                                   "pruned")})
+    if step == "quantize":
+        out["bits/quantized"] = R.num(R.field(results, "quantize", "avg_bits"))
+    return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+class Trackers:
+    """The run's trackers: ``with Trackers(names, out, name, config) as t: ...; t.step(step, results)``."""
+
+    def __init__(self, names: tuple, out: Path, run_name: str, config: Optional[dict] = None):
+        self.names, self.out, self.run_name, self.config = names, Path(out), run_name, config or {}
+        self.trackers, self.k = [], 0
+
+    def __enter__(self) -> "Trackers":
+        if C.dist_rank_world()[0] == 0:
+            self.trackers = [open_tracker(n, self.out, self.run_name) for n in self.names]
+            for t in self.trackers:
+                t.store_init_configuration(_flat(self.config))
+        return self
+
+    def step(self, step: str, results: dict) -> None:
+        values = step_metrics(step, results)
+        self.k += 1
+        for t in self.trackers:
+            t.log(values, step=self.k)
+
+    def __exit__(self, *exc) -> None:
+        for t in self.trackers:
+            t.finish()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """Nested config -> {"prune/sparsity": 0.5, ...} of numbers, booleans and strings (what
+    every tracker's hyperparameter store takes)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "/"))
+        elif isinstance(v, (int, float, str, bool)):
+            out[key] = v
+        elif v is not None:
+            out[key] = str(v)
+    return out

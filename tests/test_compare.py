@@ -1,0 +1,51 @@
+"""--compare is honest (issue 24 item 6): how each run was measured is a column group, runs
+measured differently are warned about above the table and on stdout, the table is printed, and
+a compared run's folder is never written into by default."""
+import json
+
+import llm_main_v4 as M
+from conftest import one_error
+
+
+def _run(d, seq_len, tokens, calib, ppl):
+    d.mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps({
+        "model": "m", "dtype": "torch.float32", "model_identity": {"label": "m"},
+        "dataset": {"eval": {"source": "wiki.test.raw"}}, "protocol": {"seq_len": seq_len},
+        "evaluation": {"base": {"tokens_scored": tokens}}, "perplexity": {"base": ppl, "pruned": 2 * ppl},
+        "variants": {"base": None, "pruned": "base"},
+        "prune": {"method": "wanda", "pattern": "unstructured", "overall_sparsity": 0.5,
+                  "calibration": {"windows": calib, "seq_len": 512, "source": "c4"}}}))
+    return d
+
+
+def test_compare_warns_where_protocols_differ_and_prints_the_table(tmp_path, capsys):
+    a = _run(tmp_path / "a" / "data", 512, 8176, 8, 20.0)
+    b = _run(tmp_path / "b" / "data", 128, 1016, 128, 30.0)
+    out = tmp_path / "cmp"
+    assert M.main(["--compare", str(a), str(b), "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for col, values in (("window", "128, 512"), ("tokens scored", "1016, 8176"),
+                        ("calibration", "128 x 512 of c4, 8 x 512 of c4")):
+        line = f"warning: the runs differ in {col} ({values})"
+        assert line in printed and line in (out / "compare.md").read_text(), line
+    assert "| a/data | wanda unstructured 0.5 | - | 20 | 40 (x2) |" in printed
+    assert "model" not in "".join(ln for ln in printed.splitlines() if ln.startswith("warning"))  # same model
+
+
+def test_identical_protocols_give_no_warning(tmp_path, capsys):
+    a = _run(tmp_path / "a", 512, 8176, 8, 20.0)
+    b = _run(tmp_path / "b", 512, 8176, 8, 25.0)
+    assert M.main(["--compare", str(a), str(b), "--output-dir", str(tmp_path / "cmp")]) == 0
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_compare_refuses_to_write_into_a_compared_run_unless_named(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a = _run(tmp_path / "data", 512, 8176, 8, 20.0)  # the default --output-dir is ./data
+    b = _run(tmp_path / "other", 512, 8176, 8, 25.0)
+    assert M.main(["--compare", "data", str(b)]) == 2
+    assert "would write into the compared run data" in one_error(capsys)
+    assert not (a / "compare.md").exists()
+    assert M.main(["--compare", "data", str(b), "--output-dir", "data"]) == 0  # named on purpose
+    assert (a / "compare.md").is_file()

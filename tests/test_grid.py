@@ -1,0 +1,106 @@
+"""Grids of variants in one run (issue 24 item 1): a comma list on the pruning knobs (and on
+--epsilon) makes one variant per point, each evaluated, reported, plotted and compared like any
+other; the model is loaded once and the calibration windows are drawn once."""
+import json
+
+import pytest
+import torch
+
+import llm_data as D
+import llm_main_v4 as M
+import llm_model as LM
+import llm_prune_model as P
+import llm_variants as V
+from conftest import make_llama, make_tokenizer, tiny_argv
+from llm_config import PruneConfig
+
+GRID = ["--prune-method", "magnitude,wanda", "--sparsity", "0.3,0.5,0.7"]
+NAMES = {f"pruned[{m},{s},unstructured]" for m in ("magnitude", "wanda") for s in ("0.3", "0.5", "0.7")}
+
+
+def _counting(monkeypatch, module, name, counts):
+    real = getattr(module, name)
+
+    def counted(*a, **k):
+        counts[name] = counts.get(name, 0) + 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, name, counted)
+
+
+@pytest.fixture(scope="module")
+def grid_run(tiny_run_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("grid") / "out"
+    counts: dict = {}
+    with pytest.MonkeyPatch.context() as mp:
+        _counting(mp, LM, "load_model", counts)
+        _counting(mp, D, "calibration_windows", counts)
+        _counting(mp, P, "capture_block_inputs", counts)
+        assert M.main(tiny_argv(tiny_run_dir, out, "--steps", "prune,eval", *GRID)) == 0
+    return out, json.loads((out / "results.json").read_text()), counts
+
+
+def test_a_grid_makes_one_variant_per_point_in_results_report_and_curves(grid_run):
+    out, res, _ = grid_run
+    assert set(res["perplexity"]) == {"base"} | NAMES
+    assert all(res["variants"][n] == "base" for n in NAMES)
+    recs = {r["name"]: r for r in res["prune"]["grid"]}
+    assert set(recs) == NAMES
+    for name, r in recs.items():
+        assert r["overall_sparsity"] == pytest.approx(float(name.split(",")[1]), abs=0.01)
+        assert (out / r["checkpoint"]).is_file() and r["format"] == "mask"
+    md = (out / "report.md").read_text()
+    assert all(n.replace("[", "\\[").replace("]", "\\]") in md for n in NAMES)
+    assert (out / "plots" / "prune_curves.png").stat().st_size > 1000 and "prune_curves.png" in md
+
+
+def test_a_grid_loads_the_model_once_and_draws_calibration_once(grid_run):
+    _, _, counts = grid_run
+    # Wanda's three points share block 0's inputs and statistics; magnitude needs no calibration.
+    assert counts == {"load_model": 1, "calibration_windows": 1, "capture_block_inputs": 1}
+
+
+def test_each_grid_point_is_what_prune_model_gives_alone(sample_text):
+    """The shared work changes nothing: every point's weights equal a fresh prune_model call."""
+    tok = make_tokenizer()
+    ids = D.tokenize_corpus(tok, sample_text[:4000])
+    grid = PruneConfig(method=("wanda", "sparsegpt"), sparsity=(0.4, 0.6), calib_samples=2, calib_seq_len=32,
+                       progress=False)
+    model = make_llama()
+    got = {}
+    for point, _ in P.prune_grid(model, tok, ids, grid):
+        got[point.variant_name(True)] = {n: t.clone() for n, t in V.named_tensors(model).items()}
+    assert len(got) == 4
+    clean = make_llama()
+    assert all(torch.equal(a, b) for a, b in zip(V.named_tensors(model).values(), V.named_tensors(clean).values()))
+    for point in grid.grid_points():
+        alone = make_llama()
+        P.prune_model(alone, tok, ids, point)
+        want = V.named_tensors(alone)
+        assert all(torch.equal(got[point.variant_name(True)][n], want[n]) for n in want), point
+    with pytest.raises(Exception, match="grid of 4"):
+        P.prune_model(make_llama(), tok, ids, grid)
+
+
+def test_a_grid_resumes_and_compares_like_any_variant(grid_run, tiny_run_dir, tmp_path, capsys):
+    out, res, _ = grid_run
+    assert M.main(tiny_argv(tiny_run_dir, out, "--steps", "prune,eval", *GRID)) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["perplexity"] == res["perplexity"]
+    assert again["manifest"]["steps"]["prune"]["skipped"] is True
+    capsys.readouterr()
+    assert M.main(["--compare", str(out), str(out), "--output-dir", str(tmp_path / "cmp")]) == 0
+    printed = capsys.readouterr().out
+    assert all(n.replace("[", "\\[").replace("]", "\\]") in printed for n in NAMES)
+
+
+def test_an_epsilon_list_makes_one_noisy_variant_each(tiny_run_dir, tmp_path):
+    out = tmp_path / "out"
+    assert M.main(tiny_argv(tiny_run_dir, out, "--steps", "noise,eval", "--epsilon", "0.01,0.3", "--sweep-eps",
+                            "0.1", "--sweep-seeds", "1", "--sweep-tokens", "64", "--sweep-seq-len", "32",
+                            "--noise-fisher-windows", "1")) == 0
+    res = json.loads((out / "results.json").read_text())
+    small, large = res["perplexity"]["noisy[absolute,0.01]"], res["perplexity"]["noisy[absolute,0.3]"]
+    assert set(res["perplexity"]) == {"base", "noisy[absolute,0.01]", "noisy[absolute,0.3]"}
+    assert small < large  # more noise, a worse model (eps 0.3 absolute on a tiny random model)
+    assert [r["recipe"]["epsilon"] for r in res["noise"]["grid"]] == [0.01, 0.3]
