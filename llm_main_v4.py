@@ -149,8 +149,11 @@ def _exported(run: Run) -> bool:
 
 def _export(run: Run, mod, cfg) -> None:
     facts = mod.variant_facts(run.results, {n: run.parents.get(n) for n in run.variants})
+    q = run.results.get("quantize") or {}
+    codes = {"quantized": (run.out / q["checkpoint"], q["bits"])} if q.get("format") == "codes" else {}
     run.results["export"] = asdict(mod.export_variants(run.model, run.tokenizer, run.variants, run.out / "export",
-                                                       replace(cfg, command=run.results["manifest"]["command"]), facts))
+                                                       replace(cfg, command=run.results["manifest"]["command"]), facts,
+                                                       codes))
 
 
 def _adversarial(run: Run, mod, cfg) -> None:
@@ -349,6 +352,9 @@ def _run(cfg: PipelineConfig, argv: Optional[list], out: Path, configs: dict, te
     run = _start(cfg, out, None if argv is None else list(argv), texts, described)
     if "noise" in configs:  # a bad --noise-group fails now, not after hours of fine-tuning and pruning
         importlib.import_module(STEPS["noise"].module).select_params(run.model, configs["noise"].group)
+    if configs.get("export") and configs["export"].quant_format != "dequantized" and cfg.run.save_variants:
+        raise C.UserError("--export-quant-format compressed-tensors needs the quantized variant's codes; "
+                          "--save-variants stores it dense: drop one of the two")
     if "prune" in configs:  # an N:M pattern the model's widths cannot take fails now, before calibration
         importlib.import_module(STEPS["prune"].module).check_pattern_fits(run.model, configs["prune"].pattern)
     run.results["manifest"]["carried_over"] = _carry_over(run, configs, previous)
