@@ -409,6 +409,12 @@ def findings(results: dict) -> list[str]:
                    f"gives perplexity "
                    f"{fmt(ppl['pruned'])} against {fmt(base)} for its dense parent "
                    f"(x{fmt(_num(ppl['pruned']) / _num(base))}).")
+    q = results.get("quantize") or {}
+    qbase = ppl.get(parents.get("quantized"))
+    if q.get("status") == "ran" and "quantized" in ppl and _num(qbase):
+        out.append(f"{q['method'].upper()} quantization ({q['bit_allocation']} bits, {fmt(q['avg_bits'])} bits per "
+                   f"weight with scales and zeros) gives perplexity {fmt(ppl['quantized'])} against {fmt(qbase)} "
+                   f"for its parent (x{fmt(_num(ppl['quantized']) / _num(qbase))}).")
     nz = results.get("noise")
     if nz and "noisy" in ppl:
         v, sat = nz["variant"], nz["sweep"]["saturation"]
@@ -821,11 +827,14 @@ def compare_runs(dirs: Sequence, out: Path) -> dict:
     for d, label in zip(dirs, short_names(dirs)):
         res = _finished_run(Path(d))
         pr, nz = field(res, "prune", kind=dict), field(res, "noise", "variant", kind=dict)
+        qz = field(res, "quantize", kind=dict, default={})
         means = field(res, "zeroshot", "mean", kind=dict, default={})
         rows.append({"run": str(d), "label": label, "model": field(res, "model", default="?"),
                      "pruning": " ".join(_text(field(pr, k)) for k in ("method", "pattern", "overall_sparsity"))
                      if pr else "-",
                      "noise": f"{_text(field(nz, 'mode'))} eps={_text(field(nz, 'epsilon'))}" if nz else "-",
+                     "quantization": " ".join(_text(field(qz, k)) for k in ("method", "bit_allocation", "avg_bits"))
+                     if field(qz, "status") == "ran" else "-",
                      "perplexity": {str(k): _num(v) for k, v in res["perplexity"].items()},
                      "parents": {str(k): v for k, v in field(res, "variants", kind=dict, default={}).items()
                                  if isinstance(v, str)},
@@ -833,14 +842,14 @@ def compare_runs(dirs: Sequence, out: Path) -> dict:
     variants = list(dict.fromkeys(v for r in rows for v in r["perplexity"]))
     lines = ["# Comparison of runs", "", "Perplexity of each variant; in brackets, its ratio to its parent "
              "variant in the same run.", "",
-             "| run | model | pruning | noise | " + " | ".join(map(_esc, variants)) + " |",
-             "|---" * (4 + len(variants)) + "|"]
+             "| run | model | pruning | noise | quantization | " + " | ".join(map(_esc, variants)) + " |",
+             "|---" * (5 + len(variants)) + "|"]
     for r in rows:
         cells = []
         for v in variants:
             p, q = r["perplexity"].get(v), r["perplexity"].get(r["parents"].get(v))
             cells.append(fmt(p) + (f" (x{fmt(p / q)})" if p is not None and q else ""))
-        lines.append(f"| {_esc(r['run'])} | {_text(r['model'])} | {r['pruning']} | {r['noise']} | "
+        lines.append(f"| {_esc(r['run'])} | {_text(r['model'])} | {r['pruning']} | {r['noise']} | {r['quantization']} | "
                      + " | ".join(cells) + " |")
     if any(r["zeroshot"] for r in rows):
         lines += ["", "Zero-shot mean accuracy (%) of each variant, over the tasks each run evaluated; in brackets, "
