@@ -60,7 +60,8 @@ def jobs(what: str) -> list[tuple[str, dict]]:
                     ("quant", dict(method=m, wbits=3, group=128, bit_allocation="hessian", avg_bits=3.25)),
                     ("quant", dict(method=m, wbits=3, group=128, bit_allocation="fisher", avg_bits=3.25))]
         return out
-    return [("prune", dict(method=m, sparsity=s, allocation=a)) for s in (0.6, 0.7) for m in ("wanda", "sparsegpt")
+    # 70% first: OWL's headline setting, and the rows that matter most if a run is cut short
+    return [("prune", dict(method=m, sparsity=s, allocation=a)) for s in (0.7, 0.6) for m in ("wanda", "sparsegpt")
             for a in ("uniform", "owl", "hessian", "fisher")]
 
 
