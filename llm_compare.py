@@ -96,12 +96,15 @@ def protocol_warnings(rows: list) -> list[str]:
 def _row(d, label: str) -> dict:
     res = _finished_run(Path(d))
     pr, nz = R.field(res, "prune", kind=dict), R.field(res, "noise", "variant", kind=dict)
+    qz = R.field(res, "quantize", kind=dict, default={})
     means = R.field(res, "zeroshot", "mean", kind=dict, default={})
     return {"run": str(d), "label": label, "model": R.field(res, "model", default="?"),
             "protocol": {col: get(res) for col, get in PROTOCOL.items()},
             "pruning": " ".join(R.text(R.field(pr, k)) for k in ("method", "pattern", "overall_sparsity"))
             if pr else "-",
             "noise": f"{R.text(R.field(nz, 'mode'))} eps={R.text(R.field(nz, 'epsilon'))}" if nz else "-",
+            "quantization": " ".join(R.text(R.field(qz, k)) for k in ("method", "bit_allocation", "avg_bits"))
+            if R.field(qz, "status") == "ran" else "-",
             "perplexity": {str(k): R.num(v) for k, v in res["perplexity"].items()},
             "parents": {str(k): v for k, v in R.field(res, "variants", kind=dict, default={}).items()
                         if isinstance(v, str)},
@@ -114,13 +117,15 @@ def compare_markdown(rows: list, variants: list, warnings: list) -> str:
               + "|"]
     lines += [f"| {R.esc(r['label'])} | " + " | ".join(R.text(r["protocol"][c]) for c in PROTOCOL) + " |" for r in rows]
     lines += ["", "Perplexity of each variant; in brackets, its ratio to its parent variant in the same run.", "",
-              "| run | pruning | noise | " + " | ".join(map(R.esc, variants)) + " |", "|---" * (3 + len(variants)) + "|"]
+              "| run | pruning | noise | quantization | " + " | ".join(map(R.esc, variants)) + " |",
+              "|---" * (4 + len(variants)) + "|"]
     for r in rows:
         cells = []
         for v in variants:
             p, q = r["perplexity"].get(v), r["perplexity"].get(r["parents"].get(v))
             cells.append(R.fmt(p) + (f" (x{R.fmt(p / q)})" if p is not None and q else ""))
-        lines.append(f"| {R.esc(r['label'])} | {r['pruning']} | {r['noise']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {R.esc(r['label'])} | {r['pruning']} | {r['noise']} | {r['quantization']} | "
+                     + " | ".join(cells) + " |")
     if any(r["zeroshot"] for r in rows):
         lines += ["", "Zero-shot mean accuracy (%) of each variant, over the tasks each run evaluated; in brackets, "
                   "the change against its parent.", "", "| run | " + " | ".join(map(R.esc, variants)) + " |",

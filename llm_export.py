@@ -16,10 +16,23 @@ on the same GPU. PyTorch has no on-disk format for these tensors, so the directo
 and ``semi_structured(model)`` converts a loaded model the same way. Wanda reports 1.24x for the
 linear layers of LLaMA-65B at 2:4; whole-model numbers are lower, since attention, norms and the
 LM head stay dense.
+
+``--export-quant-format compressed-tensors``: a variant stored as codes (the ``quantized`` one) is
+written in the ``compressed-tensors`` format (Neural Magic / vLLM; the ``compressed-tensors``
+package), ``naive-quantized``: per linear its integer codes (int8 storage), per-group scales and
+zero points, one config group per bit width, asymmetric ``group`` strategy. ``transformers``
+reloads it (decompressing on load; on CPU too) to exactly our dequantized weights in float32.
+Linears that keep weights in full precision (super weights, saliency), whose groups are not
+contiguous (GPTQ act order), or whose width is not a multiple of the group (compressed-tensors
+refuses a narrower tail group: SmolLM2's 576-wide inputs at group 128) have no place in that
+scheme and are stored dense (their exact dequantized values), listed under the format's ``ignore``. Its ``pack-quantized`` form (codes packed into int32) is not used:
+compressed-tensors 0.20.1 packs an asymmetric zero point on save but not when transformers 5.24
+builds the empty model to load into, so the reload fails on the zero point's shape.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -36,6 +49,7 @@ import llm_common as C
 import llm_io as IO
 import llm_model as LM
 import llm_variants as V
+from llm_compress import load_codes
 from llm_config import ExportConfig
 import llm_results as R
 from llm_run import Run
@@ -53,6 +67,64 @@ class ExportResult:
     two_of_four: dict = field(default_factory=dict)  # status, reason, linears converted, tokens/s per batch
     seconds: float = 0.0
     config: dict = field(default_factory=dict)
+
+
+CT_FORMAT = "naive-quantized"
+
+
+def _ct_layout(model, records: Mapping, bits: Mapping[str, int]) -> tuple[dict, list]:
+    """Module names of the compressed-tensors config groups, {(bits, group size): [names]}, and
+    the quantized linears stored dense instead (kept weights, non-contiguous groups, non-Linear)."""
+    groups: dict = {}
+    dense = []
+    for pname, q in records.items():
+        name = pname.rsplit(".", 1)[0]
+        inp = q.codes.shape[1]
+        gs = int((q.g_idx == 0).sum())
+        contiguous = torch.equal(q.g_idx.long().cpu(), torch.arange(inp) // gs) and inp % gs == 0
+        has_kept = q.keep is not None and bool(q.keep.any())
+        if has_kept or not contiguous or type(model.get_submodule(name)) is not torch.nn.Linear:
+            dense.append(name)
+        else:
+            groups.setdefault((int(bits[name]), gs), []).append(name)
+    return groups, dense
+
+
+def write_compressed_tensors(model, records: Mapping, bits: Mapping[str, int], path: Path,
+                             max_shard_size: str) -> dict:
+    """Write ``model`` (holding the dequantized weights of ``records``, parameter name ->
+    ``llm_compress.Quantized``, with ``bits`` per linear name) to ``path`` in the
+    compressed-tensors ``naive-quantized`` format. Works on a copy: the live model keeps its
+    plain linears. Returns {format, groups, dense}."""
+    try:
+        from compressed_tensors.compressors import ModelCompressor
+        from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                     apply_quantization_config)
+    except ImportError as e:
+        raise C.UserError(f"--export-quant-format compressed-tensors needs the compressed-tensors package "
+                          f"({C.error_line(e)}); pip install compressed-tensors")
+    groups, dense = _ct_layout(model, records, bits)
+    if dense:
+        log.warning("compressed-tensors: %d quantized linears keep weights in full precision, have non-contiguous "
+                    "groups or a narrower tail group; stored dense: %s", len(dense), ", ".join(dense[:4]))
+    m = copy.deepcopy(model)
+    schemes = {f"group_{i}": QuantizationScheme(targets=names, weights=QuantizationArgs(
+        num_bits=bits, type="int", symmetric=False, strategy="group", group_size=gs))
+        for i, ((bits, gs), names) in enumerate(sorted(groups.items()))}
+    apply_quantization_config(m, QuantizationConfig(config_groups=schemes, format=CT_FORMAT))
+    for names in groups.values():
+        for name in names:
+            q, mod = records[name + ".weight"], m.get_submodule(name)
+            with torch.no_grad():  # its signed grid: code c in [0, 2^b) is c - 2^(b-1), and so is the zero
+                mod.weight_scale.copy_(q.scale.to(mod.weight_scale.dtype))
+                mod.weight_zero_point.copy_((q.zero - 2 ** (bits[name] - 1)).to(mod.weight_zero_point.dtype))
+    compressor = ModelCompressor.from_pretrained_model(m, quantization_format=CT_FORMAT)
+    compressor.compress_model(m)
+    m.save_pretrained(path, max_shard_size=max_shard_size)
+    compressor.update_config(path)
+    return {"format": f"compressed-tensors {CT_FORMAT}", "groups": {f"{b} bits, group {g}": len(n)
+                                                                  for (b, g), n in sorted(groups.items())},
+            "dense": dense}
 
 
 def is_two_of_four(w: torch.Tensor) -> bool:
@@ -191,18 +263,25 @@ def _refuse_foreign_files(path: Path, new: Path) -> None:
 
 
 def export_variants(model, tokenizer, variants: Mapping[str, object], out_dir, config: ExportConfig = ExportConfig(),
-                    facts: Optional[Mapping[str, dict]] = None) -> ExportResult:
+                    facts: Optional[Mapping[str, dict]] = None, codes: Optional[Mapping[str, tuple]] = None
+                    ) -> ExportResult:
     """Write each variant (see ``llm_common.applied_variant``) as ``<out_dir>/<name>/``, atomically.
-    The model is changed in place for each variant and restored bit for bit."""
+    The model is changed in place for each variant and restored bit for bit. ``codes``: variant
+    name -> (its ``save_codes`` checkpoint, bits per linear), for ``config.quant_format``."""
     config = config.for_model(model)
     if not (config.enabled or config.two_of_four):
         return ExportResult("off", config=asdict(config))
     t0, res = time.perf_counter(), ExportResult("ran", config=asdict(config))
     for name, weights in variants.items():
         path = Path(out_dir) / V.file_stem(name)
+        packed = config.quant_format == "compressed-tensors" and name in (codes or {})
         with V.applied_variant(model, weights), IO.atomic_path(path) as tmp:
-            with LM.use_cache(model, getattr(model, "llm_use_cache", True)):  # the model's own setting, not ours
-                model.save_pretrained(tmp, max_shard_size=config.max_shard_size)
+            if packed:
+                ckpt, bits = codes[name]
+                layout = write_compressed_tensors(model, load_codes(ckpt), bits, tmp, config.max_shard_size)
+            else:
+                with LM.use_cache(model, getattr(model, "llm_use_cache", True)):  # the model's own setting, not ours
+                    model.save_pretrained(tmp, max_shard_size=config.max_shard_size)
             tokenizer.save_pretrained(tmp)
             (tmp / "README.md").write_text(model_card(name, (facts or {}).get(name, {}), config.command))
             _refuse_foreign_files(path, tmp)
@@ -210,7 +289,8 @@ def export_variants(model, tokenizer, variants: Mapping[str, object], out_dir, c
             zeros, total = sum((m.weight == 0).sum().item() for m in linears), sum(m.weight.numel() for m in linears)
         files = sorted(p.name for p in path.iterdir())
         res.variants[name] = {"path": str(path), "files": files, "zero_fraction_linears": zeros / max(total, 1),
-                              "bytes": sum(p.stat().st_size for p in path.iterdir())}
+                              "bytes": sum(p.stat().st_size for p in path.iterdir()),
+                              **({"quant_format": layout} if packed else {})}
         log.info("exported %s to %s", name, path)
     if config.two_of_four:
         res.two_of_four = _speed(model, config, variants)
@@ -223,10 +303,21 @@ def pipeline_step(run: Run, config: ExportConfig) -> Optional[str]:
     """The pipeline's export: every variant as a save_pretrained folder with its model card,
     into ``<out>/export``; "off" without --export."""
     facts = R.variant_facts(run.results, {n: run.parents.get(n) for n in run.variants})
+    q = run.results.get("quantize") or {}
+    codes = {"quantized": (run.out / q["checkpoint"], q["bits"])} if q.get("format") == "codes" else {}
     res = export_variants(run.model, run.tokenizer, run.variants, run.out / "export",
-                          dataclasses.replace(config, command=run.results["manifest"]["command"]), facts)
+                          dataclasses.replace(config, command=run.results["manifest"]["command"]), facts, codes)
     run.results["export"] = asdict(res)
     return "off" if res.status == "off" else None
+
+
+def prepare(config: ExportConfig, run_config, texts: dict) -> ExportConfig:
+    """Before loading: the compressed-tensors export writes the quantized variant's codes, which
+    --save-variants does not keep."""
+    if config.quant_format != "dequantized" and run_config.save_variants:
+        raise C.UserError("--export-quant-format compressed-tensors needs the quantized variant's codes; "
+                          "--save-variants stores it dense: drop one of the two")
+    return config
 
 
 def outputs_present(run: Run) -> bool:

@@ -411,6 +411,12 @@ def findings(results: dict) -> list[str]:
                    f"gives perplexity "
                    f"{R.fmt(ppl['pruned'])} against {R.fmt(base)} for its dense parent "
                    f"(x{R.fmt(R.num(ppl['pruned']) / R.num(base))}).")
+    q = results.get("quantize") or {}
+    qbase = ppl.get(parents.get("quantized"))
+    if q.get("status") == "ran" and "quantized" in ppl and R.num(qbase):
+        out.append(f"{q['method'].upper()} quantization ({q['bit_allocation']} bits, {R.fmt(q['avg_bits'])} bits per "
+                   f"weight with scales and zeros) gives perplexity {R.fmt(ppl['quantized'])} against {R.fmt(qbase)} "
+                   f"for its parent (x{R.fmt(R.num(ppl['quantized']) / R.num(qbase))}).")
     nz = results.get("noise")
     if nz and "noisy" in ppl:
         v, sat = nz["variant"], nz["sweep"]["saturation"]

@@ -232,8 +232,12 @@ def _made_by(results: Mapping, name: str, train_text) -> dict:
             return {"made_by": f"{v.get('mode')} {kind}, eps={eps}, group {v.get('group')}, seed {v.get('seed')}"}
     q = field(results, "quantize", kind=dict, default={})
     if name == "quantized" and q.get("status") == "ran":
-        return {"made_by": f"{q.get('method')} quantization, group {q.get('group')}, {q.get('bit_allocation')} bits, "
-                           f"{fmt(num(q.get('avg_bits')))} bits per weight with scales and zeros"}
+        cal = field(q, "calibration", kind=dict, default={})
+        return {"made_by": f"{q.get('method')} weight quantization, {q.get('bit_allocation')} bits, group "
+                           f"{q.get('group')}: {fmt(num(q.get('avg_code_bits')))} code bits per weight "
+                           f"({fmt(num(q.get('avg_bits')))} with scales, zeros and {q.get('kept_weights')} weights kept "
+                           "in full precision) of the decoder linears",
+                "calibration": f"{cal.get('windows')} windows of {cal.get('seq_len')} tokens"}
     return {}
 
 

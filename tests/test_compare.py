@@ -29,7 +29,7 @@ def test_compare_warns_where_protocols_differ_and_prints_the_table(tmp_path, cap
                         ("calibration", "128 x 512 of c4, 8 x 512 of c4")):
         line = f"warning: the runs differ in {col} ({values})"
         assert line in printed and line in (out / "compare.md").read_text(), line
-    assert "| a/data | wanda unstructured 0.5 | - | 20 | 40 (x2) |" in printed
+    assert "| a/data | wanda unstructured 0.5 | - | - | 20 | 40 (x2) |" in printed
     assert "model" not in "".join(ln for ln in printed.splitlines() if ln.startswith("warning"))  # same model
 
 

@@ -193,3 +193,76 @@ def test_quantized_variant_through_the_pipeline(qsetup, pipeline_config, method,
     # A rerun reattaches the stored variant without quantizing again.
     again = llm_main_v4.run_pipeline(cfg, argv=[])
     assert again["manifest"]["steps"]["quantize"]["skipped"] and again["perplexity"] == res["perplexity"]
+
+
+def test_quantized_variant_is_scored_exported_as_compressed_tensors_reported_and_compared(qsetup, pipeline_config,
+                                                                                          tmp_path):
+    """The quantized variant like pruned and noisy: zero-shot in memory equals lm-eval's own run
+    on its export; the compressed-tensors export holds int8 codes with scales and zero points
+    (one config group per bit width of the mixed precision), keeps the super weight's linear
+    dense, and reloads in transformers to the stored codes' logits exactly; the model card,
+    the report and --compare show it."""
+    import lm_eval
+    from safetensors import safe_open
+    from test_zeroshot import write_local_task
+    from transformers import AutoModelForCausalLM
+
+    import llm_main_v4 as M
+    from llm_results import fmt
+
+    folder = tmp_path / "tasks"
+    write_local_task(folder)
+    runs = {}
+    for name, method, alloc in (("a", "gptq", "fisher"), ("b", "rtn", "uniform")):
+        cfg = pipeline_config(qsetup / "model", qsetup / "text.txt", tmp_path / name,
+                              steps=("quantize", "eval", "zeroshot", "export"),
+                              quantize={"method": method, "wbits": 3, "group": 16, "protect": "auto",
+                                        "bit_allocation": alloc, "avg_bits": 3.5, "calib_samples": 4,
+                                        "calib_seq_len": 32, "sensitivity_windows": 2},
+                              zeroshot={"tasks": ("tiny_qa",), "include_path": str(folder)},
+                              export={"enabled": True, "quant_format": "compressed-tensors"})
+        runs[name] = M.run_pipeline(cfg, argv=["--tasks", "tiny_qa", "--export-quant-format", "compressed-tensors"])
+    res = runs["a"]
+    q, zs, path = res["quantize"], res["zeroshot"], tmp_path / "a" / "export" / "quantized"
+    assert zs["status"] == "ran" and set(zs["tasks"]) == {"base", "quantized"} and zs["parents"]["quantized"] == "base"
+    assert len(set(q["bits"].values())) > 1  # mixed precision: several config groups
+
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "naive-quantized"
+    by_bits = {g["weights"]["num_bits"]: set(g["targets"]) for g in qc["config_groups"].values()}
+    sw = q["protected"][0][0]
+    assert sw in qc["ignore"] and all(sw not in t for t in by_bits.values())
+    assert by_bits == {b: {n for n, nb in q["bits"].items() if nb == b and n != sw} for b in set(q["bits"].values())}
+    assert all(g["weights"]["group_size"] == 16 and not g["weights"]["symmetric"] for g in qc["config_groups"].values())
+    name = next(iter(sorted(by_bits[min(by_bits)])))
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        codes, keys = f.get_tensor(name + ".weight"), set(f.keys())
+    assert codes.dtype == torch.int8 and {name + ".weight_scale", name + ".weight_zero_point"} <= keys
+    assert int(codes.min()) >= -2 ** (min(by_bits) - 1) and int(codes.max()) < 2 ** (min(by_bits) - 1)
+
+    model, _, _ = LM.load_model(LM.LoadConfig(model=str(qsetup / "model")))
+    exported = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.randint(0, 256, (2, 16))
+    with LC.coded_weights(model, tmp_path / "a" / q["checkpoint"]), torch.no_grad():
+        quantized = model(ids).logits
+    assert torch.equal(quantized, exported(ids).logits)
+    with torch.no_grad():
+        assert not torch.equal(quantized, model(ids).logits)  # restored: the export is not the base model
+    own = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(path), "device": "cpu", "dtype": "float32"},
+                                  tasks=["tiny_qa"], task_manager=lm_eval.tasks.TaskManager(include_path=str(folder)),
+                                  limit=100, log_samples=False)["results"]["tiny_qa"]
+    assert zs["tasks"]["quantized"]["tiny_qa"]["acc"] == pytest.approx(own["acc,none"], abs=1e-12)
+    assert res["export"]["variants"]["quantized"]["quant_format"]["dense"] == [sw]
+    assert res["export"]["variants"]["base"].get("quant_format") is None  # only codes are packed
+
+    card = (path / "README.md").read_text()
+    assert "gptq weight quantization, fisher bits, group 16" in card and "| tiny_qa |" in card
+    report = (tmp_path / "a" / "report.md").read_text()
+    assert f"GPTQ quantization (fisher bits, {fmt(q['avg_bits'])} bits per weight with scales and zeros) gives " \
+           f"perplexity {fmt(res['perplexity']['quantized'])}" in report
+    assert [ln for ln in report.splitlines() if ln.startswith("| quantized |") and "±" in ln]
+    assert M.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b"), "--output-dir", str(tmp_path / "c")]) == 0
+    compare = (tmp_path / "c" / "compare.md").read_text()
+    assert "| quantization |" in compare and "gptq fisher" in compare and "rtn uniform" in compare
+    acc = f"{100 * zs['mean']['quantized']['acc']:.1f}"
+    assert acc in compare.split("Zero-shot mean accuracy")[1]

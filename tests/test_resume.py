@@ -168,9 +168,10 @@ def test_compare_runs_reads_only_their_results(tmp_path, capsys):
         d = tmp_path / name
         d.mkdir()
         variants = {"base": None, "pruned": "base", "noisy": "base"}
+        quant = {"status": "ran", "method": "gptq", "bit_allocation": "hessian", "avg_bits": 3.5} if name == "b" else {}
         (d / "results.json").write_text(json.dumps({"model": "m", "perplexity": ppl, "variants": variants,
                                                     "prune": {"method": "wanda", "pattern": "2:4",
-                                                              "overall_sparsity": 0.5}}))
+                                                              "overall_sparsity": 0.5}, "quantize": quant}))
         runs.append(str(d))
     out = tmp_path / "cmp"
     code = ("import sys, llm_main_v4; rc = llm_main_v4.main(['--compare', *sys.argv[2:], '--output-dir', sys.argv[1]]);"
@@ -181,8 +182,8 @@ def test_compare_runs_reads_only_their_results(tmp_path, capsys):
     assert got[0] == "0" and not set(eval(got[1])) & steps
     md = (out / "compare.md").read_text()
     labels = llm_compare.short_names(runs)
-    assert f"| {R.esc(labels[0])} | wanda 2:4 0.5 | - | 10 | 15 (x1.5) | - |" in md
-    assert f"| {R.esc(labels[1])} | wanda 2:4 0.5 | - | 10 | 30 (x3) | inf (xinf) |" in md
+    assert f"| {R.esc(labels[0])} | wanda 2:4 0.5 | - | - | 10 | 15 (x1.5) | - |" in md
+    assert f"| {R.esc(labels[1])} | wanda 2:4 0.5 | - | gptq hessian 3.5 | 10 | 30 (x3) | inf (xinf) |" in md
     assert (out / "plots" / "compare.png").stat().st_size > 1000 and "data:image/png" in (out / "compare.html").read_text()
     assert llm_main_v4.main(["--compare", str(tmp_path / "nothing"), "--output-dir", str(out)]) == 2
     assert "no finished evaluation" in capsys.readouterr().err
