@@ -196,11 +196,6 @@ class FinetuneConfig(StepConfig):
     compile: bool = knob(False, "torch.compile the model for the training loop")
     max_shard_size: str = knob("2GB", "safetensors shard size of the saved model", flag="--max-shard-size",
                                results=False)
-    quant_format: str = knob("dequantized", "the quantized variant's export: dequantized weights (plain "
-                                            "safetensors), or compressed-tensors (naive-quantized: integer codes, "
-                                            "scales and zero points, which transformers and vLLM read; needs the "
-                                            "compressed-tensors package)", flag="--export-quant-format",
-                             choices=("dequantized", "compressed-tensors"))
     seed: int = knob(0, "seed", flag="--seed", bounds="[0,4294967295]")
     output_dir: str = knob("data/finetuned", "the finished model", cli=False, results=False)
     base_model: str = knob("", "label recorded in the manifest", cli=False, results=False)
