@@ -251,8 +251,8 @@ def test_adversarial_robustness(model, tokenizer, eval_ids: torch.Tensor,
     t = time.perf_counter()
     gprompt = config.prompts[0] if config.prompts else tokenizer.decode(samples[0].prompt)
     turn = UserTurn(tokenizer, gprompt)
-    gcfg = GCGConfig(config.gcg_suffix_len, config.gcg_steps, config.gcg_topk, config.gcg_batch, "targeted",
-                     config.seed, config.progress)
+    gcfg = GCGConfig(suffix_len=config.gcg_suffix_len, steps=config.gcg_steps, topk=config.gcg_topk,
+                     batch=config.gcg_batch, objective="targeted", seed=config.seed, progress=config.progress)
     gcg = gcg_attack(model, tokenizer, Sample(turn.before, tgt, gprompt), gcfg, turn=turn)
     gcg.threat_model = ("suffix appended to the user's message inside the chat template, before the end of "
                         "the turn and the assistant header (Zou et al. 2023); only text a user can send is "

@@ -38,6 +38,12 @@ class GCGConfig:
     seed: int = 0                  # the initial suffix and the swaps
     progress: bool = True
 
+    def validate(self) -> None:
+        if self.objective not in ("targeted", "untargeted"):
+            raise C.UserError(f"GCG's objective must be targeted or untargeted, not {self.objective!r}")
+        if min(self.suffix_len, self.topk, self.batch) < 1 or self.steps < 0:
+            raise C.UserError("GCG needs suffix_len, topk and batch >= 1 and steps >= 0")
+
 
 def printable_token_mask(tokenizer, vocab_size: int) -> torch.Tensor:
     """Tokens whose text is non-empty printable ASCII: suffixes made of them can be pasted."""
@@ -267,8 +273,9 @@ def gcg_attack(model, tokenizer, sample: Sample, config: GCGConfig = GCGConfig()
     rest scored in one forward (``_Problem.losses``). So every loss, the success flag and the
     final suffix belong to text a user can send. As in the reference code, the suffix moves to
     the batch's best candidate every step, and the best suffix seen overall is returned.
-    Raises UserError when no starting suffix survives the server's tokenization.
+    Raises UserError for a bad config, or when no starting suffix survives the server's tokenization.
     """
+    config.validate()
     t0 = time.perf_counter()
     turn = turn if turn is not None else UserTurn.of_ids(tokenizer, sample.prompt, after)
     W = model.get_input_embeddings().weight

@@ -80,6 +80,30 @@ def test_gcg_lowers_target_loss_with_printable_suffix(tok, tiny_llama):
     assert r.suffix_text.isascii() and r.suffix_text.isprintable()
 
 
+def test_gcg_candidates_are_single_swaps_to_top_gradient_tokens_that_a_user_can_send(tok):
+    """Each sampled candidate differs from the suffix in at most one position, by a token among
+    the top-k of the negative one-hot gradient there (never a forbidden one); filtering keeps
+    exactly the candidates whose text re-tokenizes to themselves."""
+    g = torch.Generator().manual_seed(0)
+    suffix = torch.tensor(tok(" abcd", add_special_tokens=False).input_ids)
+    grad = torch.randn(suffix.numel(), 257, generator=g)
+    grad[:, 200:] = float("inf")  # forbidden tokens
+    cands = G.sample_ids_from_grad(suffix, grad, topk=5, batch=64, g=g)
+    assert cands.shape == (64, suffix.numel())
+    for c in cands:
+        diff = (c != suffix).nonzero().flatten().tolist()
+        assert len(diff) <= 1
+        for p in diff:
+            assert int(c[p]) in set((-grad[p]).topk(5).indices.tolist()) and int(c[p]) < 200
+    turn = G.UserTurn.of_ids(tok, torch.tensor(tok("Hi").input_ids))
+    kept, dropped = G.filter_ids(cands, turn)
+    assert len(kept) + dropped == 64
+    assert all(tok(tok.decode(turn.before) + tok.decode(c), add_special_tokens=False).input_ids
+               == turn.before.tolist() + c.tolist() for c in kept)
+    with pytest.raises(C.UserError, match="objective"):
+        G.GCGConfig(objective="sideways").validate()
+
+
 def test_perplexity_filter_is_calibrated_and_measured_on_held_out_prompts(tok, tiny_llama):
     """The threshold comes from calibration prompts only; FPR and TPR are counted on other
     prompts, each perplexity equal to exp(mean NLL) of a plain forward pass on the user text."""
