@@ -452,8 +452,10 @@ def adversarial_finetune(model, samples: Sequence[Sample], cfg: AttackConfig, st
     update. Returns the training losses. Wrap in ``llm_variants.restored_on_exit`` to undo."""
     params = TR.trainable_params(model)
     losses = []
-    with TR.training(model, params, lr, fused_on_cpu=False) as tr:
-        tr.low = LM.low_precision_dtype(model)  # as before the shared loop: read after the upcast (see llm_train)
+    with TR.training(model, params, lr, fused_on_cpu=False) as tr:  # the per-tensor CPU AdamW, as recorded
+        # The defence's recorded numbers read the autocast dtype after the fp32 upcast: a bf16 model trained
+        # in full then runs without autocast, in fp32 (LoRA keeps bf16 autocast). Kept so nothing measured moves.
+        tr.low = LM.low_precision_dtype(model)
         for step in tqdm(range(steps), desc="adversarial fine-tune (PGD)", disable=not progress):
             with tr.autocast():
                 model.eval()  # the attack sees the model as it is evaluated
@@ -502,7 +504,9 @@ def free_adversarial_finetune(model, samples: Sequence[Sample], cfg: AttackConfi
     l2 = torch.tensor(cfg.norm == "l2", device=dev).reshape(1, 1, 1)
     delta, losses = None, []
     with TR.training(model, params, lr, fused_on_cpu=False) as tr, LM.trainable_only(model, params):
-        tr.low = LM.low_precision_dtype(model)  # as before the shared loop: read after the upcast (see llm_train)
+        # The defence's recorded numbers read the autocast dtype after the fp32 upcast: a bf16 model trained
+        # in full then runs without autocast, in fp32 (LoRA keeps bf16 autocast). Kept so nothing measured moves.
+        tr.low = LM.low_precision_dtype(model)
         for _ in tqdm(range(steps), desc="adversarial fine-tune (free)", disable=not progress):
             with tr.autocast():
                 rows = _Rows.build(model, layouts)  # the embedding rows as trained so far
