@@ -29,7 +29,6 @@ from typing import Callable, Optional
 
 import torch
 from accelerate import Accelerator
-from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
@@ -37,9 +36,10 @@ import llm_common as C
 import llm_data as D
 import llm_io as IO
 import llm_model as LM
+import llm_train as TR
 import llm_variants as V
 from llm_config import EvalConfig, FinetuneConfig
-from llm_knobs import fingerprint
+from llm_knobs import fingerprint, trackers_of
 from llm_perplexity import evaluate_model
 from llm_run import Run
 from llm_tracking import wandb_mode
@@ -186,13 +186,6 @@ def _load_resume(model, optimizer, cfg: FinetuneConfig) -> tuple[int, list]:
     return int(state["step"]), list(state["losses"])
 
 
-def _wrap_lora(model, cfg: FinetuneConfig):
-    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
-                      task_type="CAUSAL_LM")
-    torch.manual_seed(cfg.seed)  # LoRA's A matrices are random: seed them so resume is exact
-    return get_peft_model(model, lcfg)
-
-
 def _merge_lora(model, cfg: FinetuneConfig):
     """Fold the LoRA adapters into their weights and return the plain model.
 
@@ -260,7 +253,7 @@ def train(model, train_ids: torch.Tensor, cfg: FinetuneConfig, on_step: Optional
           before_merge: Optional[Callable] = None):
     """Fine-tune ``model`` in place (full) or through merged LoRA adapters (``_merge_lora``).
 
-    bf16/fp16 models train through fp32 master weights under autocast (``LM.fp32_master_weights``);
+    bf16/fp16 models train through fp32 master weights under autocast (``llm_train.training``);
     full fine-tunes are rounded back to their dtype at the end. The loss is kept on the device
     and read back every ``log_every`` steps, so the loop never waits for the GPU otherwise.
     Returns (model, losses, resumed_from_step, merge record). ``on_step(step)`` is called after
@@ -268,15 +261,14 @@ def train(model, train_ids: torch.Tensor, cfg: FinetuneConfig, on_step: Optional
     trained adapters still unmerged (LoRA only).
     """
     on_cuda = LM.is_cuda_model(model)
-    low = LM.low_precision_dtype(model)
     # Autocast is ours, not accelerate's: accelerate's mixed-precision setting is global to
     # the process and cannot change between two trainings in one notebook.
     # --log-to: accelerate's trackers; TensorBoard writes <output_dir>/../tensorboard/finetune.
-    trackers, run_dir = list(cfg.log_to), Path(cfg.output_dir).parent
+    trackers, run_dir = list(trackers_of(cfg.log_to)), Path(cfg.output_dir).parent
     accel = Accelerator(cpu=not on_cuda, log_with=trackers or None,
                         project_dir=str(run_dir / "tensorboard") if trackers else None)
     if cfg.mode == "lora":
-        model = _wrap_lora(model, cfg)
+        model = TR.wrap_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.seed)
     checkpointing = _needs_checkpointing(model, cfg)
     if checkpointing:
         log.info("gradient checkpointing on: a batch's activations would not fit in free memory")
@@ -284,11 +276,8 @@ def train(model, train_ids: torch.Tensor, cfg: FinetuneConfig, on_step: Optional
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     params = [p for p in model.parameters() if p.requires_grad]
-    with LM.fp32_master_weights(params), _SaveRequest() as save_request:
-        # Fused AdamW (one kernel for all parameters) exists on CUDA and, since torch 2.4, on CPU.
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                      fused=LM.input_device(model).type in ("cuda", "cpu"))
-        start, losses = _load_resume(model, optimizer, cfg)
+    with TR.training(model, params, cfg.lr, cfg.weight_decay) as tr, _SaveRequest() as save_request:
+        start, losses = _load_resume(model, tr.optimizer, cfg)
         if trackers:  # resumed at ``start``: TensorBoard hides the points logged after the last checkpoint
             accel.init_trackers("finetune", init_kwargs={
                 "tensorboard": {"purge_step": start + 1} if start else {},
@@ -296,13 +285,10 @@ def train(model, train_ids: torch.Tensor, cfg: FinetuneConfig, on_step: Optional
                 "mlflow": {"logging_dir": str(run_dir / "mlruns")}})
         fwd = torch.compile(model) if cfg.compile else model
         if getattr(model, "hf_device_map", None) is None:
-            fwd, optimizer = accel.prepare(fwd, optimizer)
+            fwd, tr.optimizer = accel.prepare(fwd, tr.optimizer)
         else:
-            optimizer = accel.prepare(optimizer)
-        model.train()
-        dev = LM.input_device(model)
-        autocast = torch.autocast(dev.type, dtype=low, enabled=low is not None)
-        scaler = torch.amp.GradScaler(dev.type, enabled=low == torch.float16)  # fp16 gradients underflow
+            tr.optimizer = accel.prepare(tr.optimizer)
+        optimizer, dev = tr.optimizer, tr.device
         pending: list[torch.Tensor] = []  # per-step losses still on the device
 
         def flush():
@@ -326,15 +312,9 @@ def train(model, train_ids: torch.Tensor, cfg: FinetuneConfig, on_step: Optional
             batch = _batch(train_ids, step, cfg)
             # Under DDP each rank takes a disjoint slice of the global batch.
             batch = batch[accel.process_index::accel.num_processes].to(dev, non_blocking=True)
-            with autocast:
+            with tr.autocast():
                 loss = fwd(input_ids=batch, labels=batch, use_cache=False).loss
-            accel.backward(scaler.scale(loss))
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                accel.clip_grad_norm_(params, cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            tr.step(loss, cfg.grad_clip)  # what accelerate's backward and clip do without DeepSpeed/FSDP/XLA
             pending.append(accel.gather(loss.detach().float()[None]).mean())
             done = step + 1
             if done % max(cfg.log_every, 1) == 0 or done == cfg.steps:

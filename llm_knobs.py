@@ -287,5 +287,13 @@ def parse_trackers(text: str) -> tuple:
     return tuple(dict.fromkeys(names))
 
 
+def trackers_of(value) -> tuple:
+    """``log_to`` as a tuple of tracker names, whether a notebook gave "tensorboard" or a tuple."""
+    try:
+        return parse_trackers(value) if isinstance(value, str) else parse_trackers(",".join(value) or "none")
+    except ValueError as e:
+        raise UserError(f"--log-to must be {e}, got {value!r}")
+
+
 def parse_names(text: str) -> tuple:
     return _parse_list(text, str, "names")

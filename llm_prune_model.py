@@ -461,7 +461,8 @@ def pipeline_step(run: Run, config: PruneConfig) -> None:
             d = {k: v for k, v in dataclasses.asdict(res).items() if k != "pruned_names"}
             d["calibration"].update(source=train.source, per_document=train.docs is not None)
             records.append({**d, **rec, "parent": source, "name": name})
-    run.results["prune"] = {"grid": records, "parent": source} if grid else records[0]
+    run.results["prune"] = {"grid": records, "parent": source} if grid else \
+        {k: v for k, v in records[0].items() if k != "name"}
     for name, weights in variants_of(run, run.results["prune"]).items():
         run.add_variant(name, weights, source)
 

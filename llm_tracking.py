@@ -20,6 +20,7 @@ from typing import Optional
 
 import llm_common as C
 import llm_results as R
+from llm_knobs import trackers_of
 
 log = logging.getLogger("llm.tracking")
 def open_tracker(name: str, out: Path, run_name: str):
@@ -76,7 +77,7 @@ class Trackers:
     """The run's trackers: ``with Trackers(names, out, name, config) as t: ...; t.step(step, results)``."""
 
     def __init__(self, names: tuple, out: Path, run_name: str, config: Optional[dict] = None):
-        self.names, self.out, self.run_name, self.config = names, Path(out), run_name, config or {}
+        self.names, self.out, self.run_name, self.config = trackers_of(names), Path(out), run_name, config or {}
         self.trackers, self.k = [], 0
 
     def __enter__(self) -> "Trackers":

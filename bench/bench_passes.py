@@ -70,6 +70,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import llm_adversarial_test as ADV  # noqa: E402
 import llm_common as C  # noqa: E402
 import llm_data as D  # noqa: E402
+import llm_gcg as G  # noqa: E402
 import llm_model as LM  # noqa: E402
 import llm_main_v4 as M  # noqa: E402
 from llm_run import Run  # noqa: E402
@@ -230,7 +231,7 @@ def adversarial_minimum(run: Run, cfg: ADV.AdversarialConfig) -> tuple[float, in
     fwd += sum(tl) * (1 + cfg.targeted_steps + 1) + sum(x - 1 for x in tl)  # targeted + success decoding
     adv = run.results["adversarial"]
     g = adv["gcg"]
-    before, after = ADV.chat_parts(tok, cfg.prompts[0])
+    before, after = G.chat_parts(tok, cfg.prompts[0])
     tail = cfg.gcg_suffix_len + after.numel() + T
     # prefix once, one gradient pass per step, every scored candidate, then the success decode
     fwd += before.numel() + tail * (cfg.gcg_steps + g["candidates_scored"]) + before.numel() + tail - 1

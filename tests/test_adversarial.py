@@ -1,4 +1,4 @@
-"""FGSM/PGD on embeddings, GCG, and defences on tiny models."""
+"""FGSM/PGD on embeddings (llm_attacks), GCG (llm_gcg), defences and the adversarial step on tiny models."""
 import math
 
 import pytest
@@ -6,15 +6,17 @@ import torch
 import torch.nn.functional as F
 
 import llm_adversarial_test as ADV
+import llm_attacks as A
 import llm_common as C
 import llm_data as D
+import llm_gcg as G
 import llm_model as LM
 import llm_variants as V
 
 
 def _samples(n=3, P=12, T=6, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [ADV.Sample(torch.randint(0, 256, (P,), generator=g), torch.randint(0, 256, (T,), generator=g))
+    return [A.Sample(torch.randint(0, 256, (P,), generator=g), torch.randint(0, 256, (T,), generator=g))
             for _ in range(n)]
 
 
@@ -22,7 +24,7 @@ def _samples(n=3, P=12, T=6, seed=0):
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_zero_epsilon_changes_nothing(tiny_model, method, norm):
     s = _samples(1)[0]
-    r = ADV.attack_embeddings(tiny_model, s, ADV.AttackConfig(method=method, norm=norm, epsilon=0.0))
+    r = A.attack_embeddings(tiny_model, s, A.AttackConfig(method=method, norm=norm, epsilon=0.0))
     assert r.attacked_nll == r.clean_nll and r.top1_agreement == 1.0
     assert torch.count_nonzero(r.delta) == 0
 
@@ -31,21 +33,21 @@ def test_zero_epsilon_changes_nothing(tiny_model, method, norm):
 @pytest.mark.parametrize("positions", ["prompt", "suffix"])
 def test_pgd_iterates_stay_in_the_ball(tiny_model, norm, positions):
     s = _samples(1)[0]
-    cfg = ADV.AttackConfig(method="pgd", norm=norm, epsilon=0.3, steps=8, alpha=0.3, positions=positions,
+    cfg = A.AttackConfig(method="pgd", norm=norm, epsilon=0.3, steps=8, alpha=0.3, positions=positions,
                            suffix_len=4)
-    r = ADV.attack_embeddings(tiny_model, s, cfg)
+    r = A.attack_embeddings(tiny_model, s, cfg)
     assert r.max_norm <= r.radius * (1 + 1e-5)
     assert r.delta.shape[0] == (12 if positions == "prompt" else 4)
     if norm == "l2":  # the radius is relative to the mean embedding-row norm
-        assert r.radius == pytest.approx(0.3 * ADV.mean_row_norm(tiny_model))
+        assert r.radius == pytest.approx(0.3 * A.mean_row_norm(tiny_model))
 
 
 def test_pgd_beats_fgsm_and_both_raise_the_loss(tiny_model):
     samples = _samples(4)
     res = {}
     for method in ("fgsm", "pgd"):
-        cfg = ADV.AttackConfig(method=method, norm="linf", epsilon=0.5, steps=10)
-        res[method] = [ADV.attack_embeddings(tiny_model, s, cfg) for s in samples]
+        cfg = A.AttackConfig(method=method, norm="linf", epsilon=0.5, steps=10)
+        res[method] = [A.attack_embeddings(tiny_model, s, cfg) for s in samples]
     for f, p in zip(res["fgsm"], res["pgd"]):
         assert f.attacked_nll > f.clean_nll and p.attacked_nll > p.clean_nll
     assert sum(r.attacked_nll for r in res["pgd"]) >= sum(r.attacked_nll for r in res["fgsm"])
@@ -53,18 +55,18 @@ def test_pgd_beats_fgsm_and_both_raise_the_loss(tiny_model):
 
 def test_targeted_attack_reaches_target(tiny_llama):
     m = tiny_llama(seed=3, initializer_range=0.3)  # logits with real range, so targets are reachable
-    s = ADV.Sample(torch.arange(40, 52), torch.tensor([101, 7, 202]))
-    cfg = ADV.AttackConfig(method="pgd", norm="l2", epsilon=2.0, steps=80, alpha=0.2, objective="targeted")
-    assert not ADV.targeted_success(m, s, None, cfg)
-    r = ADV.attack_embeddings(m, s, cfg)
+    s = A.Sample(torch.arange(40, 52), torch.tensor([101, 7, 202]))
+    cfg = A.AttackConfig(method="pgd", norm="l2", epsilon=2.0, steps=80, alpha=0.2, objective="targeted")
+    assert not A.targeted_success(m, s, None, cfg)
+    r = A.attack_embeddings(m, s, cfg)
     assert r.attacked_nll < r.clean_nll
-    assert ADV.targeted_success(m, s, r.delta, cfg)
+    assert A.targeted_success(m, s, r.delta, cfg)
 
 
 def test_parameters_frozen_and_unchanged(tiny_model):
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     flags = {n: p.requires_grad for n, p in tiny_model.named_parameters()}
-    ADV.attack_embeddings(tiny_model, _samples(1)[0], ADV.AttackConfig(epsilon=0.2, steps=3))
+    A.attack_embeddings(tiny_model, _samples(1)[0], A.AttackConfig(epsilon=0.2, steps=3))
     assert all(p.grad is None for p in tiny_model.parameters())
     assert {n: p.requires_grad for n, p in tiny_model.named_parameters()} == flags
     assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
@@ -72,10 +74,34 @@ def test_parameters_frozen_and_unchanged(tiny_model):
 
 def test_gcg_lowers_target_loss_with_printable_suffix(tok, tiny_llama):
     m = tiny_llama(seed=1)
-    s = ADV.Sample(torch.tensor(tok("Hello there").input_ids), torch.tensor(tok(" ok").input_ids))
-    r = ADV.gcg_attack(m, tok, s, suffix_len=4, steps=8, topk=16, batch=16, progress=False)
+    s = A.Sample(torch.tensor(tok("Hello there").input_ids), torch.tensor(tok(" ok").input_ids))
+    r = G.gcg_attack(m, tok, s, G.GCGConfig(suffix_len=4, steps=8, topk=16, batch=16, progress=False))
     assert r.final_loss <= r.initial_loss and len(r.suffix_ids) == 4
     assert r.suffix_text.isascii() and r.suffix_text.isprintable()
+
+
+def test_gcg_candidates_are_single_swaps_to_top_gradient_tokens_that_a_user_can_send(tok):
+    """Each sampled candidate differs from the suffix in at most one position, by a token among
+    the top-k of the negative one-hot gradient there (never a forbidden one); filtering keeps
+    exactly the candidates whose text re-tokenizes to themselves."""
+    g = torch.Generator().manual_seed(0)
+    suffix = torch.tensor(tok(" abcd", add_special_tokens=False).input_ids)
+    grad = torch.randn(suffix.numel(), 257, generator=g)
+    grad[:, 200:] = float("inf")  # forbidden tokens
+    cands = G.sample_ids_from_grad(suffix, grad, topk=5, batch=64, g=g)
+    assert cands.shape == (64, suffix.numel())
+    for c in cands:
+        diff = (c != suffix).nonzero().flatten().tolist()
+        assert len(diff) <= 1
+        for p in diff:
+            assert int(c[p]) in set((-grad[p]).topk(5).indices.tolist()) and int(c[p]) < 200
+    turn = G.UserTurn.of_ids(tok, torch.tensor(tok("Hi").input_ids))
+    kept, dropped = G.filter_ids(cands, turn)
+    assert len(kept) + dropped == 64
+    assert all(tok(tok.decode(turn.before) + tok.decode(c), add_special_tokens=False).input_ids
+               == turn.before.tolist() + c.tolist() for c in kept)
+    with pytest.raises(C.UserError, match="objective"):
+        G.GCGConfig(objective="sideways").validate()
 
 
 def test_perplexity_filter_is_calibrated_and_measured_on_held_out_prompts(tok, tiny_llama):
@@ -86,7 +112,7 @@ def test_perplexity_filter_is_calibrated_and_measured_on_held_out_prompts(tok, t
     cal = [torch.randint(0, 256, (12,), generator=g) for _ in range(5)]
     held = [torch.randint(0, 256, (12,), generator=g) for _ in range(40)]
     attacked = [torch.cat([x, torch.tensor([255] * 6)]) for x in held[:10]]
-    out = ADV.perplexity_filter(m, cal, held, attacked, window=4)
+    out = A.perplexity_filter(m, cal, held, attacked, window=4)
 
     def ppl(x):
         return math.exp(float(m(input_ids=x[None], labels=x[None]).loss))
@@ -111,13 +137,13 @@ def test_adversarial_training_reduces_delta_nll_and_restores(tiny_llama, train, 
     PGD's delta NLL, and the weights are restored bit for bit on exit."""
     m = tiny_llama(seed=2)
     samples = _samples(3)
-    cfg = ADV.AttackConfig(method="pgd", norm="linf", epsilon=0.5, steps=4, seed=5)
-    fit = ADV.adversarial_finetune if train == "pgd" else ADV.free_adversarial_finetune
-    before = sum(ADV.attack_embeddings(m, s, cfg).delta_nll for s in samples)
+    cfg = A.AttackConfig(method="pgd", norm="linf", epsilon=0.5, steps=4, seed=5)
+    fit = A.adversarial_finetune if train == "pgd" else A.free_adversarial_finetune
+    before = sum(A.attack_embeddings(m, s, cfg).delta_nll for s in samples)
     snap = {k: v.clone() for k, v in m.state_dict().items()}
     with V.restored_on_exit(m, [n for n, _ in m.named_parameters()]):
         fit(m, samples, cfg, steps=steps, lr=lr, progress=False)
-        after = sum(ADV.attack_embeddings(m, s, cfg).delta_nll for s in samples)
+        after = sum(A.attack_embeddings(m, s, cfg).delta_nll for s in samples)
     assert after < before
     assert all(torch.equal(snap[k], v) for k, v in m.state_dict().items())
 
@@ -132,9 +158,9 @@ def test_free_adversarial_training_is_shafahis_algorithm_one_pass_per_step(tiny_
     m = tiny_llama(seed=2)
     ref = copy.deepcopy(m)
     samples = _samples(3)
-    cfg = ADV.AttackConfig(method="pgd", norm="linf", epsilon=0.5, steps=4)
+    cfg = A.AttackConfig(method="pgd", norm="linf", epsilon=0.5, steps=4)
     with ADV.counted_passes(m) as n:
-        losses = ADV.free_adversarial_finetune(m, samples, cfg, steps=3, lr=1e-2, progress=False)
+        losses = A.free_adversarial_finetune(m, samples, cfg, steps=3, lr=1e-2, progress=False)
     assert (n["forward"], n["backward"]) == (3, 3)
 
     emb = ref.get_input_embeddings().weight
@@ -213,7 +239,7 @@ def test_full_adversarial_step_on_tiny_model(tok, sample_text, tiny_llama):
                                     (dict(norm="l1"), "--attack-norm")])
 def test_bad_attack_config(kw, msg):
     with pytest.raises(C.UserError, match=msg):
-        ADV.validate(ADV.AttackConfig(**kw))
+        A.validate(A.AttackConfig(**kw))
 
 
 def test_lora_defence_trains_adapters_and_leaves_the_model_unchanged(tok, sample_text, tiny_llama):
@@ -236,24 +262,24 @@ def test_batched_attacks_equal_attacks_one_at_a_time(tiny_model):
     """Rows of different lengths (right-padded) and different configs in one batch give what
     each gives alone. L2 steps (normalised gradients) keep the comparison continuous."""
     g = torch.Generator().manual_seed(1)
-    samples = [ADV.Sample(torch.randint(0, 256, (P,), generator=g), torch.randint(0, 256, (T,), generator=g))
+    samples = [A.Sample(torch.randint(0, 256, (P,), generator=g), torch.randint(0, 256, (T,), generator=g))
                for P, T in ((12, 6), (7, 3), (15, 5))]
-    cfgs = [ADV.AttackConfig(method="pgd", norm="l2", epsilon=0.3, steps=4, seed=3),
-            ADV.AttackConfig(method="fgsm", norm="l2", epsilon=0.2),
-            ADV.AttackConfig(method="pgd", norm="l2", epsilon=0.5, steps=2, objective="targeted", seed=4)]
+    cfgs = [A.AttackConfig(method="pgd", norm="l2", epsilon=0.3, steps=4, seed=3),
+            A.AttackConfig(method="fgsm", norm="l2", epsilon=0.2),
+            A.AttackConfig(method="pgd", norm="l2", epsilon=0.5, steps=2, objective="targeted", seed=4)]
     jobs = [(s, c) for s in samples for c in cfgs]
-    batched = ADV.attack_batch(tiny_model, jobs)
+    batched = A.attack_batch(tiny_model, jobs)
     for (s, c), b in zip(jobs, batched):
-        alone = ADV.attack_embeddings(tiny_model, s, c)
+        alone = A.attack_embeddings(tiny_model, s, c)
         assert b.clean_nll == pytest.approx(alone.clean_nll, abs=1e-4)
         assert b.attacked_nll == pytest.approx(alone.attacked_nll, abs=1e-3)
         assert torch.allclose(b.delta, alone.delta, atol=1e-3)
 
 
 def test_pgd_reports_its_best_iterate(tiny_model):
-    cfg = ADV.AttackConfig(method="pgd", norm="linf", epsilon=0.5, steps=6, alpha=0.5, seed=2)
+    cfg = A.AttackConfig(method="pgd", norm="linf", epsilon=0.5, steps=6, alpha=0.5, seed=2)
     for s in _samples(4, seed=5):
-        r = ADV.attack_embeddings(tiny_model, s, cfg)
+        r = A.attack_embeddings(tiny_model, s, cfg)
         assert len(r.losses) == 6
         assert r.attacked_nll >= max(r.losses) - 1e-5  # every iterate was a candidate
 
@@ -269,7 +295,7 @@ def test_batched_greedy_with_cache_equals_a_plain_loop(tiny_model):
 
     prompts = [[5, 6, 7, 8, 9], [100, 3], [42] * 9]
     emb = tiny_model.get_input_embeddings()
-    got = ADV.greedy_batch(tiny_model, [emb(torch.tensor(p)).detach() for p in prompts], 6)
+    got = A.greedy_batch(tiny_model, [emb(torch.tensor(p)).detach() for p in prompts], 6)
     assert got == [plain(p, 6) for p in prompts]
 
 
@@ -301,17 +327,17 @@ def _target_nll(m, ids, target):
 
 def test_gcg_suffix_sits_inside_the_user_turn_and_is_what_a_user_sends(tok, tiny_llama):
     t = _templated(tok, TRIM_TEMPLATE)
-    turn = ADV.UserTurn(t, "Name a film")
+    turn = G.UserTurn(t, "Name a film")
     suffix = torch.tensor(t(" xyz!", add_special_tokens=False).input_ids)
     text = t.apply_chat_template([{"role": "user", "content": "Name a film xyz!"}], add_generation_prompt=True,
                                  tokenize=False)
     assert t.decode(torch.cat([turn.before, suffix, turn.after])) == text
     assert t.decode(turn.after) == "<|end|><|assistant|>"
-    assert ADV.chat_parts(t, "Name a film")[0].tolist() == turn.before.tolist()
+    assert G.chat_parts(t, "Name a film")[0].tolist() == turn.before.tolist()
     m = tiny_llama(seed=1)
     target = torch.tensor(t(" ok").input_ids)
-    r = ADV.gcg_attack(m, t, ADV.Sample(turn.before, target), suffix_len=3, steps=4, topk=8, batch=8,
-                       progress=False, turn=turn)
+    r = G.gcg_attack(m, t, A.Sample(turn.before, target), G.GCGConfig(suffix_len=3, steps=4, topk=8, batch=8,
+                                                                     progress=False), turn=turn)
     assert r.final_loss <= r.initial_loss and len(r.losses) == 4
     assert r.in_context and r.user_message == "Name a film" + r.suffix_text
     real = _server_ids(t, r.user_message)
@@ -325,12 +351,12 @@ def test_in_context_check_accepts_exactly_what_a_server_tokenizes_back(tok):
     Llama-2's does): a suffix ending in whitespace is sent as other ids and must be rejected;
     every accepted one re-tokenizes, through HF's own chat tokenization, to the scored ids."""
     t = _templated(tok, TRIM_TEMPLATE)
-    turn = ADV.UserTurn(t, "Name a film")
-    allowed = ADV.printable_token_mask(t, 257).nonzero().flatten()
+    turn = G.UserTurn(t, "Name a film")
+    allowed = G.printable_token_mask(t, 257).nonzero().flatten()
     g = torch.Generator().manual_seed(0)
     cands = allowed[torch.randint(0, allowed.numel(), (400, 3), generator=g)]
     cands[::4, -1] = t(" ", add_special_tokens=False).input_ids[0]  # a trailing space: trimmed by the template
-    ok = ADV.UserTurn(t, "Name a film").in_context(cands)
+    ok = G.UserTurn(t, "Name a film").in_context(cands)
     scored = [turn.before.tolist() + c.tolist() + turn.after.tolist() for c in cands]
     real = [_server_ids(t, "Name a film" + t.decode(c)) for c in cands]
     assert ok.tolist() == [r == s for r, s in zip(real, scored)]
@@ -360,8 +386,8 @@ def test_in_context_check_on_smollm2s_template(smol_tok, prompt):
     600 GCG-like candidates (random suffixes and single-token swaps), the check accepts
     exactly those whose chat text, tokenized by HF's own chat path, gives the scored ids."""
     t = smol_tok
-    turn = ADV.UserTurn(t, prompt)
-    allowed = ADV.printable_token_mask(t, len(t)).nonzero().flatten()
+    turn = G.UserTurn(t, prompt)
+    allowed = G.printable_token_mask(t, len(t)).nonzero().flatten()
     g = torch.Generator().manual_seed(1)
     cands = allowed[torch.randint(0, allowed.numel(), (300, 6), generator=g)]
     swaps = cands[:1].repeat(300, 1)
@@ -379,7 +405,7 @@ def test_in_context_check_on_smollm2s_template(smol_tok, prompt):
 
 
 def test_in_context_check_on_bare_ids(tok):
-    turn = ADV.UserTurn.of_ids(tok, torch.tensor(tok("Hello").input_ids))
+    turn = G.UserTurn.of_ids(tok, torch.tensor(tok("Hello").input_ids))
     cands = torch.tensor([tok(" ab").input_ids, tok("cd!").input_ids])
     assert turn.in_context(cands).tolist() == [True, True]
     assert turn.message("xy") == "Helloxy"

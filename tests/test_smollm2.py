@@ -60,13 +60,14 @@ def test_gcg_on_smollm2_reports_a_suffix_a_user_can_send(smol):
     """A short real GCG run in SmolLM2's chat template: the reported user message, tokenized by
     HF's own chat path, gives exactly the ids GCG scored, and the reported best loss is the
     target NLL of that real text in a plain forward pass."""
-    import llm_adversarial_test as ADV
+    import llm_attacks as A
+    import llm_gcg as G
 
     model, tok, _ = smol
-    turn = ADV.UserTurn(tok, LM.SAMPLE_PROMPT)
+    turn = G.UserTurn(tok, LM.SAMPLE_PROMPT)
     target = torch.tensor(tok(" Star Wars", add_special_tokens=False).input_ids)
-    r = ADV.gcg_attack(model, tok, ADV.Sample(turn.before, target), suffix_len=6, steps=3, topk=32, batch=16,
-                       progress=False, turn=turn)
+    r = G.gcg_attack(model, tok, A.Sample(turn.before, target),
+                     G.GCGConfig(suffix_len=6, steps=3, topk=32, batch=16, progress=False), turn=turn)
     real = tok.apply_chat_template([{"role": "user", "content": r.user_message}], add_generation_prompt=True,
                                    tokenize=True, return_dict=True)["input_ids"]
     assert r.in_context and list(real) == turn.before.tolist() + r.suffix_ids + turn.after.tolist()
