@@ -1,4 +1,4 @@
-"""Step 5: adversarial robustness: FGSM and PGD on input embeddings, GCG on tokens, defences.
+"""The adversarial step: robustness to attacks: FGSM and PGD on input embeddings, GCG on tokens, defences.
 
 The step measures, on windows of the evaluation text and on the sample prompts: delta NLL vs
 eps for FGSM and PGD, targeted PGD's success, greedy answers under attack, GCG in the chat

@@ -406,7 +406,7 @@ def token_nll(model, seqs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def _scores(model, seqs: Sequence[torch.Tensor], window: int) -> tuple[list, list]:
+def _window_nlls(model, seqs: Sequence[torch.Tensor], window: int) -> tuple[list, list]:
     """(perplexity of each sequence, its largest perplexity over windows of ``window`` tokens)."""
     ppl, wmax = [], []
     for nll in token_nll(model, seqs):
@@ -427,9 +427,9 @@ def perplexity_filter(model, calibration: Sequence[torch.Tensor], heldout: Seque
     context; sliding windows, so no chunk boundary hides a suffix) exceeds the largest such
     value over the calibration prompts. Inputs are 1-D token ids, without chat template.
     """
-    cal, cal_w = _scores(model, calibration, window)
-    held, held_w = _scores(model, heldout, window)
-    att, att_w = _scores(model, attacked, window)
+    cal, cal_w = _window_nlls(model, calibration, window)
+    held, held_w = _window_nlls(model, heldout, window)
+    att, att_w = _window_nlls(model, attacked, window)
     thr, thr_w = max(cal), max(cal_w)
     rate = lambda xs, t: sum(x > t for x in xs) / max(len(xs), 1)  # noqa: E731
     return {"scored": "user text only, no chat template", "threshold": thr, "calibration_prompts": len(cal),

@@ -85,10 +85,10 @@ def pipeline_step(run: Run, config: EvalConfig) -> None:
                        protocol={**res.protocol, "config": res.config}, variants=res.parents)
 
 
-def prepare(config: EvalConfig, run_config, texts: dict) -> EvalConfig:
+def prepare(config: EvalConfig, asked: EvalConfig, run_config, texts: dict) -> EvalConfig:
     """Before loading: the evaluation text's protocol cut (C4: the papers score the first 256
-    windows of --seq-len), unless --eval-tokens says otherwise."""
+    windows of --seq-len), unless --eval-tokens says otherwise (``asked``: the config as given)."""
     ev = texts.get("eval")
-    if ev is not None and ev.eval_windows and config.eval_tokens is None:
+    if ev is not None and ev.eval_windows and asked.eval_tokens is None:
         return replace(config, eval_tokens=ev.eval_windows * config.seq_len)
     return config

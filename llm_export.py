@@ -311,7 +311,7 @@ def pipeline_step(run: Run, config: ExportConfig) -> Optional[str]:
     return "off" if res.status == "off" else None
 
 
-def prepare(config: ExportConfig, run_config, texts: dict) -> ExportConfig:
+def prepare(config: ExportConfig, asked: ExportConfig, run_config, texts: dict) -> ExportConfig:
     """Before loading: the compressed-tensors export writes the quantized variant's codes, which
     --save-variants does not keep."""
     if config.quant_format != "dequantized" and run_config.save_variants:

@@ -10,7 +10,7 @@ the steps only through the registry below and the hooks each step module exposes
     pipeline_step(run, config) -> None | "off"   the step on the shared ``llm_run.Run``
     variants_of(run, section)                    a variant step's {name: weights} from its record
     check_model(model, config)                   optional: refuse right after loading
-    prepare(config, run_config, texts)           optional: the config once the texts are read
+    prepare(config, asked, run_config, texts)    optional: the config once the texts are read
     outputs_present(run)                         optional: False reruns a skipped step
     reattach(run)                                optional: an earlier run's live model back
 
@@ -152,8 +152,8 @@ def _check_before_loading(cfg: PipelineConfig, out: Path) -> tuple[dict, dict, d
                                     rc.no_fallback, rc.allow_overlap, default_train="c4" if gpu else "wikitext2")
     for step, config in configs.items():
         prepare = _hook(step, "prepare")
-        if prepare:
-            configs[step] = prepare(config, rc, texts)
+        if prepare:  # ``asked``: the config as given, its budgets not yet filled
+            configs[step] = prepare(config, getattr(cfg, step), rc, texts)
             configs[step].validate()
     return configs, texts, described
 

@@ -529,14 +529,10 @@ def write_report(results: dict, out: Path) -> tuple[Path, Path]:
 
 
 def rebuild_report(out: Path) -> dict:
-    """Redraw every plot and rewrite report.md/.html from ``<out>/results.json`` alone. The file
-    is read as a foreign one (sections of the wrong type are left out of the report) and gets
-    its new plot list written back only when nothing had to be left out."""
+    """Redraw every plot and rewrite report.md/.html from ``<out>/results.json`` alone; a file not
+    shaped like this tool's results is moved aside (one error line), never half-read."""
     path = Path(out) / "results.json"
-    try:
-        results = R.read_results(out, foreign=True)
-    except (OSError, ValueError):
-        results = {}
+    results = R.read_results(out)  # a file not shaped like ours is moved aside, as on a resume
     if not results:
         raise C.UserError(f"--report-only: no readable results.json in {out}")
     try:
@@ -544,6 +540,5 @@ def rebuild_report(out: Path) -> dict:
         write_report(results, out)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError) as e:
         raise C.UserError(f"--report-only: {path} has an unexpected shape ({C.error_line(e, 120)})")
-    if R.is_clean(out):
-        IO.write_json(path, results)
+    IO.write_json(path, results)
     return results

@@ -97,14 +97,6 @@ def read_results(out: Path, foreign: bool = False) -> dict:
     return res
 
 
-def is_clean(out: Path) -> bool:
-    """Whether ``<out>/results.json`` is a results file of this tool with nothing to leave out."""
-    try:
-        return not problems(IO.read_json(Path(out) / "results.json"))
-    except (OSError, ValueError):
-        return False
-
-
 def unfinished_steps(results: Mapping) -> list[str]:
     """The steps the run was asked for and never finished (killed, or interrupted), in order."""
     asked = field(results, "steps", kind=list, default=[])

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import math
+import re
 import typing
 
 import pytest
@@ -47,7 +48,8 @@ def test_eval_only_run_writes_strict_results_and_report(tiny_dir, corpus_file, t
     assert "torch" in res["versions"]
     report = (out / "report.md").read_text()
     assert "| base |" in report and "What movie is" in report
-    assert "base: perplexity" in capsys.readouterr().out
+    printed = capsys.readouterr().out  # the end-of-run table
+    assert printed.startswith("variant") and re.search(rf"^base +- +{res['perplexity']['base']:.4g} ", printed, re.M)
 
 
 BAD = [
