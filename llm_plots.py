@@ -16,7 +16,7 @@ import numpy as np
 matplotlib.use("Agg")  # before pyplot: plots are files, never windows
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import SymLogNorm  # noqa: E402
-from matplotlib.ticker import NullLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter, NullLocator  # noqa: E402
 
 import llm_io as IO
 import llm_results as R
@@ -29,6 +29,12 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
     # inside the context, the texts that already exist are switched off one by one.
     for t in fig.findobj(matplotlib.text.Text):
         t.set_parse_math(False)
+    # Log axes label their ticks in mathtext ("$10^{4}$"), which is switched off above: plain numbers instead.
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            if axis.get_scale() == "log":
+                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                axis.set_minor_formatter(NullFormatter())
     try:
         with plt.rc_context({"text.parse_math": False}), IO.atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
