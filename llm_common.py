@@ -96,7 +96,11 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     """Quick check so offline machines go to the local cache in seconds, not after minutes of retries."""
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    return reachable(urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname, timeout)
+
+
+def reachable(host: str, timeout: float = 3.0) -> bool:
+    """Whether ``host`` answers on port 443 within ``timeout`` seconds."""
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
         return True

@@ -123,7 +123,7 @@ def compare_markdown(rows: list, variants: list, warnings: list) -> str:
         cells = []
         for v in variants:
             p, q = r["perplexity"].get(v), r["perplexity"].get(r["parents"].get(v))
-            cells.append(R.fmt(p) + (f" (x{R.fmt(p / q)})" if p is not None and q else ""))
+            cells.append(R.fmt(p) + (f" (x{R.fmt(R.ratio(p, q))})" if p is not None and q else ""))
         lines.append(f"| {R.esc(r['label'])} | {r['pruning']} | {r['noise']} | {r['quantization']} | "
                      + " | ".join(cells) + " |")
     if any(r["zeroshot"] for r in rows):

@@ -143,8 +143,7 @@ class StepConfig:
 
     def point_key(self) -> tuple:
         """What tells two points of a grid apart; subclasses drop what a point ignores."""
-        return tuple(getattr(self, name) for name in self.grid_axes() or [f.name for f in fields(self)
-                                                                            if f.metadata.get("grid")])
+        return tuple(getattr(self, f.name) for f in fields(self) if f.metadata.get("grid"))
 
     def validate(self) -> None:
         """Raise UserError naming the flag of the first field out of range (for a grid: of

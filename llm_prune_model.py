@@ -428,7 +428,7 @@ def prune_grid(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Prune
 
         for point, res in prune_grid(model, tok, corpus, PruneConfig(method=("wanda", "sparsegpt"),
                                                                    sparsity=(0.5, 0.6))):
-            print(point.variant_name(True), evaluate_model(model, tok, ids).perplexity)
+            ppl[point.variant_name(True)] = evaluate_model(model, tok, ids).perplexity
 
     The calibration windows are drawn once, and what depends only on the unpruned model is
     computed once (``Shared``). Each point equals ``prune_model`` on that point alone."""

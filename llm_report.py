@@ -34,8 +34,7 @@ def _md_perplexity(results: dict) -> list[str]:
     parents, ppl = results.get("variants") or {}, results.get("perplexity", {})
     for name, ev in results.get("evaluation", {}).items():
         parent = parents.get(name)
-        ratio = (R.num(ev["perplexity"]) / R.num(ppl[parent])
-                 if R.num(ppl.get(parent)) and R.num(ev["perplexity"]) is not None else None)
+        ratio = R.ratio(ev["perplexity"], ppl.get(parent))
         lines.append(f"| {R.esc(name)} | {R.text(R.describe_variant(results, name))} | {R.fmt(ev['perplexity'])} | "
                      f"{R.fmt(ratio)} | {R.fmt(ev['nll'])} | {R.fmt(ev['bits_per_byte'])} | {ev['tokens_scored']} | {R.fmt(ev.get('kl'))} | "
                      f"{R.fmt(ev.get('top1_agreement'))} |")
@@ -97,12 +96,10 @@ def _md_prune_grid(results: dict) -> list[str]:
              "| variant | method | pattern | allocation | sparsity (achieved) | perplexity | x parent | zero-shot mean |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in recs:
-        p, q = R.num(ppl.get(name)), R.num(ppl.get(parent))
-        acc = R.num(R.field(means, name, "acc"))
         lines.append(f"| {R.esc(name)} | {R.text(r.get('method'))} | {R.text(r.get('pattern'))} | "
                      f"{R.text(R.field(r, 'allocation', 'mode', default='uniform'))} | "
-                     f"{R.fmt(R.num(r.get('overall_sparsity')))} | {R.fmt(p)} | "
-                     f"{R.fmt(p / q) if p is not None and q else '-'} | {'-' if acc is None else f'{100 * acc:.1f}%'} |")
+                     f"{R.fmt(R.num(r.get('overall_sparsity')))} | {R.fmt(R.num(ppl.get(name)))} | "
+                     f"{R.fmt(R.ratio(ppl.get(name), ppl.get(parent)))} | {R.acc_pct(R.field(means, name, 'acc'))} |")
     return lines + ["", "![perplexity against sparsity](plots/prune_curves.png)", "",
                     "![sparsity per layer](plots/prune_sparsity_per_layer.png)"]
 
@@ -324,11 +321,9 @@ def summary_table(results: dict) -> str:
     means = R.field(results, "zeroshot", "mean", kind=dict, default={})
     rows = [("variant", "parent", "perplexity", "x parent", "zero-shot mean")]
     for name, p in ppl.items():
-        parent, acc = parents.get(name), R.num(R.field(means, name, "acc"))
-        q = R.num(ppl.get(parent)) if parent else None
-        ratio = R.num(p) / q if q and R.num(p) is not None else None
-        rows.append((str(name), parent or "-", R.fmt(R.num(p)), R.fmt(ratio),
-                     "-" if acc is None else f"{100 * acc:.1f}%"))
+        parent = parents.get(name)
+        rows.append((str(name), parent or "-", R.fmt(R.num(p)), R.fmt(R.ratio(p, ppl.get(parent))),
+                     R.acc_pct(R.field(means, name, "acc"))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     proto, src = R.field(results, "protocol", kind=dict, default={}), R.field(results, "dataset", "eval", "source")

@@ -27,7 +27,6 @@ STEP_SECTIONS: dict[str, tuple] = {
     "finetune": ("finetune",), "prune": ("prune",), "noise": ("noise",), "quantize": ("quantize",),
     "eval": ("perplexity", "evaluation", "protocol", "variants"), "zeroshot": ("zeroshot",), "export": ("export",),
     "adversarial": ("adversarial",), "analysis": ("analysis",)}
-assert tuple(STEP_SECTIONS) == ALL_STEPS
 # The run's provenance, written before any step, and the plots list written after them.
 SCHEMA: dict[str, type | tuple] = {
     "seed": int, "argv": (list, type(None)), "steps": list, "device": str, "dtype": str, "versions": dict,
@@ -154,6 +153,18 @@ def fmt(x) -> str:
     if x is None:
         return "-"
     return f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
+def ratio(p, q) -> Optional[float]:
+    """p / q of two results.json numbers, None where either is missing or q is 0."""
+    p, q = num(p), num(q)
+    return p / q if p is not None and q else None
+
+
+def acc_pct(x) -> str:
+    """An accuracy in [0, 1] as "61.3%", or "-"."""
+    x = num(x)
+    return "-" if x is None else f"{100 * x:.1f}%"
 
 
 def pct(x) -> str:

@@ -397,7 +397,6 @@ def pipeline_step(run: Run, config: NoiseConfig) -> None:
     depend on the variant's epsilon: a grid measures them once."""
     points = config.grid_points()
     grid = len(points) > 1
-    records = []
 
     def store(point):
         name = point.variant_name(grid)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import socket
 from pathlib import Path
 from typing import Optional
 
@@ -43,13 +42,7 @@ def open_tracker(name: str, out: Path, run_name: str):
 
 def wandb_mode() -> str:
     """W&B's mode: WANDB_MODE if set, else online when its server answers, else offline."""
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    try:
-        socket.create_connection(("api.wandb.ai", 443), timeout=3.0).close()
-        return "online"
-    except OSError:
-        return "offline"
+    return os.environ.get("WANDB_MODE") or ("online" if C.reachable("api.wandb.ai") else "offline")
 
 
 def step_metrics(step: str, results: dict) -> dict:
