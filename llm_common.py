@@ -63,6 +63,12 @@ def dist_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def launch_rank() -> int:
+    """This process's rank as ``accelerate launch``/torchrun set it (``RANK``), readable before
+    the process group is joined; 0 in a plain run."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def shard_jobs(jobs: list) -> list[tuple[int, object]]:
     """This rank's share of ``jobs`` as (global index, job): every world_size-th job."""
     rank, world = dist_rank_world()

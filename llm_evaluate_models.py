@@ -18,6 +18,7 @@ from typing import Callable, Mapping, Optional, Union
 
 import torch
 
+import llm_common as C
 import llm_variants as V
 from llm_config import EvalConfig
 from llm_run import Run
@@ -56,7 +57,8 @@ def evaluate_variants(model, tokenizer, input_ids: torch.Tensor, variants: Mappi
     evaluation and restored bit for bit afterwards, or a callable ``model -> context manager``
     that changes the model in place for the evaluation and restores it. ``parents`` names the variant each was
     derived from. With ``config.kl`` every variant whose parent is the model as it is gets
-    KL and top-1 agreement against it (kept as one spare copy).
+    KL and top-1 agreement against it (kept as one spare copy). Under ``accelerate launch`` or
+    torchrun the ranks take disjoint variants and every rank gets all the results.
     """
     config = config.for_model(model)
     if config.eval_tokens and config.eval_tokens > input_ids.numel():  # a documented clamp, recorded below
@@ -66,12 +68,13 @@ def evaluate_variants(model, tokenizer, input_ids: torch.Tensor, variants: Mappi
     live = [n for n, w in variants.items() if w is None]
     kl_for = {n for n in variants if config.kl and variants[n] is not None and parents.get(n) in live}
     reference = copy.deepcopy(model) if kl_for else None
-    out = {}
-    for name, weights in variants.items():
+    mine = []  # under accelerate launch / torchrun each rank evaluates every world_size-th variant
+    for i, (name, weights) in C.shard_jobs(list(variants.items())):
         log.info("evaluating variant %r", name)
         with V.applied_variant(model, weights):
-            out[name] = evaluate_model(model, tokenizer, input_ids, config,
-                                       reference=reference if name in kl_for else None)
+            mine.append((i, (name, evaluate_model(model, tokenizer, input_ids, config,
+                                                  reference=reference if name in kl_for else None))))
+    out = dict(C.gather_jobs(mine))
     protocol = {"seq_len": config.seq_len, "stride": config.stride or config.seq_len,
                 "eval_tokens": config.eval_tokens or None, "tokens_available": int(input_ids.numel()),
                 "tokens_used": min(config.eval_tokens or input_ids.numel(), int(input_ids.numel()))}

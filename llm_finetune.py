@@ -42,7 +42,7 @@ from llm_config import EvalConfig, FinetuneConfig
 from llm_knobs import fingerprint, trackers_of
 from llm_perplexity import evaluate_model
 from llm_run import Run
-from llm_tracking import wandb_mode
+from llm_tracking import mlflow_store, wandb_mode
 
 log = logging.getLogger("llm.finetune")
 
@@ -278,11 +278,14 @@ def train(model, train_ids: torch.Tensor, cfg: FinetuneConfig, on_step: Optional
     params = [p for p in model.parameters() if p.requires_grad]
     with TR.training(model, params, cfg.lr, cfg.weight_decay) as tr, _SaveRequest() as save_request:
         start, losses = _load_resume(model, tr.optimizer, cfg)
+        if "mlflow" in trackers:
+            mlflow_store(run_dir)
         if trackers:  # resumed at ``start``: TensorBoard hides the points logged after the last checkpoint
             accel.init_trackers("finetune", init_kwargs={
                 "tensorboard": {"purge_step": start + 1} if start else {},
                 "wandb": {"dir": str(run_dir), "name": "finetune", "mode": wandb_mode()},
-                "mlflow": {"logging_dir": str(run_dir / "mlruns")}})
+                # a child of the pipeline's run, which is active (MLflow keeps one stack of runs)
+                "mlflow": {"logging_dir": str(run_dir / "mlruns"), "nested_run": True}})
         fwd = torch.compile(model) if cfg.compile else model
         if getattr(model, "hf_device_map", None) is None:
             fwd, tr.optimizer = accel.prepare(fwd, tr.optimizer)

@@ -19,6 +19,7 @@ What stays here is generic: resume by fingerprint, carrying results over, the ma
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
@@ -76,11 +77,12 @@ def _hook(step: str, name: str):
 def run_pipeline(cfg: PipelineConfig, argv: Optional[list] = None) -> dict:
     """Run the configured steps in order, resuming from ``<output_dir>/results.json``: a step
     whose fingerprint matches the saved one is skipped and its recorded results kept. A second
-    run on the same output directory is refused while this one holds its lock."""
+    run on the same output directory is refused while this one holds its lock (under
+    ``accelerate launch`` / torchrun the launch's rank 0 holds it for all ranks)."""
     out = Path(cfg.run.output_dir)
     with IO.private_umask():
         configs, texts, described = _check_before_loading(cfg, out)
-        with IO.output_lock(out):
+        with IO.output_lock(out) if C.launch_rank() == 0 else contextlib.nullcontext():
             return _run(cfg, argv, out, configs, texts, described)
 
 
@@ -291,8 +293,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:  # temporaries are gone (atomic writes clean up); finished steps are kept
         print("error: interrupted; run the same command again to resume from the finished steps", file=sys.stderr)
         return 130
-    print(summary_table(results))
-    print(f"\nreport: {out / 'report.html'}")
+    if C.dist_rank_world()[0] == 0:  # under accelerate launch every rank holds the same results
+        print(summary_table(results))
+        print(f"\nreport: {out / 'report.html'}")
     return 0
 
 

@@ -420,7 +420,7 @@ def prune_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Prun
     return result
 
 
-def prune_grid(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: PruneConfig
+def prune_grid(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: PruneConfig, shard: bool = False
                ) -> Iterator[tuple[PruneConfig, PruneResult]]:
     """Every point of a grid config (``config.grid_points()``: several methods, sparsities or
     patterns), each pruned in place from the unpruned model, which is restored bit for bit
@@ -431,11 +431,14 @@ def prune_grid(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Prune
             ppl[point.variant_name(True)] = evaluate_model(model, tok, ids).perplexity
 
     The calibration windows are drawn once, and what depends only on the unpruned model is
-    computed once (``Shared``). Each point equals ``prune_model`` on that point alone."""
+    computed once (``Shared``). Each point equals ``prune_model`` on that point alone. With
+    ``shard`` under ``accelerate launch``/torchrun, this rank yields only its points (every
+    world_size-th, ``llm_common.shard_jobs``); the caller gathers them."""
     config = config.for_model(model)
     names = [n + ".weight" for n in LM.decoder_linears(model)]
     shared = Shared()
-    for point in config.grid_points():
+    points = config.grid_points()
+    for _, point in (C.shard_jobs(points) if shard else enumerate(points)):
         with V.restored_on_exit(model, names):
             yield point, prune_model(model, tokenizer, calib, point, shared)
 
@@ -451,16 +454,18 @@ def pipeline_step(run: Run, config: PruneConfig) -> None:
     if source not in run.variants:
         raise C.UserError(f"--prune-from {config.source}: this run has no such model (it has "
                           f"{', '.join(run.variants)}); fine-tuned needs the finetune step")
-    records = []
+    order = {p.variant_name(grid): i for i, p in enumerate(config.grid_points())}
+    records = []  # (grid index, record): under accelerate launch each rank prunes its own points
     with V.applied_variant(run.model, run.variants[source]):  # None: the live model itself
-        for point, res in prune_grid(run.model, run.tokenizer, train, config):
+        for point, res in prune_grid(run.model, run.tokenizer, train, config, shard=True):
             name = point.variant_name(grid)
             # Only SparseGPT changes the weights it keeps; the others' variant is exactly a 1-bit mask.
             rec = V.store_variant(run.out, name, run.model, res.pruned_names,
                                   mask=res.method != "sparsegpt" and not run.cfg.run.save_variants)
             d = {k: v for k, v in dataclasses.asdict(res).items() if k != "pruned_names"}
             d["calibration"].update(source=train.source, per_document=train.docs is not None)
-            records.append({**d, **rec, "parent": source, "name": name})
+            records.append((order[name], {**d, **rec, "parent": source, "name": name}))
+    records = C.gather_jobs(records)  # every rank's files are written before any rank reads them
     run.results["prune"] = {"grid": records, "parent": source} if grid else \
         {k: v for k, v in records[0].items() if k != "name"}
     for name, weights in variants_of(run, run.results["prune"]).items():

@@ -7,13 +7,16 @@ accuracies, the step's wall time and peak memory, and the pruned and quantized v
 achieved sparsity and bits. The fine-tune logs its training curves to the same trackers
 (``llm_finetune``). TensorBoard writes ``<output-dir>/tensorboard/pipeline``; W&B writes
 ``<output-dir>/wandb``, offline when the hub cannot be reached (``wandb sync`` uploads it later);
-MLflow writes ``<output-dir>/mlruns``. Only rank 0 logs.
+MLflow writes ``<output-dir>/mlruns/mlflow.db`` (SQLite; ``mlflow ui --backend-store-uri
+sqlite:///<output-dir>/mlruns/mlflow.db``) unless MLFLOW_TRACKING_URI names a server, with metric
+names in MLflow's alphabet (``perplexity/pruned:wanda:0.5:unstructured``). Only rank 0 logs.
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -34,10 +37,31 @@ def open_tracker(name: str, out: Path, run_name: str):
         else:
             t = tracking.MLflowTracker(experiment_name="llm-sensitivity", logging_dir=str(out / "mlruns"),
                                        run_name=run_name)
+            mlflow_store(out)
         t.start()
     except ImportError as e:
-        raise C.UserError(f"--log-to {name} needs its library ({e.name}): pip install {name}")
+        raise C.UserError(f"--log-to {name} needs its library ({e.name}): pip install {INSTALL[name]}")
     return t
+
+
+INSTALL = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny sqlalchemy alembic"}
+
+
+def mlflow_store(out: Path) -> None:
+    """MLflow's store: MLFLOW_TRACKING_URI when set (a server), else ``<out>/mlruns/mlflow.db``.
+    accelerate passes our folder only as the artifact location, so the runs themselves would go
+    to the working directory; and MLflow 3 refuses its file store, so the local one is SQLite."""
+    import mlflow
+
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        (out / "mlruns").mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(f"sqlite:///{(out / 'mlruns' / 'mlflow.db').resolve()}")
+
+
+def mlflow_key(key: str) -> str:
+    """A metric name MLflow takes (alphanumerics and ``_-. :/``): ``perplexity/pruned[wanda,0.5,
+    unstructured]`` -> ``perplexity/pruned:wanda:0.5:unstructured``."""
+    return re.sub(r"[^\w\-. :/]", "_", key.replace("[", ":").replace(",", ":").replace("]", ""))
 
 
 def wandb_mode() -> str:
@@ -77,14 +101,16 @@ class Trackers:
         if C.dist_rank_world()[0] == 0:
             self.trackers = [open_tracker(n, self.out, self.run_name) for n in self.names]
             for t in self.trackers:
-                t.store_init_configuration(_flat(self.config))
+                config = _flat(self.config)
+                t.store_init_configuration({mlflow_key(k): v for k, v in config.items()} if t.name == "mlflow"
+                                           else config)
         return self
 
     def step(self, step: str, results: dict) -> None:
         values = step_metrics(step, results)
         self.k += 1
         for t in self.trackers:
-            t.log(values, step=self.k)
+            t.log({mlflow_key(k): v for k, v in values.items()} if t.name == "mlflow" else values, step=self.k)
 
     def __exit__(self, *exc) -> None:
         for t in self.trackers:
@@ -101,6 +127,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
             out.update(_flat(v, key + "/"))
         elif isinstance(v, (int, float, str, bool)):
             out[key] = v
+        elif isinstance(v, (list, tuple)) and all(isinstance(x, (int, float, str)) for x in v):
+            out[key] = ",".join(map(str, v))  # as the flag takes it: --prune-method magnitude,wanda
         elif v is not None:
             out[key] = str(v)
     return out

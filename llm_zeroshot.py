@@ -101,6 +101,22 @@ def _quiet():
             lg.setLevel(lv)
 
 
+@contextlib.contextmanager
+def _one_process():
+    """lm-eval returns results only where LOCAL_RANK is 0: it takes the ranks of a torchrun
+    launch for shards of one tensor-parallel model. Our ranks each score whole variants of their
+    own (``shard_jobs``), so each is a single process to lm-eval. Restored on exit."""
+    old = os.environ.get("LOCAL_RANK")
+    os.environ["LOCAL_RANK"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("LOCAL_RANK")
+        else:
+            os.environ["LOCAL_RANK"] = old
+
+
 def _available(task_manager, tasks) -> tuple[list, list, dict]:
     """Load each task alone: the specs whose data can be had, the result rows that stand for
     them (a task's own name, also for a YAML path; a group's aggregate row, not its subtasks),
@@ -119,11 +135,22 @@ def _available(task_manager, tasks) -> tuple[list, list, dict]:
     return ok, rows, missing
 
 
+def _scored(out: dict) -> tuple[dict, dict]:
+    """One ``simple_evaluate`` output, cut to what is kept (small, so ranks can gather it):
+    ({task: metrics and n}, {"versions", "seeds"})."""
+    got, n = out["results"], out.get("n-samples", {})
+    seeds = {k: (out.get("config") or {}).get(k) for k in ("random_seed", "numpy_seed", "torch_seed", "fewshot_seed")}
+    return ({t: {**task_metrics(got[t]), "n": n.get(t, {}).get("effective")} for t in got},
+            {"versions": out.get("versions") or {}, "seeds": seeds})
+
+
 def evaluate_zeroshot(model, tokenizer, variants: Mapping[str, object], config: ZeroShotConfig = ZeroShotConfig(),
                       parents: Optional[Mapping[str, Optional[str]]] = None) -> ZeroShotResult:
     """lm-eval accuracy of every variant of ``model`` (see ``llm_common.applied_variant`` for
     what a variant may be) on ``config.tasks``. The model is changed in place for each variant
-    and restored bit for bit; the tokenizer is copied, since lm-eval sets its padding token."""
+    and restored bit for bit; the tokenizer is copied, since lm-eval sets its padding token.
+    Under ``accelerate launch`` or torchrun the ranks take disjoint variants and every rank
+    gets all the results."""
     config = config.for_model(model)
     parents = {n: (parents or {}).get(n) for n in variants}
     res = ZeroShotResult("off", parents=parents, config=asdict(config))
@@ -155,26 +182,25 @@ def evaluate_zeroshot(model, tokenizer, variants: Mapping[str, object], config: 
             res.status, res.reason = "unavailable", "no task could be loaded (see unavailable)"
             return res
         batch = config.batch_size or ("auto" if LM.is_cuda_model(model) else 1)
-        runs = {}
-        for name, weights in variants.items():
+        mine = []  # under accelerate launch / torchrun each rank takes every world_size-th variant
+        for i, (name, weights) in C.shard_jobs(list(variants.items())):
             log.info("zero-shot: variant %r on %s", name, ", ".join(names))
-            with V.applied_variant(model, weights), torch.no_grad():
+            with V.applied_variant(model, weights), torch.no_grad(), _one_process():
                 lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch)
-                runs[name] = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager,
-                                                     num_fewshot=config.num_fewshot, limit=config.limit or None,
-                                                     log_samples=False)
-    for name, out in runs.items():
-        got = out["results"]
-        res.tasks[name] = {t: {**task_metrics(got[t]), "n": out.get("n-samples", {}).get(t, {}).get("effective")}
-                           for t in got}
-        res.mean[name] = _mean({t: res.tasks[name][t] for t in rows if t in res.tasks[name]})
-    first = next(iter(runs.values()))
+                out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager,
+                                              num_fewshot=config.num_fewshot, limit=config.limit or None,
+                                              log_samples=False)
+            mine.append((i, (name, *_scored(out))))
+    runs = C.gather_jobs(mine)
+    for name, tasks, _ in runs:
+        res.tasks[name] = tasks
+        res.mean[name] = _mean({t: tasks[t] for t in rows if t in tasks})
+    first = runs[0][2]
     res.status, res.seconds = "ran", time.perf_counter() - t0
     res.protocol = {"lm_eval": importlib.metadata.version("lm_eval"), "tasks": rows, "specs": names,
-                    "task_versions": first.get("versions", {}), "num_fewshot": config.num_fewshot,
+                    "task_versions": first["versions"], "num_fewshot": config.num_fewshot,
                     "limit": config.limit or None, "batch_size": str(batch), "offline": offline,
-                    "seeds": {k: (first.get("config") or {}).get(k) for k in
-                              ("random_seed", "numpy_seed", "torch_seed", "fewshot_seed")}}
+                    "seeds": first["seeds"]}
     return res
 
 

@@ -4,7 +4,10 @@ import json
 import struct
 from pathlib import Path
 
+import pytest
+
 import llm_main_v4 as M
+from llm_tracking import mlflow_key
 from conftest import tiny_argv
 
 
@@ -55,3 +58,28 @@ def test_tensorboard_and_wandb_receive_every_variants_perplexity(tiny_run_dir, t
 def test_an_unknown_tracker_is_one_error_line(tiny_run_dir, tmp_path, capsys):
     assert M.main(tiny_argv(tiny_run_dir, tmp_path / "o", "--log-to", "tensorboard,neptune")) == 2
     assert "--log-to must be none, or a comma list from tensorboard,wandb,mlflow" in capsys.readouterr().err
+
+
+def test_mlflow_receives_every_variants_perplexity_in_the_run_folder(tiny_run_dir, tmp_path, monkeypatch):
+    """MLflow's store is the run's own folder (not the working directory), and a grid's variant
+    names reach it in MLflow's metric alphabet; the fine-tune's curve goes to the same store."""
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert M.main(tiny_argv(tiny_run_dir, out, "--steps", "finetune,prune,eval", "--ft-steps", "2",
+                            "--prune-method", "magnitude,wanda", "--log-to", "mlflow")) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "mlflow.db").exists()
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{out / 'mlruns' / 'mlflow.db'}")
+    runs = {e.name: client.search_runs([e.experiment_id]) for e in client.search_experiments()}
+    (pipeline,) = runs["llm-sensitivity"]
+    logged = pipeline.data.metrics
+    for variant, ppl in res["perplexity"].items():
+        assert abs(logged[mlflow_key(f"perplexity/{variant}")] - ppl) <= 1e-4 * ppl
+    assert "perplexity/pruned:wanda:0.5:unstructured" in logged and "step/prune/wall_s" in logged
+    assert pipeline.data.params["prune/method"] == "magnitude,wanda"
+    (finetune,) = runs["finetune"]
+    curve = client.get_metric_history(finetune.info.run_id, "train/loss")
+    assert len(curve) == 2
+    assert [p.value for p in curve] == pytest.approx(res["finetune"]["train_losses"], rel=1e-6)
