@@ -93,9 +93,10 @@ def build_samples(model, tokenizer, eval_ids: torch.Tensor, cfg: AdversarialConf
     return out
 
 
-def _summary(rs: Sequence[AttackResult]) -> dict:
-    return {"clean_nll": _mean(r.clean_nll for r in rs), "attacked_nll": _mean(r.attacked_nll for r in rs),
-            "delta_nll": _mean(r.delta_nll for r in rs), "top1_agreement": _mean(r.top1_agreement for r in rs)}
+def _attack_means(rs: Sequence[AttackResult]) -> dict:
+    """Mean clean and attacked NLL, their difference and top-1 agreement over attacked windows."""
+    return {"clean_nll": _nan_mean(r.clean_nll for r in rs), "attacked_nll": _nan_mean(r.attacked_nll for r in rs),
+            "delta_nll": _nan_mean(r.delta_nll for r in rs), "top1_agreement": _nan_mean(r.top1_agreement for r in rs)}
 
 
 @dataclass
@@ -123,7 +124,7 @@ def _sweep(model, samples: list[Sample], config: AdversarialConfig) -> tuple[lis
     for e in config.epsilons:
         for m in ("fgsm", "pgd"):
             part = [r for (s, c), r in zip(jobs, rs) if c.epsilon == e and c.method == m]
-            table.append({"method": m, "eps": e, **_summary(part)})
+            table.append({"method": m, "eps": e, **_attack_means(part)})
     strongest = max(config.epsilons)
     deltas = {id(s): r.delta for (s, c), r in zip(jobs, rs) if c.method == "pgd" and c.epsilon == strongest}
     return table, deltas
@@ -192,7 +193,7 @@ def _defence(model, samples: list[Sample], train_s: list[Sample], config: Advers
             if lora_r:
                 target.unload()  # the original modules, without the adapters
     k = len(samples)
-    held_b, held_a, tr_b, tr_a = (_summary(x) for x in (before_rs[:k], after_rs[:k], before_rs[k:], after_rs[k:]))
+    held_b, held_a, tr_b, tr_a = (_attack_means(x) for x in (before_rs[:k], after_rs[:k], before_rs[k:], after_rs[k:]))
     steps = config.defence_steps
     return {**out, "algorithm": DEFENCES[config.defence], "eps": dcfg.epsilon, "steps": steps,
             "lr": config.defence_lr, "attack": f"PGD-{dcfg.steps} at eps {dcfg.epsilon} ({dcfg.norm})",
@@ -273,7 +274,7 @@ def test_adversarial_robustness(model, tokenizer, eval_ids: torch.Tensor,
 test_adversarial_robustness.__test__ = False  # the historical name; not a pytest test
 
 
-def _mean(xs) -> float:
+def _nan_mean(xs) -> float:
     xs = list(xs)
     return sum(xs) / len(xs) if xs else float("nan")
 

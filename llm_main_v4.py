@@ -210,9 +210,7 @@ def _fingerprint(run: Run, step: str, config, previous: str) -> str:
 def _restore(run: Run, step: str, previous: dict) -> bool:
     """Reuse a skipped step's recorded sections and its variant, if that can still be had; a
     step whose files are gone (a removed export) reruns."""
-    for key in STEP_SECTIONS[step]:
-        if key in previous:
-            run.results[key] = previous[key]
+    run.results.update({k: previous[k] for k in STEP_SECTIONS[step] if k in previous})
     present = _hook(step, "outputs_present")
     if present is not None and not present(run):
         log.info("step %s: its files are gone, running it again", step)
@@ -238,9 +236,7 @@ def _carry_over(run: Run, configs: dict, previous: dict) -> list:
                     "results.json (saved as %s)", ", ".join(others), run.out, aside.name)
         return []
     for step in others:
-        for key in STEP_SECTIONS[step]:
-            if key in previous:
-                run.results[key] = previous[key]
+        run.results.update({k: previous[k] for k in STEP_SECTIONS[step] if k in previous})
         run.results["steps_done"][step] = done[step]
         reattach = _hook(step, "reattach")
         if reattach:
@@ -294,8 +290,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("error: interrupted; run the same command again to resume from the finished steps", file=sys.stderr)
         return 130
     if C.dist_rank_world()[0] == 0:  # under accelerate launch every rank holds the same results
-        print(summary_table(results))
-        print(f"\nreport: {out / 'report.html'}")
+        print(f"{summary_table(results)}\n\nreport: {out / 'report.html'}")
     return 0
 
 

@@ -213,7 +213,7 @@ class SweepResult:
     peak_memory_mb: float = 0.0
 
 
-def _summarise(points: list, key: str) -> dict:
+def _per_eps_stats(points: list, key: str) -> dict:
     """Per eps: mean, min, max over seeds, and how many seeds gave a non-finite value. A
     non-finite seed is never dropped: the mean is inf if any seed is inf, nan if any is nan."""
     out = {}
@@ -272,7 +272,7 @@ def noise_sweep(model, tokenizer, input_ids: torch.Tensor, epsilons: Sequence[fl
     res.points = C.gather_jobs(mine)
     for tag, _ in runs:
         pts = [p for p in res.points if p["curve"] == tag]
-        res.summary[tag] = {k: _summarise(pts, k) for k in ("perplexity", "nll", "kl", "top1")}
+        res.summary[tag] = {k: _per_eps_stats(pts, k) for k in ("perplexity", "nll", "kl", "top1")}
         res.doubling_eps[tag] = doubling_epsilon(res.summary[tag]["perplexity"], clean_ppl)
     res.seconds = time.perf_counter() - t0
     res.peak_memory_mb = LM.peak_memory_mb(LM.input_device(model))

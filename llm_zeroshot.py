@@ -69,7 +69,7 @@ def task_metrics(row: Mapping) -> dict:
     return out
 
 
-def _mean(per_task: Mapping[str, dict]) -> dict:
+def _task_mean(per_task: Mapping[str, dict]) -> dict:
     """Unweighted mean over tasks, as the papers average: acc over every task that has it, and
     acc_norm where a task reports it, acc elsewhere. Its stderr treats tasks as independent."""
     out = {"tasks": len(per_task)}
@@ -194,7 +194,7 @@ def evaluate_zeroshot(model, tokenizer, variants: Mapping[str, object], config: 
     runs = C.gather_jobs(mine)
     for name, tasks, _ in runs:
         res.tasks[name] = tasks
-        res.mean[name] = _mean({t: tasks[t] for t in rows if t in tasks})
+        res.mean[name] = _task_mean({t: tasks[t] for t in rows if t in tasks})
     first = runs[0][2]
     res.status, res.seconds = "ran", time.perf_counter() - t0
     res.protocol = {"lm_eval": importlib.metadata.version("lm_eval"), "tasks": rows, "specs": names,

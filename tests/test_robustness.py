@@ -171,12 +171,12 @@ def test_dense_bitflips_are_drawn_without_replacement():
 def test_a_nan_seed_shows_up_in_the_sweep_summary():
     """Seeds [nan, 20, 30] do not average to 25: the mean is nan, the count says why, and the
     doubling eps treats a non-finite point as broken."""
-    from llm_robustness_test import _summarise
+    from llm_robustness_test import _per_eps_stats
 
     pts = [{"eps": 0.1, "perplexity": float("nan")}, {"eps": 0.1, "perplexity": 20.0},
            {"eps": 0.1, "perplexity": 30.0}, {"eps": 0.2, "perplexity": float("inf")},
            {"eps": 0.2, "perplexity": 30.0}]
-    s = _summarise(pts, "perplexity")
+    s = _per_eps_stats(pts, "perplexity")
     assert math.isnan(s["0.1"]["mean"]) and s["0.1"]["nonfinite"] == 1 and s["0.1"]["n"] == 3
     assert s["0.2"]["mean"] == float("inf") and s["0.2"]["nonfinite"] == 1
     assert doubling_epsilon(s, 20.0) == 0.1

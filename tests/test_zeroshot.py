@@ -155,7 +155,7 @@ def test_mean_and_metric_names_follow_lm_eval_rows():
            "acc_norm_stderr,none": "N/A", "exact_match,strict-match": 1.0}
     assert Z.task_metrics(row) == {"acc": 0.5, "acc_stderr": 0.1, "acc_norm": 0.25, "acc_norm_stderr": None,
                                    "exact_match/strict-match": 1.0}
-    m = Z._mean({"a": {"acc": 0.5, "acc_stderr": 0.1, "acc_norm": 0.7, "acc_norm_stderr": 0.2},
+    m = Z._task_mean({"a": {"acc": 0.5, "acc_stderr": 0.1, "acc_norm": 0.7, "acc_norm_stderr": 0.2},
                  "b": {"acc": 0.3, "acc_stderr": 0.1}})  # b has no acc_norm: its acc stands in
     assert m["acc"] == pytest.approx(0.4) and m["acc_norm"] == pytest.approx(0.5)
     assert m["acc_stderr"] == pytest.approx(math.sqrt(0.02) / 2) and m["acc_norm_stderr"] == pytest.approx(
