@@ -20,11 +20,12 @@ from typing import ClassVar, Optional
 
 import llm_tasks as T
 from llm_common import UserError
-from llm_knobs import (StepConfig, budget, knob, parse_floats, parse_ints, parse_max_memory, parse_names, parse_nm,
-                       parse_protect, parse_trackers)
+from llm_knobs import (StepConfig, budget, knob, parse_floats, parse_ints, parse_max_memory, parse_names,
+                       parse_nm, parse_protect, parse_trackers)
 from llm_model import SAMPLE_PROMPT
 
-ALL_STEPS = ("finetune", "prune", "noise", "quantize", "eval", "zeroshot", "export", "adversarial", "analysis")
+ALL_STEPS = ("finetune", "prune", "noise", "quantize", "eval", "zeroshot", "export", "adversarial",
+             "analysis")
 # The zero-shot suite of the Wanda paper (and OWL's), lm-evaluation-harness names; SparseGPT's and
 # the Super Weight paper's are in their presets below.
 ZEROSHOT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
@@ -61,8 +62,8 @@ class Preset:
 # joined by "\n\n", in disjoint windows of 2048 tokens (LLaMA-1's context).
 _PRUNING_PAPERS = {"run": {"train_dataset": "c4", "dataset": "wikitext2", "seed": 0},
                    "finetune": {"mode": "none"},
-                   "prune": {"sparsity": 0.5, "pattern": "unstructured", "calib_samples": 128, "calib_seq_len": 2048,
-                             "seed": 0, "allocation": "uniform"},
+                   "prune": {"sparsity": 0.5, "pattern": "unstructured", "calib_samples": 128,
+                             "calib_seq_len": 2048, "seed": 0, "allocation": "uniform"},
                    "eval": {"seq_len": 2048, "stride": None, "eval_tokens": 0},
                    "zeroshot": {"enabled": True, "limit": 0, "num_fewshot": 0}}
 _C4_EVAL = ("C4 validation perplexity (first 256 windows) is a second run with --dataset c4: the eval step "
@@ -70,40 +71,60 @@ _C4_EVAL = ("C4 validation perplexity (first 256 windows) is a second run with -
 PRESETS: dict[str, Preset] = {
     "wanda": Preset(
         "Sun et al. 2023, A Simple and Effective Pruning Approach for LLMs (Wanda)", "locuslab/wanda",
-        {**_PRUNING_PAPERS, "run": {**_PRUNING_PAPERS["run"], "steps": ("finetune", "prune", "eval", "zeroshot")},
-         "prune": {**_PRUNING_PAPERS["prune"], "method": "wanda"}, "zeroshot": {**_PRUNING_PAPERS["zeroshot"],
-                                                                              "tasks": ZEROSHOT_TASKS}},
-        (_C4_EVAL, "Wanda's code sets the window to the model's max_position_embeddings (4096 for Llama-2, for "
-                   "calibration and evaluation); this preset uses 2048, as its LLaMA-1 tables: add --seq-len 4096 "
-                   "--calib-seq-len 4096 for Llama-2 as its code runs it")),
+        {**_PRUNING_PAPERS,
+         "run": {**_PRUNING_PAPERS["run"], "steps": ("finetune", "prune", "eval", "zeroshot")},
+         "prune": {**_PRUNING_PAPERS["prune"], "method": "wanda"},
+         "zeroshot": {**_PRUNING_PAPERS["zeroshot"], "tasks": ZEROSHOT_TASKS}},
+        (_C4_EVAL, "Wanda's code sets the window to the model's max_position_embeddings (4096 for Llama-2, "
+                   "for calibration and evaluation); this preset uses 2048, as its LLaMA-1 tables: add "
+                   "--seq-len 4096 --calib-seq-len 4096 for Llama-2 as its code runs it")),
     "sparsegpt": Preset(
         "Frantar & Alistarh 2023, SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot",
         "IST-DASLab/sparsegpt",
-        {**_PRUNING_PAPERS, "run": {**_PRUNING_PAPERS["run"], "steps": ("finetune", "prune", "eval", "zeroshot")},
+        {**_PRUNING_PAPERS,
+         "run": {**_PRUNING_PAPERS["run"], "steps": ("finetune", "prune", "eval", "zeroshot")},
          "prune": {**_PRUNING_PAPERS["prune"], "method": "sparsegpt", "blocksize": 128, "percdamp": 0.01},
          "zeroshot": {**_PRUNING_PAPERS["zeroshot"],
                       "tasks": ("lambada_openai", "piqa", "arc_easy", "arc_challenge")}},
-        (_C4_EVAL, "the paper's zero-shot set also has StoryCloze, whose data is not public (lm-eval needs a manual "
-                   "download); it is left out")),
+        (_C4_EVAL, "the paper's zero-shot set also has StoryCloze, whose data is not public (lm-eval needs a "
+                   "manual download); it is left out")),
     "superweight": Preset(
         "Yu et al. 2024, The Super Weight in Large Language Models", "mengxiayu/LLMSuperWeight",
-        {"run": {"dataset": "wikitext2", "seed": 0, "steps": ("finetune", "quantize", "eval", "zeroshot", "analysis")},
+        {"run": {"dataset": "wikitext2", "seed": 0,
+                 "steps": ("finetune", "quantize", "eval", "zeroshot", "analysis")},
          "finetune": {"mode": "none"},
-         "quantize": {"method": "rtn", "wbits": 4, "group": 512, "protect": "auto", "bit_allocation": "uniform",
-                      "super_weight_prompt": SUPER_WEIGHT_PROMPT},
+         "quantize": {"method": "rtn", "wbits": 4, "group": 512, "protect": "auto",
+                      "bit_allocation": "uniform", "super_weight_prompt": SUPER_WEIGHT_PROMPT},
          "analysis": {"super_weight_prompt": SUPER_WEIGHT_PROMPT},
          "eval": {"seq_len": 2048, "stride": None, "eval_tokens": 0},
          "zeroshot": {"enabled": True, "limit": 0, "num_fewshot": 0,
                       "tasks": ("winogrande", "arc_challenge", "arc_easy", "piqa", "sciq", "hellaswag",
                                 "lambada_openai")}},
-        ("the paper's perplexity is lm-eval's wikitext task (word perplexity over whole documents); ours is token "
-         "perplexity in disjoint 2048-token windows",
-         "its min-max RTN sweeps block sizes 64 to 2048 over 2-D tiles; this preset takes one point, groups of 512 "
-         "input columns, with the super weights kept in full precision (their 'restore' variant)")),
+        ("the paper's perplexity is lm-eval's wikitext task (word perplexity over whole documents); ours is "
+         "token perplexity in disjoint 2048-token windows",
+         "its min-max RTN sweeps block sizes 64 to 2048 over 2-D tiles; this preset takes one point, groups "
+         "of 512 input columns, with the super weights kept in full precision (their 'restore' variant)")),
 }
 
 
 # --------------------------------------------------------------------------- the configs
+
+
+def seed_knob():
+    """The ``seed`` field of the steps that draw random numbers, defined once. Its flag, --seed, is
+    also the one of ``RunConfig.seed``, which keeps its own help."""
+    return knob(0, "seed", flag="--seed", bounds="[0,4294967295]")
+
+
+def progress_knob():
+    """The ``progress`` field of the steps that show progress bars, defined once (no flag; no number
+    depends on it)."""
+    return knob(True, "progress bars", cli=False, results=False)
+
+
+def super_weight_prompt_knob():
+    """The ``super_weight_prompt`` field of the steps that detect super weights, defined once."""
+    return knob(SUPER_WEIGHT_PROMPT, "prompt of the super-weight detector", flag="--super-weight-prompt")
 
 
 @dataclass
@@ -112,27 +133,31 @@ class RunConfig(StepConfig):
 
     step: ClassVar[str] = "run"
     steps: tuple = knob((), f"comma list from {','.join(ALL_STEPS)}", parse=parse_steps, shown="every step")
-    config: Optional[str] = knob(None, "YAML file of settings with the flags' or the fields' names (the config.yaml "
-                                       "a run writes reruns it); flags given override it", results=False, shown="none")
-    log_to: tuple = knob((), "experiment trackers, through accelerate: none, or a comma list from tensorboard, "
-                             "wandb (offline without network), mlflow; the fine-tune's curves and every step's "
-                             "numbers (perplexities, zero-shot accuracies, timings) go to each", flag="--log-to",
-                         parse=parse_trackers, results=False, shown="none")
-    preset: Optional[str] = knob(None, "a paper's published protocol in one flag (PRESETS in llm_config): the model as "
-                                       "loaded, the paper's calibration, windows, seed and zero-shot tasks; --config "
-                                       "and flags override it, and the report lists every field overridden",
+    config: Optional[str] = knob(None, "YAML file of settings with the flags' or the fields' names (the "
+                                       "config.yaml a run writes reruns it); flags given override it",
+                                 results=False, shown="none")
+    log_to: tuple = knob((), "experiment trackers, through accelerate: none, or a comma list from "
+                             "tensorboard, wandb (offline without network), mlflow; the fine-tune's curves "
+                             "and every step's numbers (perplexities, zero-shot accuracies, timings) go to "
+                             "each", flag="--log-to", parse=parse_trackers, results=False, shown="none")
+    preset: Optional[str] = knob(None, "a paper's published protocol in one flag (PRESETS in llm_config): "
+                                       "the model as loaded, the paper's calibration, windows, seed and "
+                                       "zero-shot tasks; --config and flags override it, and the report "
+                                       "lists every field overridden",
                                  choices=("wanda", "sparsegpt", "superweight"), results=False, shown="none")
-    preset_overrides: tuple = knob((), "the preset's fields that the config file or flags changed (set by the "
-                                       "command line)", cli=False, results=False)
+    preset_overrides: tuple = knob((), "the preset's fields that the config file or flags changed (set by "
+                                       "the command line)", cli=False, results=False)
     output_dir: str = knob("data", "results, checkpoints, plots and report", results=False)
     seed: int = knob(0, "seed of every step (recorded in results.json)", bounds="[0,4294967295]")
-    log_level: str = knob("INFO", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), results=False)
-    budget: str = knob("auto", "default budgets of every step: the CPU or the GPU value of every budget field "
-                               "(auto: by device)", choices=("auto", "cpu", "gpu"))
-    report_only: bool = knob(False, "rebuild plots and report from <output-dir>/results.json, without a model",
-                             results=False)
-    compare: tuple = knob((), "compare finished runs: one table and one plot across their results.json, written "
-                              "into --output-dir (no model is loaded)", many="+", results=False, shown="none")
+    log_level: str = knob("INFO", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                          results=False)
+    budget: str = knob("auto", "default budgets of every step: the CPU or the GPU value of every budget "
+                               "field (auto: by device)", choices=("auto", "cpu", "gpu"))
+    report_only: bool = knob(False, "rebuild plots and report from <output-dir>/results.json, "
+                                    "without a model", results=False)
+    compare: tuple = knob((), "compare finished runs: one table and one plot across their results.json, "
+                              "written into --output-dir (no model is loaded)",
+                          many="+", results=False, shown="none")
     model: Optional[str] = knob(None, "hub id, save_pretrained directory or .gguf file",
                                 shown="the embedded SmolLM2-135M-Instruct, GGUF Q4_1")
     device: str = knob("auto", "auto|cpu|cuda|cuda:N")
@@ -141,62 +166,68 @@ class RunConfig(StepConfig):
     device_map: Optional[str] = knob(None, "'auto' shards the model over all GPUs (accelerate)",
                                      choices=("auto", "balanced", "balanced_low_0", "sequential"),
                                      shown="the whole model on --device")
-    max_memory: Optional[dict] = knob(None, "per-device cap with --device-map, e.g. '0=20GiB,1=20GiB,cpu=64GiB'",
+    max_memory: Optional[dict] = knob(None, "per-device cap with --device-map, e.g. "
+                                            "'0=20GiB,1=20GiB,cpu=64GiB'",
                                       parse=parse_max_memory, shown="no cap")
-    trust_remote_code: bool = knob(False, "allow model code from the hub, and zero-shot task YAMLs that run Python "
-                                          "(off by default)")
+    trust_remote_code: bool = knob(False, "allow model code from the hub, and zero-shot task YAMLs that run "
+                                          "Python (off by default)")
     cache_dir: Optional[str] = knob(None, "where dequantized GGUF models are cached", results=False,
                                     shown="data/cache")
-    dataset: Optional[str] = knob(None, "evaluation text: wikitext2, c4, ptb (the pruning papers' loaders), "
-                                        "embedded, or a file/folder; a corpus named explicitly never falls back",
+    dataset: Optional[str] = knob(None, "evaluation text: wikitext2, c4, ptb (the pruning papers' "
+                                        "loaders), embedded, or a file/folder; a corpus named explicitly "
+                                        "never falls back",
                                   shown="wikitext2, or the embedded corpus when offline and not cached")
     train_dataset: Optional[str] = knob(None, "calibration / fine-tuning text, same choices",
-                                        shown="c4 on GPU, as the pruning papers calibrate, else wikitext2 (its train "
-                                              "split), whatever --dataset is")
+                                        shown="c4 on GPU, as the pruning papers calibrate, else wikitext2 "
+                                              "(its train split), whatever --dataset is")
     no_fallback: bool = knob(False, "never replace an unavailable wikitext2 by the embedded corpus")
-    save_variants: bool = knob(False, "store full copies of the pruned and noisy weights (default: a 1-bit mask "
-                                      "for pruning that only zeroes weights, and the noise recipe, regenerated bit "
-                                      "for bit)", results=False)
-    allow_overlap: bool = knob(False, "run even when the calibration / fine-tuning text shares paragraphs with "
-                                      "the evaluation text (refused by default: it inflates every score)",
-                               results=False)
+    save_variants: bool = knob(False, "store full copies of the pruned and noisy weights (default: a 1-bit "
+                                      "mask for pruning that only zeroes weights, and the noise recipe, "
+                                      "regenerated bit for bit)", results=False)
+    allow_overlap: bool = knob(False, "run even when the calibration / fine-tuning text shares "
+                                      "paragraphs with the evaluation text (refused by default: it "
+                                      "inflates every score)", results=False)
 
 
 @dataclass
 class FinetuneConfig(StepConfig):
     step: ClassVar[str] = "finetune"
     prefix: ClassVar[str] = "ft-"
-    mode: str = knob("auto", "full|lora|none (auto: full below 1.5B parameters, else LoRA)", flag="--finetune",
-                     choices=("auto", "full", "lora", "none"))
+    mode: str = knob("auto", "full|lora|none (auto: full below 1.5B parameters, else LoRA)",
+                     flag="--finetune", choices=("auto", "full", "lora", "none"))
     steps: Optional[int] = budget(16, 500, "optimizer steps", bounds="[1,10000000]")
     batch_size: Optional[int] = budget(4, 8, "windows per step", bounds="[1,65536]")
     seq_len: Optional[int] = budget(128, 1024, "tokens per window", bounds="[2,1000000]", context=True)
-    lr: Optional[float] = knob(None, "peak learning rate (auto: 5e-5 full, 2e-4 LoRA)", flag="--lr", bounds="(0,1]")
+    lr: Optional[float] = knob(None, "peak learning rate (auto: 5e-5 full, 2e-4 LoRA)", flag="--lr",
+                               bounds="(0,1]")
     warmup_steps: int = knob(2, "linear warm-up steps, then cosine decay to 10%", bounds="[0,10000000]")
     weight_decay: float = knob(0.0, "AdamW weight decay", bounds="[0,10]")
     grad_clip: float = knob(1.0, "gradient-norm clip (0: none)", bounds="[0,1000000]")
     holdout_fraction: float = knob(0.1, "tail of the training text held out for the before/after loss",
                                    bounds="(0,1)")
     holdout_windows: int = knob(8, "held-out windows evaluated before and after", bounds="[1,1000000]")
-    save_every: int = knob(0, "resume checkpoint every N steps (0: by time only)", bounds="[0,10000000]", results=False)
-    save_every_s: float = knob(300.0, "... and at most this often in seconds (0: never by time)", bounds="[0,10000000]",
-                               results=False)
-    log_every: int = knob(25, "steps between host syncs for the loss log", bounds="[1,10000000]", results=False)
-    log_to: tuple = knob((), "experiment trackers, through accelerate: none, or a comma list from tensorboard, "
-                             "wandb (offline without network), mlflow; the fine-tune's curves and every step's "
-                             "numbers (perplexities, zero-shot accuracies, timings) go to each", flag="--log-to",
-                         parse=parse_trackers, results=False, shown="none")
+    save_every: int = knob(0, "resume checkpoint every N steps (0: by time only)", bounds="[0,10000000]",
+                           results=False)
+    save_every_s: float = knob(300.0, "... and at most this often in seconds (0: never by time)",
+                               bounds="[0,10000000]", results=False)
+    log_every: int = knob(25, "steps between host syncs for the loss log", bounds="[1,10000000]",
+                          results=False)
+    log_to: tuple = knob((), "experiment trackers, through accelerate: none, or a comma list from "
+                             "tensorboard, wandb (offline without network), mlflow; the fine-tune's curves "
+                             "and every step's numbers (perplexities, zero-shot accuracies, timings) go to "
+                             "each", flag="--log-to", parse=parse_trackers, results=False, shown="none")
     lora_r: int = knob(16, "LoRA rank", flag="--lora-r", bounds="[1,65536]")
     lora_alpha: int = knob(32, "LoRA alpha", flag="--lora-alpha", bounds="[1,65536]")
-    lora_merge: str = knob("fp32", "how a bf16/fp16 model takes its LoRA update: fp32 merges exactly and holds the "
-                                   "fine-tuned model in float32; native merges into the model's dtype (rounds most "
-                                   "of a small update away)", flag="--lora-merge", choices=("fp32", "native"))
-    gradient_checkpointing: Optional[bool] = knob(None, "recompute activations (auto: only when they would not fit)",
-                                                  results=False)
+    lora_merge: str = knob("fp32", "how a bf16/fp16 model takes its LoRA update: fp32 merges exactly and "
+                                   "holds the fine-tuned model in float32; native merges into the model's "
+                                   "dtype (rounds most of a small update away)",
+                           flag="--lora-merge", choices=("fp32", "native"))
+    gradient_checkpointing: Optional[bool] = knob(None, "recompute activations (auto: only when "
+                                                        "they would not fit)", results=False)
     compile: bool = knob(False, "torch.compile the model for the training loop")
     max_shard_size: str = knob("2GB", "safetensors shard size of the saved model", flag="--max-shard-size",
                                results=False)
-    seed: int = knob(0, "seed", flag="--seed", bounds="[0,4294967295]")
+    seed: int = seed_knob()
     output_dir: str = knob("data/finetuned", "the finished model", cli=False, results=False)
     base_model: str = knob("", "label recorded in the manifest", cli=False, results=False)
     data: str = knob("", "description of the training text, for the manifest", cli=False, results=False)
@@ -220,14 +251,15 @@ PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "taylor")
 class PruneConfig(StepConfig):
     step: ClassVar[str] = "prune"
     prefix: ClassVar[str] = "prune-"
-    method: str = knob("wanda", "pruning score; a comma list makes a grid of pruned variants (with --sparsity "
-                                "and --sparsity-pattern)", choices=PRUNE_METHODS, grid=True)
+    method: str = knob("wanda", "pruning score; a comma list makes a grid of pruned variants (with "
+                                "--sparsity and --sparsity-pattern)", choices=PRUNE_METHODS, grid=True)
     sparsity: float = knob(0.5, "fraction of weights removed, in [0, 1); N:M patterns fix it at 1 - N/M",
                            flag="--sparsity", bounds="[0,1)", grid=True)
-    pattern: str = knob("unstructured", "unstructured, or N:M: keep N of every M consecutive input weights of "
-                                        "a row (2:4, 4:8)", flag="--sparsity-pattern", grid=True)
-    source: str = knob("auto", "which model is pruned: auto (the fine-tuned model when this run has one, else the "
-                               "model as loaded), base (the model as loaded, as the pruning papers), fine-tuned",
+    pattern: str = knob("unstructured", "unstructured, or N:M: keep N of every M consecutive input weights "
+                                        "of a row (2:4, 4:8)", flag="--sparsity-pattern", grid=True)
+    source: str = knob("auto", "which model is pruned: auto (the fine-tuned model when this run has one, "
+                               "else the model as loaded), base (the model as loaded, as the pruning "
+                               "papers), fine-tuned",
                        flag="--prune-from", choices=("auto", "base", "fine-tuned"))
     blocksize: int = knob(128, "SparseGPT column block", flag="--sparsegpt-blocksize", bounds="[1,65536]")
     percdamp: float = knob(0.01, "SparseGPT dampening, fraction of mean diag(H)", flag="--sparsegpt-percdamp",
@@ -237,32 +269,34 @@ class PruneConfig(StepConfig):
     protect: typing.Union[str, tuple] = knob(
         (), "'auto' (detect super weights first) or module:row:col,...; kept out of the pruning mask and the "
             "noise", flag="--protect-super-weights", parse=parse_protect)
-    calib_samples: Optional[int] = budget(8, 128, "calibration windows", flag="--calib-samples", bounds="[1,1000000]")
+    calib_samples: Optional[int] = budget(8, 128, "calibration windows", flag="--calib-samples",
+                                          bounds="[1,1000000]")
     calib_seq_len: Optional[int] = budget(512, 2048, "tokens per calibration window", flag="--calib-seq-len",
                                         bounds="[2,1000000]", context=True)
-    super_weight_prompt: str = knob(SUPER_WEIGHT_PROMPT, "prompt of the super-weight detector",
-                                    flag="--super-weight-prompt")
+    super_weight_prompt: str = super_weight_prompt_knob()
     allocation: str = knob("uniform", "per-layer sparsity: uniform, owl (Yin et al. 2024: layers with more "
-                                      "activation outliers keep more), or ours, hessian / fisher (more curvature per "
-                                      "weight keeps more); non-uniform ones stay within target +- 2 x --owl-lambda and "
-                                      "prune exactly the target overall", flag="--sparsity-allocation",
-                           choices=("uniform", "owl", "hessian", "fisher"))
+                                      "activation outliers keep more), or ours, hessian / fisher (more "
+                                      "curvature per weight keeps more); non-uniform ones stay within target "
+                                      "+- 2 x --owl-lambda and prune exactly the target overall",
+                           flag="--sparsity-allocation", choices=("uniform", "owl", "hessian", "fisher"))
     owl_m: float = knob(5.0, "OWL's M: a Wanda score above M x its layer's mean is an outlier (5 in the OWL "
-                             "paper's LLaMA runs; its code's argparse default is 3)", flag="--owl-m", bounds="(0,1000]")
+                             "paper's LLaMA runs; its code's argparse default is 3)",
+                        flag="--owl-m", bounds="(0,1000]")
     owl_lambda: float = knob(0.08, "OWL's lambda: layer sparsities span 2 lambda around the target (all "
                                    "non-uniform allocations)", flag="--owl-lambda", bounds="[0,0.5]")
     allocation_windows: Optional[int] = budget(2, 8, "calibration windows of the hessian / fisher allocation",
                                              bounds="[1,1000000]")
     allocation_probes: int = knob(8, "Hutchinson probes of the hessian allocation", bounds="[1,100000]")
-    seed: int = knob(0, "seed", flag="--seed", bounds="[0,4294967295]")
-    progress: bool = knob(True, "progress bars", cli=False, results=False)
+    seed: int = seed_knob()
+    progress: bool = progress_knob()
 
     def point_key(self) -> tuple:
         """An N:M pattern fixes the sparsity: (wanda, 0.5, 2:4) and (wanda, 0.7, 2:4) are one point."""
         return (self.method, self.pattern, self.sparsity if parse_nm(self.pattern) is None else None)
 
     def variant_name(self, grid: bool) -> str:
-        """``pruned``, or in a grid ``pruned[wanda,0.6,unstructured]`` (an N:M point: ``pruned[wanda,2:4]``)."""
+        """``pruned``, or in a grid ``pruned[wanda,0.6,unstructured]`` (an N:M point:
+        ``pruned[wanda,2:4]``)."""
         if not grid:
             return "pruned"
         return f"pruned[{self.method},{self.pattern}]" if parse_nm(self.pattern) else \
@@ -289,34 +323,35 @@ class NoiseConfig(StepConfig):
     prefix: ClassVar[str] = "noise-"
     mode: str = knob("absolute", "noise of the noisy variant", choices=NOISE_MODES)
     epsilon: float = knob(0.05, "noise scale (bit-error rate for bitflip) of the noisy variant; a comma list "
-                                "makes one noisy variant per value", flag="--epsilon", bounds="[0,100]", grid=True)
+                                "makes one noisy variant per value",
+                          flag="--epsilon", bounds="[0,100]", grid=True)
     group: str = knob("all", "all|linears|layer:N|module:NAME|embeddings|norms")
-    seed: int = knob(0, "seed", flag="--seed", bounds="[0,4294967295]")
+    seed: int = seed_knob()
     bitflip_format: str = knob("bfloat16", "16-bit view of fp32 weights for bit flips",
                                choices=("bfloat16", "float16"))
-    sweep_mode: str = knob("relative", "noise mode of the eps sweep", flag="--sweep-mode", choices=NOISE_MODES)
+    sweep_mode: str = knob("relative", "noise mode of the eps sweep", flag="--sweep-mode",
+                           choices=NOISE_MODES)
     sweep_group: str = knob("linears", "parameter group of the sweep", flag="--sweep-group")
     sweep_eps: tuple = knob((0.02, 0.05, 0.1, 0.2, 0.5), "eps of the sweep", flag="--sweep-eps",
                             parse=parse_floats, bounds="[0,100]")
     sweep_seeds: int = knob(3, "seeds per eps", flag="--sweep-seeds", bounds="[1,10000]")
-    sweep_tokens: Optional[int] = budget(512, 16384, "evaluation tokens per sweep point", flag="--sweep-tokens",
-                                       bounds="[2,1000000000]")
+    sweep_tokens: Optional[int] = budget(512, 16384, "evaluation tokens per sweep point",
+                                         flag="--sweep-tokens", bounds="[2,1000000000]")
     sweep_seq_len: Optional[int] = budget(512, 2048, "tokens per sweep window (at most --sweep-tokens)",
                                         flag="--sweep-seq-len", bounds="[2,1000000]", context=True)
     protect_fraction: float = knob(0.005, "top fraction of weights by Fisher saliency kept clean in the "
-                                          "protected sweep (0: no protected sweep)", flag="--protect-fraction",
-                                   bounds="[0,1)")
+                                          "protected sweep (0: no protected sweep)",
+                                   flag="--protect-fraction", bounds="[0,1)")
     protect_score: str = knob("noise", "ranking of the protected weights: the expected loss increase under "
                                        "the sweep's noise, F sigma^2 (noise), or OBD's w^2 F (obd)",
                               flag="--protect-score", choices=("noise", "obd"))
     fisher_windows: Optional[int] = budget(4, 32, "calibration windows of that Fisher saliency",
                                          flag="--noise-fisher-windows", bounds="[1,1000000]")
-    fisher_seq_len: Optional[int] = budget(256, 2048, "tokens per Fisher window", flag="--noise-fisher-seq-len",
-                                         bounds="[2,1000000]", context=True)
-    protect: typing.Union[str, tuple] = knob((), "see --protect-super-weights", flag="--protect-super-weights",
-                                             parse=parse_protect)
-    super_weight_prompt: str = knob(SUPER_WEIGHT_PROMPT, "prompt of the super-weight detector",
-                                    flag="--super-weight-prompt")
+    fisher_seq_len: Optional[int] = budget(256, 2048, "tokens per Fisher window",
+                                           flag="--noise-fisher-seq-len", bounds="[2,1000000]", context=True)
+    protect: typing.Union[str, tuple] = knob((), "see --protect-super-weights",
+                                             flag="--protect-super-weights", parse=parse_protect)
+    super_weight_prompt: str = super_weight_prompt_knob()
     map: Optional[bool] = budget(False, True, "layer x module sensitivity map (costs layers x 7 evaluations)",
                                flag="--noise-map")
     map_eps: float = knob(0.1, "relative noise of each map cell", flag="--map-eps", bounds="[0,100]")
@@ -324,7 +359,7 @@ class NoiseConfig(StepConfig):
                                      bounds="[2,1000000000]")
     batch_size: Optional[int] = knob(None, "evaluation windows per forward pass (auto: from free memory "
                                            "on GPU, 1 on CPU)", flag="--batch-size", bounds="[1,65536]")
-    progress: bool = knob(True, "progress bars", cli=False, results=False)
+    progress: bool = progress_knob()
 
     def variant_name(self, grid: bool) -> str:
         """``noisy``, or in a grid ``noisy[absolute,0.05]``."""
@@ -348,27 +383,28 @@ class QuantizeConfig(StepConfig):
     wbits: int = knob(4, "bits per weight (the uniform choice)", flag="--wbits", bounds="[2,8]")
     group: int = knob(128, "RTN group size (input columns)", flag="--quant-group", bounds="[1,1000000]")
     act_order: bool = knob(False, "GPTQ: quantize columns by decreasing H_jj (act order)", flag="--act-order")
-    percdamp: float = knob(0.01, "GPTQ dampening, fraction of mean diag(H)", flag="--gptq-percdamp", bounds="[0,10]")
+    percdamp: float = knob(0.01, "GPTQ dampening, fraction of mean diag(H)", flag="--gptq-percdamp",
+                           bounds="[0,10]")
     blocksize: int = knob(128, "GPTQ column block", flag="--gptq-blocksize", bounds="[1,65536]")
     protect: typing.Union[str, tuple] = knob((), "see --protect-super-weights (kept in full precision)",
                                              flag="--protect-super-weights", parse=parse_protect)
-    keep_fraction: float = knob(0.0, "top fraction of weights by OBD saliency 0.5 F w^2 also kept in full precision",
-                                bounds="[0,1)")
-    bit_allocation: str = knob("uniform", "bits per linear: uniform (--wbits), or from {2,3,4,8} by Hessian / Fisher "
-                                          "sensitivity under --avg-bits (HAWQ-style, greedy)",
+    keep_fraction: float = knob(0.0, "top fraction of weights by OBD saliency 0.5 F w^2 also kept "
+                                     "in full precision", bounds="[0,1)")
+    bit_allocation: str = knob("uniform", "bits per linear: uniform (--wbits), or from {2,3,4,8} by Hessian "
+                                          "/ Fisher sensitivity under --avg-bits (HAWQ-style, greedy)",
                                flag="--bit-allocation", choices=("uniform", "hessian", "fisher"))
-    avg_bits: Optional[float] = knob(None, "average code bits per weight of the mixed precision", flag="--avg-bits",
-                                     bounds="[2,8]", shown="--wbits")
+    avg_bits: Optional[float] = knob(None, "average code bits per weight of the mixed precision",
+                                     flag="--avg-bits", bounds="[2,8]", shown="--wbits")
     sensitivity_windows: Optional[int] = budget(2, 8, "calibration windows of the sensitivities and saliency",
                                               bounds="[1,1000000]")
     sensitivity_probes: int = knob(8, "Hutchinson probes of --bit-allocation hessian", bounds="[1,100000]")
-    calib_samples: Optional[int] = budget(8, 128, "calibration windows", flag="--calib-samples", bounds="[1,1000000]")
+    calib_samples: Optional[int] = budget(8, 128, "calibration windows", flag="--calib-samples",
+                                          bounds="[1,1000000]")
     calib_seq_len: Optional[int] = budget(512, 2048, "tokens per calibration window", flag="--calib-seq-len",
                                         bounds="[2,1000000]", context=True)
-    super_weight_prompt: str = knob(SUPER_WEIGHT_PROMPT, "prompt of the super-weight detector",
-                                    flag="--super-weight-prompt")
-    seed: int = knob(0, "seed", flag="--seed", bounds="[0,4294967295]")
-    progress: bool = knob(True, "progress bars", cli=False, results=False)
+    super_weight_prompt: str = super_weight_prompt_knob()
+    seed: int = seed_knob()
+    progress: bool = progress_knob()
 
 
 @dataclass
@@ -378,16 +414,17 @@ class EvalConfig(StepConfig):
                                     context=True)
     stride: Optional[int] = knob(None, "sliding-window stride (auto: --seq-len, disjoint windows)",
                                  flag="--stride", bounds="[1,1000000]")
-    eval_tokens: Optional[int] = budget(8192, 0, "evaluate the first N tokens; 0 means all", flag="--eval-tokens",
-                                      bounds="[0,1000000000]")
+    eval_tokens: Optional[int] = budget(8192, 0, "evaluate the first N tokens; 0 means all",
+                                        flag="--eval-tokens", bounds="[0,1000000000]")
     batch_size: Optional[int] = knob(None, "evaluation windows per forward pass (auto: from free memory "
                                            "on GPU, 1 on CPU)", flag="--batch-size", bounds="[1,65536]")
     prompts: tuple = knob((SAMPLE_PROMPT,), "sample prompt (repeat the flag for several)", flag="--prompt",
                           many=True)
     max_new_tokens: int = knob(48, "greedy answer length per prompt (0: none)", flag="--max-new-tokens",
                                bounds="[0,4096]")
-    kl: bool = knob(False, "also report KL and top-1 agreement of each variant against its parent", flag="--kl")
-    progress: bool = knob(True, "progress bars", cli=False, results=False)
+    kl: bool = knob(False, "also report KL and top-1 agreement of each variant against its parent",
+                    flag="--kl")
+    progress: bool = progress_knob()
 
     def scoring_only(self, **changes) -> "EvalConfig":
         """This config for perplexity alone (no greedy answers, no progress bar): what the sweeps,
@@ -404,19 +441,20 @@ class ZeroShotConfig(StepConfig):
     """Zero-shot accuracy of every variant through lm-evaluation-harness (``lm_eval``)."""
 
     step: ClassVar[str] = "zeroshot"
-    enabled: Optional[bool] = budget(False, True, "zero-shot accuracy of every variant through lm-evaluation-harness "
-                                         "(auto: on GPU, or when --tasks is given)", flag="--zeroshot")
+    enabled: Optional[bool] = budget(False, True, "zero-shot accuracy of every variant through "
+                                                  "lm-evaluation-harness (auto: on GPU, or when "
+                                                  "--tasks is given)", flag="--zeroshot")
     tasks: tuple = knob(ZEROSHOT_TASKS, "lm-eval task names or task YAML paths", flag="--tasks",
                         parse=parse_names)
     include_path: Optional[str] = knob(None, "folder of extra lm-eval task YAMLs (local tasks)",
                                        flag="--tasks-include", shown="none")
-    limit: Optional[int] = budget(100, 0, "examples per task, the first N (0: all; a CPU budget, not the papers' "
-                                      "protocol)", flag="--tasks-limit", bounds="[0,1000000000]")
+    limit: Optional[int] = budget(100, 0, "examples per task, the first N (0: all; a CPU budget, not the "
+                                          "papers' protocol)", flag="--tasks-limit", bounds="[0,1000000000]")
     num_fewshot: int = knob(0, "in-context examples per question (0: zero-shot, as the papers)",
                             flag="--num-fewshot", bounds="[0,1000]")
     batch_size: Optional[int] = knob(None, "evaluation windows per forward pass (auto: from free memory "
                                            "on GPU, 1 on CPU)", flag="--batch-size", bounds="[1,65536]")
-    progress: bool = knob(True, "progress bars", cli=False, results=False)
+    progress: bool = progress_knob()
     trust_remote_code: bool = knob(False, "allow local task YAMLs that run Python (!function)",
                                    flag="--trust-remote-code", results=False)
 
@@ -446,8 +484,8 @@ class ZeroShotConfig(StepConfig):
             raise UserError(f"--tasks-include: {self.include_path!r} is not a folder of task YAMLs")
         _, code = T.local_task_files(self.tasks, self.include_path)
         if code and not self.trust_remote_code:
-            raise UserError(f"zero-shot task {code[0]} runs Python code of its own (!function), which lm-eval would "
-                            "import and run; pass --trust-remote-code if you trust it")
+            raise UserError(f"zero-shot task {code[0]} runs Python code of its own (!function), which "
+                            "lm-eval would import and run; pass --trust-remote-code if you trust it")
 
 
 @dataclass
@@ -455,11 +493,11 @@ class ExportConfig(StepConfig):
     """Every variant as a loadable ``save_pretrained`` directory with a model card."""
 
     step: ClassVar[str] = "export"
-    enabled: bool = knob(False, "write every variant as a save_pretrained directory (safetensors) with a model "
-                                "card, into <output-dir>/export/<variant>", flag="--export")
-    two_of_four: bool = knob(False, "on CUDA, also convert the 2:4-pruned linears to PyTorch's semi-structured "
-                                    "sparse format and measure forward tokens/s against dense (implies --export)",
-                             flag="--export-2of4")
+    enabled: bool = knob(False, "write every variant as a save_pretrained directory (safetensors) with a "
+                                "model card, into <output-dir>/export/<variant>", flag="--export")
+    two_of_four: bool = knob(False, "on CUDA, also convert the 2:4-pruned linears to PyTorch's "
+                                    "semi-structured sparse format and measure forward tokens/s against "
+                                    "dense (implies --export)", flag="--export-2of4")
     speed_batches: tuple = knob((1, 16), "batch sizes of the 2:4 speed measurement", flag="--speed-batches",
                                 parse=parse_ints, bounds="[1,65536]")
     speed_seq_len: int = knob(128, "tokens per sequence of the 2:4 speed measurement", flag="--speed-seq-len",
@@ -467,10 +505,10 @@ class ExportConfig(StepConfig):
     max_shard_size: str = knob("2GB", "safetensors shard size of the saved model", flag="--max-shard-size",
                                results=False)
     quant_format: str = knob("dequantized", "the quantized variant's export: dequantized weights (plain "
-                                            "safetensors), or compressed-tensors (naive-quantized: integer codes, "
-                                            "scales and zero points, which transformers and vLLM read; needs the "
-                                            "compressed-tensors package)", flag="--export-quant-format",
-                             choices=("dequantized", "compressed-tensors"))
+                                            "safetensors), or compressed-tensors (naive-quantized: integer "
+                                            "codes, scales and zero points, which transformers and vLLM "
+                                            "read; needs the compressed-tensors package)",
+                             flag="--export-quant-format", choices=("dequantized", "compressed-tensors"))
     command: str = knob("", "command line written into the model cards (set by the pipeline)", cli=False,
                         results=False)
 
@@ -486,9 +524,11 @@ class AdversarialConfig(StepConfig):
                            flag="--attack-eps", parse=parse_floats, bounds="[0,1000]")
     norm: str = knob("linf", "l2 is per token", flag="--attack-norm", choices=("linf", "l2"))
     pgd_steps: Optional[int] = budget(5, 20, "PGD steps", flag="--attack-steps", bounds="[1,100000]")
-    n_windows: Optional[int] = budget(3, 32, "text windows attacked", flag="--attack-windows", bounds="[1,1000000]")
+    n_windows: Optional[int] = budget(3, 32, "text windows attacked", flag="--attack-windows",
+                                      bounds="[1,1000000]")
     prompt_len: Optional[int] = budget(32, 128, "tokens of each attacked prompt", bounds="[1,1000000]")
-    continuation_len: Optional[int] = budget(16, 32, "tokens of each scored continuation", bounds="[1,1000000]")
+    continuation_len: Optional[int] = budget(16, 32, "tokens of each scored continuation",
+                                             bounds="[1,1000000]")
     prompts: tuple = knob((SAMPLE_PROMPT,), "sample prompt (repeat the flag for several)", flag="--prompt",
                           many=True)
     target: str = knob(" Star Wars", "target string of the targeted attacks and GCG", flag="--attack-target")
@@ -496,25 +536,30 @@ class AdversarialConfig(StepConfig):
     targeted_steps: Optional[int] = budget(10, 40, "steps of the targeted PGD", flag="--targeted-steps",
                                          bounds="[1,100000]")
     gcg_steps: Optional[int] = budget(10, 100, "GCG iterations", flag="--gcg-steps", bounds="[1,100000]")
-    gcg_batch: Optional[int] = budget(16, 128, "GCG candidates per step", flag="--gcg-batch", bounds="[1,65536]")
-    gcg_topk: Optional[int] = budget(32, 256, "GCG top-k tokens per position", flag="--gcg-topk", bounds="[1,1000000]")
-    gcg_suffix_len: Optional[int] = budget(6, 20, "GCG suffix tokens", flag="--gcg-suffix-len", bounds="[1,1000]")
+    gcg_batch: Optional[int] = budget(16, 128, "GCG candidates per step", flag="--gcg-batch",
+                                      bounds="[1,65536]")
+    gcg_topk: Optional[int] = budget(32, 256, "GCG top-k tokens per position", flag="--gcg-topk",
+                                     bounds="[1,1000000]")
+    gcg_suffix_len: Optional[int] = budget(6, 20, "GCG suffix tokens", flag="--gcg-suffix-len",
+                                           bounds="[1,1000]")
     filter_prompts: int = knob(50, "clean prompts that calibrate the perplexity filter, and as many held out "
-                                   "for its false-positive rate", flag="--filter-prompts", bounds="[2,100000]")
+                                   "for its false-positive rate",
+                               flag="--filter-prompts", bounds="[2,100000]")
     defence: str = knob("free", "adversarial-training defence: free (Free-AT, Shafahi et al. 2019: one "
-                                        "forward+backward per step gives the weight and the perturbation "
-                                        "gradients), pgd (Madry et al. 2018: a full PGD attack per step), none",
-                                  flag="--defence", choices=("free", "pgd", "none"))
+                                "forward+backward per step gives the weight and the perturbation gradients), "
+                                "pgd (Madry et al. 2018: a full PGD attack per step), none",
+                        flag="--defence", choices=("free", "pgd", "none"))
     defence_steps: Optional[int] = budget(4, 50, "adversarial fine-tuning steps (weight updates)",
                                         flag="--defence-steps", bounds="[1,100000]")
-    defence_lr: float = knob(1e-5, "adversarial fine-tuning learning rate", flag="--defence-lr", bounds="(0,1]")
+    defence_lr: float = knob(1e-5, "adversarial fine-tuning learning rate", flag="--defence-lr",
+                             bounds="(0,1]")
     defence_lora_r: Optional[int] = knob(None, "LoRA rank of the defence (auto: 16 above 1.5B parameters, "
                                                "else all weights; 0: all weights)", flag="--defence-lora-r",
                                          bounds="[0,65536]")
     max_new_tokens: int = knob(48, "greedy answer length per prompt (0: none)", flag="--max-new-tokens",
                                bounds="[0,4096]")
-    seed: int = knob(0, "seed", flag="--seed", bounds="[0,4294967295]")
-    progress: bool = knob(True, "progress bars", cli=False, results=False)
+    seed: int = seed_knob()
+    progress: bool = progress_knob()
 
 
 @dataclass
@@ -528,46 +573,48 @@ class AnalysisConfig(StepConfig):
     fisher_windows: Optional[int] = budget(8, 32, "windows of the Fisher diagonal", bounds="[1,100000]")
     max_probes: Optional[int] = budget(6, 50, "max Hutchinson probes (stops earlier on --hessian-tol)",
                                      flag="--hessian-probes", bounds="[1,100000]")
-    rel_stderr: float = knob(0.1, "Hutchinson probes until every layer's trace has a standard error of at most "
-                                  "this fraction of its magnitude (0: PyHessian's --hessian-tol rule)",
+    rel_stderr: float = knob(0.1, "Hutchinson probes until every layer's trace has a standard error of at "
+                                  "most this fraction of its magnitude (0: PyHessian's --hessian-tol rule)",
                              flag="--hessian-rel-stderr", bounds="[0,10]")
     tol: float = knob(1e-2, "with --hessian-rel-stderr 0: relative change of the total trace that stops "
                             "Hutchinson", flag="--hessian-tol", bounds="[0,10]")
-    power_iters: Optional[int] = budget(4, 20, "power iterations for the top eigenvalue", flag="--power-iters",
-                                      bounds="[1,100000]")
+    power_iters: Optional[int] = budget(4, 20, "power iterations for the top eigenvalue",
+                                        flag="--power-iters", bounds="[1,100000]")
     per_block: Optional[bool] = knob(None, "Hessian one block at a time (auto: above 3B parameters)",
                                      flag="--per-block")
     saliency: str = knob("fisher", "the H_ii of OBD saliency 0.5 H_ii w^2", flag="--saliency",
                          choices=("fisher", "hutchinson"))
-    super_weight_prompt: str = knob(SUPER_WEIGHT_PROMPT, "prompt of the super-weight detector",
-                                    flag="--super-weight-prompt")
+    super_weight_prompt: str = super_weight_prompt_knob()
     max_super_weights: int = knob(4, "super-weight candidates searched", flag="--max-super-weights",
                                   bounds="[1,1000]")
-    super_weight_min_ratio: float = knob(1.5, "a candidate is accepted as a super weight when zeroing it alone "
-                                              "multiplies perplexity by at least this", flag="--super-weight-min-ratio",
-                                         bounds="[1,1000000]")
+    super_weight_min_ratio: float = knob(1.5, "a candidate is accepted as a super weight when zeroing it "
+                                              "alone multiplies perplexity by at least this",
+                                         flag="--super-weight-min-ratio", bounds="[1,1000000]")
     quant_bits: tuple = knob((4, 3), "RTN bit widths", flag="--quant-bits", parse=parse_ints, bounds="[2,8]")
     quant_group: int = knob(128, "RTN group size (input columns)", flag="--quant-group", bounds="[1,1000000]")
     quant_top_fraction: float = knob(0.0005, "fraction of weights kept in full precision by the guided "
                                              "quantization", flag="--quant-top-fraction", bounds="[0,1)")
     eval_tokens: Optional[int] = budget(512, 16384, "evaluation tokens of ablations and quantization",
                                         bounds="[2,1000000000]")
-    eval_seq_len: Optional[int] = budget(512, 2048, "tokens per evaluation window (at most --analysis-eval-tokens)",
+    eval_seq_len: Optional[int] = budget(512, 2048, "tokens per evaluation window (at most "
+                                                    "--analysis-eval-tokens)",
                                        bounds="[2,1000000]", context=True)
     batch_size: Optional[int] = knob(None, "evaluation windows per forward pass (auto: from free memory "
                                            "on GPU, 1 on CPU)", flag="--batch-size", bounds="[1,65536]")
-    seed: int = knob(0, "seed", flag="--seed", bounds="[0,4294967295]")
-    progress: bool = knob(True, "progress bars", cli=False, results=False)
+    seed: int = seed_knob()
+    progress: bool = progress_knob()
 
 
 STEP_CONFIGS: dict[str, type] = {"finetune": FinetuneConfig, "prune": PruneConfig, "noise": NoiseConfig,
                                  "quantize": QuantizeConfig, "eval": EvalConfig, "zeroshot": ZeroShotConfig,
-                                 "export": ExportConfig, "adversarial": AdversarialConfig, "analysis": AnalysisConfig}
+                                 "export": ExportConfig, "adversarial": AdversarialConfig,
+                                 "analysis": AnalysisConfig}
 
 
 @dataclass
 class PipelineConfig:
-    """The whole run: ``run_pipeline(PipelineConfig(run=RunConfig(model=...), prune=PruneConfig(sparsity=0.6)))``."""
+    """The whole run:
+    ``run_pipeline(PipelineConfig(run=RunConfig(model=...), prune=PruneConfig(sparsity=0.6)))``."""
 
     run: RunConfig = field(default_factory=RunConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)

@@ -24,19 +24,28 @@ from llm_plots import make_plots
 
 log = logging.getLogger("llm.report")
 
+
+def _section(title: str, sentence: str, figure: Optional[str] = None, alt: Optional[str] = None) -> list[str]:
+    """A section's heading and opening sentence, then its figure ``plots/<figure>`` when it has one."""
+    return ["", f"## {title}", "", sentence] + (["", f"![{alt}](plots/{figure})"] if figure else [])
+
+
 def _md_perplexity(results: dict) -> list[str]:
     """Every variant against its parent."""
     lines: list[str] = []
-    lines += ["", "## Perplexity", "", "Each variant against the variant it was derived from (its parent); KL and "
-              "top-1 agreement are against the parent too (with --kl).", "",
-              "| variant | what it is | perplexity | x parent | nll (nats) | bits/byte | tokens | KL | top-1 agree |",
+    lines += ["", "## Perplexity", "",
+              "Each variant against the variant it was derived from (its parent); KL and top-1 agreement are "
+              "against the parent too (with --kl).", "",
+              "| variant | what it is | perplexity | x parent | nll (nats) | bits/byte | tokens | KL | "
+              "top-1 agree |",
               "|---|---|---|---|---|---|---|---|---|"]
     parents, ppl = results.get("variants") or {}, results.get("perplexity", {})
     for name, ev in results.get("evaluation", {}).items():
         parent = parents.get(name)
         ratio = R.ratio(ev["perplexity"], ppl.get(parent))
-        lines.append(f"| {R.esc(name)} | {R.text(R.describe_variant(results, name))} | {R.fmt(ev['perplexity'])} | "
-                     f"{R.fmt(ratio)} | {R.fmt(ev['nll'])} | {R.fmt(ev['bits_per_byte'])} | {ev['tokens_scored']} | {R.fmt(ev.get('kl'))} | "
+        lines.append(f"| {R.esc(name)} | {R.text(R.describe_variant(results, name))} | "
+                     f"{R.fmt(ev['perplexity'])} | {R.fmt(ratio)} | {R.fmt(ev['nll'])} | "
+                     f"{R.fmt(ev['bits_per_byte'])} | {ev['tokens_scored']} | {R.fmt(ev.get('kl'))} | "
                      f"{R.fmt(ev.get('top1_agreement'))} |")
     return lines
 
@@ -46,12 +55,12 @@ def _md_finetune(results: dict) -> list[str]:
     lines: list[str] = []
     ft = results.get("finetune")
     if ft and ft.get("heldout_loss_before") is not None:
-        lines += ["", "## Fine-tuning", "",
-                  f"{ft['mode']} fine-tune, {ft['steps']} steps "
-                  f"({'loaded from disk' if ft['loaded_existing'] else 'trained'}"
-                  f"): held-out perplexity {R.fmt(ft['heldout_ppl_before'])} -> {R.fmt(ft['heldout_ppl_after'])} "
-                  f"(on {ft.get('heldout_token_set') or 'the held-out tail of the training text'}).",
-                  "", "![fine-tuning curve](plots/finetune_loss.png)"]
+        held = ft.get("heldout_token_set") or "the held-out tail of the training text"
+        lines += _section("Fine-tuning",
+                          f"{ft['mode']} fine-tune, {ft['steps']} steps "
+                          f"({'loaded from disk' if ft['loaded_existing'] else 'trained'}): held-out "
+                          f"perplexity {R.fmt(ft['heldout_ppl_before'])} -> {R.fmt(ft['heldout_ppl_after'])} "
+                          f"(on {held}).", "finetune_loss.png", "fine-tuning curve")
     return lines
 
 
@@ -62,23 +71,26 @@ def _md_prune(results: dict) -> list[str]:
     if pr and pr.get("grid"):
         lines += _md_prune_grid(results)
     elif pr:
-        lines += ["", "## Pruning", "",
-                  f"{R.text(pr['method'])} {R.text(pr['pattern'])}: achieved sparsity {R.fmt(pr['overall_sparsity'])} "
-                  f"(target {R.fmt(pr['target_sparsity'])}) in {R.fmt(pr['seconds'])} s, calibrated on "
-                  f"{pr['calibration']['windows']} windows of {pr['calibration']['seq_len']} tokens.",
-                  "", "![sparsity per layer](plots/prune_sparsity_per_layer.png)"]
+        lines += _section("Pruning",
+                          f"{R.text(pr['method'])} {R.text(pr['pattern'])}: achieved sparsity "
+                          f"{R.fmt(pr['overall_sparsity'])} (target {R.fmt(pr['target_sparsity'])}) in "
+                          f"{R.fmt(pr['seconds'])} s, calibrated on {pr['calibration']['windows']} windows "
+                          f"of {pr['calibration']['seq_len']} tokens.",
+                          "prune_sparsity_per_layer.png", "sparsity per layer")
         alloc = pr.get("allocation") or {}
         if alloc.get("mode") not in (None, "uniform"):
-            lines += ["", f"Layer-wise allocation {R.text(alloc['mode'])} (lambda {R.fmt(alloc.get('lambda'))}"
+            lines += ["", f"Layer-wise allocation {R.text(alloc['mode'])} "
+                          f"(lambda {R.fmt(alloc.get('lambda'))}"
                       + (f", M {R.fmt(alloc.get('owl_m'))}" if alloc["mode"] == "owl" else "") + "): "
                       f"{pr.get('pruned_weights')} of {pr.get('total_weights')} weights pruned."]
     q = results.get("quantize")
     if q and q.get("status") == "ran":
-        lines += ["", "## Quantization", "",
-                  f"{R.text(q['method'])} g{q['group']}, {R.text(q['bit_allocation'])} bits: {R.fmt(q['avg_code_bits'])} "
-                  f"code bits per weight, {R.fmt(q['avg_bits'])} with scales, zeros and {q['kept_weights']} weights kept "
-                  f"in full precision, in {R.fmt(q['seconds'])} s.",
-                  "", "![bits per layer](plots/quantize_bits_per_layer.png)"]
+        lines += _section("Quantization",
+                          f"{R.text(q['method'])} g{q['group']}, {R.text(q['bit_allocation'])} bits: "
+                          f"{R.fmt(q['avg_code_bits'])} code bits per weight, {R.fmt(q['avg_bits'])} with "
+                          f"scales, zeros and {q['kept_weights']} weights kept in full precision, in "
+                          f"{R.fmt(q['seconds'])} s.",
+                          "quantize_bits_per_layer.png", "bits per layer")
     return lines
 
 
@@ -90,16 +102,19 @@ def _md_prune_grid(results: dict) -> list[str]:
     parent = recs[0][1].get("parent") if recs else None
     cal = R.field(recs[0][1], "calibration", kind=dict, default={}) if recs else {}
     lines = ["", "## Pruning (grid)", "",
-             f"{len(recs)} pruned variants of {R.text(parent)}, each from the same {R.fmt(cal.get('windows'))} "
-             f"calibration windows of {R.fmt(cal.get('seq_len'))} tokens of {R.text(cal.get('source'))}. Dense "
-             f"({R.text(parent)}): perplexity {R.fmt(R.num(ppl.get(parent)))}.", "",
-             "| variant | method | pattern | allocation | sparsity (achieved) | perplexity | x parent | zero-shot mean |",
+             f"{len(recs)} pruned variants of {R.text(parent)}, each from the same "
+             f"{R.fmt(cal.get('windows'))} calibration windows of {R.fmt(cal.get('seq_len'))} tokens of "
+             f"{R.text(cal.get('source'))}. Dense ({R.text(parent)}): perplexity "
+             f"{R.fmt(R.num(ppl.get(parent)))}.", "",
+             "| variant | method | pattern | allocation | sparsity (achieved) | perplexity | x parent | "
+             "zero-shot mean |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in recs:
         lines.append(f"| {R.esc(name)} | {R.text(r.get('method'))} | {R.text(r.get('pattern'))} | "
                      f"{R.text(R.field(r, 'allocation', 'mode', default='uniform'))} | "
                      f"{R.fmt(R.num(r.get('overall_sparsity')))} | {R.fmt(R.num(ppl.get(name)))} | "
-                     f"{R.fmt(R.ratio(ppl.get(name), ppl.get(parent)))} | {R.acc_pct(R.field(means, name, 'acc'))} |")
+                     f"{R.fmt(R.ratio(ppl.get(name), ppl.get(parent)))} | "
+                     f"{R.acc_pct(R.field(means, name, 'acc'))} |")
     return lines + ["", "![perplexity against sparsity](plots/prune_curves.png)", "",
                     "![sparsity per layer](plots/prune_sparsity_per_layer.png)"]
 
@@ -111,22 +126,25 @@ def _md_noise(results: dict) -> list[str]:
     if nz:
         v, sw = nz["variant"], nz["sweep"]
         lines += ["", "## Weight noise", "",
-                  f"Noisy variant: {R.text(v['mode'])} noise, eps={R.text(v['epsilon'])}, group {R.text(v['group'])} "
-                  f"({v['n_weights']} weights). Saturation (uniform guesser) = {R.fmt(sw['saturation'])}.", "",
+                  f"Noisy variant: {R.text(v['mode'])} noise, eps={R.text(v['epsilon'])}, group "
+                  f"{R.text(v['group'])} ({v['n_weights']} weights). Saturation (uniform guesser) = "
+                  f"{R.fmt(sw['saturation'])}.", "",
                   *(["Noisy variants (one per eps): " + ", ".join(R.esc(n) for n, _ in R.variant_records(
                       results, "noise", "noisy")) + ".", ""] if nz.get("grid") else []),
                   f"The sweep is scored on {sw['clean'].get('token_set', 'a subset of the evaluation text')} "
                   f"(clean perplexity {R.fmt(sw['clean']['perplexity'])}).", "",
-                  f"Sweep ({sw['mode']} noise on decoder linears, {len(sw['points'])} points): perplexity doubles at "
-                  f"eps = {R.fmt(sw['doubling_eps'].get('unprotected'))} without protection, "
-                  f"{R.fmt(sw['doubling_eps'].get('protected'))} with the top {R.pct(sw.get('protect_fraction'))} "
-                  f"of weights by {sw.get('protect_score', 'w^2 F')} kept clean.", "",
+                  f"Sweep ({sw['mode']} noise on decoder linears, {len(sw['points'])} points): "
+                  f"perplexity doubles at eps = {R.fmt(sw['doubling_eps'].get('unprotected'))} without "
+                  f"protection, {R.fmt(sw['doubling_eps'].get('protected'))} with the top "
+                  f"{R.pct(sw.get('protect_fraction'))} of weights by "
+                  f"{sw.get('protect_score', 'w^2 F')} kept clean.", "",
                   "| eps | ppl (mean) | ppl protected | KL | top-1 |", "|---|---|---|---|---|"]
         up = sw["summary"]["unprotected"]
         pr_ = sw["summary"].get("protected", {}).get("perplexity", {})
         for e in sorted(up["perplexity"], key=float):
-            lines.append(f"| {e} | {R.fmt(up['perplexity'][e]['mean'])} | {R.fmt(pr_.get(e, {}).get('mean'))} | "
-                         f"{R.fmt(up['kl'][e]['mean'])} | {R.fmt(up['top1'][e]['mean'])} |")
+            lines.append(f"| {e} | {R.fmt(up['perplexity'][e]['mean'])} | "
+                         f"{R.fmt(pr_.get(e, {}).get('mean'))} | {R.fmt(up['kl'][e]['mean'])} | "
+                         f"{R.fmt(up['top1'][e]['mean'])} |")
         lines += ["", "![noise sweep](plots/noise_sweep.png)"]
         if nz.get("top_cells"):
             lines += ["", "Most noise-sensitive cells: " + ", ".join(
@@ -153,20 +171,25 @@ def _md_zeroshot(results: dict) -> list[str]:
         return lines + [f"> **Not measured:** {R.esc(zs.get('reason'))}"] + \
             [f"> - {R.esc(t)}: {R.esc(why)}" for t, why in (zs.get("unavailable") or {}).items()]
     pr = zs["protocol"]
-    lines.append(f"lm-eval {pr.get('lm_eval')}, {pr.get('num_fewshot')}-shot, accuracy in % ± standard error; "
-                 + (f"**at most the first {pr['limit']} examples per task** (a CPU budget, not the papers' protocol)"
-                    if pr.get("limit") else "every example") + ". The mean is unweighted over tasks, as in the papers.")
+    lines.append(f"lm-eval {pr.get('lm_eval')}, {pr.get('num_fewshot')}-shot, "
+                 "accuracy in % ± standard error; "
+                 + (f"**at most the first {pr['limit']} examples per task** (a CPU budget, not the papers' "
+                    "protocol)" if pr.get("limit") else "every example")
+                 + ". The mean is unweighted over tasks, as in the papers.")
     if zs.get("unavailable"):
-        lines += ["", "> **Tasks not evaluated** (their data could not be had; the mean leaves them out):"] + \
+        lines += ["",
+                  "> **Tasks not evaluated** (their data could not be had; the mean leaves them out):"] + \
             [f"> - {R.esc(t)}: {R.esc(why)}" for t, why in zs["unavailable"].items()]
     tasks, parents = pr.get("tasks", []), zs.get("parents") or {}
-    lines += ["", "| variant | parent | " + " | ".join(R.esc(t) for t in tasks) + " | mean acc | change vs parent "
-              "| mean acc_norm |", "|---" * (len(tasks) + 5) + "|"]
+    lines += ["", "| variant | parent | " + " | ".join(R.esc(t) for t in tasks)
+              + " | mean acc | change vs parent | mean acc_norm |", "|---" * (len(tasks) + 5) + "|"]
     for name, per_task in zs["tasks"].items():
         mean, parent = zs["mean"][name], parents.get(name)
         p = (zs["mean"].get(parent) or {}).get("acc")
-        change = f"{100 * (mean['acc'] - p):+.1f}" if R.num(p) is not None and R.num(mean.get("acc")) is not None else "-"
-        lines.append(f"| {R.esc(name)} | {R.text(parent)} | " + " | ".join(_acc(per_task.get(t)) for t in tasks)
+        change = (f"{100 * (mean['acc'] - p):+.1f}"
+                  if R.num(p) is not None and R.num(mean.get("acc")) is not None else "-")
+        lines.append(f"| {R.esc(name)} | {R.text(parent)} | "
+                     + " | ".join(_acc(per_task.get(t)) for t in tasks)
                      + f" | {_acc(mean)} | {change} | {_acc(mean, 'acc_norm')} |")
     return lines
 
@@ -176,8 +199,9 @@ def _md_export(results: dict) -> list[str]:
     ex = results.get("export")
     if not ex or ex.get("status") != "ran":
         return []
-    lines = ["", "## Exports", "", "Each directory loads with `AutoModelForCausalLM.from_pretrained` and holds a "
-             "model card (README.md).", ""]
+    lines = ["", "## Exports", "",
+             "Each directory loads with `AutoModelForCausalLM.from_pretrained` and holds a model card "
+             "(README.md).", ""]
     lines += [f"- {name}: `{R.esc(v['path'])}`, {v['bytes'] / 2 ** 20:.1f} MiB, "
               f"{R.pct(round(v['zero_fraction_linears'], 4))} zeros in the decoder linears"
               for name, v in ex["variants"].items()]
@@ -205,20 +229,22 @@ def _md_adversarial(results: dict) -> list[str]:
                   "| method | eps | clean NLL | attacked NLL | delta NLL | top-1 agreement |",
                   "|---|---|---|---|---|---|"]
         for r in adv["table"]:
-            lines.append(f"| {r['method']} | {r['eps']} | {R.fmt(r['clean_nll'])} | {R.fmt(r['attacked_nll'])} | "
-                         f"{R.fmt(r['delta_nll'])} | {R.fmt(r['top1_agreement'])} |")
+            lines.append(f"| {r['method']} | {r['eps']} | {R.fmt(r['clean_nll'])} | "
+                         f"{R.fmt(r['attacked_nll'])} | {R.fmt(r['delta_nll'])} | "
+                         f"{R.fmt(r['top1_agreement'])} |")
         t, gcg, pf, at = adv["targeted"], adv["gcg"], adv["perplexity_filter"], adv["adversarial_training"]
         lines += ["", f"Targeted PGD (target {R.esc(repr(t['target']))}, eps {t['eps']}): "
                       f"success rate {R.fmt(t['success_rate'])} over {t['n']} prompts.",
-                  f"GCG suffix {R.esc(repr(gcg['suffix_text']))}: target loss {R.fmt(gcg['initial_loss'])} -> "
-                  f"{R.fmt(gcg['final_loss'])}, success {gcg['success']}.",
+                  f"GCG suffix {R.esc(repr(gcg['suffix_text']))}: target loss {R.fmt(gcg['initial_loss'])} "
+                  f"-> {R.fmt(gcg['final_loss'])}, success {gcg['success']}.",
                   f"Perplexity filter ({pf.get('scored', '')}; threshold {R.fmt(pf['threshold'])} from "
                   f"{pf.get('calibration_prompts')} calibration prompts): false-positive rate "
-                  f"{R.fmt(pf['false_positive_rate'])} on {pf.get('heldout_prompts')} held-out clean prompts, "
-                  f"true-positive rate {R.fmt(pf.get('true_positive_rate'))} on {pf.get('attacked_prompts')} "
-                  f"prompts with the GCG suffix; windowed ({(pf.get('windowed') or {}).get('window')} tokens): "
-                  f"FPR {R.fmt((pf.get('windowed') or {}).get('false_positive_rate'))}, "
-                  f"TPR {R.fmt((pf.get('windowed') or {}).get('true_positive_rate'))}.",
+                  f"{R.fmt(pf['false_positive_rate'])} on {pf.get('heldout_prompts')} held-out clean "
+                  f"prompts, true-positive rate {R.fmt(pf.get('true_positive_rate'))} on "
+                  f"{pf.get('attacked_prompts')} prompts with the GCG suffix; windowed "
+                  f"({(pf.get('windowed') or {}).get('window')} tokens): FPR "
+                  f"{R.fmt((pf.get('windowed') or {}).get('false_positive_rate'))}, TPR "
+                  f"{R.fmt((pf.get('windowed') or {}).get('true_positive_rate'))}.",
                   _defence_line(at), ""]
         for prompt, ans in adv["answers"].items():
             lines.append(f"- *{R.esc(prompt)}* clean: {R.esc(ans['clean'])}  \n  under PGD eps={ans['eps']}: "
@@ -234,8 +260,9 @@ def _defence_line(at: dict) -> str:
         return "Adversarial fine-tune: off (--defence none)."
     passes = (at.get("passes") or {}).get("training") or {}
     cost = f", {passes['forward']} forward / {passes['backward']} backward passes" if passes else ""
-    return (f"Adversarial fine-tune ({at.get('defence', 'pgd')}, {at['steps']} steps{cost}): delta NLL at eps "
-            f"{at['eps']} {R.fmt(at['delta_nll_before'])} -> {R.fmt(at['delta_nll_after'])} on held-out samples.")
+    return (f"Adversarial fine-tune ({at.get('defence', 'pgd')}, {at['steps']} steps{cost}): delta NLL at "
+            f"eps {at['eps']} {R.fmt(at['delta_nll_before'])} -> {R.fmt(at['delta_nll_after'])} on "
+            "held-out samples.")
 
 
 def _md_analysis(results: dict) -> list[str]:
@@ -244,14 +271,18 @@ def _md_analysis(results: dict) -> list[str]:
     an = results.get("analysis")
     if an:
         lines += ["", "## Sensitivity analysis", "",
-                  f"Hessian trace over decoder linears {R.fmt(an['hessian_total'])} ± {R.fmt(an['hessian_total_stderr'])} "
+                  "Hessian trace over decoder linears "
+                  f"{R.fmt(an['hessian_total'])} ± {R.fmt(an['hessian_total_stderr'])} "
                   f"({an['hutchinson_probes']} Hutchinson probes; every layer within "
-                  f"{R.pct((an.get('config') or {}).get('rel_stderr'))} standard error: {an.get('hessian_converged')}); "
-                  f"top eigenvalue {R.fmt(an['top_eigenvalue'])}.",
-                  f"Layers by Hessian trace, tied where the 95% intervals overlap: {_ranking(an)}; by Fisher: "
-                  f"{an['top_layers']['fisher_sum']}; super-weight layers: {an['super_weight_layers']}.",
-                  "Rank correlations: " + ", ".join(f"{k} {R.fmt(v)}" for k, v in an["rank_correlation"].items()),
-                  "", "| layer | Hessian trace | 95% interval | per weight | within target |", "|---|---|---|---|---|",
+                  f"{R.pct((an.get('config') or {}).get('rel_stderr'))} standard error: "
+                  f"{an.get('hessian_converged')}); top eigenvalue {R.fmt(an['top_eigenvalue'])}.",
+                  f"Layers by Hessian trace, tied where the 95% intervals overlap: {_ranking(an)}; by "
+                  f"Fisher: {an['top_layers']['fisher_sum']}; super-weight layers: "
+                  f"{an['super_weight_layers']}.",
+                  "Rank correlations: " + ", ".join(f"{k} {R.fmt(v)}"
+                                                    for k, v in an["rank_correlation"].items()),
+                  "", "| layer | Hessian trace | 95% interval | per weight | within target |",
+                  "|---|---|---|---|---|",
                   *[f"| {i} | {R.fmt(m)} | [{R.fmt(lo)}, {R.fmt(hi)}] | {R.fmt(per)} | {ok} |"
                     for i, (m, (lo, hi), per, ok) in enumerate(zip(
                         an.get("hessian_layer_trace", []), an.get("hessian_layer_ci95", []),
@@ -264,12 +295,14 @@ def _md_analysis(results: dict) -> list[str]:
                   "| layer | module | row | col | value | \\|in\\| | \\|out\\| | ppl ratio zeroed |",
                   "|---|---|---|---|---|---|---|---|"]
         for sw in an["super_weights"]:
-            lines.append(f"| {sw['layer']} | {sw['module']} | {sw['row']} | {sw['col']} | {R.fmt(sw['value'])} | "
-                         f"{R.fmt(sw['input_abs'])} | {R.fmt(sw['output_abs'])} | {R.fmt(sw['ppl_ratio'])} |")
+            lines.append(f"| {sw['layer']} | {sw['module']} | {sw['row']} | {sw['col']} | "
+                         f"{R.fmt(sw['value'])} | {R.fmt(sw['input_abs'])} | {R.fmt(sw['output_abs'])} | "
+                         f"{R.fmt(sw['ppl_ratio'])} |")
         ratio = (an.get("config") or {}).get("super_weight_min_ratio")
         rejected = an.get("super_weights_rejected") or []
-        lines += ["", f"Accepted: candidates whose ablation multiplies perplexity by at least {R.fmt(ratio)}. "
-                      "Rejected candidates (output spikes whose ablation does not hurt): " + (", ".join(
+        lines += ["", f"Accepted: candidates whose ablation multiplies perplexity by at least "
+                      f"{R.fmt(ratio)}. Rejected candidates (output spikes whose ablation does not hurt): "
+                      + (", ".join(
                           f"layer {sw['layer']} [{sw['row']}, {sw['col']}] (x{R.fmt(sw['ppl_ratio'])})"
                           for sw in rejected) or "none") + "."]
         lines += ["", f"Quantization (RTN; clean perplexity {R.fmt(an['clean_perplexity'])} on "
@@ -278,7 +311,8 @@ def _md_analysis(results: dict) -> list[str]:
         for q in an["quantization"]:
             lines.append(f"| {q['bits']} | {q['variant']} | {R.fmt(q['perplexity'])} | {q['kept_weights']} | "
                          f"{R.fmt(q['extra_storage_pct'])} |")
-        lines += ["", "![heatmaps](plots/sensitivity_heatmaps.png)", "", "![activations](plots/activations.png)"]
+        lines += ["", "![heatmaps](plots/sensitivity_heatmaps.png)", "",
+                  "![activations](plots/activations.png)"]
     return lines
 
 
@@ -316,8 +350,8 @@ def _md_manifest(results: dict) -> list[str]:
 def summary_table(results: dict) -> str:
     """The compact plain-text table a run prints at its end: every variant with its parent,
     perplexity, ratio to the parent and zero-shot mean accuracy, then how they were measured."""
-    parents, ppl = R.field(results, "variants", kind=dict, default={}), R.field(results, "perplexity", kind=dict,
-                                                                                   default={})
+    parents, ppl = (R.field(results, "variants", kind=dict, default={}),
+                    R.field(results, "perplexity", kind=dict, default={}))
     means = R.field(results, "zeroshot", "mean", kind=dict, default={})
     rows = [("variant", "parent", "perplexity", "x parent", "zero-shot mean")]
     for name, p in ppl.items():
@@ -326,10 +360,11 @@ def summary_table(results: dict) -> str:
                      R.acc_pct(R.field(means, name, "acc"))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    proto, src = R.field(results, "protocol", kind=dict, default={}), R.field(results, "dataset", "eval", "source")
+    proto, src = (R.field(results, "protocol", kind=dict, default={}),
+                  R.field(results, "dataset", "eval", "source"))
     if proto:
-        lines.append(f"perplexity of {src}: windows of {proto.get('seq_len')} tokens, {R.tokens_scored(results)} "
-                     "tokens scored")
+        lines.append(f"perplexity of {src}: windows of {proto.get('seq_len')} tokens, "
+                     f"{R.tokens_scored(results)} tokens scored")
     unfinished = R.unfinished_steps(results)
     if unfinished:
         lines.append(f"not finished: {', '.join(unfinished)}")
@@ -341,19 +376,20 @@ def report_markdown(results: dict) -> str:
     lines = [f"# Sensitivity and robustness report: {R.esc(results.get('model', '?'))}", ""]
     unfinished = R.unfinished_steps(results)
     if unfinished:  # a killed or interrupted run: what is below is not the whole run
-        lines += [f"> **This run did not finish: step{'s' * (len(unfinished) > 1)} {', '.join(unfinished)} never "
-                  "ran.** Run the same command again to resume from the finished steps.", ""]
+        lines += [f"> **This run did not finish: step{'s' * (len(unfinished) > 1)} {', '.join(unfinished)} "
+                  "never ran.** Run the same command again to resume from the finished steps.", ""]
     for which, d in (results.get("dataset") or {}).items():
         if isinstance(d, dict) and d.get("fallback"):
-            lines += [f"> **Warning: the {which} text is not what was asked for.** {d.get('name')} was unavailable "
-                      f"({R.esc(d['fallback'])}), so the embedded corpus was used: these are not {d.get('name')} "
-                      "numbers. Rerun with the data cached, or with --no-fallback to make this an error.", ""]
+            lines += [f"> **Warning: the {which} text is not what was asked for.** {d.get('name')} was "
+                      f"unavailable ({R.esc(d['fallback'])}), so the embedded corpus was used: these are "
+                      f"not {d.get('name')} numbers. Rerun with the data cached, or with --no-fallback to "
+                      "make this an error.", ""]
     preset = R.field(results, "preset", kind=dict)
     if preset:
         over = R.field(preset, "overridden", kind=list, default=[])
         lines += [f"**Protocol: as {R.text(preset.get('paper'))} ({R.text(preset.get('code'))}), "
-                  + (f"except: {', '.join(R.esc(o) for o in over)} (set by you).**" if over else "with no field "
-                     "changed.**"), ""]
+                  + (f"except: {', '.join(R.esc(o) for o in over)} (set by you).**" if over
+                     else "with no field changed.**"), ""]
         lines += [f"- where this preset differs from the paper's code: {R.text(d)}"
                   for d in R.field(preset, "differs", kind=list, default=[])] + [""]
     ds = results.get("dataset", {})
@@ -362,7 +398,8 @@ def report_markdown(results: dict) -> str:
         if which == "overlap":
             lines.append(f"- overlap: {d.get('shared')} of {d.get('eval_paragraphs')} evaluation paragraphs "
                          f"(of at least {d.get('min_chars')} characters) also occur in the calibration text"
-                         + (" (allowed with --allow-overlap)" if d.get("shared") or d.get("same_text") else ""))
+                         + (" (allowed with --allow-overlap)" if d.get("shared") or d.get("same_text")
+                            else ""))
             continue
         fb = f" (fallback: {R.esc(d['fallback'])})" if d.get("fallback") else ""
         fb += f" ({R.esc(d['replaced'])})" if d.get("replaced") else ""
@@ -373,16 +410,17 @@ def report_markdown(results: dict) -> str:
     if proto:
         lines.append(f"- protocol: windows of {proto.get('seq_len')} tokens, stride {proto.get('stride')}, "
                      f"first {proto.get('eval_tokens') or 'all'} tokens")
-    lines.append(f"- seed {results.get('seed')}, device {results.get('device')}, dtype {results.get('dtype')}")
+    lines.append(f"- seed {results.get('seed')}, device {results.get('device')}, "
+                 f"dtype {results.get('dtype')}")
     if results.get("model") == LM.EMBEDDED_NAME:
-        lines.append("- the embedded model was shipped as GGUF Q4_1 and dequantized: its weights sit on a 4-bit "
-                     "grid, so 4-bit quantization loses little by construction and noise below a grid step "
-                     "only moves weights off that grid")
+        lines.append("- the embedded model was shipped as GGUF Q4_1 and dequantized: its weights sit on a "
+                     "4-bit grid, so 4-bit quantization loses little by construction and noise below a grid "
+                     "step only moves weights off that grid")
     found = findings(results)
     if found:
         lines += ["", "## Findings", ""] + [f"- {f}" for f in found]
-    for section in (_md_perplexity, _md_zeroshot, _md_finetune, _md_prune, _md_noise, _md_export, _md_adversarial,
-                    _md_analysis, _md_generations, _md_manifest):
+    for section in (_md_perplexity, _md_zeroshot, _md_finetune, _md_prune, _md_noise, _md_export,
+                    _md_adversarial, _md_analysis, _md_generations, _md_manifest):
         lines += section(results)
     return "\n".join(lines) + "\n"
 
@@ -393,12 +431,13 @@ def findings(results: dict) -> list[str]:
     ppl = results.get("perplexity", {})
     ft = results.get("finetune") or {}
     if R.num(ft.get("heldout_ppl_before")) is not None:
-        out.append(f"Fine-tuning ({ft.get('mode')}, {ft.get('steps')} steps) moved held-out perplexity on the training "
-                   f"domain from {R.fmt(ft['heldout_ppl_before'])} to {R.fmt(ft['heldout_ppl_after'])}.")
+        out.append(f"Fine-tuning ({ft.get('mode')}, {ft.get('steps')} steps) moved held-out perplexity on "
+                   f"the training domain from {R.fmt(ft['heldout_ppl_before'])} to "
+                   f"{R.fmt(ft['heldout_ppl_after'])}.")
     parents = results.get("variants") or {}
     if "base" in ppl and "fine-tuned" in ppl:
-        out.append(f"On the evaluation text, the unmodified model has perplexity {R.fmt(ppl['base'])} and the "
-                   f"fine-tuned one {R.fmt(ppl['fine-tuned'])}.")
+        out.append(f"On the evaluation text, the unmodified model has perplexity {R.fmt(ppl['base'])} and "
+                   f"the fine-tuned one {R.fmt(ppl['fine-tuned'])}.")
     base = ppl.get(parents.get("pruned")) or next((ppl[k] for k in ("fine-tuned", "base") if k in ppl), None)
     pr = results.get("prune")
     if pr and "pruned" in ppl and R.num(base):
@@ -409,22 +448,24 @@ def findings(results: dict) -> list[str]:
     q = results.get("quantize") or {}
     qbase = ppl.get(parents.get("quantized"))
     if q.get("status") == "ran" and "quantized" in ppl and R.num(qbase):
-        out.append(f"{q['method'].upper()} quantization ({q['bit_allocation']} bits, {R.fmt(q['avg_bits'])} bits per "
-                   f"weight with scales and zeros) gives perplexity {R.fmt(ppl['quantized'])} against {R.fmt(qbase)} "
-                   f"for its parent (x{R.fmt(R.num(ppl['quantized']) / R.num(qbase))}).")
+        out.append(f"{q['method'].upper()} quantization ({q['bit_allocation']} bits, {R.fmt(q['avg_bits'])} "
+                   f"bits per weight with scales and zeros) gives perplexity {R.fmt(ppl['quantized'])} "
+                   f"against {R.fmt(qbase)} for its parent "
+                   f"(x{R.fmt(R.num(ppl['quantized']) / R.num(qbase))}).")
     nz = results.get("noise")
     if nz and "noisy" in ppl:
         v, sat = nz["variant"], nz["sweep"]["saturation"]
         frac = R.num(ppl["noisy"]) / sat if R.num(ppl["noisy"]) is not None else float("nan")
-        out.append(f"{v['mode'].capitalize()} noise eps={v['epsilon']} on {v['group']} weights gives perplexity "
-                   f"{R.fmt(ppl['noisy'])}, {R.fmt(100 * frac)}% of the saturation level {int(sat)} "
-                   "(a uniform guesser over the vocabulary).")
+        out.append(f"{v['mode'].capitalize()} noise eps={v['epsilon']} on {v['group']} weights gives "
+                   f"perplexity {R.fmt(ppl['noisy'])}, {R.fmt(100 * frac)}% of the saturation level "
+                   f"{int(sat)} (a uniform guesser over the vocabulary).")
     if nz:
         d = nz["sweep"]["doubling_eps"]
-        out.append(f"Relative noise on the decoder linears doubles perplexity at eps={R.fmt(d.get('unprotected'))}; "
-                   f"keeping the top {R.pct(nz['sweep'].get('protect_fraction'))} of weights by "
-                   f"{nz['sweep'].get('protect_score', 'w^2 F')} clean "
-                   f"moves that to eps={R.fmt(d.get('protected'))}.")
+        out.append("Relative noise on the decoder linears doubles perplexity at "
+                   f"eps={R.fmt(d.get('unprotected'))}; keeping the top "
+                   f"{R.pct(nz['sweep'].get('protect_fraction'))} of weights by "
+                   f"{nz['sweep'].get('protect_score', 'w^2 F')} clean moves that to "
+                   f"eps={R.fmt(d.get('protected'))}.")
         if nz.get("top_cells"):
             c = nz["top_cells"][0]
             out.append(f"The most noise-sensitive cell is layer {c['layer']} {c['module']} "
@@ -433,8 +474,9 @@ def findings(results: dict) -> list[str]:
     for name, parent in (zs.get("parents") or {}).items() if zs.get("status") == "ran" else ():
         a, b = (zs["mean"].get(name) or {}).get("acc"), (zs["mean"].get(parent) or {}).get("acc")
         if R.num(a) is not None and R.num(b) is not None:
-            out.append(f"Zero-shot mean accuracy over {zs['mean'][name]['tasks']} tasks: {name} {100 * a:.1f}% "
-                       f"against {100 * b:.1f}% for its parent {parent} ({100 * (a - b):+.1f} points).")
+            out.append(f"Zero-shot mean accuracy over {zs['mean'][name]['tasks']} tasks: {name} "
+                       f"{100 * a:.1f}% against {100 * b:.1f}% for its parent {parent} "
+                       f"({100 * (a - b):+.1f} points).")
     return out + _findings_attacks_and_analysis(results)
 
 
@@ -445,30 +487,33 @@ def _findings_attacks_and_analysis(results: dict) -> list[str]:
         top = max(r["eps"] for r in adv["table"])
         row = {r["method"]: r for r in adv["table"] if r["eps"] == top}
         out.append(f"At eps={top} (relative to the mean embedding norm) PGD raises the continuation NLL by "
-                   f"{R.fmt(row['pgd']['delta_nll'])} nats/token, FGSM by {R.fmt(row['fgsm']['delta_nll'])}; targeted "
-                   f"PGD reaches {R.esc(repr(adv['targeted']['target']))} "
-                   f"on {R.fmt(100 * adv['targeted']['success_rate'])}% "
-                   f"of {adv['targeted']['n']} prompts.")
+                   f"{R.fmt(row['pgd']['delta_nll'])} nats/token, FGSM by {R.fmt(row['fgsm']['delta_nll'])}; "
+                   f"targeted PGD reaches {R.esc(repr(adv['targeted']['target']))} on "
+                   f"{R.fmt(100 * adv['targeted']['success_rate'])}% of {adv['targeted']['n']} prompts.")
         at = adv["adversarial_training"]
         if at.get("defence") != "none":
-            out.append(f"A {at['steps']}-step adversarial fine-tune ({at.get('defence', 'pgd')}) changes PGD's delta "
-                       f"NLL from {R.fmt(at['delta_nll_before'])} to {R.fmt(at['delta_nll_after'])} at eps={at['eps']}.")
+            out.append(f"A {at['steps']}-step adversarial fine-tune ({at.get('defence', 'pgd')}) changes "
+                       f"PGD's delta NLL from {R.fmt(at['delta_nll_before'])} to "
+                       f"{R.fmt(at['delta_nll_after'])} at eps={at['eps']}.")
     an = results.get("analysis")
     if an:
         sws = an.get("super_weights") or []
         if sws:
             s = sws[0]
-            out.append(f"Super weight at layer {s['layer']} {s['module'].split('.')[-1]}[{s['row']}, {s['col']}] "
-                       f"(value {R.fmt(s['value'])}): zeroing it alone multiplies perplexity by {R.fmt(s['ppl_ratio'])}.")
+            out.append(f"Super weight at layer {s['layer']} {s['module'].split('.')[-1]}[{s['row']}, "
+                       f"{s['col']}] (value {R.fmt(s['value'])}): zeroing it alone multiplies perplexity by "
+                       f"{R.fmt(s['ppl_ratio'])}.")
         else:
             out.append("No super weight was found: no MLP down projection's output spiked.")
         q = {(r["bits"], r["variant"].split(" ")[0]): r for r in an.get("quantization", [])}
         for bits in sorted({b for b, _ in q}, reverse=True):
             plain, prot = q.get((bits, "plain")), [r for (b, v), r in q.items() if b == bits and v != "plain"]
             if plain and prot:
-                best = min(prot, key=lambda r: R.num(r["perplexity"]) if R.num(r["perplexity"]) is not None else math.inf)
-                out.append(f"{bits}-bit RTN: perplexity {R.fmt(plain['perplexity'])} plain, {R.fmt(best['perplexity'])} "
-                           f"with {best['variant']} (+{R.fmt(best['extra_storage_pct'])}% storage).")
+                best = min(prot, key=lambda r: (R.num(r["perplexity"]) if R.num(r["perplexity"]) is not None
+                                                else math.inf))
+                out.append(f"{bits}-bit RTN: perplexity {R.fmt(plain['perplexity'])} plain, "
+                           f"{R.fmt(best['perplexity'])} with {best['variant']} "
+                           f"(+{R.fmt(best['extra_storage_pct'])}% storage).")
     return out
 
 
@@ -498,12 +543,14 @@ def markdown_to_html(md: str, base: Path) -> str:
             return f"<i>missing plot {html.escape(m.group(2))} (only plots/*.png are embedded)</i>"
         if not p.is_file():
             return f"<i>missing plot {m.group(2)}</i>"
-        return f'<img alt="{m.group(1)}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}"'
+        return (f'<img alt="{m.group(1)}" '
+                f'src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}"')
 
     body = re.sub(r'<img alt="([^"]*)" src="([^"]+)"', inline, body)
     body = re.sub(r"<i>missing plot ([^<]*)</i>\s*/?>", r"<i>missing plot \1</i>", body)
-    style = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
+    style = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;"
+             "color:#222}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
              "th{background:#f3f3f3}img{max-width:100%}code{background:#f3f3f3;padding:0 3px}")
     # The script lets a headless browser check that every image decoded (data-images-ok).
     script = ("<script>window.addEventListener('load',()=>{const im=[...document.images];"
