@@ -29,7 +29,8 @@ import yaml
 
 import llm_io as IO
 from llm_common import UserError
-from llm_config import PRESETS, STEP_CONFIGS, PipelineConfig, RunConfig
+from llm_config import STEP_CONFIGS, PipelineConfig, RunConfig
+from llm_presets import PRESETS
 from llm_knobs import flag_of, hints_of
 
 SECTIONS = {"run": RunConfig, **STEP_CONFIGS}

@@ -27,7 +27,7 @@ from llm_model import SAMPLE_PROMPT
 ALL_STEPS = ("finetune", "prune", "noise", "quantize", "eval", "zeroshot", "export", "adversarial",
              "analysis")
 # The zero-shot suite of the Wanda paper (and OWL's), lm-evaluation-harness names; SparseGPT's and
-# the Super Weight paper's are in their presets below.
+# the Super Weight paper's are in their presets (llm_presets).
 ZEROSHOT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 SUPER_WEIGHT_PROMPT = "Apple Inc. is a worldwide tech company."
 
@@ -42,69 +42,6 @@ def parse_steps(text: str) -> tuple:
     if len(set(steps)) != len(steps):
         raise ValueError("a comma list without repeated steps")
     return tuple(s for s in ALL_STEPS if s in steps)  # pipeline order, whatever the flag's order
-
-
-# --------------------------------------------------------------------------- paper presets
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A paper's published protocol as field values, and where we differ from its code."""
-
-    paper: str
-    code: str
-    fields: dict      # config section -> {field: value}
-    differs: tuple    # where this preset is not the paper's code, always stated with its numbers
-
-
-# The pruning papers calibrate on 128 windows of 2048 tokens from the C4 train shard
-# en/c4-train.00000-of-01024, seed 0 (get_c4 in both codes), and score WikiText-2 test, raw,
-# joined by "\n\n", in disjoint windows of 2048 tokens (LLaMA-1's context).
-_PRUNING_PAPERS = {"run": {"train_dataset": "c4", "dataset": "wikitext2", "seed": 0},
-                   "finetune": {"mode": "none"},
-                   "prune": {"sparsity": 0.5, "pattern": "unstructured", "calib_samples": 128,
-                             "calib_seq_len": 2048, "seed": 0, "allocation": "uniform"},
-                   "eval": {"seq_len": 2048, "stride": None, "eval_tokens": 0},
-                   "zeroshot": {"enabled": True, "limit": 0, "num_fewshot": 0}}
-_C4_EVAL = ("C4 validation perplexity (first 256 windows) is a second run with --dataset c4: the eval step "
-            "scores one text per run")
-PRESETS: dict[str, Preset] = {
-    "wanda": Preset(
-        "Sun et al. 2023, A Simple and Effective Pruning Approach for LLMs (Wanda)", "locuslab/wanda",
-        {**_PRUNING_PAPERS,
-         "run": {**_PRUNING_PAPERS["run"], "steps": ("finetune", "prune", "eval", "zeroshot")},
-         "prune": {**_PRUNING_PAPERS["prune"], "method": "wanda"},
-         "zeroshot": {**_PRUNING_PAPERS["zeroshot"], "tasks": ZEROSHOT_TASKS}},
-        (_C4_EVAL, "Wanda's code sets the window to the model's max_position_embeddings (4096 for Llama-2, "
-                   "for calibration and evaluation); this preset uses 2048, as its LLaMA-1 tables: add "
-                   "--seq-len 4096 --calib-seq-len 4096 for Llama-2 as its code runs it")),
-    "sparsegpt": Preset(
-        "Frantar & Alistarh 2023, SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot",
-        "IST-DASLab/sparsegpt",
-        {**_PRUNING_PAPERS,
-         "run": {**_PRUNING_PAPERS["run"], "steps": ("finetune", "prune", "eval", "zeroshot")},
-         "prune": {**_PRUNING_PAPERS["prune"], "method": "sparsegpt", "blocksize": 128, "percdamp": 0.01},
-         "zeroshot": {**_PRUNING_PAPERS["zeroshot"],
-                      "tasks": ("lambada_openai", "piqa", "arc_easy", "arc_challenge")}},
-        (_C4_EVAL, "the paper's zero-shot set also has StoryCloze, whose data is not public (lm-eval needs a "
-                   "manual download); it is left out")),
-    "superweight": Preset(
-        "Yu et al. 2024, The Super Weight in Large Language Models", "mengxiayu/LLMSuperWeight",
-        {"run": {"dataset": "wikitext2", "seed": 0,
-                 "steps": ("finetune", "quantize", "eval", "zeroshot", "analysis")},
-         "finetune": {"mode": "none"},
-         "quantize": {"method": "rtn", "wbits": 4, "group": 512, "protect": "auto",
-                      "bit_allocation": "uniform", "super_weight_prompt": SUPER_WEIGHT_PROMPT},
-         "analysis": {"super_weight_prompt": SUPER_WEIGHT_PROMPT},
-         "eval": {"seq_len": 2048, "stride": None, "eval_tokens": 0},
-         "zeroshot": {"enabled": True, "limit": 0, "num_fewshot": 0,
-                      "tasks": ("winogrande", "arc_challenge", "arc_easy", "piqa", "sciq", "hellaswag",
-                                "lambada_openai")}},
-        ("the paper's perplexity is lm-eval's wikitext task (word perplexity over whole documents); ours is "
-         "token perplexity in disjoint 2048-token windows",
-         "its min-max RTN sweeps block sizes 64 to 2048 over 2-D tiles; this preset takes one point, groups "
-         "of 512 input columns, with the super weights kept in full precision (their 'restore' variant)")),
-}
 
 
 # --------------------------------------------------------------------------- the configs
@@ -140,7 +77,7 @@ class RunConfig(StepConfig):
                              "tensorboard, wandb (offline without network), mlflow; the fine-tune's curves "
                              "and every step's numbers (perplexities, zero-shot accuracies, timings) go to "
                              "each", flag="--log-to", parse=parse_trackers, results=False, shown="none")
-    preset: Optional[str] = knob(None, "a paper's published protocol in one flag (PRESETS in llm_config): "
+    preset: Optional[str] = knob(None, "a paper's published protocol in one flag (PRESETS in llm_presets): "
                                        "the model as loaded, the paper's calibration, windows, seed and "
                                        "zero-shot tasks; --config and flags override it, and the report "
                                        "lists every field overridden",

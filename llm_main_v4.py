@@ -37,7 +37,8 @@ import llm_io as IO
 import llm_model as LM
 from llm_cli import OneLineParser, add_arguments, from_args, write_config
 from llm_compare import compare_runs
-from llm_config import ALL_STEPS, PRESETS, PipelineConfig
+from llm_config import ALL_STEPS, PipelineConfig
+from llm_presets import PRESETS
 from llm_knobs import fingerprint
 from llm_plots import make_plots
 from llm_report import rebuild_report, summary_table, write_report

@@ -22,7 +22,7 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
-SHARED = {"llm_report", "llm_common", "llm_io", "llm_model", "llm_data", "llm_variants", "llm_config", "llm_knobs",
+SHARED = {"llm_report", "llm_common", "llm_io", "llm_model", "llm_data", "llm_variants", "llm_config", "llm_presets", "llm_knobs",
           "llm_tasks", "llm_cli", "llm_results", "llm_plots", "llm_compare", "llm_run", "llm_tracking", "llm_perplexity",
           "llm_sensitivity", "llm_compress", "llm_train", "llm_attacks", "llm_gcg"}
 # The plumbing that llm_common was split into, lowest first: each imports only lower layers.

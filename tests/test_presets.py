@@ -8,7 +8,7 @@ import pytest
 import llm_cli as CLI
 import llm_main_v4 as M
 from conftest import tiny_argv
-from llm_config import PRESETS
+from llm_presets import PRESETS
 
 # Transcribed from the papers' code and scripts (not from llm_config):
 # locuslab/wanda main.py: --nsamples 128, --seed 0, get_loaders("c4", ...), eval_ppl on wikitext2;
