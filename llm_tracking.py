@@ -101,20 +101,23 @@ class Trackers:
         if C.dist_rank_world()[0] == 0:
             self.trackers = [open_tracker(n, self.out, self.run_name) for n in self.names]
             for t in self.trackers:
-                config = _flat(self.config)
-                t.store_init_configuration({mlflow_key(k): v for k, v in config.items()} if t.name == "mlflow"
-                                           else config)
+                t.store_init_configuration(_named_for(t, _flat(self.config)))
         return self
 
     def step(self, step: str, results: dict) -> None:
         values = step_metrics(step, results)
         self.k += 1
         for t in self.trackers:
-            t.log({mlflow_key(k): v for k, v in values.items()} if t.name == "mlflow" else values, step=self.k)
+            t.log(_named_for(t, values), step=self.k)
 
     def __exit__(self, *exc) -> None:
         for t in self.trackers:
             t.finish()
+
+
+def _named_for(tracker, values: dict) -> dict:
+    """``values`` with names the tracker takes: MLflow's alphabet for MLflow, as they are elsewhere."""
+    return {mlflow_key(k): v for k, v in values.items()} if tracker.name == "mlflow" else values
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

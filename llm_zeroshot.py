@@ -27,6 +27,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Mapping, Optional
+from unittest import mock
 
 import torch
 
@@ -101,20 +102,11 @@ def _quiet():
             lg.setLevel(lv)
 
 
-@contextlib.contextmanager
 def _one_process():
     """lm-eval returns results only where LOCAL_RANK is 0: it takes the ranks of a torchrun
     launch for shards of one tensor-parallel model. Our ranks each score whole variants of their
     own (``shard_jobs``), so each is a single process to lm-eval. Restored on exit."""
-    old = os.environ.get("LOCAL_RANK")
-    os.environ["LOCAL_RANK"] = "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("LOCAL_RANK")
-        else:
-            os.environ["LOCAL_RANK"] = old
+    return mock.patch.dict(os.environ, {"LOCAL_RANK": "0"})
 
 
 def _available(task_manager, tasks) -> tuple[list, list, dict]:
