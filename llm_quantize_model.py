@@ -42,7 +42,8 @@ from llm_compress import (Quantized, capture_block_inputs, coded_weights, gptq_q
                           next_block_inputs, rtn_groups, rtn_quantize, save_codes)
 from llm_config import QuantizeConfig
 from llm_run import Run
-from llm_sensitivity import gradient_moments, layer_curvature, protect_top_fraction, protected_coordinates
+from llm_sensitivity import (fisher_curvature, gradient_moments, layer_curvature, protect_top_fraction,
+                             protected_coordinates)
 
 log = logging.getLogger("llm.quantize")
 
@@ -107,12 +108,13 @@ def allocate_bits(sensitivity: dict, error: dict, sizes: dict, budget: float, ch
         bits[n] = b2
 
 
-def _keep_masks(model, tokenizer, linears: dict, windows, config: QuantizeConfig) -> tuple[dict, tuple, list]:
+def _keep_masks(model, tokenizer, linears: dict, moments: Optional[dict], config: QuantizeConfig
+                ) -> tuple[dict, tuple, list]:
     """Per linear, the bool [out, in] mask of weights kept in full precision (super weights and
-    the top ``keep_fraction`` by OBD saliency 0.5 F w^2), or None; and the coordinates."""
+    the top ``keep_fraction`` by OBD saliency 0.5 F w^2, from ``gradient_moments``), or None;
+    and the coordinates."""
     coords, found = protected_coordinates(model, tokenizer, config.protect, config.super_weight_prompt)
     if config.keep_fraction > 0:
-        moments = gradient_moments(model, windows, linears, config.progress)
         scores = {n: 0.5 * g2 * LM.weight_view(linears[n]).detach().float().pow(2) for n, (_, g2) in moments.items()}
     else:
         scores = {n: torch.zeros(LM.weight_view(m).shape) for n, m in linears.items()}
@@ -121,7 +123,7 @@ def _keep_masks(model, tokenizer, linears: dict, windows, config: QuantizeConfig
 
 
 def _sq_error(W: torch.Tensor, q: Quantized) -> float:
-    return float((q.dequantize(torch.float32) - W.float()).pow(2).sum())
+    return float((q.dequantize(torch.float32) - W.detach().float()).pow(2).sum())
 
 
 def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: QuantizeConfig = QuantizeConfig()
@@ -141,7 +143,12 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
     LM.reset_peak_memory(dev0)
     windows = D.calibration_windows(tokenizer, calib, config.calib_samples, config.calib_seq_len, config.seed)
     linears = LM.decoder_linears(model)
-    keep, coords, found = _keep_masks(model, tokenizer, linears, windows[:config.sensitivity_windows], config)
+    sens_windows = windows[:config.sensitivity_windows]
+    # The keep fraction's saliency and the Fisher allocation read the same per-window gradients:
+    # one backward per window serves both.
+    moments = gradient_moments(model, sens_windows, linears, config.progress) \
+        if config.keep_fraction > 0 or config.bit_allocation == "fisher" else None
+    keep, coords, found = _keep_masks(model, tokenizer, linears, moments, config)
     sizes = {n: LM.weight_view(m).numel() for n, m in linears.items()}
     res = QuantizeResult(config.method, config.wbits, config.group, bit_allocation=config.bit_allocation,
                          super_weights=found, protected=[list(c) for c in coords], config=asdict(config),
@@ -149,8 +156,8 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
     bits = {n: config.wbits for n in linears}
     if config.bit_allocation != "uniform":
         res.budget_bits = config.avg_bits if config.avg_bits is not None else float(config.wbits)
-        sens = layer_curvature(model, windows[:config.sensitivity_windows], linears, config.bit_allocation,
-                               config.sensitivity_probes, config.seed, config.progress)
+        sens = fisher_curvature(moments) if config.bit_allocation == "fisher" else layer_curvature(
+            model, sens_windows, linears, "hessian", config.sensitivity_probes, config.seed, config.progress)
         sens = {n: max(v, 0.0) for n, v in sens.items()}  # a negative Hutchinson estimate: no curvature
         err = {n: {b: _sq_error(LM.weight_view(m), rtn_quantize(LM.weight_view(m).detach(), b, config.group, keep[n]))
                    for b in BIT_CHOICES} for n, m in linears.items()}

@@ -215,6 +215,11 @@ def stderr_of(xs: Sequence[float]) -> float:
 
 
 
+def fisher_curvature(moments: dict) -> dict[str, float]:
+    """Mean diagonal empirical Fisher per weight of each linear, from ``gradient_moments``."""
+    return {n: float(g2.sum()) / g2.numel() for n, (_, g2) in moments.items()}
+
+
 def layer_curvature(model, windows: torch.Tensor, names: dict, kind: str, probes: int = 8, seed: int = 0,
                     progress: bool = False) -> dict[str, float]:
     """Mean diagonal curvature per weight of each named linear (module name -> float): the
@@ -223,8 +228,7 @@ def layer_curvature(model, windows: torch.Tensor, names: dict, kind: str, probes
     empirical Fisher sum / n_weights (``kind="fisher"``, per-window squared gradients). What the
     sensitivity-guided allocations (pruning sparsity, quantization bits) rank layers by."""
     if kind == "fisher":
-        return {n: float(g2.sum()) / g2.numel() for n, (_, g2) in gradient_moments(model, windows, names,
-                                                                                   progress).items()}
+        return fisher_curvature(gradient_moments(model, windows, names, progress))
     params = {n: m.weight for n, m in names.items()}
     with LM.attention_implementation(model, "eager"), LM.trainable_only(model, list(params.values())):
         tr = hutchinson_trace(lm_loss_fn(model, windows), params, max_probes=probes, min_probes=probes, tol=0.0,

@@ -2,7 +2,7 @@
 
     python bench/bench_passes.py [--budget gpu] [--defence free|pgd|none] [--out DIR]
 
-Runs all eight steps on a tiny random Llama (4 layers, hidden 64, byte tokenizer) with the
+Runs all nine steps on a tiny random Llama (4 layers, hidden 64, byte tokenizer) with the
 GPU budget profile (step counts, windows, batch shapes, attack and GCG sizes as on a GPU)
 but short token lengths, so it finishes on 2 CPU cores in under three minutes. It never
 downloads: the hub is set offline, the texts are local, and zero-shot runs the local
@@ -22,6 +22,9 @@ The minimum, per step (tokens exclude padding):
               input statistics, once more to feed the pruned block's output to the next).
   noise       fwd: (1 clean + eps x seeds x curves) x sweep tokens + Fisher windows
               + (1 clean + layers x modules cells) x map tokens; bwd: Fisher windows.
+  quantize    fwd: GPTQ 2 x calibration tokens (as prune; RTN none) + super-weight search (found
+              + 1 passes of the prompt) + sensitivity windows once; bwd: one per sensitivity
+              window (keep fraction and Fisher bits share them), or 1 + probes (Hessian bits).
   eval        fwd: variants x (evaluation tokens + per prompt: prompt + new tokens - 1 with
               the KV cache).
   zeroshot    fwd: variants x one forward per distinct lm-eval request: lm-eval scores a
@@ -153,6 +156,8 @@ def minimum(step: str, run: Run, cfg) -> tuple[float, int]:
             tm = _eval_tokens(n_eval, min(seq, cfg.map_tokens), cfg.map_tokens)
             fwd += (1 + len(smap["layers"]) * len(smap["modules"])) * tm
         return fwd, nwin
+    if step == "quantize":
+        return quantize_minimum(run, cfg)
     if step == "eval":
         te = _eval_tokens(n_eval, cfg.seq_len, cfg.eval_tokens or None)
         gen = sum(len(run.tokenizer(p).input_ids) + cfg.max_new_tokens - 1 for p in cfg.prompts)
@@ -172,6 +177,28 @@ def minimum(step: str, run: Run, cfg) -> tuple[float, int]:
                + min(cfg.max_super_weights, n_sw + 1) * prompt + (1 + n_sw) * tq + len(cfg.quant_bits) * 3 * tq)
         return fwd, 1 + an["hutchinson_probes"] + an["power_iterations"] + cfg.fisher_windows
     raise KeyError(step)
+
+
+def quantize_minimum(run: Run, cfg) -> tuple[float, int]:
+    """GPTQ: each block once to collect its input Hessian and once more to feed the quantized
+    block's output to the next (RTN: no data); the super-weight search (found + 1 passes of
+    the prompt, at most 4); the sensitivity windows once for the gradients that the keep
+    fraction and the Fisher bits share (one backward each), or once for Hutchinson's graph
+    (1 + probes backward passes)."""
+    q = run.results["quantize"]
+    if q["status"] != "ran":
+        return 0, 0
+    n, seq = q["calibration"]["windows"], q["calibration"]["seq_len"]
+    fwd = 2 * n * seq if cfg.method == "gptq" else 0
+    bwd = 0
+    if cfg.protect == "auto":
+        fwd += min(4, len(q["super_weights"]) + 1) * len(run.tokenizer(cfg.super_weight_prompt).input_ids)
+    sw = min(cfg.sensitivity_windows, n)
+    if cfg.keep_fraction > 0 or cfg.bit_allocation == "fisher":
+        fwd, bwd = fwd + sw * seq, bwd + sw
+    if cfg.bit_allocation == "hessian":
+        fwd, bwd = fwd + sw * seq, bwd + 1 + cfg.sensitivity_probes
+    return fwd, bwd
 
 
 def zeroshot_minimum(run: Run, cfg) -> tuple[float, int]:
@@ -325,6 +352,9 @@ def main(argv=None):
             "--analysis-eval-tokens", "1024", "--analysis-eval-seq-len", "256", "--max-new-tokens", "16",
             "--attack-prompt-len", "64",  # windows stay longer than the chat prompt rows, as on a GPU
             "--gcg-steps", "20", "--defence-steps", "10", "--hessian-probes", "20", "--hessian-tol", "0",
+            # the quantized variant with everything that costs passes: GPTQ, super weights, keep, Fisher bits
+            "--quant-method", "gptq", "--protect-super-weights", "auto", "--quant-keep-fraction", "0.001",
+            "--bit-allocation", "fisher", "--avg-bits", "3.5",
             "--steps", ",".join(M.ALL_STEPS), "--tasks", TASK, "--tasks-include", str(work / "tasks"), "--export"]
     if a.defence:
         argv += ["--defence", a.defence]

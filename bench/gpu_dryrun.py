@@ -40,6 +40,7 @@ import llm_common as C  # noqa: E402
 import llm_config as K  # noqa: E402
 from llm_knobs import budget_of  # noqa: E402
 import llm_data as D  # noqa: E402
+import llm_io as IO  # noqa: E402
 import llm_model as LM  # noqa: E402
 from bench_corpus import write_shard  # noqa: E402
 from conftest import make_llama, make_tokenizer  # noqa: E402
@@ -169,9 +170,13 @@ def main(argv=None):
     no_zs = sum(v for k, v in est.items() if k != "zeroshot")
     print(f"\nestimated Llama-2-7B on one H100, GPU defaults without zero-shot: {no_zs / 60:.1f} min "
           f"(target <= 30 min)")
+    results = work / "out" / "results.json"
+    scored = IO.read_json(results).get("zeroshot", {}).get("tasks", {}) if results.is_file() else {}
     print(f"zero-shot, seven tasks, per variant: {zs_tokens / 1e6:.1f} M request tokens -> {zs / 60:.1f} min at "
-          f"{MFU['forward']:.0%} MFU (target <= 10 min per variant); the pipeline scores "
-          f"{len((counts.get('zeroshot') and ['base']) or []) or 4} variants")
+          f"{MFU['forward']:.0%} MFU (target <= 10 min per variant)")
+    if scored:
+        print(f"the dry run scored {len(scored)} variants ({', '.join(scored)}): zero-shot {len(scored) * zs / 60:.1f} "
+              f"min, whole GPU default pipeline {(no_zs + len(scored) * zs) / 60:.1f} min")
     print("assumptions: MFU as measured on the H200 (README); FLOPs 2N + 2 L s d per forward token, 2x per backward "
           "token; a LoRA backward costs a full backward here (an overestimate); zero-shot request lengths assumed")
 

@@ -147,6 +147,37 @@ def test_mixed_precision_meets_its_budget_and_beats_uniform_on_a_planted_problem
         allocate_bits(sens, err, sizes, 1.5)
 
 
+def test_keep_fraction_and_fisher_bits_share_one_backward_per_window(monkeypatch):
+    """--quant-keep-fraction and --bit-allocation fisher read the same per-window gradients: one
+    backward per sensitivity window, not two; the Fisher sensitivities against per-window
+    gradients taken by hand."""
+    import llm_quantize_model as Q
+    from conftest import make_llama, make_tokenizer
+    from llm_config import QuantizeConfig
+
+    model, tok = make_llama(layers=2, hidden=32), make_tokenizer()
+    ids = torch.randint(0, 256, (400,), generator=torch.Generator().manual_seed(0))
+    cfg = QuantizeConfig(method="rtn", group=16, keep_fraction=0.01, bit_allocation="fisher", avg_bits=3.5,
+                         sensitivity_windows=3, calib_samples=3, calib_seq_len=24, progress=False)
+    import llm_data as D
+    windows = D.calibration_windows(tok, ids, 3, 24, cfg.seed)
+    linears = LM.decoder_linears(model)
+    by_hand = {n: torch.zeros(LM.weight_view(m).shape) for n, m in linears.items()}
+    for w in windows:
+        loss = model(input_ids=w[None], labels=w[None]).loss
+        grads = torch.autograd.grad(loss, [m.weight for m in linears.values()])
+        for (n, m), g in zip(linears.items(), grads):
+            by_hand[n] += LM.out_in(m, g).pow(2) / len(windows)
+    calls = []
+    real = torch.autograd.backward
+    monkeypatch.setattr(torch.autograd, "backward", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    res = Q.quantize_model(model, tok, ids, cfg)
+    assert len(calls) == 3  # one per window; the keep mask and the bits used to take three each
+    assert res.kept_weights > 0
+    for n, g2 in by_hand.items():
+        assert res.sensitivity[n] == pytest.approx(float(g2.sum()) / g2.numel(), rel=1e-4)
+
+
 @pytest.fixture(scope="module")
 def qsetup(tmp_path_factory, sample_text):
     from conftest import planted_model_dir
