@@ -214,7 +214,6 @@ def stderr_of(xs: Sequence[float]) -> float:
     return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
 
 
-
 def fisher_curvature(moments: dict) -> dict[str, float]:
     """Mean diagonal empirical Fisher per weight of each linear, from ``gradient_moments``."""
     return {n: float(g2.sum()) / g2.numel() for n, (_, g2) in moments.items()}

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import logging
 import math
@@ -75,6 +76,7 @@ import llm_common as C  # noqa: E402
 import llm_data as D  # noqa: E402
 import llm_gcg as G  # noqa: E402
 import llm_model as LM  # noqa: E402
+import llm_sensitivity as S  # noqa: E402
 import llm_main_v4 as M  # noqa: E402
 from llm_run import Run  # noqa: E402
 from conftest import make_llama, make_tokenizer  # noqa: E402
@@ -172,11 +174,17 @@ def minimum(step: str, run: Run, cfg) -> tuple[float, int]:
         an = r["analysis"]
         tq = _eval_tokens(n_eval, min(cfg.eval_seq_len, cfg.eval_tokens), cfg.eval_tokens)
         n_sw = len(an["super_weights"])
-        prompt = len(run.tokenizer(cfg.super_weight_prompt).input_ids)
         fwd = (cfg.calib_windows * cfg.calib_seq_len + cfg.fisher_windows * cfg.calib_seq_len
-               + min(cfg.max_super_weights, n_sw + 1) * prompt + (1 + n_sw) * tq + len(cfg.quant_bits) * 3 * tq)
+               + _super_weight_search(run, cfg.super_weight_prompt, n_sw, cfg.max_super_weights)
+               + (1 + n_sw) * tq + len(cfg.quant_bits) * 3 * tq)
         return fwd, 1 + an["hutchinson_probes"] + an["power_iterations"] + cfg.fisher_windows
     raise KeyError(step)
+
+
+def _super_weight_search(run: Run, prompt: str, found: int, cap: int) -> int:
+    """Tokens of the data-free super-weight search: the prompt once per round, found + 1 rounds
+    (the last finds nothing), at most ``cap``."""
+    return min(cap, found + 1) * len(run.tokenizer(prompt).input_ids)
 
 
 def quantize_minimum(run: Run, cfg) -> tuple[float, int]:
@@ -191,8 +199,9 @@ def quantize_minimum(run: Run, cfg) -> tuple[float, int]:
     n, seq = q["calibration"]["windows"], q["calibration"]["seq_len"]
     fwd = 2 * n * seq if cfg.method == "gptq" else 0
     bwd = 0
-    if cfg.protect == "auto":
-        fwd += min(4, len(q["super_weights"]) + 1) * len(run.tokenizer(cfg.super_weight_prompt).input_ids)
+    if cfg.protect == "auto":  # protected_coordinates searches with detect_super_weights' own cap
+        cap = inspect.signature(S.detect_super_weights).parameters["max_weights"].default
+        fwd += _super_weight_search(run, cfg.super_weight_prompt, len(q["super_weights"]), cap)
     sw = min(cfg.sensitivity_windows, n)
     if cfg.keep_fraction > 0 or cfg.bit_allocation == "fisher":
         fwd, bwd = fwd + sw * seq, bwd + sw

@@ -151,6 +151,7 @@ def test_keep_fraction_and_fisher_bits_share_one_backward_per_window(monkeypatch
     """--quant-keep-fraction and --bit-allocation fisher read the same per-window gradients: one
     backward per sensitivity window, not two; the Fisher sensitivities against per-window
     gradients taken by hand."""
+    import llm_data as D
     import llm_quantize_model as Q
     from conftest import make_llama, make_tokenizer
     from llm_config import QuantizeConfig
@@ -159,7 +160,6 @@ def test_keep_fraction_and_fisher_bits_share_one_backward_per_window(monkeypatch
     ids = torch.randint(0, 256, (400,), generator=torch.Generator().manual_seed(0))
     cfg = QuantizeConfig(method="rtn", group=16, keep_fraction=0.01, bit_allocation="fisher", avg_bits=3.5,
                          sensitivity_windows=3, calib_samples=3, calib_seq_len=24, progress=False)
-    import llm_data as D
     windows = D.calibration_windows(tok, ids, 3, 24, cfg.seed)
     linears = LM.decoder_linears(model)
     by_hand = {n: torch.zeros(LM.weight_view(m).shape) for n, m in linears.items()}
