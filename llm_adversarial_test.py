@@ -12,17 +12,18 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 import llm_common as C
 import llm_model as LM
+import llm_stats as ST
 import llm_train as TR
 import llm_variants as V
 from llm_attacks import (AttackConfig, AttackResult, Sample, adversarial_finetune, attack_batch, embeds_of,
                          free_adversarial_finetune, greedy_batch, mean_row_norm, perplexity_filter, perturbed_prompt,
-                         targeted_successes)
+                         targeted_successes, token_nll)
 from llm_config import AdversarialConfig
 from llm_gcg import GCGConfig, GCGResult, UserTurn, gcg_attack
 from llm_run import Run
@@ -124,7 +125,9 @@ def _sweep(model, samples: list[Sample], config: AdversarialConfig) -> tuple[lis
     for e in config.epsilons:
         for m in ("fgsm", "pgd"):
             part = [r for (s, c), r in zip(jobs, rs) if c.epsilon == e and c.method == m]
-            table.append({"method": m, "eps": e, **_attack_means(part)})
+            deltas_nll = [r.delta_nll for r in part]  # per sample, in sample order: paired across variants
+            table.append({"method": m, "eps": e, **_attack_means(part), "delta_nll_samples": deltas_nll,
+                          "delta_nll_ci95": list(ST.mean_interval(deltas_nll))})
     strongest = max(config.epsilons)
     deltas = {id(s): r.delta for (s, c), r in zip(jobs, rs) if c.method == "pgd" and c.epsilon == strongest}
     return table, deltas
@@ -148,7 +151,8 @@ def _targeted(model, samples: list[Sample], tgt: torch.Tensor, config: Adversari
     trs = attack_batch(model, [(s, tcfg) for s in tsamples])
     hits = targeted_successes(model, [(s, r.delta, tcfg, None) for s, r in zip(tsamples, trs)])
     return {"target": config.target, "eps": config.targeted_eps, "steps": config.targeted_steps,
-            "success_rate": sum(hits) / len(hits), "n": len(hits)}
+            "success_rate": sum(hits) / len(hits), "n": len(hits), "hits": [bool(h) for h in hits],
+            "success_ci95": list(ST.wilson_interval(sum(hits), len(hits))), "interval": "Wilson 95%"}
 
 
 DEFENCES = {
@@ -227,8 +231,88 @@ def _filter(model, tokenizer, eval_ids: torch.Tensor, gcg: GCGResult, config: Ad
     return perplexity_filter(model, cal, held, attacked)
 
 
+def _gcg_prompt(tokenizer, samples: list[Sample], config: AdversarialConfig) -> str:
+    return config.prompts[0] if config.prompts else tokenizer.decode(samples[0].prompt)
+
+
+def _gcg(model, tokenizer, samples: list[Sample], tgt: torch.Tensor, config: AdversarialConfig) -> GCGResult:
+    """GCG on the first sample prompt, the suffix inside its user turn, targeted at the target."""
+    gprompt = _gcg_prompt(tokenizer, samples, config)
+    turn = UserTurn(tokenizer, gprompt)
+    gcfg = GCGConfig(suffix_len=config.gcg_suffix_len, steps=config.gcg_steps, topk=config.gcg_topk,
+                     batch=config.gcg_batch, objective="targeted", seed=config.seed, progress=config.progress)
+    gcg = gcg_attack(model, tokenizer, Sample(turn.before, tgt, gprompt), gcfg, turn=turn)
+    gcg.threat_model = ("suffix appended to the user's message inside the chat template, before the end of "
+                        "the turn and the assistant header (Zou et al. 2023); only text a user can send is "
+                        "scored (search_space)")
+    return gcg
+
+
+def gcg_transfer(model, tokenizer, prompt: str, suffix_text: str, tgt: torch.Tensor) -> dict:
+    """A GCG suffix found on another model, sent to this one: the user turn with ``suffix_text``
+    tokenized afresh as a server would, the target's mean NLL (nats/token) after it and
+    without it, and whether greedy decoding gives the target."""
+    turn = UserTurn(tokenizer, prompt)
+    real, clean = turn.ids([suffix_text, ""])
+    nll = token_nll(model, [torch.cat([real, tgt]), torch.cat([clean, tgt])])
+    ok = targeted_successes(model, [(Sample(real, tgt), None, AttackConfig(), None)])[0]
+    return {"suffix_text": suffix_text, "target_nll": float(nll[0][-tgt.numel():].mean()),
+            "clean_target_nll": float(nll[1][-tgt.numel():].mean()), "success": bool(ok)}
+
+
+def _measures(model, tokenizer, samples: list[Sample], tgt: torch.Tensor, config: AdversarialConfig) -> dict:
+    """What every variant gets: the FGSM/PGD table, answers clean and under the strongest PGD, and
+    targeted PGD; ``deltas`` (the PGD perturbations) stays out of the record."""
+    table, deltas = _sweep(model, samples, config)
+    return {"table": table, "answers": _answers(model, tokenizer, samples[config.n_windows:], deltas, config),
+            "targeted": _targeted(model, samples, tgt, config)}
+
+
+def attack_variants(model, tokenizer, eval_ids: torch.Tensor, variants: dict, parents: dict,
+                    config: AdversarialConfig, gcg: dict, live: Optional[tuple] = None,
+                    samples: Optional[list] = None) -> dict:
+    """The attacks on every variant in ``variants`` ({name: weights}, applied in place one at a
+    time and restored bit for bit): FGSM/PGD delta NLL at every eps with 95% intervals over
+    samples, targeted PGD success (Wilson interval), greedy answers clean and attacked, and
+    ``gcg`` (the live model's suffix, a GCGResult dict) transferred; with
+    ``config.gcg_per_variant`` a GCG search of its own too. Every variant is attacked on the
+    same samples (built on the model as it is: windows of ``eval_ids`` and the sample prompts
+    with its own greedy answers), so differences from the parent are paired per sample.
+    ``live``: (name, the ``_measures`` already taken on the model as it is); ``samples``: those
+    ``build_samples`` gave (built here when None). Under torchrun the ranks take disjoint variants."""
+    config = config.for_model(model)
+    samples = samples if samples is not None else build_samples(model, tokenizer, eval_ids, config)
+    tgt = torch.tensor(tokenizer(config.target, add_special_tokens=False).input_ids)
+    prompt = _gcg_prompt(tokenizer, samples, config)
+    names = [n for n in variants if not (live and n == live[0])]
+    mine = []
+    for i, name in C.shard_jobs(names):
+        C.seed_everything(config.seed)  # every variant starts its attacks from the same random state
+        with V.applied_variant(model, variants[name]):
+            r = _measures(model, tokenizer, samples, tgt, config)
+            r["gcg_transfer"] = gcg_transfer(model, tokenizer, prompt, gcg["suffix_text"], tgt)
+            if config.gcg_per_variant:
+                r["gcg"] = asdict(_gcg(model, tokenizer, samples, tgt, config))
+        mine.append((i, r))
+    out = dict(zip(names, C.gather_jobs(mine)))
+    if live and live[0] in variants:
+        out[live[0]] = {**live[1], "gcg_transfer": gcg_transfer(model, tokenizer, prompt, gcg["suffix_text"], tgt)}
+    out = {n: {"parent": parents.get(n), **out[n]} for n in variants}
+    for row in out.values():  # paired by sample against the parent, when the parent was attacked too
+        par = out.get(row["parent"] or "")
+        if par:
+            row["vs_parent"] = {f"{a['method']}@{a['eps']:g}": ST.paired_difference(
+                a["delta_nll_samples"], b["delta_nll_samples"], seed=config.seed)
+                for a, b in zip(par["table"], row["table"])}
+            row["vs_parent"]["targeted_success"] = ST.paired_difference(
+                [float(h) for h in par["targeted"]["hits"]], [float(h) for h in row["targeted"]["hits"]],
+                seed=config.seed)
+    return out
+
+
 def test_adversarial_robustness(model, tokenizer, eval_ids: torch.Tensor,
-                                config: AdversarialConfig = AdversarialConfig()) -> AdversarialResult:
+                                config: AdversarialConfig = AdversarialConfig(),
+                                samples: Optional[list] = None) -> AdversarialResult:
     """The adversarial step: delta NLL vs eps for FGSM and PGD, targeted success, answers
     under attack, GCG, and the two defences measured before and after. ``eval_ids`` is the
     tokenized evaluation text [n_tokens]. The model's weights are unchanged on return.
@@ -238,7 +322,7 @@ def test_adversarial_robustness(model, tokenizer, eval_ids: torch.Tensor,
     C.seed_everything(config.seed)
     t0 = time.perf_counter()
     secs = {}
-    samples = build_samples(model, tokenizer, eval_ids, config)
+    samples = samples if samples is not None else build_samples(model, tokenizer, eval_ids, config)
     table, deltas = _sweep(model, samples, config)
     secs["sweep"] = time.perf_counter() - t0
 
@@ -248,16 +332,8 @@ def test_adversarial_robustness(model, tokenizer, eval_ids: torch.Tensor,
     targeted = _targeted(model, samples, tgt, config)
     secs["targeted"] = time.perf_counter() - t
 
-    # GCG on the first sample prompt, the suffix inside its user turn, targeted at the target.
     t = time.perf_counter()
-    gprompt = config.prompts[0] if config.prompts else tokenizer.decode(samples[0].prompt)
-    turn = UserTurn(tokenizer, gprompt)
-    gcfg = GCGConfig(suffix_len=config.gcg_suffix_len, steps=config.gcg_steps, topk=config.gcg_topk,
-                     batch=config.gcg_batch, objective="targeted", seed=config.seed, progress=config.progress)
-    gcg = gcg_attack(model, tokenizer, Sample(turn.before, tgt, gprompt), gcfg, turn=turn)
-    gcg.threat_model = ("suffix appended to the user's message inside the chat template, before the end of "
-                        "the turn and the assistant header (Zou et al. 2023); only text a user can send is "
-                        "scored (search_space)")
+    gcg = _gcg(model, tokenizer, samples, tgt, config)
     secs["gcg"] = time.perf_counter() - t
 
     # Defence 1: perplexity filter, threshold from calibration prompts, FPR on held-out clean
@@ -280,5 +356,12 @@ def _nan_mean(xs) -> float:
 
 
 def pipeline_step(run: Run, config: AdversarialConfig) -> None:
-    """The pipeline's adversarial step on the live model and the evaluation text."""
-    run.results["adversarial"] = asdict(test_adversarial_robustness(run.model, run.tokenizer, run.ids("eval"), config))
+    """The pipeline's adversarial step: every attack and defence on the live model, then the
+    attacks (not the defences) on every chosen variant (``--robustness-variants``), each with
+    the live model's GCG suffix transferred."""
+    samples = build_samples(run.model, run.tokenizer, run.ids("eval"), config.for_model(run.model))
+    res = asdict(test_adversarial_robustness(run.model, run.tokenizer, run.ids("eval"), config, samples))
+    live = (run.live, {k: res[k] for k in ("table", "answers", "targeted")})
+    res["variants"] = attack_variants(run.model, run.tokenizer, run.ids("eval"), run.chosen(config.variants),
+                                      run.parents, config, res["gcg"], live, samples)
+    run.results["adversarial"] = res

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 import llm_io as IO
+import llm_matrix as MX
 import llm_results as R
 from llm_common import UserError
 from llm_plots import plot_comparison
@@ -108,7 +109,26 @@ def _row(d, label: str) -> dict:
             "perplexity": {str(k): R.num(v) for k, v in res["perplexity"].items()},
             "parents": {str(k): v for k, v in R.field(res, "variants", kind=dict, default={}).items()
                         if isinstance(v, str)},
-            "zeroshot": {str(v): R.num(R.field(m, "acc")) for v, m in means.items()}}
+            "zeroshot": {str(v): R.num(R.field(m, "acc")) for v, m in means.items()},
+            "robustness": R.field(res, "robustness", kind=dict) or MX.robustness_matrix(res)}
+
+
+def _matrix_lines(rows: list) -> list[str]:
+    """The robustness matrices of the runs, one table: a row per (run, variant), a column per measure
+    any run has; † marks a difference from the parent, inside its run, that its paired test supports."""
+    keys = list(dict.fromkeys(k for r in rows for k in R.field(r["robustness"], "measures", kind=dict, default={})))
+    if not keys:
+        return []
+    out = ["", "Robustness matrix of each run (value [95% interval]; † the paired difference from the parent "
+           "in the same run excludes zero; across runs the cells are not paired).", "",
+           "| run | variant | parent | " + " | ".join(R.esc(MX.MEASURES[k][0]) for k in keys) + " |",
+           "|---" * (3 + len(keys)) + "|"]
+    for r in rows:
+        for name, row in R.field(r["robustness"], "rows", kind=dict, default={}).items():
+            cells = R.field(row, "cells", kind=dict, default={})
+            out.append(f"| {R.esc(r['label'])} | {R.esc(name)} | {R.esc(R.field(row, 'parent') or '-')} | "
+                       + " | ".join(MX.cell_text(cells.get(k)) for k in keys) + " |")
+    return out
 
 
 def compare_markdown(rows: list, variants: list, warnings: list) -> str:
@@ -137,6 +157,7 @@ def compare_markdown(rows: list, variants: list, warnings: list) -> str:
                 cells.append("-" if a is None
                              else f"{100 * a:.1f}" + (f" ({100 * (a - b):+.1f})" if b is not None else ""))
             lines.append(f"| {R.esc(r['label'])} | " + " | ".join(cells) + " |")
+    lines += _matrix_lines(rows)
     lines += ["", "Runs: " + "; ".join(f"{R.esc(r['label'])} = {R.esc(r['run'])}" for r in rows), "",
               "![comparison](plots/compare.png)"]
     return "\n".join(lines) + "\n"

@@ -21,10 +21,11 @@ from typing import ClassVar, Optional
 import llm_tasks as T
 from llm_common import UserError
 from llm_knobs import (StepConfig, budget, knob, parse_floats, parse_ints, parse_max_memory, parse_names,
-                       parse_nm, parse_protect, parse_trackers)
+                       parse_nm, parse_protect, parse_trackers, parse_variant_patterns)
 from llm_model import SAMPLE_PROMPT
 
-ALL_STEPS = ("finetune", "prune", "noise", "quantize", "eval", "zeroshot", "export", "adversarial",
+# The noise step comes after every other step that makes variants: its sweep measures each of them.
+ALL_STEPS = ("finetune", "prune", "quantize", "noise", "eval", "zeroshot", "export", "adversarial",
              "analysis")
 # The zero-shot suite of the Wanda paper (and OWL's), lm-evaluation-harness names; SparseGPT's and
 # the Super Weight paper's are in their presets (llm_presets).
@@ -57,6 +58,13 @@ def progress_knob():
     """The ``progress`` field of the steps that show progress bars, defined once (no flag; no number
     depends on it)."""
     return knob(True, "progress bars", cli=False, results=False)
+
+
+def variants_knob():
+    """The ``variants`` field of the steps that measure every variant (noise sweep, attacks, analysis)."""
+    return knob(("all",), "variants the noise sweep, the attacks and the analysis measure: all, live (the live "
+                          "model only), or a comma list of names and patterns with * and ? (pruned[*])",
+                flag="--robustness-variants", parse=parse_variant_patterns)
 
 
 def super_weight_prompt_knob():
@@ -296,6 +304,7 @@ class NoiseConfig(StepConfig):
                                      bounds="[2,1000000000]")
     batch_size: Optional[int] = knob(None, "evaluation windows per forward pass (auto: from free memory "
                                            "on GPU, 1 on CPU)", flag="--batch-size", bounds="[1,65536]")
+    variants: tuple = variants_knob()
     progress: bool = progress_knob()
 
     def variant_name(self, grid: bool) -> str:
@@ -495,6 +504,10 @@ class AdversarialConfig(StepConfig):
                                          bounds="[0,65536]")
     max_new_tokens: int = knob(48, "greedy answer length per prompt (0: none)", flag="--max-new-tokens",
                                bounds="[0,4096]")
+    gcg_per_variant: bool = knob(False, "also run a GCG search of its own on every measured variant (each costs "
+                                        "--gcg-steps x (one forward+backward + --gcg-batch candidate forwards)); "
+                                        "by default each variant gets the live model's suffix, transferred")
+    variants: tuple = variants_knob()
     seed: int = seed_knob()
     progress: bool = progress_knob()
 
@@ -538,12 +551,13 @@ class AnalysisConfig(StepConfig):
                                        bounds="[2,1000000]", context=True)
     batch_size: Optional[int] = knob(None, "evaluation windows per forward pass (auto: from free memory "
                                            "on GPU, 1 on CPU)", flag="--batch-size", bounds="[1,65536]")
+    variants: tuple = variants_knob()
     seed: int = seed_knob()
     progress: bool = progress_knob()
 
 
-STEP_CONFIGS: dict[str, type] = {"finetune": FinetuneConfig, "prune": PruneConfig, "noise": NoiseConfig,
-                                 "quantize": QuantizeConfig, "eval": EvalConfig, "zeroshot": ZeroShotConfig,
+STEP_CONFIGS: dict[str, type] = {"finetune": FinetuneConfig, "prune": PruneConfig, "quantize": QuantizeConfig,
+                                 "noise": NoiseConfig, "eval": EvalConfig, "zeroshot": ZeroShotConfig,
                                  "export": ExportConfig, "adversarial": AdversarialConfig,
                                  "analysis": AnalysisConfig}
 

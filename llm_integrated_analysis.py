@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 import llm_common as C
 import llm_data as D
 import llm_model as LM
+import llm_stats as ST
 import llm_variants as V
 from llm_compress import quantize_rtn_, rtn_groups, rtn_quantize  # noqa: F401  (the one quantizer; re-exported)
 from llm_config import AnalysisConfig, EvalConfig
@@ -172,6 +173,7 @@ class AnalysisResult:
     top_layers: dict = field(default_factory=dict)        # the same -> 5 largest layers
     rank_correlation: dict = field(default_factory=dict)  # Spearman between the measures (and the noise map)
     super_weight_layers: list = field(default_factory=list)
+    curvature: dict = field(default_factory=dict)         # curvature_summary: what the robustness matrix keeps
     seconds: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)            # the resolved AnalysisConfig
 
@@ -254,6 +256,104 @@ def _layer_intervals(h: dict, mlayer: dict, mods: dict, rel_target: float) -> di
             "hessian_layer_per_param": [m / k if k else float("nan") for m, k in zip(mean, numel)],
             "hessian_trace_per_param": {n: h["trace"][n] / mods[n].weight.numel() for n in mods},
             "hessian_module_reliable": {n: rel_stderr_of(xs) <= rel_target for n, xs in h["samples"].items()}}
+
+
+def curvature_summary(h: dict, mlayer: dict, mods: dict, rel_target: float) -> dict:
+    """What the robustness matrix keeps of ``_hessian``'s result: the total Hutchinson trace with its
+    per-probe samples and Student-t 95% interval over probes, the per-layer traces and intervals,
+    and the top eigenvalue. Probes are drawn from the same seed on every variant (common random
+    numbers), so the first k probes of two variants are the same vectors and pair."""
+    li = _layer_intervals(h, mlayer, mods, rel_target)
+    k = min(len(xs) for xs in h["samples"].values())
+    totals = [sum(xs[i] for xs in h["samples"].values()) for i in range(k)]
+    return {"trace_total": sum(h["trace"].values()), "trace_total_stderr": math.sqrt(h["tot_var"]),
+            "trace_total_ci95": list(ST.mean_interval(totals)), "trace_total_samples": totals,
+            "layer_trace": li["hessian_layer_trace"], "layer_ci95": li["hessian_layer_ci95"],
+            "top_eigenvalue": h["eig"], "power_iterations": h["iters"], "probes": h["probes"],
+            "converged": h["converged"], "interval": "Student-t 95% over Hutchinson probes"}
+
+
+def super_weight_status(value: float, parent_value: Optional[float]) -> dict:
+    """A super weight in a variant against its parent: intact (bit-equal), pruned (zero where the
+    parent's is not), or moved (changed, e.g. by quantization or noise), with the relative change."""
+    if parent_value is None:  # a root variant: nothing to compare with
+        return {"status": "reference", "value": value, "parent_value": None, "relative_change": None}
+    if value == parent_value:
+        return {"status": "intact", "value": value, "parent_value": parent_value, "relative_change": 0.0}
+    rel = (value - parent_value) / abs(parent_value) if parent_value else float("inf")
+    return {"status": "pruned" if value == 0 else "moved", "value": value, "parent_value": parent_value,
+            "relative_change": rel}
+
+
+def analyse_variants(model, tokenizer, calib, eval_ids: torch.Tensor, variants: dict, parents: dict, pool: dict,
+                     config: AnalysisConfig, super_weights: Sequence[dict], live: Optional[tuple] = None) -> dict:
+    """Curvature and super weights of every variant in ``variants`` ({name: weights}, applied in
+    place one at a time and restored bit for bit; ``pool`` holds every variant of the run, for
+    the parents' values): the Hutchinson trace (total and per layer, with intervals) and top
+    eigenvalue on the same calibration windows and probes as the live model's analysis, and for
+    each of ``super_weights`` (found on the live model) its status against the parent's value
+    and, where it is still non-zero, its ablation effect on this variant (perplexity with it
+    zeroed / without, on the analysis's evaluation tokens). ``live``: (name, its curvature
+    summary) already measured. Under torchrun the ranks take disjoint variants."""
+    config = config.for_model(model)
+    if config.per_block is None:
+        config = replace(config, per_block=sum(p.numel() for p in model.parameters()) > 3e9)
+    names_of = LM.module_names(model)
+    mods, mlayer = {}, {}
+    for i, layer in enumerate(LM.decoder_layers(model)):
+        for m in LM.block_linears(layer).values():
+            mods[names_of[m]], mlayer[names_of[m]] = m, i
+    windows = D.calibration_windows(tokenizer, calib, config.calib_windows, config.calib_seq_len, config.seed)
+    ecfg = EvalConfig(seq_len=min(config.eval_seq_len, config.eval_tokens), eval_tokens=config.eval_tokens,
+                      batch_size=config.batch_size)
+    coords = [(sw["module"], sw["row"], sw["col"]) for sw in super_weights]
+
+    def values() -> list:
+        return [float(LM.weight_view(model.get_submodule(m)).detach()[r, c]) for m, r, c in coords]
+
+    wanted = list(dict.fromkeys([*variants, *(parents.get(n) for n in variants if parents.get(n) in pool)]))
+    mine = []
+    for i, name in C.shard_jobs(wanted):
+        with V.applied_variant(model, pool[name]):
+            row = {"values": values()}
+            if name in variants:
+                if live and name == live[0]:
+                    row["curvature"] = live[1]
+                else:
+                    C.seed_everything(config.seed)
+                    row["curvature"] = curvature_summary(_hessian(model, mods, mlayer, windows, config, {}),
+                                                         mlayer, mods, config.rel_stderr)
+                present = [SuperWeight(mlayer[m], m, r, c, v, 0.0, 0.0) for (m, r, c), v in zip(coords, row["values"])
+                           if v != 0]
+                if live and name == live[0]:  # the live model's analysis measured these ablations already
+                    full = {(f["module"], f["row"], f["col"]): f.get("ppl_ratio") for f in super_weights}
+                    for sw in present:
+                        sw.ppl_ratio = full.get((sw.module, sw.row, sw.col))
+                elif present:
+                    verify_super_weights(model, tokenizer, eval_ids, present, ecfg)
+                row["ablation"] = {f"{sw.module}[{sw.row},{sw.col}]": sw.ppl_ratio for sw in present}
+        mine.append((i, row))
+    got = dict(zip(wanted, C.gather_jobs(mine)))
+    out = {}
+    for name in variants:
+        par = parents.get(name)
+        ref = got.get(par, {}).get("values") if par in got else None
+        sws = []
+        for j, (m, r, c) in enumerate(coords):
+            key = f"{m}[{r},{c}]"
+            st = super_weight_status(got[name]["values"][j], ref[j] if ref else None)
+            sws.append({"weight": key, "layer": mlayer[m], **st, "ablation_ppl_ratio": got[name]["ablation"].get(key)})
+        row = {"parent": par, "curvature": got[name]["curvature"], "super_weights": sws,
+               "super_weights_kept": sum(s["status"] != "pruned" for s in sws),
+               "super_weights_intact": sum(s["status"] == "intact" for s in sws)}
+        out[name] = row
+    for name, row in out.items():  # paired by Hutchinson probe against the parent
+        par = out.get(row["parent"] or "")
+        if par:
+            a, b = par["curvature"]["trace_total_samples"], row["curvature"]["trace_total_samples"]
+            k = min(len(a), len(b))
+            row["vs_parent"] = {"trace_total": ST.paired_difference(a[:k], b[:k], seed=config.seed)}
+    return out
 
 
 def _top_salient(obd: dict, mods: dict, k: int = 20) -> list:
@@ -348,7 +448,8 @@ def run_integrated_analysis(model, tokenizer, calib: "D.Corpus | torch.Tensor", 
         obd_saliency_sum={n: float(o.sum()) for n, o in obd.items()}, top_salient=top,
         super_weights=[sw.__dict__ for sw in sws], super_weights_rejected=[sw.__dict__ for sw in rejected],
         activation_profile=profile, clean_perplexity=clean, clean_token_set=token_set(eval_ids.numel(), ecfg),
-        quantization=quant, seconds=secs, config=asdict(config))
+        quantization=quant, curvature=curvature_summary(h, mlayer, mods, config.rel_stderr), seconds=secs,
+        config=asdict(config))
     layerwise(res, noise_map)
     return res
 
@@ -384,8 +485,14 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def pipeline_step(run: Run, config: AnalysisConfig) -> None:
-    """The pipeline's analysis of the live model; the noise step's map, when there is one, is
-    compared with the Hessian per cell."""
+    """The pipeline's analysis of the live model (the noise step's map, when there is one, is
+    compared with the Hessian per cell), then the curvature and super weights of every chosen
+    variant (``--robustness-variants``)."""
     noise_map = (run.results.get("noise") or {}).get("map")
-    run.results["analysis"] = asdict(run_integrated_analysis(run.model, run.tokenizer, run.texts["train"],
-                                                             run.ids("eval"), config, noise_map))
+    res = asdict(run_integrated_analysis(run.model, run.tokenizer, run.texts["train"], run.ids("eval"), config,
+                                         noise_map))
+    # Curvature and super weights of every chosen variant; the live model's Hessian above serves its row.
+    res["variants"] = analyse_variants(run.model, run.tokenizer, run.texts["train"], run.ids("eval"),
+                                       run.chosen(config.variants), run.parents, run.variants, config,
+                                       res["super_weights"], (run.live, res["curvature"]))
+    run.results["analysis"] = res

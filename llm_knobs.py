@@ -296,3 +296,20 @@ def trackers_of(value) -> tuple:
 
 def parse_names(text: str) -> tuple:
     return _parse_list(text, str, "names")
+
+
+def parse_variant_patterns(text: str) -> tuple:
+    """'all', 'live', or a comma list of variant names and patterns; commas inside brackets
+    belong to a grid name (``pruned[wanda,0.5,unstructured],quantized``)."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur.strip())
+    if depth != 0 or not all(out):
+        raise ValueError("all, live, or a comma list of variant names or patterns such as pruned[*]")
+    return tuple(dict.fromkeys(out))

@@ -40,6 +40,7 @@ from llm_compare import compare_runs
 from llm_config import ALL_STEPS, PipelineConfig
 from llm_presets import PRESETS
 from llm_knobs import fingerprint
+from llm_matrix import robustness_matrix
 from llm_plots import make_plots
 from llm_report import rebuild_report, summary_table, write_report
 from llm_results import STEP_SECTIONS, read_results
@@ -61,8 +62,8 @@ class Step:
 STEPS = {
     "finetune": Step("llm_finetune", ("train",)),
     "prune": Step("llm_prune_model", ("train",), variants=True),
-    "noise": Step("llm_robustness_test", ("eval", "train"), variants=True),
     "quantize": Step("llm_quantize_model", ("train",), variants=True),
+    "noise": Step("llm_robustness_test", ("eval", "train"), variants=True),
     "eval": Step("llm_evaluate_models", ("eval",)),
     "zeroshot": Step("llm_zeroshot", ()),
     "export": Step("llm_export", ()),
@@ -102,6 +103,8 @@ def _run(cfg: PipelineConfig, argv: Optional[list], out: Path, configs: dict, te
             prev_fp, same = _run_step(run, step, config, prev_fp, chain_intact and done_before.get(step), previous)
             chain_intact = chain_intact and same
             trackers.step(step, run.results)
+    # The variant x measure matrix, derived from the sections above (a rerun of any step redraws it).
+    run.results["robustness"] = robustness_matrix(IO.to_strict_json(run.results))
     t = time.perf_counter()
     run.results["plots"] = make_plots(IO.to_strict_json(run.results), out)
     manifest["plots_s"] = time.perf_counter() - t

@@ -5,6 +5,8 @@ their paths; each ``plot_*`` takes a section of it (plain dicts, numbers as JSON
 """
 from __future__ import annotations
 
+import math
+
 import os
 from pathlib import Path
 from typing import Optional, Sequence
@@ -272,6 +274,8 @@ def make_plots(results: dict, out: Path) -> dict:
             add("noise_map", plot_sensitivity_map, results["noise"]["map"], d / "noise_map.png")
     if results.get("adversarial"):
         add("attack_sweep", plot_attack_sweep, results["adversarial"], d / "attack_sweep.png")
+    if any((r.get("parent") for r in (results.get("robustness") or {}).get("rows", {}).values())):
+        add("robustness", plot_robustness, results["robustness"], d / "robustness_heatmap.png")
     if results.get("analysis"):
         an = results["analysis"]
         add("sensitivity_heatmaps", plot_heatmaps, an, d / "sensitivity_heatmaps.png",
@@ -279,6 +283,56 @@ def make_plots(results: dict, out: Path) -> dict:
         add("activations", plot_activation_profile, an["activation_profile"], d / "activations.png",
             an.get("super_weight_layers", []))
     return plots
+
+
+def plot_robustness(matrix: dict, path) -> Path:
+    """Heatmap of the robustness matrix: each variant's measures against its parent's (log2 of the
+    ratio, or the difference, as ``llm_matrix.MEASURES`` says), scaled per column by its largest
+    change and coloured so that red is worse. Each cell shows the value and its change (x ratio
+    or + difference); bold where the paired difference is significant, hatched where it is not
+    (inside the noise). Root variants have no parent: their cells stay blank."""
+    import matplotlib.patches as mpatches
+    import numpy as np
+    measures, rows = matrix["measures"], matrix["rows"]
+    keys, names = list(measures), list(rows)
+    grid = np.full((len(names), len(keys)), np.nan)
+    for i, n in enumerate(names):
+        for j, k in enumerate(keys):
+            rel = (rows[n]["cells"].get(k) or {}).get("relative")
+            if isinstance(rel, (int, float)) and math.isfinite(rel) and (measures[k]["compare"] != "ratio" or rel > 0):
+                x = math.log2(rel) if measures[k]["compare"] == "ratio" else rel
+                grid[i, j] = x if measures[k]["worse"] == "higher" else -x
+    scale = np.nanmax(np.abs(grid), axis=0, initial=0.0)
+    shown = grid / np.where(scale > 0, scale, 1.0)
+    fig, ax = new_figure(figsize=(1.35 * len(keys) + 3, 0.55 * len(names) + 2.4))
+    im = ax.imshow(shown, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+    for i, n in enumerate(names):
+        for j, k in enumerate(keys):
+            c = rows[n]["cells"].get(k) or {}
+            v, rel, vs = c.get("value"), c.get("relative"), c.get("vs_parent")
+            text = "-" if v is None else f"{v:.3g}"
+            if v is None and c.get("never_doubled"):
+                text = f"> {c.get('max_eps')}"
+            if c.get("of") is not None:
+                text += f"/{c['of']}"
+            if isinstance(rel, (int, float)) and math.isfinite(rel):
+                text += f"\nx{rel:.3g}" if measures[k]["compare"] == "ratio" else f"\n{rel:+.3g}"
+            dark = math.isfinite(shown[i, j]) and abs(shown[i, j]) > 0.6
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if dark else "black",
+                    fontweight="bold" if (vs or {}).get("significant") else "normal")
+            if vs and not vs.get("significant"):
+                ax.add_patch(mpatches.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//",
+                                                edgecolor="0.7", linewidth=0))
+    ax.set_xticks(range(len(keys)), [measures[k]["label"] for k in keys], rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), [f"{n} (of {rows[n]['parent']})" if rows[n]["parent"] else n for n in names],
+                  fontsize=8)
+    cb = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, ticks=[-1, 0, 1])
+    cb.ax.set_yticklabels(["better", "same", "worse"], fontsize=7)
+    cb.set_label("change from the parent, scaled per column", fontsize=7)
+    ax.set_title("Each variant against its parent (bold: paired difference significant; hatched: within noise)",
+                 fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path)
 
 
 def plot_comparison(rows: list, variants: list, path) -> Path:

@@ -19,6 +19,7 @@ import markdown
 import llm_common as C
 import llm_io as IO
 import llm_model as LM
+import llm_matrix as M
 import llm_results as R
 from llm_plots import make_plots
 
@@ -353,11 +354,15 @@ def summary_table(results: dict) -> str:
     parents, ppl = (R.field(results, "variants", kind=dict, default={}),
                     R.field(results, "perplexity", kind=dict, default={}))
     means = R.field(results, "zeroshot", "mean", kind=dict, default={})
-    rows = [("variant", "parent", "perplexity", "x parent", "zero-shot mean")]
+    matrix = R.field(results, "robustness", kind=dict) or M.robustness_matrix(results)
+    extra = [k for k in M.HEADLINE if k in R.field(matrix, "measures", kind=dict, default={})]
+    rows = [("variant", "parent", "perplexity", "x parent", "zero-shot mean",
+             *(M.MEASURES[k][0] for k in extra))]
     for name, p in ppl.items():
         parent = parents.get(name)
         rows.append((str(name), parent or "-", R.fmt(R.num(p)), R.fmt(R.ratio(p, ppl.get(parent))),
-                     R.acc_pct(R.field(means, name, "acc"))))
+                     R.acc_pct(R.field(means, name, "acc")),
+                     *[h for k, h in zip(M.HEADLINE, M.headline(matrix, name)) if k in extra]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     proto, src = (R.field(results, "protocol", kind=dict, default={}),
@@ -419,8 +424,8 @@ def report_markdown(results: dict) -> str:
     found = findings(results)
     if found:
         lines += ["", "## Findings", ""] + [f"- {f}" for f in found]
-    for section in (_md_perplexity, _md_zeroshot, _md_finetune, _md_prune, _md_noise, _md_export,
-                    _md_adversarial, _md_analysis, _md_generations, _md_manifest):
+    for section in (_md_perplexity, _md_zeroshot, M.report_section, _md_finetune, _md_prune, _md_noise,
+                    _md_export, _md_adversarial, _md_analysis, _md_generations, _md_manifest):
         lines += section(results)
     return "\n".join(lines) + "\n"
 

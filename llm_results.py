@@ -24,14 +24,14 @@ log = logging.getLogger("llm.report")
 
 # What each step writes into results.json, in pipeline order (one dict per section).
 STEP_SECTIONS: dict[str, tuple] = {
-    "finetune": ("finetune",), "prune": ("prune",), "noise": ("noise",), "quantize": ("quantize",),
+    "finetune": ("finetune",), "prune": ("prune",), "quantize": ("quantize",), "noise": ("noise",),
     "eval": ("perplexity", "evaluation", "protocol", "variants"), "zeroshot": ("zeroshot",), "export": ("export",),
     "adversarial": ("adversarial",), "analysis": ("analysis",)}
 # The run's provenance, written before any step, and the plots list written after them.
 SCHEMA: dict[str, type | tuple] = {
     "seed": int, "argv": (list, type(None)), "steps": list, "device": str, "dtype": str, "versions": dict,
     "python": str, "steps_done": dict, "model": str, "parameters": int, "model_identity": dict, "dataset": dict,
-    "manifest": dict, "plots": dict, "preset": dict, **{s: dict for sections in STEP_SECTIONS.values() for s in sections}}
+    "manifest": dict, "plots": dict, "preset": dict, "robustness": dict, **{s: dict for sections in STEP_SECTIONS.values() for s in sections}}
 _NUMBER = (int, float, str, type(None))  # "inf" / "nan" are strings in strict JSON
 
 

@@ -43,6 +43,7 @@ import llm_common as C
 import llm_data as D
 import llm_io as IO
 import llm_model as LM
+import llm_stats as ST
 import llm_variants as V
 from llm_config import EvalConfig, NoiseConfig
 from llm_run import Run
@@ -243,6 +244,60 @@ def doubling_epsilon(summary: dict, clean_ppl: float) -> Optional[float]:
     return None
 
 
+def noise_tolerance(points: list, clean_ppl: float, curve: str = "unprotected") -> dict:
+    """The eps at which perplexity doubles, per seed of a sweep (log-interpolated on its grid,
+    ``doubling_epsilon``), and its spread over seeds: mean, min, max, std and a Student-t 95%
+    interval (``llm_stats.mean_interval``). A seed whose curve never doubles within the grid is
+    counted in ``never_doubled`` and leaves the mean undefined (None): its eps is only known to
+    exceed ``max_eps``."""
+    pts = [p for p in points if p.get("curve", "unprotected") == curve]
+    seeds = sorted({p["seed"] for p in pts})
+    per_seed = [doubling_epsilon({str(p["eps"]): {"mean": p["perplexity"]} for p in pts if p["seed"] == s},
+                                 clean_ppl) for s in seeds]
+    found = [e for e in per_seed if e is not None]
+    whole = len(found) == len(per_seed) and found
+    return {"doubling_eps": statistics.fmean(found) if whole else None, "per_seed": per_seed, "seeds": seeds,
+            "min": min(found) if found else None, "max": max(found) if found else None,
+            "std": statistics.stdev(found) if whole and len(found) > 1 else None,
+            "ci95": list(ST.mean_interval(found)) if whole else None,
+            "never_doubled": len(per_seed) - len(found), "max_eps": max((p["eps"] for p in pts), default=None),
+            "clean_perplexity": clean_ppl}
+
+
+def sweep_variants(model, tokenizer, input_ids: torch.Tensor, variants: Mapping[str, object],
+                   parents: Mapping[str, Optional[str]], config: NoiseConfig, done: Optional[dict] = None) -> dict:
+    """The unprotected eps sweep of ``config`` on every variant (applied in place, one at a time,
+    restored bit for bit), with the same eps, seeds and windows: the noise of seed s is the same
+    draw on every variant (common random numbers), so tolerances compare paired by seed.
+    ``done``: {name: SweepResult dict} already measured (the live model's sweep). Returns
+    {name: {"parent", "tolerance" (``noise_tolerance``), "curve" (mean perplexity per eps),
+    "vs_parent" (paired difference of the doubling eps over seeds, when both are defined)}}."""
+    done = dict(done or {})
+    seq = min(config.sweep_seq_len, config.sweep_tokens)
+    ecfg = EvalConfig(seq_len=seq, eval_tokens=config.sweep_tokens, batch_size=config.batch_size)
+    seeds = [config.seed + i for i in range(config.sweep_seeds)]
+    todo = [n for n in variants if n not in done]
+    mine = []
+    for i, name in C.shard_jobs(todo):
+        log.info("noise sweep of variant %r", name)
+        with V.applied_variant(model, variants[name]):
+            mine.append((i, asdict(noise_sweep(model, tokenizer, input_ids, config.sweep_eps, seeds,
+                                               config.sweep_mode, config.sweep_group, ecfg, progress=False))))
+    done.update(zip(todo, C.gather_jobs(mine)))
+    out = {}
+    for name in variants:
+        sw = done[name]
+        tol = noise_tolerance(sw["points"], sw["clean"]["perplexity"])
+        out[name] = {"parent": parents.get(name), "tolerance": tol, "clean": sw["clean"],
+                     "curve": {e: v["mean"] for e, v in sw["summary"]["unprotected"]["perplexity"].items()}}
+    for name, row in out.items():
+        par = out.get(row["parent"] or "")
+        a, b = (par or {}).get("tolerance", {}).get("per_seed"), row["tolerance"]["per_seed"]
+        if a and None not in a and None not in b:
+            row["vs_parent"] = ST.paired_difference(a, b, seed=config.seed)
+    return out
+
+
 def noise_sweep(model, tokenizer, input_ids: torch.Tensor, epsilons: Sequence[float], seeds: Sequence[int],
                 mode: str = "relative", group: str = "linears", eval_config: EvalConfig = EvalConfig(),
                 protect: Optional[Mapping[str, torch.Tensor]] = None, progress: bool = True) -> SweepResult:
@@ -418,6 +473,11 @@ def pipeline_step(run: Run, config: NoiseConfig) -> None:
         run.results["noise"] = {**d, **{k: v for k, v in records[0].items() if k != "name"}, "parent": run.live}
     for name, weights in variants_of(run, run.results["noise"]).items():
         run.add_variant(name, weights)
+    # Every chosen variant's tolerance, the noisy ones just made included (noise on noise); the
+    # live model's sweep above serves its own row.
+    run.results["noise"]["variants"] = sweep_variants(
+        run.model, run.tokenizer, run.ids("eval"), run.chosen(config.variants), run.parents, points[0],
+        {run.live: res.sweep} if res.sweep else None)
 
 
 def variants_of(run: Run, section: dict) -> dict:

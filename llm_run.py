@@ -57,6 +57,12 @@ class Run:
         self.variants[name], self.parents[name] = weights, parent
         return True
 
+    def chosen(self, patterns) -> dict:
+        """{name: weights} of the variants ``patterns`` choose (``llm_variants.select_variants``:
+        all, live, names or patterns), in the order they were made; what the steps that measure
+        every variant (noise sweep, attacks, analysis) iterate over."""
+        return {n: self.variants[n] for n in V.select_variants(list(self.variants), patterns, self.live)}
+
     def base_weights(self):
         """The unmodified weights, read back for the base row once the live model is fine-tuned:
         the folder they were loaded from, else a copy in checkpoints/."""

@@ -163,3 +163,25 @@ def applied_variant(model: torch.nn.Module, weights):
             tensors = {k: v for k, v in tensors.items() if k in state}
         weights = tensors
     return swapped_weights(model, weights)
+
+
+def select_variants(names: Sequence[str], patterns: Sequence[str], live: str) -> list[str]:
+    """The variant names (in ``names``' order) that ``patterns`` choose: ``all`` (every one),
+    ``live`` (the live model only), or names and shell-style patterns where ``*`` and ``?`` are
+    wildcards and brackets are literal (``pruned[*]``, ``quantized*``). Raises UserError when a
+    pattern matches no variant of the run, so a typo never measures nothing in silence."""
+    patterns = [p.strip() for p in patterns if p.strip()] or ["all"]
+    if "all" in patterns:
+        return list(names)
+    chosen = set()
+    for p in patterns:
+        if p == "live":
+            hit = {live} & set(names)
+        else:
+            rx = re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in p) + r"\Z")
+            hit = {n for n in names if rx.match(n)}
+        if not hit:
+            raise UserError(f"--robustness-variants: {p!r} names no variant of this run (it has "
+                            f"{', '.join(names)})")
+        chosen |= hit
+    return [n for n in names if n in chosen]

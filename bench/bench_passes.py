@@ -21,7 +21,8 @@ The minimum, per step (tokens exclude padding):
   prune       fwd: 2 x calibration tokens (Wanda/SparseGPT: each block once to collect its
               input statistics, once more to feed the pruned block's output to the next).
   noise       fwd: (1 clean + eps x seeds x curves) x sweep tokens + Fisher windows
-              + (1 clean + layers x modules cells) x map tokens; bwd: Fisher windows.
+              + (1 clean + layers x modules cells) x map tokens; bwd: Fisher windows. Per other
+              measured variant: (1 clean + eps x seeds) x sweep tokens.
   quantize    fwd: GPTQ 2 x calibration tokens (as prune; RTN none) + super-weight search (found
               + 1 passes of the prompt) + sensitivity windows once; bwd: one per sensitivity
               window (keep fraction and Fisher bits share them), or 1 + probes (Hessian bits).
@@ -48,7 +49,9 @@ The minimum, per step (tokens exclude padding):
   analysis    fwd: Hessian windows once (the gradient graph is reused by every probe and
               power iteration), Fisher windows, super-weight detection (found + 1 passes of
               the prompt), ablation (1 + candidates) and quantization (bits x 3) evaluations;
-              bwd: 1 + probes + power iterations + Fisher windows.
+              bwd: 1 + probes + power iterations + Fisher windows. Per other measured variant
+              (--robustness-variants): its Hessian windows once and, where it keeps k > 0 super
+              weights, 1 + k ablation evaluations; bwd 1 + probes + power iterations.
 """
 from __future__ import annotations
 
@@ -157,6 +160,8 @@ def minimum(step: str, run: Run, cfg) -> tuple[float, int]:
         if smap:
             tm = _eval_tokens(n_eval, min(seq, cfg.map_tokens), cfg.map_tokens)
             fwd += (1 + len(smap["layers"]) * len(smap["modules"])) * tm
+        others = [n for n in r["noise"]["variants"] if n != run.live]  # the live model's sweep serves its row
+        fwd += len(others) * (1 + len(cfg.sweep_eps) * cfg.sweep_seeds) * ts
         return fwd, nwin
     if step == "quantize":
         return quantize_minimum(run, cfg)
@@ -177,7 +182,15 @@ def minimum(step: str, run: Run, cfg) -> tuple[float, int]:
         fwd = (cfg.calib_windows * cfg.calib_seq_len + cfg.fisher_windows * cfg.calib_seq_len
                + _super_weight_search(run, cfg.super_weight_prompt, n_sw, cfg.max_super_weights)
                + (1 + n_sw) * tq + len(cfg.quant_bits) * 3 * tq)
-        return fwd, 1 + an["hutchinson_probes"] + an["power_iterations"] + cfg.fisher_windows
+        bwd = 1 + an["hutchinson_probes"] + an["power_iterations"] + cfg.fisher_windows
+        for name, row in an["variants"].items():  # per variant: its Hessian graph, probes and ablations
+            if name != run.live:
+                cv = row["curvature"]
+                fwd += cfg.calib_windows * cfg.calib_seq_len
+                kept = sum(s["status"] != "pruned" for s in row["super_weights"])
+                fwd += (1 + kept) * tq if kept else 0  # the clean evaluation only where one is ablated
+                bwd += 1 + cv["probes"] + cv["power_iterations"]
+        return fwd, bwd
     raise KeyError(step)
 
 
@@ -273,6 +286,18 @@ def adversarial_minimum(run: Run, cfg: ADV.AdversarialConfig) -> tuple[float, in
     fwd += before.numel() + tail * (cfg.gcg_steps + g["candidates_scored"]) + before.numel() + tail - 1
     fwd += filter_minimum(run, cfg, g)
     bwd = steps + cfg.targeted_steps + cfg.gcg_steps
+    # Per variant: the sweep, the answers and targeted PGD again (the live model's serve its own
+    # row), and GCG's suffix transferred to every variant (the target after the suffix and
+    # without it, and the success decode).
+    others = [n for n in adv["variants"] if n != run.live]
+    per = (sum(lens) + len(cfg.epsilons) * sum(lens) * (2 + steps + 1)
+           + sum(2 * (s.prompt.numel() + cfg.max_new_tokens - 1) for s in prompts)
+           + sum(tl) * (1 + cfg.targeted_steps + 1) + sum(x - 1 for x in tl))
+    turn = G.UserTurn(tok, cfg.prompts[0])
+    real, clean = turn.ids([g["suffix_text"], ""])
+    transfer = real.numel() + clean.numel() + 2 * T + real.numel() + T - 1
+    fwd += len(others) * per + len(adv["variants"]) * transfer
+    bwd += len(others) * (steps + cfg.targeted_steps)
     defence = adv["adversarial_training"]["defence"]
     if defence != "none":
         train = cfg.n_windows * (cfg.prompt_len + cfg.continuation_len)

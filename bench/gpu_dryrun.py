@@ -19,7 +19,9 @@ backward token, at the MFU measured on the H200 (README): 61.9% for forward-only
 the evaluation text are converted from bytes to Llama-2 tokens (WikiText-2 test: 166 windows
 of 2048, as the papers score it, from 1,288,556 characters). Zero-shot is estimated from the
 seven tasks' request counts (lm-eval 0.4, one forward per request; mean request lengths are
-stated assumptions) rather than from the local stand-in.
+stated assumptions) rather than from the local stand-in. The per-variant part of the noise,
+adversarial and analysis steps (every variant measured beside the live model) is counted apart
+and printed as the cost of one more variant.
 """
 from __future__ import annotations
 
@@ -103,6 +105,32 @@ def _counted(name, adapter, counts):
     return counted
 
 
+# The per-variant part of each step that measures every variant (--robustness-variants).
+PER_VARIANT = {"noise": ("llm_robustness_test", "sweep_variants"),
+               "adversarial": ("llm_adversarial_test", "attack_variants"),
+               "analysis": ("llm_integrated_analysis", "analyse_variants")}
+
+
+def _count_per_variant(per: dict) -> None:
+    """Count the passes of each step's per-variant function apart, with the variants it measured
+    beside the live model (whose row reuses the step's own measures)."""
+    import importlib
+
+    for step, (module, name) in PER_VARIANT.items():
+        mod = importlib.import_module(module)
+        orig = getattr(mod, name)
+
+        def wrapped(model, *args, _orig=orig, _step=step, **kw):
+            counter = Counter(model)
+            try:
+                out = _orig(model, *args, **kw)
+            finally:
+                per[_step] = counter.close()
+            per[_step]["added"] = max(len(out) - 1, 1)
+            return out
+        setattr(mod, name, wrapped)
+
+
 def _window(step, cfg) -> int:
     for f in ("seq_len", "calib_seq_len", "sweep_seq_len", "prompt_len"):
         v = getattr(cfg, f, None)
@@ -146,7 +174,8 @@ def main(argv=None):
             "--steps", ",".join(steps), "--allow-overlap", "--ft-steps", str(a.ft_steps)]
     if tasks:
         argv += ["--tasks", ",".join(tasks), "--tasks-include", a.tasks]
-    counts = {}
+    counts, per = {}, {}
+    _count_per_variant(per)
     total = run_wrapped(argv, lambda n, adapter: _counted(n, adapter, counts))
     scale = WIKI_LLAMA2_TOKENS / len(text)
     if "finetune" in counts:  # every training step has the same shape: scale the run's steps to the budget's
@@ -177,6 +206,13 @@ def main(argv=None):
     if scored:
         print(f"the dry run scored {len(scored)} variants ({', '.join(scored)}): zero-shot {len(scored) * zs / 60:.1f} "
               f"min, whole GPU default pipeline {(no_zs + len(scored) * zs) / 60:.1f} min")
+    if per:  # what one more variant adds: its noise sweep, attacks, curvature and super weights
+        add = {k: estimate(k, {**c, "fwd_tokens": c["fwd_tokens"] / c["added"],
+                               "bwd_tokens": c["bwd_tokens"] / c["added"]}, scale) for k, c in per.items()
+               if k in counts}
+        print("per added variant (--robustness-variants): " + ", ".join(f"{k} {v:.1f} s" for k, v in add.items())
+              + f"; {sum(add.values()) / 60:.1f} min each (measured over {max(c['added'] for c in per.values())} "
+              "variants beside the live model)")
     print("assumptions: MFU as measured on the H200 (README); FLOPs 2N + 2 L s d per forward token, 2x per backward "
           "token; a LoRA backward costs a full backward here (an overestimate); zero-shot request lengths assumed")
 
