@@ -243,3 +243,63 @@ def test_every_variant_gets_its_paired_difference_from_its_parent(tiny_llama, to
     assert brk.vs_parent == {"parent": "base", **want}
     assert brk.vs_parent["ppl_ratio"] == pytest.approx(brk.perplexity / base.perplexity, rel=1e-9)
     assert brk.vs_parent["significant"] is True
+
+
+def test_the_report_shows_each_interval_and_marks_only_the_paired_differences(tiny_llama, tok, sample_text):
+    """From a results.json made by the eval step and planted zero-shot tests: each perplexity with
+    its interval, each ratio to the parent with its paired interval, the mark on the variant that
+    differs and not on the copy; the zero-shot marks follow McNemar; the end-of-run table keeps
+    its columns; an older results.json without intervals still renders."""
+    import dataclasses
+
+    import llm_report
+    import llm_report_stats as RS
+
+    model = tiny_llama(seed=6)
+    ids = tokenize_corpus(tok, sample_text[:400])
+    w = model.model.layers[0].mlp.down_proj.weight
+    variants = {"base": None, "copy": {"model.layers.0.mlp.down_proj.weight": w.detach().clone()},
+                "broken": {"lm_head.weight": model.lm_head.weight * 3}}
+    res = evaluate_variants(model, tok, ids, variants, EvalConfig(seq_len=32, max_new_tokens=0, progress=False),
+                            parents={"copy": "base", "broken": "base"})
+    ev = {n: dataclasses.asdict(r) for n, r in res.variants.items()}
+    assert ev["broken"]["vs_parent"]["significant"] and not ev["copy"]["vs_parent"]["significant"]
+    parent_q, same_q, better_q = [False] * 60 + [True] * 40, [False] * 60 + [True] * 40, [True] * 100
+    zs_paired = {"copy": {"qa": S.mcnemar_exact(parent_q, same_q), "parent": "base"},
+                 "broken": {"qa": S.mcnemar_exact(parent_q, better_q), "parent": "base"}}
+    zs_paired["copy"]["mean"], zs_paired["broken"]["mean"] = zs_paired["copy"]["qa"], zs_paired["broken"]["qa"]
+    acc = {"base": 0.4, "copy": 0.4, "broken": 1.0}
+    results = {"perplexity": res.perplexity, "evaluation": ev, "variants": res.parents, "protocol": res.protocol,
+               "zeroshot": {"status": "ran", "protocol": {"tasks": ["qa"], "num_fewshot": 0},
+                            "parents": res.parents, "paired": zs_paired,
+                            "tasks": {n: {"qa": {"acc": a, "acc_stderr": 0.05}} for n, a in acc.items()},
+                            "mean": {n: {"acc": a, "acc_stderr": 0.05, "tasks": 1} for n, a in acc.items()}}}
+    md = llm_report.report_markdown(results)
+    rows = {ln.split(" | ")[0][2:]: ln for ln in md.split("## Zero-shot")[0].splitlines() if ln.startswith("| ")}
+    lo, hi = ev["broken"]["vs_parent"]["ppl_ratio_ci95"]
+    assert f"[{lo:.4g}, {hi:.4g}] {RS.MARK}" in md.split("## Zero-shot")[0]
+    assert RS.MARK not in rows["copy"].split(" | ")[3] and RS.MARK in rows["broken"].split(" | ")[3]
+    blo, bhi = ev["base"]["perplexity_ci95"]
+    assert f"{ev['base']['perplexity']:.4g} [{blo:.4g}, {bhi:.4g}]" in md
+    n = ev["base"]["windows"]
+    assert f"bootstrap over {n} windows (2000 resamples, percentile)" in md and f"paired bootstrap over {n}" in md
+    zs_lines = md.split("## Zero-shot")[1].splitlines()
+    zs_rows = [next(ln for ln in zs_lines if ln.startswith(f"| {n} |")) for n in ("broken", "copy")]
+    assert f"100.0 ± 5.0 {RS.MARK}" in zs_rows[0] and "+60.0 [" in zs_rows[0]
+    assert f"p {scipy.stats.binomtest(0, 60).pvalue:.2g} {RS.MARK}" in zs_rows[0]
+    assert RS.MARK not in zs_rows[1] and "p 1" in zs_rows[1] and "McNemar's exact test" in md
+
+    table = llm_report.summary_table(results).splitlines()
+    assert table[0].split() == ["variant", "parent", "perplexity", "95%", "interval", "x", "parent", "zero-shot",
+                                "mean"]
+    broken = next(ln for ln in table if ln.startswith("broken "))
+    assert f"{ev['broken']['vs_parent']['ppl_ratio']:.4g} {RS.MARK}" in broken
+    assert f"[{blo:.4g}, {bhi:.4g}]" in next(ln for ln in table if ln.startswith("base "))
+    assert f"bootstrap over {n} windows" in table[-1]
+
+    old = {k: {n: {f: v for f, v in e.items() if f not in ("perplexity_ci95", "vs_parent", "interval_method")}
+               for n, e in ev.items()} if k == "evaluation" else v for k, v in results.items()}
+    old["zeroshot"] = {k: v for k, v in results["zeroshot"].items() if k != "paired"}
+    md_old = llm_report.report_markdown(old)
+    assert RS.MARK not in md_old and "| broken |" in md_old
+    assert RS.MARK not in llm_report.summary_table(old)
