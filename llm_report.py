@@ -117,8 +117,8 @@ def _md_prune_grid(results: dict) -> list[str]:
                      f"{R.fmt(R.num(r.get('overall_sparsity')))} | {R.fmt(R.num(ppl.get(name)))} | "
                      f"{RS.ratio_cell(results, name, R.ratio(ppl.get(name), ppl.get(parent)))} | "
                      f"{R.acc_pct(R.field(means, name, 'acc'))} |")
-    return lines + ["", "![perplexity against sparsity](plots/prune_curves.png)", "",
-                    "![sparsity per layer](plots/prune_sparsity_per_layer.png)"]
+    return lines + RS.calibration_draws(results) + ["", "![perplexity against sparsity](plots/prune_curves.png)",
+                                                     "", "![sparsity per layer](plots/prune_sparsity_per_layer.png)"]
 
 
 def _md_noise(results: dict) -> list[str]:

@@ -7,6 +7,9 @@ or another hand.
 """
 from __future__ import annotations
 
+import math
+import re
+import statistics
 from typing import Optional
 
 import llm_results as R
@@ -113,3 +116,28 @@ def zeroshot_note(results: dict) -> str:
             "not). Paired (pooled): the same test on the pooled questions of every task, its change of "
             "accuracy in points with a paired-bootstrap 95% interval and McNemar's p; pooling weighs tasks by "
             "their questions, where the mean accuracy and its change vs parent weigh them equally.")
+
+
+def calibration_draws(results: dict) -> list[str]:
+    """With --calib-seeds: each pruned variant's perplexity as mean +- std over its calibration draws
+    (the spread the draw alone causes), next to each draw's own interval over the evaluation windows."""
+    groups: dict[str, list] = {}
+    for name, _ in R.variant_records(results, "prune", "pruned"):
+        point = re.sub(r",seed=\d+", "", name)
+        if point != name:
+            groups.setdefault(point, []).append(name)
+    groups = {p: ns for p, ns in groups.items() if len(ns) > 1}
+    if not groups:
+        return []
+    lines = ["", "Calibration draws (--calib-seeds): each point pruned once per draw of its calibration windows; "
+                 "the std over draws is the spread the draw alone causes, the intervals the spread of the "
+                 "evaluation windows within one draw.", "",
+             "| point | draws | perplexity mean ± std over draws | each draw [95% interval] |", "|---|---|---|---|"]
+    for point, names in groups.items():
+        ppl = [R.num(R.field(results, "perplexity", n)) for n in names]
+        # statistics cannot take inf: a draw that diverged leaves the spread out (each draw still shows).
+        finite = len(ppl) > 1 and all(p is not None and math.isfinite(p) for p in ppl)
+        spread = f"{R.fmt(statistics.fmean(ppl))} ± {R.fmt(statistics.stdev(ppl))}" if finite else "-"
+        each = "; ".join(f"{R.esc(n.rsplit(',', 1)[-1].rstrip(']'))}: {perplexity_cell(results, n)}" for n in names)
+        lines.append(f"| {R.esc(point)} | {len(names)} | {spread} | {each} |")
+    return lines
