@@ -232,20 +232,39 @@ class PruneConfig(StepConfig):
     allocation_windows: Optional[int] = budget(2, 8, "calibration windows of the hessian / fisher allocation",
                                              bounds="[1,1000000]")
     allocation_probes: int = knob(8, "Hutchinson probes of the hessian allocation", bounds="[1,100000]")
+    # Williams & Aletras (ACL 2024): the calibration draw alone moves results; several draws measure it.
+    calib_seed: Optional[int] = knob(None, "seed of the calibration draw; a comma list builds each pruned "
+                                           "variant once per draw, named ...,seed=K, and the report gives "
+                                           "mean +- std over draws", flag="--calib-seeds", shown="--seed",
+                                     bounds="[0,4294967295]", grid=True)
+    seed_named: bool = knob(False, "the variant name carries the calibration seed (a point of several draws)",
+                            cli=False, results=False)
     seed: int = seed_knob()
     progress: bool = progress_knob()
 
     def point_key(self) -> tuple:
         """An N:M pattern fixes the sparsity: (wanda, 0.5, 2:4) and (wanda, 0.7, 2:4) are one point."""
-        return (self.method, self.pattern, self.sparsity if parse_nm(self.pattern) is None else None)
+        return (self.method, self.pattern, self.sparsity if parse_nm(self.pattern) is None else None,
+                self.calib_seed)
+
+    def grid_points(self) -> list:
+        """As ``StepConfig.grid_points``; with several calibration seeds each point's name carries its own."""
+        named = isinstance(self.calib_seed, tuple) and len(self.calib_seed) > 1
+        return [dataclasses.replace(p, seed_named=named) for p in super().grid_points()]
+
+    @property
+    def calibration_seed(self) -> int:
+        """The seed the calibration windows are drawn with (one point: ``calib_seed``, else ``seed``)."""
+        return self.seed if self.calib_seed is None or isinstance(self.calib_seed, tuple) else self.calib_seed
 
     def variant_name(self, grid: bool) -> str:
         """``pruned``, or in a grid ``pruned[wanda,0.6,unstructured]`` (an N:M point:
         ``pruned[wanda,2:4]``)."""
         if not grid:
             return "pruned"
-        return f"pruned[{self.method},{self.pattern}]" if parse_nm(self.pattern) else \
-            f"pruned[{self.method},{self.sparsity:g},{self.pattern}]"
+        draw = f",seed={self.calib_seed}" if self.seed_named else ""
+        return f"pruned[{self.method},{self.pattern}{draw}]" if parse_nm(self.pattern) else \
+            f"pruned[{self.method},{self.sparsity:g},{self.pattern}{draw}]"
 
     @property
     def nm(self) -> Optional[tuple[int, int]]:

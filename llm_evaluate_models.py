@@ -23,6 +23,7 @@ import llm_variants as V
 from llm_config import EvalConfig
 from llm_run import Run
 from llm_perplexity import EvalResult, evaluate_model, reference_logprobs, safe_exp, window_plan
+from llm_stats import paired_perplexity
 
 __all__ = ["EvalConfig", "EvalResult", "EvaluationResult", "evaluate_model", "evaluate_variants", "reference_logprobs", "safe_exp",
            "window_plan"]
@@ -75,10 +76,23 @@ def evaluate_variants(model, tokenizer, input_ids: torch.Tensor, variants: Mappi
             mine.append((i, (name, evaluate_model(model, tokenizer, input_ids, config,
                                                   reference=reference if name in kl_for else None))))
     out = dict(C.gather_jobs(mine))
+    add_vs_parent(out, parents)
     protocol = {"seq_len": config.seq_len, "stride": config.stride or config.seq_len,
                 "eval_tokens": config.eval_tokens or None, "tokens_available": int(input_ids.numel()),
                 "tokens_used": min(config.eval_tokens or input_ids.numel(), int(input_ids.numel()))}
     return EvaluationResult(out, {n: parents.get(n) for n in variants}, protocol, asdict(config))
+
+
+def add_vs_parent(results: Mapping[str, EvalResult], parents: Mapping[str, Optional[str]]) -> None:
+    """Each variant whose parent was evaluated too gets ``vs_parent``: its perplexity against the
+    parent's, paired over the same windows (``llm_stats.paired_perplexity``), with the parent's name."""
+    for name, r in results.items():
+        parent = parents.get(name)
+        p = results.get(parent) if parent is not None else None
+        if p is None or not r.window_nll or len(p.window_nll) != len(r.window_nll):
+            continue
+        r.vs_parent = {"parent": parent, **paired_perplexity(p.window_nll, p.window_tokens, r.window_nll,
+                                                             r.window_tokens)}
 
 
 def pipeline_step(run: Run, config: EvalConfig) -> None:

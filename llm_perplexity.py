@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from llm_common import UserError
 from llm_config import EvalConfig
 from llm_model import auto_batch_size, eval_mode, free_memory_bytes, input_device, use_cache
+from llm_stats import perplexity_interval
 
 log = logging.getLogger("llm.eval")
 
@@ -49,6 +50,13 @@ class EvalResult:
     seconds: float = 0.0
     tokens_per_s: float = 0.0
     batch_size: int = 1          # windows per forward pass actually used
+    # Per window, in window order: summed NLL of its scored tokens (nats) and how many it scores;
+    # sum(window_nll) / sum(window_tokens) == nll. They make the interval and the paired tests.
+    window_nll: list = field(default_factory=list)
+    window_tokens: list = field(default_factory=list)
+    perplexity_ci95: list = field(default_factory=lambda: [math.nan, math.nan])
+    interval_method: str = ""
+    vs_parent: Optional[dict] = None  # llm_stats.paired_perplexity against the parent, set by the eval step
 
 
 def safe_exp(x: float) -> float:
@@ -106,6 +114,13 @@ def _generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> 
                                  pad_token_id=tokenizer.pad_token_id)
             out[prompt] = tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     return out
+
+
+def interval_method(n_windows: int, n_boot: int = 2000) -> str:
+    """How ``perplexity_ci95`` was made (``llm_stats.perplexity_interval``'s defaults)."""
+    if n_windows < 2:
+        return f"{n_windows} window{'s' * (n_windows != 1)}: no interval"
+    return f"bootstrap over {n_windows} windows ({n_boot} resamples, percentile)"
 
 
 def token_set(n_tokens: int, config: EvalConfig) -> str:
@@ -210,6 +225,7 @@ def _evaluate_model(model, tokenizer, input_ids: torch.Tensor, config: EvalConfi
     nll_sum = torch.zeros((), dtype=torch.float64, device=out_dev)
     kl_sum = torch.zeros((), dtype=torch.float64, device=out_dev)
     agree = torch.zeros((), dtype=torch.long, device=out_dev)
+    window_nll = torch.zeros(len(plan), dtype=torch.float64, device=out_dev)
     n_scored = sum(seq_len - f for _, f in plan)
     n_bytes = sum(len(tokenizer.decode(input_ids[s + f:s + seq_len]).encode("utf-8")) for s, f in plan)
     t0 = time.perf_counter()
@@ -222,7 +238,11 @@ def _evaluate_model(model, tokenizer, input_ids: torch.Tensor, config: EvalConfi
             # Flattened [B*T, V] input: the transposed [B, V, T] layout is ~10x slower on CPU.
             nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                                   reduction="none").view_as(targets)
-            nll_sum += torch.where(mask, nll, 0).double().sum().to(out_dev)
+            scored = torch.where(mask, nll, 0).double()
+            nll_sum += scored.sum().to(out_dev)
+            per_window = scored.sum(1).to(out_dev)
+            first = b_idx * batch_size  # batches are consecutive slices of the plan
+            window_nll[first:first + per_window.shape[0]] = per_window
             if reference is not None:
                 logp = F.log_softmax(logits.float(), dim=-1)
                 if ref_is_model:
@@ -236,9 +256,11 @@ def _evaluate_model(model, tokenizer, input_ids: torch.Tensor, config: EvalConfi
                 agree += ((ref_logp.argmax(-1) == logp.argmax(-1)) & mask).sum().to(out_dev)
                 del ref_logp, logp
             del logits, nll
-        nll_sum, kl_sum, agree = float(nll_sum), float(kl_sum), int(agree)  # the one host sync
+        # The one host sync: the scalars and the per-window sums come back together.
+        nll_sum, kl_sum, agree, window_nll = float(nll_sum), float(kl_sum), int(agree), window_nll.tolist()
     seconds = time.perf_counter() - t0
     mean_nll = float(nll_sum) / n_scored
+    window_tokens = [seq_len - f for _, f in plan]
     result = EvalResult(
         perplexity=safe_exp(mean_nll), nll=mean_nll,
         bits_per_byte=float(nll_sum) / math.log(2) / max(n_bytes, 1),
@@ -246,6 +268,9 @@ def _evaluate_model(model, tokenizer, input_ids: torch.Tensor, config: EvalConfi
         kl=float(kl_sum) / n_scored if reference is not None else None,
         top1_agreement=agree / n_scored if reference is not None else None,
         seconds=seconds, tokens_per_s=len(plan) * seq_len / seconds if seconds > 0 else 0.0, batch_size=batch_size,
+        window_nll=window_nll, window_tokens=window_tokens,
+        perplexity_ci95=list(perplexity_interval(window_nll, window_tokens)),
+        interval_method=interval_method(len(plan)),
     )
     if config.max_new_tokens > 0 and config.prompts:
         result.generations = _generate(model, tokenizer, config.prompts, config.max_new_tokens)

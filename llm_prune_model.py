@@ -233,7 +233,7 @@ def _prune_by_scores(model, calib_windows: torch.Tensor, config: PruneConfig, pr
     names_of = LM.module_names(model)
     layers = LM.decoder_layers(model)
     all_linears = {names_of[m]: m for layer in layers for m in LM.block_linears(layer).values()}
-    scores = (shared.get(("taylor", config.taylor_score), lambda: saliency_scores(
+    scores = (shared.get(("taylor", config.taylor_score, config.calibration_seed), lambda: saliency_scores(
         model, calib_windows, all_linears, config.taylor_score, config.progress)) if config.method == "taylor" else None)
     for i, layer in enumerate(tqdm(layers, desc=f"{config.method} prune", disable=not config.progress)):
         linears = LM.block_linears(layer)
@@ -254,13 +254,14 @@ def _prune_layerwise(model, calib_windows: torch.Tensor, config: PruneConfig, pr
     block; ``damped`` gets each linear whose SparseGPT Hessian needed more dampening than
     asked, with the fraction used."""
     names_of = LM.module_names(model)
-    inputs, kwargs = shared.get(("block0",), lambda: capture_block_inputs(model, calib_windows))
+    inputs, kwargs = shared.get(("block0", config.calibration_seed), lambda: capture_block_inputs(model, calib_windows))
     layers = LM.decoder_layers(model)
     kind = "wanda" if config.method == "wanda" else "hessian"
     for i, layer in enumerate(tqdm(layers, desc=f"{config.method} prune", disable=not config.progress)):
         linears = LM.block_linears(layer)
         # Block 0 sees the same inputs at every point of a grid: its statistics are computed once.
-        stats = shared.get(("stats0", kind), lambda: linear_input_stats(layer, inputs, kwargs, kind, linears)) \
+        stats = shared.get(("stats0", kind, config.calibration_seed),
+                           lambda: linear_input_stats(layer, inputs, kwargs, kind, linears)) \
             if i == 0 else linear_input_stats(layer, inputs, kwargs, kind, linears)
         for rel, mod in linears.items():
             full = names_of[mod]
@@ -321,10 +322,11 @@ def allocate_sparsity(model, calib_windows: torch.Tensor, config: PruneConfig, s
     shared = shared or Shared()
     scores = None
     if config.allocation == "owl":  # scores of the unpruned model: shared by every point of a grid
-        scores = shared.get(("owl", config.owl_m), lambda: owl_outlier_ratios(model, calib_windows, config.owl_m,
-                                                                              config.progress))
+        scores = shared.get(("owl", config.owl_m, config.calibration_seed),
+                            lambda: owl_outlier_ratios(model, calib_windows, config.owl_m, config.progress))
     elif config.allocation in ("hessian", "fisher"):
-        scores = shared.get((config.allocation, config.allocation_windows, config.allocation_probes),
+        scores = shared.get((config.allocation, config.allocation_windows, config.allocation_probes,
+                             config.calibration_seed),
                             lambda: _curvature_scores(model, calib_windows, config, mats))
     target = config.sparsity
     layer_s = [target] * len(layers) if scores is None else bounded_allocation(scores, sizes, target, config.owl_lambda)
@@ -370,9 +372,9 @@ def prune_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Prun
                           "(use prune_grid)")
     shared = shared or Shared()
     check_pattern_fits(model, config.pattern)
-    calib_windows = shared.get(("windows", config.calib_samples, config.calib_seq_len, config.seed),
+    calib_windows = shared.get(("windows", config.calib_samples, config.calib_seq_len, config.calibration_seed),
                                lambda: D.calibration_windows(tokenizer, calib, config.calib_samples,
-                                                             config.calib_seq_len, config.seed))
+                                                             config.calib_seq_len, config.calibration_seed))
     coords, found = shared.get(("protect", config.protect, config.super_weight_prompt), lambda: protected_coordinates(
         model, tokenizer, config.protect, config.super_weight_prompt))
     t0 = time.perf_counter()
@@ -384,7 +386,8 @@ def prune_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Prun
         protect.setdefault(name, []).append((int(r), int(c)))
     nm = config.nm
     result = PruneResult(config.method, config.pattern, config.sparsity if nm is None else 1 - nm[0] / nm[1], 0.0,
-                         calibration={"windows": calib_windows.shape[0], "seq_len": calib_windows.shape[1]},
+                         calibration={"windows": calib_windows.shape[0], "seq_len": calib_windows.shape[1],
+                                      "seed": config.calibration_seed},
                          protected=[list(c) for c in coords], super_weights=found, config=asdict(config))
     names_of = LM.module_names(model)
     counts = {}

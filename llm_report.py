@@ -20,6 +20,7 @@ import llm_common as C
 import llm_io as IO
 import llm_model as LM
 import llm_matrix as M
+import llm_report_stats as RS
 import llm_results as R
 from llm_plots import make_plots
 
@@ -36,8 +37,8 @@ def _md_perplexity(results: dict) -> list[str]:
     lines: list[str] = []
     lines += ["", "## Perplexity", "",
               "Each variant against the variant it was derived from (its parent); KL and top-1 agreement are "
-              "against the parent too (with --kl).", "",
-              "| variant | what it is | perplexity | x parent | nll (nats) | bits/byte | tokens | KL | "
+              "against the parent too (with --kl). " + RS.perplexity_note(results), "",
+              "| variant | what it is | perplexity [95%] | x parent [95%] | nll (nats) | bits/byte | tokens | KL | "
               "top-1 agree |",
               "|---|---|---|---|---|---|---|---|---|"]
     parents, ppl = results.get("variants") or {}, results.get("perplexity", {})
@@ -45,7 +46,8 @@ def _md_perplexity(results: dict) -> list[str]:
         parent = parents.get(name)
         ratio = R.ratio(ev["perplexity"], ppl.get(parent))
         lines.append(f"| {R.esc(name)} | {R.text(R.describe_variant(results, name))} | "
-                     f"{R.fmt(ev['perplexity'])} | {R.fmt(ratio)} | {R.fmt(ev['nll'])} | "
+                     f"{RS.perplexity_cell(results, name)} | {RS.ratio_cell(results, name, ratio)} | "
+                     f"{R.fmt(ev['nll'])} | "
                      f"{R.fmt(ev['bits_per_byte'])} | {ev['tokens_scored']} | {R.fmt(ev.get('kl'))} | "
                      f"{R.fmt(ev.get('top1_agreement'))} |")
     return lines
@@ -114,10 +116,10 @@ def _md_prune_grid(results: dict) -> list[str]:
         lines.append(f"| {R.esc(name)} | {R.text(r.get('method'))} | {R.text(r.get('pattern'))} | "
                      f"{R.text(R.field(r, 'allocation', 'mode', default='uniform'))} | "
                      f"{R.fmt(R.num(r.get('overall_sparsity')))} | {R.fmt(R.num(ppl.get(name)))} | "
-                     f"{R.fmt(R.ratio(ppl.get(name), ppl.get(parent)))} | "
+                     f"{RS.ratio_cell(results, name, R.ratio(ppl.get(name), ppl.get(parent)))} | "
                      f"{R.acc_pct(R.field(means, name, 'acc'))} |")
-    return lines + ["", "![perplexity against sparsity](plots/prune_curves.png)", "",
-                    "![sparsity per layer](plots/prune_sparsity_per_layer.png)"]
+    return lines + RS.calibration_draws(results) + ["", "![perplexity against sparsity](plots/prune_curves.png)",
+                                                     "", "![sparsity per layer](plots/prune_sparsity_per_layer.png)"]
 
 
 def _md_noise(results: dict) -> list[str]:
@@ -176,22 +178,22 @@ def _md_zeroshot(results: dict) -> list[str]:
                  "accuracy in % ± standard error; "
                  + (f"**at most the first {pr['limit']} examples per task** (a CPU budget, not the papers' "
                     "protocol)" if pr.get("limit") else "every example")
-                 + ". The mean is unweighted over tasks, as in the papers.")
+                 + ". The mean is unweighted over tasks, as in the papers. " + RS.zeroshot_note(results))
     if zs.get("unavailable"):
         lines += ["",
                   "> **Tasks not evaluated** (their data could not be had; the mean leaves them out):"] + \
             [f"> - {R.esc(t)}: {R.esc(why)}" for t, why in zs["unavailable"].items()]
     tasks, parents = pr.get("tasks", []), zs.get("parents") or {}
     lines += ["", "| variant | parent | " + " | ".join(R.esc(t) for t in tasks)
-              + " | mean acc | change vs parent | mean acc_norm |", "|---" * (len(tasks) + 5) + "|"]
+              + " | mean acc | change vs parent | paired (pooled) | mean acc_norm |", "|---" * (len(tasks) + 6) + "|"]
     for name, per_task in zs["tasks"].items():
         mean, parent = zs["mean"][name], parents.get(name)
         p = (zs["mean"].get(parent) or {}).get("acc")
         change = (f"{100 * (mean['acc'] - p):+.1f}"
                   if R.num(p) is not None and R.num(mean.get("acc")) is not None else "-")
         lines.append(f"| {R.esc(name)} | {R.text(parent)} | "
-                     + " | ".join(_acc(per_task.get(t)) for t in tasks)
-                     + f" | {_acc(mean)} | {change} | {_acc(mean, 'acc_norm')} |")
+                     + " | ".join(_acc(per_task.get(t)) + RS.task_mark(results, name, t) for t in tasks)
+                     + f" | {_acc(mean)} | {change} | {RS.pooled_cell(results, name)} | {_acc(mean, 'acc_norm')} |")
     return lines
 
 
@@ -356,11 +358,13 @@ def summary_table(results: dict) -> str:
     means = R.field(results, "zeroshot", "mean", kind=dict, default={})
     matrix = R.field(results, "robustness", kind=dict) or M.robustness_matrix(results)
     extra = [k for k in M.HEADLINE if k in R.field(matrix, "measures", kind=dict, default={})]
-    rows = [("variant", "parent", "perplexity", "x parent", "zero-shot mean",
+    rows = [("variant", "parent", "perplexity", "95% interval", "x parent", "zero-shot mean",
              *(M.MEASURES[k][0] for k in extra))]
     for name, p in ppl.items():
         parent = parents.get(name)
-        rows.append((str(name), parent or "-", R.fmt(R.num(p)), R.fmt(R.ratio(p, ppl.get(parent))),
+        ci, ratio = RS.summary_cells(results, name)
+        rows.append((str(name), parent or "-", R.fmt(R.num(p)), ci,
+                     ratio if ratio != "-" else R.fmt(R.ratio(p, ppl.get(parent))),
                      R.acc_pct(R.field(means, name, "acc")),
                      *[h for k, h in zip(M.HEADLINE, M.headline(matrix, name)) if k in extra]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -370,6 +374,8 @@ def summary_table(results: dict) -> str:
     if proto:
         lines.append(f"perplexity of {src}: windows of {proto.get('seq_len')} tokens, "
                      f"{R.tokens_scored(results)} tokens scored")
+    note = RS.summary_note(results)
+    lines += [note] if note else []
     unfinished = R.unfinished_steps(results)
     if unfinished:
         lines.append(f"not finished: {', '.join(unfinished)}")

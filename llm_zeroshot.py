@@ -14,6 +14,11 @@ variant is saved and reloaded to be scored. A number here is lm-eval's number fo
 Where a task cannot be had (offline and not in the ``datasets`` cache, an unknown name, lm-eval
 not installed), the task is listed under ``unavailable`` with the reason, logged as a warning,
 and the other tasks still run: nothing is dropped silently.
+
+Every variant whose parent was scored in the same call is tested against it on the same
+questions: lm-eval's per-sample outputs give each question's correctness (``questions``), and
+``paired`` holds McNemar's exact test (``llm_stats.mcnemar_exact``) per task and for the mean,
+whose test pools the questions of every task.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Mapping, Optional
 from unittest import mock
 
+import numpy as np
 import torch
 
 import llm_common as C
@@ -37,6 +43,7 @@ import llm_model as LM
 import llm_variants as V
 from llm_config import ZEROSHOT_TASKS, ZeroShotConfig
 from llm_run import Run
+from llm_stats import mcnemar_exact
 
 __all__ = ["ZEROSHOT_TASKS", "ZeroShotConfig", "ZeroShotResult", "evaluate_zeroshot", "task_metrics"]
 
@@ -54,6 +61,17 @@ class ZeroShotResult:
     reason: str = ""
     seconds: float = 0.0
     config: dict = field(default_factory=dict)
+    # variant -> leaf task -> {"metric": "acc", "correct": "0110..." (one character per question, in
+    # doc_id order), "doc_ids": [...] only where they are not 0..n-1}: a string, not a list, so
+    # results.json keeps ten thousand questions on one line.
+    questions: dict = field(default_factory=dict)
+    # variant -> {task: mcnemar_exact(parent, variant) + "metric", "mean": the same over the pooled
+    # questions of every task, "parent": its name}, for each variant whose parent was scored too.
+    paired: dict = field(default_factory=dict)
+
+
+# The per-question metric the paired test reads, in order of preference: the one the tables report.
+PAIRED_METRICS = ("acc", "exact_match")
 
 
 def task_metrics(row: Mapping) -> dict:
@@ -127,13 +145,66 @@ def _available(task_manager, tasks) -> tuple[list, list, dict]:
     return ok, rows, missing
 
 
-def _scored(out: dict) -> tuple[dict, dict]:
+def _scored(out: dict) -> tuple[dict, dict, dict]:
     """One ``simple_evaluate`` output, cut to what is kept (small, so ranks can gather it):
-    ({task: metrics and n}, {"versions", "seeds"})."""
+    ({task: metrics and n}, {"versions", "seeds", "subtasks"}, {leaf task: its questions})."""
     got, n = out["results"], out.get("n-samples", {})
     seeds = {k: (out.get("config") or {}).get(k) for k in ("random_seed", "numpy_seed", "torch_seed", "fewshot_seed")}
     return ({t: {**task_metrics(got[t]), "n": n.get(t, {}).get("effective")} for t in got},
-            {"versions": out.get("versions") or {}, "seeds": seeds})
+            {"versions": out.get("versions") or {}, "seeds": seeds, "subtasks": out.get("group_subtasks") or {}},
+            {t: q for t, rows in (out.get("samples") or {}).items() if (q := task_questions(rows)) is not None})
+
+
+def task_questions(samples: list) -> Optional[dict]:
+    """lm-eval's logged samples of one task -> {"metric", "correct": "0110..."} in doc_id order
+    (plus "doc_ids" where they are not 0..n-1), for the first metric of ``PAIRED_METRICS`` that
+    every sample has as 0 or 1, under the first filter; None when no metric is (the task then
+    gets no paired test, which the report shows as "-")."""
+    if not samples:
+        return None
+    filt = samples[0].get("filter")
+    rows = sorted((s for s in samples if s.get("filter") == filt), key=lambda s: s["doc_id"])
+    for metric in PAIRED_METRICS:
+        vals = [s.get(metric) for s in rows]
+        if all(isinstance(v, (bool, int, float)) and v in (0, 1) for v in vals):
+            ids = [int(s["doc_id"]) for s in rows]
+            return {"metric": metric, "correct": "".join("1" if v else "0" for v in vals),
+                    **({} if ids == list(range(len(ids))) else {"doc_ids": ids})}
+    log.info("zero-shot: no 0/1 metric (%s) per question: no paired test", ", ".join(PAIRED_METRICS))
+    return None
+
+
+def _leaves(task: str, questions: Mapping, subtasks: Mapping, seen: frozenset = frozenset()) -> list:
+    """The leaf tasks whose questions make up a result row (the task itself, or a group's subtasks)."""
+    if task in questions:
+        return [task]
+    return [leaf for c in subtasks.get(task, ()) if c not in seen
+            for leaf in _leaves(c, questions, subtasks, seen | {task})]
+
+
+def paired_tests(parent: Mapping, variant: Mapping, rows: list, subtasks: Mapping) -> dict:
+    """McNemar's exact test of ``variant`` against ``parent`` (each: leaf task -> questions) on
+    every result row whose questions both have, the same ones under the same metric, and on
+    the pooled questions of all of them ("mean"). Rows that cannot be paired are left out."""
+    def same(t):
+        a, b = parent.get(t), variant.get(t)
+        return bool(a and b) and (a["metric"], len(a["correct"]), a.get("doc_ids")) == (
+            b["metric"], len(b["correct"]), b.get("doc_ids"))
+
+    def bits(q, ts):
+        return np.concatenate([np.frombuffer(q[t]["correct"].encode(), np.uint8) - ord("0") for t in ts])
+
+    out, pooled = {}, []
+    for row in rows:
+        leaves = _leaves(row, variant, subtasks)
+        if leaves and all(same(t) for t in leaves):
+            out[row] = {**mcnemar_exact(bits(parent, leaves), bits(variant, leaves)),
+                        "metric": variant[leaves[0]]["metric"]}
+            pooled += [t for t in leaves if t not in pooled]
+    if pooled:
+        out["mean"] = {**mcnemar_exact(bits(parent, pooled), bits(variant, pooled)), "tasks": len(pooled),
+                       "pooled": "the questions of every task, in one test"}
+    return out
 
 
 def evaluate_zeroshot(model, tokenizer, variants: Mapping[str, object], config: ZeroShotConfig = ZeroShotConfig(),
@@ -181,13 +252,19 @@ def evaluate_zeroshot(model, tokenizer, variants: Mapping[str, object], config: 
                 lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch)
                 out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager,
                                               num_fewshot=config.num_fewshot, limit=config.limit or None,
-                                              log_samples=False)
+                                              log_samples=True)  # per question: the paired tests
             mine.append((i, (name, *_scored(out))))
     runs = C.gather_jobs(mine)
-    for name, tasks, _ in runs:
+    for name, tasks, _, questions in runs:
         res.tasks[name] = tasks
         res.mean[name] = _task_mean({t: tasks[t] for t in rows if t in tasks})
+        res.questions[name] = questions
     first = runs[0][2]
+    for name, parent in parents.items():
+        if parent in res.questions and name in res.questions:
+            tests = paired_tests(res.questions[parent], res.questions[name], rows, first["subtasks"])
+            if tests:
+                res.paired[name] = {**tests, "parent": parent}
     res.status, res.seconds = "ran", time.perf_counter() - t0
     res.protocol = {"lm_eval": importlib.metadata.version("lm_eval"), "tasks": rows, "specs": names,
                     "task_versions": first["versions"], "num_fewshot": config.num_fewshot,

@@ -2,6 +2,7 @@
 --epsilon) makes one variant per point, each evaluated, reported, plotted and compared like any
 other; the model is loaded once and the calibration windows are drawn once."""
 import json
+import statistics
 
 import pytest
 import torch
@@ -104,3 +105,49 @@ def test_an_epsilon_list_makes_one_noisy_variant_each(tiny_run_dir, tmp_path):
     assert set(res["perplexity"]) == {"base", "noisy[absolute,0.01]", "noisy[absolute,0.3]"}
     assert small < large  # more noise, a worse model (eps 0.3 absolute on a tiny random model)
     assert [r["recipe"]["epsilon"] for r in res["noise"]["grid"]] == [0.01, 0.3]
+
+
+def test_calibration_seeds_draw_their_own_windows_and_name_their_variants(sample_text):
+    """A different seed draws different windows, the same seed the same ones; a point pruned with
+    calib_seed=K equals prune_model seeded K; names carry the seed only when several are given."""
+    tok = make_tokenizer()
+    ids = D.tokenize_corpus(tok, sample_text[:4000])
+    draw = {s: D.calibration_windows(tok, ids, 4, 32, s) for s in (0, 1)}
+    assert torch.equal(draw[0], D.calibration_windows(tok, ids, 4, 32, 0))
+    assert not torch.equal(draw[0], draw[1])
+
+    grid = PruneConfig(calib_seed=(0, 1), calib_samples=4, calib_seq_len=32, progress=False)
+    points = grid.grid_points()
+    assert [p.variant_name(True) for p in points] == ["pruned[wanda,0.5,unstructured,seed=0]",
+                                                      "pruned[wanda,0.5,unstructured,seed=1]"]
+    one = PruneConfig(method=("wanda", "magnitude"), calib_seed=1).grid_points()
+    assert [p.variant_name(True) for p in one] == ["pruned[wanda,0.5,unstructured]",
+                                                   "pruned[magnitude,0.5,unstructured]"]
+    assert PruneConfig(calib_seed=1).variant_name(False) == "pruned"
+
+    model, got = make_llama(), {}
+    for point, res in P.prune_grid(model, tok, ids, grid):
+        assert res.calibration["seed"] == point.calib_seed
+        got[point.calib_seed] = {n: t.clone() for n, t in V.named_tensors(model).items()}
+    assert any(not torch.equal(got[0][n], got[1][n]) for n in got[0])  # other windows, other masks
+    for seed in (0, 1):
+        alone = make_llama()
+        P.prune_model(alone, tok, draw[seed], PruneConfig(calib_seed=seed, calib_samples=4, calib_seq_len=32,
+                                                          progress=False))
+        assert all(torch.equal(got[seed][n], t) for n, t in V.named_tensors(alone).items()), seed
+
+
+def test_calib_seeds_on_the_command_line_give_one_variant_per_draw_and_the_spread(tiny_run_dir, tmp_path):
+    out = tmp_path / "out"
+    assert M.main(tiny_argv(tiny_run_dir, out, "--steps", "prune,eval", "--calib-seeds", "3,4,5")) == 0
+    res = json.loads((out / "results.json").read_text())
+    names = [f"pruned[wanda,0.5,unstructured,seed={s}]" for s in (3, 4, 5)]
+    assert set(res["perplexity"]) == {"base", *names}
+    assert [r["calibration"]["seed"] for r in res["prune"]["grid"]] == [3, 4, 5]
+    ppl = [res["perplexity"][n] for n in names]
+    assert len(set(ppl)) == 3
+    md = (out / "report.md").read_text()
+    row = next(ln for ln in md.splitlines() if ln.startswith("| pruned\\[wanda,0.5,unstructured\\] | 3 |"))
+    assert f"{statistics.fmean(ppl):.4g} ± {statistics.stdev(ppl):.4g}" in row
+    lo, hi = res["evaluation"][names[0]]["perplexity_ci95"]
+    assert f"seed=3: {ppl[0]:.4g} [{lo:.4g}, {hi:.4g}]" in row

@@ -6,10 +6,12 @@ import math
 import random
 
 import pytest
+import scipy.stats
 import torch
 
 import llm_common as C
 import llm_io as IO
+import llm_variants as V
 import llm_zeroshot as Z
 from llm_config import ZeroShotConfig
 
@@ -58,10 +60,12 @@ def local_task(tmp_path_factory):
     return d, write_local_task(d)
 
 
-def hand_accuracy(model, tok, rows) -> tuple[float, float]:
+def hand_accuracy(model, tok, rows, per_question: bool = False):
     """acc and acc_norm counted by hand: the choice with the highest summed log-probability of
-    ' ' + choice after the prompt wins (acc_norm divides by the choice's length in characters)."""
+    ' ' + choice after the prompt wins (acc_norm divides by the choice's length in characters).
+    With ``per_question`` also each question's acc (True/False), in the rows' order."""
     hits = norm_hits = 0
+    each = []
     for r in rows:
         ctx = tok(f"Question: {r['question']}\nAnswer:").input_ids
         scores = []
@@ -72,10 +76,11 @@ def hand_accuracy(model, tok, rows) -> tuple[float, float]:
                 logp = model(ids).logits[0, :-1].float().log_softmax(-1)
             targets = ids[0, 1:]
             scores.append(logp[torch.arange(len(targets)), targets][-len(cont):].sum().item())
-        hits += max(range(len(scores)), key=scores.__getitem__) == r["label"]
+        each.append(max(range(len(scores)), key=scores.__getitem__) == r["label"])
+        hits += each[-1]
         norm = [s / len(c) for s, c in zip(scores, r["choices"])]
         norm_hits += max(range(len(norm)), key=norm.__getitem__) == r["label"]
-    return hits / len(rows), norm_hits / len(rows)
+    return (hits / len(rows), norm_hits / len(rows)) + ((each,) if per_question else ())
 
 
 def test_zeroshot_equals_lm_evals_own_run_and_a_hand_count(local_task, tiny_llama, tok, tmp_path):
@@ -94,7 +99,8 @@ def test_zeroshot_equals_lm_evals_own_run_and_a_hand_count(local_task, tiny_llam
     assert res.status == "ran" and res.unavailable == {}
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
 
-    acc, acc_norm = hand_accuracy(m, tok, rows)
+    acc, acc_norm, each = hand_accuracy(m, tok, rows, per_question=True)
+    assert res.questions["base"]["tiny_qa"] == {"metric": "acc", "correct": "".join("01"[c] for c in each)}
     base = res.tasks["base"]["tiny_qa"]
     assert (base["acc"], base["acc_norm"], base["n"]) == (pytest.approx(acc, abs=1e-12), pytest.approx(acc_norm, abs=1e-12), len(rows))
     assert base["acc_stderr"] == pytest.approx(math.sqrt(acc * (1 - acc) / (len(rows) - 1)))
@@ -108,6 +114,53 @@ def test_zeroshot_equals_lm_evals_own_run_and_a_hand_count(local_task, tiny_llam
     for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr"):
         assert ours[k] == pytest.approx(own[f"{k},none"], abs=1e-12), k
     assert res.mean["pruned"]["acc"] == ours["acc"] and res.mean["pruned"]["tasks"] == 1
+
+    # The paired test: the pruned variant's questions (a hand count on the pruned model) against the
+    # base model's, through scipy's binomial test on the discordant ones.
+    with V.applied_variant(m, pruned):
+        _, _, each_pruned = hand_accuracy(m, tok, rows, per_question=True)
+    a_only = sum(a and not b for a, b in zip(each, each_pruned))
+    b_only = sum(b and not a for a, b in zip(each, each_pruned))
+    t = res.paired["pruned"]["tiny_qa"]
+    assert res.paired["pruned"]["parent"] == "base" and "base" not in res.paired
+    assert (t["n"], t["a_only"], t["b_only"], t["metric"]) == (len(rows), a_only, b_only, "acc")
+    p = scipy.stats.binomtest(a_only, a_only + b_only, 0.5).pvalue if a_only + b_only else 1.0
+    assert t["p_value"] == pytest.approx(p, abs=1e-15) and t["significant"] == (p < 0.05)
+    assert t["diff"] == pytest.approx(ours["acc"] - base["acc"], abs=1e-12)
+    assert res.paired["pruned"]["mean"] == {**{k: v for k, v in t.items() if k != "metric"}, "tasks": 1,
+                                            "pooled": "the questions of every task, in one test"}
+
+
+def test_paired_tests_on_planted_questions_pool_the_tasks_for_the_mean():
+    """Two tasks: the variant agrees with its parent on all 100 questions of one, and is right on 30
+    more of the other's 100 (none fewer). Per task: p = 1, not significant; p = binomtest(0, 30),
+    significant. The mean pools the 200 questions: 30 discordant pairs of 200."""
+    rng = random.Random(1)
+    a1 = [rng.random() < 0.5 for _ in range(100)]
+    a2 = [False] * 40 + [rng.random() < 0.5 for _ in range(60)]
+    b2 = [True] * 30 + a2[30:]
+    enc = lambda xs: {"metric": "acc", "correct": "".join("01"[x] for x in xs)}  # noqa: E731
+    parent, variant = {"t1": enc(a1), "t2": enc(a2)}, {"t1": enc(a1), "t2": enc(b2)}
+    out = Z.paired_tests(parent, variant, ["t1", "t2"], {})
+    assert (out["t1"]["p_value"], out["t1"]["significant"], out["t1"]["a_only"] + out["t1"]["b_only"]) == (
+        1.0, False, 0)
+    assert (out["t2"]["a_only"], out["t2"]["b_only"]) == (0, 30)
+    assert out["t2"]["p_value"] == scipy.stats.binomtest(0, 30, 0.5).pvalue and out["t2"]["significant"]
+    assert (out["mean"]["n"], out["mean"]["b_only"], out["mean"]["tasks"]) == (200, 30, 2)
+    assert out["mean"]["diff"] == pytest.approx(30 / 200)
+    # A group row pairs over its subtasks; a task scored on other questions is not paired.
+    grouped = Z.paired_tests(parent, variant, ["g"], {"g": ["t1", "t2"]})
+    assert grouped["g"]["n"] == 200 and grouped["g"]["p_value"] == out["mean"]["p_value"]
+    other = {**variant, "t2": {**variant["t2"], "doc_ids": list(range(1, 101))}}
+    assert set(Z.paired_tests(parent, other, ["t1", "t2"], {})) == {"t1", "mean"}
+
+
+def test_task_questions_read_lm_evals_samples_in_doc_id_order():
+    samples = [{"doc_id": i, "filter": "none", "acc": float(v), "acc_norm": 0.0} for i, v in ((2, 1), (0, 0), (1, 1))]
+    assert Z.task_questions(samples) == {"metric": "acc", "correct": "011"}
+    gen = [{"doc_id": i, "filter": f, "exact_match": float(i == 1)} for f in ("strict", "flexible") for i in (3, 1)]
+    assert Z.task_questions(gen) == {"metric": "exact_match", "correct": "10", "doc_ids": [1, 3]}
+    assert Z.task_questions([{"doc_id": 0, "filter": "none", "bleu": 0.3}]) is None
 
 
 def test_unavailable_tasks_are_named_and_the_rest_still_run(local_task, tiny_llama, tok, monkeypatch):
