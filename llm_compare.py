@@ -20,6 +20,7 @@ from typing import Sequence
 import llm_io as IO
 import llm_matrix as MX
 import llm_results as R
+import llm_stats as ST
 from llm_common import UserError
 from llm_plots import plot_comparison
 from llm_report import markdown_to_html
@@ -110,7 +111,40 @@ def _row(d, label: str) -> dict:
             "parents": {str(k): v for k, v in R.field(res, "variants", kind=dict, default={}).items()
                         if isinstance(v, str)},
             "zeroshot": {str(v): R.num(R.field(m, "acc")) for v, m in means.items()},
-            "robustness": R.field(res, "robustness", kind=dict) or MX.robustness_matrix(res)}
+            "robustness": R.field(res, "robustness", kind=dict) or MX.robustness_matrix(res), "res": res}
+
+
+def _paired_lines(rows: list) -> list[str]:
+    """Each variant's perplexity in every other run against the first run's, paired window by window
+    where both scored the very same token ids in the same windows (equal ``protocol.ids_sha256``,
+    window and stride, per-window token counts); otherwise the pair is named unpaired."""
+    if len(rows) < 2:
+        return []
+    ref, out = rows[0], []
+    for r in rows[1:]:
+        same = all(R.field(ref["res"], "protocol", k) == R.field(r["res"], "protocol", k) is not None
+                   for k in ("ids_sha256", "seq_len", "stride"))
+        for v in r["perplexity"]:
+            a, b = (R.field(x["res"], "evaluation", v, kind=dict) for x in (ref, r))
+            if not a or not b:
+                continue
+            sums = [R.field(x, k, kind=list) for x in (a, b) for k in ("window_nll", "window_tokens")]
+            if not same or not all(sums) or sums[1] != sums[3]:
+                out.append(f"| {R.esc(r['label'])} | {R.esc(v)} | unpaired: the runs did not score the same "
+                           "windows of the same token ids | - |")
+                continue
+            try:
+                d = ST.paired_perplexity(sums[0], sums[1], sums[2], sums[3])
+            except (ValueError, TypeError):
+                continue
+            lo, hi = d["ppl_ratio_ci95"]
+            out.append(f"| {R.esc(r['label'])} | {R.esc(v)} | x{R.fmt(d['ppl_ratio'])} [{R.fmt(lo)}, {R.fmt(hi)}]"
+                       f"{' †' if d['significant'] else ''} | {R.esc(d['method'])} |")
+    if not out:
+        return []
+    return ["", f"Each variant's perplexity against the same variant in {R.esc(ref['label'])} (paired over the "
+            "same windows where both runs scored them; † the interval excludes 1).", "",
+            "| run | variant | perplexity ratio [95%] | how |", "|---|---|---|---|"] + out
 
 
 def _matrix_lines(rows: list) -> list[str]:
@@ -119,7 +153,7 @@ def _matrix_lines(rows: list) -> list[str]:
     keys = list(dict.fromkeys(k for r in rows for k in R.field(r["robustness"], "measures", kind=dict, default={})))
     if not keys:
         return []
-    out = ["", "Robustness matrix of each run (value [95% interval]; † the paired difference from the parent "
+    out = _paired_lines(rows) + ["", "Robustness matrix of each run (value [95% interval]; † the paired difference from the parent "
            "in the same run excludes zero; across runs the cells are not paired).", "",
            "| run | variant | parent | " + " | ".join(R.esc(MX.MEASURES[k][0]) for k in keys) + " |",
            "|---" * (3 + len(keys)) + "|"]
@@ -180,4 +214,5 @@ def compare_runs(dirs: Sequence, out: Path, output_dir_given: bool = True) -> di
     plot = plot_comparison(rows, variants, out / "plots" / "compare.png")
     IO.write_text(out / "compare.md", md)
     IO.write_text(out / "compare.html", markdown_to_html(md, out))
+    rows = [{k: v for k, v in r.items() if k != "res"} for r in rows]  # the whole results.json stays out
     return {"compare": rows, "warnings": warnings, "markdown": md, "plots": {"compare": str(plot.relative_to(out))}}

@@ -11,6 +11,7 @@ re-exported here so that a notebook finds them under this step's name.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import os
 from dataclasses import asdict, dataclass, field, replace
@@ -77,9 +78,13 @@ def evaluate_variants(model, tokenizer, input_ids: torch.Tensor, variants: Mappi
                                                   reference=reference if name in kl_for else None))))
     out = dict(C.gather_jobs(mine))
     add_vs_parent(out, parents)
+    used = min(config.eval_tokens or input_ids.numel(), int(input_ids.numel()))
+    # The scored ids' hash: two runs with equal hashes and windows scored the very same windows,
+    # so --compare can pair them window by window.
+    ids_sha = hashlib.sha256(input_ids[:used].to(torch.int64).cpu().numpy().tobytes()).hexdigest()
     protocol = {"seq_len": config.seq_len, "stride": config.stride or config.seq_len,
                 "eval_tokens": config.eval_tokens or None, "tokens_available": int(input_ids.numel()),
-                "tokens_used": min(config.eval_tokens or input_ids.numel(), int(input_ids.numel()))}
+                "tokens_used": used, "ids_sha256": ids_sha}
     return EvaluationResult(out, {n: parents.get(n) for n in variants}, protocol, asdict(config))
 
 

@@ -183,9 +183,9 @@ def headline(matrix: Mapping, name: str) -> list[str]:
 def report_section(results: Mapping) -> list[str]:
     """The report's robustness-matrix section: what each cell is, the table, the heatmap."""
     matrix = R.field(results, "robustness", kind=dict) or robustness_matrix(results)
+    if set(R.field(matrix, "measures", kind=dict, default={})) <= {"perplexity", "zeroshot_mean"}:
+        return []  # no robustness step measured the variants: the perplexity and zero-shot tables say it all
     table = matrix_markdown(matrix)
-    if not table:
-        return []
     fig = R.field(results, "plots", "robustness", kind=str)
     lines = ["", "## Robustness matrix", "",
              "Every measure on every variant (`--robustness-variants`), each as value [95% interval]. "

@@ -29,6 +29,7 @@ __all__ = ["wilson_interval", "mean_interval", "paired_difference", "perplexity_
            "mcnemar_exact", "bootstrap_indices"]
 
 NAN = float("nan")
+SMALL_N = 20  # below this many units, paired differences use Student's t, not the bootstrap
 
 
 def _vector(xs, name: str) -> np.ndarray:
@@ -112,7 +113,10 @@ def paired_difference(a, b, n_boot: int = 2000, seed: int = 0, level: float = 0.
         units: the word the method names them by.
     Returns {"mean", "ci95": [lo, hi] (percentile interval at ``level``), "significant" (the
     interval excludes 0), "n", "method"}. Unit indices are resampled (``bootstrap_indices``)
-    and the mean difference taken over each resample. Fewer than 2 units: no interval (nan)
+    and the mean difference taken over each resample. From 2 to ``SMALL_N - 1`` units (attack
+    samples, noise seeds and Hutchinson probes on the CPU budget) the percentile bootstrap
+    would be far too narrow, so the paired Student-t interval (``mean_interval`` of the
+    differences) is used and the method says so. Fewer than 2 units: no interval (nan)
     and never significant. A nan difference makes the interval nan (not significant); an
     infinite one makes the mean and the replicates that draw it infinite.
     Raises ValueError when the lengths differ."""
@@ -126,6 +130,11 @@ def paired_difference(a, b, n_boot: int = 2000, seed: int = 0, level: float = 0.
     if n < 2:
         return {"mean": mean, "ci95": [NAN, NAN], "significant": False, "n": n,
                 "method": f"{n} {units}: no interval"}
+    if n < SMALL_N:  # a percentile bootstrap of a handful of units is far too narrow (n=2: any
+        # two differences of one sign would "differ"): the paired t interval instead
+        ci = list(mean_interval(d, level))
+        return {"mean": mean, "ci95": ci, "significant": _excludes_zero(ci), "n": n,
+                "method": f"paired Student-t over {n} {units} (fewer than {SMALL_N}: no bootstrap)"}
     with np.errstate(invalid="ignore"):
         boots = d[bootstrap_indices(n, n_boot, seed)].mean(axis=1)
     ci = _percentile(boots, level)

@@ -49,3 +49,40 @@ def test_compare_refuses_to_write_into_a_compared_run_unless_named(tmp_path, cap
     assert not (a / "compare.md").exists()
     assert M.main(["--compare", "data", str(b), "--output-dir", "data"]) == 0  # named on purpose
     assert (a / "compare.md").is_file()
+
+
+def _windows_run(d, sha, sums, tokens, matrix=None):
+    d.mkdir(parents=True)
+    ppl = sum(sums) / sum(tokens)
+    res = {"model": "m", "dtype": "torch.float32", "model_identity": {"label": "m"},
+           "dataset": {"eval": {"source": "wiki.test.raw"}},
+           "protocol": {"seq_len": 32, "stride": 32, "ids_sha256": sha},
+           "evaluation": {"base": {"tokens_scored": sum(tokens), "window_nll": sums, "window_tokens": tokens}},
+           "perplexity": {"base": ppl}, "variants": {"base": None}}
+    if matrix:
+        res["robustness"] = matrix
+    (d / "results.json").write_text(json.dumps(res))
+    return d
+
+
+def test_runs_that_scored_the_same_windows_are_compared_paired_and_others_say_unpaired(tmp_path, capsys):
+    """Each window's NLL rises by 0.1 nats in run b: paired, the ratio's interval is tight and
+    excludes 1 (the window-to-window spread cancels); equals llm_stats.paired_perplexity. Run c
+    scored other ids: named unpaired, no interval."""
+    import llm_stats as ST
+
+    sums = [31 * x for x in (1.0, 3.0, 2.0, 4.0, 1.5, 2.5, 3.5, 0.5)]
+    tokens = [31] * 8
+    shifted = [s + 31 * 0.1 for s in sums]
+    a = _windows_run(tmp_path / "a", "abc", sums, tokens)
+    b = _windows_run(tmp_path / "b", "abc", shifted, tokens, {
+        "measures": {"hessian_trace": {"label": "Hessian trace"}},
+        "rows": {"base": {"parent": None, "cells": {"hessian_trace": {"value": 12.5, "ci95": [10.0, 15.0]}}}}})
+    c = _windows_run(tmp_path / "c", "other", shifted, tokens)
+    assert M.main(["--compare", str(a), str(b), str(c), "--output-dir", str(tmp_path / "cmp")]) == 0
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    d = ST.paired_perplexity(sums, tokens, shifted, tokens)
+    lo, hi = d["ppl_ratio_ci95"]
+    assert lo > 1 and f"| b | base | x{d['ppl_ratio']:.4g} [{lo:.4g}, {hi:.4g}] † |" in md
+    assert "| c | base | unpaired: the runs did not score the same windows" in md
+    assert "| b | base | - | - | 12.5 [10, 15] |" in md  # b's robustness matrix, its cells as recorded
