@@ -482,5 +482,7 @@ def variants_of(run: Run, section: dict) -> dict:
 
 
 def check_model(model, config: PruneConfig) -> None:
-    """Right after loading: an N:M pattern the model's widths cannot take fails now, before calibration."""
-    check_pattern_fits(model, config.pattern)
+    """Right after loading: an N:M pattern the model's widths cannot take fails now, before
+    calibration; every pattern of a grid (``--sparsity-pattern unstructured,2:4``) is checked."""
+    for point in config.grid_points():
+        check_pattern_fits(model, point.pattern)

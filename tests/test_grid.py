@@ -151,3 +151,20 @@ def test_calib_seeds_on_the_command_line_give_one_variant_per_draw_and_the_sprea
     assert f"{statistics.fmean(ppl):.4g} ± {statistics.stdev(ppl):.4g}" in row
     lo, hi = res["evaluation"][names[0]]["perplexity_ci95"]
     assert f"seed=3: {ppl[0]:.4g} [{lo:.4g}, {hi:.4g}]" in row
+
+
+def test_a_pattern_grid_runs_and_each_of_its_patterns_is_checked_before_calibration(tiny_run_dir, tmp_path, capsys):
+    """--sparsity-pattern unstructured,2:4 (a documented grid) makes one variant per pattern; a grid
+    holding a pattern the model's widths cannot take fails in one line, before any pruning."""
+    import json
+
+    import llm_main_v4 as M
+    from conftest import one_error, tiny_argv
+
+    out = tmp_path / "o"
+    assert M.main(tiny_argv(tiny_run_dir, out, "--steps", "prune", "--sparsity-pattern", "unstructured,2:4")) == 0
+    grid = json.loads((out / "results.json").read_text())["prune"]["grid"]
+    assert [g["name"] for g in grid] == ["pruned[wanda,0.5,unstructured]", "pruned[wanda,2:4]"]
+    bad = tmp_path / "bad"
+    assert M.main(tiny_argv(tiny_run_dir, bad, "--steps", "prune", "--sparsity-pattern", "2:4,3:7")) == 2
+    assert "--sparsity-pattern 3:7" in one_error(capsys) and not (bad / "checkpoints").exists()
