@@ -302,11 +302,11 @@ def attack_variants(model, tokenizer, eval_ids: torch.Tensor, variants: dict, pa
         par = out.get(row["parent"] or "")
         if par:
             row["vs_parent"] = {f"{a['method']}@{a['eps']:g}": ST.paired_difference(
-                a["delta_nll_samples"], b["delta_nll_samples"], seed=config.seed)
+                a["delta_nll_samples"], b["delta_nll_samples"], seed=config.seed, units="attacked samples")
                 for a, b in zip(par["table"], row["table"])}
             row["vs_parent"]["targeted_success"] = ST.paired_difference(
                 [float(h) for h in par["targeted"]["hits"]], [float(h) for h in row["targeted"]["hits"]],
-                seed=config.seed)
+                seed=config.seed, units="attacked samples")
     return out
 
 

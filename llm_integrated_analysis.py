@@ -357,7 +357,7 @@ def analyse_variants(model, tokenizer, calib, eval_ids: torch.Tensor, variants: 
         if par:
             a, b = par["curvature"]["trace_total_samples"], row["curvature"]["trace_total_samples"]
             k = min(len(a), len(b))
-            row["vs_parent"] = {"trace_total": ST.paired_difference(a[:k], b[:k], seed=config.seed)}
+            row["vs_parent"] = {"trace_total": ST.paired_difference(a[:k], b[:k], seed=config.seed, units="probes")}
     return out
 
 

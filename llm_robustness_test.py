@@ -271,19 +271,19 @@ def sweep_variants(model, tokenizer, input_ids: torch.Tensor, variants: Mapping[
     draw on every variant (common random numbers), so tolerances compare paired by seed.
     ``done``: {name: SweepResult dict} already measured (the live model's sweep). Returns
     {name: {"parent", "tolerance" (``noise_tolerance``), "curve" (mean perplexity per eps),
-    "vs_parent" (paired difference of the doubling eps over seeds, when both are defined)}}."""
+    "vs_parent" (paired difference of the doubling eps over seeds, when both are defined)}}. Under
+    torchrun every rank sweeps every variant, each sweep's points split over the ranks."""
     done = dict(done or {})
     seq = min(config.sweep_seq_len, config.sweep_tokens)
     ecfg = EvalConfig(seq_len=seq, eval_tokens=config.sweep_tokens, batch_size=config.batch_size)
     seeds = [config.seed + i for i in range(config.sweep_seeds)]
-    todo = [n for n in variants if n not in done]
-    mine = []
-    for i, name in C.shard_jobs(todo):
+    # Variant by variant on every rank: under torchrun each sweep splits its points over the ranks
+    # (``noise_sweep`` gathers them), so the variants must not be split as well.
+    for name in [n for n in variants if n not in done]:
         log.info("noise sweep of variant %r", name)
         with V.applied_variant(model, variants[name]):
-            mine.append((i, asdict(noise_sweep(model, tokenizer, input_ids, config.sweep_eps, seeds,
-                                               config.sweep_mode, config.sweep_group, ecfg, progress=False))))
-    done.update(zip(todo, C.gather_jobs(mine)))
+            done[name] = asdict(noise_sweep(model, tokenizer, input_ids, config.sweep_eps, seeds,
+                                            config.sweep_mode, config.sweep_group, ecfg, progress=False))
     out = {}
     for name in variants:
         sw = done[name]
@@ -294,7 +294,7 @@ def sweep_variants(model, tokenizer, input_ids: torch.Tensor, variants: Mapping[
         par = out.get(row["parent"] or "")
         a, b = (par or {}).get("tolerance", {}).get("per_seed"), row["tolerance"]["per_seed"]
         if a and None not in a and None not in b:
-            row["vs_parent"] = ST.paired_difference(a, b, seed=config.seed)
+            row["vs_parent"] = ST.paired_difference(a, b, seed=config.seed, units="noise seeds")
     return out
 
 

@@ -95,7 +95,8 @@ def _pipeline_worker(rank, world, port, argv, queue):
 
 def test_a_grid_under_two_ranks_splits_its_points_and_equals_one_process(tiny_run_dir, tmp_path):
     """Issue 24: under accelerate launch / torchrun the ranks prune, evaluate and zero-shot disjoint variants
-    of a grid, and the run's results equal a single process's, variant for variant."""
+    of a grid, and the run's results equal a single process's, variant for variant; issue 31: the noise
+    sweep and the analysis of every variant likewise."""
     import json
 
     import llm_main_v4 as M
@@ -104,8 +105,12 @@ def test_a_grid_under_two_ranks_splits_its_points_and_equals_one_process(tiny_ru
     from test_zeroshot import write_local_task
 
     write_local_task(tmp_path / "tasks", n=6)
-    grid = ["--steps", "prune,eval,zeroshot", "--prune-method", "magnitude,wanda", "--sparsity", "0.4,0.6",
-            "--tasks", "tiny_qa", "--tasks-include", str(tmp_path / "tasks")]
+    grid = ["--steps", "prune,noise,eval,zeroshot,analysis", "--prune-method", "magnitude,wanda",
+            "--sparsity", "0.4,0.6", "--tasks", "tiny_qa", "--tasks-include", str(tmp_path / "tasks"),
+            # the noise sweep and the analysis of every variant, split over the ranks too (issue 31)
+            "--sweep-eps", "0.1,1", "--sweep-seeds", "2", "--sweep-tokens", "64", "--sweep-seq-len", "32",
+            "--protect-fraction", "0", "--hessian-probes", "2", "--power-iters", "2", "--analysis-windows", "1",
+            "--analysis-seq-len", "16", "--analysis-eval-tokens", "64", "--analysis-eval-seq-len", "32"]
     assert M.main(tiny_argv(tiny_run_dir, tmp_path / "one", *grid)) == 0
     ctx, port = mp.get_context("spawn"), _free_port()
     queue = ctx.Queue()
@@ -122,10 +127,14 @@ def test_a_grid_under_two_ranks_splits_its_points_and_equals_one_process(tiny_ru
     names = ["pruned[magnitude,0.4,unstructured]", "pruned[magnitude,0.6,unstructured]",
              "pruned[wanda,0.4,unstructured]", "pruned[wanda,0.6,unstructured]"]
     assert pruned0 == names[0::2] and pruned1 == names[1::2]  # disjoint, every world_size-th point
-    assert (evals0, evals1) == ((3, 3), (2, 2))  # base and four pruned variants, split 3/2
+    assert (evals0, evals1) == ((3, 3), (3, 3))  # base, four pruned and the noisy variant, split 3/3
     one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
-    assert two["perplexity"] == one["perplexity"] and list(two["perplexity"]) == ["base", *names]
-    assert two["zeroshot"]["tasks"] == one["zeroshot"]["tasks"] and list(two["zeroshot"]["tasks"]) == ["base", *names]
+    assert two["perplexity"] == one["perplexity"] and list(two["perplexity"]) == ["base", *names, "noisy"]
+    assert two["zeroshot"]["tasks"] == one["zeroshot"]["tasks"] and list(two["zeroshot"]["tasks"]) == ["base", *names,
+                                                                                                     "noisy"]
+    for step in ("noise", "analysis"):  # every variant measured once over the ranks, as by one process
+        assert list(two[step]["variants"]) == ["base", *names, "noisy"]
+        assert two[step]["variants"] == one[step]["variants"], step
     for a, b in zip(one["prune"]["grid"], two["prune"]["grid"]):
         assert (a["name"], a["overall_sparsity"], a["layer_sparsity"]) == (b["name"], b["overall_sparsity"],
                                                                             b["layer_sparsity"])
