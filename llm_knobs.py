@@ -159,6 +159,10 @@ class StepConfig:
         hints = hints_of(type(self))
         for f in fields(self):
             v, m, name = getattr(self, f.name), f.metadata, flag_of(type(self), f)
+            if hints[f.name] in (bool, Optional[bool]) and not isinstance(v, bool) and \
+                    (v is not None or hints[f.name] is bool):  # "false" from a notebook is not False
+                raise UserError(f"{name} must be {'on or off' if hints[f.name] is bool else 'on, off or auto'}, "
+                                f"got {v!r}")
             items = v if isinstance(v, tuple) and m.get("bounds") else (v,)
             for x in items:
                 if isinstance(x, bool) or x is None:
@@ -296,3 +300,20 @@ def trackers_of(value) -> tuple:
 
 def parse_names(text: str) -> tuple:
     return _parse_list(text, str, "names")
+
+
+# The one reading of a switch, for flags and config files alike: a quoted "false" is False.
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def parse_switch(text, tristate: bool = False) -> Optional[bool]:
+    """A boolean (or, with ``tristate``, on/off/auto) from its text: true/yes/on/1 and
+    false/no/off/0 in any case, "auto" for None; ValueError saying what is allowed otherwise."""
+    if isinstance(text, bool):
+        return text
+    t = str(text).strip().lower()
+    if t in _TRUE or t in _FALSE:
+        return t in _TRUE
+    if tristate and t == "auto":
+        return None
+    raise ValueError("on, off or auto" if tristate else "true or false (also yes/no, on/off, 1/0)")
