@@ -90,6 +90,14 @@ class StepConfig:
 
     step: ClassVar[str] = ""
     prefix: ClassVar[str] = ""  # default flag prefix of this config's fields
+    # {field: (whether these settings read it, why not)}: a field given a value that is then not
+    # read is named in a warning (``ignored``), never dropped without a word.
+    applies: ClassVar[dict] = {}
+
+    def ignored(self) -> list:
+        """(flag, why) of each field set away from its default that these settings do not read."""
+        return [(flag_of(type(self), f), self.applies[f.name][1]) for f in fields(self)
+                if f.name in self.applies and getattr(self, f.name) != f.default and not self.applies[f.name][0](self)]
 
     def resolved(self, gpu: bool):
         """A copy whose unset budgets take the CPU (``gpu=False``) or GPU value."""
@@ -204,6 +212,13 @@ class StepConfig:
     def fingerprint_dict(self) -> dict:
         """The fields that can change a number (``results=True``), for the resume fingerprint."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("results", True)}
+
+
+def exact(x: float) -> str:
+    """A grid value as a variant name says it: short (``0.5``, ``1e-05``), and distinct for
+    distinct values (``0.5000001`` is not ``0.5``): two points never share a name."""
+    short = f"{x:g}"
+    return short if float(short) == x else repr(float(x))
 
 
 def fingerprint(*parts) -> str:

@@ -11,7 +11,7 @@ import llm_main_v4 as M
 import llm_model as LM
 import llm_prune_model as P
 import llm_variants as V
-from conftest import make_llama, make_tokenizer, tiny_argv
+from conftest import make_llama, make_tokenizer, one_error, tiny_argv
 from llm_config import PruneConfig
 
 GRID = ["--prune-method", "magnitude,wanda", "--sparsity", "0.3,0.5,0.7"]
@@ -104,3 +104,33 @@ def test_an_epsilon_list_makes_one_noisy_variant_each(tiny_run_dir, tmp_path):
     assert set(res["perplexity"]) == {"base", "noisy[absolute,0.01]", "noisy[absolute,0.3]"}
     assert small < large  # more noise, a worse model (eps 0.3 absolute on a tiny random model)
     assert [r["recipe"]["epsilon"] for r in res["noise"]["grid"]] == [0.01, 0.3]
+
+
+# ------------------------------------------------------------ issue 33: grid names unique by construction
+
+
+@pytest.mark.parametrize("values", [(0.5000001, 0.5000002), (0.1 + 0.2, 0.3), (1 / 3, 0.3333333),
+                                    (1e-07, 1.0000001e-07), (0.25, 0.2500000000000001)])
+def test_distinct_grid_values_get_distinct_names_and_files(values):
+    import llm_config as K
+
+    for points in (K.PruneConfig(sparsity=values).grid_points(), K.NoiseConfig(epsilon=values).grid_points()):
+        names = [p.variant_name(True) for p in points]
+        assert len(names) == len(set(names)) == 2 and len({V.file_stem(n) for n in names}) == 2
+        assert [float(n.split(",")[-2 if n.startswith("pruned") else -1].rstrip("]")) for n in names] == list(values)
+
+
+def test_equal_values_spelled_twice_are_one_error_line(tiny_run_dir, tmp_path, capsys):
+    for spelled in ("0.5,0.50", "0.5,.5", "0.5,5e-1"):
+        assert M.main(tiny_argv(tiny_run_dir, tmp_path / "o", "--steps", "prune", "--sparsity", spelled)) == 2
+        assert "--sparsity names a value twice" in one_error(capsys)
+
+
+def test_two_close_sparsities_are_two_variants(tiny_run_dir, tmp_path):
+    out = tmp_path / "out"
+    assert M.main(tiny_argv(tiny_run_dir, out, "--steps", "prune,eval", "--prune-method", "magnitude",
+                            "--sparsity", "0.5000001,0.5000002")) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["perplexity"]) == {"base", "pruned[magnitude,0.5000001,unstructured]",
+                                      "pruned[magnitude,0.5000002,unstructured]"}
+    assert len(list((out / "checkpoints").glob("pruned*"))) == 2

@@ -318,3 +318,27 @@ def test_blank_texts_are_refused_from_python_too():
             cfg.validate()
     K.FinetuneConfig(base_model="").validate()  # blank by default: allowed
 
+
+
+def _probe_many(path: str, n: int) -> int:
+    failures = 0
+    for _ in range(n):
+        try:
+            IO.ensure_writable_dir(path, "--output-dir")
+        except C.UserError:
+            failures += 1
+    return failures
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_ranks_probing_one_folder_at_once_never_see_it_unwritable(tmp_path, workers):
+    """Issue 33: torchrun's ranks each prove the output folder writable at the same moment; no
+    rank's probe is another's, and none is left behind."""
+    import multiprocessing as mp
+    from concurrent.futures import ThreadPoolExecutor
+
+    with mp.get_context("spawn").Pool(workers) as pool:
+        assert pool.starmap(_probe_many, [(str(tmp_path), 300)] * workers) == [0] * workers
+    with ThreadPoolExecutor(workers) as ex:  # threads of one process share its PID
+        assert list(ex.map(_probe_many, [str(tmp_path)] * workers, [300] * workers)) == [0] * workers
+    assert list(tmp_path.iterdir()) == []
