@@ -134,3 +134,20 @@ def test_two_close_sparsities_are_two_variants(tiny_run_dir, tmp_path):
     assert set(res["perplexity"]) == {"base", "pruned[magnitude,0.5000001,unstructured]",
                                       "pruned[magnitude,0.5000002,unstructured]"}
     assert len(list((out / "checkpoints").glob("pruned*"))) == 2
+
+
+@pytest.mark.parametrize("single", [("--prune-method", "wanda", "--sparsity", "0.5"),
+                                    ("--prune-method", "magnitude", "--sparsity", "0.3")])
+def test_a_grid_compared_with_a_single_run_shares_its_protocol_and_names_its_points(grid_run, tiny_run_dir,
+                                                                                     tmp_path, capsys, single):
+    """Issue 33: the same calibration gives no protocol warning, and the grid's pruning cell names
+    every point (it was empty)."""
+    out, res, _ = grid_run
+    one = tmp_path / "single"
+    assert M.main(tiny_argv(tiny_run_dir, one, "--steps", "prune,eval", *single)) == 0
+    capsys.readouterr()
+    assert M.main(["--compare", str(out), str(one), "--output-dir", str(tmp_path / "cmp")]) == 0
+    printed = capsys.readouterr().out
+    assert "warning: the runs differ" not in printed
+    grid_line = next(ln for ln in printed.splitlines() if ln.startswith("| out |") and "unstructured" in ln)
+    assert all(f"{m} unstructured" in grid_line for m in ("magnitude", "wanda")) and grid_line.count(";") == 5
