@@ -187,8 +187,9 @@ def _drop_stale(run: Run, previous: dict, before: Optional[str] = None) -> None:
             run.results.pop(k, None)
         done.pop(step), after.pop(step), carried.remove(step)
         aside = run.out / "results.json.stale"
-        if C.dist_rank_world()[0] == 0 and not aside.exists():
+        if C.dist_rank_world()[0] == 0 and not getattr(run, "stale_kept", False):  # once per run: the latest
             IO.write_json(aside, previous)
+            run.stale_kept = True
         log.warning("step %s: its recorded results were not made on what step(s) %s now hold; left out "
                     "(kept in %s). Run --steps %s to measure them again",
                     step, ", ".join(changed), aside.name, step)
