@@ -31,7 +31,7 @@ import llm_io as IO
 from llm_common import UserError
 from llm_config import STEP_CONFIGS, PipelineConfig, RunConfig
 from llm_presets import PRESETS
-from llm_knobs import flag_of, hints_of
+from llm_knobs import flag_of, hints_of, parse_max_memory, parse_switch
 
 SECTIONS = {"run": RunConfig, **STEP_CONFIGS}
 
@@ -97,6 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def _convert(cls: type, f: dataclasses.Field, text):
     """Flag text -> field value; UserError naming the flag on bad text."""
     hint, m, flag = hints_of(cls)[f.name], f.metadata, flag_of(cls, f)
+    if m.get("many") and isinstance(text, str):  # one text is one item, never its characters
+        text = [text]
     if any(not str(t).strip() for t in (text if m.get("many") else [text])):
         raise UserError(f"{flag} must not be empty")  # an empty value never means anything here
     if m.get("grid") and "," in text:  # a grid: one variant per value
@@ -109,10 +111,8 @@ def _convert(cls: type, f: dataclasses.Field, text):
             return tuple(text)
         if m.get("parse"):
             return m["parse"](text)
-        if hint is bool:
-            return bool(text)
-        if hint == Optional[bool]:
-            return {"on": True, "off": False, "auto": None}[text]
+        if hint in (bool, Optional[bool]):
+            return parse_switch(text, tristate=hint != bool)
         if hint in (int, Optional[int]):
             return int(text)
         if hint in (float, Optional[float]):
@@ -123,22 +123,28 @@ def _convert(cls: type, f: dataclasses.Field, text):
         return text
     except ValueError as e:
         kind = {int: "an integer", Optional[int]: "an integer", float: "a number", Optional[float]: "a number"}
-        want = str(e) if m.get("parse") or "finite" in str(e) else kind.get(hint, "valid")
+        want = str(e) if m.get("parse") or "finite" in str(e) or hint in (bool, Optional[bool]) else \
+            kind.get(hint, "valid")
         raise UserError(f"{flag} must be {want}, got {text!r}")
 
 
-def _value(cls: type, f: dataclasses.Field, v):
-    """A YAML value -> field value, through the flag conversion (lists and booleans as a flag says them)."""
-    hint, m = hints_of(cls)[f.name], f.metadata
+def _value(cls: type, f: dataclasses.Field, v, where: str):
+    """A YAML value (text: ``_ConfigLoader`` reads every scalar as written) -> field value, through
+    the flag conversion; ``where`` names the key in errors."""
+    m = f.metadata
     if v is None:
         return f.default
-    if isinstance(v, bool) and hint in (bool, Optional[bool]):
-        return v
     if isinstance(v, (list, tuple)) and not v:
         return ()
     if isinstance(v, (list, tuple)):
+        if any(isinstance(x, (list, dict)) for x in v):
+            raise UserError(f"{where}: a list of plain values is expected, not nested lists or mappings")
+        if not (m.get("many") or m.get("grid") or "tuple" in str(hints_of(cls)[f.name])):
+            raise UserError(f"{where}: one value is expected, not a list")
         v = [str(x) for x in v] if m.get("many") else ",".join(map(str, v))
     elif isinstance(v, dict):  # --max-memory as a mapping
+        if m.get("parse") is not parse_max_memory:
+            raise UserError(f"{where}: a value is expected, not a mapping")
         v = ",".join(f"{k}={x}" for k, x in v.items())
     else:
         v = str(v)
@@ -157,32 +163,71 @@ def _flag_index() -> dict:
     return index
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """A config file read as text, the way a flag is: every plain scalar stays the string it is
+    written as (only an empty value, ``~`` and ``null`` are None), so the field's type reads it.
+    YAML 1.1's guesses never reach a field: ``2:4`` is not the base-60 number 124, ``off`` not a
+    boolean of a text field, ``0755`` not octal. A key given twice and anchors/aliases (a few
+    hundred bytes of aliases expand to gigabytes) are refused."""
+
+    yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag == "tag:yaml.org,2002:null"]
+                               for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent) or getattr(self.peek_event(), "anchor", None):
+            raise yaml.MarkedYAMLError("in a config file", None, "anchors and aliases (&, *) are not read; "
+                                       "write each value out", self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(k, deep=True) for k, _ in node.value]
+        twice = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+        if twice is not None:
+            raise yaml.MarkedYAMLError("in a config file", None, f"{twice!r} is given twice", node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+_MAX_CONFIG_BYTES = 1 << 20
+
+
 def read_config_file(path: str) -> dict:
-    """{section: {field: value}} of a YAML config file; UserError on a missing file, bad YAML or an
-    unknown name."""
+    """{section: {field: value}} of a YAML config file; UserError on a missing file, bad YAML, an
+    unknown name, or a field set twice (a top-level flag and its section's field) to two values."""
     p = Path(os.path.expanduser(path))
     if not p.is_file():
         raise UserError(f"--config: {path} is not a file")
+    if p.stat().st_size > _MAX_CONFIG_BYTES:
+        raise UserError(f"--config {path}: larger than {_MAX_CONFIG_BYTES} bytes; not a config file")
     try:
-        doc = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UserError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})")
+        doc = yaml.load(p.read_text(encoding="utf-8"), Loader=_ConfigLoader) or {}
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
+        mark = getattr(e, "problem_mark", None)
+        why = getattr(e, "problem", None) or (str(e).splitlines() or ["nested too deeply"])[0]
+        raise UserError(f"--config {path}: not valid YAML ({f'line {mark.line + 1}: ' if mark else ''}{why})")
     if not isinstance(doc, dict):
         raise UserError(f"--config {path}: expected a mapping of sections or flags, got {type(doc).__name__}")
     out: dict = {name: {} for name in SECTIONS}
+    said: dict = {}  # (section, field) -> the key that set it
     index = _flag_index()
+
+    def put(name: str, f: dataclasses.Field, value, where: str):
+        v = _value(SECTIONS[name], f, value, f"--config {path}: {where}")
+        if (name, f.name) in said and out[name][f.name] != v:
+            raise UserError(f"--config {path}: {name}.{f.name} is set twice, by {said[name, f.name]} and by "
+                            f"{where}; keep one")
+        out[name][f.name], said[name, f.name] = v, where
+
     for key, value in doc.items():
         key = str(key).lstrip("-")
         if key in SECTIONS and isinstance(value, dict):
-            cls = SECTIONS[key]
-            known = {f.name: f for f in fields(cls) if f.metadata.get("cli", True)}
+            known = {f.name: f for f in fields(SECTIONS[key]) if f.metadata.get("cli", True)}
             for k, v in value.items():
                 if k not in known:
                     raise UserError(f"--config {path}: {key}.{k} is not a field of the {key} config")
-                out[key][k] = _value(cls, known[k], v)
+                put(key, known[k], v, f"{key}.{k}")
         elif key in index:
             for name, f in index[key]:
-                out[name][f.name] = _value(SECTIONS[name], f, value)
+                put(name, f, value, key)
         else:
             raise UserError(f"--config {path}: {key!r} is neither a step section nor a flag")
     return out

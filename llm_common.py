@@ -105,10 +105,10 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return reachable(urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname, timeout)
 
 
-def reachable(host: str, timeout: float = 3.0) -> bool:
-    """Whether ``host`` answers on port 443 within ``timeout`` seconds."""
+def reachable(host: str, timeout: float = 3.0, port: int = 443) -> bool:
+    """Whether ``host`` answers on ``port`` within ``timeout`` seconds."""
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        socket.create_connection((host, port), timeout=timeout).close()
         return True
     except OSError:
         return False

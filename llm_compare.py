@@ -47,7 +47,9 @@ def _short_hash(obj) -> str | None:
 
 
 def _calibration(r: dict) -> str | None:
-    cal = R.field(r, "prune", "calibration", kind=dict)
+    """The pruning calibration, whether one variant or a grid made it (every point shares it)."""
+    records = R.variant_records(r, "prune", "pruned")
+    cal = R.field(records[0][1], "calibration", kind=dict) if records else None
     if not cal:
         return None
     return f"{R.fmt(R.field(cal, 'windows'))} x {R.fmt(R.field(cal, 'seq_len'))} of {R.fmt(R.field(cal, 'source'))}"
@@ -102,9 +104,11 @@ def _row(d, label: str) -> dict:
     means = R.field(res, "zeroshot", "mean", kind=dict, default={})
     return {"run": str(d), "label": label, "model": R.field(res, "model", default="?"),
             "protocol": {col: get(res) for col, get in PROTOCOL.items()},
-            "pruning": " ".join(R.text(R.field(pr, k)) for k in ("method", "pattern", "overall_sparsity"))
-            if pr else "-",
-            "noise": f"{R.text(R.field(nz, 'mode'))} eps={R.text(R.field(nz, 'epsilon'))}" if nz else "-",
+            "pruning": "; ".join(" ".join(R.text(R.field(rec, k)) for k in ("method", "pattern", "overall_sparsity"))
+                                 for _, rec in R.variant_records(res, "prune", "pruned")) if pr else "-",
+            "noise": f"{R.text(R.field(nz, 'mode'))} eps={R.text(R.field(nz, 'epsilon'))}" if nz else
+            "eps=" + ",".join(R.text(R.field(rec, "epsilon")) for rec in R.field(res, "noise", "grid", kind=list))
+            if R.field(res, "noise", "grid", kind=list) else "-",
             "quantization": " ".join(R.text(R.field(qz, k)) for k in ("method", "bit_allocation", "avg_bits"))
             if R.field(qz, "status") == "ran" else "-",
             "perplexity": {str(k): R.num(v) for k, v in res["perplexity"].items()},

@@ -20,7 +20,7 @@ from typing import ClassVar, Optional
 
 import llm_tasks as T
 from llm_common import UserError
-from llm_knobs import (StepConfig, budget, knob, parse_floats, parse_ints, parse_max_memory, parse_names,
+from llm_knobs import (StepConfig, budget, exact, knob, parse_floats, parse_ints, parse_max_memory, parse_names,
                        parse_nm, parse_protect, parse_trackers, parse_variant_patterns)
 from llm_model import SAMPLE_PROMPT
 
@@ -264,7 +264,7 @@ class PruneConfig(StepConfig):
             return "pruned"
         draw = f",seed={self.calib_seed}" if self.seed_named else ""
         return f"pruned[{self.method},{self.pattern}{draw}]" if parse_nm(self.pattern) else \
-            f"pruned[{self.method},{self.sparsity:g},{self.pattern}{draw}]"
+            f"pruned[{self.method},{exact(self.sparsity)},{self.pattern}{draw}]"
 
     @property
     def nm(self) -> Optional[tuple[int, int]]:
@@ -328,7 +328,7 @@ class NoiseConfig(StepConfig):
 
     def variant_name(self, grid: bool) -> str:
         """``noisy``, or in a grid ``noisy[absolute,0.05]``."""
-        return f"noisy[{self.mode},{self.epsilon:g}]" if grid else "noisy"
+        return f"noisy[{self.mode},{exact(self.epsilon)}]" if grid else "noisy"
 
     def check(self) -> None:
         for e in (self.epsilon, *self.sweep_eps) if self.mode == "bitflip" else ():
@@ -370,6 +370,12 @@ class QuantizeConfig(StepConfig):
     super_weight_prompt: str = super_weight_prompt_knob()
     seed: int = seed_knob()
     progress: bool = progress_knob()
+    _gptq = (lambda c: c.method == "gptq", "only --quant-method gptq reads it")
+    applies: ClassVar[dict] = {"act_order": _gptq, "percdamp": _gptq, "blocksize": _gptq,
+                               "avg_bits": (lambda c: c.bit_allocation != "uniform",
+                                            "only --bit-allocation hessian or fisher reads it"),
+                               "sensitivity_probes": (lambda c: c.bit_allocation == "hessian",
+                                                      "only --bit-allocation hessian reads it")}
 
 
 @dataclass
@@ -476,6 +482,7 @@ class ExportConfig(StepConfig):
                              flag="--export-quant-format", choices=("dequantized", "compressed-tensors"))
     command: str = knob("", "command line written into the model cards (set by the pipeline)", cli=False,
                         results=False)
+    applies: ClassVar[dict] = {"quant_format": (lambda c: c.enabled or c.two_of_four, "only --export reads it")}
 
     def check(self) -> None:
         _check_shard_size(self.max_shard_size)

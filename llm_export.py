@@ -305,6 +305,10 @@ def pipeline_step(run: Run, config: ExportConfig) -> Optional[str]:
     facts = R.variant_facts(run.results, {n: run.parents.get(n) for n in run.variants})
     q = run.results.get("quantize") or {}
     codes = {"quantized": (run.out / q["checkpoint"], q["bits"])} if q.get("format") == "codes" else {}
+    if (config.enabled or config.two_of_four) and config.quant_format == "compressed-tensors" and not codes:
+        log.warning("--export-quant-format compressed-tensors has no effect here: this run has no quantized "
+                    "variant (--quant-method rtn or gptq with the quantize step makes one); every variant is "
+                    "exported dequantized")
     res = export_variants(run.model, run.tokenizer, run.variants, run.out / "export",
                           dataclasses.replace(config, command=run.results["manifest"]["command"]), facts, codes)
     run.results["export"] = asdict(res)

@@ -42,7 +42,7 @@ from llm_config import EvalConfig, FinetuneConfig
 from llm_knobs import fingerprint, trackers_of
 from llm_perplexity import evaluate_model
 from llm_run import Run
-from llm_tracking import mlflow_store, wandb_mode
+from llm_tracking import mlflow_store, reachable_trackers, wandb_mode
 
 log = logging.getLogger("llm.finetune")
 
@@ -264,7 +264,7 @@ def train(model, train_ids: torch.Tensor, cfg: FinetuneConfig, on_step: Optional
     # Autocast is ours, not accelerate's: accelerate's mixed-precision setting is global to
     # the process and cannot change between two trainings in one notebook.
     # --log-to: accelerate's trackers; TensorBoard writes <output_dir>/../tensorboard/finetune.
-    trackers, run_dir = list(trackers_of(cfg.log_to)), Path(cfg.output_dir).parent
+    trackers, run_dir = list(reachable_trackers(trackers_of(cfg.log_to))), Path(cfg.output_dir).parent
     accel = Accelerator(cpu=not on_cuda, log_with=trackers or None,
                         project_dir=str(run_dir / "tensorboard") if trackers else None)
     if cfg.mode == "lora":

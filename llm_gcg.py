@@ -46,8 +46,13 @@ class GCGConfig:
 
 
 def printable_token_mask(tokenizer, vocab_size: int) -> torch.Tensor:
-    """Tokens whose text is non-empty printable ASCII: suffixes made of them can be pasted."""
+    """Tokens whose text is non-empty printable ASCII: suffixes made of them can be pasted. Every
+    special token is left out: ``all_special_ids`` and each added token marked special in
+    ``added_tokens_decoder`` (SmolLM2's ``<filename>``, ``<jupyter_code>``, ...: not in
+    ``all_special_ids``), which a chat server never produces from what a user types."""
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    special |= {int(i) for i, t in added.items() if getattr(t, "special", False)}
     ok = torch.zeros(vocab_size, dtype=torch.bool)
     for i in range(min(vocab_size, len(tokenizer))):
         if i in special:

@@ -201,9 +201,10 @@ def ensure_writable_dir(path: str | os.PathLike, flag: str) -> None:
     """Create ``path`` and prove it writable, or raise UserError naming ``flag``."""
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
-        probe = Path(path) / ".write-probe"
-        probe.write_text("")
-        probe.unlink()
+        # One probe per process: torchrun's ranks probe the same folder at once, and a shared name
+        # lets one rank delete the other's probe between its write and its unlink.
+        with tempfile.NamedTemporaryFile(dir=path, prefix=f"{TMP_PREFIX}{os.getpid()}-write-probe."):
+            pass
     except OSError as e:
         raise UserError(f"{flag} {path} is not writable: {e.strerror or e}")
 

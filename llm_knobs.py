@@ -90,6 +90,14 @@ class StepConfig:
 
     step: ClassVar[str] = ""
     prefix: ClassVar[str] = ""  # default flag prefix of this config's fields
+    # {field: (whether these settings read it, why not)}: a field given a value that is then not
+    # read is named in a warning (``ignored``), never dropped without a word.
+    applies: ClassVar[dict] = {}
+
+    def ignored(self) -> list:
+        """(flag, why) of each field set away from its default that these settings do not read."""
+        return [(flag_of(type(self), f), self.applies[f.name][1]) for f in fields(self)
+                if f.name in self.applies and getattr(self, f.name) != f.default and not self.applies[f.name][0](self)]
 
     def resolved(self, gpu: bool):
         """A copy whose unset budgets take the CPU (``gpu=False``) or GPU value."""
@@ -159,6 +167,10 @@ class StepConfig:
         hints = hints_of(type(self))
         for f in fields(self):
             v, m, name = getattr(self, f.name), f.metadata, flag_of(type(self), f)
+            if hints[f.name] in (bool, Optional[bool]) and not isinstance(v, bool) and \
+                    (v is not None or hints[f.name] is bool):  # "false" from a notebook is not False
+                raise UserError(f"{name} must be {'on or off' if hints[f.name] is bool else 'on, off or auto'}, "
+                                f"got {v!r}")
             items = v if isinstance(v, tuple) and m.get("bounds") else (v,)
             for x in items:
                 if isinstance(x, bool) or x is None:
@@ -200,6 +212,13 @@ class StepConfig:
     def fingerprint_dict(self) -> dict:
         """The fields that can change a number (``results=True``), for the resume fingerprint."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("results", True)}
+
+
+def exact(x: float) -> str:
+    """A grid value as a variant name says it: short (``0.5``, ``1e-05``), and distinct for
+    distinct values (``0.5000001`` is not ``0.5``): two points never share a name."""
+    short = f"{x:g}"
+    return short if float(short) == x else repr(float(x))
 
 
 def fingerprint(*parts) -> str:
@@ -296,6 +315,23 @@ def trackers_of(value) -> tuple:
 
 def parse_names(text: str) -> tuple:
     return _parse_list(text, str, "names")
+
+
+# The one reading of a switch, for flags and config files alike: a quoted "false" is False.
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def parse_switch(text, tristate: bool = False) -> Optional[bool]:
+    """A boolean (or, with ``tristate``, on/off/auto) from its text: true/yes/on/1 and
+    false/no/off/0 in any case, "auto" for None; ValueError saying what is allowed otherwise."""
+    if isinstance(text, bool):
+        return text
+    t = str(text).strip().lower()
+    if t in _TRUE or t in _FALSE:
+        return t in _TRUE
+    if tristate and t == "auto":
+        return None
+    raise ValueError("on, off or auto" if tristate else "true or false (also yes/no, on/off, 1/0)")
 
 
 def parse_variant_patterns(text: str) -> tuple:

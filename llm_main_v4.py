@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import json
 import logging
@@ -35,11 +36,11 @@ import llm_common as C
 import llm_data as D
 import llm_io as IO
 import llm_model as LM
-from llm_cli import OneLineParser, add_arguments, from_args, write_config
+from llm_cli import OneLineParser, add_arguments, from_args, read_config_file, write_config
 from llm_compare import compare_runs
 from llm_config import ALL_STEPS, PipelineConfig
 from llm_presets import PRESETS
-from llm_knobs import fingerprint
+from llm_knobs import fingerprint, flag_of
 from llm_matrix import robustness_matrix
 from llm_plots import make_plots
 from llm_report import rebuild_report, summary_table, write_report
@@ -91,34 +92,43 @@ def run_pipeline(cfg: PipelineConfig, argv: Optional[list] = None) -> dict:
 def _run(cfg: PipelineConfig, argv: Optional[list], out: Path, configs: dict, texts: dict, described: dict) -> dict:
     previous = read_results(out)
     done_before = previous.get("steps_done", {})
+    earlier_sections = _earlier_config(out) if previous else {}
     run = _start(cfg, out, None if argv is None else list(argv), texts, described)
-    if C.dist_rank_world()[0] == 0:  # --config on it reruns this run
-        write_config(cfg, out / "config.yaml")
     for step, config in configs.items():  # a bad group or N:M pattern fails now, not after hours
         (_hook(step, "check_model") or (lambda *_: None))(run.model, config)
+    run.results["steps_after"] = {}
     run.results["manifest"]["carried_over"] = _carry_over(run, configs, previous)
-    manifest, prev_fp, chain_intact = run.results["manifest"], "load", True
+    manifest, chain_intact = run.results["manifest"], True
     with Trackers(cfg.run.log_to, out, out.resolve().name, IO.to_strict_json(asdict(cfg))) as trackers:
         for step, config in configs.items():
-            prev_fp, same = _run_step(run, step, config, prev_fp, chain_intact and done_before.get(step), previous)
+            _drop_stale(run, previous, before=step)
+            inputs = _inputs(run, step)
+            _, same = _run_step(run, step, config, _built_on(run, step), chain_intact and done_before.get(step),
+                                previous, trackers.open)
+            run.results["steps_after"][step] = inputs
+            _write_config(run, earlier_sections)  # after results.json: a failed write leaves both as they were
             chain_intact = chain_intact and same
-            trackers.step(step, run.results)
+            if manifest["steps"][step]["skipped"] is not True:  # a skipped step's numbers are logged already
+                trackers.step(step, run.results)
+    _drop_stale(run, previous)
     # The variant x measure matrix, derived from the sections above (a rerun of any step redraws it).
     run.results["robustness"] = robustness_matrix(IO.to_strict_json(run.results))
     t = time.perf_counter()
     run.results["plots"] = make_plots(IO.to_strict_json(run.results), out)
     manifest["plots_s"] = time.perf_counter() - t
     run.save()
+    _write_config(run, earlier_sections)
     if C.dist_rank_world()[0] == 0:
         md, html_path = write_report(IO.to_strict_json(run.results), out)
         log.info("wrote %s, %s and %s", out / "results.json", md, html_path)
     return run.results
 
 
-def _run_step(run: Run, step: str, config, prev_fp: str, done_fp: Optional[str], previous: dict) -> tuple[str, bool]:
+def _run_step(run: Run, step: str, config, prev_fp: str, done_fp: Optional[str], previous: dict,
+              starting=lambda: None) -> tuple[str, bool]:
     """Run one step, or skip it when its fingerprint equals the one it finished with last time
-    (``done_fp``, None when the chain of earlier steps changed) and its results can be had.
-    Returns (its fingerprint, whether it was unchanged)."""
+    (``done_fp``, None when the chain of earlier steps changed) and its results can be had;
+    ``starting()`` is called before a step that runs. Returns (its fingerprint, whether it was unchanged)."""
     manifest, device = run.results["manifest"], LM.input_device(run.model)
     tb = time.perf_counter()
     fp = _fingerprint(run, step, config, prev_fp)
@@ -130,6 +140,7 @@ def _run_step(run: Run, step: str, config, prev_fp: str, done_fp: Optional[str],
         log.info("step %s: unchanged since the last run, skipped", step)
     else:
         log.info("step %s", step)
+        starting()
         LM.reset_peak_memory(device)
         C.seed_everything(run.cfg.run.seed)  # each step starts from the same RNG state, resumed or not
         # "off": the step was switched off and made nothing; it is recorded so, never as run.
@@ -140,6 +151,76 @@ def _run_step(run: Run, step: str, config, prev_fp: str, done_fp: Optional[str],
     run.save()
     manifest["bookkeeping_s"] += time.perf_counter() - tb
     return fp, same
+
+
+def _inputs(run: Run, step: str) -> dict:
+    """{earlier step: its fingerprint} of the steps before ``step`` whose results this directory
+    holds (run now or carried over from an earlier run): what the step is built on."""
+    done = run.results["steps_done"]
+    return {s: done[s] for s in ALL_STEPS[:ALL_STEPS.index(step)] if s in done}
+
+
+def _built_on(run: Run, step: str) -> str:
+    """The fingerprint a step chains on: the nearest earlier step's (whose own chains on the ones
+    before it), else "load". So ``--steps zeroshot`` after a changed prune reruns."""
+    return ([*_inputs(run, step).values()] or ["load"])[-1]
+
+
+def _drop_stale(run: Run, previous: dict, before: Optional[str] = None) -> None:
+    """Leave out the carried-over steps (those before ``before``, or all) built on other results
+    of an earlier step than this directory now holds, or that never saw the variants of an earlier
+    variant step added since: ``--steps prune --sparsity 0.7`` into a folder evaluated at 0.5
+    drops the 0.5 perplexities rather than show them beside the 0.7 mask. Later carried steps
+    built on a dropped one follow. The earlier file is kept aside."""
+    after, done, carried = run.results["steps_after"], run.results["steps_done"], run.results["manifest"]["carried_over"]
+    for step in [s for s in ALL_STEPS if s in carried]:
+        if before and ALL_STEPS.index(step) >= ALL_STEPS.index(before):
+            break
+        built_on = after.get(step)  # None: an older results.json, which did not say
+        if not isinstance(built_on, dict):
+            continue
+        changed = [s for s in ALL_STEPS[:ALL_STEPS.index(step)] if done.get(s) != built_on.get(s)
+                   and (s in built_on or STEPS[s].variants)]  # a new variant step: variants it never saw
+        if not changed:
+            continue
+        if STEPS[step].variants and isinstance(run.results.get(step), dict):
+            for name in _hook(step, "variants_of")(run, run.results[step]):
+                run.variants.pop(name, None)
+        for k in STEP_SECTIONS[step]:
+            run.results.pop(k, None)
+        done.pop(step), after.pop(step), carried.remove(step)
+        aside = run.out / "results.json.stale"
+        if C.dist_rank_world()[0] == 0 and not getattr(run, "stale_kept", False):  # once per run: the latest
+            IO.write_json(aside, previous)
+            run.stale_kept = True
+        log.warning("step %s: its recorded results were not made on what step(s) %s now hold; left out "
+                    "(kept in %s). Run --steps %s to measure them again",
+                    step, ", ".join(changed), aside.name, step)
+
+
+def _earlier_config(out: Path) -> dict:
+    """The sections of the earlier run's config.yaml (those of its steps that this run carries over
+    go into the new one), or {} when it is gone or unreadable."""
+    try:
+        return read_config_file(str(out / "config.yaml")) if (out / "config.yaml").is_file() else {}
+    except C.UserError as e:
+        log.warning("the earlier %s cannot be read (%s); config.yaml will hold this run's steps only",
+                    out / "config.yaml", e)
+        return {}
+
+
+def _write_config(run: Run, earlier: dict) -> None:
+    """config.yaml of what results.json now holds: this run's config, its steps widened to the
+    carried-over ones, whose sections come from the earlier config.yaml; ``--config`` on it
+    reproduces results.json."""
+    if C.dist_rank_world()[0] != 0:
+        return
+    done, cfg = run.results["steps_done"], run.cfg
+    carried = [s for s in run.results["manifest"]["carried_over"] if s in done and s in earlier]
+    parts = {s: type(getattr(cfg, s))(**earlier[s]) for s in carried}
+    steps = tuple(s for s in ALL_STEPS if s in done or s in (cfg.run.steps or ALL_STEPS))
+    run_part = dataclasses.replace(cfg.run, steps=() if steps == ALL_STEPS else steps)
+    write_config(dataclasses.replace(cfg, run=run_part, **parts), run.out / "config.yaml")
 
 
 def _check_before_loading(cfg: PipelineConfig, out: Path) -> tuple[dict, dict, dict]:
@@ -153,6 +234,7 @@ def _check_before_loading(cfg: PipelineConfig, out: Path) -> tuple[dict, dict, d
     configs = {s: getattr(cfg, s).resolved(gpu) for s in (rc.steps or ALL_STEPS)}
     for c in configs.values():
         c.validate()
+    _warn_ignored(cfg, configs)
     IO.ensure_writable_dir(out, "--output-dir")
     texts, described = D.load_texts(rc.dataset, rc.train_dataset, {c for s in configs for c in STEPS[s].corpora},
                                     rc.no_fallback, rc.allow_overlap, default_train="c4" if gpu else "wikitext2")
@@ -162,6 +244,28 @@ def _check_before_loading(cfg: PipelineConfig, out: Path) -> tuple[dict, dict, d
             configs[step] = prepare(config, getattr(cfg, step), rc, texts)
             configs[step].validate()
     return configs, texts, described
+
+
+def _warn_ignored(cfg: PipelineConfig, configs: dict) -> None:
+    """Name every setting that this run will not read, rather than drop it without a word: a
+    field that the chosen method ignores (``StepConfig.applies``), and one of a step that is not
+    run (unless a step that runs shares its flag). Preset values are not the user's: not named."""
+    preset = PRESETS[cfg.run.preset].fields if cfg.run.preset else {}
+    for step in configs:
+        for flag, why in getattr(cfg, step).ignored():
+            log.warning("%s has no effect here: %s", flag, why)
+    read = {flag_of(type(c), f) for c in (cfg.run, *configs.values()) for f in dataclasses.fields(c)}
+    unread = {}
+    for step in (s for s in ALL_STEPS if s not in configs):
+        part = getattr(cfg, step)
+        for f in dataclasses.fields(part):
+            flag = flag_of(type(part), f)
+            if f.metadata.get("cli", True) and flag not in read and \
+                    getattr(part, f.name) != preset.get(step, {}).get(f.name, f.default):
+                unread.setdefault(step, []).append(flag)
+    if unread:
+        log.warning("%s: no effect here, as step %s is not run (--steps %s)", ", ".join(sum(unread.values(), [])),
+                    ", ".join(unread), ",".join(configs))
 
 
 def _start(cfg: PipelineConfig, out: Path, argv: Optional[list], texts: dict, described: dict) -> Run:
@@ -176,6 +280,7 @@ def _start(cfg: PipelineConfig, out: Path, argv: Optional[list], texts: dict, de
     run.model, run.tokenizer, run.label = LM.load_model(LM.LoadConfig(
         model=rc.model, device=rc.device, dtype=rc.dtype, device_map=rc.device_map, max_memory=rc.max_memory,
         trust_remote_code=rc.trust_remote_code, cache_dir=rc.cache_dir))
+    _check_vocabulary(run.model, run.tokenizer, run.label)
     dtype = str(LM.resolve_dtype(rc.dtype, device))
     run.results.update(seed=rc.seed, argv=argv, steps=list(rc.steps or ALL_STEPS), device=str(device), dtype=dtype,
                        versions=C.library_versions(), python=platform.python_version(), steps_done={},
@@ -190,6 +295,16 @@ def _start(cfg: PipelineConfig, out: Path, argv: Optional[list], texts: dict, de
         "steps": {"load": {"wall_s": time.perf_counter() - t0, "peak_memory_mb": LM.peak_memory_mb(device)}},
         "bookkeeping_s": 0.0}
     return run
+
+
+def _check_vocabulary(model, tokenizer, label: str) -> None:
+    """A tokenizer whose ids run past the model's embedding rows (a tokenizer of another model, or
+    tokens added without resizing) would fail deep inside a step on the first such id: one line now."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows, ids = getattr(emb, "num_embeddings", None), len(tokenizer) if tokenizer is not None else 0
+    if rows is not None and ids > rows:
+        raise C.UserError(f"the tokenizer of {label} has {ids} token ids but the model's embedding has {rows} rows: "
+                          "they do not belong together (tokens added without resize_token_embeddings?)")
 
 
 def _command(cfg: PipelineConfig, argv: Optional[list]) -> str:
@@ -242,6 +357,8 @@ def _carry_over(run: Run, configs: dict, previous: dict) -> list:
     for step in others:
         run.results.update({k: previous[k] for k in STEP_SECTIONS[step] if k in previous})
         run.results["steps_done"][step] = done[step]
+        if isinstance(previous.get("steps_after"), dict) and isinstance(previous["steps_after"].get(step), dict):
+            run.results["steps_after"][step] = previous["steps_after"][step]
         reattach = _hook(step, "reattach")
         if reattach:
             reattach(run)

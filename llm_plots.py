@@ -5,8 +5,8 @@ their paths; each ``plot_*`` takes a section of it (plain dicts, numbers as JSON
 """
 from __future__ import annotations
 
+import logging
 import math
-
 import os
 from pathlib import Path
 from typing import Optional, Sequence
@@ -22,6 +22,10 @@ from matplotlib.ticker import FuncFormatter, NullFormatter, NullLocator  # noqa:
 
 import llm_io as IO
 import llm_results as R
+from llm_common import UserError, error_line
+
+log = logging.getLogger("llm.plots")
+
 
 def save_figure(fig, path: str | os.PathLike) -> Path:
     """Save a matplotlib figure atomically as PNG and close it."""
@@ -174,6 +178,7 @@ def plot_sweep(sweep: dict, path):
 def plot_sensitivity_map(smap: dict, path):
     fig, ax = new_figure(figsize=(1.0 + 0.8 * len(smap["modules"]), 1.0 + 0.22 * len(smap["layers"])))
     data = np.array([[R.fnum(v) for v in row] for row in smap["delta_nll"]])
+    data[~np.isfinite(data)] = np.nan
     im = ax.imshow(data, aspect="auto", cmap="magma")
     ax.set_xticks(range(len(smap["modules"])), smap["modules"], rotation=45, ha="right")
     ax.set_ylabel("layer")
@@ -216,8 +221,10 @@ def plot_heatmaps(result: dict, path, noise_map: Optional[dict] = None):
     axes = np.atleast_1d(axes)
     for k, (ax, (layers, types, grid), title) in enumerate(zip(axes, grids, titles)):
         data = np.array([[float(v) for v in row] for row in grid])
+        data[~np.isfinite(data)] = np.nan  # NaN/Inf weights give non-finite cells: blank, never the scale
         if k == 0:  # Hutchinson traces can be negative and noisy: signed scale, unreliable cells crossed
-            lim = np.nanmax(np.abs(data)) or 1.0
+            finite = np.abs(data[np.isfinite(data)])
+            lim = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
             im = ax.imshow(data, aspect="auto", cmap="RdBu_r",
                            norm=SymLogNorm(linthresh=lim * 1e-3, vmin=-lim, vmax=lim))
             ok = result.get("hessian_module_reliable") or {}
@@ -258,7 +265,14 @@ def make_plots(results: dict, out: Path) -> dict:
     d = out / "plots"
 
     def add(name, fn, *args):
-        plots[name] = str(fn(*args).relative_to(out))
+        try:
+            plots[name] = str(fn(*args).relative_to(out))
+        except UserError:  # a full disk or an unwritable folder: the caller's one error line
+            raise
+        except Exception as e:  # values no axis can show (all NaN or Inf): the numbers stay in results.json
+            plt.close("all")
+            log.warning("plot %s not drawn: %s (its numbers are in results.json and the report)", name,
+                        error_line(e))
 
     if results.get("finetune", {}).get("train_losses"):
         add("finetune", plot_training_curve, results["finetune"], d / "finetune_loss.png")

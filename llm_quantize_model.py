@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -82,12 +83,16 @@ def allocate_bits(sensitivity: dict, error: dict, sizes: dict, budget: float, ch
     sum_l sensitivity[l] x error[l][b] under sum_l sizes[l] x b <= budget x sum_l sizes[l].
 
     Start at the fewest bits everywhere; repeatedly take the upgrade (layer, b -> b') with the
-    largest objective decrease per added bit that still fits; stop when none fits or helps.
-    Raises UserError when the budget is below the fewest bits."""
+    largest objective decrease per added bit that still fits. Budget left once no upgrade lowers
+    the objective still buys bits (more bits never hurt): a layer whose sensitivity is 0 is
+    upgraded by its own error decrease per bit, so ``--avg-bits 8`` gives 8 bits everywhere. A
+    NaN sensitivity (not measurable) counts as the largest. Raises UserError when the budget is
+    below the fewest bits."""
     lo = min(choices)
     total = sum(sizes.values())
     if budget < lo - 1e-9:
         raise C.UserError(f"--avg-bits {budget} is below the fewest bits ({lo})")
+    sens = {n: math.inf if math.isnan(v) else max(v, 0.0) for n, v in sensitivity.items()}
     bits = {n: lo for n in sizes}
     used = lo * total
     cap = budget * total + 1e-6
@@ -97,10 +102,13 @@ def allocate_bits(sensitivity: dict, error: dict, sizes: dict, budget: float, ch
             for b2 in choices:
                 if b2 <= b or used + sizes[n] * (b2 - b) > cap:
                     continue
-                gain = sensitivity[n] * (error[n][b] - error[n][b2])
-                eff = gain / (sizes[n] * (b2 - b))
-                if gain > 0 and (best is None or eff > best[0]):
-                    best = (eff, n, b2)
+                drop = error[n][b] - error[n][b2]
+                if not drop >= 0:  # more bits that would not lower the error (or a NaN error)
+                    drop = 0.0
+                gain = sens[n] * drop if sens[n] > 0 and drop > 0 else 0.0
+                key = (gain / (sizes[n] * (b2 - b)), drop / (sizes[n] * (b2 - b)), -(b2 - b))
+                if best is None or key > best[0]:
+                    best = (key, n, b2)
         if best is None:
             return bits
         _, n, b2 = best
@@ -158,7 +166,10 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
         res.budget_bits = config.avg_bits if config.avg_bits is not None else float(config.wbits)
         sens = fisher_curvature(moments) if config.bit_allocation == "fisher" else layer_curvature(
             model, sens_windows, linears, "hessian", config.sensitivity_probes, config.seed, config.progress)
-        sens = {n: max(v, 0.0) for n, v in sens.items()}  # a negative Hutchinson estimate: no curvature
+        if any(not math.isfinite(v) for v in sens.values()):
+            log.warning("--bit-allocation %s: the sensitivity of %s is not finite; those layers count as the most "
+                        "sensitive", config.bit_allocation, ", ".join(n for n, v in sens.items() if not math.isfinite(v)))
+        sens = {n: v if math.isnan(v) else max(v, 0.0) for n, v in sens.items()}  # negative Hutchinson: no curvature
         err = {n: {b: _sq_error(LM.weight_view(m), rtn_quantize(LM.weight_view(m).detach(), b, config.group, keep[n]))
                    for b in BIT_CHOICES} for n, m in linears.items()}
         bits = allocate_bits(sens, err, sizes, res.budget_bits)

@@ -30,8 +30,9 @@ STEP_SECTIONS: dict[str, tuple] = {
 # The run's provenance, written before any step, and the plots list written after them.
 SCHEMA: dict[str, type | tuple] = {
     "seed": int, "argv": (list, type(None)), "steps": list, "device": str, "dtype": str, "versions": dict,
-    "python": str, "steps_done": dict, "model": str, "parameters": int, "model_identity": dict, "dataset": dict,
-    "manifest": dict, "plots": dict, "preset": dict, "robustness": dict, **{s: dict for sections in STEP_SECTIONS.values() for s in sections}}
+    "python": str, "steps_done": dict, "steps_after": dict, "model": str, "parameters": int,
+    "model_identity": dict, "dataset": dict, "manifest": dict, "plots": dict, "preset": dict, "robustness": dict,
+    **{s: dict for sections in STEP_SECTIONS.values() for s in sections}}
 _NUMBER = (int, float, str, type(None))  # "inf" / "nan" are strings in strict JSON
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import re
 import stat
 from typing import Optional
 
@@ -46,30 +45,55 @@ def _regular(path: str, what: str) -> bool:
     return ok
 
 
-class _TaskYamlLoader(yaml.SafeLoader):
-    """lm-eval's task YAML, read as data: a tag such as ``!function utils.process_docs`` becomes
-    the text "!function utils.process_docs" (nothing is imported)."""
+class _Function(str):
+    """What lm-eval's loader would import: the ``module.function`` text of a ``!function`` node."""
 
 
+# lm-eval's own base (lm_eval.tasks._yaml_loader): the same parser resolves the same tags.
+_Base = yaml.CSafeLoader if getattr(yaml, "__with_libyaml__", False) else yaml.SafeLoader
+
+
+class _TaskYamlLoader(_Base):
+    """lm-eval's task YAML, read as data with the constructor lm-eval adds in place, refused: the
+    check is made on the tag the parser resolves, not on its spelling, so ``!function``,
+    ``!f%75nction``, ``!<!function>`` and a ``%TAG`` handle all give a ``_Function`` and nothing is
+    imported. Other tags become text."""
+
+
+_TaskYamlLoader.add_constructor("!function", lambda loader, node: _Function(
+    loader.construct_scalar(node) if isinstance(node, yaml.ScalarNode) else "?"))
 _TaskYamlLoader.add_multi_constructor("!", lambda loader, tag, node: f"!{tag} {loader.construct_scalar(node)}"
                                       if isinstance(node, yaml.ScalarNode) else f"!{tag}")
+_TaskYamlLoader.add_multi_constructor("tag:", lambda loader, tag, node: f"tag:{tag}")
+
+
+def _walk(folder: str):
+    """Every file under ``folder``, links to folders followed as lm-eval's ``glob("**")`` does,
+    each real folder once (a link cycle ends)."""
+    seen = set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        yield from (os.path.join(root, n) for n in names)
 
 
 def local_task_files(tasks: tuple, include_path: Optional[str]) -> tuple[list, list]:
     """(every local file the zero-shot tasks read, sorted: the YAMLs in ``include_path`` and those
     named by path, with every file or folder a YAML names (data files, included YAMLs, the Python
-    module of a ``!function``); the YAMLs among them that run Python code). lm-eval's own task
+    module of a ``!function``), relative to the YAML's folder or, as lm-eval resolves them, to
+    its real folder behind links; the YAMLs among them that run Python code). lm-eval's own task
     folder is left out: its files come with the library and its version is recorded."""
     own = _lm_eval_tasks_dir()
     files, code, queue = set(), [], []
     folder = os.path.expanduser(include_path or "")
     if folder and os.path.isdir(folder):
-        for root, dirs, names in os.walk(folder):
-            for name in names:
-                path = os.path.join(root, name)
-                if _regular(path, "--tasks-include"):
-                    files.add(path)
-                    queue += [path] if name.endswith(_YAML_SUFFIXES) else []
+        for path in _walk(folder):
+            if _regular(path, "--tasks-include"):
+                files.add(path)
+                queue += [path] if path.endswith(_YAML_SUFFIXES) else []
     for t in tasks:
         path = os.path.expanduser(t)
         if (t.endswith(_YAML_SUFFIXES) or os.sep in t) and os.path.lexists(path) and _regular(path, "--tasks"):
@@ -83,33 +107,36 @@ def local_task_files(tasks: tuple, include_path: Optional[str]) -> tuple[list, l
             continue
         seen.add(real)
         with open(path, "rb") as f:
-            text = f.read(IO.MAX_JSON_BYTES).decode("utf-8", "replace")
-        if re.search(r"!function\b", text):
+            raw = f.read(IO.MAX_JSON_BYTES)
+        try:  # bytes, as lm-eval reads them: the parser finds a UTF-16 file's encoding by its BOM
+            doc = yaml.load(raw, Loader=_TaskYamlLoader)
+        except (yaml.YAMLError, RecursionError):
+            continue  # lm-eval's loader, on the same parser, fails on it too
+        values = _strings(doc)
+        if any(isinstance(v, _Function) for v in values):
             code.append(path)
-        try:
-            doc = yaml.load(text, Loader=_TaskYamlLoader)
-        except yaml.YAMLError:
-            continue  # lm-eval reports it when it loads the task
-        for value in _strings(doc):
-            if value.startswith("!function "):  # module.function, the module beside the YAML
-                value = value.split(" ", 1)[1].rsplit(".", 1)[0].replace(".", os.sep) + ".py"
-            ref = os.path.join(os.path.dirname(path), os.path.expanduser(value))
-            if len(value) > 4096 or "\n" in value or value.strip() in ("", ".", "..") or not os.path.lexists(ref):
+        for value in values:
+            if isinstance(value, _Function):  # module.function, the module beside the real YAML
+                value = value.rsplit(".", 1)[0].replace(".", os.sep) + ".py"
+            if len(value) > 4096 or "\n" in value or "\0" in value or value.strip() in ("", ".", ".."):
                 continue
-            refs = [os.path.join(r, n) for r, _, ns in os.walk(ref) for n in ns] if os.path.isdir(ref) else [ref]
-            for r in refs:
-                if r not in files and _regular(r, f"zero-shot task {path}"):
-                    files.add(r)
-                    queue += [r] if r.endswith(_YAML_SUFFIXES) else []
+            for base in dict.fromkeys((os.path.dirname(path), os.path.dirname(real))):
+                ref = os.path.join(base, os.path.expanduser(value))
+                if not os.path.lexists(ref):
+                    continue
+                for r in _walk(ref) if os.path.isdir(ref) else [ref]:
+                    if r not in files and _regular(r, f"zero-shot task {path}"):
+                        files.add(r)
+                        queue += [r] if r.endswith(_YAML_SUFFIXES) else []
     return sorted(files), sorted(code)
 
 
 def _strings(doc) -> list:
-    """Every string value in a parsed YAML document, nested ones included."""
+    """Every string in a parsed YAML document, keys and nested ones included."""
     if isinstance(doc, str):
         return [doc]
     if isinstance(doc, dict):
-        return [s for v in doc.values() for s in _strings(v)]
+        return [s for kv in doc.items() for v in kv for s in _strings(v)]  # a key is constructed too
     if isinstance(doc, list):
         return [s for v in doc for s in _strings(v)]
     return []

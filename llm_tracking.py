@@ -13,10 +13,12 @@ names in MLflow's alphabet (``perplexity/pruned:wanda:0.5:unstructured``). Only 
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Optional
 
@@ -44,6 +46,36 @@ def open_tracker(name: str, out: Path, run_name: str):
     return t
 
 
+_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def check_installed(names: tuple) -> None:
+    """UserError naming the pip command for a tracker whose library is missing (before any model loads)."""
+    for n in names:
+        if importlib.util.find_spec(_MODULES[n]) is None:
+            raise C.UserError(f"--log-to {n} needs its library ({_MODULES[n]}): pip install {INSTALL[n]}")
+
+
+def _server(url: str) -> Optional[tuple]:
+    """(host, port) of an http(s) URL, else None (a local store)."""
+    u = urllib.parse.urlparse(url or "")
+    if u.scheme not in ("http", "https") or not u.hostname:
+        return None
+    return u.hostname, u.port or (443 if u.scheme == "https" else 80)
+
+
+def reachable_trackers(names: tuple) -> tuple:
+    """``names`` without MLflow when MLFLOW_TRACKING_URI names a server that does not answer (its
+    client would retry for minutes, then raise): a warning, and the run goes on without it. W&B
+    falls back to offline instead (``wandb_mode``)."""
+    server = _server(os.environ.get("MLFLOW_TRACKING_URI", ""))
+    if "mlflow" in names and server and not C.reachable(server[0], port=server[1]):
+        log.warning("--log-to mlflow: the MLflow server %s does not answer; not logging to MLflow this run",
+                    os.environ["MLFLOW_TRACKING_URI"])
+        return tuple(n for n in names if n != "mlflow")
+    return names
+
+
 INSTALL = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny sqlalchemy alembic"}
 
 
@@ -65,8 +97,18 @@ def mlflow_key(key: str) -> str:
 
 
 def wandb_mode() -> str:
-    """W&B's mode: WANDB_MODE if set, else online when its server answers, else offline."""
-    return os.environ.get("WANDB_MODE") or ("online" if C.reachable("api.wandb.ai") else "offline")
+    """W&B's mode: offline when its server (WANDB_BASE_URL, else api.wandb.ai) does not answer,
+    whatever WANDB_MODE says (online would raise CommError after a minute), else WANDB_MODE or
+    online. ``wandb sync`` uploads an offline run later."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode in ("offline", "disabled", "dryrun"):
+        return mode
+    host, port = _server(os.environ.get("WANDB_BASE_URL", "")) or ("api.wandb.ai", 443)
+    if C.reachable(host, port=port):
+        return mode or "online"
+    log.warning("--log-to wandb: the W&B server %s:%s does not answer; logging offline (wandb sync uploads it)",
+                host, port)
+    return "offline"
 
 
 def step_metrics(step: str, results: dict) -> dict:
@@ -91,28 +133,50 @@ def step_metrics(step: str, results: dict) -> dict:
 
 
 class Trackers:
-    """The run's trackers: ``with Trackers(names, out, name, config) as t: ...; t.step(step, results)``."""
+    """The run's trackers: ``with Trackers(names, out, name, config) as t: ...; t.open(); t.step(step,
+    results)``. They are opened by the first step that runs (``open``), so a rerun whose every step
+    is skipped logs nothing twice. A tracker that fails (a server that stops answering, a full
+    disk) is a warning, and the run goes on without it."""
 
     def __init__(self, names: tuple, out: Path, run_name: str, config: Optional[dict] = None):
         self.names, self.out, self.run_name, self.config = trackers_of(names), Path(out), run_name, config or {}
-        self.trackers, self.k = [], 0
+        self.trackers, self.k, self.opened = [], 0, False
 
     def __enter__(self) -> "Trackers":
-        if C.dist_rank_world()[0] == 0:
-            self.trackers = [open_tracker(n, self.out, self.run_name) for n in self.names]
-            for t in self.trackers:
-                t.store_init_configuration(_named_for(t, _flat(self.config)))
+        check_installed(self.names)
         return self
+
+    def open(self) -> None:
+        if self.opened or C.dist_rank_world()[0] != 0:
+            return
+        self.opened = True
+        for n in reachable_trackers(self.names):
+            t = self._guarded(n, lambda: open_tracker(n, self.out, self.run_name))
+            if t is not None and self._guarded(n, lambda: t.store_init_configuration(
+                    _named_for(t, _flat(self.config))) or True):
+                self.trackers.append(t)
 
     def step(self, step: str, results: dict) -> None:
         values = step_metrics(step, results)
         self.k += 1
-        for t in self.trackers:
-            t.log(_named_for(t, values), step=self.k)
+        for t in list(self.trackers):
+            if self._guarded(t.name, lambda: t.log(_named_for(t, values), step=self.k) or True) is None:
+                self.trackers.remove(t)
 
     def __exit__(self, *exc) -> None:
         for t in self.trackers:
-            t.finish()
+            self._guarded(t.name, t.finish)
+
+    @staticmethod
+    def _guarded(name: str, call):
+        """``call()``, or None with a warning when the tracker fails (its results are in results.json)."""
+        try:
+            return call()
+        except C.UserError:
+            raise
+        except Exception as e:  # any library's own error: requests', wandb's CommError, MlflowException
+            log.warning("--log-to %s failed (%s); the run goes on without it", name, C.error_line(e))
+            return None
 
 
 def _named_for(tracker, values: dict) -> dict:

@@ -91,3 +91,112 @@ def test_a_runs_config_yaml_reruns_it_exactly(tiny_run_dir, tmp_path):
     a, b = (json.loads((d / "results.json").read_text()) for d in (first, again))
     assert a["perplexity"] == b["perplexity"] and set(a["perplexity"]) == {"base", "pruned", "noisy"}
     assert a["prune"]["overall_sparsity"] == pytest.approx(0.6, abs=0.01)
+
+
+# ------------------------------------------------------------------ issue 33: values read through the field types
+
+
+def _from_file(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return _parse("--config", str(path))
+
+
+@pytest.mark.parametrize("spelling, want", [
+    ('"False"', False), ("'OFF'", False), ("No", False), ('"0"', False), ("0", False), ("fAlSe", False),
+    ('"TRUE"', True), ("on", True), ("Yes", True), ("'1'", True)])
+def test_a_switch_in_a_config_file_reads_as_written_quoted_or_not(tmp_path, spelling, want):
+    cfg = _from_file(tmp_path, f"no-fallback: {spelling}\neval:\n  kl: {spelling}\n")
+    assert cfg.run.no_fallback is want and cfg.eval.kl is want
+
+
+@pytest.mark.parametrize("spelling, want", [("'on'", True), ("OFF", False), ("Auto", None), ('"no"', False),
+                                            ("1", True)])
+def test_a_tristate_in_a_config_file_reads_on_off_auto(tmp_path, spelling, want):
+    assert _from_file(tmp_path, f"zeroshot: {spelling}\n").zeroshot.enabled is want
+
+
+@pytest.mark.parametrize("text, words", [
+    ("no-fallback: maybe\n", "--no-fallback must be true or false"),
+    ("eval: {kl: 2}\n", "--kl must be true or false"),
+    ("eval: {kl: [true]}\n", "one value is expected, not a list"),
+    ("zeroshot: 2\n", "--zeroshot must be on, off or auto, got '2'"),
+    ("zeroshot: enable\n", "--zeroshot must be on, off or auto, got 'enable'"),
+    ("noise: {map: -1}\n", "--noise-map must be on, off or auto"),
+    ("ft-gradient-checkpointing: sometimes\n", "must be on, off or auto"),
+    ("analysis: {per_block: yes please}\n", "--per-block must be on, off or auto"),
+])
+def test_a_switch_that_is_neither_on_nor_off_is_one_error_line(tiny_run_dir, tmp_path, capsys, text, words):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert M.main(tiny_argv(tiny_run_dir, tmp_path / "out", "--steps", "eval", "--config", str(path))) == 2
+    assert words in one_error(capsys)
+
+
+def test_a_switch_given_from_python_as_text_is_refused():
+    with pytest.raises(K.UserError, match="--kl must be on or off"):
+        K.EvalConfig(kl="false").validate()
+    with pytest.raises(K.UserError, match="--zeroshot must be on, off or auto"):
+        K.ZeroShotConfig(enabled="auto").validate()
+
+
+@pytest.mark.parametrize("text, section, name, want", [
+    ("prune: {pattern: 8:16}\n", "prune", "pattern", "8:16"),       # YAML 1.1: base-60 496
+    ("sparsity-pattern: 1:2\n", "prune", "pattern", "1:2"),         # YAML 1.1: 62
+    ("prompt: on\n", "eval", "prompts", ("on",)),                    # YAML 1.1: True
+    ("super-weight-prompt: no\n", "analysis", "super_weight_prompt", "no"),  # YAML 1.1: False
+    ("attack-target: 0755\n", "adversarial", "target", "0755"),    # YAML 1.1: octal 493
+    ("seed: 010\n", "run", "seed", 10),                              # YAML 1.1: octal 8
+])
+def test_yaml_1_1_guesses_never_reach_a_field(tmp_path, section, name, text, want):
+    assert getattr(getattr(_from_file(tmp_path, text), section), name) == want
+
+
+@pytest.mark.parametrize("text, want", [
+    ("prompt: Hi there\n", ("Hi there",)), ("prompt: [one, two]\n", ("one", "two")), ("prompt: 'x'\n", ("x",)),
+    ("adversarial: {prompts: Why}\n", None)])
+def test_one_text_for_a_repeatable_flag_is_one_item(tmp_path, text, want):
+    cfg = _from_file(tmp_path, text)
+    if want is None:
+        assert cfg.adversarial.prompts == ("Why",) and cfg.eval.prompts == K.EvalConfig().prompts
+    else:
+        assert cfg.eval.prompts == want and cfg.adversarial.prompts == want
+
+
+@pytest.mark.parametrize("text, words", [
+    ("seed: 1\nrun:\n  seed: 2\n", "run.seed is set twice, by seed and by run.seed"),
+    ("prune-method: wanda\nprune_method: magnitude\n", "prune.method is set twice"),
+    ("prune:\n  sparsity: 0.5\n  sparsity: 0.6\n", "'sparsity' is given twice"),
+    ("eval: {kl: true}\neval: {seq_len: 8}\n", "'eval' is given twice"),
+])
+def test_a_field_set_twice_in_one_file_is_one_error_line(tiny_run_dir, tmp_path, capsys, text, words):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert M.main(tiny_argv(tiny_run_dir, tmp_path / "out", "--steps", "eval", "--config", str(path))) == 2
+    assert words in one_error(capsys)
+
+
+def test_the_same_value_twice_is_no_conflict(tmp_path):
+    assert _from_file(tmp_path, "seed: 4\nrun: {seed: 4}\n").run.seed == 4
+
+
+BOMB = "a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\n" \
+       "d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]\nprompt: [*e,*e,*e,*e,*e,*e,*e]\n"
+
+
+@pytest.mark.parametrize("text, words", [
+    (BOMB, "anchors and aliases"),
+    ("base: &b {sparsity: 0.5}\nprune: *b\n", "anchors and aliases"),
+    ("prune:\n  <<: {sparsity: 0.5}\n", "prune.<< is not a field"),
+    ("[" * 5000 + "]" * 5000 + "\n", "not valid YAML"),
+    ("eval: {prompts: [[a, b]]}\n", "not nested lists"),
+    ("sparsity: {a: 1}\n", "a value is expected, not a mapping"),
+])
+def test_hostile_yaml_is_one_error_line_in_a_second(tiny_run_dir, tmp_path, capsys, text, words):
+    import time
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    t = time.perf_counter()
+    assert M.main(tiny_argv(tiny_run_dir, tmp_path / "out", "--steps", "eval", "--config", str(path))) == 2
+    assert words in one_error(capsys) and time.perf_counter() - t < 5

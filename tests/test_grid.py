@@ -12,7 +12,7 @@ import llm_main_v4 as M
 import llm_model as LM
 import llm_prune_model as P
 import llm_variants as V
-from conftest import make_llama, make_tokenizer, tiny_argv
+from conftest import make_llama, make_tokenizer, one_error, tiny_argv
 from llm_config import PruneConfig
 
 GRID = ["--prune-method", "magnitude,wanda", "--sparsity", "0.3,0.5,0.7"]
@@ -168,3 +168,50 @@ def test_a_pattern_grid_runs_and_each_of_its_patterns_is_checked_before_calibrat
     bad = tmp_path / "bad"
     assert M.main(tiny_argv(tiny_run_dir, bad, "--steps", "prune", "--sparsity-pattern", "2:4,3:7")) == 2
     assert "--sparsity-pattern 3:7" in one_error(capsys) and not (bad / "checkpoints").exists()
+
+
+# ------------------------------------------------------------ issue 33: grid names unique by construction
+
+
+@pytest.mark.parametrize("values", [(0.5000001, 0.5000002), (0.1 + 0.2, 0.3), (1 / 3, 0.3333333),
+                                    (1e-07, 1.0000001e-07), (0.25, 0.2500000000000001)])
+def test_distinct_grid_values_get_distinct_names_and_files(values):
+    import llm_config as K
+
+    for points in (K.PruneConfig(sparsity=values).grid_points(), K.NoiseConfig(epsilon=values).grid_points()):
+        names = [p.variant_name(True) for p in points]
+        assert len(names) == len(set(names)) == 2 and len({V.file_stem(n) for n in names}) == 2
+        assert [float(n.split(",")[-2 if n.startswith("pruned") else -1].rstrip("]")) for n in names] == list(values)
+
+
+def test_equal_values_spelled_twice_are_one_error_line(tiny_run_dir, tmp_path, capsys):
+    for spelled in ("0.5,0.50", "0.5,.5", "0.5,5e-1"):
+        assert M.main(tiny_argv(tiny_run_dir, tmp_path / "o", "--steps", "prune", "--sparsity", spelled)) == 2
+        assert "--sparsity names a value twice" in one_error(capsys)
+
+
+def test_two_close_sparsities_are_two_variants(tiny_run_dir, tmp_path):
+    out = tmp_path / "out"
+    assert M.main(tiny_argv(tiny_run_dir, out, "--steps", "prune,eval", "--prune-method", "magnitude",
+                            "--sparsity", "0.5000001,0.5000002")) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["perplexity"]) == {"base", "pruned[magnitude,0.5000001,unstructured]",
+                                      "pruned[magnitude,0.5000002,unstructured]"}
+    assert len(list((out / "checkpoints").glob("pruned*"))) == 2
+
+
+@pytest.mark.parametrize("single", [("--prune-method", "wanda", "--sparsity", "0.5"),
+                                    ("--prune-method", "magnitude", "--sparsity", "0.3")])
+def test_a_grid_compared_with_a_single_run_shares_its_protocol_and_names_its_points(grid_run, tiny_run_dir,
+                                                                                     tmp_path, capsys, single):
+    """Issue 33: the same calibration gives no protocol warning, and the grid's pruning cell names
+    every point (it was empty)."""
+    out, res, _ = grid_run
+    one = tmp_path / "single"
+    assert M.main(tiny_argv(tiny_run_dir, one, "--steps", "prune,eval", *single)) == 0
+    capsys.readouterr()
+    assert M.main(["--compare", str(out), str(one), "--output-dir", str(tmp_path / "cmp")]) == 0
+    printed = capsys.readouterr().out
+    assert "warning: the runs differ" not in printed
+    grid_line = next(ln for ln in printed.splitlines() if ln.startswith("| out |") and "unstructured" in ln)
+    assert all(f"{m} unstructured" in grid_line for m in ("magnitude", "wanda")) and grid_line.count(";") == 5

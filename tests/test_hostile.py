@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import llm_common as C
 import llm_config as K
@@ -318,3 +319,78 @@ def test_blank_texts_are_refused_from_python_too():
             cfg.validate()
     K.FinetuneConfig(base_model="").validate()  # blank by default: allowed
 
+
+
+def _probe_many(path: str, n: int) -> int:
+    failures = 0
+    for _ in range(n):
+        try:
+            IO.ensure_writable_dir(path, "--output-dir")
+        except C.UserError:
+            failures += 1
+    return failures
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_ranks_probing_one_folder_at_once_never_see_it_unwritable(tmp_path, workers):
+    """Issue 33: torchrun's ranks each prove the output folder writable at the same moment; no
+    rank's probe is another's, and none is left behind."""
+    import multiprocessing as mp
+    from concurrent.futures import ThreadPoolExecutor
+
+    with mp.get_context("spawn").Pool(workers) as pool:
+        assert pool.starmap(_probe_many, [(str(tmp_path), 300)] * workers) == [0] * workers
+    with ThreadPoolExecutor(workers) as ex:  # threads of one process share its PID
+        assert list(ex.map(_probe_many, [str(tmp_path)] * workers, [300] * workers)) == [0] * workers
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("make", ["llama_100", "llama_256", "gpt2_200", "added_tokens"])
+def test_a_tokenizer_with_more_ids_than_embedding_rows_is_one_error_line(tmp_path, sample_text, capsys, make):
+    """Issue 33: never an IndexError deep in a step."""
+    from conftest import make_gpt2, make_llama, make_tokenizer
+
+    tok = make_tokenizer()
+    if make == "added_tokens":
+        model = make_llama()
+        tok.add_tokens(["<extra_a>", "<extra_b>"])
+    else:
+        kind, vocab = make.split("_")
+        model = (make_llama if kind == "llama" else make_gpt2)(vocab=int(vocab))
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    (tmp_path / "text.txt").write_text(sample_text[:3000])
+    from conftest import tiny_argv
+
+    assert llm_main_v4.main(tiny_argv(tmp_path, tmp_path / "out", "--steps", "eval")) == 2
+    err = one_error(capsys)
+    assert f"has {len(tok)} token ids but the model's embedding has {model.get_input_embeddings().num_embeddings} " \
+           "rows" in err
+
+
+def _nan_weight_model(d: Path, sample_text: str, value: float):
+    from conftest import make_llama, make_tokenizer
+
+    m = make_llama()
+    with torch.no_grad():
+        m.model.layers[1].mlp.down_proj.weight[3, 4] = value
+    m.save_pretrained(d / "model")
+    make_tokenizer().save_pretrained(d / "model")
+    (d / "text.txt").write_text(sample_text[:3000])
+    return d
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_through_analysis_and_report_only_never_crash_the_plots(tmp_path, sample_text, value):
+    """Issue 33: the analysis step finishes, the plots it can draw are drawn (non-finite cells
+    blank), and --report-only rebuilds them, with no traceback."""
+    from conftest import tiny_argv
+
+    d = _nan_weight_model(tmp_path, sample_text, value)
+    out = tmp_path / "out"
+    flags = ("--steps", "analysis", "--analysis-windows", "1", "--analysis-seq-len", "16", "--analysis-fisher-windows",
+             "1", "--hessian-probes", "2", "--power-iters", "2", "--quant-bits", "4", "--analysis-eval-tokens", "64",
+             "--analysis-eval-seq-len", "32")
+    assert llm_main_v4.main(tiny_argv(d, out, *flags)) == 0
+    assert (out / "report.md").is_file()
+    assert llm_main_v4.main(["--report-only", "--output-dir", str(out)]) == 0

@@ -297,3 +297,60 @@ def test_quantized_variant_is_scored_exported_as_compressed_tensors_reported_and
     assert "| quantization |" in compare and "gptq fisher" in compare and "rtn uniform" in compare
     acc = f"{100 * zs['mean']['quantized']['acc']:.1f}"
     assert acc in compare.split("Zero-shot mean accuracy")[1]
+
+
+@pytest.mark.parametrize("sens_of", [lambda i: 0.0, lambda i: float("nan"), lambda i: -1.0 * i,
+                                     lambda i: [0.0, float("nan"), 1.0, -2.0][i]])
+def test_a_budget_that_allows_every_bit_is_spent_whatever_the_sensitivity(sens_of):
+    """Issue 33: a layer whose sensitivity is 0, negative or NaN still takes the bits the budget
+    leaves: --avg-bits 8 is 8 bits everywhere; a smaller budget is spent up to its last fitting bit."""
+    g = torch.Generator().manual_seed(0)
+    Ws = {f"l{i}": torch.randn(16, 32, generator=g) for i in range(4)}
+    err = {n: {b: float((LC.rtn_quantize(W, b, 32).dequantize(torch.float32) - W).pow(2).sum()) for b in (2, 3, 4, 8)}
+           for n, W in Ws.items()}
+    sizes = {n: W.numel() for n, W in Ws.items()}
+    sens = {f"l{i}": sens_of(i) for i in range(4)}
+    assert set(allocate_bits(sens, err, sizes, 8.0).values()) == {8}
+    bits = allocate_bits(sens, err, sizes, 4.0)
+    assert sum(bits[n] * sizes[n] for n in Ws) == 4 * sum(sizes.values())  # equal sizes: 4.0 is reachable
+
+
+@pytest.mark.parametrize("flags, named", [
+    (("--quant-method", "rtn", "--act-order"), "--act-order"),
+    (("--quant-method", "rtn", "--gptq-percdamp", "0.05"), "--gptq-percdamp"),
+    (("--quant-method", "rtn", "--gptq-blocksize", "64"), "--gptq-blocksize"),
+    (("--quant-method", "rtn", "--avg-bits", "3"), "--avg-bits"),
+    (("--quant-method", "gptq", "--bit-allocation", "fisher", "--quant-sensitivity-probes", "3"),
+     "--quant-sensitivity-probes"),
+    (("--export-quant-format", "compressed-tensors",), "--export-quant-format"),
+])
+def test_a_flag_the_chosen_method_ignores_is_a_warning(tiny_run_dir, tmp_path, caplog, flags, named):
+    """Issue 33: every flag has an effect or a warning (checked before the model loads)."""
+    import llm_main_v4 as M
+    from conftest import tiny_argv
+
+    steps = "export" if named == "--export-quant-format" else "quantize"
+    assert M.main(tiny_argv(tiny_run_dir, tmp_path / "o", "--steps", steps, *flags)) == 0
+    assert f"{named} has no effect here" in caplog.text
+
+
+@pytest.mark.parametrize("flags, named", [(("--sparsity", "0.7"), "--sparsity"), (("--wbits", "3"), "--wbits"),
+                                          (("--attack-target", " x"), "--attack-target"), (("--kl",), "--kl")])
+def test_a_flag_of_a_step_not_run_is_a_warning(tiny_run_dir, tmp_path, caplog, flags, named):
+    import llm_main_v4 as M
+    from conftest import tiny_argv
+
+    steps = "prune" if named != "--sparsity" else "noise"
+    assert M.main(tiny_argv(tiny_run_dir, tmp_path / "o", "--steps", steps, "--sweep-eps", "0.1", "--sweep-seeds",
+                            "1", "--sweep-tokens", "64", "--sweep-seq-len", "32", *flags)) == 0
+    line = next(ln for ln in caplog.text.splitlines() if "as step" in ln)
+    assert named in line and "is not run" in line
+
+
+def test_compressed_tensors_without_a_quantized_variant_is_a_warning(tiny_run_dir, tmp_path, caplog):
+    import llm_main_v4 as M
+    from conftest import tiny_argv
+
+    assert M.main(tiny_argv(tiny_run_dir, tmp_path / "o", "--steps", "export", "--export",
+                            "--export-quant-format", "compressed-tensors")) == 0
+    assert "--export-quant-format compressed-tensors has no effect here" in caplog.text

@@ -195,3 +195,91 @@ def test_every_path_written_under_umask_000_follows_one_rule(tiny, tmp_path):
     loose = [f"{p} {oct(p.stat().st_mode)}" for p in paths if p.stat().st_mode & 0o022]
     assert not loose
     assert all(p.stat().st_mode & 0o777 == (0o755 if p.is_dir() else 0o644) for p in paths)
+
+
+# --------------------------------------------- issue 33: a step's results only beside the inputs that made them
+
+
+def _eval_of_fresh_run(tiny, tmp_path, *flags) -> dict:
+    fresh = tmp_path / f"fresh{len(list(tmp_path.glob('fresh*')))}"
+    assert M.main(cli(tiny, fresh, "--steps", "prune,eval", *flags)) == 0
+    return results(fresh)["perplexity"]
+
+
+@pytest.mark.parametrize("change", [("--sparsity", "0.7"), ("--prune-method", "magnitude"),
+                                    ("--sparsity-pattern", "2:4"), ("--seed", "9")])
+def test_a_changed_prune_never_stands_beside_the_old_evaluation(tiny, tmp_path, caplog, change):
+    """--steps prune with another setting into a folder evaluated before: the old perplexities are
+    left out with a warning (never shown beside the new mask); --steps eval then measures the new
+    mask, equal to a fresh run's."""
+    out = tmp_path / "out"
+    assert M.main(cli(tiny, out, "--steps", "prune,eval")) == 0
+    assert M.main(cli(tiny, out, "--steps", "prune", *change)) == 0
+    res = results(out)
+    assert "perplexity" not in res and "eval" not in res["steps_done"] and res["manifest"]["carried_over"] == []
+    assert "step eval: its recorded results were not made on what step(s) prune now hold" in caplog.text
+    assert json.loads((out / "results.json.stale").read_text())["perplexity"]  # kept aside, not lost
+    assert M.main(cli(tiny, out, "--steps", "eval", *change)) == 0
+    assert results(out)["perplexity"] == _eval_of_fresh_run(tiny, tmp_path, *change)
+
+
+def test_grids_rerun_into_one_folder_never_mix(tiny, tmp_path):
+    """0.3,0.5 then 0.5,0.7 (prune only) then a single point then --steps eval: the perplexities
+    are always those of the prune section now recorded, no more and no less."""
+    out = tmp_path / "out"
+    assert M.main(cli(tiny, out, "--steps", "prune,eval", "--sparsity", "0.3,0.5")) == 0
+    assert M.main(cli(tiny, out, "--steps", "prune", "--sparsity", "0.5,0.7")) == 0
+    assert "perplexity" not in results(out)
+    assert M.main(cli(tiny, out, "--steps", "eval", "--sparsity", "0.5,0.7")) == 0
+    assert set(results(out)["perplexity"]) == {"base", "pruned[wanda,0.5,unstructured]",
+                                               "pruned[wanda,0.7,unstructured]"}
+    assert M.main(cli(tiny, out, "--steps", "prune", "--sparsity", "0.6")) == 0
+    assert M.main(cli(tiny, out, "--steps", "eval", "--sparsity", "0.6")) == 0
+    assert results(out)["perplexity"] == _eval_of_fresh_run(tiny, tmp_path, "--sparsity", "0.6")
+
+
+def test_a_step_run_alone_after_a_changed_prune_reruns(tiny, tmp_path):
+    """--steps eval after the prune changed (the eval's own flags unchanged) measures again: its
+    fingerprint chains on the prune it evaluates, not on the model alone."""
+    out = tmp_path / "out"
+    assert M.main(cli(tiny, out, "--steps", "prune,eval")) == 0
+    assert M.main(cli(tiny, out, "--steps", "eval")) == 0
+    assert results(out)["manifest"]["steps"]["eval"]["skipped"] is True
+    assert M.main(cli(tiny, out, "--steps", "prune", "--sparsity", "0.3")) == 0
+    assert M.main(cli(tiny, out, "--steps", "eval", "--sparsity", "0.3")) == 0
+    assert results(out)["manifest"]["steps"]["eval"]["skipped"] is False
+
+
+@pytest.mark.parametrize("subset", [("--steps", "export", "--export"), ("--steps", "noise"),
+                                    ("--steps", "eval", "--prompt", "Other")])
+def test_config_yaml_reproduces_results_json_after_a_subset_rerun(tiny, tmp_path, subset):
+    """A subset run into a finished folder: config.yaml still names the carried-over steps with
+    their settings, and --config on it into a fresh folder gives the same perplexities."""
+    out = tmp_path / "out"
+    assert M.main(cli(tiny, out, "--steps", "prune,eval", "--sparsity", "0.6", "--prune-method", "magnitude")) == 0
+    assert M.main(cli(tiny, out, *subset)) == 0
+    again = tmp_path / "again"
+    assert M.main(["--config", str(out / "config.yaml"), "--output-dir", str(again), "--log-level", "WARNING"]) == 0
+    a, b = results(out), results(again)
+    assert set(a["steps_done"]) == set(b["steps_done"]) and a.get("perplexity") == b.get("perplexity")
+    assert a["prune"]["overall_sparsity"] == b["prune"]["overall_sparsity"]
+    assert ("perplexity" in a) == (subset[1] != "noise")  # a new noisy variant: the old eval never saw it
+
+
+def test_a_full_disk_on_a_rerun_keeps_results_and_config_as_they_were(tiny, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    assert M.main(cli(tiny, out, "--steps", "prune,eval")) == 0
+    before = {n: (out / n).read_bytes() for n in ("results.json", "config.yaml")}
+    real = Path.write_text
+
+    def full(self, *a, **k):
+        if self.name in ("results.json", "config.yaml"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    for change in (("--sparsity", "0.4"), ("--seq-len", "16")):
+        assert M.main(cli(tiny, out, "--steps", "prune,eval", *change)) == 2
+        assert "no space left" in one_error(capsys)
+        assert {n: (out / n).read_bytes() for n in before} == before
+        assert not list(out.glob(".llm-tmp-*"))

@@ -83,3 +83,63 @@ def test_mlflow_receives_every_variants_perplexity_in_the_run_folder(tiny_run_di
     curve = client.get_metric_history(finetune.info.run_id, "train/loss")
     assert len(curve) == 2
     assert [p.value for p in curve] == pytest.approx(res["finetune"]["train_losses"], rel=1e-6)
+
+
+# ------------------------------------------------- issue 33: trackers that fail, and reruns that skip every step
+
+
+def _closed_port() -> int:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    return port
+
+
+@pytest.mark.parametrize("uri", ["http://127.0.0.1:{port}", "http://localhost:{port}/", "https://127.0.0.1:{port}"])
+def test_a_dead_mlflow_server_is_a_warning_and_the_run_goes_on(tiny_run_dir, tmp_path, monkeypatch, caplog, uri):
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri.format(port=_closed_port()))
+    out = tmp_path / "out"
+    assert M.main(tiny_argv(tiny_run_dir, out, "--steps", "eval", "--log-to", "mlflow,tensorboard")) == 0
+    assert "does not answer; not logging to MLflow" in caplog.text
+    assert json.loads((out / "results.json").read_text())["perplexity"]["base"] > 0
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))  # the other tracker still logs
+
+
+@pytest.mark.parametrize("base", ["http://127.0.0.1:{port}", "http://localhost:{port}"])
+def test_a_dead_wandb_server_logs_offline(tiny_run_dir, tmp_path, monkeypatch, caplog, base):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_BASE_URL", base.format(port=_closed_port()))
+    monkeypatch.setenv("WANDB_MODE", "online")  # asked for online: still no CommError
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "out"
+    assert M.main(tiny_argv(tiny_run_dir, out, "--steps", "eval", "--log-to", "wandb")) == 0
+    assert "does not answer; logging offline" in caplog.text
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_a_tracker_that_fails_mid_run_is_a_warning(tiny_run_dir, tmp_path, monkeypatch, caplog):
+    from accelerate import tracking
+
+    def broken(self, *a, **k):
+        raise ConnectionError("connection reset by peer")
+
+    monkeypatch.setattr(tracking.TensorBoardTracker, "log", broken)
+    out = tmp_path / "out"
+    assert M.main(tiny_argv(tiny_run_dir, out, "--steps", "prune,eval", "--log-to", "tensorboard")) == 0
+    assert "--log-to tensorboard failed (ConnectionError: connection reset by peer)" in caplog.text
+    assert "perplexity" in json.loads((out / "results.json").read_text())
+
+
+def test_a_rerun_that_skips_every_step_logs_nothing_again(tiny_run_dir, tmp_path):
+    out = tmp_path / "out"
+    argv = tiny_argv(tiny_run_dir, out, "--steps", "prune,eval", "--log-to", "tensorboard")
+    assert M.main(argv) == 0
+    first = sorted((out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert M.main(argv) == 0
+    assert sorted((out / "tensorboard").rglob("events.out.tfevents.*")) == first
+    assert M.main(argv[:-1] + ["tensorboard", "--kl"]) == 0  # eval reruns: its numbers are logged once more
+    assert len(list((out / "tensorboard").rglob("events.out.tfevents.*"))) > len(first)

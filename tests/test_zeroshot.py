@@ -329,3 +329,98 @@ def test_a_misspelled_task_stops_with_one_line(local_task, tiny_llama, tok):
     """lm-eval's own CLI stops on an unknown name; so do we when no requested task could run."""
     with pytest.raises(C.UserError, match="hellaswagg.*did you mean 'hellaswag'"):
         Z.evaluate_zeroshot(tiny_llama(), tok, {"base": None}, ZeroShotConfig(enabled=True, tasks=("hellaswagg",)))
+
+
+# ------------------------------------------- issue 33: the check is made on what lm-eval's loader constructs
+
+EVIL = "import pathlib\npathlib.Path(__file__).with_name('RAN').touch()\ndef process_docs(ds):\n    return ds\n"
+SPELLINGS = {  # every one resolves to the tag !function in YAML's own grammar
+    "verbatim": "process_docs: !<!function> evil.process_docs\n",
+    "escaped_f": "process_docs: !%66unction evil.process_docs\n",
+    "escaped_tail": "process_docs: !functio%6E evil.process_docs\n",
+    "tag_handle": "%TAG !x! !fun\n---\nprocess_docs: !x!ction evil.process_docs\n",
+    "secondary_handle": "%TAG !! !\n---\nprocess_docs: !!function evil.process_docs\n",
+    "as_a_key": "? !function evil.process_docs\n: 1\n",
+    "nested": "filter_list:\n  - filter:\n      - function: !function evil.process_docs\n",
+    "flow": "{process_docs: !function evil.process_docs}\n",
+}
+
+
+def _evil_task(folder, body: str, encoding="utf-8"):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "evil.py").write_text(EVIL)
+    path = folder / "evil_task.yaml"
+    path.write_bytes(body.encode(encoding))
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(SPELLINGS))
+def test_every_spelling_of_the_function_tag_is_caught_as_lm_eval_reads_it(tmp_path, name):
+    """Each spelling really runs code under lm-eval's own loader (the fact checked first), and the
+    check refuses it without importing anything."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    import llm_tasks as T
+
+    path = _evil_task(tmp_path / "t", SPELLINGS[name])
+    assert T.local_task_files((str(path),), None)[1] == [str(path)] and not (tmp_path / "t" / "RAN").exists()
+    with pytest.raises(C.UserError, match="--trust-remote-code"):
+        ZeroShotConfig(tasks=(str(path),)).validate()
+    load_yaml(path, resolve_func=True)
+    assert (tmp_path / "t" / "RAN").exists()  # lm-eval would have imported it
+
+
+@pytest.mark.parametrize("how", ["utf-16", "utf-8-sig", "include", "include_list", "link", "linked_folder",
+                                 "include_through_link"])
+def test_a_function_tag_reached_through_another_file_or_encoding_is_caught(tmp_path, how):
+    import os
+
+    import llm_tasks as T
+
+    body = "task: evil\nprocess_docs: !function evil.process_docs\n"
+    real = tmp_path / "real"
+    if how.startswith("utf"):
+        top = _evil_task(real, body, encoding=how)
+    elif how.startswith("include"):
+        _evil_task(real, body)
+        inc = "include: evil_task.yaml\n" if how != "include_list" else "include:\n  - evil_task.yaml\n"
+        (real / "top.yaml").write_text(inc + "task: top\n")
+        top = real / "top.yaml"
+        if how == "include_through_link":  # the include is relative to the real file, as lm-eval resolves it
+            (tmp_path / "links").mkdir()
+            (tmp_path / "links" / "top.yaml").symlink_to(top)
+            top = tmp_path / "links" / "top.yaml"
+    else:
+        _evil_task(real, body)
+        (tmp_path / "links").mkdir()
+        if how == "link":
+            os.symlink(real / "evil_task.yaml", tmp_path / "links" / "x.yaml")
+        else:
+            os.symlink(real, tmp_path / "links" / "sub")
+    spec = dict(tasks=("top",), include_path=str(tmp_path / "links")) if how in ("link", "linked_folder") else \
+        dict(tasks=(str(top),))
+    assert T.local_task_files(spec["tasks"], spec.get("include_path"))[1], how
+    with pytest.raises(C.UserError, match="--trust-remote-code"):
+        ZeroShotConfig(**spec).validate()
+    assert not (real / "RAN").exists()
+
+
+def test_a_linked_task_whose_data_comes_through_include_is_fingerprinted(tmp_path):
+    """The task YAML is a link; its include and the data that names are found beside the real file
+    (as lm-eval resolves them): editing either reruns the step."""
+    real = tmp_path / "real"
+    write_local_task(real)
+    body = (real / "tiny_qa.yaml").read_text()
+    (real / "_base.yaml").write_text(body.replace("task: tiny_qa\n", ""))
+    (real / "tiny_qa.yaml").write_text("include: _base.yaml\ntask: tiny_qa\n")
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "tiny_qa.yaml").symlink_to(real / "tiny_qa.yaml")
+    for spec in (dict(tasks=("tiny_qa",), include_path=str(tmp_path / "links")),
+                 dict(tasks=(str(tmp_path / "links" / "tiny_qa.yaml"),))):
+        cfg = ZeroShotConfig(**spec)
+        before = cfg.fingerprint_dict()
+        with open(real / "tiny_qa.jsonl", "a") as f:
+            f.write(json.dumps({"question": "q", "choices": ["a", "b"], "label": 0}) + "\n")
+        after_data = cfg.fingerprint_dict()
+        (real / "_base.yaml").write_text((real / "_base.yaml").read_text() + "# edited\n")
+        assert len({json.dumps(d, sort_keys=True) for d in (before, after_data, cfg.fingerprint_dict())}) == 3
