@@ -21,7 +21,7 @@ from typing import ClassVar, Optional
 import llm_tasks as T
 from llm_common import UserError
 from llm_knobs import (StepConfig, budget, exact, knob, parse_floats, parse_ints, parse_max_memory, parse_names,
-                       parse_nm, parse_protect, parse_trackers, parse_variant_patterns)
+                       parse_nm, parse_protect, parse_trackers, progress_knob, seed_knob, variants_knob)
 from llm_model import SAMPLE_PROMPT
 
 # The noise step comes after every other step that makes variants: its sweep measures each of them.
@@ -46,25 +46,6 @@ def parse_steps(text: str) -> tuple:
 
 
 # --------------------------------------------------------------------------- the configs
-
-
-def seed_knob():
-    """The ``seed`` field of the steps that draw random numbers, defined once. Its flag, --seed, is
-    also the one of ``RunConfig.seed``, which keeps its own help."""
-    return knob(0, "seed", flag="--seed", bounds="[0,4294967295]")
-
-
-def progress_knob():
-    """The ``progress`` field of the steps that show progress bars, defined once (no flag; no number
-    depends on it)."""
-    return knob(True, "progress bars", cli=False, results=False)
-
-
-def variants_knob():
-    """The ``variants`` field of the steps that measure every variant (noise sweep, attacks, analysis)."""
-    return knob(("all",), "variants the noise sweep, the attacks and the analysis measure: all, live (the live "
-                          "model only), or a comma list of names and patterns with * and ? (pruned[*])",
-                flag="--robustness-variants", parse=parse_variant_patterns)
 
 
 def super_weight_prompt_knob():

@@ -349,3 +349,25 @@ def parse_variant_patterns(text: str) -> tuple:
     if depth != 0 or not all(out):
         raise ValueError("all, live, or a comma list of variant names or patterns such as pruned[*]")
     return tuple(dict.fromkeys(out))
+
+
+# --------------------------------------------------------------- fields several steps share
+
+
+def seed_knob():
+    """The ``seed`` field of the steps that draw random numbers, defined once. Its flag, --seed, is
+    also the one of ``RunConfig.seed``, which keeps its own help."""
+    return knob(0, "seed", flag="--seed", bounds="[0,4294967295]")
+
+
+def progress_knob():
+    """The ``progress`` field of the steps that show progress bars, defined once (no flag; no number
+    depends on it)."""
+    return knob(True, "progress bars", cli=False, results=False)
+
+
+def variants_knob():
+    """The ``variants`` field of the steps that measure every variant (noise sweep, attacks, analysis)."""
+    return knob(("all",), "variants the noise sweep, the attacks and the analysis measure: all, live (the live "
+                          "model only), or a comma list of names and patterns with * and ? (pruned[*])",
+                flag="--robustness-variants", parse=parse_variant_patterns)
