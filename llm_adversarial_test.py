@@ -113,6 +113,7 @@ class AdversarialResult:
     adversarial_training: dict     # the defence, held-out and trained-on windows
     seconds: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)  # the resolved AdversarialConfig
+    variants: dict = field(default_factory=dict)  # attack_variants: every variant asked for
 
 
 def _sweep(model, samples: list[Sample], config: AdversarialConfig) -> tuple[list, dict]:
@@ -304,18 +305,21 @@ def attack_variants(model, tokenizer, eval_ids: torch.Tensor, variants: dict, pa
             row["vs_parent"] = {f"{a['method']}@{a['eps']:g}": ST.paired_difference(
                 a["delta_nll_samples"], b["delta_nll_samples"], seed=config.seed, units="attacked samples")
                 for a, b in zip(par["table"], row["table"])}
-            row["vs_parent"]["targeted_success"] = ST.paired_difference(
-                [float(h) for h in par["targeted"]["hits"]], [float(h) for h in row["targeted"]["hits"]],
-                seed=config.seed, units="attacked samples")
+            # successes are 0/1 on the same samples: McNemar's exact test, not an interval of means
+            row["vs_parent"]["targeted_success"] = ST.mcnemar_exact(par["targeted"]["hits"], row["targeted"]["hits"],
+                                                                    seed=config.seed)
     return out
 
 
 def test_adversarial_robustness(model, tokenizer, eval_ids: torch.Tensor,
                                 config: AdversarialConfig = AdversarialConfig(),
-                                samples: Optional[list] = None) -> AdversarialResult:
+                                samples: Optional[list] = None, variants: Optional[dict] = None,
+                                parents: Optional[dict] = None) -> AdversarialResult:
     """The adversarial step: delta NLL vs eps for FGSM and PGD, targeted success, answers
     under attack, GCG, and the two defences measured before and after. ``eval_ids`` is the
-    tokenized evaluation text [n_tokens]. The model's weights are unchanged on return.
+    tokenized evaluation text [n_tokens]. The model's weights are unchanged on return. With
+    ``variants`` ({name: weights}, None for the model as it is; ``parents``: {name: parent}) the
+    attacks (not the defences) also run on each of them (``attack_variants``), in ``.variants``.
 
     Every attack family runs as one batch: all samples x eps x method step together."""
     config = config.for_model(model)
@@ -342,9 +346,17 @@ def test_adversarial_robustness(model, tokenizer, eval_ids: torch.Tensor,
     t = time.perf_counter()
     defence = _defence(model, samples, _windows(eval_ids, config.n_windows, config, offset=0.5), config)
     secs["defence"] = time.perf_counter() - t
+    res = AdversarialResult(mean_row_norm(model), config.norm, len(samples), table, answers, targeted,
+                            asdict(gcg), pfilter, defence, secs, asdict(config))
+    if variants:
+        t = time.perf_counter()
+        live = next((n for n, w in variants.items() if w is None), None)
+        res.variants = attack_variants(model, tokenizer, eval_ids, variants, parents or {}, config, res.gcg,
+                                       (live, {"table": table, "answers": answers, "targeted": targeted})
+                                       if live else None, samples)
+        secs["variants"] = time.perf_counter() - t
     secs["total"] = time.perf_counter() - t0
-    return AdversarialResult(mean_row_norm(model), config.norm, len(samples), table, answers, targeted,
-                             asdict(gcg), pfilter, defence, secs, asdict(config))
+    return res
 
 
 test_adversarial_robustness.__test__ = False  # the historical name; not a pytest test
@@ -359,9 +371,5 @@ def pipeline_step(run: Run, config: AdversarialConfig) -> None:
     """The pipeline's adversarial step: every attack and defence on the live model, then the
     attacks (not the defences) on every chosen variant (``--robustness-variants``), each with
     the live model's GCG suffix transferred."""
-    samples = build_samples(run.model, run.tokenizer, run.ids("eval"), config.for_model(run.model))
-    res = asdict(test_adversarial_robustness(run.model, run.tokenizer, run.ids("eval"), config, samples))
-    live = (run.live, {k: res[k] for k in ("table", "answers", "targeted")})
-    res["variants"] = attack_variants(run.model, run.tokenizer, run.ids("eval"), run.chosen(config.variants),
-                                      run.parents, config, res["gcg"], live, samples)
-    run.results["adversarial"] = res
+    run.results["adversarial"] = asdict(test_adversarial_robustness(
+        run.model, run.tokenizer, run.ids("eval"), config, variants=run.chosen(config.variants), parents=run.parents))

@@ -179,6 +179,7 @@ class AnalysisResult:
     rank_correlation: dict = field(default_factory=dict)  # Spearman between the measures (and the noise map)
     super_weight_layers: list = field(default_factory=list)
     curvature: dict = field(default_factory=dict)         # curvature_summary: what the robustness matrix keeps
+    variants: dict = field(default_factory=dict)          # analyse_variants: every variant asked for
     seconds: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)            # the resolved AnalysisConfig
 
@@ -398,13 +399,16 @@ def layerwise(res: AnalysisResult, noise_map: Optional[dict] = None) -> None:
 
 
 def run_integrated_analysis(model, tokenizer, calib: "D.Corpus | torch.Tensor", eval_ids: torch.Tensor,
-                            config: AnalysisConfig = AnalysisConfig(), noise_map: Optional[dict] = None
-                            ) -> AnalysisResult:
+                            config: AnalysisConfig = AnalysisConfig(), noise_map: Optional[dict] = None,
+                            variants: Optional[dict] = None, parents: Optional[dict] = None,
+                            pool: Optional[dict] = None) -> AnalysisResult:
     """Hessian traces and top eigenvalue, Fisher/OBD saliency, super weights, the
     sensitivity-guided quantization study and the layer-wise comparison (with the noise
     step's ``noise_map`` when given). ``calib`` is a corpus or its token ids [n_tokens] (windows
-    drawn as ``D.calibration_windows``); ``eval_ids`` are [n_tokens].
-    The model's weights are unchanged on return."""
+    drawn as ``D.calibration_windows``); ``eval_ids`` are [n_tokens]. With ``variants`` ({name:
+    weights}, None for the model as it is; ``parents``: {name: parent}; ``pool``: where the
+    parents' weights are, default ``variants``) also their curvature and super weights
+    (``analyse_variants``), in ``.variants``. The model's weights are unchanged on return."""
     config = config.for_model(model)
     if config.per_block is None:  # 7B: one block's Hessian graph at a time fits where all do not
         config = replace(config, per_block=sum(p.numel() for p in model.parameters()) > 3e9)
@@ -456,6 +460,12 @@ def run_integrated_analysis(model, tokenizer, calib: "D.Corpus | torch.Tensor", 
         quantization=quant, curvature=curvature_summary(h, mlayer, mods, config.rel_stderr), seconds=secs,
         config=asdict(config))
     layerwise(res, noise_map)
+    if variants:
+        t = time.perf_counter()
+        live = next((n for n, w in variants.items() if w is None), None)
+        res.variants = analyse_variants(model, tokenizer, calib, eval_ids, variants, parents or {}, pool or variants,
+                                        config, res.super_weights, (live, res.curvature) if live else None)
+        secs["variants"] = time.perf_counter() - t
     return res
 
 
@@ -494,10 +504,6 @@ def pipeline_step(run: Run, config: AnalysisConfig) -> None:
     compared with the Hessian per cell), then the curvature and super weights of every chosen
     variant (``--robustness-variants``)."""
     noise_map = (run.results.get("noise") or {}).get("map")
-    res = asdict(run_integrated_analysis(run.model, run.tokenizer, run.texts["train"], run.ids("eval"), config,
-                                         noise_map))
-    # Curvature and super weights of every chosen variant; the live model's Hessian above serves its row.
-    res["variants"] = analyse_variants(run.model, run.tokenizer, run.texts["train"], run.ids("eval"),
-                                       run.chosen(config.variants), run.parents, run.variants, config,
-                                       res["super_weights"], (run.live, res["curvature"]))
-    run.results["analysis"] = res
+    run.results["analysis"] = asdict(run_integrated_analysis(
+        run.model, run.tokenizer, run.texts["train"], run.ids("eval"), config, noise_map,
+        variants=run.chosen(config.variants), parents=run.parents, pool=run.variants))

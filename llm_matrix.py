@@ -75,7 +75,7 @@ def _cells(results: Mapping, name: str) -> dict:
         tg = R.field(adv, "targeted", kind=dict)
         if tg:
             cells["targeted_success"] = _cell(tg.get("success_rate"), tg.get("success_ci95"),
-                                              vs.get("targeted_success"), n=tg.get("n"))
+                                              vs.get("targeted_success"), key="diff", ci_key="diff_ci95", n=tg.get("n"))
         gt = R.field(adv, "gcg_transfer", kind=dict)
         if gt:
             cells["gcg_transfer_nll"] = _cell(gt.get("target_nll"), None, None, success=gt.get("success"),
@@ -198,4 +198,22 @@ def report_section(results: Mapping) -> list[str]:
              "those found on the live model that each variant keeps (not zeroed). **†**: the paired "
              "difference from the parent (same windows, samples, seeds or probes) excludes zero; a "
              "difference without † is inside the noise."] + [""] + table
-    return lines + (["", f"![robustness relative to the parent]({fig})"] if fig else [])
+    lines += ["", f"![robustness relative to the parent]({fig})"] if fig else []
+    return lines + _answers_lines(results)
+
+
+def _answers_lines(results: Mapping) -> list[str]:
+    """The seed's sample test case for every variant: its greedy answer to each sample prompt,
+    clean and under the strongest PGD of the sweep, side by side."""
+    rows = []
+    for name, v in R.field(results, "adversarial", "variants", kind=dict, default={}).items():
+        for prompt, a in R.field(v, "answers", kind=dict, default={}).items():
+            if isinstance(a, dict):
+                rows.append(f"| {R.esc(name)} | {R.esc(prompt)} | {R.text(a.get('clean'))} | "
+                            f"{R.text(a.get('attacked'))} | {R.text(R.num(a.get('eps')))} |")
+    if not rows:
+        return []
+    return ["", "### Sample answers of every variant, clean and under attack", "",
+            "Greedy answers to the sample prompts; attacked: under the strongest PGD of the sweep (ε relative "
+            "to the mean embedding-row norm).", "", "| variant | prompt | clean | attacked | ε |",
+            "|---|---|---|---|---|"] + rows

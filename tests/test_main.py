@@ -39,6 +39,7 @@ def test_eval_only_run_writes_strict_results_and_report(tiny_dir, corpus_file, t
     res = json.loads((out / "results.json").read_text())
     assert res["model"] == str(tiny_dir) and res["seed"] == 7
     proto = {k: v for k, v in res["protocol"].items() if k != "config"}
+    assert re.fullmatch(r"[0-9a-f]{64}", proto.pop("ids_sha256"))  # what --compare pairs runs by
     assert proto == {"seq_len": 32, "stride": 32, "eval_tokens": 256, "tokens_available": proto["tokens_available"],
                      "tokens_used": 256}
     assert res["protocol"]["config"]["seq_len"] == 32 and res["protocol"]["config"]["max_new_tokens"] == 4

@@ -81,26 +81,29 @@ def test_each_step_function_alone_gives_the_pipelines_numbers(setup, pipeline, t
     assert res["noise"]["checkpoint"] is None and res["noise"]["recipe"]["seed"] == ncfg.seed
     with R.noisy_weights(model, K.NoiseConfig(**res["noise"]["recipe"])):
         assert all(torch.equal(model.get_parameter(n), w) for n, w in noisy.items())
-    d = numbers(asdict(nz))
-    d["variant"].pop("tensors")
-    assert d == numbers(res["noise"])
-
-    scramble()
     variants = {"base": setup / "model", "fine-tuned": None,
                 "pruned": lambda m: V.masked_weights(m, out / res["prune"]["checkpoint"]),
                 "noisy": lambda m: R.noisy_weights(m, K.NoiseConfig(**res["noise"]["recipe"]))}
+    d = numbers(asdict(nz))
+    d["variant"].pop("tensors")
+    # every variant's sweep, the noisy one included (the live model's own sweep serves its row)
+    d["variants"] = numbers(R.sweep_variants(model, tok, ids, variants, res["variants"], ncfg, {"fine-tuned": nz.sweep}))
+    assert d == numbers(res["noise"])
+
+    scramble()
     ev = E.evaluate_variants(model, tok, ids, variants, K.EvalConfig.from_dict(res["protocol"]["config"]),
                              res["variants"])
     assert ev.perplexity == res["perplexity"]
     assert numbers({n: asdict(r) for n, r in ev.variants.items()}) == numbers(res["evaluation"])
 
     scramble()
-    adv = ADV.test_adversarial_robustness(model, tok, ids, K.AdversarialConfig.from_dict(res["adversarial"]["config"]))
+    adv = ADV.test_adversarial_robustness(model, tok, ids, K.AdversarialConfig.from_dict(res["adversarial"]["config"]),
+                                          variants=variants, parents=res["variants"])
     assert numbers(asdict(adv)) == numbers(res["adversarial"])
 
     scramble()
     an = A.run_integrated_analysis(model, tok, ids, ids, K.AnalysisConfig.from_dict(res["analysis"]["config"]),
-                                   res["noise"]["map"])
+                                   res["noise"]["map"], variants=variants, parents=res["variants"])
     assert numbers(asdict(an)) == numbers(res["analysis"])
 
 

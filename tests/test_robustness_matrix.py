@@ -67,6 +67,14 @@ def test_every_step_measures_every_variant_and_the_matrix_holds_them(measured):
     pgd = [row for row in r["adversarial"]["variants"]["pruned"]["table"] if row["method"] == "pgd"][-1]
     base_pgd = [row for row in r["adversarial"]["variants"]["base"]["table"] if row["method"] == "pgd"][-1]
     assert cells["pgd_delta_nll"]["relative"] == pytest.approx(pgd["delta_nll"] - base_pgd["delta_nll"])
+    # Targeted success is 0/1 per sample: compared with the parent by McNemar's exact test.
+    from scipy.stats import binomtest
+
+    hits = [r["adversarial"]["variants"][n]["targeted"]["hits"] for n in ("base", "pruned")]
+    b = sum(x and not y for x, y in zip(*hits))
+    c = sum(y and not x for x, y in zip(*hits))
+    mc = r["adversarial"]["variants"]["pruned"]["vs_parent"]["targeted_success"]
+    assert mc["p_value"] == (binomtest(b, b + c, 0.5).pvalue if b + c else 1.0)
     report = (d / "out" / "report.md").read_text()
     assert "## Robustness matrix" in report and "plots/robustness_heatmap.png" in report
     assert (d / "out" / "plots" / "robustness_heatmap.png").stat().st_size > 0

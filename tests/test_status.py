@@ -15,10 +15,13 @@ def test_the_end_table_and_off_steps(tiny_run_dir, tmp_path, capsys):
     assert skipped == {"prune": False, "quantize": "off", "zeroshot": "off", "eval": False, "export": "off"}
     printed = capsys.readouterr().out.splitlines()
     head = printed.index(next(ln for ln in printed if ln.startswith("variant")))
-    assert printed[head].split() == ["variant", "parent", "perplexity", "x", "parent", "zero-shot", "mean"]
+    assert printed[head].split() == ["variant", "parent", "perplexity", "95%", "interval", "x", "parent", "zero-shot",
+                                     "mean"]
     pruned = next(ln for ln in printed if ln.startswith("pruned")).split()
     ratio = res["perplexity"]["pruned"] / res["perplexity"]["base"]
-    assert pruned[1] == "base" and abs(float(pruned[3]) - ratio) < 1e-3 * ratio
+    lo, hi = res["evaluation"]["pruned"]["perplexity_ci95"]
+    assert pruned[1] == "base" and pruned[3:5] == [f"[{lo:.4g},", f"{hi:.4g}]"]
+    assert abs(float(pruned[5]) - ratio) < 1e-3 * ratio
     assert any("windows of 32 tokens" in ln for ln in printed) and printed[-1] == f"report: {out / 'report.html'}"
 
 
