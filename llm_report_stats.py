@@ -79,8 +79,11 @@ def summary_note(results: dict) -> str:
     if not any(isinstance(e, dict) and e.get("perplexity_ci95") for e in ev.values()):
         return ""
     n = next((e.get("windows") for e in ev.values() if isinstance(e, dict)), "?")
+    robust = any(R.field(results, s, "variants", kind=dict) for s in ("noise", "adversarial", "analysis"))
     return (f"95% interval: bootstrap over {n} windows; {MARK} = differs from its parent "
-            "(paired interval over the same windows excludes 1)")
+            "(paired interval over the same windows excludes 1" + ("; in the robustness columns, over the same "
+                                                                   "samples, noise seeds or probes, excludes 0"
+                                                                   if robust else "") + ")")
 
 
 def _paired(results: dict, name: str, task: str) -> Optional[dict]:
