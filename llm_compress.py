@@ -142,32 +142,51 @@ def rtn_groups(in_features: int, group_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + gs, in_features)) for s in range(0, in_features, gs)]
 
 
-def minmax_params(x: torch.Tensor, bits: int, keep: Optional[torch.Tensor] = None):
+def minmax_params(x: torch.Tensor, bits: int, keep: Optional[torch.Tensor] = None, zero_point: str = "integer"):
     """Asymmetric min-max grid of each row of ``x`` [rows, width] (or [rows, groups, width]):
     (scale, zero), shaped like ``x`` with the last dimension 1.
 
-    As GPTQ's ``Quantizer.find_params(weight=True)`` with ``sym=False``: the range always
-    includes 0, scale = (max - min) / (2^bits - 1), zero = round(-min / scale). Entries in
-    ``keep`` (kept in full precision) are left out of the range. Where GPTQ replaces an
-    all-zero range by [-1, 1] we clamp the scale at 1e-10; both give the same values (0)."""
+    ``zero_point`` "integer", as GPTQ's ``Quantizer.find_params(weight=True)`` with ``sym=False``:
+    the range always includes 0, scale = (max - min) / (2^bits - 1), zero = round(-min / scale)
+    (a code). Where GPTQ replaces an all-zero range by [-1, 1] we clamp the scale at 1e-10; both
+    give the same values (0). ``zero_point`` "float", as GGUF Q4_1 (``gguf.quants.Q4_1``) and HQQ:
+    the range is [min, max] itself (0 need not be on the grid), scale = (max - min) / (2^bits - 1)
+    and zero = min, an unrounded offset in weight units; both rounded to fp16 as GGUF stores
+    them, so that the dequantized Q4_1 weights come back bit for bit (a constant group: scale 0).
+    Entries in ``keep`` (kept in full precision) are left out of the range."""
     big = torch.finfo(x.dtype).max
     lo = (torch.where(keep, big, x) if keep is not None else x).amin(-1, keepdim=True)
     hi = (torch.where(keep, -big, x) if keep is not None else x).amax(-1, keepdim=True)
+    if zero_point == "float":
+        lo = torch.where(lo > hi, 0, lo)  # a group kept in full: any grid
+        hi = torch.maximum(hi, lo)
+        return ((hi - lo) / (2 ** bits - 1)).half().to(x.dtype), lo.half().to(x.dtype)
     lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
     scale = ((hi - lo) / (2 ** bits - 1)).clamp(min=1e-10)
     return scale, torch.round(-lo / scale)
 
 
-def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integer codes (as floats) clamp(round(x / scale) + zero, 0, 2^bits - 1)."""
+def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                   zero_point: str = "integer") -> torch.Tensor:
+    """Integer codes (as floats): clamp(round(x / scale) + zero, 0, 2^bits - 1) for an integer
+    zero point, clamp(round((x - zero) / scale), 0, 2^bits - 1) for a float one (0 where scale is 0)."""
+    if zero_point == "float":
+        return torch.clamp(torch.round(torch.where(scale > 0, (x - zero) / scale, 0)), 0, 2 ** bits - 1)
     return torch.clamp(torch.round(x / scale) + zero, 0, 2 ** bits - 1)
+
+
+def grid_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, zero_point: str = "integer"):
+    """The values of float ``codes`` on the grid: scale * (code - zero) for an integer zero point
+    (as GPTQ's kernels), code * scale + zero for a float one (as GGUF's ``d * q + m``, float32)."""
+    return codes * scale + zero if zero_point == "float" else scale * (codes - zero)
 
 
 @dataclass
 class Quantized:
     """One matrix [out, in] in codes and per-group grids; ``dequantize`` gives its values.
 
-    codes [out, in] uint8; scale, zero [out, n_groups] (float32; zero holds integers);
+    codes [out, in] uint8; scale, zero [out, n_groups] (float32; zero holds integer codes, or
+    with ``zero_point`` "float" the group's minimum in weight units, see ``minmax_params``);
     g_idx [in] int32: the group of each column (columns in GPTQ's act order group by
     position in that order); keep [out, in] bool or None: entries kept in full precision,
     whose values are ``kept`` (1-D, in the model's dtype, row-major order of ``keep``)."""
@@ -179,24 +198,27 @@ class Quantized:
     kept: Optional[torch.Tensor] = None
     damp: float = 0.0
     dequantized: Optional[torch.Tensor] = None  # GPTQ: the kernel's own values [out, in] (tests compare them)
+    zero_point: str = "integer"  # or "float": see minmax_params
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        """scale * (code - zero), as the kernels compute it, then the kept values: bit for bit
-        the weights that were quantized (elementwise float32 ops in the same order)."""
+        """``grid_values`` (as the kernels compute them), then the kept values: bit for bit the
+        weights that were quantized (elementwise float32 ops in the same order)."""
         g = self.g_idx.long().to(self.codes.device)
-        W = (self.scale[:, g] * (self.codes.float() - self.zero[:, g])).to(dtype)
+        W = grid_values(self.codes.float(), self.scale[:, g], self.zero[:, g], self.zero_point).to(dtype)
         if self.keep is not None and self.kept is not None and self.kept.numel():
             W[self.keep] = self.kept.to(dtype)
         return W
 
 
 @torch.no_grad()
-def rtn_quantize(W: torch.Tensor, bits: int, group_size: int = 128, keep: Optional[torch.Tensor] = None) -> Quantized:
+def rtn_quantize(W: torch.Tensor, bits: int, group_size: int = 128, keep: Optional[torch.Tensor] = None,
+                 zero_point: str = "integer") -> Quantized:
     """Round-to-nearest asymmetric group quantization of W [out, in] (float32 math); W unchanged.
 
     Groups are ``group_size`` consecutive input columns of a row (``rtn_groups``: the last
     group is narrower when ``in`` is not a multiple). Weights in ``keep`` are left out of their
-    group's min/max and kept in full precision (dense-and-sparse)."""
+    group's min/max and kept in full precision (dense-and-sparse). ``zero_point``: see
+    ``minmax_params``."""
     out, inp = W.shape
     gs = min(group_size or inp, inp)
     full = inp // gs * gs
@@ -206,25 +228,27 @@ def rtn_quantize(W: torch.Tensor, bits: int, group_size: int = 128, keep: Option
     for start, end, width in parts:  # the whole groups in one reshape, then the tail group
         Wf = W[:, start:end].float().reshape(out, -1, width)
         K = keep[:, start:end].reshape(out, -1, width).to(W.device) if keep is not None else None
-        scale, zero = minmax_params(Wf, bits, K)
-        codes[:, start:end] = quantize_codes(Wf, scale, zero, bits).reshape(out, end - start).to(torch.uint8)
+        scale, zero = minmax_params(Wf, bits, K, zero_point)
+        codes[:, start:end] = quantize_codes(Wf, scale, zero, bits, zero_point).reshape(out, end - start).to(torch.uint8)
         scales.append(scale.squeeze(-1))
         zeros.append(zero.squeeze(-1))
     g_idx = torch.arange(inp, device=W.device, dtype=torch.int32) // gs
     keep = keep.to(W.device) if keep is not None else None
     return Quantized(codes, torch.cat(scales, 1), torch.cat(zeros, 1), g_idx, keep,
-                     W[keep].detach().clone() if keep is not None else None)
+                     W[keep].detach().clone() if keep is not None else None, zero_point=zero_point)
 
 
 @torch.no_grad()
-def quantize_rtn_(W: torch.Tensor, bits: int, group_size: int = 128, keep: Optional[torch.Tensor] = None) -> None:
+def quantize_rtn_(W: torch.Tensor, bits: int, group_size: int = 128, keep: Optional[torch.Tensor] = None,
+                  zero_point: str = "integer") -> None:
     """``rtn_quantize`` applied to W [out, in] in place (its dequantized values)."""
-    W.copy_(rtn_quantize(W, bits, group_size, keep).dequantize(W.dtype))
+    W.copy_(rtn_quantize(W, bits, group_size, keep, zero_point).dequantize(W.dtype))
 
 
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = 128, blocksize: int = 128,
-                  percdamp: float = 0.01, act_order: bool = False, keep: Optional[torch.Tensor] = None) -> Quantized:
+                  percdamp: float = 0.01, act_order: bool = False, keep: Optional[torch.Tensor] = None,
+                  zero_point: str = "integer") -> Quantized:
     """GPTQ of one weight matrix W [out, in] given its layer Hessian H = 2 X X^T / n [in, in].
 
     Follows ``fasterquant`` of IST-DASLab/gptq (``gptq.py``) with its asymmetric ``Quantizer``:
@@ -237,14 +261,15 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     order a group is ``group_size`` consecutive columns of that order (the reference without
     ``static_groups``). Without groups (``group_size`` 0) each row has one grid from the
     original weights. Entries in ``keep`` (super weights) stay in full precision: no error, and
-    outside their group's range. Math in float32 (float64 for a float64 W). W is unchanged."""
+    outside their group's range. ``zero_point`` picks the grid (``minmax_params``); the error
+    feedback uses that grid's values. Math in float32 (float64 for a float64 W). W is unchanged."""
     dt = torch.promote_types(W.dtype, torch.float32)
     Wf = W.detach().to(dt).clone()
     out, cols = Wf.shape
     H = H.to(Wf.device, dt).clone()
     K = keep.to(Wf.device).clone() if keep is not None else torch.zeros_like(Wf, dtype=torch.bool)
     gs = group_size or cols
-    row_grid = minmax_params(Wf, bits, K) if not group_size else None  # before dead columns, as the reference
+    row_grid = minmax_params(Wf, bits, K, zero_point) if not group_size else None  # before dead columns, as the reference
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     Wf[:, dead] = 0
@@ -266,12 +291,12 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
         for i in range(i2 - i1):
             j = i1 + i
             if group_size and j % gs == 0:
-                scale, zero = minmax_params(Wf[:, j:j + gs], bits, Kp[:, j:j + gs])
+                scale, zero = minmax_params(Wf[:, j:j + gs], bits, Kp[:, j:j + gs], zero_point)
             if j % gs == 0:
                 scales[:, j // gs], zeros[:, j // gs] = scale[:, 0], zero[:, 0]
             w = W1[:, i]
-            c = quantize_codes(w[:, None], scale, zero, bits)
-            q = (scale * (c - zero)).flatten()
+            c = quantize_codes(w[:, None], scale, zero, bits, zero_point)
+            q = grid_values(c, scale, zero, zero_point).flatten()
             q = torch.where(Kp[:, j], w, q)
             codes[:, j] = c.flatten().to(torch.uint8)
             Q1[:, i] = q
@@ -286,7 +311,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     # A kept entry keeps its value as updated by the earlier columns' errors (OBS: it is free).
     kept = Qfinal[K].to(W.dtype) if keep is not None else None
     return Quantized(codes[:, inv], scales.float(), zeros.float(), g_idx, K if keep is not None else None, kept,
-                     damp, Qfinal)
+                     damp, Qfinal, zero_point)
 
 
 # --------------------------------------------------------------------------- compact storage
@@ -305,6 +330,8 @@ def save_codes(out, name: str, quantized: dict) -> dict:
         if q.keep is not None:
             tensors[f"{pname}::kept_index"] = q.keep.flatten().nonzero().flatten().to(torch.int64)
             tensors[f"{pname}::kept"] = q.kept
+        if q.zero_point == "float":  # the marker of a float zero point (the grid's minimum, not a code)
+            tensors[f"{pname}::float_zero"] = torch.ones(1, dtype=torch.uint8)
     IO.save_tensors(path, tensors, metadata={"variant": name, "format": "codes"})
     return {"checkpoint": str(path.relative_to(out)), "format": "codes"}
 
@@ -317,7 +344,8 @@ def load_codes(path) -> dict:
         pname, part = key.rsplit("::", 1)
         if part != "codes":
             continue
-        q = Quantized(*(t[f"{pname}::{p}"] for p in _PARTS))
+        q = Quantized(*(t[f"{pname}::{p}"] for p in _PARTS),
+                      zero_point="float" if f"{pname}::float_zero" in t else "integer")
         if f"{pname}::kept_index" in t:
             keep = torch.zeros(q.codes.numel(), dtype=torch.bool)
             keep[t[f"{pname}::kept_index"]] = True

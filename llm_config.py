@@ -328,6 +328,8 @@ class QuantizeConfig(StepConfig):
     method: str = knob("none", "none (no quantized variant), rtn or gptq", choices=("none", "rtn", "gptq"))
     wbits: int = knob(4, "bits per weight (the uniform choice)", flag="--wbits", bounds="[2,8]")
     group: int = knob(128, "RTN group size (input columns)", flag="--quant-group", bounds="[1,1000000]")
+    zero_point: str = knob("integer", "integer: GPTQ's grid, 0 on it, rounded zero code; float: GGUF Q4_1 / HQQ "
+                           "style: unrounded minimum, 0 need not be on the grid", choices=("integer", "float"))
     act_order: bool = knob(False, "GPTQ: quantize columns by decreasing H_jj (act order)", flag="--act-order")
     percdamp: float = knob(0.01, "GPTQ dampening, fraction of mean diag(H)", flag="--gptq-percdamp",
                            bounds="[0,10]")
@@ -352,7 +354,8 @@ class QuantizeConfig(StepConfig):
     seed: int = seed_knob()
     progress: bool = progress_knob()
     _gptq = (lambda c: c.method == "gptq", "only --quant-method gptq reads it")
-    applies: ClassVar[dict] = {"act_order": _gptq, "percdamp": _gptq, "blocksize": _gptq,
+    applies: ClassVar[dict] = {"act_order": _gptq, "percdamp": _gptq, "blocksize": _gptq, "zero_point": (
+                               lambda c: c.method != "none", "only --quant-method rtn or gptq reads it"),
                                "avg_bits": (lambda c: c.bit_allocation != "uniform",
                                             "only --bit-allocation hessian or fisher reads it"),
                                "sensitivity_probes": (lambda c: c.bit_allocation == "hessian",

@@ -74,7 +74,8 @@ CT_FORMAT = "naive-quantized"
 
 def _ct_layout(model, records: Mapping, bits: Mapping[str, int]) -> tuple[dict, list]:
     """Module names of the compressed-tensors config groups, {(bits, group size): [names]}, and
-    the quantized linears stored dense instead (kept weights, non-contiguous groups, non-Linear)."""
+    the quantized linears stored dense instead (kept weights, non-contiguous groups, non-Linear, a
+    float zero point: the format's zero point is an integer code)."""
     groups: dict = {}
     dense = []
     for pname, q in records.items():
@@ -83,7 +84,7 @@ def _ct_layout(model, records: Mapping, bits: Mapping[str, int]) -> tuple[dict, 
         gs = int((q.g_idx == 0).sum())
         contiguous = torch.equal(q.g_idx.long().cpu(), torch.arange(inp) // gs) and inp % gs == 0
         has_kept = q.keep is not None and bool(q.keep.any())
-        if has_kept or not contiguous or type(model.get_submodule(name)) is not torch.nn.Linear:
+        if has_kept or not contiguous or q.zero_point == "float" or type(model.get_submodule(name)) is not torch.nn.Linear:
             dense.append(name)
         else:
             groups.setdefault((int(bits[name]), gs), []).append(name)
@@ -106,7 +107,7 @@ def write_compressed_tensors(model, records: Mapping, bits: Mapping[str, int], p
     groups, dense = _ct_layout(model, records, bits)
     if dense:
         log.warning("compressed-tensors: %d quantized linears keep weights in full precision, have non-contiguous "
-                    "groups or a narrower tail group; stored dense: %s", len(dense), ", ".join(dense[:4]))
+                    "groups, a narrower tail group or a float zero point; stored dense: %s", len(dense), ", ".join(dense[:4]))
     m = copy.deepcopy(model)
     schemes = {f"group_{i}": QuantizationScheme(targets=names, weights=QuantizationArgs(
         num_bits=bits, type="int", symmetric=False, strategy="group", group_size=gs))

@@ -170,7 +170,8 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
             log.warning("--bit-allocation %s: the sensitivity of %s is not finite; those layers count as the most "
                         "sensitive", config.bit_allocation, ", ".join(n for n, v in sens.items() if not math.isfinite(v)))
         sens = {n: v if math.isnan(v) else max(v, 0.0) for n, v in sens.items()}  # negative Hutchinson: no curvature
-        err = {n: {b: _sq_error(LM.weight_view(m), rtn_quantize(LM.weight_view(m).detach(), b, config.group, keep[n]))
+        err = {n: {b: _sq_error(LM.weight_view(m), rtn_quantize(LM.weight_view(m).detach(), b, config.group, keep[n],
+                                                                 config.zero_point))
                    for b in BIT_CHOICES} for n, m in linears.items()}
         bits = allocate_bits(sens, err, sizes, res.budget_bits)
         res.sensitivity = sens
@@ -181,7 +182,7 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
     if config.method == "rtn":
         for n, m in tqdm(linears.items(), desc="rtn", disable=not config.progress):
             W = LM.weight_view(m)
-            res.quantized[n + ".weight"] = q = rtn_quantize(W.detach(), bits[n], config.group, keep[n])
+            res.quantized[n + ".weight"] = q = rtn_quantize(W.detach(), bits[n], config.group, keep[n], config.zero_point)
             _write(W, q, res, n)
     else:
         inputs, kwargs = capture_block_inputs(model, windows)
@@ -193,7 +194,7 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
                 n = names_of[m]
                 W = LM.weight_view(m)
                 q = gptq_quantize(W.detach(), H[rel].to(W.device), bits[n], config.group, config.blocksize,
-                                  config.percdamp, config.act_order, keep[n])
+                                  config.percdamp, config.act_order, keep[n], config.zero_point)
                 q.dequantized = None
                 if q.damp != config.percdamp:
                     res.dampening_increased[n] = q.damp

@@ -118,6 +118,60 @@ def test_gptq_reconstructs_better_than_rtn_and_keeps_super_weights():
         assert len(torch.unique(g.codes)) <= 2 ** bits
 
 
+def _q4_1(W: torch.Tensor):
+    """W [out, in] through the gguf package's own Q4_1: (dequantized W, fp16 d and m per block
+    of 32 as float32 [out, in / 32]), from its raw 20-byte blocks (d, m fp16, then 16 bytes of codes)."""
+    from gguf import GGMLQuantizationType as T, dequantize, quantize
+    import numpy as np
+
+    raw = quantize(W.numpy(), T.Q4_1)
+    blocks = raw.reshape(-1, 20)
+    d, m = (torch.from_numpy(blocks[:, a:a + 2].copy().view(np.float16).astype(np.float32)).reshape(W.shape[0], -1)
+            for a in (0, 2))
+    return torch.from_numpy(dequantize(raw, T.Q4_1)).reshape(W.shape), d, m
+
+
+def test_float_zero_point_reproduces_the_gguf_q4_1_grid_and_integer_does_not():
+    """The weights of a Q4_1 file (as the embedded model's) are fixed points of the float-zero
+    quantizer at 4 bits, group 32: the same fp16 scale and minimum as the file, bit for bit
+    the same values, with RTN and with GPTQ (no error, so nothing to feed back)."""
+    pytest.importorskip("gguf")
+    torch.manual_seed(0)
+    W = torch.randn(48, 96) * 0.05 + 0.01 * torch.randn(48, 1)
+    W[0, :32] = torch.linspace(0.2, 0.5, 32)  # a block far from 0: GPTQ's grid must stretch to 0
+    G, d, m = _q4_1(W)
+    r = LC.rtn_quantize(G, 4, 32, zero_point="float")
+    assert r.zero_point == "float" and torch.equal(r.scale, d) and torch.equal(r.zero, m)
+    assert torch.equal(r.dequantize(torch.float32), G)
+    X = torch.randn(256, 96) @ torch.randn(96, 96)  # correlated inputs, none dead (GPTQ zeroes dead columns)
+    g = LC.gptq_quantize(G, 2 * X.T @ X / 256, 4, 32, zero_point="float")
+    assert torch.equal(g.dequantize(torch.float32), G) and torch.equal(g.dequantized, G)
+    i = LC.rtn_quantize(G, 4, 32).dequantize(torch.float32)
+    assert (i == G).float().mean() < 0.2 and not torch.equal(i[0, :32], G[0, :32])
+    # Off the grid: the float zero's values are code * scale + min with codes in [0, 15], and it
+    # is at least as close as the integer zero on a block that does not straddle 0.
+    f = LC.rtn_quantize(W, 4, 32, zero_point="float")
+    q = f.codes.float().reshape(48, 3, 32) * f.scale[..., None] + f.zero[..., None]
+    assert torch.equal(f.dequantize(torch.float32), q.reshape(48, 96)) and int(f.codes.max()) <= 15
+    e = lambda q: float((q.dequantize(torch.float32)[0, :32] - W[0, :32]).norm())  # noqa: E731
+    assert e(f) < 0.75 * e(LC.rtn_quantize(W, 4, 32))  # step 0.3 / 15 against 0.5 / 15
+
+
+def test_float_zero_point_gptq_feeds_back_its_own_grid_and_survives_storage(tmp_path):
+    W, X, H = _layer(seed=2)
+    W, X, H = W.float(), X.float(), H.float()
+    g = LC.gptq_quantize(W, H, 3, 32, zero_point="float")
+    # The kernel's values are the stored codes on the float grid, and GPTQ beats RTN on that grid.
+    assert torch.equal(g.dequantize(torch.float32), g.dequantized)
+    err = lambda q: float(((W - q.dequantize(torch.float32)) @ X.T).norm())  # noqa: E731
+    assert err(g) < 0.8 * err(LC.rtn_quantize(W, 3, 32, zero_point="float"))
+    (tmp_path / "checkpoints").mkdir()
+    LC.save_codes(tmp_path, "v", {"a.weight": g, "b.weight": LC.rtn_quantize(W, 3, 32)})
+    back = LC.load_codes(tmp_path / "checkpoints" / "v.safetensors")
+    assert back["a.weight"].zero_point == "float" and back["b.weight"].zero_point == "integer"
+    assert torch.equal(back["a.weight"].dequantize(torch.float32), g.dequantized)
+
+
 def test_one_quantizer_for_the_analysis_study():
     import llm_integrated_analysis as A
 

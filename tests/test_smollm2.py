@@ -32,6 +32,43 @@ def test_embedded_model_loads_and_matches_plain_hf_loop(smol, sample_text):
     assert len(answer) > 10
 
 
+def test_float_zero_point_at_group_32_reproduces_the_q4_1_weights(smol):
+    """The embedded GGUF stores every decoder linear as Q4_1 (the tied embedding as Q8_0): 4-bit
+    RTN at group 32 with the float zero point gives back the file's fp16 scales and minima and
+    its dequantized weights bit for bit; GPTQ's integer zero point gives back few of them."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    import llm_compress as LC
+
+    model, _, _ = smol
+    reader = gguf.GGUFReader(str(LM.embedded_gguf_path()))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["token_embd.weight"] == "Q8_0"
+    assert {v for k, v in types.items() if k.startswith("blk.") and not k.endswith("norm.weight")} == {"Q4_1"}
+    tensors = {t.name: t for t in reader.tensors}
+    names = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+             "ffn_down": "mlp.down_proj"}
+    same_int = total = 0
+    for i in (0, 29):
+        for gname, hname in names.items():
+            W = model.get_submodule(f"model.layers.{i}.{hname}").weight.detach().float()
+            q = LC.rtn_quantize(W, 4, 32, zero_point="float")
+            assert torch.equal(q.dequantize(torch.float32), W), (i, hname)
+            if gname in ("attn_q", "attn_k"):  # transformers permutes their rows (rotary layout); the rest as stored
+                continue
+            t = tensors[f"blk.{i}.{gname}.weight"]
+            blocks = np.asarray(t.data).reshape(-1, 20)  # Q4_1 block: fp16 d, fp16 m, 16 bytes of codes
+            d, m = (torch.from_numpy(blocks[:, a:a + 2].copy().view(np.float16).astype(np.float32)) for a in (0, 2))
+            assert torch.equal(q.scale.flatten(), d.flatten()) and torch.equal(q.zero.flatten(), m.flatten())
+            G = torch.from_numpy(gguf.dequantize(t.data, t.tensor_type)).reshape(W.shape)
+            assert torch.equal(q.dequantize(torch.float32), G)
+            same_int += int((LC.rtn_quantize(W, 4, 32).dequantize(torch.float32) == W).sum())
+            total += W.numel()
+    assert same_int / total < 0.01  # measured 0.27% over the 210 linears
+
+
 def test_gguf_cache_is_reused(smol):
     t = time.perf_counter()
     src, _ = LM.resolve_model_source(None)
