@@ -38,6 +38,8 @@ PROTOCOL = {
     "calibration": lambda r: _calibration(r),
     "tasks": lambda r: ",".join(map(str, R.field(r, "zeroshot", "protocol", "specs", kind=list, default=[]))) or None,
     "task limit": lambda r: R.field(r, "zeroshot", "protocol", "limit"),
+    "chat template": lambda r: R.field(r, "zeroshot", "protocol", "apply_chat_template"),
+    "few-shot as turns": lambda r: R.field(r, "zeroshot", "protocol", "fewshot_as_multiturn"),
 }
 
 

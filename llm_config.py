@@ -407,11 +407,15 @@ class ZeroShotConfig(StepConfig):
                                           "papers' protocol)", flag="--tasks-limit", bounds="[0,1000000000]")
     num_fewshot: int = knob(0, "in-context examples per question (0: zero-shot, as the papers)",
                             flag="--num-fewshot", bounds="[0,1000]")
+    apply_chat_template: bool = knob(False, "prompts in the tokenizer's chat template (lm-eval's apply_chat_template)")
+    fewshot_as_multiturn: Optional[bool] = knob(None, "few-shot examples as chat turns (auto: with --apply-chat-template)")
     batch_size: Optional[int] = knob(None, "evaluation windows per forward pass (auto: from free memory "
                                            "on GPU, 1 on CPU)", flag="--batch-size", bounds="[1,65536]")
     progress: bool = progress_knob()
     trust_remote_code: bool = knob(False, "allow local task YAMLs that run Python (!function)",
                                    flag="--trust-remote-code", results=False)
+    applies: ClassVar[dict] = {"fewshot_as_multiturn": (lambda c: c.apply_chat_template,
+                                                        "only --apply-chat-template reads it")}
 
     def resolved(self, gpu: bool):
         cfg = super().resolved(gpu)  # enabled: its budget, off on CPU and on on GPU

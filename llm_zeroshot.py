@@ -65,6 +65,9 @@ class ZeroShotResult:
     # doc_id order), "doc_ids": [...] only where they are not 0..n-1}: a string, not a list, so
     # results.json keeps ten thousand questions on one line.
     questions: dict = field(default_factory=dict)
+    # variant -> leaf task -> requests whose tokens lm-eval cut from the left to fit the model's
+    # max length (``protocol["max_length"]``): their scores saw part of the question only.
+    truncated: dict = field(default_factory=dict)
     # variant -> {task: mcnemar_exact(parent, variant) + "metric", "mean": the same over the pooled
     # questions of every task, "parent": its name}, for each variant whose parent was scored too.
     paired: dict = field(default_factory=dict)
@@ -118,6 +121,37 @@ def _quiet():
     finally:
         for lg, lv in zip(loggers, levels):
             lg.setLevel(lv)
+
+
+def _count_truncated(lm, counts: dict) -> None:
+    """Count, per task, the requests that ``lm`` (an HFLM) will truncate, into ``counts``
+    {task: n}, by wrapping its methods on this instance. A log-likelihood request is cut where
+    context + continuation tokens exceed max_length + 1 (HFLM ``_loglikelihood_tokens``; we see
+    its own encodings); a generation request where its context tokens exceed max_length minus
+    its max_gen_toks (HFLM ``generate_until``). lm-eval's own warnings name no task, and our
+    log filter keeps them out of the log."""
+    ll, tokens, gen, tasks = lm.loglikelihood, lm._loglikelihood_tokens, lm.generate_until, []
+
+    def loglikelihood(requests, *a, **k):
+        tasks[:] = [r.task_name for r in requests]  # its ``_loglikelihood_tokens`` keeps this order
+        try:
+            return ll(requests, *a, **k)
+        finally:
+            tasks.clear()
+
+    def loglikelihood_tokens(reqs, *a, **k):
+        for task, (_, ctx, cont) in zip(tasks or [None] * len(reqs), reqs):
+            counts[task] = counts.get(task, 0) + (len(ctx) + len(cont) > lm.max_length + 1)
+        return tokens(reqs, *a, **k)
+
+    def generate_until(requests, *a, **k):
+        for r in requests:
+            context, kw = r.args[0], r.args[1] if len(r.args) > 1 and isinstance(r.args[1], dict) else {}
+            room = lm.max_length - int(kw.get("max_gen_toks", lm.max_gen_toks))
+            counts[r.task_name] = counts.get(r.task_name, 0) + (len(lm.tok_encode(context)) > room)
+        return gen(requests, *a, **k)
+
+    lm.loglikelihood, lm._loglikelihood_tokens, lm.generate_until = loglikelihood, loglikelihood_tokens, generate_until
 
 
 def _one_process():
@@ -245,18 +279,29 @@ def evaluate_zeroshot(model, tokenizer, variants: Mapping[str, object], config: 
             res.status, res.reason = "unavailable", "no task could be loaded (see unavailable)"
             return res
         batch = config.batch_size or ("auto" if LM.is_cuda_model(model) else 1)
+        multiturn = config.apply_chat_template and config.fewshot_as_multiturn is not False  # auto: as lm-eval's CLI
         mine = []  # under accelerate launch / torchrun each rank takes every world_size-th variant
         for i, (name, weights) in C.shard_jobs(list(variants.items())):
             log.info("zero-shot: variant %r on %s", name, ", ".join(names))
             with V.applied_variant(model, weights), torch.no_grad(), _one_process():
                 lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch)
+                cut: dict = {}
+                _count_truncated(lm, cut)
                 out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager,
                                               num_fewshot=config.num_fewshot, limit=config.limit or None,
+                                              apply_chat_template=config.apply_chat_template,
+                                              fewshot_as_multiturn=multiturn,
                                               log_samples=True)  # per question: the paired tests
-            mine.append((i, (name, *_scored(out))))
+            cut.pop(None, None)  # rolling log-likelihood windows: fitted to max_length, never cut
+            if any(cut.values()):
+                log.warning("zero-shot: variant %r: lm-eval truncated %s from the left to the model's %d tokens; "
+                            "those questions were scored on part of their text", name, ", ".join(
+                                f"{n} requests of {t}" for t, n in sorted(cut.items()) if n), lm.max_length)
+            mine.append((i, (name, *_scored(out), {"truncated": cut, "max_length": lm.max_length})))
     runs = C.gather_jobs(mine)
-    for name, tasks, _, questions in runs:
+    for name, tasks, _, questions, cut in runs:
         res.tasks[name] = tasks
+        res.truncated[name] = cut["truncated"]
         res.mean[name] = _task_mean({t: tasks[t] for t in rows if t in tasks})
         res.questions[name] = questions
     first = runs[0][2]
@@ -269,7 +314,9 @@ def evaluate_zeroshot(model, tokenizer, variants: Mapping[str, object], config: 
     res.protocol = {"lm_eval": importlib.metadata.version("lm_eval"), "tasks": rows, "specs": names,
                     "task_versions": first["versions"], "num_fewshot": config.num_fewshot,
                     "limit": config.limit or None, "batch_size": str(batch), "offline": offline,
-                    "seeds": first["seeds"]}
+                    "seeds": first["seeds"], "apply_chat_template": config.apply_chat_template,
+                    "fewshot_as_multiturn": multiturn, "max_length": runs[0][4]["max_length"],
+                    "truncated_requests": sum(n for cut in res.truncated.values() for n in cut.values())}
     return res
 
 

@@ -7,7 +7,7 @@ import llm_main_v4 as M
 from conftest import one_error
 
 
-def _run(d, seq_len, tokens, calib, ppl):
+def _run(d, seq_len, tokens, calib, ppl, chat=None):
     d.mkdir(parents=True)
     (d / "results.json").write_text(json.dumps({
         "model": "m", "dtype": "torch.float32", "model_identity": {"label": "m"},
@@ -15,7 +15,9 @@ def _run(d, seq_len, tokens, calib, ppl):
         "evaluation": {"base": {"tokens_scored": tokens}}, "perplexity": {"base": ppl, "pruned": 2 * ppl},
         "variants": {"base": None, "pruned": "base"},
         "prune": {"method": "wanda", "pattern": "unstructured", "overall_sparsity": 0.5,
-                  "calibration": {"windows": calib, "seq_len": 512, "source": "c4"}}}))
+                  "calibration": {"windows": calib, "seq_len": 512, "source": "c4"}},
+        **({"zeroshot": {"protocol": {"apply_chat_template": chat, "fewshot_as_multiturn": chat}}}
+           if chat is not None else {})}))
     return d
 
 
@@ -38,6 +40,15 @@ def test_identical_protocols_give_no_warning(tmp_path, capsys):
     b = _run(tmp_path / "b", 512, 8176, 8, 25.0)
     assert M.main(["--compare", str(a), str(b), "--output-dir", str(tmp_path / "cmp")]) == 0
     assert "warning" not in capsys.readouterr().out
+
+
+def test_compare_names_the_zero_shot_chat_template_choice(tmp_path, capsys):
+    a = _run(tmp_path / "a", 512, 8176, 8, 20.0, chat=True)
+    b = _run(tmp_path / "b", 512, 8176, 8, 25.0, chat=False)
+    assert M.main(["--compare", str(a), str(b), "--output-dir", str(tmp_path / "cmp")]) == 0
+    printed = capsys.readouterr().out
+    for col in ("chat template", "few-shot as turns"):
+        assert f"warning: the runs differ in {col} (" in printed, col
 
 
 def test_compare_refuses_to_write_into_a_compared_run_unless_named(tmp_path, capsys, monkeypatch):

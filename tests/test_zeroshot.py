@@ -424,3 +424,59 @@ def test_a_linked_task_whose_data_comes_through_include_is_fingerprinted(tmp_pat
         after_data = cfg.fingerprint_dict()
         (real / "_base.yaml").write_text((real / "_base.yaml").read_text() + "# edited\n")
         assert len({json.dumps(d, sort_keys=True) for d in (before, after_data, cfg.fingerprint_dict())}) == 3
+
+
+def test_truncated_requests_are_counted_per_task_and_warned(tmp_path, tiny_llama, tok, caplog):
+    """A model of 64 positions and questions of 20 to 120 bytes (the test tokenizer is one token
+    per byte): lm-eval cuts every request whose context + continuation exceed 64 + 1 tokens, and
+    the count per task equals a count of those requests by hand; a task that fits counts 0."""
+    rows = write_local_task(tmp_path, "long_qa", n=16, seed=3)
+    rng = random.Random(4)
+    for r in rows:
+        r["question"] += " Think." * rng.randint(0, 14)
+    (tmp_path / "long_qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    short = write_local_task(tmp_path, "short_qa", n=8, seed=5)
+    limit = 64
+    by_hand = sum(len(f"Question: {r['question']}\nAnswer:".encode()) + len(f" {c}".encode()) > limit + 1
+                  for r in rows for c in r["choices"])
+    assert 0 < by_hand < 3 * len(rows)  # some cut, some not: the count is not all or nothing
+    assert all(len(f"Question: {r['question']}\nAnswer: {c}".encode()) <= limit + 1 for r in short for c in r["choices"])
+    m = tiny_llama(seed=2, max_position_embeddings=limit)
+    cfg = ZeroShotConfig(enabled=True, tasks=("long_qa", "short_qa"), include_path=str(tmp_path), limit=0)
+    with caplog.at_level("WARNING", logger="llm.zeroshot"):
+        res = Z.evaluate_zeroshot(m, tok, {"base": None, "half": {}}, cfg)
+    assert res.truncated == {v: {"long_qa": by_hand, "short_qa": 0} for v in ("base", "half")}
+    assert res.protocol["max_length"] == limit and res.protocol["truncated_requests"] == 2 * by_hand
+    assert any(f"{by_hand} requests of long_qa" in r.getMessage() for r in caplog.records)
+
+
+CHAT = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+
+
+@pytest.mark.parametrize("chat,multiturn,want", [(False, None, False), (True, None, True), (True, False, False)])
+def test_the_chat_template_choice_reaches_lm_eval_and_is_recorded(local_task, tiny_llama, tok, monkeypatch, chat,
+                                                                   multiturn, want):
+    folder, rows = local_task
+    seen = {}
+    real = lm_eval.simple_evaluate
+
+    def spy(**kw):
+        out = real(**kw)
+        seen.update(kw, prompts=[s["arguments"][0][0] for s in out["samples"]["tiny_qa"]])
+        return out
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", spy)
+    chat_tok = __import__("copy").deepcopy(tok)  # the session's tokenizer stays as it is
+    chat_tok.chat_template = CHAT
+    cfg = ZeroShotConfig(enabled=True, tasks=("tiny_qa",), include_path=str(folder), apply_chat_template=chat,
+                         fewshot_as_multiturn=multiturn, limit=4)
+    res = Z.evaluate_zeroshot(tiny_llama(seed=1), chat_tok, {"base": None}, cfg)
+    assert (seen["apply_chat_template"], seen["fewshot_as_multiturn"]) == (chat, want)
+    assert (res.protocol["apply_chat_template"], res.protocol["fewshot_as_multiturn"]) == (chat, want)
+    q = f"Question: {rows[0]['question']}\nAnswer:"
+    assert seen["prompts"][0] == (f"<|user|>{q}\n<|assistant|>" if chat else q)
+
+
+def test_fewshot_as_multiturn_without_the_chat_template_is_named_as_ignored():
+    assert ZeroShotConfig(fewshot_as_multiturn=True).ignored() == [("--fewshot-as-multiturn",
+                                                                    "only --apply-chat-template reads it")]
