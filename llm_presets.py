@@ -60,7 +60,7 @@ PRESETS: dict[str, Preset] = {
         {"run": {"dataset": "wikitext2", "seed": 0,
                  "steps": ("finetune", "quantize", "eval", "zeroshot", "analysis")},
          "finetune": {"mode": "none"},
-         "quantize": {"method": "rtn", "wbits": 4, "group": 512, "protect": "auto",
+         "quantize": {"method": "rtn", "wbits": 4, "group": 512, "zero_point": "float", "protect": "auto",
                       "bit_allocation": "uniform", "super_weight_prompt": SUPER_WEIGHT_PROMPT},
          "analysis": {"super_weight_prompt": SUPER_WEIGHT_PROMPT},
          "eval": {"seq_len": 2048, "stride": None, "eval_tokens": 0},
@@ -69,6 +69,9 @@ PRESETS: dict[str, Preset] = {
                                 "lambada_openai")}},
         ("the paper's perplexity is lm-eval's wikitext task (word perplexity over whole documents); ours is "
          "token perplexity in disjoint 2048-token windows",
-         "its min-max RTN sweeps block sizes 64 to 2048 over 2-D tiles; this preset takes one point, groups "
-         "of 512 input columns, with the super weights kept in full precision (their 'restore' variant)")),
+         "its min-max RTN sweeps block sizes 64 to 2048 over 1-D row-major blocks of the flattened weight, "
+         "clips outliers by z-score first and offsets by the unrounded minimum; this preset takes one point, "
+         "groups of 512 input columns (the same blocks where a row's width is a multiple of 512; SmolLM2's 576 "
+         "ends in a narrower group), the unrounded minimum (--quant-zero-point float), no z-score clipping, "
+         "with the super weights kept in full precision (their 'restore' variant)")),
 }
