@@ -223,8 +223,9 @@ def model_card(name: str, facts: Mapping, command: str = "") -> str:
     if facts.get("calibration"):
         lines.append(f"- **Calibration data:** {facts['calibration']}")
     if facts.get("from_gguf"):
-        lines.append("- The base weights were dequantized from a 4-bit GGUF file (the embedded model is Q4_1): "
-                     "they sit on a 4-bit grid, which matters for quantization and small noise.")
+        lines.append("- The base weights were dequantized from a 4-bit GGUF file (the embedded model is Q4_1: "
+                     "blocks of 32 with an fp16 scale and unrounded minimum). 4-bit RTN at group 32 with a float "
+                     "zero point gives them back exactly; the default integer zero point does not.")
     m = facts.get("metrics") or {}
     if "perplexity" in m:
         p = m["perplexity"]

@@ -51,7 +51,7 @@ def test_each_exported_variant_reloads_to_identical_logits(tiny_model, tok, tmp_
     assert res.variants["base"]["zero_fraction_linears"] < 0.01
     card = (tmp_path / "pruned" / "README.md").read_text()
     for needle in ("Base model: local (tiny)", "wanda pruning, 2:4", "4 windows of 32 tokens", "12.5000", "wiki.test.raw",
-                   "4-bit grid", "python x.py --export", "Parent variant: base"):
+                   "unrounded minimum", "python x.py --export", "Parent variant: base"):
         assert needle in card, needle
     assert "base_model:" not in card  # a local model is not a hub id
 
