@@ -207,7 +207,7 @@ def main(argv=None):
         print(f"the dry run scored {len(scored)} variants ({', '.join(scored)}): zero-shot {len(scored) * zs / 60:.1f} "
               f"min, whole GPU default pipeline {(no_zs + len(scored) * zs) / 60:.1f} min")
     if per:  # what one more variant adds: its noise sweep, attacks, curvature and super weights
-        add = {k: estimate(k, {**c, "fwd_tokens": c["fwd_tokens"] / c["added"],
+        add = {k: estimate(k, {**c, "fwd_tokens": c["fwd_tokens"] / c["added"], "window": counts[k]["window"],
                                "bwd_tokens": c["bwd_tokens"] / c["added"]}, scale) for k, c in per.items()
                if k in counts}
         print("per added variant (--robustness-variants): " + ", ".join(f"{k} {v:.1f} s" for k, v in add.items())
