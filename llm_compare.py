@@ -146,11 +146,37 @@ def _paired_lines(rows: list) -> list[str]:
             lo, hi = d["ppl_ratio_ci95"]
             out.append(f"| {R.esc(r['label'])} | {R.esc(v)} | x{R.fmt(d['ppl_ratio'])} [{R.fmt(lo)}, {R.fmt(hi)}]"
                        f"{' †' if d['significant'] else ''} | {R.esc(d['method'])} |")
+    lines = ["", f"Each variant's perplexity against the same variant in {R.esc(ref['label'])} (paired over the "
+             "same windows where both runs scored them; † the interval excludes 1).", "",
+             "| run | variant | perplexity ratio [95%] | how |", "|---|---|---|---|"] + out if out else []
+    return lines + _paired_questions(rows)
+
+
+def _paired_questions(rows: list) -> list[str]:
+    """Each variant's zero-shot accuracy per task against the same variant in the first run: McNemar's
+    exact test where both runs scored the same questions (task, metric, question ids), else unpaired."""
+    ref, out = rows[0], []
+    mine = R.field(ref["res"], "zeroshot", "questions", kind=dict, default={})
+    for r in rows[1:]:
+        theirs = R.field(r["res"], "zeroshot", "questions", kind=dict, default={})
+        for v in (v for v in theirs if v in mine):
+            for task in (t for t in R.field(theirs, v, kind=dict, default={}) if t in mine[v]):
+                a, b = mine[v][task], theirs[v][task]
+                key = [(R.field(q, "metric"), len(R.field(q, "correct", kind=str, default="")), R.field(q, "doc_ids"))
+                       for q in (a, b)]
+                if key[0] != key[1] or not key[0][1] or set(a["correct"] + b["correct"]) - {"0", "1"}:
+                    out.append(f"| {R.esc(r['label'])} | {R.esc(v)} | {R.esc(task)} | unpaired: not the same "
+                               "questions | - |")
+                    continue
+                t = ST.mcnemar_exact([c == "1" for c in a["correct"]], [c == "1" for c in b["correct"]])
+                lo, hi = t["diff_ci95"]
+                out.append(f"| {R.esc(r['label'])} | {R.esc(v)} | {R.esc(task)} | {100 * t['diff']:+.1f} "
+                           f"[{100 * lo:+.1f}, {100 * hi:+.1f}] | {t['p_value']:.2g}{' †' if t['significant'] else ''} |")
     if not out:
         return []
-    return ["", f"Each variant's perplexity against the same variant in {R.esc(ref['label'])} (paired over the "
-            "same windows where both runs scored them; † the interval excludes 1).", "",
-            "| run | variant | perplexity ratio [95%] | how |", "|---|---|---|---|"] + out
+    return ["", f"Zero-shot accuracy (points) of each variant against the same variant in {R.esc(ref['label'])}, "
+            "on the same questions (exact McNemar; † p < 0.05).", "",
+            "| run | variant | task | accuracy difference [95%] | McNemar p |", "|---|---|---|---|---|"] + out
 
 
 def _matrix_lines(rows: list) -> list[str]:

@@ -15,6 +15,8 @@ method is named in each cell.
 from __future__ import annotations
 
 import math
+import re
+import statistics
 from typing import Mapping, Optional
 
 import llm_results as R
@@ -130,7 +132,32 @@ def robustness_matrix(results: Mapping) -> dict:
                 cell["relative"] = _relative(cell["value"], par[key]["value"], MEASURES[key][3])
     used = [k for k in MEASURES if any(k in r["cells"] for r in rows.values())]
     return {"measures": {k: dict(zip(("label", "unit", "worse", "compare"), MEASURES[k])) for k in used},
-            "rows": rows}
+            "rows": rows, "draws": _draws(rows)}
+
+
+_SEED = re.compile(r",seed=(\d+)\]$")
+
+
+def _draws(rows: dict) -> dict:
+    """Variants built once per calibration draw (``--calib-seeds``: ``pruned[wanda,0.5,unstructured,seed=K]``),
+    each measure as mean and sample standard deviation over the draws, by the name without its seed."""
+    groups: dict[str, list] = {}
+    for name in rows:
+        m = _SEED.search(name)
+        if m:
+            groups.setdefault(name[:m.start()] + "]", []).append((int(m.group(1)), name))
+    out = {}
+    for base, members in groups.items():
+        if len(members) < 2:
+            continue
+        cells = {}
+        for key in MEASURES:
+            vals = [R.num(rows[n]["cells"].get(key, {}).get("value")) for _, n in members]
+            vals = [v for v in vals if v is not None]
+            if len(vals) == len(members):
+                cells[key] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals), "n": len(vals)}
+        out[base] = {"seeds": [s for s, _ in members], "cells": cells}
+    return out
 
 
 def cell_text(cell: Optional[dict]) -> str:
@@ -185,7 +212,7 @@ def report_section(results: Mapping) -> list[str]:
     matrix = R.field(results, "robustness", kind=dict) or robustness_matrix(results)
     if set(R.field(matrix, "measures", kind=dict, default={})) <= {"perplexity", "zeroshot_mean"}:
         return []  # no robustness step measured the variants: the perplexity and zero-shot tables say it all
-    table = matrix_markdown(matrix)
+    table = matrix_markdown(matrix) + _draws_lines(matrix)
     fig = R.field(results, "plots", "robustness", kind=str)
     lines = ["", "## Robustness matrix", "",
              "Every measure on every variant (`--robustness-variants`), each as value [95% interval]. "
@@ -200,6 +227,26 @@ def report_section(results: Mapping) -> list[str]:
              "difference without † is inside the noise."] + [""] + table
     lines += ["", f"![robustness relative to the parent]({fig})"] if fig else []
     return lines + _answers_lines(results)
+
+
+def _draws_lines(matrix: Mapping) -> list[str]:
+    """Each measure over calibration draws (``--calib-seeds``): mean ± std, beside the per-draw rows above."""
+    draws, measures = R.field(matrix, "draws", kind=dict, default={}), R.field(matrix, "measures", kind=dict,
+                                                                               default={})
+    if not draws:
+        return []
+    keys = list(measures)
+    out = ["", "Over calibration draws (`--calib-seeds`): mean ± sample std of each measure; each draw's own "
+           "interval is in its row above.", "",
+           "| variant | draws | " + " | ".join(R.esc(measures[k].get("label")) for k in keys) + " |",
+           "|---" * (2 + len(keys)) + "|"]
+    for base, d in draws.items():
+        cells = R.field(d, "cells", kind=dict, default={})
+        text = [f"{R.fmt(R.num(c.get('mean')))} ± {R.fmt(R.num(c.get('std')))}" if isinstance(c, dict) else "-"
+                for c in (cells.get(k) for k in keys)]
+        seeds = ",".join(R.fmt(R.num(x)) for x in R.field(d, "seeds", kind=list, default=[]))
+        out.append(f"| {R.esc(base)} | {R.esc(seeds)} | " + " | ".join(text) + " |")
+    return out
 
 
 def _answers_lines(results: Mapping) -> list[str]:

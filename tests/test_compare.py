@@ -97,3 +97,25 @@ def test_runs_that_scored_the_same_windows_are_compared_paired_and_others_say_un
     assert lo > 1 and f"| b | base | x{d['ppl_ratio']:.4g} [{lo:.4g}, {hi:.4g}] † |" in md
     assert "| c | base | unpaired: the runs did not score the same windows" in md
     assert "| b | base | - | - | 12.5 [10, 15] |" in md  # b's robustness matrix, its cells as recorded
+
+
+def test_zero_shot_of_runs_on_the_same_questions_is_compared_by_mcnemar(tmp_path):
+    """Run b answers 12 of the same 40 questions right that run a got wrong and none the other way:
+    McNemar's p is scipy's binomial test of 0 of 12; run c asked other questions: unpaired."""
+    from scipy.stats import binomtest
+
+    a_bits = "0" * 20 + "1" * 20
+    b_bits = "1" * 12 + "0" * 8 + "1" * 20
+    runs = []
+    for name, bits, ids in (("a", a_bits, None), ("b", b_bits, None), ("c", b_bits, list(range(1, 41)))):
+        d = _windows_run(tmp_path / name, "abc", [31.0] * 2, [31] * 2)
+        res = json.loads((d / "results.json").read_text())
+        q = {"metric": "acc", "correct": bits, **({"doc_ids": ids} if ids else {})}
+        res["zeroshot"] = {"questions": {"base": {"qa": q}}, "mean": {"base": {"acc": bits.count("1") / 40}}}
+        (d / "results.json").write_text(json.dumps(res))
+        runs.append(str(d))
+    assert M.main(["--compare", *runs, "--output-dir", str(tmp_path / "cmp")]) == 0
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    p = binomtest(0, 12, 0.5).pvalue
+    assert f"| b | base | qa | +30.0 [" in md and f"| {p:.2g} † |" in md
+    assert "| c | base | qa | unpaired: not the same questions | - |" in md

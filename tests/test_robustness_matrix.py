@@ -221,3 +221,25 @@ def test_matrix_marks_only_paired_differences_that_exclude_zero():
     assert cells["noise_doubling_eps"]["relative"] == pytest.approx(0.5)
     table = "\n".join(MX.matrix_markdown(mx))
     assert "12 [11, 13] †" in table and "0.1 [0, 0.2] |" in table and "0.1 [0, 0.2] †" not in table
+
+
+def test_measures_over_calibration_draws_are_mean_and_std_by_the_name_without_its_seed():
+    """--calib-seeds: every measure of the per-draw variants as mean ± sample std (statistics module
+    by hand), grouped by the name without ',seed=K'; a single draw makes no group."""
+    import statistics
+
+    names = [f"pruned[wanda,0.5,unstructured,seed={s}]" for s in (0, 1, 2)]
+    ppl = [20.0, 22.0, 27.0]
+    tol = [0.1, 0.12, 0.11]
+    res = {"variants": {"base": None, **{n: "base" for n in names}, "pruned[wanda,2:4,seed=0]": "base"},
+           "perplexity": {"base": 10.0, **dict(zip(names, ppl)), "pruned[wanda,2:4,seed=0]": 30.0},
+           "noise": {"variants": {n: {"parent": "base", "tolerance": {"doubling_eps": t}} for n, t in zip(names, tol)}}}
+    mx = MX.robustness_matrix(res)
+    assert list(mx["draws"]) == ["pruned[wanda,0.5,unstructured]"]
+    d = mx["draws"]["pruned[wanda,0.5,unstructured]"]
+    assert d["seeds"] == [0, 1, 2]
+    assert d["cells"]["perplexity"] == {"mean": statistics.fmean(ppl), "std": statistics.stdev(ppl), "n": 3}
+    assert d["cells"]["noise_doubling_eps"]["std"] == pytest.approx(statistics.stdev(tol))
+    res["adversarial"] = {"variants": {names[0]: {"parent": "base", "table": []}}}  # a robustness step ran
+    md = "\n".join(MX.report_section(res))
+    assert f"| pruned\\[wanda,0.5,unstructured\\] | 0,1,2 | {statistics.fmean(ppl):.4g} ± {statistics.stdev(ppl):.4g} |" in md
