@@ -20,8 +20,9 @@ from typing import ClassVar, Optional
 
 import llm_tasks as T
 from llm_common import UserError
-from llm_knobs import (StepConfig, budget, exact, knob, parse_floats, parse_ints, parse_max_memory, parse_names,
-                       parse_nm, parse_protect, parse_trackers, progress_knob, seed_knob, variants_knob)
+from llm_knobs import (StepConfig, budget, exact, knob, parse_floats, parse_ints, parse_max_memory,
+                       parse_names, parse_nm, parse_protect, parse_trackers, progress_knob, seed_knob,
+                       variants_knob)
 from llm_model import SAMPLE_PROMPT
 
 # The noise step comes after every other step that makes variants: its sweep measures each of them.
@@ -215,9 +216,9 @@ class PruneConfig(StepConfig):
     allocation_probes: int = knob(8, "Hutchinson probes of the hessian allocation", bounds="[1,100000]")
     # Williams & Aletras (ACL 2024): the calibration draw alone moves results; several draws measure it.
     calib_seed: Optional[int] = knob(None, "seed of the calibration draw; a comma list builds each pruned "
-                                           "variant once per draw, named ...,seed=K, and the report gives "
-                                           "mean +- std over draws", flag="--calib-seeds", shown="--seed",
-                                     bounds="[0,4294967295]", grid=True)
+                                           "and quantized variant once per draw, named ...,seed=K, and the "
+                                           "report gives mean +- std over draws", flag="--calib-seeds",
+                                     shown="--seed", bounds="[0,4294967295]", grid=True)
     seed_named: bool = knob(False, "the variant name carries the calibration seed (a point of several draws)",
                             cli=False, results=False)
     seed: int = seed_knob()
@@ -232,11 +233,6 @@ class PruneConfig(StepConfig):
         """As ``StepConfig.grid_points``; with several calibration seeds each point's name carries its own."""
         named = isinstance(self.calib_seed, tuple) and len(self.calib_seed) > 1
         return [dataclasses.replace(p, seed_named=named) for p in super().grid_points()]
-
-    @property
-    def calibration_seed(self) -> int:
-        """The seed the calibration windows are drawn with (one point: ``calib_seed``, else ``seed``)."""
-        return self.seed if self.calib_seed is None or isinstance(self.calib_seed, tuple) else self.calib_seed
 
     def variant_name(self, grid: bool) -> str:
         """``pruned``, or in a grid ``pruned[wanda,0.6,unstructured]`` (an N:M point:
@@ -328,8 +324,9 @@ class QuantizeConfig(StepConfig):
     method: str = knob("none", "none (no quantized variant), rtn or gptq", choices=("none", "rtn", "gptq"))
     wbits: int = knob(4, "bits per weight (the uniform choice)", flag="--wbits", bounds="[2,8]")
     group: int = knob(128, "RTN group size (input columns)", flag="--quant-group", bounds="[1,1000000]")
-    zero_point: str = knob("integer", "integer: GPTQ's grid, 0 on it, rounded zero code; float: GGUF Q4_1 / HQQ "
-                           "style: unrounded minimum, 0 need not be on the grid", choices=("integer", "float"))
+    zero_point: str = knob("integer", "integer: GPTQ's grid, 0 on it, rounded zero code; float: GGUF Q4_1 / "
+                           "HQQ style: unrounded minimum, 0 need not be on the grid",
+                           choices=("integer", "float"))
     act_order: bool = knob(False, "GPTQ: quantize columns by decreasing H_jj (act order)", flag="--act-order")
     percdamp: float = knob(0.01, "GPTQ dampening, fraction of mean diag(H)", flag="--gptq-percdamp",
                            bounds="[0,10]")
@@ -350,6 +347,9 @@ class QuantizeConfig(StepConfig):
                                           bounds="[1,1000000]")
     calib_seq_len: Optional[int] = budget(512, 2048, "tokens per calibration window", flag="--calib-seq-len",
                                         bounds="[2,1000000]", context=True)
+    calib_seed: Optional[int] = knob(None, "seed of the calibration draw; a comma list makes one quantized "
+                                           "variant per draw, quantized[seed=K]", flag="--calib-seeds",
+                                     shown="--seed", bounds="[0,4294967295]", grid=True)
     super_weight_prompt: str = super_weight_prompt_knob()
     seed: int = seed_knob()
     progress: bool = progress_knob()
@@ -407,8 +407,10 @@ class ZeroShotConfig(StepConfig):
                                           "papers' protocol)", flag="--tasks-limit", bounds="[0,1000000000]")
     num_fewshot: int = knob(0, "in-context examples per question (0: zero-shot, as the papers)",
                             flag="--num-fewshot", bounds="[0,1000]")
-    apply_chat_template: bool = knob(False, "prompts in the tokenizer's chat template (lm-eval's apply_chat_template)")
-    fewshot_as_multiturn: Optional[bool] = knob(None, "few-shot examples as chat turns (auto: with --apply-chat-template)")
+    apply_chat_template: bool = knob(False, "prompts in the tokenizer's chat template (lm-eval's "
+                                            "apply_chat_template)")
+    fewshot_as_multiturn: Optional[bool] = knob(None, "few-shot examples as chat turns (auto: with "
+                                                      "--apply-chat-template)")
     batch_size: Optional[int] = knob(None, "evaluation windows per forward pass (auto: from free memory "
                                            "on GPU, 1 on CPU)", flag="--batch-size", bounds="[1,65536]")
     progress: bool = progress_knob()
@@ -470,7 +472,8 @@ class ExportConfig(StepConfig):
                              flag="--export-quant-format", choices=("dequantized", "compressed-tensors"))
     command: str = knob("", "command line written into the model cards (set by the pipeline)", cli=False,
                         results=False)
-    applies: ClassVar[dict] = {"quant_format": (lambda c: c.enabled or c.two_of_four, "only --export reads it")}
+    applies: ClassVar[dict] = {"quant_format": (lambda c: c.enabled or c.two_of_four,
+                                                "only --export reads it")}
 
     def check(self) -> None:
         _check_shard_size(self.max_shard_size)
@@ -518,9 +521,10 @@ class AdversarialConfig(StepConfig):
                                          bounds="[0,65536]")
     max_new_tokens: int = knob(48, "greedy answer length per prompt (0: none)", flag="--max-new-tokens",
                                bounds="[0,4096]")
-    gcg_per_variant: bool = knob(False, "also run a GCG search of its own on every measured variant (each costs "
-                                        "--gcg-steps x (one forward+backward + --gcg-batch candidate forwards)); "
-                                        "by default each variant gets the live model's suffix, transferred")
+    gcg_per_variant: bool = knob(False, "also run a GCG search of its own on every measured variant (each "
+                                        "costs --gcg-steps x (one forward+backward + --gcg-batch candidate "
+                                        "forwards)); by default each variant gets the live model's suffix, "
+                                        "transferred")
     variants: tuple = variants_knob()
     seed: int = seed_knob()
     progress: bool = progress_knob()

@@ -94,6 +94,13 @@ class StepConfig:
     # read is named in a warning (``ignored``), never dropped without a word.
     applies: ClassVar[dict] = {}
 
+    @property
+    def calibration_seed(self) -> int:
+        """The seed calibration windows are drawn with: one point's ``calib_seed`` (--calib-seeds),
+        else ``seed``."""
+        c = getattr(self, "calib_seed", None)
+        return self.seed if c is None or isinstance(c, tuple) else c
+
     def ignored(self) -> list:
         """(flag, why) of each field set away from its default that these settings do not read."""
         return [(flag_of(type(self), f), self.applies[f.name][1]) for f in fields(self)

@@ -135,17 +135,19 @@ def robustness_matrix(results: Mapping) -> dict:
             "rows": rows, "draws": _draws(rows)}
 
 
-_SEED = re.compile(r",seed=(\d+)\]$")
+_SEED = re.compile(r"(,|\[)seed=(\d+)\]$")  # pruned[wanda,0.5,unstructured,seed=K], quantized[seed=K]
 
 
 def _draws(rows: dict) -> dict:
-    """Variants built once per calibration draw (``--calib-seeds``: ``pruned[wanda,0.5,unstructured,seed=K]``),
+    """Variants built once per calibration draw (``--calib-seeds``: ``pruned[wanda,0.5,unstructured,seed=K]``,
+    ``quantized[seed=K]``),
     each measure as mean and sample standard deviation over the draws, by the name without its seed."""
     groups: dict[str, list] = {}
     for name in rows:
         m = _SEED.search(name)
         if m:
-            groups.setdefault(name[:m.start()] + "]", []).append((int(m.group(1)), name))
+            base = name[:m.start()] + ("]" if m.group(1) == "," else "")
+            groups.setdefault(base, []).append((int(m.group(2)), name))
     out = {}
     for base, members in groups.items():
         if len(members) < 2:

@@ -149,7 +149,8 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
     t0 = time.perf_counter()
     dev0 = LM.input_device(model)
     LM.reset_peak_memory(dev0)
-    windows = D.calibration_windows(tokenizer, calib, config.calib_samples, config.calib_seq_len, config.seed)
+    windows = D.calibration_windows(tokenizer, calib, config.calib_samples, config.calib_seq_len,
+                                    config.calibration_seed)
     linears = LM.decoder_linears(model)
     sens_windows = windows[:config.sensitivity_windows]
     # The keep fraction's saliency and the Fisher allocation read the same per-window gradients:
@@ -237,17 +238,26 @@ def pipeline_step(run: Run, config: QuantizeConfig) -> Optional[str]:
         run.variants.pop("quantized", None)
         return "off"
     names = [n + ".weight" for n in LM.decoder_linears(run.model)]
-    with V.restored_on_exit(run.model, names):  # the live model stays unquantized for later steps
-        res = quantize_model(run.model, run.tokenizer, run.texts["train"], config)
-        rec = V.store_variant(run.out, "quantized", run.model, list(res.quantized), mask=False) if \
-            run.cfg.run.save_variants else save_codes(run.out, "quantized", res.quantized)
-    d = {f.name: getattr(res, f.name) for f in dataclasses.fields(res) if f.name != "quantized"}
-    run.results["quantize"] = {**IO.to_strict_json(d), **rec, "status": "ran", "parent": run.live}
-    run.add_variant("quantized", variants_of(run, run.results["quantize"])["quantized"])
+    points = config.grid_points()  # several --calib-seeds: one quantized variant per calibration draw
+    records = []
+    for point in points:
+        name = f"quantized[seed={point.calib_seed}]" if len(points) > 1 else "quantized"
+        with V.restored_on_exit(run.model, names):  # the live model stays unquantized for later steps
+            res = quantize_model(run.model, run.tokenizer, run.texts["train"], point)
+            rec = V.store_variant(run.out, name, run.model, list(res.quantized), mask=False) if \
+                run.cfg.run.save_variants else save_codes(run.out, V.file_stem(name), res.quantized)
+        d = {f.name: getattr(res, f.name) for f in dataclasses.fields(res) if f.name != "quantized"}
+        records.append({**IO.to_strict_json(d), **rec, "status": "ran", "parent": run.live,
+                        **({"name": name, "calibration_seed": point.calibration_seed} if len(points) > 1 else {})})
+    run.results["quantize"] = records[0] if len(points) == 1 else {**records[0], "grid": records}
+    for name, weights in variants_of(run, run.results["quantize"]).items():
+        run.add_variant(name, weights)
     return None
 
 
 def variants_of(run: Run, section: dict) -> dict:
-    """{"quantized": its weights from its codes or tensors, or None when gone}."""
-    return {"quantized": V.variant_weights(run.out, section,
-                                           from_codes=lambda p: functools.partial(coded_weights, path=p))}
+    """{"quantized" (or, one per calibration draw, "quantized[seed=K]"): its weights from its codes
+    or tensors, or None when gone}."""
+    return {r.get("name", "quantized"): V.variant_weights(
+        run.out, r, from_codes=lambda p: functools.partial(coded_weights, path=p))
+        for r in section.get("grid") or [section]}

@@ -408,3 +408,39 @@ def test_compressed_tensors_without_a_quantized_variant_is_a_warning(tiny_run_di
     assert M.main(tiny_argv(tiny_run_dir, tmp_path / "o", "--steps", "export", "--export",
                             "--export-quant-format", "compressed-tensors")) == 0
     assert "--export-quant-format compressed-tensors has no effect here" in caplog.text
+
+
+def test_calib_seeds_make_one_quantized_variant_per_draw(tiny_run_dir, tmp_path):
+    """Issue 31: --calib-seeds builds the quantized variant once per calibration draw: each stored
+    variant's codes equal quantize_model's seeded alone with that draw, two draws give other codes,
+    and the robustness matrix gives every measure's mean ± std over the draws."""
+    import dataclasses
+
+    import llm_config as K
+    import llm_data as D
+    import llm_main_v4 as M
+    import llm_quantize_model as Q
+    import llm_variants as V
+    from conftest import tiny_argv
+
+    out = tmp_path / "o"
+    assert M.main(tiny_argv(tiny_run_dir, out, "--steps", "quantize,eval", "--quant-method", "gptq",
+                            "--quant-group", "16", "--calib-seeds", "3,4")) == 0
+    res = json.loads((out / "results.json").read_text())
+    names = ["quantized[seed=3]", "quantized[seed=4]"]
+    assert set(res["perplexity"]) == {"base", *names}
+    grid = res["quantize"]["grid"]
+    assert [r["name"] for r in grid] == names and [r["calibration_seed"] for r in grid] == [3, 4]
+    assert list(res["robustness"]["draws"]) == ["quantized"]
+    model, tok, _ = LM.load_model(LM.LoadConfig(model=str(tiny_run_dir / "model")))
+    calib = D.load_corpus(str(tiny_run_dir / "text.txt"), "train")
+    cfg = K.QuantizeConfig.from_dict(res["quantize"]["config"])
+    codes = []
+    for seed, rec in zip((3, 4), grid):
+        with V.restored_on_exit(model, [n + ".weight" for n in LM.decoder_linears(model)]):
+            alone = Q.quantize_model(model, tok, calib, dataclasses.replace(cfg, calib_seed=seed))
+        stored = LC.load_codes(out / rec["checkpoint"])
+        assert set(stored) == set(alone.quantized)
+        assert all(torch.equal(alone.quantized[n].codes, stored[n].codes) for n in stored)
+        codes.append(stored)
+    assert any(not torch.equal(codes[0][n].codes, codes[1][n].codes) for n in codes[0])  # other windows
