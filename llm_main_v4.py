@@ -1,4 +1,4 @@
-"""Orchestrator: load or fine-tune a causal LM, then prune, perturb, quantize, evaluate, export, attack, analyse.
+"""Orchestrator: load or fine-tune a causal LM, then prune, quantize, perturb, evaluate, export, attack, analyse.
 
     python llm_main_v4.py                       # every step on the embedded SmolLM2-135M
     python llm_main_v4.py --steps eval --dataset wiki.test.raw --seq-len 2048
