@@ -264,6 +264,25 @@ def _layer_intervals(h: dict, mlayer: dict, mods: dict, rel_target: float) -> di
             "hessian_module_reliable": {n: rel_stderr_of(xs) <= rel_target for n, xs in h["samples"].items()}}
 
 
+def _setup(model, tokenizer, calib, config: AnalysisConfig) -> tuple:
+    """What the live model's analysis and every variant's share: the config resolved for the model,
+    the analysed linears (name -> module, block index, path inside the block), the Hessian's
+    calibration windows and the evaluation config of ablations and quantization."""
+    config = config.for_model(model)
+    if config.per_block is None:  # 7B: one block's Hessian graph at a time fits where all do not
+        config = replace(config, per_block=sum(p.numel() for p in model.parameters()) > 3e9)
+    names_of = LM.module_names(model)
+    mods, mlayer, mtype = {}, {}, {}
+    for i, layer in enumerate(LM.decoder_layers(model)):
+        for rel, m in LM.block_linears(layer).items():
+            n = names_of[m]
+            mods[n], mlayer[n], mtype[n] = m, i, rel  # path inside the block, as in the noise map
+    windows = D.calibration_windows(tokenizer, calib, config.calib_windows, config.calib_seq_len, config.seed)
+    ecfg = EvalConfig(seq_len=min(config.eval_seq_len, config.eval_tokens), eval_tokens=config.eval_tokens,
+                      batch_size=config.batch_size)
+    return config, mods, mlayer, mtype, windows, ecfg
+
+
 def curvature_summary(h: dict, mlayer: dict, mods: dict, rel_target: float) -> dict:
     """What the robustness matrix keeps of ``_hessian``'s result: the total Hutchinson trace with its
     per-probe samples and Student-t 95% interval over probes, the per-layer traces and intervals,
@@ -301,17 +320,7 @@ def analyse_variants(model, tokenizer, calib, eval_ids: torch.Tensor, variants: 
     and, where it is still non-zero, its ablation effect on this variant (perplexity with it
     zeroed / without, on the analysis's evaluation tokens). ``live``: (name, its curvature
     summary) already measured. Under torchrun the ranks take disjoint variants."""
-    config = config.for_model(model)
-    if config.per_block is None:
-        config = replace(config, per_block=sum(p.numel() for p in model.parameters()) > 3e9)
-    names_of = LM.module_names(model)
-    mods, mlayer = {}, {}
-    for i, layer in enumerate(LM.decoder_layers(model)):
-        for m in LM.block_linears(layer).values():
-            mods[names_of[m]], mlayer[names_of[m]] = m, i
-    windows = D.calibration_windows(tokenizer, calib, config.calib_windows, config.calib_seq_len, config.seed)
-    ecfg = EvalConfig(seq_len=min(config.eval_seq_len, config.eval_tokens), eval_tokens=config.eval_tokens,
-                      batch_size=config.batch_size)
+    config, mods, mlayer, _, windows, ecfg = _setup(model, tokenizer, calib, config)
     coords = [(sw["module"], sw["row"], sw["col"]) for sw in super_weights]
 
     def values() -> list:
@@ -409,18 +418,9 @@ def run_integrated_analysis(model, tokenizer, calib: "D.Corpus | torch.Tensor", 
     weights}, None for the model as it is; ``parents``: {name: parent}; ``pool``: where the
     parents' weights are, default ``variants``) also their curvature and super weights
     (``analyse_variants``), in ``.variants``. The model's weights are unchanged on return."""
-    config = config.for_model(model)
-    if config.per_block is None:  # 7B: one block's Hessian graph at a time fits where all do not
-        config = replace(config, per_block=sum(p.numel() for p in model.parameters()) > 3e9)
+    config, mods, mlayer, mtype, windows, ecfg = _setup(model, tokenizer, calib, config)
     C.seed_everything(config.seed)
     secs = {}
-    names_of = LM.module_names(model)
-    mods, mlayer, mtype = {}, {}, {}
-    for i, layer in enumerate(LM.decoder_layers(model)):
-        for rel, m in LM.block_linears(layer).items():
-            n = names_of[m]
-            mods[n], mlayer[n], mtype[n] = m, i, rel  # path inside the block, as in the noise map
-    windows = D.calibration_windows(tokenizer, calib, config.calib_windows, config.calib_seq_len, config.seed)
     h = _hessian(model, mods, mlayer, windows, config, secs)
     trace, hdiag = h["trace"], h["hdiag"]
 
@@ -433,8 +433,6 @@ def run_integrated_analysis(model, tokenizer, calib: "D.Corpus | torch.Tensor", 
     top = _top_salient(obd, mods)
 
     t = time.perf_counter()
-    ecfg = EvalConfig(seq_len=min(config.eval_seq_len, config.eval_tokens), eval_tokens=config.eval_tokens,
-                      batch_size=config.batch_size)
     sws, profile = detect_super_weights(model, tokenizer, config.super_weight_prompt, config.max_super_weights)
     clean = verify_super_weights(model, tokenizer, eval_ids, sws, ecfg)
     # A candidate is a super weight only if zeroing it alone hurts: Yu et al. see perplexity
