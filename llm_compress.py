@@ -248,7 +248,7 @@ def quantize_rtn_(W: torch.Tensor, bits: int, group_size: int = 128, keep: Optio
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = 128, blocksize: int = 128,
                   percdamp: float = 0.01, act_order: bool = False, keep: Optional[torch.Tensor] = None,
-                  zero_point: str = "integer") -> Quantized:
+                  zero_point: str = "integer", zeros: Optional[torch.Tensor] = None) -> Quantized:
     """GPTQ of one weight matrix W [out, in] given its layer Hessian H = 2 X X^T / n [in, in].
 
     Follows ``fasterquant`` of IST-DASLab/gptq (``gptq.py``) with its asymmetric ``Quantizer``:
@@ -262,19 +262,30 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     ``static_groups``). Without groups (``group_size`` 0) each row has one grid from the
     original weights. Entries in ``keep`` (super weights) stay in full precision: no error, and
     outside their group's range. ``zero_point`` picks the grid (``minmax_params``); the error
-    feedback uses that grid's values. Math in float32 (float64 for a float64 W). W is unchanged."""
+    feedback uses that grid's values. ``zeros`` (bool [out, in], a pruned model's mask) are held at
+    exactly 0 (the integer grid's zero code) and their error spread like any other column's: GPTQ
+    on a fixed sparsity mask, the quantization half of SparseGPT's joint sparsify-and-quantize
+    pass (Frantar & Alistarh 2023, ``sparsegpt.py`` with ``wbits``), the mask taken from the pruned
+    model instead of chosen in the same sweep; they are left out of each group's range. Math in
+    float32 (float64 for a float64 W). W is unchanged."""
     dt = torch.promote_types(W.dtype, torch.float32)
     Wf = W.detach().to(dt).clone()
     out, cols = Wf.shape
     H = H.to(Wf.device, dt).clone()
     K = keep.to(Wf.device).clone() if keep is not None else torch.zeros_like(Wf, dtype=torch.bool)
+    Z = zeros.to(Wf.device) if zeros is not None else torch.zeros_like(Wf, dtype=torch.bool)
+    if zeros is not None:
+        if zero_point != "integer":
+            raise ValueError("a pruned zero is exactly representable only on the integer zero-point grid")
+        K &= ~Z  # a pruned weight is 0, not kept
     gs = group_size or cols
-    row_grid = minmax_params(Wf, bits, K, zero_point) if not group_size else None  # before dead columns, as the reference
+    # before dead columns, as the reference
+    row_grid = minmax_params(Wf.masked_fill(Z, 0), bits, K, zero_point) if not group_size else None
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     Wf[:, dead] = 0
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=Wf.device)
-    Wf, H, Kp = Wf[:, perm], H[perm][:, perm], K[:, perm]
+    Wf, H, Kp, Zp = Wf[:, perm], H[perm][:, perm], K[:, perm], Z[:, perm]
     Hinv, damp = inverse_hessian_factor(H, percdamp, "GPTQ")
     Q = torch.zeros_like(Wf)
     n_groups = math.ceil(cols / gs)
@@ -291,11 +302,12 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
         for i in range(i2 - i1):
             j = i1 + i
             if group_size and j % gs == 0:
-                scale, zero = minmax_params(Wf[:, j:j + gs], bits, Kp[:, j:j + gs], zero_point)
+                scale, zero = minmax_params(Wf[:, j:j + gs].masked_fill(Zp[:, j:j + gs], 0), bits,
+                                            Kp[:, j:j + gs], zero_point)
             if j % gs == 0:
                 scales[:, j // gs], zeros[:, j // gs] = scale[:, 0], zero[:, 0]
             w = W1[:, i]
-            c = quantize_codes(w[:, None], scale, zero, bits, zero_point)
+            c = quantize_codes(w.masked_fill(Zp[:, j], 0)[:, None], scale, zero, bits, zero_point)  # 0: its zero code
             q = grid_values(c, scale, zero, zero_point).flatten()
             q = torch.where(Kp[:, j], w, q)
             codes[:, j] = c.flatten().to(torch.uint8)
@@ -312,6 +324,30 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     kept = Qfinal[K].to(W.dtype) if keep is not None else None
     return Quantized(codes[:, inv], scales.float(), zeros.float(), g_idx, K if keep is not None else None, kept,
                      damp, Qfinal, zero_point)
+
+
+# --------------------------------------------------------------------------- bits, as the papers count them
+
+SCALE_BITS = 16  # one fp16 scale per group (AutoGPTQ, compressed-tensors pack-quantized)
+G_IDX_BITS = 32  # act order: one int32 group index per input column (AutoGPTQ's g_idx)
+KEPT_BITS = 48   # a weight kept in full precision: 16 bits of value + 32 bits of index
+DENSE_BITS = 16  # an unquantized weight, as the papers count fp16 models
+MASK_BITS = 1    # a pruned matrix's bitmask per weight (compressed-tensors sparse-bitmask; a 2:4
+#                  row's 2-bit index per kept value is the same 1 bit per weight)
+
+
+def counted_bits(q: Quantized, bits: int, act_order: bool, pruned: int = 0) -> dict:
+    """The bits of one quantized matrix as the papers count them, by part: ``codes`` (``bits`` per
+    weight that is neither kept nor pruned), ``grids`` (per row and group an fp16 scale and a
+    zero in ``bits`` bits, as AutoGPTQ and compressed-tensors store an integer zero; a float zero
+    point is an fp16 minimum, as GGUF's), ``g_idx`` (act order), ``kept`` (``KEPT_BITS`` each) and
+    ``mask`` (``MASK_BITS`` per weight when ``pruned`` > 0 weights are held at zero)."""
+    rows, cols = q.codes.shape
+    kept = int(q.keep.sum()) if q.keep is not None else 0
+    zero_bits = bits if q.zero_point == "integer" else DENSE_BITS
+    return {"codes": (rows * cols - kept - pruned) * bits, "grids": q.scale.numel() * (SCALE_BITS + zero_bits),
+            "g_idx": cols * G_IDX_BITS * act_order, "kept": kept * KEPT_BITS,
+            "mask": rows * cols * MASK_BITS * (pruned > 0)}
 
 
 # --------------------------------------------------------------------------- compact storage

@@ -20,9 +20,10 @@ from typing import ClassVar, Optional
 
 import llm_tasks as T
 from llm_common import UserError
-from llm_knobs import (StepConfig, budget, exact, knob, parse_floats, parse_ints, parse_max_memory,
-                       parse_names, parse_nm, parse_protect, parse_trackers, progress_knob, seed_knob,
-                       variants_knob)
+from llm_knobs import (SUPER_WEIGHT_PROMPT, StepConfig, budget, exact, knob, parse_floats, parse_ints,
+                       parse_max_memory, parse_names, parse_nm, parse_protect, parse_trackers, parse_variant_patterns,
+                       progress_knob, seed_knob, super_weight_prompt_knob, variants_knob)
+from llm_config_measure import AdversarialConfig, AnalysisConfig
 from llm_model import SAMPLE_PROMPT
 
 # The noise step comes after every other step that makes variants: its sweep measures each of them.
@@ -31,7 +32,6 @@ ALL_STEPS = ("finetune", "prune", "quantize", "noise", "eval", "zeroshot", "expo
 # The zero-shot suite of the Wanda paper (and OWL's), lm-evaluation-harness names; SparseGPT's and
 # the Super Weight paper's are in their presets (llm_presets).
 ZEROSHOT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
-SUPER_WEIGHT_PROMPT = "Apple Inc. is a worldwide tech company."
 
 
 def parse_steps(text: str) -> tuple:
@@ -47,11 +47,6 @@ def parse_steps(text: str) -> tuple:
 
 
 # --------------------------------------------------------------------------- the configs
-
-
-def super_weight_prompt_knob():
-    """The ``super_weight_prompt`` field of the steps that detect super weights, defined once."""
-    return knob(SUPER_WEIGHT_PROMPT, "prompt of the super-weight detector", flag="--super-weight-prompt")
 
 
 @dataclass
@@ -317,13 +312,21 @@ class NoiseConfig(StepConfig):
 
 @dataclass
 class QuantizeConfig(StepConfig):
-    """The ``quantized`` variant: RTN or GPTQ, uniform or sensitivity-guided mixed precision."""
+    """The ``quantized`` variant: RTN or GPTQ, uniform or sensitivity-guided mixed precision; tuples on
+    the grid fields make a grid of quantized variants, ``quantized[gptq,3,g128]``."""
 
     step: ClassVar[str] = "quantize"
     prefix: ClassVar[str] = "quant-"
-    method: str = knob("none", "none (no quantized variant), rtn or gptq", choices=("none", "rtn", "gptq"))
-    wbits: int = knob(4, "bits per weight (the uniform choice)", flag="--wbits", bounds="[2,8]")
-    group: int = knob(128, "RTN group size (input columns)", flag="--quant-group", bounds="[1,1000000]")
+    method: str = knob("none", "none (no quantized variant), rtn or gptq; comma lists on the [,...] flags make a grid of "
+                                "quantized variants, quantized[gptq,3,g128]", choices=("none", "rtn", "gptq"),
+                       grid=True)
+    wbits: int = knob(4, "bits per weight (the uniform choice)", flag="--wbits", bounds="[2,8]", grid=True)
+    group: int = knob(128, "group size, input columns per scale and zero", flag="--quant-group",
+                      bounds="[1,1000000]", grid=True)
+    source: tuple = knob(("live",), "which models are quantized: live (the model the run holds) and/or variant "
+                                    "names and patterns (pruned[*]); a pruned one keeps its zeros exactly zero, "
+                                    "named pruned[...]+quantized[...]", flag="--quantize-from",
+                         parse=parse_variant_patterns)
     zero_point: str = knob("integer", "integer: GPTQ's grid, 0 on it, rounded zero code; float: GGUF Q4_1 / "
                            "HQQ style: unrounded minimum, 0 need not be on the grid",
                            choices=("integer", "float"))
@@ -337,9 +340,9 @@ class QuantizeConfig(StepConfig):
                                      "in full precision", bounds="[0,1)")
     bit_allocation: str = knob("uniform", "bits per linear: uniform (--wbits), or from {2,3,4,8} by Hessian "
                                           "/ Fisher sensitivity under --avg-bits (HAWQ-style, greedy)",
-                               flag="--bit-allocation", choices=("uniform", "hessian", "fisher"))
+                               flag="--bit-allocation", choices=("uniform", "hessian", "fisher"), grid=True)
     avg_bits: Optional[float] = knob(None, "average code bits per weight of the mixed precision",
-                                     flag="--avg-bits", bounds="[2,8]", shown="--wbits")
+                                     flag="--avg-bits", bounds="[2,8]", shown="--wbits", grid=True)
     sensitivity_windows: Optional[int] = budget(2, 8, "calibration windows of the sensitivities and saliency",
                                               bounds="[1,1000000]")
     sensitivity_probes: int = knob(8, "Hutchinson probes of --bit-allocation hessian", bounds="[1,100000]")
@@ -350,6 +353,7 @@ class QuantizeConfig(StepConfig):
     calib_seed: Optional[int] = knob(None, "seed of the calibration draw; a comma list makes one quantized "
                                            "variant per draw, quantized[seed=K]", flag="--calib-seeds",
                                      shown="--seed", bounds="[0,4294967295]", grid=True)
+    named: tuple = knob((), "what a grid point's name carries (settings, seed)", cli=False, results=False)
     super_weight_prompt: str = super_weight_prompt_knob()
     seed: int = seed_knob()
     progress: bool = progress_knob()
@@ -360,6 +364,39 @@ class QuantizeConfig(StepConfig):
                                             "only --bit-allocation hessian or fisher reads it"),
                                "sensitivity_probes": (lambda c: c.bit_allocation == "hessian",
                                                       "only --bit-allocation hessian reads it")}
+
+    @property
+    def budget_bits(self) -> Optional[float]:
+        """The mixed precision's average code bits (--avg-bits, else --wbits); None when uniform."""
+        return None if self.bit_allocation == "uniform" else float(
+            self.wbits if self.avg_bits is None else self.avg_bits)
+
+    def point_key(self) -> tuple:
+        """Uniform points ignore --avg-bits, mixed ones --wbits (beyond being the budget)."""
+        return (self.method, self.bit_allocation, self.budget_bits or self.wbits, self.group, self.calib_seed)
+
+    def grid_points(self) -> list:
+        """As ``StepConfig.grid_points``; each point's name carries what varies (``named``)."""
+        axes = {k: v for k, v in self.grid_axes().items() if len(v) > 1}
+        if "method" in axes and "none" in axes["method"]:
+            raise UserError("--quant-method none makes no variant: leave it out of a grid")
+        named = ("settings",) * any(k != "calib_seed" for k in axes) + ("seed",) * ("calib_seed" in axes)
+        return [dataclasses.replace(p, named=named) for p in super().grid_points()]
+
+    def variant_name(self, grid: bool = True) -> str:
+        """``quantized``; in a grid ``quantized[gptq,3,g128]`` (mixed precision:
+        ``quantized[gptq,hessian3.5,g128]``), a calibration draw's ``quantized[seed=K]``."""
+        if not grid or not self.named:
+            return "quantized"
+        bits = str(self.wbits) if self.budget_bits is None else f"{self.bit_allocation}{exact(self.budget_bits)}"
+        parts = [self.method, bits, f"g{self.group}"] * ("settings" in self.named)
+        return f"quantized[{','.join(parts + [f'seed={self.calib_seed}'] * ('seed' in self.named))}]"
+
+    def check(self) -> None:
+        if self.zero_point == "float" and any(p == "all" or p[:1] in "*?" or p.startswith("pruned")
+                                              for p in self.source):
+            raise UserError("--quant-zero-point float has no exact 0 on its grid, so it cannot keep a pruned "
+                            "model's zeros: quantize pruned variants with --quant-zero-point integer")
 
 
 @dataclass
@@ -477,101 +514,6 @@ class ExportConfig(StepConfig):
 
     def check(self) -> None:
         _check_shard_size(self.max_shard_size)
-
-
-@dataclass
-class AdversarialConfig(StepConfig):
-    step: ClassVar[str] = "adversarial"
-    prefix: ClassVar[str] = "attack-"
-    epsilons: tuple = knob((0.02, 0.05, 0.1), "eps of FGSM/PGD, relative to the mean embedding-row norm",
-                           flag="--attack-eps", parse=parse_floats, bounds="[0,1000]")
-    norm: str = knob("linf", "l2 is per token", flag="--attack-norm", choices=("linf", "l2"))
-    pgd_steps: Optional[int] = budget(5, 20, "PGD steps", flag="--attack-steps", bounds="[1,100000]")
-    n_windows: Optional[int] = budget(3, 32, "text windows attacked", flag="--attack-windows",
-                                      bounds="[1,1000000]")
-    prompt_len: Optional[int] = budget(32, 128, "tokens of each attacked prompt", bounds="[1,1000000]")
-    continuation_len: Optional[int] = budget(16, 32, "tokens of each scored continuation",
-                                             bounds="[1,1000000]")
-    prompts: tuple = knob((SAMPLE_PROMPT,), "sample prompt (repeat the flag for several)", flag="--prompt",
-                          many=True)
-    target: str = knob(" Star Wars", "target string of the targeted attacks and GCG", flag="--attack-target")
-    targeted_eps: float = knob(0.2, "eps of the targeted PGD", flag="--targeted-eps", bounds="[0,1000]")
-    targeted_steps: Optional[int] = budget(10, 40, "steps of the targeted PGD", flag="--targeted-steps",
-                                         bounds="[1,100000]")
-    gcg_steps: Optional[int] = budget(10, 100, "GCG iterations", flag="--gcg-steps", bounds="[1,100000]")
-    gcg_batch: Optional[int] = budget(16, 128, "GCG candidates per step", flag="--gcg-batch",
-                                      bounds="[1,65536]")
-    gcg_topk: Optional[int] = budget(32, 256, "GCG top-k tokens per position", flag="--gcg-topk",
-                                     bounds="[1,1000000]")
-    gcg_suffix_len: Optional[int] = budget(6, 20, "GCG suffix tokens", flag="--gcg-suffix-len",
-                                           bounds="[1,1000]")
-    filter_prompts: int = knob(50, "clean prompts that calibrate the perplexity filter, and as many held out "
-                                   "for its false-positive rate",
-                               flag="--filter-prompts", bounds="[2,100000]")
-    defence: str = knob("free", "adversarial-training defence: free (Free-AT, Shafahi et al. 2019: one "
-                                "forward+backward per step gives the weight and the perturbation gradients), "
-                                "pgd (Madry et al. 2018: a full PGD attack per step), none",
-                        flag="--defence", choices=("free", "pgd", "none"))
-    defence_steps: Optional[int] = budget(4, 50, "adversarial fine-tuning steps (weight updates)",
-                                        flag="--defence-steps", bounds="[1,100000]")
-    defence_lr: float = knob(1e-5, "adversarial fine-tuning learning rate", flag="--defence-lr",
-                             bounds="(0,1]")
-    defence_lora_r: Optional[int] = knob(None, "LoRA rank of the defence (auto: 16 above 1.5B parameters, "
-                                               "else all weights; 0: all weights)", flag="--defence-lora-r",
-                                         bounds="[0,65536]")
-    max_new_tokens: int = knob(48, "greedy answer length per prompt (0: none)", flag="--max-new-tokens",
-                               bounds="[0,4096]")
-    gcg_per_variant: bool = knob(False, "also run a GCG search of its own on every measured variant (each "
-                                        "costs --gcg-steps x (one forward+backward + --gcg-batch candidate "
-                                        "forwards)); by default each variant gets the live model's suffix, "
-                                        "transferred")
-    variants: tuple = variants_knob()
-    seed: int = seed_knob()
-    progress: bool = progress_knob()
-
-
-@dataclass
-class AnalysisConfig(StepConfig):
-    step: ClassVar[str] = "analysis"
-    prefix: ClassVar[str] = "analysis-"
-    calib_windows: Optional[int] = budget(1, 4, "windows in the Hessian loss", flag="--analysis-windows",
-                                        bounds="[1,100000]")
-    calib_seq_len: Optional[int] = budget(128, 512, "tokens per Hessian window", flag="--analysis-seq-len",
-                                        bounds="[2,1000000]", context=True)
-    fisher_windows: Optional[int] = budget(8, 32, "windows of the Fisher diagonal", bounds="[1,100000]")
-    max_probes: Optional[int] = budget(6, 50, "max Hutchinson probes (stops earlier on --hessian-tol)",
-                                     flag="--hessian-probes", bounds="[1,100000]")
-    rel_stderr: float = knob(0.1, "Hutchinson probes until every layer's trace has a standard error of at "
-                                  "most this fraction of its magnitude (0: PyHessian's --hessian-tol rule)",
-                             flag="--hessian-rel-stderr", bounds="[0,10]")
-    tol: float = knob(1e-2, "with --hessian-rel-stderr 0: relative change of the total trace that stops "
-                            "Hutchinson", flag="--hessian-tol", bounds="[0,10]")
-    power_iters: Optional[int] = budget(4, 20, "power iterations for the top eigenvalue",
-                                        flag="--power-iters", bounds="[1,100000]")
-    per_block: Optional[bool] = knob(None, "Hessian one block at a time (auto: above 3B parameters)",
-                                     flag="--per-block")
-    saliency: str = knob("fisher", "the H_ii of OBD saliency 0.5 H_ii w^2", flag="--saliency",
-                         choices=("fisher", "hutchinson"))
-    super_weight_prompt: str = super_weight_prompt_knob()
-    max_super_weights: int = knob(4, "super-weight candidates searched", flag="--max-super-weights",
-                                  bounds="[1,1000]")
-    super_weight_min_ratio: float = knob(1.5, "a candidate is accepted as a super weight when zeroing it "
-                                              "alone multiplies perplexity by at least this",
-                                         flag="--super-weight-min-ratio", bounds="[1,1000000]")
-    quant_bits: tuple = knob((4, 3), "RTN bit widths", flag="--quant-bits", parse=parse_ints, bounds="[2,8]")
-    quant_group: int = knob(128, "RTN group size (input columns)", flag="--quant-group", bounds="[1,1000000]")
-    quant_top_fraction: float = knob(0.0005, "fraction of weights kept in full precision by the guided "
-                                             "quantization", flag="--quant-top-fraction", bounds="[0,1)")
-    eval_tokens: Optional[int] = budget(512, 16384, "evaluation tokens of ablations and quantization",
-                                        bounds="[2,1000000000]")
-    eval_seq_len: Optional[int] = budget(512, 2048, "tokens per evaluation window (at most "
-                                                    "--analysis-eval-tokens)",
-                                       bounds="[2,1000000]", context=True)
-    batch_size: Optional[int] = knob(None, "evaluation windows per forward pass (auto: from free memory "
-                                           "on GPU, 1 on CPU)", flag="--batch-size", bounds="[1,65536]")
-    variants: tuple = variants_knob()
-    seed: int = seed_knob()
-    progress: bool = progress_knob()
 
 
 STEP_CONFIGS: dict[str, type] = {"finetune": FinetuneConfig, "prune": PruneConfig, "quantize": QuantizeConfig,

@@ -36,7 +36,7 @@ import llm_data as D
 import llm_model as LM
 import llm_stats as ST
 import llm_variants as V
-from llm_compress import quantize_rtn_, rtn_groups, rtn_quantize  # noqa: F401  (the one quantizer; re-exported)
+from llm_compress import KEPT_BITS, SCALE_BITS, quantize_rtn_, rtn_groups, rtn_quantize  # noqa: F401  (re-exported)
 from llm_config import AnalysisConfig, EvalConfig
 from llm_run import Run
 from llm_perplexity import evaluate_model, token_set
@@ -109,8 +109,9 @@ def quantization_study(model, tokenizer, ids: torch.Tensor, super_weights: list[
     """Perplexity of RTN quantization of all decoder linears: plain, super weights kept,
     super weights + top ``top_fraction`` by saliency kept. The model is restored after each.
 
-    ``saliency``: module name -> [out, in] score. Extra storage counts each kept weight as
-    16 bits of value + 32 bits of index, relative to the quantized size.
+    ``saliency``: module name -> [out, in] score. Bits per weight count the codes and per group an
+    fp16 scale and a zero of the code's bits; extra storage counts each kept weight as 16 bits of
+    value + 32 bits of index, relative to that.
     """
 
     cfg = eval_config.scoring_only()
@@ -123,7 +124,7 @@ def quantization_study(model, tokenizer, ids: torch.Tensor, super_weights: list[
     variants = [("plain", None), ("super weights kept", keep_sw),
                 (f"super weights + top {top_fraction:.2%} saliency kept", keep_both)]
     n_weights = sum(LM.weight_view(m).numel() for m in mods.values())
-    # One fp16 scale and one fp16 zero per real group (tail groups included).
+    # Per real group (tail groups included) an fp16 scale and a zero code, as the quantize step counts.
     n_groups = sum(LM.weight_view(m).shape[0] * len(rtn_groups(LM.weight_view(m).shape[1], group_size))
                    for m in mods.values())
     rows = []
@@ -134,10 +135,10 @@ def quantization_study(model, tokenizer, ids: torch.Tensor, super_weights: list[
                 quantize_rtn_(LM.weight_view(m), b, group_size, keep[n] if keep is not None else None)
             r = evaluate_model(model, tokenizer, ids, cfg)
         kept = int(sum(k.sum() for k in keep.values())) if keep is not None else 0
-        base_bits = n_weights * b + n_groups * 32  # codes + fp16 scale and zero per group
+        base_bits = n_weights * b + n_groups * (SCALE_BITS + b)  # codes + fp16 scale and b-bit zero per group
         rows.append({"bits": b, "variant": label, "perplexity": r.perplexity, "kept_weights": kept,
                      "groups": n_groups, "bits_per_weight": base_bits / n_weights,
-                     "extra_storage_pct": 100 * kept * 48 / base_bits})
+                     "extra_storage_pct": 100 * kept * KEPT_BITS / base_bits})
     return rows
 
 

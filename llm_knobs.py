@@ -373,6 +373,14 @@ def progress_knob():
     return knob(True, "progress bars", cli=False, results=False)
 
 
+SUPER_WEIGHT_PROMPT = "Apple Inc. is a worldwide tech company."
+
+
+def super_weight_prompt_knob():
+    """The ``super_weight_prompt`` field of the steps that detect super weights, defined once."""
+    return knob(SUPER_WEIGHT_PROMPT, "prompt of the super-weight detector", flag="--super-weight-prompt")
+
+
 def variants_knob():
     """The ``variants`` field of the steps that measure every variant (noise sweep, attacks, analysis)."""
     return knob(("all",), "variants the noise sweep, the attacks and the analysis measure: all, live (the live "

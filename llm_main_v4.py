@@ -391,7 +391,8 @@ def _attach(run: Run, step: str) -> bool:
     if section.get("status") == "off":  # the step ran and made no variant (--quant-method none)
         return True
     found = _hook(step, "variants_of")(run, section)
-    return all([run.add_variant(name, w, section.get("parent")) for name, w in found.items()])
+    records = {r.get("name"): r for r in section.get("grid") or [] if isinstance(r, dict)}  # each its own parent
+    return all([run.add_variant(name, w, records.get(name, section).get("parent")) for name, w in found.items()])
 
 
 def build_parser() -> argparse.ArgumentParser:

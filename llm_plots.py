@@ -280,6 +280,8 @@ def make_plots(results: dict, out: Path) -> dict:
         add("prune", plot_sparsity_per_layer, results["prune"], d / "prune_sparsity_per_layer.png")
         if results["prune"].get("grid") and results.get("perplexity"):
             add("prune_curves", plot_prune_curves, results, d / "prune_curves.png")
+    if len([r for r in R.pareto_rows(results) if r["bits"] < 16]) >= 1:  # something was compressed
+        add("pareto", plot_pareto, results, d / "pareto.png")
     if (results.get("quantize") or {}).get("layer_bits"):
         add("quantize", plot_bits_per_layer, results["quantize"], d / "quantize_bits_per_layer.png")
     if results.get("noise"):
@@ -366,4 +368,51 @@ def plot_comparison(rows: list, variants: list, path) -> Path:
             ax.set_yscale("log")
         ax.set_ylabel(label)
         ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def _family(name: str) -> str:
+    return ("pruned + quantized" if "+quantized" in name else "quantized" if name.startswith("quantized")
+            else "pruned" if name.startswith("pruned") else "dense")
+
+
+def plot_pareto(results: dict, path) -> Path:
+    """Quality against size (``R.pareto_rows``): perplexity (log) and, where measured, zero-shot mean
+    accuracy against bits per weight of the decoder linears as the papers count them, one marker
+    per variant and family, the dense models as dashed reference lines, the Pareto front as a
+    step line through its (ringed, named) points."""
+    rows = R.pareto_rows(results)
+    panels = [("perplexity", "perplexity (log scale)", "front")]
+    if any(r["zeroshot"] is not None for r in rows):
+        panels.append(("zeroshot", "zero-shot mean accuracy", "front_zeroshot"))
+    fig, axes = new_figure(1, len(panels), figsize=(6.4 * len(panels), 4.2), squeeze=False)
+    markers = {"dense": "s", "pruned": "^", "quantized": "o", "pruned + quantized": "D"}
+    for ax, (key, label, front) in zip(axes[0], panels):
+        pts = [r for r in rows if r[key] is not None and math.isfinite(r[key])]
+        for fam, mk in markers.items():
+            sel = [r for r in pts if _family(r["variant"]) == fam]
+            if sel:
+                ax.scatter([r["bits"] for r in sel], [r[key] for r in sel], marker=mk, s=36, label=fam, zorder=3)
+        for r in pts:
+            if _family(r["variant"]) == "dense":
+                ax.axhline(r[key], color="0.6", linestyle="--", linewidth=0.8, zorder=1)
+        fr = [r for r in pts if r[front]]
+        ax.step([r["bits"] for r in fr], [r[key] for r in fr], where="post", color="black", linewidth=1,
+                label="Pareto front", zorder=2)
+        ax.scatter([r["bits"] for r in fr], [r[key] for r in fr], s=110, facecolors="none", edgecolors="black",
+                   zorder=4)
+        for r in fr:
+            ax.annotate(r["variant"], (r["bits"], r[key]), textcoords="offset points", xytext=(4, 4), fontsize=6)
+        if key == "perplexity" and pts:
+            lo, hi = min(r[key] for r in pts), max(r[key] for r in pts)
+            ax.set_yscale("log")  # labelled at 5 plain values: a span under a decade gets no 10^k tick
+            ticks = sorted({float(f"{v:.3g}") for v in np.geomspace(lo, hi, 5)}) if hi > lo > 0 else [lo]
+            ax.set_yticks(ticks, [f"{v:g}" for v in ticks])
+            ax.yaxis.set_minor_locator(NullLocator())
+        ax.set_xlabel("bits per weight of the decoder linears (codes, scales, zeros, masks)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_title("Quality against size (lower left is better; dashed: dense)", fontsize=9)
+    fig.tight_layout()
     return save_figure(fig, path)

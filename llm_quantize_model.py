@@ -29,7 +29,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -39,8 +39,8 @@ import llm_data as D
 import llm_io as IO
 import llm_model as LM
 import llm_variants as V
-from llm_compress import (Quantized, capture_block_inputs, coded_weights, gptq_quantize, linear_input_stats,
-                          next_block_inputs, rtn_groups, rtn_quantize, save_codes)
+from llm_compress import (Quantized, capture_block_inputs, coded_weights, counted_bits, gptq_quantize,
+                          linear_input_stats, next_block_inputs, rtn_quantize, save_codes)
 from llm_config import QuantizeConfig
 from llm_run import Run
 from llm_sensitivity import (fisher_curvature, gradient_moments, layer_curvature, protect_top_fraction,
@@ -49,8 +49,11 @@ from llm_sensitivity import (fisher_curvature, gradient_moments, layer_curvature
 log = logging.getLogger("llm.quantize")
 
 BIT_CHOICES = (2, 3, 4, 8)
-GRID_BITS = 32  # one fp16 scale + one fp16 zero per group, as the papers count them
-KEPT_BITS = 48  # a kept weight: 16 bits of value + 32 bits of index
+BITS_COUNTED = ("per weight of the decoder linears: codes, an fp16 scale and a zero of the code's bits per "
+                "group (fp16 for a float zero point), an int32 group index per column with act order, "
+                "16 + 32 bits per weight kept in full precision, and a 1-bit mask when pruned weights are "
+                "held at zero (then pruned weights have no code); embeddings, norms and the LM head are "
+                "not counted")
 
 
 @dataclass
@@ -61,7 +64,9 @@ class QuantizeResult:
     bits: dict = field(default_factory=dict)           # linear -> bits
     layer_bits: dict = field(default_factory=dict)     # "block index" -> mean code bits of its linears
     avg_code_bits: float = 0.0                         # code bits per weight over the quantized linears
-    avg_bits: float = 0.0                              # ... counting scales, zeros and kept weights
+    avg_bits: float = 0.0                              # the papers' count (BITS_COUNTED)
+    bits_by_part: dict = field(default_factory=dict)   # that count's parts, bits per weight
+    pruned_weights: int = 0                            # held at exactly zero (a pruned model's mask)
     budget_bits: Optional[float] = None                # --avg-bits of the mixed precision
     bit_allocation: str = "uniform"
     sensitivity: dict = field(default_factory=dict)    # linear -> mean curvature per weight (mixed precision)
@@ -134,37 +139,64 @@ def _sq_error(W: torch.Tensor, q: Quantized) -> float:
     return float((q.dequantize(torch.float32) - W.detach().float()).pow(2).sum())
 
 
-def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: QuantizeConfig = QuantizeConfig()
-                   ) -> QuantizeResult:
+def _block0(model, windows: torch.Tensor, shared: Optional[dict], seed: int):
+    """Decoder block 0's inputs for ``windows`` (``capture_block_inputs``), computed once per
+    calibration draw and reused while the input embedding is unchanged: the points of a grid and
+    the pruned variants it quantizes (pruning changes only decoder linears) share them."""
+    if shared is None:
+        return capture_block_inputs(model, windows)
+    emb = model.get_input_embeddings().weight
+    hit = shared.get(("block0", seed))
+    if hit is None or not torch.equal(hit[0], emb):
+        hit = shared[("block0", seed)] = (emb.detach().clone(), *capture_block_inputs(model, windows))
+    return hit[1], hit[2]
+
+
+def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: QuantizeConfig = QuantizeConfig(),
+                   keep_zeros: bool = False, shared: Optional[dict] = None) -> QuantizeResult:
     """Quantize the decoder-block linears of ``model`` in place.
 
     Args:
         calib: calibration corpus, its ids [n_tokens] or windows [n, seq_len]
             (``D.calibration_windows``); used by GPTQ, the keep fraction and the mixed precision.
         tokenizer: detects super weights for ``config.protect="auto"``.
+        keep_zeros: ``model`` is pruned: its weights that are exactly 0 stay exactly 0 (their zero
+            code; GPTQ spreads their error, ``gptq_quantize(zeros=...)``), and are counted by a
+            bitmask instead of codes. Needs the integer zero point (raises UserError otherwise).
+        shared: a dict kept across calls (``quantize_grid``): the calibration windows and block 0's
+            inputs are computed once per calibration draw. Results are the same without it.
     Returns a QuantizeResult; ``.quantized`` holds each weight's codes and grids (what the
-    pipeline stores), ``.bits`` the bits of each linear.
+    pipeline stores), ``.bits`` the bits of each linear, ``.avg_bits`` the papers' count.
     """
     config = config.for_model(model)
+    if keep_zeros and config.zero_point != "integer":
+        raise C.UserError("--quant-zero-point float has no exact 0 on its grid, so it cannot keep a pruned "
+                          "model's zeros: quantize pruned variants with --quant-zero-point integer")
     t0 = time.perf_counter()
     dev0 = LM.input_device(model)
     LM.reset_peak_memory(dev0)
-    windows = D.calibration_windows(tokenizer, calib, config.calib_samples, config.calib_seq_len,
-                                    config.calibration_seed)
+    shared = {} if shared is None else shared
+    key = ("windows", config.calib_samples, config.calib_seq_len, config.calibration_seed)
+    if key not in shared:
+        shared[key] = D.calibration_windows(tokenizer, calib, config.calib_samples, config.calib_seq_len,
+                                            config.calibration_seed)
+    windows = shared[key]
     linears = LM.decoder_linears(model)
+    zeros = {n: LM.weight_view(m).detach() == 0 for n, m in linears.items()} if keep_zeros else {}
     sens_windows = windows[:config.sensitivity_windows]
     # The keep fraction's saliency and the Fisher allocation read the same per-window gradients:
     # one backward per window serves both.
     moments = gradient_moments(model, sens_windows, linears, config.progress) \
         if config.keep_fraction > 0 or config.bit_allocation == "fisher" else None
     keep, coords, found = _keep_masks(model, tokenizer, linears, moments, config)
+    keep = {n: k & ~zeros[n].to(k.device) if k is not None and n in zeros else k for n, k in keep.items()}
     sizes = {n: LM.weight_view(m).numel() for n, m in linears.items()}
     res = QuantizeResult(config.method, config.wbits, config.group, bit_allocation=config.bit_allocation,
                          super_weights=found, protected=[list(c) for c in coords], config=asdict(config),
                          calibration={"windows": windows.shape[0], "seq_len": windows.shape[1]})
     bits = {n: config.wbits for n in linears}
     if config.bit_allocation != "uniform":
-        res.budget_bits = config.avg_bits if config.avg_bits is not None else float(config.wbits)
+        res.budget_bits = config.budget_bits
         sens = fisher_curvature(moments) if config.bit_allocation == "fisher" else layer_curvature(
             model, sens_windows, linears, "hessian", config.sensitivity_probes, config.seed, config.progress)
         if any(not math.isfinite(v) for v in sens.values()):
@@ -180,13 +212,13 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
         res.objective = {"chosen": sum(sens[n] * err[n][bits[n]] for n in linears),
                          f"uniform_{uniform_b}bit": sum(sens[n] * err[n][uniform_b] for n in linears)}
     res.bits = bits
-    if config.method == "rtn":
+    if config.method == "rtn":  # an exact 0 is on the integer grid: RTN keeps a pruned zero by itself
         for n, m in tqdm(linears.items(), desc="rtn", disable=not config.progress):
             W = LM.weight_view(m)
             res.quantized[n + ".weight"] = q = rtn_quantize(W.detach(), bits[n], config.group, keep[n], config.zero_point)
             _write(W, q, res, n)
     else:
-        inputs, kwargs = capture_block_inputs(model, windows)
+        inputs, kwargs = _block0(model, windows, shared, config.calibration_seed)
         names_of = LM.module_names(model)
         for layer in tqdm(LM.decoder_layers(model), desc="gptq", disable=not config.progress):
             block = LM.block_linears(layer)
@@ -195,7 +227,7 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
                 n = names_of[m]
                 W = LM.weight_view(m)
                 q = gptq_quantize(W.detach(), H[rel].to(W.device), bits[n], config.group, config.blocksize,
-                                  config.percdamp, config.act_order, keep[n], config.zero_point)
+                                  config.percdamp, config.act_order, keep[n], config.zero_point, zeros.get(n))
                 q.dequantized = None
                 if q.damp != config.percdamp:
                     res.dampening_increased[n] = q.damp
@@ -205,11 +237,16 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
             inputs = next_block_inputs(layer, inputs, kwargs)  # quantized outputs feed the next block
     total = sum(sizes.values())
     res.kept_weights = sum(int(k.sum()) for k in keep.values() if k is not None)
-    code = sum(sizes[n] * bits[n] for n in linears)
-    grids = sum(LM.weight_view(m).shape[0] * len(rtn_groups(LM.weight_view(m).shape[1], config.group))
-                for m in linears.values())
-    res.avg_code_bits = code / total
-    res.avg_bits = (code + grids * GRID_BITS + res.kept_weights * KEPT_BITS) / total
+    res.pruned_weights = sum(int(z.sum()) for z in zeros.values())
+    parts: dict = {}
+    for n in linears:
+        q = res.quantized[n + ".weight"]
+        for part, v in counted_bits(q, bits[n], config.act_order and config.method == "gptq",
+                                    int(zeros[n].sum()) if n in zeros else 0).items():
+            parts[part] = parts.get(part, 0) + v
+    res.bits_by_part = {k: v / total for k, v in parts.items()}
+    res.avg_code_bits = sum(sizes[n] * bits[n] for n in linears) / total
+    res.avg_bits = sum(parts.values()) / total
     per_layer: dict = {}
     for i, layer in enumerate(LM.decoder_layers(model)):
         mods = [n for n in linears if linears[n] in set(LM.block_linears(layer).values())]
@@ -217,9 +254,28 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
     res.layer_bits = per_layer
     res.seconds = time.perf_counter() - t0
     res.peak_memory_mb = LM.peak_memory_mb(dev0)
-    log.info("%s: %.3f code bits (%.3f with scales and zeros) per weight over %d linears in %.1f s", config.method,
+    log.info("%s: %.3f code bits per weight (%.3f as the papers count) over %d linears in %.1f s", config.method,
              res.avg_code_bits, res.avg_bits, len(linears), res.seconds)
     return res
+
+
+def quantize_grid(model, tokenizer, calib, config: QuantizeConfig, keep_zeros: bool = False,
+                  shared: Optional[dict] = None) -> Iterator[tuple[QuantizeConfig, QuantizeResult]]:
+    """Every point of a grid config (``config.grid_points()``: several methods, bits, groups,
+    allocations or calibration draws), each quantized in place from the model as it is, which
+    is restored bit for bit before the next point and at the end:
+
+        for point, res in quantize_grid(model, tok, corpus, QuantizeConfig(method="gptq", wbits=(4, 3))):
+            ppl[point.variant_name()] = evaluate_model(model, tok, ids).perplexity
+
+    The calibration windows and block 0's inputs are computed once per draw (pass the same
+    ``shared`` dict to share them across models too). Each point equals ``quantize_model`` on
+    that point alone."""
+    names = [n + ".weight" for n in LM.decoder_linears(model)]
+    shared = {} if shared is None else shared
+    for point in config.grid_points():
+        with V.restored_on_exit(model, names):
+            yield point, quantize_model(model, tokenizer, calib, point, keep_zeros, shared)
 
 
 def _write(W: torch.Tensor, q: Quantized, res: QuantizeResult, name: str) -> None:
@@ -230,34 +286,46 @@ def _write(W: torch.Tensor, q: Quantized, res: QuantizeResult, name: str) -> Non
         res.rel_error[name] = float((W.float() - old).norm() / old.norm().clamp(min=1e-30))
 
 
+def _sources(run: Run, config: QuantizeConfig) -> list[str]:
+    """The models ``--quantize-from`` names: ``live`` and/or variants of this run (patterns)."""
+    made = [n for n in run.variants if "+quantized" not in n and not n.startswith("quantized")]
+    return V.select_variants(made, config.source, run.live, flag="--quantize-from")
+
+
 def pipeline_step(run: Run, config: QuantizeConfig) -> Optional[str]:
-    """The pipeline's quantize step: the ``quantized`` variant of the live model, stored as its
-    integer codes and scales (or, with --save-variants, tensors); "off" for --quant-method none."""
+    """The pipeline's quantize step: the ``quantized`` variant of the live model (one per point of a
+    grid, ``quantized[gptq,3,g128]``; of each ``--quantize-from`` variant too,
+    ``pruned[wanda,2:4]+quantized[gptq,3,g128]``, its zeros kept exactly zero), stored as its
+    integer codes and scales (or, with --save-variants, tensors); "off" for --quant-method none.
+    The calibration windows and block 0's inputs are computed once for all of them."""
     if config.method == "none":  # no quantized variant
         run.results["quantize"] = {"status": "off", "parent": run.live}
-        run.variants.pop("quantized", None)
+        for name in [n for n in run.variants if n.startswith("quantized") or "+quantized" in n]:
+            run.variants.pop(name)
         return "off"
-    names = [n + ".weight" for n in LM.decoder_linears(run.model)]
-    points = config.grid_points()  # several --calib-seeds: one quantized variant per calibration draw
-    records = []
-    for point in points:
-        name = f"quantized[seed={point.calib_seed}]" if len(points) > 1 else "quantized"
-        with V.restored_on_exit(run.model, names):  # the live model stays unquantized for later steps
-            res = quantize_model(run.model, run.tokenizer, run.texts["train"], point)
-            rec = V.store_variant(run.out, name, run.model, list(res.quantized), mask=False) if \
-                run.cfg.run.save_variants else save_codes(run.out, V.file_stem(name), res.quantized)
-        d = {f.name: getattr(res, f.name) for f in dataclasses.fields(res) if f.name != "quantized"}
-        records.append({**IO.to_strict_json(d), **rec, "status": "ran", "parent": run.live,
-                        **({"name": name, "calibration_seed": point.calibration_seed} if len(points) > 1 else {})})
-    run.results["quantize"] = records[0] if len(points) == 1 else {**records[0], "grid": records}
-    for name, weights in variants_of(run, run.results["quantize"]).items():
-        run.add_variant(name, weights)
+    sources, shared, records = _sources(run, config), {}, []
+    for source in sources:
+        sparse = source.startswith("pruned")  # a pruned variant: its zeros stay zero
+        with V.applied_variant(run.model, run.variants[source]):
+            for point, res in quantize_grid(run.model, run.tokenizer, run.texts["train"], config, sparse, shared):
+                name = point.variant_name()
+                name = name if source == run.live else f"{source}+{name}"
+                rec = V.store_variant(run.out, name, run.model, list(res.quantized), mask=False) if \
+                    run.cfg.run.save_variants else save_codes(run.out, V.file_stem(name), res.quantized)
+                d = {f.name: getattr(res, f.name) for f in dataclasses.fields(res) if f.name != "quantized"}
+                records.append({**IO.to_strict_json(d), **rec, "status": "ran", "parent": source, "name": name,
+                                "calibration_seed": point.calibration_seed})
+    for rec in records:
+        run.add_variant(rec["name"], variants_of(run, {"grid": [rec]})[rec["name"]], rec["parent"])
+    if len(records) == 1:  # one variant: the section is its record, as a single step's
+        records[0] = {k: v for k, v in records[0].items() if k not in ("name", "calibration_seed")}
+    run.results["quantize"] = records[0] if len(records) == 1 else {**records[0], "grid": records}
     return None
 
 
 def variants_of(run: Run, section: dict) -> dict:
-    """{"quantized" (or, one per calibration draw, "quantized[seed=K]"): its weights from its codes
-    or tensors, or None when gone}."""
+    """{"quantized" (or one per grid point and quantized model, "quantized[gptq,3,g128]",
+    "pruned[...]+quantized[...]"): its weights from its codes or tensors, or None when gone}."""
     return {r.get("name", "quantized"): V.variant_weights(
         run.out, r, from_codes=lambda p: functools.partial(coded_weights, path=p))
         for r in section.get("grid") or [section]}

@@ -87,12 +87,12 @@ def _md_prune(results: dict) -> list[str]:
                       + (f", M {R.fmt(alloc.get('owl_m'))}" if alloc["mode"] == "owl" else "") + "): "
                       f"{pr.get('pruned_weights')} of {pr.get('total_weights')} weights pruned."]
     q = results.get("quantize")
-    if q and q.get("status") == "ran":
+    if q and q.get("status") == "ran" and not q.get("grid"):
         lines += _section("Quantization",
-                          f"{R.text(q['method'])} g{q['group']}, {R.text(q['bit_allocation'])} bits: "
-                          f"{R.fmt(q['avg_code_bits'])} code bits per weight, {R.fmt(q['avg_bits'])} with "
-                          f"scales, zeros and {q['kept_weights']} weights kept in full precision, in "
-                          f"{R.fmt(q['seconds'])} s.",
+                          f"{R.text(q['method'])} g{q['group']}, {R.quant_bits_words(q)}: "
+                          f"{R.fmt(q['avg_code_bits'])} code bits per weight, {R.fmt(q['avg_bits'])} as the "
+                          f"papers count them (scales, zeros and {q['kept_weights']} weights kept in full "
+                          f"precision), in {R.fmt(q['seconds'])} s.",
                           "quantize_bits_per_layer.png", "bits per layer")
     return lines
 
@@ -456,13 +456,14 @@ def findings(results: dict) -> list[str]:
                    f"gives perplexity "
                    f"{R.fmt(ppl['pruned'])} against {R.fmt(base)} for its dense parent "
                    f"(x{R.fmt(R.num(ppl['pruned']) / R.num(base))}).")
-    q = results.get("quantize") or {}
-    qbase = ppl.get(parents.get("quantized"))
-    if q.get("status") == "ran" and "quantized" in ppl and R.num(qbase):
-        out.append(f"{q['method'].upper()} quantization ({q['bit_allocation']} bits, {R.fmt(q['avg_bits'])} "
-                   f"bits per weight with scales and zeros) gives perplexity {R.fmt(ppl['quantized'])} "
-                   f"against {R.fmt(qbase)} for its parent "
-                   f"(x{R.fmt(R.num(ppl['quantized']) / R.num(qbase))}).")
+    for name, q in R.variant_records(results, "quantize", "quantized")[:4]:  # a grid's are in its table
+        qbase = ppl.get(parents.get(name))
+        if q.get("status") == "ran" and name in ppl and R.num(qbase):
+            out.append(f"{q['method'].upper()} quantization ({R.quant_bits_words(q)}, group {q['group']}: "
+                       f"{R.fmt(q['avg_bits'])} bits per weight as the papers count them) gives "
+                       f"{R.text(name) + ' ' if name != 'quantized' else ''}perplexity {R.fmt(ppl[name])} "
+                       f"against {R.fmt(qbase)} for its parent {R.text(parents.get(name))} "
+                       f"(x{R.fmt(R.num(ppl[name]) / R.num(qbase))}).")
     nz = results.get("noise")
     if nz and "noisy" in ppl:
         v, sat = nz["variant"], nz["sweep"]["saturation"]

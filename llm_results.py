@@ -18,6 +18,7 @@ from typing import Mapping, Optional
 
 import llm_io as IO
 import llm_model as LM
+from llm_compress import DENSE_BITS, MASK_BITS
 from llm_config import ALL_STEPS
 
 log = logging.getLogger("llm.report")
@@ -234,15 +235,41 @@ def _made_by(results: Mapping, name: str, train_text) -> dict:
             eps = field(r, "recipe", "epsilon", default=r.get("epsilon", v.get("epsilon")))
             kind = "bit flips" if v.get("mode") == "bitflip" else "Gaussian weight noise"
             return {"made_by": f"{v.get('mode')} {kind}, eps={eps}, group {v.get('group')}, seed {v.get('seed')}"}
-    q = field(results, "quantize", kind=dict, default={})
-    if name == "quantized" and q.get("status") == "ran":
-        cal = field(q, "calibration", kind=dict, default={})
-        return {"made_by": f"{q.get('method')} weight quantization, {q.get('bit_allocation')} bits, group "
-                           f"{q.get('group')}: {fmt(num(q.get('avg_code_bits')))} code bits per weight "
-                           f"({fmt(num(q.get('avg_bits')))} with scales, zeros and {q.get('kept_weights')} weights kept "
-                           "in full precision) of the decoder linears",
-                "calibration": f"{cal.get('windows')} windows of {cal.get('seq_len')} tokens"}
+    for rname, q in variant_records(results, "quantize", "quantized"):
+        if rname == name and q.get("status") == "ran":
+            cal = field(q, "calibration", kind=dict, default={})
+            return {"made_by": f"{q.get('method')} weight quantization, {quant_bits_words(q)}, group "
+                               f"{q.get('group')}: {fmt(num(q.get('avg_bits')))} bits per weight of the decoder "
+                               f"linears as the papers count them (codes, scales, zeros"
+                               + (f", {q.get('kept_weights')} weights kept in full precision" if q.get("kept_weights")
+                                  else "") + (", the pruned mask" if q.get("pruned_weights") else "") + ")",
+                    "calibration": f"{cal.get('windows')} windows of {cal.get('seq_len')} tokens"}
     return {}
+
+
+def quant_bits_words(q: Mapping) -> str:
+    """A quantize record's bit widths in words: "3-bit" (uniform), "hessian mixed precision at
+    3.5 code bits per weight" (the budget)."""
+    if q.get("bit_allocation") in (None, "uniform"):
+        return f"{q.get('wbits')}-bit"
+    return f"{q.get('bit_allocation')} mixed precision at {fmt(num(q.get('budget_bits')))} code bits per weight"
+
+
+def variant_bits(results: Mapping) -> dict:
+    """{variant: bits per weight of the decoder linears, as the papers count them} for every
+    variant of the run: a quantized one its record's count (``llm_compress.counted_bits``: codes,
+    fp16 scales, zeros, group index, kept weights, pruning mask); a pruned one ``DENSE_BITS`` per
+    kept weight and a ``MASK_BITS`` bitmask; every other (base, fine-tuned, noisy) ``DENSE_BITS``
+    (16: an fp16 model, whatever dtype this run held)."""
+    out = {n: float(DENSE_BITS) for n in field(results, "variants", kind=dict, default={})}
+    for name, r in variant_records(results, "prune", "pruned"):
+        s = num(r.get("overall_sparsity"))
+        if s is not None:
+            out[name] = DENSE_BITS * (1 - s) + MASK_BITS * (s > 0)
+    for name, r in variant_records(results, "quantize", "quantized"):
+        if r.get("status") == "ran" and num(r.get("avg_bits")) is not None:
+            out[name] = num(r["avg_bits"])
+    return out
 
 
 def describe_variant(results: Mapping, name: str) -> str:
@@ -301,3 +328,26 @@ def variant_facts(results: Mapping, parents: Mapping[str, Optional[str]]) -> dic
                                         "limit": field(zs, "protocol", "limit")}
         out[name] = f
     return out
+
+
+def pareto_rows(results: Mapping) -> list[dict]:
+    """Quality against size: one row per variant that has a perplexity, {"variant", "parent",
+    "bits" (``variant_bits``), "perplexity", "zeroshot" (mean accuracy or None), "front" (on the
+    Pareto front of perplexity against bits: no other variant has fewer or equal bits and a lower
+    perplexity), "front_zeroshot" (the same with a higher zero-shot mean)}, sorted by bits.
+    Noisy variants are left out: noise is not compression."""
+    bits, ppl = variant_bits(results), field(results, "perplexity", kind=dict, default={})
+    means = field(results, "zeroshot", "mean", kind=dict, default={})
+    parents = field(results, "variants", kind=dict, default={})
+    rows = [{"variant": n, "parent": parents.get(n), "bits": b, "perplexity": num(ppl.get(n)),
+             "zeroshot": num(means.get(n))} for n, b in bits.items()
+            if not n.startswith("noisy") and num(ppl.get(n)) is not None]
+    rows.sort(key=lambda r: (r["bits"], r["perplexity"]))
+    for key, better in (("perplexity", lambda a, b: a < b), ("zeroshot", lambda a, b: a > b)):
+        best = None
+        for r in rows:
+            v = r[key]
+            on = v is not None and (best is None or better(v, best))
+            r["front" if key == "perplexity" else "front_zeroshot"] = on
+            best = v if on else best
+    return rows

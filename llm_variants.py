@@ -165,7 +165,8 @@ def applied_variant(model: torch.nn.Module, weights):
     return swapped_weights(model, weights)
 
 
-def select_variants(names: Sequence[str], patterns: Sequence[str], live: str) -> list[str]:
+def select_variants(names: Sequence[str], patterns: Sequence[str], live: str,
+                    flag: str = "--robustness-variants") -> list[str]:
     """The variant names (in ``names``' order) that ``patterns`` choose: ``all`` (every one),
     ``live`` (the live model only), or names and shell-style patterns where ``*`` and ``?`` are
     wildcards and brackets are literal (``pruned[*]``, ``quantized*``). Raises UserError when a
@@ -181,7 +182,7 @@ def select_variants(names: Sequence[str], patterns: Sequence[str], live: str) ->
             rx = re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in p) + r"\Z")
             hit = {n for n in names if rx.match(n)}
         if not hit:
-            raise UserError(f"--robustness-variants: {p!r} names no variant of this run (it has "
+            raise UserError(f"{flag}: {p!r} names no variant of this run (it has "
                             f"{', '.join(names)})")
         chosen |= hit
     return [n for n in names if n in chosen]

@@ -39,7 +39,8 @@ import llm_variants as V  # noqa: E402
 from llm_config import EvalConfig, PruneConfig, QuantizeConfig, ZeroShotConfig  # noqa: E402
 from llm_perplexity import evaluate_model  # noqa: E402
 from llm_prune_model import prune_model  # noqa: E402
-from llm_quantize_model import KEPT_BITS, quantize_model  # noqa: E402
+from llm_compress import KEPT_BITS  # noqa: E402
+from llm_quantize_model import quantize_model  # noqa: E402
 from llm_zeroshot import evaluate_zeroshot  # noqa: E402
 
 log = logging.getLogger("bench.compress")

@@ -389,7 +389,7 @@ def test_non_finite_weights_through_analysis_and_report_only_never_crash_the_plo
     d = _nan_weight_model(tmp_path, sample_text, value)
     out = tmp_path / "out"
     flags = ("--steps", "analysis", "--analysis-windows", "1", "--analysis-seq-len", "16", "--analysis-fisher-windows",
-             "1", "--hessian-probes", "2", "--power-iters", "2", "--quant-bits", "4", "--analysis-eval-tokens", "64",
+             "1", "--hessian-probes", "2", "--power-iters", "2", "--analysis-quant-bits", "4", "--analysis-eval-tokens", "64",
              "--analysis-eval-seq-len", "32")
     assert llm_main_v4.main(tiny_argv(d, out, *flags)) == 0
     assert (out / "report.md").is_file()

@@ -77,7 +77,7 @@ BAD = [
     (["--noise-mode", "uniform"], "--noise-mode"),
     (["--sweep-eps", "0.1,x"], "--sweep-eps"),
     (["--protect-fraction", "1.5"], "--protect-fraction"),
-    (["--quant-bits", "4,1"], "--quant-bits"),
+    (["--analysis-quant-bits", "4,1"], "--analysis-quant-bits"),
     (["--attack-eps", "-1"], "--attack-eps"),
     (["--attack-norm", "l1"], "--attack-norm"),
     (["--hessian-probes", "0"], "--hessian-probes"),
@@ -237,7 +237,7 @@ def test_full_pipeline_on_tiny_model(tiny_dir, corpus_file, tmp_path):
     out = tmp_path / "out"
     argv = ["--model", str(tiny_dir), "--steps", "finetune,prune,noise,eval,adversarial,analysis",
             "--attack-steps", "2", "--attack-windows", "2", "--gcg-steps", "2", "--defence-steps", "2",
-            "--hessian-probes", "2", "--power-iters", "2", "--analysis-seq-len", "16", "--quant-group", "16",
+            "--hessian-probes", "2", "--power-iters", "2", "--analysis-seq-len", "16", "--analysis-quant-group", "16",
             "--protect-super-weights", "auto", "--dataset", str(corpus_file),
             "--train-dataset", str(corpus_file), "--allow-overlap", "--seq-len", "32", "--eval-tokens", "256",
             "--max-new-tokens", "3",

@@ -341,14 +341,14 @@ def test_quantized_variant_is_scored_exported_as_compressed_tensors_reported_and
     assert res["export"]["variants"]["base"].get("quant_format") is None  # only codes are packed
 
     card = (path / "README.md").read_text()
-    assert "gptq weight quantization, fisher bits, group 16" in card and "| tiny_qa |" in card
+    assert "gptq weight quantization, fisher mixed precision at 3.5 code bits per weight, group 16" in card and "| tiny_qa |" in card
     report = (tmp_path / "a" / "report.md").read_text()
-    assert f"GPTQ quantization (fisher bits, {fmt(q['avg_bits'])} bits per weight with scales and zeros) gives " \
-           f"perplexity {fmt(res['perplexity']['quantized'])}" in report
+    assert f"GPTQ quantization (fisher mixed precision at 3.5 code bits per weight, group 16: {fmt(q['avg_bits'])} " \
+           f"bits per weight as the papers count them) gives perplexity {fmt(res['perplexity']['quantized'])}" in report
     assert [ln for ln in report.splitlines() if ln.startswith("| quantized |") and "±" in ln]
     assert M.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b"), "--output-dir", str(tmp_path / "c")]) == 0
     compare = (tmp_path / "c" / "compare.md").read_text()
-    assert "| quantization |" in compare and "gptq fisher" in compare and "rtn uniform" in compare
+    assert "| quantization |" in compare and "gptq fisher mixed precision at 3.5" in compare and "rtn 3-bit g16" in compare
     acc = f"{100 * zs['mean']['quantized']['acc']:.1f}"
     assert acc in compare.split("Zero-shot mean accuracy")[1]
 
