@@ -340,7 +340,7 @@ def pareto_rows(results: Mapping) -> list[dict]:
     means = field(results, "zeroshot", "mean", kind=dict, default={})
     parents = field(results, "variants", kind=dict, default={})
     rows = [{"variant": n, "parent": parents.get(n), "bits": b, "perplexity": num(ppl.get(n)),
-             "zeroshot": num(means.get(n))} for n, b in bits.items()
+             "zeroshot": num(field(means, n, "acc"))} for n, b in bits.items()
             if not n.startswith("noisy") and num(ppl.get(n)) is not None]
     rows.sort(key=lambda r: (r["bits"], r["perplexity"]))
     for key, better in (("perplexity", lambda a, b: a < b), ("zeroshot", lambda a, b: a > b)):
