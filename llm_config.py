@@ -75,6 +75,10 @@ class RunConfig(StepConfig):
                           results=False)
     budget: str = knob("auto", "default budgets of every step: the CPU or the GPU value of every budget "
                                "field (auto: by device)", choices=("auto", "cpu", "gpu"))
+    smoke: bool = knob(False, "try a protocol small before running it big: every step's budgets cut to the "
+                              "least that runs it (2 windows of 32 tokens, 256 tokens scored, 8 questions per "
+                              "task, first 2 values of each eps list), presets and config files included; the "
+                              "report says it is a smoke run")
     report_only: bool = knob(False, "rebuild plots and report from <output-dir>/results.json, "
                                     "without a model", results=False)
     compare: tuple = knob((), "compare finished runs: one table and one plot across their results.json, "
@@ -102,6 +106,10 @@ class RunConfig(StepConfig):
     train_dataset: Optional[str] = knob(None, "calibration / fine-tuning text, same choices",
                                         shown="c4 on GPU, as the pruning papers calibrate, else wikitext2 "
                                               "(its train split), whatever --dataset is")
+    data_dir: Optional[str] = knob(None, "folder that holds the named corpora locally, as their publishers ship "
+                                         "them: wikitext-2-raw/wiki.{test,train}.raw, c4/c4-train.00000-of-01024"
+                                         ".json.gz, c4/c4-validation.00000-of-00008.json.gz, ptb/ptb.{test,"
+                                         "train}.txt; read before the hub", shown="$LLM_DATA_DIR")
     no_fallback: bool = knob(False, "never replace an unavailable wikitext2 by the embedded corpus")
     save_variants: bool = knob(False, "store full copies of the pruned and noisy weights (default: a 1-bit "
                                       "mask for pruning that only zeroes weights, and the noise recipe, "
@@ -109,6 +117,11 @@ class RunConfig(StepConfig):
     allow_overlap: bool = knob(False, "run even when the calibration / fine-tuning text shares "
                                       "paragraphs with the evaluation text (refused by default: it "
                                       "inflates every score)", results=False)
+
+    def check(self) -> None:
+        d = self.data_dir or os.environ.get("LLM_DATA_DIR")
+        if d and not os.path.isdir(os.path.expanduser(d)):
+            raise UserError(f"--data-dir {d}: no such folder" + (" (from LLM_DATA_DIR)" if not self.data_dir else ""))
 
 
 @dataclass

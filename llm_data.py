@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -194,14 +195,58 @@ def _hub_text(name: str, split: str, offline: bool) -> "Corpus":
     return Corpus(name, split, joiners[split].join(rows), where, protocol=protocol, eval_windows=eval_windows)
 
 
-def hub_corpus(name: str, split: str) -> Corpus | str:
+# Where ``--data-dir`` (or LLM_DATA_DIR) holds each named corpus, per split: the files' names as
+# their publishers ship them (the WikiText zip, allenai/c4's shards, the PTB text files).
+LOCAL_FILES = {"wikitext2": {"test": "wikitext-2-raw/wiki.test.raw", "train": "wikitext-2-raw/wiki.train.raw"},
+               "c4": {"test": "c4/c4-validation.00000-of-00008.json.gz", "train": "c4/c4-train.00000-of-01024.json.gz"},
+               "ptb": {"test": "ptb/ptb.test.txt", "train": "ptb/ptb.train.txt"}}
+
+
+def data_dir(given: Optional[str] = None) -> Optional[Path]:
+    """The folder that holds named corpora locally: ``given`` (--data-dir), else $LLM_DATA_DIR."""
+    d = given or os.environ.get("LLM_DATA_DIR")
+    return Path(d).expanduser() if d else None
+
+
+def local_corpus(name: str, split: str, folder: Path) -> Optional[Corpus]:
+    """A corpus of ``HUB_CORPORA`` from its publisher's files in ``folder`` (``LOCAL_FILES``; C4
+    also as ``.json`` / ``.jsonl``), read the way the papers' loaders read the hub's rows: one row
+    per line (one document per JSON row), joined by the split's joiner, C4 sampled document by
+    document. None when the file is not there. A copy whose rows differ from the hub's (e.g.
+    WikiText without its empty rows) gives slightly different numbers: its path is recorded."""
+    rel = Path(LOCAL_FILES[name][split])
+    stem = rel.name.split(".json")[0]
+    found = [folder / rel] + ([folder / rel.parent / (stem + ext) for ext in (".json", ".jsonl")] if name == "c4" else [])
+    path = next((p for p in found if p.is_file()), None)
+    if path is None:
+        return None
+    if name == "c4":
+        corpus = json_corpus(path, split, [str(path)])
+        corpus.name = name
+        return corpus
+    *_, joiners, _, protocol = HUB_CORPORA[name]
+    rows = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    return Corpus(name, split, joiners[split].join(rows), f"{path} (local copy, one row per line)",
+                  protocol=protocol)
+
+
+def offline_hint(name: str, split: str, local: Optional[str] = None) -> str:
+    """How to point a named corpus at local files, for the error of one that cannot be had."""
+    folder = data_dir(local)
+    where = f"not in {folder / LOCAL_FILES[name][split]} either; " if folder else ""
+    return (f"{where}put {LOCAL_FILES[name][split]} under a folder and pass --data-dir FOLDER (or set "
+            f"LLM_DATA_DIR), or pass the file itself as --dataset / --train-dataset")
+
+
+def hub_corpus(name: str, split: str, local: Optional[str] = None) -> Corpus | str:
     """A corpus of ``HUB_CORPORA`` from the hub, or offline from the local ``datasets`` cache;
     where neither has it, the reason, in one line."""
     offline = not C.hub_reachable()
     try:
         return _hub_text(name, split, offline)
     except Exception as e:  # noqa: BLE001 - any hub or cache failure means "unavailable"
-        return "offline, and not in the local datasets cache" if offline else error_line(e, 160)
+        return f"offline, and not in the local datasets cache; {offline_hint(name, split, local)}" if offline else \
+            error_line(e, 160)
 
 
 JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
@@ -242,13 +287,14 @@ def json_corpus(path: Path, split: str, files: Sequence[str]) -> Corpus:
                   protocol="local JSON-lines documents, sampled like get_c4 (document by document)")
 
 
-def load_corpus(name: str, split: str = "test", fallback: bool = True) -> Corpus:
+def load_corpus(name: str, split: str = "test", fallback: bool = True, local: Optional[str] = None) -> Corpus:
     """Load ``name`` for ``split`` ("train" or "test"): a name of ``HUB_CORPORA`` (wikitext2, c4,
     ptb, each as its ``protocol`` says), 'embedded', a text file or folder, or a local JSON-lines
     shard (``.json``, ``.jsonl``, ``.json.gz``, or a folder of them; see ``json_corpus``).
 
-    Hub corpora come from the hub or, offline (no route to the hub, or HF_*_OFFLINE set),
-    from the local ``datasets`` cache. When neither has it, the embedded corpus is used with
+    Hub corpora come from the folder ``local`` (--data-dir, else $LLM_DATA_DIR; ``local_corpus``)
+    when it holds their files, else from the hub or, offline (no route to the hub, or HF_*_OFFLINE
+    set), from the local ``datasets`` cache. When none has it, the embedded corpus is used with
     a warning and ``Corpus.fallback`` records why; with ``fallback=False`` that is an error.
     """
     if split not in ("train", "test"):
@@ -256,7 +302,8 @@ def load_corpus(name: str, split: str = "test", fallback: bool = True) -> Corpus
     if name == "embedded":
         return Corpus(name, split, embedded_corpus(split), f"pydoc_data.topics[{split}]")
     if name in HUB_CORPORA:
-        got = hub_corpus(name, split)
+        folder = data_dir(local)
+        got = (local_corpus(name, split, folder) if folder else None) or hub_corpus(name, split, local)
         if isinstance(got, Corpus):
             return got
         reason = got
@@ -288,21 +335,23 @@ def load_corpus(name: str, split: str = "test", fallback: bool = True) -> Corpus
     return Corpus(name, split, text, str(path))
 
 
-def _default_train_text(name: str, no_fallback: bool) -> Corpus:
+def _default_train_text(name: str, no_fallback: bool, local: Optional[str] = None) -> Corpus:
     """The default calibration text ``name`` (c4 on GPU), or where it cannot be had WikiText-2's
     train split, with the reason logged and recorded in ``Corpus.replaced``."""
-    got = hub_corpus(name, "train")
+    folder = data_dir(local)
+    got = (local_corpus(name, "train", folder) if folder else None) or hub_corpus(name, "train", local)
     if isinstance(got, Corpus):
         return got
     log.warning("%s, the default calibration text, is unavailable (%s); using WikiText-2's train split instead",
                 name, got)
-    corpus = load_corpus("wikitext2", "train", fallback=not no_fallback)
+    corpus = load_corpus("wikitext2", "train", fallback=not no_fallback, local=local)
     corpus.replaced = f"{name} unavailable ({got}); WikiText-2 train used instead"
     return corpus
 
 
 def load_texts(dataset: Optional[str], train_dataset: Optional[str], which: set, no_fallback: bool = False,
-               allow_overlap: bool = False, default_train: str = "wikitext2") -> tuple[dict, dict]:
+               allow_overlap: bool = False, default_train: str = "wikitext2", local: Optional[str] = None
+               ) -> tuple[dict, dict]:
     """The "eval" (``dataset``) and "train" (``train_dataset``) texts in ``which``, and their
     description for results.json, with the overlap check when both are read (see
     ``corpus_overlap``). None means wikitext2 with the embedded fallback; wikitext2 named
@@ -315,10 +364,10 @@ def load_texts(dataset: Optional[str], train_dataset: Optional[str], which: set,
     texts = {}
     for w in sorted(which):
         if w == "train" and specs[w] is None and default_train != "wikitext2":
-            texts[w] = _default_train_text(default_train, no_fallback)
+            texts[w] = _default_train_text(default_train, no_fallback, local)
         else:
             texts[w] = load_corpus(specs[w] or "wikitext2", "test" if w == "eval" else "train",
-                                   fallback=specs[w] is None and not no_fallback)
+                                   fallback=specs[w] is None and not no_fallback, local=local)
     described = {w: t.describe() for w, t in texts.items()}
     if len(texts) == 2:  # calibration text that holds evaluation text inflates every score
         described["overlap"] = corpus_overlap(texts["train"], texts["eval"], allow=allow_overlap)

@@ -101,6 +101,32 @@ class StepConfig:
         c = getattr(self, "calib_seed", None)
         return self.seed if c is None or isinstance(c, tuple) else c
 
+    # --smoke: the least work that still runs every line of a step (a budget of 2 windows, not 1,
+    # so that anything computed across windows, e.g. a spread, is computed).
+    SMOKE = {"len": 32, "tokens": 256, "limit": 8, "count": 2, "list": 2, "sweep_seeds": 1}
+
+    def smoke(self):
+        """A copy for a smoke run (``--smoke``): every budget cut (counts to 2, window lengths to 32
+        tokens, token budgets to 256, zero-shot questions to 8 per task; "all" (0) counts as large),
+        and the lists and repeats that multiply work (sweep eps, attack eps, RTN bits, probes,
+        sweep seeds) cut to their first values. The pipeline, not the model, is what it tests."""
+        cap, out = self.SMOKE, {}
+        for f in fields(self):
+            v, name = getattr(self, f.name), f.name
+            if isinstance(v, bool) or v is None:
+                continue
+            if isinstance(v, int) and (f.metadata.get("budget") or name.endswith(("probes", "prompts", "super_weights"))
+                                       or name == "sweep_seeds"):
+                kind = ("len" if f.metadata.get("context") or name.endswith("len") else
+                        "tokens" if "tokens" in name else "limit" if name == "limit" else
+                        "sweep_seeds" if name == "sweep_seeds" else "count")
+                out[name] = cap[kind] if v == 0 and kind in ("tokens", "limit") else min(v, max(cap[kind], 1))
+            elif isinstance(v, tuple) and len(v) > cap["list"] and f.metadata.get("parse") in (parse_floats, parse_ints):
+                out[name] = v[:cap["list"]]
+        if "filter_prompts" in out:
+            out["filter_prompts"] = max(out["filter_prompts"], 2)  # bounds: a filter needs two
+        return dataclasses.replace(self, **out)
+
     def ignored(self) -> list:
         """(flag, why) of each field set away from its default that these settings do not read."""
         return [(flag_of(type(self), f), self.applies[f.name][1]) for f in fields(self)

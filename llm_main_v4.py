@@ -232,12 +232,15 @@ def _check_before_loading(cfg: PipelineConfig, out: Path) -> tuple[dict, dict, d
     LM.resolve_dtype(rc.dtype, device)
     gpu = rc.budget == "gpu" or (rc.budget == "auto" and device.type == "cuda")
     configs = {s: getattr(cfg, s).resolved(gpu) for s in (rc.steps or ALL_STEPS)}
+    if rc.smoke:  # budgets cut after they are filled: a preset's or a config's values too
+        configs = {s: c.smoke() for s, c in configs.items()}
     for c in configs.values():
         c.validate()
     _warn_ignored(cfg, configs)
     IO.ensure_writable_dir(out, "--output-dir")
     texts, described = D.load_texts(rc.dataset, rc.train_dataset, {c for s in configs for c in STEPS[s].corpora},
-                                    rc.no_fallback, rc.allow_overlap, default_train="c4" if gpu else "wikitext2")
+                                    rc.no_fallback, rc.allow_overlap, default_train="c4" if gpu else "wikitext2",
+                                    local=rc.data_dir)
     for step, config in configs.items():
         prepare = _hook(step, "prepare")
         if prepare:  # ``asked``: the config as given, its budgets not yet filled
@@ -282,7 +285,7 @@ def _start(cfg: PipelineConfig, out: Path, argv: Optional[list], texts: dict, de
         trust_remote_code=rc.trust_remote_code, cache_dir=rc.cache_dir))
     _check_vocabulary(run.model, run.tokenizer, run.label)
     dtype = str(LM.resolve_dtype(rc.dtype, device))
-    run.results.update(seed=rc.seed, argv=argv, steps=list(rc.steps or ALL_STEPS), device=str(device), dtype=dtype,
+    run.results.update(seed=rc.seed, smoke=rc.smoke, argv=argv, steps=list(rc.steps or ALL_STEPS), device=str(device), dtype=dtype,
                        versions=C.library_versions(), python=platform.python_version(), steps_done={},
                        model=run.label, parameters=sum(p.numel() for p in run.model.parameters()),
                        model_identity=LM.model_identity(run.model, run.label), dataset=described)

@@ -39,8 +39,8 @@ import llm_data as D
 import llm_io as IO
 import llm_model as LM
 import llm_variants as V
-from llm_compress import (Quantized, capture_block_inputs, coded_weights, counted_bits, gptq_quantize,
-                          linear_input_stats, next_block_inputs, rtn_quantize, save_codes)
+from llm_compress import (BITS_COUNTED, Quantized, capture_block_inputs, coded_weights, counted_bits,
+                          gptq_quantize, linear_input_stats, next_block_inputs, rtn_quantize, save_codes)
 from llm_config import QuantizeConfig
 from llm_run import Run
 from llm_sensitivity import (fisher_curvature, gradient_moments, layer_curvature, protect_top_fraction,
@@ -49,11 +49,7 @@ from llm_sensitivity import (fisher_curvature, gradient_moments, layer_curvature
 log = logging.getLogger("llm.quantize")
 
 BIT_CHOICES = (2, 3, 4, 8)
-BITS_COUNTED = ("per weight of the decoder linears: codes, an fp16 scale and a zero of the code's bits per "
-                "group (fp16 for a float zero point), an int32 group index per column with act order, "
-                "16 + 32 bits per weight kept in full precision, and a 1-bit mask when pruned weights are "
-                "held at zero (then pruned weights have no code); embeddings, norms and the LM head are "
-                "not counted")
+
 
 
 @dataclass
@@ -66,6 +62,7 @@ class QuantizeResult:
     avg_code_bits: float = 0.0                         # code bits per weight over the quantized linears
     avg_bits: float = 0.0                              # the papers' count (BITS_COUNTED)
     bits_by_part: dict = field(default_factory=dict)   # that count's parts, bits per weight
+    bits_counted: str = BITS_COUNTED                   # what that count counts, in words
     pruned_weights: int = 0                            # held at exactly zero (a pruned model's mask)
     budget_bits: Optional[float] = None                # --avg-bits of the mixed precision
     bit_allocation: str = "uniform"

@@ -20,6 +20,7 @@ import llm_common as C
 import llm_io as IO
 import llm_model as LM
 import llm_matrix as M
+import llm_report_compress as RC
 import llm_report_stats as RS
 import llm_results as R
 from llm_plots import make_plots
@@ -72,7 +73,7 @@ def _md_prune(results: dict) -> list[str]:
     lines: list[str] = []
     pr = results.get("prune")
     if pr and pr.get("grid"):
-        lines += _md_prune_grid(results)
+        lines += RC.md_prune_grid(results)
     elif pr:
         lines += _section("Pruning",
                           f"{R.text(pr['method'])} {R.text(pr['pattern'])}: achieved sparsity "
@@ -95,31 +96,6 @@ def _md_prune(results: dict) -> list[str]:
                           f"precision), in {R.fmt(q['seconds'])} s.",
                           "quantize_bits_per_layer.png", "bits per layer")
     return lines
-
-
-def _md_prune_grid(results: dict) -> list[str]:
-    """A grid of pruned variants: one row per point, and the curves a paper would print."""
-    ppl = R.field(results, "perplexity", kind=dict, default={})
-    means = R.field(results, "zeroshot", "mean", kind=dict, default={})
-    recs = R.variant_records(results, "prune", "pruned")
-    parent = recs[0][1].get("parent") if recs else None
-    cal = R.field(recs[0][1], "calibration", kind=dict, default={}) if recs else {}
-    lines = ["", "## Pruning (grid)", "",
-             f"{len(recs)} pruned variants of {R.text(parent)}, each from the same "
-             f"{R.fmt(cal.get('windows'))} calibration windows of {R.fmt(cal.get('seq_len'))} tokens of "
-             f"{R.text(cal.get('source'))}. Dense ({R.text(parent)}): perplexity "
-             f"{R.fmt(R.num(ppl.get(parent)))}.", "",
-             "| variant | method | pattern | allocation | sparsity (achieved) | perplexity | x parent | "
-             "zero-shot mean |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name, r in recs:
-        lines.append(f"| {R.esc(name)} | {R.text(r.get('method'))} | {R.text(r.get('pattern'))} | "
-                     f"{R.text(R.field(r, 'allocation', 'mode', default='uniform'))} | "
-                     f"{R.fmt(R.num(r.get('overall_sparsity')))} | {R.fmt(R.num(ppl.get(name)))} | "
-                     f"{RS.ratio_cell(results, name, R.ratio(ppl.get(name), ppl.get(parent)))} | "
-                     f"{R.acc_pct(R.field(means, name, 'acc'))} |")
-    return lines + RS.calibration_draws(results) + ["", "![perplexity against sparsity](plots/prune_curves.png)",
-                                                     "", "![sparsity per layer](plots/prune_sparsity_per_layer.png)"]
 
 
 def _md_noise(results: dict) -> list[str]:
@@ -396,6 +372,9 @@ def report_markdown(results: dict) -> str:
                       f"not {d.get('name')} numbers. Rerun with the data cached, or with --no-fallback to "
                       "make this an error.", ""]
     preset = R.field(results, "preset", kind=dict)
+    if results.get("smoke"):
+        lines += ["**Smoke run (--smoke): every budget was cut to the least that runs each step; these numbers "
+                  "check the pipeline, not the model. Run without --smoke for results.**", ""]
     if preset:
         over = R.field(preset, "overridden", kind=list, default=[])
         lines += [f"**Protocol: as {R.text(preset.get('paper'))} ({R.text(preset.get('code'))}), "
@@ -430,7 +409,8 @@ def report_markdown(results: dict) -> str:
     found = findings(results)
     if found:
         lines += ["", "## Findings", ""] + [f"- {f}" for f in found]
-    for section in (_md_perplexity, _md_zeroshot, M.report_section, _md_finetune, _md_prune, _md_noise,
+    for section in (_md_perplexity, _md_zeroshot, M.report_section, _md_finetune, _md_prune, RC.md_compression,
+                    _md_noise,
                     _md_export, _md_adversarial, _md_analysis, _md_generations, _md_manifest):
         lines += section(results)
     return "\n".join(lines) + "\n"

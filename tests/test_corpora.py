@@ -162,3 +162,27 @@ def test_c4_evaluation_scores_the_first_256_windows_unless_eval_tokens_is_given(
                                eval=K.EvalConfig(seq_len=128, eval_tokens=eval_tokens))
         configs, texts, _ = llm_main_v4._check_before_loading(cfg, out)
         assert configs["eval"].eval_tokens == want
+
+
+def test_data_dir_binds_named_corpora_to_local_files(tmp_path, monkeypatch):
+    """Issue 32: --data-dir (or LLM_DATA_DIR) holds the publishers' files; wikitext2 is read one row
+    per line and joined as get_wikitext2 joins the hub's rows, c4 is a document corpus, and what
+    is missing is one error that says where to put it."""
+    monkeypatch.setattr(C, "hub_reachable", lambda: False)
+    monkeypatch.delenv("LLM_DATA_DIR", raising=False)
+    (tmp_path / "wikitext-2-raw").mkdir()
+    (tmp_path / "wikitext-2-raw" / "wiki.test.raw").write_text(" = A = \n Alpha beta .\n")
+    (tmp_path / "wikitext-2-raw" / "wiki.train.raw").write_text(" one\n two\n")
+    test = D.load_corpus("wikitext2", "test", fallback=False, local=str(tmp_path))
+    assert test.text == " = A = \n\n\n Alpha beta .\n" and str(tmp_path) in test.source and test.fallback is None
+    assert D.load_corpus("wikitext2", "train", local=str(tmp_path)).text == " one\n  two\n"
+    (tmp_path / "c4").mkdir()
+    write_shard(tmp_path / "c4" / "c4-train.00000-of-01024.json.gz", stand_in_docs(10))
+    monkeypatch.setenv("LLM_DATA_DIR", str(tmp_path))
+    c4 = D.load_corpus("c4", "train", fallback=False)
+    assert c4.name == "c4" and list(c4.docs) == stand_in_docs(10)
+    with pytest.raises(C.UserError, match=r"not in .*c4-validation.00000-of-00008.json.gz either; put .* --data-dir"):
+        D.load_corpus("c4", "test", fallback=False)
+    monkeypatch.setenv("LLM_DATA_DIR", str(tmp_path / "missing"))
+    with pytest.raises(C.UserError, match="no such folder"):
+        K.RunConfig().validate()

@@ -97,3 +97,26 @@ def test_prune_from_fine_tuned_without_a_fine_tune_is_one_error(tiny_run_dir, tm
 
     assert M.main(tiny_argv(tiny_run_dir, tmp_path / "o", "--steps", "prune", "--prune-from", "fine-tuned")) == 2
     assert "--prune-from fine-tuned" in one_error(capsys)
+
+
+def test_smoke_runs_a_preset_small_and_says_so(tiny_run_dir, tmp_path):
+    """Issue 32: --smoke tries a paper's protocol on a laptop: the preset's 128 x 2048 calibration,
+    full-text evaluation and full zero-shot tasks are cut to the least that runs each step, and the
+    report says the numbers check the pipeline, not the model."""
+    from pathlib import Path
+
+    tasks = Path(__file__).resolve().parents[1] / "bench" / "tasks"
+    out = tmp_path / "out"
+    assert M.main(["--preset", "wanda", "--smoke", "--model", str(tiny_run_dir / "model"), "--dataset",
+                   str(tiny_run_dir / "text.txt"), "--train-dataset", str(tiny_run_dir / "text.txt"), "--allow-overlap",
+                   "--tasks", "trivia_mc", "--tasks-include", str(tasks), "--output-dir", str(out),
+                   "--log-level", "WARNING"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["smoke"] is True and res["preset"]["name"] == "wanda"
+    assert res["prune"]["calibration"]["windows"] == 2 and res["prune"]["calibration"]["seq_len"] == 32
+    assert res["protocol"]["seq_len"] == 32 and res["protocol"]["eval_tokens"] == 256
+    assert res["zeroshot"]["config"]["limit"] == 8
+    assert "**Smoke run (--smoke)" in (out / "report.md").read_text()
+    cfg = _parse("--preset", "wanda", "--smoke")
+    assert cfg.run.smoke and cfg.prune.calib_samples == 128  # cut when the run starts, after every layer
+    assert cfg.prune.smoke().calib_samples == 2 and cfg.eval.smoke().eval_tokens == 256  # 0 (all) counts as large
