@@ -35,12 +35,24 @@ PROTOCOL = {
     "eval text": lambda r: R.field(r, "dataset", "eval", "source"),
     "window": lambda r: R.field(r, "protocol", "seq_len"),
     "tokens scored": lambda r: R.tokens_scored(r),
+    "seed": lambda r: R.field(r, "seed"),
     "calibration": lambda r: _calibration(r),
-    "tasks": lambda r: ",".join(map(str, R.field(r, "zeroshot", "protocol", "specs", kind=list, default=[]))) or None,
-    "task limit": lambda r: R.field(r, "zeroshot", "protocol", "limit"),
-    "chat template": lambda r: R.field(r, "zeroshot", "protocol", "apply_chat_template"),
-    "few-shot as turns": lambda r: R.field(r, "zeroshot", "protocol", "fewshot_as_multiturn"),
+    "grid": lambda r: _grid(r),
+    "tasks": lambda r: ",".join(map(str, R.field(r, "zeroshot", "protocol", "specs", kind=list, default=[])))
+    or _not_run(r, "zeroshot"),
+    "task limit": lambda r: _zeroshot(r, "limit"),
+    "chat template": lambda r: _zeroshot(r, "apply_chat_template"),
+    "few-shot as turns": lambda r: _zeroshot(r, "fewshot_as_multiturn"),
 }
+
+
+def _not_run(r: dict, step: str) -> str:
+    return "not run" if not R.field(r, step, kind=dict) or R.field(r, step, "status") == "off" else "-"
+
+
+def _zeroshot(r: dict, key: str):
+    v = R.field(r, "zeroshot", "protocol", key)
+    return _not_run(r, "zeroshot") if v is None else v
 
 
 def _short_hash(obj) -> str | None:
@@ -48,13 +60,41 @@ def _short_hash(obj) -> str | None:
     return None if obj is None else hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def _calibration(r: dict) -> str | None:
-    """The pruning calibration, whether one variant or a grid made it (every point shares it)."""
-    records = R.variant_records(r, "prune", "pruned")
-    cal = R.field(records[0][1], "calibration", kind=dict) if records else None
-    if not cal:
-        return None
-    return f"{R.fmt(R.field(cal, 'windows'))} x {R.fmt(R.field(cal, 'seq_len'))} of {R.fmt(R.field(cal, 'source'))}"
+def _calibration(r: dict) -> str:
+    """The calibration of the steps that calibrate (prune, quantize): windows x tokens of which text,
+    and the draws' seeds, whether one variant or a grid made it; "none" when neither ran."""
+    train = R.field(r, "dataset", "train", "source")
+    out = []
+    for step, default in (("prune", "pruned"), ("quantize", "quantized")):
+        records = [rec for _, rec in R.variant_records(r, step, default) if R.field(rec, "calibration", kind=dict)]
+        if not records:
+            continue
+        cal = records[0]["calibration"]
+        seeds = sorted({str(s) for s in (R.field(rec, "calibration_seed", default=R.field(
+            rec, "calibration", "seed", default=R.field(r, "seed"))) for rec in records) if s is not None})
+        out.append(f"{step}: {R.fmt(R.field(cal, 'windows'))} x {R.fmt(R.field(cal, 'seq_len'))} of "
+                   f"{R.fmt(R.field(cal, 'source', default=train))}" + (f", seed {','.join(seeds)}" if seeds else ""))
+    return "; ".join(out) or "none (no prune or quantize step)"
+
+
+def _grid(r: dict) -> str:
+    """The settings each variant step varied over, from its records, e.g. "prune: method
+    wanda,sparsegpt; pattern unstructured,2:4 | quantize: wbits 4,3; parent base,pruned[...]";
+    "none" for runs of single variants."""
+    keys = {"prune": ("method", "pattern", "target_sparsity", "calibration_seed"),
+            "quantize": ("method", "wbits", "group", "bit_allocation", "budget_bits", "calibration_seed", "parent"),
+            "noise": ("epsilon",)}
+    parts = []
+    for step, default in (("prune", "pruned"), ("quantize", "quantized"), ("noise", "noisy")):
+        records = [rec for _, rec in R.variant_records(r, step, default)]
+        axes = []
+        for k in keys[step]:
+            values = list(dict.fromkeys(R.fmt(R.field(rec, k, default=R.field(rec, "recipe", k))) for rec in records))
+            if len(values) > 1:
+                axes.append(f"{k} {','.join(values)}")
+        if axes:
+            parts.append(f"{step}: " + "; ".join(axes))
+    return " | ".join(parts) or "none"
 
 
 def _finished_run(d: Path) -> dict:
@@ -64,8 +104,9 @@ def _finished_run(d: Path) -> dict:
         res = R.read_results(Path(d), foreign=True)
     except (OSError, ValueError):
         res = None
-    if not isinstance(res, dict) or not R.field(res, "perplexity", kind=dict):
-        raise UserError(f"--compare: {d} holds no finished evaluation (a regular results.json with perplexities)")
+    measured = ("perplexity", "zeroshot", "robustness", "adversarial", "analysis", "noise", "prune", "quantize")
+    if not isinstance(res, dict) or not any(R.field(res, k, kind=dict) for k in measured):
+        raise UserError(f"--compare: {d} holds no finished run (a regular results.json with measured results)")
     return res
 
 
@@ -91,7 +132,7 @@ def check_output_dir(dirs: Sequence, out: Path, given: bool) -> None:
 def protocol_warnings(rows: list) -> list[str]:
     """One line per protocol column in which the runs differ."""
     out = []
-    for col in PROTOCOL:
+    for col in (c for c in PROTOCOL if c != "grid"):  # a grid is what a run made, not how it measured
         values = {R.fmt(r["protocol"][col]) for r in rows}
         if len(values) > 1:
             out.append(f"warning: the runs differ in {col} ({', '.join(sorted(values))}): their numbers were not "
@@ -115,7 +156,8 @@ def _row(d, label: str) -> dict:
                                       f"({R.fmt(R.num(rec.get('avg_bits')))} bits)"
                                       for _, rec in R.variant_records(res, "quantize", "quantized"))
             if R.field(qz, "status") == "ran" else "-",
-            "perplexity": {str(k): R.num(v) for k, v in res["perplexity"].items()},
+            "perplexity": {str(k): R.num(v) for k, v in R.field(res, "perplexity", kind=dict, default={}).items()},
+            "bits": R.variant_bits(res),
             "parents": {str(k): v for k, v in R.field(res, "variants", kind=dict, default={}).items()
                         if isinstance(v, str)},
             "zeroshot": {str(v): R.num(R.field(m, "acc")) for v, m in means.items()},
@@ -225,6 +267,12 @@ def compare_markdown(rows: list, variants: list, warnings: list) -> str:
                 cells.append("-" if a is None
                              else f"{100 * a:.1f}" + (f" ({100 * (a - b):+.1f})" if b is not None else ""))
             lines.append(f"| {R.esc(r['label'])} | " + " | ".join(cells) + " |")
+    if any(b < 16 for r in rows for b in r["bits"].values()):
+        lines += ["", "Bits per weight of the decoder linears as the papers count them (codes, scales, zeros, "
+                  "masks; 16 for a dense weight).", "", "| run | " + " | ".join(map(R.esc, variants)) + " |",
+                  "|---" * (1 + len(variants)) + "|"]
+        lines += [f"| {R.esc(r['label'])} | " + " | ".join(R.fmt(r["bits"].get(v)) for v in variants) + " |"
+                  for r in rows]
     lines += _matrix_lines(rows)
     lines += ["", "Runs: " + "; ".join(f"{R.esc(r['label'])} = {R.esc(r['run'])}" for r in rows), "",
               "![comparison](plots/compare.png)"]
@@ -240,7 +288,7 @@ def compare_runs(dirs: Sequence, out: Path, output_dir_given: bool = True) -> di
     out = Path(out)
     check_output_dir(dirs, out, output_dir_given)
     rows = [_row(d, label) for d, label in zip(dirs, short_names(dirs))]
-    variants = list(dict.fromkeys(v for r in rows for v in r["perplexity"]))
+    variants = list(dict.fromkeys(v for r in rows for v in (*r["perplexity"], *r["bits"])))  # bits: every variant
     warnings = protocol_warnings(rows)
     for w in warnings:
         log.warning("%s", w.removeprefix("warning: "))

@@ -28,7 +28,7 @@ def test_compare_warns_where_protocols_differ_and_prints_the_table(tmp_path, cap
     assert M.main(["--compare", str(a), str(b), "--output-dir", str(out)]) == 0
     printed = capsys.readouterr().out
     for col, values in (("window", "128, 512"), ("tokens scored", "1016, 8176"),
-                        ("calibration", "128 x 512 of c4, 8 x 512 of c4")):
+                        ("calibration", "prune: 128 x 512 of c4, prune: 8 x 512 of c4")):
         line = f"warning: the runs differ in {col} ({values})"
         assert line in printed and line in (out / "compare.md").read_text(), line
     assert "| a/data | wanda unstructured 0.5 | - | - | 20 | 40 (x2) |" in printed
@@ -119,3 +119,26 @@ def test_zero_shot_of_runs_on_the_same_questions_is_compared_by_mcnemar(tmp_path
     p = binomtest(0, 12, 0.5).pvalue
     assert f"| b | base | qa | +30.0 [" in md and f"| {p:.2g} † |" in md
     assert "| c | base | qa | unpaired: not the same questions | - |" in md
+
+
+def test_compare_takes_runs_without_an_eval_step_and_fills_every_protocol_cell(tmp_path, capsys):
+    """Issue 32: an attack-only run is compared on what it has; calibration, the grid's settings and
+    the bits per weight are filled; a step that did not run says so instead of a blank."""
+    a = _run(tmp_path / "a", 512, 8176, 8, 20.0)
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "results.json").write_text(json.dumps({
+        "model": "m", "seed": 3, "variants": {"base": None},
+        "robustness": {"measures": {"pgd_delta_nll": {}}, "rows": {"base": {"parent": None, "cells": {
+            "pgd_delta_nll": {"value": 0.5}}}}},
+        "prune": {"grid": [{"name": f"pruned[wanda,{s},unstructured]", "method": "wanda", "pattern": "unstructured",
+                            "target_sparsity": s, "overall_sparsity": s, "calibration_seed": 3,
+                            "calibration": {"windows": 4, "seq_len": 64, "source": "c4"}} for s in (0.3, 0.6)]}}))
+    assert M.main(["--compare", str(a), str(b), "--output-dir", str(tmp_path / "cmp")]) == 0
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    row = next(ln for ln in md.splitlines() if ln.startswith("| b | m |"))
+    assert "prune: 4 x 64 of c4, seed 3" in row and "prune: target\\_sparsity 0.3,0.6" in row
+    assert row.count("not run") == 4  # tasks, limit, chat template, few-shot as turns
+    bits = md.split("Bits per weight")[1]
+    assert "| a | 16 | 9 | - | - |" in bits and "| b | 16 | - | 12.2 | 7.4 |" in bits  # 16 x 0.7 / 0.4 + a 1-bit mask
+    assert "| b | base | - | - | 0.5 |" in md.split("Robustness matrix")[1]

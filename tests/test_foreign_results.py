@@ -77,7 +77,7 @@ def test_compare_reads_only_bounded_regular_files(tmp_path, capsys, monkeypatch,
         monkeypatch.setattr(R.IO.read_json, "__defaults__", (1024,))
     assert M.main(["--compare", str(d), "--output-dir", str(tmp_path / "cmp")]) == 2
     err = capsys.readouterr().err
-    assert err.count("error:") == 1 and "no finished evaluation" in err and "Traceback" not in err
+    assert err.count("error:") == 1 and "no finished run" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

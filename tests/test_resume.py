@@ -186,4 +186,4 @@ def test_compare_runs_reads_only_their_results(tmp_path, capsys):
     assert f"| {R.esc(labels[1])} | wanda 2:4 0.5 | - | gptq hessian 3.5 | 10 | 30 (x3) | inf (xinf) |" in md
     assert (out / "plots" / "compare.png").stat().st_size > 1000 and "data:image/png" in (out / "compare.html").read_text()
     assert llm_main_v4.main(["--compare", str(tmp_path / "nothing"), "--output-dir", str(out)]) == 2
-    assert "no finished evaluation" in capsys.readouterr().err
+    assert "no finished run" in capsys.readouterr().err
