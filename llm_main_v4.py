@@ -398,8 +398,25 @@ def _attach(run: Run, step: str) -> bool:
     return all([run.add_variant(name, w, records.get(name, section).get("parent")) for name, w in found.items()])
 
 
+# Shown at the end of --help; tests/test_readme.py runs each one (on a tiny model, with --smoke).
+EXAMPLES = """examples (inside the venv: source .venv/bin/activate, or call .venv/bin/python):
+  # the whole pipeline on the embedded SmolLM2-135M; results, plots and report.html in data/
+  python llm_main_v4.py
+  # try Wanda's published protocol small (every budget cut), before running it big
+  python llm_main_v4.py --preset wanda --smoke --output-dir runs/wanda-smoke
+  # a compression study: 4 pruned variants, each and the dense model quantized at 4 and 3 bits
+  python llm_main_v4.py --steps prune,quantize,eval --prune-method wanda,sparsegpt --sparsity-pattern unstructured,2:4 --quant-method gptq --wbits 4,3 --quantize-from 'live,pruned[*]' --output-dir runs/study
+  # perplexity only, on your own copy of WikiText-2 (DIR/wikitext-2-raw/wiki.test.raw)
+  python llm_main_v4.py --steps eval --data-dir DIR --output-dir runs/ppl
+  # two finished runs side by side, and a report rebuilt from results.json alone
+  python llm_main_v4.py --compare data runs/study --output-dir runs/cmp
+  python llm_main_v4.py --report-only --output-dir runs/study
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    return add_arguments(OneLineParser(prog="llm_main_v4.py", description=__doc__.splitlines()[0]))
+    return add_arguments(OneLineParser(prog="llm_main_v4.py", description=__doc__.splitlines()[0], epilog=EXAMPLES,
+                                       formatter_class=argparse.RawDescriptionHelpFormatter))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
