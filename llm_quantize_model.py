@@ -39,7 +39,7 @@ import llm_data as D
 import llm_io as IO
 import llm_model as LM
 import llm_variants as V
-from llm_compress import (BITS_COUNTED, Quantized, capture_block_inputs, coded_weights, counted_bits,
+from llm_compress import (BITS_COUNTED, SCALE_BITS, Quantized, capture_block_inputs, coded_weights, counted_bits,
                           gptq_quantize, linear_input_stats, next_block_inputs, rtn_quantize, save_codes)
 from llm_config import QuantizeConfig
 from llm_run import Run
@@ -67,7 +67,8 @@ class QuantizeResult:
     budget_bits: Optional[float] = None                # --avg-bits of the mixed precision
     bit_allocation: str = "uniform"
     sensitivity: dict = field(default_factory=dict)    # linear -> mean curvature per weight (mixed precision)
-    objective: dict = field(default_factory=dict)      # sum s ||Q(W) - W||^2: chosen, and uniform at --wbits
+    objective: dict = field(default_factory=dict)      # sum s ||Q(W) - W||^2: chosen, uniform at --wbits, matched
+    matched_uniform: dict = field(default_factory=dict)  # the uniform baseline at the same bits (_matched_uniform)
     kept_weights: int = 0
     super_weights: list = field(default_factory=list)  # detected for protect="auto"
     protected: list = field(default_factory=list)      # (module, row, col) kept in full precision
@@ -130,6 +131,34 @@ def _keep_masks(model, tokenizer, linears: dict, moments: Optional[dict], config
         scores = {n: torch.zeros(LM.weight_view(m).shape) for n, m in linears.items()}
     masks = protect_top_fraction(scores, config.keep_fraction, coords)
     return {n: (k if k.any() else None) for n, k in masks.items()}, coords, found
+
+
+def _grid_bits(shapes: dict, bits: dict, group: int) -> float:
+    """Code, scale and zero bits of linears of ``shapes`` {name: (out, in)} at ``bits`` per linear
+    and ``group`` (as ``counted_bits``: fp16 scale and a zero of the code's bits, tail groups too)."""
+    return sum(o * i * bits[n] + o * math.ceil(i / group) * (SCALE_BITS + bits[n]) for n, (o, i) in shapes.items())
+
+
+def _matched_uniform(linears: dict, bits: dict, keep: dict, sens: dict, config: QuantizeConfig) -> dict:
+    """The uniform baseline at the mixed precision's own bits: RTN at the largest bit width that fits
+    the budget, with the group size at which its scales and zeros bring it closest to, and not
+    above, the mixed allocation's bits as the papers count them (smaller groups spend the bits the
+    allocation spent on wider codes), and its objective sum s ||Q(W) - W||^2. The plain
+    ``uniform_Nbit`` objective at --quant-group gets fewer bits than the allocation."""
+    shapes = {n: tuple(LM.weight_view(m).shape) for n, m in linears.items()}
+    target = _grid_bits(shapes, bits, config.group)
+    b = max(c for c in BIT_CHOICES if c <= config.budget_bits)
+    flat = dict.fromkeys(shapes, b)
+    widest = max(i for _, i in shapes.values())
+    group = next((g for g in range(1, widest + 1) if _grid_bits(shapes, flat, g) <= target), widest)
+    objective = sum(sens[n] * _sq_error(LM.weight_view(m), rtn_quantize(LM.weight_view(m).detach(), b, group,
+                                                                        keep[n], config.zero_point))
+                    for n, m in linears.items())
+    total = sum(o * i for o, i in shapes.values())
+    return {"name": f"uniform_{b}bit_g{group}", "wbits": b, "group": group, "objective": objective,
+            "bits": _grid_bits(shapes, flat, group) / total, "mixed_bits": target / total,
+            "how": f"uniform {b}-bit RTN at the group size whose fp16 scales and {b}-bit zeros bring it closest to, "
+                   "and not above, the mixed allocation's codes, scales and zeros per weight"}
 
 
 def _sq_error(W: torch.Tensor, q: Quantized) -> float:
@@ -208,6 +237,8 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
         uniform_b = int(res.budget_bits) if int(res.budget_bits) in BIT_CHOICES else config.wbits
         res.objective = {"chosen": sum(sens[n] * err[n][bits[n]] for n in linears),
                          f"uniform_{uniform_b}bit": sum(sens[n] * err[n][uniform_b] for n in linears)}
+        res.matched_uniform = _matched_uniform(linears, bits, keep, sens, config)
+        res.objective[res.matched_uniform["name"]] = res.matched_uniform["objective"]
     res.bits = bits
     if config.method == "rtn":  # an exact 0 is on the integer grid: RTN keeps a pruned zero by itself
         for n, m in tqdm(linears.items(), desc="rtn", disable=not config.progress):

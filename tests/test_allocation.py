@@ -106,3 +106,30 @@ def test_counts_add_up_exactly():
         assert sum(k) == round(target * sum(sizes)) and all(0 <= a < n for a, n in zip(k, sizes))
         parts = split_count(k[2], [100, 900, 2000])
         assert sum(parts) == k[2]
+
+
+def test_mixed_precision_is_compared_with_uniform_at_its_own_bits(sample_text):
+    """Issue 34 item 2: the uniform baseline of a 3.5-bit allocation is not uniform 3-bit at the same
+    group (0.5 bit per weight less) but 3-bit at the group size that spends the same bits on grids."""
+    import math
+
+    import llm_data as D
+    import llm_model as LM
+    from conftest import make_llama, make_tokenizer
+    from llm_quantize_model import QuantizeConfig, quantize_model
+
+    tok, model = make_tokenizer(), make_llama(hidden=64)
+    ids = D.tokenize_corpus(tok, sample_text[:4000])
+    res = quantize_model(model, tok, ids, QuantizeConfig(method="rtn", bit_allocation="hessian", avg_bits=3.5,
+                                                         group=64, calib_samples=2, calib_seq_len=32,
+                                                         sensitivity_probes=2, progress=False))
+    m = res.matched_uniform
+    shapes = [tuple(LM.weight_view(x).shape) for x in LM.decoder_linears(model).values()]
+    total = sum(o * i for o, i in shapes)
+
+    def uniform_bits(b, g):
+        return sum(o * i * b + o * math.ceil(i / g) * (16 + b) for o, i in shapes) / total
+
+    assert m["wbits"] == 3 and m["mixed_bits"] == pytest.approx(res.avg_bits)  # nothing kept: the same count
+    assert uniform_bits(3, m["group"]) <= m["mixed_bits"] < uniform_bits(3, m["group"] - 1)  # closest, not above
+    assert m["group"] < 64 and res.objective[m["name"]] == m["objective"] < res.objective["uniform_3bit"]
