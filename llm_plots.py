@@ -2,12 +2,18 @@
 
 ``make_plots(results, out)`` redraws every plot that a results.json supports and returns
 their paths; each ``plot_*`` takes a section of it (plain dicts, numbers as JSON keeps them).
+Each figure goes out as PNG and PDF; under ``captioned`` (as ``make_plots`` draws them) the
+PNG carries a caption line (model, eval text, windows, tokens) also written to
+``<name>.caption.txt``.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
 import os
+import textwrap
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -16,34 +22,137 @@ import matplotlib.text
 import numpy as np
 
 matplotlib.use("Agg")  # before pyplot: plots are files, never windows
+import matplotlib.patches as mpatches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.colors import SymLogNorm  # noqa: E402
-from matplotlib.ticker import FuncFormatter, NullFormatter, NullLocator  # noqa: E402
+from matplotlib.colors import LogNorm, SymLogNorm  # noqa: E402
+from matplotlib.ticker import (FixedLocator, FuncFormatter, MaxNLocator, NullFormatter,  # noqa: E402
+                               NullLocator)
 
 import llm_io as IO
 import llm_results as R
 from llm_common import UserError, error_line
 
 log = logging.getLogger("llm.plots")
+# PDFs embed their fonts (Type 42, as papers ask); fontTools logs every subset at INFO, which would
+# flood a run's log.
+logging.getLogger("fontTools").setLevel(logging.WARNING)
+
+_CAPTION: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("figure_caption", default=None)
+
+
+@contextlib.contextmanager
+def captioned(text: Optional[str]):
+    """Figures saved inside this block carry ``text`` as their caption line."""
+    token = _CAPTION.set(text)
+    try:
+        yield
+    finally:
+        _CAPTION.reset(token)
+
+
+def plain_number(v: float) -> str:
+    """A tick label a reader reads at a glance: 20, 0.05, 1,000,000 (never mathtext 10^k)."""
+    if v == 0:
+        return "0"
+    if abs(v) >= 1e9:
+        return f"{v:.0e}".replace("e+0", "e").replace("e+", "e")
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:.4g}"
+
+
+def log_ticks(lo: float, hi: float) -> list[float]:
+    """Tick values for a log axis over [lo, hi]: powers of ten, then 1-2-5 and finer steps where
+    fewer than three fall inside (perplexity spanning less than a decade), then plain linear steps."""
+    if not (lo > 0 and hi > lo and math.isfinite(hi)):
+        return []
+    ks = range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
+    for subs in ((1,), (1, 2, 5), (1, 1.5, 2, 3, 4, 5, 6, 8)):
+        ticks = [m * 10.0 ** k for k in ks for m in subs if lo <= m * 10.0 ** k <= hi]
+        if len(ticks) >= 3:
+            return ticks[::math.ceil(len(ticks) / 8)]  # at most 8 labels, e.g. over many decades
+    return [t for t in MaxNLocator(4).tick_values(lo, hi) if lo <= t <= hi]
+
+
+def _plain_ticks(ax) -> None:
+    """Log and symlog axes (colorbars too) labelled in plain numbers, never mathtext; a log axis
+    whose range holds fewer than three powers of ten gets finer ticks, so it is never unlabelled."""
+    for axis in (ax.xaxis, ax.yaxis):
+        scale = axis.get_scale()
+        if scale not in ("log", "symlog"):
+            continue
+        if scale == "log" and not isinstance(axis.get_major_locator(), FixedLocator):
+            lo, hi = sorted(axis.get_view_interval())
+            ticks = log_ticks(lo, hi)
+            if ticks:
+                axis.set_major_locator(FixedLocator(ticks))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: plain_number(v)))
+        axis.set_minor_formatter(NullFormatter())
+
+
+def legend_covers_data(ax, legend, renderer) -> bool:
+    """Whether ``legend``'s box covers a plotted line, band or bar of ``ax`` (display coordinates)."""
+    box = legend.get_window_extent(renderer)
+    for line in ax.lines:
+        drawn = line.get_transform().transform_path(line.get_path())
+        if line.get_visible() and drawn.intersects_bbox(box, False):
+            return True
+    for coll in ax.collections:
+        for p in coll.get_paths():
+            if coll.get_transform().transform_path(p).intersects_bbox(box, True):
+                return True
+    return any(p.get_visible() and p.get_window_extent(renderer).overlaps(box) for p in ax.patches)
+
+
+def _legends_off_data(fig) -> None:
+    """A legend matplotlib placed "best" inside its axes moves out to the right of them where it
+    still covers data (a line across the whole width, a crowded panel): legends never hide data."""
+    renderer = None
+    for ax in fig.axes:
+        leg = ax.get_legend()
+        if leg is None or leg._loc not in (0, None):  # 0: loc="best"; an explicit place was chosen
+            continue
+        renderer = renderer or (fig.canvas.draw() or fig.canvas.get_renderer())
+        if legend_covers_data(ax, leg, renderer):
+            handles, labels = ax.get_legend_handles_labels()
+            size = leg.get_texts()[0].get_fontsize() if leg.get_texts() else 8
+            leg.remove()
+            ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+                      fontsize=size)
+
+
+def _add_caption(fig, caption: str) -> None:
+    """The caption line(s) under everything the figure draws (its tight box), wrapped to its width."""
+    renderer = fig.canvas.get_renderer()
+    box = fig.get_tightbbox(renderer)  # inches
+    width_chars = max(40, int(box.width * 72 / (7 * 0.55)))
+    fig.text(box.x0 / fig.get_figwidth(), (box.y0 - 0.08) / fig.get_figheight(),
+             textwrap.fill(caption, width_chars), ha="left", va="top", fontsize=7, color="0.3")
 
 
 def save_figure(fig, path: str | os.PathLike) -> Path:
-    """Save a matplotlib figure atomically as PNG and close it."""
+    """Save a matplotlib figure atomically as PNG (``path``) and PDF (same stem) and close it;
+    returns the PNG's path. Under ``captioned`` the PNG gets the caption line under the figure and
+    ``<stem>.caption.txt`` holds it; the PDF stays bare, for a paper's own caption."""
     path = Path(path)
     # Labels are names from results.json (variants, modules, runs): a "$" in one must stay text,
     # never matplotlib mathtext ("$\\frac{1}{$" would not parse). Ticks drawn later are made
     # inside the context, the texts that already exist are switched off one by one.
     for t in fig.findobj(matplotlib.text.Text):
         t.set_parse_math(False)
-    # Log axes label their ticks in mathtext ("$10^{4}$"), which is switched off above: plain numbers instead.
     for ax in fig.axes:
-        for axis in (ax.xaxis, ax.yaxis):
-            if axis.get_scale() == "log":
-                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-                axis.set_minor_formatter(NullFormatter())
+        _plain_ticks(ax)
+    caption = _CAPTION.get()
     try:
-        with plt.rc_context({"text.parse_math": False}), IO.atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+        with plt.rc_context({"text.parse_math": False, "pdf.fonttype": 42}):
+            _legends_off_data(fig)
+            with IO.atomic_path(path.with_suffix(".pdf")) as tmp:
+                fig.savefig(tmp, bbox_inches="tight", format="pdf")
+            if caption:
+                _add_caption(fig, caption)
+                IO.write_text(path.with_suffix(".caption.txt"), caption + "\n")
+            with IO.atomic_path(path) as tmp:
+                fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
     finally:
         plt.close(fig)
     return path
@@ -109,14 +218,25 @@ def plot_sparsity_per_layer(result: dict, path):
 
 
 def _plot_grid_sparsity_per_layer(records: list, path):
-    fig, ax = new_figure(figsize=(7, 3.5))
-    for r in records:
-        per = r.get("layer_sparsity") or r.get("per_layer") or {}
-        layers = sorted(per, key=int)
-        ax.plot([int(k) for k in layers], [R.fnum(per[k]) for k in layers], marker=".", label=str(r.get("name")))
+    """A grid's achieved sparsity as a variant x block heatmap: with uniform targets its per-variant
+    lines lie on each other (nine flat lines), while a row per variant keeps each readable."""
+    names = [str(r.get("name")) for r in records]
+    pers = [r.get("layer_sparsity") or r.get("per_layer") or {} for r in records]
+    layers = sorted({int(k) for per in pers for k in per})
+    data = np.array([[R.fnum(per.get(str(k))) for k in layers] for per in pers], dtype=float)
+    data[~np.isfinite(data)] = np.nan
+    fig, ax = new_figure(figsize=(max(5.0, 1.5 + 0.25 * len(layers)), 1.2 + 0.3 * len(names)),
+                         layout="constrained")
+    top = max(1e-9, float(np.nanmax(data, initial=0)))
+    im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0.0, vmax=top)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=12))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: str(layers[int(v)]) if 0 <= v < len(layers)
+                                               else ""))
     ax.set_xlabel("decoder block")
-    ax.set_ylabel("sparsity (achieved)")
-    ax.legend(fontsize=6, ncol=2)
+    ax.set_ylabel("variant")
+    fig.colorbar(im, ax=ax, label="sparsity (achieved)")
     return save_figure(fig, path)
 
 
@@ -143,7 +263,7 @@ def plot_prune_curves(results: dict, path):
             ax.set_yscale("log")
         ax.set_xlabel("sparsity (achieved)")
         ax.set_ylabel(label)
-        ax.legend(fontsize=7)
+    panels[-1][0].legend(fontsize=7)  # the same lines in each panel: one legend, on the rightmost
     return save_figure(fig, path)
 
 
@@ -181,6 +301,7 @@ def plot_sensitivity_map(smap: dict, path):
     data[~np.isfinite(data)] = np.nan
     im = ax.imshow(data, aspect="auto", cmap="magma")
     ax.set_xticks(range(len(smap["modules"])), smap["modules"], rotation=45, ha="right")
+    ax.set_xlabel("module")
     ax.set_ylabel("layer")
     ax.set_title(f"NLL increase, relative noise eps={smap['epsilon']}")
     fig.colorbar(im, ax=ax, label="delta NLL (nats/token)")
@@ -210,19 +331,21 @@ def layer_module_grid(result: dict, key: str) -> tuple[list, list, list]:
 
 
 def plot_heatmaps(result: dict, path, noise_map: Optional[dict] = None):
-    """Layer x module heatmaps of Hessian trace, Fisher, and (if given) the noise NLL increase."""
-    panels = [("hessian_trace", "Hessian trace"), ("fisher_sum", "Fisher (sum)")]
-    grids = [layer_module_grid(result, k) for k, _ in panels]
-    titles = [t for _, t in panels]
+    """Layer x module heatmaps of Hessian trace (signed, symlog), Fisher (log) and, if given, the
+    noise NLL increase. A Hessian cell whose standard error is above the target is dotted (its
+    colour stays readable): at a CPU budget that can be every cell."""
+    panels = [("hessian_trace", "Hessian trace", "signed"), ("fisher_sum", "Fisher (sum)", "log")]
+    grids = [layer_module_grid(result, k) for k, _, _ in panels]
     if noise_map:
         grids.append((noise_map["layers"], noise_map["modules"], noise_map["delta_nll"]))
-        titles.append("noise delta NLL")
-    fig, axes = new_figure(1, len(grids), figsize=(4.2 * len(grids), 1.5 + 0.2 * len(grids[0][0])))
+        panels.append(("delta_nll", "noise delta NLL", "linear"))
+    fig, axes = new_figure(1, len(grids), figsize=(4.6 * len(grids), 1.8 + 0.2 * len(grids[0][0])),
+                           layout="constrained")
     axes = np.atleast_1d(axes)
-    for k, (ax, (layers, types, grid), title) in enumerate(zip(axes, grids, titles)):
+    for ax, (layers, types, grid), (key, title, kind) in zip(axes, grids, panels):
         data = np.array([[float(v) for v in row] for row in grid])
         data[~np.isfinite(data)] = np.nan  # NaN/Inf weights give non-finite cells: blank, never the scale
-        if k == 0:  # Hutchinson traces can be negative and noisy: signed scale, unreliable cells crossed
+        if kind == "signed":  # Hutchinson traces can be negative and noisy: signed scale
             finite = np.abs(data[np.isfinite(data)])
             lim = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
             im = ax.imshow(data, aspect="auto", cmap="RdBu_r",
@@ -232,14 +355,25 @@ def plot_heatmaps(result: dict, path, noise_map: Optional[dict] = None):
             for i, row in enumerate(okgrid if ok else []):
                 for j, v in enumerate(row):
                     if v == 0.0:
-                        ax.text(j, i, "x", ha="center", va="center", fontsize=7, color="0.3")
-            ax.set_title(f"{title} (x: stderr above target)")
+                        ax.add_patch(mpatches.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="..",
+                                                        edgecolor="0.15", linewidth=0))
+            title += " (dotted: stderr above target)" if ok else ""
+            label = "trace (symlog)"
+        elif kind == "log":
+            mag = np.abs(data)
+            mag[mag <= 0] = np.nan  # a zero has no place on a log scale: blank
+            good = mag[np.isfinite(mag)]
+            im = ax.imshow(mag, aspect="auto", cmap="viridis",
+                           norm=LogNorm(vmin=good.min(), vmax=good.max()) if good.size else None)
+            label = "|value| (log scale)"
         else:
-            im = ax.imshow(np.log10(np.abs(data) + 1e-12), aspect="auto", cmap="viridis")
-            ax.set_title(f"log10 |{title}|")
+            im = ax.imshow(data, aspect="auto", cmap="magma")
+            label = "nats/token"
+        ax.set_title(title, fontsize=9)
         ax.set_xticks(range(len(types)), types, rotation=45, ha="right")
+        ax.set_xlabel("module")
         ax.set_ylabel("layer")
-        fig.colorbar(im, ax=ax)
+        fig.colorbar(im, ax=ax, label=label)
     return save_figure(fig, path)
 
 
@@ -258,6 +392,40 @@ def plot_activation_profile(profile: dict, path, super_layers: Sequence[int] = (
     return save_figure(fig, path)
 
 
+def _figure_scope(results: dict, name: str) -> str:
+    """What a figure's own numbers were measured on, where that is not the perplexity protocol."""
+    sw = R.field(results, "noise", "sweep", kind=dict, default={})
+    an = R.field(results, "analysis", kind=dict, default={})
+    acfg = R.field(an, "config", kind=dict, default={})
+    cal = R.field(R.variant_records(results, "prune", "pruned")[0][1] if results.get("prune") else {},
+                  "calibration", kind=dict, default={})
+    adv = R.field(results, "adversarial", kind=dict, default={})
+    scope = {
+        "noise_sweep": f"sweep scored on {R.field(sw, 'clean', 'token_set')}",
+        "noise_map": f"scored on {R.field(sw, 'clean', 'token_set')}",
+        "sensitivity_heatmaps": f"Hessian on {acfg.get('calib_windows')} calibration windows of "
+                                f"{acfg.get('calib_seq_len')} tokens, Fisher on {acfg.get('fisher_windows')} windows",
+        "activations": f"activations on the prompt {acfg.get('super_weight_prompt')!r}",
+        "prune": f"calibrated on {cal.get('windows')} windows of {cal.get('seq_len')} tokens of {cal.get('source')}",
+        "attack_sweep": f"{adv.get('n_samples')} prompts, {adv.get('norm')} ball",
+        "finetune": f"trained on {R.field(results, 'dataset', 'train', 'source')}",
+    }.get(name)
+    return f"; {scope}" if scope and "None" not in scope else ""
+
+
+def figure_caption(results: dict, name: str) -> str:
+    """One caption line from results.json: the model, the eval text, the windows and the tokens
+    scored, then what this figure's own numbers were measured on."""
+    ev = R.field(results, "dataset", "eval", kind=dict, default={})
+    proto = R.field(results, "protocol", kind=dict, default={})
+    text = ev.get("source") or ev.get("name") or "?"
+    if ev.get("fallback"):
+        text += f" (in place of {ev.get('name')})"
+    windows = (f"windows of {proto.get('seq_len')} tokens, stride {proto.get('stride')}, "
+               f"{R.tokens_scored(results) or proto.get('tokens_used') or '?'} tokens scored") if proto else "no windows"
+    return f"Model {results.get('model', '?')}; eval text {text}; {windows}{_figure_scope(results, name)}."
+
+
 def make_plots(results: dict, out: Path) -> dict:
     """(Re)draw every plot that the saved results support; returns {name: path relative to out}."""
     out = Path(out)
@@ -266,7 +434,8 @@ def make_plots(results: dict, out: Path) -> dict:
 
     def add(name, fn, *args):
         try:
-            plots[name] = str(fn(*args).relative_to(out))
+            with captioned(figure_caption(results, name)):
+                plots[name] = str(fn(*args).relative_to(out))
         except UserError:  # a full disk or an unwritable folder: the caller's one error line
             raise
         except Exception as e:  # values no axis can show (all NaN or Inf): the numbers stay in results.json
@@ -340,6 +509,8 @@ def plot_robustness(matrix: dict, path) -> Path:
     ax.set_xticks(range(len(keys)), [measures[k]["label"] for k in keys], rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(names)), [f"{n} (of {rows[n]['parent']})" if rows[n]["parent"] else n for n in names],
                   fontsize=8)
+    ax.set_xlabel("measure")
+    ax.set_ylabel("variant")
     cb = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, ticks=[-1, 0, 1])
     cb.ax.set_yticklabels(["better", "same", "worse"], fontsize=7)
     cb.set_label("change from the parent, scaled per column", fontsize=7)
@@ -350,20 +521,23 @@ def plot_robustness(matrix: dict, path) -> Path:
 
 
 def plot_comparison(rows: list, variants: list, path) -> Path:
-    """Grouped bars, one bar per run: perplexity (log scale) of each variant and, where runs
-    measured it, zero-shot mean accuracy beside it."""
+    """Grouped bars, one bar per run: perplexity (log scale, plain tick labels) of each variant and,
+    where runs measured it, zero-shot mean accuracy beside it; one legend, on the right panel."""
     panels = [("perplexity", "perplexity", True)] + ([("zeroshot", "zero-shot mean acc", False)]
                                                       if any(r.get("zeroshot") for r in rows) else [])
-    w = max(5.0, 1.2 * len(variants) * max(1, len(rows)) / 2)
-    fig, axes = new_figure(1, len(panels), figsize=(w * len(panels), 3.5), squeeze=False)
+    w = max(5.0, 0.5 * len(variants) * max(1, len(rows)) + 2)
+    fig, axes = new_figure(1, len(panels), figsize=(w * len(panels), 4), squeeze=False, layout="constrained")
     width = 0.8 / max(len(rows), 1)
     for ax, (key, label, log_scale) in zip(axes[0], panels):
         for k, r in enumerate(rows):
             ys = [R.fnum((r.get(key) or {}).get(v)) for v in variants]
             ax.bar([i + k * width for i in range(len(variants))], ys, width, label=r.get("label") or r["run"])
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(variants))], variants)
+        # Variant names are long ("pruned[wanda,0.5]"): slanted, they never run into each other.
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(variants))], variants, rotation=30, ha="right",
+                      fontsize=8)
         if log_scale:
             ax.set_yscale("log")
+        ax.set_xlabel("variant")
         ax.set_ylabel(label)
-        ax.legend(fontsize=7)
+    axes[0][-1].legend(fontsize=7, title="run", title_fontsize=7)
     return save_figure(fig, path)
