@@ -22,6 +22,7 @@ import llm_model as LM
 import llm_matrix as M
 import llm_report_stats as RS
 import llm_results as R
+import llm_tables as T
 from llm_plots import make_plots
 
 log = logging.getLogger("llm.report")
@@ -558,11 +559,11 @@ def markdown_to_html(md: str, base: Path) -> str:
                 f'src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}"')
 
     body = re.sub(r'<img alt="([^"]*)" src="([^"]+)"', inline, body)
-    body = re.sub(r"<i>missing plot ([^<]*)</i>\s*/?>", r"<i>missing plot \1</i>", body)
+    body = T.html_tables(re.sub(r"<i>missing plot ([^<]*)</i>\s*/?>", r"<i>missing plot \1</i>", body), base)
     style = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;"
              "color:#222}table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
-             "th{background:#f3f3f3}img{max-width:100%}code{background:#f3f3f3;padding:0 3px}")
+             "th{background:#f3f3f3}img{max-width:100%}code{background:#f3f3f3;padding:0 3px}" + T.TABLE_CSS)
     # The script lets a headless browser check that every image decoded (data-images-ok).
     script = ("<script>window.addEventListener('load',()=>{const im=[...document.images];"
               "document.body.dataset.imagesOk=im.every(i=>i.complete&&i.naturalWidth>0);"
@@ -574,7 +575,7 @@ def markdown_to_html(md: str, base: Path) -> str:
 def write_report(results: dict, out: Path) -> tuple[Path, Path]:
     """Write report.md and the self-contained report.html into ``out``."""
     out = Path(out)
-    md = report_markdown(results)
+    md = T.paper_markdown(report_markdown(results), results, out)  # captions, tables/*.csv and .tex
     IO.write_text(out / "report.md", md)
     IO.write_text(out / "report.html", markdown_to_html(md, out))
     return out / "report.md", out / "report.html"
