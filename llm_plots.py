@@ -395,18 +395,18 @@ def plot_activation_profile(profile: dict, path, super_layers: Sequence[int] = (
 def _figure_scope(results: dict, name: str) -> str:
     """What a figure's own numbers were measured on, where that is not the perplexity protocol."""
     sw = R.field(results, "noise", "sweep", kind=dict, default={})
-    an = R.field(results, "analysis", kind=dict, default={})
-    acfg = R.field(an, "config", kind=dict, default={})
-    cal = R.field(R.variant_records(results, "prune", "pruned")[0][1] if results.get("prune") else {},
-                  "calibration", kind=dict, default={})
+    acfg = R.field(results, "analysis", "config", kind=dict, default={})
+    recs = R.variant_records(results, "prune", "pruned")
+    cal = R.field(recs[0][1] if recs else {}, "calibration", kind=dict, default={})
     adv = R.field(results, "adversarial", kind=dict, default={})
     scope = {
         "noise_sweep": f"sweep scored on {R.field(sw, 'clean', 'token_set')}",
         "noise_map": f"scored on {R.field(sw, 'clean', 'token_set')}",
-        "sensitivity_heatmaps": f"Hessian on {acfg.get('calib_windows')} calibration windows of "
-                                f"{acfg.get('calib_seq_len')} tokens, Fisher on {acfg.get('fisher_windows')} windows",
+        "sensitivity_heatmaps": f"Hessian on {acfg.get('calib_windows')} calibration window(s) of "
+                                f"{acfg.get('calib_seq_len')} tokens, Fisher on {acfg.get('fisher_windows')}",
         "activations": f"activations on the prompt {acfg.get('super_weight_prompt')!r}",
-        "prune": f"calibrated on {cal.get('windows')} windows of {cal.get('seq_len')} tokens of {cal.get('source')}",
+        "prune": f"calibrated on {cal.get('windows')} windows of {cal.get('seq_len')} tokens of "
+                 f"{cal.get('source')}",
         "attack_sweep": f"{adv.get('n_samples')} prompts, {adv.get('norm')} ball",
         "finetune": f"trained on {R.field(results, 'dataset', 'train', 'source')}",
     }.get(name)
@@ -415,14 +415,17 @@ def _figure_scope(results: dict, name: str) -> str:
 
 def figure_caption(results: dict, name: str) -> str:
     """One caption line from results.json: the model, the eval text, the windows and the tokens
-    scored, then what this figure's own numbers were measured on."""
+    scored, then what this figure's own numbers were measured on (``name``: its make_plots key)."""
     ev = R.field(results, "dataset", "eval", kind=dict, default={})
     proto = R.field(results, "protocol", kind=dict, default={})
-    text = ev.get("source") or ev.get("name") or "?"
+    text = str(ev.get("source") or ev.get("name") or "?")
     if ev.get("fallback"):
         text += f" (in place of {ev.get('name')})"
-    windows = (f"windows of {proto.get('seq_len')} tokens, stride {proto.get('stride')}, "
-               f"{R.tokens_scored(results) or proto.get('tokens_used') or '?'} tokens scored") if proto else "no windows"
+    first = next(iter(R.field(results, "evaluation", kind=dict, default={}).values()), {})
+    n = f"{first['windows']} " if isinstance(first, dict) and first.get("windows") else ""
+    tokens = R.tokens_scored(results) or proto.get("tokens_used") or "?"
+    windows = (f"{n}windows of {proto.get('seq_len')} tokens, stride {proto.get('stride')}, {tokens} tokens "
+               "scored per variant") if proto else "no perplexity windows"
     return f"Model {results.get('model', '?')}; eval text {text}; {windows}{_figure_scope(results, name)}."
 
 
@@ -434,7 +437,12 @@ def make_plots(results: dict, out: Path) -> dict:
 
     def add(name, fn, *args):
         try:
-            with captioned(figure_caption(results, name)):
+            caption = figure_caption(results, name)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # a caption never costs a figure
+            caption = None
+            log.warning("no caption for plot %s: %s", name, error_line(e))
+        try:
+            with captioned(caption):
                 plots[name] = str(fn(*args).relative_to(out))
         except UserError:  # a full disk or an unwritable folder: the caller's one error line
             raise

@@ -22,11 +22,12 @@ _SEP = re.compile(r"^\|(\s*:?-+:?\s*\|)+\s*$")
 _HEADING = re.compile(r"^#{1,6}\s+(.*)$")
 _FIGURE = re.compile(r"^!\[[^\]]*\]\((plots/([\w.-]+)\.png)\)\s*$")
 # Characters LaTeX reads as commands; brackets too, since "[" after a row's "\\" is an optional argument.
-_LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
-          "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "[": "{[}", "]": "{]}",
-          "±": r"$\pm$", "†": r"$^\dagger$", "×": r"$\times$", "→": r"$\rightarrow$", "ε": r"$\varepsilon$",
-          "Δ": r"$\Delta$", "≥": r"$\geq$", "≤": r"$\leq$", "—": "---", "–": "--", "<": r"\textless{}",
-          ">": r"\textgreater{}"}
+_LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+          "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "[": "{[}",
+          "]": "{]}",
+          "±": r"$\pm$", "†": r"$^\dagger$", "×": r"$\times$", "→": r"$\rightarrow$",
+          "ε": r"$\varepsilon$", "Δ": r"$\Delta$", "≥": r"$\geq$", "≤": r"$\leq$", "—": "---", "–": "--",
+          "<": r"\textless{}", ">": r"\textgreater{}"}
 
 
 class Table(NamedTuple):
@@ -169,7 +170,8 @@ def html_tables(body_html: str, base: Path) -> str:
                                                                                       "</table></div>")
 
     def link(m: re.Match) -> str:
-        return f'<a href="{m.group(2)}">{m.group(1)}</a>' if (Path(base) / m.group(2)).is_file() else m.group(0)
+        here = (Path(base) / m.group(2)).is_file()
+        return f'<a href="{m.group(2)}">{m.group(1)}</a>' if here else m.group(0)
     return re.sub(r"\[([\w. -]+)\]\(((?:tables|plots)/[\w.-]+\.(?:csv|tex|pdf))\)", link, body_html)
 
 

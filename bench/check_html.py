@@ -49,22 +49,23 @@ MEASURE = """<script>window.addEventListener('load', () => {
 
 def chromium() -> str | None:
     """The Chromium (or Chrome) executable on PATH, or None."""
-    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
-                None)
+    names = ("chromium", "chromium-browser", "google-chrome")
+    return next((shutil.which(n) for n in names if shutil.which(n)), None)
 
 
 def measure(page: Path, width: int = 1100) -> dict:
     """The layout of ``page`` rendered at ``width`` px: {"view_width", "page_width", "tables": [...]}."""
     browser = chromium()
     if not browser:
-        raise FileNotFoundError("no headless browser: chromium, chromium-browser or google-chrome not on PATH")
+        raise FileNotFoundError("no headless browser: chromium, chromium-browser or google-chrome not on "
+                                "PATH")
     text = Path(page).read_text(encoding="utf-8")
     text = text.replace("</body>", MEASURE + "</body>", 1) if "</body>" in text else text + MEASURE
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "page.html"
         copy.write_text(text, encoding="utf-8")
-        cmd = [browser, *FLAGS, f"--user-data-dir={tmp}/profile", f"--window-size={width},2000", "--dump-dom",
-               copy.as_uri()]
+        cmd = [browser, *FLAGS, f"--user-data-dir={tmp}/profile", f"--window-size={width},2000",
+               "--dump-dom", copy.as_uri()]
         dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
     m = re.search(r'data-layout="([^"]*)"', dom)
     if not m:
@@ -99,7 +100,8 @@ def main(argv=None) -> int:
     print(f"{a.page}: {len(layout['tables'])} tables at {layout['view_width']} px, page width "
           f"{layout['page_width']} px")
     for t in layout["tables"]:
-        how = "fits" if t["right"] <= layout["view_width"] + 0.5 else "scrolls in its box" if t["scrolls"] else "CUT"
+        fits = t["right"] <= layout["view_width"] + 0.5
+        how = "fits" if fits else "scrolls in its box" if t["scrolls"] else "CUT"
         print(f"  table {t['index']}: right edge {t['right']:.0f} px, {how}: {t['header']}")
     print("\n".join(["FAIL:"] + bad) if bad else "OK: every table fits or scrolls inside its box")
     return 1 if bad else 0
