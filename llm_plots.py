@@ -276,17 +276,25 @@ def plot_bits_per_layer(result: dict, path):
 
 
 def plot_sweep(sweep: dict, path):
-    """Perplexity against eps (mean with min-max band), saturation level marked."""
+    """Perplexity against eps (mean with min-max band), saturation level marked where the sweep
+    comes within a decade of it (otherwise its line would squash the curves flat: it is named in
+    the title instead)."""
     fig, ax = new_figure(figsize=(6, 4))
+    top = []
     for tag, summ in sweep["summary"].items():
         s = summ["perplexity"]
         xs = sorted(s, key=float)
         mean = [R.fnum(s[x]["mean"]) for x in xs]
         ax.plot([float(x) for x in xs], mean, marker="o", label=tag)
-        ax.fill_between([float(x) for x in xs], [R.fnum(s[x]["min"]) for x in xs], [R.fnum(s[x]["max"]) for x in xs],
-                        alpha=0.2)
+        hi = [R.fnum(s[x]["max"]) for x in xs]
+        ax.fill_between([float(x) for x in xs], [R.fnum(s[x]["min"]) for x in xs], hi, alpha=0.2)
+        top += [v for v in hi + mean if math.isfinite(v)]
     ax.axhline(R.fnum(sweep["clean"]["perplexity"]), color="gray", ls=":", label="clean")
-    ax.axhline(sweep["saturation"], color="red", ls="--", label=f"saturation (vocab {int(sweep['saturation'])})")
+    sat = f"saturation (vocab {int(sweep['saturation'])})"
+    if top and max(top) >= sweep["saturation"] / 10:
+        ax.axhline(sweep["saturation"], color="red", ls="--", label=sat)
+    else:
+        ax.set_title(f"{sat} far above the sweep", fontsize=9)
     ax.set_yscale("log")
     log_x_axis(ax, [x for summ in sweep["summary"].values() for x in summ["perplexity"]])
     ax.set_xlabel(f"epsilon ({sweep['mode']} noise, {sweep['group']})")
@@ -359,22 +367,32 @@ def plot_heatmaps(result: dict, path, noise_map: Optional[dict] = None):
                                                         edgecolor="0.15", linewidth=0))
             title += " (dotted: stderr above target)" if ok else ""
             label = "trace (symlog)"
+            ticks = _symlog_ticks(lim)
         elif kind == "log":
             mag = np.abs(data)
             mag[mag <= 0] = np.nan  # a zero has no place on a log scale: blank
             good = mag[np.isfinite(mag)]
             im = ax.imshow(mag, aspect="auto", cmap="viridis",
                            norm=LogNorm(vmin=good.min(), vmax=good.max()) if good.size else None)
-            label = "|value| (log scale)"
+            label, ticks = "|value| (log scale)", None
         else:
             im = ax.imshow(data, aspect="auto", cmap="magma")
-            label = "nats/token"
+            label, ticks = "nats/token", None
         ax.set_title(title, fontsize=9)
         ax.set_xticks(range(len(types)), types, rotation=45, ha="right")
         ax.set_xlabel("module")
         ax.set_ylabel("layer")
-        fig.colorbar(im, ax=ax, label=label)
+        fig.colorbar(im, ax=ax, label=label, ticks=ticks)
     return save_figure(fig, path)
+
+
+def _symlog_ticks(lim: float) -> list[float]:
+    """Colorbar ticks of a signed symlog scale up to ``lim``: 0 and at most three powers of ten each
+    side (every decade labelled crowds the labels into each other on a short heatmap)."""
+    top, bottom = math.floor(math.log10(lim)), math.ceil(math.log10(lim * 1e-3))
+    ks = list(range(top, bottom - 1, -1))
+    ks = ks[::max(1, math.ceil(len(ks) / 3))]
+    return sorted([10.0 ** k for k in ks] + [-(10.0 ** k) for k in ks] + [0.0])
 
 
 def plot_activation_profile(profile: dict, path, super_layers: Sequence[int] = ()):

@@ -79,6 +79,19 @@ def fixture_results() -> dict:
     }
 
 
+def _clash(labels, renderer) -> bool:
+    """Whether two tick labels of an axis run into each other: their boxes overlap or, slanted,
+    their baselines lie closer than the text's height."""
+    texts = [t for t in labels if t.get_text()]
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    angle = texts[0].get_rotation() % 180 if texts else 0
+    if angle in (0, 90):
+        return any(b.overlaps(c) for k, b in enumerate(boxes) for c in boxes[k + 1:])
+    height = texts[0].get_fontsize() * texts[0].figure.dpi / 72
+    xs = sorted(b.x1 if texts[0].get_ha() == "right" else b.x0 for b in boxes)
+    return any((x2 - x1) * np.sin(np.radians(angle)) < 0.9 * height for x1, x2 in zip(xs, xs[1:]))
+
+
 def _read_back(fig) -> dict:
     """What a reader sees of a drawn figure, in display coordinates: per axes, its labels, tick
     label texts, legend box and data, and for a colorbar its box with labels."""
@@ -90,6 +103,7 @@ def _read_back(fig) -> dict:
         axes.append({"ax": ax, "colorbar": ax.get_label() == "<colorbar>", "xlabel": ax.get_xlabel(),
                      "ylabel": ax.get_ylabel(), "xticks": [t.get_text() for t in ax.get_xticklabels()],
                      "yticks": [t.get_text() for t in ax.get_yticklabels()],
+                     "ticks_clash": _clash(ax.get_xticklabels(), r) or _clash(ax.get_yticklabels(), r),
                      "legend": leg.get_window_extent(r) if leg else None, "tight": ax.get_tightbbox(r),
                      "box": ax.get_window_extent(r)})
     return {"axes": axes, "texts": [t.get_text() for t in fig.texts]}
@@ -149,6 +163,7 @@ def test_tick_labels_are_plain_text_and_every_axis_is_labelled(drawn):
             else:
                 assert a["xlabel"] and a["ylabel"], (a["xlabel"], a["ylabel"])
             assert len([t for t in ticks if t.strip()]) >= 2, ticks
+            assert not a["ticks_clash"], (a["xticks"], a["yticks"])
 
 
 def test_a_log_axis_under_a_decade_still_shows_values():
