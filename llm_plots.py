@@ -500,8 +500,6 @@ def plot_robustness(matrix: dict, path) -> Path:
     change and coloured so that red is worse. Each cell shows the value and its change (x ratio
     or + difference); bold where the paired difference is significant, hatched where it is not
     (inside the noise). Root variants have no parent: their cells stay blank."""
-    import matplotlib.patches as mpatches
-    import numpy as np
     measures, rows = matrix["measures"], matrix["rows"]
     keys, names = list(measures), list(rows)
     grid = np.full((len(names), len(keys)), np.nan)

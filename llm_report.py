@@ -557,7 +557,7 @@ def markdown_to_html(md: str, base: Path) -> str:
 
 
 def write_report(results: dict, out: Path) -> tuple[Path, Path]:
-    """Write report.md and the self-contained report.html into ``out``."""
+    """Write report.md, the self-contained report.html and every table as tables/*.csv, .tex into ``out``."""
     out = Path(out)
     md = T.paper_markdown(report_markdown(results), results, out)  # captions, tables/*.csv and .tex
     IO.write_text(out / "report.md", md)
