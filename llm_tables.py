@@ -21,13 +21,14 @@ import llm_results as R
 _SEP = re.compile(r"^\|(\s*:?-+:?\s*\|)+\s*$")
 _HEADING = re.compile(r"^#{1,6}\s+(.*)$")
 _FIGURE = re.compile(r"^!\[[^\]]*\]\((plots/([\w.-]+)\.png)\)\s*$")
-# Characters LaTeX reads as commands; brackets too, since "[" after a row's "\\" is an optional argument.
+# Characters LaTeX reads as commands or sets as other glyphs ("|", "<" in OT1); brackets too, since "["
+# after a row's "\\" is an optional argument.
 _LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
           "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "[": "{[}",
           "]": "{]}",
           "±": r"$\pm$", "†": r"$^\dagger$", "×": r"$\times$", "→": r"$\rightarrow$",
           "ε": r"$\varepsilon$", "Δ": r"$\Delta$", "≥": r"$\geq$", "≤": r"$\leq$", "—": "---", "–": "--",
-          "<": r"\textless{}", ">": r"\textgreater{}"}
+          "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}"}
 
 
 class Table(NamedTuple):

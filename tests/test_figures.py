@@ -242,7 +242,7 @@ def test_tables_are_read_back_as_csv_and_booktabs_latex():
     assert rows == [["variant", "ppl [95%]", "note"], ["pruned[wanda,0.5]", "12.3 [11.9, 12.8] †", "a | b $x$"]]
     tex = T.latex_text(tables[0])
     assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex and r"\begin{tabular}{lrl}" in tex
-    assert r"pruned{[}wanda,0.5{]} & 12.3 {[}11.9, 12.8{]} $^\dagger$ & a | b \$x\$ \\" in tex
+    assert r"pruned{[}wanda,0.5{]} & 12.3 {[}11.9, 12.8{]} $^\dagger$ & a \textbar{} b \$x\$ \\" in tex
     assert r"\caption{Odd\_names \& 50\% \#1}" in tex
 
 
