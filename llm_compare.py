@@ -21,8 +21,9 @@ import llm_io as IO
 import llm_matrix as MX
 import llm_results as R
 import llm_stats as ST
+import llm_tables as T
 from llm_common import UserError
-from llm_plots import plot_comparison
+from llm_plots import captioned, plot_comparison
 from llm_report import markdown_to_html
 
 log = logging.getLogger("llm.report")
@@ -292,8 +293,11 @@ def compare_runs(dirs: Sequence, out: Path, output_dir_given: bool = True) -> di
     warnings = protocol_warnings(rows)
     for w in warnings:
         log.warning("%s", w.removeprefix("warning: "))
-    md = compare_markdown(rows, variants, warnings)
-    plot = plot_comparison(rows, variants, out / "plots" / "compare.png")
+    caption = T.compare_caption(rows)
+    with captioned(caption):
+        plot = plot_comparison(rows, variants, out / "plots" / "compare.png")
+    # Captions and tables/*.csv, .tex as in a run's report
+    md = T.with_tables(T.with_captions(compare_markdown(rows, variants, warnings), lambda _: caption), out)
     IO.write_text(out / "compare.md", md)
     IO.write_text(out / "compare.html", markdown_to_html(md, out))
     rows = [{k: v for k, v in r.items() if k != "res"} for r in rows]  # the whole results.json stays out

@@ -2,12 +2,14 @@
 
 ``make_plots(results, out)`` redraws every plot that a results.json supports and returns
 their paths; each ``plot_*`` takes a section of it (plain dicts, numbers as JSON keeps them).
+Each figure goes out as PNG and PDF; under ``captioned`` (as ``make_plots`` draws them) the
+PNG carries a caption line (model, eval text, windows, tokens) also written to
+``<name>.caption.txt``.
 """
 from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -16,50 +18,17 @@ import matplotlib.text
 import numpy as np
 
 matplotlib.use("Agg")  # before pyplot: plots are files, never windows
+import matplotlib.patches as mpatches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.colors import SymLogNorm  # noqa: E402
-from matplotlib.ticker import FuncFormatter, NullFormatter, NullLocator  # noqa: E402
+from matplotlib.colors import LogNorm, SymLogNorm  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator  # noqa: E402
 
-import llm_io as IO
 import llm_results as R
 from llm_common import UserError, error_line
 
 log = logging.getLogger("llm.plots")
-
-
-def save_figure(fig, path: str | os.PathLike) -> Path:
-    """Save a matplotlib figure atomically as PNG and close it."""
-    path = Path(path)
-    # Labels are names from results.json (variants, modules, runs): a "$" in one must stay text,
-    # never matplotlib mathtext ("$\\frac{1}{$" would not parse). Ticks drawn later are made
-    # inside the context, the texts that already exist are switched off one by one.
-    for t in fig.findobj(matplotlib.text.Text):
-        t.set_parse_math(False)
-    # Log axes label their ticks in mathtext ("$10^{4}$"), which is switched off above: plain numbers instead.
-    for ax in fig.axes:
-        for axis in (ax.xaxis, ax.yaxis):
-            if axis.get_scale() == "log":
-                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-                axis.set_minor_formatter(NullFormatter())
-    try:
-        with plt.rc_context({"text.parse_math": False}), IO.atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    finally:
-        plt.close(fig)
-    return path
-
-
-def log_x_axis(ax, values) -> None:
-    """Log-scaled x axis labelled exactly at ``values`` (no crowded minor-tick labels)."""
-    ax.set_xscale("log")
-    values = sorted({float(v) for v in values})
-    ax.set_xticks(values, [f"{v:g}" for v in values])
-    ax.xaxis.set_minor_locator(NullLocator())
-
-
-def new_figure(*args, **kwargs):
-    """plt.subplots on the headless Agg backend (set at import: plots never need a display)."""
-    return plt.subplots(*args, **kwargs)
+from llm_figures import (captioned, legend_covers_data, log_ticks, log_x_axis, new_figure, plain_number,  # noqa: F401
+                         save_figure)  # (re-exported: the figure machinery's home is llm_figures)
 
 
 # --------------------------------------------------------------------------- plots (from saved results only)
@@ -109,14 +78,25 @@ def plot_sparsity_per_layer(result: dict, path):
 
 
 def _plot_grid_sparsity_per_layer(records: list, path):
-    fig, ax = new_figure(figsize=(7, 3.5))
-    for r in records:
-        per = r.get("layer_sparsity") or r.get("per_layer") or {}
-        layers = sorted(per, key=int)
-        ax.plot([int(k) for k in layers], [R.fnum(per[k]) for k in layers], marker=".", label=str(r.get("name")))
+    """A grid's achieved sparsity as a variant x block heatmap: with uniform targets its per-variant
+    lines lie on each other (nine flat lines), while a row per variant keeps each readable."""
+    names = [str(r.get("name")) for r in records]
+    pers = [r.get("layer_sparsity") or r.get("per_layer") or {} for r in records]
+    layers = sorted({int(k) for per in pers for k in per})
+    data = np.array([[R.fnum(per.get(str(k))) for k in layers] for per in pers], dtype=float)
+    data[~np.isfinite(data)] = np.nan
+    fig, ax = new_figure(figsize=(max(5.0, 1.5 + 0.25 * len(layers)), 1.2 + 0.3 * len(names)),
+                         layout="constrained")
+    top = max(1e-9, float(np.nanmax(data, initial=0)))
+    im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0.0, vmax=top)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=12))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: str(layers[int(v)]) if 0 <= v < len(layers)
+                                               else ""))
     ax.set_xlabel("decoder block")
-    ax.set_ylabel("sparsity (achieved)")
-    ax.legend(fontsize=6, ncol=2)
+    ax.set_ylabel("variant")
+    fig.colorbar(im, ax=ax, label="sparsity (achieved)")
     return save_figure(fig, path)
 
 
@@ -143,7 +123,7 @@ def plot_prune_curves(results: dict, path):
             ax.set_yscale("log")
         ax.set_xlabel("sparsity (achieved)")
         ax.set_ylabel(label)
-        ax.legend(fontsize=7)
+    panels[-1][0].legend(fontsize=7)  # the same lines in each panel: one legend, on the rightmost
     return save_figure(fig, path)
 
 
@@ -156,17 +136,25 @@ def plot_bits_per_layer(result: dict, path):
 
 
 def plot_sweep(sweep: dict, path):
-    """Perplexity against eps (mean with min-max band), saturation level marked."""
+    """Perplexity against eps (mean with min-max band), saturation level marked where the sweep
+    comes within a decade of it (otherwise its line would squash the curves flat: it is named in
+    the title instead)."""
     fig, ax = new_figure(figsize=(6, 4))
+    top = []
     for tag, summ in sweep["summary"].items():
         s = summ["perplexity"]
         xs = sorted(s, key=float)
         mean = [R.fnum(s[x]["mean"]) for x in xs]
         ax.plot([float(x) for x in xs], mean, marker="o", label=tag)
-        ax.fill_between([float(x) for x in xs], [R.fnum(s[x]["min"]) for x in xs], [R.fnum(s[x]["max"]) for x in xs],
-                        alpha=0.2)
+        hi = [R.fnum(s[x]["max"]) for x in xs]
+        ax.fill_between([float(x) for x in xs], [R.fnum(s[x]["min"]) for x in xs], hi, alpha=0.2)
+        top += [v for v in hi + mean if math.isfinite(v)]
     ax.axhline(R.fnum(sweep["clean"]["perplexity"]), color="gray", ls=":", label="clean")
-    ax.axhline(sweep["saturation"], color="red", ls="--", label=f"saturation (vocab {int(sweep['saturation'])})")
+    sat = f"saturation (vocab {int(sweep['saturation'])})"
+    if top and max(top) >= sweep["saturation"] / 10:
+        ax.axhline(sweep["saturation"], color="red", ls="--", label=sat)
+    else:
+        ax.set_title(f"{sat} far above the sweep", fontsize=9)
     ax.set_yscale("log")
     log_x_axis(ax, [x for summ in sweep["summary"].values() for x in summ["perplexity"]])
     ax.set_xlabel(f"epsilon ({sweep['mode']} noise, {sweep['group']})")
@@ -181,6 +169,7 @@ def plot_sensitivity_map(smap: dict, path):
     data[~np.isfinite(data)] = np.nan
     im = ax.imshow(data, aspect="auto", cmap="magma")
     ax.set_xticks(range(len(smap["modules"])), smap["modules"], rotation=45, ha="right")
+    ax.set_xlabel("module")
     ax.set_ylabel("layer")
     ax.set_title(f"NLL increase, relative noise eps={smap['epsilon']}")
     fig.colorbar(im, ax=ax, label="delta NLL (nats/token)")
@@ -210,19 +199,21 @@ def layer_module_grid(result: dict, key: str) -> tuple[list, list, list]:
 
 
 def plot_heatmaps(result: dict, path, noise_map: Optional[dict] = None):
-    """Layer x module heatmaps of Hessian trace, Fisher, and (if given) the noise NLL increase."""
-    panels = [("hessian_trace", "Hessian trace"), ("fisher_sum", "Fisher (sum)")]
-    grids = [layer_module_grid(result, k) for k, _ in panels]
-    titles = [t for _, t in panels]
+    """Layer x module heatmaps of Hessian trace (signed, symlog), Fisher (log) and, if given, the
+    noise NLL increase. A Hessian cell whose standard error is above the target is dotted (its
+    colour stays readable): at a CPU budget that can be every cell."""
+    panels = [("hessian_trace", "Hessian trace", "signed"), ("fisher_sum", "Fisher (sum)", "log")]
+    grids = [layer_module_grid(result, k) for k, _, _ in panels]
     if noise_map:
         grids.append((noise_map["layers"], noise_map["modules"], noise_map["delta_nll"]))
-        titles.append("noise delta NLL")
-    fig, axes = new_figure(1, len(grids), figsize=(4.2 * len(grids), 1.5 + 0.2 * len(grids[0][0])))
+        panels.append(("delta_nll", "noise delta NLL", "linear"))
+    fig, axes = new_figure(1, len(grids), figsize=(4.6 * len(grids), 1.8 + 0.2 * len(grids[0][0])),
+                           layout="constrained")
     axes = np.atleast_1d(axes)
-    for k, (ax, (layers, types, grid), title) in enumerate(zip(axes, grids, titles)):
+    for ax, (layers, types, grid), (key, title, kind) in zip(axes, grids, panels):
         data = np.array([[float(v) for v in row] for row in grid])
         data[~np.isfinite(data)] = np.nan  # NaN/Inf weights give non-finite cells: blank, never the scale
-        if k == 0:  # Hutchinson traces can be negative and noisy: signed scale, unreliable cells crossed
+        if kind == "signed":  # Hutchinson traces can be negative and noisy: signed scale
             finite = np.abs(data[np.isfinite(data)])
             lim = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
             im = ax.imshow(data, aspect="auto", cmap="RdBu_r",
@@ -232,15 +223,36 @@ def plot_heatmaps(result: dict, path, noise_map: Optional[dict] = None):
             for i, row in enumerate(okgrid if ok else []):
                 for j, v in enumerate(row):
                     if v == 0.0:
-                        ax.text(j, i, "x", ha="center", va="center", fontsize=7, color="0.3")
-            ax.set_title(f"{title} (x: stderr above target)")
+                        ax.add_patch(mpatches.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="..",
+                                                        edgecolor="0.15", linewidth=0))
+            title += " (dotted: stderr above target)" if ok else ""
+            label = "trace (symlog)"
+            ticks = _symlog_ticks(lim)
+        elif kind == "log":
+            mag = np.abs(data)
+            mag[mag <= 0] = np.nan  # a zero has no place on a log scale: blank
+            good = mag[np.isfinite(mag)]
+            im = ax.imshow(mag, aspect="auto", cmap="viridis",
+                           norm=LogNorm(vmin=good.min(), vmax=good.max()) if good.size else None)
+            label, ticks = "|value| (log scale)", None
         else:
-            im = ax.imshow(np.log10(np.abs(data) + 1e-12), aspect="auto", cmap="viridis")
-            ax.set_title(f"log10 |{title}|")
+            im = ax.imshow(data, aspect="auto", cmap="magma")
+            label, ticks = "nats/token", None
+        ax.set_title(title, fontsize=9)
         ax.set_xticks(range(len(types)), types, rotation=45, ha="right")
+        ax.set_xlabel("module")
         ax.set_ylabel("layer")
-        fig.colorbar(im, ax=ax)
+        fig.colorbar(im, ax=ax, label=label, ticks=ticks)
     return save_figure(fig, path)
+
+
+def _symlog_ticks(lim: float) -> list[float]:
+    """Colorbar ticks of a signed symlog scale up to ``lim``: 0 and at most three powers of ten each
+    side (every decade labelled crowds the labels into each other on a short heatmap)."""
+    top, bottom = math.floor(math.log10(lim)), math.ceil(math.log10(lim * 1e-3))
+    ks = list(range(top, bottom - 1, -1))
+    ks = ks[::max(1, math.ceil(len(ks) / 3))]
+    return sorted([10.0 ** k for k in ks] + [-(10.0 ** k) for k in ks] + [0.0])
 
 
 def plot_activation_profile(profile: dict, path, super_layers: Sequence[int] = ()):
@@ -258,6 +270,43 @@ def plot_activation_profile(profile: dict, path, super_layers: Sequence[int] = (
     return save_figure(fig, path)
 
 
+def _figure_scope(results: dict, name: str) -> str:
+    """What a figure's own numbers were measured on, where that is not the perplexity protocol."""
+    sw = R.field(results, "noise", "sweep", kind=dict, default={})
+    acfg = R.field(results, "analysis", "config", kind=dict, default={})
+    recs = R.variant_records(results, "prune", "pruned")
+    cal = R.field(recs[0][1] if recs else {}, "calibration", kind=dict, default={})
+    adv = R.field(results, "adversarial", kind=dict, default={})
+    scope = {
+        "noise_sweep": f"sweep scored on {R.field(sw, 'clean', 'token_set')}",
+        "noise_map": f"scored on {R.field(sw, 'clean', 'token_set')}",
+        "sensitivity_heatmaps": f"Hessian on {acfg.get('calib_windows')} calibration window(s) of "
+                                f"{acfg.get('calib_seq_len')} tokens, Fisher on {acfg.get('fisher_windows')}",
+        "activations": f"activations on the prompt {acfg.get('super_weight_prompt')!r}",
+        "prune": f"calibrated on {cal.get('windows')} windows of {cal.get('seq_len')} tokens of "
+                 f"{cal.get('source')}",
+        "attack_sweep": f"{adv.get('n_samples')} prompts, {adv.get('norm')} ball",
+        "finetune": f"trained on {R.field(results, 'dataset', 'train', 'source')}",
+    }.get(name)
+    return f"; {scope}" if scope and "None" not in scope else ""
+
+
+def figure_caption(results: dict, name: str) -> str:
+    """One caption line from results.json: the model, the eval text, the windows and the tokens
+    scored, then what this figure's own numbers were measured on (``name``: its make_plots key)."""
+    ev = R.field(results, "dataset", "eval", kind=dict, default={})
+    proto = R.field(results, "protocol", kind=dict, default={})
+    text = str(ev.get("source") or ev.get("name") or "?")
+    if ev.get("fallback"):
+        text += f" (in place of {ev.get('name')})"
+    first = next(iter(R.field(results, "evaluation", kind=dict, default={}).values()), {})
+    n = f"{first['windows']} " if isinstance(first, dict) and first.get("windows") else ""
+    tokens = R.tokens_scored(results) or proto.get("tokens_used") or "?"
+    windows = (f"{n}windows of {proto.get('seq_len')} tokens, stride {proto.get('stride')}, {tokens} tokens "
+               "scored per variant") if proto else "no perplexity windows"
+    return f"Model {results.get('model', '?')}; eval text {text}; {windows}{_figure_scope(results, name)}."
+
+
 def make_plots(results: dict, out: Path) -> dict:
     """(Re)draw every plot that the saved results support; returns {name: path relative to out}."""
     out = Path(out)
@@ -266,7 +315,13 @@ def make_plots(results: dict, out: Path) -> dict:
 
     def add(name, fn, *args):
         try:
-            plots[name] = str(fn(*args).relative_to(out))
+            caption = figure_caption(results, name)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # a caption never costs a figure
+            caption = None
+            log.warning("no caption for plot %s: %s", name, error_line(e))
+        try:
+            with captioned(caption):
+                plots[name] = str(fn(*args).relative_to(out))
         except UserError:  # a full disk or an unwritable folder: the caller's one error line
             raise
         except Exception as e:  # values no axis can show (all NaN or Inf): the numbers stay in results.json
@@ -307,8 +362,6 @@ def plot_robustness(matrix: dict, path) -> Path:
     change and coloured so that red is worse. Each cell shows the value and its change (x ratio
     or + difference); bold where the paired difference is significant, hatched where it is not
     (inside the noise). Root variants have no parent: their cells stay blank."""
-    import matplotlib.patches as mpatches
-    import numpy as np
     measures, rows = matrix["measures"], matrix["rows"]
     keys, names = list(measures), list(rows)
     grid = np.full((len(names), len(keys)), np.nan)
@@ -342,6 +395,8 @@ def plot_robustness(matrix: dict, path) -> Path:
     ax.set_xticks(range(len(keys)), [measures[k]["label"] for k in keys], rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(names)), [f"{n} (of {rows[n]['parent']})" if rows[n]["parent"] else n for n in names],
                   fontsize=8)
+    ax.set_xlabel("measure")
+    ax.set_ylabel("variant")
     cb = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, ticks=[-1, 0, 1])
     cb.ax.set_yticklabels(["better", "same", "worse"], fontsize=7)
     cb.set_label("change from the parent, scaled per column", fontsize=7)
@@ -352,22 +407,25 @@ def plot_robustness(matrix: dict, path) -> Path:
 
 
 def plot_comparison(rows: list, variants: list, path) -> Path:
-    """Grouped bars, one bar per run: perplexity (log scale) of each variant and, where runs
-    measured it, zero-shot mean accuracy beside it."""
+    """Grouped bars, one bar per run: perplexity (log scale, plain tick labels) of each variant and,
+    where runs measured it, zero-shot mean accuracy beside it; one legend, on the right panel."""
     panels = [("perplexity", "perplexity", True)] + ([("zeroshot", "zero-shot mean acc", False)]
                                                       if any(r.get("zeroshot") for r in rows) else [])
-    w = max(5.0, 1.2 * len(variants) * max(1, len(rows)) / 2)
-    fig, axes = new_figure(1, len(panels), figsize=(w * len(panels), 3.5), squeeze=False)
+    w = max(5.0, 0.5 * len(variants) * max(1, len(rows)) + 2)
+    fig, axes = new_figure(1, len(panels), figsize=(w * len(panels), 4), squeeze=False, layout="constrained")
     width = 0.8 / max(len(rows), 1)
     for ax, (key, label, log_scale) in zip(axes[0], panels):
         for k, r in enumerate(rows):
             ys = [R.fnum((r.get(key) or {}).get(v)) for v in variants]
             ax.bar([i + k * width for i in range(len(variants))], ys, width, label=r.get("label") or r["run"])
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(variants))], variants)
+        # Variant names are long ("pruned[wanda,0.5]"): slanted, they never run into each other.
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(variants))], variants, rotation=30, ha="right",
+                      fontsize=8)
         if log_scale:
             ax.set_yscale("log")
+        ax.set_xlabel("variant")
         ax.set_ylabel(label)
-        ax.legend(fontsize=7)
+    axes[0][-1].legend(fontsize=7, title="run", title_fontsize=7)
     return save_figure(fig, path)
 
 

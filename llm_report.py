@@ -21,8 +21,10 @@ import llm_io as IO
 import llm_model as LM
 import llm_matrix as M
 import llm_report_compress as RC
+import llm_report_labels as L
 import llm_report_stats as RS
 import llm_results as R
+import llm_tables as T
 from llm_plots import make_plots
 
 log = logging.getLogger("llm.report")
@@ -113,9 +115,9 @@ def _md_noise(results: dict) -> list[str]:
                   f"The sweep is scored on {sw['clean'].get('token_set', 'a subset of the evaluation text')} "
                   f"(clean perplexity {R.fmt(sw['clean']['perplexity'])}).", "",
                   f"Sweep ({sw['mode']} noise on decoder linears, {len(sw['points'])} points): "
-                  f"perplexity doubles at eps = {R.fmt(sw['doubling_eps'].get('unprotected'))} without "
-                  f"protection, {R.fmt(sw['doubling_eps'].get('protected'))} with the top "
-                  f"{R.pct(sw.get('protect_fraction'))} of weights by "
+                  f"perplexity {L.doubling(sw, 'unprotected')} without protection, and "
+                  f"{L.doubling(sw, 'protected')} with the top {R.pct(sw.get('protect_fraction'))} of "
+                  "weights by "
                   f"{sw.get('protect_score', 'w^2 F')} kept clean.", "",
                   "| eps | ppl (mean) | ppl protected | KL | top-1 |", "|---|---|---|---|---|"]
         up = sw["summary"]["unprotected"]
@@ -224,24 +226,12 @@ def _md_adversarial(results: dict) -> list[str]:
                   f"({(pf.get('windowed') or {}).get('window')} tokens): FPR "
                   f"{R.fmt((pf.get('windowed') or {}).get('false_positive_rate'))}, TPR "
                   f"{R.fmt((pf.get('windowed') or {}).get('true_positive_rate'))}.",
-                  _defence_line(at), ""]
+                  L.defence_line(at), ""]
         for prompt, ans in adv["answers"].items():
             lines.append(f"- *{R.esc(prompt)}* clean: {R.esc(ans['clean'])}  \n  under PGD eps={ans['eps']}: "
                          f"{R.esc(ans['attacked'])}")
         lines += ["", "![attack sweep](plots/attack_sweep.png)"]
     return lines
-
-
-def _defence_line(at: dict) -> str:
-    """One sentence on the adversarial-training defence (results before the defence field
-    existed ran PGD adversarial training)."""
-    if at.get("defence") == "none":
-        return "Adversarial fine-tune: off (--defence none)."
-    passes = (at.get("passes") or {}).get("training") or {}
-    cost = f", {passes['forward']} forward / {passes['backward']} backward passes" if passes else ""
-    return (f"Adversarial fine-tune ({at.get('defence', 'pgd')}, {at['steps']} steps{cost}): delta NLL at "
-            f"eps {at['eps']} {R.fmt(at['delta_nll_before'])} -> {R.fmt(at['delta_nll_after'])} on "
-            "held-out samples.")
 
 
 def _md_analysis(results: dict) -> list[str]:
@@ -271,8 +261,9 @@ def _md_analysis(results: dict) -> list[str]:
                   "Most salient weights (OBD 0.5 H_ii w^2): " + "; ".join(
                       f"{t['module']}[{t['row']}, {t['col']}] = {R.fmt(t['value'])} ({R.fmt(t['saliency'])})"
                       for t in an.get("top_salient", [])[:5]), "",
-                  "| layer | module | row | col | value | \\|in\\| | \\|out\\| | ppl ratio zeroed |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  *(["| layer | module | row | col | value | \\|in\\| | \\|out\\| | ppl ratio zeroed |",
+                     "|---|---|---|---|---|---|---|---|"] if an["super_weights"]
+                    else [L.no_super_weight(an)])]
         for sw in an["super_weights"]:
             lines.append(f"| {sw['layer']} | {sw['module']} | {sw['row']} | {sw['col']} | "
                          f"{R.fmt(sw['value'])} | {R.fmt(sw['input_abs'])} | {R.fmt(sw['output_abs'])} | "
@@ -304,11 +295,10 @@ def _ranking(an: dict) -> str:
 def _md_generations(results: dict) -> list[str]:
     """Greedy answers of every variant."""
     lines: list[str] = []
-    lines += ["", "## Sample generations", ""]
     for name, ev in results.get("evaluation", {}).items():
         for prompt, answer in ev.get("generations", {}).items():
             lines.append(f"- **{name}** — *{R.esc(prompt)}*  \n  {R.esc(answer)}")
-    return lines
+    return ["", "## Sample generations", ""] + lines if lines else []  # none under --max-new-tokens 0
 
 
 def _md_manifest(results: dict) -> list[str]:
@@ -452,12 +442,10 @@ def findings(results: dict) -> list[str]:
                    f"perplexity {R.fmt(ppl['noisy'])}, {R.fmt(100 * frac)}% of the saturation level "
                    f"{int(sat)} (a uniform guesser over the vocabulary).")
     if nz:
-        d = nz["sweep"]["doubling_eps"]
-        out.append("Relative noise on the decoder linears doubles perplexity at "
-                   f"eps={R.fmt(d.get('unprotected'))}; keeping the top "
-                   f"{R.pct(nz['sweep'].get('protect_fraction'))} of weights by "
-                   f"{nz['sweep'].get('protect_score', 'w^2 F')} clean moves that to "
-                   f"eps={R.fmt(d.get('protected'))}.")
+        sw = nz["sweep"]
+        out.append(f"Under relative noise on the decoder linears perplexity {L.doubling(sw, 'unprotected')}; "
+                   f"with the top {R.pct(sw.get('protect_fraction'))} of weights by "
+                   f"{sw.get('protect_score', 'w^2 F')} kept clean, it {L.doubling(sw, 'protected')}.")
         if nz.get("top_cells"):
             c = nz["top_cells"][0]
             out.append(f"The most noise-sensitive cell is layer {c['layer']} {c['module']} "
@@ -482,11 +470,7 @@ def _findings_attacks_and_analysis(results: dict) -> list[str]:
                    f"{R.fmt(row['pgd']['delta_nll'])} nats/token, FGSM by {R.fmt(row['fgsm']['delta_nll'])}; "
                    f"targeted PGD reaches {R.esc(repr(adv['targeted']['target']))} on "
                    f"{R.fmt(100 * adv['targeted']['success_rate'])}% of {adv['targeted']['n']} prompts.")
-        at = adv["adversarial_training"]
-        if at.get("defence") != "none":
-            out.append(f"A {at['steps']}-step adversarial fine-tune ({at.get('defence', 'pgd')}) changes "
-                       f"PGD's delta NLL from {R.fmt(at['delta_nll_before'])} to "
-                       f"{R.fmt(at['delta_nll_after'])} at eps={at['eps']}.")
+        out += L.defence_finding(adv["adversarial_training"])
     an = results.get("analysis")
     if an:
         sws = an.get("super_weights") or []
@@ -496,7 +480,7 @@ def _findings_attacks_and_analysis(results: dict) -> list[str]:
                        f"{s['col']}] (value {R.fmt(s['value'])}): zeroing it alone multiplies perplexity by "
                        f"{R.fmt(s['ppl_ratio'])}.")
         else:
-            out.append("No super weight was found: no MLP down projection's output spiked.")
+            out.append(L.no_super_weight(an))
         q = {(r["bits"], r["variant"].split(" ")[0]): r for r in an.get("quantization", [])}
         for bits in sorted({b for b, _ in q}, reverse=True):
             plain, prot = q.get((bits, "plain")), [r for (b, v), r in q.items() if b == bits and v != "plain"]
@@ -518,7 +502,8 @@ def markdown_to_html(md: str, base: Path) -> str:
     conv.preprocessors.deregister("html_block")
     conv.inlinePatterns.deregister("html")
     # No text becomes a link, whatever its scheme ([x](javascript:...), <http://...>, [x][ref]):
-    # the only reference a page holds is an embedded plots/*.png (``inline`` below).
+    # the only references a page holds are an embedded plots/*.png (``inline`` below) and the links
+    # to the report's own tables/*.csv, .tex and plots/*.pdf (``llm_tables.html_tables``).
     for pattern in ("link", "reference", "short_reference", "autolink", "automail", "image_reference",
                     "short_image_ref"):
         if pattern in conv.inlinePatterns:
@@ -539,11 +524,11 @@ def markdown_to_html(md: str, base: Path) -> str:
                 f'src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}"')
 
     body = re.sub(r'<img alt="([^"]*)" src="([^"]+)"', inline, body)
-    body = re.sub(r"<i>missing plot ([^<]*)</i>\s*/?>", r"<i>missing plot \1</i>", body)
+    body = T.html_tables(re.sub(r"<i>missing plot ([^<]*)</i>\s*/?>", r"<i>missing plot \1</i>", body), base)
     style = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;"
              "color:#222}table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
-             "th{background:#f3f3f3}img{max-width:100%}code{background:#f3f3f3;padding:0 3px}")
+             "th{background:#f3f3f3}img{max-width:100%}code{background:#f3f3f3;padding:0 3px}" + T.TABLE_CSS)
     # The script lets a headless browser check that every image decoded (data-images-ok).
     script = ("<script>window.addEventListener('load',()=>{const im=[...document.images];"
               "document.body.dataset.imagesOk=im.every(i=>i.complete&&i.naturalWidth>0);"
@@ -553,9 +538,9 @@ def markdown_to_html(md: str, base: Path) -> str:
 
 
 def write_report(results: dict, out: Path) -> tuple[Path, Path]:
-    """Write report.md and the self-contained report.html into ``out``."""
+    """Write report.md, the self-contained report.html and every table as tables/*.csv, .tex into ``out``."""
     out = Path(out)
-    md = report_markdown(results)
+    md = T.paper_markdown(report_markdown(results), results, out)  # captions, tables/*.csv and .tex
     IO.write_text(out / "report.md", md)
     IO.write_text(out / "report.html", markdown_to_html(md, out))
     return out / "report.md", out / "report.html"

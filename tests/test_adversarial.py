@@ -427,15 +427,21 @@ def test_defence_trains_on_windows_disjoint_from_the_attacked_ones():
 
 
 def test_report_names_the_defence_and_its_passes():
-    import llm_report as R
+    import llm_report_labels as L
 
     at = {"defence": "free", "steps": 4, "eps": 0.1, "delta_nll_before": 0.5, "delta_nll_after": 0.25,
           "passes": {"training": {"forward": 4, "backward": 4}}}
-    assert R._defence_line(at) == ("Adversarial fine-tune (free, 4 steps, 4 forward / 4 backward passes): delta NLL "
-                                   "at eps 0.1 0.5 -> 0.25 on held-out samples.")
-    assert "off" in R._defence_line({"defence": "none"})
+    assert L.defence_line(at) == ("Adversarial fine-tune (free, 4 steps, 4 forward / 4 backward passes): "
+                                  "delta NLL at eps 0.1 0.5 -> 0.25 on held-out samples.")
+    assert "off" in L.defence_line({"defence": "none"})
     old = {k: v for k, v in at.items() if k not in ("defence", "passes")}  # results from before the field
-    assert R._defence_line(old).startswith("Adversarial fine-tune (pgd, 4 steps)")
+    assert L.defence_line(old).startswith("Adversarial fine-tune (pgd, 4 steps)")
+    # Issue 32: "0.1009 -> 0.1009" said nothing changed in numbers only; 0 steps never ran
+    same = {**at, "delta_nll_before": 0.10091, "delta_nll_after": 0.100912}
+    assert "nothing changed: delta NLL at eps 0.1 stays 0.1009" in L.defence_line(same)
+    assert L.defence_finding(same)[0].endswith("changed nothing: PGD's delta NLL stays 0.1009 at eps=0.1.")
+    assert L.defence_line({**at, "steps": 0}) == "Adversarial fine-tune (free): not run (0 steps)."
+    assert L.defence_finding({**at, "steps": 0}) == [] and "->" not in L.defence_line(same)
 
 
 def test_gcg_search_space_holds_no_special_token_of_smollm2(smol_tok):

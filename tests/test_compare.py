@@ -4,6 +4,7 @@ a compared run's folder is never written into by default."""
 import json
 
 import llm_main_v4 as M
+import llm_tables as T
 from conftest import one_error
 
 
@@ -97,6 +98,12 @@ def test_runs_that_scored_the_same_windows_are_compared_paired_and_others_say_un
     assert lo > 1 and f"| b | base | x{d['ppl_ratio']:.4g} [{lo:.4g}, {hi:.4g}] † |" in md
     assert "| c | base | unpaired: the runs did not score the same windows" in md
     assert "| b | base | - | - | 12.5 [10, 15] |" in md  # b's robustness matrix, its cells as recorded
+    # Issue 32: each table of the comparison as CSV and LaTeX, named under it; the figure's PDF, caption
+    cmp = tmp_path / "cmp"
+    for t in T.find_tables(md):
+        assert f"[CSV](tables/{t.name}.csv)" in md and (cmp / "tables" / f"{t.name}.tex").is_file()
+        assert len((cmp / "tables" / f"{t.name}.csv").read_text().splitlines()) >= 2
+    assert (cmp / "plots" / "compare.pdf").is_file() and "*Figure: Runs: a = " in md
 
 
 def test_zero_shot_of_runs_on_the_same_questions_is_compared_by_mcnemar(tmp_path):

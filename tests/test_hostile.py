@@ -3,6 +3,7 @@ fine-tunes, foreign temporaries, local-file disclosure, bad corpora and model fi
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -242,7 +243,10 @@ def test_every_free_text_in_the_report_stays_text(tmp_path):
     _, page = llm_report.write_report(results, tmp_path)
     html = page.read_text()
     body = html[html.index("<body>"):]
-    assert "<script>alert" not in body and "<img" not in body and "<a " not in body
+    assert "<script>alert" not in body and "<img" not in body
+    # The only links are the report's own files (issue 32: each table's CSV and LaTeX), none from the text
+    links = re.findall(r"<a [^>]*>", body)
+    assert links and all(re.fullmatch(r'<a href="tables/[a-z0-9_]+\.(csv|tex)">', a) for a in links)
     assert body.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 3  # shown as text, each time
 
 
