@@ -36,7 +36,7 @@ def fixture_results() -> dict:
              "overall_sparsity": s, "target_sparsity": s, "layer_sparsity": {str(i): s for i in range(LAYERS)},
              "calibration": {"windows": 8, "seq_len": 128, "source": "wiki_train"}}
             for m in ("wanda", "sparsegpt", "magnitude") for s in (0.3, 0.5, 0.7)]
-    ppl = {"base": 14.6, **{g["name"]: 14.6 * (1 + g["overall_sparsity"]) for g in grid}}
+    ppl = {"base": 14.6, **{g["name"]: 14.6 * (1 + g["overall_sparsity"]) for g in grid}, "quantized": 15.2}
     eps = ["0.01", "0.02", "0.05", "0.1"]
     curve = {e: {"mean": 14.6 + 0.4 * k, "min": 14.5 + 0.4 * k, "max": 14.8 + 0.4 * k} for k, e in enumerate(eps)}
     return {
@@ -52,7 +52,7 @@ def fixture_results() -> dict:
                      "heldout_ppl_after": 14.2},
         "prune": {"grid": grid},
         "quantize": {"status": "ran", "method": "gptq", "group": 128, "bit_allocation": "uniform",
-                     "avg_code_bits": 4.0, "layer_bits": {str(i): 4.0 for i in range(LAYERS)}},
+                     "avg_code_bits": 4.0, "avg_bits": 4.169, "layer_bits": {str(i): 4.0 for i in range(LAYERS)}},
         "noise": {"sweep": {"mode": "relative", "group": "linears", "saturation": 49152.0,
                             "clean": {"perplexity": 14.6, "token_set": "the first 512 tokens of the evaluation text"},
                             "summary": {"unprotected": {"perplexity": curve}}, "points": [{"eps": float(e)} for e in eps],
@@ -136,7 +136,7 @@ def drawn(tmp_path_factory):
 def test_every_figure_is_drawn_with_its_pdf_and_caption(drawn):
     out, results, figs = drawn
     names = {"finetune", "prune", "prune_curves", "quantize", "noise_sweep", "noise_map", "attack_sweep",
-             "robustness", "sensitivity_heatmaps", "activations"}
+             "robustness", "sensitivity_heatmaps", "activations", "pareto"}
     assert set(results["plots"]) == names and len(figs) == len(names) + 2
     for png in (out / "plots").glob("*.png"):
         assert png.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
