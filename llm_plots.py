@@ -337,7 +337,7 @@ def make_plots(results: dict, out: Path) -> dict:
             add("prune_curves", plot_prune_curves, results, d / "prune_curves.png")
     if len([r for r in R.pareto_rows(results) if r["bits"] < 16]) >= 1:  # something was compressed
         add("pareto", plot_pareto, results, d / "pareto.png")
-    if (results.get("quantize") or {}).get("layer_bits"):
+    if (results.get("quantize") or {}).get("layer_bits") and not results["quantize"].get("grid"):  # a grid: pareto
         add("quantize", plot_bits_per_layer, results["quantize"], d / "quantize_bits_per_layer.png")
     if results.get("noise"):
         add("noise_sweep", plot_sweep, results["noise"]["sweep"], d / "noise_sweep.png")
