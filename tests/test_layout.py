@@ -165,3 +165,34 @@ def test_the_results_reader_knows_every_section_of_the_step_registry():
 
     assert tuple(llm_results.STEP_SECTIONS) == tuple(llm_main_v4.STEPS)
     assert all(s in llm_results.SCHEMA for sections in llm_results.STEP_SECTIONS.values() for s in sections)
+
+
+def _graph_lines() -> list[str]:
+    """The import graph as docs/design.md prints it: the orchestrator, the steps in pipeline order,
+    then the shared modules, most dependent first; each with its direct project imports in that order."""
+    import llm_config
+
+    graph = _project_graph()
+    steps = [_STEP_MODULE[s] for s in llm_config.ALL_STEPS]
+    depth: dict = {}
+
+    def d(m):
+        if m not in depth:
+            depth[m] = 1 + max((d(n) for n in graph[m]), default=0)
+        return depth[m]
+
+    shared = sorted(SHARED, key=lambda m: (-d(m), m))
+    order = ["llm_main_v4", *steps, *shared]
+    return [f"{m:<24} -> " + (", ".join(n for n in order if n in graph[m]) or "-") for m in order]
+
+
+_STEP_MODULE = {"finetune": "llm_finetune", "prune": "llm_prune_model", "quantize": "llm_quantize_model",
+                "noise": "llm_robustness_test", "eval": "llm_evaluate_models", "zeroshot": "llm_zeroshot",
+                "export": "llm_export", "adversarial": "llm_adversarial_test", "analysis": "llm_integrated_analysis"}
+
+
+def test_the_documented_import_graph_and_module_table_are_the_code_s():
+    doc = (ROOT / "docs" / "design.md").read_text()
+    block = doc.split("```\nllm_main_v4")[1].split("```")[0]
+    assert ("llm_main_v4" + block).strip().splitlines() == _graph_lines(), "\n".join(_graph_lines())
+    assert all(f"| `{m}.py` |" in doc for m in SHARED), sorted(m for m in SHARED if f"| `{m}.py` |" not in doc)
