@@ -153,8 +153,8 @@ def _row(d, label: str) -> dict:
             "noise": f"{R.text(R.field(nz, 'mode'))} eps={R.text(R.field(nz, 'epsilon'))}" if nz else
             "eps=" + ",".join(R.text(R.field(rec, "epsilon")) for rec in R.field(res, "noise", "grid", kind=list))
             if R.field(res, "noise", "grid", kind=list) else "-",
-            "quantization": "; ".join(f"{R.text(rec.get('method'))} {R.quant_bits_words(rec)} g{R.text(rec.get('group'))} "
-                                      f"({R.fmt(R.num(rec.get('avg_bits')))} bits)"
+            "quantization": "; ".join(f"{R.text(rec.get('method'))} {R.quant_bits_words(rec)} "
+                                      f"g{R.text(rec.get('group'))} ({R.fmt(R.num(rec.get('avg_bits')))} bits)"
                                       for _, rec in R.variant_records(res, "quantize", "quantized"))
             if R.field(qz, "status") == "ran" else "-",
             "perplexity": {str(k): R.num(v) for k, v in R.field(res, "perplexity", kind=dict, default={}).items()},

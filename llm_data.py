@@ -216,7 +216,7 @@ def local_corpus(name: str, split: str, folder: Path) -> Optional[Corpus]:
     WikiText without its empty rows) gives slightly different numbers: its path is recorded."""
     rel = Path(LOCAL_FILES[name][split])
     stem = rel.name.split(".json")[0]
-    found = [folder / rel] + ([folder / rel.parent / (stem + ext) for ext in (".json", ".jsonl")] if name == "c4" else [])
+    found = [folder / rel] + [folder / rel.parent / (stem + ext) for ext in (".json", ".jsonl") if name == "c4"]
     path = next((p for p in found if p.is_file()), None)
     if path is None:
         return None

@@ -121,7 +121,8 @@ class StepConfig:
                         "tokens" if "tokens" in name else "limit" if name == "limit" else
                         "sweep_seeds" if name == "sweep_seeds" else "count")
                 out[name] = cap[kind] if v == 0 and kind in ("tokens", "limit") else min(v, max(cap[kind], 1))
-            elif isinstance(v, tuple) and len(v) > cap["list"] and f.metadata.get("parse") in (parse_floats, parse_ints):
+            elif isinstance(v, tuple) and len(v) > cap["list"] and \
+                    f.metadata.get("parse") in (parse_floats, parse_ints):
                 out[name] = v[:cap["list"]]
         if "filter_prompts" in out:
             out["filter_prompts"] = max(out["filter_prompts"], 2)  # bounds: a filter needs two

@@ -243,7 +243,8 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
     if config.method == "rtn":  # an exact 0 is on the integer grid: RTN keeps a pruned zero by itself
         for n, m in tqdm(linears.items(), desc="rtn", disable=not config.progress):
             W = LM.weight_view(m)
-            res.quantized[n + ".weight"] = q = rtn_quantize(W.detach(), bits[n], config.group, keep[n], config.zero_point)
+            q = rtn_quantize(W.detach(), bits[n], config.group, keep[n], config.zero_point)
+            res.quantized[n + ".weight"] = q
             _write(W, q, res, n)
     else:
         inputs, kwargs = _block0(model, windows, shared, config.calibration_seed)

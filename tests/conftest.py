@@ -169,6 +169,18 @@ def tiny_argv(tiny, out, *extra) -> list:
             *extra]
 
 
+def counting(mp, module, name: str, counts: dict) -> None:
+    """Count the calls of ``module.name`` into ``counts[name]`` (through the monkeypatch ``mp``):
+    what a run computes once, it calls once."""
+    real = getattr(module, name)
+
+    def counted(*a, **k):
+        counts[name] = counts.get(name, 0) + 1
+        return real(*a, **k)
+
+    mp.setattr(module, name, counted)
+
+
 def one_error(capsys) -> str:
     """The one error line of a failed run (progress bars of library loaders may precede it; no traceback may)."""
     text = capsys.readouterr().err

@@ -11,11 +11,10 @@ import llm_compress as LC
 import llm_data as D
 import llm_main_v4 as M
 import llm_model as LM
-import llm_prune_model as P
 import llm_quantize_model as Q
 import llm_results as R
 import llm_variants as V
-from conftest import make_llama, make_tokenizer, one_error, tiny_argv
+from conftest import counting, make_llama, make_tokenizer, one_error, tiny_argv
 from llm_config import QuantizeConfig
 
 PRUNE = ["--prune-method", "wanda,sparsegpt", "--sparsity-pattern", "unstructured,2:4"]
@@ -25,15 +24,6 @@ PRUNED = ["pruned[wanda,0.5,unstructured]", "pruned[wanda,2:4]", "pruned[sparseg
 QUANTIZED = ["quantized[gptq,4,g16]", "quantized[gptq,3,g16]"]
 
 
-def _counting(mp, module, name, counts):
-    real = getattr(module, name)
-
-    def counted(*a, **k):
-        counts[name] = counts.get(name, 0) + 1
-        return real(*a, **k)
-
-    mp.setattr(module, name, counted)
-
 
 @pytest.fixture(scope="module")
 def study(tiny_run_dir, tmp_path_factory):
@@ -42,9 +32,9 @@ def study(tiny_run_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("study") / "out"
     counts: dict = {}
     with pytest.MonkeyPatch.context() as mp:
-        _counting(mp, LM, "load_model", counts)
-        _counting(mp, D, "calibration_windows", counts)
-        _counting(mp, Q, "capture_block_inputs", counts)
+        counting(mp, LM, "load_model", counts)
+        counting(mp, D, "calibration_windows", counts)
+        counting(mp, Q, "capture_block_inputs", counts)
         assert M.main(tiny_argv(tiny_run_dir, out, "--steps", "prune,quantize,eval", *PRUNE, *QUANT)) == 0
     return out, json.loads((out / "results.json").read_text()), counts
 

@@ -12,21 +12,12 @@ import llm_main_v4 as M
 import llm_model as LM
 import llm_prune_model as P
 import llm_variants as V
-from conftest import make_llama, make_tokenizer, one_error, tiny_argv
+from conftest import counting, make_llama, make_tokenizer, one_error, tiny_argv
 from llm_config import PruneConfig
 
 GRID = ["--prune-method", "magnitude,wanda", "--sparsity", "0.3,0.5,0.7"]
 NAMES = {f"pruned[{m},{s},unstructured]" for m in ("magnitude", "wanda") for s in ("0.3", "0.5", "0.7")}
 
-
-def _counting(monkeypatch, module, name, counts):
-    real = getattr(module, name)
-
-    def counted(*a, **k):
-        counts[name] = counts.get(name, 0) + 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(module, name, counted)
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +25,9 @@ def grid_run(tiny_run_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("grid") / "out"
     counts: dict = {}
     with pytest.MonkeyPatch.context() as mp:
-        _counting(mp, LM, "load_model", counts)
-        _counting(mp, D, "calibration_windows", counts)
-        _counting(mp, P, "capture_block_inputs", counts)
+        counting(mp, LM, "load_model", counts)
+        counting(mp, D, "calibration_windows", counts)
+        counting(mp, P, "capture_block_inputs", counts)
         assert M.main(tiny_argv(tiny_run_dir, out, "--steps", "prune,eval", *GRID)) == 0
     return out, json.loads((out / "results.json").read_text()), counts
 
