@@ -14,6 +14,9 @@ step's RTN study all run on these, so each lives here once:
     gptq_quantize           GPTQ (Frantar et al. 2023; IST-DASLab/gptq ``fasterquant``)
     bounded_allocation / split_count
                             OWL's bounded per-layer rule and exact integer counts
+    held_out_windows / output_error
+                            a draw disjoint from the calibration windows, and each linear's
+                            relative output error on given windows (overfitting shows)
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from typing import Optional, Sequence
 import torch
 
 import llm_common as C
+import llm_data as D
 import llm_io as IO
 import llm_model as LM
 import llm_variants as V
@@ -312,6 +316,64 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     kept = Qfinal[K].to(W.dtype) if keep is not None else None
     return Quantized(codes[:, inv], scales.float(), zeros.float(), g_idx, K if keep is not None else None, kept,
                      damp, Qfinal, zero_point)
+
+
+# --------------------------------------------------------------------------- output error
+
+HELD_OUT_NGRAM = 16  # a candidate sharing a run of this many tokens with a calibration window is not held out
+
+
+def held_out_windows(tokenizer, source, calibration: torch.Tensor, seed: int) -> torch.Tensor:
+    """Windows [k, seq_len] of ``source`` (as ``D.calibration_windows`` draws them, seed ``seed``
+    + 1000003) that share no run of ``HELD_OUT_NGRAM`` tokens with any ``calibration`` window
+    [n, seq_len]: a disjoint draw of the same text, k <= n (4n candidates, the first n that pass).
+    Works for id streams and document corpora alike, since overlap is judged by content."""
+    n, seq_len = calibration.shape
+    k = HELD_OUT_NGRAM
+
+    def grams(w):
+        return {tuple(w[i:i + k].tolist()) for i in range(0, w.numel() - k + 1)}
+
+    seen = set().union(*(grams(w) for w in calibration))
+    cand = D.calibration_windows(tokenizer, source, 4 * n, seq_len, seed + 1000003)
+    keep = [w for w in cand if not grams(w) & seen][:n]
+    return torch.stack(keep) if keep else cand[:0]
+
+
+@torch.no_grad()
+def output_error(model, windows: torch.Tensor, reference: dict) -> dict:
+    """Per decoder linear named in ``reference`` (name -> its weights W [out, in] before
+    quantization), the relative output error ||(W - Q) X||_F / ||W X||_F over ``windows``
+    [n, seq_len], Q its live (quantized) weights and X [tokens, in] its inputs in the live model:
+    the error GPTQ minimises on its calibration windows (its objective, layer-wise, as Frantar et
+    al. 2023 eq. 1), measured on any windows. Blocks are run one at a time on the captured
+    inputs (``capture_block_inputs``), so only one block's reference weights sit on the device."""
+    if not windows.shape[0]:
+        return {}
+    inputs, kwargs = capture_block_inputs(model, windows)
+    names_of, out = LM.module_names(model), {}
+    for layer in LM.decoder_layers(model):
+        sums, handles = {}, []
+        for mod in LM.block_linears(layer).values():
+            name = names_of[mod]
+            if name not in reference:
+                continue
+            W = reference[name].to(LM.weight_view(mod).device, torch.float32)
+            D_ = W - LM.weight_view(mod).float()
+            sums[name] = [0.0, 0.0]
+
+            def hook(m, args, res, W=W, D_=D_, acc=sums[name]):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [tokens, in]
+                acc[0] += float((x @ D_.T).pow(2).sum())
+                acc[1] += float((x @ W.T).pow(2).sum())
+            handles.append(mod.register_forward_hook(hook))
+        try:
+            inputs = next_block_inputs(layer, inputs, kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        out.update({n: math.sqrt(a / b) if b > 0 else 0.0 for n, (a, b) in sums.items()})
+    return out
 
 
 # --------------------------------------------------------------------------- compact storage

@@ -41,6 +41,7 @@ import llm_model as LM
 import llm_variants as V
 from llm_compress import (Quantized, capture_block_inputs, coded_weights, gptq_quantize, linear_input_stats,
                           next_block_inputs, rtn_groups, rtn_quantize, save_codes)
+from llm_compress import held_out_windows, output_error
 from llm_config import QuantizeConfig
 from llm_run import Run
 from llm_sensitivity import (fisher_curvature, gradient_moments, layer_curvature, protect_top_fraction,
@@ -71,6 +72,8 @@ class QuantizeResult:
     protected: list = field(default_factory=list)      # (module, row, col) kept in full precision
     rel_error: dict = field(default_factory=dict)      # linear -> ||Q(W) - W||_F / ||W||_F
     dampening_increased: dict = field(default_factory=dict)  # GPTQ: linear -> dampening used where H needed more
+    # {"calibration" / "held_out": linear -> ||(W - Q) X|| / ||W X||, "held_out_windows": count}
+    output_error: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
     seconds: float = 0.0
     peak_memory_mb: float = 0.0
@@ -180,6 +183,7 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
         res.objective = {"chosen": sum(sens[n] * err[n][bits[n]] for n in linears),
                          f"uniform_{uniform_b}bit": sum(sens[n] * err[n][uniform_b] for n in linears)}
     res.bits = bits
+    reference = {n: LM.weight_view(m).detach().to("cpu", copy=True) for n, m in linears.items()}  # output_error's W
     if config.method == "rtn":
         for n, m in tqdm(linears.items(), desc="rtn", disable=not config.progress):
             W = LM.weight_view(m)
@@ -203,6 +207,11 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
                 _write(W, q, res, n)
             del H
             inputs = next_block_inputs(layer, inputs, kwargs)  # quantized outputs feed the next block
+    # Issue 34: each linear's output error on the calibration windows and on a disjoint draw (overfitting)
+    held = held_out_windows(tokenizer, calib, windows, config.calibration_seed)
+    res.output_error = {"calibration": output_error(model, windows, reference),
+                        "held_out": output_error(model, held, reference), "held_out_windows": int(held.shape[0])}
+    del reference
     total = sum(sizes.values())
     res.kept_weights = sum(int(k.sum()) for k in keep.values() if k is not None)
     code = sum(sizes[n] * bits[n] for n in linears)
