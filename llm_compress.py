@@ -398,6 +398,12 @@ def save_codes(out, name: str, quantized: dict) -> dict:
     return {"checkpoint": str(path.relative_to(out)), "format": "codes"}
 
 
+def stored_bits(path, n_weights: int) -> float:
+    """Bits actually written per weight: the size of the file ``path`` (all of it: codes, scales,
+    zeros, column groups, kept weights, the safetensors header) x 8 / ``n_weights``."""
+    return 8 * Path(path).stat().st_size / max(n_weights, 1)
+
+
 def load_codes(path) -> dict:
     """The ``Quantized`` records that ``save_codes`` wrote, by parameter name."""
     t = IO.load_tensors(path)

@@ -466,9 +466,9 @@ class ExportConfig(StepConfig):
     max_shard_size: str = knob("2GB", "safetensors shard size of the saved model", flag="--max-shard-size",
                                results=False)
     quant_format: str = knob("dequantized", "the quantized variant's export: dequantized weights (plain "
-                                            "safetensors), or compressed-tensors (naive-quantized: integer "
-                                            "codes, scales and zero points, which transformers and vLLM "
-                                            "read; needs the compressed-tensors package)",
+                                            "safetensors), or compressed-tensors (pack-quantized: int codes "
+                                            "packed in int32, scales, zero points, as vLLM serves it; 2:4 "
+                                            "variants marked 2:4; needs the compressed-tensors package)",
                              flag="--export-quant-format", choices=("dequantized", "compressed-tensors"))
     command: str = knob("", "command line written into the model cards (set by the pipeline)", cli=False,
                         results=False)

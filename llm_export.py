@@ -19,15 +19,29 @@ LM head stay dense.
 
 ``--export-quant-format compressed-tensors``: a variant stored as codes (the ``quantized`` one) is
 written in the ``compressed-tensors`` format (Neural Magic / vLLM; the ``compressed-tensors``
-package), ``naive-quantized``: per linear its integer codes (int8 storage), per-group scales and
-zero points, one config group per bit width, asymmetric ``group`` strategy. ``transformers``
-reloads it (decompressing on load; on CPU too) to exactly our dequantized weights in float32.
-Linears that keep weights in full precision (super weights, saliency), whose groups are not
-contiguous (GPTQ act order), or whose width is not a multiple of the group (compressed-tensors
-refuses a narrower tail group: SmolLM2's 576-wide inputs at group 128) have no place in that
-scheme and are stored dense (their exact dequantized values), listed under the format's ``ignore``. Its ``pack-quantized`` form (codes packed into int32) is not used:
-compressed-tensors 0.20.1 packs an asymmetric zero point on save but not when transformers 5.24
-builds the empty model to load into, so the reload fails on the zero point's shape.
+package) as ``pack-quantized``, the form vLLM serves for weight-only integer schemes (its config
+parser refuses ``naive-quantized`` ones, so that form is no longer written): per linear its codes
+packed into int32, per-group float32 scales (ours exactly: bf16 or fp16 scales would move values,
+and the packer would requantize to other codes) and the zero point packed along the output
+dimension, one config group per (bits, group size), asymmetric ``group`` strategy, written by the
+library's ``ModelCompressor``. Each export is then read back with the library's own config model
+and decompressor (``validate_compressed_tensors``) and must give our dequantized weights bit for
+bit (float32; a bf16 load casts those same values). transformers 5.24 cannot reload it (its empty
+model holds the zero point unpacked, [out, groups], and refuses the packed one), so
+``load_compressed_tensors`` builds the model from those decompressed weights. vLLM itself was not
+run here (no GPU, no vLLM). compressed-tensors refuses a width that is not a multiple of the group;
+such a linear (SmolLM2's 576-wide inputs at group 128) is written at group gcd(group, width) (64),
+each group's scale and zero repeated per sub-group: the same values at more grid bits per weight
+(``regrouped`` in the record). Linears that keep weights in full precision (super weights,
+saliency), whose groups are not contiguous (GPTQ act order: compressed-tensors 0.20.1 cannot
+decompress a ``g_idx``) or with a float zero point (the format's zero is an integer code) are
+stored dense (their exact dequantized values), under the format's ``ignore``.
+
+With ``compressed-tensors``, a variant whose decoder linears are 2:4 (``--sparsity-pattern 2:4``,
+quantized or not) also carries the format's 2:4 marker: a ``sparsity_config`` of format ``dense``
+(weights stored dense; 0.20.1 has no compressor for its legacy ``sparse-24-bitmask``),
+``sparsity_structure`` "2:4", the 2:4 linears as ``targets``. Each variant's record gives the bits
+actually written per weight (``stored_bits_per_weight``, see ``stored_bits_per_weight``).
 """
 from __future__ import annotations
 
@@ -459,7 +473,7 @@ def pipeline_step(run: Run, config: ExportConfig) -> Optional[str]:
     if (config.enabled or config.two_of_four) and config.quant_format == "compressed-tensors" and not codes:
         log.warning("--export-quant-format compressed-tensors has no effect here: this run has no quantized "
                     "variant (--quant-method rtn or gptq with the quantize step makes one); every variant is "
-                    "exported dequantized")
+                    "exported dequantized (2:4 variants with the format's 2:4 marker)")
     res = export_variants(run.model, run.tokenizer, run.variants, run.out / "export",
                           dataclasses.replace(config, command=run.results["manifest"]["command"]), facts, codes)
     run.results["export"] = asdict(res)

@@ -41,7 +41,7 @@ import llm_model as LM
 import llm_variants as V
 from llm_compress import (Quantized, capture_block_inputs, coded_weights, gptq_quantize, linear_input_stats,
                           next_block_inputs, rtn_groups, rtn_quantize, save_codes)
-from llm_compress import held_out_windows, output_error
+from llm_compress import held_out_windows, output_error, stored_bits
 from llm_config import QuantizeConfig
 from llm_run import Run
 from llm_sensitivity import (fisher_curvature, gradient_moments, layer_curvature, protect_top_fraction,
@@ -255,6 +255,9 @@ def pipeline_step(run: Run, config: QuantizeConfig) -> Optional[str]:
             res = quantize_model(run.model, run.tokenizer, run.texts["train"], point)
             rec = V.store_variant(run.out, name, run.model, list(res.quantized), mask=False) if \
                 run.cfg.run.save_variants else save_codes(run.out, V.file_stem(name), res.quantized)
+        if rec.get("format") == "codes":  # Issue 34: the bytes written per quantized weight
+            rec["stored_bits_per_weight"] = stored_bits(run.out / rec["checkpoint"],
+                                                        sum(q.codes.numel() for q in res.quantized.values()))
         d = {f.name: getattr(res, f.name) for f in dataclasses.fields(res) if f.name != "quantized"}
         records.append({**IO.to_strict_json(d), **rec, "status": "ran", "parent": run.live,
                         **({"name": name, "calibration_seed": point.calibration_seed} if len(points) > 1 else {})})
