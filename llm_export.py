@@ -79,15 +79,15 @@ log = logging.getLogger("llm.export")
 @dataclass
 class ExportResult:
     status: str                                   # "ran" or "off"
-    variants: dict = field(default_factory=dict)  # name -> {path, files, bytes, zero_fraction, stored bits, ...}
+    variants: dict = field(default_factory=dict)  # name -> {path, files, bytes, zero_fraction, bits, ...}
     two_of_four: dict = field(default_factory=dict)  # status, reason, linears converted, tokens/s per batch
     seconds: float = 0.0
     config: dict = field(default_factory=dict)
 
 
 CT_FORMAT = "pack-quantized"
-_ST_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
-             "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_ST_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+             "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def _ct_layout(model, records: Mapping, bits: Mapping[str, int]) -> tuple[dict, list, dict]:
@@ -116,7 +116,8 @@ def _ct_layout(model, records: Mapping, bits: Mapping[str, int]) -> tuple[dict, 
 
 
 def _regrid(t: torch.Tensor, gs: int, g2: int, inp: int) -> torch.Tensor:
-    """Per-group values t [out, ceil(inp / gs)] repeated for sub-groups of g2 | gs columns: [out, inp / g2]."""
+    """Per-group values t [out, ceil(inp / gs)] repeated for sub-groups of g2 | gs columns:
+    [out, inp / g2]."""
     return t[:, torch.arange(0, inp, g2) // gs]
 
 
@@ -144,8 +145,8 @@ def write_compressed_tensors(model, records: Mapping, bits: Mapping[str, int], p
         log.warning("compressed-tensors: %d quantized linears keep weights in full precision, have non-contiguous "
                     "groups or a float zero point; stored dense: %s", len(dense), ", ".join(dense[:4]))
     if regrouped:
-        log.info("compressed-tensors: %d linears whose width is not a multiple of the group are written at the "
-                 "group gcd(group, width) (the same values, more scales): %s", len(regrouped),
+        log.info("compressed-tensors: %d linears whose width is not a multiple of the group are written "
+                 "at the group gcd(group, width) (the same values, more scales): %s", len(regrouped),
                  ", ".join(f"{n} ({g})" for n, g in list(regrouped.items())[:3]))
     m = copy.deepcopy(model)
     schemes = {f"group_{i}": QuantizationScheme(targets=names, weights=QuantizationArgs(
@@ -159,7 +160,8 @@ def write_compressed_tensors(model, records: Mapping, bits: Mapping[str, int], p
             gs, inp = int((q.g_idx == 0).sum()), q.codes.shape[1]
             with torch.no_grad():  # float32 weights and scales: requantizing gives our codes exactly
                 want[name] = mod.weight.data = q.dequantize(torch.float32)
-                mod.weight_scale = torch.nn.Parameter(_regrid(q.scale.float(), gs, g2, inp), requires_grad=False)
+                scale = _regrid(q.scale.float(), gs, g2, inp)
+                mod.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
                 # its signed grid: code c in [0, 2^b) is c - 2^(b-1), and so is the zero
                 mod.weight_zero_point.data = (_regrid(q.zero, gs, g2, inp) - 2 ** (b - 1)).to(
                     mod.weight_zero_point.dtype)
@@ -171,8 +173,8 @@ def write_compressed_tensors(model, records: Mapping, bits: Mapping[str, int], p
     state, _ = validate_compressed_tensors(path)
     diff = max((float((state[n + ".weight"].float() - w).abs().max()) for n, w in want.items()), default=0.0)
     if diff:  # a library change of rounding or packing: refuse rather than ship other weights
-        raise RuntimeError(f"compressed-tensors export of {path.name}: the decompressed weights differ from the "
-                           f"quantized ones by up to {diff:g}")
+        raise RuntimeError(f"compressed-tensors export of {path.name}: the decompressed weights differ "
+                           f"from the quantized ones by up to {diff:g}")
     return {"format": f"compressed-tensors {CT_FORMAT}", "groups": {f"{b} bits, group {g}": len(n)
                                                                   for (b, g), n in sorted(groups.items())},
             "dense": dense, "regrouped": regrouped, "two_of_four": marker, "max_abs_diff": diff}
@@ -220,7 +222,8 @@ def validate_compressed_tensors(path) -> tuple[dict, dict]:
     raw = json.loads((path / "config.json").read_text())["quantization_config"]
     qconf = QuantizationConfig.model_validate(raw) if raw.get("config_groups") else None
     sp = raw.get("sparsity_config") or None
-    sparsity = SparsityCompressionConfig.get_value_from_registry(sp["format"]).model_validate(sp) if sp else None
+    sparsity = SparsityCompressionConfig.get_value_from_registry(sp["format"]).model_validate(sp) \
+        if sp else None
     state = {}
     for f in sorted(path.glob("*.safetensors")):
         state.update(load_file(f))
@@ -228,7 +231,8 @@ def validate_compressed_tensors(path) -> tuple[dict, dict]:
         compressor = BaseCompressor.get_value_from_registry(qconf.format)
         for scheme in qconf.config_groups.values():
             for name in scheme.targets:
-                part = {k[len(name) + 1:]: state.pop(k) for k in list(state) if k.startswith(name + ".weight")}
+                keys = [k for k in state if k.startswith(name + ".weight")]
+                part = {k[len(name) + 1:]: state.pop(k) for k in keys}
                 if "weight_packed" not in part:
                     raise ValueError(f"{path}: {name} is in a config group but has no packed weight")
                 state[name + ".weight"] = compressor.decompress(part, scheme)["weight"]
@@ -275,13 +279,15 @@ def stored_bits_per_weight(path: Path, model) -> dict:
                     sl = h.get_slice(k)
                     lin_bytes += math.prod(sl.get_shape()) * _ST_BYTES[sl.get_dtype()]
     params = sum(p.numel() for p in model.parameters())
-    return {"decoder_linears": 8 * lin_bytes / max(sum(lin.values()), 1), "checkpoint": 8 * file_bytes / params}
+    return {"decoder_linears": 8 * lin_bytes / max(sum(lin.values()), 1),
+            "checkpoint": 8 * file_bytes / params}
 
 
 CT_CARD = ("\nThis folder is in the compressed-tensors `pack-quantized` format (asymmetric int codes "
-           "packed into int32, float32 scales, packed zero points), which vLLM serves (not run here: no GPU). "
-           "transformers 5.24 cannot reload it (it expects the zero point unpacked); "
-           "`llm_export.load_compressed_tensors(PATH)` decompresses it with compressed-tensors' own compressor.\n")
+           "packed into int32, float32 scales, packed zero points), which vLLM serves (not run here: "
+           "no GPU). transformers 5.24 cannot reload it (it expects the zero point unpacked); "
+           "`llm_export.load_compressed_tensors(PATH)` decompresses it with compressed-tensors' own "
+           "compressor.\n")
 
 
 def is_two_of_four(w: torch.Tensor) -> bool:
@@ -440,7 +446,8 @@ def export_variants(model, tokenizer, variants: Mapping[str, object], out_dir, c
             else:
                 with LM.use_cache(model, getattr(model, "llm_use_cache", True)):  # the model's own setting, not ours
                     model.save_pretrained(tmp, max_shard_size=config.max_shard_size)
-                marker = _mark_two_of_four(model, tmp) if config.quant_format == "compressed-tensors" else None
+                if config.quant_format == "compressed-tensors":
+                    marker = _mark_two_of_four(model, tmp)
             tokenizer.save_pretrained(tmp)
             card = model_card(name, (facts or {}).get(name, {}), config.command)
             if packed:

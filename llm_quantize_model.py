@@ -183,7 +183,8 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
         res.objective = {"chosen": sum(sens[n] * err[n][bits[n]] for n in linears),
                          f"uniform_{uniform_b}bit": sum(sens[n] * err[n][uniform_b] for n in linears)}
     res.bits = bits
-    reference = {n: LM.weight_view(m).detach().to("cpu", copy=True) for n, m in linears.items()}  # output_error's W
+    # output_error's W: the weights before quantization
+    reference = {n: LM.weight_view(m).detach().to("cpu", copy=True) for n, m in linears.items()}
     if config.method == "rtn":
         for n, m in tqdm(linears.items(), desc="rtn", disable=not config.progress):
             W = LM.weight_view(m)
@@ -210,7 +211,8 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
     # Issue 34: each linear's output error on the calibration windows and on a disjoint draw (overfitting)
     held = held_out_windows(tokenizer, calib, windows, config.calibration_seed)
     res.output_error = {"calibration": output_error(model, windows, reference),
-                        "held_out": output_error(model, held, reference), "held_out_windows": int(held.shape[0])}
+                        "held_out": output_error(model, held, reference),
+                        "held_out_windows": int(held.shape[0])}
     del reference
     total = sum(sizes.values())
     res.kept_weights = sum(int(k.sum()) for k in keep.values() if k is not None)

@@ -44,7 +44,8 @@ def main():
     model, tok, _ = LM.load_model(LM.LoadConfig(model=a.model))
     calib = D.load_corpus(str(Path(a.calib).resolve()), "train")
     names = {n: LM.weight_view(m).detach().clone() for n, m in LM.decoder_linears(model).items()}
-    res = quantize_model(model, tok, calib, QuantizeConfig(method="rtn", wbits=a.wbits, group=a.group, progress=False))
+    qcfg = QuantizeConfig(method="rtn", wbits=a.wbits, group=a.group, progress=False)
+    res = quantize_model(model, tok, calib, qcfg)
     for n, w in names.items():  # back to the base weights: the variant is applied from its codes
         LM.weight_view(model.get_submodule(n)).data.copy_(w)
     rec = LC.save_codes(out, "quantized", res.quantized)
@@ -78,7 +79,8 @@ def main():
                 for pname, q in codes.items():
                     q.scale = q.scale.bfloat16().float()
                     loaded.get_parameter(pname).data.copy_(q.dequantize(dtype))
-                report["bf16_scales_max_abs_logit_diff"] = float((loaded(ids).logits.float() - want).abs().max())
+                diff = (loaded(ids).logits.float() - want).abs().max()
+                report["bf16_scales_max_abs_logit_diff"] = float(diff)
                 report["logit_max_abs"] = float(want.abs().max())
     print(json.dumps(report, indent=1))
 

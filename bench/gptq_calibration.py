@@ -44,12 +44,15 @@ def markdown(doc: dict) -> str:
     lines = [f"{doc['model']}: {doc['evaluation']}; calibration {doc['calibration']}; 4-bit, group 128, "
              f"integer zero point. Dense perplexity {doc['dense_perplexity']:.2f}.", "",
              "Output error ||(W-Q)X||/||WX||, mean over the 210 linears (down_proj: over the 30 MLP down "
-             "projections), on the calibration windows and on a disjoint held-out draw of as many windows.", "",
-             "| method | windows x tokens | seed | perplexity | quantize s (CPU s) | err calib | err held-out | "
+             "projections), on the calibration windows and on a disjoint held-out draw of as many "
+             "windows.", "",
+             "| method | windows x tokens | seed | perplexity | quantize s (CPU s) | err calib | "
+             "err held-out | "
              "down_proj calib | down_proj held-out |", "|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         lines.append(f"| {r['method']} | {r['windows']} x {r['seq_len']} | {r.get('seed', 0)} | "
-                     f"{r['perplexity']:.2f} | {r['quantize_seconds']:.0f} ({r.get('cpu_seconds', float('nan')):.0f}) | "
+                     f"{r['perplexity']:.2f} | {r['quantize_seconds']:.0f} "
+                     f"({r.get('cpu_seconds', float('nan')):.0f}) | "
                      f"{r['err_calibration']:.4f} | {r['err_held_out']:.4f} | "
                      f"{r['down_calibration']:.4f} | {r['down_held_out']:.4f} |")
     return "\n".join(lines) + "\n"
@@ -58,7 +61,7 @@ def markdown(doc: dict) -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--text", required=True, help="evaluation text (WikiText-2 test, raw)")
-    p.add_argument("--calib", required=True, help="calibration text (e.g. WikiText-2 validation, or embedded)")
+    p.add_argument("--calib", required=True, help="calibration text (WikiText-2 validation, or embedded)")
     p.add_argument("--out", required=True, help="JSON output; the markdown table goes beside it (.md)")
     p.add_argument("--model", default=None, help="model spec (default: the embedded SmolLM2)")
     p.add_argument("--cache-dir", default="data/cache", help="dequantized GGUF cache of the embedded model")
@@ -74,9 +77,10 @@ def main():
     torch.set_num_threads(a.threads)
     out = Path(a.out).resolve()
     try:
-        model, tok, name = LM.load_model(LM.LoadConfig(model=a.model, cache_dir=str(Path(a.cache_dir).resolve())))
+        cache = str(Path(a.cache_dir).resolve())
+        model, tok, name = LM.load_model(LM.LoadConfig(model=a.model, cache_dir=cache))
         ids = D.tokenize_corpus(tok, D.load_corpus(str(Path(a.text).resolve()), "test"))
-        # "embedded": the pydoc corpus the pipeline falls back to offline when WikiText-2's train split is not cached
+        # "embedded": the pydoc corpus the pipeline falls back to offline (WikiText-2 train not cached)
         calib = D.load_corpus(a.calib if a.calib == "embedded" else str(Path(a.calib).resolve()), "train")
     except C.UserError as e:
         sys.exit(f"error: {C.error_line(e)}")
@@ -94,22 +98,22 @@ def main():
     for method, n, seed in jobs:
         with V.restored_on_exit(model, names):
             t, cpu = time.perf_counter(), time.process_time()
-            r = quantize_model(model, tok, calib, QuantizeConfig(method=method, wbits=4, group=128, calib_samples=n,
-                                                                 calib_seq_len=a.seq_len_calib, calib_seed=seed,
-                                                                 progress=False))
+            qcfg = QuantizeConfig(method=method, wbits=4, group=128, calib_samples=n,
+                                  calib_seq_len=a.seq_len_calib, calib_seed=seed, progress=False)
+            r = quantize_model(model, tok, calib, qcfg)
             wall, cpu = time.perf_counter() - t, time.process_time() - cpu
             ppl = evaluate_model(model, tok, ids, ecfg).perplexity
         e = r.output_error
-        row = {"method": method, "seed": seed, "cpu_seconds": cpu, "windows": r.calibration["windows"], "seq_len": r.calibration["seq_len"],
-               "perplexity": ppl, "quantize_seconds": wall, "held_out_windows": e["held_out_windows"],
+        row = {"method": method, "seed": seed, "cpu_seconds": cpu, "windows": r.calibration["windows"],
+               "seq_len": r.calibration["seq_len"], "perplexity": ppl, "quantize_seconds": wall,
+               "held_out_windows": e["held_out_windows"],
                "err_calibration": _mean(e["calibration"]), "err_held_out": _mean(e["held_out"]),
-               "down_calibration": _mean(e["calibration"], "down_proj"), "down_held_out": _mean(e["held_out"],
-                                                                                                  "down_proj"),
-               "output_error": e}
+               "down_calibration": _mean(e["calibration"], "down_proj"),
+               "down_held_out": _mean(e["held_out"], "down_proj"), "output_error": e}
         doc["rows"].append(row)
-        print(f"{method} {n:3d} windows seed {seed}: ppl {ppl:.3f}, {wall:.0f} s ({cpu:.0f} s CPU), error calib {row['err_calibration']:.4f} "
-              f"held-out {row['err_held_out']:.4f} (down_proj {row['down_calibration']:.4f} / "
-              f"{row['down_held_out']:.4f})", flush=True)
+        print(f"{method} {n:3d} windows seed {seed}: ppl {ppl:.3f}, {wall:.0f} s ({cpu:.0f} s CPU), "
+              f"error calib {row['err_calibration']:.4f} held-out {row['err_held_out']:.4f} (down_proj "
+              f"{row['down_calibration']:.4f} / {row['down_held_out']:.4f})", flush=True)
         IO.write_json(out, doc)
         out.with_suffix(".md").write_text(markdown(doc))
     print(markdown(doc))

@@ -144,13 +144,14 @@ def _quantized_variant(m, tmp_path, bits: int, group: int, method: str = "rtn"):
         else:
             recs[n + ".weight"] = LC.rtn_quantize(W, bits, group)
     LC.save_codes(tmp_path / "run", "quantized", recs)
-    return recs, tmp_path / "run" / "checkpoints" / "quantized.safetensors", {n: bits for n in LM.decoder_linears(m)}
+    ckpt = tmp_path / "run" / "checkpoints" / "quantized.safetensors"
+    return recs, ckpt, {n: bits for n in LM.decoder_linears(m)}
 
 
 @pytest.mark.parametrize("bits,method,dtype", [(4, "rtn", torch.float32), (4, "gptq", torch.float32),
                                                (8, "rtn", torch.float32), (8, "gptq", torch.bfloat16)])
-def test_pack_quantized_export_decompresses_to_the_in_run_weights_at_the_expected_size(tok, tmp_path, bits, method,
-                                                                                      dtype):
+def test_pack_quantized_export_decompresses_to_the_in_run_weights_at_the_expected_size(tok, tmp_path, bits,
+                                                                                      method, dtype):
     """Issue 34: the compressed-tensors export is pack-quantized: compressed-tensors' own config
     model parses it, the packed codes and zero points read by hand are ours, the library's
     decompressor gives back the in-run weights and logits exactly (float32 and bf16: the scales
@@ -174,10 +175,13 @@ def test_pack_quantized_export_decompresses_to_the_in_run_weights_at_the_expecte
                             E.ExportConfig(enabled=True, quant_format="compressed-tensors"),
                             codes={"quantized": (ckpt, bits_of)})
     path, rec = tmp_path / "x" / "quantized", res.variants["quantized"]
-    qc = QuantizationConfig.model_validate(json.loads((path / "config.json").read_text())["quantization_config"])
-    assert qc.format == "pack-quantized" and rec["quant_format"]["dense"] == [] and rec["quant_format"]["max_abs_diff"] == 0
+    raw = json.loads((path / "config.json").read_text())["quantization_config"]
+    qc = QuantizationConfig.model_validate(raw)
+    assert qc.format == "pack-quantized" and rec["quant_format"]["dense"] == []
+    assert rec["quant_format"]["max_abs_diff"] == 0
     sizes = {g.weights.group_size: set(g.targets) for g in qc.config_groups.values()}
-    assert sizes == {32: {n for n in bits_of if "down_proj" in n}, 16: {n for n in bits_of if "down_proj" not in n}}
+    down = {n for n in bits_of if "down_proj" in n}
+    assert sizes == {32: down, 16: set(bits_of) - down}
     assert all(g.weights.num_bits == bits and not g.weights.symmetric for g in qc.config_groups.values())
     want_bytes, n_weights = 0, 0
     with safe_open(str(path / "model.safetensors"), "pt") as f:
@@ -191,15 +195,19 @@ def test_pack_quantized_export_decompresses_to_the_in_run_weights_at_the_expecte
             groups = torch.arange(inp // gs) * gs // 32  # each sub-group's original group
             assert torch.equal(_unpack(zp.T, bits, out).T, q.zero[:, groups].long())
             assert torch.equal(scale, q.scale[:, groups])
-            want_bytes += out * inp * bits // 8 + out * (inp // gs) * 4 + math.ceil(out * bits / 32) * (inp // gs) * 4 + 16
+            # codes, float32 scales, zero points packed along the output dimension, the int64 shape
+            groups_n = inp // gs
+            want_bytes += out * inp * bits // 8 + (out + math.ceil(out * bits / 32)) * groups_n * 4 + 16
             n_weights += out * inp
-    assert rec["stored_bits_per_weight"]["decoder_linears"] == pytest.approx(8 * want_bytes / n_weights, rel=1e-12)
+    got = rec["stored_bits_per_weight"]["decoder_linears"]
+    assert got == pytest.approx(8 * want_bytes / n_weights, rel=1e-12)
     ids = torch.randint(0, 256, (2, 16))
     loaded = E.load_compressed_tensors(path, dtype)
     with variant(m), torch.no_grad():
         assert all(torch.equal(p, m.get_parameter(n)) for n, p in loaded.named_parameters())
         assert torch.equal(loaded(ids).logits, m(ids).logits)
-    with pytest.raises(RuntimeError, match="size mismatch|ignore_mismatched_sizes"):  # why load_compressed_tensors
+    # why load_compressed_tensors: transformers expects the zero point unpacked
+    with pytest.raises(RuntimeError, match="size mismatch|ignore_mismatched_sizes"):
         AutoModelForCausalLM.from_pretrained(path)
 
 
@@ -223,12 +231,12 @@ def test_two_of_four_variants_carry_the_formats_marker(tok, tmp_path):
     with V.applied_variant(m, variants["pruned"]):  # quantize the 2:4 weights: 0 is on the integer grid
         recs, ckpt, bits_of = _quantized_variant(m, tmp_path, 4, 32)
     variants["quantized"] = functools.partial(LC.coded_weights, path=ckpt)
-    res = E.export_variants(m, tok, variants, tmp_path / "x", E.ExportConfig(enabled=True,
-                                                                             quant_format="compressed-tensors"),
-                            codes={"quantized": (ckpt, bits_of)})
+    cfg = E.ExportConfig(enabled=True, quant_format="compressed-tensors")
+    res = E.export_variants(m, tok, variants, tmp_path / "x", cfg, codes={"quantized": (ckpt, bits_of)})
     ids = torch.randint(0, 256, (1, 16))
     for name in ("pruned", "quantized"):
-        sp = json.loads((tmp_path / "x" / name / "config.json").read_text())["quantization_config"]["sparsity_config"]
+        qc = json.loads((tmp_path / "x" / name / "config.json").read_text())["quantization_config"]
+        sp = qc["sparsity_config"]
         cfg = SparsityCompressionConfig.get_value_from_registry(sp["format"]).model_validate(sp)
         assert cfg.sparsity_structure == "2:4" and cfg.format == "dense" and set(cfg.targets) == set(bits_of)
         assert cfg.global_sparsity >= 0.5

@@ -271,7 +271,8 @@ def test_quantized_variant_through_the_pipeline(qsetup, pipeline_config, method,
         assert torch.equal(p, rebuilt[n]), n
     # Issue 34: the bytes written per weight (uint8 codes: at least 8) and the output errors per linear
     n = sum(LM.weight_view(mod).numel() for mod in LM.decoder_linears(model).values())
-    assert q["stored_bits_per_weight"] == pytest.approx(8 * (out / q["checkpoint"]).stat().st_size / n, rel=1e-12)
+    size = (out / q["checkpoint"]).stat().st_size
+    assert q["stored_bits_per_weight"] == pytest.approx(8 * size / n, rel=1e-12)
     assert q["stored_bits_per_weight"] > 8 > q["avg_bits"]
     assert set(q["output_error"]["held_out"]) == set(q["bits"]) == set(q["output_error"]["calibration"])
     sw = q["protected"][0]
@@ -470,14 +471,16 @@ def test_output_error_on_calibration_and_held_out_windows(tok, sample_text):
     for method in ("rtn", "gptq"):
         m = make_llama(seed=3, hidden=64)
         ref = {n: LM.weight_view(mod).detach().clone() for n, mod in LM.decoder_linears(m).items()}
-        cfg = QuantizeConfig(method=method, wbits=3, group=16, calib_samples=6, calib_seq_len=48, progress=False)
+        cfg = QuantizeConfig(method=method, wbits=3, group=16, calib_samples=6, calib_seq_len=48,
+                             progress=False)
         res[method] = r = quantize_model(m, tok, ids, cfg)
         e = r.output_error
         assert set(e["calibration"]) == set(e["held_out"]) == set(ref) and e["held_out_windows"] == 6
     cal = LC.D.calibration_windows(tok, ids, 6, 48, 0)
     held = LC.held_out_windows(tok, ids, cal, 0)
     grams = {tuple(w[i:i + 16].tolist()) for w in cal for i in range(48 - 15)}
-    assert held.shape == (6, 48) and not any(tuple(w[i:i + 16].tolist()) in grams for w in held for i in range(33))
+    assert held.shape == (6, 48)
+    assert not any(tuple(w[i:i + 16].tolist()) in grams for w in held for i in range(33))
     # By hand, on the last (GPTQ) model: every linear's inputs over the held-out windows.
     X, hooks = {}, []
     for n, mod in LM.decoder_linears(m).items():
