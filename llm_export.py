@@ -58,7 +58,10 @@ from pathlib import Path
 from typing import Iterator, Mapping, Optional
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch.sparse import to_sparse_semi_structured
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import llm_common as C
 import llm_io as IO
@@ -88,6 +91,18 @@ class ExportResult:
 CT_FORMAT = "pack-quantized"
 _ST_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
              "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _ct():
+    """compressed-tensors' modules (root, compressors, config, quantization), imported on first use:
+    only this export format needs the package, and importing it takes seconds."""
+    try:
+        import compressed_tensors as root, compressed_tensors.compressors as comp, \
+            compressed_tensors.config as cfgs, compressed_tensors.quantization as quant
+    except ImportError as e:
+        raise C.UserError(f"--export-quant-format compressed-tensors needs the compressed-tensors package "
+                          f"({C.error_line(e)}); pip install compressed-tensors")
+    return root, comp, cfgs, quant
 
 
 def _ct_layout(model, records: Mapping, bits: Mapping[str, int]) -> tuple[dict, list, dict]:
@@ -133,13 +148,7 @@ def write_compressed_tensors(model, records: Mapping, bits: Mapping[str, int], p
     scales, which gives our codes back (checked: the files are decompressed by the library and
     compared with our values, ``validate_compressed_tensors``). Works on a copy: the live model
     keeps its plain linears. Returns {format, groups, dense, regrouped, two_of_four, max_abs_diff}."""
-    try:
-        from compressed_tensors.compressors import ModelCompressor
-        from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
-                                                     apply_quantization_config)
-    except ImportError as e:
-        raise C.UserError(f"--export-quant-format compressed-tensors needs the compressed-tensors package "
-                          f"({C.error_line(e)}); pip install compressed-tensors")
+    _, comp, _, quant = _ct()
     groups, dense, regrouped = _ct_layout(model, records, bits)
     if dense:
         log.warning("compressed-tensors: %d quantized linears keep weights in full precision, have non-contiguous "
@@ -149,10 +158,10 @@ def write_compressed_tensors(model, records: Mapping, bits: Mapping[str, int], p
                  "at the group gcd(group, width) (the same values, more scales): %s", len(regrouped),
                  ", ".join(f"{n} ({g})" for n, g in list(regrouped.items())[:3]))
     m = copy.deepcopy(model)
-    schemes = {f"group_{i}": QuantizationScheme(targets=names, weights=QuantizationArgs(
+    schemes = {f"group_{i}": quant.QuantizationScheme(targets=names, weights=quant.QuantizationArgs(
         num_bits=b, type="int", symmetric=False, strategy="group", group_size=g2))
         for i, ((b, g2), names) in enumerate(sorted(groups.items()))}
-    apply_quantization_config(m, QuantizationConfig(config_groups=schemes, format=CT_FORMAT))
+    quant.apply_quantization_config(m, quant.QuantizationConfig(config_groups=schemes, format=CT_FORMAT))
     want = {}
     for (b, g2), names in groups.items():
         for name in names:
@@ -165,7 +174,7 @@ def write_compressed_tensors(model, records: Mapping, bits: Mapping[str, int], p
                 # its signed grid: code c in [0, 2^b) is c - 2^(b-1), and so is the zero
                 mod.weight_zero_point.data = (_regrid(q.zero, gs, g2, inp) - 2 ** (b - 1)).to(
                     mod.weight_zero_point.dtype)
-    compressor = ModelCompressor.from_pretrained_model(m, quantization_format=CT_FORMAT)
+    compressor = comp.ModelCompressor.from_pretrained_model(m, quantization_format=CT_FORMAT)
     compressor.compress_model(m)
     m.save_pretrained(path, max_shard_size=max_shard_size)
     compressor.update_config(path)
@@ -189,19 +198,17 @@ def _mark_two_of_four(model, path: Path) -> Optional[dict]:
     ``targets`` the 2:4 linears, ``global_sparsity`` their zero fraction; validated by the
     library's ``SparsityCompressionConfig``. A folder without a quantization config gets one that
     holds only this (transformers loads it as the plain model). Returns the marker or None."""
-    from compressed_tensors import __version__
-    from compressed_tensors.config import DenseSparsityConfig
-
+    root, _, cfgs, _ = _ct()
     lin = {n: LM.weight_view(m) for n, m in LM.decoder_linears(model).items()}
     targets = sorted(n for n, w in lin.items() if is_two_of_four(w))
     if not targets:
         return None
     zeros = sum(int((lin[n] == 0).sum()) for n in targets) / sum(lin[n].numel() for n in targets)
-    marker = DenseSparsityConfig(targets=targets, sparsity_structure="2:4", global_sparsity=zeros).model_dump(
-        exclude={"registry_requires_subclass"})
+    marker = cfgs.DenseSparsityConfig(targets=targets, sparsity_structure="2:4", global_sparsity=zeros)
+    marker = marker.model_dump(exclude={"registry_requires_subclass"})
     cfg = json.loads((path / "config.json").read_text())
     cfg.setdefault("quantization_config", {"quant_method": "compressed-tensors", "format": "dense",
-                                           "version": __version__})["sparsity_config"] = marker
+                                           "version": root.__version__})["sparsity_config"] = marker
     (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
     return {"linears": len(targets), "global_sparsity": zeros}
 
@@ -213,22 +220,18 @@ def validate_compressed_tensors(path) -> tuple[dict, dict]:
     decompressed by the registered compressor (``PackedQuantizationCompressor.decompress``) to
     dense weights [out, in] in the scales' dtype (float32 here). Returns (the state dict with
     dense weights, {"quantization": QuantizationConfig, "sparsity": config or None})."""
-    from compressed_tensors.compressors import BaseCompressor
-    from compressed_tensors.config import SparsityCompressionConfig
-    from compressed_tensors.quantization import QuantizationConfig
-    from safetensors.torch import load_file
-
+    _, comp, cfgs, quant = _ct()
     path = Path(path)
     raw = json.loads((path / "config.json").read_text())["quantization_config"]
-    qconf = QuantizationConfig.model_validate(raw) if raw.get("config_groups") else None
+    qconf = quant.QuantizationConfig.model_validate(raw) if raw.get("config_groups") else None
     sp = raw.get("sparsity_config") or None
-    sparsity = SparsityCompressionConfig.get_value_from_registry(sp["format"]).model_validate(sp) \
+    sparsity = cfgs.SparsityCompressionConfig.get_value_from_registry(sp["format"]).model_validate(sp) \
         if sp else None
     state = {}
     for f in sorted(path.glob("*.safetensors")):
         state.update(load_file(f))
     if qconf is not None:
-        compressor = BaseCompressor.get_value_from_registry(qconf.format)
+        compressor = comp.BaseCompressor.get_value_from_registry(qconf.format)
         for scheme in qconf.config_groups.values():
             for name in scheme.targets:
                 keys = [k for k in state if k.startswith(name + ".weight")]
@@ -244,8 +247,6 @@ def load_compressed_tensors(path, dtype: torch.dtype = torch.float32):
     ``validate_compressed_tensors`` (transformers 5.24 cannot reload an asymmetric
     ``pack-quantized`` checkpoint: it builds the zero point unpacked, [out, groups], and refuses
     the packed one). Weights are cast to ``dtype``, as a load in that dtype would."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     state, _ = validate_compressed_tensors(path)
     cfg = AutoConfig.from_pretrained(path)
     if hasattr(cfg, "quantization_config"):
@@ -266,8 +267,6 @@ def stored_bits_per_weight(path: Path, model) -> dict:
     scales, zero points, shapes; the dense weight where stored dense; biases not counted) x 8 over
     their weight count; ``checkpoint``: the bytes of every safetensors file (headers, embeddings,
     norms, ...) x 8 over all the model's parameters (tied ones once)."""
-    from safetensors import safe_open
-
     lin = {n: LM.weight_view(m).numel() for n, m in LM.decoder_linears(model).items()}
     lin_bytes = file_bytes = 0
     for f in sorted(Path(path).glob("*.safetensors")):
