@@ -9,7 +9,8 @@ actually written per weight (codes checkpoint; the export's decoder linears and 
 checkpoint) and the largest logit difference on 2 x 128 tokens between the in-run model and
 the export decompressed by compressed-tensors (float32, then bfloat16). Then the tolerance of a
 reader that casts the float32 scales to bf16 (as a bf16 vLLM model holds its ``weight_scale``):
-the logit difference with every group's scale rounded to bf16.
+the logit difference with every group's scale rounded to bf16, beside the difference that bf16
+arithmetic alone makes (the same weights in a float32 model).
 """
 import argparse
 import functools
@@ -79,8 +80,11 @@ def main():
                 for pname, q in codes.items():
                     q.scale = q.scale.bfloat16().float()
                     loaded.get_parameter(pname).data.copy_(q.dequantize(dtype))
-                diff = (loaded(ids).logits.float() - want).abs().max()
-                report["bf16_scales_max_abs_logit_diff"] = float(diff)
+                diff = (loaded(ids).logits.float() - want).abs()
+                report["bf16_scales_logit_diff_max_mean"] = [float(diff.max()), float(diff.mean())]
+                # For scale: the same quantized weights in bf16 against float32 (bf16 arithmetic alone)
+                base = (want - want32).abs()
+                report["bf16_vs_float32_logit_diff_max_mean"] = [float(base.max()), float(base.mean())]
                 report["logit_max_abs"] = float(want.abs().max())
     print(json.dumps(report, indent=1))
 
