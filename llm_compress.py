@@ -323,12 +323,13 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
 HELD_OUT_NGRAM = 16  # a candidate sharing a run of this many tokens with a calibration window is not held out
 
 
-def held_out_windows(tokenizer, source, calibration: torch.Tensor, seed: int) -> torch.Tensor:
+def held_out_windows(tokenizer, source, calibration: torch.Tensor, seed: int,
+                     n: Optional[int] = None) -> torch.Tensor:
     """Windows [k, seq_len] of ``source`` (as ``D.calibration_windows`` draws them, seed ``seed``
     + 1000003) that share no run of ``HELD_OUT_NGRAM`` tokens with any ``calibration`` window
-    [n, seq_len]: a disjoint draw of the same text, k <= n (4n candidates, the first n that pass).
-    Works for id streams and document corpora alike, since overlap is judged by content."""
-    n, seq_len = calibration.shape
+    [m, seq_len]: a disjoint draw of the same text, k <= n (default m; 4n candidates, the first n
+    that pass). Works for id streams and document corpora alike: overlap is judged by content."""
+    n, seq_len = n or calibration.shape[0], calibration.shape[1]
     k = HELD_OUT_NGRAM
 
     def grams(w):

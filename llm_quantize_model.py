@@ -52,6 +52,7 @@ log = logging.getLogger("llm.quantize")
 BIT_CHOICES = (2, 3, 4, 8)
 GRID_BITS = 32  # one fp16 scale + one fp16 zero per group, as the papers count them
 KEPT_BITS = 48  # a kept weight: 16 bits of value + 32 bits of index
+ERROR_WINDOWS = 8  # output_error's windows: calibration ones and a held-out draw (a forward pass each)
 
 
 @dataclass
@@ -72,7 +73,7 @@ class QuantizeResult:
     protected: list = field(default_factory=list)      # (module, row, col) kept in full precision
     rel_error: dict = field(default_factory=dict)      # linear -> ||Q(W) - W||_F / ||W||_F
     dampening_increased: dict = field(default_factory=dict)  # GPTQ: linear -> dampening used where H needed more
-    # {"calibration" / "held_out": linear -> ||(W - Q) X|| / ||W X||, "held_out_windows": count}
+    # {"calibration" / "held_out": linear -> ||(W - Q) X|| / ||W X|| on ERROR_WINDOWS windows of each}
     output_error: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
     seconds: float = 0.0
@@ -208,11 +209,12 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
                 _write(W, q, res, n)
             del H
             inputs = next_block_inputs(layer, inputs, kwargs)  # quantized outputs feed the next block
-    # Issue 34: each linear's output error on the calibration windows and on a disjoint draw (overfitting)
-    held = held_out_windows(tokenizer, calib, windows, config.calibration_seed)
-    res.output_error = {"calibration": output_error(model, windows, reference),
+    # Issue 34: each linear's output error on calibration windows and on a disjoint draw (overfitting)
+    seen = windows[:ERROR_WINDOWS]
+    held = held_out_windows(tokenizer, calib, windows, config.calibration_seed, len(seen))
+    res.output_error = {"calibration": output_error(model, seen, reference),
                         "held_out": output_error(model, held, reference),
-                        "held_out_windows": int(held.shape[0])}
+                        "calibration_windows": len(seen), "held_out_windows": int(held.shape[0])}
     del reference
     total = sum(sizes.values())
     res.kept_weights = sum(int(k.sum()) for k in keep.values() if k is not None)

@@ -455,7 +455,7 @@ def test_calib_seeds_make_one_quantized_variant_per_draw(tiny_run_dir, tmp_path)
     assert any(not torch.equal(codes[0][n].codes, codes[1][n].codes) for n in codes[0])  # other windows
 
 
-def test_output_error_on_calibration_and_held_out_windows(tok, sample_text):
+def test_output_error_on_calibration_and_held_out_windows(tok, sample_text, monkeypatch):
     """Issue 34: quantize_model records each linear's ||(W - Q) X|| / ||W X|| on its calibration
     windows and on a disjoint draw. The held-out figure equals a direct computation (inputs
     hooked in the quantized model, the reference weights kept aside); the held-out windows share
@@ -475,7 +475,8 @@ def test_output_error_on_calibration_and_held_out_windows(tok, sample_text):
                              progress=False)
         res[method] = r = quantize_model(m, tok, ids, cfg)
         e = r.output_error
-        assert set(e["calibration"]) == set(e["held_out"]) == set(ref) and e["held_out_windows"] == 6
+        assert set(e["calibration"]) == set(e["held_out"]) == set(ref)
+        assert e["held_out_windows"] == e["calibration_windows"] == 6
     cal = LC.D.calibration_windows(tok, ids, 6, 48, 0)
     held = LC.held_out_windows(tok, ids, cal, 0)
     grams = {tuple(w[i:i + 16].tolist()) for w in cal for i in range(48 - 15)}
@@ -498,3 +499,10 @@ def test_output_error_on_calibration_and_held_out_windows(tok, sample_text):
         assert res["gptq"].output_error["held_out"][n] == pytest.approx(want, rel=1e-4), n
     g, r = (sum(res[k].output_error["calibration"].values()) for k in ("gptq", "rtn"))
     assert 0 < g < r
+    # At most ERROR_WINDOWS of each (a forward pass per window: RTN needs no calibration otherwise)
+    import llm_quantize_model as Q
+
+    monkeypatch.setattr(Q, "ERROR_WINDOWS", 4)
+    e = quantize_model(make_llama(seed=3, hidden=64), tok, ids, cfg).output_error
+    assert e["calibration_windows"] == e["held_out_windows"] == 4
+    assert e["held_out"] != res["gptq"].output_error["held_out"]  # same quantization, 4 of the 6 windows
