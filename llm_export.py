@@ -179,11 +179,15 @@ def write_compressed_tensors(model, records: Mapping, bits: Mapping[str, int], p
     m.save_pretrained(path, max_shard_size=max_shard_size)
     compressor.update_config(path)
     marker = _mark_two_of_four(model, path)
-    state, _ = validate_compressed_tensors(path)
-    diff = max((float((state[n + ".weight"].float() - w).abs().max()) for n, w in want.items()), default=0.0)
-    if diff:  # a library change of rounding or packing: refuse rather than ship other weights
-        raise RuntimeError(f"compressed-tensors export of {path.name}: the decompressed weights differ "
-                           f"from the quantized ones by up to {diff:g}")
+    qconf, _ = _ct_configs(path)
+    seen, diff = set(), 0.0
+    for n, w in (_decompressed(path, qconf) if qconf is not None else ()):
+        seen.add(n)
+        diff = max(diff, float((w.float() - want[n]).abs().max()))
+    if diff or seen != set(want):  # a library change of rounding or packing: refuse to ship other weights
+        raise RuntimeError(f"compressed-tensors export of {path.name}: the decompressed weights differ from "
+                           f"the quantized ones by up to {diff:g}, or linears are missing "
+                           f"({sorted(set(want) - seen)[:3]})")
     return {"format": f"compressed-tensors {CT_FORMAT}", "groups": {f"{b} bits, group {g}": len(n)
                                                                   for (b, g), n in sorted(groups.items())},
             "dense": dense, "regrouped": regrouped, "two_of_four": marker, "max_abs_diff": diff}
@@ -213,6 +217,35 @@ def _mark_two_of_four(model, path: Path) -> Optional[dict]:
     return {"linears": len(targets), "global_sparsity": zeros}
 
 
+def _ct_configs(path: Path) -> tuple:
+    """(QuantizationConfig or None, sparsity config or None) of an export's config.json, each
+    parsed by compressed-tensors' own pydantic model (an invalid one raises)."""
+    _, _, cfgs, quant = _ct()
+    raw = json.loads((path / "config.json").read_text())["quantization_config"]
+    qconf = quant.QuantizationConfig.model_validate(raw) if raw.get("config_groups") else None
+    sp = raw.get("sparsity_config") or None
+    return qconf, cfgs.SparsityCompressionConfig.get_value_from_registry(sp["format"]).model_validate(sp) \
+        if sp else None
+
+
+def _decompressed(path: Path, qconf) -> Iterator[tuple[str, torch.Tensor]]:
+    """(linear name, its weight [out, in] decompressed by the format's registered compressor, in
+    the scales' dtype) for each target of each config group, reading one linear's tensors at a
+    time (a 7B export is never held dense in memory)."""
+    _, comp, _, _ = _ct()
+    compressor = comp.BaseCompressor.get_value_from_registry(qconf.format)
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(safe_open(str(f), "pt")) for f in sorted(path.glob("*.safetensors"))]
+        where = {k: f for f in files for k in f.keys()}
+        for scheme in qconf.config_groups.values():
+            for name in scheme.targets:
+                part = {k[len(name) + 1:]: f.get_tensor(k) for k, f in where.items()
+                        if k.startswith(name + ".weight")}
+                if "weight_packed" not in part:
+                    raise ValueError(f"{path}: {name} is in a config group but has no packed weight")
+                yield name, compressor.decompress(part, scheme)["weight"]
+
+
 def validate_compressed_tensors(path) -> tuple[dict, dict]:
     """Read a compressed-tensors export with the library's own pieces: its ``quantization_config``
     parsed by ``QuantizationConfig`` (pydantic; an invalid one raises) and the sparsity config by
@@ -220,25 +253,15 @@ def validate_compressed_tensors(path) -> tuple[dict, dict]:
     decompressed by the registered compressor (``PackedQuantizationCompressor.decompress``) to
     dense weights [out, in] in the scales' dtype (float32 here). Returns (the state dict with
     dense weights, {"quantization": QuantizationConfig, "sparsity": config or None})."""
-    _, comp, cfgs, quant = _ct()
     path = Path(path)
-    raw = json.loads((path / "config.json").read_text())["quantization_config"]
-    qconf = quant.QuantizationConfig.model_validate(raw) if raw.get("config_groups") else None
-    sp = raw.get("sparsity_config") or None
-    sparsity = cfgs.SparsityCompressionConfig.get_value_from_registry(sp["format"]).model_validate(sp) \
-        if sp else None
+    qconf, sparsity = _ct_configs(path)
     state = {}
     for f in sorted(path.glob("*.safetensors")):
         state.update(load_file(f))
-    if qconf is not None:
-        compressor = comp.BaseCompressor.get_value_from_registry(qconf.format)
-        for scheme in qconf.config_groups.values():
-            for name in scheme.targets:
-                keys = [k for k in state if k.startswith(name + ".weight")]
-                part = {k[len(name) + 1:]: state.pop(k) for k in keys}
-                if "weight_packed" not in part:
-                    raise ValueError(f"{path}: {name} is in a config group but has no packed weight")
-                state[name + ".weight"] = compressor.decompress(part, scheme)["weight"]
+    for name, w in (_decompressed(path, qconf) if qconf is not None else ()):
+        for k in [k for k in state if k.startswith(name + ".weight")]:
+            del state[k]
+        state[name + ".weight"] = w
     return state, {"quantization": qconf, "sparsity": sparsity}
 
 

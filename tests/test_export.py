@@ -251,3 +251,22 @@ def test_two_of_four_variants_carry_the_formats_marker(tok, tmp_path):
     for name in ("base", "noisy"):
         cfg = json.loads((tmp_path / "x" / name / "config.json").read_text())
         assert "quantization_config" not in cfg and "two_of_four_marker" not in res.variants[name]
+
+
+def test_an_export_that_does_not_decompress_to_the_quantized_weights_is_refused(tok, tmp_path, monkeypatch):
+    """The export reads itself back through compressed-tensors' decompressor: a weight that comes
+    back different (a library change of rounding or packing), or a linear that does not come
+    back, stops the export instead of shipping other weights."""
+    import llm_compress as LC
+
+    m = make_llama_of(32)
+    recs, ckpt, bits_of = _quantized_variant(m, tmp_path, 4, 16)
+    real = E._decompressed
+    for bad in (lambda p, q: ((n, w + 1e-3 * (n.endswith("q_proj"))) for n, w in real(p, q)),
+                lambda p, q: ((n, w) for n, w in real(p, q) if "v_proj" not in n)):
+        monkeypatch.setattr(E, "_decompressed", bad)
+        with pytest.raises(RuntimeError, match="decompressed weights differ"):
+            E.export_variants(m, tok, {"quantized": functools.partial(LC.coded_weights, path=ckpt)}, tmp_path / "x",
+                              E.ExportConfig(enabled=True, quant_format="compressed-tensors"),
+                              codes={"quantized": (ckpt, bits_of)})
+        assert not (tmp_path / "x" / "quantized").exists()  # atomic: nothing half-written
