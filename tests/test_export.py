@@ -266,7 +266,7 @@ def test_an_export_that_does_not_decompress_to_the_quantized_weights_is_refused(
                 lambda p, q: ((n, w) for n, w in real(p, q) if "v_proj" not in n)):
         monkeypatch.setattr(E, "_decompressed", bad)
         with pytest.raises(RuntimeError, match="decompressed weights differ"):
-            E.export_variants(m, tok, {"quantized": functools.partial(LC.coded_weights, path=ckpt)}, tmp_path / "x",
-                              E.ExportConfig(enabled=True, quant_format="compressed-tensors"),
+            E.export_variants(m, tok, {"quantized": functools.partial(LC.coded_weights, path=ckpt)},
+                              tmp_path / "x", E.ExportConfig(enabled=True, quant_format="compressed-tensors"),
                               codes={"quantized": (ckpt, bits_of)})
         assert not (tmp_path / "x" / "quantized").exists()  # atomic: nothing half-written
