@@ -307,9 +307,9 @@ def stored_bits_per_weight(path: Path, model) -> dict:
 
 CT_CARD = ("\nThis folder is in the compressed-tensors `pack-quantized` format (asymmetric int codes "
            "packed into int32, float32 scales, packed zero points), which vLLM serves (not run here: "
-           "no GPU). transformers 5.24 cannot reload it (it expects the zero point unpacked); "
-           "`llm_export.load_compressed_tensors(PATH)` decompresses it with compressed-tensors' own "
-           "compressor.\n")
+           "no GPU). The lines above do not load it with transformers 5.24 (which expects the zero point "
+           "unpacked); `llm_export.load_compressed_tensors(PATH)` of llm-sensitivity does, decompressing "
+           "it with compressed-tensors' own compressor.\n")
 
 
 def is_two_of_four(w: torch.Tensor) -> bool:
