@@ -206,6 +206,7 @@ def test_pack_quantized_export_decompresses_to_the_in_run_weights_at_the_expecte
     with variant(m), torch.no_grad():
         assert all(torch.equal(p, m.get_parameter(n)) for n, p in loaded.named_parameters())
         assert torch.equal(loaded(ids).logits, m(ids).logits)
+    assert "load_compressed_tensors(PATH)" in (path / "README.md").read_text()
     # why load_compressed_tensors: transformers expects the zero point unpacked
     with pytest.raises(RuntimeError, match="size mismatch|ignore_mismatched_sizes"):
         AutoModelForCausalLM.from_pretrained(path)
