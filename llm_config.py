@@ -205,7 +205,7 @@ class PruneConfig(StepConfig):
         (), "'auto' (detect super weights first) or module:row:col,...; kept out of the pruning mask and the "
             "noise", flag="--protect-super-weights", parse=parse_protect)
     calib_samples: Optional[int] = budget(8, 128, "calibration windows", flag="--calib-samples",
-                                          bounds="[1,1000000]")
+                                          bounds="[1,1000000]", shown="8 CPU (quantize: 32), 128 GPU")
     calib_seq_len: Optional[int] = budget(512, 2048, "tokens per calibration window", flag="--calib-seq-len",
                                         bounds="[2,1000000]", context=True)
     super_weight_prompt: str = super_weight_prompt_knob()
@@ -359,8 +359,8 @@ class QuantizeConfig(StepConfig):
     sensitivity_windows: Optional[int] = budget(2, 8, "calibration windows of the sensitivities and saliency",
                                               bounds="[1,1000000]")
     sensitivity_probes: int = knob(8, "Hutchinson probes of --bit-allocation hessian", bounds="[1,100000]")
-    calib_samples: Optional[int] = budget(8, 128, "calibration windows", flag="--calib-samples",
-                                          bounds="[1,1000000]")
+    calib_samples: Optional[int] = budget(32, 128, "calibration windows (GPTQ needs more than pruning)",
+                                          flag="--calib-samples", bounds="[1,1000000]")
     calib_seq_len: Optional[int] = budget(512, 2048, "tokens per calibration window", flag="--calib-seq-len",
                                         bounds="[2,1000000]", context=True)
     calib_seed: Optional[int] = knob(None, "seed of the calibration draw; a comma list makes one quantized "
@@ -516,9 +516,9 @@ class ExportConfig(StepConfig):
     max_shard_size: str = knob("2GB", "safetensors shard size of the saved model", flag="--max-shard-size",
                                results=False)
     quant_format: str = knob("dequantized", "the quantized variant's export: dequantized weights (plain "
-                                            "safetensors), or compressed-tensors (naive-quantized: integer "
-                                            "codes, scales and zero points, which transformers and vLLM "
-                                            "read; needs the compressed-tensors package)",
+                                            "safetensors), or compressed-tensors (pack-quantized: int codes "
+                                            "packed in int32, scales, zero points, as vLLM serves it; 2:4 "
+                                            "variants marked 2:4; needs the compressed-tensors package)",
                              flag="--export-quant-format", choices=("dequantized", "compressed-tensors"))
     command: str = knob("", "command line written into the model cards (set by the pipeline)", cli=False,
                         results=False)

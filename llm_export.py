@@ -19,15 +19,29 @@ LM head stay dense.
 
 ``--export-quant-format compressed-tensors``: a variant stored as codes (the ``quantized`` one) is
 written in the ``compressed-tensors`` format (Neural Magic / vLLM; the ``compressed-tensors``
-package), ``naive-quantized``: per linear its integer codes (int8 storage), per-group scales and
-zero points, one config group per bit width, asymmetric ``group`` strategy. ``transformers``
-reloads it (decompressing on load; on CPU too) to exactly our dequantized weights in float32.
-Linears that keep weights in full precision (super weights, saliency), whose groups are not
-contiguous (GPTQ act order), or whose width is not a multiple of the group (compressed-tensors
-refuses a narrower tail group: SmolLM2's 576-wide inputs at group 128) have no place in that
-scheme and are stored dense (their exact dequantized values), listed under the format's ``ignore``. Its ``pack-quantized`` form (codes packed into int32) is not used:
-compressed-tensors 0.20.1 packs an asymmetric zero point on save but not when transformers 5.24
-builds the empty model to load into, so the reload fails on the zero point's shape.
+package) as ``pack-quantized``, the form vLLM serves for weight-only integer schemes (its config
+parser refuses ``naive-quantized`` ones, so that form is no longer written): per linear its codes
+packed into int32, per-group float32 scales (ours exactly: bf16 or fp16 scales would move values,
+and the packer would requantize to other codes) and the zero point packed along the output
+dimension, one config group per (bits, group size), asymmetric ``group`` strategy, written by the
+library's ``ModelCompressor``. Each export is then read back with the library's own config model
+and decompressor (``validate_compressed_tensors``) and must give our dequantized weights bit for
+bit (float32; a bf16 load casts those same values). transformers 5.24 cannot reload it (its empty
+model holds the zero point unpacked, [out, groups], and refuses the packed one), so
+``load_compressed_tensors`` builds the model from those decompressed weights. vLLM itself was not
+run here (no GPU, no vLLM). compressed-tensors refuses a width that is not a multiple of the group;
+such a linear (SmolLM2's 576-wide inputs at group 128) is written at group gcd(group, width) (64),
+each group's scale and zero repeated per sub-group: the same values at more grid bits per weight
+(``regrouped`` in the record). Linears that keep weights in full precision (super weights,
+saliency), whose groups are not contiguous (GPTQ act order: compressed-tensors 0.20.1 cannot
+decompress a ``g_idx``) or with a float zero point (the format's zero is an integer code) are
+stored dense (their exact dequantized values), under the format's ``ignore``.
+
+With ``compressed-tensors``, a variant whose decoder linears are 2:4 (``--sparsity-pattern 2:4``,
+quantized or not) also carries the format's 2:4 marker: a ``sparsity_config`` of format ``dense``
+(weights stored dense; 0.20.1 has no compressor for its legacy ``sparse-24-bitmask``),
+``sparsity_structure`` "2:4", the 2:4 linears as ``targets``. Each variant's record gives the bits
+actually written per weight (``stored_bits_per_weight``, see ``stored_bits_per_weight``).
 """
 from __future__ import annotations
 
@@ -36,6 +50,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,7 +58,10 @@ from pathlib import Path
 from typing import Iterator, Mapping, Optional
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch.sparse import to_sparse_semi_structured
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import llm_common as C
 import llm_io as IO
@@ -54,8 +72,9 @@ from llm_config import ExportConfig
 import llm_results as R
 from llm_run import Run
 
-__all__ = ["ExportConfig", "ExportResult", "export_variants", "is_two_of_four", "model_card", "semi_structured",
-           "tokens_per_second"]
+__all__ = ["ExportConfig", "ExportResult", "export_variants", "is_two_of_four", "load_compressed_tensors",
+           "model_card", "semi_structured", "stored_bits_per_weight", "tokens_per_second",
+           "validate_compressed_tensors", "write_compressed_tensors"]
 
 log = logging.getLogger("llm.export")
 
@@ -63,69 +82,234 @@ log = logging.getLogger("llm.export")
 @dataclass
 class ExportResult:
     status: str                                   # "ran" or "off"
-    variants: dict = field(default_factory=dict)  # name -> {path, files, bytes, zero_fraction}
+    variants: dict = field(default_factory=dict)  # name -> {path, files, bytes, zero_fraction, bits, ...}
     two_of_four: dict = field(default_factory=dict)  # status, reason, linears converted, tokens/s per batch
     seconds: float = 0.0
     config: dict = field(default_factory=dict)
 
 
-CT_FORMAT = "naive-quantized"
+CT_FORMAT = "pack-quantized"
+_ST_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+             "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
-def _ct_layout(model, records: Mapping, bits: Mapping[str, int]) -> tuple[dict, list]:
-    """Module names of the compressed-tensors config groups, {(bits, group size): [names]}, and
-    the quantized linears stored dense instead (kept weights, non-contiguous groups, non-Linear, a
-    float zero point: the format's zero point is an integer code)."""
+def _ct():
+    """compressed-tensors' modules (root, compressors, config, quantization), imported on first use:
+    only this export format needs the package, and importing it takes seconds."""
+    try:
+        import compressed_tensors as root, compressed_tensors.compressors as comp, \
+            compressed_tensors.config as cfgs, compressed_tensors.quantization as quant
+    except ImportError as e:
+        raise C.UserError(f"--export-quant-format compressed-tensors needs the compressed-tensors package "
+                          f"({C.error_line(e)}); pip install compressed-tensors")
+    return root, comp, cfgs, quant
+
+
+def _ct_layout(model, records: Mapping, bits: Mapping[str, int]) -> tuple[dict, list, dict]:
+    """Module names of the compressed-tensors config groups, {(bits, group size): [names]}; the
+    quantized linears stored dense instead (kept weights, non-contiguous groups, non-Linear, a
+    float zero point: the format's zero point is an integer code); and {name: group size} of the
+    linears regrouped: compressed-tensors needs the width to be a multiple of the group, so a
+    linear with a narrower tail group (576 = 4 x 128 + 64) is written at gcd(group, width) (64),
+    each of its groups split into sub-groups that repeat its scale and zero (the same values)."""
     groups: dict = {}
-    dense = []
+    dense, regrouped = [], {}
     for pname, q in records.items():
         name = pname.rsplit(".", 1)[0]
         inp = q.codes.shape[1]
         gs = int((q.g_idx == 0).sum())
-        contiguous = torch.equal(q.g_idx.long().cpu(), torch.arange(inp) // gs) and inp % gs == 0
+        contiguous = torch.equal(q.g_idx.long().cpu(), torch.arange(inp) // gs)
         has_kept = q.keep is not None and bool(q.keep.any())
         if has_kept or not contiguous or q.zero_point == "float" or type(model.get_submodule(name)) is not torch.nn.Linear:
             dense.append(name)
-        else:
-            groups.setdefault((int(bits[name]), gs), []).append(name)
-    return groups, dense
+            continue
+        g2 = math.gcd(gs, inp)
+        if g2 != gs:
+            regrouped[name] = g2
+        groups.setdefault((int(bits[name]), g2), []).append(name)
+    return groups, dense, regrouped
+
+
+def _regrid(t: torch.Tensor, gs: int, g2: int, inp: int) -> torch.Tensor:
+    """Per-group values t [out, ceil(inp / gs)] repeated for sub-groups of g2 | gs columns:
+    [out, inp / g2]."""
+    return t[:, torch.arange(0, inp, g2) // gs]
 
 
 def write_compressed_tensors(model, records: Mapping, bits: Mapping[str, int], path: Path,
                              max_shard_size: str) -> dict:
     """Write ``model`` (holding the dequantized weights of ``records``, parameter name ->
     ``llm_compress.Quantized``, with ``bits`` per linear name) to ``path`` in the
-    compressed-tensors ``naive-quantized`` format. Works on a copy: the live model keeps its
-    plain linears. Returns {format, groups, dense}."""
-    try:
-        from compressed_tensors.compressors import ModelCompressor
-        from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
-                                                     apply_quantization_config)
-    except ImportError as e:
-        raise C.UserError(f"--export-quant-format compressed-tensors needs the compressed-tensors package "
-                          f"({C.error_line(e)}); pip install compressed-tensors")
-    groups, dense = _ct_layout(model, records, bits)
+    compressed-tensors ``pack-quantized`` format, through the library's own ``ModelCompressor``:
+    codes packed 32 / bits to an int32 (``weight_packed`` [out, in x bits / 32]), float32 scales
+    ``weight_scale`` [out, groups] (ours, bit for bit), the zero point packed along the output
+    dimension (``weight_zero_point`` int32 [out x bits / 32, groups], the shape vLLM's WNA16 scheme
+    loads) and ``weight_shape``. The packer requantizes the float32 dequantized weights with those
+    scales, which gives our codes back (checked: the files are decompressed by the library and
+    compared with our values, ``validate_compressed_tensors``). Works on a copy: the live model
+    keeps its plain linears. Returns {format, groups, dense, regrouped, two_of_four, max_abs_diff}."""
+    _, comp, _, quant = _ct()
+    groups, dense, regrouped = _ct_layout(model, records, bits)
     if dense:
         log.warning("compressed-tensors: %d quantized linears keep weights in full precision, have non-contiguous "
-                    "groups, a narrower tail group or a float zero point; stored dense: %s", len(dense), ", ".join(dense[:4]))
+                    "groups or a float zero point; stored dense: %s", len(dense), ", ".join(dense[:4]))
+    if regrouped:
+        log.info("compressed-tensors: %d linears whose width is not a multiple of the group are written "
+                 "at the group gcd(group, width) (the same values, more scales): %s", len(regrouped),
+                 ", ".join(f"{n} ({g})" for n, g in list(regrouped.items())[:3]))
     m = copy.deepcopy(model)
-    schemes = {f"group_{i}": QuantizationScheme(targets=names, weights=QuantizationArgs(
-        num_bits=bits, type="int", symmetric=False, strategy="group", group_size=gs))
-        for i, ((bits, gs), names) in enumerate(sorted(groups.items()))}
-    apply_quantization_config(m, QuantizationConfig(config_groups=schemes, format=CT_FORMAT))
-    for names in groups.values():
+    schemes = {f"group_{i}": quant.QuantizationScheme(targets=names, weights=quant.QuantizationArgs(
+        num_bits=b, type="int", symmetric=False, strategy="group", group_size=g2))
+        for i, ((b, g2), names) in enumerate(sorted(groups.items()))}
+    quant.apply_quantization_config(m, quant.QuantizationConfig(config_groups=schemes, format=CT_FORMAT))
+    want = {}
+    for (b, g2), names in groups.items():
         for name in names:
             q, mod = records[name + ".weight"], m.get_submodule(name)
-            with torch.no_grad():  # its signed grid: code c in [0, 2^b) is c - 2^(b-1), and so is the zero
-                mod.weight_scale.copy_(q.scale.to(mod.weight_scale.dtype))
-                mod.weight_zero_point.copy_((q.zero - 2 ** (bits[name] - 1)).to(mod.weight_zero_point.dtype))
-    compressor = ModelCompressor.from_pretrained_model(m, quantization_format=CT_FORMAT)
+            gs, inp = int((q.g_idx == 0).sum()), q.codes.shape[1]
+            with torch.no_grad():  # float32 weights and scales: requantizing gives our codes exactly
+                want[name] = mod.weight.data = q.dequantize(torch.float32)
+                scale = _regrid(q.scale.float(), gs, g2, inp)
+                mod.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
+                # its signed grid: code c in [0, 2^b) is c - 2^(b-1), and so is the zero
+                mod.weight_zero_point.data = (_regrid(q.zero, gs, g2, inp) - 2 ** (b - 1)).to(
+                    mod.weight_zero_point.dtype)
+    compressor = comp.ModelCompressor.from_pretrained_model(m, quantization_format=CT_FORMAT)
     compressor.compress_model(m)
     m.save_pretrained(path, max_shard_size=max_shard_size)
     compressor.update_config(path)
+    marker = _mark_two_of_four(model, path)
+    qconf, _ = _ct_configs(path)
+    seen, diff = set(), 0.0
+    for n, w in (_decompressed(path, qconf) if qconf is not None else ()):
+        seen.add(n)
+        diff = max(diff, float((w.float() - want[n]).abs().max()))
+    if diff or seen != set(want):  # a library change of rounding or packing: refuse to ship other weights
+        raise RuntimeError(f"compressed-tensors export of {path.name}: the decompressed weights differ from "
+                           f"the quantized ones by up to {diff:g}, or linears are missing "
+                           f"({sorted(set(want) - seen)[:3]})")
     return {"format": f"compressed-tensors {CT_FORMAT}", "groups": {f"{b} bits, group {g}": len(n)
                                                                   for (b, g), n in sorted(groups.items())},
-            "dense": dense}
+            "dense": dense, "regrouped": regrouped, "two_of_four": marker, "max_abs_diff": diff}
+
+
+def _mark_two_of_four(model, path: Path) -> Optional[dict]:
+    """Write compressed-tensors' 2:4 marker into ``path``/config.json when decoder linears of the
+    model as it is keep 2 of every 4 weights: the ``sparsity_config`` of its
+    ``quantization_config``, format ``dense`` (the weights are stored dense: compressed-tensors
+    0.20.1 no longer has a compressor for its legacy ``sparse-24-bitmask`` storage, and its
+    ``ModelCompressor`` writes an empty sparsity config), ``sparsity_structure`` "2:4",
+    ``targets`` the 2:4 linears, ``global_sparsity`` their zero fraction; validated by the
+    library's ``SparsityCompressionConfig``. A folder without a quantization config gets one that
+    holds only this (transformers loads it as the plain model). Returns the marker or None."""
+    root, _, cfgs, _ = _ct()
+    lin = {n: LM.weight_view(m) for n, m in LM.decoder_linears(model).items()}
+    targets = sorted(n for n, w in lin.items() if is_two_of_four(w))
+    if not targets:
+        return None
+    zeros = sum(int((lin[n] == 0).sum()) for n in targets) / sum(lin[n].numel() for n in targets)
+    marker = cfgs.DenseSparsityConfig(targets=targets, sparsity_structure="2:4", global_sparsity=zeros)
+    marker = marker.model_dump(exclude={"registry_requires_subclass"})
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.setdefault("quantization_config", {"quant_method": "compressed-tensors", "format": "dense",
+                                           "version": root.__version__})["sparsity_config"] = marker
+    (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    return {"linears": len(targets), "global_sparsity": zeros}
+
+
+def _ct_configs(path: Path) -> tuple:
+    """(QuantizationConfig or None, sparsity config or None) of an export's config.json, each
+    parsed by compressed-tensors' own pydantic model (an invalid one raises)."""
+    _, _, cfgs, quant = _ct()
+    raw = json.loads((path / "config.json").read_text())["quantization_config"]
+    qconf = quant.QuantizationConfig.model_validate(raw) if raw.get("config_groups") else None
+    sp = raw.get("sparsity_config") or None
+    return qconf, cfgs.SparsityCompressionConfig.get_value_from_registry(sp["format"]).model_validate(sp) \
+        if sp else None
+
+
+def _decompressed(path: Path, qconf) -> Iterator[tuple[str, torch.Tensor]]:
+    """(linear name, its weight [out, in] decompressed by the format's registered compressor, in
+    the scales' dtype) for each target of each config group, reading one linear's tensors at a
+    time (a 7B export is never held dense in memory)."""
+    _, comp, _, _ = _ct()
+    compressor = comp.BaseCompressor.get_value_from_registry(qconf.format)
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(safe_open(str(f), "pt")) for f in sorted(path.glob("*.safetensors"))]
+        where = {k: f for f in files for k in f.keys()}
+        for scheme in qconf.config_groups.values():
+            for name in scheme.targets:
+                part = {k[len(name) + 1:]: f.get_tensor(k) for k, f in where.items()
+                        if k.startswith(name + ".weight")}
+                if "weight_packed" not in part:
+                    raise ValueError(f"{path}: {name} is in a config group but has no packed weight")
+                yield name, compressor.decompress(part, scheme)["weight"]
+
+
+def validate_compressed_tensors(path) -> tuple[dict, dict]:
+    """Read a compressed-tensors export with the library's own pieces: its ``quantization_config``
+    parsed by ``QuantizationConfig`` (pydantic; an invalid one raises) and the sparsity config by
+    the ``SparsityCompressionConfig`` its format registers; every config group's linears
+    decompressed by the registered compressor (``PackedQuantizationCompressor.decompress``) to
+    dense weights [out, in] in the scales' dtype (float32 here). Returns (the state dict with
+    dense weights, {"quantization": QuantizationConfig, "sparsity": config or None})."""
+    path = Path(path)
+    qconf, sparsity = _ct_configs(path)
+    state = {}
+    for f in sorted(path.glob("*.safetensors")):
+        state.update(load_file(f))
+    for name, w in (_decompressed(path, qconf) if qconf is not None else ()):
+        for k in [k for k in state if k.startswith(name + ".weight")]:
+            del state[k]
+        state[name + ".weight"] = w
+    return state, {"quantization": qconf, "sparsity": sparsity}
+
+
+def load_compressed_tensors(path, dtype: torch.dtype = torch.float32):
+    """The model of a compressed-tensors export, its linears decompressed by
+    ``validate_compressed_tensors`` (transformers 5.24 cannot reload an asymmetric
+    ``pack-quantized`` checkpoint: it builds the zero point unpacked, [out, groups], and refuses
+    the packed one). Weights are cast to ``dtype``, as a load in that dtype would."""
+    state, _ = validate_compressed_tensors(path)
+    cfg = AutoConfig.from_pretrained(path)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or ())
+    if unexpected or any(k not in tied for k in missing):
+        raise ValueError(f"{path}: the checkpoint does not fit its config (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]})")
+    model.tie_weights()
+    return model.eval()
+
+
+def stored_bits_per_weight(path: Path, model) -> dict:
+    """Bits actually written per weight in the folder ``path`` of ``model``'s export:
+    ``decoder_linears``: the bytes of every tensor of the decoder linears' weights (packed codes,
+    scales, zero points, shapes; the dense weight where stored dense; biases not counted) x 8 over
+    their weight count; ``checkpoint``: the bytes of every safetensors file (headers, embeddings,
+    norms, ...) x 8 over all the model's parameters (tied ones once)."""
+    lin = {n: LM.weight_view(m).numel() for n, m in LM.decoder_linears(model).items()}
+    lin_bytes = file_bytes = 0
+    for f in sorted(Path(path).glob("*.safetensors")):
+        file_bytes += f.stat().st_size
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                mod, _, leaf = k.rpartition(".")
+                if mod in lin and leaf.startswith("weight"):
+                    sl = h.get_slice(k)
+                    lin_bytes += math.prod(sl.get_shape()) * _ST_BYTES[sl.get_dtype()]
+    params = sum(p.numel() for p in model.parameters())
+    return {"decoder_linears": 8 * lin_bytes / max(sum(lin.values()), 1),
+            "checkpoint": 8 * file_bytes / params}
+
+
+CT_CARD = ("\nThis folder is in the compressed-tensors `pack-quantized` format (asymmetric int codes "
+           "packed into int32, float32 scales, packed zero points), which vLLM serves (not run here: "
+           "no GPU). The lines above do not load it with transformers 5.24 (which expects the zero point "
+           "unpacked); `llm_export.load_compressed_tensors(PATH)` of llm-sensitivity does, decompressing "
+           "it with compressed-tensors' own compressor.\n")
 
 
 def is_two_of_four(w: torch.Tensor) -> bool:
@@ -276,7 +460,7 @@ def export_variants(model, tokenizer, variants: Mapping[str, object], out_dir, c
     t0, res = time.perf_counter(), ExportResult("ran", config=asdict(config))
     for name, weights in variants.items():
         path = Path(out_dir) / V.file_stem(name)
-        packed = config.quant_format == "compressed-tensors" and name in (codes or {})
+        packed, marker = config.quant_format == "compressed-tensors" and name in (codes or {}), None
         with V.applied_variant(model, weights), IO.atomic_path(path) as tmp:
             if packed:
                 ckpt, bits = codes[name]
@@ -284,15 +468,23 @@ def export_variants(model, tokenizer, variants: Mapping[str, object], out_dir, c
             else:
                 with LM.use_cache(model, getattr(model, "llm_use_cache", True)):  # the model's own setting, not ours
                     model.save_pretrained(tmp, max_shard_size=config.max_shard_size)
+                if config.quant_format == "compressed-tensors":
+                    marker = _mark_two_of_four(model, tmp)
             tokenizer.save_pretrained(tmp)
-            (tmp / "README.md").write_text(model_card(name, (facts or {}).get(name, {}), config.command))
+            card = model_card(name, (facts or {}).get(name, {}), config.command)
+            if packed:
+                card += CT_CARD
+            (tmp / "README.md").write_text(card)
+            stored = stored_bits_per_weight(tmp, model)
             _refuse_foreign_files(path, tmp)
             linears = LM.decoder_linears(model).values()
             zeros, total = sum((m.weight == 0).sum().item() for m in linears), sum(m.weight.numel() for m in linears)
         files = sorted(p.name for p in path.iterdir())
         res.variants[name] = {"path": str(path), "files": files, "zero_fraction_linears": zeros / max(total, 1),
                               "bytes": sum(p.stat().st_size for p in path.iterdir()),
-                              **({"quant_format": layout} if packed else {})}
+                              "stored_bits_per_weight": stored,
+                              **({"quant_format": layout} if packed else {}),
+                              **({"two_of_four_marker": marker} if not packed and marker else {})}
         log.info("exported %s to %s", name, path)
     if config.two_of_four:
         res.two_of_four = _speed(model, config, variants)
@@ -310,7 +502,7 @@ def pipeline_step(run: Run, config: ExportConfig) -> Optional[str]:
     if (config.enabled or config.two_of_four) and config.quant_format == "compressed-tensors" and not codes:
         log.warning("--export-quant-format compressed-tensors has no effect here: this run has no quantized "
                     "variant (--quant-method rtn or gptq with the quantize step makes one); every variant is "
-                    "exported dequantized")
+                    "exported dequantized (2:4 variants with the format's 2:4 marker)")
     res = export_variants(run.model, run.tokenizer, run.variants, run.out / "export",
                           dataclasses.replace(config, command=run.results["manifest"]["command"]), facts, codes)
     run.results["export"] = asdict(res)

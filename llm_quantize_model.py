@@ -40,7 +40,8 @@ import llm_io as IO
 import llm_model as LM
 import llm_variants as V
 from llm_compress import (BITS_COUNTED, SCALE_BITS, Quantized, capture_block_inputs, coded_weights, counted_bits,
-                          gptq_quantize, linear_input_stats, next_block_inputs, rtn_quantize, save_codes)
+                          gptq_quantize, held_out_windows, linear_input_stats, next_block_inputs, output_error,
+                          rtn_quantize, save_codes, stored_bits)
 from llm_config import QuantizeConfig
 from llm_run import Run
 from llm_sensitivity import (fisher_curvature, gradient_moments, layer_curvature, protect_top_fraction,
@@ -49,7 +50,7 @@ from llm_sensitivity import (fisher_curvature, gradient_moments, layer_curvature
 log = logging.getLogger("llm.quantize")
 
 BIT_CHOICES = (2, 3, 4, 8)
-
+ERROR_WINDOWS = 8  # output_error's windows: calibration ones and a held-out draw (a forward pass each)
 
 
 @dataclass
@@ -74,6 +75,8 @@ class QuantizeResult:
     protected: list = field(default_factory=list)      # (module, row, col) kept in full precision
     rel_error: dict = field(default_factory=dict)      # linear -> ||Q(W) - W||_F / ||W||_F
     dampening_increased: dict = field(default_factory=dict)  # GPTQ: linear -> dampening used where H needed more
+    # {"calibration" / "held_out": linear -> ||(W - Q) X|| / ||W X|| on ERROR_WINDOWS windows of each}
+    output_error: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
     seconds: float = 0.0
     peak_memory_mb: float = 0.0
@@ -240,6 +243,8 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
         res.matched_uniform = _matched_uniform(linears, bits, keep, sens, config)
         res.objective[res.matched_uniform["name"]] = res.matched_uniform["objective"]
     res.bits = bits
+    # output_error's W: the weights before quantization
+    reference = {n: LM.weight_view(m).detach().to("cpu", copy=True) for n, m in linears.items()}
     if config.method == "rtn":  # an exact 0 is on the integer grid: RTN keeps a pruned zero by itself
         for n, m in tqdm(linears.items(), desc="rtn", disable=not config.progress):
             W = LM.weight_view(m)
@@ -264,6 +269,13 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
                 _write(W, q, res, n)
             del H
             inputs = next_block_inputs(layer, inputs, kwargs)  # quantized outputs feed the next block
+    # Issue 34: each linear's output error on calibration windows and on a disjoint draw (overfitting)
+    seen = windows[:ERROR_WINDOWS]
+    held = held_out_windows(tokenizer, calib, windows, config.calibration_seed, len(seen))
+    res.output_error = {"calibration": output_error(model, seen, reference),
+                        "held_out": output_error(model, held, reference),
+                        "calibration_windows": len(seen), "held_out_windows": int(held.shape[0])}
+    del reference
     total = sum(sizes.values())
     res.kept_weights = sum(int(k.sum()) for k in keep.values() if k is not None)
     res.pruned_weights = sum(int(z.sum()) for z in zeros.values())
@@ -341,6 +353,9 @@ def pipeline_step(run: Run, config: QuantizeConfig) -> Optional[str]:
                 name = name if source == run.live else f"{source}+{name}"
                 rec = V.store_variant(run.out, name, run.model, list(res.quantized), mask=False) if \
                     run.cfg.run.save_variants else save_codes(run.out, V.file_stem(name), res.quantized)
+                if rec.get("format") == "codes":  # the bytes written per quantized weight
+                    rec["stored_bits_per_weight"] = stored_bits(run.out / rec["checkpoint"],
+                                                                sum(q.codes.numel() for q in res.quantized.values()))
                 d = {f.name: getattr(res, f.name) for f in dataclasses.fields(res) if f.name != "quantized"}
                 records.append({**IO.to_strict_json(d), **rec, "status": "ran", "parent": source, "name": name,
                                 "calibration_seed": point.calibration_seed})

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import json
 
 import pytest
 import torch
@@ -118,3 +119,155 @@ def test_semi_structured_conversion_keeps_logits_on_cuda(tiny_llama, tok, tmp_pa
     with V.applied_variant(m, _variants(m)["pruned"]), E.semi_structured(m) as done:
         assert set(done) <= set(LM.decoder_linears(m)) and done
     assert all(type(m.get_submodule(n).weight.data) is torch.Tensor for n in done)  # dense again on exit
+
+
+def _unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The compressed-tensors pack-quantized layout read by hand, for bits dividing 32: value j of
+    a row sits in int32 word j // (32 / bits) at bit (j mod 32 / bits) x bits, unsigned."""
+    per = 32 // bits
+    j = torch.arange(n)
+    return (packed[:, j // per].long() >> (bits * (j % per))) & (2 ** bits - 1)
+
+
+def _quantized_variant(m, tmp_path, bits: int, group: int, method: str = "rtn"):
+    """Codes of every decoder linear (RTN, or GPTQ on a random Hessian), stored as the pipeline
+    stores them; returns (records, checkpoint, bits per linear)."""
+    import llm_compress as LC
+
+    g = torch.Generator().manual_seed(0)
+    recs = {}
+    for n, mod in LM.decoder_linears(m).items():
+        W = LM.weight_view(mod).detach()
+        if method == "gptq":
+            X = torch.randn(200, W.shape[1], generator=g)
+            recs[n + ".weight"] = LC.gptq_quantize(W, 2 * X.T @ X / 200, bits, group)
+        else:
+            recs[n + ".weight"] = LC.rtn_quantize(W, bits, group)
+    LC.save_codes(tmp_path / "run", "quantized", recs)
+    ckpt = tmp_path / "run" / "checkpoints" / "quantized.safetensors"
+    return recs, ckpt, {n: bits for n in LM.decoder_linears(m)}
+
+
+@pytest.mark.parametrize("bits,method,dtype", [(4, "rtn", torch.float32), (4, "gptq", torch.float32),
+                                               (8, "rtn", torch.float32), (8, "gptq", torch.bfloat16)])
+def test_pack_quantized_export_decompresses_to_the_in_run_weights_at_the_expected_size(tok, tmp_path, bits,
+                                                                                      method, dtype):
+    """Issue 34: the compressed-tensors export is pack-quantized: compressed-tensors' own config
+    model parses it, the packed codes and zero points read by hand are ours, the library's
+    decompressor gives back the in-run weights and logits exactly (float32 and bf16: the scales
+    are stored in float32), and the bytes written per weight are the codes plus a float32 scale
+    and a packed zero per group. 48-wide inputs at group 32 are regrouped at 16 (SmolLM2's 576 at
+    128: 64), the 96-wide down projections stay at 32."""
+    import math
+
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors import safe_open
+
+    import llm_compress as LC
+
+    m = make_llama_of(48)
+    if dtype != torch.float32:  # loaded in bf16 as the pipeline loads it (rotary frequencies stay float32)
+        m.save_pretrained(tmp_path / "m")
+        m = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=dtype).eval()
+    recs, ckpt, bits_of = _quantized_variant(m, tmp_path, bits, 32, method)
+    variant = functools.partial(LC.coded_weights, path=ckpt)
+    res = E.export_variants(m, tok, {"quantized": variant}, tmp_path / "x",
+                            E.ExportConfig(enabled=True, quant_format="compressed-tensors"),
+                            codes={"quantized": (ckpt, bits_of)})
+    path, rec = tmp_path / "x" / "quantized", res.variants["quantized"]
+    raw = json.loads((path / "config.json").read_text())["quantization_config"]
+    qc = QuantizationConfig.model_validate(raw)
+    assert qc.format == "pack-quantized" and rec["quant_format"]["dense"] == []
+    assert rec["quant_format"]["max_abs_diff"] == 0
+    sizes = {g.weights.group_size: set(g.targets) for g in qc.config_groups.values()}
+    down = {n for n in bits_of if "down_proj" in n}
+    assert sizes == {32: down, 16: set(bits_of) - down}
+    assert all(g.weights.num_bits == bits and not g.weights.symmetric for g in qc.config_groups.values())
+    want_bytes, n_weights = 0, 0
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        for pname, q in recs.items():
+            name, (out, inp) = pname[:-len(".weight")], q.codes.shape
+            gs = 32 if inp % 32 == 0 else 16
+            packed, zp = f.get_tensor(name + ".weight_packed"), f.get_tensor(name + ".weight_zero_point")
+            scale = f.get_tensor(name + ".weight_scale")
+            assert packed.dtype == zp.dtype == torch.int32 and scale.dtype == torch.float32
+            assert torch.equal(_unpack(packed, bits, inp), q.codes.long())
+            groups = torch.arange(inp // gs) * gs // 32  # each sub-group's original group
+            assert torch.equal(_unpack(zp.T, bits, out).T, q.zero[:, groups].long())
+            assert torch.equal(scale, q.scale[:, groups])
+            # codes, float32 scales, zero points packed along the output dimension, the int64 shape
+            groups_n = inp // gs
+            want_bytes += out * inp * bits // 8 + (out + math.ceil(out * bits / 32)) * groups_n * 4 + 16
+            n_weights += out * inp
+    got = rec["stored_bits_per_weight"]["decoder_linears"]
+    assert got == pytest.approx(8 * want_bytes / n_weights, rel=1e-12)
+    ids = torch.randint(0, 256, (2, 16))
+    loaded = E.load_compressed_tensors(path, dtype)
+    with variant(m), torch.no_grad():
+        assert all(torch.equal(p, m.get_parameter(n)) for n, p in loaded.named_parameters())
+        assert torch.equal(loaded(ids).logits, m(ids).logits)
+    assert "load_compressed_tensors(PATH)" in (path / "README.md").read_text()
+    # why load_compressed_tensors: transformers expects the zero point unpacked
+    with pytest.raises(RuntimeError, match="size mismatch|ignore_mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(path)
+
+
+def make_llama_of(hidden: int):
+    from conftest import make_llama
+
+    return make_llama(hidden=hidden)
+
+
+def test_two_of_four_variants_carry_the_formats_marker(tok, tmp_path):
+    """Issue 34: with compressed-tensors, a 2:4 variant's config carries compressed-tensors' 2:4
+    marker (sparsity_config, parsed by the library's registered config model) naming its 2:4
+    linears, quantized or not; transformers still loads the unquantized one to identical logits;
+    a variant that is not 2:4 has no marker; the quantized 2:4 variant keeps its zeros."""
+    from compressed_tensors.config import SparsityCompressionConfig
+
+    import llm_compress as LC
+
+    m = make_llama_of(64)
+    variants = _variants(m)
+    with V.applied_variant(m, variants["pruned"]):  # quantize the 2:4 weights: 0 is on the integer grid
+        recs, ckpt, bits_of = _quantized_variant(m, tmp_path, 4, 32)
+    variants["quantized"] = functools.partial(LC.coded_weights, path=ckpt)
+    cfg = E.ExportConfig(enabled=True, quant_format="compressed-tensors")
+    res = E.export_variants(m, tok, variants, tmp_path / "x", cfg, codes={"quantized": (ckpt, bits_of)})
+    ids = torch.randint(0, 256, (1, 16))
+    for name in ("pruned", "quantized"):
+        qc = json.loads((tmp_path / "x" / name / "config.json").read_text())["quantization_config"]
+        sp = qc["sparsity_config"]
+        cfg = SparsityCompressionConfig.get_value_from_registry(sp["format"]).model_validate(sp)
+        assert cfg.sparsity_structure == "2:4" and cfg.format == "dense" and set(cfg.targets) == set(bits_of)
+        assert cfg.global_sparsity >= 0.5
+        state, parsed = E.validate_compressed_tensors(tmp_path / "x" / name)
+        assert parsed["sparsity"].targets == cfg.targets
+        assert all(E.is_two_of_four(state[n + ".weight"]) for n in bits_of), name
+    assert res.variants["pruned"]["two_of_four_marker"]["linears"] == len(bits_of)
+    assert res.variants["quantized"]["quant_format"]["two_of_four"]["linears"] == len(bits_of)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "x" / "pruned").eval()
+    with V.applied_variant(m, variants["pruned"]), torch.no_grad():
+        assert torch.equal(loaded(ids).logits, m(ids).logits)
+    for name in ("base", "noisy"):
+        cfg = json.loads((tmp_path / "x" / name / "config.json").read_text())
+        assert "quantization_config" not in cfg and "two_of_four_marker" not in res.variants[name]
+
+
+def test_an_export_that_does_not_decompress_to_the_quantized_weights_is_refused(tok, tmp_path, monkeypatch):
+    """The export reads itself back through compressed-tensors' decompressor: a weight that comes
+    back different (a library change of rounding or packing), or a linear that does not come
+    back, stops the export instead of shipping other weights."""
+    import llm_compress as LC
+
+    m = make_llama_of(32)
+    recs, ckpt, bits_of = _quantized_variant(m, tmp_path, 4, 16)
+    real = E._decompressed
+    for bad in (lambda p, q: ((n, w + 1e-3 * (n.endswith("q_proj"))) for n, w in real(p, q)),
+                lambda p, q: ((n, w) for n, w in real(p, q) if "v_proj" not in n)):
+        monkeypatch.setattr(E, "_decompressed", bad)
+        with pytest.raises(RuntimeError, match="decompressed weights differ"):
+            E.export_variants(m, tok, {"quantized": functools.partial(LC.coded_weights, path=ckpt)},
+                              tmp_path / "x", E.ExportConfig(enabled=True, quant_format="compressed-tensors"),
+                              codes={"quantized": (ckpt, bits_of)})
+        assert not (tmp_path / "x" / "quantized").exists()  # atomic: nothing half-written

@@ -269,6 +269,12 @@ def test_quantized_variant_through_the_pipeline(qsetup, pipeline_config, method,
     exported = AutoModelForCausalLM.from_pretrained(out / "export" / "quantized").eval()
     for n, p in exported.named_parameters():
         assert torch.equal(p, rebuilt[n]), n
+    # Issue 34: the bytes written per weight (uint8 codes: at least 8) and the output errors per linear
+    n = sum(LM.weight_view(mod).numel() for mod in LM.decoder_linears(model).values())
+    size = (out / q["checkpoint"]).stat().st_size
+    assert q["stored_bits_per_weight"] == pytest.approx(8 * size / n, rel=1e-12)
+    assert q["stored_bits_per_weight"] > 8 > q["avg_bits"]
+    assert set(q["output_error"]["held_out"]) == set(q["bits"]) == set(q["output_error"]["calibration"])
     sw = q["protected"][0]
     W = LM.weight_view(model.get_submodule(sw[0]))
     assert rebuilt[sw[0] + ".weight"][sw[1], sw[2]] == W[sw[1], sw[2]]  # super weight kept exactly
@@ -283,15 +289,17 @@ def test_quantized_variant_through_the_pipeline(qsetup, pipeline_config, method,
 def test_quantized_variant_is_scored_exported_as_compressed_tensors_reported_and_compared(qsetup, pipeline_config,
                                                                                           tmp_path):
     """The quantized variant like pruned and noisy: zero-shot in memory equals lm-eval's own run
-    on its export; the compressed-tensors export holds int8 codes with scales and zero points
-    (one config group per bit width of the mixed precision), keeps the super weight's linear
-    dense, and reloads in transformers to the stored codes' logits exactly; the model card,
-    the report and --compare show it."""
+    on its export; the compressed-tensors export is pack-quantized (int32-packed codes, scales and
+    zero points, one config group per bit width of the mixed precision), keeps the super weight's
+    linear dense, and reloads through compressed-tensors' decompressor to the stored codes'
+    logits exactly; the model card, the report and --compare show it."""
     import lm_eval
     from safetensors import safe_open
+    from lm_eval.models.huggingface import HFLM
     from test_zeroshot import write_local_task
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoTokenizer
 
+    import llm_export as E
     import llm_main_v4 as M
     from llm_results import fmt
 
@@ -313,7 +321,7 @@ def test_quantized_variant_is_scored_exported_as_compressed_tensors_reported_and
     assert len(set(q["bits"].values())) > 1  # mixed precision: several config groups
 
     qc = json.loads((path / "config.json").read_text())["quantization_config"]
-    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "naive-quantized"
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
     by_bits = {g["weights"]["num_bits"]: set(g["targets"]) for g in qc["config_groups"].values()}
     sw = q["protected"][0][0]
     assert sw in qc["ignore"] and all(sw not in t for t in by_bits.values())
@@ -321,19 +329,20 @@ def test_quantized_variant_is_scored_exported_as_compressed_tensors_reported_and
     assert all(g["weights"]["group_size"] == 16 and not g["weights"]["symmetric"] for g in qc["config_groups"].values())
     name = next(iter(sorted(by_bits[min(by_bits)])))
     with safe_open(str(path / "model.safetensors"), "pt") as f:
-        codes, keys = f.get_tensor(name + ".weight"), set(f.keys())
-    assert codes.dtype == torch.int8 and {name + ".weight_scale", name + ".weight_zero_point"} <= keys
-    assert int(codes.min()) >= -2 ** (min(by_bits) - 1) and int(codes.max()) < 2 ** (min(by_bits) - 1)
+        codes, keys = f.get_tensor(name + ".weight_packed"), set(f.keys())
+    assert codes.dtype == torch.int32 and {name + ".weight_scale", name + ".weight_zero_point"} <= keys
+    assert name + ".weight" not in keys
 
     model, _, _ = LM.load_model(LM.LoadConfig(model=str(qsetup / "model")))
-    exported = AutoModelForCausalLM.from_pretrained(path).eval()
+    exported = E.load_compressed_tensors(path)
     ids = torch.randint(0, 256, (2, 16))
     with LC.coded_weights(model, tmp_path / "a" / q["checkpoint"]), torch.no_grad():
         quantized = model(ids).logits
     assert torch.equal(quantized, exported(ids).logits)
     with torch.no_grad():
         assert not torch.equal(quantized, model(ids).logits)  # restored: the export is not the base model
-    own = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(path), "device": "cpu", "dtype": "float32"},
+    lm = HFLM(pretrained=exported, tokenizer=AutoTokenizer.from_pretrained(path), device="cpu")
+    own = lm_eval.simple_evaluate(model=lm,
                                   tasks=["tiny_qa"], task_manager=lm_eval.tasks.TaskManager(include_path=str(folder)),
                                   limit=100, log_samples=False)["results"]["tiny_qa"]
     assert zs["tasks"]["quantized"]["tiny_qa"]["acc"] == pytest.approx(own["acc,none"], abs=1e-12)
@@ -444,3 +453,56 @@ def test_calib_seeds_make_one_quantized_variant_per_draw(tiny_run_dir, tmp_path)
         assert all(torch.equal(alone.quantized[n].codes, stored[n].codes) for n in stored)
         codes.append(stored)
     assert any(not torch.equal(codes[0][n].codes, codes[1][n].codes) for n in codes[0])  # other windows
+
+
+def test_output_error_on_calibration_and_held_out_windows(tok, sample_text, monkeypatch):
+    """Issue 34: quantize_model records each linear's ||(W - Q) X|| / ||W X|| on its calibration
+    windows and on a disjoint draw. The held-out figure equals a direct computation (inputs
+    hooked in the quantized model, the reference weights kept aside); the held-out windows share
+    no 16-token run with the calibration ones; GPTQ, which minimises this error on its
+    calibration windows, beats RTN there."""
+    from conftest import make_llama
+
+    from llm_config import QuantizeConfig
+    from llm_quantize_model import quantize_model
+
+    ids = torch.tensor(tok(sample_text[:6000]).input_ids)
+    res, ref = {}, None
+    for method in ("rtn", "gptq"):
+        m = make_llama(seed=3, hidden=64)
+        ref = {n: LM.weight_view(mod).detach().clone() for n, mod in LM.decoder_linears(m).items()}
+        cfg = QuantizeConfig(method=method, wbits=3, group=16, calib_samples=6, calib_seq_len=48,
+                             progress=False)
+        res[method] = r = quantize_model(m, tok, ids, cfg)
+        e = r.output_error
+        assert set(e["calibration"]) == set(e["held_out"]) == set(ref)
+        assert e["held_out_windows"] == e["calibration_windows"] == 6
+    cal = LC.D.calibration_windows(tok, ids, 6, 48, 0)
+    held = LC.held_out_windows(tok, ids, cal, 0)
+    grams = {tuple(w[i:i + 16].tolist()) for w in cal for i in range(48 - 15)}
+    assert held.shape == (6, 48)
+    assert not any(tuple(w[i:i + 16].tolist()) in grams for w in held for i in range(33))
+    # By hand, on the last (GPTQ) model: every linear's inputs over the held-out windows.
+    X, hooks = {}, []
+    for n, mod in LM.decoder_linears(m).items():
+        hooks.append(mod.register_forward_hook(
+            lambda mod, a, o, n=n: X.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1]).detach())))
+    with torch.no_grad():
+        for w in held:
+            m(w[None])
+    for h in hooks:
+        h.remove()
+    for n, W in ref.items():
+        x = torch.cat(X[n]).double()
+        Q = LM.weight_view(m.get_submodule(n)).detach().double()
+        want = float(((W.double() - Q) @ x.T).norm() / (W.double() @ x.T).norm())
+        assert res["gptq"].output_error["held_out"][n] == pytest.approx(want, rel=1e-4), n
+    g, r = (sum(res[k].output_error["calibration"].values()) for k in ("gptq", "rtn"))
+    assert 0 < g < r
+    # At most ERROR_WINDOWS of each (a forward pass per window: RTN needs no calibration otherwise)
+    import llm_quantize_model as Q
+
+    monkeypatch.setattr(Q, "ERROR_WINDOWS", 4)
+    e = quantize_model(make_llama(seed=3, hidden=64), tok, ids, cfg).output_error
+    assert e["calibration_windows"] == e["held_out_windows"] == 4
+    assert e["held_out"] != res["gptq"].output_error["held_out"]  # same quantization, 4 of the 6 windows
