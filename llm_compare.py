@@ -159,6 +159,8 @@ def _row(d, label: str) -> dict:
             if R.field(qz, "status") == "ran" else "-",
             "perplexity": {str(k): R.num(v) for k, v in R.field(res, "perplexity", kind=dict, default={}).items()},
             "bits": R.variant_bits(res),
+            "written": {n: R.num(q.get("stored_bits_per_weight")) for n, q in R.variant_records(res, "quantize",
+                                                                                             "quantized")},
             "parents": {str(k): v for k, v in R.field(res, "variants", kind=dict, default={}).items()
                         if isinstance(v, str)},
             "zeroshot": {str(v): R.num(R.field(m, "acc")) for v, m in means.items()},
@@ -270,10 +272,11 @@ def compare_markdown(rows: list, variants: list, warnings: list) -> str:
             lines.append(f"| {R.esc(r['label'])} | " + " | ".join(cells) + " |")
     if any(b < 16 for r in rows for b in r["bits"].values()):
         lines += ["", "Bits per weight of the decoder linears as the papers count them (codes, scales, zeros, "
-                  "masks; 16 for a dense weight).", "", "| run | " + " | ".join(map(R.esc, variants)) + " |",
-                  "|---" * (1 + len(variants)) + "|"]
-        lines += [f"| {R.esc(r['label'])} | " + " | ".join(R.fmt(r["bits"].get(v)) for v in variants) + " |"
-                  for r in rows]
+                  "masks; 16 for a dense weight); in brackets, as the run's codes checkpoint wrote them.", "",
+                  "| run | " + " | ".join(map(R.esc, variants)) + " |", "|---" * (1 + len(variants)) + "|"]
+        lines += [f"| {R.esc(r['label'])} | " + " | ".join(
+            R.fmt(r["bits"].get(v)) + (f" ({R.fmt(r['written'][v])})" if r["written"].get(v) is not None else "")
+            for v in variants) + " |" for r in rows]
     lines += _matrix_lines(rows)
     lines += ["", "Runs: " + "; ".join(f"{R.esc(r['label'])} = {R.esc(r['run'])}" for r in rows), "",
               "![comparison](plots/compare.png)"]

@@ -339,11 +339,10 @@ DENSE_BITS = 16  # an unquantized weight, as the papers count fp16 models
 MASK_BITS = 1    # a pruned matrix's bitmask per weight (compressed-tensors sparse-bitmask; a 2:4
 #                  row's 2-bit index per kept value is the same 1 bit per weight)
 
-BITS_COUNTED = ("per weight of the decoder linears: codes, an fp16 scale and a zero of the code's bits per "
-                "group (fp16 for a float zero point), an int32 group index per column with act order, "
-                "16 + 32 bits per weight kept in full precision, and a 1-bit mask when pruned weights are "
-                "held at zero (then pruned weights have no code); embeddings, norms and the LM head are "
-                "not counted")
+BITS_COUNTED = ("counts its codes, an fp16 scale and a zero of the code's bits per group (fp16 for a float zero "
+                "point), an int32 group index per column with act order, 16 + 32 bits per weight kept in full "
+                "precision, and a 1-bit mask when pruned weights are held at zero (pruned weights then have no "
+                "code), over the decoder linears (embeddings, norms and the LM head are not counted)")
 
 
 def counted_bits(q: Quantized, bits: int, act_order: bool, pruned: int = 0) -> dict:

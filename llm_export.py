@@ -497,8 +497,9 @@ def pipeline_step(run: Run, config: ExportConfig) -> Optional[str]:
     """The pipeline's export: every variant as a save_pretrained folder with its model card,
     into ``<out>/export``; "off" without --export."""
     facts = R.variant_facts(run.results, {n: run.parents.get(n) for n in run.variants})
-    q = run.results.get("quantize") or {}
-    codes = {"quantized": (run.out / q["checkpoint"], q["bits"])} if q.get("format") == "codes" else {}
+    codes = {name: (run.out / q["checkpoint"], q["bits"]) for name, q in R.variant_records(run.results, "quantize",
+                                                                                           "quantized")
+             if q.get("format") == "codes" and name in run.variants}  # every quantized variant of a grid too
     if (config.enabled or config.two_of_four) and config.quant_format == "compressed-tensors" and not codes:
         log.warning("--export-quant-format compressed-tensors has no effect here: this run has no quantized "
                     "variant (--quant-method rtn or gptq with the quantize step makes one); every variant is "

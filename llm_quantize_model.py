@@ -271,7 +271,9 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
             inputs = next_block_inputs(layer, inputs, kwargs)  # quantized outputs feed the next block
     # Issue 34: each linear's output error on calibration windows and on a disjoint draw (overfitting)
     seen = windows[:ERROR_WINDOWS]
-    held = held_out_windows(tokenizer, calib, windows, config.calibration_seed, len(seen))
+    if key + ("held out",) not in shared:  # one disjoint draw serves every point and model of a grid
+        shared[key + ("held out",)] = held_out_windows(tokenizer, calib, windows, config.calibration_seed, len(seen))
+    held = shared[key + ("held out",)]
     res.output_error = {"calibration": output_error(model, seen, reference),
                         "held_out": output_error(model, held, reference),
                         "calibration_windows": len(seen), "held_out_windows": int(held.shape[0])}

@@ -26,21 +26,31 @@ def md_compression(results: dict) -> list[str]:
     made.update({n: f"{p.get('method')} {p.get('pattern')} {R.fmt(R.num(p.get('overall_sparsity')))}"
                  for n, p in R.variant_records(results, "prune", "pruned")})
     has_zs = any(r["zeroshot"] is not None for r in rows)
+    # Bits as written to disk, beside the papers' count: the codes checkpoint, and the export.
+    written = {n: R.num(q.get("stored_bits_per_weight")) for n, q in quant.items()}
+    exported = {n: R.num(R.field(v, "stored_bits_per_weight", "decoder_linears"))
+                for n, v in R.field(results, "export", "variants", kind=dict, default={}).items()}
+    has_w, has_e = any(v is not None for v in written.values()), any(v is not None for v in exported.values())
     lines = ["", "## Quality against size", "",
              f"Bits per weight of the decoder linears as the papers count them: a dense weight {DENSE_BITS} bits "
              f"(fp16); a pruned variant {DENSE_BITS} bits per kept weight and a {MASK_BITS}-bit mask per weight; "
              f"a quantized one {counted or 'its codes, scales and zeros'}. "
              "x parent is the paired perplexity ratio to the variant it was made from († where the paired "
              "interval excludes 1); front marks the Pareto front (no variant with as few bits has a lower "
-             "perplexity)" + (f"; x {R.text(ref['variant'])} compares with the dense model" if ref else "") + ".",
-             "",
-             "| variant | parent | made by | bits / weight | perplexity | x parent | "
+             "perplexity; not by itself a significant difference)"
+             + (f"; x {R.text(ref['variant'])} is the plain ratio to the dense model" if ref else "")
+             + ("; written: bits per weight of the files as stored (the codes checkpoint: uint8 codes, fp32 "
+                "grids; the compressed-tensors export: packed codes), over the decoder linears" if has_w or has_e
+                else "") + ".", "",
+             "| variant | parent | made by | bits / weight | " + ("written, codes | " if has_w else "")
+             + ("written, export | " if has_e else "") + "perplexity | x parent | "
              + (f"x {R.esc(ref['variant'])} | " if ref else "") + ("zero-shot mean | " if has_zs else "") + "front |",
-             "|---|---|---|---|---|---|" + ("---|" if ref else "") + ("---|" if has_zs else "") + "---|"]
+             "|---" * 7 + "|" + "---|" * (has_w + has_e + bool(ref) + has_zs)]
     for r in rows:
         n = r["variant"]
         lines.append(f"| {R.esc(n)} | {R.esc(r['parent'] or '-')} | {R.text(made.get(n, 'dense'))} | "
-                     f"{R.fmt(r['bits'])} | {R.fmt(r['perplexity'])} | "
+                     f"{R.fmt(r['bits'])} | " + (f"{R.fmt(written.get(n))} | " if has_w else "")
+                     + (f"{R.fmt(exported.get(n))} | " if has_e else "") + f"{R.fmt(r['perplexity'])} | "
                      f"{RS.ratio_cell(results, n, R.ratio(ppl.get(n), ppl.get(r['parent'])))} | "
                      + (f"{R.fmt(R.ratio(r['perplexity'], ref['perplexity']))} | " if ref else "")
                      + (f"{R.acc_pct(r['zeroshot'])} | " if has_zs else "") + ("yes |" if r["front"] else "|"))

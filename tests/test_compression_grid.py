@@ -44,9 +44,10 @@ def test_the_study_makes_every_stacked_variant_with_one_load_and_one_draw_per_st
     stacked = [f"{p}+{q}" for p in PRUNED for q in QUANTIZED]
     assert list(res["perplexity"]) == ["base", *PRUNED, *QUANTIZED, *stacked]
     assert all(res["variants"][f"{p}+{q}"] == p for p in PRUNED for q in QUANTIZED)
-    # One model load; the prune step and the quantize step each draw their windows once, and the
-    # quantize step runs embeddings to block 0 once for all 10 variants (pruning leaves them as they are).
-    assert counts == {"load_model": 1, "calibration_windows": 2, "capture_block_inputs": 1}
+    # One model load; the prune step and the quantize step each draw their windows once (the quantize
+    # step also its held-out windows for the output errors, once), and the quantize step runs
+    # embeddings to block 0 once for all 10 variants (pruning leaves them as they are).
+    assert counts == {"load_model": 1, "calibration_windows": 3, "capture_block_inputs": 1}
     assert {r["calibration"]["windows"] for r in res["quantize"]["grid"]} == {2}
     assert (out / "plots" / "pareto.png").stat().st_size > 1000
 
@@ -181,3 +182,28 @@ def test_float_zero_point_refuses_pruned_sources_before_the_model_loads(tiny_run
     assert "--quant-zero-point float" in one_error(capsys)
     assert M.main(tiny_argv(tiny_run_dir, tmp_path, "--quant-method", "none,rtn")) == 2
     assert "--quant-method none" in one_error(capsys)
+
+
+def test_stacked_variants_export_as_pack_quantized_with_the_2_of_4_marker_and_their_zeros(tiny_run_dir, tmp_path):
+    """Every quantized variant of a grid is exported in compressed-tensors' pack-quantized form; a
+    quantized 2:4 variant also carries the format's 2:4 marker, and the library's decompressor gives
+    its pruned zeros back as zeros."""
+    import llm_export as E
+
+    out = tmp_path / "out"
+    assert M.main(tiny_argv(tiny_run_dir, out, "--steps", "prune,quantize,export", "--sparsity-pattern", "2:4",
+                            "--quant-method", "rtn", "--wbits", "4,8", "--quant-group", "16", "--quantize-from",
+                            "live,pruned", "--export", "--export-quant-format", "compressed-tensors")) == 0
+    res = json.loads((out / "results.json").read_text())
+    quantized = [r["name"] for r in res["quantize"]["grid"]]
+    assert quantized == ["quantized[rtn,4,g16]", "quantized[rtn,8,g16]", "pruned+quantized[rtn,4,g16]",
+                         "pruned+quantized[rtn,8,g16]"]
+    for name in quantized:
+        folder = out / "export" / V.file_stem(name)
+        qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+        assert qc["format"] == "pack-quantized", name
+        assert (qc.get("sparsity_config") or {}).get("sparsity_structure") == ("2:4" if "pruned" in name else None)
+    model = E.load_compressed_tensors(out / "export" / "pruned_quantized_rtn_4_g16")
+    for m in LM.decoder_linears(model).values():
+        w = LM.weight_view(m).reshape(-1, 4)
+        assert torch.all((w == 0).sum(1) >= 2)  # 2 of every 4 input weights are exactly zero
