@@ -334,7 +334,8 @@ def pareto_rows(results: Mapping) -> list[dict]:
     """Quality against size: one row per variant that has a perplexity, {"variant", "parent",
     "bits" (``variant_bits``), "perplexity", "zeroshot" (mean accuracy or None), "front" (on the
     Pareto front of perplexity against bits: no other variant has fewer or equal bits and a lower
-    perplexity), "front_zeroshot" (the same with a higher zero-shot mean)}, sorted by bits.
+    perplexity; bits equal to 0.001 count as equal), "front_zeroshot" (the same with a higher zero-shot
+    mean)}, sorted by bits.
     Noisy variants are left out: noise is not compression."""
     bits, ppl = variant_bits(results), field(results, "perplexity", kind=dict, default={})
     means = field(results, "zeroshot", "mean", kind=dict, default={})
@@ -342,12 +343,16 @@ def pareto_rows(results: Mapping) -> list[dict]:
     rows = [{"variant": n, "parent": parents.get(n), "bits": b, "perplexity": num(ppl.get(n)),
              "zeroshot": num(field(means, n, "acc"))} for n, b in bits.items()
             if not n.startswith("noisy") and num(ppl.get(n)) is not None]
-    rows.sort(key=lambda r: (r["bits"], r["perplexity"]))
-    for key, better in (("perplexity", lambda a, b: a < b), ("zeroshot", lambda a, b: a > b)):
-        best = None
-        for r in rows:
-            v = r[key]
-            on = v is not None and (best is None or better(v, best))
-            r["front" if key == "perplexity" else "front_zeroshot"] = on
-            best = v if on else best
+    # Bits that differ by less than 0.001 per weight (a few weights that were zero already) are one size.
+    rows.sort(key=lambda r: (round(r["bits"], 3), r["perplexity"]))
+    for key, flag, pick in (("perplexity", "front", min), ("zeroshot", "front_zeroshot", max)):
+        best = None  # the best value at fewer bits
+        for size in dict.fromkeys(round(r["bits"], 3) for r in rows):
+            same = [r for r in rows if round(r["bits"], 3) == size]
+            values = [r[key] for r in same if r[key] is not None]
+            top = pick(values) if values else None
+            for r in same:
+                r[flag] = top is not None and r[key] == top and (best is None or pick(top, best) != best)
+            if top is not None and (best is None or pick(top, best) != best):
+                best = top
     return rows

@@ -161,15 +161,18 @@ def test_counted_bits_at_4_bit_g128_on_a_576_wide_matrix_by_hand():
 
 
 def test_the_pareto_front_is_what_a_brute_force_says():
-    res = {"variants": {"base": None, "a": "base", "b": "base", "c": "base", "d": "base", "noisy": "base"},
-           "perplexity": {"base": 10.0, "a": 12.0, "b": 11.0, "c": 20.0, "d": 13.0, "noisy": 9.0},
+    res = {"variants": {"base": None, "a": "base", "b": "base", "c": "base", "d": "base", "e": "base",
+                        "noisy": "base"},
+           "perplexity": {"base": 10.0, "a": 12.0, "b": 11.0, "c": 20.0, "d": 13.0, "e": 30.0, "noisy": 9.0},
            "quantize": {"status": "ran", "grid": [{"name": n, "status": "ran", "avg_bits": b} for n, b in
-                                                  (("a", 4.2), ("b", 4.2), ("c", 3.0), ("d", 5.0))]},
+                                                  (("a", 4.2), ("b", 4.2), ("c", 3.0), ("d", 5.0),
+                                                   ("e", 2.9996))]},  # e: a few more zeros than c, same size
            "zeroshot": {"mean": {"base": {"acc": 0.6}, "a": {"acc": 0.5}, "c": {"acc": 0.55}}}}
     rows = R.pareto_rows(res)
-    assert [r["variant"] for r in rows] == ["c", "b", "a", "d", "base"]  # noisy: not compression
+    assert [r["variant"] for r in rows] == ["c", "e", "b", "a", "d", "base"]  # noisy: not compression
     for r in rows:
-        dominated = any(o["bits"] <= r["bits"] and o["perplexity"] < r["perplexity"] for o in rows if o is not r)
+        dominated = any(round(o["bits"], 3) <= round(r["bits"], 3) and o["perplexity"] < r["perplexity"]
+                        for o in rows if o is not r)
         assert r["front"] == (not dominated), r
     assert [r["variant"] for r in rows if r["front_zeroshot"]] == ["c", "base"]
 
