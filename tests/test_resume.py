@@ -168,7 +168,8 @@ def test_compare_runs_reads_only_their_results(tmp_path, capsys):
         d = tmp_path / name
         d.mkdir()
         variants = {"base": None, "pruned": "base", "noisy": "base"}
-        quant = {"status": "ran", "method": "gptq", "bit_allocation": "hessian", "avg_bits": 3.5} if name == "b" else {}
+        quant = {"status": "ran", "method": "gptq", "bit_allocation": "hessian", "budget_bits": 3.5, "group": 128,
+                 "avg_bits": 3.64} if name == "b" else {}
         (d / "results.json").write_text(json.dumps({"model": "m", "perplexity": ppl, "variants": variants,
                                                     "prune": {"method": "wanda", "pattern": "2:4",
                                                               "overall_sparsity": 0.5}, "quantize": quant}))
@@ -183,7 +184,8 @@ def test_compare_runs_reads_only_their_results(tmp_path, capsys):
     md = (out / "compare.md").read_text()
     labels = llm_compare.short_names(runs)
     assert f"| {R.esc(labels[0])} | wanda 2:4 0.5 | - | - | 10 | 15 (x1.5) | - |" in md
-    assert f"| {R.esc(labels[1])} | wanda 2:4 0.5 | - | gptq hessian 3.5 | 10 | 30 (x3) | inf (xinf) |" in md
+    assert f"| {R.esc(labels[1])} | wanda 2:4 0.5 | - | gptq hessian mixed precision at 3.5 code bits per weight " \
+           "g128 (3.64 bits) | 10 | 30 (x3) | inf (xinf) |" in md
     assert (out / "plots" / "compare.png").stat().st_size > 1000 and "data:image/png" in (out / "compare.html").read_text()
     assert llm_main_v4.main(["--compare", str(tmp_path / "nothing"), "--output-dir", str(out)]) == 2
     assert "no finished run" in capsys.readouterr().err
