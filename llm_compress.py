@@ -146,7 +146,8 @@ def rtn_groups(in_features: int, group_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + gs, in_features)) for s in range(0, in_features, gs)]
 
 
-def minmax_params(x: torch.Tensor, bits: int, keep: Optional[torch.Tensor] = None, zero_point: str = "integer"):
+def minmax_params(x: torch.Tensor, bits: int, keep: Optional[torch.Tensor] = None, zero_point: str = "integer",
+                  scale_dtype: str = "float32"):
     """Asymmetric min-max grid of each row of ``x`` [rows, width] (or [rows, groups, width]):
     (scale, zero), shaped like ``x`` with the last dimension 1.
 
@@ -157,7 +158,10 @@ def minmax_params(x: torch.Tensor, bits: int, keep: Optional[torch.Tensor] = Non
     the range is [min, max] itself (0 need not be on the grid), scale = (max - min) / (2^bits - 1)
     and zero = min, an unrounded offset in weight units; both rounded to fp16 as GGUF stores
     them, so that the dequantized Q4_1 weights come back bit for bit (a constant group: scale 0).
-    Entries in ``keep`` (kept in full precision) are left out of the range."""
+    Entries in ``keep`` (kept in full precision) are left out of the range. ``scale_dtype``
+    "float16" rounds an integer grid's scale to fp16 before the zero and the codes are taken from
+    it, as AutoGPTQ and compressed-tensors store it (GPTQ's reference keeps it in the layer's
+    dtype, float32 here): the values stay exactly what a 16-bit-scale checkpoint holds."""
     big = torch.finfo(x.dtype).max
     lo = (torch.where(keep, big, x) if keep is not None else x).amin(-1, keepdim=True)
     hi = (torch.where(keep, -big, x) if keep is not None else x).amax(-1, keepdim=True)
@@ -167,6 +171,8 @@ def minmax_params(x: torch.Tensor, bits: int, keep: Optional[torch.Tensor] = Non
         return ((hi - lo) / (2 ** bits - 1)).half().to(x.dtype), lo.half().to(x.dtype)
     lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
     scale = ((hi - lo) / (2 ** bits - 1)).clamp(min=1e-10)
+    if scale_dtype == "float16":  # the smallest fp16 subnormal stands in for 1e-10 (an all-zero group: 0 either way)
+        scale = scale.clamp(max=65504).half().to(x.dtype).clamp(min=2 ** -24)
     return scale, torch.round(-lo / scale)
 
 
@@ -203,12 +209,16 @@ class Quantized:
     damp: float = 0.0
     dequantized: Optional[torch.Tensor] = None  # GPTQ: the kernel's own values [out, in] (tests compare them)
     zero_point: str = "integer"  # or "float": see minmax_params
+    scale_dtype: str = "float32"  # or "float16": scales and values as a 16-bit-scale checkpoint holds them
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """``grid_values`` (as the kernels compute them), then the kept values: bit for bit the
-        weights that were quantized (elementwise float32 ops in the same order)."""
+        weights that were quantized (elementwise float32 ops in the same order). With fp16 scales
+        the values are rounded to fp16, as a reader of such a checkpoint computes scale x (code -
+        zero) in the scale's dtype (compressed-tensors' decompressor does)."""
         g = self.g_idx.long().to(self.codes.device)
-        W = grid_values(self.codes.float(), self.scale[:, g], self.zero[:, g], self.zero_point).to(dtype)
+        W = grid_values(self.codes.float(), self.scale[:, g], self.zero[:, g], self.zero_point)
+        W = (W.half() if self.scale_dtype == "float16" else W).to(dtype)
         if self.keep is not None and self.kept is not None and self.kept.numel():
             W[self.keep] = self.kept.to(dtype)
         return W
@@ -216,13 +226,13 @@ class Quantized:
 
 @torch.no_grad()
 def rtn_quantize(W: torch.Tensor, bits: int, group_size: int = 128, keep: Optional[torch.Tensor] = None,
-                 zero_point: str = "integer") -> Quantized:
+                 zero_point: str = "integer", scale_dtype: str = "float32") -> Quantized:
     """Round-to-nearest asymmetric group quantization of W [out, in] (float32 math); W unchanged.
 
     Groups are ``group_size`` consecutive input columns of a row (``rtn_groups``: the last
     group is narrower when ``in`` is not a multiple). Weights in ``keep`` are left out of their
     group's min/max and kept in full precision (dense-and-sparse). ``zero_point``: see
-    ``minmax_params``."""
+    ``minmax_params``, as ``scale_dtype``."""
     out, inp = W.shape
     gs = min(group_size or inp, inp)
     full = inp // gs * gs
@@ -232,14 +242,15 @@ def rtn_quantize(W: torch.Tensor, bits: int, group_size: int = 128, keep: Option
     for start, end, width in parts:  # the whole groups in one reshape, then the tail group
         Wf = W[:, start:end].float().reshape(out, -1, width)
         K = keep[:, start:end].reshape(out, -1, width).to(W.device) if keep is not None else None
-        scale, zero = minmax_params(Wf, bits, K, zero_point)
+        scale, zero = minmax_params(Wf, bits, K, zero_point, scale_dtype)
         codes[:, start:end] = quantize_codes(Wf, scale, zero, bits, zero_point).reshape(out, end - start).to(torch.uint8)
         scales.append(scale.squeeze(-1))
         zeros.append(zero.squeeze(-1))
     g_idx = torch.arange(inp, device=W.device, dtype=torch.int32) // gs
     keep = keep.to(W.device) if keep is not None else None
     return Quantized(codes, torch.cat(scales, 1), torch.cat(zeros, 1), g_idx, keep,
-                     W[keep].detach().clone() if keep is not None else None, zero_point=zero_point)
+                     W[keep].detach().clone() if keep is not None else None, zero_point=zero_point,
+                     scale_dtype=scale_dtype if zero_point == "integer" else "float32")
 
 
 @torch.no_grad()
@@ -252,7 +263,8 @@ def quantize_rtn_(W: torch.Tensor, bits: int, group_size: int = 128, keep: Optio
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = 128, blocksize: int = 128,
                   percdamp: float = 0.01, act_order: bool = False, keep: Optional[torch.Tensor] = None,
-                  zero_point: str = "integer", zeros: Optional[torch.Tensor] = None) -> Quantized:
+                  zero_point: str = "integer", zeros: Optional[torch.Tensor] = None,
+                  scale_dtype: str = "float32") -> Quantized:
     """GPTQ of one weight matrix W [out, in] given its layer Hessian H = 2 X X^T / n [in, in].
 
     Follows ``fasterquant`` of IST-DASLab/gptq (``gptq.py``) with its asymmetric ``Quantizer``:
@@ -284,7 +296,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
         K &= ~Z  # a pruned weight is 0, not kept
     gs = group_size or cols
     # before dead columns, as the reference
-    row_grid = minmax_params(Wf.masked_fill(Z, 0), bits, K, zero_point) if not group_size else None
+    row_grid = minmax_params(Wf.masked_fill(Z, 0), bits, K, zero_point, scale_dtype) if not group_size else None
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     Wf[:, dead] = 0
@@ -307,7 +319,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
             j = i1 + i
             if group_size and j % gs == 0:
                 scale, zero = minmax_params(Wf[:, j:j + gs].masked_fill(Zp[:, j:j + gs], 0), bits,
-                                            Kp[:, j:j + gs], zero_point)
+                                            Kp[:, j:j + gs], zero_point, scale_dtype)
             if j % gs == 0:
                 scales[:, j // gs], zeros[:, j // gs] = scale[:, 0], zero[:, 0]
             w = W1[:, i]
@@ -327,7 +339,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     # A kept entry keeps its value as updated by the earlier columns' errors (OBS: it is free).
     kept = Qfinal[K].to(W.dtype) if keep is not None else None
     return Quantized(codes[:, inv], scales.float(), zeros.float(), g_idx, K if keep is not None else None, kept,
-                     damp, Qfinal, zero_point)
+                     damp, Qfinal, zero_point, scale_dtype if zero_point == "integer" else "float32")
 
 
 # --------------------------------------------------------------------------- bits, as the papers count them
@@ -436,6 +448,8 @@ def save_codes(out, name: str, quantized: dict) -> dict:
             tensors[f"{pname}::kept"] = q.kept
         if q.zero_point == "float":  # the marker of a float zero point (the grid's minimum, not a code)
             tensors[f"{pname}::float_zero"] = torch.ones(1, dtype=torch.uint8)
+        if q.scale_dtype == "float16":  # the marker of fp16 scales (stored as float32, fp16-exact values)
+            tensors[f"{pname}::half_scale"] = torch.ones(1, dtype=torch.uint8)
     IO.save_tensors(path, tensors, metadata={"variant": name, "format": "codes"})
     return {"checkpoint": str(path.relative_to(out)), "format": "codes"}
 
@@ -455,7 +469,8 @@ def load_codes(path) -> dict:
         if part != "codes":
             continue
         q = Quantized(*(t[f"{pname}::{p}"] for p in _PARTS),
-                      zero_point="float" if f"{pname}::float_zero" in t else "integer")
+                      zero_point="float" if f"{pname}::float_zero" in t else "integer",
+                      scale_dtype="float16" if f"{pname}::half_scale" in t else "float32")
         if f"{pname}::kept_index" in t:
             keep = torch.zeros(q.codes.numel(), dtype=torch.bool)
             keep[t[f"{pname}::kept_index"]] = True

@@ -343,6 +343,9 @@ class QuantizeConfig(StepConfig):
     zero_point: str = knob("integer", "integer: GPTQ's grid, 0 on it, rounded zero code; float: GGUF Q4_1 / "
                            "HQQ style: unrounded minimum, 0 need not be on the grid",
                            choices=("integer", "float"))
+    scale_dtype: str = knob("float32", "dtype of each group's scale: float32 (GPTQ's reference), or float16, as "
+                                       "AutoGPTQ and compressed-tensors store it (the export then writes 16 bits "
+                                       "per scale)", flag="--quant-scale-dtype", choices=("float32", "float16"))
     act_order: bool = knob(False, "GPTQ: quantize columns by decreasing H_jj (act order)", flag="--act-order")
     percdamp: float = knob(0.01, "GPTQ dampening, fraction of mean diag(H)", flag="--gptq-percdamp",
                            bounds="[0,10]")
@@ -371,7 +374,9 @@ class QuantizeConfig(StepConfig):
     seed: int = seed_knob()
     progress: bool = progress_knob()
     _gptq = (lambda c: c.method == "gptq", "only --quant-method gptq reads it")
-    applies: ClassVar[dict] = {"act_order": _gptq, "percdamp": _gptq, "blocksize": _gptq, "zero_point": (
+    applies: ClassVar[dict] = {"act_order": _gptq, "percdamp": _gptq, "blocksize": _gptq, "scale_dtype": (
+                               lambda c: c.zero_point == "integer", "a float zero point's scale is fp16 already"),
+                               "zero_point": (
                                lambda c: c.method != "none", "only --quant-method rtn or gptq reads it"),
                                "avg_bits": (lambda c: c.bit_allocation != "uniform",
                                             "only --bit-allocation hessian or fisher reads it"),

@@ -170,6 +170,8 @@ def write_compressed_tensors(model, records: Mapping, bits: Mapping[str, int], p
             with torch.no_grad():  # float32 weights and scales: requantizing gives our codes exactly
                 want[name] = mod.weight.data = q.dequantize(torch.float32)
                 scale = _regrid(q.scale.float(), gs, g2, inp)
+                if torch.equal(scale.half().float(), scale):  # --quant-scale-dtype float16: 16 bits a scale
+                    scale = scale.half()
                 mod.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
                 # its signed grid: code c in [0, 2^b) is c - 2^(b-1), and so is the zero
                 mod.weight_zero_point.data = (_regrid(q.zero, gs, g2, inp) - 2 ** (b - 1)).to(

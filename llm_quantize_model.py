@@ -155,7 +155,7 @@ def _matched_uniform(linears: dict, bits: dict, keep: dict, sens: dict, config: 
     widest = max(i for _, i in shapes.values())
     group = next((g for g in range(1, widest + 1) if _grid_bits(shapes, flat, g) <= target), widest)
     objective = sum(sens[n] * _sq_error(LM.weight_view(m), rtn_quantize(LM.weight_view(m).detach(), b, group,
-                                                                        keep[n], config.zero_point))
+                                                                        keep[n], config.zero_point, config.scale_dtype))
                     for n, m in linears.items())
     total = sum(o * i for o, i in shapes.values())
     return {"name": f"uniform_{b}bit_g{group}", "wbits": b, "group": group, "objective": objective,
@@ -233,7 +233,7 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
                         "sensitive", config.bit_allocation, ", ".join(n for n, v in sens.items() if not math.isfinite(v)))
         sens = {n: v if math.isnan(v) else max(v, 0.0) for n, v in sens.items()}  # negative Hutchinson: no curvature
         err = {n: {b: _sq_error(LM.weight_view(m), rtn_quantize(LM.weight_view(m).detach(), b, config.group, keep[n],
-                                                                 config.zero_point))
+                                                                 config.zero_point, config.scale_dtype))
                    for b in BIT_CHOICES} for n, m in linears.items()}
         bits = allocate_bits(sens, err, sizes, res.budget_bits)
         res.sensitivity = sens
@@ -248,7 +248,7 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
     if config.method == "rtn":  # an exact 0 is on the integer grid: RTN keeps a pruned zero by itself
         for n, m in tqdm(linears.items(), desc="rtn", disable=not config.progress):
             W = LM.weight_view(m)
-            q = rtn_quantize(W.detach(), bits[n], config.group, keep[n], config.zero_point)
+            q = rtn_quantize(W.detach(), bits[n], config.group, keep[n], config.zero_point, config.scale_dtype)
             res.quantized[n + ".weight"] = q
             _write(W, q, res, n)
     else:
@@ -261,7 +261,8 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
                 n = names_of[m]
                 W = LM.weight_view(m)
                 q = gptq_quantize(W.detach(), H[rel].to(W.device), bits[n], config.group, config.blocksize,
-                                  config.percdamp, config.act_order, keep[n], config.zero_point, zeros.get(n))
+                                  config.percdamp, config.act_order, keep[n], config.zero_point, zeros.get(n),
+                                  config.scale_dtype)
                 q.dequantized = None
                 if q.damp != config.percdamp:
                     res.dampening_increased[n] = q.damp

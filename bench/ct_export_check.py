@@ -38,6 +38,7 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--wbits", type=int, default=4)
     p.add_argument("--group", type=int, default=128)
+    p.add_argument("--scale-dtype", default="float32", choices=("float32", "float16"))
     a = p.parse_args()
     C.setup_logging("WARNING")
     torch.set_num_threads(1)
@@ -45,7 +46,7 @@ def main():
     model, tok, _ = LM.load_model(LM.LoadConfig(model=a.model))
     calib = D.load_corpus(str(Path(a.calib).resolve()), "train")
     names = {n: LM.weight_view(m).detach().clone() for n, m in LM.decoder_linears(model).items()}
-    qcfg = QuantizeConfig(method="rtn", wbits=a.wbits, group=a.group, progress=False)
+    qcfg = QuantizeConfig(method="rtn", wbits=a.wbits, group=a.group, scale_dtype=a.scale_dtype, progress=False)
     res = quantize_model(model, tok, calib, qcfg)
     for n, w in names.items():  # back to the base weights: the variant is applied from its codes
         LM.weight_view(model.get_submodule(n)).data.copy_(w)

@@ -129,7 +129,7 @@ def _unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return (packed[:, j // per].long() >> (bits * (j % per))) & (2 ** bits - 1)
 
 
-def _quantized_variant(m, tmp_path, bits: int, group: int, method: str = "rtn"):
+def _quantized_variant(m, tmp_path, bits: int, group: int, method: str = "rtn", scale_dtype: str = "float32"):
     """Codes of every decoder linear (RTN, or GPTQ on a random Hessian), stored as the pipeline
     stores them; returns (records, checkpoint, bits per linear)."""
     import llm_compress as LC
@@ -140,24 +140,29 @@ def _quantized_variant(m, tmp_path, bits: int, group: int, method: str = "rtn"):
         W = LM.weight_view(mod).detach()
         if method == "gptq":
             X = torch.randn(200, W.shape[1], generator=g)
-            recs[n + ".weight"] = LC.gptq_quantize(W, 2 * X.T @ X / 200, bits, group)
+            recs[n + ".weight"] = LC.gptq_quantize(W, 2 * X.T @ X / 200, bits, group, scale_dtype=scale_dtype)
         else:
-            recs[n + ".weight"] = LC.rtn_quantize(W, bits, group)
+            recs[n + ".weight"] = LC.rtn_quantize(W, bits, group, scale_dtype=scale_dtype)
     LC.save_codes(tmp_path / "run", "quantized", recs)
     ckpt = tmp_path / "run" / "checkpoints" / "quantized.safetensors"
     return recs, ckpt, {n: bits for n in LM.decoder_linears(m)}
 
 
-@pytest.mark.parametrize("bits,method,dtype", [(4, "rtn", torch.float32), (4, "gptq", torch.float32),
-                                               (8, "rtn", torch.float32), (8, "gptq", torch.bfloat16)])
+@pytest.mark.parametrize("bits,method,dtype,scales", [(4, "rtn", torch.float32, "float32"),
+                                                      (4, "gptq", torch.float32, "float32"),
+                                                      (8, "rtn", torch.float32, "float32"),
+                                                      (8, "gptq", torch.bfloat16, "float32"),
+                                                      (4, "gptq", torch.float32, "float16")])
 def test_pack_quantized_export_decompresses_to_the_in_run_weights_at_the_expected_size(tok, tmp_path, bits,
-                                                                                      method, dtype):
+                                                                                      method, dtype, scales):
     """Issue 34: the compressed-tensors export is pack-quantized: compressed-tensors' own config
     model parses it, the packed codes and zero points read by hand are ours, the library's
     decompressor gives back the in-run weights and logits exactly (float32 and bf16: the scales
     are stored in float32), and the bytes written per weight are the codes plus a float32 scale
     and a packed zero per group. 48-wide inputs at group 32 are regrouped at 16 (SmolLM2's 576 at
-    128: 64), the 96-wide down projections stay at 32."""
+    128: 64), the 96-wide down projections stay at 32. With --quant-scale-dtype float16 the scales
+    are written in 16 bits (4-bit g128: 4 + 20/128 = 4.16 bits per weight where no regrouping is
+    needed), and the values are what a reader computes in fp16."""
     import math
 
     from compressed_tensors.quantization import QuantizationConfig
@@ -169,7 +174,7 @@ def test_pack_quantized_export_decompresses_to_the_in_run_weights_at_the_expecte
     if dtype != torch.float32:  # loaded in bf16 as the pipeline loads it (rotary frequencies stay float32)
         m.save_pretrained(tmp_path / "m")
         m = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=dtype).eval()
-    recs, ckpt, bits_of = _quantized_variant(m, tmp_path, bits, 32, method)
+    recs, ckpt, bits_of = _quantized_variant(m, tmp_path, bits, 32, method, scales)
     variant = functools.partial(LC.coded_weights, path=ckpt)
     res = E.export_variants(m, tok, {"quantized": variant}, tmp_path / "x",
                             E.ExportConfig(enabled=True, quant_format="compressed-tensors"),
@@ -190,14 +195,15 @@ def test_pack_quantized_export_decompresses_to_the_in_run_weights_at_the_expecte
             gs = 32 if inp % 32 == 0 else 16
             packed, zp = f.get_tensor(name + ".weight_packed"), f.get_tensor(name + ".weight_zero_point")
             scale = f.get_tensor(name + ".weight_scale")
-            assert packed.dtype == zp.dtype == torch.int32 and scale.dtype == torch.float32
+            assert packed.dtype == zp.dtype == torch.int32 and scale.dtype == getattr(torch, scales)
             assert torch.equal(_unpack(packed, bits, inp), q.codes.long())
             groups = torch.arange(inp // gs) * gs // 32  # each sub-group's original group
             assert torch.equal(_unpack(zp.T, bits, out).T, q.zero[:, groups].long())
-            assert torch.equal(scale, q.scale[:, groups])
+            assert torch.equal(scale.float(), q.scale[:, groups])
             # codes, float32 scales, zero points packed along the output dimension, the int64 shape
             groups_n = inp // gs
-            want_bytes += out * inp * bits // 8 + (out + math.ceil(out * bits / 32)) * groups_n * 4 + 16
+            scale_bytes = 2 if scales == "float16" else 4
+            want_bytes += out * inp * bits // 8 + (out * scale_bytes + math.ceil(out * bits / 32) * 4) * groups_n + 16
             n_weights += out * inp
     got = rec["stored_bits_per_weight"]["decoder_linears"]
     assert got == pytest.approx(8 * want_bytes / n_weights, rel=1e-12)
