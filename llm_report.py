@@ -528,7 +528,9 @@ def markdown_to_html(md: str, base: Path) -> str:
     style = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;"
              "color:#222}table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
-             "th{background:#f3f3f3}img{max-width:100%}code{background:#f3f3f3;padding:0 3px}" + T.TABLE_CSS)
+             "th{background:#f3f3f3}img{max-width:100%}code{background:#f3f3f3;padding:0 3px}"
+             # a generated answer or a path without spaces wraps instead of widening the page
+             "p,li{overflow-wrap:anywhere}pre{white-space:pre-wrap;overflow-wrap:anywhere}" + T.TABLE_CSS)
     # The script lets a headless browser check that every image decoded (data-images-ok).
     script = ("<script>window.addEventListener('load',()=>{const im=[...document.images];"
               "document.body.dataset.imagesOk=im.every(i=>i.complete&&i.naturalWidth>0);"

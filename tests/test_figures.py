@@ -313,7 +313,8 @@ def test_html_tables_fit_or_scroll_at_1100_px(tmp_path):
         pytest.skip("no headless browser: chromium is not installed (apt-get install chromium); "
                     "bench/check_html.py needs it to lay out report.html")
     wide = "\n".join(["# wide", "", "| " + " | ".join(f"column {i}" for i in range(30)) + " |", "|---" * 30 + "|",
-                      "| " + " | ".join(f"value_{i}_without_spaces" for i in range(30)) + " |"])
+                      "| " + " | ".join(f"value_{i}_without_spaces" for i in range(30)) + " |", "",
+                      "- base: " + "an_answer_without_spaces_" * 40, "", "`/a/path/" + "folder/" * 60 + "`"])
     page = tmp_path / "report.html"
     page.write_text(llm_report.markdown_to_html(wide, tmp_path))
     layout = ch.measure(page, 1100)
