@@ -357,6 +357,12 @@ BITS_COUNTED = ("counts its codes, an fp16 scale and a zero of the code's bits p
                 "code), over the decoder linears (embeddings, norms and the LM head are not counted)")
 
 
+def grid_bits(rows: int, cols: int, bits: int, group: int) -> int:
+    """Codes, fp16 scales and ``bits``-bit zeros of a [rows, cols] matrix at ``group`` columns per
+    group (a narrower tail group counted too): its size as ``counted_bits`` counts a uniform RTN."""
+    return rows * cols * bits + rows * math.ceil(cols / group) * (SCALE_BITS + bits)
+
+
 def counted_bits(q: Quantized, bits: int, act_order: bool, pruned: int = 0) -> dict:
     """The bits of one quantized matrix as the papers count them, by part: ``codes`` (``bits`` per
     weight that is neither kept nor pruned), ``grids`` (per row and group an fp16 scale and a

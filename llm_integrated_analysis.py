@@ -36,7 +36,7 @@ import llm_data as D
 import llm_model as LM
 import llm_stats as ST
 import llm_variants as V
-from llm_compress import KEPT_BITS, SCALE_BITS, quantize_rtn_, rtn_groups, rtn_quantize  # noqa: F401  (re-exported)
+from llm_compress import KEPT_BITS, grid_bits, quantize_rtn_, rtn_groups, rtn_quantize  # noqa: F401  (re-exported)
 from llm_config import AnalysisConfig, EvalConfig
 from llm_run import Run
 from llm_perplexity import evaluate_model, token_set
@@ -135,7 +135,7 @@ def quantization_study(model, tokenizer, ids: torch.Tensor, super_weights: list[
                 quantize_rtn_(LM.weight_view(m), b, group_size, keep[n] if keep is not None else None)
             r = evaluate_model(model, tokenizer, ids, cfg)
         kept = int(sum(k.sum() for k in keep.values())) if keep is not None else 0
-        base_bits = n_weights * b + n_groups * (SCALE_BITS + b)  # codes + fp16 scale and b-bit zero per group
+        base_bits = sum(grid_bits(*LM.weight_view(m).shape, b, group_size) for m in mods.values())  # as quantize counts
         rows.append({"bits": b, "variant": label, "perplexity": r.perplexity, "kept_weights": kept,
                      "groups": n_groups, "bits_per_weight": base_bits / n_weights,
                      "extra_storage_pct": 100 * kept * KEPT_BITS / base_bits})

@@ -39,8 +39,8 @@ import llm_data as D
 import llm_io as IO
 import llm_model as LM
 import llm_variants as V
-from llm_compress import (BITS_COUNTED, SCALE_BITS, Quantized, capture_block_inputs, coded_weights, counted_bits,
-                          gptq_quantize, held_out_windows, linear_input_stats, next_block_inputs, output_error,
+from llm_compress import (BITS_COUNTED, Quantized, capture_block_inputs, coded_weights, counted_bits,
+                          gptq_quantize, grid_bits, held_out_windows, linear_input_stats, next_block_inputs, output_error,
                           rtn_quantize, save_codes, stored_bits)
 from llm_config import QuantizeConfig
 from llm_run import Run
@@ -136,10 +136,9 @@ def _keep_masks(model, tokenizer, linears: dict, moments: Optional[dict], config
     return {n: (k if k.any() else None) for n, k in masks.items()}, coords, found
 
 
-def _grid_bits(shapes: dict, bits: dict, group: int) -> float:
-    """Code, scale and zero bits of linears of ``shapes`` {name: (out, in)} at ``bits`` per linear
-    and ``group`` (as ``counted_bits``: fp16 scale and a zero of the code's bits, tail groups too)."""
-    return sum(o * i * bits[n] + o * math.ceil(i / group) * (SCALE_BITS + bits[n]) for n, (o, i) in shapes.items())
+def _grid_bits(shapes: dict, bits: dict, group: int) -> int:
+    """``grid_bits`` summed over linears of ``shapes`` {name: (out, in)} at ``bits`` per linear."""
+    return sum(grid_bits(o, i, bits[n], group) for n, (o, i) in shapes.items())
 
 
 def _matched_uniform(linears: dict, bits: dict, keep: dict, sens: dict, config: QuantizeConfig) -> dict:
@@ -168,12 +167,10 @@ def _sq_error(W: torch.Tensor, q: Quantized) -> float:
     return float((q.dequantize(torch.float32) - W.detach().float()).pow(2).sum())
 
 
-def _block0(model, windows: torch.Tensor, shared: Optional[dict], seed: int):
+def _block0(model, windows: torch.Tensor, shared: dict, seed: int):
     """Decoder block 0's inputs for ``windows`` (``capture_block_inputs``), computed once per
     calibration draw and reused while the input embedding is unchanged: the points of a grid and
     the pruned variants it quantizes (pruning changes only decoder linears) share them."""
-    if shared is None:
-        return capture_block_inputs(model, windows)
     emb = model.get_input_embeddings().weight
     hit = shared.get(("block0", seed))
     if hit is None or not torch.equal(hit[0], emb):
