@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 import llm_common as C
@@ -65,14 +66,19 @@ def _chat_ids(tokenizer, prompt: str) -> torch.Tensor:
 
 
 def _windows(eval_ids: torch.Tensor, n: int, cfg: AdversarialConfig, offset: float = 0.0) -> list[Sample]:
-    """``n`` (prompt, true continuation) windows spread evenly over the text; ``offset`` in
-    [0, 1) shifts them by that fraction of the spacing (0.5: the midpoints, disjoint from
-    the windows at offset 0 whenever the spacing is at least two windows long)."""
+    """``n`` (prompt, true continuation) windows spread evenly over the whole text, the eval
+    step's ``spread`` design: one every ``numel // n`` tokens, all shifted by one shift drawn with
+    ``cfg.seed`` (so the sample is not tied to the text's first tokens); ``offset`` in [0, 0.75]
+    moves them by that fraction of the spacing (0.5: the midpoints, disjoint from the windows at
+    offset 0 whenever the spacing is at least two windows long). The shift keeps every window of
+    every offset inside the text."""
     L = cfg.prompt_len + cfg.continuation_len
     step = eval_ids.numel() // n
+    room = step - int(0.75 * step) - L + 1  # the latest shift that keeps the offset-0.75 windows inside
+    shift = int(np.random.default_rng(cfg.seed).integers(0, room)) if room > 1 else 0
     out = []
     for i in range(n):
-        s = i * step + int(offset * step)
+        s = i * step + int(offset * step) + shift
         out.append(Sample(eval_ids[s:s + cfg.prompt_len], eval_ids[s + cfg.prompt_len:s + L],
                           f"window {i}" if offset == 0 else f"train window {i}"))
     return out
@@ -301,10 +307,11 @@ def attack_variants(model, tokenizer, eval_ids: torch.Tensor, variants: dict, pa
     out = {n: {"parent": parents.get(n), **out[n]} for n in variants}
     for row in out.values():  # paired by sample against the parent, when the parent was attacked too
         par = out.get(row["parent"] or "")
-        if par:
+        if par:  # at the largest eps, the one the matrix reports: every test made enters the run's family
+            top = max(a["eps"] for a in par["table"])
             row["vs_parent"] = {f"{a['method']}@{a['eps']:g}": ST.paired_difference(
                 a["delta_nll_samples"], b["delta_nll_samples"], seed=config.seed, units="attacked samples")
-                for a, b in zip(par["table"], row["table"])}
+                for a, b in zip(par["table"], row["table"]) if a["eps"] == top}
             # successes are 0/1 on the same samples: McNemar's exact test, not an interval of means
             row["vs_parent"]["targeted_success"] = ST.mcnemar_exact(par["targeted"]["hits"], row["targeted"]["hits"],
                                                                     seed=config.seed)

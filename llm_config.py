@@ -118,7 +118,24 @@ class RunConfig(StepConfig):
                                       "paragraphs with the evaluation text (refused by default: it "
                                       "inflates every score)", results=False)
 
+    multiple_testing: str = knob("holm", "correction over every paired test of the run (each variant against its "
+                                         "parent on every measure, and the contrasts): holm (family-wise "
+                                         "error), bh (Benjamini-Hochberg false discovery rate) or none; a † "
+                                         "marks an adjusted-significant difference",
+                                 choices=("holm", "bh", "none"))
+    contrast: tuple = knob((), "test two variants against each other, paired over the same windows, questions, "
+                               "samples, seeds and probes: A,B (names or patterns such as pruned[*]; repeat "
+                               "the flag for more); the points of a grid that share a parent are contrasted "
+                               "pairwise without it", many=True, shown="grid siblings")
+
     def check(self) -> None:
+        for spec in self.contrast:
+            try:
+                parts = parse_variant_patterns(spec)
+            except ValueError:
+                parts = ()
+            if len(parts) != 2 or "all" in parts or "live" in parts:
+                raise UserError(f"--contrast must be two variant names or patterns, A,B, got {spec!r}")
         d = self.data_dir or os.environ.get("LLM_DATA_DIR")
         if d and not os.path.isdir(os.path.expanduser(d)):
             raise UserError(f"--data-dir {d}: no such folder" + (" (from LLM_DATA_DIR)" if not self.data_dir else ""))
@@ -420,12 +437,19 @@ class QuantizeConfig(StepConfig):
 @dataclass
 class EvalConfig(StepConfig):
     step: ClassVar[str] = "eval"
-    seq_len: Optional[int] = budget(1024, 2048, "tokens per window", flag="--seq-len", bounds="[2,1000000]",
+    seq_len: Optional[int] = budget(512, 2048, "tokens per window", flag="--seq-len", bounds="[2,1000000]",
                                     context=True)
     stride: Optional[int] = knob(None, "sliding-window stride (auto: --seq-len, disjoint windows)",
                                  flag="--stride", bounds="[1,1000000]")
-    eval_tokens: Optional[int] = budget(8192, 0, "evaluate the first N tokens; 0 means all",
-                                        flag="--eval-tokens", bounds="[0,1000000000]")
+    eval_tokens: Optional[int] = budget(16384, 0, "score N tokens of the text, as whole windows (--eval-sampling "
+                                                  "says which); 0 means all", flag="--eval-tokens",
+                                        bounds="[0,1000000000]")
+    sampling: str = knob("spread", "which windows score the --eval-tokens budget when it is less than the "
+                                   "text: spread (every k-th window across the whole text, from a seeded "
+                                   "offset: a sample of the text) or first (the first N tokens, as other "
+                                   "tools and older runs score them; adjacent windows are dependent)",
+                         flag="--eval-sampling", choices=("spread", "first"))
+    seed: int = seed_knob()
     batch_size: Optional[int] = knob(None, "evaluation windows per forward pass (auto: from free memory "
                                            "on GPU, 1 on CPU)", flag="--batch-size", bounds="[1,65536]")
     prompts: tuple = knob((SAMPLE_PROMPT,), "sample prompt (repeat the flag for several)", flag="--prompt",

@@ -23,7 +23,7 @@ import llm_common as C
 import llm_variants as V
 from llm_config import EvalConfig
 from llm_run import Run
-from llm_perplexity import EvalResult, evaluate_model, reference_logprobs, safe_exp, window_plan
+from llm_perplexity import EvalResult, evaluate_model, reference_logprobs, safe_exp, sampling_plan, window_plan
 from llm_stats import paired_perplexity
 
 __all__ = ["EvalConfig", "EvalResult", "EvaluationResult", "evaluate_model", "evaluate_variants", "reference_logprobs", "safe_exp",
@@ -78,13 +78,14 @@ def evaluate_variants(model, tokenizer, input_ids: torch.Tensor, variants: Mappi
                                                   reference=reference if name in kl_for else None))))
     out = dict(C.gather_jobs(mine))
     add_vs_parent(out, parents)
-    used = min(config.eval_tokens or input_ids.numel(), int(input_ids.numel()))
-    # The scored ids' hash: two runs with equal hashes and windows scored the very same windows,
-    # so --compare can pair them window by window.
-    ids_sha = hashlib.sha256(input_ids[:used].to(torch.int64).cpu().numpy().tobytes()).hexdigest()
+    plan, design = sampling_plan(int(input_ids.numel()), config)
+    # The scored windows' ids, in order, with their starts: two runs with equal hashes scored the very
+    # same windows, so --compare can pair them window by window.
+    scored = torch.cat([input_ids[s:s + config.seq_len] for s, _ in plan]).to(torch.int64).cpu().numpy()
+    ids_sha = hashlib.sha256(scored.tobytes() + repr([s for s, _ in plan]).encode()).hexdigest()
     protocol = {"seq_len": config.seq_len, "stride": config.stride or config.seq_len,
                 "eval_tokens": config.eval_tokens or None, "tokens_available": int(input_ids.numel()),
-                "tokens_used": used, "ids_sha256": ids_sha}
+                "tokens_used": int(design["tokens_scored"]), "ids_sha256": ids_sha, "sampling": design}
     return EvaluationResult(out, {n: parents.get(n) for n in variants}, protocol, asdict(config))
 
 
@@ -97,7 +98,8 @@ def add_vs_parent(results: Mapping[str, EvalResult], parents: Mapping[str, Optio
         if p is None or not r.window_nll or len(p.window_nll) != len(r.window_nll):
             continue
         r.vs_parent = {"parent": parent, **paired_perplexity(p.window_nll, p.window_tokens, r.window_nll,
-                                                             r.window_tokens)}
+                                                             r.window_tokens, seed=r.sampling.get("seed", 0),
+                                                             dependent=bool(r.sampling.get("dependent")))}
 
 
 def pipeline_step(run: Run, config: EvalConfig) -> None:

@@ -41,7 +41,7 @@ from llm_compare import compare_runs
 from llm_config import ALL_STEPS, PipelineConfig
 from llm_presets import PRESETS
 from llm_knobs import fingerprint, flag_of
-from llm_matrix import robustness_matrix
+from llm_matrix import finalize, power_table, robustness_matrix
 from llm_plots import make_plots
 from llm_report import rebuild_report, summary_table, write_report
 from llm_results import STEP_SECTIONS, read_results
@@ -111,8 +111,13 @@ def _run(cfg: PipelineConfig, argv: Optional[list], out: Path, configs: dict, te
             if manifest["steps"][step]["skipped"] is not True:  # a skipped step's numbers are logged already
                 trackers.step(step, run.results)
     _drop_stale(run, previous)
-    # The variant x measure matrix, derived from the sections above (a rerun of any step redraws it).
-    run.results["robustness"] = robustness_matrix(IO.to_strict_json(run.results))
+    # The run's one test family (every step's paired tests and the contrasts, adjusted together, in
+    # place), then the variant x measure matrix derived from the sections (a rerun of any step redraws both).
+    family = finalize(run.results, cfg.run.multiple_testing, cfg.run.contrast)
+    for w in family.pop("warnings"):
+        log.warning("%s", w)
+    matrix = robustness_matrix(IO.to_strict_json(run.results))
+    run.results["robustness"] = {**matrix, **IO.to_strict_json(family), "power": power_table(matrix)}
     t = time.perf_counter()
     run.results["plots"] = make_plots(IO.to_strict_json(run.results), out)
     manifest["plots_s"] = time.perf_counter() - t

@@ -14,12 +14,15 @@ method is named in each cell.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import statistics
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import llm_results as R
+import llm_stats as S
+from llm_knobs import parse_variant_patterns
 
 # key: (label, unit, which direction is worse, how a cell compares with its parent)
 MEASURES: dict[str, tuple] = {
@@ -38,11 +41,16 @@ MEASURES: dict[str, tuple] = {
 HEADLINE = ("pgd_delta_nll", "noise_doubling_eps", "hessian_trace")
 
 
+# What a test record carries into a matrix cell, beside its difference and interval.
+_TEST_FIELDS = ("p_value", "p_adjusted", "significant_unadjusted", "reachable", "mde", "n", "kind", "min_p")
+
+
 def _cell(value, ci=None, vs: Optional[dict] = None, key: str = "mean", ci_key: str = "ci95", **extra) -> dict:
     out = {"value": R.num(value), "ci95": ci if isinstance(ci, list) else None, **extra}
     if isinstance(vs, dict) and vs:
         out["vs_parent"] = {"difference": R.num(vs.get(key)), "ci95": vs.get(ci_key),
-                            "significant": bool(vs.get("significant")), "method": vs.get("method")}
+                            "significant": bool(vs.get("significant")), "method": vs.get("method"),
+                            **{k: vs[k] for k in _TEST_FIELDS if k in vs}}
     return out
 
 
@@ -59,8 +67,8 @@ def _cells(results: Mapping, name: str) -> dict:
         ev = R.field(results, "evaluation", name, kind=dict, default={})
         vs = R.field(ev, "vs_parent", kind=dict)
         cells["perplexity"] = _cell(ppl, R.field(ev, "perplexity_ci95", kind=list), vs and {
-            "ratio": vs.get("ppl_ratio"), "ratio_ci95": vs.get("ppl_ratio_ci95"),
-            "significant": vs.get("significant"), "method": vs.get("method")}, key="ratio", ci_key="ratio_ci95")
+            **vs, "ratio": vs.get("ppl_ratio"), "ratio_ci95": vs.get("ppl_ratio_ci95")}, key="ratio",
+            ci_key="ratio_ci95")
     zs = R.field(results, "zeroshot", "mean", name, kind=dict)
     if zs:
         vs = R.field(results, "zeroshot", "paired", name, "mean", kind=dict)
@@ -133,6 +141,199 @@ def robustness_matrix(results: Mapping) -> dict:
     used = [k for k in MEASURES if any(k in r["cells"] for r in rows.values())]
     return {"measures": {k: dict(zip(("label", "unit", "worse", "compare"), MEASURES[k])) for k in used},
             "rows": rows, "draws": _draws(rows)}
+
+
+# ----------------------------------------------------- the run's test family, contrasts, power
+
+SECTIONS = ("evaluation", "zeroshot", "adversarial", "noise", "analysis")
+
+
+def tests_of(node, out: Optional[list] = None) -> list:
+    """Every test record (a dict with "p_value" and "significant") inside ``node``: the paired tests
+    that the steps wrote into their sections of results.json, in file order."""
+    out = [] if out is None else out
+    if isinstance(node, Mapping):
+        if "p_value" in node and "significant" in node:
+            out.append(node)
+            return out
+        for v in node.values():
+            tests_of(v, out)
+    elif isinstance(node, list):
+        for v in node:
+            tests_of(v, out)
+    return out
+
+
+def _nums(xs) -> Optional[list]:
+    vals = [R.num(x) for x in xs] if isinstance(xs, list) else None
+    return vals if vals and all(isinstance(v, (int, float)) for v in vals) else None
+
+
+def _contrast_test(results: Mapping, a: str, b: str, key: str) -> tuple[Optional[dict], str]:
+    """(b against a on measure ``key``, paired over the units both were measured on; or None and why)."""
+    if key == "perplexity":
+        ea, eb = (R.field(results, "evaluation", n, kind=dict, default={}) for n in (a, b))
+        sa, ta, sb, tb = (_nums(e.get(k)) for e in (ea, eb) for k in ("window_nll", "window_tokens"))
+        if not (sa and sb):
+            return None, "no per-window values"
+        if ta != tb or ea.get("window_starts") != eb.get("window_starts"):
+            return None, "not the same windows"
+        dep = bool(R.field(eb, "sampling", "dependent"))
+        t = S.paired_perplexity(sa, ta, sb, tb, dependent=dep)
+        return {**t, "difference": t["ppl_ratio"], "ci95": t["ppl_ratio_ci95"]}, ""
+    if key == "zeroshot_mean":
+        qa, qb = (R.field(results, "zeroshot", "questions", n, kind=dict, default={}) for n in (a, b))
+        ca, cb = "", ""
+        for task in sorted(set(qa) & set(qb)):
+            x, y = qa[task], qb[task]
+            if isinstance(x, dict) and isinstance(y, dict) and x.get("doc_ids") == y.get("doc_ids") and \
+                    isinstance(x.get("correct"), str) and len(x["correct"]) == len(y.get("correct") or ""):
+                ca, cb = ca + x["correct"], cb + y["correct"]
+        if not ca or set(ca + cb) - {"0", "1"}:
+            return None, "no shared questions"
+        t = S.mcnemar_exact([c == "1" for c in ca], [c == "1" for c in cb])
+        return {**t, "difference": t["diff"], "ci95": t["diff_ci95"]}, ""
+    va, vb = (R.field(results, "adversarial", "variants", n, kind=dict, default={}) for n in (a, b))
+    if key in ("pgd_delta_nll", "fgsm_delta_nll"):
+        ra, rb = (_attack_row(R.field(v, "table", kind=list, default=[]), key[:-10]) for v in (va, vb))
+        xa, xb = (_nums((r or {}).get("delta_nll_samples")) for r in (ra, rb))
+        if not (xa and xb):
+            return None, "no attacked samples"
+        if len(xa) != len(xb) or R.num(ra.get("eps")) != R.num(rb.get("eps")):
+            return None, "not the same attacked samples"
+        t = S.paired_difference(xa, xb, units="attacked samples")
+        return {**t, "difference": t["mean"]}, ""
+    if key == "targeted_success":
+        ha, hb = (R.field(v, "targeted", "hits", kind=list) for v in (va, vb))
+        if not (ha and hb):
+            return None, "no targeted attacks"
+        if len(ha) != len(hb):
+            return None, "not the same attacked samples"
+        t = S.mcnemar_exact([bool(h) for h in ha], [bool(h) for h in hb])
+        return {**t, "difference": t["diff"], "ci95": t["diff_ci95"]}, ""
+    if key == "noise_doubling_eps":
+        ra, rb = (R.field(results, "noise", "variants", n, "tolerance", "per_seed", kind=list) for n in (a, b))
+        if not (ra and rb):
+            return None, "no noise sweep"
+        xa, xb = _nums(ra), _nums(rb)
+        if not (xa and xb) or len(xa) != len(xb):
+            return None, "a seed never doubled, or not the same seeds"
+        t = S.paired_difference(xa, xb, units="noise seeds")
+        return {**t, "difference": t["mean"]}, ""
+    if key == "hessian_trace":
+        xa, xb = (_nums(R.field(results, "analysis", "variants", n, "curvature", "trace_total_samples"))
+                  for n in (a, b))
+        if not (xa and xb):
+            return None, "no per-probe traces"
+        k = min(len(xa), len(xb))  # the same probe vectors, in order, on every variant
+        t = S.paired_difference(xa[:k], xb[:k], units="probes")
+        return {**t, "difference": t["mean"]}, ""
+    return None, "no per-unit values"
+
+
+CONTRASTED = ("perplexity", "zeroshot_mean", "pgd_delta_nll", "fgsm_delta_nll", "targeted_success",
+              "noise_doubling_eps", "hessian_trace")
+
+
+def contrast(results: Mapping, a: str, b: str, why: str = "") -> dict:
+    """Variant ``b`` against variant ``a`` (any two variants of one run: siblings of a grid, or
+    a variant against a cousin), paired over the same windows, questions, attacked samples,
+    noise seeds and probes, on every measure both have per-unit values of. Returns {"a", "b",
+    "why", "tests": {measure: test record (``llm_stats``; "difference" is b over a for a
+    perplexity, b minus a otherwise)}, "skipped": {measure: why not}}; unadjusted until
+    ``finalize`` puts the tests in the run's family."""
+    tests, skipped = {}, {}
+    for key in CONTRASTED:
+        t, reason = _contrast_test(results, a, b, key)
+        if t is not None:
+            tests[key] = t
+        elif not reason.startswith("no "):  # both were measured, but not on the same units
+            skipped[key] = reason
+    return {"a": a, "b": b, "why": why, "tests": tests, "skipped": skipped}
+
+
+def _variant_names(results: Mapping) -> list:
+    return list(dict.fromkeys([*R.field(results, "variants", kind=dict, default={}),
+                               *R.field(results, "perplexity", kind=dict, default={}),
+                               *(n for s in ("noise", "adversarial", "analysis")
+                                 for n in R.field(results, s, "variants", kind=dict, default={}))]))
+
+
+def grid_siblings(results: Mapping) -> list[tuple[str, str]]:
+    """The default contrasts: every pair of points of one grid (``pruned[...]``, ``quantized[...]``,
+    stacked ``pruned[...]+quantized[...]``) that share a parent; draws that differ only in their
+    calibration seed are not grid points of their own."""
+    parents = R.field(results, "variants", kind=dict, default={})
+    groups: dict = {}
+    for name in _variant_names(results):
+        if "[" not in name:
+            continue
+        point = _SEED.sub(lambda m: "]" if m.group(1) == "," else "[]", name)
+        kind = re.sub(r"\[[^\]]*\]", "[]", name)
+        groups.setdefault((parents.get(name), kind), {}).setdefault(point, name)
+    return [pair for g in groups.values() for pair in itertools.combinations(list(g.values()), 2)]
+
+
+def _select(names: list, pattern: str) -> list:
+    if pattern in names:
+        return [pattern]
+    rx = re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern) + r"\Z")
+    return [n for n in names if rx.match(n)]
+
+
+def contrast_pairs(results: Mapping, specs: Sequence = ()) -> tuple[list, list]:
+    """([(a, b, why)], [warnings]): the pairs that ``--contrast A,B`` specs name (names or patterns,
+    ``*`` and ``?`` wildcards, brackets literal; every a-b pair of the two matches) and the grid
+    siblings, each unordered pair once."""
+    names, pairs, seen, warnings = _variant_names(results), [], set(), []
+    for spec in specs:
+        a_pat, b_pat = parse_variant_patterns(spec) if isinstance(spec, str) else spec  # checked before loading
+        hits = [(a, b) for a in _select(names, a_pat) for b in _select(names, b_pat) if a != b]
+        if not hits:
+            warnings.append(f"--contrast {a_pat},{b_pat}: no two variants of this run match")
+        pairs += [(a, b, "--contrast") for a, b in hits]
+    pairs += [(a, b, "grid siblings") for a, b in grid_siblings(results)]
+    out = []
+    for a, b, why in pairs:
+        if frozenset((a, b)) not in seen:
+            seen.add(frozenset((a, b)))
+            out.append((a, b, why))
+    return out, warnings
+
+
+def finalize(results: dict, method: str = "holm", specs: Sequence = ()) -> dict:
+    """The run's one test family, IN PLACE: the contrasts are made, then every test of the run
+    (each step's tests against the parent, and the contrasts) is adjusted together
+    (``llm_stats.adjust``: p_adjusted, significant, reachable, mde). Returns {"contrasts",
+    "multiple_testing": {method, n_tests, alpha, mde_level, power}, "warnings"} for the matrix."""
+    pairs, warnings = contrast_pairs(results, specs)
+    contrasts = [contrast(results, a, b, why) for a, b, why in pairs]
+    family = tests_of({k: results.get(k) for k in SECTIONS}) + [t for c in contrasts for t in c["tests"].values()]
+    summary = S.adjust(family, method)
+    return {"contrasts": contrasts, "multiple_testing": summary, "warnings": warnings}
+
+
+def power_table(matrix: Mapping) -> dict:
+    """{measure: {"n": units per test, "mde": the largest detectable effect among the variants'
+    tests (80% power at alpha / m, in the measure's unit; a perplexity as a ratio),
+    "unreachable": variants whose test can never reach significance}} from the matrix cells."""
+    out = {}
+    for key in R.field(matrix, "measures", kind=dict, default={}):
+        mdes, ns, never = [], [], []
+        for name, row in R.field(matrix, "rows", kind=dict, default={}).items():
+            vs = R.field(row, "cells", key, "vs_parent", kind=dict)
+            if not vs:
+                continue
+            if vs.get("reachable") is False:
+                never.append(name)
+            m = R.num(vs.get("mde"))
+            if isinstance(m, (int, float)) and not math.isnan(m):
+                mdes.append((math.exp(m) if m < 709 else math.inf) if key == "perplexity" else m)
+            if isinstance(R.num(vs.get("n")), (int, float)):
+                ns.append(int(R.num(vs["n"])))
+        if mdes or never:
+            out[key] = {"n": max(ns) if ns else None, "mde": max(mdes) if mdes else None, "unreachable": never}
+    return out
 
 
 _SEED = re.compile(r"(,|\[)seed=(\d+)\]$")  # pruned[wanda,0.5,unstructured,seed=K], quantized[seed=K]
@@ -213,7 +414,9 @@ def report_section(results: Mapping) -> list[str]:
     """The report's robustness-matrix section: what each cell is, the table, the heatmap."""
     matrix = R.field(results, "robustness", kind=dict) or robustness_matrix(results)
     if set(R.field(matrix, "measures", kind=dict, default={})) <= {"perplexity", "zeroshot_mean"}:
-        return []  # no robustness step measured the variants: the perplexity and zero-shot tables say it all
+        # no robustness step measured the variants: the perplexity and zero-shot tables say the rest
+        extra = power_lines(matrix) + contrast_lines(matrix)
+        return ["", "## Tests and contrasts", ""] + extra[1:] if extra else []
     table = matrix_markdown(matrix) + _draws_lines(matrix)
     fig = R.field(results, "plots", "robustness", kind=str)
     lines = ["", "## Robustness matrix", "",
@@ -225,10 +428,79 @@ def report_section(results: Mapping) -> list[str]:
              "Student-t interval over the noise seeds. Hessian: the Hutchinson trace over the analysed "
              "linears, Student-t interval over probes (the same probes for every variant). Super weights: "
              "those found on the live model that each variant keeps (not zeroed). **†**: the paired "
-             "difference from the parent (same windows, samples, seeds or probes) excludes zero; a "
-             "difference without † is inside the noise."] + [""] + table
+             "difference from the parent (same windows, samples, seeds or probes) is significant: "
+             + _marks(matrix) + "; a difference without † is inside the noise."] + [""] + table
     lines += ["", f"![robustness relative to the parent]({fig})"] if fig else []
-    return lines + _answers_lines(results)
+    return lines + power_lines(matrix) + contrast_lines(matrix) + _answers_lines(results)
+
+
+def _marks(matrix: Mapping) -> str:
+    mt = R.field(matrix, "multiple_testing", kind=dict)
+    if not mt:
+        return "p < 0.05, unadjusted (an older results.json)"
+    name = {"holm": "Holm", "bh": "Benjamini-Hochberg", "none": "no"}.get(R.text(mt.get("method")), "?")
+    return f"p < 0.05 after {name} adjustment over the run's {R.text(mt.get('n_tests'))} paired tests"
+
+
+_POWER_UNIT = {"perplexity": "perplexity ratio", "zeroshot_mean": "accuracy points",
+               "targeted_success": "success-rate points"}
+
+
+def power_lines(matrix: Mapping) -> list[str]:
+    """What this run's budget can detect: each measure's minimum detectable effect against the
+    parent (80% power at alpha / m), and the tests that can never reach significance."""
+    table = R.field(matrix, "power", kind=dict, default={})
+    measures = R.field(matrix, "measures", kind=dict, default={})
+    rows = []
+    for key, p in table.items():
+        if not isinstance(p, dict) or key not in measures:
+            continue
+        mde = R.num(p.get("mde"))
+        if isinstance(mde, float) and math.isinf(mde):
+            text = "none: too few units"
+        elif key == "perplexity" and isinstance(mde, (int, float)):
+            text = f"x{R.fmt(mde)}"
+        elif key in ("zeroshot_mean", "targeted_success") and isinstance(mde, (int, float)):
+            text = f"{100 * mde:.1f} points"
+        else:
+            text = R.fmt(mde) + (f" {measures[key].get('unit')}" if measures[key].get("unit") else "")
+        never = [R.esc(n) for n in R.field(p, "unreachable", kind=list, default=[])]
+        rows.append(f"| {R.esc(measures[key].get('label'))} | {R.text(R.num(p.get('n')))} | {text} | "
+                    + (", ".join(never) + ": can never be significant at these units" if never else "-") + " |")
+    if not rows:
+        return []
+    mt = R.field(matrix, "multiple_testing", kind=dict, default={})
+    return ["", "### What this budget can detect", "",
+            "The smallest change against the parent each paired test would detect with 80% power at level "
+            f"{R.fmt(R.num(mt.get('mde_level')))} (0.05 over the {R.text(mt.get('n_tests'))} tests, the strictest "
+            "step of Holm), from the spread this run measured; a smaller change can be real and unseen. The "
+            "largest over the variants is shown.", "",
+            "| measure | units per test | detectable change | never significant |", "|---|---|---|---|"] + rows
+
+
+def contrast_lines(matrix: Mapping) -> list[str]:
+    """The contrasts: two variants against each other on every shared measure, adjusted with the rest."""
+    rows = []
+    for c in R.field(matrix, "contrasts", kind=list, default=[]):
+        if not isinstance(c, dict):
+            continue
+        for key, t in R.field(c, "tests", kind=dict, default={}).items():
+            if not isinstance(t, dict) or key not in MEASURES:
+                continue
+            ci = t.get("ci95")
+            span = (f" [{R.fmt(R.num(ci[0]))}, {R.fmt(R.num(ci[1]))}]" if isinstance(ci, list) and len(ci) == 2
+                    else "")
+            how = "x" if key == "perplexity" else ""
+            p = R.num(t.get("p_adjusted"))
+            rows.append(f"| {R.esc(c.get('b'))} | {R.esc(c.get('a'))} | {R.esc(MEASURES[key][0])} | "
+                        f"{how}{R.fmt(R.num(t.get('difference')))}{span}{' †' if t.get('significant') else ''} | "
+                        f"{R.fmt(p) if p is not None else '-'} | {R.esc(c.get('why'))} |")
+    if not rows:
+        return []
+    return ["", "### Contrasts between variants", "",
+            "B against A, paired over the same units (perplexity: B / A; otherwise B - A), in the same "
+            "multiple-testing family as the tests against the parent (adjusted p).", "",
+            "| B | A | measure | B vs A [95%] | adjusted p | why |", "|---|---|---|---|---|---|"] + rows
 
 
 def _draws_lines(matrix: Mapping) -> list[str]:

@@ -11,6 +11,13 @@ recipe, but token counting is exact: each target token is scored once, by the
 first window that has it in its last ``stride`` positions, and context tokens are
 never scored. Only whole windows are used; the tail that does not fill a window is
 dropped and ``tokens_scored`` says how many tokens were counted.
+
+The sampling design (``--eval-sampling``): when ``eval_tokens`` buys fewer windows than the text
+has, ``spread`` (the default) scores every k-th window of the whole text's window plan from a
+seeded offset (``spread_indices``), so the sample covers the text and its windows are far apart;
+``first`` scores the first ``eval_tokens`` tokens, as the papers' code and older runs do, whose
+windows are adjacent. Windows that touch or overlap are dependent, and their interval is
+Ibragimov-Mueller groups (``llm_stats``); ``EvalResult.sampling`` records the design and the window starts.
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -29,7 +37,7 @@ from tqdm.auto import tqdm
 from llm_common import UserError
 from llm_config import EvalConfig
 from llm_model import auto_batch_size, eval_mode, free_memory_bytes, input_device, use_cache
-from llm_stats import perplexity_interval
+from llm_stats import interval_words, perplexity_interval
 
 log = logging.getLogger("llm.eval")
 
@@ -57,6 +65,8 @@ class EvalResult:
     perplexity_ci95: list = field(default_factory=lambda: [math.nan, math.nan])
     interval_method: str = ""
     vs_parent: Optional[dict] = None  # llm_stats.paired_perplexity against the parent, set by the eval step
+    window_starts: list = field(default_factory=list)  # token offset of each scored window, in order
+    sampling: dict = field(default_factory=dict)  # the design: how the windows were chosen (``sampling_plan``)
 
 
 def safe_exp(x: float) -> float:
@@ -116,19 +126,64 @@ def _generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> 
     return out
 
 
-def interval_method(n_windows: int, n_boot: int = 2000) -> str:
-    """How ``perplexity_ci95`` was made (``llm_stats.perplexity_interval``'s defaults)."""
-    if n_windows < 2:
-        return f"{n_windows} window{'s' * (n_windows != 1)}: no interval"
-    return f"bootstrap over {n_windows} windows ({n_boot} resamples, percentile)"
+def interval_method(n_windows: int, dependent: bool = False) -> str:
+    """How ``perplexity_ci95`` was made (``llm_stats.perplexity_interval``'s rule)."""
+    return interval_words(n_windows, dependent)
+
+
+def spread_indices(total: int, n: int, seed: int) -> list[int]:
+    """``n`` of ``total`` units spread evenly across them: every k-th (k = total // n) from an
+    offset drawn uniformly by ``np.random.default_rng(seed)`` among those that keep all n
+    inside (a systematic sample). All of them, in order, when n >= total."""
+    if n >= total:
+        return list(range(total))
+    k = total // n
+    offset = int(np.random.default_rng(seed).integers(0, total - (n - 1) * k))
+    return [offset + k * i for i in range(n)]
+
+
+def sampling_plan(n_tokens: int, config: EvalConfig) -> tuple[list, dict]:
+    """(window plan, design) of an evaluation of ``n_tokens`` ids with a resolved ``config``.
+
+    The plan is [(start, first_scored)] as ``window_plan`` gives it; the design is {"design":
+    "spread" | "first" | "all", "windows": scored, "windows_in_text": the whole text's plan,
+    "spacing": k (windows of the whole plan between two scored ones), "offset", "seed",
+    "window_starts", "dependent" (two scored windows touch or overlap), "words"}. ``first``
+    plans over the first ``eval_tokens`` ids; ``spread`` takes as many windows as that from the
+    whole text's plan (``spread_indices``)."""
+    stride = config.seq_len if config.stride is None else config.stride
+    full = window_plan(n_tokens, config.seq_len, stride)
+    budget = (len(window_plan(min(n_tokens, config.eval_tokens), config.seq_len, stride))
+              if config.eval_tokens and config.eval_tokens >= config.seq_len else len(full))
+    if config.eval_tokens and config.eval_tokens < config.seq_len:
+        window_plan(config.eval_tokens, config.seq_len, stride)  # raises: the budget is under one window
+    design = "all" if budget >= len(full) else getattr(config, "sampling", "first")
+    if design == "first":
+        plan = full[:budget]
+        idx = list(range(budget))
+    else:
+        idx = spread_indices(len(full), budget, config.seed)
+        plan = [full[i] for i in idx]
+    starts = [s for s, _ in plan]
+    dependent = len(starts) > 1 and min(b - a for a, b in zip(starts, starts[1:])) <= config.seq_len
+    spacing = idx[1] - idx[0] if len(idx) > 1 else 1
+    scored = sum(config.seq_len - f for _, f in plan)
+    where = {"all": f"every window of the text ({len(full)})",
+             "first": f"the first {len(plan)} of the text's {len(full)} windows",
+             "spread": f"{len(plan)} of the text's {len(full)} windows, every {spacing}th from offset {idx[0]} "
+                       f"(seed {config.seed})"}[design]
+    words = (f"{scored} tokens in {where}, windows of {config.seq_len}"
+             + (f", stride {stride}" if stride != config.seq_len else "")
+             + ("; adjacent windows, treated as dependent" if dependent else ""))
+    return plan, {"design": design, "windows": len(plan), "windows_in_text": len(full), "spacing": spacing,
+                  "offset": idx[0] if idx else 0, "seed": config.seed, "window_starts": starts,
+                  "dependent": dependent, "tokens_scored": scored, "words": words}
 
 
 def token_set(n_tokens: int, config: EvalConfig) -> str:
     """Words for the tokens an evaluation with (resolved) ``config`` scores, so every reported
-    perplexity names its token set."""
-    n = min(n_tokens, config.eval_tokens) if config.eval_tokens else n_tokens
-    n = n // config.seq_len * config.seq_len if (config.stride or config.seq_len) == config.seq_len else n
-    return f"the first {n} tokens of the evaluation text, windows of {config.seq_len}"
+    perplexity names its token set and its sampling design."""
+    return sampling_plan(n_tokens, config)[1]["words"]
 
 
 def _batches(plan: list, batch_size: int) -> list:
@@ -136,19 +191,17 @@ def _batches(plan: list, batch_size: int) -> list:
 
 
 def _prepare(input_ids: torch.Tensor, config: EvalConfig, model=None):
-    """(ids, window plan, stride, batch size) after validating the config (resolved already)."""
+    """(ids, window plan, stride, batch size, design) after validating the config (resolved already)."""
     if input_ids.dim() != 1:
         raise ValueError("input_ids must be 1-D [n_tokens]")
-    if config.eval_tokens:  # 0: every token
-        if config.eval_tokens < 2:
-            raise UserError(f"--eval-tokens must be at least 2, got {config.eval_tokens}")
-        input_ids = input_ids[: config.eval_tokens]
+    if config.eval_tokens and config.eval_tokens < 2:  # 0: every token
+        raise UserError(f"--eval-tokens must be at least 2, got {config.eval_tokens}")
     stride = config.seq_len if config.stride is None else config.stride
-    plan = window_plan(input_ids.numel(), config.seq_len, stride)
+    plan, design = sampling_plan(input_ids.numel(), config)
     batch = config.batch_size
     if batch is None:
         batch = auto_batch_size(model, config.seq_len, len(plan)) if model is not None else 1
-    return input_ids, plan, stride, batch
+    return input_ids, plan, stride, batch, design
 
 
 def _scored_batches(model, input_ids: torch.Tensor, plan: list, batch_size: int, seq_len: int):
@@ -175,7 +228,7 @@ def reference_logprobs(model, input_ids: torch.Tensor, config: EvalConfig = Eval
     Memory: 4 bytes x vocab per evaluated token. With ``return_nll`` also the mean NLL
     (nats/token) of the same pass, so the clean model needs no second evaluation."""
     config = config.for_model(model)  # budgets by device, windows clamped to the context
-    input_ids, plan, _, batch = _prepare(input_ids, config, model)
+    input_ids, plan, _, batch, _ = _prepare(input_ids, config, model)
     out = []
     nll_sum, n = torch.zeros((), dtype=torch.float64), 0
     # Kept on the accelerator when they take under a quarter of its free memory (a sweep then
@@ -214,7 +267,7 @@ def evaluate_model(model, tokenizer, input_ids: torch.Tensor, config: EvalConfig
 
 def _evaluate_model(model, tokenizer, input_ids: torch.Tensor, config: EvalConfig, reference) -> EvalResult:
     config = config.for_model(model)  # budgets by device, windows clamped to the context
-    input_ids, plan, stride, batch_size = _prepare(input_ids, config, model)
+    input_ids, plan, stride, batch_size, design = _prepare(input_ids, config, model)
     seq_len = config.seq_len
     dev = input_device(model)
     ref_is_model = reference is not None and not isinstance(reference, list)
@@ -269,8 +322,10 @@ def _evaluate_model(model, tokenizer, input_ids: torch.Tensor, config: EvalConfi
         top1_agreement=agree / n_scored if reference is not None else None,
         seconds=seconds, tokens_per_s=len(plan) * seq_len / seconds if seconds > 0 else 0.0, batch_size=batch_size,
         window_nll=window_nll, window_tokens=window_tokens,
-        perplexity_ci95=list(perplexity_interval(window_nll, window_tokens)),
-        interval_method=interval_method(len(plan)),
+        perplexity_ci95=list(perplexity_interval(window_nll, window_tokens, seed=config.seed,
+                                                 dependent=design["dependent"])),
+        interval_method=interval_method(len(plan), design["dependent"]),
+        window_starts=design["window_starts"], sampling={k: v for k, v in design.items() if k != "window_starts"},
     )
     if config.max_new_tokens > 0 and config.prompts:
         result.generations = _generate(model, tokenizer, config.prompts, config.max_new_tokens)

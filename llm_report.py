@@ -364,7 +364,8 @@ def report_markdown(results: dict) -> str:
     preset = R.field(results, "preset", kind=dict)
     if results.get("smoke"):
         lines += ["**Smoke run (--smoke): every budget was cut to the least that runs each step; these numbers "
-                  "check the pipeline, not the model. Run without --smoke for results.**", ""]
+                  "check the pipeline, not the model, and its intervals and † marks are not evidence of "
+                  "anything. Run without --smoke for results.**", ""]
     if preset:
         over = R.field(preset, "overridden", kind=list, default=[])
         lines += [f"**Protocol: as {R.text(preset.get('paper'))} ({R.text(preset.get('code'))}), "
@@ -387,9 +388,16 @@ def report_markdown(results: dict) -> str:
                 and d.get("documents") else f"{d.get('chars')} characters")
         how = f"; protocol: {R.esc(d['protocol'])}" if d.get("protocol") else ""
         lines.append(f"- {which} text: {R.esc(d.get('source'))}, {size}{fb}{how}")
-    if proto:
+    design = R.field(proto, "sampling", kind=dict) if proto else None
+    if design and R.field(design, "words", kind=str):
+        lines.append(f"- protocol: {R.esc(design['words'])} (--eval-sampling {R.esc(R.text(design.get('design')))}"
+                     + (", every window of the text" if design.get("design") == "all" else "") + ")")
+    elif proto:
         lines.append(f"- protocol: windows of {proto.get('seq_len')} tokens, stride {proto.get('stride')}, "
                      f"first {proto.get('eval_tokens') or 'all'} tokens")
+    mt = R.field(results, "robustness", "multiple_testing", kind=dict)
+    if mt:
+        lines.append(f"- paired tests: {R.text(mt.get('n_tests'))} in this run; † marks {RS.marks_words(results)}")
     lines.append(f"- seed {results.get('seed')}, device {results.get('device')}, "
                  f"dtype {results.get('dtype')}")
     if results.get("model") == LM.EMBEDDED_NAME:
@@ -417,23 +425,25 @@ def findings(results: dict) -> list[str]:
                    f"{R.fmt(ft['heldout_ppl_after'])}.")
     parents = results.get("variants") or {}
     if "base" in ppl and "fine-tuned" in ppl:
-        out.append(f"On the evaluation text, the unmodified model has perplexity {R.fmt(ppl['base'])} and "
-                   f"the fine-tuned one {R.fmt(ppl['fine-tuned'])}.")
+        out.append(f"On the evaluation text, the unmodified model has perplexity {RS.perplexity_cell(results, 'base')} "
+                   f"and the fine-tuned one {RS.perplexity_cell(results, 'fine-tuned')} "
+                   f"(x{RS.ratio_cell(results, 'fine-tuned', R.ratio(ppl['fine-tuned'], ppl['base']))} paired).")
     base = ppl.get(parents.get("pruned")) or next((ppl[k] for k in ("fine-tuned", "base") if k in ppl), None)
     pr = results.get("prune")
     if pr and "pruned" in ppl and R.num(base):
         out.append(f"{pr['method']} pruning to {R.fmt(pr['overall_sparsity'])} sparsity ({pr['pattern']}) "
                    f"gives perplexity "
-                   f"{R.fmt(ppl['pruned'])} against {R.fmt(base)} for its dense parent "
-                   f"(x{R.fmt(R.num(ppl['pruned']) / R.num(base))}).")
+                   f"{RS.perplexity_cell(results, 'pruned')} against {R.fmt(base)} for its dense parent "
+                   f"(x{RS.ratio_cell(results, 'pruned', R.num(ppl['pruned']) / R.num(base))} paired).")
     for name, q in R.variant_records(results, "quantize", "quantized")[:4]:  # a grid's are in its table
         qbase = ppl.get(parents.get(name))
         if q.get("status") == "ran" and name in ppl and R.num(qbase):
             out.append(f"{q['method'].upper()} quantization ({R.quant_bits_words(q)}, group {q['group']}: "
                        f"{R.fmt(q['avg_bits'])} bits per weight as the papers count them) gives "
-                       f"{R.text(name) + ' ' if name != 'quantized' else ''}perplexity {R.fmt(ppl[name])} "
-                       f"against {R.fmt(qbase)} for its parent {R.text(parents.get(name))} "
-                       f"(x{R.fmt(R.num(ppl[name]) / R.num(qbase))}).")
+                       f"{R.text(name) + ' ' if name != 'quantized' else ''}perplexity "
+                       f"{RS.perplexity_cell(results, name)} against {R.fmt(qbase)} for its parent "
+                       f"{R.text(parents.get(name))} (x{RS.ratio_cell(results, name, R.num(ppl[name]) / R.num(qbase))}"
+                       " paired).")
     nz = results.get("noise")
     if nz and "noisy" in ppl:
         v, sat = nz["variant"], nz["sweep"]["saturation"]
@@ -456,7 +466,7 @@ def findings(results: dict) -> list[str]:
         if R.num(a) is not None and R.num(b) is not None:
             out.append(f"Zero-shot mean accuracy over {zs['mean'][name]['tasks']} tasks: {name} "
                        f"{100 * a:.1f}% against {100 * b:.1f}% for its parent {parent} "
-                       f"({100 * (a - b):+.1f} points).")
+                       f"({RS.pooled_cell(results, name, f'{100 * (a - b):+.1f}')} points on the pooled questions).")
     return out + _findings_attacks_and_analysis(results)
 
 
@@ -466,10 +476,14 @@ def _findings_attacks_and_analysis(results: dict) -> list[str]:
     if adv and adv.get("table"):
         top = max(r["eps"] for r in adv["table"])
         row = {r["method"]: r for r in adv["table"] if r["eps"] == top}
+        ci = {m: RS.interval(row[m].get("delta_nll_ci95")) for m in ("pgd", "fgsm")}
         out.append(f"At eps={top} (relative to the mean embedding norm) PGD raises the continuation NLL by "
-                   f"{R.fmt(row['pgd']['delta_nll'])} nats/token, FGSM by {R.fmt(row['fgsm']['delta_nll'])}; "
+                   f"{R.fmt(row['pgd']['delta_nll'])} {ci['pgd']} nats/token, FGSM by "
+                   f"{R.fmt(row['fgsm']['delta_nll'])} {ci['fgsm']} (95% intervals over the attacked samples); "
                    f"targeted PGD reaches {R.esc(repr(adv['targeted']['target']))} on "
-                   f"{R.fmt(100 * adv['targeted']['success_rate'])}% of {adv['targeted']['n']} prompts.")
+                   f"{R.fmt(100 * adv['targeted']['success_rate'])}% of {adv['targeted']['n']} prompts"
+                   + (f" (Wilson 95% {RS.interval(adv['targeted'].get('success_ci95'))})"
+                      if RS.interval(adv['targeted'].get('success_ci95')) else "") + ".")
         out += L.defence_finding(adv["adversarial_training"])
     an = results.get("analysis")
     if an:

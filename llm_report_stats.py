@@ -14,7 +14,7 @@ from typing import Optional
 
 import llm_results as R
 
-MARK = "†"  # a difference: the paired interval excludes no-change, or McNemar's p < 0.05
+MARK = "†"  # a difference: the paired test's p, adjusted over every test of the run, is below 0.05
 
 
 def interval(ci) -> str:
@@ -58,13 +58,24 @@ def perplexity_note(results: dict) -> str:
         return ""
     paired = {R.field(vs, "method", kind=str) for n in R.field(results, "evaluation", kind=dict, default={})
               if (vs := _vs_parent(results, n))} - {None}
-    windows = R.field(results, "evaluation", next(iter(R.field(results, "evaluation", kind=dict))), "windows")
-    few = (f" {windows} windows are few: the intervals are wide, and a difference inside them is not resolved "
-           "by this run." if isinstance(windows, int) and windows < 30 else "")
-    return ("Perplexity [95% interval]: " + "; ".join(sorted(methods)) + ", windows treated as independent. "
-            + ("x parent [95% interval]: the same windows for the variant and its parent, "
-               + "; ".join(sorted(paired)) + f". {MARK} marks a difference: the paired interval excludes 1; "
-               "without it the change is inside the noise of these windows." if paired else "") + few)
+    design = R.field(results, "protocol", "sampling", "words", kind=str)
+    return ("Perplexity [95% interval]: " + "; ".join(sorted(methods)) + "."
+            + (f" Windows: {design}." if design else "")
+            + (" x parent [95% interval]: the same windows for the variant and its parent, "
+               + "; ".join(sorted(paired)) + f". {MARK} marks a difference: " + marks_words(results)
+               + "; without it the change is inside the noise of these windows." if paired else ""))
+
+
+def marks_words(results: dict) -> str:
+    """What a † means in this run: the adjusted test, or (an older file) the unadjusted one."""
+    mt = R.field(results, "robustness", "multiple_testing", kind=dict)
+    method = R.field(mt, "method", kind=str) if mt else None
+    if not method:
+        return "the paired test's p < 0.05 (not adjusted for the other tests: an older results.json)"
+    if method == "none":
+        return f"p < 0.05, not adjusted for the run's {R.text(mt.get('n_tests'))} tests (--multiple-testing none)"
+    name = {"holm": "Holm", "bh": "Benjamini-Hochberg"}.get(method, method)
+    return f"p < 0.05 after {name}'s adjustment over all {R.text(mt.get('n_tests'))} paired tests of this run"
 
 
 def summary_cells(results: dict, name: str) -> tuple[str, str]:
@@ -78,12 +89,11 @@ def summary_note(results: dict) -> str:
     ev = R.field(results, "evaluation", kind=dict, default={})
     if not any(isinstance(e, dict) and e.get("perplexity_ci95") for e in ev.values()):
         return ""
-    n = next((e.get("windows") for e in ev.values() if isinstance(e, dict)), "?")
+    method = next((e.get("interval_method") for e in ev.values() if isinstance(e, dict)), None) or "?"
     robust = any(R.field(results, s, "variants", kind=dict) for s in ("noise", "adversarial", "analysis"))
-    return (f"95% interval: bootstrap over {n} windows; {MARK} = differs from its parent "
-            "(paired interval over the same windows excludes 1" + ("; in the robustness columns, over the same "
-                                                                   "samples, noise seeds or probes, excludes 0"
-                                                                   if robust else "") + ")")
+    return (f"95% interval: {method}; {MARK} = differs from its parent, paired over the same windows"
+            + (" (samples, noise seeds or probes in the robustness columns)" if robust else "")
+            + f": {marks_words(results)}")
 
 
 def _paired(results: dict, name: str, task: str) -> Optional[dict]:

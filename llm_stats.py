@@ -1,35 +1,52 @@
-"""Uncertainty of every number: intervals, and paired tests of a variant against its parent.
+"""Uncertainty of every number: intervals, paired tests, the multiple-testing family, power.
 
     lo, hi = wilson_interval(17, 20)                         # a success rate
     d = paired_perplexity(p_sums, p_tokens, v_sums, v_tokens)  # variant vs parent on the same windows
-    d["ppl_ratio"], d["ppl_ratio_ci95"], d["significant"]
+    d["ppl_ratio"], d["ppl_ratio_ci95"], d["p_value"]
     t = mcnemar_exact(parent_correct, variant_correct)       # the same questions, 0/1 each
+    adjust([d, t, ...], "holm")                              # p_adjusted, significant, mde, in place
 
-A difference between a variant and its parent is called a difference only when a PAIRED
-interval over the same units (windows, samples, questions) excludes zero, or McNemar's exact
-p is below 1 - level: the units are shared, so the unit-to-unit spread that both models see
-cancels, and the test is much sharper than comparing two separate intervals.
+One rule for every interval (``estimate``), by how many units there are and whether they are
+independent:
 
-Bootstraps are nonparametric, percentile intervals (Efron 1979; Efron & Tibshirani 1993, ch. 13),
-with ``numpy.random.Generator(seed)`` drawing ``n_boot`` resamples of ``n`` unit indices with
-replacement, one [n_boot, n] index array: the same seed gives the same interval. scipy.stats
-supplies what it has: the binomial test (McNemar 1947, exact form), the Wilson score interval
-(Wilson 1927) and Student's t. Non-finite inputs never raise: each function says what it does
-with them.
+- fewer than ``SMALL_N`` (30) independent units: Student-t on the per-unit values (for a
+  ratio estimator such as a perplexity, on its linearized per-unit residuals), n - 1 df. A
+  percentile bootstrap of a handful of units is far too narrow (Bowyer et al. 2025);
+- ``SMALL_N`` or more independent units: the nonparametric percentile bootstrap (Efron 1979;
+  Efron & Tibshirani 1993, ch. 13), ``n_boot`` resamples of the units drawn by
+  ``numpy.random.default_rng(seed)``; its p-value inverts the percentile interval;
+- dependent units (adjacent or overlapping text windows): the Ibragimov-Mueller (2010) t-test,
+  Student-t over the estimates of q groups of adjacent units (q = ``n_groups(n)``, 2 to 8), with
+  q - 1 df: valid whatever the dependence inside a group, where Newey-West with Student-t
+  over-rejects badly at these sizes (0.15 at 32 windows with WikiText-2's lag-1 correlation).
+
+A difference between a variant and its parent (or between two siblings) is tested PAIRED over
+the same units (windows, samples, questions, seeds, probes): the unit-to-unit spread that both
+models see cancels. ``adjust`` then applies one multiple-testing correction (Holm by default,
+Benjamini-Hochberg on request; statsmodels' ``multipletests``) to every test of a run, marks
+``significant`` from the adjusted p, and gives each test its minimum detectable effect: the
+smallest true difference it would detect with 80% power at the Bonferroni level alpha / m (the
+strictest step of Holm), in the test's own unit. Non-finite inputs never raise: each function
+says what it does with them.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import scipy.stats
 
-__all__ = ["wilson_interval", "mean_interval", "paired_difference", "perplexity_interval", "paired_perplexity",
-           "mcnemar_exact", "bootstrap_indices"]
+__all__ = ["wilson_interval", "mean_interval", "estimate", "paired_difference", "perplexity_interval",
+           "paired_perplexity", "mcnemar_exact", "bootstrap_indices", "n_groups", "group_estimates", "adjust",
+           "detectable_effect", "MULTIPLE_TESTING"]
 
 NAN = float("nan")
-SMALL_N = 20  # below this many units, paired differences use Student's t, not the bootstrap
+SMALL_N = 30     # below this many independent units: Student-t, not the bootstrap
+N_BOOT = 9999    # bootstrap resamples: p-values resolve down to 2 / (N_BOOT + 1) = 2e-4
+ALPHA = 0.05
+POWER = 0.8
+MULTIPLE_TESTING = {"holm": "holm", "bh": "fdr_bh", "none": None}  # ours -> statsmodels' name
 
 
 def _vector(xs, name: str) -> np.ndarray:
@@ -45,12 +62,28 @@ def _tails(level: float) -> tuple[float, float]:
     return (1.0 - level) / 2.0, (1.0 + level) / 2.0
 
 
-def bootstrap_indices(n: int, n_boot: int = 2000, seed: int = 0) -> np.ndarray:
+def bootstrap_indices(n: int, n_boot: int = N_BOOT, seed: int = 0) -> np.ndarray:
     """[n_boot, n] int64 unit indices drawn with replacement by ``np.random.default_rng(seed)``:
     the one resampling scheme of this module (a paired test applies the same rows to both models)."""
     if n_boot < 1:
         raise ValueError(f"n_boot must be at least 1, got {n_boot}")
     return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
+def _replicates(num: np.ndarray, den: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """sum(num[rows]) / sum(den[rows]) for each bootstrap row of ``bootstrap_indices(n, n_boot,
+    seed)``, drawn in chunks of rows from the same generator stream (the same rows as one draw),
+    so that 10,000 resamples of 10,000 questions never hold 800 MB of indices."""
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
+    rng, n = np.random.default_rng(seed), num.size
+    chunk = max(1, min(n_boot, 4_000_000 // max(n, 1)))
+    out = np.empty(n_boot)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for i in range(0, n_boot, chunk):
+            idx = rng.integers(0, n, size=(min(chunk, n_boot - i), n))
+            out[i:i + idx.shape[0]] = num[idx].sum(axis=1) / den[idx].sum(axis=1)
+    return out
 
 
 def _percentile(boots: np.ndarray, level: float) -> list[float]:
@@ -62,9 +95,81 @@ def _percentile(boots: np.ndarray, level: float) -> list[float]:
     return [float(q[0]), float(q[1])]
 
 
-def _excludes_zero(ci: Sequence[float]) -> bool:
+def _excludes(ci: Sequence[float], null: float = 0.0) -> bool:
     lo, hi = ci
-    return bool((lo > 0 or hi < 0) and not (math.isnan(lo) or math.isnan(hi)))
+    return bool((lo > null or hi < null) and not (math.isnan(lo) or math.isnan(hi)))
+
+
+def n_groups(n: int) -> int:
+    """How many groups of adjacent units the dependence-robust path makes of n units: about 8 units
+    a group, 2 to 8 groups. Measured on AR(1) windows with lag-1 correlation 0.47 (WikiText-2's,
+    issue 38; ``tests/test_stats.py``): a false-positive rate of 0.054-0.06 at 16-128 units, where
+    Newey-West with Student-t gave 0.18 at 16 units and 0.15 at 32."""
+    return max(2, min(8, n // 8))
+
+
+def group_estimates(num, den, groups: int) -> np.ndarray:
+    """The ratio estimator sum(num) / sum(den) within each of ``groups`` consecutive, near-equal
+    blocks of the units (``np.array_split``): [groups]."""
+    return np.array([a.sum() / b.sum() for a, b in zip(np.array_split(num, groups), np.array_split(den, groups))])
+
+
+def estimate(num, den=None, *, dependent: bool = False, level: float = 0.95, n_boot: int = N_BOOT,
+             seed: int = 0, null: float = 0.0, units: str = "units") -> dict:
+    """The ratio estimator sum(num) / sum(den) (``den`` None: the mean of ``num``) over n units,
+    with its interval and the p-value of "it equals ``null``", by the module's one rule.
+
+    Args:
+        num, den: 1-D, the same length: each unit's numerator (an NLL sum, a difference) and
+            denominator (its scored tokens; > 0).
+        dependent: the units are adjacent or overlapping text, in text order: Ibragimov-Mueller
+            groups, whatever n is.
+    Returns {"estimate", "ci95": [lo, hi] at ``level``, "p_value", "se", "df" (None for the
+    bootstrap, whose MDE uses normal quantiles), "n", "kind" ("t", "groups", "bootstrap" or "none"),
+    "min_p" (the smallest p this test can give), "method" (words)}. The t path works on the
+    linearized residuals (num_i - R den_i) / mean(den) of the ratio R (for den = 1, the centred
+    values); the group path on each group's own ratio, centred on the overall R. Fewer than 2
+    units, or a non-finite unit: no interval, p nan."""
+    x = _vector(num, "num")
+    d = np.ones_like(x) if den is None else _vector(den, "den")
+    if x.size != d.size:
+        raise ValueError(f"{x.size} numerators against {d.size} denominators")
+    _tails(level)
+    n = int(x.size)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        est = float(x.sum() / d.sum()) if n else NAN
+    out = {"estimate": est, "ci95": [NAN, NAN], "p_value": NAN, "se": NAN, "df": None, "n": n, "kind": "none",
+           "min_p": 1.0}
+    if n < 2 or not np.isfinite(x).all():
+        one = units[:-1] if n == 1 and units.endswith("s") else units
+        why = f"{n} {one}: no interval" if n < 2 else f"a non-finite value among {n} {units}: no interval"
+        return {**out, "method": why}
+    z = (x - est * d) / d.mean()
+    if dependent or n < SMALL_N:
+        if dependent:  # Ibragimov & Mueller (2010): a t-test on the estimates of q blocks of adjacent units
+            q = n_groups(n)
+            g = group_estimates(x, d, q)
+            se, df = float(np.std(g, ddof=1) / math.sqrt(q)), q - 1
+            method = (f"Ibragimov-Mueller t over {q} groups of adjacent {units} ({n} {units}, dependent: "
+                      f"adjacent or overlapping), {df} df")
+        else:
+            se, df = float(np.std(z, ddof=1) / math.sqrt(n)), n - 1
+            method = f"Student-t over {n} {units} (fewer than {SMALL_N}: no bootstrap)"
+        crit = float(scipy.stats.t.ppf(_tails(level)[1], df))
+        ci = [est - crit * se, est + crit * se]
+        if se > 0:
+            p = float(2.0 * scipy.stats.t.sf(abs(est - null) / se, df))
+        else:
+            p = 1.0 if est == null else 0.0
+        return {**out, "ci95": ci, "p_value": p, "se": se, "df": df, "kind": "groups" if dependent else "t",
+                "min_p": 0.0, "method": method}
+    boots = _replicates(x, d, n_boot, seed)
+    ci = _percentile(boots, level)
+    below, above = int((boots <= null).sum()), int((boots >= null).sum())
+    p = min(1.0, 2.0 * (min(below, above) + 1) / (n_boot + 1))  # inverts the percentile interval
+    return {**out, "ci95": ci, "p_value": p, "se": float(np.std(boots, ddof=1)), "kind": "bootstrap",
+            "min_p": 2.0 / (n_boot + 1),
+            "method": f"paired bootstrap, {n_boot} resamples of {n} {units} (percentile)"}
 
 
 def wilson_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
@@ -103,43 +208,32 @@ def mean_interval(xs, level: float = 0.95) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def paired_difference(a, b, n_boot: int = 2000, seed: int = 0, level: float = 0.95, *,
-                      units: str = "samples") -> dict:
-    """Paired bootstrap (Efron) of mean(b - a) over the same ``n`` units.
+def _test(e: dict, **named) -> dict:
+    """A test record from ``estimate``'s output: what ``adjust`` and the report read."""
+    return {**named, "p_value": e["p_value"], "significant": bool(e["p_value"] < ALPHA),
+            "se": e["se"], "df": e["df"], "kind": e["kind"], "min_p": e["min_p"], "n": e["n"],
+            "method": e["method"]}
+
+
+def paired_difference(a, b, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95, *,
+                      units: str = "samples", dependent: bool = False) -> dict:
+    """mean(b - a) over the same ``n`` units, by ``estimate``'s rule (Student-t below
+    ``SMALL_N`` units, the percentile bootstrap above, Ibragimov-Mueller groups when ``dependent``).
 
     Args:
         a, b: 1-D, the same length: the parent's and the variant's value on each unit (window,
             sample, question), in the same order.
         units: the word the method names them by.
-    Returns {"mean", "ci95": [lo, hi] (percentile interval at ``level``), "significant" (the
-    interval excludes 0), "n", "method"}. Unit indices are resampled (``bootstrap_indices``)
-    and the mean difference taken over each resample. From 2 to ``SMALL_N - 1`` units (attack
-    samples, noise seeds and Hutchinson probes on the CPU budget) the percentile bootstrap
-    would be far too narrow, so the paired Student-t interval (``mean_interval`` of the
-    differences) is used and the method says so. Fewer than 2 units: no interval (nan)
-    and never significant. A nan difference makes the interval nan (not significant); an
-    infinite one makes the mean and the replicates that draw it infinite.
-    Raises ValueError when the lengths differ."""
+    Returns {"mean", "ci95", "p_value" (two-sided, of no difference), "significant" (p < 0.05,
+    before any adjustment), "n", "se", "df", "kind", "min_p", "method"}. A nan difference makes
+    the interval and p nan (not significant). Raises ValueError when the lengths differ."""
     a, b = _vector(a, "a"), _vector(b, "b")
     if a.size != b.size:
         raise ValueError(f"a paired difference needs the same units: {a.size} values against {b.size}")
-    n = int(a.size)
     with np.errstate(invalid="ignore"):
         d = b - a
-        mean = float(d.mean()) if n else NAN
-    if n < 2:
-        return {"mean": mean, "ci95": [NAN, NAN], "significant": False, "n": n,
-                "method": f"{n} {units}: no interval"}
-    if n < SMALL_N:  # a percentile bootstrap of a handful of units is far too narrow (n=2: any
-        # two differences of one sign would "differ"): the paired t interval instead
-        ci = list(mean_interval(d, level))
-        return {"mean": mean, "ci95": ci, "significant": _excludes_zero(ci), "n": n,
-                "method": f"paired Student-t over {n} {units} (fewer than {SMALL_N}: no bootstrap)"}
-    with np.errstate(invalid="ignore"):
-        boots = d[bootstrap_indices(n, n_boot, seed)].mean(axis=1)
-    ci = _percentile(boots, level)
-    return {"mean": mean, "ci95": ci, "significant": _excludes_zero(ci), "n": n,
-            "method": f"paired bootstrap, {n_boot} resamples of {n} {units}"}
+    e = estimate(d, dependent=dependent, level=level, n_boot=n_boot, seed=seed, units=units)
+    return _test(e, mean=e["estimate"], ci95=e["ci95"])
 
 
 def _sums(window_nll_sums, window_tokens, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -151,78 +245,70 @@ def _sums(window_nll_sums, window_tokens, name: str) -> tuple[np.ndarray, np.nda
     return s, t
 
 
-def perplexity_interval(window_nll_sums, window_tokens, n_boot: int = 2000, seed: int = 0,
-                        level: float = 0.95) -> tuple[float, float]:
-    """Bootstrap interval over windows of a perplexity exp(sum nll / sum tokens).
-
-    Args:
-        window_nll_sums: 1-D, each window's summed NLL over its scored tokens (nats).
-        window_tokens: 1-D, each window's number of scored tokens (> 0).
-    Windows are resampled whole and each resample's perplexity is the ratio estimator
-    exp(sum of resampled NLL sums / sum of resampled tokens), so windows that score unequal
-    numbers of tokens weigh as they do in the perplexity itself. The percentile interval is
-    taken on the mean NLL and mapped through exp (monotone). Windows are treated as independent
-    (adjacent text is not quite). (nan, nan) with fewer than 2 windows, or any nan window;
-    an infinite window makes the upper end inf."""
-    s, t = _sums(window_nll_sums, window_tokens, "perplexity_interval")
-    if s.size < 2:
-        return NAN, NAN
-    idx = bootstrap_indices(s.size, n_boot, seed)
-    with np.errstate(invalid="ignore"):
-        lo, hi = _percentile(s[idx].sum(axis=1) / t[idx].sum(axis=1), level)
-    return _exp(lo), _exp(hi)
-
-
 def _exp(x: float) -> float:
     return NAN if math.isnan(x) else (math.exp(x) if x < 709.0 else math.inf)
 
 
-def paired_perplexity(parent_sums, parent_tokens, variant_sums, variant_tokens, n_boot: int = 2000,
-                      seed: int = 0, level: float = 0.95) -> dict:
-    """A variant's perplexity against its parent's on the SAME windows, paired.
+def perplexity_interval(window_nll_sums, window_tokens, n_boot: int = N_BOOT, seed: int = 0,
+                        level: float = 0.95, *, dependent: bool = False) -> tuple[float, float]:
+    """Interval over windows of a perplexity exp(sum nll / sum tokens), by ``estimate``'s rule.
+
+    Args:
+        window_nll_sums: 1-D, each window's summed NLL over its scored tokens (nats).
+        window_tokens: 1-D, each window's number of scored tokens (> 0).
+        dependent: the windows are adjacent or overlap (``--eval-sampling first``, a whole text,
+            ``--stride`` < ``--seq-len``): Ibragimov-Mueller groups.
+    The interval is taken on the mean NLL per token (the ratio estimator, so windows of unequal
+    token counts weigh as they do in the perplexity) and mapped through exp. (nan, nan) with
+    fewer than 2 windows or a nan window; an overflowing end is inf."""
+    s, t = _sums(window_nll_sums, window_tokens, "perplexity_interval")
+    lo, hi = estimate(s, t, dependent=dependent, level=level, n_boot=n_boot, seed=seed, units="windows")["ci95"]
+    return _exp(lo), _exp(hi)
+
+
+def interval_words(n_windows: int, dependent: bool = False, n_boot: int = N_BOOT) -> str:
+    """How ``perplexity_interval`` makes its interval over ``n_windows`` windows, in words."""
+    return estimate(np.arange(max(n_windows, 0), dtype=float), dependent=dependent, n_boot=1,
+                    units="windows")["method"].replace(", 1 resamples", f", {n_boot} resamples")
+
+
+def paired_perplexity(parent_sums, parent_tokens, variant_sums, variant_tokens, n_boot: int = N_BOOT,
+                      seed: int = 0, level: float = 0.95, *, dependent: bool = False) -> dict:
+    """A variant's perplexity against its parent's (or a sibling's) on the SAME windows, paired.
 
     Args: per-window NLL sums (nats) and scored-token counts, 1-D, in the same window order.
     Returns {"delta_nll": variant - parent mean NLL per token (nats), "delta_nll_ci95": [lo, hi],
-    "ppl_ratio": exp(delta_nll) = variant / parent perplexity, "ppl_ratio_ci95", "significant"
-    (the delta interval excludes 0), "n_windows", "method"}. The window indices are resampled
-    once per replicate and applied to both models (the ratio estimator of
-    ``perplexity_interval`` on each); percentile interval. Fewer than 2 windows: nan interval,
-    never significant. Raises ValueError when the window counts differ, or a window scores a
-    different number of tokens in the two (then they are not the same windows)."""
+    "ppl_ratio": exp(delta_nll) = variant / parent perplexity, "ppl_ratio_ci95", "p_value",
+    "significant" (p < 0.05 before adjustment), "n_windows", "se", "df", "kind", "min_p",
+    "method"}: ``estimate`` on the per-window NLL differences over the shared token counts.
+    Raises ValueError when the window counts differ, or a window scores a different number of
+    tokens in the two (then they are not the same windows)."""
     ps, pt = _sums(parent_sums, parent_tokens, "parent")
     vs, vt = _sums(variant_sums, variant_tokens, "variant")
     if ps.size != vs.size or not np.array_equal(pt, vt):
         raise ValueError(f"paired perplexity needs the same windows: parent has {ps.size} windows, "
                          f"variant {vs.size}" + ("" if ps.size != vs.size else ", with other token counts"))
-    n = int(ps.size)
     with np.errstate(invalid="ignore"):
-        delta = float(vs.sum() / vt.sum() - ps.sum() / pt.sum()) if n else NAN
-    if n < 2:
-        ci, method = [NAN, NAN], f"{n} window{'s' * (n != 1)}: no interval"
-    else:
-        idx = bootstrap_indices(n, n_boot, seed)
-        with np.errstate(invalid="ignore"):
-            boots = vs[idx].sum(axis=1) / vt[idx].sum(axis=1) - ps[idx].sum(axis=1) / pt[idx].sum(axis=1)
-        ci = _percentile(boots, level)
-        method = (f"paired bootstrap over {n} windows ({n_boot} resamples, percentile; each resample's "
-                  "NLL sum / its tokens, for both models)")
-    return {"delta_nll": delta, "delta_nll_ci95": ci, "ppl_ratio": _exp(delta),
-            "ppl_ratio_ci95": [_exp(ci[0]), _exp(ci[1])], "significant": _excludes_zero(ci), "n_windows": n,
-            "method": method}
+        d = vs - ps
+    e = estimate(d, pt, dependent=dependent, level=level, n_boot=n_boot, seed=seed, units="windows")
+    ci = e["ci95"]
+    return _test(e, delta_nll=e["estimate"], delta_nll_ci95=ci, ppl_ratio=_exp(e["estimate"]),
+                 ppl_ratio_ci95=[_exp(ci[0]), _exp(ci[1])], n_windows=e["n"])
 
 
-def mcnemar_exact(a_correct, b_correct, level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> dict:
+def mcnemar_exact(a_correct, b_correct, level: float = 0.95, n_boot: int = N_BOOT, seed: int = 0) -> dict:
     """Exact McNemar test (McNemar 1947) of two models on the same questions.
 
     Args:
         a_correct, b_correct: 1-D booleans (or 0/1), the parent's and the variant's correctness
             on each question, in the same order.
     Returns {"n", "a_only" (questions only a gets right), "b_only", "acc_a", "acc_b",
-    "diff": acc_b - acc_a, "diff_ci95": percentile paired-bootstrap interval of diff
-    (``paired_difference``; "ci_method" says so), "p_value": two-sided exact binomial test of
-    a_only against a_only + b_only at 1/2 (scipy.stats.binomtest), 1.0 when no question
-    is discordant, "significant": p_value < 1 - level, "method"}. Raises ValueError when the
-    lengths differ or a value is not 0/1."""
+    "diff": acc_b - acc_a, "diff_ci95" (``paired_difference``'s rule over the questions;
+    "ci_method" says which), "p_value": two-sided exact binomial test of a_only against
+    a_only + b_only at 1/2 (scipy.stats.binomtest), 1.0 when no question is discordant,
+    "significant": p_value < 1 - level before adjustment, "min_p": 2 / 2^n, the smallest p n
+    questions can give, "kind": "mcnemar", "method"}. Raises ValueError when the lengths differ
+    or a value is not 0/1."""
     a, b = _vector(a_correct, "a_correct"), _vector(b_correct, "b_correct")
     if a.size != b.size:
         raise ValueError(f"McNemar needs the same questions: {a.size} answers against {b.size}")
@@ -234,5 +320,63 @@ def mcnemar_exact(a_correct, b_correct, level: float = 0.95, n_boot: int = 2000,
     return {"n": n, "a_only": a_only, "b_only": b_only,
             "acc_a": float(a.mean()) if n else NAN, "acc_b": float(b.mean()) if n else NAN,
             "diff": boot["mean"], "diff_ci95": boot["ci95"], "ci_method": boot["method"],
-            "p_value": p, "significant": bool(p < 1.0 - level),
+            "p_value": p, "significant": bool(p < 1.0 - level), "kind": "mcnemar",
+            "min_p": min(1.0, 2.0 * 0.5 ** n) if n else 1.0, "se": NAN, "df": None,
             "method": f"exact McNemar: two-sided binomial test on {a_only + b_only} discordant of {n} questions"}
+
+
+def detectable_effect(test: dict, alpha: float, power: float = POWER) -> Optional[float]:
+    """The smallest true difference ``test`` detects with probability ``power`` at two-sided level
+    ``alpha``, in the test's own unit (nats per token for a perplexity, accuracy for McNemar):
+    (q(1 - alpha/2) + q(power)) x se, with Student-t quantiles on ``df`` or normal ones (the
+    bootstrap). McNemar: the normal approximation on the observed discordant share d,
+    se = sqrt(d / n), but never below k / n, where k discordant questions all one way are the
+    fewest whose exact p falls below alpha (inf when there are fewer than k questions). None where
+    it cannot be said (no spread measured)."""
+    n = test.get("n") or 0
+    if test.get("kind") == "mcnemar":
+        if not n:
+            return None
+        k = math.ceil(math.log2(2.0 / alpha))
+        if k > n:  # even n discordant questions all one way stay above alpha: no change is detectable
+            return math.inf
+        d = ((test.get("a_only") or 0) + (test.get("b_only") or 0)) / n
+        z = scipy.stats.norm.ppf(1 - alpha / 2) + scipy.stats.norm.ppf(power)
+        return float(max(z * math.sqrt(d / n), k / n))
+    se, df = test.get("se"), test.get("df")
+    if not isinstance(se, (int, float)) or not math.isfinite(se) or se <= 0:
+        return None
+    dist = scipy.stats.t(df) if df else scipy.stats.norm
+    return float((dist.ppf(1 - alpha / 2) + dist.ppf(power)) * se)
+
+
+def adjust(tests: list, method: str = "holm", alpha: float = ALPHA) -> dict:
+    """One multiple-testing family: every test dict in ``tests`` (each with "p_value") gets, in
+    place, "p_adjusted" (statsmodels.stats.multitest.multipletests: Holm 1979, or
+    Benjamini-Hochberg 1995 for ``method="bh"``; p itself for "none"), "significant" (adjusted
+    p < ``alpha``), "significant_unadjusted", "reachable" (False where even the smallest p its
+    units allow is not below ``alpha``: it can never be significant) and "mde" (the detectable
+    effect at alpha / m, ``detectable_effect``). Tests whose p is nan stay outside the family
+    and are never significant (tests without a "p_value", from an older file, keep their mark). Returns {"method", "n_tests", "alpha", "mde_level"}.
+    Raises ValueError for an unknown method."""
+    if method not in MULTIPLE_TESTING:
+        raise ValueError(f"multiple testing: {method!r} is not one of {', '.join(MULTIPLE_TESTING)}")
+    family = [t for t in tests if isinstance(t.get("p_value"), (int, float)) and math.isfinite(t["p_value"])]
+    m = len(family)
+    if m and MULTIPLE_TESTING[method]:
+        from statsmodels.stats.multitest import multipletests
+        adjusted = multipletests([t["p_value"] for t in family], alpha=alpha, method=MULTIPLE_TESTING[method])[1]
+    else:
+        adjusted = [t["p_value"] for t in family]
+    level = alpha / m if m and method != "none" else alpha
+    for t, pa in zip(family, adjusted):
+        t["significant_unadjusted"] = bool(t["p_value"] < alpha)
+        t["p_adjusted"] = float(pa)
+        t["reachable"] = bool(t.get("min_p", 0.0) < alpha)
+        t["significant"] = bool(pa < alpha) and t["reachable"]
+        t["mde"] = detectable_effect(t, level)
+    inside = {id(t) for t in family}
+    for t in tests:  # p nan (no interval): never a difference; no p at all (an older file): as it was
+        if id(t) not in inside and "p_value" in t:
+            t["significant"] = False
+    return {"method": method, "n_tests": m, "alpha": alpha, "mde_level": level, "power": POWER}

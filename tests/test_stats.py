@@ -71,7 +71,10 @@ def test_paired_difference_equals_a_numpy_transcription():
     want = numpy_paired_bootstrap(a, b, 500, 7)
     assert got["ci95"] == [pytest.approx(want[0], abs=1e-12), pytest.approx(want[1], abs=1e-12)]
     assert got["mean"] == pytest.approx(np.mean(b - a), abs=1e-12) and got["n"] == 50
-    assert got["significant"] is True and got["method"] == "paired bootstrap, 500 resamples of 50 samples"
+    assert got["significant"] is True and got["method"] == "paired bootstrap, 500 resamples of 50 samples (percentile)"
+    # Its p inverts the percentile interval: twice the smaller tail of the replicates beyond 0, +1 smoothed.
+    boots = np.array([np.mean((b - a)[r]) for r in np.random.default_rng(7).integers(0, 50, size=(500, 50))])
+    assert got["p_value"] == pytest.approx(min(1, 2 * (min((boots <= 0).sum(), (boots >= 0).sum()) + 1) / 501))
     assert S.paired_difference(a, b, n_boot=500, seed=7) == got  # deterministic for a seed
     assert S.paired_difference(a, b, n_boot=500, seed=8)["ci95"] != got["ci95"]
     # Pure noise around no shift: the interval straddles 0.
@@ -109,7 +112,7 @@ def test_mcnemar_on_planted_questions():
     assert t["p_value"] == scipy.stats.binomtest(0, 30, 0.5).pvalue == pytest.approx(2 * 0.5 ** 30)
     assert t["significant"] is True and t["diff"] == pytest.approx(0.30)
     assert t["acc_b"] - t["acc_a"] == pytest.approx(0.30)
-    want = numpy_paired_bootstrap(parent.astype(float), variant.astype(float), 2000, 0)
+    want = numpy_paired_bootstrap(parent.astype(float), variant.astype(float), S.N_BOOT, 0)
     assert t["diff_ci95"] == [pytest.approx(want[0]), pytest.approx(want[1])]
     assert t["diff_ci95"][0] > 0 and "bootstrap" in t["ci_method"]
     # Symmetric: the parent against the variant gives the same p, the opposite difference.
@@ -133,15 +136,33 @@ def test_mcnemar_p_is_the_exact_binomial_test_of_the_discordant_pairs(a_only, b_
         S.mcnemar_exact([1, 0, 2], [1, 0, 1])
 
 
+def ratio_t_interval(sums, tokens, level=0.95):
+    """The ratio estimator's Student-t interval written out: R = sum s / sum t, the linearized
+    residuals (s_i - R t_i) / mean t, their standard error, t quantile on n - 1 df."""
+    s, t = np.asarray(sums, float), np.asarray(tokens, float)
+    r = s.sum() / t.sum()
+    z = (s - r * t) / t.mean()
+    se = z.std(ddof=1) / math.sqrt(len(s))
+    q = scipy.stats.t.ppf((1 + level) / 2, len(s) - 1)
+    return r - q * se, r + q * se
+
+
 def test_perplexity_interval_is_a_ratio_estimator_over_windows():
+    """Below 30 windows: Student-t on the ratio estimator's linearized residuals; from 30 on: the
+    percentile bootstrap of the ratio estimator (a numpy transcription)."""
     rng = np.random.default_rng(4)
     tokens = rng.integers(20, 40, size=16).astype(float)  # unequal windows
     sums = tokens * rng.normal(3.0, 0.3, size=16)
     lo, hi = S.perplexity_interval(sums, tokens, n_boot=800, seed=3)
-    r = np.random.default_rng(3).integers(0, 16, size=(800, 16))
-    want = np.exp(np.quantile([sums[i].sum() / tokens[i].sum() for i in r], [0.025, 0.975]))
+    want = np.exp(ratio_t_interval(sums, tokens))
     assert (lo, hi) == (pytest.approx(want[0], rel=1e-12), pytest.approx(want[1], rel=1e-12))
     assert lo < math.exp(sums.sum() / tokens.sum()) < hi
+    tokens = rng.integers(20, 40, size=40).astype(float)
+    sums = tokens * rng.normal(3.0, 0.3, size=40)
+    lo, hi = S.perplexity_interval(sums, tokens, n_boot=800, seed=3)
+    r = np.random.default_rng(3).integers(0, 40, size=(800, 40))
+    want = np.exp(np.quantile([sums[i].sum() / tokens[i].sum() for i in r], [0.025, 0.975]))
+    assert (lo, hi) == (pytest.approx(want[0], rel=1e-12), pytest.approx(want[1], rel=1e-12))
     assert all(math.isnan(x) for x in S.perplexity_interval([3.0], [10]))
     lo_inf, hi_inf = S.perplexity_interval([3.0, 2e4, 4.0], [1, 1, 1])  # overflow: inf, never a raise
     assert hi_inf == math.inf
@@ -159,7 +180,7 @@ def test_paired_perplexity_on_identical_and_planted_windows():
     # windows' own spread (0.4 nats) makes the two unpaired perplexity intervals overlap.
     variant = parent + tokens * (0.05 + rng.normal(0, 0.01, size=12))
     d = S.paired_perplexity(parent, tokens, variant, tokens, n_boot=1000, seed=9)
-    want = numpy_paired_perplexity(parent, tokens, variant, tokens, 1000, 9)
+    want = ratio_t_interval(variant - parent, tokens)  # 12 windows: Student-t on the paired differences
     assert d["delta_nll_ci95"] == [pytest.approx(want[0], abs=1e-12), pytest.approx(want[1], abs=1e-12)]
     assert d["delta_nll"] == pytest.approx(variant.sum() / tokens.sum() - parent.sum() / tokens.sum())
     assert d["significant"] is True and 0.03 < d["delta_nll_ci95"][0] < d["delta_nll_ci95"][1] < 0.07
@@ -193,8 +214,12 @@ def test_window_sums_reproduce_the_perplexity_of_a_hand_loop(tiny_llama, tok, sa
     assert sum(res.window_nll) / sum(res.window_tokens) == pytest.approx(res.nll, rel=1e-12)
     assert math.exp(sum(sums) / sum(counts)) == pytest.approx(res.perplexity, rel=1e-5)
     lo, hi = res.perplexity_ci95
-    assert (lo, hi) == S.perplexity_interval(res.window_nll, res.window_tokens) and lo < res.perplexity < hi
-    assert res.interval_method == "bootstrap over 8 windows (2000 resamples, percentile)"
+    # The whole text is scored: its windows are adjacent, so dependent (Ibragimov-Mueller groups).
+    assert res.sampling["design"] == "all" and res.sampling["dependent"] is True
+    assert (lo, hi) == S.perplexity_interval(res.window_nll, res.window_tokens, dependent=True)
+    assert lo < res.perplexity < hi
+    assert res.interval_method == ("Ibragimov-Mueller t over 2 groups of adjacent windows (8 windows, dependent: "
+                                   "adjacent or overlapping), 1 df")
 
 
 def test_sliding_windows_keep_their_unequal_counts(tiny_llama, tok, sample_text):
@@ -218,14 +243,15 @@ def test_every_variant_gets_its_paired_difference_from_its_parent(tiny_llama, to
     is no difference; a variant with a zeroed layer is, and its numbers are paired_perplexity's
     on the two models' window sums."""
     model = tiny_llama(seed=6)
-    ids = tokenize_corpus(tok, sample_text[:400])
+    ids = tokenize_corpus(tok, sample_text[:4000])
     w = model.model.layers[0].mlp.down_proj.weight
     broken = {"model.layers.0.mlp.down_proj.weight": torch.zeros_like(w),
               "lm_head.weight": model.lm_head.weight * 3}
     same = {"model.layers.0.mlp.down_proj.weight": w.detach().clone()}
-    cfg = EvalConfig(seq_len=32, max_new_tokens=0, progress=False)
+    cfg = EvalConfig(seq_len=32, eval_tokens=12 * 32, max_new_tokens=0, progress=False)  # 12 spread windows
     res = evaluate_variants(model, tok, ids, {"base": None, "copy": same, "broken": broken}, cfg,
                             parents={"copy": "base", "broken": "base"})
+    assert res.protocol["sampling"]["design"] == "spread" and not res.protocol["sampling"]["dependent"]
     base, copy, brk = (res.variants[n] for n in ("base", "copy", "broken"))
     assert base.vs_parent is None
     assert copy.vs_parent["parent"] == "base" and copy.vs_parent["delta_nll"] == 0.0
@@ -247,11 +273,12 @@ def test_the_report_shows_each_interval_and_marks_only_the_paired_differences(ti
     import llm_report_stats as RS
 
     model = tiny_llama(seed=6)
-    ids = tokenize_corpus(tok, sample_text[:400])
+    ids = tokenize_corpus(tok, sample_text[:4000])
     w = model.model.layers[0].mlp.down_proj.weight
     variants = {"base": None, "copy": {"model.layers.0.mlp.down_proj.weight": w.detach().clone()},
                 "broken": {"lm_head.weight": model.lm_head.weight * 3}}
-    res = evaluate_variants(model, tok, ids, variants, EvalConfig(seq_len=32, max_new_tokens=0, progress=False),
+    res = evaluate_variants(model, tok, ids, variants, EvalConfig(seq_len=32, eval_tokens=12 * 32, max_new_tokens=0,
+                                                                  progress=False),
                             parents={"copy": "base", "broken": "base"})
     ev = {n: dataclasses.asdict(r) for n, r in res.variants.items()}
     assert ev["broken"]["vs_parent"]["significant"] and not ev["copy"]["vs_parent"]["significant"]
@@ -272,8 +299,7 @@ def test_the_report_shows_each_interval_and_marks_only_the_paired_differences(ti
     assert RS.MARK not in rows["copy"].split(" | ")[3] and RS.MARK in rows["broken"].split(" | ")[3]
     blo, bhi = ev["base"]["perplexity_ci95"]
     assert f"{ev['base']['perplexity']:.4g} [{blo:.4g}, {bhi:.4g}]" in md
-    n = ev["base"]["windows"]
-    assert f"bootstrap over {n} windows (2000 resamples, percentile)" in md and f"paired bootstrap over {n}" in md
+    assert ev["base"]["interval_method"] in md and ev["broken"]["vs_parent"]["method"] in md
     zs_lines = md.split("## Zero-shot")[1].splitlines()
     zs_rows = [next(ln for ln in zs_lines if ln.startswith(f"| {n} |")) for n in ("broken", "copy")]
     assert f"100.0 ± 5.0 {RS.MARK}" in zs_rows[0] and "+60.0 [" in zs_rows[0]
@@ -286,7 +312,7 @@ def test_the_report_shows_each_interval_and_marks_only_the_paired_differences(ti
     broken = next(ln for ln in table if ln.startswith("broken "))
     assert f"{ev['broken']['vs_parent']['ppl_ratio']:.4g} {RS.MARK}" in broken
     assert f"[{blo:.4g}, {bhi:.4g}]" in next(ln for ln in table if ln.startswith("base "))
-    assert f"bootstrap over {n} windows" in table[-1]
+    assert "Student-t over 12 windows" in table[-1]
 
     old = {k: {n: {f: v for f, v in e.items() if f not in ("perplexity_ci95", "vs_parent", "interval_method")}
                for n, e in ev.items()} if k == "evaluation" else v for k, v in results.items()}
