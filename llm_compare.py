@@ -187,7 +187,8 @@ def _paired_lines(rows: list) -> list[str]:
                            "windows of the same token ids | - |")
                 continue
             try:
-                d = ST.paired_perplexity(sums[0], sums[1], sums[2], sums[3])
+                d = ST.paired_perplexity(sums[0], sums[1], sums[2], sums[3],
+                                         dependent=bool(R.field(r["res"], "protocol", "sampling", "dependent")))
             except (ValueError, TypeError):
                 continue
             lo, hi = d["ppl_ratio_ci95"]
@@ -244,6 +245,21 @@ def _matrix_lines(rows: list) -> list[str]:
     return out
 
 
+def _contrast_lines(rows: list) -> list[str]:
+    """Each run's contrasts between its own variants (``--contrast`` and grid siblings), adjusted
+    within that run; where a later run scored the first's windows, its variants are paired with
+    the first's above (the per-variant table), never across a run's adjustment."""
+    out = []
+    for r in rows:
+        lines = MX.contrast_lines(R.field(r["res"], "robustness", kind=dict, default={}))
+        out += [f"| {R.esc(r['label'])} " + ln for ln in lines if ln.startswith("| ") and not ln.startswith("| B |")]
+    if not out:
+        return []
+    return ["", "Contrasts inside each run: variant B against variant A, paired over the same units, adjusted "
+            "with that run's other tests († adjusted p < 0.05).", "",
+            "| run | B | A | measure | B vs A [95%] | adjusted p | why |", "|---|---|---|---|---|---|---|"] + out
+
+
 def compare_markdown(rows: list, variants: list, warnings: list) -> str:
     lines = ["# Comparison of runs", ""] + [f"**{R.esc(w)}**  " for w in warnings] + ([""] if warnings else [])
     lines += ["How each run was measured:", "", "| run | " + " | ".join(PROTOCOL) + " |", "|---" * (1 + len(PROTOCOL))
@@ -277,7 +293,7 @@ def compare_markdown(rows: list, variants: list, warnings: list) -> str:
         lines += [f"| {R.esc(r['label'])} | " + " | ".join(
             R.fmt(r["bits"].get(v)) + (f" ({R.fmt(r['written'][v])})" if r["written"].get(v) is not None else "")
             for v in variants) + " |" for r in rows]
-    lines += _matrix_lines(rows)
+    lines += _matrix_lines(rows) + _contrast_lines(rows)
     lines += ["", "Runs: " + "; ".join(f"{R.esc(r['label'])} = {R.esc(r['run'])}" for r in rows), "",
               "![comparison](plots/compare.png)"]
     return "\n".join(lines) + "\n"

@@ -437,11 +437,11 @@ class QuantizeConfig(StepConfig):
 @dataclass
 class EvalConfig(StepConfig):
     step: ClassVar[str] = "eval"
-    seq_len: Optional[int] = budget(512, 2048, "tokens per window", flag="--seq-len", bounds="[2,1000000]",
+    seq_len: Optional[int] = budget(256, 2048, "tokens per window", flag="--seq-len", bounds="[2,1000000]",
                                     context=True)
     stride: Optional[int] = knob(None, "sliding-window stride (auto: --seq-len, disjoint windows)",
                                  flag="--stride", bounds="[1,1000000]")
-    eval_tokens: Optional[int] = budget(16384, 0, "score N tokens of the text, as whole windows (--eval-sampling "
+    eval_tokens: Optional[int] = budget(8192, 0, "score N tokens of the text, as whole windows (--eval-sampling "
                                                   "says which); 0 means all", flag="--eval-tokens",
                                         bounds="[0,1000000000]")
     sampling: str = knob("spread", "which windows score the --eval-tokens budget when it is less than the "
