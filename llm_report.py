@@ -397,7 +397,7 @@ def report_markdown(results: dict) -> str:
                      f"first {proto.get('eval_tokens') or 'all'} tokens")
     mt = R.field(results, "robustness", "multiple_testing", kind=dict)
     if mt:
-        lines.append(f"- paired tests: {R.text(mt.get('n_tests'))} in this run; † marks {RS.marks_words(results)}")
+        lines.append(f"- significance: † marks {RS.marks_words(results)}")
     lines.append(f"- seed {results.get('seed')}, device {results.get('device')}, "
                  f"dtype {results.get('dtype')}")
     if results.get("model") == LM.EMBEDDED_NAME:

@@ -116,6 +116,8 @@ def pooled_cell(results: dict, name: str, fallback: str = "-") -> str:
     lo, hi = (R.num(ci[0]), R.num(ci[1])) if isinstance(ci, list) and len(ci) == 2 else (None, None)
     span = f" [{100 * lo:+.1f}, {100 * hi:+.1f}]" if lo is not None and hi is not None and lo == lo else ""
     p = R.num(t.get("p_value"))
+    if t.get("reachable") is False:  # too few questions for any p below 0.05: no p-value to show
+        return f"{100 * R.num(t['diff']):+.1f}{span}, {R.text(t.get('n'))} questions: never significant"
     return (f"{100 * R.num(t['diff']):+.1f}{span}" + (f", p {p:.2g}" if p is not None else "")
             + (f" {MARK}" if t.get("significant") is True else ""))
 
@@ -125,8 +127,8 @@ def zeroshot_note(results: dict) -> str:
     if not R.field(results, "zeroshot", "paired", kind=dict):
         return ""
     return (f"Against the parent, on the same questions: {MARK} after a task's accuracy marks a difference by "
-            "McNemar's exact test (two-sided, p < 0.05, on the questions one model gets right and the other "
-            "not). Paired (pooled): the same test on the pooled questions of every task, its change of "
+            "McNemar's exact test (two-sided, on the questions one model gets right and the other not; "
+            f"{marks_words(results)}). Paired (pooled): the same test on the pooled questions of every task, its change of "
             "accuracy in points with a paired-bootstrap 95% interval and McNemar's p; pooling weighs tasks by "
             "their questions, where the mean accuracy and its change vs parent weigh them equally.")
 
