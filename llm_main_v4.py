@@ -85,7 +85,7 @@ def run_pipeline(cfg: PipelineConfig, argv: Optional[list] = None) -> dict:
     out = Path(cfg.run.output_dir)
     with IO.private_umask():
         configs, texts, described = _check_before_loading(cfg, out)
-        with IO.output_lock(out) if C.launch_rank() == 0 else contextlib.nullcontext():
+        with IO.output_lock(out) if C.launch_rank() == 0 else contextlib.nullcontext(), IO.writing_into(out):
             return _run(cfg, argv, out, configs, texts, described)
 
 

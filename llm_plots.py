@@ -415,14 +415,26 @@ def plot_comparison(rows: list, variants: list, path) -> Path:
     fig, axes = new_figure(1, len(panels), figsize=(w * len(panels), 4), squeeze=False, layout="constrained")
     width = 0.8 / max(len(rows), 1)
     for ax, (key, label, log_scale) in zip(axes[0], panels):
+        left_out = []
         for k, r in enumerate(rows):
             ys = [R.fnum((r.get(key) or {}).get(v)) for v in variants]
-            ax.bar([i + k * width for i in range(len(variants))], ys, width, label=r.get("label") or r["run"])
+            # A run that stopped early (resume exists) holds zeros, negatives or inf: a bar a log (or
+            # any) axis cannot show is left out and named, the rest is drawn.
+            shown = [y if math.isfinite(y) and (y > 0 or not log_scale) else float("nan") for y in ys]
+            left_out += [f"{r.get('label') or r['run']}: {v}" for v, y, z in zip(variants, ys, shown)
+                         if not math.isnan(y) and math.isnan(z)]
+            ax.bar([i + k * width for i in range(len(variants))], shown, width, label=r.get("label") or r["run"])
+        if left_out:
+            log.warning("compare: %s not drawn in the %s panel (not a positive finite number; the table has it)",
+                        ", ".join(left_out), key)
         # Variant names are long ("pruned[wanda,0.5]"): slanted, they never run into each other.
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(variants))], variants, rotation=30, ha="right",
                       fontsize=8)
-        if log_scale:
+        drawn = [h for c in ax.containers for h in c.datavalues if math.isfinite(h)]
+        if log_scale and drawn:
             ax.set_yscale("log")
+        if not drawn:
+            ax.text(0.5, 0.5, "no value to draw (see the table)", transform=ax.transAxes, ha="center", va="center")
         ax.set_xlabel("variant")
         ax.set_ylabel(label)
     axes[0][-1].legend(fontsize=7, title="run", title_fontsize=7)

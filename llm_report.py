@@ -551,15 +551,19 @@ def write_report(results: dict, out: Path) -> tuple[Path, Path]:
 
 def rebuild_report(out: Path) -> dict:
     """Redraw every plot and rewrite report.md/.html from ``<out>/results.json`` alone; a file not
-    shaped like this tool's results is moved aside (one error line), never half-read."""
+    shaped like this tool's results is moved aside (one error line), never half-read. It holds the
+    folder's lock, as a run does: a report rebuilt while a run writes there is refused."""
     path = Path(out) / "results.json"
-    results = R.read_results(out)  # a file not shaped like ours is moved aside, as on a resume
-    if not results:
+    if not Path(out).is_dir():
         raise C.UserError(f"--report-only: no readable results.json in {out}")
-    try:
-        results["plots"] = make_plots(results, out)
-        write_report(results, out)
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError) as e:
-        raise C.UserError(f"--report-only: {path} has an unexpected shape ({C.error_line(e, 120)})")
-    IO.write_json(path, results)
+    with IO.output_lock(out), IO.writing_into(out):
+        results = R.read_results(out)  # a file not shaped like ours is moved aside, as on a resume
+        if not results:
+            raise C.UserError(f"--report-only: no readable results.json in {out}")
+        try:
+            results["plots"] = make_plots(results, out)
+            write_report(results, out)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError) as e:
+            raise C.UserError(f"--report-only: {path} has an unexpected shape ({C.error_line(e, 120)})")
+        IO.write_json(path, results)
     return results

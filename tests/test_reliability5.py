@@ -1,0 +1,197 @@
+"""Issue 39 (reliability round 5): nothing outside the output folder is touched and nothing this
+tool did not write is deleted; no table cell is a spreadsheet formula; one error line instead of a
+traceback; nothing silently wrong; no result dropped, no flag ignored, no late refusal. Each test
+stands for a kind of failure and tries several spellings of it."""
+import csv
+import errno
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import llm_io as IO
+import llm_main_v4 as M
+import llm_tables as T
+from conftest import one_error, tiny_argv
+
+
+def _finished(d: Path, ppl: float = 20.0, **extra) -> Path:
+    """A finished run's results.json, small and hand-written (no model): base and pruned."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "results.json").write_text(json.dumps({
+        "model": "m", "dtype": "torch.float32", "model_identity": {"label": "m"},
+        "dataset": {"eval": {"source": "wiki.test.raw"}}, "protocol": {"seq_len": 32},
+        "evaluation": {"base": {"tokens_scored": 100}}, "perplexity": {"base": ppl, "pruned": 2 * ppl},
+        "variants": {"base": None, "pruned": "base"}, "steps_done": {"prune": "x", "eval": "y"},
+        "prune": {"method": "wanda", "pattern": "unstructured", "overall_sparsity": 0.5}, **extra}))
+    return d
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_run_dir, tmp_path_factory):
+    """A real finished run (prune, eval) of the tiny model; tests copy it before changing it."""
+    out = tmp_path_factory.mktemp("r5") / "run"
+    assert M.main(tiny_argv(tiny_run_dir, out, "--steps", "prune,eval")) == 0
+    return out
+
+
+def _copy(run: Path, to: Path) -> Path:
+    shutil.copytree(run, to, symlinks=True)
+    return to
+
+
+# --------------------------------------------------------------------------- 1. the output folder only
+
+@pytest.mark.parametrize("linked", ["tables", "plots"])
+@pytest.mark.parametrize("command", ["report-only", "compare"])
+def test_an_output_folder_that_links_outside_is_refused_and_nothing_there_is_touched(tmp_path, capsys, linked,
+                                                                                     command, finished_run):
+    run = _copy(finished_run, tmp_path / "run")
+    shutil.rmtree(run / linked)
+    out = run if command == "report-only" else tmp_path / "cmp"
+    out.mkdir(exist_ok=True)
+    elsewhere = tmp_path / "P"
+    elsewhere.mkdir()
+    for name in ("results.tex", "perplexity.csv", "compare.png", "x.pdf"):
+        (elsewhere / name).write_text("mine")
+    (out / linked).symlink_to(elsewhere)
+    argv = (["--report-only", "--output-dir", str(out)] if command == "report-only"
+            else ["--compare", str(run), str(_finished(tmp_path / "run2", 30.0)), "--output-dir", str(out)])
+    assert M.main(argv) == 2
+    assert "symbolic link that leads out of the output folder" in one_error(capsys)
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["compare.png", "perplexity.csv", "results.tex", "x.pdf"]
+    assert all(p.read_text() == "mine" for p in elsewhere.iterdir())
+
+
+def test_check_inside_follows_links_at_any_depth_and_allows_links_that_stay_inside(tmp_path):
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    (out / "real").mkdir(parents=True)
+    outside.mkdir()
+    (out / "export").symlink_to(outside)
+    (out / "checkpoints").symlink_to(out / "real")  # a link that stays inside is fine
+    (out / "real" / "deep").symlink_to(outside)
+    for bad in (out / "export" / "pruned" / "model.safetensors", out / "real" / "deep" / "x" / "y.png",
+                out / "checkpoints" / "deep" / "z.pt"):
+        with pytest.raises(IO.UserError, match="leads out of the output folder"):
+            IO.check_inside(bad, out)
+        with IO.writing_into(out), pytest.raises(IO.UserError, match="leads out of the output folder"):
+            IO.write_text(bad, "x")
+    IO.check_inside(out / "checkpoints" / "a.pt", out)
+    assert not list(outside.rglob("*"))
+
+
+def test_a_rebuilt_report_deletes_only_the_tables_it_wrote(tmp_path):
+    out = tmp_path / "out"
+    (out / "tables").mkdir(parents=True)
+    for name in ("mine.csv", "mine.tex", "perplexity_old.csv"):  # the user's, whatever their names
+        (out / "tables" / name).write_text("mine")
+    md_two = "## A\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n## Gone\n\n| c |\n|---|\n| 3 |\n"
+    T.with_tables(md_two, out)
+    assert (out / "tables" / "gone.csv").is_file()
+    T.with_tables("## A\n\n| a | b |\n|---|---|\n| 1 | 2 |\n", out)  # a report with fewer tables
+    assert not (out / "tables" / "gone.csv").exists() and not (out / "tables" / "gone.tex").exists()
+    assert {p.name for p in (out / "tables").iterdir()} == {"a.csv", "a.tex", "mine.csv", "mine.tex",
+                                                              "perplexity_old.csv"}
+    assert "tables/a.csv" in IO.written(out) and "tables/gone.csv" not in IO.written(out)
+
+
+def test_report_only_keeps_the_users_own_tables(tmp_path, capsys, finished_run):
+    run = _copy(finished_run, tmp_path / "run")
+    (run / "tables" / "mine.csv").write_text("a,b\n")
+    (run / "tables" / "mine.tex").write_text("x")
+    assert M.main(["--report-only", "--output-dir", str(run)]) == 0
+    assert M.main(["--report-only", "--output-dir", str(run)]) == 0
+    assert (run / "tables" / "mine.csv").read_text() == "a,b\n" and (run / "tables" / "mine.tex").is_file()
+    assert (run / "tables" / "perplexity.csv").is_file()
+
+
+@pytest.mark.parametrize("command", ["report-only", "compare"])
+def test_every_command_that_writes_into_a_folder_holds_its_lock(tmp_path, capsys, command):
+    run = _finished(tmp_path / "run")
+    out = run if command == "report-only" else tmp_path / "cmp"
+    out.mkdir(exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".llm-lock").write_text(str(holder.pid))  # a pipeline runs there
+        argv = (["--report-only", "--output-dir", str(out)] if command == "report-only"
+                else ["--compare", str(run), str(_finished(tmp_path / "b", 30.0)), "--output-dir", str(out)])
+        assert M.main(argv) == 2
+        assert f"in use by the run with PID {holder.pid}" in one_error(capsys)
+        assert not (out / "tables").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# --------------------------------------------------------------------------- 2. no formula in a table
+
+FORMULAS = ["=cmd|' /C calc'!A0", '=HYPERLINK("http://evil.example/x","open")', "+1+1", "-2+3", "@SUM(A1)",
+            "\tx", "\r=1", " =1", "-inf", "'quoted"]
+
+
+def test_no_csv_cell_starts_a_formula_and_every_value_comes_back():
+    rows = [[f, "-0.5", "+3", "1,234", "-", "1e-05"] for f in FORMULAS if f == f.strip()]  # Markdown strips
+    md = "| a | b | c | d | e | f |\n|---|---|---|---|---|---|\n" + "\n".join(
+        "| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows)
+    table = T.find_tables(md)[0]
+    got = list(csv.reader(io.StringIO(T.csv_text(table))))[1:]
+    for cells, want in zip(got, rows):
+        assert cells[0].startswith("'"), cells  # a spreadsheet reads it as text
+        assert cells[1:] == want[1:]  # plain numbers and the missing mark stay as they are
+        assert T.csv_value(cells[0]) == T.plain(want[0].replace("|", "\\|"))
+    for f in FORMULAS:
+        assert T.csv_value(T.csv_cell(f)) == f
+
+
+# --------------------------------------------------------------------------- 3. one error line
+
+@pytest.mark.parametrize("measure", ["nosuch_measure", "perplexity_v9"])
+def test_compare_shows_measures_it_does_not_know(tmp_path, capsys, measure):
+    rob = {"measures": {measure: {"label": "From the future", "unit": "", "worse": "higher", "compare": "ratio"},
+                        "perplexity": {"label": "perplexity"}},
+           "rows": {"base": {"parent": None, "cells": {measure: {"value": 1.5}}}}}
+    a = _finished(tmp_path / "a", robustness=rob)
+    b = _finished(tmp_path / "b", 30.0, robustness={"measures": {"zz": {}}, "rows": {}})
+    assert M.main(["--compare", str(a), str(b), "--output-dir", str(tmp_path / "cmp")]) == 0
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "From the future" in md and "| zz |" in md
+
+
+@pytest.mark.parametrize("values", [(0.0, 0.0), (-1.0, 0.0), ("inf", "nan"), (0.0, None)])
+def test_compare_of_an_unfinished_run_plots_what_it_can(tmp_path, capsys, values):
+    a = _finished(tmp_path / "a")
+    b = _finished(tmp_path / "b")
+    res = json.loads((b / "results.json").read_text())
+    res["perplexity"] = {"base": values[0], "pruned": values[1]}
+    (b / "results.json").write_text(json.dumps(res))
+    out = tmp_path / "cmp"
+    assert M.main(["--compare", str(a), str(b), "--output-dir", str(out)]) == 0
+    assert (out / "plots" / "compare.png").is_file()
+    only = tmp_path / "only"
+    assert M.main(["--compare", str(b), str(b), "--output-dir", str(only)]) == 0  # nothing drawable at all
+    assert (only / "compare.md").is_file()
+
+
+@pytest.mark.parametrize("command", ["report-only", "compare"])
+@pytest.mark.parametrize("err", [errno.EROFS, errno.EACCES])
+def test_a_read_only_output_folder_is_one_error_line(tmp_path, capsys, monkeypatch, command, err, finished_run):
+    run = _copy(finished_run, tmp_path / "run")
+    out = run if command == "report-only" else tmp_path / "cmp"
+    out.mkdir(exist_ok=True)
+    real_open = os.open
+
+    def read_only(path, flags, *a, **k):  # the folder is on a read-only mount (tests run as root)
+        if str(path).startswith(str(out)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(err, os.strerror(err), str(path))
+        return real_open(path, flags, *a, **k)
+
+    monkeypatch.setattr(os, "open", read_only)
+    argv = (["--report-only", "--output-dir", str(out)] if command == "report-only"
+            else ["--compare", str(run), str(_finished(tmp_path / "b", 30.0)), "--output-dir", str(out)])
+    assert M.main(argv) == 2
+    assert "cannot write into" in one_error(capsys)
