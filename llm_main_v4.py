@@ -10,6 +10,7 @@ the steps only through the registry below and the hooks each step module exposes
     pipeline_step(run, config) -> None | "off"   the step on the shared ``llm_run.Run``
     variants_of(run, section)                    a variant step's {name: weights} from its record
     check_model(model, config)                   optional: refuse right after loading
+    check_tokenizer(tokenizer, config)           optional: the same, for what the tokenizer lacks
     prepare(config, asked, run_config, texts)    optional: the config once the texts are read
     outputs_present(run)                         optional: False reruns a skipped step
     reattach(run)                                optional: an earlier run's live model back
@@ -36,11 +37,13 @@ import llm_common as C
 import llm_data as D
 import llm_io as IO
 import llm_model as LM
+import llm_results as R
+import llm_variants as V
 from llm_cli import OneLineParser, add_arguments, from_args, read_config_file, write_config
 from llm_compare import compare_runs
 from llm_config import ALL_STEPS, PipelineConfig
 from llm_presets import PRESETS
-from llm_knobs import fingerprint, flag_of
+from llm_knobs import fingerprint, flag_of, parse_variant_patterns
 from llm_matrix import robustness_matrix
 from llm_plots import make_plots
 from llm_report import rebuild_report, summary_table, write_report
@@ -96,6 +99,7 @@ def _run(cfg: PipelineConfig, argv: Optional[list], out: Path, configs: dict, te
     run = _start(cfg, out, None if argv is None else list(argv), texts, described)
     for step, config in configs.items():  # a bad group or N:M pattern fails now, not after hours
         (_hook(step, "check_model") or (lambda *_: None))(run.model, config)
+        (_hook(step, "check_tokenizer") or (lambda *_: None))(run.tokenizer, config)
     run.results["steps_after"] = {}
     run.results["manifest"]["carried_over"] = _carry_over(run, configs, previous)
     manifest, chain_intact = run.results["manifest"], True
@@ -246,16 +250,39 @@ def _check_before_loading(cfg: PipelineConfig, out: Path) -> tuple[dict, dict, d
         if prepare:  # ``asked``: the config as given, its budgets not yet filled
             configs[step] = prepare(config, getattr(cfg, step), rc, texts)
             configs[step].validate()
+    _check_variant_patterns(configs, out)
     return configs, texts, described
+
+
+def _check_variant_patterns(configs: dict, out: Path) -> None:
+    """Before loading: every variant pattern (``--robustness-variants``, ``--quantize-from``) must
+    choose a variant that the run will hold when its step runs: the names the variant steps will make
+    (each step's ``planned`` hook; a superset, so nothing valid is refused) and those an earlier run
+    into ``out`` left. A typo, ``ALL`` or a variant of a step that is not run fails now, not after
+    the steps before it ran."""
+    try:  # read only: a results.json not ours is dealt with (moved aside) under the lock, later
+        earlier = R.field(IO.read_json(out / "results.json"), "variants", kind=dict, default={})
+    except (OSError, ValueError):
+        earlier = {}
+    names, live = list(dict.fromkeys(["base", *map(str, earlier)])), "base"
+    for step, config in sorted(configs.items(), key=lambda sc: ALL_STEPS.index(sc[0])):
+        plan = _hook(step, "planned")
+        if plan:
+            names, live = plan(config, names, live)
+        ignored = {flag for flag, _ in config.ignored()}
+        for f in dataclasses.fields(config):
+            flag = flag_of(type(config), f)
+            if f.metadata.get("parse") is parse_variant_patterns and flag not in ignored:
+                V.select_variants(names, getattr(config, f.name), live, flag=flag)
 
 
 def _warn_ignored(cfg: PipelineConfig, configs: dict) -> None:
     """Name every setting that this run will not read, rather than drop it without a word: a
     field that the chosen method ignores (``StepConfig.applies``), and one of a step that is not
     run (unless a step that runs shares its flag). Preset values are not the user's: not named."""
-    preset = PRESETS[cfg.run.preset].fields if cfg.run.preset else {}
+    preset, given = PRESETS[cfg.run.preset].fields if cfg.run.preset else {}, set(cfg.run.flags_given)
     for step in configs:
-        for flag, why in getattr(cfg, step).ignored():
+        for flag, why in getattr(cfg, step).ignored(given):
             log.warning("%s has no effect here: %s", flag, why)
     read = {flag_of(type(c), f) for c in (cfg.run, *configs.values()) for f in dataclasses.fields(c)}
     unread = {}
@@ -263,8 +290,8 @@ def _warn_ignored(cfg: PipelineConfig, configs: dict) -> None:
         part = getattr(cfg, step)
         for f in dataclasses.fields(part):
             flag = flag_of(type(part), f)
-            if f.metadata.get("cli", True) and flag not in read and \
-                    getattr(part, f.name) != preset.get(step, {}).get(f.name, f.default):
+            if f.metadata.get("cli", True) and flag not in read and (flag in given or
+                                                                     getattr(part, f.name) != preset.get(step, {}).get(f.name, f.default)):
                 unread.setdefault(step, []).append(flag)
     if unread:
         log.warning("%s: no effect here, as step %s is not run (--steps %s)", ", ".join(sum(unread.values(), [])),

@@ -486,3 +486,10 @@ def check_model(model, config: PruneConfig) -> None:
     calibration; every pattern of a grid (``--sparsity-pattern unstructured,2:4``) is checked."""
     for point in config.grid_points():
         check_pattern_fits(model, point.pattern)
+
+
+def planned(config: PruneConfig, names: list, live: str) -> tuple[list, str]:
+    """Before loading: the variant names the run holds after this step (one per grid point), so that
+    --robustness-variants and --quantize-from are checked against them from the flags alone."""
+    grid = bool(config.grid_axes())
+    return names + [p.variant_name(grid) for p in config.grid_points()], live
