@@ -191,14 +191,16 @@ def _record(path: Path) -> None:
 
 def remove_written(root: str | os.PathLike, rel: str, aside: Optional[str] = None) -> bool:
     """Remove ``<root>/<rel>`` (or, with ``aside``, move it to ``<root>/<aside>/<rel>``) only if this
-    tool's manifest says it wrote it; True if it did. A file of the user's is never touched."""
+    tool's manifest says it wrote it; True if there was one to remove. A file of the user's is never
+    touched."""
     root = Path(os.path.abspath(root))
     have = written(root)
     if rel not in have:
         return False
     path = root / rel
     check_inside(path, root)
-    if aside is not None and (path.exists() or path.is_symlink()):
+    existed = path.exists() or path.is_symlink()
+    if aside is not None and existed:
         dest = root / aside / rel
         check_inside(dest, root)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -210,7 +212,7 @@ def remove_written(root: str | os.PathLike, rel: str, aside: Optional[str] = Non
     else:
         path.unlink(missing_ok=True)
     _save_written(root, have - {rel})
-    return True
+    return existed
 
 
 def _umask() -> int:

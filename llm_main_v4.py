@@ -115,6 +115,7 @@ def _run(cfg: PipelineConfig, argv: Optional[list], out: Path, configs: dict, te
             if manifest["steps"][step]["skipped"] is not True:  # a skipped step's numbers are logged already
                 trackers.step(step, run.results)
     _drop_stale(run, previous)
+    _set_aside_stale_exports(run)
     # The variant x measure matrix, derived from the sections above (a rerun of any step redraws it).
     run.results["robustness"] = robustness_matrix(IO.to_strict_json(run.results))
     t = time.perf_counter()
@@ -172,10 +173,11 @@ def _built_on(run: Run, step: str) -> str:
 
 def _drop_stale(run: Run, previous: dict, before: Optional[str] = None) -> None:
     """Leave out the carried-over steps (those before ``before``, or all) built on other results
-    of an earlier step than this directory now holds, or that never saw the variants of an earlier
-    variant step added since: ``--steps prune --sparsity 0.7`` into a folder evaluated at 0.5
-    drops the 0.5 perplexities rather than show them beside the 0.7 mask. Later carried steps
-    built on a dropped one follow. The earlier file is kept aside."""
+    of an earlier step than this directory now holds: ``--steps prune --sparsity 0.7`` into a folder
+    evaluated at 0.5 drops the 0.5 perplexities rather than show them beside the 0.7 mask. Later
+    carried steps built on a dropped one follow. The earlier file is kept aside. A variant step
+    added since (``--steps noise``) drops nothing: the results of the other variants still hold,
+    and the new variants simply have none yet."""
     after, done, carried = run.results["steps_after"], run.results["steps_done"], run.results["manifest"]["carried_over"]
     for step in [s for s in ALL_STEPS if s in carried]:
         if before and ALL_STEPS.index(step) >= ALL_STEPS.index(before):
@@ -183,9 +185,16 @@ def _drop_stale(run: Run, previous: dict, before: Optional[str] = None) -> None:
         built_on = after.get(step)  # None: an older results.json, which did not say
         if not isinstance(built_on, dict):
             continue
-        changed = [s for s in ALL_STEPS[:ALL_STEPS.index(step)] if done.get(s) != built_on.get(s)
-                   and (s in built_on or STEPS[s].variants)]  # a new variant step: variants it never saw
+        changed = [s for s in ALL_STEPS[:ALL_STEPS.index(step)] if s in built_on and done.get(s) != built_on[s]]
         if not changed:
+            # A variant step added since (``--steps noise`` into a finished run) made new variants; what
+            # this step measured of the others still holds, so it is kept: only the new ones lack it.
+            added = [s for s in ALL_STEPS[:ALL_STEPS.index(step)] if s in done and s not in built_on
+                     and STEPS[s].variants]
+            if added and not getattr(run, f"noted_{step}", False):
+                log.info("step %s: its recorded results are kept; the variants of step %s, added since, are not "
+                         "among them (run --steps %s to measure them too)", step, ", ".join(added), step)
+                setattr(run, f"noted_{step}", True)
             continue
         if STEPS[step].variants and isinstance(run.results.get(step), dict):
             for name in _hook(step, "variants_of")(run, run.results[step]):
@@ -200,6 +209,21 @@ def _drop_stale(run: Run, previous: dict, before: Optional[str] = None) -> None:
         log.warning("step %s: its recorded results were not made on what step(s) %s now hold; left out "
                     "(kept in %s). Run --steps %s to measure them again",
                     step, ", ".join(changed), aside.name, step)
+
+
+def _set_aside_stale_exports(run: Run) -> None:
+    """An export folder that results.json no longer lists (its results dropped as stale, or the export
+    now off) goes where stale results go: ``<out>/stale/export/<name>``. Only folders this tool's
+    manifest says it wrote are moved; a folder of the user's in ``export/`` stays."""
+    if C.dist_rank_world()[0] != 0:
+        return
+    listed = R.field(run.results, "export", "variants", kind=dict, default={})
+    kept = {f"export/{Path(str(R.field(v, 'path', default=''))).name}" for v in listed.values()}
+    moved = [rel for rel in sorted(IO.written(run.out)) if rel.startswith("export/") and rel.count("/") == 1
+             and rel not in kept and IO.remove_written(run.out, rel, aside="stale")]
+    if moved:
+        log.warning("exports no longer in results.json moved to %s: %s", run.out / "stale" / "export",
+                    ", ".join(m.split("/", 1)[1] for m in moved))
 
 
 def _earlier_config(out: Path) -> dict:
@@ -294,7 +318,7 @@ def _warn_ignored(cfg: PipelineConfig, configs: dict) -> None:
                                                                      getattr(part, f.name) != preset.get(step, {}).get(f.name, f.default)):
                 unread.setdefault(step, []).append(flag)
     if unread:
-        log.warning("%s: no effect here, as step %s is not run (--steps %s)", ", ".join(sum(unread.values(), [])),
+        log.warning("%s: no effect here, as step %s is not run (--steps %s)", ", ".join(dict.fromkeys(sum(unread.values(), []))),
                     ", ".join(unread), ",".join(configs))
 
 

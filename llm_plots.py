@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import LogNorm, SymLogNorm  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator  # noqa: E402
 
+import llm_io as IO
 import llm_results as R
 from llm_common import UserError, error_line
 
@@ -353,7 +354,27 @@ def make_plots(results: dict, out: Path) -> dict:
             (results.get("noise") or {}).get("map"))
         add("activations", plot_activation_profile, an["activation_profile"], d / "activations.png",
             an.get("super_weight_layers", []))
+    _set_aside_stale_figures(out, plots)
     return plots
+
+
+# Every figure file make_plots may draw (plots/<stem>.png, .pdf, .caption.txt).
+FIGURE_STEMS = ("finetune_loss", "prune_sparsity_per_layer", "prune_curves", "pareto", "quantize_bits_per_layer",
+                "noise_sweep", "noise_map", "attack_sweep", "robustness_heatmap", "sensitivity_heatmaps", "activations")
+
+
+def _set_aside_stale_figures(out: Path, plots: dict) -> None:
+    """A figure of results that are no longer in results.json (dropped as stale, or a step now off)
+    goes where stale results go: moved to ``<out>/stale/plots/``, never left in ``plots/`` beside
+    the figures of this run's results. Only files this tool's manifest says it wrote are moved."""
+    drawn, moved = set(plots.values()), []
+    for stem in FIGURE_STEMS:
+        if f"plots/{stem}.png" not in drawn:
+            moved += [f"{stem}{ext}" for ext in (".png", ".pdf", ".caption.txt")
+                      if IO.remove_written(out, f"plots/{stem}{ext}", aside="stale")]
+    if moved:
+        log.warning("figures of results no longer in results.json moved to %s: %s", Path(out) / "stale" / "plots",
+                    ", ".join(moved))
 
 
 def plot_robustness(matrix: dict, path) -> Path:
