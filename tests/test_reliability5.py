@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import llm_io as IO
 import llm_main_v4 as M
@@ -195,3 +196,53 @@ def test_a_read_only_output_folder_is_one_error_line(tmp_path, capsys, monkeypat
             else ["--compare", str(run), str(_finished(tmp_path / "b", 30.0)), "--output-dir", str(out)])
     assert M.main(argv) == 2
     assert "cannot write into" in one_error(capsys)
+
+
+# --------------------------------------------------------------------------- 4. nothing silently wrong
+
+@pytest.fixture(scope="module")
+def ct_export(tmp_path_factory, tok):
+    """A compressed-tensors (pack-quantized, 4-bit, group 32) export of a tiny Llama."""
+    import functools
+
+    import llm_compress as LC
+    import llm_export as E
+    from test_export import _quantized_variant, make_llama_of
+
+    d = tmp_path_factory.mktemp("ct")
+    m = make_llama_of(64)
+    recs, ckpt, bits_of = _quantized_variant(m, d, 4, 32)
+    E.export_variants(m, tok, {"quantized": functools.partial(LC.coded_weights, path=ckpt)}, d / "x",
+                      E.ExportConfig(enabled=True, quant_format="compressed-tensors"),
+                      codes={"quantized": (ckpt, bits_of)})
+    return d / "x" / "quantized"
+
+
+def _tampered(path: Path, to: Path, key_end: str, change) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(path, to)
+    state = load_file(str(to / "model.safetensors"))
+    key = next(k for k in sorted(state) if k.endswith(key_end))
+    state[key] = change(state[key])
+    save_file(state, str(to / "model.safetensors"), metadata={"format": "pt"})
+    return to
+
+
+@pytest.mark.parametrize("key,change", [
+    ("q_proj.weight_scale", lambda t: t[:, :1].contiguous()),            # one scale per row: broadcast
+    ("q_proj.weight_scale", lambda t: t.repeat(1, 2)),                   # twice the groups
+    ("q_proj.weight_scale", lambda t: t.to(torch.int32)),                # not a float
+    ("up_proj.weight_zero_point", lambda t: t[:1].contiguous()),         # zero points of too few rows
+    ("k_proj.weight_packed", lambda t: t[:, :-1].contiguous()),          # codes cut short
+    ("down_proj.weight_shape", lambda t: t.flip(0).contiguous()),        # the shape, transposed
+    ("embed_tokens.weight", lambda t: t[:-1].contiguous()),              # a dense tensor of the wrong shape
+    ("norm.weight", lambda t: t.to(torch.int32)),                        # a dense tensor that is not float
+])
+def test_a_compressed_tensors_export_with_a_wrong_tensor_is_refused(ct_export, tmp_path, key, change):
+    import llm_export as E
+
+    E.load_compressed_tensors(ct_export)  # the export as written loads
+    bad = _tampered(ct_export, tmp_path / "bad", key, change)
+    with pytest.raises(ValueError, match=key.split(".")[-1]):
+        E.load_compressed_tensors(bad)
