@@ -121,6 +121,7 @@ def _run(cfg: PipelineConfig, argv: Optional[list], out: Path, configs: dict, te
     t = time.perf_counter()
     run.results["plots"] = make_plots(IO.to_strict_json(run.results), out)
     manifest["plots_s"] = time.perf_counter() - t
+    manifest["peak_rss_mib"] = LM.peak_rss_mib()  # the whole run's, plots included: what the OS reports
     run.save()
     _write_config(run, earlier_sections)
     if C.dist_rank_world()[0] == 0:
@@ -151,11 +152,18 @@ def _run_step(run: Run, step: str, config, prev_fp: str, done_fp: Optional[str],
         # "off": the step was switched off and made nothing; it is recorded so, never as run.
         skip = "off" if _hook(step, "pipeline_step")(run, config) == "off" else False
     tb = time.perf_counter()
-    manifest["steps"][step] = {"wall_s": tb - t, "peak_memory_mb": LM.peak_memory_mb(device), "skipped": skip}
+    manifest["steps"][step] = {"wall_s": tb - t, **_memory(device), "skipped": skip}
     run.results["steps_done"][step] = fp
     run.save()
     manifest["bookkeeping_s"] += time.perf_counter() - tb
     return fp, same
+
+
+def _memory(device) -> dict:
+    """What memory a step's manifest entry names, each by what it measures: the process's peak RSS so
+    far (host memory, as the OS reports it) and, on CUDA, the torch allocator's peak in the step."""
+    cuda = {"peak_cuda_allocated_mib": LM.peak_memory_mb(device)} if device.type == "cuda" else {}
+    return {"peak_rss_mib": LM.peak_rss_mib(), **cuda}
 
 
 def _inputs(run: Run, step: str) -> dict:
@@ -346,7 +354,7 @@ def _start(cfg: PipelineConfig, out: Path, argv: Optional[list], texts: dict, de
                                  "overridden": list(rc.preset_overrides), "differs": list(p.differs)}
     run.results["manifest"] = {"command": _command(cfg, argv), "git_commit": C.git_commit(),
         "versions": run.results["versions"], "device": str(device), "dtype": dtype, "seeds": {"seed": rc.seed},
-        "steps": {"load": {"wall_s": time.perf_counter() - t0, "peak_memory_mb": LM.peak_memory_mb(device)}},
+        "steps": {"load": {"wall_s": time.perf_counter() - t0, **_memory(device)}},
         "bookkeeping_s": 0.0}
     return run
 

@@ -246,3 +246,177 @@ def test_a_compressed_tensors_export_with_a_wrong_tensor_is_refused(ct_export, t
     bad = _tampered(ct_export, tmp_path / "bad", key, change)
     with pytest.raises(ValueError, match=key.split(".")[-1]):
         E.load_compressed_tensors(bad)
+
+
+def test_no_figure_uses_offset_or_scientific_tick_notation(tmp_path):
+    """Every figure make_plots draws, from results whose values invite matplotlib's offset and
+    multiplier (sparsities 0.5000000 and 0.5000046, losses of 1e-7, traces of 1e9): every tick
+    label is a plain number, with no offset or multiplier text beside the axis."""
+    import re
+
+    import llm_plots as P
+    from test_figures import fixture_results
+
+    res = fixture_results()
+    for k, g in enumerate(res["prune"]["grid"]):  # three methods at 0.5, 0.5000023 and 0.5000046
+        g["overall_sparsity"] = g["target_sparsity"] = 0.5 + 2.3e-6 * (k % 3)
+    res["finetune"]["train_losses"] = [1e-7 * (1 + k / 10) for k in range(4)]
+    res["analysis"]["activation_profile"]["down_out_max"] = [1e9 + k for k in range(4)]
+    figures = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(P.plt, "close", lambda fig=None: figures.append(fig))  # kept open to be read back
+        drawn = P.make_plots(res, tmp_path)
+    assert {"prune_curves", "finetune", "activations", "noise_sweep"} <= set(drawn)
+    sci = re.compile(r"\d[eE][-+−]?\d|×|\$|\^")
+    for fig in (f for f in figures if f is not None):
+        fig.canvas.draw()
+        for ax in fig.axes:
+            for axis in (ax.xaxis, ax.yaxis):
+                assert axis.get_offset_text().get_text() == "", (fig, axis.get_offset_text().get_text())
+                for t in axis.get_ticklabels():
+                    assert not sci.search(t.get_text()), (ax.get_xlabel(), ax.get_ylabel(), t.get_text())
+        P.plt.close(fig)
+
+
+def test_the_report_states_what_this_run_measured_and_names_its_memory(finished_run, tmp_path):
+    """No fact of another measurement (the embedded model's "29.19 -> 40.60") in any report; the
+    memory lines say what they measure, and the run's peak RSS is getrusage's, as the OS reports."""
+    import resource
+
+    import llm_model as LM
+    import llm_report as RP
+
+    res = json.loads((finished_run / "results.json").read_text())
+    peak = res["manifest"]["peak_rss_mib"]
+    assert 0 < peak <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 + 1
+    assert all("peak_rss_mib" in st for st in res["manifest"]["steps"].values())
+    md = RP.report_markdown({**res, "model": LM.EMBEDDED_NAME, "dataset": {"eval": {"source": "my.txt"}}})
+    assert "29.19" not in md and "40.60" not in md
+    assert "max RSS, as the OS reports it" in md and "peak RSS so far (MiB)" in md
+    assert "peak memory (MiB)" not in md
+
+
+# --------------------------------------------------------------------------- 5. results kept, flags checked early
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """A run that would load the model fails the test: these refusals come before any loading."""
+    import llm_model as LM
+
+    def load(*a, **k):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(LM, "load_model", load)
+
+
+@pytest.mark.parametrize("flags,words", [
+    (("--steps", "prune,noise", "--robustness-variants", "nosuch[*]"), "'nosuch[*]' names no variant"),
+    (("--steps", "prune,noise", "--robustness-variants", "quantized"), "'quantized' names no variant"),
+    (("--steps", "prune,noise", "--robustness-variants", "ALL"), "lower case"),
+    (("--steps", "prune,noise", "--robustness-variants", "noisy,pruned[x]"), "'pruned[x]' names no variant"),
+    (("--steps", "prune,noise", "--robustness-variants", "pruned,pruned"), "pruned given twice"),
+    (("--steps", "prune,noise", "--robustness-variants", "live, noisy ,noisy"), "noisy given twice"),
+    (("--steps", "prune,quantize", "--quant-method", "rtn", "--quantize-from", "nosuch[*]"),
+     "--quantize-from: 'nosuch[*]' names no variant"),
+    (("--steps", "prune,quantize", "--quant-method", "rtn", "--quantize-from", "quantized"),
+     "--quantize-from: 'quantized' names no variant"),
+    (("--steps", "quantize", "--quant-method", "rtn", "--quantize-from", "pruned"), "'pruned' names no variant"),
+    (("--steps", "prune,quantize", "--quant-method", "rtn", "--quantize-from", "ALL"), "lower case"),
+    (("--steps", "prune,quantize", "--quant-method", "rtn", "--quantize-from", "live,live"), "live given twice"),
+    (("--steps", "prune,adversarial", "--robustness-variants", "quantized*"), "'quantized*' names no variant"),
+])
+def test_variant_patterns_are_checked_before_loading(tiny_run_dir, tmp_path, capsys, no_loading, flags, words):
+    assert M.main(tiny_argv(tiny_run_dir, tmp_path / "out", *flags)) == 2
+    assert words in one_error(capsys)
+
+
+@pytest.mark.parametrize("flags", [
+    ("--steps", "prune,quantize,noise", "--quant-method", "rtn", "--quantize-from", "live,pruned",
+     "--robustness-variants", "pruned+quantized,noisy,live"),
+    ("--steps", "prune,quantize", "--quant-method", "rtn", "--quantize-from", "pruned[*]", "--sparsity", "0.3,0.5"),
+    ("--steps", "noise", "--robustness-variants", "pruned"),  # a variant an earlier run in the folder made
+])
+def test_patterns_that_the_planned_variants_satisfy_reach_the_model(tiny_run_dir, finished_run, tmp_path, capsys,
+                                                                    no_loading, flags):
+    out = _copy(finished_run, tmp_path / "out")
+    with pytest.raises(AssertionError, match="loaded"):
+        M.main(tiny_argv(tiny_run_dir, out, *flags))
+
+
+def test_a_flag_typed_at_its_default_that_has_no_effect_is_named(tiny_run_dir, tmp_path, caplog, no_loading):
+    with pytest.raises(AssertionError, match="loaded"):
+        M.main(tiny_argv(tiny_run_dir, tmp_path / "out", "--steps", "quantize,eval", "--quant-method", "none",
+                         "--quantize-from", "live"))
+    assert "--quantize-from has no effect here: --quant-method none makes no quantized variant" in caplog.text
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfeh\x00i\x00\n\x00" * 50, "caf\u00e9 ok\n".encode("utf-16"),
+                                     bytes(range(256)) * 4, b"", b" \n\n\t\n", b"text\x00with a NUL\n" * 20])
+@pytest.mark.parametrize("where", ["data-dir", "file"])
+def test_a_corpus_that_is_not_text_is_one_error_line_before_loading(tiny_run_dir, tmp_path, capsys, no_loading,
+                                                                   content, where):
+    raw = tmp_path / "d" / "wikitext-2-raw" / "wiki.test.raw"
+    raw.parent.mkdir(parents=True)
+    raw.write_bytes(content)
+    flags = (("--dataset", "wikitext2", "--data-dir", str(tmp_path / "d")) if where == "data-dir"
+             else ("--dataset", str(raw)))
+    argv = tiny_argv(tiny_run_dir, tmp_path / "out", "--steps", "eval")
+    argv[argv.index("--dataset"):argv.index("--dataset") + 2] = flags
+    assert M.main(argv) == 2
+    assert "corpus" in one_error(capsys)
+
+
+def test_a_chat_template_the_tokenizer_lacks_is_refused_before_loading(tiny_run_dir, tmp_path, capsys, no_loading):
+    for flags, words in ((("--apply-chat-template",), "has no chat template"),
+                         (("--apply-chat-template", "--fewshot-as-multiturn", "on"), "has no chat template"),
+                         (("--fewshot-as-multiturn", "on"), "needs --apply-chat-template"),
+                         (("--fewshot-as-multiturn", "on", "--num-fewshot", "2"), "needs --apply-chat-template")):
+        argv = tiny_argv(tiny_run_dir, tmp_path / "out", "--steps", "zeroshot", "--zeroshot", "on", "--tasks", "x",
+                         *flags)
+        assert M.main(argv) == 2
+        assert words in one_error(capsys)
+
+
+def test_a_tokenizer_without_chat_template_is_refused_right_after_loading(tok):
+    """A hub model or a GGUF file cannot be looked into before loading: the loaded tokenizer is."""
+    import llm_config as K
+    import llm_zeroshot as Z
+
+    cfg = K.ZeroShotConfig(enabled=True, apply_chat_template=True)
+    with pytest.raises(IO.UserError, match="no chat template"):
+        Z.check_tokenizer(tok, cfg)
+    Z.check_tokenizer(tok, K.ZeroShotConfig(enabled=True))  # not asked for: nothing to refuse
+    assert Z.prepare(cfg, cfg, K.RunConfig(model="HuggingFaceTB/SmolLM2-135M"), {}) == cfg  # cannot tell yet
+
+
+def test_adding_a_variant_step_keeps_the_other_steps_results(tiny_run_dir, finished_run, tmp_path):
+    """--steps noise into a finished run keeps eval's perplexities of base and pruned (the new noisy
+    variant just has none yet); --steps eval then adds the noisy one and keeps the others' values."""
+    out = _copy(finished_run, tmp_path / "out")
+    before = json.loads((out / "results.json").read_text())["perplexity"]
+    assert M.main(tiny_argv(tiny_run_dir, out, "--steps", "noise")) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["perplexity"] == before and "eval" in res["steps_done"] and "eval" in res["manifest"]["carried_over"]
+    assert not (out / "results.json.stale").exists()
+    assert M.main(tiny_argv(tiny_run_dir, out, "--steps", "eval")) == 0
+    after = json.loads((out / "results.json").read_text())["perplexity"]
+    assert set(after) == {*before, "noisy"} and all(after[k] == pytest.approx(v) for k, v in before.items())
+
+
+def test_figures_and_exports_of_dropped_results_go_where_stale_results_go(tiny_run_dir, tmp_path):
+    out = tmp_path / "out"
+    assert M.main(tiny_argv(tiny_run_dir, out, "--steps", "prune,noise,eval,export", "--export")) == 0
+    (out / "plots" / "mine.png").write_text("mine")
+    (out / "export" / "mine").mkdir()
+    drawn = {p.name for p in (out / "plots").iterdir()}
+    assert {"noise_sweep.png", "robustness_heatmap.pdf", "pareto.caption.txt"} <= drawn
+    assert M.main(tiny_argv(tiny_run_dir, out, "--steps", "prune", "--sparsity", "0.7")) == 0  # drops the rest
+    res = json.loads((out / "results.json").read_text())
+    assert "noise" not in res and "export" not in res and (out / "results.json.stale").is_file()
+    left = {p.name for p in (out / "plots").iterdir()}
+    assert not {n for n in left if n.startswith(("noise_sweep", "robustness_heatmap", "pareto"))}
+    assert {"mine.png", "prune_sparsity_per_layer.png"} <= left
+    stale = {p.name for p in (out / "stale" / "plots").iterdir()}
+    assert {"noise_sweep.png", "noise_sweep.pdf", "noise_sweep.caption.txt", "pareto.png"} <= stale
+    assert sorted(p.name for p in (out / "export").iterdir()) == ["mine"]
+    assert {"base", "pruned", "noisy"} <= {p.name for p in (out / "stale" / "export").iterdir()}
