@@ -292,8 +292,9 @@ def _check_variant_patterns(configs: dict, out: Path) -> None:
     (each step's ``planned`` hook; a superset, so nothing valid is refused) and those an earlier run
     into ``out`` left. A typo, ``ALL`` or a variant of a step that is not run fails now, not after
     the steps before it ran."""
-    try:  # read only: a results.json not ours is dealt with (moved aside) under the lock, later
-        earlier = R.field(IO.read_json(out / "results.json"), "variants", kind=dict, default={})
+    try:  # never touched here: a results.json not ours is dealt with (moved aside) under the lock, later
+        earlier = R.field(R.read_results(out, foreign=True), "variants", kind=dict, default={}) \
+            if (out / "results.json").is_file() else {}
     except (OSError, ValueError):
         earlier = {}
     names, live = list(dict.fromkeys(["base", *map(str, earlier)])), "base"

@@ -298,6 +298,11 @@ def test_the_report_states_what_this_run_measured_and_names_its_memory(finished_
 
 # --------------------------------------------------------------------------- 5. results kept, flags checked early
 
+# A noise step in seconds: one sweep point, one seed, a small Fisher, no map.
+NOISE_FAST = ("--sweep-eps", "0.1", "--sweep-seeds", "1", "--sweep-tokens", "64", "--sweep-seq-len", "32",
+              "--noise-fisher-windows", "1", "--noise-fisher-seq-len", "32", "--noise-map", "off")
+
+
 @pytest.fixture
 def no_loading(monkeypatch):
     """A run that would load the model fails the test: these refusals come before any loading."""
@@ -394,7 +399,7 @@ def test_adding_a_variant_step_keeps_the_other_steps_results(tiny_run_dir, finis
     variant just has none yet); --steps eval then adds the noisy one and keeps the others' values."""
     out = _copy(finished_run, tmp_path / "out")
     before = json.loads((out / "results.json").read_text())["perplexity"]
-    assert M.main(tiny_argv(tiny_run_dir, out, "--steps", "noise")) == 0
+    assert M.main(tiny_argv(tiny_run_dir, out, "--steps", "noise", *NOISE_FAST)) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["perplexity"] == before and "eval" in res["steps_done"] and "eval" in res["manifest"]["carried_over"]
     assert not (out / "results.json.stale").exists()
@@ -405,7 +410,7 @@ def test_adding_a_variant_step_keeps_the_other_steps_results(tiny_run_dir, finis
 
 def test_figures_and_exports_of_dropped_results_go_where_stale_results_go(tiny_run_dir, tmp_path):
     out = tmp_path / "out"
-    assert M.main(tiny_argv(tiny_run_dir, out, "--steps", "prune,noise,eval,export", "--export")) == 0
+    assert M.main(tiny_argv(tiny_run_dir, out, "--steps", "prune,noise,eval,export", "--export", *NOISE_FAST)) == 0
     (out / "plots" / "mine.png").write_text("mine")
     (out / "export" / "mine").mkdir()
     drawn = {p.name for p in (out / "plots").iterdir()}
