@@ -69,9 +69,10 @@ class RunConfig(StepConfig):
                                  choices=("wanda", "sparsegpt", "superweight"), results=False, shown="none")
     preset_overrides: tuple = knob((), "the preset's fields that the config file or flags changed (set by "
                                        "the command line)", cli=False, results=False)
-    flags_given: tuple = knob((), "the flags the command line or --config file gave, whatever their value (set by "
-                                  "the command line; a flag given at its default that has no effect is named too)",
-                              cli=False, results=False)
+    # compare=False: two configs of the same values are equal however they were spelled (flags or a file)
+    flags_given: tuple = dataclasses.field(default=(), compare=False, metadata=knob(
+        (), "the flags the command line or --config file gave, whatever their value (set by the command line; a "
+            "flag given at its default that has no effect is named too)", cli=False, results=False).metadata)
     output_dir: str = knob("data", "results, checkpoints, plots and report", results=False)
     seed: int = knob(0, "seed of every step (recorded in results.json)", bounds="[0,4294967295]")
     log_level: str = knob("INFO", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"),

@@ -195,9 +195,11 @@ def remove_written(root: str | os.PathLike, rel: str, aside: Optional[str] = Non
     touched."""
     root = Path(os.path.abspath(root))
     have = written(root)
-    if rel not in have:
-        return False
     path = root / rel
+    # An entry that is not a plain path inside the folder ("../x", "/etc/x": an edited manifest) is never
+    # acted on.
+    if rel not in have or Path(rel).is_absolute() or ".." in Path(rel).parts or _relative(path, root) is None:
+        return False
     check_inside(path, root)
     existed = path.exists() or path.is_symlink()
     if aside is not None and existed:

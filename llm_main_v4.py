@@ -498,6 +498,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except C.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the file system refused (read-only, no permission, gone): its one line, no traceback
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or C.error_line(e)}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # temporaries are gone (atomic writes clean up); finished steps are kept
         print("error: interrupted; run the same command again to resume from the finished steps", file=sys.stderr)
         return 130

@@ -101,6 +101,16 @@ def test_a_rebuilt_report_deletes_only_the_tables_it_wrote(tmp_path):
     assert "tables/a.csv" in IO.written(out) and "tables/gone.csv" not in IO.written(out)
 
 
+def test_an_edited_manifest_never_reaches_outside_the_folder(tmp_path):
+    out, victim = tmp_path / "out", tmp_path / "victim.csv"
+    (out / "tables").mkdir(parents=True)
+    victim.write_text("mine")
+    (out / IO.WRITTEN).write_text(json.dumps(["tables/../../victim.csv", str(victim), "tables/./../../victim.csv"]))
+    T.with_tables("## A\n\n| a |\n|---|\n| 1 |\n", out)
+    assert victim.read_text() == "mine"
+    assert not IO.remove_written(out, "../victim.csv") and victim.is_file()
+
+
 def test_report_only_keeps_the_users_own_tables(tmp_path, capsys, finished_run):
     run = _copy(finished_run, tmp_path / "run")
     (run / "tables" / "mine.csv").write_text("a,b\n")
@@ -161,6 +171,21 @@ def test_compare_shows_measures_it_does_not_know(tmp_path, capsys, measure):
     assert M.main(["--compare", str(a), str(b), "--output-dir", str(tmp_path / "cmp")]) == 0
     md = (tmp_path / "cmp" / "compare.md").read_text()
     assert "From the future" in md and "| zz |" in md
+
+
+@pytest.mark.parametrize("measure", [{"label": "Future", "unit": "", "worse": "higher", "compare": "ratio"},
+                                     {"label": "Future"}, {}])
+def test_report_only_of_a_newer_results_json_shows_its_measures(finished_run, tmp_path, capsys, measure):
+    run = _copy(finished_run, tmp_path / "run")
+    res = json.loads((run / "results.json").read_text())
+    res["robustness"]["measures"]["from_future"] = measure
+    for row in res["robustness"]["rows"].values():
+        row["cells"]["from_future"] = {"value": 1.5, "relative": 2.0}
+    (run / "results.json").write_text(json.dumps(res))
+    assert M.main(["--report-only", "--output-dir", str(run)]) == 0
+    # (a measure without a label: llm_matrix's report section heads it "None"; shown, never a crash)
+    assert measure.get("label", "None") in (run / "report.md").read_text()
+    assert (run / "plots" / "robustness_heatmap.png").is_file()
 
 
 @pytest.mark.parametrize("values", [(0.0, 0.0), (-1.0, 0.0), ("inf", "nan"), (0.0, None)])
@@ -329,6 +354,7 @@ def no_loading(monkeypatch):
     (("--steps", "prune,quantize", "--quant-method", "rtn", "--quantize-from", "ALL"), "lower case"),
     (("--steps", "prune,quantize", "--quant-method", "rtn", "--quantize-from", "live,live"), "live given twice"),
     (("--steps", "prune,adversarial", "--robustness-variants", "quantized*"), "'quantized*' names no variant"),
+    (("--steps", "prune", "--prune-from", "fine-tuned"), "--prune-from fine-tuned: this run will have no such model"),
 ])
 def test_variant_patterns_are_checked_before_loading(tiny_run_dir, tmp_path, capsys, no_loading, flags, words):
     assert M.main(tiny_argv(tiny_run_dir, tmp_path / "out", *flags)) == 2
