@@ -327,4 +327,5 @@ def _write_comparison(rows: list, out: Path) -> dict:
     IO.write_text(out / "compare.md", md)
     IO.write_text(out / "compare.html", markdown_to_html(md, out))
     rows = [{k: v for k, v in r.items() if k != "res"} for r in rows]  # the whole results.json stays out
-    return {"compare": rows, "warnings": warnings, "markdown": md, "plots": {"compare": str(plot.relative_to(out))} if plot else {}}
+    plots = {"compare": str(plot.relative_to(out))} if plot else {}
+    return {"compare": rows, "warnings": warnings, "markdown": md, "plots": plots}

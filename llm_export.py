@@ -334,12 +334,14 @@ def _check_ct_tensors(path: Path, model) -> None:
                 for key, (dtypes, shape) in need.items():
                     got = spec(f"{name}.{key}")
                     if got is None or got[0] not in dtypes or got[1] != shape:
-                        raise ValueError(f"{path}: {name}.{key} is {'missing' if got is None else f'{got[0]} {list(got[1])}'}"
+                        found = "missing" if got is None else f"{got[0]} {list(got[1])}"
+                        raise ValueError(f"{path}: {name}.{key} is {found}"
                                          f"; {w.num_bits}-bit {w.strategy} quantization (group {w.group_size}) of "
                                          f"this [{out}, {inp}] linear needs {' or '.join(dtypes)} {list(shape)}")
                 shape_of = where[f"{name}.weight_shape"].get_tensor(f"{name}.weight_shape").tolist()
                 if shape_of != [out, inp]:
-                    raise ValueError(f"{path}: {name}.weight_shape says {shape_of}, the architecture has [{out}, {inp}]")
+                    raise ValueError(f"{path}: {name}.weight_shape says {shape_of}, the architecture has "
+                                     f"[{out}, {inp}]")
 
 
 def stored_bits_per_weight(path: Path, model) -> dict:

@@ -259,6 +259,10 @@ def _write_config(run: Run, earlier: dict) -> None:
     write_config(dataclasses.replace(cfg, run=run_part, **parts), run.out / "config.yaml")
 
 
+# The folders a run writes into under --output-dir (each refused before loading if it links elsewhere).
+OUTPUT_FOLDERS = ("checkpoints", "finetuned", "export", "plots", "tables", "stale", "tensorboard")
+
+
 def _check_before_loading(cfg: PipelineConfig, out: Path) -> tuple[dict, dict, dict]:
     """Every check that needs no model: bad input fails in one line before minutes of loading.
     Returns the resolved configs of the steps to run, the texts they read, and their description."""
@@ -274,6 +278,8 @@ def _check_before_loading(cfg: PipelineConfig, out: Path) -> tuple[dict, dict, d
         c.validate()
     _warn_ignored(cfg, configs)
     IO.ensure_writable_dir(out, "--output-dir")
+    for sub in OUTPUT_FOLDERS:  # one linked out of the folder: refused now, not after the steps that write it
+        IO.check_inside(out / sub / "x", out)
     texts, described = D.load_texts(rc.dataset, rc.train_dataset, {c for s in configs for c in STEPS[s].corpora},
                                     rc.no_fallback, rc.allow_overlap, default_train="c4" if gpu else "wikitext2",
                                     local=rc.data_dir)
@@ -323,11 +329,12 @@ def _warn_ignored(cfg: PipelineConfig, configs: dict) -> None:
         part = getattr(cfg, step)
         for f in dataclasses.fields(part):
             flag = flag_of(type(part), f)
-            if f.metadata.get("cli", True) and flag not in read and (flag in given or
-                                                                     getattr(part, f.name) != preset.get(step, {}).get(f.name, f.default)):
+            changed = getattr(part, f.name) != preset.get(step, {}).get(f.name, f.default)
+            if f.metadata.get("cli", True) and flag not in read and (flag in given or changed):
                 unread.setdefault(step, []).append(flag)
     if unread:
-        log.warning("%s: no effect here, as step %s is not run (--steps %s)", ", ".join(dict.fromkeys(sum(unread.values(), []))),
+        flags = ", ".join(dict.fromkeys(sum(unread.values(), [])))  # a flag two steps share: named once
+        log.warning("%s: no effect here, as step %s is not run (--steps %s)", flags,
                     ", ".join(unread), ",".join(configs))
 
 

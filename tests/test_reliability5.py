@@ -69,6 +69,21 @@ def test_an_output_folder_that_links_outside_is_refused_and_nothing_there_is_tou
     assert all(p.read_text() == "mine" for p in elsewhere.iterdir())
 
 
+@pytest.mark.parametrize("linked", ["checkpoints", "export", "plots", "tables", "finetuned"])
+def test_a_run_into_a_folder_whose_subfolder_links_outside_is_refused_before_loading(tiny_run_dir, tmp_path, capsys,
+                                                                                    linked, monkeypatch):
+    import llm_model as LM
+
+    monkeypatch.setattr(LM, "load_model", lambda *a, **k: pytest.fail("loaded before the refusal"))
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / linked).symlink_to(elsewhere)
+    assert M.main(tiny_argv(tiny_run_dir, out, "--steps", "prune,eval,export", "--export")) == 2
+    assert "leads out of the output folder" in one_error(capsys)
+    assert not list(elsewhere.iterdir())
+
+
 def test_check_inside_follows_links_at_any_depth_and_allows_links_that_stay_inside(tmp_path):
     out, outside = tmp_path / "out", tmp_path / "outside"
     (out / "real").mkdir(parents=True)
