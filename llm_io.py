@@ -153,7 +153,12 @@ def check_inside(path: str | os.PathLike, root: Optional[str | os.PathLike] = No
     rel = _relative(path, root)
     if rel is None or not rel.parts:
         return
-    real_root, real = root.resolve(), existing_parent(Path(os.path.abspath(path)).parent)
+    here = Path(os.path.abspath(path)).parent
+    while here != root and not os.path.lexists(here):  # the deepest folder of the path that exists (or a link)
+        here = here.parent
+    if here == root:  # nothing below the folder exists yet: no link to follow
+        return
+    real_root, real = root.resolve(), here.resolve()
     if real != real_root and real_root not in real.parents:
         raise UserError(f"{path} lies behind a symbolic link that leads out of the output folder {root} (to {real}); "
                         "this tool writes only inside it: replace the link with a folder (nothing was changed)")

@@ -99,6 +99,13 @@ def test_check_inside_follows_links_at_any_depth_and_allows_links_that_stay_insi
             IO.write_text(bad, "x")
     IO.check_inside(out / "checkpoints" / "a.pt", out)
     assert not list(outside.rglob("*"))
+    (out / "real" / "dangling").symlink_to(tmp_path / "nowhere")  # a link to nothing yet: where would it lead?
+    with pytest.raises(IO.UserError, match="leads out of the output folder"):
+        IO.check_inside(out / "real" / "dangling" / "x.csv", out)
+    fresh = tmp_path / "fresh" / "deeper"  # an output folder not made yet: nothing to follow, written fine
+    with IO.writing_into(fresh):
+        IO.write_text(fresh / "tables" / "a.csv", "x")
+    assert IO.written(fresh) == {"tables/a.csv"}
 
 
 def test_a_rebuilt_report_deletes_only_the_tables_it_wrote(tmp_path):
