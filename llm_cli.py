@@ -252,7 +252,9 @@ def from_args(ns: argparse.Namespace) -> PipelineConfig:
                         if f.name in fields_of.get(name, {}) and f.name in given[name]
                         and given[name][f.name] != fields_of[name][f.name]})
     parts = {name: cls(**{**fields_of.get(name, {}), **given[name]}) for name, cls in SECTIONS.items()}
-    parts["run"] = dataclasses.replace(parts["run"], preset_overrides=tuple(overrides))
+    typed = tuple(sorted({flag_of(cls, f) for name, cls in SECTIONS.items() for f in fields(cls)
+                          if f.name in given[name]}))
+    parts["run"] = dataclasses.replace(parts["run"], preset_overrides=tuple(overrides), flags_given=typed)
     return PipelineConfig(**parts)
 
 

@@ -22,7 +22,7 @@ import llm_matrix as MX
 import llm_results as R
 import llm_stats as ST
 import llm_tables as T
-from llm_common import UserError
+from llm_common import UserError, error_line
 from llm_plots import captioned, plot_comparison
 from llm_report import markdown_to_html
 
@@ -227,6 +227,15 @@ def _paired_questions(rows: list) -> list[str]:
             "| run | variant | task | accuracy difference [95%] | McNemar p |", "|---|---|---|---|---|"] + out
 
 
+def _measure_label(rows: list, key: str) -> str:
+    """A measure's column heading: ours, else the label the run's own file gives it (a measure of a
+    newer version, or one this version does not know), else its key; never a KeyError."""
+    if key in MX.MEASURES:
+        return MX.MEASURES[key][0]
+    labels = [R.field(r["robustness"], "measures", key, "label", kind=str) for r in rows]
+    return next((str(x) for x in labels if x), str(key))
+
+
 def _matrix_lines(rows: list) -> list[str]:
     """The robustness matrices of the runs, one table: a row per (run, variant), a column per measure
     any run has; † marks a difference from the parent, inside its run, that its paired test supports."""
@@ -235,7 +244,7 @@ def _matrix_lines(rows: list) -> list[str]:
         return []
     out = _paired_lines(rows) + ["", "Robustness matrix of each run (value [95% interval]; † the paired difference from the parent "
            "in the same run excludes zero; across runs the cells are not paired).", "",
-           "| run | variant | parent | " + " | ".join(R.esc(MX.MEASURES[k][0]) for k in keys) + " |",
+           "| run | variant | parent | " + " | ".join(R.esc(_measure_label(rows, k)) for k in keys) + " |",
            "|---" * (3 + len(keys)) + "|"]
     for r in rows:
         for name, row in R.field(r["robustness"], "rows", kind=dict, default={}).items():
@@ -308,16 +317,31 @@ def compare_runs(dirs: Sequence, out: Path, output_dir_given: bool = True) -> di
     out = Path(out)
     check_output_dir(dirs, out, output_dir_given)
     rows = [_row(d, label) for d, label in zip(dirs, short_names(dirs))]
+    with IO.output_lock(out), IO.writing_into(out):  # a run writing into ``out`` meanwhile: refused
+        return _write_comparison(rows, out)
+
+
+def _write_comparison(rows: list, out: Path) -> dict:
     variants = list(dict.fromkeys(v for r in rows for v in (*r["perplexity"], *r["bits"])))  # bits: every variant
     warnings = protocol_warnings(rows)
     for w in warnings:
         log.warning("%s", w.removeprefix("warning: "))
     caption = T.compare_caption(rows)
-    with captioned(caption):
-        plot = plot_comparison(rows, variants, out / "plots" / "compare.png")
+    try:
+        with captioned(caption):
+            plot = plot_comparison(rows, variants, out / "plots" / "compare.png")
+    except UserError:  # a full disk, an unwritable folder: the one error line
+        raise
+    except Exception as e:  # values no axis can show: the table still holds every number
+        plot = None
+        log.warning("compare: plots/compare.png not drawn: %s (the table holds the numbers)", error_line(e))
+    md = compare_markdown(rows, variants, warnings)
+    if plot is None:
+        md = md.replace("\n![comparison](plots/compare.png)", "")
     # Captions and tables/*.csv, .tex as in a run's report
-    md = T.with_tables(T.with_captions(compare_markdown(rows, variants, warnings), lambda _: caption), out)
+    md = T.with_tables(T.with_captions(md, lambda _: caption), out)
     IO.write_text(out / "compare.md", md)
     IO.write_text(out / "compare.html", markdown_to_html(md, out))
     rows = [{k: v for k, v in r.items() if k != "res"} for r in rows]  # the whole results.json stays out
-    return {"compare": rows, "warnings": warnings, "markdown": md, "plots": {"compare": str(plot.relative_to(out))}}
+    plots = {"compare": str(plot.relative_to(out))} if plot else {}
+    return {"compare": rows, "warnings": warnings, "markdown": md, "plots": plots}

@@ -69,6 +69,10 @@ class RunConfig(StepConfig):
                                  choices=("wanda", "sparsegpt", "superweight"), results=False, shown="none")
     preset_overrides: tuple = knob((), "the preset's fields that the config file or flags changed (set by "
                                        "the command line)", cli=False, results=False)
+    # compare=False: two configs of the same values are equal however they were spelled (flags or a file)
+    flags_given: tuple = dataclasses.field(default=(), compare=False, metadata=knob(
+        (), "the flags the command line or --config file gave, whatever their value (set by the command line; a "
+            "flag given at its default that has no effect is named too)", cli=False, results=False).metadata)
     output_dir: str = knob("data", "results, checkpoints, plots and report", results=False)
     seed: int = knob(0, "seed of every step (recorded in results.json)", bounds="[0,4294967295]")
     log_level: str = knob("INFO", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -395,6 +399,8 @@ class QuantizeConfig(StepConfig):
                                lambda c: c.zero_point == "integer", "a float zero point's scale is fp16 already"),
                                "zero_point": (
                                lambda c: c.method != "none", "only --quant-method rtn or gptq reads it"),
+                               "source": (lambda c: c.method != "none",
+                                          "--quant-method none makes no quantized variant"),
                                "avg_bits": (lambda c: c.bit_allocation != "uniform",
                                             "only --bit-allocation hessian or fisher reads it"),
                                "sensitivity_probes": (lambda c: c.bit_allocation == "hessian",
@@ -522,6 +528,9 @@ class ZeroShotConfig(StepConfig):
     def check(self) -> None:
         if self.include_path and not os.path.isdir(os.path.expanduser(self.include_path)):
             raise UserError(f"--tasks-include: {self.include_path!r} is not a folder of task YAMLs")
+        if self.fewshot_as_multiturn and not self.apply_chat_template:  # as lm-eval's own CLI refuses it
+            raise UserError("--fewshot-as-multiturn on needs --apply-chat-template: few-shot examples become chat "
+                            "turns only inside a chat template (it would be recorded as off)")
         _, code = T.local_task_files(self.tasks, self.include_path)
         if code and not self.trust_remote_code:
             raise UserError(f"zero-shot task {code[0]} runs Python code of its own (!function), which "

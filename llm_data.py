@@ -225,7 +225,7 @@ def local_corpus(name: str, split: str, folder: Path) -> Optional[Corpus]:
         corpus.name = name
         return corpus
     *_, joiners, _, protocol = HUB_CORPORA[name]
-    rows = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    rows = checked_text(_read_utf8(path), path).splitlines(keepends=True)
     return Corpus(name, split, joiners[split].join(rows), f"{path} (local copy, one row per line)",
                   protocol=protocol)
 
@@ -279,7 +279,7 @@ def json_corpus(path: Path, split: str, files: Sequence[str]) -> Corpus:
         raise UserError(f"corpus {path} is empty")
     if split == "test":  # evaluation text as the papers' C4 validation: 1,100 documents joined by spaces
         n = min(len(ds), HUB_CORPORA["c4"][6]["test"])
-        return Corpus(str(path), split, " ".join(ds["text"][:n]), f"{path}[:{n} documents]",
+        return Corpus(str(path), split, checked_text(" ".join(ds["text"][:n]), path), f"{path}[:{n} documents]",
                       protocol=f"local JSON-lines, evaluated as get_c4's validation text: the first {n} documents "
                                f"joined by spaces, first {C4_EVAL_WINDOWS} windows scored",
                       eval_windows=C4_EVAL_WINDOWS)
@@ -327,12 +327,27 @@ def load_corpus(name: str, split: str = "test", fallback: bool = True, local: Op
             ds = datasets.load_dataset("text", data_files=files, sample_by="document", split="train")
     except Exception as e:  # noqa: BLE001 - binary or UTF-16 files fail inside the builder
         raise UserError(f"corpus {path} is not readable as UTF-8 text ({type(e).__name__})")
-    text = "\n\n".join(ds["text"])
+    return Corpus(name, split, checked_text("\n\n".join(ds["text"]), path), str(path))
+
+
+def _read_utf8(path: Path) -> str:
+    """A local corpus file as UTF-8 text; binary or UTF-16 is one UserError, before any model loads."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"corpus {path} is not UTF-8 text (binary, or UTF-16?)") from None
+    except OSError as e:
+        raise UserError(f"corpus {path} cannot be read: {e.strerror or error_line(e)}") from None
+
+
+def checked_text(text: str, path) -> str:
+    """``text`` read from ``path`` if it can be scored: not empty (or only blanks) and not binary
+    (NUL bytes: binary, or UTF-16 read as UTF-8). Every local text passes here before loading."""
     if not text.strip():
         raise UserError(f"corpus {path} is empty")
     if "\x00" in text:
         raise UserError(f"corpus {path} holds NUL bytes: binary, or UTF-16 rather than UTF-8 text")
-    return Corpus(name, split, text, str(path))
+    return text
 
 
 def _default_train_text(name: str, no_fallback: bool, local: Optional[str] = None) -> Corpus:

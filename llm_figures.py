@@ -16,11 +16,12 @@ from typing import Optional
 
 import matplotlib
 import matplotlib.text
+import numpy as np
 
 matplotlib.use("Agg")  # before pyplot: plots are files, never windows
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import (FixedLocator, FuncFormatter, MaxNLocator, NullFormatter,  # noqa: E402
-                               NullLocator)
+                               NullLocator, ScalarFormatter)
 
 import llm_io as IO
 
@@ -44,14 +45,13 @@ def captioned(text: Optional[str]):
 
 
 def plain_number(v: float) -> str:
-    """A tick label a reader reads at a glance: 20, 0.05, 1,000,000 (never mathtext 10^k)."""
-    if v == 0:
-        return "0"
-    if abs(v) >= 1e9:
-        return f"{v:.0e}".replace("e+0", "e").replace("e+", "e")
+    """A tick label a reader reads at a glance: 20, 0.05, 1,000,000, 0.0000001 (never mathtext
+    10^k, never 1e-07: four significant digits, written out)."""
+    if v == 0 or not math.isfinite(v):
+        return "0" if v == 0 else str(v)
     if abs(v) >= 1000:
         return f"{v:,.0f}"
-    return f"{v:.4g}"
+    return np.format_float_positional(float(f"{v:.4g}"), trim="-")
 
 
 def log_ticks(lo: float, hi: float) -> list[float]:
@@ -68,10 +68,17 @@ def log_ticks(lo: float, hi: float) -> list[float]:
 
 
 def _plain_ticks(ax) -> None:
-    """Log and symlog axes (colorbars too) labelled in plain numbers, never mathtext; a log axis
-    whose range holds fewer than three powers of ten gets finer ticks, so it is never unlabelled."""
+    """Every axis (colorbars too) labelled in plain numbers a reader need not decode: a linear axis
+    never with matplotlib's offset ("1e-6+5e-1" in a corner, so 0.5000000 and 0.5000046 sat at
+    opposite ends as if far apart) or a "1e7" multiplier, each tick written out in full; log and
+    symlog axes never in mathtext 10^k, and a log axis whose range holds fewer than three powers of
+    ten gets finer ticks, so it is never unlabelled."""
     for axis in (ax.xaxis, ax.yaxis):
         scale = axis.get_scale()
+        fmt = axis.get_major_formatter()
+        if scale == "linear" and isinstance(fmt, ScalarFormatter):
+            fmt.set_useOffset(False)
+            fmt.set_scientific(False)
         if scale not in ("log", "symlog"):
             continue
         if scale == "log" and not isinstance(axis.get_major_locator(), FixedLocator):

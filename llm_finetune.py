@@ -482,3 +482,8 @@ def reattach(run: Run) -> None:
             if name in state:
                 state[name].copy_(t)
     run.make_live("fine-tuned", base)
+
+
+def planned(config: FinetuneConfig, names: list, live: str) -> tuple[list, str]:
+    """Before loading: the live model becomes ``fine-tuned`` (unless --finetune none)."""
+    return (names, live) if config.mode == "none" else (names + ["fine-tuned"], "fine-tuned")

@@ -7,6 +7,7 @@ Nothing here knows about models or corpora.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import json
 import math
@@ -86,10 +87,14 @@ def clean_stale_temps(root: str | os.PathLike) -> int:
 @contextlib.contextmanager
 def output_lock(out: str | os.PathLike) -> Iterator[Path]:
     """Hold ``<out>/.llm-lock`` (it holds our PID) for the body; a second run on the same
-    directory is refused while the holder lives, and a dead holder's lock is taken over."""
+    directory is refused while the holder lives, and a dead holder's lock is taken over. Every
+    command that writes into a folder (a run, ``--report-only``, ``--compare``) holds it, so two of
+    them never rewrite each other's tables. A folder that cannot be written (read-only) is one
+    UserError, not an OSError."""
     lock = Path(out) / ".llm-lock"
     for _ in range(2):
         try:
+            Path(out).mkdir(parents=True, exist_ok=True)
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             break
         except FileExistsError:
@@ -99,6 +104,8 @@ def output_lock(out: str | os.PathLike) -> Iterator[Path]:
                                 "choose another --output-dir")
             log.warning("removing the stale lock of PID %s in %s", text or "?", out)
             lock.unlink(missing_ok=True)
+        except OSError as e:  # a read-only folder, a file named like the folder, no permission
+            raise UserError(f"cannot write into {out}: {e.strerror or error_line(e)} (nothing was changed)")
     else:
         raise UserError(f"cannot take the lock {lock}")
     try:
@@ -107,6 +114,112 @@ def output_lock(out: str | os.PathLike) -> Iterator[Path]:
         yield lock
     finally:
         lock.unlink(missing_ok=True)
+
+
+# The output folder of the command now running (``writing_into``): every path written inside it is
+# checked not to lead out of it through a link, and recorded in its manifest of what we wrote.
+_ROOT: contextvars.ContextVar[Optional[Path]] = contextvars.ContextVar("llm_output_root", default=None)
+WRITTEN = ".llm-written.json"  # the manifest: paths (relative to the folder) this tool wrote there
+
+
+@contextlib.contextmanager
+def writing_into(out: str | os.PathLike) -> Iterator[Path]:
+    """The body writes into the output folder ``out``: a path under it that a symbolic link leads
+    out of the folder is refused (``check_inside``), and each file or folder written is recorded in
+    ``<out>/.llm-written.json``, so that only what this tool wrote is ever removed or moved aside."""
+    root = Path(os.path.abspath(out))
+    token = _ROOT.set(root)
+    try:
+        yield root
+    finally:
+        _ROOT.reset(token)
+
+
+def _relative(path: str | os.PathLike, root: Optional[Path]) -> Optional[Path]:
+    """``path`` relative to ``root`` by name (no link followed), or None when it lies elsewhere."""
+    if root is None:
+        return None
+    try:
+        return Path(os.path.abspath(path)).relative_to(root)
+    except ValueError:
+        return None
+
+
+def check_inside(path: str | os.PathLike, root: Optional[str | os.PathLike] = None) -> None:
+    """Refuse (UserError) a ``path`` under the output folder ``root`` (default: the one of
+    ``writing_into``) whose folders, links followed, lead out of it: a ``tables`` or ``plots`` that
+    links elsewhere would have us write and delete files in a folder the user never gave us."""
+    root = Path(os.path.abspath(root)) if root is not None else _ROOT.get()
+    rel = _relative(path, root)
+    if rel is None or not rel.parts:
+        return
+    here = Path(os.path.abspath(path)).parent
+    while here != root and not os.path.lexists(here):  # the deepest folder of the path that exists (or a link)
+        here = here.parent
+    if here == root:  # nothing below the folder exists yet: no link to follow
+        return
+    real_root, real = root.resolve(), here.resolve()
+    if real != real_root and real_root not in real.parents:
+        raise UserError(f"{path} lies behind a symbolic link that leads out of the output folder {root} (to {real}); "
+                        "this tool writes only inside it: replace the link with a folder (nothing was changed)")
+
+
+def written(root: str | os.PathLike) -> set:
+    """The paths (relative, as text) that this tool recorded writing into ``root``."""
+    try:
+        items = read_json(Path(root) / WRITTEN, limit=2 ** 24)
+    except (OSError, ValueError):
+        return set()
+    return {x for x in items if isinstance(x, str)} if isinstance(items, list) else set()
+
+
+def _save_written(root: Path, items: set) -> None:
+    """The manifest itself, written atomically without being recorded in itself."""
+    tmp = root / f"{TMP_PREFIX}{os.getpid()}-{WRITTEN}"
+    try:
+        tmp.write_text(json.dumps(sorted(items), indent=0) + "\n")
+        os.replace(tmp, root / WRITTEN)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {root / WRITTEN}: {e.strerror or error_line(e)}")
+
+
+def _record(path: Path) -> None:
+    root = _ROOT.get()
+    rel = _relative(path, root)
+    if rel is None or not rel.parts or rel.name == WRITTEN:
+        return
+    have = written(root)
+    if rel.as_posix() not in have:
+        _save_written(root, have | {rel.as_posix()})
+
+
+def remove_written(root: str | os.PathLike, rel: str, aside: Optional[str] = None) -> bool:
+    """Remove ``<root>/<rel>`` (or, with ``aside``, move it to ``<root>/<aside>/<rel>``) only if this
+    tool's manifest says it wrote it; True if there was one to remove. A file of the user's is never
+    touched."""
+    root = Path(os.path.abspath(root))
+    have = written(root)
+    path = root / rel
+    # An entry that is not a plain path inside the folder ("../x", "/etc/x": an edited manifest) is never
+    # acted on.
+    if rel not in have or Path(rel).is_absolute() or ".." in Path(rel).parts or _relative(path, root) is None:
+        return False
+    check_inside(path, root)
+    existed = path.exists() or path.is_symlink()
+    if aside is not None and existed:
+        dest = root / aside / rel
+        check_inside(dest, root)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        os.replace(path, dest)
+    elif path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+    _save_written(root, have - {rel})
+    return existed
 
 
 def _umask() -> int:
@@ -158,6 +271,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     ``path`` that links to a folder raise a UserError that says so; the previous ``path`` is intact.
     """
     path = Path(path)
+    check_inside(path)  # inside the output folder, no link may lead out of it
     if path.is_symlink() and path.is_dir():  # a folder the user linked here: never replaced or written through
         raise UserError(f"{path} is a symbolic link to a folder; this tool does not replace it: move it away "
                         "(nothing was changed)")
@@ -185,6 +299,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(target, path)
         except OSError as e:
             raise UserError(f"cannot replace {path}: {e.strerror or error_line(e)}")
+        _record(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -27,7 +27,7 @@ import math
 import re
 import typing
 from dataclasses import field, fields
-from typing import ClassVar, Optional
+from typing import ClassVar, Optional, Sequence
 
 import llm_model as LM
 from llm_common import UserError
@@ -128,10 +128,12 @@ class StepConfig:
             out["filter_prompts"] = max(out["filter_prompts"], 2)  # bounds: a filter needs two
         return dataclasses.replace(self, **out)
 
-    def ignored(self) -> list:
-        """(flag, why) of each field set away from its default that these settings do not read."""
+    def ignored(self, given: Sequence = ()) -> list:
+        """(flag, why) of each field set away from its default, or whose flag is in ``given`` (typed
+        by the user, default value or not: ``--quantize-from live``), that these settings do not read."""
         return [(flag_of(type(self), f), self.applies[f.name][1]) for f in fields(self)
-                if f.name in self.applies and getattr(self, f.name) != f.default and not self.applies[f.name][0](self)]
+                if f.name in self.applies and (getattr(self, f.name) != f.default or flag_of(type(self), f) in given)
+                and not self.applies[f.name][0](self)]
 
     def resolved(self, gpu: bool):
         """A copy whose unset budgets take the CPU (``gpu=False``) or GPU value."""
@@ -382,7 +384,10 @@ def parse_variant_patterns(text: str) -> tuple:
     out.append(cur.strip())
     if depth != 0 or not all(out):
         raise ValueError("all, live, or a comma list of variant names or patterns such as pruned[*]")
-    return tuple(dict.fromkeys(out))
+    twice = sorted({p for p in out if out.count(p) > 1})
+    if twice:  # as a grid flag refuses a repeated value: a repeat is a slip, never meant
+        raise ValueError(f"a list without repeats ({', '.join(twice)} given twice)")
+    return tuple(out)
 
 
 # --------------------------------------------------------------- fields several steps share

@@ -10,6 +10,7 @@ the steps only through the registry below and the hooks each step module exposes
     pipeline_step(run, config) -> None | "off"   the step on the shared ``llm_run.Run``
     variants_of(run, section)                    a variant step's {name: weights} from its record
     check_model(model, config)                   optional: refuse right after loading
+    check_tokenizer(tokenizer, config)           optional: the same, for what the tokenizer lacks
     prepare(config, asked, run_config, texts)    optional: the config once the texts are read
     outputs_present(run)                         optional: False reruns a skipped step
     reattach(run)                                optional: an earlier run's live model back
@@ -36,11 +37,13 @@ import llm_common as C
 import llm_data as D
 import llm_io as IO
 import llm_model as LM
+import llm_results as R
+import llm_variants as V
 from llm_cli import OneLineParser, add_arguments, from_args, read_config_file, write_config
 from llm_compare import compare_runs
 from llm_config import ALL_STEPS, PipelineConfig
 from llm_presets import PRESETS
-from llm_knobs import fingerprint, flag_of
+from llm_knobs import fingerprint, flag_of, parse_variant_patterns
 from llm_matrix import finalize, power_table, robustness_matrix
 from llm_plots import make_plots
 from llm_report import rebuild_report, summary_table, write_report
@@ -85,7 +88,7 @@ def run_pipeline(cfg: PipelineConfig, argv: Optional[list] = None) -> dict:
     out = Path(cfg.run.output_dir)
     with IO.private_umask():
         configs, texts, described = _check_before_loading(cfg, out)
-        with IO.output_lock(out) if C.launch_rank() == 0 else contextlib.nullcontext():
+        with IO.output_lock(out) if C.launch_rank() == 0 else contextlib.nullcontext(), IO.writing_into(out):
             return _run(cfg, argv, out, configs, texts, described)
 
 
@@ -96,6 +99,7 @@ def _run(cfg: PipelineConfig, argv: Optional[list], out: Path, configs: dict, te
     run = _start(cfg, out, None if argv is None else list(argv), texts, described)
     for step, config in configs.items():  # a bad group or N:M pattern fails now, not after hours
         (_hook(step, "check_model") or (lambda *_: None))(run.model, config)
+        (_hook(step, "check_tokenizer") or (lambda *_: None))(run.tokenizer, config)
     run.results["steps_after"] = {}
     run.results["manifest"]["carried_over"] = _carry_over(run, configs, previous)
     manifest, chain_intact = run.results["manifest"], True
@@ -111,6 +115,7 @@ def _run(cfg: PipelineConfig, argv: Optional[list], out: Path, configs: dict, te
             if manifest["steps"][step]["skipped"] is not True:  # a skipped step's numbers are logged already
                 trackers.step(step, run.results)
     _drop_stale(run, previous)
+    _set_aside_stale_exports(run)
     # The run's one test family (every step's paired tests and the contrasts, adjusted together, in
     # place), then the variant x measure matrix derived from the sections (a rerun of any step redraws both).
     family = finalize(run.results, cfg.run.multiple_testing, cfg.run.contrast)
@@ -121,6 +126,7 @@ def _run(cfg: PipelineConfig, argv: Optional[list], out: Path, configs: dict, te
     t = time.perf_counter()
     run.results["plots"] = make_plots(IO.to_strict_json(run.results), out)
     manifest["plots_s"] = time.perf_counter() - t
+    manifest["peak_rss_mib"] = LM.peak_rss_mib()  # the whole run's, plots included: what the OS reports
     run.save()
     _write_config(run, earlier_sections)
     if C.dist_rank_world()[0] == 0:
@@ -151,11 +157,18 @@ def _run_step(run: Run, step: str, config, prev_fp: str, done_fp: Optional[str],
         # "off": the step was switched off and made nothing; it is recorded so, never as run.
         skip = "off" if _hook(step, "pipeline_step")(run, config) == "off" else False
     tb = time.perf_counter()
-    manifest["steps"][step] = {"wall_s": tb - t, "peak_memory_mb": LM.peak_memory_mb(device), "skipped": skip}
+    manifest["steps"][step] = {"wall_s": tb - t, **_memory(device), "skipped": skip}
     run.results["steps_done"][step] = fp
     run.save()
     manifest["bookkeeping_s"] += time.perf_counter() - tb
     return fp, same
+
+
+def _memory(device) -> dict:
+    """What memory a step's manifest entry names, each by what it measures: the process's peak RSS so
+    far (host memory, as the OS reports it) and, on CUDA, the torch allocator's peak in the step."""
+    cuda = {"peak_cuda_allocated_mib": LM.peak_memory_mb(device)} if device.type == "cuda" else {}
+    return {"peak_rss_mib": LM.peak_rss_mib(), **cuda}
 
 
 def _inputs(run: Run, step: str) -> dict:
@@ -173,10 +186,11 @@ def _built_on(run: Run, step: str) -> str:
 
 def _drop_stale(run: Run, previous: dict, before: Optional[str] = None) -> None:
     """Leave out the carried-over steps (those before ``before``, or all) built on other results
-    of an earlier step than this directory now holds, or that never saw the variants of an earlier
-    variant step added since: ``--steps prune --sparsity 0.7`` into a folder evaluated at 0.5
-    drops the 0.5 perplexities rather than show them beside the 0.7 mask. Later carried steps
-    built on a dropped one follow. The earlier file is kept aside."""
+    of an earlier step than this directory now holds: ``--steps prune --sparsity 0.7`` into a folder
+    evaluated at 0.5 drops the 0.5 perplexities rather than show them beside the 0.7 mask. Later
+    carried steps built on a dropped one follow. The earlier file is kept aside. A variant step
+    added since (``--steps noise``) drops nothing: the results of the other variants still hold,
+    and the new variants simply have none yet."""
     after, done, carried = run.results["steps_after"], run.results["steps_done"], run.results["manifest"]["carried_over"]
     for step in [s for s in ALL_STEPS if s in carried]:
         if before and ALL_STEPS.index(step) >= ALL_STEPS.index(before):
@@ -184,9 +198,16 @@ def _drop_stale(run: Run, previous: dict, before: Optional[str] = None) -> None:
         built_on = after.get(step)  # None: an older results.json, which did not say
         if not isinstance(built_on, dict):
             continue
-        changed = [s for s in ALL_STEPS[:ALL_STEPS.index(step)] if done.get(s) != built_on.get(s)
-                   and (s in built_on or STEPS[s].variants)]  # a new variant step: variants it never saw
+        changed = [s for s in ALL_STEPS[:ALL_STEPS.index(step)] if s in built_on and done.get(s) != built_on[s]]
         if not changed:
+            # A variant step added since (``--steps noise`` into a finished run) made new variants; what
+            # this step measured of the others still holds, so it is kept: only the new ones lack it.
+            added = [s for s in ALL_STEPS[:ALL_STEPS.index(step)] if s in done and s not in built_on
+                     and STEPS[s].variants]
+            if added and not getattr(run, f"noted_{step}", False):
+                log.info("step %s: its recorded results are kept; the variants of step %s, added since, are not "
+                         "among them (run --steps %s to measure them too)", step, ", ".join(added), step)
+                setattr(run, f"noted_{step}", True)
             continue
         if STEPS[step].variants and isinstance(run.results.get(step), dict):
             for name in _hook(step, "variants_of")(run, run.results[step]):
@@ -201,6 +222,21 @@ def _drop_stale(run: Run, previous: dict, before: Optional[str] = None) -> None:
         log.warning("step %s: its recorded results were not made on what step(s) %s now hold; left out "
                     "(kept in %s). Run --steps %s to measure them again",
                     step, ", ".join(changed), aside.name, step)
+
+
+def _set_aside_stale_exports(run: Run) -> None:
+    """An export folder that results.json no longer lists (its results dropped as stale, or the export
+    now off) goes where stale results go: ``<out>/stale/export/<name>``. Only folders this tool's
+    manifest says it wrote are moved; a folder of the user's in ``export/`` stays."""
+    if C.dist_rank_world()[0] != 0:
+        return
+    listed = R.field(run.results, "export", "variants", kind=dict, default={})
+    kept = {f"export/{Path(str(R.field(v, 'path', default=''))).name}" for v in listed.values()}
+    moved = [rel for rel in sorted(IO.written(run.out)) if rel.startswith("export/") and rel.count("/") == 1
+             and rel not in kept and IO.remove_written(run.out, rel, aside="stale")]
+    if moved:
+        log.warning("exports no longer in results.json moved to %s: %s", run.out / "stale" / "export",
+                    ", ".join(m.split("/", 1)[1] for m in moved))
 
 
 def _earlier_config(out: Path) -> dict:
@@ -228,6 +264,10 @@ def _write_config(run: Run, earlier: dict) -> None:
     write_config(dataclasses.replace(cfg, run=run_part, **parts), run.out / "config.yaml")
 
 
+# The folders a run writes into under --output-dir (each refused before loading if it links elsewhere).
+OUTPUT_FOLDERS = ("checkpoints", "finetuned", "export", "plots", "tables", "stale", "tensorboard")
+
+
 def _check_before_loading(cfg: PipelineConfig, out: Path) -> tuple[dict, dict, dict]:
     """Every check that needs no model: bad input fails in one line before minutes of loading.
     Returns the resolved configs of the steps to run, the texts they read, and their description."""
@@ -243,6 +283,8 @@ def _check_before_loading(cfg: PipelineConfig, out: Path) -> tuple[dict, dict, d
         c.validate()
     _warn_ignored(cfg, configs)
     IO.ensure_writable_dir(out, "--output-dir")
+    for sub in OUTPUT_FOLDERS:  # one linked out of the folder: refused now, not after the steps that write it
+        IO.check_inside(out / sub / "x", out)
     texts, described = D.load_texts(rc.dataset, rc.train_dataset, {c for s in configs for c in STEPS[s].corpora},
                                     rc.no_fallback, rc.allow_overlap, default_train="c4" if gpu else "wikitext2",
                                     local=rc.data_dir)
@@ -251,16 +293,40 @@ def _check_before_loading(cfg: PipelineConfig, out: Path) -> tuple[dict, dict, d
         if prepare:  # ``asked``: the config as given, its budgets not yet filled
             configs[step] = prepare(config, getattr(cfg, step), rc, texts)
             configs[step].validate()
+    _check_variant_patterns(configs, out)
     return configs, texts, described
+
+
+def _check_variant_patterns(configs: dict, out: Path) -> None:
+    """Before loading: every variant pattern (``--robustness-variants``, ``--quantize-from``) must
+    choose a variant that the run will hold when its step runs: the names the variant steps will make
+    (each step's ``planned`` hook; a superset, so nothing valid is refused) and those an earlier run
+    into ``out`` left. A typo, ``ALL`` or a variant of a step that is not run fails now, not after
+    the steps before it ran."""
+    try:  # never touched here: a results.json not ours is dealt with (moved aside) under the lock, later
+        earlier = R.field(R.read_results(out, foreign=True), "variants", kind=dict, default={}) \
+            if (out / "results.json").is_file() else {}
+    except (OSError, ValueError):
+        earlier = {}
+    names, live = list(dict.fromkeys(["base", *map(str, earlier)])), "base"
+    for step, config in sorted(configs.items(), key=lambda sc: ALL_STEPS.index(sc[0])):
+        plan = _hook(step, "planned")
+        if plan:
+            names, live = plan(config, names, live)
+        ignored = {flag for flag, _ in config.ignored()}
+        for f in dataclasses.fields(config):
+            flag = flag_of(type(config), f)
+            if f.metadata.get("parse") is parse_variant_patterns and flag not in ignored:
+                V.select_variants(names, getattr(config, f.name), live, flag=flag)
 
 
 def _warn_ignored(cfg: PipelineConfig, configs: dict) -> None:
     """Name every setting that this run will not read, rather than drop it without a word: a
     field that the chosen method ignores (``StepConfig.applies``), and one of a step that is not
     run (unless a step that runs shares its flag). Preset values are not the user's: not named."""
-    preset = PRESETS[cfg.run.preset].fields if cfg.run.preset else {}
+    preset, given = PRESETS[cfg.run.preset].fields if cfg.run.preset else {}, set(cfg.run.flags_given)
     for step in configs:
-        for flag, why in getattr(cfg, step).ignored():
+        for flag, why in getattr(cfg, step).ignored(given):
             log.warning("%s has no effect here: %s", flag, why)
     read = {flag_of(type(c), f) for c in (cfg.run, *configs.values()) for f in dataclasses.fields(c)}
     unread = {}
@@ -268,11 +334,12 @@ def _warn_ignored(cfg: PipelineConfig, configs: dict) -> None:
         part = getattr(cfg, step)
         for f in dataclasses.fields(part):
             flag = flag_of(type(part), f)
-            if f.metadata.get("cli", True) and flag not in read and \
-                    getattr(part, f.name) != preset.get(step, {}).get(f.name, f.default):
+            changed = getattr(part, f.name) != preset.get(step, {}).get(f.name, f.default)
+            if f.metadata.get("cli", True) and flag not in read and (flag in given or changed):
                 unread.setdefault(step, []).append(flag)
     if unread:
-        log.warning("%s: no effect here, as step %s is not run (--steps %s)", ", ".join(sum(unread.values(), [])),
+        flags = ", ".join(dict.fromkeys(sum(unread.values(), [])))  # a flag two steps share: named once
+        log.warning("%s: no effect here, as step %s is not run (--steps %s)", flags,
                     ", ".join(unread), ",".join(configs))
 
 
@@ -300,7 +367,7 @@ def _start(cfg: PipelineConfig, out: Path, argv: Optional[list], texts: dict, de
                                  "overridden": list(rc.preset_overrides), "differs": list(p.differs)}
     run.results["manifest"] = {"command": _command(cfg, argv), "git_commit": C.git_commit(),
         "versions": run.results["versions"], "device": str(device), "dtype": dtype, "seeds": {"seed": rc.seed},
-        "steps": {"load": {"wall_s": time.perf_counter() - t0, "peak_memory_mb": LM.peak_memory_mb(device)}},
+        "steps": {"load": {"wall_s": time.perf_counter() - t0, **_memory(device)}},
         "bookkeeping_s": 0.0}
     return run
 
@@ -442,6 +509,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                            run_pipeline(cfg, sys.argv[1:] if argv is None else argv))
     except C.UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system refused (read-only, no permission, gone): its one line, no traceback
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or C.error_line(e)}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # temporaries are gone (atomic writes clean up); finished steps are kept
         print("error: interrupted; run the same command again to resume from the finished steps", file=sys.stderr)

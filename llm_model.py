@@ -70,6 +70,14 @@ def peak_memory_mb(device: Optional[torch.device] = None) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def peak_rss_mib() -> float:
+    """The process's peak resident memory so far in MiB: getrusage's ru_maxrss, the "maximum resident
+    set size" that ``/usr/bin/time -v`` and ``ps`` report for it (a child process's own peak, where
+    larger: lm-eval's workers). Unlike ``peak_memory_mb`` on GPU it is host memory, whatever the device."""
+    kib = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return kib / 1024  # Linux reports KiB
+
+
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

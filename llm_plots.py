@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import LogNorm, SymLogNorm  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator  # noqa: E402
 
+import llm_io as IO
 import llm_results as R
 from llm_common import UserError, error_line
 
@@ -313,7 +314,10 @@ def make_plots(results: dict, out: Path) -> dict:
     plots = {}
     d = out / "plots"
 
+    attempted = set()  # figure stems whose results are here (drawn, or not drawable)
+
     def add(name, fn, *args):
+        attempted.add(next(a for a in args if isinstance(a, Path)).stem)
         try:
             caption = figure_caption(results, name)
         except (KeyError, TypeError, ValueError, AttributeError) as e:  # a caption never costs a figure
@@ -353,7 +357,28 @@ def make_plots(results: dict, out: Path) -> dict:
             (results.get("noise") or {}).get("map"))
         add("activations", plot_activation_profile, an["activation_profile"], d / "activations.png",
             an.get("super_weight_layers", []))
+    _set_aside_stale_figures(out, attempted)
     return plots
+
+
+# Every figure file make_plots may draw (plots/<stem>.png, .pdf, .caption.txt).
+FIGURE_STEMS = ("finetune_loss", "prune_sparsity_per_layer", "prune_curves", "pareto", "quantize_bits_per_layer",
+                "noise_sweep", "noise_map", "attack_sweep", "robustness_heatmap", "sensitivity_heatmaps", "activations")
+
+
+def _set_aside_stale_figures(out: Path, attempted: set) -> None:
+    """A figure of results that are no longer in results.json (dropped as stale, or a step now off:
+    make_plots did not even try to draw it) goes where stale results go: moved to
+    ``<out>/stale/plots/``, never left in ``plots/`` beside the figures of this run's results. Only
+    files this tool's manifest says it wrote are moved."""
+    moved = []
+    for stem in FIGURE_STEMS:
+        if stem not in attempted:
+            moved += [f"{stem}{ext}" for ext in (".png", ".pdf", ".caption.txt")
+                      if IO.remove_written(out, f"plots/{stem}{ext}", aside="stale")]
+    if moved:
+        log.warning("figures of results no longer in results.json moved to %s: %s", Path(out) / "stale" / "plots",
+                    ", ".join(moved))
 
 
 def plot_robustness(matrix: dict, path) -> Path:
@@ -364,13 +389,17 @@ def plot_robustness(matrix: dict, path) -> Path:
     (inside the noise). Root variants have no parent: their cells stay blank."""
     measures, rows = matrix["measures"], matrix["rows"]
     keys, names = list(measures), list(rows)
+    # A measure this version does not know (a newer results.json) may lack any of these: drawn plainly.
+    compare = {k: R.field(measures, k, "compare", kind=str, default="difference") for k in keys}
+    worse = {k: R.field(measures, k, "worse", kind=str, default="higher") for k in keys}
+    labels = [R.field(measures, k, "label", kind=str, default=str(k)) for k in keys]
     grid = np.full((len(names), len(keys)), np.nan)
     for i, n in enumerate(names):
         for j, k in enumerate(keys):
             rel = (rows[n]["cells"].get(k) or {}).get("relative")
-            if isinstance(rel, (int, float)) and math.isfinite(rel) and (measures[k]["compare"] != "ratio" or rel > 0):
-                x = math.log2(rel) if measures[k]["compare"] == "ratio" else rel
-                grid[i, j] = x if measures[k]["worse"] == "higher" else -x
+            if isinstance(rel, (int, float)) and math.isfinite(rel) and (compare[k] != "ratio" or rel > 0):
+                x = math.log2(rel) if compare[k] == "ratio" else rel
+                grid[i, j] = x if worse[k] == "higher" else -x
     scale = np.nanmax(np.abs(grid), axis=0, initial=0.0)
     shown = grid / np.where(scale > 0, scale, 1.0)
     fig, ax = new_figure(figsize=(1.35 * len(keys) + 3, 0.55 * len(names) + 2.4))
@@ -385,14 +414,14 @@ def plot_robustness(matrix: dict, path) -> Path:
             if c.get("of") is not None:
                 text += f"/{c['of']}"
             if isinstance(rel, (int, float)) and math.isfinite(rel):
-                text += f"\nx{rel:.3g}" if measures[k]["compare"] == "ratio" else f"\n{rel:+.3g}"
+                text += f"\nx{rel:.3g}" if compare[k] == "ratio" else f"\n{rel:+.3g}"
             dark = math.isfinite(shown[i, j]) and abs(shown[i, j]) > 0.6
             ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if dark else "black",
                     fontweight="bold" if (vs or {}).get("significant") else "normal")
             if vs and not vs.get("significant"):
                 ax.add_patch(mpatches.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//",
                                                 edgecolor="0.7", linewidth=0))
-    ax.set_xticks(range(len(keys)), [measures[k]["label"] for k in keys], rotation=30, ha="right", fontsize=8)
+    ax.set_xticks(range(len(keys)), labels, rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(names)), [f"{n} (of {rows[n]['parent']})" if rows[n]["parent"] else n for n in names],
                   fontsize=8)
     ax.set_xlabel("measure")
@@ -415,14 +444,26 @@ def plot_comparison(rows: list, variants: list, path) -> Path:
     fig, axes = new_figure(1, len(panels), figsize=(w * len(panels), 4), squeeze=False, layout="constrained")
     width = 0.8 / max(len(rows), 1)
     for ax, (key, label, log_scale) in zip(axes[0], panels):
+        left_out = []
         for k, r in enumerate(rows):
             ys = [R.fnum((r.get(key) or {}).get(v)) for v in variants]
-            ax.bar([i + k * width for i in range(len(variants))], ys, width, label=r.get("label") or r["run"])
+            # A run that stopped early (resume exists) holds zeros, negatives or inf: a bar a log (or
+            # any) axis cannot show is left out and named, the rest is drawn.
+            shown = [y if math.isfinite(y) and (y > 0 or not log_scale) else float("nan") for y in ys]
+            left_out += [f"{r.get('label') or r['run']}: {v}" for v, y, z in zip(variants, ys, shown)
+                         if not math.isnan(y) and math.isnan(z)]
+            ax.bar([i + k * width for i in range(len(variants))], shown, width, label=r.get("label") or r["run"])
+        if left_out:
+            log.warning("compare: %s not drawn in the %s panel (not a positive finite number; the table has it)",
+                        ", ".join(left_out), key)
         # Variant names are long ("pruned[wanda,0.5]"): slanted, they never run into each other.
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(variants))], variants, rotation=30, ha="right",
                       fontsize=8)
-        if log_scale:
+        drawn = [h for c in ax.containers for h in c.datavalues if math.isfinite(h)]
+        if log_scale and drawn:
             ax.set_yscale("log")
+        if not drawn:
+            ax.text(0.5, 0.5, "no value to draw (see the table)", transform=ax.transAxes, ha="center", va="center")
         ax.set_xlabel("variant")
         ax.set_ylabel(label)
     axes[0][-1].legend(fontsize=7, title="run", title_fontsize=7)

@@ -486,3 +486,14 @@ def check_model(model, config: PruneConfig) -> None:
     calibration; every pattern of a grid (``--sparsity-pattern unstructured,2:4``) is checked."""
     for point in config.grid_points():
         check_pattern_fits(model, point.pattern)
+
+
+def planned(config: PruneConfig, names: list, live: str) -> tuple[list, str]:
+    """Before loading: the variant names the run holds after this step (one per grid point), so that
+    --robustness-variants and --quantize-from are checked against them from the flags alone."""
+    source = live if config.source == "auto" else config.source
+    if source not in names:  # names: every model the run may hold by then, so nothing valid is refused
+        raise C.UserError(f"--prune-from {config.source}: this run will have no such model (it will have "
+                          f"{', '.join(names)}); fine-tuned needs the finetune step")
+    grid = bool(config.grid_axes())
+    return names + [p.variant_name(grid) for p in config.grid_points()], live

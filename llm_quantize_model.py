@@ -373,3 +373,15 @@ def variants_of(run: Run, section: dict) -> dict:
     return {r.get("name", "quantized"): V.variant_weights(
         run.out, r, from_codes=lambda p: functools.partial(coded_weights, path=p))
         for r in section.get("grid") or [section]}
+
+
+def planned(config: QuantizeConfig, names: list, live: str) -> tuple[list, str]:
+    """Before loading: --quantize-from checked against the models the run will hold when this step
+    runs (a typo, ``quantized``, ``ALL`` or a variant of a step not run is one error line now, not
+    after the earlier steps ran), and the variant names it adds."""
+    if config.method == "none":  # no variant; --quantize-from is named as ignored
+        return names, live
+    made = [n for n in names if "+quantized" not in n and not n.startswith("quantized")]
+    sources = V.select_variants(made, config.source, live, flag="--quantize-from")
+    points = config.grid_points()
+    return names + [p.variant_name() if s == live else f"{s}+{p.variant_name()}" for s in sources for p in points], live

@@ -18,7 +18,6 @@ import markdown
 
 import llm_common as C
 import llm_io as IO
-import llm_model as LM
 import llm_matrix as M
 import llm_report_compress as RC
 import llm_report_labels as L
@@ -309,10 +308,14 @@ def _md_manifest(results: dict) -> list[str]:
         lines += ["", "## Run manifest", "", f"- command: {R.text(m.get('command'))}",
                   f"- git commit: {m.get('git_commit')}",
                   "- versions: " + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()), "",
-                  "| step | wall time (s) | peak memory (MiB) | skipped (resumed) |", "|---|---|---|---|"]
-        for step, st in m.get("steps", {}).items():
-            lines.append(f"| {step} | {R.fmt(st.get('wall_s'))} | {R.fmt(st.get('peak_memory_mb'))} | "
-                         f"{st.get('skipped', False)} |")
+                  *([f"- peak resident memory of the process (max RSS, as the OS reports it): "
+                     f"{R.fmt(m['peak_rss_mib'])} MiB = {R.fmt(m['peak_rss_mib'] * 2 ** 20 / 1e9)} GB", ""]
+                    if isinstance(m.get("peak_rss_mib"), (int, float)) else []),
+                  "| step | wall time (s) | peak RSS so far (MiB) | peak CUDA allocated in the step (MiB) | "
+                  "skipped (resumed) |", "|---|---|---|---|---|"]
+        for step, st in m.get("steps", {}).items():  # an older results.json: one peak_memory_mb, as it was
+            lines.append(f"| {step} | {R.fmt(st.get('wall_s'))} | {R.fmt(st.get('peak_rss_mib', st.get('peak_memory_mb')))} | "
+                         f"{R.fmt(st.get('peak_cuda_allocated_mib'))} | {st.get('skipped', False)} |")
     return lines
 
 
@@ -400,10 +403,6 @@ def report_markdown(results: dict) -> str:
         lines.append(f"- significance: † marks {RS.marks_words(results)}")
     lines.append(f"- seed {results.get('seed')}, device {results.get('device')}, "
                  f"dtype {results.get('dtype')}")
-    if results.get("model") == LM.EMBEDDED_NAME:
-        lines.append("- the embedded model was shipped as GGUF Q4_1 (blocks of 32, fp16 scale, unrounded minimum): "
-                     "4 bits, --quant-group 32 and --quant-zero-point float give its weights back exactly; GPTQ's "
-                     "integer zero point does not (0.3% of them; 4-bit RTN g128: WikiText-2 ppl 29.19 -> 40.60)")
     found = findings(results)
     if found:
         lines += ["", "## Findings", ""] + [f"- {f}" for f in found]
@@ -565,15 +564,19 @@ def write_report(results: dict, out: Path) -> tuple[Path, Path]:
 
 def rebuild_report(out: Path) -> dict:
     """Redraw every plot and rewrite report.md/.html from ``<out>/results.json`` alone; a file not
-    shaped like this tool's results is moved aside (one error line), never half-read."""
+    shaped like this tool's results is moved aside (one error line), never half-read. It holds the
+    folder's lock, as a run does: a report rebuilt while a run writes there is refused."""
     path = Path(out) / "results.json"
-    results = R.read_results(out)  # a file not shaped like ours is moved aside, as on a resume
-    if not results:
+    if not Path(out).is_dir():
         raise C.UserError(f"--report-only: no readable results.json in {out}")
-    try:
-        results["plots"] = make_plots(results, out)
-        write_report(results, out)
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError) as e:
-        raise C.UserError(f"--report-only: {path} has an unexpected shape ({C.error_line(e, 120)})")
-    IO.write_json(path, results)
+    with IO.output_lock(out), IO.writing_into(out):
+        results = R.read_results(out)  # a file not shaped like ours is moved aside, as on a resume
+        if not results:
+            raise C.UserError(f"--report-only: no readable results.json in {out}")
+        try:
+            results["plots"] = make_plots(results, out)
+            write_report(results, out)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError) as e:
+            raise C.UserError(f"--report-only: {path} has an unexpected shape ({C.error_line(e, 120)})")
+        IO.write_json(path, results)
     return results

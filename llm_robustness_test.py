@@ -495,3 +495,9 @@ def variants_of(run: Run, section: dict) -> dict:
 def check_model(model, config: NoiseConfig) -> None:
     """Right after loading: a bad --noise-group fails now, not after hours of fine-tuning and pruning."""
     select_params(model, config.group)
+
+
+def planned(config: NoiseConfig, names: list, live: str) -> tuple[list, str]:
+    """Before loading: the variant names the run holds after this step (``noisy``, or one per epsilon)."""
+    points = config.grid_points()
+    return names + [p.variant_name(len(points) > 1) for p in points], live

@@ -84,12 +84,37 @@ def find_tables(md: str) -> list[Table]:
     return tables
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula (OWASP, "CSV injection"):
+# "=cmd|' /C calc'!A0", "@SUM(...)", "+HYPERLINK(...)", also after leading spaces.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n")
+_PLAIN_NUMBER = re.compile(r"[-+]?(\d{1,3}(,\d{3})+(\.\d*)?|\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?")
+
+
+def csv_cell(text: str) -> str:
+    """A cell as a spreadsheet must read it: as text, never as a formula. A cell that starts
+    (after spaces) with ``= + - @``, a tab, CR or LF gets a single quote in front, OWASP's remedy,
+    unless it is a plain number (``-0.5``, ``+3``, ``-1e-05``, ``-1,234``), which stays a number, or the lone
+    ``-`` that marks a missing value. A cell that already starts with a quote gets one more, so
+    ``csv_value`` recovers every value exactly by dropping one leading quote."""
+    head = text.lstrip(" ")[:1]
+    if text.startswith("'") or (head and head in _FORMULA_START and text != "-"
+                                and not _PLAIN_NUMBER.fullmatch(text)):
+        return "'" + text
+    return text
+
+
+def csv_value(cell: str) -> str:
+    """The value behind a cell written by ``csv_cell``: one leading quote dropped."""
+    return cell[1:] if cell.startswith("'") else cell
+
+
 def csv_text(table: Table) -> str:
-    """The table as CSV: a header row, then the rows, each cell as plain text."""
+    """The table as CSV: a header row, then the rows, each cell as plain text that no spreadsheet
+    reads as a formula (``csv_cell``)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow([plain(c) for c in table.header])
-    w.writerows([plain(c) for c in r] for r in table.rows)
+    w.writerow([csv_cell(plain(c)) for c in table.header])
+    w.writerows([csv_cell(plain(c)) for c in r] for r in table.rows)
     return buf.getvalue()
 
 
@@ -119,20 +144,26 @@ def latex_text(table: Table, caption: Optional[str] = None) -> str:
 
 
 def with_tables(md: str, out: Path) -> str:
-    """Write every table of ``md`` to ``<out>/tables/<name>.csv`` and ``.tex`` (those files of an
-    earlier report, gone from this one, removed) and return ``md`` with a line under each table
-    naming its files."""
-    folder = Path(out) / "tables"
+    """Write every table of ``md`` to ``<out>/tables/<name>.csv`` and ``.tex`` and return ``md`` with
+    a line under each table naming its files. The tables of an earlier report that this one no longer
+    has are removed, but only those this tool's manifest (``llm_io.written``) says it wrote: a file of
+    the user's in ``tables/`` is kept, and a ``tables`` that links out of ``out`` is refused."""
+    out = Path(out)
+    folder = out / "tables"
     tables = find_tables(md)
-    if folder.is_dir():  # a rebuilt report with fewer tables: no stale file may pass for one of its tables
-        for old in (*folder.glob("*.csv"), *folder.glob("*.tex")):
-            old.unlink()
-    lines = md.split("\n")
-    for t in reversed(tables):  # from the end, so each table's line index still holds
-        IO.write_text(folder / f"{t.name}.csv", csv_text(t))
-        IO.write_text(folder / f"{t.name}.tex", latex_text(t))
-        lines[t.end + 1:t.end + 1] = ["", f"Table as [CSV](tables/{t.name}.csv) and "
-                                          f"[LaTeX](tables/{t.name}.tex)."]
+    with IO.writing_into(out):
+        IO.check_inside(folder / "x.csv")  # before anything is removed or written
+        names = {f"tables/{t.name}{ext}" for t in tables for ext in (".csv", ".tex")}
+        # a rebuilt report with fewer tables: no stale file of ours may pass for one of its tables
+        for rel in sorted(IO.written(out)):
+            if rel.startswith("tables/") and rel.endswith((".csv", ".tex")) and rel not in names:
+                IO.remove_written(out, rel)
+        lines = md.split("\n")
+        for t in reversed(tables):  # from the end, so each table's line index still holds
+            IO.write_text(folder / f"{t.name}.csv", csv_text(t))
+            IO.write_text(folder / f"{t.name}.tex", latex_text(t))
+            lines[t.end + 1:t.end + 1] = ["", f"Table as [CSV](tables/{t.name}.csv) and "
+                                              f"[LaTeX](tables/{t.name}.tex)."]
     return "\n".join(lines)
 
 

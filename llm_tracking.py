@@ -114,7 +114,7 @@ def wandb_mode() -> str:
 def step_metrics(step: str, results: dict) -> dict:
     """The numbers a step added to ``results``, flat and finite, for a tracker."""
     m = R.field(results, "manifest", "steps", step, kind=dict, default={})
-    out = {f"step/{step}/wall_s": m.get("wall_s"), f"step/{step}/peak_memory_mb": m.get("peak_memory_mb")}
+    out = {f"step/{step}/wall_s": m.get("wall_s"), f"step/{step}/peak_rss_mib": m.get("peak_rss_mib", m.get("peak_memory_mb"))}
     if step == "eval":
         out.update({f"perplexity/{v}": R.num(p) for v, p in R.field(results, "perplexity", kind=dict, default={}).items()})
     if step == "zeroshot":

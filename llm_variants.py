@@ -182,7 +182,8 @@ def select_variants(names: Sequence[str], patterns: Sequence[str], live: str,
             rx = re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in p) + r"\Z")
             hit = {n for n in names if rx.match(n)}
         if not hit:
+            case = " (the words all and live are lower case)" if p.lower() in ("all", "live") else ""
             raise UserError(f"{flag}: {p!r} names no variant of this run (it has "
-                            f"{', '.join(names)})")
+                            f"{', '.join(names)}){case}")
         chosen |= hit
     return [n for n in names if n in chosen]

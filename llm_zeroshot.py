@@ -26,11 +26,13 @@ import contextlib
 import copy
 import difflib
 import importlib.metadata
+import json
 import logging
 import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Mapping, Optional
 from unittest import mock
 
@@ -325,3 +327,37 @@ def pipeline_step(run: Run, config: ZeroShotConfig) -> Optional[str]:
     res = evaluate_zeroshot(run.model, run.tokenizer, run.variants, config, run.parents)
     run.results["zeroshot"] = asdict(res)
     return "off" if res.status == "off" else None
+
+
+def _chat_template_on_disk(model: Optional[str]) -> Optional[bool]:
+    """Whether the local ``save_pretrained`` folder ``model`` ships a chat template (in
+    tokenizer_config.json, chat_template.jinja or chat_template.json); None where that cannot be
+    told before loading (a hub id, a GGUF file, the embedded model)."""
+    folder = Path(os.path.expanduser(model)) if model else None
+    if folder is None or not (folder / "tokenizer_config.json").is_file():
+        return None
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    try:
+        cfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return bool(cfg.get("chat_template")) if isinstance(cfg, dict) else None
+
+
+_NO_TEMPLATE = ("--apply-chat-template: the tokenizer of {} has no chat template, so lm-eval cannot apply one; drop "
+                "--apply-chat-template (and --fewshot-as-multiturn), or use a chat model")
+
+
+def prepare(config: ZeroShotConfig, asked: ZeroShotConfig, run_config, texts: dict) -> ZeroShotConfig:
+    """Before loading: --apply-chat-template with a local model whose tokenizer has no chat template
+    is refused now, not by lm-eval after the model has loaded."""
+    if config.enabled and config.apply_chat_template and _chat_template_on_disk(run_config.model) is False:
+        raise C.UserError(_NO_TEMPLATE.format(run_config.model))
+    return config
+
+
+def check_tokenizer(tokenizer, config: ZeroShotConfig) -> None:
+    """Right after loading (a hub model, GGUF): the same refusal, from the loaded tokenizer."""
+    if config.enabled and config.apply_chat_template and not getattr(tokenizer, "chat_template", None):
+        raise C.UserError(_NO_TEMPLATE.format(getattr(tokenizer, "name_or_path", None) or "this model"))

@@ -22,7 +22,8 @@ import llm_variants as V
 from conftest import planted_model_dir, without
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING = {"seconds", "tokens_per_s", "peak_memory_mb", "loaded_existing", "resumed_from_step", "model_dir", "config",
+TIMING = {"seconds", "tokens_per_s", "peak_memory_mb",
+          "peak_rss_mib", "peak_cuda_allocated_mib", "loaded_existing", "resumed_from_step", "model_dir", "config",
           "checkpoint", "parent", "n_tensors", "batch_size", "format", "recipe"}
 
 
