@@ -1,6 +1,7 @@
 """The quantize step: weight quantization of the decoder linears, the ``quantized`` variant.
 
-Methods (both asymmetric min-max per group of input columns, as both papers):
+Methods (both min-max per group of input columns, asymmetric as both papers, or symmetric with
+``--quant-symmetric``: GPTQ's ``sym=True``, the uint4b8 / uint8b128 grids vLLM's Marlin kernels read):
     rtn   round to nearest (the RTN baseline of the GPTQ and AWQ papers).
     gptq  GPTQ (Frantar et al. 2023; IST-DASLab/gptq ``fasterquant``): OBS column by column on
           the layer Hessian H = 2 X X^T / n, the machinery of our SparseGPT kernel
@@ -136,9 +137,9 @@ def _keep_masks(model, tokenizer, linears: dict, moments: Optional[dict], config
     return {n: (k if k.any() else None) for n, k in masks.items()}, coords, found
 
 
-def _grid_bits(shapes: dict, bits: dict, group: int) -> int:
+def _grid_bits(shapes: dict, bits: dict, group: int, symmetric: bool = False) -> int:
     """``grid_bits`` summed over linears of ``shapes`` {name: (out, in)} at ``bits`` per linear."""
-    return sum(grid_bits(o, i, bits[n], group) for n, (o, i) in shapes.items())
+    return sum(grid_bits(o, i, bits[n], group, symmetric) for n, (o, i) in shapes.items())
 
 
 def _matched_uniform(linears: dict, bits: dict, keep: dict, sens: dict, config: QuantizeConfig) -> dict:
@@ -148,17 +149,19 @@ def _matched_uniform(linears: dict, bits: dict, keep: dict, sens: dict, config: 
     allocation spent on wider codes), and its objective sum s ||Q(W) - W||^2. The plain
     ``uniform_Nbit`` objective at --quant-group gets fewer bits than the allocation."""
     shapes = {n: tuple(LM.weight_view(m).shape) for n, m in linears.items()}
-    target = _grid_bits(shapes, bits, config.group)
+    target = _grid_bits(shapes, bits, config.group, config.symmetric)
     b = max(c for c in BIT_CHOICES if c <= config.budget_bits)
     flat = dict.fromkeys(shapes, b)
     widest = max(i for _, i in shapes.values())
-    group = next((g for g in range(1, widest + 1) if _grid_bits(shapes, flat, g) <= target), widest)
+    group = next((g for g in range(1, widest + 1) if _grid_bits(shapes, flat, g, config.symmetric) <= target),
+                 widest)
     objective = sum(sens[n] * _sq_error(LM.weight_view(m), rtn_quantize(LM.weight_view(m).detach(), b, group,
-                                                                        keep[n], config.zero_point, config.scale_dtype))
+                                                                        keep[n], config.zero_point, config.scale_dtype,
+                                                                        config.symmetric))
                     for n, m in linears.items())
     total = sum(o * i for o, i in shapes.values())
     return {"name": f"uniform_{b}bit_g{group}", "wbits": b, "group": group, "objective": objective,
-            "bits": _grid_bits(shapes, flat, group) / total, "mixed_bits": target / total,
+            "bits": _grid_bits(shapes, flat, group, config.symmetric) / total, "mixed_bits": target / total,
             "how": f"uniform {b}-bit RTN at the group size whose fp16 scales and {b}-bit zeros bring it closest to, "
                    "and not above, the mixed allocation's codes, scales and zeros per weight"}
 
@@ -230,7 +233,8 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
                         "sensitive", config.bit_allocation, ", ".join(n for n, v in sens.items() if not math.isfinite(v)))
         sens = {n: v if math.isnan(v) else max(v, 0.0) for n, v in sens.items()}  # negative Hutchinson: no curvature
         err = {n: {b: _sq_error(LM.weight_view(m), rtn_quantize(LM.weight_view(m).detach(), b, config.group, keep[n],
-                                                                 config.zero_point, config.scale_dtype))
+                                                                 config.zero_point, config.scale_dtype,
+                                                                 config.symmetric))
                    for b in BIT_CHOICES} for n, m in linears.items()}
         bits = allocate_bits(sens, err, sizes, res.budget_bits)
         res.sensitivity = sens
@@ -245,7 +249,8 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
     if config.method == "rtn":  # an exact 0 is on the integer grid: RTN keeps a pruned zero by itself
         for n, m in tqdm(linears.items(), desc="rtn", disable=not config.progress):
             W = LM.weight_view(m)
-            q = rtn_quantize(W.detach(), bits[n], config.group, keep[n], config.zero_point, config.scale_dtype)
+            q = rtn_quantize(W.detach(), bits[n], config.group, keep[n], config.zero_point, config.scale_dtype,
+                             config.symmetric)
             res.quantized[n + ".weight"] = q
             _write(W, q, res, n)
     else:
@@ -259,7 +264,7 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
                 W = LM.weight_view(m)
                 q = gptq_quantize(W.detach(), H[rel].to(W.device), bits[n], config.group, config.blocksize,
                                   config.percdamp, config.act_order, keep[n], config.zero_point, zeros.get(n),
-                                  config.scale_dtype)
+                                  config.scale_dtype, config.symmetric)
                 q.dequantized = None
                 if q.damp != config.percdamp:
                     res.dampening_increased[n] = q.damp
