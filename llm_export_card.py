@@ -259,7 +259,7 @@ def export_section(facts: Mapping, readers: Optional[Mapping], packed: bool) -> 
                 lines.append(f"| {name} | {dt} | yes | {r['max_abs_logit_diff']:.4g} | "
                              f"{r['mean_abs_logit_diff']:.4g} | {r['top1_agreement']:.3f} |")
             else:
-                lines.append(f"| {name} | {dt} | **no**: {r['error'].replace('|', '/')} | | | |")
+                lines.append(f"| {name} | {dt} | **no**: {r['error'].replace('|', '/')} | - | - | - |")
         lines += ["", "Load recipes (each one is a row above that loads):", ""]
         recipes = readers_of(packed, None)
         for name, (code, _) in recipes.items():

@@ -71,6 +71,8 @@ class QuantizeResult:
     sensitivity: dict = field(default_factory=dict)    # linear -> mean curvature per weight (mixed precision)
     objective: dict = field(default_factory=dict)      # sum s ||Q(W) - W||^2: chosen, uniform at --wbits, matched
     matched_uniform: dict = field(default_factory=dict)  # the uniform baseline at the same bits (_matched_uniform)
+    groups_used: dict = field(default_factory=dict)    # "g128" / "g128, tail 64" -> linears quantized so
+    symmetric: bool = False
     kept_weights: int = 0
     super_weights: list = field(default_factory=list)  # detected for protect="auto"
     protected: list = field(default_factory=list)      # (module, row, col) kept in full precision
@@ -291,6 +293,12 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
                                     int(zeros[n].sum()) if n in zeros else 0).items():
             parts[part] = parts.get(part, 0) + v
     res.bits_by_part = {k: v / total for k, v in parts.items()}
+    for n in linears:  # the groups actually used: a width that is not a multiple has a narrower tail group
+        q = res.quantized[n + ".weight"]
+        gs, inp = int((q.g_idx == 0).sum()), q.codes.shape[1]
+        key = f"g{gs}" + (f", tail {inp % gs}" if inp % gs else "")
+        res.groups_used[key] = res.groups_used.get(key, 0) + 1
+    res.symmetric = config.symmetric
     res.avg_code_bits = sum(sizes[n] * bits[n] for n in linears) / total
     res.avg_bits = sum(parts.values()) / total
     per_layer: dict = {}
