@@ -540,17 +540,16 @@ class ExportConfig(StepConfig):
                               "auto is bfloat16 for a compressed-tensors export (as vLLM serves it) and the "
                               "model's own dtype otherwise", flag="--export-dtype",
                       choices=("auto", "bfloat16", "float16", "float32"))
-    reader_check: Optional[bool] = knob(None, "load each compressed-tensors export with every reader (the tool's "
-                                              "loader, transformers' dequantize and plain paths, float32 and "
-                                              "bfloat16) and write their logit differences from the in-run "
-                                              "variant into the card; auto: on up to 3B parameters",
-                                        flag="--export-reader-check")
+    reader_check: Optional[bool] = knob(None, "load each export with its readers (compressed-tensors: the tool's "
+                                              "loader, transformers' dequantize and plain paths; dequantized: "
+                                              "from_pretrained), in float32 and bfloat16, and write each one's logit "
+                                              "difference from the in-run variant into the card (auto: on up to 3B "
+                                              "parameters)", flag="--export-reader-check")
     command: str = knob("", "command line written into the model cards (set by the pipeline)", cli=False,
                         results=False)
     applies: ClassVar[dict] = {"quant_format": (lambda c: c.enabled or c.two_of_four, "only --export reads it"),
                                "dtype": (lambda c: c.enabled or c.two_of_four, "only --export reads it"),
-                               "reader_check": (lambda c: c.quant_format == "compressed-tensors",
-                                                "only --export-quant-format compressed-tensors reads it")}
+                               "reader_check": (lambda c: c.enabled or c.two_of_four, "only --export reads it")}
 
     def check(self) -> None:
         _check_shard_size(self.max_shard_size)
