@@ -37,9 +37,8 @@ SIDECAR = "llm_variant.json"
 READER_DTYPES = (torch.float32, torch.bfloat16)
 # vLLM 0.34.0's mixed-precision kernels for weight-only int (read from its source, run by
 # bench/export_readers.py): Marlin (capability 8.0+) takes zero points at 4 bits only (uint4) and
-# symmetric 4/8 bits (uint4b8, uint8b128) at group -1, 32, 64, 128, on inputs a multiple of 128 and
-# outputs a multiple of 64; Machete (9.0) takes uint4/uint8 with or without zero points at group
-# -1, 64, 128.
+# symmetric 4/8 bits (uint4b8, uint8b128) at group -1, 32, 64, 128 (other widths zero-padded to its
+# tiles); Machete (9.0) takes uint4/uint8 with or without zero points at group -1, 64, 128.
 MARLIN_GROUPS, MACHETE_GROUPS = (32, 64, 128), (64, 128)
 
 
@@ -211,9 +210,8 @@ def known_refusals(facts: Mapping) -> list[str]:
             out.append(f"vLLM: Marlin takes groups of {', '.join(map(str, MARLIN_GROUPS))} only; this folder "
                        f"has {gs}.")
     if facts.get("groups"):
-        out.append("vLLM also needs every quantized linear's input width a multiple of 128 and output width a "
-                   "multiple of 64 for Marlin, and casts the scales to the model dtype (bfloat16 by default): "
-                   "its logits are nearest the bfloat16 rows of the readers' table, not the float32 ones.")
+        out.append("vLLM casts the scales to the model dtype (bfloat16 by default) and computes in it: its logits "
+                   "are nearest the bfloat16 rows of the readers' table, not the float32 ones.")
     if (facts.get("sidecar") or {}).get("pattern") == "2:4":
         out.append("2:4 sparsity is stored dense (zeros written): no reader runs it as sparse; vLLM no longer "
                    "accepts compressed-tensors' sparsity_config, so none is written (see llm_variant.json).")
