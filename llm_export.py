@@ -195,11 +195,12 @@ def write_compressed_tensors(model, records: Mapping, bits: Mapping[str, int], p
     if regrouped:
         log.info("compressed-tensors: %d linears written at group %d, the gcd of every group and width (their "
                  "groups' scales and zeros repeated: the same values, more scales)", len(regrouped), group)
-    compressor = comp.ModelCompressor.from_pretrained_model(m, quantization_format=CT_FORMAT)
-    compressor.compress_model(m)
-    CARD.cast_unquantized(m, dtype)
-    m.save_pretrained(path, max_shard_size=max_shard_size)
-    compressor.update_config(path)
+    with CARD.quiet_libraries():  # their progress bars, not our log
+        compressor = comp.ModelCompressor.from_pretrained_model(m, quantization_format=CT_FORMAT)
+        compressor.compress_model(m)
+        CARD.cast_unquantized(m, dtype)
+        m.save_pretrained(path, max_shard_size=max_shard_size)
+        compressor.update_config(path)
     return {"format": f"compressed-tensors {CT_FORMAT}", "group_size": group,
             "groups": {f"{b} bits, {'symmetric' if sym else 'asymmetric'}, group {group}": len(n)
                        for (b, sym), n in sorted(groups.items())},

@@ -159,7 +159,7 @@ def check_readers(path: Path, ids: torch.Tensor, want: torch.Tensor, packed: boo
         for dtype in READER_DTYPES:
             key = f"{name}, {str(dtype).removeprefix('torch.')}"
             try:
-                with _quiet():
+                with quiet_libraries():
                     model = load(path, dtype)
                     got = model(input_ids=ids.to(model.device)).logits.float().cpu()
                 del model
@@ -174,7 +174,7 @@ def check_readers(path: Path, ids: torch.Tensor, want: torch.Tensor, packed: boo
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_libraries():
     """transformers' and compressed-tensors' load chatter (progress bars, mismatch reports) off
     the run's log: the outcome is recorded instead."""
     loggers = [logging.getLogger(n) for n in ("transformers", "compressed_tensors")]
