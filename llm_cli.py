@@ -78,7 +78,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             text = _default_text(cls, f)
             helptext = (m["help"] + (f" (default: {text})" if text else "")).replace("%", "%%")
             dest = flag[2:].replace("-", "_")
-            if hints[f.name] is bool:
+            if hints[f.name] is bool and m.get("grid"):  # a switch that is also a grid axis: --flag, --flag off,on
+                group.add_argument(flag, dest=dest, nargs="?", const="on", default=None, help=helptext,
+                                   metavar="{on,off}[,...]")
+            elif hints[f.name] is bool:
                 group.add_argument(flag, dest=dest, action="store_true", default=None, help=helptext)
             elif m.get("many") == "+":  # one flag, several values: --compare A B C
                 group.add_argument(flag, dest=dest, nargs="+", default=None, help=helptext)

@@ -147,7 +147,7 @@ def rtn_groups(in_features: int, group_size: int) -> list[tuple[int, int]]:
 
 
 def minmax_params(x: torch.Tensor, bits: int, keep: Optional[torch.Tensor] = None, zero_point: str = "integer",
-                  scale_dtype: str = "float32"):
+                  scale_dtype: str = "float32", symmetric: bool = False):
     """Asymmetric min-max grid of each row of ``x`` [rows, width] (or [rows, groups, width]):
     (scale, zero), shaped like ``x`` with the last dimension 1.
 
@@ -161,7 +161,11 @@ def minmax_params(x: torch.Tensor, bits: int, keep: Optional[torch.Tensor] = Non
     Entries in ``keep`` (kept in full precision) are left out of the range. ``scale_dtype``
     "float16" rounds an integer grid's scale to fp16 before the zero and the codes are taken from
     it, as AutoGPTQ and compressed-tensors store it (GPTQ's reference keeps it in the layer's
-    dtype, float32 here): the values stay exactly what a 16-bit-scale checkpoint holds."""
+    dtype, float32 here): the values stay exactly what a 16-bit-scale checkpoint holds.
+    ``symmetric`` (integer zero point only), as GPTQ's ``sym=True`` and compressed-tensors'
+    symmetric int scheme: the range is [-max|x|, max|x|], scale = 2 max|x| / (2^bits - 1) and the
+    zero is the fixed code 2^(bits-1), so a reader needs no zero point (vLLM's uint4b8 / uint8b128
+    Marlin types: code - 8 or code - 128)."""
     big = torch.finfo(x.dtype).max
     lo = (torch.where(keep, big, x) if keep is not None else x).amin(-1, keepdim=True)
     hi = (torch.where(keep, -big, x) if keep is not None else x).amax(-1, keepdim=True)
@@ -170,9 +174,14 @@ def minmax_params(x: torch.Tensor, bits: int, keep: Optional[torch.Tensor] = Non
         hi = torch.maximum(hi, lo)
         return ((hi - lo) / (2 ** bits - 1)).half().to(x.dtype), lo.half().to(x.dtype)
     lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
+    if symmetric:
+        hi = torch.maximum(-lo, hi)
+        lo = -hi
     scale = ((hi - lo) / (2 ** bits - 1)).clamp(min=1e-10)
     if scale_dtype == "float16":  # the smallest fp16 subnormal stands in for 1e-10 (an all-zero group: 0 either way)
         scale = scale.clamp(max=65504).half().to(x.dtype).clamp(min=2 ** -24)
+    if symmetric:  # the fixed middle code (round(-lo / scale) would move with an fp16-rounded scale)
+        return scale, torch.full_like(scale, 2 ** (bits - 1))
     return scale, torch.round(-lo / scale)
 
 
@@ -210,6 +219,7 @@ class Quantized:
     dequantized: Optional[torch.Tensor] = None  # GPTQ: the kernel's own values [out, in] (tests compare them)
     zero_point: str = "integer"  # or "float": see minmax_params
     scale_dtype: str = "float32"  # or "float16": scales and values as a 16-bit-scale checkpoint holds them
+    symmetric: bool = False  # every zero is the fixed code 2^(bits-1): a reader stores no zero point
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """``grid_values`` (as the kernels compute them), then the kept values: bit for bit the
@@ -226,13 +236,14 @@ class Quantized:
 
 @torch.no_grad()
 def rtn_quantize(W: torch.Tensor, bits: int, group_size: int = 128, keep: Optional[torch.Tensor] = None,
-                 zero_point: str = "integer", scale_dtype: str = "float32") -> Quantized:
+                 zero_point: str = "integer", scale_dtype: str = "float32", symmetric: bool = False) -> Quantized:
     """Round-to-nearest asymmetric group quantization of W [out, in] (float32 math); W unchanged.
 
     Groups are ``group_size`` consecutive input columns of a row (``rtn_groups``: the last
     group is narrower when ``in`` is not a multiple). Weights in ``keep`` are left out of their
     group's min/max and kept in full precision (dense-and-sparse). ``zero_point``: see
-    ``minmax_params``, as ``scale_dtype``."""
+    ``minmax_params``, as ``scale_dtype`` and ``symmetric``."""
+    symmetric = _symmetric(symmetric, zero_point)
     out, inp = W.shape
     gs = min(group_size or inp, inp)
     full = inp // gs * gs
@@ -242,7 +253,7 @@ def rtn_quantize(W: torch.Tensor, bits: int, group_size: int = 128, keep: Option
     for start, end, width in parts:  # the whole groups in one reshape, then the tail group
         Wf = W[:, start:end].float().reshape(out, -1, width)
         K = keep[:, start:end].reshape(out, -1, width).to(W.device) if keep is not None else None
-        scale, zero = minmax_params(Wf, bits, K, zero_point, scale_dtype)
+        scale, zero = minmax_params(Wf, bits, K, zero_point, scale_dtype, symmetric)
         codes[:, start:end] = quantize_codes(Wf, scale, zero, bits, zero_point).reshape(out, end - start).to(torch.uint8)
         scales.append(scale.squeeze(-1))
         zeros.append(zero.squeeze(-1))
@@ -250,7 +261,13 @@ def rtn_quantize(W: torch.Tensor, bits: int, group_size: int = 128, keep: Option
     keep = keep.to(W.device) if keep is not None else None
     return Quantized(codes, torch.cat(scales, 1), torch.cat(zeros, 1), g_idx, keep,
                      W[keep].detach().clone() if keep is not None else None, zero_point=zero_point,
-                     scale_dtype=scale_dtype if zero_point == "integer" else "float32")
+                     scale_dtype=scale_dtype if zero_point == "integer" else "float32", symmetric=symmetric)
+
+
+def _symmetric(symmetric: bool, zero_point: str) -> bool:
+    if symmetric and zero_point != "integer":
+        raise ValueError("a symmetric grid has an integer zero point (the fixed code 2^(bits-1))")
+    return symmetric
 
 
 @torch.no_grad()
@@ -264,7 +281,7 @@ def quantize_rtn_(W: torch.Tensor, bits: int, group_size: int = 128, keep: Optio
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = 128, blocksize: int = 128,
                   percdamp: float = 0.01, act_order: bool = False, keep: Optional[torch.Tensor] = None,
                   zero_point: str = "integer", zeros: Optional[torch.Tensor] = None,
-                  scale_dtype: str = "float32") -> Quantized:
+                  scale_dtype: str = "float32", symmetric: bool = False) -> Quantized:
     """GPTQ of one weight matrix W [out, in] given its layer Hessian H = 2 X X^T / n [in, in].
 
     Follows ``fasterquant`` of IST-DASLab/gptq (``gptq.py``) with its asymmetric ``Quantizer``:
@@ -283,7 +300,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     on a fixed sparsity mask, the quantization half of SparseGPT's joint sparsify-and-quantize
     pass (Frantar & Alistarh 2023, ``sparsegpt.py`` with ``wbits``), the mask taken from the pruned
     model instead of chosen in the same sweep; they are left out of each group's range. Math in
-    float32 (float64 for a float64 W). W is unchanged."""
+    float32 (float64 for a float64 W). W is unchanged. ``symmetric``: GPTQ's ``sym=True`` grid
+    (``minmax_params``)."""
+    symmetric = _symmetric(symmetric, zero_point)
     dt = torch.promote_types(W.dtype, torch.float32)
     Wf = W.detach().to(dt).clone()
     out, cols = Wf.shape
@@ -296,7 +315,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
         K &= ~Z  # a pruned weight is 0, not kept
     gs = group_size or cols
     # before dead columns, as the reference
-    row_grid = minmax_params(Wf.masked_fill(Z, 0), bits, K, zero_point, scale_dtype) if not group_size else None
+    row_grid = minmax_params(Wf.masked_fill(Z, 0), bits, K, zero_point, scale_dtype, symmetric) if not group_size \
+        else None
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     Wf[:, dead] = 0
@@ -319,7 +339,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
             j = i1 + i
             if group_size and j % gs == 0:
                 scale, zero = minmax_params(Wf[:, j:j + gs].masked_fill(Zp[:, j:j + gs], 0), bits,
-                                            Kp[:, j:j + gs], zero_point, scale_dtype)
+                                            Kp[:, j:j + gs], zero_point, scale_dtype, symmetric)
             if j % gs == 0:
                 scales[:, j // gs], zeros[:, j // gs] = scale[:, 0], zero[:, 0]
             w = W1[:, i]
@@ -339,7 +359,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     # A kept entry keeps its value as updated by the earlier columns' errors (OBS: it is free).
     kept = Qfinal[K].to(W.dtype) if keep is not None else None
     return Quantized(codes[:, inv], scales.float(), zeros.float(), g_idx, K if keep is not None else None, kept,
-                     damp, Qfinal, zero_point, scale_dtype if zero_point == "integer" else "float32")
+                     damp, Qfinal, zero_point, scale_dtype if zero_point == "integer" else "float32", symmetric)
 
 
 # --------------------------------------------------------------------------- bits, as the papers count them
@@ -357,21 +377,22 @@ BITS_COUNTED = ("counts its codes, an fp16 scale and a zero of the code's bits p
                 "code), over the decoder linears (embeddings, norms and the LM head are not counted)")
 
 
-def grid_bits(rows: int, cols: int, bits: int, group: int) -> int:
-    """Codes, fp16 scales and ``bits``-bit zeros of a [rows, cols] matrix at ``group`` columns per
-    group (a narrower tail group counted too): its size as ``counted_bits`` counts a uniform RTN."""
-    return rows * cols * bits + rows * math.ceil(cols / group) * (SCALE_BITS + bits)
+def grid_bits(rows: int, cols: int, bits: int, group: int, symmetric: bool = False) -> int:
+    """Codes, fp16 scales and ``bits``-bit zeros (none when ``symmetric``) of a [rows, cols] matrix
+    at ``group`` columns per group (a narrower tail group counted too): its size as
+    ``counted_bits`` counts a uniform RTN."""
+    return rows * cols * bits + rows * math.ceil(cols / group) * (SCALE_BITS + bits * (not symmetric))
 
 
 def counted_bits(q: Quantized, bits: int, act_order: bool, pruned: int = 0) -> dict:
     """The bits of one quantized matrix as the papers count them, by part: ``codes`` (``bits`` per
     weight that is neither kept nor pruned), ``grids`` (per row and group an fp16 scale and a
     zero in ``bits`` bits, as AutoGPTQ and compressed-tensors store an integer zero; a float zero
-    point is an fp16 minimum, as GGUF's), ``g_idx`` (act order), ``kept`` (``KEPT_BITS`` each) and
+    point is an fp16 minimum, as GGUF's; a symmetric grid stores no zero), ``g_idx`` (act order), ``kept`` (``KEPT_BITS`` each) and
     ``mask`` (``MASK_BITS`` per weight when ``pruned`` > 0 weights are held at zero)."""
     rows, cols = q.codes.shape
     kept = int(q.keep.sum()) if q.keep is not None else 0
-    zero_bits = bits if q.zero_point == "integer" else DENSE_BITS
+    zero_bits = 0 if q.symmetric else bits if q.zero_point == "integer" else DENSE_BITS
     return {"codes": (rows * cols - kept - pruned) * bits, "grids": q.scale.numel() * (SCALE_BITS + zero_bits),
             "g_idx": cols * G_IDX_BITS * act_order, "kept": kept * KEPT_BITS,
             "mask": rows * cols * MASK_BITS * (pruned > 0)}
@@ -456,6 +477,8 @@ def save_codes(out, name: str, quantized: dict) -> dict:
             tensors[f"{pname}::float_zero"] = torch.ones(1, dtype=torch.uint8)
         if q.scale_dtype == "float16":  # the marker of fp16 scales (stored as float32, fp16-exact values)
             tensors[f"{pname}::half_scale"] = torch.ones(1, dtype=torch.uint8)
+        if q.symmetric:  # the marker of a symmetric grid (the zeros are then all 2^(bits-1))
+            tensors[f"{pname}::symmetric"] = torch.ones(1, dtype=torch.uint8)
     IO.save_tensors(path, tensors, metadata={"variant": name, "format": "codes"})
     return {"checkpoint": str(path.relative_to(out)), "format": "codes"}
 
@@ -476,7 +499,8 @@ def load_codes(path) -> dict:
             continue
         q = Quantized(*(t[f"{pname}::{p}"] for p in _PARTS),
                       zero_point="float" if f"{pname}::float_zero" in t else "integer",
-                      scale_dtype="float16" if f"{pname}::half_scale" in t else "float32")
+                      scale_dtype="float16" if f"{pname}::half_scale" in t else "float32",
+                      symmetric=f"{pname}::symmetric" in t)
         if f"{pname}::kept_index" in t:
             keep = torch.zeros(q.codes.numel(), dtype=torch.bool)
             keep[t[f"{pname}::kept_index"]] = True

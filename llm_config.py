@@ -367,6 +367,10 @@ class QuantizeConfig(StepConfig):
     scale_dtype: str = knob("float32", "dtype of each group's scale: float32 (GPTQ's reference), or float16, as "
                                        "AutoGPTQ and compressed-tensors store it (the export then writes 16 bits "
                                        "per scale)", flag="--quant-scale-dtype", choices=("float32", "float16"))
+    symmetric: bool = knob(False, "symmetric grid: scale 2 max|w| / (2^bits - 1), zero the fixed code 2^(bits-1) "
+                                  "(GPTQ's sym=True; vLLM's uint4b8 / uint8b128 Marlin types, which need no zero "
+                                  "point); alone on, or off,on for a grid axis (names get 'sym')",
+                           flag="--quant-symmetric", grid=True)
     act_order: bool = knob(False, "GPTQ: quantize columns by decreasing H_jj (act order)", flag="--act-order")
     percdamp: float = knob(0.01, "GPTQ dampening, fraction of mean diag(H)", flag="--gptq-percdamp",
                            bounds="[0,10]")
@@ -401,6 +405,8 @@ class QuantizeConfig(StepConfig):
                                lambda c: c.method != "none", "only --quant-method rtn or gptq reads it"),
                                "source": (lambda c: c.method != "none",
                                           "--quant-method none makes no quantized variant"),
+                               "symmetric": (
+                               lambda c: c.method != "none", "only --quant-method rtn or gptq reads it"),
                                "avg_bits": (lambda c: c.bit_allocation != "uniform",
                                             "only --bit-allocation hessian or fisher reads it"),
                                "sensitivity_probes": (lambda c: c.bit_allocation == "hessian",
@@ -414,7 +420,8 @@ class QuantizeConfig(StepConfig):
 
     def point_key(self) -> tuple:
         """Uniform points ignore --avg-bits, mixed ones --wbits (beyond being the budget)."""
-        return (self.method, self.bit_allocation, self.budget_bits or self.wbits, self.group, self.calib_seed)
+        return (self.method, self.bit_allocation, self.budget_bits or self.wbits, self.group, self.symmetric,
+                self.calib_seed)
 
     def grid_points(self) -> list:
         """As ``StepConfig.grid_points``; each point's name carries what varies (``named``)."""
@@ -430,10 +437,14 @@ class QuantizeConfig(StepConfig):
         if not grid or not self.named:
             return "quantized"
         bits = str(self.wbits) if self.budget_bits is None else f"{self.bit_allocation}{exact(self.budget_bits)}"
-        parts = [self.method, bits, f"g{self.group}"] * ("settings" in self.named)
+        sym = ["sym"] * (self.symmetric is True)
+        parts = [self.method, bits, f"g{self.group}", *sym] * ("settings" in self.named)
         return f"quantized[{','.join(parts + [f'seed={self.calib_seed}'] * ('seed' in self.named))}]"
 
     def check(self) -> None:
+        if self.zero_point == "float" and self.symmetric is True:
+            raise UserError("--quant-symmetric needs --quant-zero-point integer (its zero is the fixed code "
+                            "2^(bits-1)); a float zero point is an unrounded minimum")
         if self.zero_point == "float" and any(p == "all" or p[:1] in "*?" or p.startswith("pruned")
                                               for p in self.source):
             raise UserError("--quant-zero-point float has no exact 0 on its grid, so it cannot keep a pruned "
@@ -558,10 +569,20 @@ class ExportConfig(StepConfig):
                                             "packed in int32, scales, zero points, as vLLM serves it; 2:4 "
                                             "variants marked 2:4; needs the compressed-tensors package)",
                              flag="--export-quant-format", choices=("dequantized", "compressed-tensors"))
+    dtype: str = knob("auto", "dtype of every tensor an export does not quantize (embeddings, norms, LM head): "
+                              "auto is bfloat16 for a compressed-tensors export (as vLLM serves it) and the "
+                              "model's own dtype otherwise", flag="--export-dtype",
+                      choices=("auto", "bfloat16", "float16", "float32"))
+    reader_check: Optional[bool] = knob(None, "load each export with its readers (compressed-tensors: the tool's "
+                                              "loader, transformers' dequantize and plain paths; dequantized: "
+                                              "from_pretrained), in float32 and bfloat16, and write each one's logit "
+                                              "difference from the in-run variant into the card (auto: on up to 3B "
+                                              "parameters)", flag="--export-reader-check")
     command: str = knob("", "command line written into the model cards (set by the pipeline)", cli=False,
                         results=False)
-    applies: ClassVar[dict] = {"quant_format": (lambda c: c.enabled or c.two_of_four,
-                                                "only --export reads it")}
+    applies: ClassVar[dict] = {"quant_format": (lambda c: c.enabled or c.two_of_four, "only --export reads it"),
+                               "dtype": (lambda c: c.enabled or c.two_of_four, "only --export reads it"),
+                               "reader_check": (lambda c: c.enabled or c.two_of_four, "only --export reads it")}
 
     def check(self) -> None:
         _check_shard_size(self.max_shard_size)

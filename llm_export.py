@@ -17,37 +17,36 @@ and ``semi_structured(model)`` converts a loaded model the same way. Wanda repor
 linear layers of LLaMA-65B at 2:4; whole-model numbers are lower, since attention, norms and the
 LM head stay dense.
 
-``--export-quant-format compressed-tensors``: a variant stored as codes (the ``quantized`` one) is
-written in the ``compressed-tensors`` format (Neural Magic / vLLM; the ``compressed-tensors``
-package) as ``pack-quantized``, the form vLLM serves for weight-only integer schemes (its config
-parser refuses ``naive-quantized`` ones, so that form is no longer written): per linear its codes
-packed into int32, per-group float32 scales (ours exactly: bf16 or fp16 scales would move values,
-and the packer would requantize to other codes) and the zero point packed along the output
-dimension, one config group per (bits, group size), asymmetric ``group`` strategy, written by the
-library's ``ModelCompressor``. Each export is then read back with the library's own config model
-and decompressor (``validate_compressed_tensors``) and must give our dequantized weights bit for
-bit (float32; a bf16 load casts those same values). transformers 5.24 cannot reload it (its empty
-model holds the zero point unpacked, [out, groups], and refuses the packed one), so
-``load_compressed_tensors`` builds the model from those decompressed weights. vLLM itself was not
-run here (no GPU, no vLLM). compressed-tensors refuses a width that is not a multiple of the group;
-such a linear (SmolLM2's 576-wide inputs at group 128) is written at group gcd(group, width) (64),
-each group's scale and zero repeated per sub-group: the same values at more grid bits per weight
-(``regrouped`` in the record). Linears that keep weights in full precision (super weights,
-saliency), whose groups are not contiguous (GPTQ act order: compressed-tensors 0.20.1 cannot
-decompress a ``g_idx``) or with a float zero point (the format's zero is an integer code) are
-stored dense (their exact dequantized values), under the format's ``ignore``.
+``--export-quant-format compressed-tensors``: a variant stored as codes (the ``quantized`` ones) is
+written in the compressed-tensors ``pack-quantized`` format (Neural Magic / vLLM; vLLM's parser
+refuses ``naive-quantized``) by the library's own ``ModelCompressor``: codes packed into int32,
+scales in float16 where every one is fp16-exact (``--quant-scale-dtype float16``) else float32, for
+an asymmetric grid the zero point packed along the output dimension (as vLLM and llm-compressor
+read and write it), symmetric grids (``--quant-symmetric``) with none. Every packed linear is
+written at one group size, the gcd of every group and input width (``export_group``: SmolLM2 at
+g128 is written at g64, each scale and zero repeated per sub-group: the same values, more scales),
+since transformers fails on config groups of several sizes. Everything not quantized is written
+in ``--export-dtype`` (bfloat16 by default for this format). Each export is decompressed by the
+library and must give our weights bit for bit (``_check_decompressed``). Linears that keep weights
+in full precision, have non-contiguous groups (GPTQ act order) or a float zero point are stored
+dense. No ``sparsity_config`` is written (vLLM refuses any with targets): a 2:4 variant says so
+in its card and in ``llm_variant.json`` (pattern, sparsity, parent, recipe), written for every
+variant.
 
-With ``compressed-tensors``, a variant whose decoder linears are 2:4 (``--sparsity-pattern 2:4``,
-quantized or not) also carries the format's 2:4 marker: a ``sparsity_config`` of format ``dense``
-(weights stored dense; 0.20.1 has no compressor for its legacy ``sparse-24-bitmask``),
-``sparsity_structure`` "2:4", the 2:4 linears as ``targets``. Each variant's record gives the bits
-actually written per weight (``stored_bits_per_weight``, see ``stored_bits_per_weight``).
+The card (``llm_export_card``) is read from the folder, never from a template: group sizes, scale
+dtype, the dtype of everything else, bits per parameter of the checkpoint and per decoder-linear
+weight; and, with the reader check (``--export-reader-check``), each reader's load of the folder at
+export (the tool's ``load_compressed_tensors``, transformers' ``CompressedTensorsConfig(dequantize=
+True)`` and plain ``from_pretrained``, float32 and bfloat16) with its logit difference from the
+in-run variant. transformers 5.24's plain path refuses an asymmetric export (it builds the zero
+point unpacked, [out, groups]); the card says so from the measurement.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -55,7 +54,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping, Optional
+from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
 from safetensors import safe_open
@@ -66,6 +65,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import llm_common as C
 import llm_io as IO
 import llm_model as LM
+import llm_export_card as CARD
+from llm_export_card import is_two_of_four
 import llm_variants as V
 from llm_compress import load_codes
 from llm_config import ExportConfig
@@ -89,6 +90,7 @@ class ExportResult:
 
 
 CT_FORMAT = "pack-quantized"
+READER_CHECK_TOKENS = 64  # tokens per sequence (2 sequences) of the readers' logit check
 _ST_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
              "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -105,15 +107,24 @@ def _ct():
     return root, comp, cfgs, quant
 
 
-def _ct_layout(model, records: Mapping, bits: Mapping[str, int]) -> tuple[dict, list, dict]:
-    """Module names of the compressed-tensors config groups, {(bits, group size): [names]}; the
+def export_group(records: Mapping) -> Optional[int]:
+    """The one group size written for every packed linear: the gcd of each linear's quantization
+    group and input width (SmolLM2's 576- and 1536-wide inputs at group 128: 64). Readers take one
+    group size per config group, and transformers 5.24 fails to load config groups of different
+    sizes (down_proj's scales at g128 against the g64 model it builds: "size 24 against 12"), so
+    a narrower tail group (576 = 4 x 128 + 64) is never written as its own group size; every group
+    is split into sub-groups that repeat its scale and zero (the same values, more scales)."""
+    sizes = [v for q in records.values() for v in (int((q.g_idx == 0).sum()), q.codes.shape[1])]
+    return functools.reduce(math.gcd, sizes) if sizes else None
+
+
+def _ct_layout(model, records: Mapping, bits: Mapping[str, int]) -> tuple[dict, list, Optional[int]]:
+    """Module names of the compressed-tensors config groups, {(bits, symmetric): [names]}; the
     quantized linears stored dense instead (kept weights, non-contiguous groups, non-Linear, a
-    float zero point: the format's zero point is an integer code); and {name: group size} of the
-    linears regrouped: compressed-tensors needs the width to be a multiple of the group, so a
-    linear with a narrower tail group (576 = 4 x 128 + 64) is written at gcd(group, width) (64),
-    each of its groups split into sub-groups that repeat its scale and zero (the same values)."""
+    float zero point: the format's zero point is an integer code); and the one group size
+    written (``export_group`` of the packed linears)."""
     groups: dict = {}
-    dense, regrouped = [], {}
+    dense, packed = [], {}
     for pname, q in records.items():
         name = pname.rsplit(".", 1)[0]
         inp = q.codes.shape[1]
@@ -123,11 +134,11 @@ def _ct_layout(model, records: Mapping, bits: Mapping[str, int]) -> tuple[dict, 
         if has_kept or not contiguous or q.zero_point == "float" or type(model.get_submodule(name)) is not torch.nn.Linear:
             dense.append(name)
             continue
-        g2 = math.gcd(gs, inp)
-        if g2 != gs:
-            regrouped[name] = g2
-        groups.setdefault((int(bits[name]), g2), []).append(name)
-    return groups, dense, regrouped
+        packed[pname] = q
+        # a symmetric grid's zeros are all the middle code: written without a zero point
+        sym = bool(q.symmetric) and bool((q.zero == 2 ** (int(bits[name]) - 1)).all())
+        groups.setdefault((int(bits[name]), sym), []).append(name)
+    return groups, dense, export_group(packed)
 
 
 def _regrid(t: torch.Tensor, gs: int, g2: int, inp: int) -> torch.Tensor:
@@ -137,86 +148,80 @@ def _regrid(t: torch.Tensor, gs: int, g2: int, inp: int) -> torch.Tensor:
 
 
 def write_compressed_tensors(model, records: Mapping, bits: Mapping[str, int], path: Path,
-                             max_shard_size: str) -> dict:
+                             max_shard_size: str, dtype: torch.dtype = torch.bfloat16) -> tuple[dict, dict]:
     """Write ``model`` (holding the dequantized weights of ``records``, parameter name ->
     ``llm_compress.Quantized``, with ``bits`` per linear name) to ``path`` in the
     compressed-tensors ``pack-quantized`` format, through the library's own ``ModelCompressor``:
-    codes packed 32 / bits to an int32 (``weight_packed`` [out, in x bits / 32]), float32 scales
-    ``weight_scale`` [out, groups] (ours, bit for bit), the zero point packed along the output
-    dimension (``weight_zero_point`` int32 [out x bits / 32, groups], the shape vLLM's WNA16 scheme
-    loads) and ``weight_shape``. The packer requantizes the float32 dequantized weights with those
-    scales, which gives our codes back (checked: the files are decompressed by the library and
-    compared with our values, ``validate_compressed_tensors``). Works on a copy: the live model
-    keeps its plain linears. Returns {format, groups, dense, regrouped, two_of_four, max_abs_diff}."""
+    codes packed into int32 (``weight_packed`` [out, in x bits / 32]), the scales
+    ``weight_scale`` [out, in / group] in float16 where every one is fp16-exact
+    (``--quant-scale-dtype float16``) and float32 otherwise (ours, bit for bit), for an asymmetric
+    grid the zero point packed along the output dimension (``weight_zero_point`` int32
+    [out x bits / 32, groups], the shape vLLM's WNA16 scheme loads), and ``weight_shape``. One
+    group size for every linear (``export_group``); one config group per (bits, symmetric), each
+    with its targets (never a ``sparsity_config``: vLLM refuses any with targets). Everything not
+    quantized is written in ``dtype``. The packer requantizes the float32 dequantized weights
+    with those scales, which gives our codes back (``export_variants`` then decompresses the files
+    with the library and compares). Works on a copy: the live model keeps its plain linears.
+    Returns ({format, group_size, groups, dense, regrouped, symmetric, scale_dtype}, {linear name:
+    its float32 weight as quantized})."""
     _, comp, _, quant = _ct()
-    groups, dense, regrouped = _ct_layout(model, records, bits)
+    groups, dense, group = _ct_layout(model, records, bits)
     if dense:
         log.warning("compressed-tensors: %d quantized linears keep weights in full precision, have non-contiguous "
                     "groups or a float zero point; stored dense: %s", len(dense), ", ".join(dense[:4]))
-    if regrouped:
-        log.info("compressed-tensors: %d linears whose width is not a multiple of the group are written "
-                 "at the group gcd(group, width) (the same values, more scales): %s", len(regrouped),
-                 ", ".join(f"{n} ({g})" for n, g in list(regrouped.items())[:3]))
     m = copy.deepcopy(model)
     schemes = {f"group_{i}": quant.QuantizationScheme(targets=names, weights=quant.QuantizationArgs(
-        num_bits=b, type="int", symmetric=False, strategy="group", group_size=g2))
-        for i, ((b, g2), names) in enumerate(sorted(groups.items()))}
+        num_bits=b, type="int", symmetric=sym, strategy="group", group_size=group))
+        for i, ((b, sym), names) in enumerate(sorted(groups.items()))}
     quant.apply_quantization_config(m, quant.QuantizationConfig(config_groups=schemes, format=CT_FORMAT))
-    want = {}
-    for (b, g2), names in groups.items():
+    want, regrouped, scale_dtypes = {}, {}, set()
+    for (b, sym), names in groups.items():
         for name in names:
             q, mod = records[name + ".weight"], m.get_submodule(name)
             gs, inp = int((q.g_idx == 0).sum()), q.codes.shape[1]
+            if gs != group:
+                regrouped[name] = gs
             with torch.no_grad():  # float32 weights and scales: requantizing gives our codes exactly
                 want[name] = mod.weight.data = q.dequantize(torch.float32)
-                scale = _regrid(q.scale.float(), gs, g2, inp)
+                scale = _regrid(q.scale.float(), gs, group, inp)
                 if torch.equal(scale.half().float(), scale):  # --quant-scale-dtype float16: 16 bits a scale
                     scale = scale.half()
+                scale_dtypes.add(str(scale.dtype).removeprefix("torch."))
                 mod.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
-                # its signed grid: code c in [0, 2^b) is c - 2^(b-1), and so is the zero
-                mod.weight_zero_point.data = (_regrid(q.zero, gs, g2, inp) - 2 ** (b - 1)).to(
-                    mod.weight_zero_point.dtype)
-    compressor = comp.ModelCompressor.from_pretrained_model(m, quantization_format=CT_FORMAT)
-    compressor.compress_model(m)
-    m.save_pretrained(path, max_shard_size=max_shard_size)
-    compressor.update_config(path)
-    marker = _mark_two_of_four(model, path)
+                if hasattr(mod, "weight_zero_point"):
+                    # its signed grid: code c in [0, 2^b) is c - 2^(b-1), and so is the zero (0 when symmetric)
+                    mod.weight_zero_point.data = (_regrid(q.zero, gs, group, inp) - 2 ** (b - 1)).to(
+                        mod.weight_zero_point.dtype)
+    if regrouped:
+        log.info("compressed-tensors: %d linears written at group %d, the gcd of every group and width (their "
+                 "groups' scales and zeros repeated: the same values, more scales)", len(regrouped), group)
+    with CARD.quiet_libraries():  # their progress bars, not our log
+        compressor = comp.ModelCompressor.from_pretrained_model(m, quantization_format=CT_FORMAT)
+        compressor.compress_model(m)
+        CARD.cast_unquantized(m, dtype)
+        m.save_pretrained(path, max_shard_size=max_shard_size)
+        compressor.update_config(path)
+    return {"format": f"compressed-tensors {CT_FORMAT}", "group_size": group,
+            "groups": {f"{b} bits, {'symmetric' if sym else 'asymmetric'}, group {group}": len(n)
+                       for (b, sym), n in sorted(groups.items())},
+            "symmetric": sorted({sym for _, sym in groups}), "scale_dtype": sorted(scale_dtypes),
+            "dense": dense, "regrouped": regrouped}, want
+
+
+def _check_decompressed(path: Path, want: Mapping[str, torch.Tensor]) -> float:
+    """The largest difference between the linears that compressed-tensors' decompressor reads
+    from ``path`` and ``want``; raises RuntimeError when any differs or is missing (a library
+    change of rounding or packing: we refuse to ship other weights)."""
     qconf, _ = _ct_configs(path)
     seen, diff = set(), 0.0
     for n, w in (_decompressed(path, qconf) if qconf is not None else ()):
         seen.add(n)
         diff = max(diff, float((w.float() - want[n]).abs().max()))
-    if diff or seen != set(want):  # a library change of rounding or packing: refuse to ship other weights
+    if diff or seen != set(want):
         raise RuntimeError(f"compressed-tensors export of {path.name}: the decompressed weights differ from "
                            f"the quantized ones by up to {diff:g}, or linears are missing "
                            f"({sorted(set(want) - seen)[:3]})")
-    return {"format": f"compressed-tensors {CT_FORMAT}", "groups": {f"{b} bits, group {g}": len(n)
-                                                                  for (b, g), n in sorted(groups.items())},
-            "dense": dense, "regrouped": regrouped, "two_of_four": marker, "max_abs_diff": diff}
-
-
-def _mark_two_of_four(model, path: Path) -> Optional[dict]:
-    """Write compressed-tensors' 2:4 marker into ``path``/config.json when decoder linears of the
-    model as it is keep 2 of every 4 weights: the ``sparsity_config`` of its
-    ``quantization_config``, format ``dense`` (the weights are stored dense: compressed-tensors
-    0.20.1 no longer has a compressor for its legacy ``sparse-24-bitmask`` storage, and its
-    ``ModelCompressor`` writes an empty sparsity config), ``sparsity_structure`` "2:4",
-    ``targets`` the 2:4 linears, ``global_sparsity`` their zero fraction; validated by the
-    library's ``SparsityCompressionConfig``. A folder without a quantization config gets one that
-    holds only this (transformers loads it as the plain model). Returns the marker or None."""
-    root, _, cfgs, _ = _ct()
-    lin = {n: LM.weight_view(m) for n, m in LM.decoder_linears(model).items()}
-    targets = sorted(n for n, w in lin.items() if is_two_of_four(w))
-    if not targets:
-        return None
-    zeros = sum(int((lin[n] == 0).sum()) for n in targets) / sum(lin[n].numel() for n in targets)
-    marker = cfgs.DenseSparsityConfig(targets=targets, sparsity_structure="2:4", global_sparsity=zeros)
-    marker = marker.model_dump(exclude={"registry_requires_subclass"})
-    cfg = json.loads((path / "config.json").read_text())
-    cfg.setdefault("quantization_config", {"quant_method": "compressed-tensors", "format": "dense",
-                                           "version": root.__version__})["sparsity_config"] = marker
-    (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-    return {"linears": len(targets), "global_sparsity": zeros}
+    return diff
 
 
 def _ct_configs(path: Path) -> tuple:
@@ -365,18 +370,6 @@ def stored_bits_per_weight(path: Path, model) -> dict:
             "checkpoint": 8 * file_bytes / params}
 
 
-CT_CARD = ("\nThis folder is in the compressed-tensors `pack-quantized` format (asymmetric int codes "
-           "packed into int32, float32 scales, packed zero points), which vLLM serves (not run here: "
-           "no GPU). The lines above do not load it with transformers 5.24 (which expects the zero point "
-           "unpacked); `llm_export.load_compressed_tensors(PATH)` of llm-sensitivity does, decompressing "
-           "it with compressed-tensors' own compressor.\n")
-
-
-def is_two_of_four(w: torch.Tensor) -> bool:
-    """Whether ``w`` [out, in] keeps at most 2 of every 4 consecutive input weights (in % 4 == 0)."""
-    return w.dim() == 2 and w.shape[1] % 4 == 0 and bool(((w.reshape(-1, 4) != 0).sum(-1) <= 2).all())
-
-
 @contextlib.contextmanager
 def semi_structured(model: torch.nn.Module) -> Iterator[list]:
     """Convert, in place, every decoder linear whose weight is 2:4 to PyTorch's semi-structured
@@ -447,8 +440,10 @@ def _speed(model, cfg: ExportConfig, variants: Mapping[str, object]) -> dict:
     return {"status": "skipped", "reason": "no variant has 2:4 linears (prune with --sparsity-pattern 2:4)"}
 
 
-def model_card(name: str, facts: Mapping, command: str = "") -> str:
-    """A Hugging Face model card (README.md, YAML front matter) for one exported variant."""
+def model_card(name: str, facts: Mapping, command: str = "", export_lines: Sequence[str] = ()) -> str:
+    """A Hugging Face model card (README.md, YAML front matter) for one exported variant;
+    ``export_lines`` (``llm_export_card.export_section``: the files as written, the readers as
+    tested) replace the generic load line."""
     base, hub_id = facts.get("base_model") or "unknown", facts.get("hub_id")
     kind = next((tag for prefix, tag in (("pruned", "pruning"), ("noisy", "weight-noise"), ("quantized", "quantization"),
                                          ("fine-tuned", "fine-tuned")) if name.startswith(prefix)), "variant")
@@ -485,8 +480,11 @@ def model_card(name: str, facts: Mapping, command: str = "") -> str:
         lines.append(f"| mean | {pct(z['mean'].get('acc'))} | {pct(z['mean'].get('acc_norm'))} | |")
         if z.get("limit"):
             lines.append(f"\nZero-shot on the first {z['limit']} examples per task only (a CPU budget).")
-    lines += ["", "Load it with:", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              "model = AutoModelForCausalLM.from_pretrained(PATH_TO_THIS_FOLDER)", "```"]
+    if export_lines:
+        lines += list(export_lines)
+    else:
+        lines += ["", "Load it with:", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  "model = AutoModelForCausalLM.from_pretrained(PATH_TO_THIS_FOLDER)", "```"]
     if command:
         lines += ["", "Command line of the run:", "", "```", command, "```"]
     return "\n".join(lines) + "\n"
@@ -508,44 +506,78 @@ def _refuse_foreign_files(path: Path, new: Path) -> None:
                           f"{', ...' if len(foreign) > 3 else ''}); move them out of it (nothing was changed)")
 
 
+READER_CHECK_AUTO_PARAMS = 3e9  # --export-reader-check auto: six loads of a larger model cost more than the export
+
+
+def _save_plain(model, path: Path, dtype: torch.dtype, max_shard_size: str) -> None:
+    """``save_pretrained`` with every floating tensor in ``dtype`` (a copy when that differs from
+    the model's own: the live model is restored bit for bit)."""
+    m = model
+    if any(p.is_floating_point() and p.dtype != dtype for p in model.parameters()):
+        m = copy.deepcopy(model).to(dtype)
+    with LM.use_cache(m, getattr(model, "llm_use_cache", True)):  # the model's own setting, not ours
+        m.save_pretrained(path, max_shard_size=max_shard_size)
+
+
 def export_variants(model, tokenizer, variants: Mapping[str, object], out_dir, config: ExportConfig = ExportConfig(),
                     facts: Optional[Mapping[str, dict]] = None, codes: Optional[Mapping[str, tuple]] = None
                     ) -> ExportResult:
-    """Write each variant (see ``llm_common.applied_variant``) as ``<out_dir>/<name>/``, atomically.
-    The model is changed in place for each variant and restored bit for bit. ``codes``: variant
-    name -> (its ``save_codes`` checkpoint, bits per linear), for ``config.quant_format``."""
+    """Write each variant (see ``llm_common.applied_variant``) as ``<out_dir>/<name>/``, atomically,
+    with its card and ``llm_variant.json``. The model is changed in place for each variant and
+    restored bit for bit. ``codes``: variant name -> (its ``save_codes`` checkpoint, bits per
+    linear), for ``config.quant_format``. With the reader check, each folder is loaded by every
+    reader (``llm_export_card.check_readers``) and the card gives what loaded and how close."""
     config = config.for_model(model)
     if not (config.enabled or config.two_of_four):
         return ExportResult("off", config=asdict(config))
     t0, res = time.perf_counter(), ExportResult("ran", config=asdict(config))
+    n_params = sum(p.numel() for p in model.parameters())
+    check = config.reader_check if config.reader_check is not None else n_params <= READER_CHECK_AUTO_PARAMS
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (2, READER_CHECK_TOKENS), generator=torch.Generator().manual_seed(0))
     for name, weights in variants.items():
         path = Path(out_dir) / V.file_stem(name)
-        packed, marker = config.quant_format == "compressed-tensors" and name in (codes or {}), None
+        packed = config.quant_format == "compressed-tensors" and name in (codes or {})
+        dtype = CARD.export_dtype(config.dtype, model, packed)
+        f = (facts or {}).get(name, {})
+        layout, readers = None, None
         with V.applied_variant(model, weights), IO.atomic_path(path) as tmp:
             if packed:
                 ckpt, bits = codes[name]
-                layout = write_compressed_tensors(model, load_codes(ckpt), bits, tmp, config.max_shard_size)
+                layout, want = write_compressed_tensors(model, load_codes(ckpt), bits, tmp, config.max_shard_size,
+                                                        dtype)
+                layout["max_abs_diff"] = _check_decompressed(tmp, want)
+                del want
             else:
-                with LM.use_cache(model, getattr(model, "llm_use_cache", True)):  # the model's own setting, not ours
-                    model.save_pretrained(tmp, max_shard_size=config.max_shard_size)
-                if config.quant_format == "compressed-tensors":
-                    marker = _mark_two_of_four(model, tmp)
+                _save_plain(model, tmp, dtype, config.max_shard_size)
             tokenizer.save_pretrained(tmp)
-            card = model_card(name, (facts or {}).get(name, {}), config.command)
-            if packed:
-                card += CT_CARD
-            (tmp / "README.md").write_text(card)
+            structure = CARD.structure(model, f)
+            CARD.write_sidecar(tmp, {"variant": name, **structure, "export_dtype": str(dtype)[6:],
+                                     **({"quantization": {k: layout[k] for k in ("format", "group_size", "groups",
+                                                                                  "symmetric", "scale_dtype")}}
+                                        if layout else {})})
             stored = stored_bits_per_weight(tmp, model)
+            if check:
+                with torch.no_grad():
+                    want_logits = model(input_ids=ids.to(LM.input_device(model))).logits.float().cpu()
+                readers = CARD.check_readers(tmp, ids, want_logits, packed, load_compressed_tensors)
+            folder = CARD.folder_facts(tmp, stored)
+            folder["check_tokens"] = ids.shape[1]
+            if folder["sparsity_config"]:  # vLLM refuses any; we never write one
+                raise RuntimeError(f"{name}: the export's config holds a sparsity_config")
+            card = model_card(name, f, config.command, CARD.export_section(folder, readers, packed))
+            (tmp / "README.md").write_text(card)
             _refuse_foreign_files(path, tmp)
-            linears = LM.decoder_linears(model).values()
-            zeros, total = sum((m.weight == 0).sum().item() for m in linears), sum(m.weight.numel() for m in linears)
         files = sorted(p.name for p in path.iterdir())
-        res.variants[name] = {"path": str(path), "files": files, "zero_fraction_linears": zeros / max(total, 1),
-                              "bytes": sum(p.stat().st_size for p in path.iterdir()),
-                              "stored_bits_per_weight": stored,
-                              **({"quant_format": layout} if packed else {}),
-                              **({"two_of_four_marker": marker} if not packed and marker else {})}
-        log.info("exported %s to %s", name, path)
+        res.variants[name] = {"path": str(path), "files": files, "zero_fraction_linears": structure["sparsity"],
+                              "pattern": structure["pattern"], "bytes": sum(p.stat().st_size for p in path.iterdir()),
+                              "stored_bits_per_weight": stored, "export_dtype": str(dtype)[6:],
+                              "tensor_dtypes": folder["dtypes"],
+                              **({"quant_format": layout, "group_size_written": layout["group_size"]}
+                                 if packed else {}),
+                              **({"readers": readers} if readers is not None else {})}
+        bad = [k for k, r in (readers or {}).items() if not r["loads"]]
+        log.info("exported %s to %s%s", name, path, f" (does not load with: {'; '.join(bad)})" if bad else "")
     if config.two_of_four:
         res.two_of_four = _speed(model, config, variants)
         log.info("2:4 export: %s", res.two_of_four.get("reason") or res.two_of_four.get("tokens_per_s"))
@@ -563,7 +595,7 @@ def pipeline_step(run: Run, config: ExportConfig) -> Optional[str]:
     if (config.enabled or config.two_of_four) and config.quant_format == "compressed-tensors" and not codes:
         log.warning("--export-quant-format compressed-tensors has no effect here: this run has no quantized "
                     "variant (--quant-method rtn or gptq with the quantize step makes one); every variant is "
-                    "exported dequantized (2:4 variants with the format's 2:4 marker)")
+                    "exported dequantized")
     res = export_variants(run.model, run.tokenizer, run.variants, run.out / "export",
                           dataclasses.replace(config, command=run.results["manifest"]["command"]), facts, codes)
     run.results["export"] = asdict(res)

@@ -1,6 +1,7 @@
 """The quantize step: weight quantization of the decoder linears, the ``quantized`` variant.
 
-Methods (both asymmetric min-max per group of input columns, as both papers):
+Methods (both min-max per group of input columns, asymmetric as both papers, or symmetric with
+``--quant-symmetric``: GPTQ's ``sym=True``, the uint4b8 / uint8b128 grids vLLM's Marlin kernels read):
     rtn   round to nearest (the RTN baseline of the GPTQ and AWQ papers).
     gptq  GPTQ (Frantar et al. 2023; IST-DASLab/gptq ``fasterquant``): OBS column by column on
           the layer Hessian H = 2 X X^T / n, the machinery of our SparseGPT kernel
@@ -70,6 +71,8 @@ class QuantizeResult:
     sensitivity: dict = field(default_factory=dict)    # linear -> mean curvature per weight (mixed precision)
     objective: dict = field(default_factory=dict)      # sum s ||Q(W) - W||^2: chosen, uniform at --wbits, matched
     matched_uniform: dict = field(default_factory=dict)  # the uniform baseline at the same bits (_matched_uniform)
+    groups_used: dict = field(default_factory=dict)    # "g128" / "g128, tail 64" -> linears quantized so
+    symmetric: bool = False
     kept_weights: int = 0
     super_weights: list = field(default_factory=list)  # detected for protect="auto"
     protected: list = field(default_factory=list)      # (module, row, col) kept in full precision
@@ -136,9 +139,9 @@ def _keep_masks(model, tokenizer, linears: dict, moments: Optional[dict], config
     return {n: (k if k.any() else None) for n, k in masks.items()}, coords, found
 
 
-def _grid_bits(shapes: dict, bits: dict, group: int) -> int:
+def _grid_bits(shapes: dict, bits: dict, group: int, symmetric: bool = False) -> int:
     """``grid_bits`` summed over linears of ``shapes`` {name: (out, in)} at ``bits`` per linear."""
-    return sum(grid_bits(o, i, bits[n], group) for n, (o, i) in shapes.items())
+    return sum(grid_bits(o, i, bits[n], group, symmetric) for n, (o, i) in shapes.items())
 
 
 def _matched_uniform(linears: dict, bits: dict, keep: dict, sens: dict, config: QuantizeConfig) -> dict:
@@ -148,17 +151,19 @@ def _matched_uniform(linears: dict, bits: dict, keep: dict, sens: dict, config: 
     allocation spent on wider codes), and its objective sum s ||Q(W) - W||^2. The plain
     ``uniform_Nbit`` objective at --quant-group gets fewer bits than the allocation."""
     shapes = {n: tuple(LM.weight_view(m).shape) for n, m in linears.items()}
-    target = _grid_bits(shapes, bits, config.group)
+    target = _grid_bits(shapes, bits, config.group, config.symmetric)
     b = max(c for c in BIT_CHOICES if c <= config.budget_bits)
     flat = dict.fromkeys(shapes, b)
     widest = max(i for _, i in shapes.values())
-    group = next((g for g in range(1, widest + 1) if _grid_bits(shapes, flat, g) <= target), widest)
+    group = next((g for g in range(1, widest + 1) if _grid_bits(shapes, flat, g, config.symmetric) <= target),
+                 widest)
     objective = sum(sens[n] * _sq_error(LM.weight_view(m), rtn_quantize(LM.weight_view(m).detach(), b, group,
-                                                                        keep[n], config.zero_point, config.scale_dtype))
+                                                                        keep[n], config.zero_point, config.scale_dtype,
+                                                                        config.symmetric))
                     for n, m in linears.items())
     total = sum(o * i for o, i in shapes.values())
     return {"name": f"uniform_{b}bit_g{group}", "wbits": b, "group": group, "objective": objective,
-            "bits": _grid_bits(shapes, flat, group) / total, "mixed_bits": target / total,
+            "bits": _grid_bits(shapes, flat, group, config.symmetric) / total, "mixed_bits": target / total,
             "how": f"uniform {b}-bit RTN at the group size whose fp16 scales and {b}-bit zeros bring it closest to, "
                    "and not above, the mixed allocation's codes, scales and zeros per weight"}
 
@@ -230,7 +235,8 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
                         "sensitive", config.bit_allocation, ", ".join(n for n, v in sens.items() if not math.isfinite(v)))
         sens = {n: v if math.isnan(v) else max(v, 0.0) for n, v in sens.items()}  # negative Hutchinson: no curvature
         err = {n: {b: _sq_error(LM.weight_view(m), rtn_quantize(LM.weight_view(m).detach(), b, config.group, keep[n],
-                                                                 config.zero_point, config.scale_dtype))
+                                                                 config.zero_point, config.scale_dtype,
+                                                                 config.symmetric))
                    for b in BIT_CHOICES} for n, m in linears.items()}
         bits = allocate_bits(sens, err, sizes, res.budget_bits)
         res.sensitivity = sens
@@ -245,7 +251,8 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
     if config.method == "rtn":  # an exact 0 is on the integer grid: RTN keeps a pruned zero by itself
         for n, m in tqdm(linears.items(), desc="rtn", disable=not config.progress):
             W = LM.weight_view(m)
-            q = rtn_quantize(W.detach(), bits[n], config.group, keep[n], config.zero_point, config.scale_dtype)
+            q = rtn_quantize(W.detach(), bits[n], config.group, keep[n], config.zero_point, config.scale_dtype,
+                             config.symmetric)
             res.quantized[n + ".weight"] = q
             _write(W, q, res, n)
     else:
@@ -259,7 +266,7 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
                 W = LM.weight_view(m)
                 q = gptq_quantize(W.detach(), H[rel].to(W.device), bits[n], config.group, config.blocksize,
                                   config.percdamp, config.act_order, keep[n], config.zero_point, zeros.get(n),
-                                  config.scale_dtype)
+                                  config.scale_dtype, config.symmetric)
                 q.dequantized = None
                 if q.damp != config.percdamp:
                     res.dampening_increased[n] = q.damp
@@ -286,6 +293,12 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
                                     int(zeros[n].sum()) if n in zeros else 0).items():
             parts[part] = parts.get(part, 0) + v
     res.bits_by_part = {k: v / total for k, v in parts.items()}
+    for n in linears:  # the groups actually used: a width that is not a multiple has a narrower tail group
+        q = res.quantized[n + ".weight"]
+        gs, inp = int((q.g_idx == 0).sum()), q.codes.shape[1]
+        key = f"g{gs}" + (f", tail {inp % gs}" if inp % gs else "")
+        res.groups_used[key] = res.groups_used.get(key, 0) + 1
+    res.symmetric = config.symmetric
     res.avg_code_bits = sum(sizes[n] * bits[n] for n in linears) / total
     res.avg_bits = sum(parts.values()) / total
     per_layer: dict = {}

