@@ -23,7 +23,7 @@ from llm_common import UserError
 from llm_knobs import (SUPER_WEIGHT_PROMPT, StepConfig, budget, exact, knob, parse_floats, parse_ints,
                        parse_max_memory, parse_names, parse_nm, parse_protect, parse_trackers, parse_variant_patterns,
                        progress_knob, seed_knob, super_weight_prompt_knob, variants_knob)
-from llm_config_measure import AdversarialConfig, AnalysisConfig
+from llm_config_measure import AdversarialConfig, AnalysisConfig, EvalConfig
 from llm_model import SAMPLE_PROMPT
 
 # The noise step comes after every other step that makes variants: its sweep measures each of them.
@@ -449,42 +449,6 @@ class QuantizeConfig(StepConfig):
                                               for p in self.source):
             raise UserError("--quant-zero-point float has no exact 0 on its grid, so it cannot keep a pruned "
                             "model's zeros: quantize pruned variants with --quant-zero-point integer")
-
-
-@dataclass
-class EvalConfig(StepConfig):
-    step: ClassVar[str] = "eval"
-    seq_len: Optional[int] = budget(256, 2048, "tokens per window", flag="--seq-len", bounds="[2,1000000]",
-                                    context=True)
-    stride: Optional[int] = knob(None, "sliding-window stride (auto: --seq-len, disjoint windows)",
-                                 flag="--stride", bounds="[1,1000000]")
-    eval_tokens: Optional[int] = budget(8192, 0, "score N tokens of the text, as whole windows (--eval-sampling "
-                                                  "says which); 0 means all", flag="--eval-tokens",
-                                        bounds="[0,1000000000]")
-    sampling: str = knob("spread", "which windows score the --eval-tokens budget when it is less than the "
-                                   "text: spread (every k-th window across the whole text, from a seeded "
-                                   "offset: a sample of the text) or first (the first N tokens, as other "
-                                   "tools and older runs score them; adjacent windows are dependent)",
-                         flag="--eval-sampling", choices=("spread", "first"))
-    seed: int = seed_knob()
-    batch_size: Optional[int] = knob(None, "evaluation windows per forward pass (auto: from free memory "
-                                           "on GPU, 1 on CPU)", flag="--batch-size", bounds="[1,65536]")
-    prompts: tuple = knob((SAMPLE_PROMPT,), "sample prompt (repeat the flag for several)", flag="--prompt",
-                          many=True)
-    max_new_tokens: int = knob(48, "greedy answer length per prompt (0: none)", flag="--max-new-tokens",
-                               bounds="[0,4096]")
-    kl: bool = knob(False, "also report KL and top-1 agreement of each variant against its parent",
-                    flag="--kl")
-    progress: bool = progress_knob()
-
-    def scoring_only(self, **changes) -> "EvalConfig":
-        """This config for perplexity alone (no greedy answers, no progress bar): what the sweeps,
-        maps and ablations score with; ``changes`` replace further fields."""
-        return dataclasses.replace(self, max_new_tokens=0, progress=False, **changes)
-
-    def check(self) -> None:
-        if self.stride is not None and self.seq_len is not None and self.stride > self.seq_len:
-            raise UserError(f"--stride must be between 1 and --seq-len ({self.seq_len}), got {self.stride}")
 
 
 @dataclass

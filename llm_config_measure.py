@@ -1,16 +1,55 @@
-"""The configs of the steps that measure every variant: the attacks and the analysis.
+"""The configs of the steps that measure every variant: the evaluation, the attacks and the analysis.
 
 They live apart from ``llm_config`` (which re-exports them) only to keep each module readable in
 one sitting; the machinery is the same (``llm_knobs``).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Optional
+
+from llm_common import UserError
 
 from llm_knobs import (StepConfig, budget, knob, parse_floats, parse_ints, progress_knob, seed_knob,
                        super_weight_prompt_knob, variants_knob)
 from llm_model import SAMPLE_PROMPT
+
+
+@dataclass
+class EvalConfig(StepConfig):
+    step: ClassVar[str] = "eval"
+    seq_len: Optional[int] = budget(256, 2048, "tokens per window", flag="--seq-len", bounds="[2,1000000]",
+                                    context=True)
+    stride: Optional[int] = knob(None, "sliding-window stride (auto: --seq-len, disjoint windows)",
+                                 flag="--stride", bounds="[1,1000000]")
+    eval_tokens: Optional[int] = budget(8192, 0, "score N tokens of the text, as whole windows (--eval-sampling "
+                                                  "says which); 0 means all", flag="--eval-tokens",
+                                        bounds="[0,1000000000]")
+    sampling: str = knob("spread", "which windows score the --eval-tokens budget when it is less than the "
+                                   "text: spread (every k-th window across the whole text, from a seeded "
+                                   "offset: a sample of the text) or first (the first N tokens, as other "
+                                   "tools and older runs score them; adjacent windows are dependent)",
+                         flag="--eval-sampling", choices=("spread", "first"))
+    seed: int = seed_knob()
+    batch_size: Optional[int] = knob(None, "evaluation windows per forward pass (auto: from free memory "
+                                           "on GPU, 1 on CPU)", flag="--batch-size", bounds="[1,65536]")
+    prompts: tuple = knob((SAMPLE_PROMPT,), "sample prompt (repeat the flag for several)", flag="--prompt",
+                          many=True)
+    max_new_tokens: int = knob(48, "greedy answer length per prompt (0: none)", flag="--max-new-tokens",
+                               bounds="[0,4096]")
+    kl: bool = knob(False, "also report KL and top-1 agreement of each variant against its parent",
+                    flag="--kl")
+    progress: bool = progress_knob()
+
+    def scoring_only(self, **changes) -> "EvalConfig":
+        """This config for perplexity alone (no greedy answers, no progress bar): what the sweeps,
+        maps and ablations score with; ``changes`` replace further fields."""
+        return dataclasses.replace(self, max_new_tokens=0, progress=False, **changes)
+
+    def check(self) -> None:
+        if self.stride is not None and self.seq_len is not None and self.stride > self.seq_len:
+            raise UserError(f"--stride must be between 1 and --seq-len ({self.seq_len}), got {self.stride}")
 
 
 @dataclass
