@@ -448,7 +448,7 @@ def findings(results: dict) -> list[str]:
         v, sat = nz["variant"], nz["sweep"]["saturation"]
         frac = R.num(ppl["noisy"]) / sat if R.num(ppl["noisy"]) is not None else float("nan")
         out.append(f"{v['mode'].capitalize()} noise eps={v['epsilon']} on {v['group']} weights gives "
-                   f"perplexity {R.fmt(ppl['noisy'])}, {R.fmt(100 * frac)}% of the saturation level "
+                   f"perplexity {RS.perplexity_cell(results, 'noisy')}, {R.fmt(100 * frac)}% of the saturation level "
                    f"{int(sat)} (a uniform guesser over the vocabulary).")
     if nz:
         sw = nz["sweep"]
