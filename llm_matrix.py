@@ -28,6 +28,10 @@ from llm_knobs import parse_variant_patterns
 MEASURES: dict[str, tuple] = {
     "perplexity": ("perplexity", "", "higher", "ratio"),
     "zeroshot_mean": ("zero-shot mean acc", "", "lower", "difference"),
+    # Against the parent (--kl): how far the variant's next-token distribution moved. No paired test: any
+    # change of weights makes a KL above 0, so "no change" is not a null worth testing; the interval says how far.
+    "kl_parent": ("KL to the parent", "nats/token", "higher", "none"),
+    "top1_parent": ("top-1 agreement with the parent", "", "lower", "none"),
     "pgd_delta_nll": ("PGD ΔNLL at max ε", "nats/token", "higher", "difference"),
     "fgsm_delta_nll": ("FGSM ΔNLL at max ε", "nats/token", "higher", "difference"),
     "targeted_success": ("targeted PGD success", "", "higher", "difference"),
@@ -69,6 +73,11 @@ def _cells(results: Mapping, name: str) -> dict:
         cells["perplexity"] = _cell(ppl, R.field(ev, "perplexity_ci95", kind=list), vs and {
             **vs, "ratio": vs.get("ppl_ratio"), "ratio_ci95": vs.get("ppl_ratio_ci95")}, key="ratio",
             ci_key="ratio_ci95")
+    if R.num(R.field(results, "evaluation", name, "kl")) is not None:
+        ev = R.field(results, "evaluation", name, kind=dict, default={})
+        cells["kl_parent"] = _cell(ev.get("kl"), R.field(ev, "kl_ci95", kind=list),
+                                   percentiles=R.field(ev, "kl_percentiles", kind=dict))
+        cells["top1_parent"] = _cell(ev.get("top1_agreement"), R.field(ev, "top1_ci95", kind=list))
     zs = R.field(results, "zeroshot", "mean", name, kind=dict)
     if zs:
         vs = R.field(results, "zeroshot", "paired", name, "mean", kind=dict)
@@ -111,7 +120,7 @@ def _cells(results: Mapping, name: str) -> dict:
 def _relative(value, parent, how: str) -> Optional[float]:
     """The cell against its parent: value / parent ("ratio") or value - parent ("difference")."""
     v, p = R.num(value), R.num(parent)
-    if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in (v, p)):
+    if how == "none" or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in (v, p)):
         return None
     if how == "ratio":  # only between two positive values (a negative Hutchinson estimate has no ratio)
         return v / p if p > 0 and v > 0 else None

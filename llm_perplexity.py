@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from llm_common import UserError
 from llm_config import EvalConfig
 from llm_model import auto_batch_size, eval_mode, free_memory_bytes, input_device, use_cache
-from llm_stats import interval_words, perplexity_interval
+from llm_stats import estimate, interval_words, perplexity_interval
 
 log = logging.getLogger("llm.eval")
 
@@ -65,6 +65,14 @@ class EvalResult:
     perplexity_ci95: list = field(default_factory=lambda: [math.nan, math.nan])
     interval_method: str = ""
     vs_parent: Optional[dict] = None  # llm_stats.paired_perplexity against the parent, set by the eval step
+    # Against ``reference`` (--kl): per window, the summed KL (nats) and the count of positions whose
+    # argmax agrees; the KL's 95% interval and the agreement's, over windows (``llm_stats.estimate``);
+    # the per-token KL's distribution, as llama.cpp's perplexity tool reports it.
+    window_kl: list = field(default_factory=list)
+    window_agree: list = field(default_factory=list)
+    kl_ci95: Optional[list] = None
+    top1_ci95: Optional[list] = None
+    kl_percentiles: Optional[dict] = None  # {"median", "p90", "p99", "max"} of KL per scored token, nats
     window_starts: list = field(default_factory=list)  # token offset of each scored window, in order
     sampling: dict = field(default_factory=dict)  # the design: how the windows were chosen (``sampling_plan``)
 
@@ -279,6 +287,9 @@ def _evaluate_model(model, tokenizer, input_ids: torch.Tensor, config: EvalConfi
     kl_sum = torch.zeros((), dtype=torch.float64, device=out_dev)
     agree = torch.zeros((), dtype=torch.long, device=out_dev)
     window_nll = torch.zeros(len(plan), dtype=torch.float64, device=out_dev)
+    window_kl = torch.zeros(len(plan), dtype=torch.float64, device=out_dev)
+    window_agree = torch.zeros(len(plan), dtype=torch.float64, device=out_dev)
+    token_kl = []  # each batch's per-token KL at its scored positions (float32, on the device)
     n_scored = sum(seq_len - f for _, f in plan)
     n_bytes = sum(len(tokenizer.decode(input_ids[s + f:s + seq_len]).encode("utf-8")) for s, f in plan)
     t0 = time.perf_counter()
@@ -305,12 +316,19 @@ def _evaluate_model(model, tokenizer, input_ids: torch.Tensor, config: EvalConfi
                 else:
                     ref_logp = reference[b_idx].to(logits.device, non_blocking=True)
                 kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
-                kl_sum += torch.where(mask, kl, 0).double().sum().to(out_dev)
-                agree += ((ref_logp.argmax(-1) == logp.argmax(-1)) & mask).sum().to(out_dev)
+                kl_w = torch.where(mask, kl, 0).double().sum(1).to(out_dev)
+                kl_sum += kl_w.sum()
+                window_kl[first:first + kl_w.shape[0]] = kl_w
+                same = (ref_logp.argmax(-1) == logp.argmax(-1)) & mask
+                agree += same.sum().to(out_dev)
+                window_agree[first:first + kl_w.shape[0]] = same.double().sum(1).to(out_dev)
+                token_kl.append(kl[mask].float().to(out_dev))
                 del ref_logp, logp
             del logits, nll
         # The one host sync: the scalars and the per-window sums come back together.
         nll_sum, kl_sum, agree, window_nll = float(nll_sum), float(kl_sum), int(agree), window_nll.tolist()
+        window_kl, window_agree = window_kl.tolist(), window_agree.tolist()
+        token_kl = torch.cat(token_kl).cpu().numpy() if token_kl else None
     seconds = time.perf_counter() - t0
     mean_nll = float(nll_sum) / n_scored
     window_tokens = [seq_len - f for _, f in plan]
@@ -327,6 +345,14 @@ def _evaluate_model(model, tokenizer, input_ids: torch.Tensor, config: EvalConfi
         interval_method=interval_method(len(plan), design["dependent"]),
         window_starts=design["window_starts"], sampling={k: v for k, v in design.items() if k != "window_starts"},
     )
+    if token_kl is not None:
+        result.window_kl, result.window_agree = window_kl, window_agree
+        result.kl_ci95, result.top1_ci95 = (
+            estimate(w, window_tokens, dependent=design["dependent"], seed=config.seed, units="windows")["ci95"]
+            for w in (window_kl, window_agree))
+        q = np.quantile(token_kl.astype(np.float64), [0.5, 0.9, 0.99]) if token_kl.size else [math.nan] * 3
+        result.kl_percentiles = {"median": float(q[0]), "p90": float(q[1]), "p99": float(q[2]),
+                                 "max": float(token_kl.max()) if token_kl.size else math.nan}
     if config.max_new_tokens > 0 and config.prompts:
         result.generations = _generate(model, tokenizer, config.prompts, config.max_new_tokens)
     # Sweeps run hundreds of silent evaluations (progress=False): keep those at DEBUG.

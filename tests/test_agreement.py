@@ -1,0 +1,56 @@
+"""Agreement with the parent (issue 42, item 1, in part): the KL of each variant's next-token
+distribution from its parent's, per token (median, p90, p99, max) and per window with an interval,
+and top-1 agreement; against a hand computation with torch.distributions on a tiny model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import llm_matrix as MX
+import llm_stats as S
+from llm_data import tokenize_corpus
+from llm_evaluate_models import EvalConfig, evaluate_variants
+
+
+def test_kl_percentiles_and_intervals_equal_a_hand_computation(tiny_llama, tok, sample_text):
+    model = tiny_llama(seed=8)
+    ids = tokenize_corpus(tok, sample_text[:4000])
+    w = model.model.layers[1].mlp.down_proj.weight
+    variants = {"base": None, "pruned": {"model.layers.1.mlp.down_proj.weight": w * (torch.rand_like(w) > 0.5),
+                                         "lm_head.weight": model.lm_head.weight * 4}}  # a KL well above float32's noise
+    cfg = EvalConfig(seq_len=32, eval_tokens=10 * 32, max_new_tokens=0, progress=False, kl=True)
+    res = evaluate_variants(model, tok, ids, variants, cfg, parents={"pruned": "base"})
+    got = res.variants["pruned"]
+
+    # By hand: both models on exactly the recorded windows, KL(parent || variant) per scored token.
+    parent = model
+    child = tiny_llama(seed=8)
+    child.load_state_dict({**model.state_dict(), **variants["pruned"]})
+    kls, agree, per_window = [], [], []
+    with torch.no_grad():
+        for s in got.window_starts:
+            x = ids[s:s + 32][None]
+            p = torch.distributions.Categorical(logits=parent(input_ids=x).logits[0, :-1].double())
+            q = torch.distributions.Categorical(logits=child(input_ids=x).logits[0, :-1].double())
+            k = torch.distributions.kl_divergence(p, q)
+            kls += k.tolist()
+            per_window.append(float(k.sum()))
+            agree.append(float((p.logits.argmax(-1) == q.logits.argmax(-1)).sum()))
+    kls = np.array(kls)
+    assert len(kls) == got.tokens_scored == 10 * 31
+    want = dict(zip(("median", "p90", "p99"), np.quantile(kls, [0.5, 0.9, 0.99])), max=kls.max())
+    assert got.kl_percentiles == pytest.approx(want, rel=1e-3, abs=1e-6)
+    assert got.kl == pytest.approx(kls.mean(), rel=1e-4)
+    assert got.window_kl == pytest.approx(per_window, rel=1e-3, abs=1e-6)
+    assert got.top1_agreement == pytest.approx(sum(agree) / len(kls))
+    assert got.kl_ci95 == pytest.approx(S.estimate(got.window_kl, got.window_tokens)["ci95"], rel=1e-12)
+    assert got.kl_ci95[0] < got.kl < got.kl_ci95[1]
+    # The matrix holds both, against the parent, with no paired test (a KL above 0 is any change at all).
+    from dataclasses import asdict
+    results = {"evaluation": {n: asdict(r) for n, r in res.variants.items()}, "perplexity": res.perplexity,
+               "variants": res.parents}
+    cells = MX.robustness_matrix(results)["rows"]["pruned"]["cells"]
+    assert cells["kl_parent"]["value"] == pytest.approx(got.kl) and "vs_parent" not in cells["kl_parent"]
+    assert cells["kl_parent"]["percentiles"] == got.kl_percentiles
+    assert cells["top1_parent"]["ci95"] == got.top1_ci95
