@@ -38,7 +38,8 @@ class EvalConfig(StepConfig):
                           many=True)
     max_new_tokens: int = knob(48, "greedy answer length per prompt (0: none)", flag="--max-new-tokens",
                                bounds="[0,4096]")
-    kl: bool = knob(False, "also report KL and top-1 agreement of each variant against its parent",
+    kl: bool = knob(False, "also report KL (mean with its interval, per-token median, p90, p99, max) and top-1 "
+                           "agreement of each variant against its parent",
                     flag="--kl")
     progress: bool = progress_knob()
 

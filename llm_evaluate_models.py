@@ -10,6 +10,7 @@ re-exported here so that a notebook finds them under this step's name.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
@@ -58,8 +59,9 @@ def evaluate_variants(model, tokenizer, input_ids: torch.Tensor, variants: Mappi
     checkpoint file or a save_pretrained directory whose weights are swapped in for its
     evaluation and restored bit for bit afterwards, or a callable ``model -> context manager``
     that changes the model in place for the evaluation and restores it. ``parents`` names the variant each was
-    derived from. With ``config.kl`` every variant whose parent is the model as it is gets
-    KL and top-1 agreement against it (kept as one spare copy). Under ``accelerate launch`` or
+    derived from. With ``config.kl`` every variant whose parent was evaluated too gets KL (mean,
+    per-token percentiles, interval over windows) and top-1 agreement against that parent (one
+    spare copy of the model, with the parent applied to it). Under ``accelerate launch`` or
     torchrun the ranks take disjoint variants and every rank gets all the results.
     """
     config = config.for_model(model)
@@ -67,13 +69,16 @@ def evaluate_variants(model, tokenizer, input_ids: torch.Tensor, variants: Mappi
         log.info("--eval-tokens %d exceeds the %d tokens of the text: evaluating all of them",
                  config.eval_tokens, input_ids.numel())
     parents = dict(parents or {})
-    live = [n for n, w in variants.items() if w is None]
-    kl_for = {n for n in variants if config.kl and variants[n] is not None and parents.get(n) in live}
+    kl_for = {n for n in variants if config.kl and parents.get(n) in variants and parents[n] != n}
+    # One spare copy of the model serves as every reference: each variant's parent is applied to it (in
+    # place, restored after) while the variant itself is applied to the model.
     reference = copy.deepcopy(model) if kl_for else None
     mine = []  # under accelerate launch / torchrun each rank evaluates every world_size-th variant
     for i, (name, weights) in C.shard_jobs(list(variants.items())):
         log.info("evaluating variant %r", name)
-        with V.applied_variant(model, weights):
+        ref = (V.applied_variant(reference, variants[parents[name]]) if name in kl_for
+               else contextlib.nullcontext())
+        with V.applied_variant(model, weights), ref:
             mine.append((i, (name, evaluate_model(model, tokenizer, input_ids, config,
                                                   reference=reference if name in kl_for else None))))
     out = dict(C.gather_jobs(mine))

@@ -54,3 +54,28 @@ def test_kl_percentiles_and_intervals_equal_a_hand_computation(tiny_llama, tok, 
     assert cells["kl_parent"]["value"] == pytest.approx(got.kl) and "vs_parent" not in cells["kl_parent"]
     assert cells["kl_parent"]["percentiles"] == got.kl_percentiles
     assert cells["top1_parent"]["ci95"] == got.top1_ci95
+
+
+def test_a_variant_of_a_variant_gets_its_kl_against_that_parent(tiny_llama, tok, sample_text):
+    """pruned+quantized's parent is pruned, itself a variant: its KL is against the pruned model (applied
+    to the spare copy), equal to evaluate_model with the pruned model as the reference; the live
+    model is bit-identical afterwards."""
+    from llm_evaluate_models import evaluate_model
+
+    model = tiny_llama(seed=9)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = tokenize_corpus(tok, sample_text[:4000])
+    w = model.model.layers[0].mlp.up_proj.weight
+    pruned = {"model.layers.0.mlp.up_proj.weight": w * (torch.arange(w.shape[1]) % 2 == 0)}
+    stacked = {"model.layers.0.mlp.up_proj.weight": (pruned["model.layers.0.mlp.up_proj.weight"] * 8).round() / 8}
+    cfg = EvalConfig(seq_len=32, eval_tokens=8 * 32, max_new_tokens=0, progress=False, kl=True)
+    res = evaluate_variants(model, tok, ids, {"base": None, "pruned": pruned, "pruned+q": stacked}, cfg,
+                            parents={"pruned": "base", "pruned+q": "pruned"})
+    assert res.variants["base"].kl is None and res.variants["pruned"].kl > 0
+    ref, child = tiny_llama(seed=9), tiny_llama(seed=9)
+    ref.load_state_dict({**before, **pruned})
+    child.load_state_dict({**before, **stacked})
+    want = evaluate_model(child, tok, ids, cfg, reference=ref)
+    assert res.variants["pruned+q"].kl == pytest.approx(want.kl, rel=1e-6)
+    assert res.variants["pruned+q"].kl_percentiles == pytest.approx(want.kl_percentiles, rel=1e-6)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
