@@ -30,6 +30,7 @@ MEASURES: dict[str, tuple] = {
     "zeroshot_mean": ("zero-shot mean acc", "", "lower", "difference"),
     # Against the parent (--kl): how far the variant's next-token distribution moved. No paired test: any
     # change of weights makes a KL above 0, so "no change" is not a null worth testing; the interval says how far.
+    "zeroshot_flips": ("zero-shot answers flipped", "", "higher", "none"),
     "kl_parent": ("KL to the parent", "nats/token", "higher", "none"),
     "top1_parent": ("top-1 agreement with the parent", "", "lower", "none"),
     "pgd_delta_nll": ("PGD ΔNLL at max ε", "nats/token", "higher", "difference"),
@@ -82,6 +83,9 @@ def _cells(results: Mapping, name: str) -> dict:
     if zs:
         vs = R.field(results, "zeroshot", "paired", name, "mean", kind=dict)
         cells["zeroshot_mean"] = _cell(zs.get("acc"), None, vs, key="diff", ci_key="diff_ci95")
+        if isinstance(vs, dict) and R.num(vs.get("flip_rate")) is not None:  # the pooled questions, either way
+            cells["zeroshot_flips"] = _cell(vs.get("flip_rate"), vs.get("flip_rate_ci95"), lost=vs.get("a_only"),
+                                            gained=vs.get("b_only"), n=vs.get("n"))
     adv = R.field(results, "adversarial", "variants", name, kind=dict)
     if adv:
         vs = R.field(adv, "vs_parent", kind=dict, default={})

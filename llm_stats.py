@@ -302,7 +302,9 @@ def mcnemar_exact(a_correct, b_correct, level: float = 0.95, n_boot: int = N_BOO
     Args:
         a_correct, b_correct: 1-D booleans (or 0/1), the parent's and the variant's correctness
             on each question, in the same order.
-    Returns {"n", "a_only" (questions only a gets right), "b_only", "acc_a", "acc_b",
+    Returns {"n", "a_only" (questions only a gets right), "b_only", "flip_rate" ((a_only + b_only) / n,
+    the share of questions whose correctness changed, either way) with "flip_rate_ci95" (Wilson),
+    "acc_a", "acc_b",
     "diff": acc_b - acc_a, "diff_ci95" (``paired_difference``'s rule over the questions;
     "ci_method" says which), "p_value": two-sided exact binomial test of a_only against
     a_only + b_only at 1/2 (scipy.stats.binomtest), 1.0 when no question is discordant,
@@ -317,7 +319,9 @@ def mcnemar_exact(a_correct, b_correct, level: float = 0.95, n_boot: int = N_BOO
     n, a_only, b_only = int(a.size), int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
     p = float(scipy.stats.binomtest(a_only, a_only + b_only, 0.5).pvalue) if a_only + b_only else 1.0
     boot = paired_difference(a, b, n_boot, seed, level, units="questions")
-    return {"n": n, "a_only": a_only, "b_only": b_only,
+    flips = a_only + b_only  # "Accuracy is Not All You Need" (2024): answers that changed, either way
+    return {"n": n, "a_only": a_only, "b_only": b_only, "flip_rate": flips / n if n else NAN,
+            "flip_rate_ci95": list(wilson_interval(flips, n, level)),
             "acc_a": float(a.mean()) if n else NAN, "acc_b": float(b.mean()) if n else NAN,
             "diff": boot["mean"], "diff_ci95": boot["ci95"], "ci_method": boot["method"],
             "p_value": p, "significant": bool(p < 1.0 - level), "kind": "mcnemar",

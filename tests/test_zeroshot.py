@@ -127,6 +127,12 @@ def test_zeroshot_equals_lm_evals_own_run_and_a_hand_count(local_task, tiny_llam
     p = scipy.stats.binomtest(a_only, a_only + b_only, 0.5).pvalue if a_only + b_only else 1.0
     assert t["p_value"] == pytest.approx(p, abs=1e-15) and t["significant"] == (p < 0.05)
     assert t["diff"] == pytest.approx(ours["acc"] - base["acc"], abs=1e-12)
+    # The flip rate: the questions whose correctness changed, either way, counted over the per-question
+    # outcomes, with Wilson's interval.
+    flips = sum(a != b for a, b in zip(each, each_pruned))
+    assert t["flip_rate"] == pytest.approx(flips / len(rows), abs=1e-15)
+    assert t["flip_rate_ci95"] == pytest.approx(list(scipy.stats.binomtest(flips, len(rows)).proportion_ci(
+        0.95, method="wilson")), abs=1e-12)
     assert res.paired["pruned"]["mean"] == {**{k: v for k, v in t.items() if k != "metric"}, "tasks": 1,
                                             "pooled": "the questions of every task, in one test"}
 
