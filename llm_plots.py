@@ -305,6 +305,9 @@ def figure_caption(results: dict, name: str) -> str:
     tokens = R.tokens_scored(results) or proto.get("tokens_used") or "?"
     windows = (f"{n}windows of {proto.get('seq_len')} tokens, stride {proto.get('stride')}, {tokens} tokens "
                "scored per variant") if proto else "no perplexity windows"
+    design = R.field(proto, "sampling", kind=dict) if proto else None
+    if design and design.get("design") in ("spread", "first"):  # which windows: the report's protocol line
+        windows += f" ({design['design']}: {'spread across the text' if design['design'] == 'spread' else 'the first'})"
     return f"Model {results.get('model', '?')}; eval text {text}; {windows}{_figure_scope(results, name)}."
 
 
@@ -429,7 +432,8 @@ def plot_robustness(matrix: dict, path) -> Path:
     cb = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, ticks=[-1, 0, 1])
     cb.ax.set_yticklabels(["better", "same", "worse"], fontsize=7)
     cb.set_label("change from the parent, scaled per column", fontsize=7)
-    ax.set_title("Each variant against its parent (bold: paired difference significant; hatched: within noise)",
+    ax.set_title("Each variant against its parent (bold: significant after the run's multiple-testing adjustment; "
+                 "hatched: within noise)",
                  fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)

@@ -340,7 +340,10 @@ def summary_table(results: dict) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     proto, src = (R.field(results, "protocol", kind=dict, default={}),
                   R.field(results, "dataset", "eval", "source"))
-    if proto:
+    words = R.field(proto, "sampling", "words", kind=str) if proto else None
+    if words:
+        lines.append(f"perplexity of {src}: {words}")
+    elif proto:
         lines.append(f"perplexity of {src}: windows of {proto.get('seq_len')} tokens, "
                      f"{R.tokens_scored(results)} tokens scored")
     note = RS.summary_note(results)
