@@ -493,7 +493,7 @@ def export_variants(model, tokenizer, variants: Mapping[str, object], out_dir, c
             else:
                 _save_plain(model, tmp, dtype, config.max_shard_size)
             tokenizer.save_pretrained(tmp)
-            structure = CARD.structure(model, f)
+            structure = CARD.structure(model, name, f)
             CARD.write_sidecar(tmp, {"variant": name, **structure, "export_dtype": str(dtype)[6:],
                                      **({"quantization": {k: layout[k] for k in ("format", "group_size", "groups",
                                                                                   "symmetric", "scale_dtype")}}

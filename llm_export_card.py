@@ -68,15 +68,17 @@ def is_two_of_four(w: torch.Tensor) -> bool:
     return w.dim() == 2 and w.shape[1] % 4 == 0 and bool(((w.reshape(-1, 4) != 0).sum(-1) <= 2).all())
 
 
-def structure(model, facts: Mapping) -> dict:
-    """The sidecar's account of the variant as it is in ``model``: its 2:4 pattern (every
-    decoder linear whose weights keep 2 of every 4), sparsity of the decoder linears, parent and
-    recipe (``facts``)."""
+def structure(model, name: str, facts: Mapping) -> dict:
+    """The sidecar's account of the variant ``name`` as it is in ``model``: its pattern ("2:4"
+    where decoder linears keep 2 of every 4; "unstructured" for another variant made by pruning,
+    itself or its parent; "dense"), the zero fraction of the decoder linears (a quantized grid has
+    zeros of its own: its zero code), parent and recipe (``facts``)."""
     lin = {n: LM.weight_view(m) for n, m in LM.decoder_linears(model).items()}
     zeros, total = sum(int((w == 0).sum()) for w in lin.values()), sum(w.numel() for w in lin.values())
     two = sorted(n for n, w in lin.items() if is_two_of_four(w))
     sparse = zeros / max(total, 1)
-    pattern = "2:4" if two else "unstructured" if sparse >= 0.01 else "dense"
+    pruned = any(str(x or "").startswith("pruned") for x in (name, facts.get("parent")))
+    pattern = "2:4" if two else "unstructured" if pruned else "dense"
     return {"pattern": pattern, "sparsity": sparse, "two_of_four_linears": len(two),
             "decoder_linears": len(lin), "parent": facts.get("parent"), "recipe": facts.get("made_by"),
             "base_model": facts.get("base_model")}
