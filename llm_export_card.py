@@ -103,6 +103,7 @@ def folder_facts(path: Path, stored: Mapping) -> dict:
                "group_size": (g.get("weights") or {}).get("group_size"), "linears": len(g.get("targets") or ())}
               for g in (q.get("config_groups") or {}).values()]
     tensors: dict = {}
+    shapes: list = []
     for f in sorted(path.glob("*.safetensors")):
         with safe_open(str(f), "pt") as h:
             for k in h.keys():
@@ -112,10 +113,12 @@ def folder_facts(path: Path, stored: Mapping) -> dict:
                              if k.endswith(suffix)), "not quantized")
                 t = tensors.setdefault(kind, {})
                 t[sl.get_dtype()] = t.get(sl.get_dtype(), 0) + math.prod(sl.get_shape())
+                if kind == "shapes":  # [out, in] of a packed linear, as stored
+                    shapes.append(tuple(int(x) for x in h.get_tensor(k).tolist()))
     sidecar = json.loads((path / SIDECAR).read_text()) if (path / SIDECAR).is_file() else {}
     return {"format": q.get("format"), "quant_method": q.get("quant_method"), "groups": groups,
             "sparsity_config": q.get("sparsity_config"), "dtypes": tensors, "config_dtype": cfg.get("dtype"),
-            "stored_bits": dict(stored), "sidecar": sidecar,
+            "stored_bits": dict(stored), "sidecar": sidecar, "packed_shapes": shapes,
             "bytes": sum(f.stat().st_size for f in path.glob("*.safetensors"))}
 
 
@@ -204,10 +207,13 @@ def known_refusals(facts: Mapping) -> list[str]:
     for g in facts.get("groups") or ():
         b, sym, gs = g["bits"], g["symmetric"], g["group_size"]
         if not sym and b != 4:
+            narrow = sum(o % 128 != 0 for o, _ in facts.get("packed_shapes") or ())
             out.append(f"vLLM: asymmetric {b}-bit weights have no kernel below compute capability 9.0 (Marlin takes "
                        f"zero points at 4 bits only); on 9.0 Machete takes them at group 64 or 128"
-                       + ("" if gs in MACHETE_GROUPS else f", not {gs}") + ". Export with --quant-symmetric "
-                       "for Marlin on 8.0+.")
+                       + ("" if gs in MACHETE_GROUPS else f", not {gs}") + " and output widths that are multiples "
+                       "of 128" + (f", which {narrow} of this folder's quantized linears are not: vLLM refuses "
+                                   "the model on any GPU" if narrow else "")
+                       + ". Export with --quant-symmetric for Marlin on 8.0+.")
         elif gs not in MARLIN_GROUPS:
             out.append(f"vLLM: Marlin takes groups of {', '.join(map(str, MARLIN_GROUPS))} only; this folder "
                        f"has {gs}.")

@@ -214,3 +214,19 @@ def test_a_symmetric_grid_axis_is_scored_exported_and_reported(tiny_run_dir, tmp
         assert rec["readers"]["transformers dequantize, bfloat16"]["loads"]
     report = (out / "report.md").read_text()
     assert "rtn 4 bits g48, symmetric, written at g16" in report or "rtn 4-bit g48, symmetric, written at g16" in report
+
+
+def test_the_card_warns_where_vllm_refuses():
+    """vLLM 0.34's kernel choice (bench/export_readers.py ran it): asymmetric 8-bit has no kernel
+    below 9.0, and Machete needs output widths that are multiples of 128 (SmolLM2's 576 and 192
+    are not: no GPU serves it); a group Marlin does not take; symmetric 4-bit at 64 is served."""
+    import llm_export_card as CARD
+
+    facts = {"groups": [{"bits": 8, "symmetric": False, "group_size": 64}], "packed_shapes": [(576, 576), (1536, 576)]}
+    w = " ".join(CARD.known_refusals(facts))
+    assert "asymmetric 8-bit weights have no kernel below compute capability 9.0" in w and "which 1 of" in w
+    assert "group sizes" not in w
+    w = " ".join(CARD.known_refusals({"groups": [{"bits": 4, "symmetric": True, "group_size": 16}]}))
+    assert "Marlin takes groups of 32, 64, 128 only; this folder has 16" in w
+    assert "no kernel" not in " ".join(CARD.known_refusals({"groups": [{"bits": 4, "symmetric": True,
+                                                                         "group_size": 64}]}))
