@@ -382,11 +382,12 @@ class QuantizeConfig(StepConfig):
                                lambda c: c.zero_point == "integer", "a float zero point's scale is fp16 already"),
                                "zero_point": (
                                lambda c: c.method != "none", "only --quant-method rtn or gptq reads it"),
+                               "symmetric": (
+                               lambda c: c.method != "none", "only --quant-method rtn or gptq reads it"),
                                "avg_bits": (lambda c: c.bit_allocation != "uniform",
                                             "only --bit-allocation hessian or fisher reads it"),
                                "sensitivity_probes": (lambda c: c.bit_allocation == "hessian",
-                                                      "only --bit-allocation hessian reads it"),
-                               "symmetric": (lambda c: c.method != "none", "only --quant-method rtn or gptq reads it")}
+                                                      "only --bit-allocation hessian reads it")}
 
     @property
     def budget_bits(self) -> Optional[float]:
