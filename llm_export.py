@@ -505,6 +505,7 @@ def export_variants(model, tokenizer, variants: Mapping[str, object], out_dir, c
                 readers = CARD.check_readers(tmp, ids, want_logits, packed, load_compressed_tensors)
             folder = CARD.folder_facts(tmp, stored)
             folder["check_tokens"] = ids.shape[1]
+            folder["check_dtype"] = str(next(p.dtype for p in model.parameters() if p.is_floating_point()))[6:]
             if folder["sparsity_config"]:  # vLLM refuses any; we never write one
                 raise RuntimeError(f"{name}: the export's config holds a sparsity_config")
             card = model_card(name, f, config.command, CARD.export_section(folder, readers, packed))

@@ -256,7 +256,7 @@ def export_section(facts: Mapping, readers: Optional[Mapping], packed: bool) -> 
         lines += ["", "## Readers, tested at export", "",
                   "Each reader loaded this folder at export time and ran it on 2 x "
                   f"{facts.get('check_tokens', '?')} tokens; the difference is from the logits of the variant as "
-                  "the run measured it (float32)."
+                  f"the run measured it ({facts.get('check_dtype', 'float32')})."
                   + (f" The tensors not quantized are stored in {facts['config_dtype']} (--export-dtype): that alone "
                      "moves the float32 rows away from 0." if facts.get("config_dtype") not in (None, "float32")
                      else ""), "",
