@@ -381,14 +381,16 @@ def grid_bits(rows: int, cols: int, bits: int, group: int, symmetric: bool = Fal
     """Codes, fp16 scales and ``bits``-bit zeros (none when ``symmetric``) of a [rows, cols] matrix
     at ``group`` columns per group (a narrower tail group counted too): its size as
     ``counted_bits`` counts a uniform RTN."""
-    return rows * cols * bits + rows * math.ceil(cols / group) * (SCALE_BITS + bits * (not symmetric))
+    zero_bits = 0 if symmetric else bits
+    return rows * cols * bits + rows * math.ceil(cols / group) * (SCALE_BITS + zero_bits)
 
 
 def counted_bits(q: Quantized, bits: int, act_order: bool, pruned: int = 0) -> dict:
     """The bits of one quantized matrix as the papers count them, by part: ``codes`` (``bits`` per
     weight that is neither kept nor pruned), ``grids`` (per row and group an fp16 scale and a
     zero in ``bits`` bits, as AutoGPTQ and compressed-tensors store an integer zero; a float zero
-    point is an fp16 minimum, as GGUF's; a symmetric grid stores no zero), ``g_idx`` (act order), ``kept`` (``KEPT_BITS`` each) and
+    point is an fp16 minimum, as GGUF's; a symmetric grid stores no zero), ``g_idx`` (act order),
+    ``kept`` (``KEPT_BITS`` each) and
     ``mask`` (``MASK_BITS`` per weight when ``pruned`` > 0 weights are held at zero)."""
     rows, cols = q.codes.shape
     kept = int(q.keep.sum()) if q.keep is not None else 0

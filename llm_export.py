@@ -551,7 +551,7 @@ def export_variants(model, tokenizer, variants: Mapping[str, object], out_dir, c
             else:
                 _save_plain(model, tmp, dtype, config.max_shard_size)
             tokenizer.save_pretrained(tmp)
-            structure = CARD.structure(model, f)
+            structure = CARD.structure(model, name, f)
             CARD.write_sidecar(tmp, {"variant": name, **structure, "export_dtype": str(dtype)[6:],
                                      **({"quantization": {k: layout[k] for k in ("format", "group_size", "groups",
                                                                                   "symmetric", "scale_dtype")}}
@@ -563,6 +563,7 @@ def export_variants(model, tokenizer, variants: Mapping[str, object], out_dir, c
                 readers = CARD.check_readers(tmp, ids, want_logits, packed, load_compressed_tensors)
             folder = CARD.folder_facts(tmp, stored)
             folder["check_tokens"] = ids.shape[1]
+            folder["check_dtype"] = str(next(p.dtype for p in model.parameters() if p.is_floating_point()))[6:]
             if folder["sparsity_config"]:  # vLLM refuses any; we never write one
                 raise RuntimeError(f"{name}: the export's config holds a sparsity_config")
             card = model_card(name, f, config.command, CARD.export_section(folder, readers, packed))

@@ -68,15 +68,17 @@ def is_two_of_four(w: torch.Tensor) -> bool:
     return w.dim() == 2 and w.shape[1] % 4 == 0 and bool(((w.reshape(-1, 4) != 0).sum(-1) <= 2).all())
 
 
-def structure(model, facts: Mapping) -> dict:
-    """The sidecar's account of the variant as it is in ``model``: its 2:4 pattern (every
-    decoder linear whose weights keep 2 of every 4), sparsity of the decoder linears, parent and
-    recipe (``facts``)."""
+def structure(model, name: str, facts: Mapping) -> dict:
+    """The sidecar's account of the variant ``name`` as it is in ``model``: its pattern ("2:4"
+    where decoder linears keep 2 of every 4; "unstructured" for another variant made by pruning,
+    itself or its parent; "dense"), the zero fraction of the decoder linears (a quantized grid has
+    zeros of its own: its zero code), parent and recipe (``facts``)."""
     lin = {n: LM.weight_view(m) for n, m in LM.decoder_linears(model).items()}
     zeros, total = sum(int((w == 0).sum()) for w in lin.values()), sum(w.numel() for w in lin.values())
     two = sorted(n for n, w in lin.items() if is_two_of_four(w))
     sparse = zeros / max(total, 1)
-    pattern = "2:4" if two else "unstructured" if sparse >= 0.01 else "dense"
+    pruned = any(str(x or "").startswith("pruned") for x in (name, facts.get("parent")))
+    pattern = "2:4" if two else "unstructured" if pruned else "dense"
     return {"pattern": pattern, "sparsity": sparse, "two_of_four_linears": len(two),
             "decoder_linears": len(lin), "parent": facts.get("parent"), "recipe": facts.get("made_by"),
             "base_model": facts.get("base_model")}
@@ -101,6 +103,7 @@ def folder_facts(path: Path, stored: Mapping) -> dict:
                "group_size": (g.get("weights") or {}).get("group_size"), "linears": len(g.get("targets") or ())}
               for g in (q.get("config_groups") or {}).values()]
     tensors: dict = {}
+    shapes: list = []
     for f in sorted(path.glob("*.safetensors")):
         with safe_open(str(f), "pt") as h:
             for k in h.keys():
@@ -110,10 +113,12 @@ def folder_facts(path: Path, stored: Mapping) -> dict:
                              if k.endswith(suffix)), "not quantized")
                 t = tensors.setdefault(kind, {})
                 t[sl.get_dtype()] = t.get(sl.get_dtype(), 0) + math.prod(sl.get_shape())
+                if kind == "shapes":  # [out, in] of a packed linear, as stored
+                    shapes.append(tuple(int(x) for x in h.get_tensor(k).tolist()))
     sidecar = json.loads((path / SIDECAR).read_text()) if (path / SIDECAR).is_file() else {}
     return {"format": q.get("format"), "quant_method": q.get("quant_method"), "groups": groups,
             "sparsity_config": q.get("sparsity_config"), "dtypes": tensors, "config_dtype": cfg.get("dtype"),
-            "stored_bits": dict(stored), "sidecar": sidecar,
+            "stored_bits": dict(stored), "sidecar": sidecar, "packed_shapes": shapes,
             "bytes": sum(f.stat().st_size for f in path.glob("*.safetensors"))}
 
 
@@ -202,10 +207,13 @@ def known_refusals(facts: Mapping) -> list[str]:
     for g in facts.get("groups") or ():
         b, sym, gs = g["bits"], g["symmetric"], g["group_size"]
         if not sym and b != 4:
+            narrow = sum(o % 128 != 0 for o, _ in facts.get("packed_shapes") or ())
             out.append(f"vLLM: asymmetric {b}-bit weights have no kernel below compute capability 9.0 (Marlin takes "
                        f"zero points at 4 bits only); on 9.0 Machete takes them at group 64 or 128"
-                       + ("" if gs in MACHETE_GROUPS else f", not {gs}") + ". Export with --quant-symmetric "
-                       "for Marlin on 8.0+.")
+                       + ("" if gs in MACHETE_GROUPS else f", not {gs}") + " and output widths that are multiples "
+                       "of 128" + (f", which {narrow} of this folder's quantized linears are not: vLLM refuses "
+                                   "the model on any GPU" if narrow else "")
+                       + ". Export with --quant-symmetric for Marlin on 8.0+.")
         elif gs not in MARLIN_GROUPS:
             out.append(f"vLLM: Marlin takes groups of {', '.join(map(str, MARLIN_GROUPS))} only; this folder "
                        f"has {gs}.")
@@ -248,7 +256,10 @@ def export_section(facts: Mapping, readers: Optional[Mapping], packed: bool) -> 
         lines += ["", "## Readers, tested at export", "",
                   "Each reader loaded this folder at export time and ran it on 2 x "
                   f"{facts.get('check_tokens', '?')} tokens; the difference is from the logits of the variant as "
-                  "the run measured it (float32).", "",
+                  f"the run measured it ({facts.get('check_dtype', 'float32')})."
+                  + (f" The tensors not quantized are stored in {facts['config_dtype']} (--export-dtype): that alone "
+                     "moves the float32 rows away from 0." if facts.get("config_dtype") not in (None, "float32")
+                     else ""), "",
                   "| reader | dtype | loads | max abs logit diff | mean abs logit diff | top-1 agreement |",
                   "|---|---|---|---|---|---|"]
         for key, r in readers.items():

@@ -187,10 +187,10 @@ def test_float_zero_point_refuses_pruned_sources_before_the_model_loads(tiny_run
     assert "--quant-method none" in one_error(capsys)
 
 
-def test_stacked_variants_export_as_pack_quantized_with_the_2_of_4_marker_and_their_zeros(tiny_run_dir, tmp_path):
+def test_stacked_variants_export_as_pack_quantized_with_the_2_of_4_sidecar_and_their_zeros(tiny_run_dir, tmp_path):
     """Every quantized variant of a grid is exported in compressed-tensors' pack-quantized form; a
-    quantized 2:4 variant also carries the format's 2:4 marker, and the library's decompressor gives
-    its pruned zeros back as zeros."""
+    quantized 2:4 variant says so in llm_variant.json (never in a sparsity_config, which vLLM
+    refuses), and the library's decompressor gives its pruned zeros back as zeros."""
     import llm_export as E
 
     out = tmp_path / "out"
@@ -205,7 +205,10 @@ def test_stacked_variants_export_as_pack_quantized_with_the_2_of_4_marker_and_th
         folder = out / "export" / V.file_stem(name)
         qc = json.loads((folder / "config.json").read_text())["quantization_config"]
         assert qc["format"] == "pack-quantized", name
-        assert (qc.get("sparsity_config") or {}).get("sparsity_structure") == ("2:4" if "pruned" in name else None)
+        assert not qc.get("sparsity_config"), name
+        side = json.loads((folder / "llm_variant.json").read_text())
+        assert side["pattern"] == ("2:4" if "pruned" in name else "dense"), name
+        assert res["export"]["variants"][name]["group_size_written"] == 16
     model = E.load_compressed_tensors(out / "export" / "pruned_quantized_rtn_4_g16")
     for m in LM.decoder_linears(model).values():
         w = LM.weight_view(m).reshape(-1, 4)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 import warnings
 
@@ -187,3 +188,45 @@ def test_export_dtype_casts_what_is_not_quantized(tok, tmp_path, model64):
         assert f"**Not quantized:** {want}" in (path / "README.md").read_text()
         assert res.variants["base"]["export_dtype"] == {"F16": "float16", "F32": "float32"}[want]
         assert json.loads((path / "llm_variant.json").read_text())["pattern"] == "dense"
+
+
+def test_a_symmetric_grid_axis_is_scored_exported_and_reported(tiny_run_dir, tmp_path):
+    """--quant-symmetric off,on in a run: two quantized variants, each with its own perplexity;
+    the symmetric one's export has no zero point and loads with plain from_pretrained (its card
+    says so); the quality-against-size table names it symmetric and the group written (the
+    tiny model's 32- and 64-wide inputs at group 48: written at 16)."""
+    import llm_main_v4 as M
+    from conftest import tiny_argv
+
+    out = tmp_path / "out"
+    assert M.main(tiny_argv(tiny_run_dir, out, "--steps", "quantize,eval,export", "--quant-method", "rtn",
+                            "--quant-group", "48", "--quant-symmetric", "off,on", "--export",
+                            "--export-quant-format", "compressed-tensors")) == 0
+    res = json.loads((out / "results.json").read_text())
+    names = [r["name"] for r in res["quantize"]["grid"]]
+    assert names == ["quantized[rtn,4,g48]", "quantized[rtn,4,g48,sym]"]
+    ppl = res["perplexity"]
+    assert all(math.isfinite(ppl[n]) for n in names) and ppl[names[0]] != ppl[names[1]]
+    for name, sym in zip(names, (False, True)):
+        rec = res["export"]["variants"][name]
+        assert rec["group_size_written"] == 16 and rec["quant_format"]["symmetric"] == [sym]
+        assert rec["readers"]["transformers plain, float32"]["loads"] is sym
+        assert rec["readers"]["transformers dequantize, bfloat16"]["loads"]
+    report = (out / "report.md").read_text()
+    assert "rtn 4 bits g48, symmetric, written at g16" in report or "rtn 4-bit g48, symmetric, written at g16" in report
+
+
+def test_the_card_warns_where_vllm_refuses():
+    """vLLM 0.34's kernel choice (bench/export_readers.py ran it): asymmetric 8-bit has no kernel
+    below 9.0, and Machete needs output widths that are multiples of 128 (SmolLM2's 576 and 192
+    are not: no GPU serves it); a group Marlin does not take; symmetric 4-bit at 64 is served."""
+    import llm_export_card as CARD
+
+    facts = {"groups": [{"bits": 8, "symmetric": False, "group_size": 64}], "packed_shapes": [(576, 576), (1536, 576)]}
+    w = " ".join(CARD.known_refusals(facts))
+    assert "asymmetric 8-bit weights have no kernel below compute capability 9.0" in w and "which 1 of" in w
+    assert "group sizes" not in w
+    w = " ".join(CARD.known_refusals({"groups": [{"bits": 4, "symmetric": True, "group_size": 16}]}))
+    assert "Marlin takes groups of 32, 64, 128 only; this folder has 16" in w
+    assert "no kernel" not in " ".join(CARD.known_refusals({"groups": [{"bits": 4, "symmetric": True,
+                                                                         "group_size": 64}]}))
