@@ -305,10 +305,11 @@ def _check_ct_tensors(path: Path, model) -> None:
     """Every tensor of each quantized linear of a compressed-tensors export checked against its
     config group (bits, group size, strategy, symmetry) and the linear's shape in the architecture
     the config builds, before anything is decompressed: ``weight_shape`` [out, in],
-    ``weight_packed`` int32 [out, ceil(in / (32 // bits))], ``weight_scale`` float [out, groups]
-    (channel: [out, 1]) and, asymmetric, ``weight_zero_point`` int32 [ceil(out / (32 // bits)),
-    groups] (packed along the outputs). A wrong one raises ValueError naming it: the decompressor
-    would otherwise broadcast a wrong scale into a model that runs, wrongly."""
+    ``weight_packed`` int32 [out, ceil(in x bits / 32)] (codes back to back: 3 bits too),
+    ``weight_scale`` float [out, groups] (channel: [out, 1]) and, asymmetric, ``weight_zero_point``
+    int32 [ceil(out x bits / 32), groups] (packed along the outputs). A wrong one raises ValueError
+    naming it: the decompressor would otherwise broadcast a wrong scale into a model that runs,
+    wrongly."""
     qconf, _ = _ct_configs(path)
     if qconf is None:
         return
@@ -328,14 +329,13 @@ def _check_ct_tensors(path: Path, model) -> None:
                 except (AttributeError, ValueError, TypeError):
                     raise ValueError(f"{path}: config group target {name} is not a linear of the config's "
                                      "architecture") from None
-                per = 32 // w.num_bits
                 groups = math.ceil(inp / w.group_size) if w.strategy == "group" and w.group_size else 1
-                need = {"weight_packed": (("I32",), (out, math.ceil(inp / per))),
+                need = {"weight_packed": (("I32",), (out, math.ceil(inp * w.num_bits / 32))),  # bits back to back
                         "weight_shape": (("I64", "I32"), (2,))}
                 if w.strategy in ("group", "channel"):
                     need["weight_scale"] = (("F32", "F16", "BF16"), (out, groups))
                     if not w.symmetric:
-                        need["weight_zero_point"] = (("I32",), (math.ceil(out / per), groups))
+                        need["weight_zero_point"] = (("I32",), (math.ceil(out * w.num_bits / 32), groups))
                 for key, (dtypes, shape) in need.items():
                     got = spec(f"{name}.{key}")
                     if got is None or got[0] not in dtypes or got[1] != shape:

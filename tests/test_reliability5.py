@@ -247,9 +247,9 @@ def test_a_read_only_output_folder_is_one_error_line(tmp_path, capsys, monkeypat
 
 # --------------------------------------------------------------------------- 4. nothing silently wrong
 
-@pytest.fixture(scope="module")
-def ct_export(tmp_path_factory, tok):
-    """A compressed-tensors (pack-quantized, 4-bit, group 32) export of a tiny Llama."""
+@pytest.fixture(scope="module", params=[4, 3])
+def ct_export(tmp_path_factory, tok, request):
+    """A compressed-tensors (pack-quantized, 4- and 3-bit, group 32) export of a tiny Llama."""
     import functools
 
     import llm_compress as LC
@@ -258,7 +258,7 @@ def ct_export(tmp_path_factory, tok):
 
     d = tmp_path_factory.mktemp("ct")
     m = make_llama_of(64)
-    recs, ckpt, bits_of = _quantized_variant(m, d, 4, 32)
+    recs, ckpt, bits_of = _quantized_variant(m, d, request.param, 32)
     E.export_variants(m, tok, {"quantized": functools.partial(LC.coded_weights, path=ckpt)}, d / "x",
                       E.ExportConfig(enabled=True, quant_format="compressed-tensors"),
                       codes={"quantized": (ckpt, bits_of)})
