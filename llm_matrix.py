@@ -402,7 +402,7 @@ def matrix_markdown(matrix: Mapping) -> list[str]:
     if not measures or not rows:
         return []
     keys = list(measures)
-    head = ["variant", "parent"] + [R.esc(measures[k].get("label")) for k in keys]
+    head = ["variant", "parent"] + [R.esc(measures[k].get("label") or k) for k in keys]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in rows.items():
         cells = R.field(row, "cells", kind=dict, default={})
@@ -525,7 +525,7 @@ def _draws_lines(matrix: Mapping) -> list[str]:
     keys = list(measures)
     out = ["", "Over calibration draws (`--calib-seeds`): mean ± sample std of each measure; each draw's own "
            "interval is in its row above.", "",
-           "| variant | draws | " + " | ".join(R.esc(measures[k].get("label")) for k in keys) + " |",
+           "| variant | draws | " + " | ".join(R.esc(measures[k].get("label") or k) for k in keys) + " |",
            "|---" * (2 + len(keys)) + "|"]
     for base, d in draws.items():
         cells = R.field(d, "cells", kind=dict, default={})
