@@ -282,12 +282,12 @@ def load_compressed_tensors(path, dtype: torch.dtype = torch.float32):
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    _check_ct_tensors(path, model)  # a tensor of the wrong shape or dtype never loads as a wrong model
+    CARD.check_tensors(path, model, _ct_configs(path)[0])  # a wrong shape or dtype never loads as a wrong model
     state, _ = validate_compressed_tensors(path)
     want = model.state_dict()
     for k, v in state.items():
         if k in want and (tuple(v.shape) != tuple(want[k].shape) or not v.is_floating_point()):
-            raise ValueError(f"{path}: {k} is {_ST_DTYPE.get(v.dtype, v.dtype)} {list(v.shape)}, but the config's "
+            raise ValueError(f"{path}: {k} is {CARD.ST_DTYPE.get(v.dtype, v.dtype)} {list(v.shape)}, but the config's "
                              f"architecture needs a float tensor {list(want[k].shape)}")
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or ())
@@ -296,57 +296,6 @@ def load_compressed_tensors(path, dtype: torch.dtype = torch.float32):
                          f"{unexpected[:3]})")
     model.tie_weights()
     return model.eval()
-
-
-_ST_DTYPE = {torch.int32: "I32", torch.int64: "I64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-
-
-def _check_ct_tensors(path: Path, model) -> None:
-    """Every tensor of each quantized linear of a compressed-tensors export checked against its
-    config group (bits, group size, strategy, symmetry) and the linear's shape in the architecture
-    the config builds, before anything is decompressed: ``weight_shape`` [out, in],
-    ``weight_packed`` int32 [out, ceil(in x bits / 32)] (codes back to back: 3 bits too),
-    ``weight_scale`` float [out, groups] (channel: [out, 1]) and, asymmetric, ``weight_zero_point``
-    int32 [ceil(out x bits / 32), groups] (packed along the outputs). A wrong one raises ValueError
-    naming it: the decompressor would otherwise broadcast a wrong scale into a model that runs,
-    wrongly."""
-    qconf, _ = _ct_configs(path)
-    if qconf is None:
-        return
-    with contextlib.ExitStack() as stack:
-        files = [stack.enter_context(safe_open(str(f), "pt")) for f in sorted(path.glob("*.safetensors"))]
-        where = {k: f for f in files for k in f.keys()}
-
-        def spec(key: str) -> Optional[tuple]:
-            return (where[key].get_slice(key).get_dtype(), tuple(where[key].get_slice(key).get_shape())) \
-                if key in where else None
-
-        for scheme in qconf.config_groups.values():
-            w = scheme.weights
-            for name in scheme.targets:
-                try:
-                    out, inp = LM.weight_view(model.get_submodule(name)).shape
-                except (AttributeError, ValueError, TypeError):
-                    raise ValueError(f"{path}: config group target {name} is not a linear of the config's "
-                                     "architecture") from None
-                groups = math.ceil(inp / w.group_size) if w.strategy == "group" and w.group_size else 1
-                need = {"weight_packed": (("I32",), (out, math.ceil(inp * w.num_bits / 32))),  # bits back to back
-                        "weight_shape": (("I64", "I32"), (2,))}
-                if w.strategy in ("group", "channel"):
-                    need["weight_scale"] = (("F32", "F16", "BF16"), (out, groups))
-                    if not w.symmetric:
-                        need["weight_zero_point"] = (("I32",), (math.ceil(out * w.num_bits / 32), groups))
-                for key, (dtypes, shape) in need.items():
-                    got = spec(f"{name}.{key}")
-                    if got is None or got[0] not in dtypes or got[1] != shape:
-                        found = "missing" if got is None else f"{got[0]} {list(got[1])}"
-                        raise ValueError(f"{path}: {name}.{key} is {found}"
-                                         f"; {w.num_bits}-bit {w.strategy} quantization (group {w.group_size}) of "
-                                         f"this [{out}, {inp}] linear needs {' or '.join(dtypes)} {list(shape)}")
-                shape_of = where[f"{name}.weight_shape"].get_tensor(f"{name}.weight_shape").tolist()
-                if shape_of != [out, inp]:
-                    raise ValueError(f"{path}: {name}.weight_shape says {shape_of}, the architecture has "
-                                     f"[{out}, {inp}]")
 
 
 def stored_bits_per_weight(path: Path, model) -> dict:

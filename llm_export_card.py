@@ -284,3 +284,53 @@ def export_section(facts: Mapping, readers: Optional[Mapping], packed: bool) -> 
     if refusals:
         lines += ["", "## Known refusals (not run here)", ""] + [f"- {w}" for w in refusals]
     return lines
+
+
+ST_DTYPE = {torch.int32: "I32", torch.int64: "I64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def check_tensors(path: Path, model, qconf) -> None:
+    """Every tensor of each quantized linear of a compressed-tensors export checked against its
+    config group (bits, group size, strategy, symmetry) and the linear's shape in the architecture
+    the config builds, before anything is decompressed: ``weight_shape`` [out, in],
+    ``weight_packed`` int32 [out, ceil(in x bits / 32)] (codes back to back: 3 bits too),
+    ``weight_scale`` float [out, groups] (channel: [out, 1]) and, asymmetric, ``weight_zero_point``
+    int32 [ceil(out x bits / 32), groups] (packed along the outputs). A wrong one raises ValueError
+    naming it: the decompressor would otherwise broadcast a wrong scale into a model that runs,
+    wrongly. ``qconf``: the export's quantization config (compressed-tensors' model), None for none."""
+    if qconf is None:
+        return
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(safe_open(str(f), "pt")) for f in sorted(path.glob("*.safetensors"))]
+        where = {k: f for f in files for k in f.keys()}
+
+        def spec(key: str) -> Optional[tuple]:
+            return (where[key].get_slice(key).get_dtype(), tuple(where[key].get_slice(key).get_shape())) \
+                if key in where else None
+
+        for scheme in qconf.config_groups.values():
+            w = scheme.weights
+            for name in scheme.targets:
+                try:
+                    out, inp = LM.weight_view(model.get_submodule(name)).shape
+                except (AttributeError, ValueError, TypeError):
+                    raise ValueError(f"{path}: config group target {name} is not a linear of the config's "
+                                     "architecture") from None
+                groups = math.ceil(inp / w.group_size) if w.strategy == "group" and w.group_size else 1
+                need = {"weight_packed": (("I32",), (out, math.ceil(inp * w.num_bits / 32))),  # bits back to back
+                        "weight_shape": (("I64", "I32"), (2,))}
+                if w.strategy in ("group", "channel"):
+                    need["weight_scale"] = (("F32", "F16", "BF16"), (out, groups))
+                    if not w.symmetric:
+                        need["weight_zero_point"] = (("I32",), (math.ceil(out * w.num_bits / 32), groups))
+                for key, (dtypes, shape) in need.items():
+                    got = spec(f"{name}.{key}")
+                    if got is None or got[0] not in dtypes or got[1] != shape:
+                        found = "missing" if got is None else f"{got[0]} {list(got[1])}"
+                        raise ValueError(f"{path}: {name}.{key} is {found}"
+                                         f"; {w.num_bits}-bit {w.strategy} quantization (group {w.group_size}) of "
+                                         f"this [{out}, {inp}] linear needs {' or '.join(dtypes)} {list(shape)}")
+                shape_of = where[f"{name}.weight_shape"].get_tensor(f"{name}.weight_shape").tolist()
+                if shape_of != [out, inp]:
+                    raise ValueError(f"{path}: {name}.weight_shape says {shape_of}, the architecture has "
+                                     f"[{out}, {inp}]")
