@@ -90,7 +90,8 @@ def evaluate_variants(model, tokenizer, input_ids: torch.Tensor, variants: Mappi
     ids_sha = hashlib.sha256(scored.tobytes() + repr([s for s, _ in plan]).encode()).hexdigest()
     protocol = {"seq_len": config.seq_len, "stride": config.stride or config.seq_len,
                 "eval_tokens": config.eval_tokens or None, "tokens_available": int(input_ids.numel()),
-                "tokens_used": int(design["tokens_scored"]), "ids_sha256": ids_sha, "sampling": design}
+                "tokens_used": min(config.eval_tokens or input_ids.numel(), int(input_ids.numel())),
+                "ids_sha256": ids_sha, "sampling": design}
     return EvaluationResult(out, {n: parents.get(n) for n in variants}, protocol, asdict(config))
 
 

@@ -280,7 +280,7 @@ def _setup(model, tokenizer, calib, config: AnalysisConfig) -> tuple:
             mods[n], mlayer[n], mtype[n] = m, i, rel  # path inside the block, as in the noise map
     windows = D.calibration_windows(tokenizer, calib, config.calib_windows, config.calib_seq_len, config.seed)
     ecfg = EvalConfig(seq_len=min(config.eval_seq_len, config.eval_tokens), eval_tokens=config.eval_tokens,
-                      batch_size=config.batch_size)
+                      batch_size=config.batch_size, seed=config.seed)
     return config, mods, mlayer, mtype, windows, ecfg
 
 

@@ -154,7 +154,8 @@ def sampling_plan(n_tokens: int, config: EvalConfig) -> tuple[list, dict]:
     """(window plan, design) of an evaluation of ``n_tokens`` ids with a resolved ``config``.
 
     The plan is [(start, first_scored)] as ``window_plan`` gives it; the design is {"design":
-    "spread" | "first" | "all", "windows": scored, "windows_in_text": the whole text's plan,
+    "spread" | "first" | "all" (spread whose spacing would be 1 is first), "windows": scored,
+    "windows_in_text": the whole text's plan,
     "spacing": k (windows of the whole plan between two scored ones), "offset", "seed",
     "window_starts", "dependent" (two scored windows touch or overlap), "words"}. ``first``
     plans over the first ``eval_tokens`` ids; ``spread`` takes as many windows as that from the
@@ -166,6 +167,8 @@ def sampling_plan(n_tokens: int, config: EvalConfig) -> tuple[list, dict]:
     if config.eval_tokens and config.eval_tokens < config.seq_len:
         window_plan(config.eval_tokens, config.seq_len, stride)  # raises: the budget is under one window
     design = "all" if budget >= len(full) else getattr(config, "sampling", "first")
+    if design == "spread" and len(full) // budget < 2:  # one window in every 1: a block either way, so the first
+        design = "first"
     if design == "first":
         plan = full[:budget]
         idx = list(range(budget))
@@ -178,9 +181,9 @@ def sampling_plan(n_tokens: int, config: EvalConfig) -> tuple[list, dict]:
     scored = sum(config.seq_len - f for _, f in plan)
     where = {"all": f"every window of the text ({len(full)})",
              "first": f"the first {len(plan)} of the text's {len(full)} windows",
-             "spread": f"{len(plan)} of the text's {len(full)} windows, every {spacing}th from offset {idx[0]} "
-                       f"(seed {config.seed})"}[design]
-    words = (f"{scored} tokens in {where}, windows of {config.seq_len}"
+             "spread": f"{len(plan)} of the text's {len(full)} windows, one in every {spacing} from window "
+                       f"{idx[0]} (seed {config.seed})"}[design]
+    words = (f"{scored} tokens in {where}, windows of {config.seq_len} tokens"
              + (f", stride {stride}" if stride != config.seq_len else "")
              + ("; adjacent windows, treated as dependent" if dependent else ""))
     return plan, {"design": design, "windows": len(plan), "windows_in_text": len(full), "spacing": spacing,

@@ -278,7 +278,7 @@ def sweep_variants(model, tokenizer, input_ids: torch.Tensor, variants: Mapping[
     torchrun every rank sweeps every variant, each sweep's points split over the ranks."""
     done = dict(done or {})
     seq = min(config.sweep_seq_len, config.sweep_tokens)
-    ecfg = EvalConfig(seq_len=seq, eval_tokens=config.sweep_tokens, batch_size=config.batch_size)
+    ecfg = EvalConfig(seq_len=seq, eval_tokens=config.sweep_tokens, batch_size=config.batch_size, seed=config.seed)
     seeds = [config.seed + i for i in range(config.sweep_seeds)]
     # Variant by variant on every rank: under torchrun each sweep splits its points over the ranks
     # (``noise_sweep`` gathers them), so the variants must not be split as well.
@@ -427,7 +427,7 @@ def apply_robustness_test(model, tokenizer=None, config: NoiseConfig = NoiseConf
                            config=asdict(config))
     if eval_ids is not None:
         seq = min(config.sweep_seq_len, config.sweep_tokens)
-        ecfg = EvalConfig(seq_len=seq, eval_tokens=config.sweep_tokens, batch_size=config.batch_size)
+        ecfg = EvalConfig(seq_len=seq, eval_tokens=config.sweep_tokens, batch_size=config.batch_size, seed=config.seed)
         masks = protection_masks(model, tokenizer, calib, config, coords)
         seeds = [config.seed + i for i in range(config.sweep_seeds)]  # --seed moves the sweep too
         sweep = noise_sweep(model, tokenizer, eval_ids, config.sweep_eps, seeds,
@@ -437,7 +437,7 @@ def apply_robustness_test(model, tokenizer=None, config: NoiseConfig = NoiseConf
                      "protect_score": {"noise": _SIGMA[config.sweep_mode], "obd": "w^2 F"}[config.protect_score]}
         if config.map:
             mcfg = EvalConfig(seq_len=min(seq, config.map_tokens), eval_tokens=config.map_tokens,
-                              batch_size=config.batch_size)
+                              batch_size=config.batch_size, seed=config.seed)
             res.map = sensitivity_map(model, tokenizer, eval_ids, epsilon=config.map_eps, seed=config.seed,
                                       eval_config=mcfg, progress=config.progress)
             res.top_cells = top_cells(res.map, 5)

@@ -47,6 +47,9 @@ N_BOOT = 9999    # bootstrap resamples: p-values resolve down to 2 / (N_BOOT + 1
 ALPHA = 0.05
 POWER = 0.8
 MULTIPLE_TESTING = {"holm": "holm", "bh": "fdr_bh", "none": None}  # ours -> statsmodels' name
+# What ``adjust`` writes into a test record: they depend on the run's whole family, so a step called
+# alone (a notebook) gives the rest of the record, and ``llm_matrix.finalize`` these.
+FAMILY_FIELDS = ("p_adjusted", "significant", "significant_unadjusted", "reachable", "mde")
 
 
 def _vector(xs, name: str) -> np.ndarray:
@@ -361,7 +364,8 @@ def adjust(tests: list, method: str = "holm", alpha: float = ALPHA) -> dict:
     p < ``alpha``), "significant_unadjusted", "reachable" (False where even the smallest p its
     units allow is not below ``alpha``: it can never be significant) and "mde" (the detectable
     effect at alpha / m, ``detectable_effect``). Tests whose p is nan stay outside the family
-    and are never significant (tests without a "p_value", from an older file, keep their mark). Returns {"method", "n_tests", "alpha", "mde_level"}.
+    and are never significant (tests without a "p_value", from an older file, keep their mark).
+    Returns {"method", "n_tests", "alpha", "mde_level", "power"}.
     Raises ValueError for an unknown method."""
     if method not in MULTIPLE_TESTING:
         raise ValueError(f"multiple testing: {method!r} is not one of {', '.join(MULTIPLE_TESTING)}")

@@ -40,8 +40,10 @@ def test_eval_only_run_writes_strict_results_and_report(tiny_dir, corpus_file, t
     assert res["model"] == str(tiny_dir) and res["seed"] == 7
     proto = {k: v for k, v in res["protocol"].items() if k != "config"}
     assert re.fullmatch(r"[0-9a-f]{64}", proto.pop("ids_sha256"))  # what --compare pairs runs by
+    design = proto.pop("sampling")  # which windows scored the budget: spread across the text by default
     assert proto == {"seq_len": 32, "stride": 32, "eval_tokens": 256, "tokens_available": proto["tokens_available"],
                      "tokens_used": 256}
+    assert design["design"] == "spread" and design["windows"] == 8 and len(design["window_starts"]) == 8
     assert res["protocol"]["config"]["seq_len"] == 32 and res["protocol"]["config"]["max_new_tokens"] == 4
     assert res["dataset"]["eval"]["source"] == str(corpus_file)
     assert res["perplexity"]["base"] > 1
@@ -261,7 +263,9 @@ def test_full_pipeline_on_tiny_model(tiny_dir, corpus_file, tmp_path):
     assert (out / "plots" / "sensitivity_heatmaps.png").is_file() and "## Sensitivity analysis" in (
         out / "report.md").read_text()
     assert res["prune"]["overall_sparsity"] == pytest.approx(0.5, abs=0.02)
-    assert res["evaluation"]["pruned"]["kl"] > 0 and res["evaluation"]["fine-tuned"]["kl"] is None
+    # --kl: every variant against its parent (the fine-tuned model against the base it was tuned from)
+    assert res["evaluation"]["pruned"]["kl"] > 0 and res["evaluation"]["fine-tuned"]["kl"] > 0
+    assert res["evaluation"]["base"]["kl"] is None
     assert res["finetune"]["heldout_loss_after"] < res["finetune"]["heldout_loss_before"]
     assert (out / "finetuned" / "manifest.json").is_file()
     assert (out / "plots" / "finetune_loss.png").is_file() and (out / "plots" / "prune_sparsity_per_layer.png").is_file()
