@@ -170,9 +170,10 @@ def estimate(num, den=None, *, dependent: bool = False, level: float = 0.95, n_b
     ci = _percentile(boots, level)
     below, above = int((boots <= null).sum()), int((boots >= null).sum())
     p = min(1.0, 2.0 * (min(below, above) + 1) / (n_boot + 1))  # inverts the percentile interval
-    return {**out, "ci95": ci, "p_value": p, "se": float(np.std(boots, ddof=1)), "kind": "bootstrap",
+    return {**out, "ci95": ci, "p_value": p, "se": float(np.std(boots, ddof=1)) if n_boot > 1 else NAN,
+            "kind": "bootstrap",
             "min_p": 2.0 / (n_boot + 1),
-            "method": f"paired bootstrap, {n_boot} resamples of {n} {units} (percentile)"}
+            "method": f"bootstrap, {n_boot} resamples of {n} {units} (percentile)"}
 
 
 def wilson_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
@@ -215,7 +216,7 @@ def _test(e: dict, **named) -> dict:
     """A test record from ``estimate``'s output: what ``adjust`` and the report read."""
     return {**named, "p_value": e["p_value"], "significant": bool(e["p_value"] < ALPHA),
             "se": e["se"], "df": e["df"], "kind": e["kind"], "min_p": e["min_p"], "n": e["n"],
-            "method": e["method"]}
+            "method": ("paired " + e["method"]) if e["kind"] in ("t", "bootstrap") else e["method"]}
 
 
 def paired_difference(a, b, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95, *,
