@@ -61,7 +61,7 @@ class AdversarialConfig(StepConfig):
                            flag="--attack-eps", parse=parse_floats, bounds="[0,1000]")
     norm: str = knob("linf", "l2 is per token", flag="--attack-norm", choices=("linf", "l2"))
     pgd_steps: Optional[int] = budget(5, 20, "PGD steps", flag="--attack-steps", bounds="[1,100000]")
-    n_windows: Optional[int] = budget(6, 32, "text windows attacked", flag="--attack-windows",
+    n_windows: Optional[int] = budget(3, 32, "text windows attacked", flag="--attack-windows",
                                       bounds="[1,1000000]")
     prompt_len: Optional[int] = budget(32, 128, "tokens of each attacked prompt", bounds="[1,1000000]")
     continuation_len: Optional[int] = budget(16, 32, "tokens of each scored continuation",
