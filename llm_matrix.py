@@ -22,6 +22,8 @@ from typing import Mapping, Optional, Sequence
 
 import llm_results as R
 import llm_stats as S
+import llm_variants as V
+from llm_common import UserError
 from llm_knobs import parse_variant_patterns
 
 # key: (label, unit, which direction is worse, how a cell compares with its parent)
@@ -288,10 +290,11 @@ def grid_siblings(results: Mapping) -> list[tuple[str, str]]:
 
 
 def _select(names: list, pattern: str) -> list:
-    if pattern in names:
-        return [pattern]
-    rx = re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern) + r"\Z")
-    return [n for n in names if rx.match(n)]
+    """The variants one side of a --contrast names (``select_variants``' rule), [] when none."""
+    try:
+        return V.select_variants(names, [pattern], live="", flag="--contrast")
+    except UserError:
+        return []
 
 
 def contrast_pairs(results: Mapping, specs: Sequence = ()) -> tuple[list, list]:
