@@ -163,8 +163,11 @@ def _flip_bits_(p: torch.Tensor, rate: float, gen: torch.Generator, fmt: str,
 
 @torch.no_grad()
 def perturb_(params: Mapping[str, torch.Tensor], cfg: NoiseConfig,
-             protect: Optional[Mapping[str, torch.Tensor]] = None) -> NoiseResult:
-    """Add noise to ``params`` in place. ``protect[name]`` is a bool mask of weights kept clean."""
+             protect: Optional[Mapping[str, torch.Tensor]] = None,
+             stds: Optional[Mapping[str, torch.Tensor]] = None) -> NoiseResult:
+    """Add noise to ``params`` in place. ``protect[name]`` is a bool mask of weights kept clean.
+    ``stds``: each clean tensor's ``std()`` for relative noise (``clean_stds``), so a sweep that
+    restores the clean weights between points does not recompute them; the same values either way."""
     cfg.validate()
     res = NoiseResult(cfg.mode, cfg.epsilon, cfg.group, cfg.seed, tensors=list(params))
     protect = protect or {}
@@ -179,17 +182,33 @@ def perturb_(params: Mapping[str, torch.Tensor], cfg: NoiseConfig,
             _flip_bits_(p.data, cfg.epsilon, gen, cfg.bitflip_format, keep, res.bitflips)
             continue
         xi = torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32)
-        w = p.data.float()
-        if cfg.mode == "absolute":
-            new = w + cfg.epsilon * xi
-        elif cfg.mode == "relative":
-            new = w + cfg.epsilon * w.std() * xi
+        data = p.data
+        w = data.float()  # ``data`` itself when it is float32
+        # In place on xi and on fp32 weights: a sweep perturbs every linear weight at every point,
+        # and the temporaries of ``w + eps * xi`` cost more than the draw. Same values bit for bit:
+        # each product and sum is the one the expression computes.
+        if cfg.mode == "multiplicative":
+            xi.mul_(cfg.epsilon).add_(1)
+            if keep is not None:
+                xi.masked_fill_(keep, 1)
+            new = w.mul_(xi) if w is data else w * xi
         else:
-            new = w * (1 + cfg.epsilon * xi)
-        if keep is not None:
-            new = torch.where(keep, w, new)
-        p.data.copy_(new.to(p.dtype))
+            if cfg.mode == "relative":
+                xi.mul_(cfg.epsilon * (stds[name] if stds is not None else w.std()))
+            else:
+                xi.mul_(cfg.epsilon)
+            if keep is not None:
+                xi.masked_fill_(keep, 0)
+            new = w.add_(xi) if w is data else w + xi
+        if new is not data:
+            data.copy_(new.to(p.dtype))
     return res
+
+
+def clean_stds(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{name: std of the tensor as float32}: the scale of relative noise (see ``perturb_``)."""
+    with torch.no_grad():
+        return {n: p.data.float().std() for n, p in params.items()}
 
 
 @contextlib.contextmanager
@@ -322,11 +341,19 @@ def noise_sweep(model, tokenizer, input_ids: torch.Tensor, epsilons: Sequence[fl
     # Under accelerate launch / torchrun each rank takes every world_size-th job; the merged
     # list is in job order, so it equals a single-process sweep.
     mine = []
-    for i, (tag, pm, eps, seed) in tqdm(C.shard_jobs(jobs), desc=f"{mode} noise sweep", disable=not progress):
-        with noisy_weights(model, NoiseConfig(mode, eps, group, seed), pm):
-            r = evaluate_model(model, tokenizer, input_ids, cfg, reference=ref)
-        mine.append((i, {"curve": tag, "eps": eps, "seed": seed, "perplexity": r.perplexity, "nll": r.nll,
-                         "kl": r.kl, "top1": r.top1_agreement}))
+    params = select_params(model, group)
+    stds = clean_stds(params) if mode == "relative" else None
+    # One spare copy for the whole sweep, restored after each point: a copy per point costs as
+    # much as the point's evaluation on a CPU.
+    with V.snapshot(model, list(params)) as restore:
+        for i, (tag, pm, eps, seed) in tqdm(C.shard_jobs(jobs), desc=f"{mode} noise sweep", disable=not progress):
+            try:
+                perturb_(params, NoiseConfig(mode, eps, group, seed), pm, stds)
+                r = evaluate_model(model, tokenizer, input_ids, cfg, reference=ref)
+            finally:
+                restore()
+            mine.append((i, {"curve": tag, "eps": eps, "seed": seed, "perplexity": r.perplexity, "nll": r.nll,
+                             "kl": r.kl, "top1": r.top1_agreement}))
     res.points = C.gather_jobs(mine)
     for tag, _ in runs:
         pts = [p for p in res.points if p["curve"] == tag]

@@ -94,9 +94,10 @@ def named_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def restored_on_exit(model: torch.nn.Module, names) -> Iterator[torch.nn.Module]:
-    """Back up the named tensors (one spare copy) and restore them bit for bit on
-    exit, also after an exception. Whatever the body does to them in place is undone."""
+def snapshot(model: torch.nn.Module, names) -> Iterator[Callable[[], None]]:
+    """Back up the named tensors (one spare copy) and yield ``restore()``, which puts them back
+    bit for bit, in place, whenever the body calls it; they are restored on exit too, also after
+    an exception. A sweep perturbs and restores hundreds of times from this one copy."""
     state = named_tensors(model)
     unknown = [n for n in names if n not in state]
     if unknown:
@@ -110,12 +111,24 @@ def restored_on_exit(model: torch.nn.Module, names) -> Iterator[torch.nn.Module]
     home = {d: d if d.type == "cuda" and b < free_memory_bytes(d) / 3 else torch.device("cpu")
             for d, b in need.items()}
     backup = {n: state[n].detach().to(home[state[n].device], copy=True) for n in names}
-    try:
-        yield model
-    finally:
+
+    def restore() -> None:
         with torch.no_grad():
             for name, value in backup.items():
                 state[name].copy_(value.to(state[name].device))
+
+    try:
+        yield restore
+    finally:
+        restore()
+
+
+@contextlib.contextmanager
+def restored_on_exit(model: torch.nn.Module, names) -> Iterator[torch.nn.Module]:
+    """Back up the named tensors (one spare copy) and restore them bit for bit on
+    exit, also after an exception. Whatever the body does to them in place is undone."""
+    with snapshot(model, names):
+        yield model
 
 
 @contextlib.contextmanager

@@ -226,3 +226,40 @@ def test_sweep_seeds_follow_the_run_seed(tok, sample_text, tiny_llama):
     a, b = points(0), points(5)
     assert [p["seed"] for p in a] == [0, 1] and [p["seed"] for p in b] == [5, 6]
     assert a[0]["perplexity"] != b[0]["perplexity"]
+
+
+@pytest.mark.parametrize("mode", ["relative", "absolute", "multiplicative"])
+def test_sweep_points_equal_one_noisy_model_at_a_time(tok, sample_text, tiny_llama, mode):
+    """The sweep keeps one spare copy and the clean stds for all its points; each point must be
+    what ``noisy_weights`` (a copy and a std per point) gives, bit for bit, protected or not."""
+    m = tiny_llama()
+    ids = D.tokenize_corpus(tok, sample_text[:400])
+    cfg = EvalConfig(seq_len=64, eval_tokens=128)
+    protect = protect_top_fraction({n: p.detach().abs() for n, p in select_params(m, "linears").items()}, 0.3)
+    res = noise_sweep(m, tok, ids, [0.1, 0.4], [0, 5], mode=mode, group="linears", eval_config=cfg,
+                      protect=protect, progress=False)
+    from llm_perplexity import evaluate_model
+    for p in res.points:
+        with noisy_weights(m, NoiseConfig(mode, p["eps"], "linears", p["seed"]),
+                           protect if p["curve"] == "protected" else None):
+            assert evaluate_model(m, tok, ids, cfg).nll == p["nll"]
+
+
+def test_a_sweep_point_that_fails_leaves_the_model_clean(tok, sample_text, tiny_llama, monkeypatch):
+    import llm_robustness_test as R
+    m = tiny_llama()
+    ids = D.tokenize_corpus(tok, sample_text[:400])
+    before = _snapshot(m)
+    calls = []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # the second point: the first was perturbed and restored already
+            raise RuntimeError("out of memory")
+        return real(*a, **k)
+    real = R.evaluate_model
+    monkeypatch.setattr(R, "evaluate_model", failing)
+    with pytest.raises(RuntimeError):
+        noise_sweep(m, tok, ids, [0.5], [0, 1], group="linears", eval_config=EvalConfig(seq_len=64, eval_tokens=128),
+                    progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
