@@ -188,7 +188,8 @@ def _paired_lines(rows: list) -> list[str]:
                 continue
             try:
                 d = ST.paired_perplexity(sums[0], sums[1], sums[2], sums[3],
-                                         dependent=bool(R.field(r["res"], "protocol", "sampling", "dependent")))
+                                         dependent=bool(R.field(r["res"], "protocol", "sampling", "dependent")),
+                                         strata=R.field(r["res"], "protocol", "sampling", "strata", kind=list))
             except (ValueError, TypeError):
                 continue
             lo, hi = d["ppl_ratio_ci95"]

@@ -27,8 +27,8 @@ class EvalConfig(StepConfig):
                                                   "says which); 0 means all", flag="--eval-tokens",
                                         bounds="[0,1000000000]")
     sampling: str = knob("spread", "which windows score the --eval-tokens budget when it is less than the "
-                                   "text: spread (every k-th window across the whole text, from a seeded "
-                                   "offset: a sample of the text) or first (the first N tokens, as other "
+                                   "text: spread (two windows drawn at random, seeded, in each of N/2 equal "
+                                   "stretches of the whole text: a stratified sample of it) or first (the first N tokens, as other "
                                    "tools and older runs score them; adjacent windows are dependent)",
                          flag="--eval-sampling", choices=("spread", "first"))
     seed: int = seed_knob()

@@ -105,7 +105,8 @@ def add_vs_parent(results: Mapping[str, EvalResult], parents: Mapping[str, Optio
             continue
         r.vs_parent = {"parent": parent, **paired_perplexity(p.window_nll, p.window_tokens, r.window_nll,
                                                              r.window_tokens, seed=r.sampling.get("seed", 0),
-                                                             dependent=bool(r.sampling.get("dependent")))}
+                                                             dependent=bool(r.sampling.get("dependent")),
+                                                             strata=r.sampling.get("strata"))}
 
 
 def pipeline_step(run: Run, config: EvalConfig) -> None:

@@ -193,8 +193,11 @@ def _contrast_test(results: Mapping, a: str, b: str, key: str) -> tuple[Optional
             return None, "no per-window values"
         if ta != tb or ea.get("window_starts") != eb.get("window_starts"):
             return None, "not the same windows"
-        dep = bool(R.field(eb, "sampling", "dependent"))
-        t = S.paired_perplexity(sa, ta, sb, tb, dependent=dep)
+        try:
+            t = S.paired_perplexity(sa, ta, sb, tb, dependent=bool(R.field(eb, "sampling", "dependent")),
+                                    strata=R.field(eb, "sampling", "strata", kind=list))
+        except (ValueError, TypeError) as e:  # a results.json from elsewhere: labels that do not fit
+            return None, f"windows that do not pair ({e})"
         return {**t, "difference": t["ppl_ratio"], "ci95": t["ppl_ratio_ci95"]}, ""
     if key == "zeroshot_mean":
         qa, qb = (R.field(results, "zeroshot", "questions", n, kind=dict, default={}) for n in (a, b))

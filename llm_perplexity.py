@@ -13,8 +13,9 @@ never scored. Only whole windows are used; the tail that does not fill a window 
 dropped and ``tokens_scored`` says how many tokens were counted.
 
 The sampling design (``--eval-sampling``): when ``eval_tokens`` buys fewer windows than the text
-has, ``spread`` (the default) scores every k-th window of the whole text's window plan from a
-seeded offset (``spread_indices``), so the sample covers the text and its windows are far apart;
+has, ``spread`` (the default) cuts the whole text's window plan into n/2 equal stretches and scores
+two windows drawn at random (seeded) in each (``spread_indices``): a stratified sample that covers the
+text, whose interval is the design's own stratified Student-t (``llm_stats.estimate``'s ``strata``).
 ``first`` scores the first ``eval_tokens`` tokens, as the papers' code and older runs do, whose
 windows are adjacent. Windows that touch or overlap are dependent, and their interval is
 Ibragimov-Mueller groups (``llm_stats``); ``EvalResult.sampling`` records the design and the window starts.
@@ -134,32 +135,49 @@ def _generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> 
     return out
 
 
-def interval_method(n_windows: int, dependent: bool = False) -> str:
+def interval_method(n_windows: int, dependent: bool = False, strata: Optional[Sequence] = None) -> str:
     """How ``perplexity_ci95`` was made (``llm_stats.perplexity_interval``'s rule)."""
-    return interval_words(n_windows, dependent)
+    return interval_words(n_windows, dependent, strata=strata)
+
+
+def spread_strata(n: int) -> list[int]:
+    """The stratum of each of ``n`` spread windows, in text order: n // 2 strata of two windows,
+    the last of three when n is odd ([0] for one window)."""
+    h = max(1, n // 2)
+    return [min(i // 2, h - 1) for i in range(n)]
 
 
 def spread_indices(total: int, n: int, seed: int) -> list[int]:
-    """``n`` of ``total`` units spread evenly across them: every k-th (k = total // n) from an
-    offset drawn uniformly by ``np.random.default_rng(seed)`` among those that keep all n
-    inside (a systematic sample). All of them, in order, when n >= total."""
+    """``n`` of ``total`` units spread across them, a stratified random sample: the units cut into
+    consecutive strata of near-equal size in proportion to the units each gets (``spread_strata``:
+    two, the last three when n is odd), and in each stratum that many drawn without replacement
+    by ``np.random.default_rng(seed)``; sorted. All of them, in order, when n >= total.
+
+    Two a stratum, not one (a systematic sample, every k-th unit from a random start): a systematic
+    sample has no unbiased variance estimator, and on WikiText-2 its iid interval over-covers
+    (bench/coverage.py); two a stratum give the design its own, unbiased one (Cochran 1977, 5A.12)."""
     if n >= total:
         return list(range(total))
-    k = total // n
-    offset = int(np.random.default_rng(seed).integers(0, total - (n - 1) * k))
-    return [offset + k * i for i in range(n)]
+    counts = np.bincount(spread_strata(n))
+    edges = np.rint(np.concatenate([[0], np.cumsum(counts)]) * total / n).astype(int)
+    rng = np.random.default_rng(seed)
+    out: list[int] = []
+    for c, a, b in zip(counts, edges[:-1], edges[1:]):
+        out += sorted(int(i) for i in rng.choice(np.arange(a, b), size=int(c), replace=False))
+    return out
 
 
 def sampling_plan(n_tokens: int, config: EvalConfig) -> tuple[list, dict]:
     """(window plan, design) of an evaluation of ``n_tokens`` ids with a resolved ``config``.
 
     The plan is [(start, first_scored)] as ``window_plan`` gives it; the design is {"design":
-    "spread" | "first" | "all" (spread whose spacing would be 1 is first), "windows": scored,
-    "windows_in_text": the whole text's plan,
-    "spacing": k (windows of the whole plan between two scored ones), "offset", "seed",
-    "window_starts", "dependent" (two scored windows touch or overlap), "words"}. ``first``
-    plans over the first ``eval_tokens`` ids; ``spread`` takes as many windows as that from the
-    whole text's plan (``spread_indices``)."""
+    "spread" | "first" | "all" (spread over fewer than 2 windows of the text per scored one is
+    first), "windows": scored, "windows_in_text": the whole text's plan, "spacing": windows of the
+    whole plan per scored one, "offset": the first scored window, "seed", "strata" (spread: each
+    scored window's stratum, ``spread_strata``; else None), "window_starts", "dependent" (first and
+    all: two scored windows touch or overlap), "words"}. ``first`` plans over the first
+    ``eval_tokens`` ids; ``spread`` takes as many windows as that from the whole text's plan
+    (``spread_indices``)."""
     stride = config.seq_len if config.stride is None else config.stride
     full = window_plan(n_tokens, config.seq_len, stride)
     budget = (len(window_plan(min(n_tokens, config.eval_tokens), config.seq_len, stride))
@@ -176,18 +194,22 @@ def sampling_plan(n_tokens: int, config: EvalConfig) -> tuple[list, dict]:
         idx = spread_indices(len(full), budget, config.seed)
         plan = [full[i] for i in idx]
     starts = [s for s, _ in plan]
-    dependent = len(starts) > 1 and min(b - a for a, b in zip(starts, starts[1:])) <= config.seq_len
-    spacing = idx[1] - idx[0] if len(idx) > 1 else 1
+    # A stratified sample's interval comes from its design, whatever two windows of a stratum touch.
+    dependent = design != "spread" and len(starts) > 1 and min(b - a for a, b in zip(starts, starts[1:])) \
+        <= config.seq_len
+    strata = spread_strata(len(plan)) if design == "spread" else None
+    spacing = len(full) // max(len(plan), 1)
     scored = sum(config.seq_len - f for _, f in plan)
     where = {"all": f"every window of the text ({len(full)})",
              "first": f"the first {len(plan)} of the text's {len(full)} windows",
-             "spread": f"{len(plan)} of the text's {len(full)} windows, one in every {spacing} from window "
-                       f"{idx[0]} (seed {config.seed})"}[design]
+             "spread": f"{len(plan)} of the text's {len(full)} windows, drawn at random "
+                       + (f"two in each of {len(plan) // 2} equal stretches of it (stratified, " if len(plan) > 3
+                          else "(") + f"seed {config.seed})"}[design]
     words = (f"{scored} tokens in {where}, windows of {config.seq_len} tokens"
              + (f", stride {stride}" if stride != config.seq_len else "")
              + ("; adjacent windows, treated as dependent" if dependent else ""))
     return plan, {"design": design, "windows": len(plan), "windows_in_text": len(full), "spacing": spacing,
-                  "offset": idx[0] if idx else 0, "seed": config.seed, "window_starts": starts,
+                  "offset": idx[0] if idx else 0, "seed": config.seed, "strata": strata, "window_starts": starts,
                   "dependent": dependent, "tokens_scored": scored, "words": words}
 
 
@@ -344,14 +366,15 @@ def _evaluate_model(model, tokenizer, input_ids: torch.Tensor, config: EvalConfi
         seconds=seconds, tokens_per_s=len(plan) * seq_len / seconds if seconds > 0 else 0.0, batch_size=batch_size,
         window_nll=window_nll, window_tokens=window_tokens,
         perplexity_ci95=list(perplexity_interval(window_nll, window_tokens, seed=config.seed,
-                                                 dependent=design["dependent"])),
-        interval_method=interval_method(len(plan), design["dependent"]),
+                                                 dependent=design["dependent"], strata=design["strata"])),
+        interval_method=interval_method(len(plan), design["dependent"], design["strata"]),
         window_starts=design["window_starts"], sampling={k: v for k, v in design.items() if k != "window_starts"},
     )
     if token_kl is not None:
         result.window_kl, result.window_agree = window_kl, window_agree
         result.kl_ci95, result.top1_ci95 = (
-            estimate(w, window_tokens, dependent=design["dependent"], seed=config.seed, units="windows")["ci95"]
+            estimate(w, window_tokens, dependent=design["dependent"], strata=design["strata"], seed=config.seed,
+                     units="windows")["ci95"]
             for w in (window_kl, window_agree))
         q = np.quantile(token_kl.astype(np.float64), [0.5, 0.9, 0.99]) if token_kl.size else [math.nan] * 3
         result.kl_percentiles = {"median": float(q[0]), "p90": float(q[1]), "p99": float(q[2]),

@@ -15,6 +15,11 @@ independent:
 - ``SMALL_N`` or more independent units: the nonparametric percentile bootstrap (Efron 1979;
   Efron & Tibshirani 1993, ch. 13), ``n_boot`` resamples of the units drawn by
   ``numpy.random.default_rng(seed)``; its p-value inverts the percentile interval;
+- units of a stratified sample (``strata``: the ``spread`` design's windows, two drawn at random
+  in each of n/2 equal stretches of the text): Student-t on the design's own variance, the
+  within-stratum spread of the linearized residuals (Cochran 1977, sections 5.3 and 6.11), n - H
+  df for H strata, whatever n is. An iid bootstrap would ignore the stratification and overstate
+  the variance; with two units a stratum a bootstrap inside the strata halves it;
 - dependent units (adjacent or overlapping text windows): the Ibragimov-Mueller (2010) t-test,
   Student-t over the estimates of q groups of adjacent units (q = ``n_groups(n)``, 2 to 8), with
   q - 1 df: valid whatever the dependence inside a group, where Newey-West with Student-t
@@ -117,8 +122,8 @@ def group_estimates(num, den, groups: int) -> np.ndarray:
     return np.array([a.sum() / b.sum() for a, b in zip(np.array_split(num, groups), np.array_split(den, groups))])
 
 
-def estimate(num, den=None, *, dependent: bool = False, level: float = 0.95, n_boot: int = N_BOOT,
-             seed: int = 0, null: float = 0.0, units: str = "units") -> dict:
+def estimate(num, den=None, *, dependent: bool = False, strata: Optional[Sequence] = None, level: float = 0.95,
+             n_boot: int = N_BOOT, seed: int = 0, null: float = 0.0, units: str = "units") -> dict:
     """The ratio estimator sum(num) / sum(den) (``den`` None: the mean of ``num``) over n units,
     with its interval and the p-value of "it equals ``null``", by the module's one rule.
 
@@ -127,8 +132,12 @@ def estimate(num, den=None, *, dependent: bool = False, level: float = 0.95, n_b
             denominator (its scored tokens; > 0).
         dependent: the units are adjacent or overlapping text, in text order: Ibragimov-Mueller
             groups, whatever n is.
+        strata: 1-D labels, the same length: the stratum each unit was drawn in (a stratified
+            sample, every stratum with 2 units or more; ``llm_perplexity.spread_strata``). Used
+            when the units are not ``dependent``.
     Returns {"estimate", "ci95": [lo, hi] at ``level``, "p_value", "se", "df" (None for the
-    bootstrap, whose MDE uses normal quantiles), "n", "kind" ("t", "groups", "bootstrap" or "none"),
+    bootstrap, whose MDE uses normal quantiles), "n", "kind" ("t", "strata", "groups", "bootstrap" or
+    "none"),
     "min_p" (the smallest p this test can give), "method" (words)}. The t path works on the
     linearized residuals (num_i - R den_i) / mean(den) of the ratio R (for den = 1, the centred
     values); the group path on each group's own ratio, centred on the overall R. Fewer than 2
@@ -148,8 +157,19 @@ def estimate(num, den=None, *, dependent: bool = False, level: float = 0.95, n_b
         why = f"{n} {one}: no interval" if n < 2 else f"a non-finite value among {n} {units}: no interval"
         return {**out, "method": why}
     z = (x - est * d) / d.mean()
-    if dependent or n < SMALL_N:
-        if dependent:  # Ibragimov & Mueller (2010): a t-test on the estimates of q blocks of adjacent units
+    stratified = strata is not None and not dependent
+    if stratified or dependent or n < SMALL_N:
+        if stratified:  # the stratified design's variance: sum_h n_h s_h^2 / n^2 (proportional allocation)
+            labels = np.asarray(strata)
+            if labels.shape != (n,):
+                raise ValueError(f"{labels.size} stratum labels for {n} {units}")
+            parts = [z[labels == h] for h in np.unique(labels)]
+            if min(p.size for p in parts) < 2:
+                raise ValueError("every stratum needs at least 2 units for its variance")
+            se, df = math.sqrt(sum(p.size * np.var(p, ddof=1) for p in parts)) / n, n - len(parts)
+            method = (f"stratified Student-t over {n} {units} in {len(parts)} strata, {df} df (the spread "
+                      f"design's own variance)")
+        elif dependent:  # Ibragimov & Mueller (2010): a t-test on the estimates of q blocks of adjacent units
             q = n_groups(n)
             g = group_estimates(x, d, q)
             se, df = float(np.std(g, ddof=1) / math.sqrt(q)), q - 1
@@ -164,7 +184,8 @@ def estimate(num, den=None, *, dependent: bool = False, level: float = 0.95, n_b
             p = float(2.0 * scipy.stats.t.sf(abs(est - null) / se, df))
         else:
             p = 1.0 if est == null else 0.0
-        return {**out, "ci95": ci, "p_value": p, "se": se, "df": df, "kind": "groups" if dependent else "t",
+        kind = "strata" if stratified else "groups" if dependent else "t"
+        return {**out, "ci95": ci, "p_value": p, "se": se, "df": df, "kind": kind,
                 "min_p": 0.0, "method": method}
     boots = _replicates(x, d, n_boot, seed)
     ci = _percentile(boots, level)
@@ -216,7 +237,7 @@ def _test(e: dict, **named) -> dict:
     """A test record from ``estimate``'s output: what ``adjust`` and the report read."""
     return {**named, "p_value": e["p_value"], "significant": bool(e["p_value"] < ALPHA),
             "se": e["se"], "df": e["df"], "kind": e["kind"], "min_p": e["min_p"], "n": e["n"],
-            "method": ("paired " + e["method"]) if e["kind"] in ("t", "bootstrap") else e["method"]}
+            "method": ("paired " + e["method"]) if e["kind"] in ("t", "strata", "bootstrap") else e["method"]}
 
 
 def paired_difference(a, b, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95, *,
@@ -254,7 +275,8 @@ def _exp(x: float) -> float:
 
 
 def perplexity_interval(window_nll_sums, window_tokens, n_boot: int = N_BOOT, seed: int = 0,
-                        level: float = 0.95, *, dependent: bool = False) -> tuple[float, float]:
+                        level: float = 0.95, *, dependent: bool = False,
+                        strata: Optional[Sequence] = None) -> tuple[float, float]:
     """Interval over windows of a perplexity exp(sum nll / sum tokens), by ``estimate``'s rule.
 
     Args:
@@ -262,22 +284,26 @@ def perplexity_interval(window_nll_sums, window_tokens, n_boot: int = N_BOOT, se
         window_tokens: 1-D, each window's number of scored tokens (> 0).
         dependent: the windows are adjacent or overlap (``--eval-sampling first``, a whole text,
             ``--stride`` < ``--seq-len``): Ibragimov-Mueller groups.
+        strata: each window's stratum when they are a stratified sample (``--eval-sampling spread``).
     The interval is taken on the mean NLL per token (the ratio estimator, so windows of unequal
     token counts weigh as they do in the perplexity) and mapped through exp. (nan, nan) with
     fewer than 2 windows or a nan window; an overflowing end is inf."""
     s, t = _sums(window_nll_sums, window_tokens, "perplexity_interval")
-    lo, hi = estimate(s, t, dependent=dependent, level=level, n_boot=n_boot, seed=seed, units="windows")["ci95"]
+    lo, hi = estimate(s, t, dependent=dependent, strata=strata, level=level, n_boot=n_boot, seed=seed,
+                      units="windows")["ci95"]
     return _exp(lo), _exp(hi)
 
 
-def interval_words(n_windows: int, dependent: bool = False, n_boot: int = N_BOOT) -> str:
+def interval_words(n_windows: int, dependent: bool = False, n_boot: int = N_BOOT,
+                   strata: Optional[Sequence] = None) -> str:
     """How ``perplexity_interval`` makes its interval over ``n_windows`` windows, in words."""
-    return estimate(np.arange(max(n_windows, 0), dtype=float), dependent=dependent, n_boot=1,
+    return estimate(np.arange(max(n_windows, 0), dtype=float), dependent=dependent, strata=strata, n_boot=1,
                     units="windows")["method"].replace(", 1 resamples", f", {n_boot} resamples")
 
 
 def paired_perplexity(parent_sums, parent_tokens, variant_sums, variant_tokens, n_boot: int = N_BOOT,
-                      seed: int = 0, level: float = 0.95, *, dependent: bool = False) -> dict:
+                      seed: int = 0, level: float = 0.95, *, dependent: bool = False,
+                      strata: Optional[Sequence] = None) -> dict:
     """A variant's perplexity against its parent's (or a sibling's) on the SAME windows, paired.
 
     Args: per-window NLL sums (nats) and scored-token counts, 1-D, in the same window order.
@@ -294,7 +320,7 @@ def paired_perplexity(parent_sums, parent_tokens, variant_sums, variant_tokens, 
                          f"variant {vs.size}" + ("" if ps.size != vs.size else ", with other token counts"))
     with np.errstate(invalid="ignore"):
         d = vs - ps
-    e = estimate(d, pt, dependent=dependent, level=level, n_boot=n_boot, seed=seed, units="windows")
+    e = estimate(d, pt, dependent=dependent, strata=strata, level=level, n_boot=n_boot, seed=seed, units="windows")
     ci = e["ci95"]
     return _test(e, delta_nll=e["estimate"], delta_nll_ci95=ci, ppl_ratio=_exp(e["estimate"]),
                  ppl_ratio_ci95=[_exp(ci[0]), _exp(ci[1])], n_windows=e["n"])

@@ -12,20 +12,22 @@ and by its 4-bit RTN g128 variant (``quantize_model``, integer zero point), thro
 value over ALL the population's windows.
 
 Step 2: the tool's own interval and test functions (``llm_stats.perplexity_interval`` and
-``paired_perplexity``, with the ``dependent`` flag the eval step would set) on samples of n windows,
-for n in --windows, under two designs:
-- spread: every k-th window (k = W // n) from an offset, as ``--eval-sampling spread`` takes them;
-  every offset in [0, W) is one sample, taken circularly (indices mod W) so that there are W
-  samples rather than the k that fit without wrapping (circular systematic sampling);
-- first: n adjacent windows from a start, as ``--eval-sampling first`` takes them (the first n),
-  again from every start in [0, W) circularly; the tool treats them as dependent.
+``paired_perplexity``, with the ``dependent`` flag and ``strata`` the eval step would set) on
+samples of n windows, for n in --windows, under these designs:
+- spread: the tool's ``spread_indices`` (two windows drawn at random in each of n/2 equal stretches
+  of the text), one sample per seed in [0, --draws), with the stratified interval;
+- systematic (the spread design before 2026-12-07, for reference): every k-th window (k = W // n)
+  from every offset in [0, W), taken circularly (indices mod W), with the interval of independent
+  windows; a systematic sample has no unbiased variance estimator, and this row shows what that does;
+- first: n adjacent windows from every start in [0, W) circularly, as ``--eval-sampling first``
+  takes them (the first n); the tool treats them as dependent.
 
 For each it prints the coverage of the perplexity interval (truth: the base's perplexity over all
 windows), of the paired ratio interval (truth: RTN over base, all windows), the false-positive rate
 of the paired test at nominal 0.05 on a planted null (each window's real RTN difference minus its
 token-weighted mean: the true ratio is exactly 1), and the power on the real difference; each with
-a Wilson 95% interval. The W samples of a design overlap (neighbouring offsets share windows), so the
-binomial interval is a guide, not exact. Targets (spread at the CPU default of 32 windows):
+a Wilson 95% interval. The samples of systematic and first overlap (neighbouring offsets share
+windows), so there the binomial interval is a guide, not exact. Targets (spread at the CPU default of 32 windows):
 coverage in [0.93, 0.97], false positives <= 0.06.
 """
 from __future__ import annotations
@@ -43,6 +45,7 @@ import numpy as np  # noqa: E402
 
 import llm_io as IO  # noqa: E402
 import llm_stats as S  # noqa: E402
+from llm_perplexity import spread_indices, spread_strata  # noqa: E402
 
 log = logging.getLogger("bench.coverage")
 WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -83,7 +86,7 @@ def rate(hits: int, n: int) -> str:
     return f"{hits / n:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-def run(data: dict, sizes: list, designs: list) -> list[str]:
+def run(data: dict, sizes: list, designs: list, draws: int = 2000) -> list[str]:
     base, rtn, tok = (np.asarray(data[k], float) for k in ("base", "rtn4", "tokens"))
     W = base.size
     truth_nll = base.sum() / tok.sum()
@@ -93,27 +96,32 @@ def run(data: dict, sizes: list, designs: list) -> list[str]:
     lines = [f"{W} windows of {data['seq_len']} tokens; base perplexity {np.exp(truth_nll):.3f}, RTN 4-bit g128 "
              f"{np.exp(rtn.sum() / tok.sum()):.3f} (ratio {np.exp(truth_delta):.4f}); lag-1 correlation of "
              f"the base's per-window NLL {lag1:.2f}.", "",
-             "| design | windows | method | perplexity coverage | ratio coverage | null false positives | power |",
-             "|---|---|---|---|---|---|---|"]
+             "| design | windows | method | samples | perplexity coverage | ratio coverage | null false positives "
+             "| power |",
+             "|---|---|---|---|---|---|---|---|"]
     for design in designs:
         for n in sizes:
             k = max(1, W // n)
             cov_p = cov_r = fp = pw = 0
             method = ""
-            for o in range(W):
-                idx = ((o + k * np.arange(n)) if design == "spread" else (o + np.arange(n))) % W
-                dep = design == "first"
-                lo, hi = S.perplexity_interval(base[idx], tok[idx], dependent=dep, seed=o)
+            strata = spread_strata(n) if design == "spread" else None
+            samples = ([spread_indices(W, n, seed) for seed in range(draws)] if design == "spread" else
+                       [((o + k * np.arange(n)) if design == "systematic" else (o + np.arange(n))) % W
+                        for o in range(W)])
+            for o, idx in enumerate(samples):
+                kw = {"dependent": design == "first", "strata": strata, "seed": o}
+                lo, hi = S.perplexity_interval(base[idx], tok[idx], **kw)
                 cov_p += lo <= np.exp(truth_nll) <= hi
-                real = S.paired_perplexity(base[idx], tok[idx], rtn[idx], tok[idx], dependent=dep, seed=o)
+                real = S.paired_perplexity(base[idx], tok[idx], rtn[idx], tok[idx], **kw)
                 lo, hi = real["ppl_ratio_ci95"]
                 cov_r += lo <= np.exp(truth_delta) <= hi
                 pw += real["p_value"] < 0.05
-                planted = S.paired_perplexity(base[idx], tok[idx], null[idx], tok[idx], dependent=dep, seed=o)
+                planted = S.paired_perplexity(base[idx], tok[idx], null[idx], tok[idx], **kw)
                 fp += planted["p_value"] < 0.05
                 method = real["kind"]
-            lines.append(f"| {design} | {n} | {method} | {rate(cov_p, W)} | {rate(cov_r, W)} | {rate(fp, W)} | "
-                         f"{rate(pw, W)} |")
+            m = len(samples)
+            lines.append(f"| {design} | {n} | {method} | {m} | {rate(cov_p, m)} | {rate(cov_r, m)} | {rate(fp, m)} | "
+                         f"{rate(pw, m)} |")
             log.info("%s", lines[-1])
     return lines
 
@@ -125,7 +133,8 @@ def main() -> None:
                     help="the first N windows of the text are the population (0: the whole split; about "
                          "1,180 windows of 256, two model passes of 302k tokens: an hour of a quiet 2-core CPU)")
     ap.add_argument("--windows", default="8,16,32,64")
-    ap.add_argument("--designs", default="spread,first")
+    ap.add_argument("--designs", default="spread,systematic,first")
+    ap.add_argument("--draws", type=int, default=2000, help="seeds of the spread design per row")
     ap.add_argument("--cache", default=None)
     ap.add_argument("--out", default=str(ROOT / "data" / "bench" / "coverage.md"))
     a = ap.parse_args()
@@ -135,7 +144,7 @@ def main() -> None:
     cache = Path(a.cache or ROOT / "data" / "bench" / f"coverage_nll_{a.seq_len}_{a.population}.json")
     data = window_nll(a.seq_len, a.population, cache)
     t = time.perf_counter()
-    lines = run(data, [int(x) for x in a.windows.split(",")], a.designs.split(","))
+    lines = run(data, [int(x) for x in a.windows.split(",")], a.designs.split(","), a.draws)
     text = "\n".join(lines) + f"\n\n(simulation {time.perf_counter() - t:.0f} s; NLL pass {data['seconds']:.0f} s)\n"
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(text)

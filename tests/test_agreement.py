@@ -44,7 +44,10 @@ def test_kl_percentiles_and_intervals_equal_a_hand_computation(tiny_llama, tok, 
     assert got.kl == pytest.approx(kls.mean(), rel=1e-4)
     assert got.window_kl == pytest.approx(per_window, rel=1e-3, abs=1e-6)
     assert got.top1_agreement == pytest.approx(sum(agree) / len(kls))
-    assert got.kl_ci95 == pytest.approx(S.estimate(got.window_kl, got.window_tokens)["ci95"], rel=1e-12)
+    strata = got.sampling["strata"]  # spread: 5 strata of 2 windows, the design's own interval
+    assert strata == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert got.kl_ci95 == pytest.approx(S.estimate(got.window_kl, got.window_tokens, strata=strata)["ci95"],
+                                        rel=1e-12)
     assert got.kl_ci95[0] < got.kl < got.kl_ci95[1]
     # The matrix holds both, against the parent, with no paired test (a KL above 0 is any change at all).
     from dataclasses import asdict

@@ -188,11 +188,12 @@ def test_report_only_imports_no_step_module(pipeline):
 
 def test_every_clean_perplexity_names_its_token_set(pipeline):
     out, res = pipeline
-    # Spread across the text from a seeded offset: which windows, said in words.
-    assert re.fullmatch(r"62 tokens in 2 of the text's \d+ windows, one in every \d+ from window \d+ \(seed \d+\), "
+    # Spread across the text, stratified and seeded: which windows, said in words.
+    assert re.fullmatch(r"62 tokens in 2 of the text's \d+ windows, drawn at random \(seed \d+\), "
                         r"windows of 32 tokens", res["noise"]["sweep"]["clean"]["token_set"])
-    assert re.fullmatch(r"124 tokens in 4 of the text's \d+ windows, one in every \d+ from window \d+ \(seed \d+\), "
-                        r"windows of 32 tokens", res["analysis"]["clean_token_set"])
+    assert re.fullmatch(r"124 tokens in 4 of the text's \d+ windows, drawn at random two in each of 2 equal "
+                        r"stretches of it \(stratified, seed \d+\), windows of 32 tokens",
+                        res["analysis"]["clean_token_set"])
     n_hold = res["finetune"]["heldout_token_set"]
     assert n_hold.endswith("tokens held out at the end of the training text, windows of 32")
     md = (out / "report.md").read_text()

@@ -256,8 +256,10 @@ def test_every_variant_gets_its_paired_difference_from_its_parent(tiny_llama, to
     assert base.vs_parent is None
     assert copy.vs_parent["parent"] == "base" and copy.vs_parent["delta_nll"] == 0.0
     assert copy.vs_parent["significant"] is False and copy.vs_parent["ppl_ratio_ci95"] == [1.0, 1.0]
-    want = S.paired_perplexity(base.window_nll, base.window_tokens, brk.window_nll, brk.window_tokens)
-    assert brk.vs_parent == {"parent": "base", **want}
+    strata = res.protocol["sampling"]["strata"]  # the spread design's: 6 strata of 2 windows
+    assert strata == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    want = S.paired_perplexity(base.window_nll, base.window_tokens, brk.window_nll, brk.window_tokens, strata=strata)
+    assert brk.vs_parent == {"parent": "base", **want} and want["kind"] == "strata" and want["df"] == 6
     assert brk.vs_parent["ppl_ratio"] == pytest.approx(brk.perplexity / base.perplexity, rel=1e-9)
     assert brk.vs_parent["significant"] is True
 
