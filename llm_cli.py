@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import logging
 import math
 import os
-from dataclasses import fields
+import shlex
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Optional
 
@@ -29,9 +32,11 @@ import yaml
 
 import llm_io as IO
 from llm_common import UserError
-from llm_config import STEP_CONFIGS, PipelineConfig, RunConfig
+from llm_config import ALL_STEPS, STEP_CONFIGS, PipelineConfig, RunConfig
 from llm_presets import PRESETS
 from llm_knobs import flag_of, hints_of, parse_max_memory, parse_switch
+
+log = logging.getLogger("llm.main")
 
 SECTIONS = {"run": RunConfig, **STEP_CONFIGS}
 
@@ -261,7 +266,7 @@ def from_args(ns: argparse.Namespace) -> PipelineConfig:
     return PipelineConfig(**parts)
 
 
-_MODES = ("config", "report_only", "compare")  # what the command does, not how a run computes
+_MODES = ("config", "report_only", "compare", "dry_run")  # what the command does, not how a run computes
 
 
 def _flag_text(v) -> str:
@@ -291,3 +296,37 @@ def config_yaml(cfg: PipelineConfig) -> str:
 
 def write_config(cfg: PipelineConfig, path: Path) -> None:
     IO.write_text(path, config_yaml(cfg))
+
+
+def command_line(cfg: PipelineConfig, argv: Optional[list]) -> str:
+    """The command line as a shell would take it back (shlex: spaces and ``;`` stay inside their
+    argument). Called from Python (a notebook: sys.argv is the kernel's), the config instead."""
+    if argv is not None:
+        return shlex.join(["python", "llm_main_v4.py", *map(str, argv)])
+    changed = {name: {k: v for k, v in asdict(part).items() if v != asdict(type(part)()).get(k)}
+               for name, part in vars(cfg).items()}
+    return "run_pipeline(PipelineConfig(...)) called from Python, not from the command line; config changed " \
+           "from the defaults: " + json.dumps(IO.to_strict_json({k: v for k, v in changed.items() if v}), sort_keys=True)
+
+
+def warn_ignored(cfg: PipelineConfig, configs: dict) -> None:
+    """Name every setting that this run will not read, rather than drop it without a word: a
+    field that the chosen method ignores (``StepConfig.applies``), and one of a step that is not
+    run (unless a step that runs shares its flag). Preset values are not the user's: not named."""
+    preset, given = PRESETS[cfg.run.preset].fields if cfg.run.preset else {}, set(cfg.run.flags_given)
+    for step in configs:
+        for flag, why in getattr(cfg, step).ignored(given):
+            log.warning("%s has no effect here: %s", flag, why)
+    read = {flag_of(type(c), f) for c in (cfg.run, *configs.values()) for f in dataclasses.fields(c)}
+    unread = {}
+    for step in (s for s in ALL_STEPS if s not in configs):
+        part = getattr(cfg, step)
+        for f in dataclasses.fields(part):
+            flag = flag_of(type(part), f)
+            changed = getattr(part, f.name) != preset.get(step, {}).get(f.name, f.default)
+            if f.metadata.get("cli", True) and flag not in read and (flag in given or changed):
+                unread.setdefault(step, []).append(flag)
+    if unread:
+        flags = ", ".join(dict.fromkeys(sum(unread.values(), [])))  # a flag two steps share: named once
+        log.warning("%s: no effect here, as step %s is not run (--steps %s)", flags,
+                    ", ".join(unread), ",".join(configs))

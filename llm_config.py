@@ -85,6 +85,9 @@ class RunConfig(StepConfig):
                               "report says it is a smoke run")
     report_only: bool = knob(False, "rebuild plots and report from <output-dir>/results.json, "
                                     "without a model", results=False)
+    dry_run: bool = knob(False, "load the model, print the plan (steps, variants, units of each measure, "
+                                "estimated time per step and in total) and stop before the first step",
+                         results=False)
     compare: tuple = knob((), "compare finished runs: one table and one plot across their results.json, "
                               "written into --output-dir (no model is loaded)",
                           many="+", results=False, shown="none")

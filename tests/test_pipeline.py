@@ -17,6 +17,7 @@ import llm_config as K
 import llm_data as D
 import llm_io as IO
 import llm_main_v4
+import llm_resume
 import llm_run
 import llm_model as LM
 import llm_stats as S
@@ -144,13 +145,13 @@ def test_every_config_field_enters_its_steps_fingerprint(step, pipeline, setup, 
     run.results.update(device="cpu", dtype="torch.float32", model_identity={"label": "m"})
     cls = K.STEP_CONFIGS[step]
     base = cls()
-    fp0 = llm_main_v4._fingerprint(run, step, base, "prev")
-    assert fp0 == llm_main_v4._fingerprint(run, step, cls(), "prev")
-    assert fp0 != llm_main_v4._fingerprint(run, step, base, "other previous step")
+    fp0 = llm_resume.step_fingerprint(run, step, base, "prev")
+    assert fp0 == llm_resume.step_fingerprint(run, step, cls(), "prev")
+    assert fp0 != llm_resume.step_fingerprint(run, step, base, "other previous step")
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         other = dataclasses.replace(base, **{f.name: _changed(getattr(base, f.name), hints[f.name])})
-        changed = llm_main_v4._fingerprint(run, step, other, "prev") != fp0
+        changed = llm_resume.step_fingerprint(run, step, other, "prev") != fp0
         # Only fields that cannot change a number (progress bars, log cadence, paths) may be left out.
         assert changed == f.metadata.get("results", True), f.name
 

@@ -17,7 +17,7 @@ from conftest import without
 ROOT = Path(__file__).resolve().parents[1]
 TIMING_KEYS = {"plots_s", "seconds", "tokens_per_s", "peak_memory_mb",
                "peak_rss_mib", "peak_cuda_allocated_mib", "wall_s", "bookkeeping_s", "skipped", "loaded_existing",
-               "resumed_from_step"}
+               "resumed_from_step", "estimate"}  # estimate: timed on the machine, as wall_s
 
 
 def comparable(obj):
