@@ -70,7 +70,7 @@ class AdversarialConfig(StepConfig):
                           many=True)
     target: str = knob(" Star Wars", "target string of the targeted attacks and GCG", flag="--attack-target")
     targeted_eps: float = knob(0.2, "eps of the targeted PGD", flag="--targeted-eps", bounds="[0,1000]")
-    targeted_steps: Optional[int] = budget(10, 40, "steps of the targeted PGD", flag="--targeted-steps",
+    targeted_steps: Optional[int] = budget(6, 40, "steps of the targeted PGD", flag="--targeted-steps",
                                          bounds="[1,100000]")
     gcg_steps: Optional[int] = budget(10, 100, "GCG iterations", flag="--gcg-steps", bounds="[1,100000]")
     gcg_batch: Optional[int] = budget(16, 128, "GCG candidates per step", flag="--gcg-batch",
@@ -86,7 +86,7 @@ class AdversarialConfig(StepConfig):
                                 "forward+backward per step gives the weight and the perturbation gradients), "
                                 "pgd (Madry et al. 2018: a full PGD attack per step), none",
                         flag="--defence", choices=("free", "pgd", "none"))
-    defence_steps: Optional[int] = budget(4, 50, "adversarial fine-tuning steps (weight updates)",
+    defence_steps: Optional[int] = budget(3, 50, "adversarial fine-tuning steps (weight updates)",
                                         flag="--defence-steps", bounds="[1,100000]")
     defence_lr: float = knob(1e-5, "adversarial fine-tuning learning rate", flag="--defence-lr",
                              bounds="(0,1]")
@@ -113,14 +113,14 @@ class AnalysisConfig(StepConfig):
     calib_seq_len: Optional[int] = budget(128, 512, "tokens per Hessian window", flag="--analysis-seq-len",
                                         bounds="[2,1000000]", context=True)
     fisher_windows: Optional[int] = budget(8, 32, "windows of the Fisher diagonal", bounds="[1,100000]")
-    max_probes: Optional[int] = budget(6, 50, "max Hutchinson probes (stops earlier on --hessian-tol)",
+    max_probes: Optional[int] = budget(4, 50, "max Hutchinson probes (stops earlier on --hessian-tol)",
                                      flag="--hessian-probes", bounds="[1,100000]")
     rel_stderr: float = knob(0.1, "Hutchinson probes until every layer's trace has a standard error of at "
                                   "most this fraction of its magnitude (0: PyHessian's --hessian-tol rule)",
                              flag="--hessian-rel-stderr", bounds="[0,10]")
     tol: float = knob(1e-2, "with --hessian-rel-stderr 0: relative change of the total trace that stops "
                             "Hutchinson", flag="--hessian-tol", bounds="[0,10]")
-    power_iters: Optional[int] = budget(4, 20, "power iterations for the top eigenvalue",
+    power_iters: Optional[int] = budget(3, 20, "power iterations for the top eigenvalue",
                                         flag="--power-iters", bounds="[1,100000]")
     per_block: Optional[bool] = knob(None, "Hessian one block at a time (auto: above 3B parameters)",
                                      flag="--per-block")
