@@ -60,7 +60,7 @@ class AdversarialConfig(StepConfig):
     epsilons: tuple = knob((0.02, 0.05, 0.1), "eps of FGSM/PGD, relative to the mean embedding-row norm",
                            flag="--attack-eps", parse=parse_floats, bounds="[0,1000]")
     norm: str = knob("linf", "l2 is per token", flag="--attack-norm", choices=("linf", "l2"))
-    pgd_steps: Optional[int] = budget(5, 20, "PGD steps", flag="--attack-steps", bounds="[1,100000]")
+    pgd_steps: Optional[int] = budget(4, 20, "PGD steps", flag="--attack-steps", bounds="[1,100000]")
     n_windows: Optional[int] = budget(3, 32, "text windows attacked", flag="--attack-windows",
                                       bounds="[1,1000000]")
     prompt_len: Optional[int] = budget(32, 128, "tokens of each attacked prompt", bounds="[1,1000000]")
