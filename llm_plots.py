@@ -307,7 +307,10 @@ def figure_caption(results: dict, name: str) -> str:
                "scored per variant") if proto else "no perplexity windows"
     design = R.field(proto, "sampling", kind=dict) if proto else None
     if design and design.get("design") in ("spread", "first"):  # which windows: the report's protocol line
-        windows += f" ({design['design']}: {'spread across the text' if design['design'] == 'spread' else 'the first'})"
+        strata = design.get("strata") if isinstance(design.get("strata"), list) else None
+        windows += (" (first: the first windows)" if design["design"] == "first" else
+                    f" (spread: a stratified sample of the text, two windows in each of {len(strata) // 2} stretches)"
+                    if strata else " (spread across the text)")
     return f"Model {results.get('model', '?')}; eval text {text}; {windows}{_figure_scope(results, name)}."
 
 
