@@ -341,10 +341,11 @@ class NoiseConfig(StepConfig):
         return f"noisy[{self.mode},{exact(self.epsilon)}]" if grid else "noisy"
 
     def check(self) -> None:
-        for e in (self.epsilon, *self.sweep_eps) if self.mode == "bitflip" else ():
+        sweep = self.sweep_eps or ()  # a budget: None until resolved
+        for e in (self.epsilon, *sweep) if self.mode == "bitflip" else ():
             if e > 1:
                 raise UserError(f"a bit-error rate is at most 1, got {e}")
-        if self.sweep_mode == "bitflip" and any(e > 1 for e in self.sweep_eps):
+        if self.sweep_mode == "bitflip" and any(e > 1 for e in sweep):
             raise UserError(f"a bit-error rate is at most 1, got --sweep-eps {self.sweep_eps}")
 
 

@@ -260,6 +260,15 @@ def time_passes(model, tokens: int = 64, repeats: int = 3) -> dict:
     return {**out, "tokens": tokens}
 
 
+def _text_tokens(run, which: str) -> int:
+    """Tokens of the run's ``which`` text; a document corpus (a C4 shard) is sampled document by
+    document as far as each step asks, never tokenized whole: as long as any budget."""
+    corpus = run.texts.get(which)
+    if corpus is None:
+        return 0
+    return 10 ** 12 if getattr(corpus, "docs", None) is not None else run.ids(which).numel()
+
+
 def estimate(run, configs: dict) -> dict:
     """The plan of ``run`` (model loaded, no step run yet) for ``configs`` ({step: resolved config},
     in order): {"timing": ``time_passes``, "steps": {step: {"units", "fwd_tokens", "bwd_tokens",
@@ -267,8 +276,7 @@ def estimate(run, configs: dict) -> dict:
     timing = time_passes(run.model)
     fwd, bwd = timing["fwd_s_per_token"], max(timing["fwd_bwd_s_per_token"] - timing["fwd_s_per_token"], 0.0)
     tok = run.tokenizer
-    facts = {"eval_tokens": run.ids("eval").numel() if "eval" in run.texts else 0,
-             "train_tokens": run.ids("train").numel() if "train" in run.texts else 0,
+    facts = {"eval_tokens": _text_tokens(run, "eval"), "train_tokens": _text_tokens(run, "train"),
              "layers": len(LM.decoder_layers(run.model)),
              "linears": len(LM.block_linears(LM.decoder_layers(run.model)[0]))}
     variants = planned_variants(configs, [n for n in run.variants if n != "base"])
