@@ -89,15 +89,19 @@ def next_block_inputs(layer, inputs: list, kwargs: dict) -> list:
 def linear_input_stats(layer, inputs, kwargs, kind: str, linears: dict) -> dict:
     """One pass of the block over all windows with hooks that accumulate, per linear,
     the sum of squared input norms per channel (``kind="wanda"``, [in]) or the layer Hessian
-    H = 2 X X^T / n_tokens (``kind="hessian"``, [in, in], float32)."""
+    H = 2 X X^T / n_tokens (``kind="hessian"``, [in, in], float32). Linears fed the very same input
+    tensor (q, k, v; gate, up) share one product: a Hessian is the pass's largest cost."""
     stats, counts, handles = {}, {}, []
+    last: list = [None, None]  # the last input tensor seen, and its statistic
 
     def make_hook(name):
         def hook(mod, args, out):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [tokens, in]
-            s = x.pow(2).sum(0) if kind == "wanda" else 2 * x.t() @ x
-            stats[name] = stats[name] + s if name in stats else s
-            counts[name] = counts.get(name, 0) + x.shape[0]
+            if args[0] is not last[0]:
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [tokens, in]
+                last[:] = args[0], (x.pow(2).sum(0) if kind == "wanda" else 2 * x.t() @ x)
+            s = last[1]
+            stats[name] = stats[name] + s if name in stats else s  # (never in place: s may be shared)
+            counts[name] = counts.get(name, 0) + args[0].numel() // args[0].shape[-1]
         return hook
 
     for name, mod in linears.items():
@@ -107,6 +111,7 @@ def linear_input_stats(layer, inputs, kwargs, kind: str, linears: dict) -> dict:
             for h in inputs:
                 layer(h, **kwargs)
     finally:
+        last[:] = None, None
         for hd in handles:
             hd.remove()
     return {k: v / counts[k] if kind == "hessian" else v for k, v in stats.items()}
@@ -191,7 +196,8 @@ def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     zero point, clamp(round((x - zero) / scale), 0, 2^bits - 1) for a float one (0 where scale is 0)."""
     if zero_point == "float":
         return torch.clamp(torch.round(torch.where(scale > 0, (x - zero) / scale, 0)), 0, 2 ** bits - 1)
-    return torch.clamp(torch.round(x / scale) + zero, 0, 2 ** bits - 1)
+    # in place on the one temporary x / scale: the same values as clamp(round(x / scale) + zero)
+    return (x / scale).round_().add_(zero).clamp_(0, 2 ** bits - 1)
 
 
 def grid_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, zero_point: str = "integer"):
@@ -226,11 +232,30 @@ class Quantized:
         weights that were quantized (elementwise float32 ops in the same order). With fp16 scales
         the values are rounded to fp16, as a reader of such a checkpoint computes scale x (code -
         zero) in the scale's dtype (compressed-tensors' decompressor does)."""
-        g = self.g_idx.long().to(self.codes.device)
-        W = grid_values(self.codes.float(), self.scale[:, g], self.zero[:, g], self.zero_point)
+        W = self._grid_values()
         W = (W.half() if self.scale_dtype == "float16" else W).to(dtype)
         if self.keep is not None and self.kept is not None and self.kept.numel():
             W[self.keep] = self.kept.to(dtype)
+        return W
+
+    def _grid_values(self) -> torch.Tensor:
+        """``grid_values`` of every code [out, in]. Groups of consecutive columns (every g_idx but
+        act order's) broadcast each group's scale and zero over a [out, groups, width] view:
+        elementwise the same products as the general path's two [out, in] gathers, without them."""
+        out, cols = self.codes.shape
+        g = self.g_idx.long().to(self.codes.device)
+        width = int((g == 0).sum())
+        if not width or not torch.equal(g, torch.arange(cols, device=g.device) // width):
+            return grid_values(self.codes.float(), self.scale[:, g], self.zero[:, g], self.zero_point)
+        scale, zero = self.scale.to(self.codes.device), self.zero.to(self.codes.device)
+        W = torch.empty(out, cols, dtype=torch.promote_types(torch.float32, scale.dtype), device=self.codes.device)
+        full = cols // width * width
+        for start, end, w in ((0, full, width), (full, cols, cols - full)):  # whole groups, then the tail
+            if end > start:
+                gs = slice(start // width, (end - 1) // width + 1)
+                c = self.codes[:, start:end].reshape(out, -1, w).float()
+                W[:, start:end] = grid_values(c, scale[:, gs, None], zero[:, gs, None], self.zero_point).reshape(
+                    out, end - start)
         return W
 
 
@@ -254,13 +279,13 @@ def rtn_quantize(W: torch.Tensor, bits: int, group_size: int = 128, keep: Option
         Wf = W[:, start:end].float().reshape(out, -1, width)
         K = keep[:, start:end].reshape(out, -1, width).to(W.device) if keep is not None else None
         scale, zero = minmax_params(Wf, bits, K, zero_point, scale_dtype, symmetric)
-        codes[:, start:end] = quantize_codes(Wf, scale, zero, bits, zero_point).reshape(out, end - start).to(torch.uint8)
+        codes[:, start:end] = quantize_codes(Wf, scale, zero, bits, zero_point).reshape(out, end - start)
         scales.append(scale.squeeze(-1))
         zeros.append(zero.squeeze(-1))
     g_idx = torch.arange(inp, device=W.device, dtype=torch.int32) // gs
     keep = keep.to(W.device) if keep is not None else None
     return Quantized(codes, torch.cat(scales, 1), torch.cat(zeros, 1), g_idx, keep,
-                     W[keep].detach().clone() if keep is not None else None, zero_point=zero_point,
+                     W[keep].detach() if keep is not None else None, zero_point=zero_point,  # (a copy)
                      scale_dtype=scale_dtype if zero_point == "integer" else "float32", symmetric=symmetric)
 
 
@@ -329,29 +354,37 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     zeros = torch.zeros_like(scales)
     codes = torch.zeros(out, cols, dtype=torch.uint8, device=Wf.device)
     scale, zero = row_grid if row_grid is not None else (None, None)
+    # The column loop is the kernel's cost (a dozen small ops per column): what no entry needs is
+    # skipped (an all-False mask's fill and select), and codes are converted once per block.
+    any_keep, any_zero = bool(Kp.any()), bool(Zp.any())
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1 = Wf[:, i1:i2].clone()
         Q1 = torch.zeros_like(W1)
+        C1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = i1 + i
             if group_size and j % gs == 0:
-                scale, zero = minmax_params(Wf[:, j:j + gs].masked_fill(Zp[:, j:j + gs], 0), bits,
-                                            Kp[:, j:j + gs], zero_point, scale_dtype, symmetric)
+                Wg = Wf[:, j:j + gs].masked_fill(Zp[:, j:j + gs], 0) if any_zero else Wf[:, j:j + gs]
+                scale, zero = minmax_params(Wg, bits, Kp[:, j:j + gs] if any_keep else None, zero_point,
+                                            scale_dtype, symmetric)
             if j % gs == 0:
                 scales[:, j // gs], zeros[:, j // gs] = scale[:, 0], zero[:, 0]
             w = W1[:, i]
-            c = quantize_codes(w.masked_fill(Zp[:, j], 0)[:, None], scale, zero, bits, zero_point)  # 0: its zero code
+            c = quantize_codes((w.masked_fill(Zp[:, j], 0) if any_zero else w)[:, None], scale, zero, bits,
+                               zero_point)  # a pruned entry: its zero code
             q = grid_values(c, scale, zero, zero_point).flatten()
-            q = torch.where(Kp[:, j], w, q)
-            codes[:, j] = c.flatten().to(torch.uint8)
+            if any_keep:
+                q = torch.where(Kp[:, j], w, q)
+            C1[:, i] = c.flatten()
             Q1[:, i] = q
             err = (w - q) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err1[:, i] = err
         Q[:, i1:i2] = Q1
+        codes[:, i1:i2] = C1
         Wf[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the later columns
     inv = torch.argsort(perm)
     g_idx = (inv // gs).to(torch.int32)  # column c sat at position inv[c] of the quantization order
@@ -447,8 +480,16 @@ def output_error(model, windows: torch.Tensor, reference: dict) -> dict:
 
             def hook(m, args, res, W=W, D_=D_, acc=sums[name]):
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [tokens, in]
-                acc[0] += float((x @ D_.T).pow(2).sum())
-                acc[1] += float((x @ W.T).pow(2).sum())
+                e = x @ D_.T
+                acc[0] += float(torch.linalg.vector_norm(e).square())
+                if res.dtype in (torch.float32, torch.float64):  # W X = Q X + D X: the module's output
+                    # already holds Q X (+ bias), so one matmul instead of two; in a 16-bit model it is
+                    # rounded, and W X is computed from W
+                    y = res.detach().reshape(e.shape)
+                    e += y - m.bias if m.bias is not None else y
+                else:
+                    e = x @ W.T
+                acc[1] += float(torch.linalg.vector_norm(e).square())
             handles.append(mod.register_forward_hook(hook))
         try:
             inputs = next_block_inputs(layer, inputs, kwargs)

@@ -133,10 +133,11 @@ def _keep_masks(model, tokenizer, linears: dict, moments: Optional[dict], config
     coords, found = protected_coordinates(model, tokenizer, config.protect, config.super_weight_prompt)
     if config.keep_fraction > 0:
         scores = {n: 0.5 * g2 * LM.weight_view(linears[n]).detach().float().pow(2) for n, (_, g2) in moments.items()}
-    else:
-        scores = {n: torch.zeros(LM.weight_view(m).shape) for n, m in linears.items()}
+    else:  # only the linears holding a protected coordinate need a mask (no [out, in] scores of zeros)
+        named = {name for name, _, _ in coords}
+        scores = {n: torch.empty(LM.weight_view(m).shape, device="meta") for n, m in linears.items() if n in named}
     masks = protect_top_fraction(scores, config.keep_fraction, coords)
-    return {n: (k if k.any() else None) for n, k in masks.items()}, coords, found
+    return {n: (masks[n] if n in masks and masks[n].any() else None) for n in linears}, coords, found
 
 
 def _grid_bits(shapes: dict, bits: dict, group: int, symmetric: bool = False) -> int:
@@ -254,7 +255,7 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
             q = rtn_quantize(W.detach(), bits[n], config.group, keep[n], config.zero_point, config.scale_dtype,
                              config.symmetric)
             res.quantized[n + ".weight"] = q
-            _write(W, q, res, n)
+            _write(W, q, res, n, reference[n])
     else:
         inputs, kwargs = _block0(model, windows, shared, config.calibration_seed)
         names_of = LM.module_names(model)
@@ -271,7 +272,7 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
                 if q.damp != config.percdamp:
                     res.dampening_increased[n] = q.damp
                 res.quantized[n + ".weight"] = q
-                _write(W, q, res, n)
+                _write(W, q, res, n, reference[n])
             del H
             inputs = next_block_inputs(layer, inputs, kwargs)  # quantized outputs feed the next block
     # Issue 34: each linear's output error on calibration windows and on a disjoint draw (overfitting)
@@ -332,11 +333,12 @@ def quantize_grid(model, tokenizer, calib, config: QuantizeConfig, keep_zeros: b
             yield point, quantize_model(model, tokenizer, calib, point, keep_zeros, shared)
 
 
-def _write(W: torch.Tensor, q: Quantized, res: QuantizeResult, name: str) -> None:
-    """Put the dequantized values into the live weight (in place) and record the error."""
+def _write(W: torch.Tensor, q: Quantized, res: QuantizeResult, name: str, before: torch.Tensor) -> None:
+    """Put the dequantized values into the live weight (in place) and record the error against
+    ``before``, the weights as they were (the copy output_error keeps: none made here)."""
     with torch.no_grad():
-        old = W.detach().float().clone()
         W.copy_(q.dequantize(W.dtype))
+        old = before.to(W.device).float()
         res.rel_error[name] = float((W.float() - old).norm() / old.norm().clamp(min=1e-30))
 
 
