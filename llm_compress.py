@@ -345,8 +345,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     Wf[:, dead] = 0
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=Wf.device)
-    Wf, H, Kp, Zp = Wf[:, perm], H[perm][:, perm], K[:, perm], Z[:, perm]
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
+    # without act order the order is the columns' own: no [out, in] and [in, in] gathers
+    Wf, H, Kp, Zp = (Wf[:, perm], H[perm][:, perm], K[:, perm], Z[:, perm]) if act_order else (Wf, H, K, Z)
     Hinv, damp = inverse_hessian_factor(H, percdamp, "GPTQ")
     Q = torch.zeros_like(Wf)
     n_groups = math.ceil(cols / gs)
@@ -386,12 +387,12 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
         Q[:, i1:i2] = Q1
         codes[:, i1:i2] = C1
         Wf[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the later columns
-    inv = torch.argsort(perm)
+    inv = torch.argsort(perm) if act_order else torch.arange(cols, device=Wf.device)
     g_idx = (inv // gs).to(torch.int32)  # column c sat at position inv[c] of the quantization order
-    Qfinal = Q[:, inv]
+    Qfinal, codes = (Q[:, inv], codes[:, inv]) if act_order else (Q, codes)
     # A kept entry keeps its value as updated by the earlier columns' errors (OBS: it is free).
     kept = Qfinal[K].to(W.dtype) if keep is not None else None
-    return Quantized(codes[:, inv], scales.float(), zeros.float(), g_idx, K if keep is not None else None, kept,
+    return Quantized(codes, scales.float(), zeros.float(), g_idx, K if keep is not None else None, kept,
                      damp, Qfinal, zero_point, scale_dtype if zero_point == "integer" else "float32", symmetric)
 
 
