@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -226,6 +226,9 @@ class Quantized:
     zero_point: str = "integer"  # or "float": see minmax_params
     scale_dtype: str = "float32"  # or "float16": scales and values as a 16-bit-scale checkpoint holds them
     symmetric: bool = False  # every zero is the fixed code 2^(bits-1): a reader stores no zero point
+    # RTN: ``grid_values`` of the codes as the kernel computed them (float32 [out, in]), taken by the
+    # first dequantize instead of recomputing them from the codes (and dropped then: never stored)
+    grid: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """``grid_values`` (as the kernels compute them), then the kept values: bit for bit the
@@ -242,6 +245,9 @@ class Quantized:
         """``grid_values`` of every code [out, in]. Groups of consecutive columns (every g_idx but
         act order's) broadcast each group's scale and zero over a [out, groups, width] view:
         elementwise the same products as the general path's two [out, in] gathers, without them."""
+        if self.grid is not None:
+            W, self.grid = self.grid, None
+            return W
         out, cols = self.codes.shape
         g = self.g_idx.long().to(self.codes.device)
         width = int((g == 0).sum())
@@ -274,19 +280,23 @@ def rtn_quantize(W: torch.Tensor, bits: int, group_size: int = 128, keep: Option
     full = inp // gs * gs
     parts = [(0, full, gs)] + ([(full, inp, inp - full)] if full < inp else [])
     codes = torch.empty(out, inp, dtype=torch.uint8, device=W.device)
+    grid = torch.empty(out, inp, dtype=torch.float32, device=W.device)
     scales, zeros = [], []
     for start, end, width in parts:  # the whole groups in one reshape, then the tail group
         Wf = W[:, start:end].float().reshape(out, -1, width)
         K = keep[:, start:end].reshape(out, -1, width).to(W.device) if keep is not None else None
         scale, zero = minmax_params(Wf, bits, K, zero_point, scale_dtype, symmetric)
-        codes[:, start:end] = quantize_codes(Wf, scale, zero, bits, zero_point).reshape(out, end - start)
+        c = quantize_codes(Wf, scale, zero, bits, zero_point)
+        codes[:, start:end] = c.reshape(out, end - start)
+        grid[:, start:end] = grid_values(c, scale, zero, zero_point).reshape(out, end - start)
         scales.append(scale.squeeze(-1))
         zeros.append(zero.squeeze(-1))
     g_idx = torch.arange(inp, device=W.device, dtype=torch.int32) // gs
     keep = keep.to(W.device) if keep is not None else None
     return Quantized(codes, torch.cat(scales, 1), torch.cat(zeros, 1), g_idx, keep,
                      W[keep].detach() if keep is not None else None, zero_point=zero_point,  # (a copy)
-                     scale_dtype=scale_dtype if zero_point == "integer" else "float32", symmetric=symmetric)
+                     scale_dtype=scale_dtype if zero_point == "integer" else "float32", symmetric=symmetric,
+                     grid=grid)
 
 
 def _symmetric(symmetric: bool, zero_point: str) -> bool:
@@ -449,7 +459,8 @@ def held_out_windows(tokenizer, source, calibration: torch.Tensor, seed: int,
     k = HELD_OUT_NGRAM
 
     def grams(w):
-        return {tuple(w[i:i + k].tolist()) for i in range(0, w.numel() - k + 1)}
+        w = w.tolist()  # one conversion per window, then list slices (not a tensor slice per n-gram)
+        return {tuple(w[i:i + k]) for i in range(0, len(w) - k + 1)}
 
     seen = set().union(*(grams(w) for w in calibration))
     cand = D.calibration_windows(tokenizer, source, 4 * n, seq_len, seed + 1000003)

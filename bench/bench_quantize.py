@@ -195,15 +195,18 @@ def main():
           f"{a.repeats} repeats on {LM.input_device(model)}")
 
     err_s = []
-    real_error = Q.output_error
+    real = {f: getattr(Q, f) for f in ("output_error", "held_out_windows")}
 
-    def timed_error(*args, **kw):  # the tool's output-error diagnostic, timed on its own
-        t = time.perf_counter()
-        try:
-            return real_error(*args, **kw)
-        finally:
-            err_s[-1] += time.perf_counter() - t
-    Q.output_error = timed_error
+    def timed(f):  # the tool's output-error diagnostic (its held-out draw and its passes), timed on its own
+        def run(*args, **kw):
+            t = time.perf_counter()
+            try:
+                return real[f](*args, **kw)
+            finally:
+                err_s[-1] += time.perf_counter() - t
+        return run
+    for f in real:
+        setattr(Q, f, timed(f))
 
     times = {m: {"tool": [], "error": [], "plain": []} for m in cfgs}
     agree = {}
@@ -241,7 +244,8 @@ def main():
             s = times[method]
             print(f"  repeat {r + 1} {method}: tool {s['tool'][-1]:.2f} s (output error {s['error'][-1]:.2f} s), "
                   f"plain {s['plain'][-1]:.2f} s", flush=True)
-    Q.output_error = real_error
+    for f, fn in real.items():
+        setattr(Q, f, fn)
     ratios = {}
     for method, s in times.items():
         tool, err, plain = (statistics.median(s[k]) for k in ("tool", "error", "plain"))
