@@ -280,15 +280,16 @@ def rtn_quantize(W: torch.Tensor, bits: int, group_size: int = 128, keep: Option
     full = inp // gs * gs
     parts = [(0, full, gs)] + ([(full, inp, inp - full)] if full < inp else [])
     codes = torch.empty(out, inp, dtype=torch.uint8, device=W.device)
-    grid = torch.empty(out, inp, dtype=torch.float32, device=W.device)
-    scales, zeros = [], []
+    scales, zeros, grid = [], [], []
     for start, end, width in parts:  # the whole groups in one reshape, then the tail group
         Wf = W[:, start:end].float().reshape(out, -1, width)
         K = keep[:, start:end].reshape(out, -1, width).to(W.device) if keep is not None else None
         scale, zero = minmax_params(Wf, bits, K, zero_point, scale_dtype, symmetric)
-        c = quantize_codes(Wf, scale, zero, bits, zero_point)
+        c = quantize_codes(Wf, scale, zero, bits, zero_point)  # float codes, a tensor of its own
         codes[:, start:end] = c.reshape(out, end - start)
-        grid[:, start:end] = grid_values(c, scale, zero, zero_point).reshape(out, end - start)
+        # grid_values' products in c's own buffer (the same floats: scale * (c - zero), c * scale + zero)
+        grid.append((c.mul_(scale).add_(zero) if zero_point == "float" else c.sub_(zero).mul_(scale)).reshape(
+            out, end - start))
         scales.append(scale.squeeze(-1))
         zeros.append(zero.squeeze(-1))
     g_idx = torch.arange(inp, device=W.device, dtype=torch.int32) // gs
@@ -296,7 +297,7 @@ def rtn_quantize(W: torch.Tensor, bits: int, group_size: int = 128, keep: Option
     return Quantized(codes, torch.cat(scales, 1), torch.cat(zeros, 1), g_idx, keep,
                      W[keep].detach() if keep is not None else None, zero_point=zero_point,  # (a copy)
                      scale_dtype=scale_dtype if zero_point == "integer" else "float32", symmetric=symmetric,
-                     grid=grid)
+                     grid=grid[0] if len(grid) == 1 else torch.cat(grid, 1))
 
 
 def _symmetric(symmetric: bool, zero_point: str) -> bool:

@@ -247,8 +247,7 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
         res.matched_uniform = _matched_uniform(linears, bits, keep, sens, config)
         res.objective[res.matched_uniform["name"]] = res.matched_uniform["objective"]
     res.bits = bits
-    # output_error's W: the weights before quantization
-    reference = {n: LM.weight_view(m).detach().to("cpu", copy=True) for n, m in linears.items()}
+    reference = _weights_before(linears)
     if config.method == "rtn":  # an exact 0 is on the integer grid: RTN keeps a pruned zero by itself
         for n, m in tqdm(linears.items(), desc="rtn", disable=not config.progress):
             W = LM.weight_view(m)
@@ -304,7 +303,8 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
     res.avg_bits = sum(parts.values()) / total
     per_layer: dict = {}
     for i, layer in enumerate(LM.decoder_layers(model)):
-        mods = [n for n in linears if linears[n] in set(LM.block_linears(layer).values())]
+        mine = set(LM.block_linears(layer).values())  # once per block, not once per linear of the model
+        mods = [n for n in linears if linears[n] in mine]
         per_layer[str(i)] = sum(bits[n] * sizes[n] for n in mods) / max(sum(sizes[n] for n in mods), 1)
     res.layer_bits = per_layer
     res.seconds = time.perf_counter() - t0
@@ -331,6 +331,12 @@ def quantize_grid(model, tokenizer, calib, config: QuantizeConfig, keep_zeros: b
     for point in config.grid_points():
         with V.restored_on_exit(model, names):
             yield point, quantize_model(model, tokenizer, calib, point, keep_zeros, shared)
+
+
+def _weights_before(linears: dict) -> dict:
+    """output_error's W: a copy of the weights before quantization (on the CPU), the one copy of
+    every weight the step makes; its relative errors read them too."""
+    return {n: LM.weight_view(m).detach().to("cpu", copy=True) for n, m in linears.items()}
 
 
 def _write(W: torch.Tensor, q: Quantized, res: QuantizeResult, name: str, before: torch.Tensor) -> None:
