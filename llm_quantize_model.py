@@ -41,9 +41,10 @@ import llm_io as IO
 import llm_model as LM
 import llm_variants as V
 from llm_compress import (BITS_COUNTED, Quantized, capture_block_inputs, coded_weights, counted_bits,
-                          gptq_quantize, grid_bits, held_out_windows, linear_input_stats, next_block_inputs, output_error,
-                          rtn_quantize, save_codes, stored_bits)
+                          gptq_quantize, grid_bits, linear_input_stats, next_block_inputs, rtn_quantize, save_codes,
+                          stored_bits)
 from llm_config import QuantizeConfig
+from llm_output_error import held_out_windows, output_error
 from llm_run import Run
 from llm_sensitivity import (fisher_curvature, gradient_moments, layer_curvature, protect_top_fraction,
                              protected_coordinates)

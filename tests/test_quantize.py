@@ -540,8 +540,10 @@ def test_output_error_on_calibration_and_held_out_windows(tok, sample_text, monk
         e = r.output_error
         assert set(e["calibration"]) == set(e["held_out"]) == set(ref)
         assert e["held_out_windows"] == e["calibration_windows"] == 6
-    cal = LC.D.calibration_windows(tok, ids, 6, 48, 0)
-    held = LC.held_out_windows(tok, ids, cal, 0)
+    import llm_output_error as OE
+
+    cal = OE.D.calibration_windows(tok, ids, 6, 48, 0)
+    held = OE.held_out_windows(tok, ids, cal, 0)
     grams = {tuple(w[i:i + 16].tolist()) for w in cal for i in range(48 - 15)}
     assert held.shape == (6, 48)
     assert not any(tuple(w[i:i + 16].tolist()) in grams for w in held for i in range(33))
