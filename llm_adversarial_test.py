@@ -140,14 +140,30 @@ def _sweep(model, samples: list[Sample], config: AdversarialConfig) -> tuple[lis
     return table, deltas
 
 
-def _answers(model, tokenizer, prompts: list[Sample], deltas: dict, config: AdversarialConfig) -> dict:
-    """Greedy answers to the sample prompts, clean and under the strongest PGD of the sweep."""
-    embeds = [perturbed_prompt(model, Sample(s.prompt, s.prompt[:0]), d, AttackConfig())
-              for s in prompts for d in (None, deltas[id(s)])]
-    outs = greedy_batch(model, embeds, config.max_new_tokens, tokenizer.eos_token_id)
-    dec = [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
-    return {s.label: {"clean": dec[2 * i], "attacked": dec[2 * i + 1], "eps": max(config.epsilons)}
-            for i, s in enumerate(prompts)}
+def _answers(model, tokenizer, prompts: list[Sample], deltas: dict, config: AdversarialConfig,
+             clean: Optional[dict] = None) -> dict:
+    """Greedy answers to the sample prompts, clean and under the strongest PGD of the sweep.
+    ``clean`` ({prompt: answer}): clean answers this model already gave to the same prompt in its
+    chat template at ``config.max_new_tokens`` (the evaluation's ``generations``); those are taken,
+    not generated again."""
+    clean = clean or {}
+    todo = [(s, attacked) for s in prompts for attacked in (False, True) if attacked or s.label not in clean]
+    outs = greedy_batch(model, [perturbed_prompt(model, Sample(s.prompt, s.prompt[:0]), deltas[id(s)] if attacked
+                                                 else None, AttackConfig()) for s, attacked in todo],
+                        config.max_new_tokens, tokenizer.eos_token_id)
+    dec = {(id(s), a): tokenizer.decode(o, skip_special_tokens=True).strip() for (s, a), o in zip(todo, outs)}
+    return {s.label: {"clean": clean[s.label] if s.label in clean else dec[id(s), False],
+                      "attacked": dec[id(s), True], "eps": max(config.epsilons)} for s in prompts}
+
+
+def clean_answers(results: dict, config: AdversarialConfig) -> dict:
+    """{variant: {prompt: greedy answer}} that the evaluation step of ``results`` generated with the
+    same answer length as ``config`` (the same decoding of the same chat-template prompt): the
+    attacks take those clean answers instead of generating each a second time."""
+    if (results.get("protocol") or {}).get("config", {}).get("max_new_tokens") != config.max_new_tokens:
+        return {}
+    return {n: dict(ev["generations"]) for n, ev in (results.get("evaluation") or {}).items()
+            if isinstance(ev, dict) and ev.get("generations")}
 
 
 def _targeted(model, samples: list[Sample], tgt: torch.Tensor, config: AdversarialConfig) -> dict:
@@ -267,17 +283,19 @@ def gcg_transfer(model, tokenizer, prompt: str, suffix_text: str, tgt: torch.Ten
             "clean_target_nll": float(nll[1][-tgt.numel():].mean()), "success": bool(ok)}
 
 
-def _measures(model, tokenizer, samples: list[Sample], tgt: torch.Tensor, config: AdversarialConfig) -> dict:
-    """What every variant gets: the FGSM/PGD table, answers clean and under the strongest PGD, and
-    targeted PGD; ``deltas`` (the PGD perturbations) stays out of the record."""
+def _measures(model, tokenizer, samples: list[Sample], tgt: torch.Tensor, config: AdversarialConfig,
+              clean: Optional[dict] = None) -> dict:
+    """What every variant gets: the FGSM/PGD table, answers clean (``clean``: those known already)
+    and under the strongest PGD, and targeted PGD; ``deltas`` (the PGD perturbations) stays out of
+    the record."""
     table, deltas = _sweep(model, samples, config)
-    return {"table": table, "answers": _answers(model, tokenizer, samples[config.n_windows:], deltas, config),
+    return {"table": table, "answers": _answers(model, tokenizer, samples[config.n_windows:], deltas, config, clean),
             "targeted": _targeted(model, samples, tgt, config)}
 
 
 def attack_variants(model, tokenizer, eval_ids: torch.Tensor, variants: dict, parents: dict,
                     config: AdversarialConfig, gcg: dict, live: Optional[tuple] = None,
-                    samples: Optional[list] = None) -> dict:
+                    samples: Optional[list] = None, clean: Optional[dict] = None) -> dict:
     """The attacks on every variant in ``variants`` ({name: weights}, applied in place one at a
     time and restored bit for bit): FGSM/PGD delta NLL at every eps with 95% intervals over
     samples, targeted PGD success (Wilson interval), greedy answers clean and attacked, and
@@ -286,7 +304,8 @@ def attack_variants(model, tokenizer, eval_ids: torch.Tensor, variants: dict, pa
     same samples (built on the model as it is: windows of ``eval_ids`` and the sample prompts
     with its own greedy answers), so differences from the parent are paired per sample.
     ``live``: (name, the ``_measures`` already taken on the model as it is); ``samples``: those
-    ``build_samples`` gave (built here when None). Under torchrun the ranks take disjoint variants."""
+    ``build_samples`` gave (built here when None); ``clean``: {variant: {prompt: clean answer}} known
+    already (``clean_answers``). Under torchrun the ranks take disjoint variants."""
     config = config.for_model(model)
     samples = samples if samples is not None else build_samples(model, tokenizer, eval_ids, config)
     tgt = torch.tensor(tokenizer(config.target, add_special_tokens=False).input_ids)
@@ -296,7 +315,7 @@ def attack_variants(model, tokenizer, eval_ids: torch.Tensor, variants: dict, pa
     for i, name in C.shard_jobs(names):
         C.seed_everything(config.seed)  # every variant starts its attacks from the same random state
         with V.applied_variant(model, variants[name]):
-            r = _measures(model, tokenizer, samples, tgt, config)
+            r = _measures(model, tokenizer, samples, tgt, config, (clean or {}).get(name))
             r["gcg_transfer"] = gcg_transfer(model, tokenizer, prompt, gcg["suffix_text"], tgt)
             if config.gcg_per_variant:
                 r["gcg"] = asdict(_gcg(model, tokenizer, samples, tgt, config))
@@ -321,12 +340,14 @@ def attack_variants(model, tokenizer, eval_ids: torch.Tensor, variants: dict, pa
 def test_adversarial_robustness(model, tokenizer, eval_ids: torch.Tensor,
                                 config: AdversarialConfig = AdversarialConfig(),
                                 samples: Optional[list] = None, variants: Optional[dict] = None,
-                                parents: Optional[dict] = None) -> AdversarialResult:
+                                parents: Optional[dict] = None, clean: Optional[dict] = None) -> AdversarialResult:
     """The adversarial step: delta NLL vs eps for FGSM and PGD, targeted success, answers
     under attack, GCG, and the two defences measured before and after. ``eval_ids`` is the
     tokenized evaluation text [n_tokens]. The model's weights are unchanged on return. With
     ``variants`` ({name: weights}, None for the model as it is; ``parents``: {name: parent}) the
     attacks (not the defences) also run on each of them (``attack_variants``), in ``.variants``.
+    ``clean`` ({variant: {prompt: answer}}, ``clean_answers``): clean greedy answers already
+    generated (the model as it is: under its name in ``variants``); they are not generated again.
 
     Every attack family runs as one batch: all samples x eps x method step together."""
     config = config.for_model(model)
@@ -338,7 +359,8 @@ def test_adversarial_robustness(model, tokenizer, eval_ids: torch.Tensor,
     secs["sweep"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    answers = _answers(model, tokenizer, samples[config.n_windows:], deltas, config)
+    live = next((n for n, w in (variants or {}).items() if w is None), None)
+    answers = _answers(model, tokenizer, samples[config.n_windows:], deltas, config, (clean or {}).get(live))
     tgt = torch.tensor(tokenizer(config.target, add_special_tokens=False).input_ids)
     targeted = _targeted(model, samples, tgt, config)
     secs["targeted"] = time.perf_counter() - t
@@ -357,10 +379,9 @@ def test_adversarial_robustness(model, tokenizer, eval_ids: torch.Tensor,
                             asdict(gcg), pfilter, defence, secs, asdict(config))
     if variants:
         t = time.perf_counter()
-        live = next((n for n, w in variants.items() if w is None), None)
         res.variants = attack_variants(model, tokenizer, eval_ids, variants, parents or {}, config, res.gcg,
                                        (live, {"table": table, "answers": answers, "targeted": targeted})
-                                       if live else None, samples)
+                                       if live else None, samples, clean)
         secs["variants"] = time.perf_counter() - t
     secs["total"] = time.perf_counter() - t0
     return res
@@ -379,4 +400,5 @@ def pipeline_step(run: Run, config: AdversarialConfig) -> None:
     attacks (not the defences) on every chosen variant (``--robustness-variants``), each with
     the live model's GCG suffix transferred."""
     run.results["adversarial"] = asdict(test_adversarial_robustness(
-        run.model, run.tokenizer, run.ids("eval"), config, variants=run.chosen(config.variants), parents=run.parents))
+        run.model, run.tokenizer, run.ids("eval"), config, variants=run.chosen(config.variants), parents=run.parents,
+        clean=clean_answers(run.results, config)))

@@ -14,21 +14,17 @@ step's RTN study all run on these, so each lives here once:
     gptq_quantize           GPTQ (Frantar et al. 2023; IST-DASLab/gptq ``fasterquant``)
     bounded_allocation / split_count
                             OWL's bounded per-layer rule and exact integer counts
-    held_out_windows / output_error
-                            a draw disjoint from the calibration windows, and each linear's
-                            relative output error on given windows (overfitting shows)
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 
 import llm_common as C
-import llm_data as D
 import llm_io as IO
 import llm_model as LM
 import llm_variants as V
@@ -89,15 +85,19 @@ def next_block_inputs(layer, inputs: list, kwargs: dict) -> list:
 def linear_input_stats(layer, inputs, kwargs, kind: str, linears: dict) -> dict:
     """One pass of the block over all windows with hooks that accumulate, per linear,
     the sum of squared input norms per channel (``kind="wanda"``, [in]) or the layer Hessian
-    H = 2 X X^T / n_tokens (``kind="hessian"``, [in, in], float32)."""
+    H = 2 X X^T / n_tokens (``kind="hessian"``, [in, in], float32). Linears fed the very same input
+    tensor (q, k, v; gate, up) share one product: a Hessian is the pass's largest cost."""
     stats, counts, handles = {}, {}, []
+    last: list = [None, None]  # the last input tensor seen, and its statistic
 
     def make_hook(name):
         def hook(mod, args, out):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [tokens, in]
-            s = x.pow(2).sum(0) if kind == "wanda" else 2 * x.t() @ x
-            stats[name] = stats[name] + s if name in stats else s
-            counts[name] = counts.get(name, 0) + x.shape[0]
+            if args[0] is not last[0]:
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [tokens, in]
+                last[:] = args[0], (x.pow(2).sum(0) if kind == "wanda" else 2 * x.t() @ x)
+            s = last[1]
+            stats[name] = stats[name] + s if name in stats else s  # (never in place: s may be shared)
+            counts[name] = counts.get(name, 0) + args[0].numel() // args[0].shape[-1]
         return hook
 
     for name, mod in linears.items():
@@ -107,6 +107,7 @@ def linear_input_stats(layer, inputs, kwargs, kind: str, linears: dict) -> dict:
             for h in inputs:
                 layer(h, **kwargs)
     finally:
+        last[:] = None, None
         for hd in handles:
             hd.remove()
     return {k: v / counts[k] if kind == "hessian" else v for k, v in stats.items()}
@@ -191,7 +192,8 @@ def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     zero point, clamp(round((x - zero) / scale), 0, 2^bits - 1) for a float one (0 where scale is 0)."""
     if zero_point == "float":
         return torch.clamp(torch.round(torch.where(scale > 0, (x - zero) / scale, 0)), 0, 2 ** bits - 1)
-    return torch.clamp(torch.round(x / scale) + zero, 0, 2 ** bits - 1)
+    # in place on the one temporary x / scale: the same values as clamp(round(x / scale) + zero)
+    return (x / scale).round_().add_(zero).clamp_(0, 2 ** bits - 1)
 
 
 def grid_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, zero_point: str = "integer"):
@@ -220,17 +222,42 @@ class Quantized:
     zero_point: str = "integer"  # or "float": see minmax_params
     scale_dtype: str = "float32"  # or "float16": scales and values as a 16-bit-scale checkpoint holds them
     symmetric: bool = False  # every zero is the fixed code 2^(bits-1): a reader stores no zero point
+    # RTN: ``grid_values`` of the codes as the kernel computed them (float32 [out, in]), taken by the
+    # first dequantize instead of recomputing them from the codes (and dropped then: never stored)
+    grid: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """``grid_values`` (as the kernels compute them), then the kept values: bit for bit the
         weights that were quantized (elementwise float32 ops in the same order). With fp16 scales
         the values are rounded to fp16, as a reader of such a checkpoint computes scale x (code -
         zero) in the scale's dtype (compressed-tensors' decompressor does)."""
-        g = self.g_idx.long().to(self.codes.device)
-        W = grid_values(self.codes.float(), self.scale[:, g], self.zero[:, g], self.zero_point)
+        W = self._grid_values()
         W = (W.half() if self.scale_dtype == "float16" else W).to(dtype)
         if self.keep is not None and self.kept is not None and self.kept.numel():
             W[self.keep] = self.kept.to(dtype)
+        return W
+
+    def _grid_values(self) -> torch.Tensor:
+        """``grid_values`` of every code [out, in]. Groups of consecutive columns (every g_idx but
+        act order's) broadcast each group's scale and zero over a [out, groups, width] view:
+        elementwise the same products as the general path's two [out, in] gathers, without them."""
+        if self.grid is not None:
+            W, self.grid = self.grid, None
+            return W
+        out, cols = self.codes.shape
+        g = self.g_idx.long().to(self.codes.device)
+        width = int((g == 0).sum())
+        if not width or not torch.equal(g, torch.arange(cols, device=g.device) // width):
+            return grid_values(self.codes.float(), self.scale[:, g], self.zero[:, g], self.zero_point)
+        scale, zero = self.scale.to(self.codes.device), self.zero.to(self.codes.device)
+        W = torch.empty(out, cols, dtype=torch.promote_types(torch.float32, scale.dtype), device=self.codes.device)
+        full = cols // width * width
+        for start, end, w in ((0, full, width), (full, cols, cols - full)):  # whole groups, then the tail
+            if end > start:
+                gs = slice(start // width, (end - 1) // width + 1)
+                c = self.codes[:, start:end].reshape(out, -1, w).float()
+                W[:, start:end] = grid_values(c, scale[:, gs, None], zero[:, gs, None], self.zero_point).reshape(
+                    out, end - start)
         return W
 
 
@@ -249,19 +276,24 @@ def rtn_quantize(W: torch.Tensor, bits: int, group_size: int = 128, keep: Option
     full = inp // gs * gs
     parts = [(0, full, gs)] + ([(full, inp, inp - full)] if full < inp else [])
     codes = torch.empty(out, inp, dtype=torch.uint8, device=W.device)
-    scales, zeros = [], []
+    scales, zeros, grid = [], [], []
     for start, end, width in parts:  # the whole groups in one reshape, then the tail group
         Wf = W[:, start:end].float().reshape(out, -1, width)
         K = keep[:, start:end].reshape(out, -1, width).to(W.device) if keep is not None else None
         scale, zero = minmax_params(Wf, bits, K, zero_point, scale_dtype, symmetric)
-        codes[:, start:end] = quantize_codes(Wf, scale, zero, bits, zero_point).reshape(out, end - start).to(torch.uint8)
+        c = quantize_codes(Wf, scale, zero, bits, zero_point)  # float codes, a tensor of its own
+        codes[:, start:end] = c.reshape(out, end - start)
+        # grid_values' products in c's own buffer (the same floats: scale * (c - zero), c * scale + zero)
+        grid.append((c.mul_(scale).add_(zero) if zero_point == "float" else c.sub_(zero).mul_(scale)).reshape(
+            out, end - start))
         scales.append(scale.squeeze(-1))
         zeros.append(zero.squeeze(-1))
     g_idx = torch.arange(inp, device=W.device, dtype=torch.int32) // gs
     keep = keep.to(W.device) if keep is not None else None
     return Quantized(codes, torch.cat(scales, 1), torch.cat(zeros, 1), g_idx, keep,
-                     W[keep].detach().clone() if keep is not None else None, zero_point=zero_point,
-                     scale_dtype=scale_dtype if zero_point == "integer" else "float32", symmetric=symmetric)
+                     W[keep].detach() if keep is not None else None, zero_point=zero_point,  # (a copy)
+                     scale_dtype=scale_dtype if zero_point == "integer" else "float32", symmetric=symmetric,
+                     grid=grid[0] if len(grid) == 1 else torch.cat(grid, 1))
 
 
 def _symmetric(symmetric: bool, zero_point: str) -> bool:
@@ -320,8 +352,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     Wf[:, dead] = 0
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=Wf.device)
-    Wf, H, Kp, Zp = Wf[:, perm], H[perm][:, perm], K[:, perm], Z[:, perm]
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
+    # without act order the order is the columns' own: no [out, in] and [in, in] gathers
+    Wf, H, Kp, Zp = (Wf[:, perm], H[perm][:, perm], K[:, perm], Z[:, perm]) if act_order else (Wf, H, K, Z)
     Hinv, damp = inverse_hessian_factor(H, percdamp, "GPTQ")
     Q = torch.zeros_like(Wf)
     n_groups = math.ceil(cols / gs)
@@ -329,36 +362,44 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     zeros = torch.zeros_like(scales)
     codes = torch.zeros(out, cols, dtype=torch.uint8, device=Wf.device)
     scale, zero = row_grid if row_grid is not None else (None, None)
+    # The column loop is the kernel's cost (a dozen small ops per column): what no entry needs is
+    # skipped (an all-False mask's fill and select), and codes are converted once per block.
+    any_keep, any_zero = bool(Kp.any()), bool(Zp.any())
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1 = Wf[:, i1:i2].clone()
         Q1 = torch.zeros_like(W1)
+        C1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = i1 + i
             if group_size and j % gs == 0:
-                scale, zero = minmax_params(Wf[:, j:j + gs].masked_fill(Zp[:, j:j + gs], 0), bits,
-                                            Kp[:, j:j + gs], zero_point, scale_dtype, symmetric)
+                Wg = Wf[:, j:j + gs].masked_fill(Zp[:, j:j + gs], 0) if any_zero else Wf[:, j:j + gs]
+                scale, zero = minmax_params(Wg, bits, Kp[:, j:j + gs] if any_keep else None, zero_point,
+                                            scale_dtype, symmetric)
             if j % gs == 0:
                 scales[:, j // gs], zeros[:, j // gs] = scale[:, 0], zero[:, 0]
             w = W1[:, i]
-            c = quantize_codes(w.masked_fill(Zp[:, j], 0)[:, None], scale, zero, bits, zero_point)  # 0: its zero code
+            c = quantize_codes((w.masked_fill(Zp[:, j], 0) if any_zero else w)[:, None], scale, zero, bits,
+                               zero_point)  # a pruned entry: its zero code
             q = grid_values(c, scale, zero, zero_point).flatten()
-            q = torch.where(Kp[:, j], w, q)
-            codes[:, j] = c.flatten().to(torch.uint8)
+            if any_keep:
+                q = torch.where(Kp[:, j], w, q)
+            C1[:, i] = c.flatten()
             Q1[:, i] = q
             err = (w - q) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err1[:, i] = err
         Q[:, i1:i2] = Q1
+        codes[:, i1:i2] = C1
         Wf[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the later columns
-    inv = torch.argsort(perm)
+    inv = torch.argsort(perm) if act_order else torch.arange(cols, device=Wf.device)
     g_idx = (inv // gs).to(torch.int32)  # column c sat at position inv[c] of the quantization order
-    Qfinal = Q[:, inv]
+    Qfinal, codes = (Q[:, inv], codes[:, inv]) if act_order else (Q, codes)
     # A kept entry keeps its value as updated by the earlier columns' errors (OBS: it is free).
     kept = Qfinal[K].to(W.dtype) if keep is not None else None
-    return Quantized(codes[:, inv], scales.float(), zeros.float(), g_idx, K if keep is not None else None, kept,
+    return Quantized(codes, scales.float(), zeros.float(), g_idx, K if keep is not None else None, kept,
                      damp, Qfinal, zero_point, scale_dtype if zero_point == "integer" else "float32", symmetric)
 
 
@@ -398,65 +439,6 @@ def counted_bits(q: Quantized, bits: int, act_order: bool, pruned: int = 0) -> d
     return {"codes": (rows * cols - kept - pruned) * bits, "grids": q.scale.numel() * (SCALE_BITS + zero_bits),
             "g_idx": cols * G_IDX_BITS * act_order, "kept": kept * KEPT_BITS,
             "mask": rows * cols * MASK_BITS * (pruned > 0)}
-
-
-# --------------------------------------------------------------------------- output error
-
-HELD_OUT_NGRAM = 16  # a candidate sharing a run of this many tokens with a calibration window is not held out
-
-
-def held_out_windows(tokenizer, source, calibration: torch.Tensor, seed: int,
-                     n: Optional[int] = None) -> torch.Tensor:
-    """Windows [k, seq_len] of ``source`` (as ``D.calibration_windows`` draws them, seed ``seed``
-    + 1000003) that share no run of ``HELD_OUT_NGRAM`` tokens with any ``calibration`` window
-    [m, seq_len]: a disjoint draw of the same text, k <= n (default m; 4n candidates, the first n
-    that pass). Works for id streams and document corpora alike: overlap is judged by content."""
-    n, seq_len = n or calibration.shape[0], calibration.shape[1]
-    k = HELD_OUT_NGRAM
-
-    def grams(w):
-        return {tuple(w[i:i + k].tolist()) for i in range(0, w.numel() - k + 1)}
-
-    seen = set().union(*(grams(w) for w in calibration))
-    cand = D.calibration_windows(tokenizer, source, 4 * n, seq_len, seed + 1000003)
-    keep = [w for w in cand if not grams(w) & seen][:n]
-    return torch.stack(keep) if keep else cand[:0]
-
-
-@torch.no_grad()
-def output_error(model, windows: torch.Tensor, reference: dict) -> dict:
-    """Per decoder linear named in ``reference`` (name -> its weights W [out, in] before
-    quantization), the relative output error ||(W - Q) X||_F / ||W X||_F over ``windows``
-    [n, seq_len], Q its live (quantized) weights and X [tokens, in] its inputs in the live model:
-    the error GPTQ minimises on its calibration windows (its objective, layer-wise, as Frantar et
-    al. 2023 eq. 1), measured on any windows. Blocks are run one at a time on the captured
-    inputs (``capture_block_inputs``), so only one block's reference weights sit on the device."""
-    if not windows.shape[0]:
-        return {}
-    inputs, kwargs = capture_block_inputs(model, windows)
-    names_of, out = LM.module_names(model), {}
-    for layer in LM.decoder_layers(model):
-        sums, handles = {}, []
-        for mod in LM.block_linears(layer).values():
-            name = names_of[mod]
-            if name not in reference:
-                continue
-            W = reference[name].to(LM.weight_view(mod).device, torch.float32)
-            D_ = W - LM.weight_view(mod).float()
-            sums[name] = [0.0, 0.0]
-
-            def hook(m, args, res, W=W, D_=D_, acc=sums[name]):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [tokens, in]
-                acc[0] += float((x @ D_.T).pow(2).sum())
-                acc[1] += float((x @ W.T).pow(2).sum())
-            handles.append(mod.register_forward_hook(hook))
-        try:
-            inputs = next_block_inputs(layer, inputs, kwargs)
-        finally:
-            for h in handles:
-                h.remove()
-        out.update({n: math.sqrt(a / b) if b > 0 else 0.0 for n, (a, b) in sums.items()})
-    return out
 
 
 # --------------------------------------------------------------------------- compact storage

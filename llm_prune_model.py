@@ -203,8 +203,7 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: Optio
                 score[protected[:, i1 + i:i1 + i + nm[1]]] = float("inf")
                 mask1[:, i:i + nm[1]] = mask_from_scores(score, 0.0, nm, per_row=True)
             w = W1[:, i]
-            q = w.clone()
-            q[mask1[:, i]] = 0
+            q = w.masked_fill(mask1[:, i], 0)  # the reference's clone-then-index, in one op
             Q1[:, i] = q
             err = (w - q) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]

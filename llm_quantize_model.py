@@ -41,9 +41,10 @@ import llm_io as IO
 import llm_model as LM
 import llm_variants as V
 from llm_compress import (BITS_COUNTED, Quantized, capture_block_inputs, coded_weights, counted_bits,
-                          gptq_quantize, grid_bits, held_out_windows, linear_input_stats, next_block_inputs, output_error,
-                          rtn_quantize, save_codes, stored_bits)
+                          gptq_quantize, grid_bits, linear_input_stats, next_block_inputs, rtn_quantize, save_codes,
+                          stored_bits)
 from llm_config import QuantizeConfig
+from llm_output_error import held_out_windows, output_error
 from llm_run import Run
 from llm_sensitivity import (fisher_curvature, gradient_moments, layer_curvature, protect_top_fraction,
                              protected_coordinates)
@@ -133,10 +134,11 @@ def _keep_masks(model, tokenizer, linears: dict, moments: Optional[dict], config
     coords, found = protected_coordinates(model, tokenizer, config.protect, config.super_weight_prompt)
     if config.keep_fraction > 0:
         scores = {n: 0.5 * g2 * LM.weight_view(linears[n]).detach().float().pow(2) for n, (_, g2) in moments.items()}
-    else:
-        scores = {n: torch.zeros(LM.weight_view(m).shape) for n, m in linears.items()}
+    else:  # only the linears holding a protected coordinate need a mask (no [out, in] scores of zeros)
+        named = {name for name, _, _ in coords}
+        scores = {n: torch.empty(LM.weight_view(m).shape, device="meta") for n, m in linears.items() if n in named}
     masks = protect_top_fraction(scores, config.keep_fraction, coords)
-    return {n: (k if k.any() else None) for n, k in masks.items()}, coords, found
+    return {n: (masks[n] if n in masks and masks[n].any() else None) for n in linears}, coords, found
 
 
 def _grid_bits(shapes: dict, bits: dict, group: int, symmetric: bool = False) -> int:
@@ -246,15 +248,14 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
         res.matched_uniform = _matched_uniform(linears, bits, keep, sens, config)
         res.objective[res.matched_uniform["name"]] = res.matched_uniform["objective"]
     res.bits = bits
-    # output_error's W: the weights before quantization
-    reference = {n: LM.weight_view(m).detach().to("cpu", copy=True) for n, m in linears.items()}
+    reference = _weights_before(linears)
     if config.method == "rtn":  # an exact 0 is on the integer grid: RTN keeps a pruned zero by itself
         for n, m in tqdm(linears.items(), desc="rtn", disable=not config.progress):
             W = LM.weight_view(m)
             q = rtn_quantize(W.detach(), bits[n], config.group, keep[n], config.zero_point, config.scale_dtype,
                              config.symmetric)
             res.quantized[n + ".weight"] = q
-            _write(W, q, res, n)
+            _write(W, q, res, n, reference[n])
     else:
         inputs, kwargs = _block0(model, windows, shared, config.calibration_seed)
         names_of = LM.module_names(model)
@@ -271,7 +272,7 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
                 if q.damp != config.percdamp:
                     res.dampening_increased[n] = q.damp
                 res.quantized[n + ".weight"] = q
-                _write(W, q, res, n)
+                _write(W, q, res, n, reference[n])
             del H
             inputs = next_block_inputs(layer, inputs, kwargs)  # quantized outputs feed the next block
     # Issue 34: each linear's output error on calibration windows and on a disjoint draw (overfitting)
@@ -303,7 +304,8 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
     res.avg_bits = sum(parts.values()) / total
     per_layer: dict = {}
     for i, layer in enumerate(LM.decoder_layers(model)):
-        mods = [n for n in linears if linears[n] in set(LM.block_linears(layer).values())]
+        mine = set(LM.block_linears(layer).values())  # once per block, not once per linear of the model
+        mods = [n for n in linears if linears[n] in mine]
         per_layer[str(i)] = sum(bits[n] * sizes[n] for n in mods) / max(sum(sizes[n] for n in mods), 1)
     res.layer_bits = per_layer
     res.seconds = time.perf_counter() - t0
@@ -332,11 +334,18 @@ def quantize_grid(model, tokenizer, calib, config: QuantizeConfig, keep_zeros: b
             yield point, quantize_model(model, tokenizer, calib, point, keep_zeros, shared)
 
 
-def _write(W: torch.Tensor, q: Quantized, res: QuantizeResult, name: str) -> None:
-    """Put the dequantized values into the live weight (in place) and record the error."""
+def _weights_before(linears: dict) -> dict:
+    """output_error's W: a copy of the weights before quantization (on the CPU), the one copy of
+    every weight the step makes; its relative errors read them too."""
+    return {n: LM.weight_view(m).detach().to("cpu", copy=True) for n, m in linears.items()}
+
+
+def _write(W: torch.Tensor, q: Quantized, res: QuantizeResult, name: str, before: torch.Tensor) -> None:
+    """Put the dequantized values into the live weight (in place) and record the error against
+    ``before``, the weights as they were (the copy output_error keeps: none made here)."""
     with torch.no_grad():
-        old = W.detach().float().clone()
         W.copy_(q.dequantize(W.dtype))
+        old = before.to(W.device).float()
         res.rel_error[name] = float((W.float() - old).norm() / old.norm().clamp(min=1e-30))
 
 

@@ -472,3 +472,45 @@ def test_an_added_token_is_left_out_exactly_when_marked_special(tok, special):
     i = t.convert_tokens_to_ids("<tool_call>")
     assert i not in t.all_special_ids
     assert bool(G.printable_token_mask(t, len(t))[i]) is (not special)
+
+
+def test_clean_answers_are_the_evaluations_and_are_not_generated_again(tok, sample_text, tiny_llama, monkeypatch):
+    """Issue 41: a variant's clean greedy answer to a sample prompt is what the evaluation step
+    generated for it (same chat-template prompt, same length), so the attacks take it from the
+    evaluation's ``generations`` and generate only the attacked answers."""
+    from llm_perplexity import EvalConfig, evaluate_model
+
+    m = tiny_llama()
+    ids = D.tokenize_corpus(tok, sample_text[:2000])
+    prompts = (LM.SAMPLE_PROMPT, "Name a colour.")
+    cfg = ADV.AdversarialConfig(epsilons=(0.2,), pgd_steps=2, n_windows=1, prompt_len=12, continuation_len=4,
+                                max_new_tokens=6, prompts=prompts, progress=False).for_model(m)
+    samples = ADV.build_samples(m, tok, ids, cfg)
+    _, deltas = ADV._sweep(m, samples, cfg)
+    fresh = ADV._answers(m, tok, samples[1:], deltas, cfg)
+    gens = evaluate_model(m, tok, ids[:64], EvalConfig(seq_len=32, eval_tokens=64, prompts=prompts,
+                                                       max_new_tokens=6, progress=False)).generations
+    assert {p: a["clean"] for p, a in fresh.items()} == gens  # the same answers, two decoders
+    calls = []
+    real = ADV.greedy_batch
+    monkeypatch.setattr(ADV, "greedy_batch", lambda model, embeds, *a: calls.append(len(embeds)) or real(model, embeds, *a))
+    known = {LM.SAMPLE_PROMPT: "KNOWN"}
+    got = ADV._answers(m, tok, samples[1:], deltas, cfg, known)
+    assert calls == [3]  # both attacked answers and the one clean answer not known
+    assert got[LM.SAMPLE_PROMPT]["clean"] == "KNOWN" and got["Name a colour."] == fresh["Name a colour."]
+    assert {p: a["attacked"] for p, a in got.items()} == {p: a["attacked"] for p, a in fresh.items()}
+    # What the pipeline hands the step: the evaluation's answers, only at the same answer length.
+    results = {"protocol": {"config": {"max_new_tokens": 6}}, "evaluation": {"base": {"generations": gens},
+                                                                              "v": {"generations": {}}}}
+    assert ADV.clean_answers(results, cfg) == {"base": gens}
+    results["protocol"]["config"]["max_new_tokens"] = 8
+    assert ADV.clean_answers(results, cfg) == {}
+    # Through the step: the model as it is (the variant whose weights are None) takes its own.
+    calls.clear()
+    cfg2 = ADV.AdversarialConfig(epsilons=(0.05, 0.2), pgd_steps=2, n_windows=2, prompt_len=12, continuation_len=4,
+                                 targeted_steps=2, gcg_steps=2, gcg_batch=4, gcg_topk=4, gcg_suffix_len=2,
+                                 defence="none", max_new_tokens=4, progress=False)
+    res = ADV.test_adversarial_robustness(m, tok, ids, cfg2, variants={"base": None}, parents={"base": None},
+                                          clean={"base": {LM.SAMPLE_PROMPT: "KNOWN"}})
+    assert res.answers[LM.SAMPLE_PROMPT]["clean"] == "KNOWN" == res.variants["base"]["answers"][LM.SAMPLE_PROMPT]["clean"]
+    assert calls == [1, 1]  # the samples' own answers (build_samples), then the attacked answer alone

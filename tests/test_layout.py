@@ -24,7 +24,7 @@ def _imports(path: Path) -> set[str]:
 
 SHARED = {"llm_report", "llm_common", "llm_io", "llm_model", "llm_data", "llm_variants", "llm_config", "llm_presets", "llm_knobs",
           "llm_tasks", "llm_cli", "llm_results", "llm_plots", "llm_compare", "llm_run", "llm_tracking", "llm_perplexity",
-          "llm_sensitivity", "llm_compress", "llm_train", "llm_attacks", "llm_gcg", "llm_stats", "llm_report_stats",
+          "llm_sensitivity", "llm_compress", "llm_output_error", "llm_train", "llm_attacks", "llm_gcg", "llm_stats", "llm_report_stats",
           "llm_matrix", "llm_config_measure", "llm_report_compress", "llm_tables", "llm_report_labels",
           "llm_figures", "llm_export_card", "llm_resume", "llm_steps", "llm_plan"}
 # The plumbing that llm_common was split into, lowest first: each imports only lower layers.

@@ -172,6 +172,65 @@ def test_float_zero_point_gptq_feeds_back_its_own_grid_and_survives_storage(tmp_
     assert torch.equal(back["a.weight"].dequantize(torch.float32), g.dequantized)
 
 
+def plain_rtn(W, bits, group, symmetric=False, keep=None):
+    """RTN with groups of ``group`` consecutive input columns (a narrower tail), transcribed
+    group by group: the range includes 0 (GPTQ's ``Quantizer``; symmetric: [-max|w|, max|w|] and
+    the middle code as zero), kept entries out of the range and left as they are. Returns the
+    codes and the dequantized values."""
+    maxq = 2 ** bits - 1
+    codes, values = torch.zeros(W.shape, dtype=torch.uint8), torch.zeros_like(W)
+    for s in range(0, W.shape[1], group):
+        x = W[:, s:s + group].float()
+        k = keep[:, s:s + group] if keep is not None else torch.zeros_like(x, dtype=torch.bool)
+        xmin = torch.minimum(torch.where(k, math.inf, x).min(1).values, torch.zeros(x.shape[0]))
+        xmax = torch.maximum(torch.where(k, -math.inf, x).max(1).values, torch.zeros(x.shape[0]))
+        if symmetric:
+            xmax = torch.maximum(-xmin, xmax)
+            xmin = -xmax
+        scale = ((xmax - xmin) / maxq).clamp(min=1e-10)[:, None]
+        zero = torch.full_like(scale, 2 ** (bits - 1)) if symmetric else torch.round(-xmin[:, None] / scale)
+        q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+        codes[:, s:s + group] = q.to(torch.uint8)
+        values[:, s:s + group] = torch.where(k, x, scale * (q - zero)).to(W.dtype)
+    return codes, values
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_rtn_step_equals_a_plain_transcription_bit_for_bit(tok, sample_text, symmetric):
+    """Issue 41: the RTN step's codes and written weights are exactly a plain group-by-group loop's,
+    with a tail group (width 80 at group 32) and a protected coordinate kept in full precision;
+    the stored codes rebuild the same weights through ``Quantized.dequantize``'s group view, and
+    through its general (gathering) path when the column groups are shuffled."""
+    from conftest import make_llama
+
+    from llm_config import QuantizeConfig
+    from llm_quantize_model import quantize_model
+
+    m = make_llama(seed=5, hidden=80)
+    before = {n: LM.weight_view(mod).detach().clone() for n, mod in LM.decoder_linears(m).items()}
+    kept = "model.layers.1.mlp.down_proj"
+    cfg = QuantizeConfig(method="rtn", wbits=3, group=32, symmetric=symmetric, protect=((kept, 4, 70),),
+                         calib_samples=2, calib_seq_len=32, progress=False)
+    res = quantize_model(m, tok, torch.tensor(tok(sample_text[:3000]).input_ids), cfg)
+    assert res.kept_weights == 1
+    for n, mod in LM.decoder_linears(m).items():
+        keep = None
+        if n == kept:
+            keep = torch.zeros_like(before[n], dtype=torch.bool)
+            keep[4, 70] = True
+        codes, values = plain_rtn(before[n], 3, 32, symmetric, keep)
+        q = res.quantized[n + ".weight"]
+        assert torch.equal(q.codes[~keep] if keep is not None else q.codes, codes[~keep] if keep is not None else codes)
+        assert torch.equal(LM.weight_view(mod).detach(), values), n
+        assert torch.equal(q.dequantize(torch.float32), values), n
+        assert res.rel_error[n] == pytest.approx(float((values - before[n]).norm() / before[n].norm()), rel=1e-6)
+    # The general path: columns whose groups are not consecutive (as act order's) gather scale and zero.
+    q = res.quantized["model.layers.0.mlp.up_proj.weight"]
+    perm = torch.randperm(q.codes.shape[1], generator=torch.Generator().manual_seed(0))
+    shuffled = LC.Quantized(q.codes[:, perm], q.scale, q.zero, q.g_idx[perm], symmetric=q.symmetric)
+    assert torch.equal(shuffled.dequantize(torch.float32), q.dequantize(torch.float32)[:, perm])
+
+
 def test_one_quantizer_for_the_analysis_study():
     import llm_integrated_analysis as A
 
@@ -481,8 +540,10 @@ def test_output_error_on_calibration_and_held_out_windows(tok, sample_text, monk
         e = r.output_error
         assert set(e["calibration"]) == set(e["held_out"]) == set(ref)
         assert e["held_out_windows"] == e["calibration_windows"] == 6
-    cal = LC.D.calibration_windows(tok, ids, 6, 48, 0)
-    held = LC.held_out_windows(tok, ids, cal, 0)
+    import llm_output_error as OE
+
+    cal = OE.D.calibration_windows(tok, ids, 6, 48, 0)
+    held = OE.held_out_windows(tok, ids, cal, 0)
     grams = {tuple(w[i:i + 16].tolist()) for w in cal for i in range(48 - 15)}
     assert held.shape == (6, 48)
     assert not any(tuple(w[i:i + 16].tolist()) in grams for w in held for i in range(33))
