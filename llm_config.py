@@ -154,7 +154,7 @@ class FinetuneConfig(StepConfig):
     prefix: ClassVar[str] = "ft-"
     mode: str = knob("auto", "full|lora|none (auto: full below 1.5B parameters, else LoRA)",
                      flag="--finetune", choices=("auto", "full", "lora", "none"))
-    steps: Optional[int] = budget(10, 500, "optimizer steps", bounds="[1,10000000]")
+    steps: Optional[int] = budget(8, 500, "optimizer steps", bounds="[1,10000000]")
     batch_size: Optional[int] = budget(4, 8, "windows per step", bounds="[1,65536]")
     seq_len: Optional[int] = budget(128, 1024, "tokens per window", bounds="[2,1000000]", context=True)
     lr: Optional[float] = knob(None, "peak learning rate (auto: 5e-5 full, 2e-4 LoRA)", flag="--lr",
@@ -319,7 +319,7 @@ class NoiseConfig(StepConfig):
     protect_score: str = knob("noise", "ranking of the protected weights: the expected loss increase under "
                                        "the sweep's noise, F sigma^2 (noise), or OBD's w^2 F (obd)",
                               flag="--protect-score", choices=("noise", "obd"))
-    fisher_windows: Optional[int] = budget(4, 32, "calibration windows of that Fisher saliency",
+    fisher_windows: Optional[int] = budget(2, 32, "calibration windows of that Fisher saliency",
                                          flag="--noise-fisher-windows", bounds="[1,1000000]")
     fisher_seq_len: Optional[int] = budget(256, 2048, "tokens per Fisher window",
                                            flag="--noise-fisher-seq-len", bounds="[2,1000000]", context=True)

@@ -86,7 +86,7 @@ class AdversarialConfig(StepConfig):
                                 "forward+backward per step gives the weight and the perturbation gradients), "
                                 "pgd (Madry et al. 2018: a full PGD attack per step), none",
                         flag="--defence", choices=("free", "pgd", "none"))
-    defence_steps: Optional[int] = budget(3, 50, "adversarial fine-tuning steps (weight updates)",
+    defence_steps: Optional[int] = budget(2, 50, "adversarial fine-tuning steps (weight updates)",
                                         flag="--defence-steps", bounds="[1,100000]")
     defence_lr: float = knob(1e-5, "adversarial fine-tuning learning rate", flag="--defence-lr",
                              bounds="(0,1]")
@@ -113,7 +113,7 @@ class AnalysisConfig(StepConfig):
     calib_seq_len: Optional[int] = budget(128, 512, "tokens per Hessian window", flag="--analysis-seq-len",
                                         bounds="[2,1000000]", context=True)
     fisher_windows: Optional[int] = budget(8, 32, "windows of the Fisher diagonal", bounds="[1,100000]")
-    max_probes: Optional[int] = budget(4, 50, "max Hutchinson probes (stops earlier on --hessian-tol)",
+    max_probes: Optional[int] = budget(3, 50, "max Hutchinson probes (stops earlier on --hessian-tol)",
                                      flag="--hessian-probes", bounds="[1,100000]")
     rel_stderr: float = knob(0.1, "Hutchinson probes until every layer's trace has a standard error of at "
                                   "most this fraction of its magnitude (0: PyHessian's --hessian-tol rule)",

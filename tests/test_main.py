@@ -176,7 +176,7 @@ def test_help_shows_real_defaults_and_choices(capsys):
     text = capsys.readouterr().out
     assert e.value.code == 0 and "(default: None)" not in text
     # Budgets show both columns, choices are listed, every step has its group.
-    assert "--ft-steps STEPS" in text and "(default: 10 CPU, 500 GPU)" in text
+    assert "--ft-steps STEPS" in text and "(default: 8 CPU, 500 GPU)" in text
     assert "{magnitude,wanda,sparsegpt,taylor}" in text and "--taylor-score {taylor,fisher}" in text
     assert all(f"step {s}:" in text for s in llm_main_v4.STEPS)
 
