@@ -180,14 +180,12 @@ def perturb_(params: Mapping[str, torch.Tensor], cfg: NoiseConfig,
             keep = keep.to(p.device)
             res.n_protected += int(keep.sum())
         res.n_weights += p.numel()
-        gen = _generator(cfg.seed, name, p.device)
         if cfg.mode == "bitflip":
-            _flip_bits_(p.data, cfg.epsilon, gen, cfg.bitflip_format, keep, res.bitflips)
+            _flip_bits_(p.data, cfg.epsilon, _generator(cfg.seed, name, p.device), cfg.bitflip_format, keep,
+                        res.bitflips)
             continue
-        if draws is not None:  # shared by the sweep's epsilons: scaled into a copy, never in place
-            xi = draws[name].to(p.device, copy=True)
-        else:
-            xi = torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32)
+        # Shared by the sweep's epsilons: scaled into a copy, never in place; else this seed's own draw.
+        xi = draws[name].to(p.device, copy=True) if draws is not None else normal_draws({name: p}, cfg.seed)[name]
         data = p.data
         w = data.float()  # ``data`` itself when it is float32
         # In place on xi and on fp32 weights: a sweep perturbs every linear weight at every point,
