@@ -61,7 +61,9 @@ def evaluate_variants(model, tokenizer, input_ids: torch.Tensor, variants: Mappi
     that changes the model in place for the evaluation and restores it. ``parents`` names the variant each was
     derived from. With ``config.kl`` every variant whose parent was evaluated too gets KL (mean,
     per-token percentiles, interval over windows) and top-1 agreement against that parent (one
-    spare copy of the model, with the parent applied to it). Under ``accelerate launch`` or
+    spare copy of the model, with the parent applied to it), and the same against the base, the
+    root of its chain of parents, in ``vs_base`` (a second spare copy, only where a parent is not
+    the base). Under ``accelerate launch`` or
     torchrun the ranks take disjoint variants and every rank gets all the results.
     """
     config = config.for_model(model)
@@ -70,17 +72,35 @@ def evaluate_variants(model, tokenizer, input_ids: torch.Tensor, variants: Mappi
                  config.eval_tokens, input_ids.numel())
     parents = dict(parents or {})
     kl_for = {n for n in variants if config.kl and parents.get(n) in variants and parents[n] != n}
-    # One spare copy of the model serves as every reference: each variant's parent is applied to it (in
-    # place, restored after) while the variant itself is applied to the model.
+    # Against the base too (llama.cpp's KL and llm-compressor's requests compare with the base model): the
+    # root of each variant's chain, where it is not already the parent.
+    root = {n: root_of(n, parents) for n in variants}
+    base_for = {n for n in kl_for if root[n] in variants and root[n] not in (n, parents[n])}
+    base = next((root[n] for n in variants if n in base_for), None)  # separate trees (rare): the first one's
+    base_for = {n for n in base_for if root[n] == base}
+    # One spare copy of the model serves as every parent: each variant's parent is applied to it (in
+    # place, restored after) while the variant itself is applied to the model. A second copy holds the
+    # base for the whole loop, only when some variant's parent is not the base.
     reference = copy.deepcopy(model) if kl_for else None
+    base_copy = copy.deepcopy(model) if base_for else None
     mine = []  # under accelerate launch / torchrun each rank evaluates every world_size-th variant
-    for i, (name, weights) in C.shard_jobs(list(variants.items())):
-        log.info("evaluating variant %r", name)
-        ref = (V.applied_variant(reference, variants[parents[name]]) if name in kl_for
-               else contextlib.nullcontext())
-        with V.applied_variant(model, weights), ref:
-            mine.append((i, (name, evaluate_model(model, tokenizer, input_ids, config,
-                                                  reference=reference if name in kl_for else None))))
+    with contextlib.ExitStack() as stack:
+        if base_copy is not None:
+            stack.enter_context(V.applied_variant(base_copy, variants[base]))
+        for i, (name, weights) in C.shard_jobs(list(variants.items())):
+            log.info("evaluating variant %r", name)
+            ref = (V.applied_variant(reference, variants[parents[name]]) if name in kl_for
+                   else contextlib.nullcontext())
+            with V.applied_variant(model, weights), ref:
+                r = evaluate_model(model, tokenizer, input_ids, config,
+                                   reference=reference if name in kl_for else None,
+                                   base_reference=base_copy if name in base_for else None)
+            if r.vs_base is not None:
+                r.vs_base["base"] = root[name]
+            elif name in kl_for and root[name] == parents[name]:  # the parent is the base: its numbers
+                r.vs_base = {"base": parents[name], "kl": r.kl, "kl_ci95": r.kl_ci95, "kl_percentiles": r.kl_percentiles,
+                             "top1_agreement": r.top1_agreement, "top1_ci95": r.top1_ci95, "same_as_parent": True}
+            mine.append((i, (name, r)))
     out = dict(C.gather_jobs(mine))
     add_vs_parent(out, parents)
     plan, design = sampling_plan(int(input_ids.numel()), config)
@@ -93,6 +113,15 @@ def evaluate_variants(model, tokenizer, input_ids: torch.Tensor, variants: Mappi
                 "tokens_used": min(config.eval_tokens or input_ids.numel(), int(input_ids.numel())),
                 "ids_sha256": ids_sha, "sampling": design}
     return EvaluationResult(out, {n: parents.get(n) for n in variants}, protocol, asdict(config))
+
+
+def root_of(name: str, parents: Mapping[str, Optional[str]]) -> str:
+    """The top of ``name``'s chain of parents (the base), stopping at a cycle or a missing link."""
+    seen = {name}
+    while parents.get(name) is not None and parents[name] not in seen:
+        name = parents[name]
+        seen.add(name)
+    return name
 
 
 def add_vs_parent(results: Mapping[str, EvalResult], parents: Mapping[str, Optional[str]]) -> None:

@@ -35,6 +35,8 @@ MEASURES: dict[str, tuple] = {
     "zeroshot_flips": ("zero-shot answers flipped", "", "higher", "none"),
     "kl_parent": ("KL to the parent", "nats/token", "higher", "none"),
     "top1_parent": ("top-1 agreement with the parent", "", "lower", "none"),
+    "kl_base": ("KL to the base", "nats/token", "higher", "none"),
+    "top1_base": ("top-1 agreement with the base", "", "lower", "none"),
     "pgd_delta_nll": ("PGD ΔNLL at max ε", "nats/token", "higher", "difference"),
     "fgsm_delta_nll": ("FGSM ΔNLL at max ε", "nats/token", "higher", "difference"),
     "targeted_success": ("targeted PGD success", "", "higher", "difference"),
@@ -81,6 +83,11 @@ def _cells(results: Mapping, name: str) -> dict:
         cells["kl_parent"] = _cell(ev.get("kl"), R.field(ev, "kl_ci95", kind=list),
                                    percentiles=R.field(ev, "kl_percentiles", kind=dict))
         cells["top1_parent"] = _cell(ev.get("top1_agreement"), R.field(ev, "top1_ci95", kind=list))
+    vb = R.field(results, "evaluation", name, "vs_base", kind=dict)
+    if vb and R.num(vb.get("kl")) is not None:
+        cells["kl_base"] = _cell(vb.get("kl"), R.field(vb, "kl_ci95", kind=list), base=vb.get("base"),
+                                 percentiles=R.field(vb, "kl_percentiles", kind=dict))
+        cells["top1_base"] = _cell(vb.get("top1_agreement"), R.field(vb, "top1_ci95", kind=list), base=vb.get("base"))
     zs = R.field(results, "zeroshot", "mean", name, kind=dict)
     if zs:
         vs = R.field(results, "zeroshot", "paired", name, "mean", kind=dict)

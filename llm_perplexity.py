@@ -75,6 +75,10 @@ class EvalResult:
     top1_ci95: Optional[list] = None
     kl_percentiles: Optional[dict] = None  # {"median", "p90", "p99", "max"} of KL per scored token, nats
     window_starts: list = field(default_factory=list)  # token offset of each scored window, in order
+    # Against the root of the variant tree (the base), where it is not the parent: the same keys as
+    # ``_Agreement.result`` (kl, kl_ci95, kl_percentiles, top1_agreement, top1_ci95, window_kl, window_agree)
+    # and "base", its name. Where the parent is the base, the parent's numbers, not measured twice.
+    vs_base: Optional[dict] = None
     sampling: dict = field(default_factory=dict)  # the design: how the windows were chosen (``sampling_plan``)
 
 
@@ -280,8 +284,50 @@ def reference_logprobs(model, input_ids: torch.Tensor, config: EvalConfig = Eval
     return (out, float(nll_sum) / n) if return_nll else out
 
 
+class _Agreement:
+    """KL(reference || model) and top-1 agreement against one reference, accumulated on the device
+    batch by batch (one host sync at the end): per-window sums, and each scored token's KL for the
+    percentiles. ``reference`` is a model or the list ``reference_logprobs`` returned."""
+
+    def __init__(self, reference, n_windows: int, dev: torch.device):
+        self.reference, self.is_model = reference, not isinstance(reference, list)
+        self.ref_dev = input_device(reference) if self.is_model else None
+        self.window_kl = torch.zeros(n_windows, dtype=torch.float64, device=dev)
+        self.window_agree = torch.zeros(n_windows, dtype=torch.float64, device=dev)
+        self.token_kl: list = []  # each batch's per-token KL at its scored positions (float32)
+        self.dev = dev
+
+    def add(self, b_idx: int, first: int, windows, logp, targets, mask) -> None:
+        if self.is_model:
+            ref_logits = _window_logits(self.reference, windows.to(self.ref_dev), targets.shape[1] + 1)[:, :-1]
+            ref_logp = F.log_softmax(ref_logits.float().to(logp.device), dim=-1)
+        else:
+            ref_logp = self.reference[b_idx].to(logp.device, non_blocking=True)
+        kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+        n = kl.shape[0]
+        self.window_kl[first:first + n] = torch.where(mask, kl, 0).double().sum(1).to(self.dev)
+        same = (ref_logp.argmax(-1) == logp.argmax(-1)) & mask
+        self.window_agree[first:first + n] = same.double().sum(1).to(self.dev)
+        self.token_kl.append(kl[mask].float().to(self.dev))
+
+    def result(self, window_tokens: list, design: dict, seed: int) -> dict:
+        """{"kl", "kl_ci95", "kl_percentiles", "top1_agreement", "top1_ci95", "window_kl", "window_agree"}:
+        means per scored token, intervals over windows (``llm_stats.estimate``, the design's method)."""
+        window_kl, window_agree = self.window_kl.tolist(), self.window_agree.tolist()
+        token_kl = torch.cat(self.token_kl).cpu().numpy().astype(np.float64) if self.token_kl else np.zeros(0)
+        n = sum(window_tokens)
+        ci = [estimate(w, window_tokens, dependent=design["dependent"], strata=design["strata"], seed=seed,
+                       units="windows")["ci95"] for w in (window_kl, window_agree)]
+        q = np.quantile(token_kl, [0.5, 0.9, 0.99]) if token_kl.size else [math.nan] * 3
+        return {"kl": sum(window_kl) / n, "kl_ci95": ci[0],
+                "kl_percentiles": {"median": float(q[0]), "p90": float(q[1]), "p99": float(q[2]),
+                                   "max": float(token_kl.max()) if token_kl.size else math.nan},
+                "top1_agreement": sum(window_agree) / n, "top1_ci95": ci[1],
+                "window_kl": window_kl, "window_agree": window_agree}
+
+
 def evaluate_model(model, tokenizer, input_ids: torch.Tensor, config: EvalConfig = EvalConfig(),
-                   reference=None) -> EvalResult:
+                   reference=None, base_reference=None) -> EvalResult:
     """Perplexity, bits per byte and (against ``reference``) KL and top-1 agreement.
 
     Args:
@@ -290,31 +336,32 @@ def evaluate_model(model, tokenizer, input_ids: torch.Tensor, config: EvalConfig
         input_ids: 1-D LongTensor [n_tokens] of the tokenized evaluation text.
         reference: optional model with the same vocabulary, compared window by window
             (no logits are stored beyond one batch), or the list returned by
-            ``reference_logprobs`` for the same ids and config.
+            ``reference_logprobs`` for the same ids and config: the parent, whose KL and
+            agreement fill ``kl``, ``kl_ci95``, ``kl_percentiles``, ``top1_agreement``, ...
+        base_reference: optional second reference of the same kind, measured in the same pass:
+            the root of the variant tree; its numbers go to ``vs_base`` (same keys).
     Both models are scored in eval mode (no dropout) and left in the mode the caller had.
     """
-    ref_mode = eval_mode(reference) if isinstance(reference, torch.nn.Module) else contextlib.nullcontext()
-    with eval_mode(model), ref_mode:
-        return _evaluate_model(model, tokenizer, input_ids, config, reference)
+    refs = [r for r in (reference, base_reference) if isinstance(r, torch.nn.Module)]
+    with contextlib.ExitStack() as stack:
+        for m in (model, *refs):
+            stack.enter_context(eval_mode(m))
+        return _evaluate_model(model, tokenizer, input_ids, config, reference, base_reference)
 
 
-def _evaluate_model(model, tokenizer, input_ids: torch.Tensor, config: EvalConfig, reference) -> EvalResult:
+def _evaluate_model(model, tokenizer, input_ids: torch.Tensor, config: EvalConfig, reference,
+                    base_reference=None) -> EvalResult:
     config = config.for_model(model)  # budgets by device, windows clamped to the context
     input_ids, plan, stride, batch_size, design = _prepare(input_ids, config, model)
     seq_len = config.seq_len
     dev = input_device(model)
-    ref_is_model = reference is not None and not isinstance(reference, list)
-    ref_dev = input_device(reference) if ref_is_model else None
 
     # Sums stay on the device and are read back once at the end: no host sync per batch.
     out_dev = model.get_output_embeddings().weight.device if model.get_output_embeddings() is not None else dev
     nll_sum = torch.zeros((), dtype=torch.float64, device=out_dev)
-    kl_sum = torch.zeros((), dtype=torch.float64, device=out_dev)
-    agree = torch.zeros((), dtype=torch.long, device=out_dev)
     window_nll = torch.zeros(len(plan), dtype=torch.float64, device=out_dev)
-    window_kl = torch.zeros(len(plan), dtype=torch.float64, device=out_dev)
-    window_agree = torch.zeros(len(plan), dtype=torch.float64, device=out_dev)
-    token_kl = []  # each batch's per-token KL at its scored positions (float32, on the device)
+    agreements = {k: _Agreement(r, len(plan), out_dev) for k, r in (("parent", reference), ("base", base_reference))
+                  if r is not None}
     n_scored = sum(seq_len - f for _, f in plan)
     n_bytes = sum(len(tokenizer.decode(input_ids[s + f:s + seq_len]).encode("utf-8")) for s, f in plan)
     t0 = time.perf_counter()
@@ -332,37 +379,22 @@ def _evaluate_model(model, tokenizer, input_ids: torch.Tensor, config: EvalConfi
             per_window = scored.sum(1).to(out_dev)
             first = b_idx * batch_size  # batches are consecutive slices of the plan
             window_nll[first:first + per_window.shape[0]] = per_window
-            if reference is not None:
+            if agreements:
                 logp = F.log_softmax(logits.float(), dim=-1)
-                if ref_is_model:
-                    keep = targets.shape[1] + 1
-                    ref_logits = _window_logits(reference, windows.to(ref_dev), keep)[:, :-1].float()
-                    ref_logp = F.log_softmax(ref_logits.to(logits.device), dim=-1)
-                else:
-                    ref_logp = reference[b_idx].to(logits.device, non_blocking=True)
-                kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
-                kl_w = torch.where(mask, kl, 0).double().sum(1).to(out_dev)
-                kl_sum += kl_w.sum()
-                window_kl[first:first + kl_w.shape[0]] = kl_w
-                same = (ref_logp.argmax(-1) == logp.argmax(-1)) & mask
-                agree += same.sum().to(out_dev)
-                window_agree[first:first + kl_w.shape[0]] = same.double().sum(1).to(out_dev)
-                token_kl.append(kl[mask].float().to(out_dev))
-                del ref_logp, logp
+                for a in agreements.values():
+                    a.add(b_idx, first, windows, logp, targets, mask)
+                del logp
             del logits, nll
         # The one host sync: the scalars and the per-window sums come back together.
-        nll_sum, kl_sum, agree, window_nll = float(nll_sum), float(kl_sum), int(agree), window_nll.tolist()
-        window_kl, window_agree = window_kl.tolist(), window_agree.tolist()
-        token_kl = torch.cat(token_kl).cpu().numpy() if token_kl else None
+        nll_sum, window_nll = float(nll_sum), window_nll.tolist()
+        window_tokens = [seq_len - f for _, f in plan]
+        agreed = {k: a.result(window_tokens, design, config.seed) for k, a in agreements.items()}
     seconds = time.perf_counter() - t0
     mean_nll = float(nll_sum) / n_scored
-    window_tokens = [seq_len - f for _, f in plan]
     result = EvalResult(
         perplexity=safe_exp(mean_nll), nll=mean_nll,
         bits_per_byte=float(nll_sum) / math.log(2) / max(n_bytes, 1),
         tokens_scored=n_scored, bytes_scored=n_bytes, windows=len(plan), seq_len=seq_len, stride=stride,
-        kl=float(kl_sum) / n_scored if reference is not None else None,
-        top1_agreement=agree / n_scored if reference is not None else None,
         seconds=seconds, tokens_per_s=len(plan) * seq_len / seconds if seconds > 0 else 0.0, batch_size=batch_size,
         window_nll=window_nll, window_tokens=window_tokens,
         perplexity_ci95=list(perplexity_interval(window_nll, window_tokens, seed=config.seed,
@@ -370,15 +402,11 @@ def _evaluate_model(model, tokenizer, input_ids: torch.Tensor, config: EvalConfi
         interval_method=interval_method(len(plan), design["dependent"], design["strata"]),
         window_starts=design["window_starts"], sampling={k: v for k, v in design.items() if k != "window_starts"},
     )
-    if token_kl is not None:
-        result.window_kl, result.window_agree = window_kl, window_agree
-        result.kl_ci95, result.top1_ci95 = (
-            estimate(w, window_tokens, dependent=design["dependent"], strata=design["strata"], seed=config.seed,
-                     units="windows")["ci95"]
-            for w in (window_kl, window_agree))
-        q = np.quantile(token_kl.astype(np.float64), [0.5, 0.9, 0.99]) if token_kl.size else [math.nan] * 3
-        result.kl_percentiles = {"median": float(q[0]), "p90": float(q[1]), "p99": float(q[2]),
-                                 "max": float(token_kl.max()) if token_kl.size else math.nan}
+    if "parent" in agreed:
+        for k, v in agreed["parent"].items():
+            setattr(result, k, v)
+    if "base" in agreed:
+        result.vs_base = agreed["base"]
     if config.max_new_tokens > 0 and config.prompts:
         result.generations = _generate(model, tokenizer, config.prompts, config.max_new_tokens)
     # Sweeps run hundreds of silent evaluations (progress=False): keep those at DEBUG.

@@ -82,3 +82,20 @@ def test_a_variant_of_a_variant_gets_its_kl_against_that_parent(tiny_llama, tok,
     assert res.variants["pruned+q"].kl == pytest.approx(want.kl, rel=1e-6)
     assert res.variants["pruned+q"].kl_percentiles == pytest.approx(want.kl_percentiles, rel=1e-6)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # Against the base (the root of the chain) too, in the same pass: equal to the base as the reference.
+    base = tiny_llama(seed=9)
+    base.load_state_dict(before)
+    vs_base = evaluate_model(child, tok, ids, cfg, reference=base)
+    got = res.variants["pruned+q"].vs_base
+    assert got["base"] == "base" and got["kl"] == pytest.approx(vs_base.kl, rel=1e-6)
+    assert got["kl_percentiles"] == pytest.approx(vs_base.kl_percentiles, rel=1e-6)
+    assert got["top1_agreement"] == pytest.approx(vs_base.top1_agreement) and got["kl"] != pytest.approx(want.kl)
+    assert got["kl_ci95"] == pytest.approx(vs_base.kl_ci95, rel=1e-6)
+    # Where the parent is the base, vs_base repeats the parent's numbers (not measured twice).
+    p = res.variants["pruned"]
+    assert p.vs_base["same_as_parent"] and p.vs_base["kl"] == p.kl and p.vs_base["base"] == "base"
+    from dataclasses import asdict
+    cells = MX.robustness_matrix({"evaluation": {n: asdict(r) for n, r in res.variants.items()},
+                                  "perplexity": res.perplexity, "variants": res.parents})["rows"]
+    assert cells["pruned+q"]["cells"]["kl_base"]["value"] == pytest.approx(vs_base.kl, rel=1e-6)
+    assert cells["pruned+q"]["cells"]["top1_base"]["base"] == "base" and "kl_base" not in cells["base"]["cells"]
