@@ -23,11 +23,11 @@ from llm_common import UserError
 from llm_knobs import (SUPER_WEIGHT_PROMPT, StepConfig, budget, exact, knob, parse_floats, parse_ints,
                        parse_max_memory, parse_names, parse_nm, parse_protect, parse_trackers, parse_variant_patterns,
                        progress_knob, seed_knob, super_weight_prompt_knob, variants_knob)
-from llm_config_measure import AdversarialConfig, AnalysisConfig, EvalConfig
+from llm_config_measure import AdversarialConfig, AnalysisConfig, EvalConfig, SafetyConfig
 from llm_model import SAMPLE_PROMPT
 
 # The noise step comes after every other step that makes variants: its sweep measures each of them.
-ALL_STEPS = ("finetune", "prune", "quantize", "noise", "eval", "zeroshot", "export", "adversarial",
+ALL_STEPS = ("finetune", "prune", "quantize", "noise", "eval", "zeroshot", "safety", "export", "adversarial",
              "analysis")
 # The zero-shot suite of the Wanda paper (and OWL's), lm-evaluation-harness names; SparseGPT's and
 # the Super Weight paper's are in their presets (llm_presets).
@@ -558,7 +558,7 @@ class ExportConfig(StepConfig):
 
 
 STEP_CONFIGS: dict[str, type] = {"finetune": FinetuneConfig, "prune": PruneConfig, "quantize": QuantizeConfig,
-                                 "noise": NoiseConfig, "eval": EvalConfig, "zeroshot": ZeroShotConfig,
+                                 "noise": NoiseConfig, "eval": EvalConfig, "zeroshot": ZeroShotConfig, "safety": SafetyConfig,
                                  "export": ExportConfig, "adversarial": AdversarialConfig,
                                  "analysis": AnalysisConfig}
 
@@ -575,6 +575,7 @@ class PipelineConfig:
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)

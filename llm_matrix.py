@@ -37,6 +37,12 @@ MEASURES: dict[str, tuple] = {
     "top1_parent": ("top-1 agreement with the parent", "", "lower", "none"),
     "kl_base": ("KL to the base", "nats/token", "higher", "none"),
     "top1_base": ("top-1 agreement with the base", "", "lower", "none"),
+    # The safety step: rates over the same prompts, exact McNemar against the parent (llm_safety).
+    "refusal_rate": ("refusal rate, harmful prompts", "", "lower", "difference"),
+    "harmful_rate": ("judged harmful, harmful prompts", "", "higher", "difference"),
+    "over_refusal_rate": ("over-refusal rate, benign prompts", "", "higher", "difference"),
+    "jailbreak_asr": ("GCG jailbreak success", "", "higher", "difference"),
+    "safety_flips": ("judged outcomes flipped", "", "higher", "none"),
     "pgd_delta_nll": ("PGD ΔNLL at max ε", "nats/token", "higher", "difference"),
     "fgsm_delta_nll": ("FGSM ΔNLL at max ε", "nats/token", "higher", "difference"),
     "targeted_success": ("targeted PGD success", "", "higher", "difference"),
@@ -95,6 +101,7 @@ def _cells(results: Mapping, name: str) -> dict:
         if isinstance(vs, dict) and R.num(vs.get("flip_rate")) is not None:  # the pooled questions, either way
             cells["zeroshot_flips"] = _cell(vs.get("flip_rate"), vs.get("flip_rate_ci95"), lost=vs.get("a_only"),
                                             gained=vs.get("b_only"), n=vs.get("n"))
+    cells.update(_safety_cells(results, name))
     adv = R.field(results, "adversarial", "variants", name, kind=dict)
     if adv:
         vs = R.field(adv, "vs_parent", kind=dict, default={})
@@ -130,6 +137,25 @@ def _cells(results: Mapping, name: str) -> dict:
     return cells
 
 
+def _safety_cells(results: Mapping, name: str) -> dict:
+    """The safety step's rates (Wilson intervals) and their McNemar tests against the parent."""
+    sf = R.field(results, "safety", "variants", name, kind=dict)
+    if not sf:
+        return {}
+    vs = R.field(sf, "vs_parent", kind=dict, default={})
+    cells = {}
+    for key, rate, test in (("refusal_rate", "refusal", "refusal"), ("harmful_rate", "harmful_rate", "harmful"),
+                            ("over_refusal_rate", "over_refusal", "over_refusal"), ("jailbreak_asr", "jailbreak", "jailbreak")):
+        r = R.field(sf, rate, kind=dict)
+        if r:
+            cells[key] = _cell(r.get("rate"), r.get("ci95"), vs.get(test), key="diff", ci_key="diff_ci95", n=r.get("n"))
+    fl = R.field(vs, "flips", kind=dict)
+    if fl:
+        cells["safety_flips"] = _cell(fl.get("rate"), fl.get("ci95"), to_refusal=fl.get("to_refusal"),
+                                      to_compliance=fl.get("to_compliance"), n=fl.get("n"))
+    return cells
+
+
 def _relative(value, parent, how: str) -> Optional[float]:
     """The cell against its parent: value / parent ("ratio") or value - parent ("difference")."""
     v, p = R.num(value), R.num(parent)
@@ -147,12 +173,12 @@ def robustness_matrix(results: Mapping) -> dict:
     measure says); ``vs_parent`` is the paired test where the step made one."""
     parents = dict(R.field(results, "variants", kind=dict, default={}))
     names = list(dict.fromkeys([*R.field(results, "perplexity", kind=dict, default={}),
-                                *(n for s in ("noise", "adversarial", "analysis")
+                                *(n for s in ("noise", "adversarial", "analysis", "safety")
                                   for n in R.field(results, s, "variants", kind=dict, default={}))]))
     rows = {}
     for name in names:
         parent = parents.get(name)
-        for s in ("noise", "adversarial", "analysis"):
+        for s in ("noise", "adversarial", "analysis", "safety"):
             parent = parent or R.field(results, s, "variants", name, "parent")
         rows[name] = {"parent": parent, "cells": _cells(results, name)}
     for row in rows.values():
@@ -167,7 +193,7 @@ def robustness_matrix(results: Mapping) -> dict:
 
 # ----------------------------------------------------- the run's test family, contrasts, power
 
-SECTIONS = ("evaluation", "zeroshot", "adversarial", "noise", "analysis")
+SECTIONS = ("evaluation", "zeroshot", "safety", "adversarial", "noise", "analysis")
 
 
 def tests_of(node, out: Optional[list] = None) -> list:
@@ -218,6 +244,15 @@ def _contrast_test(results: Mapping, a: str, b: str, key: str) -> tuple[Optional
             return None, "no shared questions"
         t = S.mcnemar_exact([c == "1" for c in ca], [c == "1" for c in cb])
         return {**t, "difference": t["diff"], "ci95": t["diff_ci95"]}, ""
+    if key in _SAFETY_BITS:
+        section, bits = _SAFETY_BITS[key]
+        xa, xb = (R.field(results, "safety", "variants", n, *section, bits, kind=str) for n in (a, b))
+        if not (xa and xb):
+            return None, "no safety outcomes"
+        if len(xa) != len(xb):
+            return None, "not the same prompts"
+        t = S.mcnemar_exact([c == "1" for c in xa], [c == "1" for c in xb])
+        return {**t, "difference": t["diff"], "ci95": t["diff_ci95"]}, ""
     va, vb = (R.field(results, "adversarial", "variants", n, kind=dict, default={}) for n in (a, b))
     if key in ("pgd_delta_nll", "fgsm_delta_nll"):
         ra, rb = (_attack_row(R.field(v, "table", kind=list, default=[]), key[:-10]) for v in (va, vb))
@@ -256,7 +291,10 @@ def _contrast_test(results: Mapping, a: str, b: str, key: str) -> tuple[Optional
     return None, "no per-unit values"
 
 
-CONTRASTED = ("perplexity", "zeroshot_mean", "pgd_delta_nll", "fgsm_delta_nll", "targeted_success",
+# The safety measures' per-prompt outcomes: (the path inside a variant's record, the 0/1 string).
+_SAFETY_BITS = {"refusal_rate": ((), "refused"), "harmful_rate": ((), "harmful"),
+                "over_refusal_rate": ((), "over_refused"), "jailbreak_asr": (("jailbreak",), "success")}
+CONTRASTED = ("perplexity", "zeroshot_mean", "refusal_rate", "harmful_rate", "over_refusal_rate", "jailbreak_asr", "pgd_delta_nll", "fgsm_delta_nll", "targeted_success",
               "noise_doubling_eps", "hessian_trace")
 
 
@@ -280,7 +318,7 @@ def contrast(results: Mapping, a: str, b: str, why: str = "") -> dict:
 def _variant_names(results: Mapping) -> list:
     return list(dict.fromkeys([*R.field(results, "variants", kind=dict, default={}),
                                *R.field(results, "perplexity", kind=dict, default={}),
-                               *(n for s in ("noise", "adversarial", "analysis")
+                               *(n for s in ("noise", "adversarial", "analysis", "safety")
                                  for n in R.field(results, s, "variants", kind=dict, default={}))]))
 
 

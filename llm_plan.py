@@ -184,6 +184,17 @@ def planned_passes(step: str, config, facts: dict) -> dict:
         fwd = n * len(c.tasks) * questions * 4 * 64
         return {"fwd_tokens": fwd, "bwd_tokens": 0, "units": f"{len(c.tasks)} task(s) x "
                 f"{c.limit or 'all'} questions, {n} variant(s)"}
+    if step == "safety":
+        if not c.enabled:
+            return {"fwd_tokens": 0, "bwd_tokens": 0, "units": "off"}
+        prompts = c.n_prompts or 313  # all of a set: StrongREJECT's size bounds HarmBench's 159
+        turn = 48  # a behaviour in the chat template: about 48 tokens, not counted from the set
+        fwd = n * (prompts + c.gcg_behaviours) * (turn + c.max_new_tokens)
+        tail = turn + c.gcg_suffix_len + 8  # prompt, suffix, template tail and target
+        fwd += c.gcg_behaviours * c.gcg_steps * (tail + c.gcg_batch * (c.gcg_suffix_len + 16))
+        return {"fwd_tokens": fwd, "bwd_tokens": c.gcg_behaviours * c.gcg_steps * tail,
+                "units": f"{c.n_prompts or 'all'} harmful prompt(s) x {c.max_new_tokens} answer tokens; GCG on "
+                         f"{c.gcg_behaviours} behaviour(s) x {c.gcg_steps} steps; {n} variant(s)"}
     if step == "export":
         return {"fwd_tokens": 0, "bwd_tokens": 0,
                 "units": f"writes {n} variant(s)" if c.enabled else "off (no --export)"}

@@ -21,6 +21,7 @@ import llm_io as IO
 import llm_matrix as M
 import llm_report_compress as RC
 import llm_report_labels as L
+import llm_report_safety as RSF
 import llm_report_stats as RS
 import llm_results as R
 import llm_tables as T
@@ -409,7 +410,7 @@ def report_markdown(results: dict) -> str:
     found = findings(results)
     if found:
         lines += ["", "## Findings", ""] + [f"- {f}" for f in found]
-    for section in (_md_perplexity, _md_zeroshot, M.report_section, _md_finetune, _md_prune, RC.md_compression,
+    for section in (_md_perplexity, _md_zeroshot, RSF.md_safety, M.report_section, _md_finetune, _md_prune, RC.md_compression,
                     _md_noise,
                     _md_export, _md_adversarial, _md_analysis, _md_generations, _md_manifest):
         lines += section(results)

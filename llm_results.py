@@ -26,7 +26,8 @@ log = logging.getLogger("llm.report")
 # What each step writes into results.json, in pipeline order (one dict per section).
 STEP_SECTIONS: dict[str, tuple] = {
     "finetune": ("finetune",), "prune": ("prune",), "quantize": ("quantize",), "noise": ("noise",),
-    "eval": ("perplexity", "evaluation", "protocol", "variants"), "zeroshot": ("zeroshot",), "export": ("export",),
+    "eval": ("perplexity", "evaluation", "protocol", "variants"), "zeroshot": ("zeroshot",), "safety": ("safety",),
+    "export": ("export",),
     "adversarial": ("adversarial",), "analysis": ("analysis",)}
 # The run's provenance, written before any step, and the plots list written after them.
 SCHEMA: dict[str, type | tuple] = {

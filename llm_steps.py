@@ -36,6 +36,7 @@ STEPS = {
     "noise": Step("llm_robustness_test", ("eval", "train"), variants=True),
     "eval": Step("llm_evaluate_models", ("eval",)),
     "zeroshot": Step("llm_zeroshot", ()),
+    "safety": Step("llm_safety", ()),
     "export": Step("llm_export", ()),
     "adversarial": Step("llm_adversarial_test", ("eval",)),
     "analysis": Step("llm_integrated_analysis", ("train", "eval")),

@@ -116,6 +116,8 @@ def make_pipeline_config(model_dir, text, out, steps=None, **overrides):
         adversarial=K.AdversarialConfig(pgd_steps=2, n_windows=2, prompt_len=16, continuation_len=8,
                                         targeted_steps=2, gcg_steps=2, gcg_batch=4, gcg_topk=4, gcg_suffix_len=2,
                                         defence_steps=2, max_new_tokens=3),
+        safety=K.SafetyConfig(enabled=True, n_prompts=3, max_new_tokens=3, gcg_behaviours=1, gcg_steps=1, gcg_batch=4,
+                              gcg_topk=4, gcg_suffix_len=2),
         analysis=K.AnalysisConfig(calib_windows=1, calib_seq_len=16, fisher_windows=2, max_probes=2, power_iters=2,
                                   quant_group=16, eval_tokens=128, eval_seq_len=32))
     return dataclasses.replace(cfg, **{k: dataclasses.replace(getattr(cfg, k), **v) for k, v in overrides.items()})

@@ -9,6 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = {"llm_finetune", "llm_prune_model", "llm_robustness_test", "llm_quantize_model", "llm_evaluate_models", "llm_zeroshot",
+         "llm_safety",
          "llm_export", "llm_adversarial_test", "llm_integrated_analysis"}
 
 
@@ -25,7 +26,7 @@ def _imports(path: Path) -> set[str]:
 SHARED = {"llm_report", "llm_common", "llm_io", "llm_model", "llm_data", "llm_variants", "llm_config", "llm_presets", "llm_knobs",
           "llm_tasks", "llm_cli", "llm_results", "llm_plots", "llm_compare", "llm_run", "llm_tracking", "llm_perplexity",
           "llm_sensitivity", "llm_compress", "llm_output_error", "llm_train", "llm_attacks", "llm_gcg", "llm_stats", "llm_report_stats",
-          "llm_matrix", "llm_config_measure", "llm_report_compress", "llm_tables", "llm_report_labels",
+          "llm_matrix", "llm_config_measure", "llm_report_compress", "llm_report_safety", "llm_tables", "llm_report_labels",
           "llm_figures", "llm_export_card", "llm_resume", "llm_steps", "llm_plan"}
 # The plumbing that llm_common was split into, lowest first: each imports only lower layers.
 # llm_train (the training loop the fine-tune and the defences share) sits on llm_model.
@@ -187,7 +188,7 @@ def _graph_lines() -> list[str]:
 
 
 _STEP_MODULE = {"finetune": "llm_finetune", "prune": "llm_prune_model", "quantize": "llm_quantize_model",
-                "noise": "llm_robustness_test", "eval": "llm_evaluate_models", "zeroshot": "llm_zeroshot",
+                "noise": "llm_robustness_test", "eval": "llm_evaluate_models", "zeroshot": "llm_zeroshot", "safety": "llm_safety",
                 "export": "llm_export", "adversarial": "llm_adversarial_test", "analysis": "llm_integrated_analysis"}
 
 

@@ -32,7 +32,7 @@ def measured(tmp_path_factory, sample_text):
 
     d = planted_model_dir(tmp_path_factory.mktemp("measured"), sample_text)
     cfg = make_pipeline_config(d / "model", d / "text.txt", d / "out",
-                               steps=["prune", "noise", "eval", "export", "adversarial", "analysis"],
+                               steps=["prune", "noise", "eval", "safety", "export", "adversarial", "analysis"],
                                export={"enabled": True}, adversarial={"prompts": ()},
                                noise={"map": False, "epsilon": 0.02, "mode": "relative"})
     results = run_pipeline(cfg)
@@ -53,15 +53,18 @@ def _texts(d):
 def test_every_step_measures_every_variant_and_the_matrix_holds_them(measured):
     d, _, r = measured
     names = ["base", "pruned", "noisy"]
-    for step in ("noise", "adversarial", "analysis"):
+    for step in ("noise", "safety", "adversarial", "analysis"):
         assert list(r[step]["variants"]) == names, step
     assert r["adversarial"]["variants"]["pruned"]["parent"] == "base"
     rows = r["robustness"]["rows"]
     assert list(rows) == names and rows["pruned"]["parent"] == "base"
     cells = rows["pruned"]["cells"]
     for key in ("perplexity", "pgd_delta_nll", "fgsm_delta_nll", "targeted_success", "gcg_transfer_nll",
-                "noise_doubling_eps", "hessian_trace", "top_eigenvalue", "super_weights_kept"):
+                "noise_doubling_eps", "hessian_trace", "top_eigenvalue", "super_weights_kept", "refusal_rate",
+                "jailbreak_asr", "safety_flips", "kl_parent"):
         assert key in cells, key
+    # the safety step's McNemar tests are in the run's family: adjusted like every other test
+    assert "p_adjusted" in r["safety"]["variants"]["pruned"]["vs_parent"]["refusal"]
     # The relative cell is the variant's value against the parent's, as MEASURES says.
     assert cells["perplexity"]["relative"] == pytest.approx(r["perplexity"]["pruned"] / r["perplexity"]["base"])
     pgd = [row for row in r["adversarial"]["variants"]["pruned"]["table"] if row["method"] == "pgd"][-1]
@@ -77,6 +80,7 @@ def test_every_step_measures_every_variant_and_the_matrix_holds_them(measured):
     assert mc["p_value"] == (binomtest(b, b + c, 0.5).pvalue if b + c else 1.0)
     report = (d / "out" / "report.md").read_text()
     assert "## Robustness matrix" in report and "plots/robustness_heatmap.png" in report
+    assert "## Trust panel" in report and "GCG refusal substrings" in report
     assert (d / "out" / "plots" / "robustness_heatmap.png").stat().st_size > 0
 
 
