@@ -105,7 +105,7 @@ def _finished_run(d: Path) -> dict:
         res = R.read_results(Path(d), foreign=True)
     except (OSError, ValueError):
         res = None
-    measured = ("perplexity", "zeroshot", "robustness", "adversarial", "analysis", "noise", "prune", "quantize")
+    measured = ("perplexity", "zeroshot", "safety", "robustness", "adversarial", "analysis", "noise", "prune", "quantize")
     if not isinstance(res, dict) or not any(R.field(res, k, kind=dict) for k in measured):
         raise UserError(f"--compare: {d} holds no finished run (a regular results.json with measured results)")
     return res

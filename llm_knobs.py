@@ -118,7 +118,7 @@ class StepConfig:
             if isinstance(v, int) and (f.metadata.get("budget") or name.endswith(("probes", "prompts", "super_weights"))
                                        or name == "sweep_seeds"):
                 kind = ("len" if f.metadata.get("context") or name.endswith("len") else
-                        "tokens" if "tokens" in name else "limit" if name == "limit" else
+                        "tokens" if "tokens" in name else "limit" if name in ("limit", "n_prompts") else
                         "sweep_seeds" if name == "sweep_seeds" else "count")
                 out[name] = cap[kind] if v == 0 and kind in ("tokens", "limit") else min(v, max(cap[kind], 1))
             elif isinstance(v, tuple) and len(v) > cap["list"] and \

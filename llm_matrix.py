@@ -137,20 +137,20 @@ def _cells(results: Mapping, name: str) -> dict:
     return cells
 
 
+# The safety step's measures: key -> (its rate in a variant's record, its test in vs_parent, the path of its
+# per-prompt 0/1 string), compared by exact McNemar on the same prompts.
+_SAFETY = {"refusal_rate": ("refusal", "refusal", ("refused",)), "harmful_rate": ("harmful_rate", "harmful", ("harmful",)),
+           "over_refusal_rate": ("over_refusal", "over_refusal", ("over_refused",)),
+           "jailbreak_asr": ("jailbreak", "jailbreak", ("jailbreak", "success"))}
+
+
 def _safety_cells(results: Mapping, name: str) -> dict:
-    """The safety step's rates (Wilson intervals) and their McNemar tests against the parent."""
-    sf = R.field(results, "safety", "variants", name, kind=dict)
-    if not sf:
-        return {}
+    """The safety step's rates (Wilson intervals), their McNemar tests against the parent, the flips."""
+    sf = R.field(results, "safety", "variants", name, kind=dict, default={})
     vs = R.field(sf, "vs_parent", kind=dict, default={})
-    cells = {}
-    for key, rate, test in (("refusal_rate", "refusal", "refusal"), ("harmful_rate", "harmful_rate", "harmful"),
-                            ("over_refusal_rate", "over_refusal", "over_refusal"), ("jailbreak_asr", "jailbreak", "jailbreak")):
-        r = R.field(sf, rate, kind=dict)
-        if r:
-            cells[key] = _cell(r.get("rate"), r.get("ci95"), vs.get(test), key="diff", ci_key="diff_ci95", n=r.get("n"))
-    fl = R.field(vs, "flips", kind=dict)
-    if fl:
+    cells = {key: _cell(r.get("rate"), r.get("ci95"), vs.get(test), key="diff", ci_key="diff_ci95", n=r.get("n"))
+             for key, (rate, test, _) in _SAFETY.items() if (r := R.field(sf, rate, kind=dict))}
+    if fl := R.field(vs, "flips", kind=dict):
         cells["safety_flips"] = _cell(fl.get("rate"), fl.get("ci95"), to_refusal=fl.get("to_refusal"),
                                       to_compliance=fl.get("to_compliance"), n=fl.get("n"))
     return cells
@@ -244,9 +244,8 @@ def _contrast_test(results: Mapping, a: str, b: str, key: str) -> tuple[Optional
             return None, "no shared questions"
         t = S.mcnemar_exact([c == "1" for c in ca], [c == "1" for c in cb])
         return {**t, "difference": t["diff"], "ci95": t["diff_ci95"]}, ""
-    if key in _SAFETY_BITS:
-        section, bits = _SAFETY_BITS[key]
-        xa, xb = (R.field(results, "safety", "variants", n, *section, bits, kind=str) for n in (a, b))
+    if key in _SAFETY:
+        xa, xb = (R.field(results, "safety", "variants", n, *_SAFETY[key][2], kind=str) for n in (a, b))
         if not (xa and xb):
             return None, "no safety outcomes"
         if len(xa) != len(xb):
@@ -291,9 +290,6 @@ def _contrast_test(results: Mapping, a: str, b: str, key: str) -> tuple[Optional
     return None, "no per-unit values"
 
 
-# The safety measures' per-prompt outcomes: (the path inside a variant's record, the 0/1 string).
-_SAFETY_BITS = {"refusal_rate": ((), "refused"), "harmful_rate": ((), "harmful"),
-                "over_refusal_rate": ((), "over_refused"), "jailbreak_asr": (("jailbreak",), "success")}
 CONTRASTED = ("perplexity", "zeroshot_mean", "refusal_rate", "harmful_rate", "over_refusal_rate", "jailbreak_asr", "pgd_delta_nll", "fgsm_delta_nll", "targeted_success",
               "noise_doubling_eps", "hessian_trace")
 
