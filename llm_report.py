@@ -39,11 +39,12 @@ def _md_perplexity(results: dict) -> list[str]:
     """Every variant against its parent."""
     lines: list[str] = []
     lines += ["", "## Perplexity", "",
-              "Each variant against the variant it was derived from (its parent); KL and top-1 agreement are "
-              "against the parent too (with --kl). " + RS.perplexity_note(results), "",
-              "| variant | what it is | perplexity [95%] | x parent [95%] | nll (nats) | bits/byte | tokens | KL | "
-              "top-1 agree |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "Each variant against the variant it was derived from (its parent); KL (nats/token, mean and p99 "
+              "over tokens) and top-1 agreement against the parent and against the base (with --kl). "
+              + RS.perplexity_note(results), "",
+              "| variant | what it is | perplexity [95%] | x parent [95%] | nll (nats) | bits/byte | tokens | KL (p99) | "
+              "top-1 agree | KL to base (p99) | top-1 base |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     parents, ppl = results.get("variants") or {}, results.get("perplexity", {})
     for name, ev in results.get("evaluation", {}).items():
         parent = parents.get(name)
@@ -51,9 +52,16 @@ def _md_perplexity(results: dict) -> list[str]:
         lines.append(f"| {R.esc(name)} | {R.text(R.describe_variant(results, name))} | "
                      f"{RS.perplexity_cell(results, name)} | {RS.ratio_cell(results, name, ratio)} | "
                      f"{R.fmt(ev['nll'])} | "
-                     f"{R.fmt(ev['bits_per_byte'])} | {ev['tokens_scored']} | {R.fmt(ev.get('kl'))} | "
-                     f"{R.fmt(ev.get('top1_agreement'))} |")
+                     f"{R.fmt(ev['bits_per_byte'])} | {ev['tokens_scored']} | {_kl(ev)} | "
+                     f"{R.fmt(ev.get('top1_agreement'))} | {_kl(ev.get('vs_base'))} | "
+                     f"{R.fmt(R.field(ev, 'vs_base', 'top1_agreement'))} |")
     return lines
+
+
+def _kl(rec) -> str:
+    """"0.0123 (0.456)": a mean KL and its p99 over tokens, or "-"."""
+    kl = R.num(R.field(rec, "kl"))
+    return "-" if kl is None else f"{R.fmt(kl)} ({R.fmt(R.num(R.field(rec, 'kl_percentiles', 'p99')))})"
 
 
 def _md_finetune(results: dict) -> list[str]:

@@ -174,3 +174,26 @@ def test_bad_prompt_file_is_one_error_line_before_loading(tiny_run_dir, tmp_path
                      "harmbench")
     assert M.main(argv) == 2
     assert "--judge-prompt" in one_error(capsys)
+
+
+def test_a_judge_model_decides_compliance(byte_tokenizer):
+    """A parrot as the judge (Llama Guard's format: its chat template over [user, assistant], "unsafe" =
+    harmful): its planted verdicts become the harmful flags, the outcome the flips and jailbreaks use."""
+    tok = byte_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    judge_model = make_parrot(tok, "unsafe", "safe")  # "unsafe" where the judged text's ids sum < 3 (mod 10)
+    judge = S.ModelJudge(judge_model, tok, "llamaguard", label="parrot judge")
+    model = make_parrot(tok, REFUSE, COMPLY)
+    cfg = SafetyConfig(enabled=True, n_prompts=12, max_new_tokens=40, gcg_behaviours=0, progress=False)
+    res = S.evaluate_safety(model, tok, {"base": None, "strict": {"threshold": torch.tensor(7.0)}}, cfg,
+                            parents={"strict": "base"}, judge=judge)
+    for name in ("base", "strict"):
+        v = res.variants[name]
+        texts = [judge._text(p["text"], a) for p, a in zip(res.prompts, v["answers"])]
+        want = [sum(tok(t, add_special_tokens=False).input_ids) % 10 < 3 for t in texts]
+        assert v["harmful"] == "".join("1" if w else "0" for w in want) == v["complied"]
+        assert v["harmful_rate"]["k"] == sum(want)
+    assert "harmful" in res.variants["strict"]["vs_parent"] and res.judge["model"].startswith("parrot judge")
+    assert res.judge["unparsed"] == 0
+    with pytest.raises(S.C.UserError, match="template"):
+        S.ModelJudge(judge_model, tok, "harmbench")
