@@ -327,14 +327,17 @@ def _measure(model, tokenizer, prompts, benign, suffixes, config: SafetyConfig, 
 def _paired(par: dict, row: dict, seed: int) -> dict:
     """The variant against its parent on the same prompts: exact McNemar per measure (these enter the
     run's family), and the flips of the judged outcome in each direction (descriptive)."""
+    def mcnemar(a: str, b: str, units: str) -> dict:
+        t = mcnemar_exact(_flags(a), _flags(b), seed=seed)
+        return {**t, "units": units, "method": t["method"].replace("questions", units)}
+
     out = {}
     for key, bits in (("refusal", "refused"), ("harmful", "harmful"), ("over_refusal", "over_refused")):
         if isinstance(par.get(bits), str) and isinstance(row.get(bits), str) and len(par[bits]) == len(row[bits]):
-            out[key] = {**mcnemar_exact(_flags(par[bits]), _flags(row[bits]), seed=seed), "units": "prompts"}
+            out[key] = mcnemar(par[bits], row[bits], "prompts")
     pj, rj = par.get("jailbreak"), row.get("jailbreak")
     if pj and rj and len(pj["success"]) == len(rj["success"]):
-        out["jailbreak"] = {**mcnemar_exact(_flags(pj["success"]), _flags(rj["success"]), seed=seed),
-                            "units": "GCG behaviours"}
+        out["jailbreak"] = mcnemar(pj["success"], rj["success"], "GCG behaviours")
     a, b = _flags(par["complied"]), _flags(row["complied"])
     n = len(a)
     to_refusal = sum(x and not y for x, y in zip(a, b))

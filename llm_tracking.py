@@ -124,6 +124,10 @@ def step_metrics(step: str, results: dict) -> dict:
                     out[f"zeroshot/{v}/{task}/{k}"] = R.num(R.field(metrics, k))
         out.update({f"zeroshot/{v}/mean": R.num(R.field(m_, "acc"))
                     for v, m_ in R.field(results, "zeroshot", "mean", kind=dict, default={}).items()})
+    if step == "safety":
+        for v, row in R.field(results, "safety", "variants", kind=dict, default={}).items():
+            for k in ("refusal", "harmful_rate", "over_refusal", "jailbreak"):
+                out[f"safety/{v}/{k}"] = R.num(R.field(row, k, "rate"))
     if step == "prune":
         out.update({f"sparsity/{n}": R.num(r.get("overall_sparsity")) for n, r in R.variant_records(results, "prune",
                                                                                                    "pruned")})

@@ -123,6 +123,9 @@ def test_matrix_cells_family_and_contrast(parrot_run):
     assert len(family) == 2  # refusal and jailbreak McNemar tests of "strict" against "base"
     c = MX.contrast(results, "base", "strict")
     assert c["tests"]["refusal_rate"]["p_value"] == pytest.approx(cell["vs_parent"]["p_value"])
+    import llm_tracking
+
+    assert llm_tracking.step_metrics("safety", results)["safety/strict/refusal"] == cell["value"]
 
 
 def test_prompt_sets_csv_wheel_jsonl_and_spread(tmp_path):
