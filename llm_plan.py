@@ -187,7 +187,10 @@ def planned_passes(step: str, config, facts: dict) -> dict:
     if step == "safety":
         if not c.enabled:
             return {"fwd_tokens": 0, "bwd_tokens": 0, "units": "off"}
-        prompts = c.n_prompts or 313  # all of a set: StrongREJECT's size bounds HarmBench's 159
+        # all of a set: HarmBench's 159 standard behaviours (32 shipped, without a data folder), StrongREJECT's
+        # 313; a user's file is not read here and counts as StrongREJECT's size
+        full = {"harmbench": 159 if c.data_dir else 32}.get(c.prompt_set, 313)
+        prompts = min(c.n_prompts, full) if c.n_prompts else full
         turn = 48  # a behaviour in the chat template: about 48 tokens, not counted from the set
         fwd = n * (prompts + c.gcg_behaviours) * (turn + c.max_new_tokens)
         tail = turn + c.gcg_suffix_len + 8  # prompt, suffix, template tail and target

@@ -10,20 +10,25 @@ import llm_results as R
 import llm_report_stats as RS
 
 
+def _pct_ci(ci) -> str:
+    """"[0.6, 5.4]": an interval of a proportion (or a difference of two) in points, or ""."""
+    lo, hi = (R.num(x) for x in (ci if isinstance(ci, list) and len(ci) == 2 else (None, None)))
+    return f"[{100 * lo:.1f}, {100 * hi:.1f}]" if isinstance(lo, float) and isinstance(hi, float) else ""
+
+
 def _rate(r) -> str:
     if not isinstance(r, dict) or R.num(r.get("rate")) is None:
         return "-"
-    return f"{R.acc_pct(r['rate'])} {RS.interval([100 * x for x in r.get('ci95') or []])} ({r.get('k')}/{r.get('n')})"
+    return f"{R.acc_pct(r['rate'])} {_pct_ci(r.get('ci95'))} ({r.get('k')}/{r.get('n')})"
 
 
 def _diff(t) -> str:
     """The variant minus its parent, in points, [95%], p (adjusted), † when significant after adjustment."""
     if not isinstance(t, dict) or R.num(t.get("diff")) is None:
         return "-"
-    ci = [100 * x for x in t.get("diff_ci95") or []]
     p = t.get("p_adjusted", t.get("p_value"))
     mark = f" {RS.MARK}" if t.get("significant") else ""
-    return f"{100 * R.fnum(t['diff']):+.1f} {RS.interval(ci)} p={R.fmt(p)}{mark}"
+    return f"{100 * R.fnum(t['diff']):+.1f} {_pct_ci(t.get('diff_ci95'))} p={R.fmt(p)}{mark}"
 
 
 def md_safety(results: dict) -> list[str]:
@@ -46,12 +51,13 @@ def md_safety(results: dict) -> list[str]:
              "points, with the exact McNemar test (p adjusted over the run's family; † significant)."
              + (f" Jailbreak: GCG suffixes ({R.esc(cfg.get('gcg_steps'))} steps, target "
                 f"{R.esc(repr(cfg.get('gcg_target')))}) found on {R.esc(sf.get('source'))} for "
-                f"{len(sf.get('suffixes') or [])} behaviour(s), sent to every variant." if has["jailbreak"] else ""),
+                f"{len(sf.get('suffixes') or [])} behaviour(s), sent to every variant; beside it, the same behaviours "
+                "without the suffix." if has["jailbreak"] else ""),
              "",
              "| variant | parent | refusal [95%] | Δ refusal | " + ("judged harmful | " if has["harmful_rate"] else "")
-             + ("over-refusal | " if has["over_refusal"] else "") + ("jailbreak success | Δ jailbreak | " if has["jailbreak"] else "")
+             + ("over-refusal | " if has["over_refusal"] else "") + ("jailbreak success | without suffix | Δ jailbreak | " if has["jailbreak"] else "")
              + "flips → refusal / → compliance |",
-             "|---|---|---|---|" + "---|" * (has["harmful_rate"] + has["over_refusal"] + 2 * has["jailbreak"]) + "---|"]
+             "|---|---|---|---|" + "---|" * (has["harmful_rate"] + has["over_refusal"] + 3 * has["jailbreak"]) + "---|"]
     for name, v in rows.items():
         if not isinstance(v, dict):
             continue
@@ -60,7 +66,8 @@ def md_safety(results: dict) -> list[str]:
         cells = [R.esc(name), R.esc(v.get("parent") or "-"), _rate(v.get("refusal")), _diff(vs.get("refusal"))]
         cells += [_rate(v.get("harmful_rate"))] if has["harmful_rate"] else []
         cells += [_rate(v.get("over_refusal"))] if has["over_refusal"] else []
-        cells += [_rate(v.get("jailbreak")), _diff(vs.get("jailbreak"))] if has["jailbreak"] else []
+        cells += ([_rate(v.get("jailbreak")), _rate(R.field(v, "jailbreak", "without_suffix")), _diff(vs.get("jailbreak"))]
+                  if has["jailbreak"] else [])
         cells += [f"{fl['to_refusal']} / {fl['to_compliance']} of {fl['n']}" if fl else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines

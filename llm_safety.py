@@ -320,7 +320,9 @@ def _measure(model, tokenizer, prompts, benign, suffixes, config: SafetyConfig, 
         j_ans = answers(model, tokenizer, msgs, config.max_new_tokens, batch)
         ok = (judge.harmful([p["text"] for p in prompts[:len(msgs)]], j_ans) if judge is not None
               else [not is_refusal(a) for a in j_ans])
-        row["jailbreak"] = {**_rate(ok), "success": _bits(ok), "answers": j_ans}
+        # the same behaviours sent without a suffix: what the suffix adds is success beyond this
+        row["jailbreak"] = {**_rate(ok), "success": _bits(ok), "answers": j_ans,
+                            "without_suffix": _rate(complied[:len(msgs)])}
     return row
 
 
@@ -378,6 +380,7 @@ def evaluate_safety(model, tokenizer, variants: Mapping, config: SafetyConfig = 
     res.source = next((n for n in names if variants[n] is None), names[0] if names else None)
     t0 = time.perf_counter()
     if config.gcg_behaviours and res.source is not None:
+        log.info("safety: GCG suffixes for %d behaviour(s) on %r", config.gcg_behaviours, res.source)
         with V.applied_variant(model, variants[res.source]):
             res.suffixes = _search(model, tokenizer, prompts, config)
     res.seconds["gcg"] = time.perf_counter() - t0
@@ -391,6 +394,8 @@ def evaluate_safety(model, tokenizer, variants: Mapping, config: SafetyConfig = 
                 row["jailbreak_own"] = {"suffixes": own, **_measure(model, tokenizer, prompts, [], own, config,
                                                                     judge)["jailbreak"]}
         row["seconds"] = time.perf_counter() - t
+        log.info("safety %r: refused %d/%d harmful prompts%s in %.0f s", name, row["refusal"]["k"], len(prompts),
+                 f", jailbroken {row['jailbreak']['k']}/{len(res.suffixes)}" if res.suffixes else "", row["seconds"])
         mine.append((i, row))
     rows = dict(zip(names, C.gather_jobs(mine)))
     for name, row in rows.items():

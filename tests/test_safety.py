@@ -107,6 +107,9 @@ def test_jailbreak_suffixes_from_the_source_are_sent_to_every_variant(parrot_run
         want = [not r for r in _planted(tok, msgs, thr)]  # success: the suffixed prompt is not refused
         assert res.variants[name]["jailbreak"]["success"] == "".join("1" if w else "0" for w in want)
     assert "jailbreak" in res.variants["strict"]["vs_parent"]
+    # beside it, the same behaviours without the suffix (the outcome of the plain prompts)
+    plain = [not r for r in _planted(tok, [p["text"] for p in res.prompts[:2]], 3)]
+    assert res.variants["base"]["jailbreak"]["without_suffix"]["k"] == sum(plain)
 
 
 def test_matrix_cells_family_and_contrast(parrot_run):
@@ -123,9 +126,13 @@ def test_matrix_cells_family_and_contrast(parrot_run):
     assert len(family) == 2  # refusal and jailbreak McNemar tests of "strict" against "base"
     c = MX.contrast(results, "base", "strict")
     assert c["tests"]["refusal_rate"]["p_value"] == pytest.approx(cell["vs_parent"]["p_value"])
+    import llm_report_safety
     import llm_tracking
 
     assert llm_tracking.step_metrics("safety", results)["safety/strict/refusal"] == cell["value"]
+    md = "\n".join(llm_report_safety.md_safety(results))
+    r = res.variants["strict"]["refusal"]
+    assert f"| strict | base | {100 * r['rate']:.1f}% [{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}] ({r['k']}/24) |" in md
 
 
 def test_prompt_sets_csv_wheel_jsonl_and_spread(tmp_path):
