@@ -64,10 +64,10 @@ def _run(cfg: PipelineConfig, argv: Optional[list], out: Path, configs: dict, te
     IO.clean_stale_temps(out)
     run = _load(cfg, out, argv, texts, described, configs)
     manifest = run.results["manifest"]
+    resume.carry_over(run, configs)  # first: the plan counts the variants that earlier runs made
     manifest["estimate"] = IO.to_strict_json(P.estimate(run, configs))
     for line in P.plan_lines(manifest["estimate"]):
         log.info("%s", line)
-    resume.carry_over(run, configs)
     with Trackers(cfg.run.log_to, out, out.resolve().name, IO.to_strict_json(asdict(cfg))) as trackers:
         for step, config in configs.items():
             resume.drop_stale(run, before=step)

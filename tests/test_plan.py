@@ -100,3 +100,13 @@ def test_dry_run_prints_the_plan_of_every_step_and_runs_none(tiny_run_dir, tmp_p
         assert any(line.split()[:1] == [step] and "~" in line for line in lines), (step, printed)
     assert any(line.split()[:1] == ["total"] for line in lines) and "no step was run" in printed
     assert not out.exists() or not any(out.iterdir())  # no results.json, no lock, nothing
+
+
+def test_the_plan_counts_the_variants_an_earlier_run_made(tiny_run_dir, tmp_path):
+    """--steps eval into a folder that holds a pruned variant: the eval step's plan measures it too
+    (the variants are re-attached before the plan is made)."""
+    out = tmp_path / "out"
+    assert M.main(tiny_argv(tiny_run_dir, out, "--steps", "prune")) == 0
+    assert M.main(tiny_argv(tiny_run_dir, out, "--steps", "eval")) == 0
+    planned = json.loads((out / "results.json").read_text())["manifest"]["estimate"]["steps"]["eval"]["variants"]
+    assert planned == ["base", "pruned"]
