@@ -99,7 +99,8 @@ def evaluate_variants(model, tokenizer, input_ids: torch.Tensor, variants: Mappi
                 r.vs_base["base"] = root[name]
             elif name in kl_for and root[name] == parents[name]:  # the parent is the base: its numbers
                 r.vs_base = {"base": parents[name], "kl": r.kl, "kl_ci95": r.kl_ci95, "kl_percentiles": r.kl_percentiles,
-                             "top1_agreement": r.top1_agreement, "top1_ci95": r.top1_ci95, "same_as_parent": True}
+                             "kl_percentiles_ci95": r.kl_percentiles_ci95, "top1_agreement": r.top1_agreement,
+                             "top1_ci95": r.top1_ci95, "same_as_parent": True}
             mine.append((i, (name, r)))
     out = dict(C.gather_jobs(mine))
     add_vs_parent(out, parents)

@@ -84,23 +84,14 @@ def _cells(results: Mapping, name: str) -> dict:
         cells["perplexity"] = _cell(ppl, R.field(ev, "perplexity_ci95", kind=list), vs and {
             **vs, "ratio": vs.get("ppl_ratio"), "ratio_ci95": vs.get("ppl_ratio_ci95")}, key="ratio",
             ci_key="ratio_ci95")
-    if R.num(R.field(results, "evaluation", name, "kl")) is not None:
-        ev = R.field(results, "evaluation", name, kind=dict, default={})
-        cells["kl_parent"] = _cell(ev.get("kl"), R.field(ev, "kl_ci95", kind=list),
-                                   percentiles=R.field(ev, "kl_percentiles", kind=dict))
-        cells["top1_parent"] = _cell(ev.get("top1_agreement"), R.field(ev, "top1_ci95", kind=list))
-    vb = R.field(results, "evaluation", name, "vs_base", kind=dict)
-    if vb and R.num(vb.get("kl")) is not None:
-        cells["kl_base"] = _cell(vb.get("kl"), R.field(vb, "kl_ci95", kind=list), base=vb.get("base"),
-                                 percentiles=R.field(vb, "kl_percentiles", kind=dict))
-        cells["top1_base"] = _cell(vb.get("top1_agreement"), R.field(vb, "top1_ci95", kind=list), base=vb.get("base"))
-    zs = R.field(results, "zeroshot", "mean", name, kind=dict)
-    if zs:
-        vs = R.field(results, "zeroshot", "paired", name, "mean", kind=dict)
-        cells["zeroshot_mean"] = _cell(zs.get("acc"), None, vs, key="diff", ci_key="diff_ci95")
-        if isinstance(vs, dict) and R.num(vs.get("flip_rate")) is not None:  # the pooled questions, either way
-            cells["zeroshot_flips"] = _cell(vs.get("flip_rate"), vs.get("flip_rate_ci95"), lost=vs.get("a_only"),
-                                            gained=vs.get("b_only"), n=vs.get("n"))
+    ev = R.field(results, "evaluation", name, kind=dict, default={})
+    for to, rec in (("parent", ev), ("base", R.field(ev, "vs_base", kind=dict, default={}))):
+        if R.num(rec.get("kl")) is not None:  # --kl: against the parent, and in vs_base against the base
+            named = {"base": rec.get("base")} if to == "base" else {}
+            cells[f"kl_{to}"] = _cell(rec.get("kl"), R.field(rec, "kl_ci95", kind=list), **named,
+                                      percentiles=R.field(rec, "kl_percentiles", kind=dict),
+                                      percentiles_ci95=R.field(rec, "kl_percentiles_ci95", kind=dict))
+            cells[f"top1_{to}"] = _cell(rec.get("top1_agreement"), R.field(rec, "top1_ci95", kind=list), **named)
     cells.update(_safety_cells(results, name))
     adv = R.field(results, "adversarial", "variants", name, kind=dict)
     if adv:

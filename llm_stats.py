@@ -43,7 +43,7 @@ import numpy as np
 import scipy.stats
 
 __all__ = ["wilson_interval", "mean_interval", "estimate", "paired_difference", "perplexity_interval",
-           "paired_perplexity", "mcnemar_exact", "bootstrap_indices", "n_groups", "group_estimates", "adjust",
+           "paired_perplexity", "mcnemar_exact", "quantile_interval", "bootstrap_indices", "n_groups", "group_estimates", "adjust",
            "detectable_effect", "MULTIPLE_TESTING"]
 
 NAN = float("nan")
@@ -195,6 +195,27 @@ def estimate(num, den=None, *, dependent: bool = False, strata: Optional[Sequenc
             "kind": "bootstrap",
             "min_p": 2.0 / (n_boot + 1),
             "method": f"bootstrap, {n_boot} resamples of {n} {units} (percentile)"}
+
+
+def quantile_interval(values, unit_sizes, q: float, **design) -> list[float]:
+    """Woodruff's (1952) interval of the ``q``-quantile of ``values`` pooled over units (tokens pooled
+    over windows), by the design's own method: the share of values <= the sample quantile is a
+    ratio estimator over the units (per unit: its count at or below, over its size), whose interval
+    (``estimate``, with ``design``: dependent, strata, seed, level) is mapped back through the sample
+    quantile function. ``values`` are the units' values in unit order, ``unit_sizes`` [n] how many
+    each unit has. Returns [lo, hi]; [nan, nan] where ``estimate`` gives no interval."""
+    x, sizes = _vector(values, "values"), np.asarray(unit_sizes, dtype=np.int64)
+    if sizes.sum() != x.size:
+        raise ValueError(f"unit sizes add up to {sizes.sum()}, not to the {x.size} values")
+    if x.size == 0 or not np.isfinite(x).all():
+        return [NAN, NAN]
+    at_or_below = np.bincount(np.repeat(np.arange(sizes.size), sizes), weights=x <= np.quantile(x, q),
+                              minlength=sizes.size)
+    e = estimate(at_or_below, sizes, units="units", **design)
+    lo, hi = e["ci95"]
+    if math.isnan(lo) or math.isnan(hi):
+        return [NAN, NAN]
+    return [float(v) for v in np.quantile(x, [min(max(lo, 0.0), 1.0), min(max(hi, 0.0), 1.0)])]
 
 
 def wilson_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
