@@ -392,6 +392,10 @@ class QuantizeConfig(StepConfig):
     sensitivity_windows: Optional[int] = budget(2, 8, "calibration windows of the sensitivities and saliency",
                                               bounds="[1,1000000]")
     sensitivity_probes: int = knob(8, "Hutchinson probes of --bit-allocation hessian", bounds="[1,100000]")
+    error_windows: Optional[int] = budget(2, 8, "windows of the output-error diagnostic (each linear's "
+                                                "||(W-Q)X|| / ||WX||), calibration and held out: two forward "
+                                                "passes of them, most of an RTN step's time (0: off)",
+                                          bounds="[0,1000000]")
     calib_samples: Optional[int] = budget(32, 128, "calibration windows (GPTQ needs more than pruning)",
                                           flag="--calib-samples", bounds="[1,1000000]")
     calib_seq_len: Optional[int] = budget(512, 2048, "tokens per calibration window", flag="--calib-seq-len",

@@ -52,7 +52,6 @@ from llm_sensitivity import (fisher_curvature, gradient_moments, layer_curvature
 log = logging.getLogger("llm.quantize")
 
 BIT_CHOICES = (2, 3, 4, 8)
-ERROR_WINDOWS = 8  # output_error's windows: calibration ones and a held-out draw (a forward pass each)
 
 
 @dataclass
@@ -79,7 +78,7 @@ class QuantizeResult:
     protected: list = field(default_factory=list)      # (module, row, col) kept in full precision
     rel_error: dict = field(default_factory=dict)      # linear -> ||Q(W) - W||_F / ||W||_F
     dampening_increased: dict = field(default_factory=dict)  # GPTQ: linear -> dampening used where H needed more
-    # {"calibration" / "held_out": linear -> ||(W - Q) X|| / ||W X|| on ERROR_WINDOWS windows of each}
+    # {"calibration" / "held_out": linear -> ||(W - Q) X|| / ||W X|| on --quant-error-windows windows of each}
     output_error: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
     seconds: float = 0.0
@@ -276,13 +275,15 @@ def quantize_model(model, tokenizer, calib: "D.Corpus | torch.Tensor", config: Q
             del H
             inputs = next_block_inputs(layer, inputs, kwargs)  # quantized outputs feed the next block
     # Issue 34: each linear's output error on calibration windows and on a disjoint draw (overfitting)
-    seen = windows[:ERROR_WINDOWS]
-    if key + ("held out",) not in shared:  # one disjoint draw serves every point and model of a grid
-        shared[key + ("held out",)] = held_out_windows(tokenizer, calib, windows, config.calibration_seed, len(seen))
-    held = shared[key + ("held out",)]
-    res.output_error = {"calibration": output_error(model, seen, reference),
-                        "held_out": output_error(model, held, reference),
-                        "calibration_windows": len(seen), "held_out_windows": int(held.shape[0])}
+    seen = windows[:config.error_windows]
+    if config.error_windows:
+        if key + ("held out",) not in shared:  # one disjoint draw serves every point and model of a grid
+            shared[key + ("held out",)] = held_out_windows(tokenizer, calib, windows, config.calibration_seed,
+                                                           len(seen))
+        held = shared[key + ("held out",)]
+        res.output_error = {"calibration": output_error(model, seen, reference),
+                            "held_out": output_error(model, held, reference),
+                            "calibration_windows": len(seen), "held_out_windows": int(held.shape[0])}
     del reference
     total = sum(sizes.values())
     res.kept_weights = sum(int(k.sum()) for k in keep.values() if k is not None)

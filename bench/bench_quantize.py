@@ -17,7 +17,8 @@ float32 rounding may flip a few). Medians over the repeats.
 
 The tool's step also measures each linear's output error on calibration and held-out windows
 (issue 34: a copy of the weights before quantization, a held-out draw, and two passes of
-``ERROR_WINDOWS`` windows through the model), which the plain loop does not do; that part is
+``--error-windows`` windows through the model: the step's ``--quant-error-windows``, 2 on CPU and 8 on
+GPU by default), which the plain loop does not do; that part is
 timed on its own and the ratios are printed with and without it. The last
 line holds the ratios (targets: RTN <= 1.5x, GPTQ <= 1.2x its plain transcription).
 ``--layers 2`` keeps the first two decoder blocks: a smoke run in a minute or two.
@@ -178,6 +179,8 @@ def main():
     p.add_argument("--group", type=int, default=128)
     p.add_argument("--methods", default="rtn,gptq")
     p.add_argument("--device", default="auto")
+    p.add_argument("--error-windows", type=int, default=None, help="the output-error diagnostic's windows "
+                   "(default: the step's budget, 2 on CPU and 8 on GPU; 0: off)")
     a = p.parse_args()
     C.setup_logging("WARNING")
     model, tok, label = LM.load_model(LM.LoadConfig(model=a.model, device=a.device))
@@ -189,6 +192,7 @@ def main():
     ids = D.tokenize_corpus(tok, text)
     names = [n + ".weight" for n in LM.decoder_linears(model)]
     cfgs = {m: QuantizeConfig(method=m, wbits=a.wbits, group=a.group, calib_samples=a.calib_samples,
+                              error_windows=a.error_windows,
                               calib_seq_len=a.seq_len, progress=False) for m in a.methods.split(",")}
     windows = D.calibration_windows(tok, ids, a.calib_samples, a.seq_len, cfgs[next(iter(cfgs))].calibration_seed)
     print(f"model {label}, {len(LM.decoder_layers(model))} decoder blocks, {len(names)} linears, "

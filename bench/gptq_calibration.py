@@ -9,7 +9,7 @@ with each --samples count of calibration windows of 512 tokens (each --seeds dra
 first --eval-tokens tokens of --text, the pipeline's CPU eval protocol), the quantize step's
 wall and CPU time (one core when run under taskset -c 1), and the relative output error
 ||(W - Q) X|| / ||W X|| that ``quantize_model`` records, averaged over the linears (all, and
-the MLP down projections alone) on its first ``ERROR_WINDOWS`` (8) calibration windows and on
+the MLP down projections alone) on its first 8 calibration windows (``--quant-error-windows 8``) and on
 a disjoint held-out draw of as many (the README's 32-window figures predate that cap: all 32). Rows are written (atomically) after each one, and a markdown table beside
 --out.
 """
@@ -99,7 +99,7 @@ def main():
         with V.restored_on_exit(model, names):
             t, cpu = time.perf_counter(), time.process_time()
             qcfg = QuantizeConfig(method=method, wbits=4, group=128, calib_samples=n,
-                                  calib_seq_len=a.seq_len_calib, calib_seed=seed, progress=False)
+                                  calib_seq_len=a.seq_len_calib, calib_seed=seed, error_windows=8, progress=False)
             r = quantize_model(model, tok, calib, qcfg)
             wall, cpu = time.perf_counter() - t, time.process_time() - cpu
             ppl = evaluate_model(model, tok, ids, ecfg).perplexity

@@ -518,7 +518,7 @@ def test_calib_seeds_make_one_quantized_variant_per_draw(tiny_run_dir, tmp_path)
     assert any(not torch.equal(codes[0][n].codes, codes[1][n].codes) for n in codes[0])  # other windows
 
 
-def test_output_error_on_calibration_and_held_out_windows(tok, sample_text, monkeypatch):
+def test_output_error_on_calibration_and_held_out_windows(tok, sample_text):
     """Issue 34: quantize_model records each linear's ||(W - Q) X|| / ||W X|| on its calibration
     windows and on a disjoint draw. The held-out figure equals a direct computation (inputs
     hooked in the quantized model, the reference weights kept aside); the held-out windows share
@@ -535,7 +535,7 @@ def test_output_error_on_calibration_and_held_out_windows(tok, sample_text, monk
         m = make_llama(seed=3, hidden=64)
         ref = {n: LM.weight_view(mod).detach().clone() for n, mod in LM.decoder_linears(m).items()}
         cfg = QuantizeConfig(method=method, wbits=3, group=16, calib_samples=6, calib_seq_len=48,
-                             progress=False)
+                             error_windows=8, progress=False)
         res[method] = r = quantize_model(m, tok, ids, cfg)
         e = r.output_error
         assert set(e["calibration"]) == set(e["held_out"]) == set(ref)
@@ -564,10 +564,11 @@ def test_output_error_on_calibration_and_held_out_windows(tok, sample_text, monk
         assert res["gptq"].output_error["held_out"][n] == pytest.approx(want, rel=1e-4), n
     g, r = (sum(res[k].output_error["calibration"].values()) for k in ("gptq", "rtn"))
     assert 0 < g < r
-    # At most ERROR_WINDOWS of each (a forward pass per window: RTN needs no calibration otherwise)
-    import llm_quantize_model as Q
+    # At most --quant-error-windows of each (a forward pass per window: RTN needs no calibration otherwise)
+    import dataclasses
 
-    monkeypatch.setattr(Q, "ERROR_WINDOWS", 4)
-    e = quantize_model(make_llama(seed=3, hidden=64), tok, ids, cfg).output_error
+    e = quantize_model(make_llama(seed=3, hidden=64), tok, ids, dataclasses.replace(cfg, error_windows=4)).output_error
     assert e["calibration_windows"] == e["held_out_windows"] == 4
     assert e["held_out"] != res["gptq"].output_error["held_out"]  # same quantization, 4 of the 6 windows
+    off = quantize_model(make_llama(seed=3, hidden=64), tok, ids, dataclasses.replace(cfg, error_windows=0))
+    assert off.output_error == {} and off.rel_error == res["gptq"].rel_error  # off: the same quantization
