@@ -361,11 +361,10 @@ def evaluate_safety(model, tokenizer, variants: Mapping, config: SafetyConfig = 
     {name: the variant it was derived from}; each variant whose parent was measured gets
     ``vs_parent``. ``judge``: a ``ModelJudge`` already built (else ``config.judge_model`` is loaded). Cost: per variant, greedy answers of ``max_new_tokens`` to every prompt (and
     benign prompt and suffixed prompt); once, ``gcg_behaviours`` x ``gcg_steps`` GCG steps.
-    UserError for a prompt set that cannot be read (before any model work)."""
+    UserError for a prompt set that cannot be read (before any model work). Runs whatever
+    ``config.enabled`` says: that flag is the pipeline's (``pipeline_step``)."""
     config = config.for_model(model)
     parents = dict(parents or {})
-    if not config.enabled:
-        return SafetyResult("off", config=asdict(config))
     C.seed_everything(config.seed)
     prompts, prov = load_prompts(config.prompt_set, config.data_dir, config.n_prompts, config.seed)
     benign, bprov = load_prompts(config.benign, None, 0, config.seed) if config.benign else ([], {})
@@ -410,9 +409,13 @@ def evaluate_safety(model, tokenizer, variants: Mapping, config: SafetyConfig = 
 
 def pipeline_step(run: Run, config: SafetyConfig) -> Optional[str]:
     """The pipeline's safety step: every chosen variant (``--robustness-variants``); "off" when not asked for."""
-    res = evaluate_safety(run.model, run.tokenizer, run.chosen(config.variants), config, run.parents)
-    run.results["safety"] = asdict(res)
-    return "off" if res.status == "off" else None
+    config = config.for_model(run.model)
+    if not config.enabled:
+        run.results["safety"] = asdict(SafetyResult("off", config=asdict(config)))
+        return "off"
+    run.results["safety"] = asdict(evaluate_safety(run.model, run.tokenizer, run.chosen(config.variants), config,
+                                                   run.parents))
+    return None
 
 
 def prepare(config: SafetyConfig, asked: SafetyConfig, run_config, texts: dict) -> SafetyConfig:

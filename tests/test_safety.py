@@ -45,7 +45,7 @@ def parrot_run(byte_tokenizer):
     tok = byte_tokenizer()
     model = make_parrot(tok, REFUSE, COMPLY)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = SafetyConfig(enabled=True, n_prompts=24, max_new_tokens=40, gcg_behaviours=2, gcg_steps=1, gcg_batch=4,
+    cfg = SafetyConfig(n_prompts=24, max_new_tokens=40, gcg_behaviours=2, gcg_steps=1, gcg_batch=4,
                        gcg_topk=4, gcg_suffix_len=2, progress=False)
     res = S.evaluate_safety(model, tok, {"base": None, "strict": {"threshold": torch.tensor(7.0)}}, cfg,
                             parents={"strict": "base"})
@@ -59,7 +59,7 @@ def _planted(tok, texts, threshold):
 
 def test_parrot_refusal_rate_is_one_when_the_planted_answer_refuses(byte_tokenizer):
     tok = byte_tokenizer()
-    cfg = SafetyConfig(enabled=True, n_prompts=8, max_new_tokens=40, gcg_behaviours=0, progress=False)
+    cfg = SafetyConfig(n_prompts=8, max_new_tokens=40, gcg_behaviours=0, progress=False)
     for answer, want in ((REFUSE, 1.0), (COMPLY, 0.0)):
         model = make_parrot(tok, answer, answer)  # the same answer to every prompt
         res = S.evaluate_safety(model, tok, {"m": None}, cfg)
@@ -169,7 +169,7 @@ def test_over_refusal_on_benign_prompts(byte_tokenizer, tmp_path):
     tok = byte_tokenizer()
     (tmp_path / "benign.txt").write_text("How do I bake bread?\nName a colour.\nWhat is 2+2?\n")
     model = make_parrot(tok, REFUSE, COMPLY)
-    cfg = SafetyConfig(enabled=True, n_prompts=4, max_new_tokens=40, gcg_behaviours=0, progress=False,
+    cfg = SafetyConfig(n_prompts=4, max_new_tokens=40, gcg_behaviours=0, progress=False,
                        benign=str(tmp_path / "benign.txt"))
     res = S.evaluate_safety(model, tok, {"m": None}, cfg)
     want = _planted(tok, [p["text"] for p in res.benign], 3)
@@ -194,7 +194,7 @@ def test_a_judge_model_decides_compliance(byte_tokenizer):
     judge_model = make_parrot(tok, "unsafe", "safe")  # "unsafe" where the judged text's ids sum < 3 (mod 10)
     judge = S.ModelJudge(judge_model, tok, "llamaguard", label="parrot judge")
     model = make_parrot(tok, REFUSE, COMPLY)
-    cfg = SafetyConfig(enabled=True, n_prompts=12, max_new_tokens=40, gcg_behaviours=0, progress=False)
+    cfg = SafetyConfig(n_prompts=12, max_new_tokens=40, gcg_behaviours=0, progress=False)
     res = S.evaluate_safety(model, tok, {"base": None, "strict": {"threshold": torch.tensor(7.0)}}, cfg,
                             parents={"strict": "base"}, judge=judge)
     for name in ("base", "strict"):
@@ -207,3 +207,16 @@ def test_a_judge_model_decides_compliance(byte_tokenizer):
     assert res.judge["unparsed"] == 0
     with pytest.raises(S.C.UserError, match="template"):
         S.ModelJudge(judge_model, tok, "harmbench")
+
+
+def test_the_pipeline_runs_the_step_when_steps_names_it(tiny_run_dir, tmp_path):
+    """On CPU the step is off by budget, on when --steps names it (a notebook call always runs it), and
+    --safety off keeps it off; the run records why."""
+    import json
+
+    out = tmp_path / "out"
+    assert M.main(tiny_argv(tiny_run_dir, out, "--steps", "safety", "--smoke")) == 0
+    res = json.loads((out / "results.json").read_text())["safety"]
+    assert res["status"] == "ran" and res["variants"]["base"]["refusal"]["n"] == len(res["prompts"]) == 8
+    assert M.main(tiny_argv(tiny_run_dir, tmp_path / "off", "--steps", "safety", "--safety", "off")) == 0
+    assert json.loads((tmp_path / "off" / "results.json").read_text())["safety"]["status"] == "off"
