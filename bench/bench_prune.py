@@ -25,9 +25,11 @@ perplexity is lower than theirs by more), and the tool's median against the forw
 says so and the rest runs.
 """
 import argparse
+import atexit
 import copy
 import json
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -118,6 +120,10 @@ def main():
         llmc = None
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_prune_"))
+    # llm-compressor's pruned weights are 400 MB a method: removed however the bench ends
+    # (a SIGTERM becomes an exit, so that atexit runs).
+    atexit.register(shutil.rmtree, tmp, True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     windows_file = tmp / "windows.safetensors"
     save_file({"input_ids": windows.to(torch.int64).contiguous()}, str(windows_file))
     times: dict = {}     # method -> {"tool": [s], "llmc": [s]}
@@ -197,7 +203,6 @@ def main():
               f"masks agree on {sum(agree.values()) / total:.4%} of {total} weights "
               f"(block 0 {blocks[0]:.4%}, block {last} {blocks[last]:.4%})")
         del llmc_model
-    shutil.rmtree(tmp, ignore_errors=True)
     for method in times:
         peak = peaks[method]
         print(f"{method:10s} tool peak memory {peak:.0f} MiB = {peak / size_mb:.2f}x model size "
