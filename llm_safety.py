@@ -421,7 +421,7 @@ def pipeline_step(run: Run, config: SafetyConfig) -> Optional[str]:
 def prepare(config: SafetyConfig, asked: SafetyConfig, run_config, texts: dict) -> SafetyConfig:
     """Before loading: naming the step in --steps asks for it (on CPU too, unless --safety off), the
     run's --data-dir serves as --safety-data-dir, and the prompt files are found and read now, not
-    after the model has loaded."""
+    after the model has loaded; so is a judge model that is not there."""
     if not config.enabled and asked.enabled is None and "safety" in (run_config.steps or ()):
         config = replace(config, enabled=True)
     if config.data_dir is None and getattr(run_config, "data_dir", None):
@@ -430,4 +430,6 @@ def prepare(config: SafetyConfig, asked: SafetyConfig, run_config, texts: dict) 
         load_prompts(config.prompt_set, config.data_dir, config.n_prompts, config.seed)
         if config.benign:
             load_prompts(config.benign, None, 0, config.seed)
+        if config.judge_model:  # a missing folder or one that ships code: refused now, not after the other steps
+            LM.resolve_model_source(config.judge_model, None, config.trust_remote_code)
     return config

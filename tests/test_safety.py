@@ -184,6 +184,9 @@ def test_bad_prompt_file_is_one_error_line_before_loading(tiny_run_dir, tmp_path
                      "harmbench")
     assert M.main(argv) == 2
     assert "--judge-prompt" in one_error(capsys)
+    argv = tiny_argv(tiny_run_dir, tmp_path / "out", "--steps", "eval,safety", "--judge-model", str(tmp_path / "none"))
+    assert M.main(argv) == 2
+    assert "does not exist" in one_error(capsys) and not (tmp_path / "out" / "results.json").exists()
 
 
 def test_a_judge_model_decides_compliance(byte_tokenizer):
