@@ -92,6 +92,13 @@ def _cells(results: Mapping, name: str) -> dict:
                                       percentiles=R.field(rec, "kl_percentiles", kind=dict),
                                       percentiles_ci95=R.field(rec, "kl_percentiles_ci95", kind=dict))
             cells[f"top1_{to}"] = _cell(rec.get("top1_agreement"), R.field(rec, "top1_ci95", kind=list), **named)
+    zs = R.field(results, "zeroshot", "mean", name, kind=dict)
+    if zs:
+        vs = R.field(results, "zeroshot", "paired", name, "mean", kind=dict)
+        cells["zeroshot_mean"] = _cell(zs.get("acc"), None, vs, key="diff", ci_key="diff_ci95")
+        if isinstance(vs, dict) and R.num(vs.get("flip_rate")) is not None:  # the pooled questions, either way
+            cells["zeroshot_flips"] = _cell(vs.get("flip_rate"), vs.get("flip_rate_ci95"), lost=vs.get("a_only"),
+                                            gained=vs.get("b_only"), n=vs.get("n"))
     cells.update(_safety_cells(results, name))
     adv = R.field(results, "adversarial", "variants", name, kind=dict)
     if adv:

@@ -249,3 +249,27 @@ def test_measures_over_calibration_draws_are_mean_and_std_by_the_name_without_it
     res["adversarial"] = {"variants": {names[0]: {"parent": "base", "table": []}}}  # a robustness step ran
     md = "\n".join(MX.report_section(res))
     assert f"| pruned\\[wanda,0.5,unstructured\\] | 0,1,2 | {statistics.fmean(ppl):.4g} ± {statistics.stdev(ppl):.4g} |" in md
+
+
+def test_zero_shot_accuracy_and_flips_are_matrix_cells():
+    """The zero-shot step's mean accuracy (with its McNemar test against the parent) and its flip rate
+    are cells of the matrix, beside the eval step's and the safety step's; the contrast of two variants
+    on the pooled questions is scipy's exact binomial test of the discordant ones."""
+    from scipy.stats import binomtest
+
+    import llm_stats as ST
+
+    a, b = "1101100111010110", "1001101110010010"
+    paired = ST.mcnemar_exact([c == "1" for c in a], [c == "1" for c in b])
+    res = {"variants": {"base": None, "q": "base"}, "perplexity": {"base": 10.0, "q": 11.0},
+           "zeroshot": {"mean": {"base": {"acc": a.count("1") / 16}, "q": {"acc": b.count("1") / 16}},
+                        "paired": {"q": {"mean": paired}},
+                        "questions": {n: {"t": {"metric": "acc", "correct": s}} for n, s in (("base", a), ("q", b))}}}
+    cells = MX.robustness_matrix(res)["rows"]["q"]["cells"]
+    lost = sum(x == "1" and y == "0" for x, y in zip(a, b))
+    gained = sum(x == "0" and y == "1" for x, y in zip(a, b))
+    assert cells["zeroshot_mean"]["value"] == b.count("1") / 16
+    assert cells["zeroshot_mean"]["vs_parent"]["p_value"] == pytest.approx(binomtest(lost, lost + gained).pvalue)
+    assert cells["zeroshot_flips"]["value"] == (lost + gained) / 16 and cells["zeroshot_flips"]["lost"] == lost
+    t = MX.contrast(res, "base", "q")["tests"]["zeroshot_mean"]
+    assert t["p_value"] == pytest.approx(binomtest(lost, lost + gained).pvalue)
