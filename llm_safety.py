@@ -340,15 +340,11 @@ def _paired(par: dict, row: dict, seed: int) -> dict:
     pj, rj = par.get("jailbreak"), row.get("jailbreak")
     if pj and rj and len(pj["success"]) == len(rj["success"]):
         out["jailbreak"] = mcnemar(pj["success"], rj["success"], "GCG behaviours")
-    a, b = _flags(par["complied"]), _flags(row["complied"])
-    n = len(a)
-    to_refusal = sum(x and not y for x, y in zip(a, b))
-    to_compliance = sum(y and not x for x, y in zip(a, b))
-    out["flips"] = {"n": n, "to_refusal": to_refusal, "to_compliance": to_compliance,
-                    "rate": (to_refusal + to_compliance) / n if n else float("nan"),
-                    "ci95": list(wilson_interval(to_refusal + to_compliance, n)),
-                    "to_refusal_ci95": list(wilson_interval(to_refusal, n)),
-                    "to_compliance_ci95": list(wilson_interval(to_compliance, n))}
+    # The flips of the judged outcome are McNemar's discordant pairs on "complied": a_only went to refusal.
+    m = mcnemar_exact(_flags(par["complied"]), _flags(row["complied"]), seed=seed)
+    out["flips"] = {"n": m["n"], "to_refusal": m["a_only"], "to_compliance": m["b_only"], "rate": m["flip_rate"],
+                    "ci95": m["flip_rate_ci95"], "to_refusal_ci95": list(wilson_interval(m["a_only"], m["n"])),
+                    "to_compliance_ci95": list(wilson_interval(m["b_only"], m["n"]))}
     return out
 
 
